@@ -1,0 +1,1280 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: initializedcheck=False, nonecheck=False, embedsignature=True
+"""Compiled core of bnfast: argument checks on raw arrays, the split of an array into
+work units, and the OpenMP loops over the C kernels in ``src/``.
+
+Every array is seen as a 3-D view (outer, C, inner): C is the channel axis; the other
+axes are ordered by stride and merged.  Two kernel forms cover every layout:
+
+* runs form, inner > 1 contiguous (NCHW, NCL, Fortran (N, C)): a unit is one channel
+  (or a fixed slice of its runs);
+* rows form, channels contiguous (NHWC, (samples, features)): a unit is a block of up
+  to 256 channels over a fixed slice of rows.
+
+Units and their merge order depend only on the shape, never on the thread count, so
+results are bitwise identical for any number of threads.
+"""
+cimport numpy as cnp
+from libc.stdlib cimport malloc, free
+from libc.string cimport memset
+from libc.math cimport sqrt
+from cython.parallel cimport prange
+
+from bnfast._openmp_helpers cimport BNF_HAVE_OPENMP, bnf_omp_max_threads, bnf_omp_version
+
+import numpy as np
+
+cnp.import_array()
+
+cdef extern from "numpy/arrayobject.h":
+    object PyArray_NewLikeArray(cnp.ndarray prototype, cnp.NPY_ORDER order, void *descr,
+                                int subok)
+
+cdef extern from "bnfast_kernels.h" nogil:
+    ctypedef struct bnf_moments:
+        double n, hi, lo, m2
+    enum: BNF_MAX_WIDTH
+    void bnf_moments_merge(bnf_moments *a, const bnf_moments *b)
+    const char *bnf_simd_isa()
+    void bnf_stats_runs_f32(const float *x, Py_ssize_t nruns, Py_ssize_t stride,
+                            Py_ssize_t length, bnf_moments *m)
+    void bnf_stats_runs_f64(const double *x, Py_ssize_t nruns, Py_ssize_t stride,
+                            Py_ssize_t length, bnf_moments *m)
+    void bnf_stats_rows_f32(const float *x, Py_ssize_t nrows, Py_ssize_t stride,
+                            Py_ssize_t width, bnf_moments *m)
+    void bnf_stats_rows_f64(const double *x, Py_ssize_t nrows, Py_ssize_t stride,
+                            Py_ssize_t width, bnf_moments *m)
+    void bnf_norm_runs_f32(const float *x, Py_ssize_t xs, float *y, Py_ssize_t ys,
+                           Py_ssize_t nruns, Py_ssize_t length, double hi, double lo,
+                           double scale, double shift)
+    void bnf_norm_runs_f64(const double *x, Py_ssize_t xs, double *y, Py_ssize_t ys,
+                           Py_ssize_t nruns, Py_ssize_t length, double hi, double lo,
+                           double scale, double shift)
+    void bnf_norm_rows_f32(const float *x, Py_ssize_t xs, float *y, Py_ssize_t ys,
+                           Py_ssize_t nrows, Py_ssize_t width, const double *hi,
+                           const double *lo, const double *scale, const double *shift)
+    void bnf_norm_rows_f64(const double *x, Py_ssize_t xs, double *y, Py_ssize_t ys,
+                           Py_ssize_t nrows, Py_ssize_t width, const double *hi,
+                           const double *lo, const double *scale, const double *shift)
+    void bnf_bwd_sums_runs_f32(const float *dy, Py_ssize_t dys, const float *x,
+                               Py_ssize_t xs, Py_ssize_t nruns, Py_ssize_t length,
+                               double mean, double *sum_dy, double *sum_dy_xmu)
+    void bnf_bwd_sums_runs_f64(const double *dy, Py_ssize_t dys, const double *x,
+                               Py_ssize_t xs, Py_ssize_t nruns, Py_ssize_t length,
+                               double mean, double *sum_dy, double *sum_dy_xmu)
+    void bnf_bwd_sums_rows_f32(const float *dy, Py_ssize_t dys, const float *x,
+                               Py_ssize_t xs, Py_ssize_t nrows, Py_ssize_t width,
+                               const double *mean, double *sum_dy, double *sum_dy_xmu)
+    void bnf_bwd_sums_rows_f64(const double *dy, Py_ssize_t dys, const double *x,
+                               Py_ssize_t xs, Py_ssize_t nrows, Py_ssize_t width,
+                               const double *mean, double *sum_dy, double *sum_dy_xmu)
+    void bnf_bwd_dx_runs_f32(const float *dy, Py_ssize_t dys, const float *x,
+                             Py_ssize_t xs, float *dx, Py_ssize_t dxs, Py_ssize_t nruns,
+                             Py_ssize_t length, double mean, double a, double k1, double k2)
+    void bnf_bwd_dx_runs_f64(const double *dy, Py_ssize_t dys, const double *x,
+                             Py_ssize_t xs, double *dx, Py_ssize_t dxs, Py_ssize_t nruns,
+                             Py_ssize_t length, double mean, double a, double k1, double k2)
+    void bnf_bwd_dx_rows_f32(const float *dy, Py_ssize_t dys, const float *x,
+                             Py_ssize_t xs, float *dx, Py_ssize_t dxs, Py_ssize_t nrows,
+                             Py_ssize_t width, const double *mean, const double *a,
+                             const double *k1, const double *k2)
+    void bnf_bwd_dx_rows_f64(const double *dy, Py_ssize_t dys, const double *x,
+                             Py_ssize_t xs, double *dx, Py_ssize_t dxs, Py_ssize_t nrows,
+                             Py_ssize_t width, const double *mean, const double *a,
+                             const double *k1, const double *k2)
+
+
+# ----------------------------------------------------------------------------------
+# Tuning constants.  They fix the partition of every reduction, so changing one changes
+# low-order bits of results; the thread count never does.
+
+# A channel (runs form) or channel block (rows form) of at most this many bytes per
+# array is processed in one unit: statistics, then normalization while it is in L2.
+DEF FUSE_BYTES = 1 << 20
+# Elements per unit when a channel or block is larger than that.
+DEF SUPER_ELEMS = 1 << 18
+# Below this many elements per thread, no OpenMP region at all.
+DEF PAR_MIN_ELEMS = 1 << 15
+# Below this many elements the GIL is kept (releasing it costs more than the work).
+DEF NOGIL_MIN_ELEMS = 4096
+
+
+# ----------------------------------------------------------------------------------
+# Threads
+
+cdef int _num_threads = 0      # 0: follow OpenMP (OMP_NUM_THREADS, threadpoolctl)
+
+
+def set_num_threads(n):
+    """Set the number of threads bnfast kernels use (process-wide).
+
+    Parameters
+    ----------
+    n : int or None
+        A positive count, or ``None`` / ``0`` to follow the OpenMP runtime again
+        (``OMP_NUM_THREADS``, ``threadpoolctl`` limits).
+
+    Examples
+    --------
+    >>> import bnfast
+    >>> bnfast.set_num_threads(1)
+    >>> bnfast.get_num_threads()
+    1
+    >>> bnfast.set_num_threads(None)
+    """
+    global _num_threads
+    if n is None:
+        _num_threads = 0
+        return
+    try:
+        k = int(n)
+    except (TypeError, ValueError):
+        raise TypeError(f"set_num_threads: n must be an int or None, got {n!r}") from None
+    if k < 0 or k != n:
+        raise ValueError(f"set_num_threads: n must be a non-negative int, got {n!r}")
+    _num_threads = k
+
+
+def get_num_threads():
+    """Number of threads the next bnfast call may use (computed now, as a call would)."""
+    return _max_threads()
+
+
+cdef inline int _max_threads() noexcept nogil:
+    if not BNF_HAVE_OPENMP:
+        return 1
+    if _num_threads > 0:
+        return _num_threads
+    return bnf_omp_max_threads()
+
+
+cdef inline int _threads_for(Py_ssize_t nunits, Py_ssize_t elems) noexcept nogil:
+    cdef Py_ssize_t t = _max_threads()
+    cdef Py_ssize_t by_work = elems // PAR_MIN_ELEMS
+    if t > nunits:
+        t = nunits
+    if t > by_work:
+        t = by_work
+    return <int>t if t > 1 else 1
+
+
+def _build_info():
+    """Facts about this build (used by show_config / ``python -m bnfast info``)."""
+    return {
+        "openmp": bool(BNF_HAVE_OPENMP),
+        "openmp_version": int(bnf_omp_version()),
+        "simd_isa": (<bytes>bnf_simd_isa()).decode(),
+    }
+
+
+# ----------------------------------------------------------------------------------
+# Geometry: an array as (outer, C, inner) with element strides.
+
+ctypedef struct Geo:
+    Py_ssize_t outer, C, inner     # inner == 1: rows form
+    Py_ssize_t os, cs              # element strides of the outer and channel axes
+
+
+cdef int _order_axes(cnp.ndarray a, int axis, int *order) noexcept:
+    """Non-channel axes of size > 1, by decreasing stride (stable). Returns the count."""
+    cdef int nd = cnp.PyArray_NDIM(a), k = 0, i, j, t
+    cdef cnp.npy_intp *shape = cnp.PyArray_DIMS(a)
+    cdef cnp.npy_intp *st = cnp.PyArray_STRIDES(a)
+    for i in range(nd):
+        if i != axis and shape[i] > 1:
+            order[k] = i
+            k += 1
+    for i in range(1, k):      # insertion sort, stable
+        t = order[i]
+        j = i - 1
+        while j >= 0 and st[order[j]] < st[t]:
+            order[j + 1] = order[j]
+            j -= 1
+        order[j + 1] = t
+    return k
+
+
+cdef bint _geometry(cnp.ndarray a, int axis, const int *order, int nord, int nouter,
+                    Geo *g) noexcept:
+    """Fill g for `a` with the non-channel axes `order` (the first `nouter` of them
+    outside the channel). False when `a` has no such view with contiguous inner runs
+    (rows form: contiguous channels) and positive strides."""
+    cdef cnp.npy_intp *shape = cnp.PyArray_DIMS(a)
+    cdef cnp.npy_intp *st = cnp.PyArray_STRIDES(a)
+    cdef Py_ssize_t isz = cnp.PyArray_ITEMSIZE(a)
+    cdef Py_ssize_t outer = 1, inner = 1, os = 0, prev
+    cdef int i, ax
+    g.C = shape[axis]
+    # inner group: merged into one contiguous run
+    for i in range(nord - 1, nouter - 1, -1):
+        ax = order[i]
+        if st[ax] != inner * isz:
+            return False
+        inner *= shape[ax]
+    # outer group: merged into one strided axis
+    for i in range(nouter - 1, -1, -1):
+        ax = order[i]
+        if i == nouter - 1:
+            if st[ax] <= 0 or st[ax] % isz:
+                return False
+            os = st[ax] // isz
+        elif st[ax] != outer * os * isz:
+            return False
+        outer *= shape[ax]
+    if g.C > 1:
+        if st[axis] <= 0 or st[axis] % isz:
+            return False
+        g.cs = st[axis] // isz
+        if inner == 1 and g.cs != 1:
+            return False
+        if inner > 1 and g.cs < inner:
+            return False
+    else:
+        g.cs = inner
+    if outer > 1 and os < (g.C - 1) * g.cs + inner:
+        return False            # outer rows overlap the channel extent
+    g.outer = outer
+    g.inner = inner
+    g.os = os if outer > 1 else g.C * g.cs
+    return True
+
+
+cdef int _split_outer(cnp.ndarray a, int axis, const int *order, int nord) noexcept:
+    """How many of the ordered axes lie outside the channel (stride above it)."""
+    cdef cnp.npy_intp *st = cnp.PyArray_STRIDES(a)
+    cdef cnp.npy_intp *shape = cnp.PyArray_DIMS(a)
+    cdef int i, k = 0
+    if shape[axis] <= 1:
+        return 0                 # one channel: everything is one run
+    for i in range(nord):
+        if st[order[i]] > st[axis]:
+            k += 1
+    return k
+
+
+# ----------------------------------------------------------------------------------
+# Work description shared by every driver.
+
+ctypedef struct Job:
+    int f64
+    Py_ssize_t outer, C, inner, width, ncb, sb_len, nsb
+    char *x
+    Py_ssize_t x_os, x_cs
+    char *y
+    Py_ssize_t y_os, y_cs
+    char *dy
+    Py_ssize_t dy_os, dy_cs
+    double eps
+    # per channel [C]
+    double *hi
+    double *lo
+    double *scale
+    double *shift
+    double *weight
+    double *invstd
+    double *k1
+    double *k2
+    # per unit [nsb * C]
+    bnf_moments *mom
+    double *s_dy
+    double *s_dyx
+
+
+DEF K_STATS = 0        # moments of a unit into mom
+DEF K_NORM = 1         # y = normalize(x) with hi, lo, scale, shift
+DEF K_FWD = 2          # fused: moments, finalize the channel(s), normalize
+DEF K_BSUMS = 3        # backward sums of a unit into s_dy, s_dyx
+DEF K_BDX = 4          # dx with k1, k2, scale (= weight * invstd)
+DEF K_BWD = 5          # fused backward of a unit, training statistics
+DEF K_BEVAL = 6        # backward sums and dx = scale * dy of a unit
+
+
+cdef inline void _finalize(Job *j, Py_ssize_t c, const bnf_moments *m) noexcept nogil:
+    cdef double var = m.m2 / m.n
+    cdef double invstd = 1.0 / sqrt(var + j.eps)
+    j.hi[c] = m.hi
+    j.lo[c] = m.lo
+    j.invstd[c] = invstd
+    j.scale[c] = j.weight[c] * invstd
+    j.k1[c] = var                      # kept for the running-variance update
+
+
+cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
+    cdef Py_ssize_t cb = u // j.nsb, sb = u % j.nsb
+    cdef Py_ssize_t c0, w, r0, nr, c, isz = 8 if j.f64 else 4
+    cdef bint rows = j.inner == 1
+    cdef char *x
+    cdef char *y
+    cdef char *dy
+    cdef bnf_moments *mom
+    cdef double *sdy
+    cdef double *sdyx
+    cdef double a, n
+    if rows:
+        c0 = cb * j.width
+        w = j.C - c0 if j.C - c0 < j.width else j.width
+    else:
+        c0 = cb
+        w = 1
+    r0 = sb * j.sb_len
+    nr = j.outer - r0 if j.outer - r0 < j.sb_len else j.sb_len
+    x = j.x + (r0 * j.x_os + c0 * j.x_cs) * isz if j.x != NULL else NULL
+    y = j.y + (r0 * j.y_os + c0 * j.y_cs) * isz if j.y != NULL else NULL
+    dy = j.dy + (r0 * j.dy_os + c0 * j.dy_cs) * isz if j.dy != NULL else NULL
+    mom = j.mom + sb * j.C + c0 if j.mom != NULL else NULL
+    sdy = j.s_dy + sb * j.C + c0 if j.s_dy != NULL else NULL
+    sdyx = j.s_dyx + sb * j.C + c0 if j.s_dyx != NULL else NULL
+
+    if kind == K_STATS or kind == K_FWD:
+        if rows:
+            if j.f64:
+                bnf_stats_rows_f64(<double *>x, nr, j.x_os, w, mom)
+            else:
+                bnf_stats_rows_f32(<float *>x, nr, j.x_os, w, mom)
+        elif j.f64:
+            bnf_stats_runs_f64(<double *>x, nr, j.x_os, j.inner, mom)
+        else:
+            bnf_stats_runs_f32(<float *>x, nr, j.x_os, j.inner, mom)
+        if kind == K_STATS:
+            return
+        for c in range(w):
+            _finalize(j, c0 + c, &mom[c])
+    if kind == K_FWD or kind == K_NORM:
+        if rows:
+            if j.f64:
+                bnf_norm_rows_f64(<double *>x, j.x_os, <double *>y, j.y_os, nr, w,
+                                  j.hi + c0, j.lo + c0, j.scale + c0, j.shift + c0)
+            else:
+                bnf_norm_rows_f32(<float *>x, j.x_os, <float *>y, j.y_os, nr, w,
+                                  j.hi + c0, j.lo + c0, j.scale + c0, j.shift + c0)
+        elif j.f64:
+            bnf_norm_runs_f64(<double *>x, j.x_os, <double *>y, j.y_os, nr, j.inner,
+                              j.hi[c0], j.lo[c0], j.scale[c0], j.shift[c0])
+        else:
+            bnf_norm_runs_f32(<float *>x, j.x_os, <float *>y, j.y_os, nr, j.inner,
+                              j.hi[c0], j.lo[c0], j.scale[c0], j.shift[c0])
+        return
+    if kind == K_BSUMS or kind == K_BWD or kind == K_BEVAL:
+        if rows:
+            if j.f64:
+                bnf_bwd_sums_rows_f64(<double *>dy, j.dy_os, <double *>x, j.x_os, nr, w,
+                                      j.hi + c0, sdy, sdyx)
+            else:
+                bnf_bwd_sums_rows_f32(<float *>dy, j.dy_os, <float *>x, j.x_os, nr, w,
+                                      j.hi + c0, sdy, sdyx)
+        elif j.f64:
+            bnf_bwd_sums_runs_f64(<double *>dy, j.dy_os, <double *>x, j.x_os, nr,
+                                  j.inner, j.hi[c0], sdy, sdyx)
+        else:
+            bnf_bwd_sums_runs_f32(<float *>dy, j.dy_os, <float *>x, j.x_os, nr,
+                                  j.inner, j.hi[c0], sdy, sdyx)
+        if kind == K_BSUMS:
+            return
+        if kind == K_BWD:
+            n = <double>j.outer * <double>j.inner
+            for c in range(c0, c0 + w):
+                j.k1[c] = j.s_dy[c] / n
+                j.k2[c] = j.invstd[c] * j.invstd[c] * (j.s_dyx[c] / n)
+        else:
+            x = NULL                       # statistics held fixed: dx = scale * dy
+    # K_BDX, K_BWD, K_BEVAL
+    if rows:
+        if j.f64:
+            bnf_bwd_dx_rows_f64(<double *>dy, j.dy_os, <double *>x, j.x_os,
+                                <double *>y, j.y_os, nr, w, j.hi + c0, j.scale + c0,
+                                j.k1 + c0, j.k2 + c0)
+        else:
+            bnf_bwd_dx_rows_f32(<float *>dy, j.dy_os, <float *>x, j.x_os,
+                                <float *>y, j.y_os, nr, w, j.hi + c0, j.scale + c0,
+                                j.k1 + c0, j.k2 + c0)
+    elif j.f64:
+        bnf_bwd_dx_runs_f64(<double *>dy, j.dy_os, <double *>x, j.x_os, <double *>y,
+                            j.y_os, nr, j.inner, j.hi[c0], j.scale[c0], j.k1[c0], j.k2[c0])
+    else:
+        bnf_bwd_dx_runs_f32(<float *>dy, j.dy_os, <float *>x, j.x_os, <float *>y,
+                            j.y_os, nr, j.inner, j.hi[c0], j.scale[c0], j.k1[c0], j.k2[c0])
+
+
+cdef void _run(Job *j, int kind, int nthreads) noexcept nogil:
+    cdef Py_ssize_t u, nunits = j.ncb * j.nsb
+    if nthreads <= 1:
+        for u in range(nunits):
+            _unit(j, kind, u)
+    else:
+        for u in prange(nunits, num_threads=nthreads, schedule='static'):
+            _unit(j, kind, u)
+
+
+cdef void _run_gil(Job *j, int kind, int nthreads, Py_ssize_t elems) noexcept:
+    if elems < NOGIL_MIN_ELEMS:
+        _run(j, kind, 1)
+    else:
+        with nogil:
+            _run(j, kind, nthreads)
+
+
+cdef void _plan(Job *j, Py_ssize_t itemsize, int narrays) noexcept:
+    """Choose channel blocks and superblocks (a function of the shape only)."""
+    cdef Py_ssize_t per_block
+    if j.inner == 1:
+        j.width = j.C if j.C < BNF_MAX_WIDTH else BNF_MAX_WIDTH
+        j.ncb = (j.C + j.width - 1) // j.width
+        per_block = j.width
+    else:
+        j.width = 1
+        j.ncb = j.C
+        per_block = j.inner
+    if j.outer * per_block * itemsize * narrays <= FUSE_BYTES:
+        j.sb_len = j.outer
+    else:
+        j.sb_len = SUPER_ELEMS // per_block
+        if j.sb_len < 1:
+            j.sb_len = 1
+    if j.sb_len < 1:
+        j.sb_len = 1
+    j.nsb = (j.outer + j.sb_len - 1) // j.sb_len if j.outer > 0 else 1
+
+
+# ----------------------------------------------------------------------------------
+# Argument handling on raw arrays.
+
+cdef inline bint _is_native_float(object a) noexcept:
+    cdef int t
+    if not cnp.PyArray_CheckExact(a):
+        return False
+    t = cnp.PyArray_TYPE(<cnp.ndarray>a)
+    return (t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT64) and \
+        cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>a) and cnp.PyArray_ISALIGNED(<cnp.ndarray>a)
+
+
+cdef tuple _as_input(object x, str name):
+    """(x as an aligned native float32/float64 array, dtype of the result or None for
+    x's own): float16 is computed in float32, integers and bools in float64."""
+    cdef cnp.ndarray a
+    if _is_native_float(x):
+        return x, None
+    if isinstance(x, np.ndarray):
+        a = x
+    else:
+        try:
+            a = np.asarray(x)
+        except Exception as e:
+            raise TypeError(f"{name} must be an array-like of real numbers: {e}") from None
+    kind = a.dtype.kind
+    if kind == 'f':
+        if a.dtype.itemsize == 2:
+            return np.asarray(a, dtype=np.float32), np.dtype(np.float16)
+        if a.dtype.itemsize not in (4, 8):
+            raise TypeError(f"{name} has dtype {a.dtype}; bnfast computes float16, float32 "
+                            "and float64 (convert long double first)")
+        return np.require(a, dtype=a.dtype.newbyteorder('='), requirements='A'), None
+    if kind in 'iub':
+        return np.asarray(a, dtype=np.float64), np.dtype(np.float64)
+    raise TypeError(f"{name} must have a real floating dtype (float16/32/64; integers are "
+                    f"converted to float64), got {a.dtype}")
+
+
+cdef int _norm_axis(object axis, int ndim) except -1:
+    cdef long ax
+    try:
+        ax = axis
+    except (TypeError, OverflowError):
+        raise TypeError(f"axis must be an int, got {axis!r}") from None
+    if ax < -ndim or ax >= ndim:
+        raise ValueError(f"axis {axis} is out of range for an array of {ndim} dimensions")
+    return <int>(ax + ndim if ax < 0 else ax)
+
+
+cdef int _load_param(object p, Py_ssize_t C, str name, double *dst, double default) except -1:
+    """Copy a per-channel parameter (any real array-like of shape (C,)) into dst as
+    double; None gives `default`."""
+    cdef Py_ssize_t i, st
+    cdef char *src
+    cdef int t
+    cdef cnp.ndarray a
+    if p is None:
+        for i in range(C):
+            dst[i] = default
+        return 0
+    if cnp.PyArray_CheckExact(p) and cnp.PyArray_NDIM(<cnp.ndarray>p) == 1 and \
+            cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>p) and cnp.PyArray_ISALIGNED(<cnp.ndarray>p):
+        a = <cnp.ndarray>p
+        t = cnp.PyArray_TYPE(a)
+        if t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT64:
+            if cnp.PyArray_DIMS(a)[0] != C:
+                raise ValueError(f"{name} must have shape ({C},) to match the {C} channels "
+                                 f"of the input, got {(<object>p).shape}")
+            src = <char *>cnp.PyArray_DATA(a)
+            st = cnp.PyArray_STRIDES(a)[0]
+            if t == cnp.NPY_FLOAT32:
+                for i in range(C):
+                    dst[i] = (<float *>(src + i * st))[0]
+            else:
+                for i in range(C):
+                    dst[i] = (<double *>(src + i * st))[0]
+            return 0
+    if hasattr(p, "detach") and hasattr(p, "cpu"):       # a torch tensor
+        p = p.detach().cpu().numpy()
+    try:
+        arr = np.asarray(p)
+    except Exception as e:
+        raise TypeError(f"{name} must be a real array-like of shape ({C},): {e}") from None
+    if arr.dtype.kind not in 'fiub':
+        raise TypeError(f"{name} must have a real numeric dtype, got {arr.dtype}")
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D of shape ({C},), got shape {arr.shape}")
+    if arr.shape[0] != C:
+        raise ValueError(f"{name} must have shape ({C},) to match the {C} channels "
+                         f"of the input, got {arr.shape}")
+    a = np.ascontiguousarray(arr, dtype=np.float64)
+    src = <char *>cnp.PyArray_DATA(a)
+    for i in range(C):
+        dst[i] = (<double *>src)[i]
+    return 0
+
+
+cdef double _check_eps(object eps) except -1.0:
+    cdef double e
+    try:
+        e = eps
+    except TypeError:
+        raise TypeError(f"eps must be a real number, got {eps!r}") from None
+    if not (e > 0.0):
+        raise ValueError(f"eps must be > 0, got {eps!r}")
+    return e
+
+
+cdef double _check_momentum(object momentum) except -1.0:
+    cdef double m
+    try:
+        m = momentum
+    except TypeError:
+        raise TypeError(f"momentum must be a real number in [0, 1], got {momentum!r}") from None
+    if not (0.0 <= m <= 1.0):
+        raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
+    return m
+
+
+cdef object _check_out(object out, object like, object dtype, str name):
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
+    if out.shape != like.shape:
+        raise ValueError(f"{name} must have shape {like.shape}, got {out.shape}")
+    if out.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {out.dtype}")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    return out
+
+
+cdef inline bint _same_view(cnp.ndarray a, cnp.ndarray b) noexcept:
+    cdef int i
+    if cnp.PyArray_DATA(a) != cnp.PyArray_DATA(b):
+        return False
+    for i in range(cnp.PyArray_NDIM(a)):
+        if cnp.PyArray_DIMS(a)[i] > 1 and cnp.PyArray_STRIDES(a)[i] != cnp.PyArray_STRIDES(b)[i]:
+            return False
+    return True
+
+
+cdef class _Layout:
+    """The (outer, C, inner) views of the arrays of one call, in the same axis order.
+
+    x is copied to C order when it has no such view (negative or zero strides, gaps
+    inside the inner extent); an output without such a view, or one that partially
+    overlaps an input, is computed into a temporary and copied at the end."""
+    cdef int axis
+    cdef int order[32]
+    cdef int nord, nouter
+    cdef Geo gx
+
+    cdef cnp.ndarray fit_input(self, cnp.ndarray x, int axis):
+        self.axis = axis
+        self.nord = _order_axes(x, axis, self.order)
+        self.nouter = _split_outer(x, axis, self.order, self.nord)
+        if _geometry(x, axis, self.order, self.nord, self.nouter, &self.gx):
+            return x
+        x = np.ascontiguousarray(x)
+        self.nord = _order_axes(x, axis, self.order)
+        self.nouter = _split_outer(x, axis, self.order, self.nord)
+        _geometry(x, axis, self.order, self.nord, self.nouter, &self.gx)
+        return x
+
+    cdef bint fits(self, cnp.ndarray a, Geo *g):
+        if not _geometry(a, self.axis, self.order, self.nord, self.nouter, g):
+            return False
+        return g.outer == self.gx.outer and g.inner == self.gx.inner
+
+    cdef cnp.ndarray fit_other_input(self, cnp.ndarray a, cnp.ndarray x, Geo *g):
+        """A second input (dy) in x's layout; copied into it when it has another."""
+        cdef cnp.ndarray b
+        if self.fits(a, g):
+            return a
+        b = PyArray_NewLikeArray(x, cnp.NPY_KEEPORDER, NULL, 0)
+        np.copyto(b, a)
+        self.fits(b, g)
+        return b
+
+    cdef cnp.ndarray output(self, object out, cnp.ndarray x, tuple inputs, Geo *g):
+        """The array to write: `out` itself when it fits and does not partially overlap
+        an input, else a fresh array in x's layout."""
+        cdef cnp.ndarray o
+        if out is not None:
+            o = out
+            if self.fits(o, g):
+                for a in inputs:
+                    if not _same_view(o, a) and np.may_share_memory(o, a):
+                        break
+                else:
+                    return o
+        o = PyArray_NewLikeArray(x, cnp.NPY_KEEPORDER, NULL, 0)
+        self.fits(o, g)
+        return o
+
+
+cdef inline void _set_geo(Job *j, const Geo *gx) noexcept:
+    j.outer = gx.outer
+    j.C = gx.C
+    j.inner = gx.inner
+    j.x_os = gx.os
+    j.x_cs = gx.cs
+
+
+cdef object _finish(object out, cnp.ndarray y, object result_dtype):
+    """Deliver y: into the caller's `out` (copy when y is a temporary) or converted to
+    the result dtype (float16 inputs)."""
+    if out is not None:
+        if out is not y:
+            np.copyto(out, y, casting='unsafe')
+        return out
+    if result_dtype is not None and y.dtype != result_dtype:
+        return y.astype(result_dtype)
+    return y
+
+
+cdef inline Py_ssize_t _elems(const Job *j) noexcept:
+    return j.outer * j.C * j.inner
+
+
+cdef double *_alloc_channels(Py_ssize_t C, int count) except NULL:
+    cdef double *p = <double *>malloc((C if C > 0 else 1) * count * sizeof(double))
+    if p == NULL:
+        raise MemoryError()
+    return p
+
+
+cdef inline void _channel_arrays(Job *j, double *buf, Py_ssize_t C) noexcept:
+    j.hi = buf
+    j.lo = buf + C
+    j.scale = buf + 2 * C
+    j.shift = buf + 3 * C
+    j.weight = buf + 4 * C
+    j.invstd = buf + 5 * C
+    j.k1 = buf + 6 * C
+    j.k2 = buf + 7 * C
+
+
+# ----------------------------------------------------------------------------------
+# Eval normalization: shared by batch_norm(training=False) and FrozenBatchNorm.
+
+cdef object _normalize(object x, object out, int axis_in, Py_ssize_t C_expected,
+                       const double *hi, const double *scale, const double *shift,
+                       double *lo_zero):
+    """y = (x - hi) * scale + shift per channel. lo_zero: C zeros."""
+    cdef object result_dtype = None
+    cdef cnp.ndarray a
+    if _is_native_float(x):
+        a = <cnp.ndarray>x
+    else:
+        a, result_dtype = _as_input(x, "x")
+    cdef int nd = cnp.PyArray_NDIM(a)
+    cdef int axis
+    cdef Job j
+    cdef Geo gy
+    cdef _Layout lay
+    cdef cnp.ndarray y
+    if nd < 2:
+        raise ValueError(f"x must have at least 2 dimensions (batch, channels, ...), "
+                         f"got shape {np.shape(x)}")
+    axis = _norm_axis(axis_in, nd)
+    if cnp.PyArray_DIMS(a)[axis] != C_expected:
+        raise ValueError(f"x has {cnp.PyArray_DIMS(a)[axis]} channels on axis {axis_in}, "
+                         f"expected {C_expected}")
+    if out is not None:
+        _check_out(out, a, result_dtype if result_dtype is not None else a.dtype, "out")
+    lay = _Layout()
+    a = lay.fit_input(a, axis)
+    y = lay.output(out if result_dtype is None else None, a, (a,), &gy)
+    memset(&j, 0, sizeof(Job))
+    _set_geo(&j, &lay.gx)
+    j.f64 = cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT64
+    j.x = <char *>cnp.PyArray_DATA(a)
+    j.y = <char *>cnp.PyArray_DATA(y)
+    j.y_os = gy.os
+    j.y_cs = gy.cs
+    j.hi = <double *>hi
+    j.lo = lo_zero
+    j.scale = <double *>scale
+    j.shift = <double *>shift
+    if _elems(&j) > 0:
+        _plan(&j, cnp.PyArray_ITEMSIZE(a), 1)
+        _run_gil(&j, K_NORM, _threads_for(j.ncb * j.nsb, _elems(&j)), _elems(&j))
+    return _finish(out, y, result_dtype)
+
+
+cdef class FrozenBatchNorm:
+    """Immutable inference-mode batch normalization: the low-latency path.
+
+    ``y = (x - mean) / sqrt(var + eps) * weight + bias`` per channel, computed as
+    ``(x - mean) * scale + bias`` in double precision with ``scale`` precomputed at
+    construction, rounded once to x's dtype.
+
+    Parameters
+    ----------
+    mean, var : array_like, shape (C,)
+        Channel statistics (running mean and running variance); ``var >= 0``.
+    weight, bias : array_like, shape (C,), optional
+        Scale (default 1) and shift (default 0).
+    eps : float, default 1e-5
+        Added to the variance; must be > 0.
+    axis : int, default 1
+        The channel axis of the inputs (negative counts from the end).
+
+    Raises
+    ------
+    ValueError
+        Mismatched shapes, a negative variance, eps <= 0.
+    TypeError
+        Non-numeric parameters.
+
+    Examples
+    --------
+    >>> import numpy as np, bnfast
+    >>> f = bnfast.FrozenBatchNorm(np.zeros(3), np.ones(3), eps=1e-5, axis=-1)
+    >>> f(np.ones((2, 3), np.float32)).round(3)
+    array([[1., 1., 1.],
+           [1., 1., 1.]], dtype=float32)
+    """
+    cdef double *buf
+    cdef Py_ssize_t C
+    cdef object _axis
+    cdef int _axis_int
+    cdef double _eps
+    cdef readonly object mean, var, weight, bias
+
+    def __cinit__(self):
+        self.buf = NULL
+
+    def __init__(self, mean, var, weight=None, bias=None, eps=1e-5, *, axis=1):
+        cdef Py_ssize_t C, c
+        cdef double e = _check_eps(eps)
+        cdef double *b
+        m = _param_vector(mean, "mean", -1)
+        C = m.shape[0]
+        if C < 1:
+            raise ValueError("mean must have at least one channel")
+        v = _param_vector(var, "var", C)
+        w = None if weight is None else _param_vector(weight, "weight", C)
+        bb = None if bias is None else _param_vector(bias, "bias", C)
+        bad = np.flatnonzero(v < 0)
+        if bad.size:
+            raise ValueError(f"var must be non-negative; channel {bad[0]} has {v[bad[0]]!r}")
+        try:
+            axis_int = int(axis)
+        except (TypeError, ValueError):
+            raise TypeError(f"axis must be an int, got {axis!r}") from None
+        # buf layout [C each]: mean (hi), zeros (lo), scale, shift
+        self.buf = _alloc_channels(C, 4)
+        b = self.buf
+        _load_param(m, C, "mean", b, 0.0)
+        _load_param(w, C, "weight", b + 2 * C, 1.0)
+        _load_param(bb, C, "bias", b + 3 * C, 0.0)
+        for c in range(C):
+            b[C + c] = 0.0
+            b[2 * C + c] = b[2 * C + c] / sqrt(v[c] + e)
+        self.C = C
+        self._axis = axis_int
+        self._axis_int = axis_int
+        self._eps = e
+        self.mean, self.var, self.weight, self.bias = m, v, w, bb
+
+    def __dealloc__(self):
+        free(self.buf)
+
+    @property
+    def eps(self):
+        return self._eps
+
+    @property
+    def axis(self):
+        return self._axis
+
+    @property
+    def num_features(self):
+        return self.C
+
+    def __call__(self, x, *, out=None):
+        """Normalize x; ``out`` (same shape, x's dtype) is written and returned."""
+        cdef cnp.ndarray a, o
+        cdef Py_ssize_t C = self.C, rows
+        cdef int t, nd
+        cdef double *b = self.buf
+        # Fast path: a C-contiguous native float (rows, C) or (1, C, 1...) with channels
+        # last in memory: one serial kernel call, no Python-level work.
+        if cnp.PyArray_CheckExact(x):
+            a = <cnp.ndarray>x
+            nd = cnp.PyArray_NDIM(a)
+            t = cnp.PyArray_TYPE(a)
+            if nd == 2 and (t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT64) \
+                    and (self._axis_int == 1 or self._axis_int == -1) \
+                    and cnp.PyArray_DIMS(a)[1] == C and cnp.PyArray_IS_C_CONTIGUOUS(a) \
+                    and cnp.PyArray_ISNOTSWAPPED(a) and cnp.PyArray_ISALIGNED(a) \
+                    and cnp.PyArray_DIMS(a)[0] * C <= NOGIL_MIN_ELEMS:
+                rows = cnp.PyArray_DIMS(a)[0]
+                if out is None:
+                    o = cnp.PyArray_EMPTY(2, cnp.PyArray_DIMS(a), t, 0)
+                elif cnp.PyArray_CheckExact(out) and cnp.PyArray_TYPE(<cnp.ndarray>out) == t \
+                        and cnp.PyArray_NDIM(<cnp.ndarray>out) == 2 \
+                        and cnp.PyArray_DIMS(<cnp.ndarray>out)[0] == rows \
+                        and cnp.PyArray_DIMS(<cnp.ndarray>out)[1] == C \
+                        and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>out) \
+                        and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out) \
+                        and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>out) \
+                        and cnp.PyArray_ISALIGNED(<cnp.ndarray>out) \
+                        and (cnp.PyArray_DATA(<cnp.ndarray>out) == cnp.PyArray_DATA(a)
+                             or not _overlaps(a, <cnp.ndarray>out)):
+                    o = <cnp.ndarray>out
+                else:
+                    return _normalize(x, out, self._axis_int, C, b, b + 2 * C, b + 3 * C, b + C)
+                if t == cnp.NPY_FLOAT32:
+                    bnf_norm_rows_f32(<float *>cnp.PyArray_DATA(a), C,
+                                      <float *>cnp.PyArray_DATA(o), C, rows, C,
+                                      b, b + C, b + 2 * C, b + 3 * C)
+                else:
+                    bnf_norm_rows_f64(<double *>cnp.PyArray_DATA(a), C,
+                                      <double *>cnp.PyArray_DATA(o), C, rows, C,
+                                      b, b + C, b + 2 * C, b + 3 * C)
+                return o
+        return _normalize(x, out, self._axis_int, C, b, b + 2 * C, b + 3 * C, b + C)
+
+    def __reduce__(self):
+        return (_rebuild_frozen, (self.mean, self.var, self.weight, self.bias, self._eps,
+                                  self._axis))
+
+    def __repr__(self):
+        return (f"FrozenBatchNorm({self.C}, eps={self._eps}, axis={self._axis})")
+
+
+cdef inline bint _overlaps(cnp.ndarray a, cnp.ndarray b) noexcept:
+    """Byte ranges of two C-contiguous arrays intersect."""
+    cdef char *p = <char *>cnp.PyArray_DATA(a)
+    cdef char *q = <char *>cnp.PyArray_DATA(b)
+    cdef Py_ssize_t na = cnp.PyArray_SIZE(a) * cnp.PyArray_ITEMSIZE(a)
+    cdef Py_ssize_t nb = cnp.PyArray_SIZE(b) * cnp.PyArray_ITEMSIZE(b)
+    return p < q + nb and q < p + na
+
+
+cdef object _param_vector(object p, str name, Py_ssize_t C):
+    """A read-only float64 copy of a per-channel parameter (C < 0: any length)."""
+    if p is None:
+        raise ValueError(f"{name} is required")
+    if hasattr(p, "detach") and hasattr(p, "cpu"):       # a torch tensor
+        p = p.detach().cpu().numpy()
+    try:
+        a = np.asarray(p)
+    except Exception as e:
+        raise TypeError(f"{name} must be a real array-like: {e}") from None
+    if a.dtype.kind not in 'fiub':
+        raise TypeError(f"{name} must have a real numeric dtype, got {a.dtype}")
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
+    if C >= 0 and a.shape[0] != C:
+        raise ValueError(f"{name} must have shape ({C},), got {a.shape}")
+    a = np.array(a, dtype=np.float64, copy=True)
+    a.flags.writeable = False
+    return a
+
+
+def _rebuild_frozen(mean, var, weight, bias, eps, axis):
+    return FrozenBatchNorm(mean, var, weight, bias, eps, axis=axis)
+
+
+# ----------------------------------------------------------------------------------
+# Functional API
+
+def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5, *, axis=1, out=None):
+    """Batch normalization, with the argument order of ``torch.nn.functional.batch_norm``.
+
+    Parameters
+    ----------
+    x : array_like, ndim >= 2
+        Input; float32 and float64 are computed natively, float16 in float32, integers
+        and bools are converted to float64. The output has x's (float) dtype.
+    running_mean, running_var : ndarray of shape (C,) or None
+        Running statistics. Required when ``training`` is False. When ``training`` is
+        True and they are given, they are updated in place (they must then be writable
+        float arrays): ``new = (1 - momentum) * old + momentum * batch``, with the
+        unbiased batch variance.
+    weight, bias : array_like of shape (C,), optional
+        gamma (default 1) and beta (default 0).
+    training : bool
+        Normalize with the batch statistics (True) or the running ones (False).
+    momentum : float in [0, 1]
+    eps : float > 0
+    axis : int, keyword-only, default 1
+        The channel axis: 1 for NC, NCL, NCHW, NCDHW; -1 for channels-last and
+        (samples, features) matrices.
+    out : ndarray, keyword-only, optional
+        Written and returned; same shape as x, x's dtype. ``out=x`` is allowed.
+
+    Returns
+    -------
+    y : ndarray, shape of x
+
+    Raises
+    ------
+    ValueError
+        Bad shapes, eps <= 0, momentum outside [0, 1], a negative running variance,
+        missing running statistics in eval, one value per channel in training.
+    TypeError
+        Non-real dtypes, an ``out`` of the wrong dtype.
+
+    Examples
+    --------
+    >>> import numpy as np, bnfast
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0]])
+    >>> bnfast.batch_norm(x, np.zeros(2), np.ones(2), training=True, eps=1e-12, axis=-1)
+    array([[-1., -1.],
+           [ 1.,  1.]])
+    """
+    if training:
+        return batch_norm_train(x, weight, bias, eps=eps, axis=axis,
+                                running_mean=running_mean, running_var=running_var,
+                                momentum=momentum, out=out)[0]
+    cdef double e = _check_eps(eps)
+    _check_momentum(momentum)
+    if running_mean is None or running_var is None:
+        raise ValueError("running_mean and running_var are required when training=False")
+    cdef Py_ssize_t C, c
+    cdef int nd, ax
+    cdef double stackbuf[4 * 64]
+    cdef double *buf
+    cdef cnp.ndarray a
+    # channel count from x without converting it yet
+    if cnp.PyArray_Check(x):
+        a = <cnp.ndarray>x
+    else:
+        a = np.asarray(x)
+    nd = cnp.PyArray_NDIM(a)
+    if nd < 2:
+        raise ValueError(f"x must have at least 2 dimensions (batch, channels, ...), "
+                         f"got shape {(<object>a).shape}")
+    ax = _norm_axis(axis, nd)
+    C = cnp.PyArray_DIMS(a)[ax]
+    if C <= 64:
+        buf = &stackbuf[0]
+    else:
+        buf = _alloc_channels(C, 4)
+    try:
+        # layout: hi (mean), lo (zeros), scale, shift; var parked in lo first
+        _load_param(running_mean, C, "running_mean", buf, 0.0)
+        _load_param(running_var, C, "running_var", buf + C, 1.0)
+        _load_param(weight, C, "weight", buf + 2 * C, 1.0)
+        _load_param(bias, C, "bias", buf + 3 * C, 0.0)
+        for c in range(C):
+            if buf[C + c] < 0:
+                raise ValueError(f"running_var must be non-negative; channel {c} has "
+                                 f"{buf[C + c]!r}")
+            buf[2 * C + c] = buf[2 * C + c] / sqrt(buf[C + c] + e)
+            buf[C + c] = 0.0
+        return _normalize(a, out, ax, C, buf, buf + 2 * C, buf + 3 * C, buf + C)
+    finally:
+        if buf != &stackbuf[0]:
+            free(buf)
+
+
+cdef int _check_running(object r, Py_ssize_t C, str name) except -1:
+    if r is None:
+        return 0
+    if not isinstance(r, np.ndarray):
+        raise TypeError(f"{name} must be a writable float numpy.ndarray of shape ({C},) "
+                        f"to be updated in training, got {type(r).__name__}")
+    if r.dtype.kind != 'f':
+        raise TypeError(f"{name} must have a float dtype to be updated, got {r.dtype}")
+    if r.shape != (C,):
+        raise ValueError(f"{name} must have shape ({C},) to match the {C} channels "
+                         f"of the input, got {r.shape}")
+    if not r.flags.writeable:
+        raise ValueError(f"{name} is read-only, but training updates it in place")
+    return 0
+
+
+def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_mean=None,
+                     running_var=None, momentum=0.1, out=None):
+    """Training-mode batch normalization that also returns the batch statistics.
+
+    Parameters
+    ----------
+    x : array_like, ndim >= 2
+        As in :func:`batch_norm`.
+    weight, bias : array_like of shape (C,), optional
+    eps : float > 0
+    axis : int, default 1
+    running_mean, running_var : ndarray of shape (C,), optional
+        Updated in place when given (biased batch mean, unbiased batch variance).
+    momentum : float in [0, 1]
+    out : ndarray, optional
+
+    Returns
+    -------
+    y : ndarray, shape and dtype of x
+    mean : ndarray of float64, shape (C,)
+        Batch mean per channel (float64 whatever x's dtype, so backward keeps the
+        offset of price-like data).
+    invstd : ndarray of float64, shape (C,)
+        ``1 / sqrt(var + eps)`` with the biased batch variance.
+
+    Raises
+    ------
+    ValueError
+        One value per channel, an empty batch, bad shapes or arguments.
+
+    Examples
+    --------
+    >>> import numpy as np, bnfast
+    >>> y, mean, invstd = bnfast.batch_norm_train(np.array([[1.0], [3.0]]), eps=1e-12)
+    >>> y.ravel(), mean, invstd
+    (array([-1.,  1.]), array([2.]), array([1.]))
+    """
+    return _train(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
+                  True)
+
+
+def _train(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
+           bint unbiased_running_var):
+    """batch_norm_train, with the choice of the variance that updates running_var
+    (unbiased like PyTorch, or biased like Keras)."""
+    cdef double e = _check_eps(eps)
+    cdef double mom = _check_momentum(momentum)
+    cdef object result_dtype
+    cdef cnp.ndarray a
+    a, result_dtype = _as_input(x, "x")
+    cdef int nd = cnp.PyArray_NDIM(a), axis_i
+    cdef Py_ssize_t C, c, sb, n_per
+    cdef Job j
+    cdef Geo gy
+    cdef _Layout lay
+    cdef cnp.ndarray y, mean_out, invstd_out
+    cdef double *buf = NULL
+    cdef double *bias_buf
+    cdef bnf_moments m
+    cdef double n, var
+    cdef cnp.npy_intp dimC
+    if nd < 2:
+        raise ValueError(f"x must have at least 2 dimensions (batch, channels, ...), "
+                         f"got shape {np.shape(x)}")
+    axis_i = _norm_axis(axis, nd)
+    C = cnp.PyArray_DIMS(a)[axis_i]
+    n_per = cnp.PyArray_SIZE(a) // C if C > 0 else 0
+    if C > 0 and n_per == 0:
+        raise ValueError(f"x has an empty batch {(<object>a).shape}; training needs more than "
+                         f"1 value per channel")
+    if C > 0 and n_per <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input "
+                         f"size {(<object>a).shape}")
+    _check_running(running_mean, C, "running_mean")
+    _check_running(running_var, C, "running_var")
+    if out is not None:
+        _check_out(out, a, result_dtype if result_dtype is not None else a.dtype, "out")
+    buf = _alloc_channels(C, 9)
+    try:
+        memset(&j, 0, sizeof(Job))
+        _channel_arrays(&j, buf, C)
+        bias_buf = buf + 8 * C
+        _load_param(weight, C, "weight", j.weight, 1.0)
+        _load_param(bias, C, "bias", bias_buf, 0.0)
+        j.shift = bias_buf
+        lay = _Layout()
+        a = lay.fit_input(a, axis_i)
+        y = lay.output(out if result_dtype is None else None, a, (a,), &gy)
+        _set_geo(&j, &lay.gx)
+        j.f64 = cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT64
+        j.eps = e
+        j.x = <char *>cnp.PyArray_DATA(a)
+        j.y = <char *>cnp.PyArray_DATA(y)
+        j.y_os = gy.os
+        j.y_cs = gy.cs
+        _plan(&j, cnp.PyArray_ITEMSIZE(a), 1)
+        j.mom = <bnf_moments *>malloc(j.nsb * C * sizeof(bnf_moments) + 1)
+        if j.mom == NULL:
+            raise MemoryError()
+        try:
+            if j.nsb == 1:
+                _run_gil(&j, K_FWD, _threads_for(j.ncb, _elems(&j)), _elems(&j))
+            else:
+                _run_gil(&j, K_STATS, _threads_for(j.ncb * j.nsb, _elems(&j)), _elems(&j))
+                for c in range(C):           # merge the units in a fixed order
+                    m = j.mom[c]
+                    for sb in range(1, j.nsb):
+                        bnf_moments_merge(&m, &j.mom[sb * C + c])
+                    _finalize(&j, c, &m)
+                _run_gil(&j, K_NORM, _threads_for(j.ncb * j.nsb, _elems(&j)), _elems(&j))
+        finally:
+            free(j.mom)
+        dimC = C
+        mean_out = cnp.PyArray_EMPTY(1, &dimC, cnp.NPY_FLOAT64, 0)
+        invstd_out = cnp.PyArray_EMPTY(1, &dimC, cnp.NPY_FLOAT64, 0)
+        n = <double>n_per
+        for c in range(C):
+            (<double *>cnp.PyArray_DATA(mean_out))[c] = j.hi[c] + j.lo[c]
+            (<double *>cnp.PyArray_DATA(invstd_out))[c] = j.invstd[c]
+            # variance for the running update: unbiased (PyTorch) or biased (Keras)
+            j.k2[c] = j.k1[c] * n / (n - 1.0) if unbiased_running_var else j.k1[c]
+        if running_mean is not None:
+            _update_running(running_mean, mean_out, mom)
+        if running_var is not None:
+            _update_running(running_var, np.asarray(<double[:C]>j.k2), mom)
+        return _finish(out, y, result_dtype), mean_out, invstd_out
+    finally:
+        free(buf)
+
+
+cdef _update_running(cnp.ndarray r, object batch, double mom):
+    """r = (1 - mom) * r + mom * batch, computed in double, rounded once."""
+    upd = (1.0 - mom) * r.astype(np.float64) + mom * np.asarray(batch, dtype=np.float64)
+    np.copyto(r, upd, casting='unsafe')
+
+
+def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, axis=1,
+                        out=None):
+    """Gradients of batch normalization.
+
+    Parameters
+    ----------
+    dy : array_like
+        Gradient of the loss with respect to the output; shape of x.
+    x : array_like
+        The forward input.
+    mean, invstd : array_like of shape (C,)
+        From :func:`batch_norm_train` (training), or the running mean and
+        ``1 / sqrt(running_var + eps)`` (``training=False``).
+    weight : array_like of shape (C,), optional
+    training : bool, default True
+        True: the full gradient through the batch statistics. False: the statistics
+        held fixed (eval mode).
+    axis : int, default 1
+    out : ndarray, optional
+        Receives dx (shape and dtype of x); ``out=dy`` is allowed.
+
+    Returns
+    -------
+    dx : ndarray, shape and dtype of x
+    dweight, dbias : ndarray of shape (C,), x's dtype
+        ``sum(dy * xhat)`` and ``sum(dy)`` per channel.
+
+    Examples
+    --------
+    >>> import numpy as np, bnfast
+    >>> x = np.array([[1.0], [3.0]])
+    >>> y, m, s = bnfast.batch_norm_train(x, eps=1e-12)
+    >>> dx, dw, db = bnfast.batch_norm_backward(np.array([[1.0], [1.0]]), x, m, s)
+    >>> dx.ravel(), dw, db
+    (array([0., 0.]), array([0.]), array([2.]))
+    """
+    cdef object result_dtype, rd_dy
+    cdef cnp.ndarray a, g
+    a, result_dtype = _as_input(x, "x")
+    g, rd_dy = _as_input(dy, "dy")
+    cdef int nd = cnp.PyArray_NDIM(a), axis_i
+    cdef Py_ssize_t C, c, sb
+    cdef Job j
+    cdef Geo gy, gg
+    cdef _Layout lay
+    cdef cnp.ndarray dx, dw, dbias
+    cdef double *buf = NULL
+    cdef double sdy, sdyx, n
+    if nd < 2:
+        raise ValueError(f"x must have at least 2 dimensions (batch, channels, ...), "
+                         f"got shape {np.shape(x)}")
+    if (<object>g).shape != (<object>a).shape:
+        raise ValueError(f"dy must have the shape of x {(<object>a).shape}, got "
+                         f"{(<object>g).shape}")
+    if cnp.PyArray_TYPE(g) != cnp.PyArray_TYPE(a):
+        g = g.astype(a.dtype)
+    axis_i = _norm_axis(axis, nd)
+    C = cnp.PyArray_DIMS(a)[axis_i]
+    if out is not None:
+        _check_out(out, a, result_dtype if result_dtype is not None else a.dtype, "out")
+    buf = _alloc_channels(C, 8)
+    try:
+        memset(&j, 0, sizeof(Job))
+        _channel_arrays(&j, buf, C)
+        _load_param(mean, C, "mean", j.hi, 0.0)
+        _load_param(invstd, C, "invstd", j.invstd, 1.0)
+        _load_param(weight, C, "weight", j.weight, 1.0)
+        for c in range(C):
+            j.scale[c] = j.weight[c] * j.invstd[c]
+            j.k1[c] = 0.0
+            j.k2[c] = 0.0
+        lay = _Layout()
+        a = lay.fit_input(a, axis_i)
+        g = lay.fit_other_input(g, a, &gg)
+        dx = lay.output(out if result_dtype is None else None, a, (a, g), &gy)
+        _set_geo(&j, &lay.gx)
+        j.f64 = cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT64
+        j.x = <char *>cnp.PyArray_DATA(a)
+        j.dy = <char *>cnp.PyArray_DATA(g)
+        j.dy_os = gg.os
+        j.dy_cs = gg.cs
+        j.y = <char *>cnp.PyArray_DATA(dx)
+        j.y_os = gy.os
+        j.y_cs = gy.cs
+        _plan(&j, cnp.PyArray_ITEMSIZE(a), 2)
+        j.s_dy = <double *>malloc(2 * j.nsb * C * sizeof(double) + 1)
+        if j.s_dy == NULL:
+            raise MemoryError()
+        j.s_dyx = j.s_dy + j.nsb * C
+        try:
+            if _elems(&j) > 0:
+                if not training:
+                    _run_gil(&j, K_BEVAL, _threads_for(j.ncb * j.nsb, _elems(&j)), _elems(&j))
+                elif j.nsb == 1:
+                    _run_gil(&j, K_BWD, _threads_for(j.ncb, _elems(&j)), _elems(&j))
+                else:
+                    _run_gil(&j, K_BSUMS, _threads_for(j.ncb * j.nsb, _elems(&j)), _elems(&j))
+                    n = <double>j.outer * <double>j.inner
+                    for c in range(C):
+                        sdy = 0.0
+                        sdyx = 0.0
+                        for sb in range(j.nsb):
+                            sdy += j.s_dy[sb * C + c]
+                            sdyx += j.s_dyx[sb * C + c]
+                        j.s_dy[c] = sdy
+                        j.s_dyx[c] = sdyx
+                        j.k1[c] = sdy / n
+                        j.k2[c] = j.invstd[c] * j.invstd[c] * (sdyx / n)
+                    _run_gil(&j, K_BDX, _threads_for(j.ncb * j.nsb, _elems(&j)), _elems(&j))
+                if j.nsb > 1 and not training:
+                    for c in range(C):
+                        sdy = 0.0
+                        sdyx = 0.0
+                        for sb in range(j.nsb):
+                            sdy += j.s_dy[sb * C + c]
+                            sdyx += j.s_dyx[sb * C + c]
+                        j.s_dy[c] = sdy
+                        j.s_dyx[c] = sdyx
+            else:
+                for c in range(C):
+                    j.s_dy[c] = 0.0
+                    j.s_dyx[c] = 0.0
+            out_dtype = result_dtype if result_dtype is not None else a.dtype
+            dw = np.empty(C, dtype=out_dtype)
+            dbias = np.empty(C, dtype=out_dtype)
+            dw[...] = np.asarray(<double[:C]>j.s_dyx) * np.asarray(<double[:C]>j.invstd)
+            dbias[...] = np.asarray(<double[:C]>j.s_dy)
+        finally:
+            free(j.s_dy)
+        return _finish(out, dx, result_dtype), dw, dbias
+    finally:
+        free(buf)

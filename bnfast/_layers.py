@@ -1,0 +1,284 @@
+"""Layers with PyTorch's semantics over the compiled kernels."""
+import threading
+
+import numpy as np
+
+from bnfast._core import FrozenBatchNorm, _train, batch_norm, batch_norm_backward
+
+_STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def _to_numpy(v):
+    if hasattr(v, "detach") and hasattr(v, "cpu"):  # a torch tensor
+        v = v.detach().cpu().numpy()
+    return np.asarray(v)
+
+
+class BatchNorm:
+    """Batch normalization layer with ``torch.nn.BatchNorm*d`` semantics.
+
+    Parameters
+    ----------
+    num_features : int
+        Number of channels C (>= 1).
+    eps : float, default 1e-5
+        Added to the variance; > 0.
+    momentum : float or None, default 0.1
+        Weight of the batch statistics in the running update
+        ``new = (1 - momentum) * old + momentum * batch``; None gives the cumulative
+        average (factor ``1 / num_batches_tracked``).
+    affine : bool, default True
+        Learnable ``weight`` (ones) and ``bias`` (zeros); None otherwise.
+    track_running_stats : bool, default True
+        Keep ``running_mean`` (zeros), ``running_var`` (ones) and
+        ``num_batches_tracked``; without them batch statistics are always used.
+    axis : int, keyword-only, default 1
+        Channel axis of the inputs (-1 for channels-last and (samples, features)).
+    dtype : numpy float dtype, keyword-only, default float32
+        dtype of the parameters and running statistics.
+    unbiased_running_var : bool, keyword-only, default True
+        True (PyTorch): the running variance is updated with the unbiased batch
+        variance ``n/(n-1) * var``. False (Keras): with the biased one.
+
+    Attributes
+    ----------
+    weight, bias, running_mean, running_var : ndarray of shape (C,) or None
+    num_batches_tracked : int
+    training : bool
+        True at construction, like torch; see :meth:`train` and :meth:`eval`.
+    grad_weight, grad_bias : ndarray or None
+        Set by :meth:`backward`.
+
+    Notes
+    -----
+    A layer holds the last forward's input for :meth:`backward` and, in training, updates
+    its running statistics: calls on one layer are serialized by a lock, so sharing one
+    training layer between threads is safe but gives an order-dependent result. For
+    concurrent inference, share a :meth:`freeze`-d layer, which is immutable.
+
+    Examples
+    --------
+    >>> import numpy as np, bnfast
+    >>> bn = bnfast.BatchNorm(3, axis=-1, dtype=np.float64)
+    >>> y = bn(np.arange(12.0).reshape(4, 3))
+    >>> bn.running_mean
+    array([0.45, 0.55, 0.65])
+    >>> dx = bn.backward(np.ones((4, 3)))
+    >>> bn.grad_bias
+    array([4., 4., 4.])
+    """
+
+    _input_ndims = None  # subclasses restrict the input rank like torch
+    _kind = "BatchNorm"
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, *, axis=1, dtype=np.float32,
+                 unbiased_running_var=True):
+        try:
+            c = int(num_features)
+        except (TypeError, ValueError):
+            raise TypeError(f"num_features must be an int, got {num_features!r}") from None
+        if c != num_features or c < 1:
+            raise ValueError(f"num_features must be an int >= 1, got {num_features!r}")
+        dtype = np.dtype(dtype)
+        if dtype.kind != "f":
+            raise TypeError(f"dtype must be a float dtype, got {dtype}")
+        e = float(eps)
+        if not e > 0:
+            raise ValueError(f"eps must be > 0, got {eps!r}")
+        if momentum is not None and not 0.0 <= float(momentum) <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1] or None, got {momentum!r}")
+        if not isinstance(axis, (int, np.integer)):
+            raise TypeError(f"axis must be an int, got {axis!r}")
+        self.num_features = c
+        self.eps = e
+        self.momentum = None if momentum is None else float(momentum)
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.axis = int(axis)
+        self.dtype = dtype
+        self.unbiased_running_var = bool(unbiased_running_var)
+        self.weight = np.ones(c, dtype) if self.affine else None
+        self.bias = np.zeros(c, dtype) if self.affine else None
+        if self.track_running_stats:
+            self.running_mean = np.zeros(c, dtype)
+            self.running_var = np.ones(c, dtype)
+        else:
+            self.running_mean = None
+            self.running_var = None
+        self.num_batches_tracked = 0
+        self.training = True
+        self.grad_weight = None
+        self.grad_bias = None
+        self._saved = None
+        self._lock = threading.Lock()
+
+    # -- modes ----------------------------------------------------------------------
+    def train(self, mode=True):
+        """Set training mode (batch statistics, running updates); returns self."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Set inference mode (running statistics); returns self."""
+        return self.train(False)
+
+    # -- forward / backward -----------------------------------------------------------
+    def _check_input(self, x):
+        if not isinstance(x, np.ndarray):
+            x = np.asarray(x)
+        if self._input_ndims is not None and x.ndim not in self._input_ndims:
+            want = " or ".join(f"{d}D" for d in self._input_ndims)
+            raise ValueError(f"expected {want} input (got {x.ndim}D input)")
+        if x.ndim < 2:
+            raise ValueError(f"x must have at least 2 dimensions, got shape {x.shape}")
+        ax = self.axis + x.ndim if self.axis < 0 else self.axis
+        if not 0 <= ax < x.ndim:
+            raise ValueError(f"axis {self.axis} is out of range for a {x.ndim}-D input")
+        if x.shape[ax] != self.num_features:
+            raise ValueError(f"{self._kind}({self.num_features}) got an input with "
+                             f"{x.shape[ax]} channels on axis {self.axis} (shape {x.shape})")
+        return x
+
+    def __call__(self, x, *, out=None):
+        """Normalize x (batch statistics in training or without running stats)."""
+        x = self._check_input(x)
+        with self._lock:
+            use_batch = self.training or not self.track_running_stats
+            if not use_batch:
+                y = batch_norm(x, self.running_mean, self.running_var, self.weight,
+                               self.bias, False, 0.1, self.eps, axis=self.axis, out=out)
+                mean = np.asarray(self.running_mean, np.float64)
+                invstd = 1.0 / np.sqrt(np.asarray(self.running_var, np.float64) + self.eps)
+            else:
+                update = self.training and self.track_running_stats
+                factor = 0.0
+                if update:
+                    self.num_batches_tracked += 1
+                    factor = (1.0 / self.num_batches_tracked if self.momentum is None
+                              else self.momentum)
+                saved_x = x
+                if out is not None and np.may_share_memory(out, x):
+                    saved_x = x.copy()       # in place: keep the input for backward
+                try:
+                    y, mean, invstd = _train(
+                        x, self.weight, self.bias, self.eps, self.axis,
+                        self.running_mean if update else None,
+                        self.running_var if update else None,
+                        factor, out, self.unbiased_running_var)
+                except BaseException:
+                    if update:
+                        self.num_batches_tracked -= 1
+                    raise
+                x = saved_x
+            self._saved = (x, mean, invstd, use_batch)
+            return y
+
+    def backward(self, dy, *, out=None):
+        """Gradient with respect to the last forward's input; sets ``grad_weight`` and
+        ``grad_bias`` (None without affine). Returns dx."""
+        with self._lock:
+            if self._saved is None:
+                raise ValueError("backward called before any forward call")
+            x, mean, invstd, use_batch = self._saved
+            dy_arr = np.asarray(dy)
+            if dy_arr.shape != x.shape:
+                raise ValueError(f"dy must have the shape of the last input {x.shape}, "
+                                 f"got {dy_arr.shape}")
+            dx, dw, db = batch_norm_backward(dy_arr, x, mean, invstd, self.weight,
+                                             training=use_batch, axis=self.axis, out=out)
+            if self.affine:
+                self.grad_weight = dw.astype(self.dtype, copy=False)
+                self.grad_bias = db.astype(self.dtype, copy=False)
+            return dx
+
+    # -- state ------------------------------------------------------------------------
+    def state_dict(self):
+        """Parameters and buffers under PyTorch's key names (numpy arrays)."""
+        d = {}
+        if self.affine:
+            d["weight"] = self.weight
+            d["bias"] = self.bias
+        if self.track_running_stats:
+            d["running_mean"] = self.running_mean
+            d["running_var"] = self.running_var
+            d["num_batches_tracked"] = np.array(self.num_batches_tracked, dtype=np.int64)
+        return d
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Load a mapping with PyTorch's key names (numpy arrays, torch tensors, lists).
+
+        Raises ValueError naming the key on a missing key, a wrong shape, or (strict)
+        an unexpected key; nothing is changed then."""
+        expected = list(self.state_dict())
+        missing = [k for k in expected if k not in state_dict]
+        if strict:
+            unexpected = [k for k in state_dict if k not in expected]
+            if unexpected:
+                raise ValueError(f"unexpected key(s) in state_dict: {unexpected}")
+        new = {}
+        for k in expected:
+            if k not in state_dict:
+                if k == "num_batches_tracked" and not strict:
+                    continue
+                if strict:
+                    raise ValueError(f"missing key in state_dict: {k!r} (got {list(state_dict)})")
+                continue
+            v = _to_numpy(state_dict[k])
+            if v.dtype.kind not in "fiub":
+                raise TypeError(f"state_dict[{k!r}] must be numeric, got {v.dtype}")
+            if k == "num_batches_tracked":
+                if v.size != 1:
+                    raise ValueError(f"state_dict['num_batches_tracked'] must be a scalar, "
+                                     f"got shape {v.shape}")
+                new[k] = int(v.reshape(()))
+                continue
+            if v.shape != (self.num_features,):
+                raise ValueError(f"state_dict[{k!r}] must have shape ({self.num_features},), "
+                                 f"got {v.shape}")
+            if k == "running_var" and np.any(v < 0):
+                raise ValueError("state_dict['running_var'] must be non-negative")
+            new[k] = np.array(v, dtype=self.dtype, copy=True)
+        del missing
+        for k, v in new.items():
+            setattr(self, k, v)
+        return self
+
+    def freeze(self):
+        """The immutable inference form (running statistics, current weight and bias)."""
+        if not self.track_running_stats:
+            raise ValueError("freeze() needs running statistics (track_running_stats=True)")
+        return FrozenBatchNorm(self.running_mean, self.running_var, self.weight, self.bias,
+                               self.eps, axis=self.axis)
+
+    def __getstate__(self):
+        d = self.__dict__.copy()
+        del d["_lock"]
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self._lock = threading.Lock()
+
+    def __repr__(self):
+        return (f"{self._kind}({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
+                f"axis={self.axis}, dtype={self.dtype.name})")
+
+
+class BatchNorm1d(BatchNorm):
+    """:class:`BatchNorm` for (N, C) or (N, C, L) inputs (channel axis 1)."""
+    _input_ndims = (2, 3)
+    _kind = "BatchNorm1d"
+
+
+class BatchNorm2d(BatchNorm):
+    """:class:`BatchNorm` for (N, C, H, W) inputs (channel axis 1)."""
+    _input_ndims = (4,)
+    _kind = "BatchNorm2d"
+
+
+class BatchNorm3d(BatchNorm):
+    """:class:`BatchNorm` for (N, C, D, H, W) inputs (channel axis 1)."""
+    _input_ndims = (5,)
+    _kind = "BatchNorm3d"

@@ -1,0 +1,18 @@
+# OpenMP runtime calls that turn into serial no-ops when the compiler has no OpenMP
+# (the scikit-learn pattern): code calls these names unconditionally.
+cdef extern from *:
+    """
+    #ifdef _OPENMP
+    #include <omp.h>
+    #define BNF_HAVE_OPENMP 1
+    static int bnf_omp_max_threads(void) { return omp_get_max_threads(); }
+    static int bnf_omp_version(void) { return _OPENMP; }
+    #else
+    #define BNF_HAVE_OPENMP 0
+    static int bnf_omp_max_threads(void) { return 1; }
+    static int bnf_omp_version(void) { return 0; }
+    #endif
+    """
+    bint BNF_HAVE_OPENMP
+    int bnf_omp_max_threads() noexcept nogil
+    int bnf_omp_version() noexcept nogil

@@ -1,0 +1,103 @@
+"""Build of bnfast's compiled core: Cython kernels over the C inner loops in src/.
+
+OpenMP flags are chosen per compiler (gcc/clang: -fopenmp, MSVC: /openmp, Apple clang:
+-Xpreprocessor -fopenmp -lomp) after a test compile; without OpenMP the build goes on,
+serially, and says so.  No -march=native and no -ffast-math: SIMD comes from
+`#pragma omp simd` and runtime dispatch (target_clones) in src/.
+"""
+import os
+import sys
+import tempfile
+import textwrap
+
+import numpy as np
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+OMP_TEST = textwrap.dedent(
+    """
+    #include <omp.h>
+    int main(void) {
+        int n = 0;
+        #pragma omp parallel reduction(+:n)
+        n += 1;
+        return n > 0 ? 0 : 1;
+    }
+    """
+)
+
+
+def _openmp_candidates(compiler_type):
+    """(compile flags, link flags) to try, in order."""
+    if compiler_type == "msvc":
+        return [(["/openmp"], [])]
+    if sys.platform == "darwin":
+        return [(["-Xpreprocessor", "-fopenmp"], ["-lomp"]), (["-fopenmp"], ["-fopenmp"])]
+    return [(["-fopenmp"], ["-fopenmp"])]
+
+
+class BuildExt(build_ext):
+    """build_ext that adds OpenMP when the compiler has it, and optimisation flags."""
+
+    def _try_openmp(self, cflags, ldflags):
+        with tempfile.TemporaryDirectory() as tmp:
+            src = os.path.join(tmp, "omp_test.c")
+            with open(src, "w") as f:
+                f.write(OMP_TEST)
+            try:
+                objs = self.compiler.compile([src], output_dir=tmp, extra_postargs=cflags)
+                self.compiler.link_executable(
+                    objs, os.path.join(tmp, "omp_test"), extra_postargs=ldflags
+                )
+            except Exception:
+                return False
+        return True
+
+    def build_extensions(self):
+        ctype = self.compiler.compiler_type
+        if ctype == "msvc":
+            base = ["/O2", "/fp:precise"]
+        else:
+            # -ffp-contract=off: no FMA contraction, so every ISA clone gives the same bits.
+            base = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-Wno-unused-function"]
+        omp_c, omp_l = [], []
+        if os.environ.get("BNFAST_DISABLE_OPENMP"):
+            print("bnfast: OpenMP disabled by BNFAST_DISABLE_OPENMP; building serial kernels")
+        else:
+            for cflags, ldflags in _openmp_candidates(ctype):
+                if self._try_openmp(cflags, ldflags):
+                    omp_c, omp_l = cflags, ldflags
+                    break
+            else:
+                print(
+                    "WARNING: bnfast: the compiler has no usable OpenMP; building serial "
+                    "kernels (correct, single-threaded)",
+                    file=sys.stderr,
+                )
+        extra_c = os.environ.get("BNFAST_EXTRA_CFLAGS", "").split()
+        extra_l = os.environ.get("BNFAST_EXTRA_LDFLAGS", "").split()
+        for ext in self.extensions:
+            ext.extra_compile_args = base + omp_c + extra_c
+            ext.extra_link_args = omp_l + extra_l
+        super().build_extensions()
+
+
+extensions = [
+    Extension(
+        "bnfast._core",
+        sources=["bnfast/_core.pyx", "src/bnfast_kernels.c"],
+        include_dirs=["src", np.get_include()],
+        depends=["src/bnfast_kernels.h", "src/bnfast_kernels_impl.h"],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
+    )
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        compiler_directives={"language_level": "3"},
+        compile_time_env={},
+    ),
+    cmdclass={"build_ext": BuildExt},
+)

@@ -1,0 +1,76 @@
+/* bnfast C inner loops.
+ *
+ * Every kernel works on one "unit" of a 3-D view (outer, C, inner) of an array:
+ *   - runs form  (inner > 1, inner contiguous): one channel, `nruns` runs of `len`
+ *     contiguous elements, `stride` elements apart (NCHW, NCL, Fortran (N, C), ...);
+ *   - rows form  (inner == 1, channels contiguous): a block of `width` channels over
+ *     `nrows` rows, `stride` elements apart (NHWC, (samples, features), ...).
+ * The Cython layer splits an array into units, runs them in an OpenMP loop and merges
+ * the per-unit results in a fixed order, so results do not depend on the thread count.
+ *
+ * Numerics: statistics accumulate in double with a fixed lane structure (independent of
+ * the SIMD width chosen at run time), two passes per cache-resident tile, tiles merged
+ * with Chan's formula.  The mean is carried as hi + lo (double-double-like) and the
+ * normalization is ((x - hi) - lo) * scale + shift in double, rounded once to the
+ * output type.  Built with -ffp-contract=off, so every ISA gives the same bits.
+ */
+#ifndef BNFAST_KERNELS_H
+#define BNFAST_KERNELS_H
+
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Moments of one channel over some elements: count, mean = hi + lo, m2 = sum (x - mean)^2. */
+typedef struct {
+    double n, hi, lo, m2;
+} bnf_moments;
+
+/* Widest channel block the rows-form kernels accept (stack scratch is sized by it). */
+#define BNF_MAX_WIDTH 256
+/* Elements per cache-resident tile of the two-pass statistics. */
+#define BNF_TILE_ELEMS 32768
+
+/* Merge b into a (Chan et al.); exact when either part is empty. */
+void bnf_moments_merge(bnf_moments *a, const bnf_moments *b);
+
+/* Name of the SIMD ISA the kernels dispatch to on this CPU. */
+const char *bnf_simd_isa(void);
+
+#define BNF_DECLARE(T, S)                                                                 \
+    void bnf_stats_runs_##S(const T *x, ptrdiff_t nruns, ptrdiff_t stride, ptrdiff_t len, \
+                            bnf_moments *m);                                              \
+    void bnf_stats_rows_##S(const T *x, ptrdiff_t nrows, ptrdiff_t stride,                \
+                            ptrdiff_t width, bnf_moments *m);                             \
+    void bnf_norm_runs_##S(const T *x, ptrdiff_t xstride, T *y, ptrdiff_t ystride,        \
+                           ptrdiff_t nruns, ptrdiff_t len, double hi, double lo,          \
+                           double scale, double shift);                                   \
+    void bnf_norm_rows_##S(const T *x, ptrdiff_t xstride, T *y, ptrdiff_t ystride,        \
+                           ptrdiff_t nrows, ptrdiff_t width, const double *hi,            \
+                           const double *lo, const double *scale, const double *shift);   \
+    void bnf_bwd_sums_runs_##S(const T *dy, ptrdiff_t dystride, const T *x,               \
+                               ptrdiff_t xstride, ptrdiff_t nruns, ptrdiff_t len,         \
+                               double mean, double *sum_dy, double *sum_dy_xmu);          \
+    void bnf_bwd_sums_rows_##S(const T *dy, ptrdiff_t dystride, const T *x,               \
+                               ptrdiff_t xstride, ptrdiff_t nrows, ptrdiff_t width,       \
+                               const double *mean, double *sum_dy, double *sum_dy_xmu);   \
+    void bnf_bwd_dx_runs_##S(const T *dy, ptrdiff_t dystride, const T *x,                 \
+                             ptrdiff_t xstride, T *dx, ptrdiff_t dxstride,                \
+                             ptrdiff_t nruns, ptrdiff_t len, double mean, double a,       \
+                             double k1, double k2);                                       \
+    void bnf_bwd_dx_rows_##S(const T *dy, ptrdiff_t dystride, const T *x,                 \
+                             ptrdiff_t xstride, T *dx, ptrdiff_t dxstride,                \
+                             ptrdiff_t nrows, ptrdiff_t width, const double *mean,        \
+                             const double *a, const double *k1, const double *k2);
+
+BNF_DECLARE(float, f32)
+BNF_DECLARE(double, f64)
+
+#undef BNF_DECLARE
+
+#ifdef __cplusplus
+}
+#endif
+#endif

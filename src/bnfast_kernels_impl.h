@@ -1,0 +1,234 @@
+/* Kernel bodies, included once per element type by bnfast_kernels.c with
+ * T (element type) and S (name suffix) defined. */
+
+#define BNF_CAT2(a, b) a##_##b
+#define BNF_CAT(a, b) BNF_CAT2(a, b)
+#define BNF_NAME(n) BNF_CAT(n, S)
+
+/* Two-pass moments of one tile of runs: `nruns` runs of `len` contiguous elements.
+ * Lane l of the accumulators takes the elements at positions l, l+L, ... of each run,
+ * whatever the vector width, so the summation order is fixed. */
+static inline void BNF_NAME(tile_runs)(const T *x, ptrdiff_t nruns, ptrdiff_t stride,
+                                       ptrdiff_t len, bnf_moments *t)
+{
+    double acc[BNF_LANES] = {0};
+    for (ptrdiff_t r = 0; r < nruns; r++) {
+        const T *p = x + r * stride;
+        ptrdiff_t i = 0;
+        for (; i + BNF_LANES <= len; i += BNF_LANES) {
+#pragma omp simd
+            for (int l = 0; l < BNF_LANES; l++) acc[l] += (double)p[i + l];
+        }
+        for (int l = 0; i < len; i++, l++) acc[l] += (double)p[i];
+    }
+    double n = (double)nruns * (double)len;
+    double hi = bnf_sum_lanes(acc) / n;
+    double s1[BNF_LANES] = {0}, s2[BNF_LANES] = {0};
+    for (ptrdiff_t r = 0; r < nruns; r++) {
+        const T *p = x + r * stride;
+        ptrdiff_t i = 0;
+        for (; i + BNF_LANES <= len; i += BNF_LANES) {
+#pragma omp simd
+            for (int l = 0; l < BNF_LANES; l++) {
+                double d = (double)p[i + l] - hi;
+                s1[l] += d;
+                s2[l] += d * d;
+            }
+        }
+        for (int l = 0; i < len; i++, l++) {
+            double d = (double)p[i] - hi;
+            s1[l] += d;
+            s2[l] += d * d;
+        }
+    }
+    double sd = bnf_sum_lanes(s1), sdd = bnf_sum_lanes(s2);
+    t->n = n;
+    t->hi = hi;
+    t->lo = sd / n;
+    t->m2 = sdd - sd * t->lo;
+    if (t->m2 < 0) t->m2 = 0;
+}
+
+BNF_CLONES void BNF_NAME(bnf_stats_runs)(const T *x, ptrdiff_t nruns, ptrdiff_t stride,
+                                         ptrdiff_t len, bnf_moments *m)
+{
+    bnf_moments t;
+    m->n = m->hi = m->lo = m->m2 = 0;
+    if (len <= BNF_TILE_ELEMS) {
+        ptrdiff_t per = BNF_TILE_ELEMS / len;
+        for (ptrdiff_t r0 = 0; r0 < nruns; r0 += per) {
+            ptrdiff_t k = nruns - r0 < per ? nruns - r0 : per;
+            BNF_NAME(tile_runs)(x + r0 * stride, k, stride, len, &t);
+            bnf_moments_merge(m, &t);
+        }
+    } else {
+        for (ptrdiff_t r = 0; r < nruns; r++) {
+            for (ptrdiff_t i0 = 0; i0 < len; i0 += BNF_TILE_ELEMS) {
+                ptrdiff_t k = len - i0 < BNF_TILE_ELEMS ? len - i0 : BNF_TILE_ELEMS;
+                BNF_NAME(tile_runs)(x + r * stride + i0, 1, stride, k, &t);
+                bnf_moments_merge(m, &t);
+            }
+        }
+    }
+}
+
+/* Rows form: per-channel moments of `width` contiguous channels over `nrows` rows,
+ * tiled by rows so each tile is cache resident for its two passes. */
+BNF_CLONES void BNF_NAME(bnf_stats_rows)(const T *x, ptrdiff_t nrows, ptrdiff_t stride,
+                                         ptrdiff_t width, bnf_moments *m)
+{
+    double hi[BNF_MAX_WIDTH], s1[BNF_MAX_WIDTH], s2[BNF_MAX_WIDTH];
+    ptrdiff_t per = BNF_TILE_ELEMS / width;
+    if (per < 1) per = 1;
+    for (ptrdiff_t c = 0; c < width; c++) m[c].n = m[c].hi = m[c].lo = m[c].m2 = 0;
+    for (ptrdiff_t r0 = 0; r0 < nrows; r0 += per) {
+        ptrdiff_t k = nrows - r0 < per ? nrows - r0 : per;
+        const T *base = x + r0 * stride;
+        double n = (double)k;
+        for (ptrdiff_t c = 0; c < width; c++) hi[c] = s1[c] = s2[c] = 0;
+        for (ptrdiff_t r = 0; r < k; r++) {
+            const T *p = base + r * stride;
+#pragma omp simd
+            for (ptrdiff_t c = 0; c < width; c++) hi[c] += (double)p[c];
+        }
+        for (ptrdiff_t c = 0; c < width; c++) hi[c] /= n;
+        for (ptrdiff_t r = 0; r < k; r++) {
+            const T *p = base + r * stride;
+#pragma omp simd
+            for (ptrdiff_t c = 0; c < width; c++) {
+                double d = (double)p[c] - hi[c];
+                s1[c] += d;
+                s2[c] += d * d;
+            }
+        }
+        for (ptrdiff_t c = 0; c < width; c++) {
+            bnf_moments t;
+            t.n = n;
+            t.hi = hi[c];
+            t.lo = s1[c] / n;
+            t.m2 = s2[c] - s1[c] * t.lo;
+            if (t.m2 < 0) t.m2 = 0;
+            bnf_moments_merge(&m[c], &t);
+        }
+    }
+}
+
+BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, T *y,
+                                        ptrdiff_t ystride, ptrdiff_t nruns, ptrdiff_t len,
+                                        double hi, double lo, double scale, double shift)
+{
+    for (ptrdiff_t r = 0; r < nruns; r++) {
+        const T *p = x + r * xstride;
+        T *q = y + r * ystride;
+#pragma omp simd
+        for (ptrdiff_t i = 0; i < len; i++)
+            q[i] = (T)((((double)p[i] - hi) - lo) * scale + shift);
+    }
+}
+
+BNF_CLONES void BNF_NAME(bnf_norm_rows)(const T *x, ptrdiff_t xstride, T *y,
+                                        ptrdiff_t ystride, ptrdiff_t nrows, ptrdiff_t width,
+                                        const double *hi, const double *lo,
+                                        const double *scale, const double *shift)
+{
+    for (ptrdiff_t r = 0; r < nrows; r++) {
+        const T *p = x + r * xstride;
+        T *q = y + r * ystride;
+#pragma omp simd
+        for (ptrdiff_t c = 0; c < width; c++)
+            q[c] = (T)((((double)p[c] - hi[c]) - lo[c]) * scale[c] + shift[c]);
+    }
+}
+
+BNF_CLONES void BNF_NAME(bnf_bwd_sums_runs)(const T *dy, ptrdiff_t dystride, const T *x,
+                                            ptrdiff_t xstride, ptrdiff_t nruns,
+                                            ptrdiff_t len, double mean, double *sum_dy,
+                                            double *sum_dy_xmu)
+{
+    double a1[BNF_LANES] = {0}, a2[BNF_LANES] = {0};
+    for (ptrdiff_t r = 0; r < nruns; r++) {
+        const T *g = dy + r * dystride;
+        const T *p = x + r * xstride;
+        ptrdiff_t i = 0;
+        for (; i + BNF_LANES <= len; i += BNF_LANES) {
+#pragma omp simd
+            for (int l = 0; l < BNF_LANES; l++) {
+                double gi = (double)g[i + l];
+                a1[l] += gi;
+                a2[l] += gi * ((double)p[i + l] - mean);
+            }
+        }
+        for (int l = 0; i < len; i++, l++) {
+            double gi = (double)g[i];
+            a1[l] += gi;
+            a2[l] += gi * ((double)p[i] - mean);
+        }
+    }
+    *sum_dy = bnf_sum_lanes(a1);
+    *sum_dy_xmu = bnf_sum_lanes(a2);
+}
+
+BNF_CLONES void BNF_NAME(bnf_bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const T *x,
+                                            ptrdiff_t xstride, ptrdiff_t nrows,
+                                            ptrdiff_t width, const double *mean,
+                                            double *sum_dy, double *sum_dy_xmu)
+{
+    for (ptrdiff_t c = 0; c < width; c++) sum_dy[c] = sum_dy_xmu[c] = 0;
+    for (ptrdiff_t r = 0; r < nrows; r++) {
+        const T *g = dy + r * dystride;
+        const T *p = x + r * xstride;
+#pragma omp simd
+        for (ptrdiff_t c = 0; c < width; c++) {
+            double gi = (double)g[c];
+            sum_dy[c] += gi;
+            sum_dy_xmu[c] += gi * ((double)p[c] - mean[c]);
+        }
+    }
+}
+
+/* dx = a * (dy - k1 - (x - mean) * k2); x == NULL (statistics held fixed) means
+ * dx = a * dy, and x is not read at all. */
+BNF_CLONES void BNF_NAME(bnf_bwd_dx_runs)(const T *dy, ptrdiff_t dystride, const T *x,
+                                          ptrdiff_t xstride, T *dx, ptrdiff_t dxstride,
+                                          ptrdiff_t nruns, ptrdiff_t len, double mean,
+                                          double a, double k1, double k2)
+{
+    for (ptrdiff_t r = 0; r < nruns; r++) {
+        const T *g = dy + r * dystride;
+        T *q = dx + r * dxstride;
+        if (!x) {
+#pragma omp simd
+            for (ptrdiff_t i = 0; i < len; i++) q[i] = (T)((double)g[i] * a);
+        } else {
+            const T *p = x + r * xstride;
+#pragma omp simd
+            for (ptrdiff_t i = 0; i < len; i++)
+                q[i] = (T)(a * (((double)g[i] - k1) - ((double)p[i] - mean) * k2));
+        }
+    }
+}
+
+BNF_CLONES void BNF_NAME(bnf_bwd_dx_rows)(const T *dy, ptrdiff_t dystride, const T *x,
+                                          ptrdiff_t xstride, T *dx, ptrdiff_t dxstride,
+                                          ptrdiff_t nrows, ptrdiff_t width,
+                                          const double *mean, const double *a,
+                                          const double *k1, const double *k2)
+{
+    for (ptrdiff_t r = 0; r < nrows; r++) {
+        const T *g = dy + r * dystride;
+        const T *p = x ? x + r * xstride : NULL;
+        T *q = dx + r * dxstride;
+        if (!p) {
+#pragma omp simd
+            for (ptrdiff_t c = 0; c < width; c++) q[c] = (T)((double)g[c] * a[c]);
+        } else {
+#pragma omp simd
+            for (ptrdiff_t c = 0; c < width; c++)
+                q[c] = (T)(a[c] * (((double)g[c] - k1[c]) - ((double)p[c] - mean[c]) * k2[c]));
+        }
+    }
+}
+
+#undef BNF_NAME
+#undef BNF_CAT
+#undef BNF_CAT2
