@@ -45,17 +45,17 @@ cdef extern from "bnfast_kernels.h" nogil:
     void bnf_stats_rows_f64(const double *x, Py_ssize_t nrows, Py_ssize_t stride,
                             Py_ssize_t width, bnf_moments *m)
     void bnf_norm_runs_f32(const float *x, Py_ssize_t xs, float *y, Py_ssize_t ys,
-                           Py_ssize_t nruns, Py_ssize_t length, double hi, double lo,
+                           Py_ssize_t nruns, Py_ssize_t length, double mean,
                            double scale, double shift)
     void bnf_norm_runs_f64(const double *x, Py_ssize_t xs, double *y, Py_ssize_t ys,
-                           Py_ssize_t nruns, Py_ssize_t length, double hi, double lo,
+                           Py_ssize_t nruns, Py_ssize_t length, double mean,
                            double scale, double shift)
     void bnf_norm_rows_f32(const float *x, Py_ssize_t xs, float *y, Py_ssize_t ys,
-                           Py_ssize_t nrows, Py_ssize_t width, const double *hi,
-                           const double *lo, const double *scale, const double *shift)
+                           Py_ssize_t nrows, Py_ssize_t width, const double *mean,
+                           const double *scale, const double *shift)
     void bnf_norm_rows_f64(const double *x, Py_ssize_t xs, double *y, Py_ssize_t ys,
-                           Py_ssize_t nrows, Py_ssize_t width, const double *hi,
-                           const double *lo, const double *scale, const double *shift)
+                           Py_ssize_t nrows, Py_ssize_t width, const double *mean,
+                           const double *scale, const double *shift)
     void bnf_bwd_sums_runs_f32(const float *dy, Py_ssize_t dys, const float *x,
                                Py_ssize_t xs, Py_ssize_t nruns, Py_ssize_t length,
                                double mean, double *sum_dy, double *sum_dy_xmu)
@@ -258,6 +258,7 @@ cdef int _split_outer(cnp.ndarray a, int axis, const int *order, int nord) noexc
 ctypedef struct Job:
     int f64
     Py_ssize_t outer, C, inner, width, ncb, sb_len, nsb
+    Py_ssize_t rb, nrb             # normalization blocks: rb rows of all channels
     char *x
     Py_ssize_t x_os, x_cs
     char *y
@@ -266,10 +267,10 @@ ctypedef struct Job:
     Py_ssize_t dy_os, dy_cs
     double eps
     # per channel [C]
-    double *hi
-    double *lo
-    double *scale
-    double *shift
+    double *hi                     # mean, high part
+    double *lo                     # mean, low part
+    double *scale                  # weight * invstd
+    double *shift                  # bias, then bias - lo * scale
     double *weight
     double *invstd
     double *k1
@@ -296,6 +297,8 @@ cdef inline void _finalize(Job *j, Py_ssize_t c, const bnf_moments *m) noexcept 
     j.lo[c] = m.lo
     j.invstd[c] = invstd
     j.scale[c] = j.weight[c] * invstd
+    # (x - hi - lo) * scale + bias: the small lo goes into the shift, hi stays exact.
+    j.shift[c] = j.shift[c] - m.lo * j.scale[c]
     j.k1[c] = var                      # kept for the running-variance update
 
 
@@ -339,20 +342,20 @@ cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
             return
         for c in range(w):
             _finalize(j, c0 + c, &mom[c])
-    if kind == K_FWD or kind == K_NORM:
+    if kind == K_FWD:
         if rows:
             if j.f64:
                 bnf_norm_rows_f64(<double *>x, j.x_os, <double *>y, j.y_os, nr, w,
-                                  j.hi + c0, j.lo + c0, j.scale + c0, j.shift + c0)
+                                  j.hi + c0, j.scale + c0, j.shift + c0)
             else:
                 bnf_norm_rows_f32(<float *>x, j.x_os, <float *>y, j.y_os, nr, w,
-                                  j.hi + c0, j.lo + c0, j.scale + c0, j.shift + c0)
+                                  j.hi + c0, j.scale + c0, j.shift + c0)
         elif j.f64:
             bnf_norm_runs_f64(<double *>x, j.x_os, <double *>y, j.y_os, nr, j.inner,
-                              j.hi[c0], j.lo[c0], j.scale[c0], j.shift[c0])
+                              j.hi[c0], j.scale[c0], j.shift[c0])
         else:
             bnf_norm_runs_f32(<float *>x, j.x_os, <float *>y, j.y_os, nr, j.inner,
-                              j.hi[c0], j.lo[c0], j.scale[c0], j.shift[c0])
+                              j.hi[c0], j.scale[c0], j.shift[c0])
         return
     if kind == K_BSUMS or kind == K_BWD or kind == K_BEVAL:
         if rows:
@@ -395,22 +398,68 @@ cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
                             j.y_os, nr, j.inner, j.hi[c0], j.scale[c0], j.k1[c0], j.k2[c0])
 
 
-cdef void _run(Job *j, int kind, int nthreads) noexcept nogil:
-    cdef Py_ssize_t u, nunits = j.ncb * j.nsb
+cdef void _norm_unit(Job *j, Py_ssize_t u) noexcept nogil:
+    """Normalize rows [u*rb, u*rb + rb) of all channels, in memory order."""
+    cdef Py_ssize_t r0 = u * j.rb, r, c
+    cdef Py_ssize_t nr = j.outer - r0 if j.outer - r0 < j.rb else j.rb
+    cdef Py_ssize_t isz = 8 if j.f64 else 4
+    cdef char *x = j.x + r0 * j.x_os * isz
+    cdef char *y = j.y + r0 * j.y_os * isz
+    if j.inner == 1:
+        if j.f64:
+            bnf_norm_rows_f64(<double *>x, j.x_os, <double *>y, j.y_os, nr, j.C,
+                              j.hi, j.scale, j.shift)
+        else:
+            bnf_norm_rows_f32(<float *>x, j.x_os, <float *>y, j.y_os, nr, j.C,
+                              j.hi, j.scale, j.shift)
+        return
+    for r in range(nr):
+        for c in range(j.C):
+            if j.f64:
+                bnf_norm_runs_f64(<double *>x + r * j.x_os + c * j.x_cs, 0,
+                                  <double *>y + r * j.y_os + c * j.y_cs, 0, 1, j.inner,
+                                  j.hi[c], j.scale[c], j.shift[c])
+            else:
+                bnf_norm_runs_f32(<float *>x + r * j.x_os + c * j.x_cs, 0,
+                                  <float *>y + r * j.y_os + c * j.y_cs, 0, 1, j.inner,
+                                  j.hi[c], j.scale[c], j.shift[c])
+
+
+cdef void _run(Job *j, int kind, Py_ssize_t nunits, int nthreads) noexcept nogil:
+    cdef Py_ssize_t u
     if nthreads <= 1:
-        for u in range(nunits):
-            _unit(j, kind, u)
+        if kind == K_NORM:
+            for u in range(nunits):
+                _norm_unit(j, u)
+        else:
+            for u in range(nunits):
+                _unit(j, kind, u)
+    elif kind == K_NORM:
+        for u in prange(nunits, num_threads=nthreads, schedule='static'):
+            _norm_unit(j, u)
     else:
         for u in prange(nunits, num_threads=nthreads, schedule='static'):
             _unit(j, kind, u)
 
 
-cdef void _run_gil(Job *j, int kind, int nthreads, Py_ssize_t elems) noexcept:
-    if elems < NOGIL_MIN_ELEMS:
-        _run(j, kind, 1)
+cdef void _launch(Job *j, int kind) noexcept:
+    """Run `kind` over its units: serially with the GIL held for tiny work, else
+    without the GIL on as many threads as the work and the settings allow."""
+    cdef Py_ssize_t elems = j.outer * j.C * j.inner
+    cdef Py_ssize_t nunits
+    cdef int nthreads
+    if elems == 0:
+        return
+    if kind == K_NORM:
+        nunits = j.nrb
     else:
-        with nogil:
-            _run(j, kind, nthreads)
+        nunits = j.ncb * j.nsb
+    if elems < NOGIL_MIN_ELEMS:
+        _run(j, kind, nunits, 1)
+        return
+    nthreads = _threads_for(nunits, elems)
+    with nogil:
+        _run(j, kind, nunits, nthreads)
 
 
 cdef void _plan(Job *j, Py_ssize_t itemsize, int narrays) noexcept:
@@ -433,6 +482,10 @@ cdef void _plan(Job *j, Py_ssize_t itemsize, int narrays) noexcept:
     if j.sb_len < 1:
         j.sb_len = 1
     j.nsb = (j.outer + j.sb_len - 1) // j.sb_len if j.outer > 0 else 1
+    j.rb = SUPER_ELEMS // (j.C * j.inner) if j.C * j.inner > 0 else 1
+    if j.rb < 1:
+        j.rb = 1
+    j.nrb = (j.outer + j.rb - 1) // j.rb if j.outer > 0 else 1
 
 
 # ----------------------------------------------------------------------------------
@@ -678,9 +731,8 @@ cdef inline void _channel_arrays(Job *j, double *buf, Py_ssize_t C) noexcept:
 # Eval normalization: shared by batch_norm(training=False) and FrozenBatchNorm.
 
 cdef object _normalize(object x, object out, int axis_in, Py_ssize_t C_expected,
-                       const double *hi, const double *scale, const double *shift,
-                       double *lo_zero):
-    """y = (x - hi) * scale + shift per channel. lo_zero: C zeros."""
+                       const double *mean, const double *scale, const double *shift):
+    """y = (x - mean) * scale + shift per channel."""
     cdef object result_dtype = None
     cdef cnp.ndarray a
     if _is_native_float(x):
@@ -712,13 +764,12 @@ cdef object _normalize(object x, object out, int axis_in, Py_ssize_t C_expected,
     j.y = <char *>cnp.PyArray_DATA(y)
     j.y_os = gy.os
     j.y_cs = gy.cs
-    j.hi = <double *>hi
-    j.lo = lo_zero
+    j.hi = <double *>mean
     j.scale = <double *>scale
     j.shift = <double *>shift
     if _elems(&j) > 0:
         _plan(&j, cnp.PyArray_ITEMSIZE(a), 1)
-        _run_gil(&j, K_NORM, _threads_for(j.ncb * j.nsb, _elems(&j)), _elems(&j))
+        _launch(&j, K_NORM)
     return _finish(out, y, result_dtype)
 
 
@@ -845,17 +896,17 @@ cdef class FrozenBatchNorm:
                              or not _overlaps(a, <cnp.ndarray>out)):
                     o = <cnp.ndarray>out
                 else:
-                    return _normalize(x, out, self._axis_int, C, b, b + 2 * C, b + 3 * C, b + C)
+                    return _normalize(x, out, self._axis_int, C, b, b + 2 * C, b + 3 * C)
                 if t == cnp.NPY_FLOAT32:
                     bnf_norm_rows_f32(<float *>cnp.PyArray_DATA(a), C,
                                       <float *>cnp.PyArray_DATA(o), C, rows, C,
-                                      b, b + C, b + 2 * C, b + 3 * C)
+                                      b, b + 2 * C, b + 3 * C)
                 else:
                     bnf_norm_rows_f64(<double *>cnp.PyArray_DATA(a), C,
                                       <double *>cnp.PyArray_DATA(o), C, rows, C,
-                                      b, b + C, b + 2 * C, b + 3 * C)
+                                      b, b + 2 * C, b + 3 * C)
                 return o
-        return _normalize(x, out, self._axis_int, C, b, b + 2 * C, b + 3 * C, b + C)
+        return _normalize(x, out, self._axis_int, C, b, b + 2 * C, b + 3 * C)
 
     def __reduce__(self):
         return (_rebuild_frozen, (self.mean, self.var, self.weight, self.bias, self._eps,
@@ -988,7 +1039,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
                                  f"{buf[C + c]!r}")
             buf[2 * C + c] = buf[2 * C + c] / sqrt(buf[C + c] + e)
             buf[C + c] = 0.0
-        return _normalize(a, out, ax, C, buf, buf + 2 * C, buf + 3 * C, buf + C)
+        return _normalize(a, out, ax, C, buf, buf + 2 * C, buf + 3 * C)
     finally:
         if buf != &stackbuf[0]:
             free(buf)
@@ -1111,15 +1162,15 @@ def _train(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
             raise MemoryError()
         try:
             if j.nsb == 1:
-                _run_gil(&j, K_FWD, _threads_for(j.ncb, _elems(&j)), _elems(&j))
+                _launch(&j, K_FWD)
             else:
-                _run_gil(&j, K_STATS, _threads_for(j.ncb * j.nsb, _elems(&j)), _elems(&j))
+                _launch(&j, K_STATS)
                 for c in range(C):           # merge the units in a fixed order
                     m = j.mom[c]
                     for sb in range(1, j.nsb):
                         bnf_moments_merge(&m, &j.mom[sb * C + c])
                     _finalize(&j, c, &m)
-                _run_gil(&j, K_NORM, _threads_for(j.ncb * j.nsb, _elems(&j)), _elems(&j))
+                _launch(&j, K_NORM)
         finally:
             free(j.mom)
         dimC = C
@@ -1238,11 +1289,11 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, axis
         try:
             if _elems(&j) > 0:
                 if not training:
-                    _run_gil(&j, K_BEVAL, _threads_for(j.ncb * j.nsb, _elems(&j)), _elems(&j))
+                    _launch(&j, K_BEVAL)
                 elif j.nsb == 1:
-                    _run_gil(&j, K_BWD, _threads_for(j.ncb, _elems(&j)), _elems(&j))
+                    _launch(&j, K_BWD)
                 else:
-                    _run_gil(&j, K_BSUMS, _threads_for(j.ncb * j.nsb, _elems(&j)), _elems(&j))
+                    _launch(&j, K_BSUMS)
                     n = <double>j.outer * <double>j.inner
                     for c in range(C):
                         sdy = 0.0
@@ -1254,7 +1305,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, axis
                         j.s_dyx[c] = sdyx
                         j.k1[c] = sdy / n
                         j.k2[c] = j.invstd[c] * j.invstd[c] * (sdyx / n)
-                    _run_gil(&j, K_BDX, _threads_for(j.ncb * j.nsb, _elems(&j)), _elems(&j))
+                    _launch(&j, K_BDX)
                 if j.nsb > 1 and not training:
                     for c in range(C):
                         sdy = 0.0

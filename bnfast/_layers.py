@@ -244,6 +244,22 @@ class BatchNorm:
             setattr(self, k, v)
         return self
 
+    def save(self, path):
+        """Save configuration and state to a ``.npz`` file; read it back with
+        :func:`bnfast.load` (no pickle). Returns the path written (``".npz"`` is
+        appended when missing). See :func:`bnfast.interop.save_layer`.
+
+        Examples
+        --------
+        >>> import bnfast, tempfile, os
+        >>> path = bnfast.BatchNorm(3).save(os.path.join(tempfile.mkdtemp(), "bn"))
+        >>> path.endswith("bn.npz"), bnfast.load(path).num_features
+        (True, 3)
+        """
+        from bnfast.interop import save_layer
+
+        return save_layer(self, path)
+
     def freeze(self):
         """The immutable inference form (running statistics, current weight and bias)."""
         if not self.track_running_stats:

@@ -10,10 +10,17 @@
 #define BNF_CLONES
 #endif
 
-/* Accumulator lanes: a fixed count, so sums are identical for every vector width. */
-#define BNF_LANES 16
+/* Helpers are inlined into each ISA clone: a call would run the baseline version. */
+#if defined(__GNUC__)
+#define BNF_INLINE __attribute__((always_inline))
+#else
+#define BNF_INLINE
+#endif
 
-static inline double bnf_sum_lanes(const double *acc)
+/* Accumulator lanes: a fixed count, so sums are identical for every vector width. */
+#define BNF_LANES 32
+
+static inline BNF_INLINE double bnf_sum_lanes(const double *acc)
 {
     /* Pairwise over the lanes, in a fixed order. */
     double t[BNF_LANES / 2];

@@ -10,9 +10,9 @@
  *
  * Numerics: statistics accumulate in double with a fixed lane structure (independent of
  * the SIMD width chosen at run time), two passes per cache-resident tile, tiles merged
- * with Chan's formula.  The mean is carried as hi + lo (double-double-like) and the
- * normalization is ((x - hi) - lo) * scale + shift in double, rounded once to the
- * output type.  Built with -ffp-contract=off, so every ISA gives the same bits.
+ * with Chan's formula.  The mean is carried as hi + lo (double-double-like); the
+ * normalization is (x - hi) * scale + (shift - lo * scale) in double, rounded once to
+ * the output type: the offset hi is removed exactly before any scaling.  Built with -ffp-contract=off, so every ISA gives the same bits.
  */
 #ifndef BNFAST_KERNELS_H
 #define BNFAST_KERNELS_H
@@ -45,11 +45,11 @@ const char *bnf_simd_isa(void);
     void bnf_stats_rows_##S(const T *x, ptrdiff_t nrows, ptrdiff_t stride,                \
                             ptrdiff_t width, bnf_moments *m);                             \
     void bnf_norm_runs_##S(const T *x, ptrdiff_t xstride, T *y, ptrdiff_t ystride,        \
-                           ptrdiff_t nruns, ptrdiff_t len, double hi, double lo,          \
-                           double scale, double shift);                                   \
+                           ptrdiff_t nruns, ptrdiff_t len, double mean, double scale,     \
+                           double shift);                                                 \
     void bnf_norm_rows_##S(const T *x, ptrdiff_t xstride, T *y, ptrdiff_t ystride,        \
-                           ptrdiff_t nrows, ptrdiff_t width, const double *hi,            \
-                           const double *lo, const double *scale, const double *shift);   \
+                           ptrdiff_t nrows, ptrdiff_t width, const double *mean,          \
+                           const double *scale, const double *shift);                     \
     void bnf_bwd_sums_runs_##S(const T *dy, ptrdiff_t dystride, const T *x,               \
                                ptrdiff_t xstride, ptrdiff_t nruns, ptrdiff_t len,         \
                                double mean, double *sum_dy, double *sum_dy_xmu);          \

@@ -8,7 +8,7 @@
 /* Two-pass moments of one tile of runs: `nruns` runs of `len` contiguous elements.
  * Lane l of the accumulators takes the elements at positions l, l+L, ... of each run,
  * whatever the vector width, so the summation order is fixed. */
-static inline void BNF_NAME(tile_runs)(const T *x, ptrdiff_t nruns, ptrdiff_t stride,
+static inline BNF_INLINE void BNF_NAME(tile_runs)(const T *x, ptrdiff_t nruns, ptrdiff_t stride,
                                        ptrdiff_t len, bnf_moments *t)
 {
     double acc[BNF_LANES] = {0};
@@ -73,26 +73,46 @@ BNF_CLONES void BNF_NAME(bnf_stats_runs)(const T *x, ptrdiff_t nruns, ptrdiff_t 
 }
 
 /* Rows form: per-channel moments of `width` contiguous channels over `nrows` rows,
- * tiled by rows so each tile is cache resident for its two passes. */
+ * tiled by rows so each tile is cache resident for its two passes.  Rows are taken four
+ * at a time, so the per-channel accumulators are loaded and stored once per four rows. */
 BNF_CLONES void BNF_NAME(bnf_stats_rows)(const T *x, ptrdiff_t nrows, ptrdiff_t stride,
                                          ptrdiff_t width, bnf_moments *m)
 {
     double hi[BNF_MAX_WIDTH], s1[BNF_MAX_WIDTH], s2[BNF_MAX_WIDTH];
     ptrdiff_t per = BNF_TILE_ELEMS / width;
-    if (per < 1) per = 1;
+    if (per < 4) per = 4;
     for (ptrdiff_t c = 0; c < width; c++) m[c].n = m[c].hi = m[c].lo = m[c].m2 = 0;
     for (ptrdiff_t r0 = 0; r0 < nrows; r0 += per) {
         ptrdiff_t k = nrows - r0 < per ? nrows - r0 : per;
         const T *base = x + r0 * stride;
         double n = (double)k;
+        ptrdiff_t r;
         for (ptrdiff_t c = 0; c < width; c++) hi[c] = s1[c] = s2[c] = 0;
-        for (ptrdiff_t r = 0; r < k; r++) {
+        for (r = 0; r + 4 <= k; r += 4) {
+            const T *p0 = base + r * stride, *p1 = p0 + stride, *p2 = p1 + stride,
+                    *p3 = p2 + stride;
+#pragma omp simd
+            for (ptrdiff_t c = 0; c < width; c++)
+                hi[c] += ((double)p0[c] + (double)p1[c]) + ((double)p2[c] + (double)p3[c]);
+        }
+        for (; r < k; r++) {
             const T *p = base + r * stride;
 #pragma omp simd
             for (ptrdiff_t c = 0; c < width; c++) hi[c] += (double)p[c];
         }
         for (ptrdiff_t c = 0; c < width; c++) hi[c] /= n;
-        for (ptrdiff_t r = 0; r < k; r++) {
+        for (r = 0; r + 4 <= k; r += 4) {
+            const T *p0 = base + r * stride, *p1 = p0 + stride, *p2 = p1 + stride,
+                    *p3 = p2 + stride;
+#pragma omp simd
+            for (ptrdiff_t c = 0; c < width; c++) {
+                double d0 = (double)p0[c] - hi[c], d1 = (double)p1[c] - hi[c];
+                double d2 = (double)p2[c] - hi[c], d3 = (double)p3[c] - hi[c];
+                s1[c] += (d0 + d1) + (d2 + d3);
+                s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+            }
+        }
+        for (; r < k; r++) {
             const T *p = base + r * stride;
 #pragma omp simd
             for (ptrdiff_t c = 0; c < width; c++) {
@@ -113,30 +133,33 @@ BNF_CLONES void BNF_NAME(bnf_stats_rows)(const T *x, ptrdiff_t nrows, ptrdiff_t 
     }
 }
 
+/* y = (x - mean) * scale + shift, in double, rounded once.  `mean` is the high part of
+ * the mean (an offset of prices is removed exactly here); the caller folds the small
+ * low part into shift. */
 BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, T *y,
                                         ptrdiff_t ystride, ptrdiff_t nruns, ptrdiff_t len,
-                                        double hi, double lo, double scale, double shift)
+                                        double mean, double scale, double shift)
 {
     for (ptrdiff_t r = 0; r < nruns; r++) {
         const T *p = x + r * xstride;
         T *q = y + r * ystride;
 #pragma omp simd
         for (ptrdiff_t i = 0; i < len; i++)
-            q[i] = (T)((((double)p[i] - hi) - lo) * scale + shift);
+            q[i] = (T)(((double)p[i] - mean) * scale + shift);
     }
 }
 
 BNF_CLONES void BNF_NAME(bnf_norm_rows)(const T *x, ptrdiff_t xstride, T *y,
                                         ptrdiff_t ystride, ptrdiff_t nrows, ptrdiff_t width,
-                                        const double *hi, const double *lo,
-                                        const double *scale, const double *shift)
+                                        const double *mean, const double *scale,
+                                        const double *shift)
 {
     for (ptrdiff_t r = 0; r < nrows; r++) {
         const T *p = x + r * xstride;
         T *q = y + r * ystride;
 #pragma omp simd
         for (ptrdiff_t c = 0; c < width; c++)
-            q[c] = (T)((((double)p[c] - hi[c]) - lo[c]) * scale[c] + shift[c]);
+            q[c] = (T)(((double)p[c] - mean[c]) * scale[c] + shift[c]);
     }
 }
 
@@ -173,8 +196,23 @@ BNF_CLONES void BNF_NAME(bnf_bwd_sums_rows)(const T *dy, ptrdiff_t dystride, con
                                             ptrdiff_t width, const double *mean,
                                             double *sum_dy, double *sum_dy_xmu)
 {
+    ptrdiff_t r = 0;
     for (ptrdiff_t c = 0; c < width; c++) sum_dy[c] = sum_dy_xmu[c] = 0;
-    for (ptrdiff_t r = 0; r < nrows; r++) {
+    for (; r + 4 <= nrows; r += 4) {
+        const T *g0 = dy + r * dystride, *g1 = g0 + dystride, *g2 = g1 + dystride,
+                *g3 = g2 + dystride;
+        const T *p0 = x + r * xstride, *p1 = p0 + xstride, *p2 = p1 + xstride,
+                *p3 = p2 + xstride;
+#pragma omp simd
+        for (ptrdiff_t c = 0; c < width; c++) {
+            double a0 = (double)g0[c], a1 = (double)g1[c], a2 = (double)g2[c],
+                   a3 = (double)g3[c];
+            sum_dy[c] += (a0 + a1) + (a2 + a3);
+            sum_dy_xmu[c] += (a0 * ((double)p0[c] - mean[c]) + a1 * ((double)p1[c] - mean[c]))
+                           + (a2 * ((double)p2[c] - mean[c]) + a3 * ((double)p3[c] - mean[c]));
+        }
+    }
+    for (; r < nrows; r++) {
         const T *g = dy + r * dystride;
         const T *p = x + r * xstride;
 #pragma omp simd
