@@ -5,24 +5,14 @@
 #define BNF_CAT(a, b) BNF_CAT2(a, b)
 #define BNF_NAME(n) BNF_CAT(n, S)
 
-/* Two-pass moments of one tile of runs: `nruns` runs of `len` contiguous elements.
- * Lane l of the accumulators takes the elements at positions l, l+L, ... of each run,
- * whatever the vector width, so the summation order is fixed. */
-static inline BNF_INLINE void BNF_NAME(tile_runs)(const T *x, ptrdiff_t nruns, ptrdiff_t stride,
-                                       ptrdiff_t len, bnf_moments *t)
+/* Sums of d = x - shift and d^2 over a tile of runs: `nruns` runs of `len` contiguous
+ * elements.  Lane l of the accumulators takes the elements at positions l, l+L, ... of
+ * each run, whatever the vector width, so the summation order is fixed. */
+static inline BNF_INLINE void BNF_NAME(shifted_sums_runs)(const T *x, ptrdiff_t nruns,
+                                                         ptrdiff_t stride, ptrdiff_t len,
+                                                         double shift, double *sd,
+                                                         double *sdd)
 {
-    double acc[BNF_LANES] = {0};
-    for (ptrdiff_t r = 0; r < nruns; r++) {
-        const T *p = x + r * stride;
-        ptrdiff_t i = 0;
-        for (; i + BNF_LANES <= len; i += BNF_LANES) {
-#pragma omp simd
-            for (int l = 0; l < BNF_LANES; l++) acc[l] += (double)p[i + l];
-        }
-        for (int l = 0; i < len; i++, l++) acc[l] += (double)p[i];
-    }
-    double n = (double)nruns * (double)len;
-    double hi = bnf_sum_lanes(acc) / n;
     double s1[BNF_LANES] = {0}, s2[BNF_LANES] = {0};
     for (ptrdiff_t r = 0; r < nruns; r++) {
         const T *p = x + r * stride;
@@ -30,20 +20,36 @@ static inline BNF_INLINE void BNF_NAME(tile_runs)(const T *x, ptrdiff_t nruns, p
         for (; i + BNF_LANES <= len; i += BNF_LANES) {
 #pragma omp simd
             for (int l = 0; l < BNF_LANES; l++) {
-                double d = (double)p[i + l] - hi;
+                double d = (double)p[i + l] - shift;
                 s1[l] += d;
                 s2[l] += d * d;
             }
         }
         for (int l = 0; i < len; i++, l++) {
-            double d = (double)p[i] - hi;
+            double d = (double)p[i] - shift;
             s1[l] += d;
             s2[l] += d * d;
         }
     }
-    double sd = bnf_sum_lanes(s1), sdd = bnf_sum_lanes(s2);
+    *sd = bnf_sum_lanes(s1);
+    *sdd = bnf_sum_lanes(s2);
+}
+
+/* Moments of one cache-resident tile: one pass around `shift` (the mean so far), and a
+ * second pass around the tile's own mean only when the first would lose more than a bit
+ * to cancellation (sd^2 / n > sdd / 2), so the result is as exact as two passes. */
+static inline BNF_INLINE void BNF_NAME(tile_runs)(const T *x, ptrdiff_t nruns,
+                                                 ptrdiff_t stride, ptrdiff_t len,
+                                                 double shift, bnf_moments *t)
+{
+    double n = (double)nruns * (double)len, sd, sdd;
+    BNF_NAME(shifted_sums_runs)(x, nruns, stride, len, shift, &sd, &sdd);
+    if (sd * sd > 0.5 * n * sdd) {
+        shift += sd / n;
+        BNF_NAME(shifted_sums_runs)(x, nruns, stride, len, shift, &sd, &sdd);
+    }
     t->n = n;
-    t->hi = hi;
+    t->hi = shift;
     t->lo = sd / n;
     t->m2 = sdd - sd * t->lo;
     if (t->m2 < 0) t->m2 = 0;
@@ -54,81 +60,90 @@ BNF_CLONES void BNF_NAME(bnf_stats_runs)(const T *x, ptrdiff_t nruns, ptrdiff_t 
 {
     bnf_moments t;
     m->n = m->hi = m->lo = m->m2 = 0;
+    if (nruns <= 0 || len <= 0) return;
+#define BNF_SHIFT (m->n > 0 ? m->hi + m->lo : (double)x[0])
     if (len <= BNF_TILE_ELEMS) {
         ptrdiff_t per = BNF_TILE_ELEMS / len;
         for (ptrdiff_t r0 = 0; r0 < nruns; r0 += per) {
             ptrdiff_t k = nruns - r0 < per ? nruns - r0 : per;
-            BNF_NAME(tile_runs)(x + r0 * stride, k, stride, len, &t);
+            BNF_NAME(tile_runs)(x + r0 * stride, k, stride, len, BNF_SHIFT, &t);
             bnf_moments_merge(m, &t);
         }
     } else {
         for (ptrdiff_t r = 0; r < nruns; r++) {
             for (ptrdiff_t i0 = 0; i0 < len; i0 += BNF_TILE_ELEMS) {
                 ptrdiff_t k = len - i0 < BNF_TILE_ELEMS ? len - i0 : BNF_TILE_ELEMS;
-                BNF_NAME(tile_runs)(x + r * stride + i0, 1, stride, k, &t);
+                BNF_NAME(tile_runs)(x + r * stride + i0, 1, stride, k, BNF_SHIFT, &t);
                 bnf_moments_merge(m, &t);
             }
+        }
+    }
+#undef BNF_SHIFT
+}
+
+/* Rows form: sums of d = x - shift[c] and d^2 per channel over `k` rows, four rows at
+ * a time so the accumulators are loaded and stored once per four rows. */
+static inline BNF_INLINE void BNF_NAME(shifted_sums_rows)(const T *base, ptrdiff_t k,
+                                                         ptrdiff_t stride, ptrdiff_t width,
+                                                         const double *shift, double *s1,
+                                                         double *s2)
+{
+    ptrdiff_t r;
+    for (ptrdiff_t c = 0; c < width; c++) s1[c] = s2[c] = 0;
+    for (r = 0; r + 4 <= k; r += 4) {
+        const T *p0 = base + r * stride, *p1 = p0 + stride, *p2 = p1 + stride,
+                *p3 = p2 + stride;
+#pragma omp simd
+        for (ptrdiff_t c = 0; c < width; c++) {
+            double d0 = (double)p0[c] - shift[c], d1 = (double)p1[c] - shift[c];
+            double d2 = (double)p2[c] - shift[c], d3 = (double)p3[c] - shift[c];
+            s1[c] += (d0 + d1) + (d2 + d3);
+            s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+        }
+    }
+    for (; r < k; r++) {
+        const T *p = base + r * stride;
+#pragma omp simd
+        for (ptrdiff_t c = 0; c < width; c++) {
+            double d = (double)p[c] - shift[c];
+            s1[c] += d;
+            s2[c] += d * d;
         }
     }
 }
 
 /* Rows form: per-channel moments of `width` contiguous channels over `nrows` rows,
- * tiled by rows so each tile is cache resident for its two passes.  Rows are taken four
- * at a time, so the per-channel accumulators are loaded and stored once per four rows. */
+ * tiled by rows so a tile is cache resident if a second pass is needed (see tile_runs). */
 BNF_CLONES void BNF_NAME(bnf_stats_rows)(const T *x, ptrdiff_t nrows, ptrdiff_t stride,
                                          ptrdiff_t width, bnf_moments *m)
 {
-    double hi[BNF_MAX_WIDTH], s1[BNF_MAX_WIDTH], s2[BNF_MAX_WIDTH];
+    double shift[BNF_MAX_WIDTH], s1[BNF_MAX_WIDTH], s2[BNF_MAX_WIDTH];
     ptrdiff_t per = BNF_TILE_ELEMS / width;
     if (per < 4) per = 4;
-    for (ptrdiff_t c = 0; c < width; c++) m[c].n = m[c].hi = m[c].lo = m[c].m2 = 0;
+    for (ptrdiff_t c = 0; c < width; c++) {
+        m[c].n = m[c].hi = m[c].lo = m[c].m2 = 0;
+        shift[c] = nrows > 0 ? (double)x[c] : 0;
+    }
     for (ptrdiff_t r0 = 0; r0 < nrows; r0 += per) {
         ptrdiff_t k = nrows - r0 < per ? nrows - r0 : per;
         const T *base = x + r0 * stride;
         double n = (double)k;
-        ptrdiff_t r;
-        for (ptrdiff_t c = 0; c < width; c++) hi[c] = s1[c] = s2[c] = 0;
-        for (r = 0; r + 4 <= k; r += 4) {
-            const T *p0 = base + r * stride, *p1 = p0 + stride, *p2 = p1 + stride,
-                    *p3 = p2 + stride;
-#pragma omp simd
-            for (ptrdiff_t c = 0; c < width; c++)
-                hi[c] += ((double)p0[c] + (double)p1[c]) + ((double)p2[c] + (double)p3[c]);
-        }
-        for (; r < k; r++) {
-            const T *p = base + r * stride;
-#pragma omp simd
-            for (ptrdiff_t c = 0; c < width; c++) hi[c] += (double)p[c];
-        }
-        for (ptrdiff_t c = 0; c < width; c++) hi[c] /= n;
-        for (r = 0; r + 4 <= k; r += 4) {
-            const T *p0 = base + r * stride, *p1 = p0 + stride, *p2 = p1 + stride,
-                    *p3 = p2 + stride;
-#pragma omp simd
-            for (ptrdiff_t c = 0; c < width; c++) {
-                double d0 = (double)p0[c] - hi[c], d1 = (double)p1[c] - hi[c];
-                double d2 = (double)p2[c] - hi[c], d3 = (double)p3[c] - hi[c];
-                s1[c] += (d0 + d1) + (d2 + d3);
-                s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
-            }
-        }
-        for (; r < k; r++) {
-            const T *p = base + r * stride;
-#pragma omp simd
-            for (ptrdiff_t c = 0; c < width; c++) {
-                double d = (double)p[c] - hi[c];
-                s1[c] += d;
-                s2[c] += d * d;
-            }
+        int redo = 0;
+        BNF_NAME(shifted_sums_rows)(base, k, stride, width, shift, s1, s2);
+        for (ptrdiff_t c = 0; c < width; c++) redo |= s1[c] * s1[c] > 0.5 * n * s2[c];
+        if (redo) {
+            for (ptrdiff_t c = 0; c < width; c++) shift[c] += s1[c] / n;
+            BNF_NAME(shifted_sums_rows)(base, k, stride, width, shift, s1, s2);
         }
         for (ptrdiff_t c = 0; c < width; c++) {
             bnf_moments t;
             t.n = n;
-            t.hi = hi[c];
+            t.hi = shift[c];
             t.lo = s1[c] / n;
             t.m2 = s2[c] - s1[c] * t.lo;
             if (t.m2 < 0) t.m2 = 0;
             bnf_moments_merge(&m[c], &t);
+            shift[c] = m[c].hi + m[c].lo;     /* the next tile is shifted by the mean so far */
         }
     }
 }
