@@ -413,7 +413,19 @@ cdef void _norm_unit(Job *j, Py_ssize_t u) noexcept nogil:
             bnf_norm_rows_f32(<float *>x, j.x_os, <float *>y, j.y_os, nr, j.C,
                               j.hi, j.scale, j.shift)
         return
-    for r in range(nr):
+    if j.inner < 256:
+        # short runs: one call per channel over the block's rows (the block is ~1 MiB)
+        for c in range(j.C):
+            if j.f64:
+                bnf_norm_runs_f64(<double *>x + c * j.x_cs, j.x_os,
+                                  <double *>y + c * j.y_cs, j.y_os, nr, j.inner,
+                                  j.hi[c], j.scale[c], j.shift[c])
+            else:
+                bnf_norm_runs_f32(<float *>x + c * j.x_cs, j.x_os,
+                                  <float *>y + c * j.y_cs, j.y_os, nr, j.inner,
+                                  j.hi[c], j.scale[c], j.shift[c])
+        return
+    for r in range(nr):                 # long runs: strictly in memory order
         for c in range(j.C):
             if j.f64:
                 bnf_norm_runs_f64(<double *>x + r * j.x_os + c * j.x_cs, 0,

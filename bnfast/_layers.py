@@ -145,6 +145,9 @@ class BatchNorm:
         x = self._check_input(x)
         with self._lock:
             use_batch = self.training or not self.track_running_stats
+            saved_x = x
+            if out is not None and np.may_share_memory(out, x):
+                saved_x = x.copy()           # in place: keep the input for backward
             if not use_batch:
                 y = batch_norm(x, self.running_mean, self.running_var, self.weight,
                                self.bias, False, 0.1, self.eps, axis=self.axis, out=out)
@@ -157,9 +160,6 @@ class BatchNorm:
                     self.num_batches_tracked += 1
                     factor = (1.0 / self.num_batches_tracked if self.momentum is None
                               else self.momentum)
-                saved_x = x
-                if out is not None and np.may_share_memory(out, x):
-                    saved_x = x.copy()       # in place: keep the input for backward
                 try:
                     y, mean, invstd = _train(
                         x, self.weight, self.bias, self.eps, self.axis,
@@ -170,8 +170,7 @@ class BatchNorm:
                     if update:
                         self.num_batches_tracked -= 1
                     raise
-                x = saved_x
-            self._saved = (x, mean, invstd, use_batch)
+            self._saved = (saved_x, mean, invstd, use_batch)
             return y
 
     def backward(self, dy, *, out=None):

@@ -38,6 +38,11 @@ OUT_LAYOUTS = ("c", "f", "channels_last", "channels_first", "permuted", "step",
 OFFSETS = (0.0, 1e3, 1e5, 1e6, 3e6)
 
 
+def _copy_c(a):
+    """A fresh C-ordered copy (never a view of ``a``)."""
+    return np.array(a, order="C", copy=True)
+
+
 def normalize_axis(axis, ndim):
     return axis + ndim if axis < 0 else axis
 
@@ -83,14 +88,14 @@ def with_layout(a, layout, *, axis=1, seed=0):
     if layout == "f":
         return np.array(a, order="F", copy=True)
     if layout == "channels_last":
-        m = np.ascontiguousarray(np.moveaxis(a, ax, -1))
+        m = _copy_c(np.moveaxis(a, ax, -1))
         return np.moveaxis(m, -1, ax)
     if layout == "channels_first":
-        m = np.ascontiguousarray(np.moveaxis(a, ax, 0))
+        m = _copy_c(np.moveaxis(a, ax, 0))
         return np.moveaxis(m, 0, ax)
     if layout == "permuted":
         perm = rng.permutation(nd)
-        m = np.ascontiguousarray(a.transpose(perm))
+        m = _copy_c(a.transpose(perm))
         return m.transpose(np.argsort(perm))
     if layout == "step":
         parent = np.full(tuple(2 * s + 1 for s in a.shape), np.nan, a.dtype)
@@ -98,11 +103,11 @@ def with_layout(a, layout, *, axis=1, seed=0):
         v[...] = a
         return v
     if layout == "negative":
-        m = np.ascontiguousarray(np.flip(a))
+        m = _copy_c(np.flip(a))
         return np.flip(m)
     if layout == "negative_some":
         axes = tuple(sorted({0, ax}))
-        m = np.ascontiguousarray(np.flip(a, axes))
+        m = _copy_c(np.flip(a, axes))
         return np.flip(m, axes)
     if layout == "swapped":
         return a.astype(a.dtype.newbyteorder("S"))

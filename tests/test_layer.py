@@ -1,0 +1,432 @@
+"""Layer semantics (no torch needed): bnfast.BatchNorm* against reference.BatchNormRef,
+modes, attributes, freeze, pickle/copy, rank rules, backward, state_dict errors."""
+import copy
+import pickle
+
+import numpy as np
+import pytest
+
+import bnfast
+import reference as R
+from arrays import make_values, params, with_layout
+
+
+def _ctor_kwargs(**kw):
+    return kw
+
+
+# ----------------------------------------------------------------------------------
+# construction, attributes, modes
+
+def test_defaults():
+    bn = bnfast.BatchNorm(4)
+    assert bn.training is True
+    assert bn.num_batches_tracked == 0
+    assert bn.grad_weight is None and bn.grad_bias is None
+    for name, val in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0),
+                      ("running_var", 1.0)):
+        a = getattr(bn, name)
+        assert isinstance(a, np.ndarray) and a.shape == (4,) and a.dtype == np.float32, name
+        np.testing.assert_array_equal(a, val)
+    bn = bnfast.BatchNorm(3, affine=False, track_running_stats=False, dtype=np.float64)
+    assert bn.weight is None and bn.bias is None
+    assert bn.running_mean is None and bn.running_var is None
+    assert bn.num_batches_tracked == 0
+
+
+def test_train_eval_return_self():
+    bn = bnfast.BatchNorm2d(3)
+    assert bn.eval() is bn and bn.training is False
+    assert bn.train() is bn and bn.training is True
+    assert bn.train(False) is bn and bn.training is False
+    assert bn.train(True) is bn and bn.training is True
+
+
+@pytest.mark.parametrize("kwargs,exc", [
+    (_ctor_kwargs(num_features=0), ValueError),
+    (_ctor_kwargs(num_features=-2), ValueError),
+    (_ctor_kwargs(num_features=2.5), ValueError),
+    (_ctor_kwargs(num_features="3"), (TypeError, ValueError)),
+    (_ctor_kwargs(num_features=3, eps=0.0), ValueError),
+    (_ctor_kwargs(num_features=3, eps=-1e-5), ValueError),
+    (_ctor_kwargs(num_features=3, eps=float("nan")), ValueError),
+    (_ctor_kwargs(num_features=3, momentum=1.5), ValueError),
+    (_ctor_kwargs(num_features=3, momentum=-0.1), ValueError),
+    (_ctor_kwargs(num_features=3, dtype=np.int32), TypeError),
+])
+def test_constructor_errors(kwargs, exc):
+    with pytest.raises(exc):
+        bnfast.BatchNorm(**kwargs)
+
+
+@pytest.mark.parametrize("cls,good,bad", [
+    (bnfast.BatchNorm1d, [(4, 3), (4, 3, 5)], [(4, 3, 2, 2), (4, 3, 2, 2, 2)]),
+    (bnfast.BatchNorm2d, [(4, 3, 2, 2)], [(4, 3), (4, 3, 5), (4, 3, 2, 2, 2)]),
+    (bnfast.BatchNorm3d, [(4, 3, 2, 2, 2)], [(4, 3), (4, 3, 5), (4, 3, 2, 2)]),
+    (bnfast.BatchNorm, [(4, 3), (4, 3, 5), (4, 3, 2, 2), (4, 3, 2, 2, 2), (2, 3, 1, 1, 1, 2)],
+     []),
+])
+def test_input_rank_rules(cls, good, bad):
+    bn = cls(3, dtype=np.float64)
+    for shape in good:
+        x = make_values(shape, np.float64, 0)
+        bn.train()(x)
+        bn.eval()(x)
+    for shape in bad:
+        with pytest.raises(ValueError, match=f"{len(shape)}D"):
+            bn.train()(make_values(shape, np.float64, 0))
+    with pytest.raises(ValueError):
+        bn(np.zeros(3))                       # 1-D: never
+    with pytest.raises(ValueError):
+        bn(np.float64(1.0))                   # 0-D
+
+
+def test_channel_mismatch():
+    bn = bnfast.BatchNorm(3, axis=-1)
+    with pytest.raises(ValueError, match="3"):
+        bn(np.zeros((5, 4), np.float32))
+    with pytest.raises(ValueError):
+        bnfast.BatchNorm(3, axis=5)(np.zeros((5, 3), np.float32))
+
+
+# ----------------------------------------------------------------------------------
+# behaviour against the reference layer
+
+LAYER_OPTIONS = [
+    dict(),
+    dict(momentum=None),
+    dict(momentum=0.0),
+    dict(momentum=1.0),
+    dict(affine=False),
+    dict(track_running_stats=False),
+    dict(affine=False, track_running_stats=False, momentum=None),
+    dict(unbiased_running_var=False, momentum=0.01),
+    dict(eps=1e-3, axis=-1),
+    dict(axis=2),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("opts", LAYER_OPTIONS, ids=[str(o) for o in LAYER_OPTIONS])
+def test_layer_against_reference(opts, dtype):
+    shape = (6, 3, 4, 5) if opts.get("axis", 1) != -1 else (6, 4, 5, 3)
+    axis = opts.get("axis", 1)
+    C = shape[axis]
+    bn = bnfast.BatchNorm(C, dtype=dtype, **opts)
+    ref = R.BatchNormRef(C, dtype=dtype, **opts)
+    if bn.weight is not None:
+        w, b, _, _ = params(C, dtype, 1)
+        bn.weight[...] = w
+        bn.bias[...] = b
+        ref.weight[...] = w
+        ref.bias[...] = b
+    rt = 1e-6 if dtype == np.float32 else 1e-12
+    plan = ["train"] * 3 + ["eval"] * 2 + ["train", "eval"]
+    for i, mode in enumerate(plan):
+        bn.train(mode == "train")
+        ref.train(mode == "train")
+        x = make_values(shape, dtype, i, axis=axis, offset=(0.0, 1e4)[i % 2], spread=0.5 + i)
+        y = bn(x)
+        assert y.dtype == dtype and y.shape == x.shape
+        R.assert_forward_close(y, ref(x), what=f"step {i} {mode}: y")
+        dy = make_values(shape, dtype, 50 + i, axis=axis)
+        dx = bn.backward(dy)
+        dxr = ref.backward(dy)
+        R.assert_grad_close(dx, dxr, what=f"step {i}: dx")
+        if bn.affine:
+            assert bn.grad_weight.dtype == dtype and bn.grad_bias.dtype == dtype
+            R.assert_grad_close(bn.grad_weight, ref.grad_weight, what="grad_weight")
+            R.assert_grad_close(bn.grad_bias, ref.grad_bias, what="grad_bias")
+        else:
+            assert bn.grad_weight is None and bn.grad_bias is None
+        assert bn.num_batches_tracked == ref.num_batches_tracked
+        if bn.track_running_stats:
+            assert bn.running_mean.dtype == dtype and bn.running_var.dtype == dtype
+            R.assert_vec_close(bn.running_mean, ref.running_mean, rt, "running_mean")
+            R.assert_vec_close(bn.running_var, ref.running_var, rt, "running_var")
+
+
+def test_num_batches_tracked_counts_training_calls_only():
+    bn = bnfast.BatchNorm(2, dtype=np.float64)
+    x = make_values((5, 2), np.float64, 0)
+    for _ in range(3):
+        bn(x)
+    bn.eval()(x)
+    assert bn.num_batches_tracked == 3
+    bn2 = bnfast.BatchNorm(2, track_running_stats=False)
+    bn2(x.astype(np.float32))
+    assert bn2.num_batches_tracked == 0
+
+
+def test_momentum_none_is_cumulative_average():
+    bn = bnfast.BatchNorm(3, momentum=None, dtype=np.float64, axis=-1)
+    xs = [make_values((10, 3), np.float64, s, axis=-1, offset=0.0) for s in range(4)]
+    for x in xs:
+        bn(x)
+    means = np.array([x.mean(axis=0) for x in xs])
+    uvars = np.array([x.var(axis=0, ddof=1) for x in xs])
+    np.testing.assert_allclose(bn.running_mean, means.mean(axis=0), rtol=1e-12, atol=1e-15)
+    # the first update replaces the initial 1 entirely (factor 1/1)
+    np.testing.assert_allclose(bn.running_var, uvars.mean(axis=0), rtol=1e-12)
+
+
+def test_input_dtype_kept_with_other_layer_dtype():
+    bn = bnfast.BatchNorm(3, dtype=np.float64)
+    x = make_values((4, 3, 2), np.float32, 0)
+    assert bn(x).dtype == np.float32
+    assert bn.backward(x).dtype == np.float32
+    assert bn.eval()(x).dtype == np.float32
+
+
+def test_awkward_input_layouts():
+    bn = bnfast.BatchNorm(3, dtype=np.float64)
+    ref = R.BatchNormRef(3, dtype=np.float64)
+    x0 = make_values((4, 3, 5), np.float64, 1)
+    for lay in ("f", "channels_last", "negative", "step", "swapped", "readonly",
+                "unaligned", "broadcast"):
+        x = with_layout(x0, lay, axis=1)
+        R.assert_forward_close(bn(x), ref(x), what=lay)
+        dy = with_layout(make_values(x.shape, np.float64, 3), lay, axis=1)
+        R.assert_grad_close(bn.backward(dy), ref.backward(dy), what=lay)
+
+
+# ----------------------------------------------------------------------------------
+# backward
+
+def test_backward_before_forward():
+    bn = bnfast.BatchNorm(3)
+    with pytest.raises(ValueError, match="before"):
+        bn.backward(np.zeros((4, 3), np.float32))
+
+
+def test_backward_wrong_dy_shape():
+    bn = bnfast.BatchNorm(3)
+    bn(make_values((4, 3), np.float32, 0))
+    with pytest.raises(ValueError, match="shape"):
+        bn.backward(np.zeros((4, 3, 1), np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        bn.backward(np.zeros((5, 3), np.float32))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_in_place_forward_then_backward(training):
+    """y = bn(x, out=x) overwrites x; backward must still use the original input."""
+    for lay in ("c", "f", "channels_last", "step"):
+        bn = bnfast.BatchNorm(3, dtype=np.float64).train(training)
+        ref = R.BatchNormRef(3, dtype=np.float64).train(training)
+        x0 = make_values((6, 3, 4), np.float64, 2, offset=10.0)
+        x = with_layout(x0, lay)
+        y = bn(x, out=x)
+        assert y is x
+        R.assert_forward_close(x, ref(x0), what=f"in-place forward ({lay})")
+        dy = make_values(x0.shape, np.float64, 3)
+        dxr = ref.backward(dy)
+        R.assert_grad_close(bn.backward(dy), dxr, what=f"dx after in-place forward ({lay})")
+        R.assert_grad_close(bn.grad_weight, ref.grad_weight, what="grad_weight")
+        # backward in place into dy
+        dy2 = with_layout(dy, lay)
+        assert bn.backward(dy2, out=dy2) is dy2
+        R.assert_grad_close(dy2, dxr, what=f"dx out=dy ({lay})")
+
+
+def test_backward_uses_last_forward():
+    bn = bnfast.BatchNorm(2, dtype=np.float64, axis=-1)
+    ref = R.BatchNormRef(2, dtype=np.float64, axis=-1)
+    for s in range(2):
+        x = make_values((7, 2), np.float64, s, axis=-1)
+        bn(x)
+        ref(x)
+    dy = make_values((7, 2), np.float64, 9, axis=-1)
+    R.assert_grad_close(bn.backward(dy), ref.backward(dy))
+    # backward can be called again (with another dy) for the same forward
+    R.assert_grad_close(bn.backward(dy * 2), ref.backward(dy * 2))
+
+
+# ----------------------------------------------------------------------------------
+# freeze, FrozenBatchNorm
+
+def test_freeze():
+    bn = bnfast.BatchNorm(3, axis=-1)
+    w, b, _, _ = params(3, np.float32, 0)
+    bn.weight[...] = w
+    bn.bias[...] = b
+    for s in range(3):
+        bn(make_values((8, 3), np.float32, s, axis=-1, offset=100.0))
+    f = bn.freeze()
+    assert isinstance(f, bnfast.FrozenBatchNorm)
+    assert f.num_features == 3 and f.axis == -1 and f.eps == bn.eps
+    for name in ("mean", "var", "weight", "bias"):
+        a = getattr(f, name)
+        assert a.dtype == np.float64 and a.shape == (3,) and not a.flags.writeable, name
+    np.testing.assert_array_equal(f.mean, bn.running_mean)
+    np.testing.assert_array_equal(f.var, bn.running_var)
+    x = make_values((5, 3), np.float32, 9, axis=-1, offset=100.0)
+    y_layer = bn.eval()(x)
+    R.assert_forward_close(f(x), R.frozen_batch_norm(x, bn.running_mean, bn.running_var,
+                                                     bn.weight, bn.bias, bn.eps, axis=-1))
+    np.testing.assert_array_equal(f(x), y_layer)
+    # the frozen copy does not follow the layer afterwards
+    bn.train()(make_values((8, 3), np.float32, 10, axis=-1))
+    bn.weight[...] = 5.0
+    np.testing.assert_array_equal(f(x), y_layer)
+    # immutable
+    for name in ("mean", "var", "weight", "bias", "eps", "axis", "num_features"):
+        with pytest.raises(AttributeError):
+            setattr(f, name, None)
+    with pytest.raises(ValueError):
+        f.mean[0] = 1.0
+    with pytest.raises(ValueError):
+        bnfast.BatchNorm(3, track_running_stats=False).freeze()
+
+
+def test_frozen_without_affine():
+    bn = bnfast.BatchNorm(2, affine=False, dtype=np.float64)
+    bn(make_values((6, 2), np.float64, 0))
+    f = bn.freeze()
+    assert f.weight is None and f.bias is None
+    x = make_values((3, 2), np.float64, 1)
+    R.assert_forward_close(f(x), R.frozen_batch_norm(x, bn.running_mean, bn.running_var))
+
+
+def test_frozen_construction_errors():
+    with pytest.raises(ValueError):
+        bnfast.FrozenBatchNorm(np.zeros(3), np.array([1.0, -1.0, 1.0]))
+    with pytest.raises(ValueError):
+        bnfast.FrozenBatchNorm(np.zeros(3), np.ones(2))
+    with pytest.raises(ValueError):
+        bnfast.FrozenBatchNorm(np.zeros(3), np.ones(3), np.ones(4))
+    with pytest.raises(ValueError):
+        bnfast.FrozenBatchNorm(np.zeros(3), np.ones(3), eps=0.0)
+    with pytest.raises(ValueError):
+        bnfast.FrozenBatchNorm(np.zeros((3, 1)), np.ones(3))
+    with pytest.raises(TypeError):
+        bnfast.FrozenBatchNorm(np.array(["a", "b"]), np.ones(2))
+    f = bnfast.FrozenBatchNorm(np.zeros(3), np.ones(3))
+    with pytest.raises(ValueError):
+        f(np.zeros((2, 4)))                  # wrong channel count
+
+
+# ----------------------------------------------------------------------------------
+# pickle, copy
+
+def _trained(**kw):
+    bn = bnfast.BatchNorm(3, dtype=np.float64, **kw)
+    if bn.weight is not None:
+        w, b, _, _ = params(3, np.float64, 4)
+        bn.weight[...] = w
+        bn.bias[...] = b
+    for s in range(2):
+        bn(make_values((5, 3, 2), np.float64, s))
+    return bn
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(momentum=None, affine=False),
+                                dict(track_running_stats=False)])
+def test_pickle_and_copy(kw):
+    bn = _trained(**kw)
+    x = make_values((5, 3, 2), np.float64, 7)
+    dy = make_values((5, 3, 2), np.float64, 8)
+    for clone in (pickle.loads(pickle.dumps(bn)), copy.deepcopy(bn)):
+        assert type(clone) is type(bn)
+        assert clone.num_batches_tracked == bn.num_batches_tracked
+        assert clone.training == bn.training and clone.momentum == bn.momentum
+        for k, v in bn.state_dict().items():
+            np.testing.assert_array_equal(clone.state_dict()[k], v, err_msg=k)
+        # the clone continues exactly like the original, and independently of it
+        a, c = copy.deepcopy(bn), clone
+        np.testing.assert_array_equal(c(x), a(x))
+        np.testing.assert_array_equal(c.backward(dy), a.backward(dy))
+        if bn.track_running_stats:
+            np.testing.assert_array_equal(c.running_mean, a.running_mean)
+            before = bn.running_mean.copy()
+            c(x * 3)
+            np.testing.assert_array_equal(bn.running_mean, before)
+    # BatchNorm2d keeps its class and rank rule through pickle
+    b2 = pickle.loads(pickle.dumps(bnfast.BatchNorm2d(3)))
+    assert type(b2) is bnfast.BatchNorm2d
+    with pytest.raises(ValueError):
+        b2(np.zeros((2, 3), np.float32))
+
+
+def test_pickle_frozen():
+    f = bnfast.FrozenBatchNorm([1.0, 2.0], [0.5, 2.0], [1.0, -1.0], [0.0, 3.0], eps=1e-3,
+                               axis=-1)
+    for g in (pickle.loads(pickle.dumps(f)), copy.deepcopy(f), copy.copy(f)):
+        assert g.eps == f.eps and g.axis == f.axis and g.num_features == 2
+        x = make_values((4, 2), np.float64, 0, axis=-1)
+        np.testing.assert_array_equal(g(x), f(x))
+
+
+# ----------------------------------------------------------------------------------
+# state_dict
+
+def test_state_dict_keys_and_values():
+    bn = _trained()
+    sd = bn.state_dict()
+    assert list(sd) == ["weight", "bias", "running_mean", "running_var",
+                        "num_batches_tracked"]
+    assert np.asarray(sd["num_batches_tracked"]).dtype == np.int64
+    assert int(sd["num_batches_tracked"]) == 2
+    assert set(_trained(affine=False).state_dict()) == {"running_mean", "running_var",
+                                                        "num_batches_tracked"}
+    assert set(_trained(track_running_stats=False).state_dict()) == {"weight", "bias"}
+    # load into a fresh layer: equal state, lists accepted
+    bn2 = bnfast.BatchNorm(3, dtype=np.float64)
+    bn2.load_state_dict({k: np.asarray(v).tolist() for k, v in sd.items()})
+    for k, v in sd.items():
+        np.testing.assert_array_equal(bn2.state_dict()[k], v, err_msg=k)
+    assert bn2.num_batches_tracked == 2
+    # loaded arrays are copies, in the layer's dtype
+    src = {k: np.array(v, dtype=np.float32) for k, v in sd.items()}
+    bn2.load_state_dict(src)
+    assert bn2.running_mean.dtype == np.float64
+    src["running_mean"][0] = 123.0
+    assert bn2.running_mean[0] != 123.0
+
+
+@pytest.mark.parametrize("key", ["weight", "bias", "running_mean", "running_var"])
+def test_load_state_dict_errors_name_the_key(key):
+    bn = _trained()
+    before = {k: np.array(v, copy=True) for k, v in bn.state_dict().items()}
+    good = {k: np.array(v, copy=True) for k, v in before.items()}
+
+    bad = dict(good)
+    bad[key] = np.ones(4)                         # wrong shape
+    with pytest.raises(ValueError, match=key):
+        bn.load_state_dict(bad)
+    bad = dict(good)
+    del bad[key]                                  # missing
+    with pytest.raises((KeyError, ValueError), match=key):
+        bn.load_state_dict(bad)
+    bad = dict(good)
+    bad[key] = np.ones((3, 1))                    # not 1-D
+    with pytest.raises(ValueError, match=key):
+        bn.load_state_dict(bad)
+    bad = dict(good)
+    bad["extra_key"] = np.ones(3)                 # unexpected (strict)
+    with pytest.raises((KeyError, ValueError), match="extra_key"):
+        bn.load_state_dict(bad)
+    # nothing changed by the failed loads
+    for k, v in before.items():
+        np.testing.assert_array_equal(bn.state_dict()[k], v, err_msg=k)
+    assert bn.num_batches_tracked == 2
+
+
+def test_load_state_dict_negative_var_and_non_strict():
+    bn = _trained()
+    sd = {k: np.array(v, copy=True) for k, v in bn.state_dict().items()}
+    sd["running_var"][1] = -1.0
+    with pytest.raises(ValueError, match="running_var"):
+        bn.load_state_dict(sd)
+    # strict=False: missing keys keep their values, extra keys ignored
+    bn2 = bnfast.BatchNorm(3, dtype=np.float64)
+    bn2.load_state_dict({"weight": np.full(3, 2.0), "whatever": 1}, strict=False)
+    np.testing.assert_array_equal(bn2.weight, 2.0)
+    np.testing.assert_array_equal(bn2.running_var, 1.0)
+    assert bn2.num_batches_tracked == 0
+
+
+def test_repr():
+    r = repr(bnfast.BatchNorm2d(7, momentum=None))
+    assert "BatchNorm2d" in r and "7" in r
+    assert "FrozenBatchNorm" in repr(bnfast.FrozenBatchNorm(np.zeros(2), np.ones(2)))
