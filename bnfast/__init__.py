@@ -1,4 +1,11 @@
-"""bnfast: fast, exact batch normalization for NumPy on the CPU."""
+"""bnfast: fast, exact batch normalization for NumPy on the CPU.
+
+Functional API: :func:`batch_norm`, :func:`batch_norm_train`, :func:`batch_norm_backward`.
+Layers: :class:`BatchNorm` (and 1d/2d/3d), :class:`FrozenBatchNorm`.
+Interop: :func:`from_torch`, :func:`from_onnx`, :func:`from_keras`, :func:`fold_linear`,
+:func:`fold_conv`, :func:`load`. Statistics: :func:`moments`, :func:`merge_moments`,
+:class:`RunningStats`. Distributed: ``bnfast.distributed.SyncBatchNorm`` (MPI).
+"""
 from bnfast._core import (
     FrozenBatchNorm,
     batch_norm,
@@ -11,6 +18,39 @@ from bnfast._layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __version__ = "0.1.0"
 
+# Names from modules that are imported on first use (they pull in optional dependencies
+# only inside their functions, but keep `import bnfast` minimal).
+_LAZY = {
+    "from_torch": "bnfast.interop",
+    "from_onnx": "bnfast.interop",
+    "from_keras": "bnfast.interop",
+    "fold_linear": "bnfast.interop",
+    "fold_conv": "bnfast.interop",
+    "load": "bnfast.interop",
+    "moments": "bnfast._moments",
+    "merge_moments": "bnfast._moments",
+    "Moments": "bnfast._moments",
+    "RunningStats": "bnfast._moments",
+    "show_config": "bnfast._config",
+}
+
+
+def __getattr__(name):
+    import importlib
+
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    if name == "distributed":
+        return importlib.import_module("bnfast.distributed")
+    raise AttributeError(f"module 'bnfast' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY) + ["distributed"])
+
+
 __all__ = [
     "BatchNorm",
     "BatchNorm1d",
@@ -22,5 +62,6 @@ __all__ = [
     "batch_norm_train",
     "get_num_threads",
     "set_num_threads",
+    *_LAZY,
     "__version__",
 ]

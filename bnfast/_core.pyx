@@ -620,16 +620,59 @@ cdef double _check_momentum(object momentum) except -1.0:
     return m
 
 
-cdef object _check_out(object out, object like, object dtype, str name):
+cdef object _check_out(object out, cnp.ndarray like, object dtype, str name):
+    """`out` must be a writable ndarray of like's shape and the result dtype."""
+    cdef int i, nd
+    cdef cnp.ndarray o
+    if cnp.PyArray_Check(out):
+        o = <cnp.ndarray>out
+        nd = cnp.PyArray_NDIM(o)
+        if nd == cnp.PyArray_NDIM(like):
+            for i in range(nd):
+                if cnp.PyArray_DIMS(o)[i] != cnp.PyArray_DIMS(like)[i]:
+                    break
+            else:
+                if (<object>cnp.PyArray_DESCR(o)) is dtype or o.dtype == dtype:
+                    if cnp.PyArray_ISWRITEABLE(o):
+                        return out
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
-    if out.shape != like.shape:
-        raise ValueError(f"{name} must have shape {like.shape}, got {out.shape}")
+    if out.shape != (<object>like).shape:
+        raise ValueError(f"{name} must have shape {(<object>like).shape}, got {out.shape}")
     if out.dtype != dtype:
         raise TypeError(f"{name} must have dtype {dtype}, got {out.dtype}")
-    if not out.flags.writeable:
-        raise ValueError(f"{name} is read-only")
-    return out
+    raise ValueError(f"{name} is read-only")
+
+
+cdef void _extent(cnp.ndarray a, char **lo, char **hi) noexcept:
+    """Byte range [lo, hi) that a's elements occupy."""
+    cdef char *p = <char *>cnp.PyArray_DATA(a)
+    cdef char *q = p
+    cdef int i
+    cdef Py_ssize_t span
+    for i in range(cnp.PyArray_NDIM(a)):
+        if cnp.PyArray_DIMS(a)[i] == 0:
+            lo[0] = p
+            hi[0] = p
+            return
+        span = (cnp.PyArray_DIMS(a)[i] - 1) * cnp.PyArray_STRIDES(a)[i]
+        if span < 0:
+            p += span
+        else:
+            q += span
+    lo[0] = p
+    hi[0] = q + cnp.PyArray_ITEMSIZE(a)
+
+
+cdef bint _may_overlap(cnp.ndarray a, cnp.ndarray b) noexcept:
+    """The byte ranges of a and b intersect (np.may_share_memory, without the call)."""
+    cdef char *alo
+    cdef char *ahi
+    cdef char *blo
+    cdef char *bhi
+    _extent(a, &alo, &ahi)
+    _extent(b, &blo, &bhi)
+    return alo < bhi and blo < ahi and alo != ahi and blo != bhi
 
 
 cdef inline bint _same_view(cnp.ndarray a, cnp.ndarray b) noexcept:
@@ -688,7 +731,7 @@ cdef class _Layout:
             o = out
             if self.fits(o, g):
                 for a in inputs:
-                    if not _same_view(o, a) and np.may_share_memory(o, a):
+                    if not _same_view(o, a) and _may_overlap(o, a):
                         break
                 else:
                     return o
@@ -905,7 +948,7 @@ cdef class FrozenBatchNorm:
                         and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>out) \
                         and cnp.PyArray_ISALIGNED(<cnp.ndarray>out) \
                         and (cnp.PyArray_DATA(<cnp.ndarray>out) == cnp.PyArray_DATA(a)
-                             or not _overlaps(a, <cnp.ndarray>out)):
+                             or not _may_overlap(a, <cnp.ndarray>out)):
                     o = <cnp.ndarray>out
                 else:
                     return _normalize(x, out, self._axis_int, C, b, b + 2 * C, b + 3 * C)
@@ -926,15 +969,6 @@ cdef class FrozenBatchNorm:
 
     def __repr__(self):
         return (f"FrozenBatchNorm({self.C}, eps={self._eps}, axis={self._axis})")
-
-
-cdef inline bint _overlaps(cnp.ndarray a, cnp.ndarray b) noexcept:
-    """Byte ranges of two C-contiguous arrays intersect."""
-    cdef char *p = <char *>cnp.PyArray_DATA(a)
-    cdef char *q = <char *>cnp.PyArray_DATA(b)
-    cdef Py_ssize_t na = cnp.PyArray_SIZE(a) * cnp.PyArray_ITEMSIZE(a)
-    cdef Py_ssize_t nb = cnp.PyArray_SIZE(b) * cnp.PyArray_ITEMSIZE(b)
-    return p < q + nb and q < p + na
 
 
 cdef object _param_vector(object p, str name, Py_ssize_t C):
@@ -1195,18 +1229,52 @@ def _train(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
             # variance for the running update: unbiased (PyTorch) or biased (Keras)
             j.k2[c] = j.k1[c] * n / (n - 1.0) if unbiased_running_var else j.k1[c]
         if running_mean is not None:
-            _update_running(running_mean, mean_out, mom)
+            _update_running(running_mean, <double *>cnp.PyArray_DATA(mean_out), mom)
         if running_var is not None:
-            _update_running(running_var, np.asarray(<double[:C]>j.k2), mom)
+            _update_running(running_var, j.k2, mom)
         return _finish(out, y, result_dtype), mean_out, invstd_out
     finally:
         free(buf)
 
 
-cdef _update_running(cnp.ndarray r, object batch, double mom):
+cdef cnp.ndarray _vector_from(const double *src, Py_ssize_t C, int type_num,
+                              object result_dtype):
+    """A new (C,) array of type_num (float32/float64) holding src, rounded once; cast to
+    result_dtype when that is another dtype (float16 inputs)."""
+    cdef cnp.npy_intp dim = C
+    cdef cnp.ndarray v = cnp.PyArray_EMPTY(1, &dim, type_num, 0)
+    cdef Py_ssize_t c
+    if type_num == cnp.NPY_FLOAT32:
+        for c in range(C):
+            (<float *>cnp.PyArray_DATA(v))[c] = <float>src[c]
+    else:
+        for c in range(C):
+            (<double *>cnp.PyArray_DATA(v))[c] = src[c]
+    if result_dtype is not None and v.dtype != result_dtype:
+        return v.astype(result_dtype)
+    return v
+
+
+cdef _update_running(cnp.ndarray r, const double *batch, double mom):
     """r = (1 - mom) * r + mom * batch, computed in double, rounded once."""
-    upd = (1.0 - mom) * r.astype(np.float64) + mom * np.asarray(batch, dtype=np.float64)
-    np.copyto(r, upd, casting='unsafe')
+    cdef Py_ssize_t c, C = cnp.PyArray_DIMS(r)[0], st = cnp.PyArray_STRIDES(r)[0]
+    cdef char *p = <char *>cnp.PyArray_DATA(r)
+    cdef int t = cnp.PyArray_TYPE(r)
+    if cnp.PyArray_ISNOTSWAPPED(r) and cnp.PyArray_ISALIGNED(r) and \
+            (t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT64):
+        if t == cnp.NPY_FLOAT32:
+            for c in range(C):
+                (<float *>(p + c * st))[0] = <float>(
+                    (1.0 - mom) * (<float *>(p + c * st))[0] + mom * batch[c])
+        else:
+            for c in range(C):
+                (<double *>(p + c * st))[0] = (
+                    (1.0 - mom) * (<double *>(p + c * st))[0] + mom * batch[c])
+        return
+    b = np.empty(C, np.float64)
+    for c in range(C):
+        b[c] = batch[c]
+    np.copyto(r, (1.0 - mom) * r.astype(np.float64) + mom * b, casting='unsafe')
 
 
 def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, axis=1,
@@ -1331,11 +1399,10 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, axis
                 for c in range(C):
                     j.s_dy[c] = 0.0
                     j.s_dyx[c] = 0.0
-            out_dtype = result_dtype if result_dtype is not None else a.dtype
-            dw = np.empty(C, dtype=out_dtype)
-            dbias = np.empty(C, dtype=out_dtype)
-            dw[...] = np.asarray(<double[:C]>j.s_dyx) * np.asarray(<double[:C]>j.invstd)
-            dbias[...] = np.asarray(<double[:C]>j.s_dy)
+            for c in range(C):
+                j.s_dyx[c] *= j.invstd[c]          # dweight = sum(dy * xhat)
+            dw = _vector_from(j.s_dyx, C, cnp.PyArray_TYPE(a), result_dtype)
+            dbias = _vector_from(j.s_dy, C, cnp.PyArray_TYPE(a), result_dtype)
         finally:
             free(j.s_dy)
         return _finish(out, dx, result_dtype), dw, dbias

@@ -151,8 +151,7 @@ class BatchNorm:
             if not use_batch:
                 y = batch_norm(x, self.running_mean, self.running_var, self.weight,
                                self.bias, False, 0.1, self.eps, axis=self.axis, out=out)
-                mean = np.asarray(self.running_mean, np.float64)
-                invstd = 1.0 / np.sqrt(np.asarray(self.running_var, np.float64) + self.eps)
+                mean = invstd = None         # the running statistics: read by backward
             else:
                 update = self.training and self.track_running_stats
                 factor = 0.0
@@ -180,6 +179,9 @@ class BatchNorm:
             if self._saved is None:
                 raise ValueError("backward called before any forward call")
             x, mean, invstd, use_batch = self._saved
+            if mean is None:
+                mean = np.asarray(self.running_mean, np.float64)
+                invstd = 1.0 / np.sqrt(np.asarray(self.running_var, np.float64) + self.eps)
             dy_arr = np.asarray(dy)
             if dy_arr.shape != x.shape:
                 raise ValueError(f"dy must have the shape of the last input {x.shape}, "

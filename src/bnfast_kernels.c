@@ -30,22 +30,6 @@ static inline BNF_INLINE double bnf_sum_lanes(const double *acc)
     return t[0];
 }
 
-void bnf_moments_merge(bnf_moments *a, const bnf_moments *b)
-{
-    if (b->n == 0) return;
-    if (a->n == 0) {
-        *a = *b;
-        return;
-    }
-    double n = a->n + b->n;
-    /* hi stays the first part's; lo absorbs the shift, so the mean keeps ~twice double
-     * precision when the parts' means are close (prices). */
-    double delta = (b->hi - a->hi) + (b->lo - a->lo);
-    a->lo += delta * (b->n / n);
-    a->m2 += b->m2 + delta * delta * (a->n * (b->n / n));
-    a->n = n;
-}
-
 const char *bnf_simd_isa(void)
 {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) \

@@ -34,7 +34,22 @@ typedef struct {
 #define BNF_TILE_ELEMS 32768
 
 /* Merge b into a (Chan et al.); exact when either part is empty. */
-void bnf_moments_merge(bnf_moments *a, const bnf_moments *b);
+static inline void bnf_moments_merge(bnf_moments *a, const bnf_moments *b)
+{
+    if (b->n == 0) return;
+    if (a->n == 0) {
+        *a = *b;
+        return;
+    }
+    double n = a->n + b->n;
+    /* hi stays the first part's; lo absorbs the shift, so the mean keeps ~twice double
+     * precision when the parts' means are close (prices). */
+    double delta = (b->hi - a->hi) + (b->lo - a->lo);
+    a->lo += delta * (b->n / n);
+    a->m2 += b->m2 + delta * delta * (a->n * (b->n / n));
+    a->n = n;
+}
+
 
 /* Name of the SIMD ISA the kernels dispatch to on this CPU. */
 const char *bnf_simd_isa(void);
