@@ -1,0 +1,722 @@
+"""Interop: from_torch, save/load, from_onnx, from_keras, fold_linear/fold_conv.
+
+Each converter is checked against the peer's own objects and runtime (torch modules,
+ONNX Runtime on models built with onnx.helper, Keras layers), not against bnfast.
+Optional peers are skipped with pytest.importorskip when missing.
+"""
+import io
+import os
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+
+import bnfast
+
+RNG = np.random.default_rng(20240611)
+
+
+def _rand_state(c, rng, dtype=np.float32):
+    return {
+        "weight": rng.uniform(0.5, 2.0, c).astype(dtype),
+        "bias": rng.normal(size=c).astype(dtype),
+        "running_mean": rng.normal(size=c).astype(dtype),
+        "running_var": rng.uniform(0.5, 3.0, c).astype(dtype),
+    }
+
+
+def _np_bn_eval(x, mean, var, w, b, eps, axis):
+    """float64 NumPy reference of inference batch norm."""
+    x = np.asarray(x, np.float64)
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    r = lambda a: np.asarray(a, np.float64).reshape(shape)  # noqa: E731
+    return (x - r(mean)) / np.sqrt(r(var) + eps) * r(w) + r(b)
+
+
+# =======================================================================================
+# import hygiene
+# =======================================================================================
+def test_import_does_not_pull_peers(tmp_path):
+    code = ("import sys, bnfast, bnfast.interop\n"
+            "bad = [m for m in ('torch', 'onnx', 'onnxruntime', 'keras', 'tensorflow') "
+            "if m in sys.modules]\n"
+            "assert not bad, bad\n")
+    env = dict(os.environ)
+    # the bnfast this test session imported (installed or in-place build)
+    where = os.path.dirname(os.path.dirname(os.path.abspath(bnfast.__file__)))
+    env["PYTHONPATH"] = where + os.pathsep + env.get("PYTHONPATH", "")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=tmp_path)
+
+
+# =======================================================================================
+# PyTorch
+# =======================================================================================
+torch_cases = [
+    # (torch class name, bnfast class, input shape)
+    ("BatchNorm1d", bnfast.BatchNorm1d, (6, 4)),
+    ("BatchNorm1d", bnfast.BatchNorm1d, (5, 4, 3)),
+    ("BatchNorm2d", bnfast.BatchNorm2d, (3, 4, 3, 2)),
+    ("BatchNorm3d", bnfast.BatchNorm3d, (2, 4, 2, 2, 3)),
+    ("SyncBatchNorm", bnfast.BatchNorm, (3, 4, 5)),
+]
+
+
+@pytest.mark.parametrize("tname,bcls,shape", torch_cases)
+@pytest.mark.parametrize("momentum,affine,track", [
+    (0.1, True, True), (None, True, True), (0.3, False, True), (0.1, True, False),
+    (None, False, False)])
+def test_from_torch_matches_torch(tname, bcls, shape, momentum, affine, track):
+    torch = pytest.importorskip("torch")
+    seed = zlib.crc32(repr((tname, shape, momentum, affine, track)).encode())
+    rng = np.random.default_rng(seed)
+    c = shape[1]
+    tm = getattr(torch.nn, tname)(c, eps=1e-4, momentum=momentum, affine=affine,
+                                  track_running_stats=track)
+    with torch.no_grad():
+        if affine:
+            tm.weight.copy_(torch.from_numpy(rng.uniform(0.5, 2, c).astype(np.float32)))
+            tm.bias.copy_(torch.from_numpy(rng.normal(size=c).astype(np.float32)))
+        for _ in range(3):  # some training history: running stats, num_batches_tracked
+            tm(torch.from_numpy((rng.normal(size=shape) * 3 + 2).astype(np.float32)))
+
+    bn = bnfast.from_torch(tm)
+    assert type(bn) is bcls
+    assert bn.num_features == c and bn.eps == pytest.approx(1e-4, rel=0, abs=0)
+    assert bn.momentum == momentum and bn.affine == affine
+    assert bn.track_running_stats == track and bn.axis == 1 and bn.training
+    assert bn.dtype == np.float32 and bn.unbiased_running_var
+    for k, v in tm.state_dict().items():
+        np.testing.assert_array_equal(np.asarray(bn.state_dict()[k]), v.numpy(), err_msg=k)
+    if track:
+        assert bn.num_batches_tracked == 3
+
+    # two more training steps on both, then eval: same outputs and running stats
+    for _ in range(2):
+        x = (rng.normal(size=shape) * 3 + 2).astype(np.float32)
+        y_t = tm(torch.from_numpy(x)).detach().numpy()
+        np.testing.assert_allclose(bn(x), y_t, rtol=1e-5, atol=1e-5)
+    for k, v in tm.state_dict().items():
+        np.testing.assert_allclose(np.asarray(bn.state_dict()[k]), v.numpy(),
+                                   rtol=1e-6, atol=1e-6, err_msg=k)
+    tm.eval()
+    bn.eval()
+    x = (rng.normal(size=shape) * 3 + 2).astype(np.float32)
+    np.testing.assert_allclose(bn(x), tm(torch.from_numpy(x)).detach().numpy(),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_from_torch_copies_eval_state_and_does_not_share():
+    torch = pytest.importorskip("torch")
+    tm = torch.nn.BatchNorm2d(3).eval()
+    bn = bnfast.from_torch(tm)
+    assert bn.training is False
+    with torch.no_grad():
+        tm.running_mean.fill_(5.0)
+        tm.weight.fill_(7.0)
+    np.testing.assert_array_equal(bn.running_mean, np.zeros(3, np.float32))
+    np.testing.assert_array_equal(bn.weight, np.ones(3, np.float32))
+
+
+@pytest.mark.parametrize("tdtype,ndtype", [("float64", np.float64), ("float32", np.float32),
+                                           ("float16", np.float32), ("bfloat16", np.float32)])
+def test_from_torch_dtype(tdtype, ndtype):
+    torch = pytest.importorskip("torch")
+    tm = torch.nn.BatchNorm1d(3).to(getattr(torch, tdtype))
+    st = _rand_state(3, np.random.default_rng(1), np.float64)
+    with torch.no_grad():
+        for k, v in st.items():
+            getattr(tm, k).copy_(torch.from_numpy(v))
+    bn = bnfast.from_torch(tm)
+    assert bn.dtype == ndtype and bn.running_var.dtype == ndtype
+    want = tm.running_var.to(torch.float64).numpy()
+    np.testing.assert_array_equal(bn.running_var, want.astype(ndtype))
+
+
+def test_from_torch_rejects_other_objects():
+    torch = pytest.importorskip("torch")
+    for obj in (torch.nn.LayerNorm(3), torch.nn.InstanceNorm2d(3), torch.nn.Linear(2, 3),
+                np.zeros(3), "BatchNorm1d", bnfast.BatchNorm(3)):
+        with pytest.raises(TypeError, match="BatchNorm"):
+            bnfast.from_torch(obj)
+    with pytest.raises(ValueError, match="uninitialized"):
+        bnfast.from_torch(torch.nn.LazyBatchNorm1d())
+    lazy = torch.nn.LazyBatchNorm1d()
+    lazy(torch.randn(4, 5))  # materialized: becomes a BatchNorm1d
+    assert bnfast.from_torch(lazy).num_features == 5
+
+
+def test_from_torch_subclass():
+    torch = pytest.importorskip("torch")
+
+    class MyBN(torch.nn.BatchNorm2d):
+        pass
+
+    assert type(bnfast.from_torch(MyBN(2))) is bnfast.BatchNorm2d
+
+
+# =======================================================================================
+# save / load
+# =======================================================================================
+save_configs = [
+    dict(cls=bnfast.BatchNorm, kw=dict(axis=-1), shape=(7, 3)),
+    dict(cls=bnfast.BatchNorm, kw=dict(momentum=None, axis=-1, dtype=np.float64,
+                                       unbiased_running_var=False), shape=(5, 2, 3)),
+    dict(cls=bnfast.BatchNorm1d, kw=dict(affine=False, eps=1e-3), shape=(6, 3)),
+    dict(cls=bnfast.BatchNorm2d, kw=dict(track_running_stats=False), shape=(2, 3, 2, 2)),
+    dict(cls=bnfast.BatchNorm3d, kw=dict(momentum=0.25), shape=(2, 3, 2, 1, 2)),
+]
+
+
+@pytest.mark.parametrize("cfg", save_configs, ids=lambda c: c["cls"].__name__)
+@pytest.mark.parametrize("training", [True, False])
+def test_save_load_roundtrip(tmp_path, cfg, training):
+    rng = np.random.default_rng(3)
+    bn = cfg["cls"](3, **cfg["kw"])
+    if bn.affine:
+        bn.weight[:] = rng.uniform(0.5, 2, 3)
+        bn.bias[:] = rng.normal(size=3)
+    for _ in range(2):
+        bn(rng.normal(size=cfg["shape"]) * 2 + 1)
+    bn.train(training)
+    path = bn.save(tmp_path / "layer.npz")
+    assert path == str(tmp_path / "layer.npz") and os.path.exists(path)
+    with np.load(path, allow_pickle=False) as f:  # the file needs no pickle
+        assert "config.class" in f.files
+    bn2 = bnfast.load(path)
+    assert type(bn2) is type(bn)
+    for a in ("num_features", "eps", "momentum", "affine", "track_running_stats", "axis",
+              "dtype", "unbiased_running_var", "training", "num_batches_tracked"):
+        assert getattr(bn2, a) == getattr(bn, a), a
+    for k, v in bn.state_dict().items():
+        v2 = bn2.state_dict()[k]
+        assert np.asarray(v2).dtype == np.asarray(v).dtype, k
+        np.testing.assert_array_equal(v2, v, err_msg=k)
+    x = rng.normal(size=cfg["shape"])
+    np.testing.assert_array_equal(bn2(x), bn(x))  # also continues training identically
+    for k, v in bn.state_dict().items():
+        np.testing.assert_array_equal(bn2.state_dict()[k], v, err_msg=k)
+
+
+def test_save_appends_suffix_and_file_objects(tmp_path):
+    bn = bnfast.BatchNorm(2, momentum=None)
+    p = bn.save(str(tmp_path / "noext"))
+    assert p.endswith("noext.npz") and os.path.exists(p)
+    buf = io.BytesIO()
+    bnfast.interop.save_layer(bn, buf)
+    buf.seek(0)
+    assert bnfast.load(buf).momentum is None
+
+
+def test_load_refuses_pickles_and_foreign_files(tmp_path):
+    p = tmp_path / "evil.npz"
+    np.savez(p, **{"config.class": np.array([object()], dtype=object)})
+    with pytest.raises(ValueError):
+        bnfast.load(p)
+    p2 = tmp_path / "other.npz"
+    np.savez(p2, a=np.zeros(3))
+    with pytest.raises(ValueError, match="missing"):
+        bnfast.load(p2)
+    good = bnfast.BatchNorm(2).save(tmp_path / "good.npz")
+    with np.load(good) as f:
+        d = dict(f)
+    d["config.class"] = np.array("os.system")
+    np.savez(tmp_path / "bad.npz", **d)
+    with pytest.raises(ValueError, match="unknown layer class"):
+        bnfast.load(tmp_path / "bad.npz")
+    d["config.class"] = np.array("BatchNorm")
+    d["state.running_var"] = np.ones(5, np.float32)
+    np.savez(tmp_path / "bad2.npz", **d)
+    with pytest.raises(ValueError, match="running_var"):
+        bnfast.load(tmp_path / "bad2.npz")
+    with pytest.raises(TypeError):
+        bnfast.interop.save_layer(object(), tmp_path / "x.npz")
+
+
+def test_save_load_from_torch(tmp_path):
+    torch = pytest.importorskip("torch")
+    tm = torch.nn.BatchNorm1d(4, momentum=None)
+    tm(torch.randn(8, 4) * 3 + 1)
+    tm.eval()
+    bn = bnfast.load(bnfast.from_torch(tm).save(tmp_path / "t.npz"))
+    x = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    np.testing.assert_allclose(bn(x), tm(torch.from_numpy(x)).detach().numpy(), atol=1e-5)
+    assert bn.momentum is None and bn.num_batches_tracked == 1 and not bn.training
+
+
+# =======================================================================================
+# ONNX
+# =======================================================================================
+def _ort_session(model):
+    ort = pytest.importorskip("onnxruntime")
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so,
+                                providers=["CPUExecutionProvider"])
+
+
+IR_FOR_OPSET = {1: 3, 6: 3, 7: 3, 9: 4, 14: 7, 15: 8}
+
+
+def _onnx_bn_model(opset, x_shape, *, x_type="float32", param_type="float32",
+                   stat_type="float32", eps=(1e-5, 1e-3), attrs=None, legacy_inputs=False,
+                   rng=None):
+    """Two BatchNormalization nodes on the same input: 'bn_named' (initializers) and an
+    unnamed one (Constant nodes) whose key is its output 'y_const'."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import helper, numpy_helper
+
+    rng = rng or np.random.default_rng(opset)
+    c = x_shape[1]
+    tp = {"float32": onnx.TensorProto.FLOAT, "float64": onnx.TensorProto.DOUBLE,
+          "float16": onnx.TensorProto.FLOAT16}
+    params = {}
+    for tag in ("a", "b"):
+        st = _rand_state(c, rng, np.float64)
+        st["running_mean"] += 50.0  # price-like offset
+        params[tag] = st
+    def arr(tag, key):
+        t = param_type if key in ("weight", "bias") else stat_type
+        return params[tag][key].astype(t)
+    keys = ("weight", "bias", "running_mean", "running_var")
+    inits = [numpy_helper.from_array(arr("a", k), f"a_{k}") for k in keys]
+    consts = [helper.make_node("Constant", [], [f"b_{k}"],
+                               value=numpy_helper.from_array(arr("b", k), f"b_{k}_v"))
+              for k in keys]
+    attrs = dict(attrs or {})
+    n1 = helper.make_node("BatchNormalization", ["x"] + [f"a_{k}" for k in keys], ["y_named"],
+                          name="bn_named", epsilon=eps[0], **attrs)
+    n2 = helper.make_node("BatchNormalization", ["x"] + [f"b_{k}" for k in keys], ["y_const"],
+                          epsilon=eps[1], **attrs)
+    dyn = [None] + list(x_shape[1:])
+    inputs = [helper.make_tensor_value_info("x", tp[x_type], dyn)]
+    if legacy_inputs:  # IR < 4: initializers are listed among the graph inputs
+        inputs += [helper.make_tensor_value_info(i.name, tp[param_type if "weight" in i.name
+                                                           or "bias" in i.name else stat_type],
+                                                 [c]) for i in inits]
+    outputs = [helper.make_tensor_value_info(o, tp[x_type], dyn) for o in ("y_named", "y_const")]
+    graph = helper.make_graph(consts + [n1, n2], "bn_graph", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = IR_FOR_OPSET[opset]
+    onnx.checker.check_model(model)
+    return model, params
+
+
+@pytest.mark.parametrize("opset,attrs,legacy", [
+    (7, {"spatial": 1, "momentum": 0.8}, True),
+    (7, {}, True),
+    (9, {"momentum": 0.7}, False),
+    (14, {"training_mode": 0}, False),
+    (15, {}, False),
+])
+@pytest.mark.parametrize("x_shape", [(5, 3), (2, 3, 4), (2, 3, 3, 2)])
+def test_from_onnx_matches_onnxruntime(opset, attrs, legacy, x_shape):
+    model, params = _onnx_bn_model(opset, x_shape, attrs=attrs, legacy_inputs=legacy)
+    sess = _ort_session(model)
+    layers = bnfast.from_onnx(model)
+    assert list(layers) == ["bn_named", "y_const"]
+    assert all(isinstance(v, bnfast.FrozenBatchNorm) for v in layers.values())
+    assert layers["bn_named"].eps == 1e-5 and layers["y_const"].eps == 1e-3
+    assert layers["bn_named"].axis == 1
+    x = (RNG.normal(size=x_shape) + 50.0).astype(np.float32)
+    y_named, y_const = sess.run(None, {"x": x})
+    # ONNX Runtime computes in float32 (x*a + b form): a few float32 ulps of 50
+    np.testing.assert_allclose(layers["bn_named"](x), y_named, rtol=0, atol=2e-4)
+    np.testing.assert_allclose(layers["y_const"](x), y_const, rtol=0, atol=2e-4)
+    # and bnfast is exact against the float64 definition
+    for key, tag, eps in (("bn_named", "a", 1e-5), ("y_const", "b", 1e-3)):
+        p = params[tag]
+        ref = _np_bn_eval(x, p["running_mean"].astype(np.float32),
+                          p["running_var"].astype(np.float32), p["weight"].astype(np.float32),
+                          p["bias"].astype(np.float32), eps, 1)
+        np.testing.assert_allclose(layers[key](x), ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("x_type,param_type,stat_type", [
+    ("float16", "float32", "float32"),   # opset 15: separate types T, T1, T2
+    ("float16", "float16", "float16"),
+    ("float64", "float64", "float64"),
+])
+def test_from_onnx_opset15_types(x_type, param_type, stat_type):
+    model, _ = _onnx_bn_model(15, (4, 3, 2), x_type=x_type, param_type=param_type,
+                              stat_type=stat_type)
+    sess = _ort_session(model)
+    layers = bnfast.from_onnx(model)
+    x = (RNG.normal(size=(4, 3, 2)) + 50.0).astype(x_type)
+    y_named, y_const = sess.run(None, {"x": x})
+    atol = 0.1 if x_type == "float16" else 1e-9
+    for got, want in ((layers["bn_named"](x), y_named), (layers["y_const"](x), y_const)):
+        assert got.dtype == np.dtype(x_type)
+        np.testing.assert_allclose(got.astype(np.float64), want.astype(np.float64),
+                                   rtol=0, atol=atol)
+
+
+def test_from_onnx_legacy_opsets_1_and_6():
+    pytest.importorskip("onnx")
+    # opset 1 (consumed_inputs, is_test), opset 6 (is_test): ONNX Runtime no longer runs
+    # them, so compare against the float64 definition of the operator.
+    for opset, attrs in ((1, {"consumed_inputs": [0, 0, 0, 1, 1], "is_test": 1,
+                              "spatial": 1}),
+                         (6, {"is_test": 1})):
+        model, params = _onnx_bn_model(opset, (3, 3, 2), attrs=attrs, legacy_inputs=True)
+        layers = bnfast.from_onnx(model)
+        x = RNG.normal(size=(3, 3, 2)).astype(np.float32)
+        p = params["a"]
+        ref = _np_bn_eval(x, *(p[k].astype(np.float32) for k in
+                               ("running_mean", "running_var", "weight", "bias")), 1e-5, 1)
+        np.testing.assert_allclose(layers["bn_named"](x), ref, rtol=1e-6, atol=1e-6)
+    # opset 6 without is_test is training mode (the attribute defaults to 0)
+    model, _ = _onnx_bn_model(6, (3, 3, 2), legacy_inputs=True)
+    with pytest.raises(ValueError, match="training mode"):
+        bnfast.from_onnx(model)
+    assert set(bnfast.from_onnx(model, training_nodes="running_stats")) == {
+        "bn_named", "y_const"}
+
+
+def test_from_onnx_spatial0_refused():
+    pytest.importorskip("onnx")
+    model, _ = _onnx_bn_model(7, (3, 3), attrs={"spatial": 0}, legacy_inputs=True)
+    with pytest.raises(NotImplementedError, match="spatial=0"):
+        bnfast.from_onnx(model)
+
+
+def _training_model(opset):
+    onnx = pytest.importorskip("onnx")
+    from onnx import helper, numpy_helper
+
+    c = 3
+    rng = np.random.default_rng(7)
+    st = _rand_state(c, rng)
+    keys = ("weight", "bias", "running_mean", "running_var")
+    inits = [numpy_helper.from_array(st[k], k) for k in keys]
+    if opset >= 14:
+        outs, attrs = ["y", "rm", "rv"], {"training_mode": 1, "momentum": 0.9}
+    else:
+        outs, attrs = ["y", "rm", "rv", "sm", "sv"], {"momentum": 0.9}
+    node = helper.make_node("BatchNormalization", ["x", *keys], outs, name="train_bn", **attrs)
+    shape = [None, c, 4]
+    vi = [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, shape)] + [
+        helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, [c]) for o in outs[1:]]
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(
+        "x", onnx.TensorProto.FLOAT, shape)], vi, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = IR_FOR_OPSET[opset]
+    onnx.checker.check_model(model)
+    return model, st
+
+
+@pytest.mark.parametrize("opset", [9, 14])
+def test_from_onnx_training_mode(opset):
+    model, st = _training_model(opset)
+    with pytest.raises(ValueError, match="training mode"):
+        bnfast.from_onnx(model)
+    frozen = bnfast.from_onnx(model, training_nodes="running_stats")["train_bn"]
+    np.testing.assert_array_equal(frozen.mean, st["running_mean"].astype(np.float64))
+    np.testing.assert_array_equal(frozen.var, st["running_var"].astype(np.float64))
+    with pytest.raises(ValueError, match="training_nodes"):
+        bnfast.from_onnx(model, training_nodes="maybe")
+    # The conventions table: an ONNX training node (momentum m) is a bnfast layer with
+    # momentum 1 - m and the biased (population) running variance.
+    sess = _ort_session(model)
+    x = (RNG.normal(size=(5, 3, 4)) * 2 + 3).astype(np.float32)
+    y, rm, rv = sess.run(None, {"x": x})[:3]
+    bn = bnfast.BatchNorm(3, eps=1e-5, momentum=1 - 0.9, unbiased_running_var=False)
+    bn.load_state_dict({**st, "num_batches_tracked": 0})
+    np.testing.assert_allclose(bn(x), y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(bn.running_mean, rm, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(bn.running_var, rv, rtol=1e-6, atol=1e-6)
+
+
+def test_from_onnx_runtime_parameters_refused():
+    onnx = pytest.importorskip("onnx")
+    from onnx import helper, numpy_helper
+
+    c = 2
+    st = _rand_state(c, np.random.default_rng(0))
+    f = onnx.TensorProto.FLOAT
+    # 'var' is a runtime graph input (not an initializer)
+    inits = [numpy_helper.from_array(st[k], k) for k in ("weight", "bias", "running_mean")]
+    node = helper.make_node("BatchNormalization",
+                            ["x", "weight", "bias", "running_mean", "var"], ["y"], name="bn")
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", f, [None, c]),
+                                        helper.make_tensor_value_info("var", f, [c])],
+                          [helper.make_tensor_value_info("y", f, [None, c])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 15)])
+    with pytest.raises(ValueError, match=r"var.*runtime graph input"):
+        bnfast.from_onnx(m)
+    # the mean is computed by another node
+    inits = [numpy_helper.from_array(st[k], k) for k in st]
+    add = helper.make_node("Add", ["running_mean", "running_mean"], ["mean2"], name="adder")
+    node = helper.make_node("BatchNormalization",
+                            ["x", "weight", "bias", "mean2", "running_var"], ["y"])
+    g = helper.make_graph([add, node], "g", [helper.make_tensor_value_info("x", f, [None, c])],
+                          [helper.make_tensor_value_info("y", f, [None, c])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 15)])
+    with pytest.raises(ValueError, match="computed at run time by node 'adder'"):
+        bnfast.from_onnx(m)
+
+
+def test_from_onnx_path_bytes_identity_subgraph(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import helper, numpy_helper
+
+    model, _ = _onnx_bn_model(15, (2, 3))
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    for src in (path, str(path), model.SerializeToString(), open(path, "rb")):
+        got = bnfast.from_onnx(src)
+        assert list(got) == ["bn_named", "y_const"]
+    with pytest.raises(TypeError):
+        bnfast.from_onnx(12)
+
+    # parameters through Identity, and a node inside an If branch using outer initializers
+    c, f = 3, onnx.TensorProto.FLOAT
+    st = _rand_state(c, np.random.default_rng(5))
+    inits = [numpy_helper.from_array(v, k) for k, v in st.items()]
+    ident = helper.make_node("Identity", ["running_var"], ["var_id"])
+    inner = helper.make_node("BatchNormalization",
+                             ["x", "weight", "bias", "running_mean", "var_id"], ["yi"],
+                             name="inner_bn", epsilon=1e-2)
+    then_g = helper.make_graph([inner], "then", [],
+                               [helper.make_tensor_value_info("yi", f, [None, c])])
+    else_g = helper.make_graph([helper.make_node("Identity", ["x"], ["ye"])], "else", [],
+                               [helper.make_tensor_value_info("ye", f, [None, c])])
+    if_node = helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g)
+    g = helper.make_graph([ident, if_node], "g",
+                          [helper.make_tensor_value_info("x", f, [None, c]),
+                           helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, [])],
+                          [helper.make_tensor_value_info("y", f, [None, c])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 15)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    layers = bnfast.from_onnx(m)
+    assert list(layers) == ["inner_bn"]
+    x = RNG.normal(size=(4, c)).astype(np.float32)
+    y = _ort_session(m).run(None, {"x": x, "cond": np.array(True)})[0]
+    np.testing.assert_allclose(layers["inner_bn"](x), y, rtol=1e-5, atol=1e-5)
+
+
+# =======================================================================================
+# Keras
+# =======================================================================================
+# Keras' own variables trigger NumPy 2's __array__(copy=...) DeprecationWarning
+keras_warnings = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def keras():
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    return pytest.importorskip("keras")
+
+
+@keras_warnings
+@pytest.mark.parametrize("axis,shape", [(-1, (8, 5)), (-1, (4, 3, 2, 5)), (1, (4, 5, 3, 2)),
+                                        (2, (6, 4, 5))])
+@pytest.mark.parametrize("center,scale", [(True, True), (False, True), (True, False),
+                                          (False, False)])
+def test_from_keras_matches_keras(keras, axis, shape, center, scale):
+    rng = np.random.default_rng(zlib.crc32(repr((axis, shape, center, scale)).encode()))
+    c = shape[axis]
+    kl = keras.layers.BatchNormalization(axis=axis, momentum=0.9, epsilon=2e-3,
+                                         center=center, scale=scale)
+    kl.build(shape)
+    st = _rand_state(c, rng)
+    weights = ([st["weight"]] if scale else []) + ([st["bias"]] if center else []) + [
+        st["running_mean"], st["running_var"]]
+    kl.set_weights(weights)
+
+    bn = bnfast.from_keras(kl)
+    assert bn.axis == axis and bn.eps == pytest.approx(2e-3)
+    assert bn.momentum == pytest.approx(0.1) and bn.unbiased_running_var is False
+    assert bn.affine == (center or scale) and not bn.training
+    x = (rng.normal(size=shape) * 2 + 1).astype(np.float32)
+    y_k = keras.ops.convert_to_numpy(kl(x, training=False))
+    np.testing.assert_allclose(bn(x), y_k, rtol=1e-5, atol=1e-5)
+
+    # one training step: output and moving-stat update as Keras (biased variance)
+    y_k = keras.ops.convert_to_numpy(kl(x, training=True))
+    y_b = bn.train()(x)
+    np.testing.assert_allclose(y_b, y_k, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(bn.running_mean, keras.ops.convert_to_numpy(kl.moving_mean),
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(bn.running_var,
+                               keras.ops.convert_to_numpy(kl.moving_variance),
+                               rtol=1e-6, atol=1e-6)
+
+
+@keras_warnings
+def test_from_keras_defaults_and_errors(keras):
+    kl = keras.layers.BatchNormalization()
+    with pytest.raises(ValueError, match="not built"):
+        bnfast.from_keras(kl)
+    kl.build((None, 4))
+    bn = bnfast.from_keras(kl)
+    assert (bn.axis, bn.eps, bn.num_features) == (-1, 1e-3, 4)
+    assert bn.momentum == pytest.approx(0.01)
+    assert bn.dtype == np.float32
+    with pytest.raises(TypeError, match="BatchNormalization"):
+        bnfast.from_keras(keras.layers.Dense(3))
+    with pytest.raises(TypeError):
+        bnfast.from_keras(np.zeros(3))
+    rl = keras.layers.BatchNormalization(renorm=True)
+    rl.build((None, 4))
+    with pytest.raises(NotImplementedError, match="renorm"):
+        bnfast.from_keras(rl)
+
+
+class _DuckKerasBN:
+    """Stand-in with the attributes of a (tf.)keras BatchNormalization layer."""
+
+    def __init__(self, axis, c, center=True, scale=True, momentum=0.99, epsilon=1e-3,
+                 dtype=np.float32):
+        rng = np.random.default_rng(c)
+        self.axis, self.center, self.scale = axis, center, scale
+        self.momentum, self.epsilon = momentum, epsilon
+        self.gamma = rng.uniform(0.5, 2, c).astype(dtype) if scale else None
+        self.beta = rng.normal(size=c).astype(dtype) if center else None
+        self.moving_mean = rng.normal(size=c).astype(dtype)
+        self.moving_variance = rng.uniform(0.5, 2, c).astype(dtype)
+
+
+def test_from_keras_duck_typed_list_axis_and_identity_fill():
+    kl = _DuckKerasBN([3], 4, center=False, scale=True, dtype=np.float64)
+    bn = bnfast.from_keras(kl)
+    assert bn.axis == 3 and bn.dtype == np.float64
+    np.testing.assert_array_equal(bn.weight, kl.gamma)
+    np.testing.assert_array_equal(bn.bias, np.zeros(4))
+    x = RNG.normal(size=(2, 3, 2, 4))
+    ref = _np_bn_eval(x, kl.moving_mean, kl.moving_variance, kl.gamma, 0.0, 1e-3, 3)
+    np.testing.assert_allclose(bn(x), ref, rtol=1e-12, atol=1e-12)
+    kl = _DuckKerasBN((1,), 4, center=True, scale=False)
+    bn = bnfast.from_keras(kl)
+    np.testing.assert_array_equal(bn.weight, np.ones(4, np.float32))
+    np.testing.assert_array_equal(bn.bias, kl.beta)
+    with pytest.raises(ValueError, match="one channel axis"):
+        bnfast.from_keras(_DuckKerasBN([1, 2], 4))
+
+
+# =======================================================================================
+# folding
+# =======================================================================================
+def _make_bn(c, kind, rng, affine=True):
+    st = _rand_state(c, rng, np.float64)
+    if kind == "frozen":
+        return bnfast.FrozenBatchNorm(st["running_mean"], st["running_var"],
+                                      st["weight"] if affine else None,
+                                      st["bias"] if affine else None, eps=1e-3), st
+    bn = bnfast.BatchNorm(c, eps=1e-3, affine=affine, dtype=np.float64)
+    bn.load_state_dict({k: v for k, v in st.items() if affine or k.startswith("running")},
+                       strict=False)
+    return bn.eval(), st
+
+
+def _torch_bn_args(st, affine, torch, dtype):
+    t = lambda a: torch.from_numpy(np.asarray(a)).to(dtype)  # noqa: E731
+    c = st["running_mean"].shape[0]
+    w = t(st["weight"]) if affine else t(np.ones(c))
+    b = t(st["bias"]) if affine else t(np.zeros(c))
+    return t(st["running_mean"]), t(st["running_var"]), 1e-3, w, b
+
+
+@pytest.mark.parametrize("kind", ["layer", "frozen"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_fold_linear_matches_torch(kind, dtype, with_bias, affine):
+    torch = pytest.importorskip("torch")
+    from torch.nn.utils.fusion import fuse_linear_bn_weights
+
+    rng = np.random.default_rng(11)
+    bn, st = _make_bn(6, kind, rng, affine)
+    w = rng.normal(size=(6, 4)).astype(dtype)
+    b = rng.normal(size=6).astype(dtype) if with_bias else None
+    fw, fb = bnfast.fold_linear(w, b, bn)
+    assert fw.dtype == np.dtype(dtype) and fb.dtype == np.dtype(dtype)
+    assert fw.shape == (6, 4) and fb.shape == (6,)
+    tdt = getattr(torch, dtype)
+    tw, tb = fuse_linear_bn_weights(torch.from_numpy(w),
+                                    None if b is None else torch.from_numpy(b),
+                                    *_torch_bn_args(st, affine, torch, tdt))
+    tol = 1e-12 if dtype == "float64" else 2e-6
+    np.testing.assert_allclose(fw, tw.detach().numpy(), rtol=tol, atol=tol)
+    np.testing.assert_allclose(fb, tb.detach().numpy(), rtol=tol, atol=tol)
+    # and the folded layer computes bn(linear(x)) (float64 NumPy reference)
+    x = rng.normal(size=(5, 4))
+    ref = _np_bn_eval(x @ w.astype(np.float64).T + (0 if b is None else b), st["running_mean"],
+                      st["running_var"], st["weight"] if affine else 1.0,
+                      st["bias"] if affine else 0.0, 1e-3, 1)
+    np.testing.assert_allclose(x @ fw.astype(np.float64).T + fb, ref,
+                               rtol=10 * tol, atol=10 * tol)
+
+
+@pytest.mark.parametrize("wshape,groups,transpose", [
+    ((6, 4, 3), 1, False),            # Conv1d
+    ((6, 2, 3, 3), 2, False),         # Conv2d, groups=2
+    ((6, 1, 3, 3), 6, False),         # depthwise
+    ((6, 4, 1, 2, 2), 1, False),      # Conv3d
+    ((4, 6, 3, 3), 1, True),          # ConvTranspose2d (in, out, k, k)
+])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_fold_conv_matches_torch(wshape, groups, transpose, with_bias, dtype):
+    torch = pytest.importorskip("torch")
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+    rng = np.random.default_rng(12)
+    bn, st = _make_bn(6, "layer", rng)
+    w = rng.normal(size=wshape).astype(dtype)
+    b = rng.normal(size=6).astype(dtype) if with_bias else None
+    fw, fb = bnfast.fold_conv(w, b, bn, transpose=transpose)
+    assert fw.dtype == np.dtype(dtype) and fw.shape == w.shape and fb.shape == (6,)
+    tdt = getattr(torch, dtype)
+    tw, tb = fuse_conv_bn_weights(torch.from_numpy(w),
+                                  None if b is None else torch.from_numpy(b),
+                                  *_torch_bn_args(st, True, torch, tdt), transpose=transpose)
+    tol = 1e-12 if dtype == "float64" else 2e-6
+    np.testing.assert_allclose(fw, tw.detach().numpy(), rtol=tol, atol=tol)
+    np.testing.assert_allclose(fb, tb.detach().numpy(), rtol=tol, atol=tol)
+    # the folded convolution equals conv followed by the batch norm (torch, float64)
+    nd = len(wshape) - 2
+    conv = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d,
+            3: torch.nn.functional.conv3d}[nd]
+    if transpose:
+        conv = {2: torch.nn.functional.conv_transpose2d}[nd]
+    cin = wshape[0] if transpose else wshape[1] * groups
+    x = torch.from_numpy(rng.normal(size=(2, cin) + (5,) * nd))
+    kw = {} if transpose else {"groups": groups}
+    z = conv(x, torch.from_numpy(w.astype(np.float64)),
+             None if b is None else torch.from_numpy(b.astype(np.float64)), **kw)
+    ref = _np_bn_eval(z.numpy(), st["running_mean"], st["running_var"], st["weight"],
+                      st["bias"], 1e-3, 1)
+    got = conv(x, torch.from_numpy(fw.astype(np.float64)),
+               torch.from_numpy(fb.astype(np.float64)), **kw).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 if dtype == "float32" else 1e-10)
+
+
+def test_fold_without_torch_and_errors():
+    rng = np.random.default_rng(13)
+    bn, st = _make_bn(3, "frozen", rng)
+    w = rng.normal(size=(3, 2))
+    fw, fb = bnfast.fold_linear(w.tolist(), None, bn)  # lists accepted, bias None
+    s = st["weight"] / np.sqrt(st["running_var"] + 1e-3)
+    np.testing.assert_allclose(fw, w * s[:, None], rtol=1e-15)
+    np.testing.assert_allclose(fb, -st["running_mean"] * s + st["bias"], rtol=1e-14)
+    fw, _ = bnfast.fold_linear(np.ones((3, 2), np.int64), None, bn)
+    assert fw.dtype == np.float64
+
+    with pytest.raises(ValueError, match="output channels"):
+        bnfast.fold_linear(np.ones((4, 2)), None, bn)
+    with pytest.raises(ValueError, match="bias"):
+        bnfast.fold_linear(np.ones((3, 2)), np.ones(4), bn)
+    with pytest.raises(ValueError, match="output channels"):
+        bnfast.fold_conv(np.ones((3, 4, 2)), None, bn, transpose=True)
+    with pytest.raises(ValueError, match="eval"):
+        bnfast.fold_linear(w, None, bnfast.BatchNorm(3))  # training mode
+    with pytest.raises(ValueError, match="running statistics"):
+        bnfast.fold_linear(w, None, bnfast.BatchNorm(3, track_running_stats=False).eval())
+    with pytest.raises(TypeError, match="from_torch"):
+        bnfast.fold_linear(w, None, object())
+    with pytest.raises(TypeError):
+        bnfast.fold_linear(np.array([["a", "b"]] * 3), None, bn)
