@@ -17,10 +17,12 @@ results are bitwise identical for any number of threads.
 cimport numpy as cnp
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
-from libc.math cimport sqrt
+from libc.math cimport sqrt, fabs
 from cython.parallel cimport prange
 
 from bnfast._openmp_helpers cimport BNF_HAVE_OPENMP, bnf_omp_max_threads, bnf_omp_version
+
+import operator
 
 import numpy as np
 
@@ -58,16 +60,20 @@ cdef extern from "bnfast_kernels.h" nogil:
                            const double *scale, const double *shift)
     void bnf_bwd_sums_runs_f32(const float *dy, Py_ssize_t dys, const float *x,
                                Py_ssize_t xs, Py_ssize_t nruns, Py_ssize_t length,
-                               double mean, double *sum_dy, double *sum_dy_xmu)
+                               double mean, double *sum_dy, double *sum_dy_xmu,
+                               double *sum_xmu)
     void bnf_bwd_sums_runs_f64(const double *dy, Py_ssize_t dys, const double *x,
                                Py_ssize_t xs, Py_ssize_t nruns, Py_ssize_t length,
-                               double mean, double *sum_dy, double *sum_dy_xmu)
+                               double mean, double *sum_dy, double *sum_dy_xmu,
+                               double *sum_xmu)
     void bnf_bwd_sums_rows_f32(const float *dy, Py_ssize_t dys, const float *x,
                                Py_ssize_t xs, Py_ssize_t nrows, Py_ssize_t width,
-                               const double *mean, double *sum_dy, double *sum_dy_xmu)
+                               const double *mean, double *sum_dy, double *sum_dy_xmu,
+                               double *sum_xmu)
     void bnf_bwd_sums_rows_f64(const double *dy, Py_ssize_t dys, const double *x,
                                Py_ssize_t xs, Py_ssize_t nrows, Py_ssize_t width,
-                               const double *mean, double *sum_dy, double *sum_dy_xmu)
+                               const double *mean, double *sum_dy, double *sum_dy_xmu,
+                               double *sum_xmu)
     void bnf_bwd_dx_runs_f32(const float *dy, Py_ssize_t dys, const float *x,
                              Py_ssize_t xs, float *dx, Py_ssize_t dxs, Py_ssize_t nruns,
                              Py_ssize_t length, double mean, double a, double k1, double k2)
@@ -205,6 +211,13 @@ cdef bint _geometry(cnp.ndarray a, int axis, const int *order, int nord, int nou
     cdef Py_ssize_t outer = 1, inner = 1, os = 0, prev
     cdef int i, ax
     g.C = shape[axis]
+    if cnp.PyArray_SIZE(a) == 0:
+        # no elements: nothing to read or write (size-0 axes are not in `order`)
+        g.outer = 0
+        g.inner = 1
+        g.os = 0
+        g.cs = 1
+        return True
     # inner group: merged into one contiguous run
     for i in range(nord - 1, nouter - 1, -1):
         ax = order[i]
@@ -277,8 +290,9 @@ ctypedef struct Job:
     double *k2
     # per unit [nsb * C]
     bnf_moments *mom
-    double *s_dy
-    double *s_dyx
+    double *s_dy                   # sum(dy)
+    double *s_dyx                  # sum(dy * (x - mean))
+    double *s_xm                   # sum(x - mean)
 
 
 DEF K_STATS = 0        # moments of a unit into mom
@@ -302,6 +316,22 @@ cdef inline void _finalize(Job *j, Py_ssize_t c, const bnf_moments *m) noexcept 
     j.k1[c] = var                      # kept for the running-variance update
 
 
+cdef inline void _bwd_coeffs(Job *j, Py_ssize_t c) noexcept nogil:
+    """dx coefficients of channel c from its sums (training mode):
+    dx = scale * (dy - k1 - (x - hi) * k2).
+
+    `hi` is the batch mean rounded to a double; sum(x - hi) / n recovers the rest of it
+    (exactly, for price offsets), so the gradient is centred on the exact batch mean. A
+    `hi` further than a few ulps from the batch mean is taken as given."""
+    cdef double n = <double>j.outer * <double>j.inner
+    cdef double lo = j.s_xm[c] / n
+    if not (fabs(lo) <= 8.9e-16 * fabs(j.hi[c])):
+        lo = 0.0
+    j.s_dyx[c] -= lo * j.s_dy[c]           # sum(dy * (x - hi - lo))
+    j.k2[c] = j.invstd[c] * j.invstd[c] * (j.s_dyx[c] / n)
+    j.k1[c] = j.s_dy[c] / n - lo * j.k2[c]
+
+
 cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
     cdef Py_ssize_t cb = u // j.nsb, sb = u % j.nsb
     cdef Py_ssize_t c0, w, r0, nr, c, isz = 8 if j.f64 else 4
@@ -312,6 +342,7 @@ cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
     cdef bnf_moments *mom
     cdef double *sdy
     cdef double *sdyx
+    cdef double *sxm
     cdef double a, n
     if rows:
         c0 = cb * j.width
@@ -327,6 +358,7 @@ cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
     mom = j.mom + sb * j.C + c0 if j.mom != NULL else NULL
     sdy = j.s_dy + sb * j.C + c0 if j.s_dy != NULL else NULL
     sdyx = j.s_dyx + sb * j.C + c0 if j.s_dyx != NULL else NULL
+    sxm = j.s_xm + sb * j.C + c0 if j.s_xm != NULL else NULL
 
     if kind == K_STATS or kind == K_FWD:
         if rows:
@@ -361,23 +393,21 @@ cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
         if rows:
             if j.f64:
                 bnf_bwd_sums_rows_f64(<double *>dy, j.dy_os, <double *>x, j.x_os, nr, w,
-                                      j.hi + c0, sdy, sdyx)
+                                      j.hi + c0, sdy, sdyx, sxm)
             else:
                 bnf_bwd_sums_rows_f32(<float *>dy, j.dy_os, <float *>x, j.x_os, nr, w,
-                                      j.hi + c0, sdy, sdyx)
+                                      j.hi + c0, sdy, sdyx, sxm)
         elif j.f64:
             bnf_bwd_sums_runs_f64(<double *>dy, j.dy_os, <double *>x, j.x_os, nr,
-                                  j.inner, j.hi[c0], sdy, sdyx)
+                                  j.inner, j.hi[c0], sdy, sdyx, sxm)
         else:
             bnf_bwd_sums_runs_f32(<float *>dy, j.dy_os, <float *>x, j.x_os, nr,
-                                  j.inner, j.hi[c0], sdy, sdyx)
+                                  j.inner, j.hi[c0], sdy, sdyx, sxm)
         if kind == K_BSUMS:
             return
         if kind == K_BWD:
-            n = <double>j.outer * <double>j.inner
             for c in range(c0, c0 + w):
-                j.k1[c] = j.s_dy[c] / n
-                j.k2[c] = j.invstd[c] * j.invstd[c] * (j.s_dyx[c] / n)
+                _bwd_coeffs(j, c)
         else:
             x = NULL                       # statistics held fixed: dx = scale * dy
     # K_BDX, K_BWD, K_BEVAL
@@ -474,6 +504,16 @@ cdef void _launch(Job *j, int kind) noexcept:
         _run(j, kind, nunits, nthreads)
 
 
+cdef void _sum_units(Job *j) noexcept:
+    """Backward sums of the units into the first C entries, in a fixed order."""
+    cdef Py_ssize_t c, sb, C = j.C
+    for sb in range(1, j.nsb):
+        for c in range(C):
+            j.s_dy[c] += j.s_dy[sb * C + c]
+            j.s_dyx[c] += j.s_dyx[sb * C + c]
+            j.s_xm[c] += j.s_xm[sb * C + c]
+
+
 cdef void _plan(Job *j, Py_ssize_t itemsize, int narrays) noexcept:
     """Choose channel blocks and superblocks (a function of the shape only)."""
     cdef Py_ssize_t per_block
@@ -540,11 +580,11 @@ cdef tuple _as_input(object x, str name):
 
 
 cdef int _norm_axis(object axis, int ndim) except -1:
-    cdef long ax
+    cdef long long ax
     try:
-        ax = axis
-    except (TypeError, OverflowError):
-        raise TypeError(f"axis must be an int, got {axis!r}") from None
+        ax = _index(axis, "axis")
+    except OverflowError:
+        raise ValueError(f"axis {axis} is out of range for an array of {ndim} dimensions") from None
     if ax < -ndim or ax >= ndim:
         raise ValueError(f"axis {axis} is out of range for an array of {ndim} dimensions")
     return <int>(ax + ndim if ax < 0 else ax)
@@ -596,6 +636,16 @@ cdef int _load_param(object p, Py_ssize_t C, str name, double *dst, double defau
     for i in range(C):
         dst[i] = (<double *>src)[i]
     return 0
+
+
+cdef object _index(object v, str name):
+    """v as a Python int (integers only: no floats, strings or bools)."""
+    if isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an int, got {v!r}")
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {v!r}") from None
 
 
 cdef double _check_eps(object eps) except -1.0:
@@ -885,10 +935,9 @@ cdef class FrozenBatchNorm:
         bad = np.flatnonzero(v < 0)
         if bad.size:
             raise ValueError(f"var must be non-negative; channel {bad[0]} has {v[bad[0]]!r}")
-        try:
-            axis_int = int(axis)
-        except (TypeError, ValueError):
-            raise TypeError(f"axis must be an int, got {axis!r}") from None
+        axis_int = _index(axis, "axis")
+        if not -2**31 <= axis_int < 2**31:
+            raise ValueError(f"axis {axis} is out of range")
         # buf layout [C each]: mean (hi), zeros (lo), scale, shift
         self.buf = _alloc_channels(C, 4)
         b = self.buf
@@ -1182,6 +1231,11 @@ def _train(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
                          f"size {(<object>a).shape}")
     _check_running(running_mean, C, "running_mean")
     _check_running(running_var, C, "running_var")
+    if running_var is not None:
+        neg = np.flatnonzero(running_var < 0)
+        if neg.size:
+            raise ValueError(f"running_var must be non-negative; channel {neg[0]} has "
+                             f"{running_var[neg[0]]!r}")
     if out is not None:
         _check_out(out, a, result_dtype if result_dtype is not None else a.dtype, "out")
     buf = _alloc_channels(C, 9)
@@ -1324,7 +1378,6 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, axis
     cdef _Layout lay
     cdef cnp.ndarray dx, dw, dbias
     cdef double *buf = NULL
-    cdef double sdy, sdyx, n
     if nd < 2:
         raise ValueError(f"x must have at least 2 dimensions (batch, channels, ...), "
                          f"got shape {np.shape(x)}")
@@ -1362,43 +1415,25 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, axis
         j.y_os = gy.os
         j.y_cs = gy.cs
         _plan(&j, cnp.PyArray_ITEMSIZE(a), 2)
-        j.s_dy = <double *>malloc(2 * j.nsb * C * sizeof(double) + 1)
+        j.s_dy = <double *>malloc(3 * j.nsb * C * sizeof(double) + 1)
         if j.s_dy == NULL:
             raise MemoryError()
         j.s_dyx = j.s_dy + j.nsb * C
+        j.s_xm = j.s_dyx + j.nsb * C
         try:
-            if _elems(&j) > 0:
-                if not training:
-                    _launch(&j, K_BEVAL)
-                elif j.nsb == 1:
-                    _launch(&j, K_BWD)
-                else:
-                    _launch(&j, K_BSUMS)
-                    n = <double>j.outer * <double>j.inner
-                    for c in range(C):
-                        sdy = 0.0
-                        sdyx = 0.0
-                        for sb in range(j.nsb):
-                            sdy += j.s_dy[sb * C + c]
-                            sdyx += j.s_dyx[sb * C + c]
-                        j.s_dy[c] = sdy
-                        j.s_dyx[c] = sdyx
-                        j.k1[c] = sdy / n
-                        j.k2[c] = j.invstd[c] * j.invstd[c] * (sdyx / n)
-                    _launch(&j, K_BDX)
-                if j.nsb > 1 and not training:
-                    for c in range(C):
-                        sdy = 0.0
-                        sdyx = 0.0
-                        for sb in range(j.nsb):
-                            sdy += j.s_dy[sb * C + c]
-                            sdyx += j.s_dyx[sb * C + c]
-                        j.s_dy[c] = sdy
-                        j.s_dyx[c] = sdyx
+            if _elems(&j) == 0:
+                memset(j.s_dy, 0, 3 * C * sizeof(double))
+            elif not training:
+                _launch(&j, K_BEVAL)
+                _sum_units(&j)
+            elif j.nsb == 1:
+                _launch(&j, K_BWD)
             else:
+                _launch(&j, K_BSUMS)
+                _sum_units(&j)
                 for c in range(C):
-                    j.s_dy[c] = 0.0
-                    j.s_dyx[c] = 0.0
+                    _bwd_coeffs(&j, c)
+                _launch(&j, K_BDX)
             for c in range(C):
                 j.s_dyx[c] *= j.invstd[c]          # dweight = sum(dy * xhat)
             dw = _vector_from(j.s_dyx, C, cnp.PyArray_TYPE(a), result_dtype)

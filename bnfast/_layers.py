@@ -8,6 +8,16 @@ from bnfast._core import FrozenBatchNorm, _train, batch_norm, batch_norm_backwar
 _STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
+def _real(v, name):
+    """v as a float; a TypeError naming the argument otherwise (no strings)."""
+    if isinstance(v, (str, bytes)) or v is None:
+        raise TypeError(f"{name} must be a real number, got {v!r}")
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {v!r}") from None
+
+
 def _to_numpy(v):
     if hasattr(v, "detach") and hasattr(v, "cpu"):  # a torch tensor
         v = v.detach().cpu().numpy()
@@ -83,12 +93,12 @@ class BatchNorm:
         dtype = np.dtype(dtype)
         if dtype.kind != "f":
             raise TypeError(f"dtype must be a float dtype, got {dtype}")
-        e = float(eps)
+        e = _real(eps, "eps")
         if not e > 0:
             raise ValueError(f"eps must be > 0, got {eps!r}")
-        if momentum is not None and not 0.0 <= float(momentum) <= 1.0:
+        if momentum is not None and not 0.0 <= _real(momentum, "momentum") <= 1.0:
             raise ValueError(f"momentum must be in [0, 1] or None, got {momentum!r}")
-        if not isinstance(axis, (int, np.integer)):
+        if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
             raise TypeError(f"axis must be an int, got {axis!r}")
         self.num_features = c
         self.eps = e

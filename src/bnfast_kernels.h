@@ -67,10 +67,12 @@ const char *bnf_simd_isa(void);
                            const double *scale, const double *shift);                     \
     void bnf_bwd_sums_runs_##S(const T *dy, ptrdiff_t dystride, const T *x,               \
                                ptrdiff_t xstride, ptrdiff_t nruns, ptrdiff_t len,         \
-                               double mean, double *sum_dy, double *sum_dy_xmu);          \
+                               double mean, double *sum_dy, double *sum_dy_xmu,           \
+                               double *sum_xmu);                                          \
     void bnf_bwd_sums_rows_##S(const T *dy, ptrdiff_t dystride, const T *x,               \
                                ptrdiff_t xstride, ptrdiff_t nrows, ptrdiff_t width,       \
-                               const double *mean, double *sum_dy, double *sum_dy_xmu);   \
+                               const double *mean, double *sum_dy, double *sum_dy_xmu,    \
+                               double *sum_xmu);                                          \
     void bnf_bwd_dx_runs_##S(const T *dy, ptrdiff_t dystride, const T *x,                 \
                              ptrdiff_t xstride, T *dx, ptrdiff_t dxstride,                \
                              ptrdiff_t nruns, ptrdiff_t len, double mean, double a,       \

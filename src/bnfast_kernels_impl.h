@@ -178,12 +178,14 @@ BNF_CLONES void BNF_NAME(bnf_norm_rows)(const T *x, ptrdiff_t xstride, T *y,
     }
 }
 
+/* Backward sums over a unit: sum(dy), sum(dy * (x - mean)) and sum(x - mean); the last
+ * recovers the part of the batch mean that a double `mean` cannot hold. */
 BNF_CLONES void BNF_NAME(bnf_bwd_sums_runs)(const T *dy, ptrdiff_t dystride, const T *x,
                                             ptrdiff_t xstride, ptrdiff_t nruns,
                                             ptrdiff_t len, double mean, double *sum_dy,
-                                            double *sum_dy_xmu)
+                                            double *sum_dy_xmu, double *sum_xmu)
 {
-    double a1[BNF_LANES] = {0}, a2[BNF_LANES] = {0};
+    double a1[BNF_LANES] = {0}, a2[BNF_LANES] = {0}, a3[BNF_LANES] = {0};
     for (ptrdiff_t r = 0; r < nruns; r++) {
         const T *g = dy + r * dystride;
         const T *p = x + r * xstride;
@@ -191,28 +193,32 @@ BNF_CLONES void BNF_NAME(bnf_bwd_sums_runs)(const T *dy, ptrdiff_t dystride, con
         for (; i + BNF_LANES <= len; i += BNF_LANES) {
 #pragma omp simd
             for (int l = 0; l < BNF_LANES; l++) {
-                double gi = (double)g[i + l];
+                double gi = (double)g[i + l], d = (double)p[i + l] - mean;
                 a1[l] += gi;
-                a2[l] += gi * ((double)p[i + l] - mean);
+                a2[l] += gi * d;
+                a3[l] += d;
             }
         }
         for (int l = 0; i < len; i++, l++) {
-            double gi = (double)g[i];
+            double gi = (double)g[i], d = (double)p[i] - mean;
             a1[l] += gi;
-            a2[l] += gi * ((double)p[i] - mean);
+            a2[l] += gi * d;
+            a3[l] += d;
         }
     }
     *sum_dy = bnf_sum_lanes(a1);
     *sum_dy_xmu = bnf_sum_lanes(a2);
+    *sum_xmu = bnf_sum_lanes(a3);
 }
 
 BNF_CLONES void BNF_NAME(bnf_bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const T *x,
                                             ptrdiff_t xstride, ptrdiff_t nrows,
                                             ptrdiff_t width, const double *mean,
-                                            double *sum_dy, double *sum_dy_xmu)
+                                            double *sum_dy, double *sum_dy_xmu,
+                                            double *sum_xmu)
 {
     ptrdiff_t r = 0;
-    for (ptrdiff_t c = 0; c < width; c++) sum_dy[c] = sum_dy_xmu[c] = 0;
+    for (ptrdiff_t c = 0; c < width; c++) sum_dy[c] = sum_dy_xmu[c] = sum_xmu[c] = 0;
     for (; r + 4 <= nrows; r += 4) {
         const T *g0 = dy + r * dystride, *g1 = g0 + dystride, *g2 = g1 + dystride,
                 *g3 = g2 + dystride;
@@ -222,9 +228,11 @@ BNF_CLONES void BNF_NAME(bnf_bwd_sums_rows)(const T *dy, ptrdiff_t dystride, con
         for (ptrdiff_t c = 0; c < width; c++) {
             double a0 = (double)g0[c], a1 = (double)g1[c], a2 = (double)g2[c],
                    a3 = (double)g3[c];
+            double d0 = (double)p0[c] - mean[c], d1 = (double)p1[c] - mean[c],
+                   d2 = (double)p2[c] - mean[c], d3 = (double)p3[c] - mean[c];
             sum_dy[c] += (a0 + a1) + (a2 + a3);
-            sum_dy_xmu[c] += (a0 * ((double)p0[c] - mean[c]) + a1 * ((double)p1[c] - mean[c]))
-                           + (a2 * ((double)p2[c] - mean[c]) + a3 * ((double)p3[c] - mean[c]));
+            sum_dy_xmu[c] += (a0 * d0 + a1 * d1) + (a2 * d2 + a3 * d3);
+            sum_xmu[c] += (d0 + d1) + (d2 + d3);
         }
     }
     for (; r < nrows; r++) {
@@ -232,9 +240,10 @@ BNF_CLONES void BNF_NAME(bnf_bwd_sums_rows)(const T *dy, ptrdiff_t dystride, con
         const T *p = x + r * xstride;
 #pragma omp simd
         for (ptrdiff_t c = 0; c < width; c++) {
-            double gi = (double)g[c];
+            double gi = (double)g[c], d = (double)p[c] - mean[c];
             sum_dy[c] += gi;
-            sum_dy_xmu[c] += gi * ((double)p[c] - mean[c]);
+            sum_dy_xmu[c] += gi * d;
+            sum_xmu[c] += d;
         }
     }
 }

@@ -171,7 +171,14 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, axis
     m = _vec(mean, C, 0.0).reshape(bs)
     s = _vec(invstd, C, 1.0).reshape(bs)
     w = _vec(weight, C, 1.0).reshape(bs)
-    xhat = (x - m) * s
+    xc = x - m
+    if training:
+        # bnfast's documented rule: a `mean` within a few ulps of the batch mean is the
+        # batch mean rounded to a double; the gradient is centred on the exact batch mean.
+        lo = xc.mean(axis=red, keepdims=True)
+        near = np.abs(lo) <= 8.9e-16 * np.abs(m)
+        xc = xc - np.where(near, lo, 0.0)
+    xhat = xc * s
     dbias = dy.sum(axis=red)
     dweight = (dy * xhat).sum(axis=red)
     if training:

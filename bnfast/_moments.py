@@ -1,0 +1,560 @@
+"""Mergeable per-channel statistics: count, mean and M2 (sum of squared deviations).
+
+:func:`moments` computes them for one array, :func:`merge_moments` combines two parts
+(Chan, Golub & LeVeque's pairwise update), :class:`RunningStats` streams them over
+chunks of data larger than memory. Everything is float64 and exact at price-level
+offsets: the mean and the deviations about it are formed before any squaring, so an
+offset of 1e6 with a spread of 1e-2 loses nothing, and merged means carry a compensation
+term (a second double), so streaming a million one-row chunks does not drift.
+"""
+import numpy as np
+
+from bnfast._core import batch_norm_train
+
+__all__ = ["Moments", "moments", "merge_moments", "RunningStats"]
+
+# batch_norm_train's eps for the statistics pass: var + _TINY_EPS == var for every
+# variance above _TINY_VAR, so the variance is recovered from invstd to a few ulps.
+_TINY_EPS = 1e-300
+_TINY_VAR = 1e-270
+
+
+class Moments:
+    """Per-channel count, mean and M2 of some data: immutable, float64, mergeable.
+
+    Build one with :func:`moments` (from an array), :func:`merge_moments`,
+    :attr:`RunningStats.moments`, or directly from three arrays.
+
+    Parameters
+    ----------
+    count : array_like of shape (C,)
+        Number of values per channel (non-negative whole numbers; stored as float64,
+        exact up to 2**53).
+    mean : array_like of shape (C,)
+        Mean per channel. Ignored where ``count == 0`` (stored as NaN there).
+    m2 : array_like of shape (C,)
+        Sum of squared deviations from the mean per channel (>= 0). Ignored where
+        ``count == 0`` (stored as 0 there).
+
+    Attributes
+    ----------
+    count, mean, m2 : ndarray of float64, shape (C,), read-only
+    var : ndarray of float64, shape (C,)
+        Biased (population) variance ``m2 / count``; NaN where ``count == 0``.
+    var_unbiased : ndarray of float64, shape (C,)
+        ``m2 / (count - 1)``; NaN where ``count <= 1``.
+    num_features : int
+        C.
+
+    Examples
+    --------
+    >>> import numpy as np, bnfast
+    >>> m = bnfast.moments(np.array([[1.0, 10.0], [3.0, 30.0]]), axis=-1)
+    >>> m.count, m.mean, m.m2, m.var
+    (array([2., 2.]), array([ 2., 20.]), array([  2., 200.]), array([  1., 100.]))
+    >>> bnfast.Moments([2, 0], [5.0, 0.0], [8.0, 0.0]).mean   # count 0: no mean
+    array([ 5., nan])
+    """
+
+    # _mean + _lo is the mean to about twice float64 precision (_mean = fl(_mean + _lo)):
+    # merges stay exact however many parts are merged.
+    __slots__ = ("_count", "_mean", "_lo", "_m2")
+
+    def __init__(self, count, mean, m2):
+        arrs = []
+        for name, v in (("count", count), ("mean", mean), ("m2", m2)):
+            a = np.asarray(v)
+            if a.dtype.kind not in "fiub":
+                raise TypeError(f"Moments: {name} must be real numbers, got dtype {a.dtype}")
+            a = np.array(a, dtype=np.float64, copy=True)
+            if a.ndim != 1:
+                raise ValueError(f"Moments: {name} must be 1-D (one value per channel), "
+                                 f"got shape {a.shape}")
+            arrs.append(a)
+        c, mu, m2a = arrs
+        if not (c.shape == mu.shape == m2a.shape):
+            raise ValueError(f"Moments: count, mean and m2 must have the same shape, got "
+                             f"{c.shape}, {mu.shape}, {m2a.shape}")
+        if np.any(~(c >= 0)) or np.any(c != np.floor(c)):
+            raise ValueError(f"Moments: count must hold non-negative whole numbers, got {c}")
+        if np.any(m2a < 0):
+            raise ValueError(f"Moments: m2 must be non-negative, got {m2a}")
+        empty = c == 0
+        mu[empty] = np.nan
+        m2a[empty] = 0.0
+        for a in arrs:
+            a.flags.writeable = False
+        lo = np.zeros_like(mu)
+        lo.flags.writeable = False
+        object.__setattr__(self, "_count", c)
+        object.__setattr__(self, "_mean", mu)
+        object.__setattr__(self, "_lo", lo)
+        object.__setattr__(self, "_m2", m2a)
+
+    @classmethod
+    def empty(cls, num_features):
+        """Moments of no data (count 0) for ``num_features`` channels: the identity of
+        :func:`merge_moments`.
+
+        Examples
+        --------
+        >>> import bnfast
+        >>> bnfast.Moments.empty(2).count
+        array([0., 0.])
+        """
+        c = int(num_features)
+        if c != num_features or c < 0:
+            raise ValueError(f"num_features must be an int >= 0, got {num_features!r}")
+        z = np.zeros(c)
+        return cls(z, z, z)
+
+    @classmethod
+    def _trusted(cls, count, mean, m2, lo=None):
+        """No checks: arrays are fresh float64 (C,), normalized where count == 0."""
+        if lo is None:
+            lo = np.zeros_like(mean)
+        self = object.__new__(cls)
+        for name, a in (("_count", count), ("_mean", mean), ("_lo", lo), ("_m2", m2)):
+            a.flags.writeable = False
+            object.__setattr__(self, name, a)
+        return self
+
+    count = property(lambda self: self._count, doc="Values per channel (float64).")
+    mean = property(lambda self: self._mean, doc="Mean per channel (NaN where count is 0).")
+    m2 = property(lambda self: self._m2, doc="Sum of squared deviations from the mean.")
+
+    @property
+    def num_features(self):
+        """Number of channels C."""
+        return self._count.shape[0]
+
+    @property
+    def var(self):
+        """Biased variance ``m2 / count`` (NaN where count is 0)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self._count > 0, self._m2 / self._count, np.nan)
+
+    @property
+    def var_unbiased(self):
+        """Unbiased variance ``m2 / (count - 1)`` (NaN where count <= 1)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self._count > 1, self._m2 / (self._count - 1.0), np.nan)
+
+    def merge(self, other):
+        """``merge_moments(self, other)``."""
+        return merge_moments(self, other)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Moments is immutable")
+
+    def __delattr__(self, name):
+        raise AttributeError("Moments is immutable")
+
+    def __reduce__(self):
+        return (Moments._trusted, (self._count.copy(), self._mean.copy(), self._m2.copy(),
+                                   self._lo.copy()))
+
+    def __repr__(self):
+        return (f"Moments(count={self._count!r}, mean={self._mean!r}, m2={self._m2!r})")
+
+
+# -------------------------------------------------------------------------------------
+# One array
+
+def _channel_axis(x, axis):
+    if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
+        raise TypeError(f"axis must be an int, got {axis!r}")
+    if x.ndim < 2:
+        raise ValueError(f"x must have at least 2 dimensions (samples, channels, ...), got "
+                         f"shape {x.shape}; use x[:, None] for a single series")
+    ax = int(axis) + x.ndim if axis < 0 else int(axis)
+    if not 0 <= ax < x.ndim:
+        raise ValueError(f"axis {axis} is out of range for a {x.ndim}-D input")
+    return ax
+
+
+def _check_dtype(x, name="x"):
+    k = x.dtype.kind
+    if k in "iub" or (k == "f" and x.dtype.itemsize <= 8):
+        return
+    raise TypeError(f"{name} must have a real dtype (float16/32/64, integers, bools), "
+                    f"got {x.dtype}")
+
+
+def _numpy_moments(x, ax):
+    """Two-pass float64 moments of the channels of x (channel axis ax), with the
+    correction term of the corrected two-pass algorithm. Returns (mean, m2, lo), (C,):
+    mean + lo is the mean to about twice float64 precision."""
+    C = x.shape[ax]
+    v = np.moveaxis(x, ax, -1).reshape(-1, C).astype(np.float64)
+    n = v.shape[0]
+    mean = v.sum(axis=0) / n
+    d = v - mean
+    s1 = d.sum(axis=0)
+    m2 = np.einsum("ij,ij->j", d, d) - s1 * s1 / n
+    hi, lo = _two_sum(mean, s1 / n)
+    return hi, np.maximum(m2, 0.0), lo
+
+
+# Elements per slice of the float64 NumPy passes (fits L2).
+_CHUNK_ELEMS = 1 << 16
+
+
+def _slices(shape, ax):
+    """Index tuples cutting an array of ``shape`` along its first non-channel axis of
+    size > 1 into slices of about _CHUNK_ELEMS elements."""
+    total = int(np.prod(shape))
+    cax = next((i for i, s in enumerate(shape) if i != ax and s > 1), None)
+    if cax is None or total <= _CHUNK_ELEMS:
+        yield (slice(None),) * len(shape)
+        return
+    step = max(1, _CHUNK_ELEMS // (total // shape[cax]))
+    for i in range(0, shape[cax], step):
+        sl = [slice(None)] * len(shape)
+        sl[cax] = slice(i, i + step)
+        yield tuple(sl)
+
+
+def _bcast(v, ndim, ax):
+    """A (C,) vector shaped to broadcast along channel axis ax of an ndim array."""
+    shape = [1] * ndim
+    shape[ax] = -1
+    return np.asarray(v, dtype=np.float64).reshape(shape)
+
+
+def _residual(x, ax, mean):
+    """sum(x - mean) / n per channel in float64 (the low part of the mean)."""
+    mb = _bcast(mean, x.ndim, ax)
+    axes = tuple(i for i in range(x.ndim) if i != ax)
+    acc = np.zeros(x.shape[ax])
+    for sl in _slices(x.shape, ax):
+        acc += np.subtract(x[sl], mb, dtype=np.float64).sum(axis=axes)
+    return acc / (x.size // x.shape[ax])
+
+
+def _moments_and_scratch(x, ax, out=None, compensate=True):
+    """(Moments of x with channel axis ax, the array the statistics pass wrote or None).
+
+    The statistics come from the compiled training kernel (float64 mean with a
+    compensated low part, two-pass variance) run with a negligible eps, so the variance
+    is recovered from invstd to a few ulps; channels whose variance is too small for
+    that (constant channels) and batches of one sample are computed in NumPy float64.
+    ``compensate``: one more (NumPy float64) pass for the low part of the mean, which
+    the kernel rounds away; it keeps merges of many parts exact at large offsets.
+    ``out`` (optional) receives the normalized scratch output, which callers may reuse.
+    """
+    C = x.shape[ax]
+    n_per = x.size // C if C else 0
+    count = np.full(C, float(n_per))
+    if n_per == 0:
+        z = np.zeros(C)
+        return Moments(z, z, z), None
+    if n_per == 1:
+        mean, _, lo = _numpy_moments(x, ax)
+        return Moments._trusted(count, mean, np.zeros(C), lo), None
+    y, mean, invstd = batch_norm_train(x, eps=_TINY_EPS, axis=ax, out=out)
+    mean = np.array(mean, dtype=np.float64)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        var = 1.0 / (invstd * invstd)
+    small = ~(var >= _TINY_VAR) & ~np.isnan(invstd)
+    lo = None
+    if compensate:
+        with np.errstate(invalid="ignore"):
+            mean, lo = _two_sum(mean, _residual(x, ax, mean))
+        lo = np.where(np.isfinite(lo), lo, 0.0)
+    if small.any():
+        idx = np.flatnonzero(small)
+        if lo is None:
+            lo = np.zeros(C)
+        mean[idx], m2_s, lo[idx] = _numpy_moments(np.take(x, idx, axis=ax), ax)
+        var[idx] = m2_s / n_per
+    m2 = var * float(n_per)
+    return Moments._trusted(count, mean, m2, lo), y
+
+
+def moments(x, *, axis=1):
+    """Per-channel count, mean and M2 of an array, float64, exact at large offsets.
+
+    Parameters
+    ----------
+    x : array_like, ndim >= 2
+        Data; float16/32/64, integers or bools (computed in float64 precision). Any
+        layout and strides; numpy memmaps are read without a copy.
+    axis : int, keyword-only, default 1
+        The channel axis (1 for NC, NCL, NCHW; -1 for channels-last and
+        (samples, features) matrices). Every other axis is reduced.
+
+    Returns
+    -------
+    Moments
+        ``count`` (float64: values per channel, the product of the other axes'
+        lengths), ``mean``, ``m2`` (sum of squared deviations) and ``var`` (biased).
+        An input with no samples gives count 0, mean NaN, m2 0.
+
+    Notes
+    -----
+    The statistics pass is the compiled kernel of :func:`bnfast.batch_norm_train`
+    (multithreaded, results independent of the thread count; it needs a scratch array
+    of x's size), followed by one float64 pass for the low part of the mean, which the
+    result keeps for merges. Mean and M2 are within a few float64 ulps of the exact
+    values for x's elements, whatever their offset.
+
+    Examples
+    --------
+    >>> import numpy as np, bnfast
+    >>> x = 1e6 + np.array([[0.0, 0.0], [0.02, 2.0]])   # prices: offset 1e6
+    >>> m = bnfast.moments(x, axis=-1)
+    >>> m.count
+    array([2., 2.])
+    >>> np.round(m.mean - 1e6, 12), np.round(np.sqrt(m.var), 12)
+    (array([0.01, 1.  ]), array([0.01, 1.  ]))
+    """
+    x = np.asarray(x)
+    _check_dtype(x)
+    ax = _channel_axis(x, axis)
+    return _moments_and_scratch(x, ax)[0]
+
+
+# -------------------------------------------------------------------------------------
+# Merging
+
+def merge_moments(a, b):
+    """Moments of the union of two parts' data (Chan et al.'s pairwise update).
+
+    ``mean = ma + (mb - ma) * nb / n`` and ``m2 = m2a + m2b + (mb - ma)**2 * na * nb / n``,
+    with the mean carried as two doubles so that rounding does not accumulate over
+    many merges: well conditioned at any offset, associative to float64 rounding,
+    commutative exactly, and exact when either part is empty (the other part is
+    returned unchanged, channel by channel).
+
+    Parameters
+    ----------
+    a, b : Moments
+        Same number of channels.
+
+    Returns
+    -------
+    Moments
+
+    Examples
+    --------
+    >>> import numpy as np, bnfast
+    >>> x = np.array([[1.0], [2.0], [3.0], [4.0], [5.0]])
+    >>> m = bnfast.merge_moments(bnfast.moments(x[:2]), bnfast.moments(x[2:]))
+    >>> m.count, m.mean, m.m2
+    (array([5.]), array([3.]), array([10.]))
+    """
+    if not isinstance(a, Moments) or not isinstance(b, Moments):
+        raise TypeError(f"merge_moments takes two Moments, got {type(a).__name__} and "
+                        f"{type(b).__name__}")
+    if a.num_features != b.num_features:
+        raise ValueError(f"merge_moments: channel counts differ ({a.num_features} and "
+                         f"{b.num_features})")
+    return _merge(a, b)
+
+
+def _two_sum(a, b):
+    """(s, e) with s = fl(a + b) and s + e == a + b exactly (Knuth's TwoSum)."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+def _merge(a, b):
+    na, nb = a._count, b._count
+    n = na + nb
+    # base on the larger part (ties: the smaller mean), so the result is symmetric
+    swap = (nb > na) | ((nb == na) & ((b._mean < a._mean)
+                                      | ((b._mean == a._mean) & (b._lo < a._lo))))
+    h1 = np.where(swap, b._mean, a._mean)
+    l1 = np.where(swap, b._lo, a._lo)
+    h0 = np.where(swap, a._mean, b._mean)
+    l0 = np.where(swap, a._lo, b._lo)
+    n0 = np.where(swap, na, nb)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        delta = (h0 - h1) + (l0 - l1)
+        mean, lo = _two_sum(h1, l1 + delta * (n0 / n))
+        m2 = (a._m2 + b._m2) + delta * delta * ((na * nb) / n)
+    a_empty, b_empty = na == 0, nb == 0
+    mean = np.where(a_empty, b._mean, np.where(b_empty, a._mean, mean))
+    lo = np.where(a_empty, b._lo, np.where(b_empty, a._lo, lo))
+    m2 = np.where(a_empty, b._m2, np.where(b_empty, a._m2, m2))
+    lo = np.where(np.isfinite(lo), lo, 0.0)
+    return Moments._trusted(n, mean, m2, lo)
+
+
+def _pack(m, buf):
+    """Write m as [count(C), mean(C), mean_lo(C), m2(C)] into buf[:4C]."""
+    C = m.num_features
+    buf[:C] = m._count
+    buf[C:2 * C] = m._mean
+    buf[2 * C:3 * C] = m._lo
+    buf[3 * C:4 * C] = m._m2
+
+
+def _merge_packed(rows):
+    """Merge the moments packed by _pack, one per row (used by the distributed layer
+    after an allgather: every rank computes the same result from the same rows).
+
+    Vectorized over the rows: every part's mean is taken relative to a pivot (the
+    first non-empty part's mean, per channel), exactly as a pairwise merge would,
+    and the shifts are summed in row order."""
+    C = rows.shape[1] // 4
+    n = rows[:, :C]
+    hi = rows[:, C:2 * C]
+    lo = rows[:, 2 * C:3 * C]
+    m2 = rows[:, 3 * C:4 * C]
+    N = n.sum(axis=0)
+    has = n > 0
+    first = np.argmax(has, axis=0)
+    cols = np.arange(C)
+    k_hi = hi[first, cols]
+    k_lo = lo[first, cols]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        d = np.where(has, (hi - k_hi) + (lo - k_lo), 0.0)   # part mean - pivot
+        D = (n * d).sum(axis=0) / N                         # global mean - pivot
+        e = np.where(has, d - D, 0.0)
+        M2 = m2.sum(axis=0) + (n * e * e).sum(axis=0)
+        mean, mlo = _two_sum(k_hi, k_lo + D)
+    empty = N == 0
+    mean = np.where(empty, np.nan, mean)
+    mlo = np.where(empty | ~np.isfinite(mlo), 0.0, mlo)
+    M2 = np.where(empty, 0.0, M2)
+    return Moments._trusted(N.copy(), mean, M2, mlo)
+
+
+# -------------------------------------------------------------------------------------
+# Streaming
+
+class RunningStats:
+    """Exact per-channel mean and variance accumulated over chunks of data.
+
+    Feeding the chunks of a dataset (a memory-mapped file, a generator of batches) one
+    at a time gives the statistics of the whole dataset to float64 rounding, whatever
+    the chunk sizes; empty chunks are allowed.
+
+    Parameters
+    ----------
+    num_features : int
+        Number of channels C.
+    axis : int, keyword-only, default 1
+        Channel axis of the chunks (-1 for (samples, features)).
+
+    Attributes
+    ----------
+    count, mean, var, var_unbiased : ndarray of float64, shape (C,)
+        Values seen per channel, mean, biased and unbiased variance (NaN until there
+        are enough values).
+    moments : Moments
+        Everything accumulated so far (immutable, mergeable).
+    num_features, axis : int
+
+    Examples
+    --------
+    >>> import numpy as np, bnfast
+    >>> data = 1e5 + np.arange(20.0).reshape(10, 2)      # could be an np.memmap
+    >>> rs = bnfast.RunningStats(2, axis=-1)
+    >>> for start in range(0, 10, 3):                     # chunks of 3, 3, 3, 1 rows
+    ...     _ = rs.update(data[start:start + 3])
+    >>> rs.count, rs.mean - 1e5, rs.var
+    (array([10., 10.]), array([ 9., 10.]), array([33., 33.]))
+    >>> bn = rs.to_batchnorm(bnfast.BatchNorm(2, axis=-1, dtype=np.float64))
+    >>> bn.running_var                                    # unbiased, like torch
+    array([36.66666667, 36.66666667])
+    """
+
+    def __init__(self, num_features, *, axis=1):
+        try:
+            c = int(num_features)
+        except (TypeError, ValueError):
+            raise TypeError(f"num_features must be an int, got {num_features!r}") from None
+        if c != num_features or c < 1:
+            raise ValueError(f"num_features must be an int >= 1, got {num_features!r}")
+        if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
+            raise TypeError(f"axis must be an int, got {axis!r}")
+        self.num_features = c
+        self.axis = int(axis)
+        self._m = Moments.empty(c)
+
+    def update(self, chunk):
+        """Add a chunk of data (array_like, channel axis ``axis``) or a :class:`Moments`.
+
+        Returns self. Raises ValueError (and changes nothing) on a channel mismatch.
+        """
+        if isinstance(chunk, Moments):
+            m = chunk
+            if m.num_features != self.num_features:
+                raise ValueError(f"RunningStats({self.num_features}) got Moments with "
+                                 f"{m.num_features} channels")
+        else:
+            x = np.asarray(chunk)
+            _check_dtype(x, "chunk")
+            ax = _channel_axis(x, self.axis)
+            if x.shape[ax] != self.num_features:
+                raise ValueError(f"RunningStats({self.num_features}) got a chunk with "
+                                 f"{x.shape[ax]} channels on axis {self.axis} "
+                                 f"(shape {x.shape})")
+            m = _moments_and_scratch(x, ax)[0]
+        self._m = merge_moments(self._m, m)
+        return self
+
+    def reset(self):
+        """Forget everything; returns self."""
+        self._m = Moments.empty(self.num_features)
+        return self
+
+    moments = property(lambda self: self._m, doc="The accumulated :class:`Moments`.")
+    count = property(lambda self: self._m.count.copy(), doc="Values per channel.")
+    mean = property(lambda self: self._m.mean.copy(), doc="Mean per channel.")
+    var = property(lambda self: self._m.var, doc="Biased variance per channel.")
+    var_unbiased = property(lambda self: self._m.var_unbiased,
+                            doc="Unbiased variance per channel.")
+
+    def to_batchnorm(self, layer):
+        """Set a :class:`bnfast.BatchNorm`'s running statistics to these statistics.
+
+        ``running_mean`` gets the mean; ``running_var`` the unbiased variance, or the
+        biased one for a layer built with ``unbiased_running_var=False`` (Keras'
+        convention). Written in place in the layer's dtype; ``num_batches_tracked``,
+        weight and bias are not changed. Works for any layer with those attributes
+        (BatchNorm1d/2d/3d, ``bnfast.distributed.SyncBatchNorm``).
+
+        Returns the layer.
+
+        Raises
+        ------
+        ValueError
+            The layer has no running statistics or another channel count, or a channel
+            has fewer than 2 values (1 for a biased layer).
+        """
+        if getattr(layer, "running_mean", None) is None or \
+                getattr(layer, "running_var", None) is None:
+            raise ValueError("to_batchnorm: the layer has no running statistics "
+                             "(track_running_stats=False)")
+        if layer.num_features != self.num_features:
+            raise ValueError(f"to_batchnorm: the layer has {layer.num_features} channels, "
+                             f"these statistics have {self.num_features} channels")
+        unbiased = getattr(layer, "unbiased_running_var", True)
+        need = 2 if unbiased else 1
+        if np.any(self._m.count < need):
+            raise ValueError(f"to_batchnorm: every channel needs at least {need} values "
+                             f"(counts {self._m.count})")
+        var = self._m.var_unbiased if unbiased else self._m.var
+        np.copyto(layer.running_mean, self._m.mean, casting="unsafe")
+        np.copyto(layer.running_var, var, casting="unsafe")
+        return layer
+
+    def freeze(self, weight=None, bias=None, *, eps=1e-5, unbiased=False):
+        """A :class:`bnfast.FrozenBatchNorm` that standardizes with these statistics
+        (biased variance by default), e.g. to normalize features with the statistics
+        of a whole history. ``axis`` is this object's."""
+        from bnfast._core import FrozenBatchNorm
+        var = self._m.var_unbiased if unbiased else self._m.var
+        if np.any(np.isnan(var)):
+            raise ValueError(f"freeze: not enough values per channel (counts "
+                             f"{self._m.count})")
+        return FrozenBatchNorm(self._m.mean, var, weight, bias, eps, axis=self.axis)
+
+    def __repr__(self):
+        return (f"RunningStats({self.num_features}, axis={self.axis}, "
+                f"count={self._m.count.max() if self.num_features else 0:g})")

@@ -1,0 +1,371 @@
+"""Mergeable statistics: moments, merge_moments, RunningStats (issue 6).
+
+The yardstick is an independent long-double two-pass computation on the values of the
+array handed to bnfast (``_ref``), never bnfast itself.
+"""
+import doctest
+import pickle
+
+import numpy as np
+import pytest
+
+import bnfast
+import bnfast._moments as M
+from arrays import LAYOUTS, applicable, make_values, with_layout
+
+moments = getattr(bnfast, "moments", M.moments)
+merge_moments = getattr(bnfast, "merge_moments", M.merge_moments)
+RunningStats = getattr(bnfast, "RunningStats", M.RunningStats)
+Moments = getattr(bnfast, "Moments", M.Moments)
+
+OFFSETS = (0.0, 1e5, 1e6, 3e6)
+
+
+def _ref(x, axis):
+    """(count, mean, m2) per channel in long double, from x's values (two-pass)."""
+    x = np.asarray(x)
+    ax = axis + x.ndim if axis < 0 else axis
+    C = x.shape[ax]
+    v = np.moveaxis(x, ax, -1).reshape(-1, C).astype(np.longdouble)
+    n = v.shape[0]
+    if n == 0:
+        return np.zeros(C), np.full(C, np.nan), np.zeros(C)
+    mean = v.sum(axis=0) / n
+    d = v - mean
+    mean = mean + d.sum(axis=0) / n
+    d = v - mean
+    return np.full(C, float(n)), mean, (d * d).sum(axis=0)
+
+
+def _check(m, ref, *, what="", var_rtol=1e-12):
+    """Mean and M2 to float64 rounding: the mean within a few ulps of its value plus
+    1e-12 of the spread, M2 within var_rtol relative."""
+    count, mean, m2 = ref
+    assert isinstance(m, Moments)
+    np.testing.assert_array_equal(m.count, count, err_msg=f"{what} count")
+    sd = np.sqrt(np.asarray(m2 / np.maximum(count, 1), dtype=np.float64))
+    mean64 = np.asarray(mean, dtype=np.float64)
+    np.testing.assert_array_equal(np.isnan(m.mean), np.isnan(mean64), err_msg=f"{what} NaN")
+    ok = ~np.isnan(mean64)
+    err = np.abs(np.asarray(m.mean - mean, dtype=np.float64))[ok]
+    tol = (1e-15 * np.abs(mean64) + 1e-12 * sd + 1e-300)[ok]
+    assert np.all(err <= tol), f"{what} mean: err {err} > tol {tol}"
+    m2_64 = np.asarray(m2, dtype=np.float64)
+    err2 = np.abs(m.m2 - m2_64)
+    tol2 = var_rtol * m2_64 + 1e-300
+    assert np.all(err2 <= tol2), f"{what} m2: got {m.m2}, ref {m2_64}, rel err {err2 / tol2 * var_rtol}"
+
+
+# -------------------------------------------------------------------------------------
+# moments()
+
+@pytest.mark.parametrize("offset", OFFSETS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,axis", [((257, 5), -1), ((6, 4, 3, 5), 1),
+                                        ((3, 7, 6, 4), -1), ((9, 3, 40), 1)])
+def test_moments_exact_at_offsets(shape, axis, dtype, offset):
+    x = make_values(shape, dtype, seed=3, axis=axis, offset=offset, spread=1e-2)
+    m = moments(x, axis=axis)
+    _check(m, _ref(x, axis), what=f"{shape} {np.dtype(dtype)} off={offset}")
+    assert m.mean.dtype == m.m2.dtype == m.count.dtype == np.float64
+    np.testing.assert_allclose(m.var, np.asarray(_ref(x, axis)[2] / m.count, np.float64),
+                               rtol=1e-12)
+
+
+def test_moments_beats_naive_formula_at_price_offsets():
+    # E[x^2] - E[x]^2 in float64 is useless at 3e6 with a 1e-3 spread; moments is not.
+    rng = np.random.default_rng(0)
+    x = 3e6 + 1e-3 * rng.standard_normal((4096, 2))
+    m = moments(x, axis=-1)
+    ref = _ref(x, -1)
+    _check(m, ref)
+    naive = (x * x).mean(0) - x.mean(0) ** 2
+    true = np.asarray(ref[2] / 4096, np.float64)
+    assert np.max(np.abs(naive - true) / true) > 1e-2      # the test can tell
+    np.testing.assert_allclose(m.var, true, rtol=1e-12)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_moments_any_layout(layout):
+    shape, axis = (5, 3, 1, 4), 1              # a size-1 axis: every layout applies
+    assert applicable(shape, axis, layout)
+    base = make_values(shape, np.float32, seed=5, axis=axis, offset=1e5, spread=0.1)
+    x = with_layout(base, layout, axis=axis, seed=5)
+    _check(moments(x, axis=axis), _ref(x, axis), what=layout)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.int32, np.int64, np.uint8, np.bool_])
+def test_moments_other_dtypes(dtype):
+    rng = np.random.default_rng(1)
+    x = (rng.integers(0, 2 if dtype == np.bool_ else 100, (31, 3))).astype(dtype)
+    _check(moments(x, axis=-1), _ref(x, -1), what=str(dtype))
+
+
+def test_moments_constant_channel_is_exactly_zero():
+    x = np.empty((100, 3))
+    x[:, 0] = 3e6 + 0.25
+    x[:, 1] = np.linspace(1e5, 1e5 + 1, 100)
+    x[:, 2] = 0.0
+    m = moments(x, axis=-1)
+    assert m.m2[0] == 0.0 and m.var[0] == 0.0 and m.mean[0] == 3e6 + 0.25
+    assert m.m2[2] == 0.0 and m.mean[2] == 0.0
+    _check(m, _ref(x, -1))
+
+
+def test_moments_tiny_variance_channel():
+    # a variance far below any eps: recovered exactly, not as eps-polluted noise
+    x = np.array([[1.0], [1.0 + 2.0 ** -40], [1.0 - 2.0 ** -40]])
+    _check(moments(x), _ref(x, 1), var_rtol=1e-14)
+
+
+def test_moments_one_sample_and_empty():
+    x = np.array([[1e6 + 0.5, -2.0, 7.0]])
+    m = moments(x, axis=-1)
+    np.testing.assert_array_equal(m.count, [1, 1, 1])
+    np.testing.assert_array_equal(m.mean, x[0])
+    np.testing.assert_array_equal(m.m2, [0, 0, 0])
+    np.testing.assert_array_equal(m.var, [0, 0, 0])
+    assert np.all(np.isnan(m.var_unbiased))
+    e = moments(np.zeros((0, 3), np.float32), axis=-1)
+    np.testing.assert_array_equal(e.count, [0, 0, 0])
+    assert np.all(np.isnan(e.mean)) and np.all(np.isnan(e.var))
+    np.testing.assert_array_equal(e.m2, [0, 0, 0])
+    e2 = moments(np.zeros((4, 3, 0)), axis=1)        # empty spatial extent
+    np.testing.assert_array_equal(e2.count, [0, 0, 0])
+
+
+def test_moments_nan_propagates():
+    x = np.array([[1.0, 2.0], [np.nan, 3.0], [2.0, 4.0]])
+    m = moments(x, axis=-1)
+    assert np.isnan(m.mean[0]) and np.isnan(m.m2[0])
+    np.testing.assert_allclose(m.mean[1], 3.0)
+
+
+@pytest.mark.parametrize("bad,exc,match", [
+    (np.zeros(5), ValueError, "at least 2 dimensions"),
+    (np.zeros((3, 2), np.complex128), TypeError, "real dtype"),
+    (np.zeros((3, 2), np.longdouble), TypeError, "real dtype"),
+    (np.array([["a", "b"]]), TypeError, "real dtype"),
+])
+def test_moments_errors(bad, exc, match):
+    with pytest.raises(exc, match=match):
+        moments(bad, axis=-1)
+
+
+def test_moments_axis_errors():
+    with pytest.raises(ValueError, match="out of range"):
+        moments(np.zeros((3, 2)), axis=2)
+    with pytest.raises(TypeError, match="axis must be an int"):
+        moments(np.zeros((3, 2)), axis=1.0)
+
+
+# -------------------------------------------------------------------------------------
+# Moments object, merge_moments
+
+def test_moments_object_is_immutable_and_picklable():
+    m = moments(np.arange(12.0).reshape(4, 3), axis=-1)
+    with pytest.raises(AttributeError):
+        m.mean = np.zeros(3)
+    with pytest.raises(AttributeError):
+        m.extra = 1
+    with pytest.raises(ValueError):
+        m.mean[0] = 1.0                      # read-only arrays
+    m2 = pickle.loads(pickle.dumps(m))
+    for k in ("count", "mean", "m2"):
+        np.testing.assert_array_equal(getattr(m2, k), getattr(m, k))
+    assert "Moments(count=" in repr(m)
+
+
+def test_moments_constructor_checks():
+    m = Moments([2, 0], [5.0, 3.0], [8.0, 1.0])
+    assert np.isnan(m.mean[1]) and m.m2[1] == 0.0 and m.num_features == 2
+    with pytest.raises(ValueError, match="same shape"):
+        Moments([1, 2], [0.0], [0.0, 0.0])
+    with pytest.raises(ValueError, match="non-negative whole"):
+        Moments([1.5], [0.0], [0.0])
+    with pytest.raises(ValueError, match="non-negative whole"):
+        Moments([-1], [0.0], [0.0])
+    with pytest.raises(ValueError, match="m2 must be non-negative"):
+        Moments([3], [0.0], [-1.0])
+    with pytest.raises(ValueError, match="1-D"):
+        Moments(np.ones((2, 2)), np.ones((2, 2)), np.ones((2, 2)))
+    e = Moments.empty(3)
+    np.testing.assert_array_equal(e.count, np.zeros(3))
+
+
+@pytest.mark.parametrize("offset", OFFSETS)
+def test_merge_equals_one_shot(offset):
+    x = make_values((1000, 4), np.float64, seed=11, axis=-1, offset=offset, spread=1e-3)
+    cuts = [0, 1, 2, 2, 37, 500, 999, 1000]              # includes empty and 1-row parts
+    parts = [moments(x[a:b], axis=-1) for a, b in zip(cuts[:-1], cuts[1:])]
+    acc = parts[0]
+    for p in parts[1:]:
+        acc = merge_moments(acc, p)
+    _check(acc, _ref(x, -1), what=f"off={offset}")
+    # a balanced tree of merges agrees too
+    while len(parts) > 1:
+        parts = [merge_moments(*parts[i:i + 2]) if i + 1 < len(parts) else parts[i]
+                 for i in range(0, len(parts), 2)]
+    _check(parts[0], _ref(x, -1), what=f"tree off={offset}")
+
+
+def test_merge_with_empty_is_exact_and_commutative():
+    rng = np.random.default_rng(2)
+    a = moments(1e6 + rng.standard_normal((17, 3)), axis=-1)
+    b = moments(1e6 + rng.standard_normal((5, 3)), axis=-1)
+    e = Moments.empty(3)
+    for r in (merge_moments(a, e), merge_moments(e, a), a.merge(e)):
+        np.testing.assert_array_equal(r.count, a.count)
+        np.testing.assert_array_equal(r.mean, a.mean)
+        np.testing.assert_array_equal(r.m2, a.m2)
+    ee = merge_moments(e, e)
+    np.testing.assert_array_equal(ee.count, np.zeros(3))
+    assert np.all(np.isnan(ee.mean))
+    ab, ba = merge_moments(a, b), merge_moments(b, a)
+    for k in ("count", "mean", "m2"):
+        np.testing.assert_array_equal(getattr(ab, k), getattr(ba, k))
+    # channel-wise: an empty channel in one part only
+    p = Moments([3, 0], [1.0, 0.0], [2.0, 0.0])
+    q = Moments([0, 4], [0.0, 5.0], [0.0, 1.0])
+    r = merge_moments(p, q)
+    np.testing.assert_array_equal(r.count, [3, 4])
+    np.testing.assert_array_equal(r.mean, [1.0, 5.0])
+    np.testing.assert_array_equal(r.m2, [2.0, 1.0])
+
+
+def test_merge_is_associative_to_rounding():
+    rng = np.random.default_rng(4)
+    a, b, c = (moments(3e6 + 0.01 * rng.standard_normal((n, 2)), axis=-1)
+               for n in (3, 100, 7))
+    l = merge_moments(merge_moments(a, b), c)
+    r = merge_moments(a, merge_moments(b, c))
+    np.testing.assert_allclose(l.mean, r.mean, rtol=1e-15)
+    np.testing.assert_allclose(l.m2, r.m2, rtol=1e-13)
+
+
+def test_merge_errors():
+    with pytest.raises(ValueError, match="channel counts differ"):
+        merge_moments(Moments.empty(2), Moments.empty(3))
+    with pytest.raises(TypeError, match="two Moments"):
+        merge_moments(Moments.empty(2), np.zeros(2))
+
+
+# -------------------------------------------------------------------------------------
+# RunningStats
+
+@pytest.mark.parametrize("offset", [1e5, 1e6, 3e6])
+def test_running_stats_over_memmap_uneven_chunks(tmp_path, offset):
+    n, C = 5003, 6
+    x = make_values((n, C), np.float32, seed=7, axis=-1, offset=offset, spread=0.05)
+    path = tmp_path / "prices.f32"
+    mm = np.memmap(path, dtype=np.float32, mode="w+", shape=(n, C))
+    mm[:] = x
+    mm.flush()
+    del mm
+    data = np.memmap(path, dtype=np.float32, mode="r", shape=(n, C))
+    rng = np.random.default_rng(0)
+    rs = RunningStats(C, axis=-1)
+    start = 0
+    sizes = []
+    while start < n:
+        k = int(rng.choice([0, 1, 2, 3, 64, 999]))
+        sizes.append(k)
+        assert rs.update(data[start:start + k]) is rs
+        start += k
+    assert 0 in sizes and 1 in sizes
+    ref = _ref(x, -1)
+    _check(rs.moments, ref, what=f"stream off={offset}")
+    one = moments(x, axis=-1)
+    np.testing.assert_allclose(rs.mean, one.mean, rtol=1e-15)
+    np.testing.assert_allclose(rs.var, one.var, rtol=1e-12)
+    np.testing.assert_array_equal(rs.count, np.full(C, n))
+    m2 = np.asarray(ref[2], np.float64)
+    np.testing.assert_allclose(rs.var, m2 / n, rtol=1e-12)
+    np.testing.assert_allclose(rs.var_unbiased, m2 / (n - 1), rtol=1e-12)
+
+
+def test_running_stats_one_row_at_a_time_does_not_drift():
+    # tick data: thousands of one-row updates at a 1e6 offset; a plain float64 running
+    # mean would drift by ~sqrt(k) ulps, the compensated one stays within rounding
+    x = make_values((4000, 2), np.float64, seed=12, axis=-1, offset=1e6, spread=1e-3)
+    rs = RunningStats(2, axis=-1)
+    for row in x:
+        rs.update(row[None, :])
+    _check(rs.moments, _ref(x, -1), what="one row at a time")
+
+
+def test_running_stats_generator_of_nchw_batches():
+    x = make_values((23, 3, 4, 5), np.float64, seed=9, axis=1, offset=1e6, spread=1e-2)
+
+    def batches():
+        for a, b in [(0, 0), (0, 5), (5, 6), (6, 6), (6, 23)]:
+            yield x[a:b]
+
+    rs = RunningStats(3)
+    for chunk in batches():
+        rs.update(chunk)
+    _check(rs.moments, _ref(x, 1))
+    # a Moments can be merged in too (e.g. computed elsewhere)
+    rs2 = RunningStats(3).update(moments(x[:10])).update(x[10:])
+    _check(rs2.moments, _ref(x, 1))
+
+
+def test_running_stats_initialises_batchnorm():
+    x = make_values((200, 4), np.float64, seed=1, axis=-1, offset=1e5, spread=0.1)
+    rs = RunningStats(4, axis=-1).update(x[:77]).update(x[77:])
+    count, mean, m2 = _ref(x, -1)
+    bn = bnfast.BatchNorm(4, axis=-1, dtype=np.float64)
+    rm_obj = bn.running_mean
+    assert rs.to_batchnorm(bn) is bn
+    assert bn.running_mean is rm_obj                        # written in place
+    np.testing.assert_allclose(bn.running_mean, np.asarray(mean, np.float64), rtol=1e-15)
+    np.testing.assert_allclose(bn.running_var, np.asarray(m2 / 199, np.float64), rtol=1e-12)
+    assert bn.num_batches_tracked == 0
+    keras = bnfast.BatchNorm(4, axis=-1, dtype=np.float32, unbiased_running_var=False)
+    rs.to_batchnorm(keras)
+    assert keras.running_var.dtype == np.float32
+    np.testing.assert_allclose(keras.running_var, np.asarray(m2 / 200, np.float64),
+                               rtol=1e-7)
+    # eval with those statistics = standardizing with the whole history
+    y = bn.eval()(x)
+    ref = (x - np.asarray(mean, np.float64)) / np.sqrt(np.asarray(m2 / 199, np.float64)
+                                                       + 1e-5)
+    np.testing.assert_allclose(y, ref, rtol=1e-10, atol=1e-10)
+    fz = rs.freeze(eps=1e-12)
+    np.testing.assert_allclose(fz(x).std(0), np.ones(4), rtol=1e-6)
+
+
+def test_running_stats_errors_and_state():
+    rs = RunningStats(3, axis=-1)
+    assert np.all(rs.count == 0) and np.all(np.isnan(rs.mean)) and np.all(np.isnan(rs.var))
+    with pytest.raises(ValueError, match=r"RunningStats\(3\) got a chunk with 2 channels"):
+        rs.update(np.zeros((4, 2)))
+    with pytest.raises(ValueError, match="Moments with 2 channels"):
+        rs.update(Moments.empty(2))
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        rs.update(np.zeros(3))
+    assert np.all(rs.count == 0)                             # unchanged by the errors
+    with pytest.raises(ValueError, match="at least 2 values"):
+        rs.to_batchnorm(bnfast.BatchNorm(3, axis=-1))
+    rs.update(np.array([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]]))
+    with pytest.raises(ValueError, match="3 channels"):
+        rs.to_batchnorm(bnfast.BatchNorm(4))
+    with pytest.raises(ValueError, match="no running statistics"):
+        rs.to_batchnorm(bnfast.BatchNorm(3, track_running_stats=False))
+    rs.mean[0] = 99.0                                        # a copy: no effect
+    assert rs.mean[0] == 2.0
+    assert rs.reset() is rs and np.all(rs.count == 0)
+    for bad in (0, -1, 2.5):
+        with pytest.raises((ValueError, TypeError)):
+            RunningStats(bad)
+    with pytest.raises(TypeError, match="axis"):
+        RunningStats(3, axis=None)
+    assert "RunningStats(3" in repr(rs)
+
+
+def test_docstring_examples(monkeypatch):
+    for name in ("moments", "merge_moments", "RunningStats", "Moments"):
+        if not hasattr(bnfast, name):
+            monkeypatch.setattr(bnfast, name, getattr(M, name), raising=False)
+    res = doctest.testmod(M, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert res.attempted > 10 and res.failed == 0
