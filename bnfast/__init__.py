@@ -6,6 +6,8 @@ Interop: :func:`from_torch`, :func:`from_onnx`, :func:`from_keras`, :func:`fold_
 :func:`fold_conv`, :func:`load`. Statistics: :func:`moments`, :func:`merge_moments`,
 :class:`RunningStats`. Distributed: ``bnfast.distributed.SyncBatchNorm`` (MPI).
 """
+from typing import TYPE_CHECKING
+
 from bnfast._core import (
     FrozenBatchNorm,
     batch_norm,
@@ -35,16 +37,23 @@ _LAZY = {
 }
 
 
-def __getattr__(name):
-    import importlib
+if TYPE_CHECKING:  # the lazy names, for type checkers and IDEs
+    from bnfast import distributed
+    from bnfast._config import show_config
+    from bnfast._moments import Moments, RunningStats, merge_moments, moments
+    from bnfast.interop import fold_conv, fold_linear, from_keras, from_onnx, from_torch, load
+else:  # a module __getattr__ would make every attribute of bnfast "Any" to mypy
 
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    if name == "distributed":
-        return importlib.import_module("bnfast.distributed")
-    raise AttributeError(f"module 'bnfast' has no attribute {name!r}")
+    def __getattr__(name):
+        import importlib
+
+        if name in _LAZY:
+            value = getattr(importlib.import_module(_LAZY[name]), name)
+            globals()[name] = value
+            return value
+        if name == "distributed":
+            return importlib.import_module("bnfast.distributed")
+        raise AttributeError(f"module 'bnfast' has no attribute {name!r}")
 
 
 def __dir__():

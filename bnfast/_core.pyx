@@ -142,7 +142,24 @@ def set_num_threads(n):
 
 
 def get_num_threads():
-    """Number of threads the next bnfast call may use (computed now, as a call would)."""
+    """Number of threads the next bnfast call may use, computed now as a call would.
+
+    The count set by :func:`set_num_threads`, else OpenMP's (``OMP_NUM_THREADS``,
+    ``threadpoolctl`` limits); 1 when built without OpenMP. Calls on small inputs use
+    fewer threads (none below a work threshold).
+
+    Parameters
+    ----------
+    None
+
+    Examples
+    --------
+    >>> import bnfast
+    >>> bnfast.set_num_threads(2)
+    >>> bnfast.get_num_threads() in (1, 2)     # 1 when built without OpenMP
+    True
+    >>> bnfast.set_num_threads(None)
+    """
     return _max_threads()
 
 
@@ -969,7 +986,30 @@ cdef class FrozenBatchNorm:
         return self.C
 
     def __call__(self, x, *, out=None):
-        """Normalize x; ``out`` (same shape, x's dtype) is written and returned."""
+        """Normalize x with the frozen statistics.
+
+        Parameters
+        ----------
+        x : array_like
+            Input with ``num_features`` channels on ``axis``; float32/float64 computed
+            natively (a C-contiguous (rows, C) float array with channels last takes a
+            serial fast path with no Python-level work).
+        out : ndarray, keyword-only, optional
+            Written and returned: x's shape and dtype; ``out=x`` is allowed.
+
+        Returns
+        -------
+        y : ndarray
+
+        Examples
+        --------
+        >>> import numpy as np, bnfast
+        >>> f = bnfast.FrozenBatchNorm(np.full(2, 100.0), np.full(2, 4.0), eps=1e-12, axis=-1)
+        >>> x = np.array([[102.0, 98.0]], np.float32)
+        >>> out = np.empty_like(x)
+        >>> f(x, out=out) is out, out
+        (True, array([[ 1., -1.]], dtype=float32))
+        """
         cdef cnp.ndarray a, o
         cdef Py_ssize_t C = self.C, rows
         cdef int t, nd
