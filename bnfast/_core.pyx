@@ -296,6 +296,7 @@ ctypedef struct Job:
     char *dy
     Py_ssize_t dy_os, dy_cs
     double eps
+    double n_total                 # elements per channel in the whole (maybe global) batch
     # per channel [C]
     double *hi                     # mean, high part
     double *lo                     # mean, low part
@@ -340,10 +341,11 @@ cdef inline void _bwd_coeffs(Job *j, Py_ssize_t c) noexcept nogil:
     `hi` is the batch mean rounded to a double; sum(x - hi) / n recovers the rest of it
     (exactly, for price offsets), so the gradient is centred on the exact batch mean. A
     `hi` further than a few ulps from the batch mean is taken as given."""
-    cdef double n = <double>j.outer * <double>j.inner
+    cdef double n = j.n_total
     cdef double lo = j.s_xm[c] / n
     if not (fabs(lo) <= 8.9e-16 * fabs(j.hi[c])):
         lo = 0.0
+    j.lo[c] = lo
     j.s_dyx[c] -= lo * j.s_dy[c]           # sum(dy * (x - hi - lo))
     j.k2[c] = j.invstd[c] * j.invstd[c] * (j.s_dyx[c] / n)
     j.k1[c] = j.s_dy[c] / n - lo * j.k2[c]
@@ -519,6 +521,20 @@ cdef void _launch(Job *j, int kind) noexcept:
     nthreads = _threads_for(nunits, elems)
     with nogil:
         _run(j, kind, nunits, nthreads)
+
+
+cdef inline void _copy_out(double *dst, const double *src, Py_ssize_t n) noexcept:
+    cdef Py_ssize_t i
+    for i in range(n):
+        dst[i] = src[i]
+
+
+cdef inline void _copy_in(double *dst, cnp.ndarray src, Py_ssize_t offset,
+                          Py_ssize_t n) noexcept:
+    cdef Py_ssize_t i
+    cdef double *p = <double *>cnp.PyArray_DATA(src) + offset
+    for i in range(n):
+        dst[i] = p[i]
 
 
 cdef void _sum_units(Job *j) noexcept:
@@ -1238,9 +1254,14 @@ def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_mea
 
 
 def _train(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
-           bint unbiased_running_var):
+           bint unbiased_running_var, moments_hook=None):
     """batch_norm_train, with the choice of the variance that updates running_var
-    (unbiased like PyTorch, or biased like Keras)."""
+    (unbiased like PyTorch, or biased like Keras).
+
+    moments_hook: the batch spans several processes. moments_hook(local) gets this
+    process's per-channel moments as a (C, 4) float64 array of [count, mean_hi, mean_lo,
+    m2] and returns the merged moments of the whole batch in the same form; they
+    normalize x and update the running statistics. x may then be empty."""
     cdef double e = _check_eps(eps)
     cdef double mom = _check_momentum(momentum)
     cdef object result_dtype
@@ -1263,10 +1284,10 @@ def _train(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
     axis_i = _norm_axis(axis, nd)
     C = cnp.PyArray_DIMS(a)[axis_i]
     n_per = cnp.PyArray_SIZE(a) // C if C > 0 else 0
-    if C > 0 and n_per == 0:
+    if C > 0 and n_per == 0 and moments_hook is None:
         raise ValueError(f"x has an empty batch {(<object>a).shape}; training needs more than "
                          f"1 value per channel")
-    if C > 0 and n_per <= 1:
+    if C > 0 and n_per <= 1 and moments_hook is None:
         raise ValueError(f"Expected more than 1 value per channel when training, got input "
                          f"size {(<object>a).shape}")
     _check_running(running_mean, C, "running_mean")
@@ -1301,15 +1322,18 @@ def _train(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
         if j.mom == NULL:
             raise MemoryError()
         try:
-            if j.nsb == 1:
+            if j.nsb == 1 and moments_hook is None:
                 _launch(&j, K_FWD)
             else:
+                memset(j.mom, 0, j.nsb * C * sizeof(bnf_moments))
                 _launch(&j, K_STATS)
                 for c in range(C):           # merge the units in a fixed order
-                    m = j.mom[c]
                     for sb in range(1, j.nsb):
-                        bnf_moments_merge(&m, &j.mom[sb * C + c])
-                    _finalize(&j, c, &m)
+                        bnf_moments_merge(&j.mom[c], &j.mom[sb * C + c])
+                if moments_hook is not None:
+                    n_per = _exchange_moments(j.mom, C, moments_hook)
+                for c in range(C):
+                    _finalize(&j, c, &j.mom[c])
                 _launch(&j, K_NORM)
         finally:
             free(j.mom)
@@ -1329,6 +1353,35 @@ def _train(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
         return _finish(out, y, result_dtype), mean_out, invstd_out
     finally:
         free(buf)
+
+
+cdef Py_ssize_t _exchange_moments(bnf_moments *mom, Py_ssize_t C, object hook) except -1:
+    """Replace mom[0:C] by hook(local moments as a (C, 4) array); the global count."""
+    cdef cnp.npy_intp dims[2]
+    cdef Py_ssize_t c
+    cdef double *p
+    dims[0] = C
+    dims[1] = 4
+    local = cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT64, 0)
+    p = <double *>cnp.PyArray_DATA(local)
+    for c in range(C):
+        p[4 * c] = mom[c].n
+        p[4 * c + 1] = mom[c].hi
+        p[4 * c + 2] = mom[c].lo
+        p[4 * c + 3] = mom[c].m2
+    total = np.ascontiguousarray(hook(local), dtype=np.float64)
+    if total.shape != (C, 4):
+        raise ValueError(f"moments_hook must return a ({C}, 4) array, got {total.shape}")
+    p = <double *>cnp.PyArray_DATA(total)
+    for c in range(C):
+        mom[c].n = p[4 * c]
+        mom[c].hi = p[4 * c + 1]
+        mom[c].lo = p[4 * c + 2]
+        mom[c].m2 = p[4 * c + 3]
+    if C > 0 and not mom[0].n > 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got "
+                         f"{mom[0].n:.0f} over the whole batch")
+    return <Py_ssize_t>mom[0].n
 
 
 cdef cnp.ndarray _vector_from(const double *src, Py_ssize_t C, int type_num,
@@ -1407,6 +1460,15 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, axis
     >>> dx.ravel(), dw, db
     (array([0., 0.]), array([0.]), array([2.]))
     """
+    return _backward(dy, x, mean, invstd, weight, training, axis, out, None)
+
+
+def _backward(dy, x, mean, invstd, weight, bint training, axis, out, sums_hook):
+    """batch_norm_backward; with training and `sums_hook`, the batch spans several
+    processes: sums_hook(local) gets the local per-channel sums as a (3, C) float64
+    array [sum(dy), sum(dy * (x - mean)), sum(x - mean)] and returns (global sums of the
+    same shape, global elements per channel). dweight and dbias stay this process's
+    contribution."""
     cdef object result_dtype, rd_dy
     cdef cnp.ndarray a, g
     a, result_dtype = _as_input(x, "x")
@@ -1455,6 +1517,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, axis
         j.y_os = gy.os
         j.y_cs = gy.cs
         _plan(&j, cnp.PyArray_ITEMSIZE(a), 2)
+        j.n_total = <double>j.outer * <double>j.inner
         j.s_dy = <double *>malloc(3 * j.nsb * C * sizeof(double) + 1)
         if j.s_dy == NULL:
             raise MemoryError()
@@ -1466,11 +1529,33 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, axis
             elif not training:
                 _launch(&j, K_BEVAL)
                 _sum_units(&j)
-            elif j.nsb == 1:
+            elif j.nsb == 1 and sums_hook is None:
                 _launch(&j, K_BWD)
             else:
                 _launch(&j, K_BSUMS)
                 _sum_units(&j)
+            if training and sums_hook is not None:
+                local = np.empty((3, C), np.float64)
+                _copy_out(<double *>cnp.PyArray_DATA(local), j.s_dy, C)
+                _copy_out(<double *>cnp.PyArray_DATA(local) + C, j.s_dyx, C)
+                _copy_out(<double *>cnp.PyArray_DATA(local) + 2 * C, j.s_xm, C)
+                total, n_total = sums_hook(local.copy())
+                total = np.ascontiguousarray(total, dtype=np.float64)
+                if total.shape != (3, C):
+                    raise ValueError(f"sums_hook must return a (3, {C}) array")
+                j.n_total = float(n_total)
+                _copy_in(j.s_dy, total, 0, C)
+                _copy_in(j.s_dyx, total, C, C)
+                _copy_in(j.s_xm, total, 2 * C, C)
+                for c in range(C):
+                    _bwd_coeffs(&j, c)
+                if _elems(&j) > 0:
+                    _launch(&j, K_BDX)
+                # this process's dweight, dbias, centred like the global gradient
+                for c in range(C):
+                    j.s_dy[c] = local[0, c]
+                    j.s_dyx[c] = local[1, c] - j.lo[c] * local[0, c]
+            elif training and j.nsb > 1:
                 for c in range(C):
                     _bwd_coeffs(&j, c)
                 _launch(&j, K_BDX)

@@ -7,8 +7,11 @@ statistics are those of the batch concatenated over every rank of an MPI communi
   M2 per channel, and a status flag), merged in rank order as
   :func:`bnfast.merge_moments` does, so every rank gets the same, exact global
   statistics;
-* backward: one ``Allreduce`` (sum) of 2*C + 1 float64 (sum dy, sum dy*xhat and a status
-  flag).
+* backward: one ``Allreduce`` (sum) of 3*C + 2 float64 (sum dy, sum dy*(x - mean),
+  sum (x - mean), the count and a status flag).
+
+Both run the compiled kernels of :class:`bnfast.BatchNorm` with the collective between
+the statistics pass and the normalization (or dx) pass.
 
 mpi4py is imported only when a layer needs its default communicator
 (``MPI.COMM_WORLD``); install it with ``pip install "bnfast[mpi]"`` (mpi4py and the
@@ -16,9 +19,9 @@ mpi4py is imported only when a layer needs its default communicator
 """
 import numpy as np
 
-from bnfast._core import batch_norm
+from bnfast._core import _backward, _train
 from bnfast._layers import BatchNorm
-from bnfast._moments import _bcast, _merge_packed, _moments_and_scratch, _pack, _slices
+from bnfast._moments import _merge_packed
 
 __all__ = ["SyncBatchNorm"]
 
@@ -31,6 +34,23 @@ def _default_comm():
                           "communicator: pip install 'bnfast[mpi]' (mpi4py and mpich), "
                           "or pass comm=") from e
     return MPI.COMM_WORLD
+
+
+class _SingleRank:
+    """A communicator of one rank (the buffer-based calls SyncBatchNorm makes), for
+    examples and single-process use without mpi4py."""
+
+    def Get_size(self):
+        return 1
+
+    def Get_rank(self):
+        return 0
+
+    def Allgather(self, sendbuf, recvbuf):
+        np.copyto(recvbuf, np.reshape(sendbuf, np.shape(recvbuf)))
+
+    def Allreduce(self, sendbuf, recvbuf):
+        np.copyto(recvbuf, sendbuf)
 
 
 class _Sync:
@@ -138,115 +158,147 @@ class SyncBatchNorm(BatchNorm):
 
     # -- forward ------------------------------------------------------------------------
     def __call__(self, x, *, out=None):
-        """Normalize x: global batch statistics in training, running ones in eval."""
+        """Normalize x: global batch statistics in training, running ones in eval.
+
+        Parameters
+        ----------
+        x : array_like
+            This rank's shard (any number of samples, 0 included).
+        out : ndarray, keyword-only, optional
+            Written and returned (x's shape and float dtype).
+
+        Returns
+        -------
+        y : ndarray
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from bnfast.distributed import SyncBatchNorm
+        >>> bn = SyncBatchNorm(2, axis=-1, comm=_SingleRank())   # one rank
+        >>> bn(np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)).round(3)
+        array([[-1., -1.],
+               [ 1.,  1.]], dtype=float32)
+        """
         if not self.training:
             return super().__call__(x, out=out)
         comm = self.comm
         C = self.num_features
-        size = comm.Get_size()
-        send = np.zeros(4 * C + 1)
-        err = None
-        with self._lock:
-            try:
-                x = self._check_input(x)
-                ax = self.axis + x.ndim if self.axis < 0 else self.axis
-                rdtype = _check_out(out, x)
-                if out is not None and np.may_share_memory(out, x):
-                    x = x.copy()           # in place: keep the input for backward
-                # float64 data: keep the low part of the local mean (one more pass);
-                # float32/16 data cannot tell it from zero
-                local, scratch = _moments_and_scratch(x, ax, out,
-                                                      compensate=rdtype.itemsize == 8)
-                _pack(local, send)
-            except Exception as e:
-                err = e
-                send[-1] = 1.0
-            recv = np.empty((size, 4 * C + 1))
+        called = []
+
+        def exchange(local):
+            # the one collective of the forward: every rank's (count, mean hi, mean lo,
+            # m2) per channel, merged in rank order (the same result on every rank)
+            called.append(True)
+            send = np.zeros(4 * C + 1)
+            send[:4 * C] = local.T.ravel()
+            recv = np.empty((comm.Get_size(), 4 * C + 1))
             comm.Allgather(send, recv)
-            if err is not None:
-                raise err
             bad = np.flatnonzero(recv[:, -1])
             if bad.size:
                 raise RuntimeError(f"SyncBatchNorm forward failed on rank(s) {bad.tolist()} "
                                    f"(see the error raised there)")
             g = _merge_packed(recv[:, :4 * C])
-            n = g.count
-            if np.any(n <= 1):
-                raise ValueError(f"Expected more than 1 value per channel when training, "
-                                 f"got {int(n.min())} over all ranks (local input size "
-                                 f"{x.shape})")
-            gvar = g.var
-            invstd = 1.0 / np.sqrt(gvar + self.eps)
-            w = (np.ones(C) if self.weight is None
-                 else np.asarray(self.weight, dtype=np.float64))
-            b = (np.zeros(C) if self.bias is None
-                 else np.asarray(self.bias, dtype=np.float64))
-            # y = (x - hi - lo) * w * invstd + b, with the low part folded into the shift
-            shift = b - g._lo * (w * invstd)
-            if x.size == 0:
-                y = out if out is not None else np.empty(x.shape, rdtype)
-            else:
-                y = batch_norm(x, g.mean, gvar, w, shift, False, 0.1, self.eps,
-                               axis=self.axis,
-                               out=scratch if scratch is not None else out)
-            if self.track_running_stats:
-                self.num_batches_tracked += 1
-                f = (1.0 / self.num_batches_tracked if self.momentum is None
-                     else self.momentum)
-                bvar = g.m2 / (n - 1.0) if self.unbiased_running_var else gvar
-                _update_running(self.running_mean, g.mean, f)
-                _update_running(self.running_var, bvar, f)
-            self._saved = (x, (g.mean, g._lo), invstd, _Sync(n))
+            return np.stack([g.count, g.mean, g._lo, g.m2], axis=1)
+
+        with self._lock:
+            update = self.track_running_stats
+            try:
+                x = self._check_input(x)
+                saved_x = x
+                if out is not None and np.may_share_memory(out, x):
+                    saved_x = x.copy()       # in place: keep the input for backward
+                factor = 0.0
+                if update:
+                    self.num_batches_tracked += 1
+                    factor = (1.0 / self.num_batches_tracked if self.momentum is None
+                              else self.momentum)
+                try:
+                    y, mean, invstd = _train(
+                        x, self.weight, self.bias, self.eps, self.axis,
+                        self.running_mean if update else None,
+                        self.running_var if update else None,
+                        factor, out, self.unbiased_running_var, exchange)
+                except BaseException:
+                    if update:
+                        self.num_batches_tracked -= 1
+                    raise
+            except Exception:
+                if not called:               # tell the other ranks, which are waiting
+                    send = np.zeros(4 * C + 1)
+                    send[-1] = 1.0
+                    comm.Allgather(send, np.empty((comm.Get_size(), 4 * C + 1)))
+                raise
+            self._saved = (saved_x, mean, invstd, _Sync(None))
             return y
 
     # -- backward -----------------------------------------------------------------------
     def backward(self, dy, *, out=None):
         """Gradient with respect to this rank's last input.
 
-        After a training forward this is collective (one allreduce of 2*C + 1 float64):
+        After a training forward this is collective (one allreduce of 3*C + 1 float64):
         dx is the gradient of the global normalization, and ``grad_weight`` /
-        ``grad_bias`` are this rank's contributions (sum them over ranks)."""
+        ``grad_bias`` are this rank's contributions (sum them over ranks).
+
+        Parameters
+        ----------
+        dy : array_like
+            Gradient with respect to this rank's output (the shape of the last input).
+        out : ndarray, keyword-only, optional
+            Receives dx.
+
+        Returns
+        -------
+        dx : ndarray
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from bnfast.distributed import SyncBatchNorm
+        >>> bn = SyncBatchNorm(1, axis=-1, dtype=np.float64, comm=_SingleRank())
+        >>> _ = bn(np.array([[1.0], [3.0]]))
+        >>> bn.backward(np.array([[1.0], [1.0]])).ravel(), bn.grad_bias
+        (array([0., 0.]), array([2.]))
+        """
         saved = self._saved
         if saved is None or not isinstance(saved[3], _Sync):
             return super().backward(dy, out=out)
         comm = self.comm
         C = self.num_features
-        send = np.zeros(2 * C + 1)
-        err = None
-        with self._lock:
-            x, mean, invstd, sync = self._saved
-            try:
-                dy = np.asarray(dy)
-                if dy.shape != x.shape:
-                    raise ValueError(f"dy must have the shape of the last input {x.shape}, "
-                                     f"got {dy.shape}")
-                if dy.dtype.kind not in "fiub" or (dy.dtype.kind == "f"
-                                                   and dy.dtype.itemsize > 8):
-                    raise TypeError(f"dy must have a real dtype, got {dy.dtype}")
-                rdtype = _check_out(out, x)
-                ax = self.axis + x.ndim if self.axis < 0 else self.axis
-                s_dy, s_dyx = _local_sums(dy, x, mean, ax)
-                send[:C] = s_dy
-                send[C:2 * C] = s_dyx * invstd
-            except Exception as e:
-                err = e
-                send[-1] = 1.0
+        called = []
+
+        def exchange(local):
+            # the one collective of the backward: sum(dy), sum(dy (x - mean)),
+            # sum(x - mean) per channel, and the global count
+            called.append(True)
+            send = np.zeros(3 * C + 2)
+            send[:3 * C] = local.ravel()
+            send[3 * C] = x.size // C if C else 0
             recv = np.empty_like(send)
             comm.Allreduce(send, recv)
-            if err is not None:
-                raise err
             if recv[-1] != 0:
                 raise RuntimeError("SyncBatchNorm backward failed on another rank (see the "
                                    "error raised there)")
-            n = sync.count
-            w = (np.ones(C) if self.weight is None
-                 else np.asarray(self.weight, dtype=np.float64))
-            k1 = recv[:C] / n                         # mean of dy
-            k2 = recv[C:2 * C] / n * invstd           # mean of dy*xhat, times invstd
-            dx = _grad_input(dy, x, mean, w * invstd, k1, k2, ax, out, rdtype)
+            return recv[:3 * C].reshape(3, C), recv[3 * C]
+
+        with self._lock:
+            x, mean, invstd, _ = saved
+            try:
+                dy_arr = np.asarray(dy)
+                if dy_arr.shape != x.shape:
+                    raise ValueError(f"dy must have the shape of the last input {x.shape}, "
+                                     f"got {dy_arr.shape}")
+                dx, dw, db = _backward(dy_arr, x, mean, invstd, self.weight, True,
+                                       self.axis, out, exchange)
+            except Exception:
+                if not called:
+                    send = np.zeros(3 * C + 2)
+                    send[-1] = 1.0
+                    comm.Allreduce(send, np.empty_like(send))
+                raise
             if self.affine:
-                self.grad_weight = send[C:2 * C].astype(self.dtype)
-                self.grad_bias = send[:C].astype(self.dtype)
+                self.grad_weight = dw.astype(self.dtype, copy=False)
+                self.grad_bias = db.astype(self.dtype, copy=False)
             return dx
 
     # -- pickling -----------------------------------------------------------------------
@@ -254,82 +306,3 @@ class SyncBatchNorm(BatchNorm):
         d = super().__getstate__()
         d["_comm"] = None
         return d
-
-
-
-def _check_out(out, x):
-    """The result dtype for input x (x's float dtype, float64 for integers); checks out."""
-    rdtype = x.dtype if x.dtype.kind == "f" else np.dtype(np.float64)
-    if out is not None:
-        if not isinstance(out, np.ndarray):
-            raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
-        if out.shape != x.shape:
-            raise ValueError(f"out must have shape {x.shape}, got {out.shape}")
-        if out.dtype != rdtype:
-            raise TypeError(f"out must have dtype {rdtype}, got {out.dtype}")
-        if not out.flags.writeable:
-            raise ValueError("out is read-only")
-    return rdtype
-
-
-def _update_running(r, batch, f):
-    """r = (1 - f) * r + f * batch in float64, rounded once (as the core does)."""
-    upd = (1.0 - f) * r.astype(np.float64) + f * np.asarray(batch, dtype=np.float64)
-    np.copyto(r, upd, casting="unsafe")
-
-
-def _einsum_spec(ndim, ax):
-    letters = "abcdefghijklmnopqrstuvwxyz"[:ndim]
-    return f"{letters},{letters}->{letters[ax]}"
-
-
-def _local_sums(dy, x, mean, ax):
-    """float64 per-channel sum(dy) and sum(dy * (x - mean)) over this rank's shard;
-    mean = (hi, lo): x is centred exactly on hi, and lo is folded in at the end."""
-    C = x.shape[ax]
-    axes = tuple(i for i in range(x.ndim) if i != ax)
-    m = _bcast(mean[0], x.ndim, ax)
-    spec = _einsum_spec(x.ndim, ax)
-    s_dy = np.zeros(C)
-    s_dyx = np.zeros(C)
-    if x.size == 0:
-        return s_dy, s_dyx
-    for sl in _slices(x.shape, ax):
-        xc = np.subtract(x[sl], m, dtype=np.float64)
-        s_dy += np.sum(dy[sl], axis=axes, dtype=np.float64)
-        s_dyx += np.einsum(spec, dy[sl], xc, dtype=np.float64)
-    return s_dy, s_dyx - mean[1] * s_dy
-
-
-def _grad_input(dy, x, mean, scale, k1, k2, ax, out, rdtype):
-    """dx = scale * (dy - k1 - (x - mean) * k2), computed as
-    scale * dy + c1 * (x - hi) + c0 in float64 slice by slice and rounded once into out."""
-    if out is None:
-        dx = np.empty(x.shape, dtype=rdtype)
-    elif np.may_share_memory(out, x) or (np.may_share_memory(out, dy)
-                                         and not _same_view(out, dy)):
-        dx = np.empty(x.shape, dtype=rdtype)       # overlapping: compute aside
-    else:
-        dx = out
-    if x.size:
-        hi, lo = mean
-        m = _bcast(hi, x.ndim, ax)
-        ab = _bcast(scale, x.ndim, ax)
-        c1 = _bcast(-scale * k2, x.ndim, ax)
-        c0 = _bcast(-scale * k1 + scale * k2 * lo, x.ndim, ax)
-        for sl in _slices(x.shape, ax):
-            t = np.subtract(x[sl], m, dtype=np.float64)
-            t *= c1
-            t += c0
-            g = np.multiply(dy[sl], ab, dtype=np.float64)
-            np.add(t, g, out=dx[sl], casting="unsafe")
-    if out is not None and dx is not out:
-        np.copyto(out, dx)
-        return out
-    return dx
-
-
-def _same_view(a, b):
-    return (a.shape == b.shape and a.strides == b.strides
-            and a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
-            and a.dtype == b.dtype)

@@ -147,7 +147,8 @@ def test_one_collective_each_way_and_sizes():
     bn(x)
     assert comm.calls == [("Allgather", 4 * 7 + 1)]
     bn.backward(np.ones_like(x))
-    assert comm.calls == [("Allgather", 4 * 7 + 1), ("Allreduce", 2 * 7 + 1)]
+    # sum(dy), sum(dy (x - mean)), sum(x - mean) per channel, the count, a status flag
+    assert comm.calls == [("Allgather", 4 * 7 + 1), ("Allreduce", 3 * 7 + 2)]
 
 
 def test_merge_of_many_ranks_is_exact_and_order_free():
@@ -366,7 +367,7 @@ def test_backward_before_forward_and_errors():
     bn(np.random.default_rng(0).standard_normal((4, 3)))
     with pytest.raises(ValueError, match="shape of the last input"):
         bn.backward(np.ones((3, 3)))
-    with pytest.raises(TypeError, match="real dtype"):
+    with pytest.raises(TypeError, match="real"):
         bn.backward(np.ones((4, 3), np.complex64))
 
 
