@@ -78,7 +78,7 @@ class BatchNorm:
     array([4., 4., 4.])
     """
 
-    _input_ndims = None  # subclasses restrict the input rank like torch
+    _input_ndims: "tuple[int, ...] | None" = None  # subclasses restrict the input rank like torch
     _kind = "BatchNorm"
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
@@ -125,12 +125,35 @@ class BatchNorm:
 
     # -- modes ----------------------------------------------------------------------
     def train(self, mode=True):
-        """Set training mode (batch statistics, running updates); returns self."""
+        """Set training mode (batch statistics, running updates); returns self.
+
+        Parameters
+        ----------
+        mode : bool, default True
+            True: training mode; False: inference mode (same as :meth:`eval`).
+
+        Examples
+        --------
+        >>> import bnfast
+        >>> bn = bnfast.BatchNorm(3).train(False)
+        >>> bn.training, bn.train().training
+        (False, True)
+        """
         self.training = bool(mode)
         return self
 
     def eval(self):
-        """Set inference mode (running statistics); returns self."""
+        """Set inference mode (running statistics); returns self.
+
+        Examples
+        --------
+        >>> import numpy as np, bnfast
+        >>> bn = bnfast.BatchNorm(2, axis=-1).eval()
+        >>> bn.training
+        False
+        >>> bn(np.array([[1.0, 2.0]]))    # running mean 0, variance 1: x / sqrt(1 + eps)
+        array([[0.999995, 1.99999 ]])
+        """
         return self.train(False)
 
     # -- forward / backward -----------------------------------------------------------
@@ -151,7 +174,35 @@ class BatchNorm:
         return x
 
     def __call__(self, x, *, out=None):
-        """Normalize x (batch statistics in training or without running stats)."""
+        """Normalize x (batch statistics in training or without running stats).
+
+        In training mode (with ``track_running_stats``) the running statistics are
+        updated; the input is kept for :meth:`backward`.
+
+        Parameters
+        ----------
+        x : array_like
+            Input with ``num_features`` channels on axis ``axis`` (at least 2-D).
+        out : ndarray, keyword-only, optional
+            Array of x's shape and result dtype to write the result into (may be x
+            itself).
+
+        Returns
+        -------
+        ndarray
+            The normalized input, in x's dtype (float64 for integer inputs).
+
+        Examples
+        --------
+        >>> import numpy as np, bnfast
+        >>> bn = bnfast.BatchNorm(2, axis=-1, dtype=np.float64)
+        >>> x = np.array([[1.0, 10.0], [3.0, 30.0]])
+        >>> np.round(bn(x), 4)                       # batch statistics
+        array([[-1., -1.],
+               [ 1.,  1.]])
+        >>> bn.running_mean, bn.num_batches_tracked
+        (array([0.2, 2. ]), 1)
+        """
         x = self._check_input(x)
         with self._lock:
             use_batch = self.training or not self.track_running_stats
@@ -184,7 +235,30 @@ class BatchNorm:
 
     def backward(self, dy, *, out=None):
         """Gradient with respect to the last forward's input; sets ``grad_weight`` and
-        ``grad_bias`` (None without affine). Returns dx."""
+        ``grad_bias`` (None without affine). Returns dx.
+
+        Parameters
+        ----------
+        dy : array_like
+            Gradient of the loss with respect to the last forward's output (same shape
+            as its input).
+        out : ndarray, keyword-only, optional
+            Array of the input's shape and result dtype to write dx into.
+
+        Returns
+        -------
+        ndarray
+            dx, the gradient with respect to the last forward's input.
+
+        Examples
+        --------
+        >>> import numpy as np, bnfast
+        >>> bn = bnfast.BatchNorm(2, axis=-1, dtype=np.float64)
+        >>> y = bn(np.array([[1.0, 10.0], [3.0, 30.0]]))
+        >>> dx = bn.backward(np.ones((2, 2)))        # a constant dy: no gradient to x
+        >>> bool(np.abs(dx).max() < 1e-12), bn.grad_bias
+        (True, array([2., 2.]))
+        """
         with self._lock:
             if self._saved is None:
                 raise ValueError("backward called before any forward call")
@@ -205,7 +279,17 @@ class BatchNorm:
 
     # -- state ------------------------------------------------------------------------
     def state_dict(self):
-        """Parameters and buffers under PyTorch's key names (numpy arrays)."""
+        """Parameters and buffers under PyTorch's key names (numpy arrays).
+
+        The arrays are the layer's own (not copies). Without ``affine`` there is no
+        ``weight``/``bias``; without ``track_running_stats`` no running statistics.
+
+        Examples
+        --------
+        >>> import bnfast
+        >>> sorted(bnfast.BatchNorm(3).state_dict())
+        ['bias', 'num_batches_tracked', 'running_mean', 'running_var', 'weight']
+        """
         d = {}
         if self.affine:
             d["weight"] = self.weight
@@ -220,7 +304,29 @@ class BatchNorm:
         """Load a mapping with PyTorch's key names (numpy arrays, torch tensors, lists).
 
         Raises ValueError naming the key on a missing key, a wrong shape, or (strict)
-        an unexpected key; nothing is changed then."""
+        an unexpected key; nothing is changed then. Values are copied in the layer's
+        dtype. Returns self.
+
+        Parameters
+        ----------
+        state_dict : mapping
+            Keys as :meth:`state_dict` (``weight``, ``bias``, ``running_mean``,
+            ``running_var``, ``num_batches_tracked``), e.g. a
+            ``torch.nn.BatchNorm*d``'s ``state_dict()``.
+        strict : bool, default True
+            True: every key of :meth:`state_dict` must be present and no other.
+            False: unexpected keys are ignored, and so are missing ones (those
+            attributes keep their values).
+
+        Examples
+        --------
+        >>> import numpy as np, bnfast
+        >>> bn = bnfast.BatchNorm(2, dtype=np.float64)
+        >>> _ = bn.load_state_dict({"running_mean": [1.0, 2.0], "running_var": [4.0, 9.0]},
+        ...                        strict=False)
+        >>> bn.running_mean, bn.running_var, bn.weight
+        (array([1., 2.]), array([4., 9.]), array([1., 1.]))
+        """
         expected = list(self.state_dict())
         missing = [k for k in expected if k not in state_dict]
         if strict:
@@ -260,6 +366,11 @@ class BatchNorm:
         :func:`bnfast.load` (no pickle). Returns the path written (``".npz"`` is
         appended when missing). See :func:`bnfast.interop.save_layer`.
 
+        Parameters
+        ----------
+        path : str or os.PathLike
+            File to write.
+
         Examples
         --------
         >>> import bnfast, tempfile, os
@@ -272,7 +383,28 @@ class BatchNorm:
         return save_layer(self, path)
 
     def freeze(self):
-        """The immutable inference form (running statistics, current weight and bias)."""
+        """The immutable inference form (running statistics, current weight and bias).
+
+        Returns
+        -------
+        FrozenBatchNorm
+            Its ``mean``/``var`` are copies of ``running_mean``/``running_var``; later
+            changes to the layer do not affect it.
+
+        Raises
+        ------
+        ValueError
+            The layer has no running statistics (``track_running_stats=False``).
+
+        Examples
+        --------
+        >>> import numpy as np, bnfast
+        >>> bn = bnfast.BatchNorm(2, axis=-1, dtype=np.float64)
+        >>> _ = bn(np.array([[1.0, 10.0], [3.0, 30.0]]))   # updates the running stats
+        >>> frozen = bn.freeze()
+        >>> frozen.mean, frozen.var
+        (array([0.2, 2. ]), array([ 1.1, 20.9]))
+        """
         if not self.track_running_stats:
             raise ValueError("freeze() needs running statistics (track_running_stats=True)")
         return FrozenBatchNorm(self.running_mean, self.running_var, self.weight, self.bias,
@@ -294,18 +426,73 @@ class BatchNorm:
 
 
 class BatchNorm1d(BatchNorm):
-    """:class:`BatchNorm` for (N, C) or (N, C, L) inputs (channel axis 1)."""
+    """:class:`BatchNorm` for (N, C) or (N, C, L) inputs (channel axis 1).
+
+    Other input ranks raise ValueError, like ``torch.nn.BatchNorm1d``.
+
+    Parameters
+    ----------
+    num_features, eps, momentum, affine, track_running_stats, axis, dtype,
+    unbiased_running_var
+        As :class:`BatchNorm`.
+
+    Examples
+    --------
+    >>> import numpy as np, bnfast
+    >>> bn = bnfast.BatchNorm1d(2, dtype=np.float64)
+    >>> np.round(bn(np.array([[1.0, 10.0], [3.0, 30.0]])), 4)    # (N, C)
+    array([[-1., -1.],
+           [ 1.,  1.]])
+    >>> bn(np.zeros((2, 2, 3, 3)))
+    Traceback (most recent call last):
+    ...
+    ValueError: expected 2D or 3D input (got 4D input)
+    """
     _input_ndims = (2, 3)
     _kind = "BatchNorm1d"
 
 
 class BatchNorm2d(BatchNorm):
-    """:class:`BatchNorm` for (N, C, H, W) inputs (channel axis 1)."""
+    """:class:`BatchNorm` for (N, C, H, W) inputs (channel axis 1).
+
+    Other input ranks raise ValueError, like ``torch.nn.BatchNorm2d``.
+
+    Parameters
+    ----------
+    num_features, eps, momentum, affine, track_running_stats, axis, dtype,
+    unbiased_running_var
+        As :class:`BatchNorm`.
+
+    Examples
+    --------
+    >>> import numpy as np, bnfast
+    >>> bn = bnfast.BatchNorm2d(3)
+    >>> x = np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2)
+    >>> y = bn(x)
+    >>> y.shape, y.dtype, np.round(y.mean(axis=(0, 2, 3)), 5) + 0
+    ((2, 3, 2, 2), dtype('float32'), array([0., 0., 0.], dtype=float32))
+    """
     _input_ndims = (4,)
     _kind = "BatchNorm2d"
 
 
 class BatchNorm3d(BatchNorm):
-    """:class:`BatchNorm` for (N, C, D, H, W) inputs (channel axis 1)."""
+    """:class:`BatchNorm` for (N, C, D, H, W) inputs (channel axis 1).
+
+    Other input ranks raise ValueError, like ``torch.nn.BatchNorm3d``.
+
+    Parameters
+    ----------
+    num_features, eps, momentum, affine, track_running_stats, axis, dtype,
+    unbiased_running_var
+        As :class:`BatchNorm`.
+
+    Examples
+    --------
+    >>> import numpy as np, bnfast
+    >>> bn = bnfast.BatchNorm3d(2).eval()
+    >>> bn(np.ones((1, 2, 2, 2, 2), np.float32)).shape
+    (1, 2, 2, 2, 2)
+    """
     _input_ndims = (5,)
     _kind = "BatchNorm3d"

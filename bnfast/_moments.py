@@ -96,6 +96,11 @@ class Moments:
         """Moments of no data (count 0) for ``num_features`` channels: the identity of
         :func:`merge_moments`.
 
+        Parameters
+        ----------
+        num_features : int
+            Number of channels C (>= 0).
+
         Examples
         --------
         >>> import bnfast
@@ -141,7 +146,26 @@ class Moments:
             return np.where(self._count > 1, self._m2 / (self._count - 1.0), np.nan)
 
     def merge(self, other):
-        """``merge_moments(self, other)``."""
+        """``merge_moments(self, other)``: the moments of both parts' data.
+
+        Parameters
+        ----------
+        other : Moments
+            Same number of channels.
+
+        Returns
+        -------
+        Moments
+
+        Examples
+        --------
+        >>> import numpy as np, bnfast
+        >>> a = bnfast.moments(np.array([[1.0], [2.0]]))
+        >>> b = bnfast.moments(np.array([[3.0], [4.0], [5.0]]))
+        >>> m = a.merge(b)
+        >>> m.count, m.mean, m.m2
+        (array([5.]), array([3.]), array([10.]))
+        """
         return merge_moments(self, other)
 
     def __setattr__(self, name, value):
@@ -480,6 +504,22 @@ class RunningStats:
         """Add a chunk of data (array_like, channel axis ``axis``) or a :class:`Moments`.
 
         Returns self. Raises ValueError (and changes nothing) on a channel mismatch.
+
+        Parameters
+        ----------
+        chunk : array_like or Moments
+            Data with ``num_features`` channels on axis ``axis`` (ndim >= 2; may have
+            no samples), or the :class:`Moments` of some data (e.g. computed
+            elsewhere).
+
+        Examples
+        --------
+        >>> import numpy as np, bnfast
+        >>> rs = bnfast.RunningStats(2, axis=-1)
+        >>> _ = rs.update(np.array([[1.0, 10.0], [3.0, 30.0]]))
+        >>> _ = rs.update(bnfast.moments(np.array([[5.0, 50.0]]), axis=-1))
+        >>> rs.count, rs.mean
+        (array([3., 3.]), array([ 3., 30.]))
         """
         if isinstance(chunk, Moments):
             m = chunk
@@ -499,7 +539,15 @@ class RunningStats:
         return self
 
     def reset(self):
-        """Forget everything; returns self."""
+        """Forget everything; returns self.
+
+        Examples
+        --------
+        >>> import numpy as np, bnfast
+        >>> rs = bnfast.RunningStats(2, axis=-1).update(np.ones((4, 2)))
+        >>> rs.reset().count
+        array([0., 0.])
+        """
         self._m = Moments.empty(self.num_features)
         return self
 
@@ -521,11 +569,27 @@ class RunningStats:
 
         Returns the layer.
 
+        Parameters
+        ----------
+        layer : BatchNorm
+            The layer to set (``num_features`` channels, ``track_running_stats=True``).
+
         Raises
         ------
         ValueError
             The layer has no running statistics or another channel count, or a channel
             has fewer than 2 values (1 for a biased layer).
+
+        Examples
+        --------
+        >>> import numpy as np, bnfast
+        >>> rs = bnfast.RunningStats(1).update(np.array([[1.0], [2.0], [3.0]]))
+        >>> bn = rs.to_batchnorm(bnfast.BatchNorm(1, dtype=np.float64))
+        >>> bn.running_mean, bn.running_var                 # unbiased variance
+        (array([2.]), array([1.]))
+        >>> keras_like = bnfast.BatchNorm(1, dtype=np.float64, unbiased_running_var=False)
+        >>> np.round(rs.to_batchnorm(keras_like).running_var, 6)   # biased variance
+        array([0.666667])
         """
         if getattr(layer, "running_mean", None) is None or \
                 getattr(layer, "running_var", None) is None:
@@ -547,7 +611,36 @@ class RunningStats:
     def freeze(self, weight=None, bias=None, *, eps=1e-5, unbiased=False):
         """A :class:`bnfast.FrozenBatchNorm` that standardizes with these statistics
         (biased variance by default), e.g. to normalize features with the statistics
-        of a whole history. ``axis`` is this object's."""
+        of a whole history. ``axis`` is this object's.
+
+        Parameters
+        ----------
+        weight, bias : array_like of shape (C,), optional
+            Scale and shift applied after standardizing (default: none).
+        eps : float, keyword-only, default 1e-5
+            Added to the variance.
+        unbiased : bool, keyword-only, default False
+            Standardize with the unbiased variance ``m2 / (count - 1)`` instead of the
+            biased one ``m2 / count``.
+
+        Returns
+        -------
+        FrozenBatchNorm
+
+        Raises
+        ------
+        ValueError
+            A channel has too few values for the variance (0, or 1 with ``unbiased``).
+
+        Examples
+        --------
+        >>> import numpy as np, bnfast
+        >>> history = 1e5 + np.array([[1.0, 10.0], [3.0, 30.0]])   # price offsets
+        >>> rs = bnfast.RunningStats(2, axis=-1).update(history)
+        >>> frozen = rs.freeze()
+        >>> np.round(frozen(1e5 + np.array([[2.0, 40.0]])), 4)   # (x - mean) / std
+        array([[0., 2.]])
+        """
         from bnfast._core import FrozenBatchNorm
         var = self._m.var_unbiased if unbiased else self._m.var
         if np.any(np.isnan(var)):

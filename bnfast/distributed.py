@@ -23,7 +23,7 @@ from bnfast._core import _backward, _train
 from bnfast._layers import BatchNorm
 from bnfast._moments import _merge_packed
 
-__all__ = ["SyncBatchNorm"]
+__all__ = ["SingleProcessComm", "SyncBatchNorm"]
 
 
 def _default_comm():
@@ -36,7 +36,7 @@ def _default_comm():
     return MPI.COMM_WORLD
 
 
-class _SingleRank:
+class SingleProcessComm:
     """A communicator of one rank (the buffer-based calls SyncBatchNorm makes), for
     examples and single-process use without mpi4py."""
 
@@ -135,7 +135,33 @@ class SyncBatchNorm(BatchNorm):
     def from_batchnorm(cls, layer, *, comm=None):
         """A SyncBatchNorm with the configuration, parameters and running statistics
         (copied) of a :class:`bnfast.BatchNorm` (like torch's
-        ``convert_sync_batchnorm`` for one layer)."""
+        ``convert_sync_batchnorm`` for one layer).
+
+        The training/eval mode is kept; later changes to ``layer`` do not affect the
+        result.
+
+        Parameters
+        ----------
+        layer : BatchNorm
+            The layer to convert (BatchNorm1d/2d/3d, or a layer from
+            :func:`bnfast.from_torch` / :func:`bnfast.from_keras`).
+        comm : mpi4py communicator, keyword-only, optional
+            As in :class:`SyncBatchNorm` (default ``mpi4py.MPI.COMM_WORLD``).
+
+        Returns
+        -------
+        SyncBatchNorm
+
+        Examples
+        --------
+        >>> import numpy as np, bnfast
+        >>> from bnfast.distributed import SyncBatchNorm, SingleProcessComm
+        >>> bn = bnfast.BatchNorm(2, axis=-1, dtype=np.float64)
+        >>> _ = bn(np.array([[1.0, 10.0], [3.0, 30.0]]))
+        >>> sbn = SyncBatchNorm.from_batchnorm(bn, comm=SingleProcessComm())   # one rank
+        >>> sbn.running_mean, sbn.num_batches_tracked, sbn.training
+        (array([0.2, 2. ]), 1, True)
+        """
         new = cls(layer.num_features, layer.eps, layer.momentum, layer.affine,
                   layer.track_running_stats, axis=layer.axis, dtype=layer.dtype,
                   comm=comm, unbiased_running_var=getattr(layer, "unbiased_running_var",
@@ -174,8 +200,9 @@ class SyncBatchNorm(BatchNorm):
         Examples
         --------
         >>> import numpy as np
-        >>> from bnfast.distributed import SyncBatchNorm
-        >>> bn = SyncBatchNorm(2, axis=-1, comm=_SingleRank())   # one rank
+        >>> from bnfast.distributed import SyncBatchNorm, SingleProcessComm
+        >>> # under mpiexec: comm=MPI.COMM_WORLD (the default); here a one-rank stand-in
+        >>> bn = SyncBatchNorm(2, axis=-1, comm=SingleProcessComm())
         >>> bn(np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)).round(3)
         array([[-1., -1.],
                [ 1.,  1.]], dtype=float32)
@@ -254,8 +281,8 @@ class SyncBatchNorm(BatchNorm):
         Examples
         --------
         >>> import numpy as np
-        >>> from bnfast.distributed import SyncBatchNorm
-        >>> bn = SyncBatchNorm(1, axis=-1, dtype=np.float64, comm=_SingleRank())
+        >>> from bnfast.distributed import SyncBatchNorm, SingleProcessComm
+        >>> bn = SyncBatchNorm(1, axis=-1, dtype=np.float64, comm=SingleProcessComm())  # one rank
         >>> _ = bn(np.array([[1.0], [3.0]]))
         >>> bn.backward(np.array([[1.0], [1.0]])).ravel(), bn.grad_bias
         (array([0., 0.]), array([2.]))

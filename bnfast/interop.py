@@ -548,13 +548,17 @@ def from_keras(layer):
 
     Examples
     --------
-    >>> import os; os.environ.setdefault("KERAS_BACKEND", "torch")  # doctest: +SKIP
-    >>> import keras, numpy as np, bnfast                            # doctest: +SKIP
-    >>> kbn = keras.layers.BatchNormalization()                      # doctest: +SKIP
-    >>> kbn.build((None, 4))                                         # doctest: +SKIP
-    >>> bn = bnfast.from_keras(kbn)                                  # doctest: +SKIP
-    >>> bn.axis, bn.eps, round(bn.momentum, 6), bn.unbiased_running_var  # doctest: +SKIP
+    Any Keras backend (the tests use ``KERAS_BACKEND=torch``):
+
+    >>> import keras, numpy as np, bnfast
+    >>> kbn = keras.layers.BatchNormalization()
+    >>> kbn.build((None, 4))
+    >>> bn = bnfast.from_keras(kbn)
+    >>> bn.axis, bn.eps, round(bn.momentum, 6), bn.unbiased_running_var
     (-1, 0.001, 0.01, False)
+    >>> x = np.arange(8.0, dtype=np.float32).reshape(2, 4)
+    >>> np.allclose(bn(x), keras.ops.convert_to_numpy(kbn(x)))   # inference: the same
+    True
     """
     needed = ("axis", "epsilon", "momentum", "center", "scale", "moving_mean",
               "moving_variance")
