@@ -1,0 +1,271 @@
+"""The command line (`python -m bnfast info|bench`), show_config, and the benchmark table/ratio code.
+
+Subprocess runs use the hidden `bench --tiny` sweep (tiny arrays, ~5 s with the peers' imports);
+nothing here asserts a time.
+"""
+import importlib.util
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import bnfast
+from bnfast import _bench
+from bnfast._config import config_info, show_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+HAVE_ORT = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
+
+
+def _run(*args, timeout=300):
+    env = dict(os.environ)
+    # the subprocess imports the same bnfast as this process
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(bnfast.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([pkg_parent] + [p for p in [env.get("PYTHONPATH")] if p])
+    env.setdefault("MPLBACKEND", "Agg")
+    return subprocess.run([sys.executable, "-m", "bnfast", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+def _fields(text):
+    out = {}
+    for line in text.splitlines():
+        k, sep, v = line.partition(":")
+        if sep:
+            out.setdefault(k.strip(), v.strip())
+    return out
+
+
+# ------------------------------------------------------------------------------------- info
+
+def test_info_prints_the_fields():
+    r = _run("info", timeout=120)
+    assert r.returncode == 0, r.stderr
+    f = _fields(r.stdout)
+    for key in ("bnfast", "compiler", "OpenMP", "OpenMP runtime", "threads", "SIMD ISA", "NumPy", "Python"):
+        assert key in f and f[key], (key, r.stdout)
+    assert f["bnfast"] == bnfast.__version__
+    assert f["NumPy"] == np.__version__
+    build = bnfast._core._build_info()
+    assert f["SIMD ISA"] == build["simd_isa"]
+    assert f["OpenMP"].startswith("enabled" if build["openmp"] else "disabled")
+    assert int(f["threads"]) >= 1
+    assert f["Python"].startswith("%d.%d." % sys.version_info[:2])
+
+
+def test_show_config_matches_config_info():
+    buf = io.StringIO()
+    show_config(file=buf)
+    f = _fields(buf.getvalue())
+    info = config_info()
+    assert set(info) <= set(f)
+    assert f["threads"] == str(bnfast.get_num_threads())
+    bnfast.set_num_threads(1)
+    try:
+        assert config_info()["threads"] == "1"
+    finally:
+        bnfast.set_num_threads(None)
+
+
+def test_show_config_names_the_openmp_runtime_with_threadpoolctl():
+    pytest.importorskip("threadpoolctl")
+    if not bnfast._core._build_info()["openmp"]:
+        pytest.skip("built without OpenMP")
+    rt = config_info()["OpenMP runtime"]
+    assert re.search(r"gomp|iomp|omp", rt), rt
+
+
+# ------------------------------------------------------------------------------------- bench
+
+def _parse_markdown(text):
+    rows = [line for line in text.splitlines() if line.startswith("|")]
+    head = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert set(rows[1].replace("|", "").replace("-", "").replace(":", "")) <= {""}
+    return head, [dict(zip(head, (c.strip() for c in r.strip("|").split("|")))) for r in rows[2:]]
+
+
+def _num(s):
+    return float(s.replace(",", "").rstrip("×"))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    png = tmp_path_factory.mktemp("plot") / "bench.png"
+    args = ["bench", "--tiny", "--markdown", "--threads", "1"]
+    if HAVE_MPL:
+        args += ["--plot", str(png)]
+    r = _run(*args)
+    return r, png
+
+
+def test_bench_markdown_table(tiny_run):
+    r, _ = tiny_run
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[  1/" in r.stderr                         # progress on stderr
+    assert "|" not in r.stderr
+    head, rows = _parse_markdown(r.stdout)
+    for col in ("op", "variant", "shape / layout", "copy µs", "bnfast µs", "bnfast/copy", "NumPy/bnfast"):
+        assert col in head
+    assert ("PyTorch/bnfast" in head) == HAVE_TORCH
+    assert ("ONNX Runtime/bnfast" in head) == HAVE_ORT
+    ops = {row["op"] for row in rows}
+    assert {"eval", "train", "backward"} <= ops
+    assert {row["variant"] for row in rows if row["op"] == "eval"} == {
+        "out=", "alloc", "Frozen, out=", "Frozen, alloc"}
+    # train needs > 1 value per channel: no (1, 64) train row
+    assert not any(row["op"] == "train" and row["shape / layout"] == "1x64 NC" for row in rows)
+    for row in rows:
+        assert row["thr"] == "1"
+        copy, bn, ratio = _num(row["copy µs"]), _num(row["bnfast µs"]), _num(row["bnfast/copy"])
+        assert copy > 0 and bn > 0
+        # the printed ratio is the ratio of the printed times (up to their rounding)
+        assert ratio == pytest.approx(bn / copy, rel=0.1, abs=0.02)
+        assert _num(row["NumPy/bnfast"]) > 0
+
+
+def test_bench_plot_writes_png(tiny_run):
+    if not HAVE_MPL:
+        pytest.skip("matplotlib is not installed")
+    r, png = tiny_run
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_bench_plot_without_matplotlib_is_a_clear_error(tmp_path):
+    if HAVE_MPL:
+        pytest.skip("matplotlib is installed")
+    r = _run("bench", "--tiny", "--no-peers", "--plot", str(tmp_path / "x.png"))
+    assert r.returncode == 2
+    assert "matplotlib" in r.stderr
+
+
+def test_bench_help_and_bad_arguments():
+    r = _run("bench", "--help", timeout=120)
+    assert r.returncode == 0
+    for opt in ("--quick", "--threads", "--plot", "--markdown", "np.copyto"):
+        assert opt in r.stdout
+    assert "--tiny" not in r.stdout
+    assert _run("bench", "--threads", "0", timeout=120).returncode == 2
+    r = _run("bench", "--ops", "eval,nope", timeout=120)
+    assert r.returncode == 2 and "nope" in r.stderr
+    assert _run(timeout=120).returncode == 2          # no command: usage
+
+
+# ------------------------------------------------------------------------------ table / ratios
+
+def _res(op, impl, seconds, case="1x64", threads=1, dtype="float32"):
+    c = _bench.CASES[case]
+    return dict(op=op, case=case, shape=c.shape, layout=c.layout, axis=c.axis, dtype=dtype,
+                threads=threads, impl=impl, seconds=seconds, nbytes=c.size * 4)
+
+
+def test_table_ratios_are_computed_from_the_medians():
+    results = [_res("eval", "copy", 1e-6), _res("eval", "bnfast", 2e-6), _res("eval", "frozen-out", 5e-7),
+               _res("eval", "numpy", 8e-6), _res("eval", "torch", 30e-6)]
+    rows = {r["variant"]: r for r in _bench.table_rows(results)}
+    assert set(rows) == {"out=", "Frozen, out="}
+    assert rows["out="]["x_copy"] == pytest.approx(2.0)
+    assert rows["Frozen, out="]["x_copy"] == pytest.approx(0.5)
+    assert rows["out="]["vs_numpy"] == pytest.approx(4.0)
+    assert rows["Frozen, out="]["vs_torch"] == pytest.approx(60.0)
+    assert rows["out="]["vs_onnxruntime"] is None
+    md = _bench.format_table(results, markdown=True)
+    head, parsed = _parse_markdown(md)
+    assert "ONNX Runtime/bnfast" not in head            # absent peer: no column
+    assert [p["bnfast/copy"] for p in parsed] == ["2.00", "0.50"]
+    assert [p["PyTorch/bnfast"] for p in parsed] == ["15.0×", "60.0×"]
+
+
+def test_ratios_script_reads_pytest_benchmark_json(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bnfast_bench_ratios", os.path.join(ROOT, "benchmarks", "ratios.py"))
+    if spec is None or not os.path.exists(spec.origin):
+        pytest.skip("benchmarks/ratios.py not in this checkout")
+    ratios = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ratios)
+    benches = []
+    for r in [_res("eval", "copy", 1e-6), _res("eval", "frozen-out", 0.8e-6), _res("eval", "frozen", 2e-6),
+              _res("eval", "torch", 9e-6)]:
+        c = _bench.CASES[r["case"]]
+        benches.append({"group": "g", "name": r["impl"], "stats": {"median": r["seconds"]},
+                        "extra_info": dict(op=r["op"], case=r["case"], shape=list(c.shape), layout=c.layout,
+                                           axis=c.axis, dtype=r["dtype"], threads=1, impl=r["impl"],
+                                           nbytes=r["nbytes"])})
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"benchmarks": benches}))
+    assert ratios.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    tgt = {(t[0], t[1]): t for t in ratios.targets(_bench.results_from_pytest(benches))}
+    assert tgt[("FrozenBatchNorm out= / copy (1t)", "1x64")][2] == pytest.approx(0.8)
+    assert tgt[("FrozenBatchNorm out= / copy (1t)", "1x64")][4] is True
+    assert tgt[("FrozenBatchNorm alloc / copy (1t)", "1x64")][4] is False          # 2.0 > 1.5
+    assert tgt[("PyTorch eval / FrozenBatchNorm alloc (1t)", "1x64")][2] == pytest.approx(4.5)
+    assert "| FrozenBatchNorm out= / copy (1t) | 1x64 | 0.80 | <= 1.0 | yes |" in out
+
+
+# ------------------------------------------------------------------------- the harness itself
+
+@pytest.mark.parametrize("op", _bench.OPS)
+@pytest.mark.parametrize("case", ["16x32", "4x8x5x5-NCHW", "4x5x5x8-NHWC"])
+def test_every_bench_implementation_computes_batch_norm(op, case):
+    """The callables the benchmarks time compute the operation (checked against an independent float64
+    formula here, not against bnfast), and a wrong result is caught."""
+    c = {x.id: x for x in _bench.sweep_cases("tiny")}[case]
+    d = _bench.get_data(c, np.float32)
+    x64 = d.x.astype(np.float64)
+    red = d.red
+    mean = x64.mean(axis=red, keepdims=True)
+    var = ((x64 - mean) ** 2).mean(axis=red, keepdims=True)
+    w, b = d.b(d.weight.astype(np.float64)), d.b(d.bias.astype(np.float64))
+    if op == "eval":
+        rm, rv = d.b(d.running_mean.astype(np.float64)), d.b(d.running_var.astype(np.float64))
+        expect = (x64 - rm) / np.sqrt(rv + 1e-5) * w + b
+    elif op == "train":
+        expect = (x64 - mean) / np.sqrt(var + 1e-5) * w + b
+    else:
+        xhat = (x64 - mean) / np.sqrt(var + 1e-5)
+        dy = d.dy.astype(np.float64)
+        n = x64.size // xhat.shape[d.axis]
+        expect = (w / np.sqrt(var + 1e-5)) * (dy - dy.mean(axis=red, keepdims=True)
+                                              - xhat * (dy * xhat).mean(axis=red, keepdims=True))
+        assert n > 1
+    np.testing.assert_allclose(_bench.reference(op, d), expect, rtol=1e-9, atol=1e-9)
+    rows = 2
+    np.testing.assert_allclose(_bench.reference(op, d, rows), expect[:rows], rtol=1e-9, atol=1e-9)
+    for impl in _bench.impls_for(op):
+        try:
+            fn, result = _bench.make(op, c, np.float32, impl, 1)
+        except _bench.Unavailable:
+            continue
+        fn()
+        if result is None:
+            continue
+        got = np.asarray(result(), dtype=np.float64)
+        tol = 1e-2 if impl in ("numpy", "torch", "onnxruntime") else 1e-5   # peers: inexact in float32
+        np.testing.assert_allclose(got, expect, rtol=0, atol=tol * max(1, np.abs(expect).max()), err_msg=impl)
+        if impl == "bnfast":
+            with pytest.raises(AssertionError):
+                _bench.check(op, d, np.zeros_like(got), impl)
+    _bench.clear_data()
+
+
+def test_parallel_copy_roofline_copies():
+    c = _bench.CASES["256x1024"]
+    d = _bench.get_data(c, np.float32)
+    d.out[...] = 0
+    fn, _ = _bench.make_copy(d, threads=3)      # 1 MiB: the plain copy
+    fn()
+    assert np.array_equal(d.out, d.x)
+    d = _bench.get_data(_bench.CASES["2048x1024"], np.float32)
+    d.out[...] = 0
+    fn, _ = _bench.make_copy(d, threads=3)      # 8 MiB: split over 3 threads
+    fn()
+    assert np.array_equal(d.out, d.x)
+    _bench.clear_data()
