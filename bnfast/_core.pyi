@@ -8,7 +8,7 @@ the same dtype; integer and bool inputs are converted to float64; any other arra
 gives some float array.
 """
 
-from typing import Any, SupportsFloat, SupportsIndex, TypedDict, TypeVar, overload
+from typing import Any, Callable, SupportsFloat, SupportsIndex, TypedDict, TypeVar, overload
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -178,7 +178,20 @@ def _train(
     momentum: SupportsFloat,
     out: NDArray[Any] | None,
     unbiased_running_var: bool,
+    moments_hook: Callable[[NDArray[np.float64]], ArrayLike] | None = None,
 ) -> tuple[NDArray[np.floating[Any]], NDArray[np.float64], NDArray[np.float64]]: ...
+def _backward(
+    dy: ArrayLike,
+    x: ArrayLike,
+    mean: _Param,
+    invstd: _Param,
+    weight: _Param,
+    training: bool,
+    axis: SupportsIndex,
+    out: NDArray[Any] | None,
+    sums_hook: Callable[[NDArray[np.float64]], tuple[ArrayLike, float]] | None,
+) -> tuple[NDArray[np.floating[Any]], NDArray[np.floating[Any]], NDArray[np.floating[Any]]]: ...
+def _set_stream_bytes(n: SupportsIndex) -> int: ...
 
 # --------------------------------------------------------------------------------------
 

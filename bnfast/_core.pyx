@@ -38,6 +38,7 @@ cdef extern from "bnfast_kernels.h" nogil:
     enum: BNF_MAX_WIDTH
     void bnf_moments_merge(bnf_moments *a, const bnf_moments *b)
     const char *bnf_simd_isa()
+    void bnf_stream_fence()
     void bnf_stats_runs_f32(const float *x, Py_ssize_t nruns, Py_ssize_t stride,
                             Py_ssize_t length, bnf_moments *m)
     void bnf_stats_runs_f64(const double *x, Py_ssize_t nruns, Py_ssize_t stride,
@@ -48,16 +49,16 @@ cdef extern from "bnfast_kernels.h" nogil:
                             Py_ssize_t width, bnf_moments *m)
     void bnf_norm_runs_f32(const float *x, Py_ssize_t xs, float *y, Py_ssize_t ys,
                            Py_ssize_t nruns, Py_ssize_t length, double mean,
-                           double scale, double shift)
+                           double scale, double shift, int stream)
     void bnf_norm_runs_f64(const double *x, Py_ssize_t xs, double *y, Py_ssize_t ys,
                            Py_ssize_t nruns, Py_ssize_t length, double mean,
-                           double scale, double shift)
+                           double scale, double shift, int stream)
     void bnf_norm_rows_f32(const float *x, Py_ssize_t xs, float *y, Py_ssize_t ys,
                            Py_ssize_t nrows, Py_ssize_t width, const double *mean,
-                           const double *scale, const double *shift)
+                           const double *scale, const double *shift, int stream)
     void bnf_norm_rows_f64(const double *x, Py_ssize_t xs, double *y, Py_ssize_t ys,
                            Py_ssize_t nrows, Py_ssize_t width, const double *mean,
-                           const double *scale, const double *shift)
+                           const double *scale, const double *shift, int stream)
     void bnf_bwd_sums_runs_f32(const float *dy, Py_ssize_t dys, const float *x,
                                Py_ssize_t xs, Py_ssize_t nruns, Py_ssize_t length,
                                double mean, double *sum_dy, double *sum_dy_xmu,
@@ -76,18 +77,18 @@ cdef extern from "bnfast_kernels.h" nogil:
                                double *sum_xmu)
     void bnf_bwd_dx_runs_f32(const float *dy, Py_ssize_t dys, const float *x,
                              Py_ssize_t xs, float *dx, Py_ssize_t dxs, Py_ssize_t nruns,
-                             Py_ssize_t length, double mean, double a, double k1, double k2)
+                             Py_ssize_t length, double mean, double a, double k1, double k2, int stream)
     void bnf_bwd_dx_runs_f64(const double *dy, Py_ssize_t dys, const double *x,
                              Py_ssize_t xs, double *dx, Py_ssize_t dxs, Py_ssize_t nruns,
-                             Py_ssize_t length, double mean, double a, double k1, double k2)
+                             Py_ssize_t length, double mean, double a, double k1, double k2, int stream)
     void bnf_bwd_dx_rows_f32(const float *dy, Py_ssize_t dys, const float *x,
                              Py_ssize_t xs, float *dx, Py_ssize_t dxs, Py_ssize_t nrows,
                              Py_ssize_t width, const double *mean, const double *a,
-                             const double *k1, const double *k2)
+                             const double *k1, const double *k2, int stream)
     void bnf_bwd_dx_rows_f64(const double *dy, Py_ssize_t dys, const double *x,
                              Py_ssize_t xs, double *dx, Py_ssize_t dxs, Py_ssize_t nrows,
                              Py_ssize_t width, const double *mean, const double *a,
-                             const double *k1, const double *k2)
+                             const double *k1, const double *k2, int stream)
 
 
 # ----------------------------------------------------------------------------------
@@ -100,7 +101,7 @@ DEF FUSE_BYTES = 1 << 20
 # Elements per unit when a channel or block is larger than that.
 DEF SUPER_ELEMS = 1 << 18
 # Below this many elements per thread, no OpenMP region at all.
-DEF PAR_MIN_ELEMS = 1 << 15
+DEF PAR_MIN_ELEMS = 1 << 16
 # Below this many elements the GIL is kept (releasing it costs more than the work).
 DEF NOGIL_MIN_ELEMS = 4096
 
@@ -109,6 +110,19 @@ DEF NOGIL_MIN_ELEMS = 4096
 # Threads
 
 cdef int _num_threads = 0      # 0: follow OpenMP (OMP_NUM_THREADS, threadpoolctl)
+
+# Outputs of at least this many bytes are written with streaming (non-temporal) stores:
+# they bypass the caches, which saves reading each output line before writing it.
+cdef Py_ssize_t _stream_bytes = 1 << 23
+
+
+def _set_stream_bytes(n):
+    """Set the output size from which streaming stores are used (tuning, benchmarks);
+    returns the previous value."""
+    global _stream_bytes
+    old = _stream_bytes
+    _stream_bytes = int(n)
+    return old
 
 
 def set_num_threads(n):
@@ -296,6 +310,7 @@ ctypedef struct Job:
     char *dy
     Py_ssize_t dy_os, dy_cs
     double eps
+    int stream                     # non-temporal stores for the output (large outputs)
     double n_total                 # elements per channel in the whole (maybe global) batch
     # per channel [C]
     double *hi                     # mean, high part
@@ -397,16 +412,16 @@ cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
         if rows:
             if j.f64:
                 bnf_norm_rows_f64(<double *>x, j.x_os, <double *>y, j.y_os, nr, w,
-                                  j.hi + c0, j.scale + c0, j.shift + c0)
+                                  j.hi + c0, j.scale + c0, j.shift + c0, j.stream)
             else:
                 bnf_norm_rows_f32(<float *>x, j.x_os, <float *>y, j.y_os, nr, w,
-                                  j.hi + c0, j.scale + c0, j.shift + c0)
+                                  j.hi + c0, j.scale + c0, j.shift + c0, j.stream)
         elif j.f64:
             bnf_norm_runs_f64(<double *>x, j.x_os, <double *>y, j.y_os, nr, j.inner,
-                              j.hi[c0], j.scale[c0], j.shift[c0])
+                              j.hi[c0], j.scale[c0], j.shift[c0], j.stream)
         else:
             bnf_norm_runs_f32(<float *>x, j.x_os, <float *>y, j.y_os, nr, j.inner,
-                              j.hi[c0], j.scale[c0], j.shift[c0])
+                              j.hi[c0], j.scale[c0], j.shift[c0], j.stream)
         return
     if kind == K_BSUMS or kind == K_BWD or kind == K_BEVAL:
         if rows:
@@ -434,17 +449,17 @@ cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
         if j.f64:
             bnf_bwd_dx_rows_f64(<double *>dy, j.dy_os, <double *>x, j.x_os,
                                 <double *>y, j.y_os, nr, w, j.hi + c0, j.scale + c0,
-                                j.k1 + c0, j.k2 + c0)
+                                j.k1 + c0, j.k2 + c0, j.stream)
         else:
             bnf_bwd_dx_rows_f32(<float *>dy, j.dy_os, <float *>x, j.x_os,
                                 <float *>y, j.y_os, nr, w, j.hi + c0, j.scale + c0,
-                                j.k1 + c0, j.k2 + c0)
+                                j.k1 + c0, j.k2 + c0, j.stream)
     elif j.f64:
         bnf_bwd_dx_runs_f64(<double *>dy, j.dy_os, <double *>x, j.x_os, <double *>y,
-                            j.y_os, nr, j.inner, j.hi[c0], j.scale[c0], j.k1[c0], j.k2[c0])
+                            j.y_os, nr, j.inner, j.hi[c0], j.scale[c0], j.k1[c0], j.k2[c0], j.stream)
     else:
         bnf_bwd_dx_runs_f32(<float *>dy, j.dy_os, <float *>x, j.x_os, <float *>y,
-                            j.y_os, nr, j.inner, j.hi[c0], j.scale[c0], j.k1[c0], j.k2[c0])
+                            j.y_os, nr, j.inner, j.hi[c0], j.scale[c0], j.k1[c0], j.k2[c0], j.stream)
 
 
 cdef void _norm_unit(Job *j, Py_ssize_t u) noexcept nogil:
@@ -457,10 +472,10 @@ cdef void _norm_unit(Job *j, Py_ssize_t u) noexcept nogil:
     if j.inner == 1:
         if j.f64:
             bnf_norm_rows_f64(<double *>x, j.x_os, <double *>y, j.y_os, nr, j.C,
-                              j.hi, j.scale, j.shift)
+                              j.hi, j.scale, j.shift, j.stream)
         else:
             bnf_norm_rows_f32(<float *>x, j.x_os, <float *>y, j.y_os, nr, j.C,
-                              j.hi, j.scale, j.shift)
+                              j.hi, j.scale, j.shift, j.stream)
         return
     if j.inner < 256:
         # short runs: one call per channel over the block's rows (the block is ~1 MiB)
@@ -468,39 +483,41 @@ cdef void _norm_unit(Job *j, Py_ssize_t u) noexcept nogil:
             if j.f64:
                 bnf_norm_runs_f64(<double *>x + c * j.x_cs, j.x_os,
                                   <double *>y + c * j.y_cs, j.y_os, nr, j.inner,
-                                  j.hi[c], j.scale[c], j.shift[c])
+                                  j.hi[c], j.scale[c], j.shift[c], j.stream)
             else:
                 bnf_norm_runs_f32(<float *>x + c * j.x_cs, j.x_os,
                                   <float *>y + c * j.y_cs, j.y_os, nr, j.inner,
-                                  j.hi[c], j.scale[c], j.shift[c])
+                                  j.hi[c], j.scale[c], j.shift[c], j.stream)
         return
     for r in range(nr):                 # long runs: strictly in memory order
         for c in range(j.C):
             if j.f64:
                 bnf_norm_runs_f64(<double *>x + r * j.x_os + c * j.x_cs, 0,
                                   <double *>y + r * j.y_os + c * j.y_cs, 0, 1, j.inner,
-                                  j.hi[c], j.scale[c], j.shift[c])
+                                  j.hi[c], j.scale[c], j.shift[c], j.stream)
             else:
                 bnf_norm_runs_f32(<float *>x + r * j.x_os + c * j.x_cs, 0,
                                   <float *>y + r * j.y_os + c * j.y_cs, 0, 1, j.inner,
-                                  j.hi[c], j.scale[c], j.shift[c])
+                                  j.hi[c], j.scale[c], j.shift[c], j.stream)
+
+
+cdef inline void _any_unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
+    if kind == K_NORM:
+        _norm_unit(j, u)
+    else:
+        _unit(j, kind, u)
+    if j.stream:
+        bnf_stream_fence()
 
 
 cdef void _run(Job *j, int kind, Py_ssize_t nunits, int nthreads) noexcept nogil:
     cdef Py_ssize_t u
     if nthreads <= 1:
-        if kind == K_NORM:
-            for u in range(nunits):
-                _norm_unit(j, u)
-        else:
-            for u in range(nunits):
-                _unit(j, kind, u)
-    elif kind == K_NORM:
-        for u in prange(nunits, num_threads=nthreads, schedule='static'):
-            _norm_unit(j, u)
+        for u in range(nunits):
+            _any_unit(j, kind, u)
     else:
         for u in prange(nunits, num_threads=nthreads, schedule='static'):
-            _unit(j, kind, u)
+            _any_unit(j, kind, u)
 
 
 cdef void _launch(Job *j, int kind) noexcept:
@@ -907,6 +924,7 @@ cdef object _normalize(object x, object out, int axis_in, Py_ssize_t C_expected,
     j.shift = <double *>shift
     if _elems(&j) > 0:
         _plan(&j, cnp.PyArray_ITEMSIZE(a), 1)
+        j.stream = _elems(&j) * cnp.PyArray_ITEMSIZE(a) >= _stream_bytes
         _launch(&j, K_NORM)
     return _finish(out, y, result_dtype)
 
@@ -1060,11 +1078,11 @@ cdef class FrozenBatchNorm:
                 if t == cnp.NPY_FLOAT32:
                     bnf_norm_rows_f32(<float *>cnp.PyArray_DATA(a), C,
                                       <float *>cnp.PyArray_DATA(o), C, rows, C,
-                                      b, b + 2 * C, b + 3 * C)
+                                      b, b + 2 * C, b + 3 * C, 0)
                 else:
                     bnf_norm_rows_f64(<double *>cnp.PyArray_DATA(a), C,
                                       <double *>cnp.PyArray_DATA(o), C, rows, C,
-                                      b, b + 2 * C, b + 3 * C)
+                                      b, b + 2 * C, b + 3 * C, 0)
                 return o
         return _normalize(x, out, self._axis_int, C, b, b + 2 * C, b + 3 * C)
 
@@ -1318,6 +1336,7 @@ def _train(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
         j.y_os = gy.os
         j.y_cs = gy.cs
         _plan(&j, cnp.PyArray_ITEMSIZE(a), 1)
+        j.stream = _elems(&j) * cnp.PyArray_ITEMSIZE(a) >= _stream_bytes
         j.mom = <bnf_moments *>malloc(j.nsb * C * sizeof(bnf_moments) + 1)
         if j.mom == NULL:
             raise MemoryError()
@@ -1517,6 +1536,7 @@ def _backward(dy, x, mean, invstd, weight, bint training, axis, out, sums_hook):
         j.y_os = gy.os
         j.y_cs = gy.cs
         _plan(&j, cnp.PyArray_ITEMSIZE(a), 2)
+        j.stream = _elems(&j) * cnp.PyArray_ITEMSIZE(a) >= _stream_bytes
         j.n_total = <double>j.outer * <double>j.inner
         j.s_dy = <double *>malloc(3 * j.nsb * C * sizeof(double) + 1)
         if j.s_dy == NULL:

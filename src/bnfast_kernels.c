@@ -17,6 +17,54 @@
 #define BNF_INLINE
 #endif
 
+/* Streaming (non-temporal) stores for large outputs: the line is written without being
+ * read first, and without evicting the input from cache.  SSE2 is the x86-64 baseline,
+ * so every ISA clone can use them; elsewhere a plain copy. */
+#if defined(__x86_64__) || defined(_M_X64)
+#include <emmintrin.h>
+#define BNF_HAVE_STREAM 1
+#else
+#define BNF_HAVE_STREAM 0
+#endif
+#include <stdint.h>
+#include <string.h>
+
+static inline BNF_INLINE void bnf_stream_f32(float *dst, const float *src, ptrdiff_t n)
+{
+#if BNF_HAVE_STREAM
+    ptrdiff_t i = 0;
+    for (; i < n && ((uintptr_t)(dst + i) & 15); i++) dst[i] = src[i];
+    for (; i + 4 <= n; i += 4) _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
+    for (; i < n; i++) dst[i] = src[i];
+#else
+    memcpy(dst, src, (size_t)n * sizeof(float));
+#endif
+}
+
+static inline BNF_INLINE void bnf_stream_f64(double *dst, const double *src, ptrdiff_t n)
+{
+#if BNF_HAVE_STREAM
+    ptrdiff_t i = 0;
+    for (; i < n && ((uintptr_t)(dst + i) & 15); i++) dst[i] = src[i];
+    for (; i + 2 <= n; i += 2) _mm_stream_pd(dst + i, _mm_loadu_pd(src + i));
+    for (; i < n; i++) dst[i] = src[i];
+#else
+    memcpy(dst, src, (size_t)n * sizeof(double));
+#endif
+}
+
+/* Streaming stores are weakly ordered: the caller fences once per work unit, before
+ * other threads may read the output. */
+void bnf_stream_fence(void)
+{
+#if BNF_HAVE_STREAM
+    _mm_sfence();
+#endif
+}
+
+/* Elements per chunk staged in L1 before a streaming store. */
+#define BNF_CHUNK 1024
+
 /* Accumulator lanes: a fixed count, so sums are identical for every vector width. */
 #define BNF_LANES 32
 
@@ -47,12 +95,16 @@ const char *bnf_simd_isa(void)
 
 #define T float
 #define S f32
+#define BNF_REDO_RATIO (1.0 - 0x1p-20)
 #include "bnfast_kernels_impl.h"
+#undef BNF_REDO_RATIO
 #undef T
 #undef S
 
 #define T double
 #define S f64
+#define BNF_REDO_RATIO 0.5
 #include "bnfast_kernels_impl.h"
+#undef BNF_REDO_RATIO
 #undef T
 #undef S

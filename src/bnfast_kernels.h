@@ -8,6 +8,9 @@
  * The Cython layer splits an array into units, runs them in an OpenMP loop and merges
  * the per-unit results in a fixed order, so results do not depend on the thread count.
  *
+ * `stream` (normalize and dx kernels): write the output with non-temporal stores, for
+ * outputs larger than the caches.
+ *
  * Numerics: statistics accumulate in double with a fixed lane structure (independent of
  * the SIMD width chosen at run time), two passes per cache-resident tile, tiles merged
  * with Chan's formula.  The mean is carried as hi + lo (double-double-like); the
@@ -51,6 +54,9 @@ static inline void bnf_moments_merge(bnf_moments *a, const bnf_moments *b)
 }
 
 
+/* Order the streaming stores of this thread before later stores (call once per unit). */
+void bnf_stream_fence(void);
+
 /* Name of the SIMD ISA the kernels dispatch to on this CPU. */
 const char *bnf_simd_isa(void);
 
@@ -61,10 +67,10 @@ const char *bnf_simd_isa(void);
                             ptrdiff_t width, bnf_moments *m);                             \
     void bnf_norm_runs_##S(const T *x, ptrdiff_t xstride, T *y, ptrdiff_t ystride,        \
                            ptrdiff_t nruns, ptrdiff_t len, double mean, double scale,     \
-                           double shift);                                                 \
+                           double shift, int stream);                                     \
     void bnf_norm_rows_##S(const T *x, ptrdiff_t xstride, T *y, ptrdiff_t ystride,        \
                            ptrdiff_t nrows, ptrdiff_t width, const double *mean,          \
-                           const double *scale, const double *shift);                     \
+                           const double *scale, const double *shift, int stream);         \
     void bnf_bwd_sums_runs_##S(const T *dy, ptrdiff_t dystride, const T *x,               \
                                ptrdiff_t xstride, ptrdiff_t nruns, ptrdiff_t len,         \
                                double mean, double *sum_dy, double *sum_dy_xmu,           \
@@ -76,11 +82,12 @@ const char *bnf_simd_isa(void);
     void bnf_bwd_dx_runs_##S(const T *dy, ptrdiff_t dystride, const T *x,                 \
                              ptrdiff_t xstride, T *dx, ptrdiff_t dxstride,                \
                              ptrdiff_t nruns, ptrdiff_t len, double mean, double a,       \
-                             double k1, double k2);                                       \
+                             double k1, double k2, int stream);                           \
     void bnf_bwd_dx_rows_##S(const T *dy, ptrdiff_t dystride, const T *x,                 \
                              ptrdiff_t xstride, T *dx, ptrdiff_t dxstride,                \
                              ptrdiff_t nrows, ptrdiff_t width, const double *mean,        \
-                             const double *a, const double *k1, const double *k2);
+                             const double *a, const double *k1, const double *k2,         \
+                             int stream);
 
 BNF_DECLARE(float, f32)
 BNF_DECLARE(double, f64)

@@ -36,15 +36,17 @@ static inline BNF_INLINE void BNF_NAME(shifted_sums_runs)(const T *x, ptrdiff_t 
 }
 
 /* Moments of one cache-resident tile: one pass around `shift` (the mean so far), and a
- * second pass around the tile's own mean only when the first would lose more than a bit
- * to cancellation (sd^2 / n > sdd / 2), so the result is as exact as two passes. */
+ * second pass around the tile's own mean only when the first loses too much to
+ * cancellation (sd^2 / n > BNF_REDO_RATIO * sdd): for double data more than one bit; for
+ * float data more than 20 of the 53 bits, which leaves the variance ~1e-10 exact, far
+ * below a float's resolution.  The result is as exact as two passes would make it. */
 static inline BNF_INLINE void BNF_NAME(tile_runs)(const T *x, ptrdiff_t nruns,
                                                  ptrdiff_t stride, ptrdiff_t len,
                                                  double shift, bnf_moments *t)
 {
     double n = (double)nruns * (double)len, sd, sdd;
     BNF_NAME(shifted_sums_runs)(x, nruns, stride, len, shift, &sd, &sdd);
-    if (sd * sd > 0.5 * n * sdd) {
+    if (sd * sd > BNF_REDO_RATIO * n * sdd) {
         shift += sd / n;
         BNF_NAME(shifted_sums_runs)(x, nruns, stride, len, shift, &sd, &sdd);
     }
@@ -130,7 +132,7 @@ BNF_CLONES void BNF_NAME(bnf_stats_rows)(const T *x, ptrdiff_t nrows, ptrdiff_t 
         double n = (double)k;
         int redo = 0;
         BNF_NAME(shifted_sums_rows)(base, k, stride, width, shift, s1, s2);
-        for (ptrdiff_t c = 0; c < width; c++) redo |= s1[c] * s1[c] > 0.5 * n * s2[c];
+        for (ptrdiff_t c = 0; c < width; c++) redo |= s1[c] * s1[c] > BNF_REDO_RATIO * n * s2[c];
         if (redo) {
             for (ptrdiff_t c = 0; c < width; c++) shift[c] += s1[c] / n;
             BNF_NAME(shifted_sums_rows)(base, k, stride, width, shift, s1, s2);
@@ -153,28 +155,39 @@ BNF_CLONES void BNF_NAME(bnf_stats_rows)(const T *x, ptrdiff_t nrows, ptrdiff_t 
  * low part into shift. */
 BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, T *y,
                                         ptrdiff_t ystride, ptrdiff_t nruns, ptrdiff_t len,
-                                        double mean, double scale, double shift)
+                                        double mean, double scale, double shift, int stream)
 {
+    T tmp[BNF_CHUNK];
     for (ptrdiff_t r = 0; r < nruns; r++) {
-        const T *p = x + r * xstride;
-        T *q = y + r * ystride;
+        for (ptrdiff_t i0 = 0; i0 < len; i0 += BNF_CHUNK) {
+            ptrdiff_t n = len - i0 < BNF_CHUNK ? len - i0 : BNF_CHUNK;
+            const T *p = x + r * xstride + i0;
+            T *q = stream ? tmp : y + r * ystride + i0;
 #pragma omp simd
-        for (ptrdiff_t i = 0; i < len; i++)
-            q[i] = (T)(((double)p[i] - mean) * scale + shift);
+            for (ptrdiff_t i = 0; i < n; i++)
+                q[i] = (T)(((double)p[i] - mean) * scale + shift);
+            if (stream) BNF_NAME(bnf_stream)(y + r * ystride + i0, tmp, n);
+        }
     }
 }
 
 BNF_CLONES void BNF_NAME(bnf_norm_rows)(const T *x, ptrdiff_t xstride, T *y,
                                         ptrdiff_t ystride, ptrdiff_t nrows, ptrdiff_t width,
                                         const double *mean, const double *scale,
-                                        const double *shift)
+                                        const double *shift, int stream)
 {
+    T tmp[BNF_CHUNK];
     for (ptrdiff_t r = 0; r < nrows; r++) {
-        const T *p = x + r * xstride;
-        T *q = y + r * ystride;
+        for (ptrdiff_t c0 = 0; c0 < width; c0 += BNF_CHUNK) {
+            ptrdiff_t n = width - c0 < BNF_CHUNK ? width - c0 : BNF_CHUNK;
+            const T *p = x + r * xstride + c0;
+            T *q = stream ? tmp : y + r * ystride + c0;
+            const double *m = mean + c0, *a = scale + c0, *b = shift + c0;
 #pragma omp simd
-        for (ptrdiff_t c = 0; c < width; c++)
-            q[c] = (T)(((double)p[c] - mean[c]) * scale[c] + shift[c]);
+            for (ptrdiff_t c = 0; c < n; c++)
+                q[c] = (T)(((double)p[c] - m[c]) * a[c] + b[c]);
+            if (stream) BNF_NAME(bnf_stream)(y + r * ystride + c0, tmp, n);
+        }
     }
 }
 
@@ -253,19 +266,24 @@ BNF_CLONES void BNF_NAME(bnf_bwd_sums_rows)(const T *dy, ptrdiff_t dystride, con
 BNF_CLONES void BNF_NAME(bnf_bwd_dx_runs)(const T *dy, ptrdiff_t dystride, const T *x,
                                           ptrdiff_t xstride, T *dx, ptrdiff_t dxstride,
                                           ptrdiff_t nruns, ptrdiff_t len, double mean,
-                                          double a, double k1, double k2)
+                                          double a, double k1, double k2, int stream)
 {
+    T tmp[BNF_CHUNK];
     for (ptrdiff_t r = 0; r < nruns; r++) {
-        const T *g = dy + r * dystride;
-        T *q = dx + r * dxstride;
-        if (!x) {
+        for (ptrdiff_t i0 = 0; i0 < len; i0 += BNF_CHUNK) {
+            ptrdiff_t n = len - i0 < BNF_CHUNK ? len - i0 : BNF_CHUNK;
+            const T *g = dy + r * dystride + i0;
+            T *q = stream ? tmp : dx + r * dxstride + i0;
+            if (!x) {
 #pragma omp simd
-            for (ptrdiff_t i = 0; i < len; i++) q[i] = (T)((double)g[i] * a);
-        } else {
-            const T *p = x + r * xstride;
+                for (ptrdiff_t i = 0; i < n; i++) q[i] = (T)((double)g[i] * a);
+            } else {
+                const T *p = x + r * xstride + i0;
 #pragma omp simd
-            for (ptrdiff_t i = 0; i < len; i++)
-                q[i] = (T)(a * (((double)g[i] - k1) - ((double)p[i] - mean) * k2));
+                for (ptrdiff_t i = 0; i < n; i++)
+                    q[i] = (T)(a * (((double)g[i] - k1) - ((double)p[i] - mean) * k2));
+            }
+            if (stream) BNF_NAME(bnf_stream)(dx + r * dxstride + i0, tmp, n);
         }
     }
 }
@@ -274,19 +292,25 @@ BNF_CLONES void BNF_NAME(bnf_bwd_dx_rows)(const T *dy, ptrdiff_t dystride, const
                                           ptrdiff_t xstride, T *dx, ptrdiff_t dxstride,
                                           ptrdiff_t nrows, ptrdiff_t width,
                                           const double *mean, const double *a,
-                                          const double *k1, const double *k2)
+                                          const double *k1, const double *k2, int stream)
 {
+    T tmp[BNF_CHUNK];
     for (ptrdiff_t r = 0; r < nrows; r++) {
-        const T *g = dy + r * dystride;
-        const T *p = x ? x + r * xstride : NULL;
-        T *q = dx + r * dxstride;
-        if (!p) {
+        for (ptrdiff_t c0 = 0; c0 < width; c0 += BNF_CHUNK) {
+            ptrdiff_t n = width - c0 < BNF_CHUNK ? width - c0 : BNF_CHUNK;
+            const T *g = dy + r * dystride + c0;
+            T *q = stream ? tmp : dx + r * dxstride + c0;
+            const double *m = mean + c0, *aa = a + c0, *b1 = k1 + c0, *b2 = k2 + c0;
+            if (!x) {
 #pragma omp simd
-            for (ptrdiff_t c = 0; c < width; c++) q[c] = (T)((double)g[c] * a[c]);
-        } else {
+                for (ptrdiff_t c = 0; c < n; c++) q[c] = (T)((double)g[c] * aa[c]);
+            } else {
+                const T *p = x + r * xstride + c0;
 #pragma omp simd
-            for (ptrdiff_t c = 0; c < width; c++)
-                q[c] = (T)(a[c] * (((double)g[c] - k1[c]) - ((double)p[c] - mean[c]) * k2[c]));
+                for (ptrdiff_t c = 0; c < n; c++)
+                    q[c] = (T)(aa[c] * (((double)g[c] - b1[c]) - ((double)p[c] - m[c]) * b2[c]));
+            }
+            if (stream) BNF_NAME(bnf_stream)(dx + r * dxstride + c0, tmp, n);
         }
     }
 }
