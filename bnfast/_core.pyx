@@ -146,11 +146,8 @@ def set_num_threads(n):
     if n is None:
         _num_threads = 0
         return
-    try:
-        k = int(n)
-    except (TypeError, ValueError):
-        raise TypeError(f"set_num_threads: n must be an int or None, got {n!r}") from None
-    if k < 0 or k != n:
+    k = _index(n, "set_num_threads: n")
+    if k < 0:
         raise ValueError(f"set_num_threads: n must be a non-negative int, got {n!r}")
     _num_threads = k
 
@@ -809,6 +806,8 @@ cdef class _Layout:
         return x
 
     cdef bint fits(self, cnp.ndarray a, Geo *g):
+        if not cnp.PyArray_ISALIGNED(a):
+            return False                # the kernels store whole elements
         if not _geometry(a, self.axis, self.order, self.nord, self.nouter, g):
             return False
         return g.outer == self.gx.outer and g.inner == self.gx.inner

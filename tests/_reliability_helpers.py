@@ -62,7 +62,8 @@ def assert_close_nonfinite(got, ref, dtype=None, what="y"):
     assert not bad_inf.any(), (f"{what}: {ref[bad_inf][:3]} expected at "
                                f"{np.argwhere(bad_inf)[:5].tolist()}, got {g[bad_inf][:3]}")
     tol = forward_tol(dtype, np.where(fin, ref, 0.0))
-    err = np.abs(np.where(fin, g - ref, 0.0))
+    with np.errstate(invalid="ignore"):
+        err = np.abs(np.where(fin, g - ref, 0.0))
     err = np.where(np.isnan(err), np.inf, err)
     bad = err > tol
     assert not bad.any(), (f"{what}: {int(bad.sum())} finite elements out of tolerance; "

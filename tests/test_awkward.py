@@ -1,0 +1,842 @@
+"""Issue 5, awkward input that must be handled correctly.
+
+Every layout in ``arrays.LAYOUTS`` (strides of every kind, byte order, read-only,
+unaligned, broadcast), ``out=`` in every writable layout, in place and partially
+overlapping outputs, array-likes, empty batches in eval, NaN/inf, a million channels,
+float16, integer input, and (opt-in, slow) arrays of more than 2**31 elements. Values
+are checked against the float64 reference; inputs the call may not write are checked
+bitwise afterwards."""
+import gc
+import os
+
+import numpy as np
+import pytest
+
+import bnfast
+import reference as ref
+from _reliability_helpers import (assert_close_nonfinite, assert_unchanged, channel_mask,
+                                  snapshot)
+from arrays import LAYOUTS, OUT_LAYOUTS, applicable, make_values, out_like, params, \
+    with_layout
+from reference import assert_forward_close, assert_grad_close, assert_vec_close
+
+SHAPES = [((5, 3, 4, 6), 1), ((5, 4, 6, 3), -1), ((40, 7), 1), ((40, 7), -1),
+          ((6, 3, 10), 1), ((3, 4, 2, 3, 2), 1), ((4, 5, 3, 6), 2), ((1, 3, 1, 9), 1)]
+DTYPES = [np.float32, np.float64]
+OFFSET = {np.dtype(np.float32): 1e5, np.dtype(np.float64): 3e6}
+
+
+def _case(shape, axis, dtype, layout="c", seed=0):
+    base = make_values(shape, dtype, seed, axis=axis, offset=OFFSET[np.dtype(dtype)])
+    x = with_layout(base, layout, axis=axis, seed=seed)
+    C = shape[axis]
+    w, b, rm, rv = params(C, np.float64, seed)
+    return x, w, b, rm, rv
+
+
+def _dy(x, layout="c", seed=1):
+    dy = np.random.default_rng(seed).standard_normal(x.shape).astype(x.dtype.newbyteorder("="))
+    return with_layout(dy, layout, seed=seed)
+
+
+# ----------------------------------------------------------------------------------
+# Runners: each calls bnfast and the reference on the same inputs and checks everything.
+
+def run_eval(x, w, b, rm, rv, axis, out=None, eps=1e-5):
+    expect = ref.batch_norm(x, rm, rv, w, b, False, 0.1, eps, axis=axis)
+    snap = snapshot(x, w, b, rm, rv)
+    y = bnfast.batch_norm(x, rm, rv, w, b, False, 0.1, eps, axis=axis, out=out)
+    if out is not None:
+        assert y is out
+        assert_unchanged(snap, "batch_norm eval")
+    else:
+        assert_unchanged(snap, "batch_norm eval")
+    assert y.dtype == _result_dtype(x)
+    assert_forward_close(y, expect, what="batch_norm eval y")
+    return y
+
+
+def run_frozen(x, w, b, rm, rv, axis, out=None, eps=1e-5):
+    expect = ref.frozen_batch_norm(x, rm, rv, w, b, eps, axis=axis)
+    f = bnfast.FrozenBatchNorm(rm, rv, w, b, eps, axis=axis)
+    snap = snapshot(x, w, b, rm, rv)
+    y = f(x, out=out)
+    if out is not None:
+        assert y is out
+    assert_unchanged(snap, "FrozenBatchNorm")
+    assert y.dtype == _result_dtype(x)
+    assert_forward_close(y, expect, what="FrozenBatchNorm y")
+    return y
+
+
+def run_train(x, w, b, rm, rv, axis, out=None, eps=1e-5, momentum=0.1):
+    rm_ref, rv_ref = np.array(rm, np.float64), np.array(rv, np.float64)
+    y_ref, m_ref, s_ref = ref.batch_norm_train(x, w, b, eps=eps, axis=axis,
+                                               running_mean=rm_ref, running_var=rv_ref,
+                                               momentum=momentum)
+    snap = snapshot(x, w, b)
+    y, m, s = bnfast.batch_norm_train(x, w, b, eps=eps, axis=axis, running_mean=rm,
+                                      running_var=rv, momentum=momentum, out=out)
+    if out is not None:
+        assert y is out
+    assert_unchanged(snap, "batch_norm_train (x, weight, bias)")
+    assert y.dtype == _result_dtype(x)
+    assert m.dtype == np.float64 and s.dtype == np.float64
+    assert_forward_close(y, y_ref, what="batch_norm_train y")
+    assert_vec_close(m, m_ref, 1e-12, "batch mean")
+    assert_vec_close(s, s_ref, 1e-9, "batch invstd")
+    r = 1e-6 if rm.dtype == np.float32 else 1e-12
+    assert_vec_close(rm, rm_ref, r, "running_mean")
+    assert_vec_close(rv, rv_ref, max(r, 1e-9), "running_var")
+    return y
+
+
+def run_backward(dy, x, w, axis, training=True, out=None, eps=1e-5):
+    mean, var, _ = ref.batch_stats(x, axis)
+    invstd = 1.0 / np.sqrt(var + eps)
+    dx_ref, dw_ref, db_ref = ref.batch_norm_backward(dy, x, mean, invstd, w,
+                                                     training=training, axis=axis)
+    snap = snapshot(x, w, mean, invstd) + (snapshot(dy) if out is None or
+                                           not np.may_share_memory(out, dy) else [])
+    dx, dw, db = bnfast.batch_norm_backward(dy, x, mean, invstd, w, training=training,
+                                            axis=axis, out=out)
+    if out is not None:
+        assert dx is out
+    assert_unchanged(snap, "batch_norm_backward inputs")
+    rd = _result_dtype(x)
+    assert dx.dtype == rd and dw.dtype == rd and db.dtype == rd
+    assert_grad_close(dx, dx_ref, scale=_dx_scale(dy, w, invstd, dx_ref), what="dx")
+    # the sums' condition: relative to sum |dy * xhat| and sum |dy| per channel
+    absdy = np.abs(np.asarray(dy, np.float64))
+    xhat = ref.frozen_batch_norm(x, mean, 1 / invstd ** 2, eps=0.0, axis=axis) \
+        if np.all(invstd > 0) else np.zeros(np.shape(x))
+    red = tuple(i for i in range(np.ndim(x)) if i != axis % np.ndim(x))
+    assert_grad_close(dw, dw_ref, what="dweight", scale=max(
+        np.max(np.abs(dw_ref), initial=0.0), np.max((absdy * np.abs(xhat)).sum(axis=red),
+                                                    initial=0.0)))
+    assert_grad_close(db, db_ref, what="dbias", scale=max(
+        np.max(np.abs(db_ref), initial=0.0), np.max(absdy.sum(axis=red), initial=0.0)))
+    return dx
+
+
+def _dx_scale(dy, w, invstd, dx_ref):
+    """dx's terms are of size |weight * invstd * dy|: cancellation (few values per
+    channel, a constant channel) leaves rounding noise relative to that, not to |dx|."""
+    w64 = np.ones(np.shape(invstd)) if w is None else np.asarray(w, np.float64)
+    return max(np.max(np.abs(dx_ref), initial=0.0),
+               np.max(np.abs(w64 * invstd), initial=0.0) * np.max(np.abs(dy), initial=0.0))
+
+
+def _result_dtype(x):
+    x = np.asarray(x)
+    if x.dtype.kind in "iub":
+        return np.dtype(np.float64)
+    return x.dtype.newbyteorder("=")
+
+
+# ----------------------------------------------------------------------------------
+# Every input layout
+
+CASES = [(s, a, lay) for s, a in SHAPES for lay in LAYOUTS if applicable(s, a, lay)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("shape,axis,layout", CASES)
+def test_input_layouts_eval(shape, axis, layout, dtype):
+    x, w, b, rm, rv = _case(shape, axis, dtype, layout)
+    run_eval(x, w, b, rm, rv, axis)
+    run_frozen(x, w, b, rm, rv, axis)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("shape,axis,layout", CASES)
+def test_input_layouts_train(shape, axis, layout, dtype):
+    x, w, b, rm, rv = _case(shape, axis, dtype, layout)
+    run_train(x, w, b, rm, rv, axis)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("shape,axis,layout", CASES)
+def test_input_layouts_backward(shape, axis, layout, dtype, training):
+    x, w, *_ = _case(shape, axis, dtype, layout)
+    run_backward(_dy(x, layout), x, w, axis, training)          # dy laid out like x
+    run_backward(_dy(x, "c"), x, w, axis, training)             # dy C-ordered
+
+
+LARGE_LAYOUTS = ["f", "channels_last", "step", "negative_some", "broadcast", "unaligned",
+                 "swapped"]
+
+
+@pytest.mark.parametrize("layout", LARGE_LAYOUTS)
+@pytest.mark.parametrize("shape,axis", [((30000, 20), -1), ((2000, 3, 90), 1)])
+def test_input_layouts_large(shape, axis, layout):
+    """Awkward layouts on arrays large enough for threads and split channels/row blocks."""
+    x, w, b, rm, rv = _case(shape, axis, np.float32, layout)
+    run_eval(x, w, b, rm, rv, axis)
+    run_frozen(x, w, b, rm, rv, axis)
+    run_train(x, w, b, rm.copy(), rv.copy(), axis)
+    run_backward(_dy(x, layout), x, w, axis, True)
+    run_backward(_dy(x, layout), x, w, axis, False)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_dy_layouts_against_c_x(layout):
+    for shape, axis in [((5, 3, 4, 6), 1), ((5, 4, 6, 3), -1), ((40, 7), 1)]:
+        if not applicable(shape, axis, layout):
+            continue
+        x, w, *_ = _case(shape, axis, np.float32, "c")
+        for training in (True, False):
+            run_backward(_dy(x, layout), x, w, axis, training)
+
+
+@pytest.mark.parametrize("layout", ["swapped", "step", "negative", "broadcast", "readonly"])
+def test_parameter_layouts(layout):
+    """Per-channel parameters in awkward layouts (and dtypes) are read by value."""
+    x, w, b, rm, rv = _case((5, 6, 4), 1, np.float32)
+    conv = {
+        "swapped": lambda v: v.astype(v.dtype.newbyteorder("S")),
+        "step": lambda v: np.repeat(v, 2)[::2],
+        "negative": lambda v: v[::-1].copy()[::-1],
+        "broadcast": lambda v: np.broadcast_to(v[:1], v.shape),
+        "readonly": lambda v: with_layout(v, "readonly"),
+    }[layout]
+    pw, pb, prm, prv = (conv(v) for v in (w, b, rm, rv))
+    run_eval(x, pw, pb, prm, prv, 1)
+    run_frozen(x, pw, pb, prm, prv, 1)
+    run_train(x, pw, pb, rm.copy(), rv.copy(), 1)
+    run_backward(_dy(x), x, pw, 1)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.int64, np.int8, np.uint16,
+                                   np.bool_])
+def test_parameter_dtypes(dtype):
+    x, w, b, rm, rv = _case((5, 6, 4), 1, np.float32)
+    cast = [np.asarray(v, np.float64).round() if np.dtype(dtype).kind in "iub" else v
+            for v in (w, b, rm, np.abs(rv) + 1)]
+    pw, pb, prm, prv = (v.astype(dtype) for v in cast)
+    run_eval(x, pw, pb, prm, prv, 1)
+    run_frozen(x, pw, pb, prm, prv, 1)
+    run_backward(_dy(x), x, pw, 1)
+
+
+def test_running_stats_awkward_but_writable():
+    """Training updates float32, byte-swapped and strided running stats in place, and
+    nothing outside the view."""
+    x, w, b, rm, rv = _case((8, 5, 3), 1, np.float32)
+    run_train(x, w, b, rm.astype(np.float32), rv.astype(np.float32), 1)
+    run_train(x, w, b, rm.astype(">f8"), rv.astype(">f8"), 1)
+    prm, prv = np.full(10, 7.0), np.full(10, 9.0)
+    prm[::2], prv[::2] = rm, rv
+    run_train(x, w, b, prm[::2], prv[::2], 1)
+    assert (prm[1::2] == 7.0).all() and (prv[1::2] == 9.0).all()
+    prm = np.full(5, 7.0)
+    prm[::-1] = rm
+    run_train(x, w, b, prm[::-1], rv.copy(), 1)
+
+
+# ----------------------------------------------------------------------------------
+# out= in every writable layout (and nothing written outside the view)
+
+def _root(a):
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
+def _view_byte_mask(view, root):
+    start = view.__array_interface__["data"][0] - root.__array_interface__["data"][0]
+    idx = np.indices(view.shape).reshape(view.ndim, -1)
+    offs = start + (np.asarray(view.strides)[:, None] * idx).sum(0)
+    mask = np.zeros(root.nbytes, bool)
+    for k in range(view.itemsize):
+        mask[offs + k] = True
+    return mask
+
+
+def _check_only_view_written(out, call):
+    root = _root(out)
+    assert root.flags.c_contiguous or root.flags.f_contiguous
+    before = root.ravel(order="K").view(np.uint8).copy()
+    result = call()
+    after = root.ravel(order="K").view(np.uint8)
+    outside = ~_view_byte_mask(out, root)
+    assert np.array_equal(before[outside], after[outside]), "bytes outside out= were written"
+    return result
+
+
+OUT_CASES = [((5, 3, 4, 6), 1), ((5, 4, 6, 3), -1), ((40, 7), 1), ((4, 5, 3, 6), 2)]
+
+
+@pytest.mark.parametrize("out_layout", OUT_LAYOUTS)
+@pytest.mark.parametrize("x_layout", ["c", "f", "negative"])
+@pytest.mark.parametrize("shape,axis", OUT_CASES)
+def test_out_layouts(shape, axis, x_layout, out_layout):
+    for dtype in DTYPES:
+        x, w, b, rm, rv = _case(shape, axis, dtype, x_layout)
+        for fn in (lambda o: run_eval(x, w, b, rm, rv, axis, out=o),
+                   lambda o: run_frozen(x, w, b, rm, rv, axis, out=o),
+                   lambda o: run_train(x, w, b, rm.copy(), rv.copy(), axis, out=o),
+                   lambda o: run_backward(_dy(x), x, w, axis, True, out=o),
+                   lambda o: run_backward(_dy(x), x, w, axis, False, out=o)):
+            o = out_like(x, out_layout)
+            _check_only_view_written(o, lambda: fn(o))
+
+
+def test_out_non_native_byte_order():
+    """An out of non-native byte order is computed into correctly or refused clearly."""
+    x, w, b, rm, rv = _case((5, 3, 4), 1, np.float32)
+    o = np.full(x.shape, np.nan, ">f4")
+    try:
+        y = bnfast.batch_norm(x, rm, rv, w, b, axis=1, out=o)
+    except TypeError as e:
+        assert "out" in str(e)
+    else:
+        assert y is o
+        assert_forward_close(o.astype(np.float32), ref.batch_norm(x, rm, rv, w, b, axis=1))
+
+
+# ----------------------------------------------------------------------------------
+# Array-likes
+
+class ArrayLike:
+    def __init__(self, a):
+        self.a = np.asarray(a)
+
+    def __array__(self, dtype=None, copy=None):
+        return self.a if dtype is None else self.a.astype(dtype)
+
+
+@pytest.mark.parametrize("kind", ["list", "tuple", "__array__", "memoryview"])
+def test_array_likes(kind):
+    x64, w, b, rm, rv = _case((6, 3, 4), 1, np.float64)
+    conv = {"list": lambda a: a.tolist(),
+            "tuple": lambda a: tuple(map(tuple, a)) if a.ndim == 2 else tuple(
+                tuple(map(tuple, r)) for r in a),
+            "__array__": ArrayLike,
+            "memoryview": lambda a: memoryview(np.ascontiguousarray(a))}[kind]
+    x = conv(x64)
+    pw, pb, prm, prv = (conv(v) if kind != "tuple" else tuple(v) for v in (w, b, rm, rv))
+    expect = ref.batch_norm(x64, rm, rv, w, b, axis=1)
+    assert_forward_close(bnfast.batch_norm(x, prm, prv, pw, pb, axis=1), expect)
+    assert_forward_close(bnfast.FrozenBatchNorm(prm, prv, pw, pb)(x), expect)
+    y_ref, m_ref, s_ref = ref.batch_norm_train(x64, w, b)
+    y, m, s = bnfast.batch_norm_train(x, pw, pb)
+    assert_forward_close(y, y_ref)
+    assert_vec_close(m, m_ref, 1e-12)
+    dy = conv(_dy(x64))
+    dx_ref, *_ = ref.batch_norm_backward(_dy(x64), x64, m_ref, s_ref, w)
+    dx, _, _ = bnfast.batch_norm_backward(dy, x, m_ref.tolist(), tuple(s_ref), pw)
+    assert_grad_close(dx, dx_ref, scale=_dx_scale(_dy(x64), w, s_ref, dx_ref))
+    layer = bnfast.BatchNorm(3, dtype=np.float64)
+    rl = ref.BatchNormRef(3, dtype=np.float64)
+    assert_forward_close(layer(x), rl(x64))
+    assert_grad_close(layer.backward(dy), rl.backward(_dy(x64)))
+
+
+def test_integer_input_becomes_float64():
+    rng = np.random.default_rng(3)
+    for dtype in (np.int8, np.uint8, np.int16, np.int32, np.int64, np.uint64, np.bool_):
+        xi = rng.integers(0, 2 if dtype == np.bool_ else 100, (7, 4, 3)).astype(dtype)
+        w, b, rm, rv = params(4)
+        y = run_eval(xi, w, b, rm, rv, 1)
+        assert y.dtype == np.float64
+        run_frozen(xi, w, b, rm, rv, 1)
+        xi[0, :, 0] = 1     # no constant channel for bool
+        xi[1, :, 0] = 0
+        run_train(xi, w, b, rm.copy(), rv.copy(), 1)
+        run_backward(xi, xi, w, 1)
+        layer = bnfast.BatchNorm(4, dtype=np.float32)
+        assert layer(xi).dtype == np.float64
+
+
+def test_integer_input_with_out():
+    xi = np.arange(24, dtype=np.int32).reshape(4, 3, 2)
+    w, b, rm, rv = params(3)
+    o = np.full(xi.shape, np.nan)
+    assert bnfast.batch_norm(xi, rm, rv, w, b, out=o) is o
+    assert_forward_close(o, ref.batch_norm(xi, rm, rv, w, b))
+    with pytest.raises(TypeError, match=r"\bout\b"):
+        bnfast.batch_norm(xi, rm, rv, w, b, out=np.zeros(xi.shape, np.int32))
+
+
+# ----------------------------------------------------------------------------------
+# float16: computed in float32, delivered as float16
+
+def _assert_f16_close(y, expect):
+    """Within half a float16 ulp of the float64 reference, plus float32 rounding."""
+    assert y.dtype == np.float16
+    e = np.asarray(expect, np.float64)
+    ulp = np.spacing(np.abs(e).astype(np.float16)).astype(np.float64)
+    tol = 0.5 * ulp + 2e-6 * np.maximum(1.0, np.abs(e))
+    err = np.abs(y.astype(np.float64) - e)
+    assert np.all(err <= tol), f"float16 output off by up to {np.max(err / tol):.3g} x tol"
+
+
+@pytest.mark.parametrize("shape,axis", [((6, 3, 5, 4), 1), ((6, 5, 4, 3), -1), ((300, 8), 1)])
+@pytest.mark.parametrize("layout", ["c", "f", "step", "swapped"])
+def test_float16(shape, axis, layout):
+    base = make_values(shape, np.float16, 5, axis=axis, offset=0.0)
+    x = with_layout(base, layout, axis=axis)
+    C = shape[axis]
+    w, b, rm, rv = params(C)
+    snap = snapshot(x, w, b, rm, rv)
+    _assert_f16_close(bnfast.batch_norm(x, rm, rv, w, b, axis=axis),
+                      ref.batch_norm(x, rm, rv, w, b, axis=axis))
+    _assert_f16_close(bnfast.FrozenBatchNorm(rm, rv, w, b, axis=axis)(x),
+                      ref.frozen_batch_norm(x, rm, rv, w, b, axis=axis))
+    y_ref, m_ref, s_ref = ref.batch_norm_train(x, w, b, axis=axis)
+    rmt, rvt = rm.astype(np.float16), rv.astype(np.float16)
+    y, m, s = bnfast.batch_norm_train(x, w, b, axis=axis, running_mean=rmt, running_var=rvt)
+    _assert_f16_close(y, y_ref)
+    assert m.dtype == np.float64
+    assert_vec_close(m, m_ref, 1e-12, "mean of float16 data")
+    assert_vec_close(s, s_ref, 1e-9, "invstd of float16 data")
+    assert rmt.dtype == np.float16
+    dy = _dy(x).astype(np.float16)
+    dx_ref, dw_ref, db_ref = ref.batch_norm_backward(dy, x, m_ref, s_ref, w, axis=axis)
+    dx, dw, db = bnfast.batch_norm_backward(dy, x, m_ref, s_ref, w, axis=axis)
+    assert dx.dtype == np.float16
+    assert_grad_close(dx, dx_ref, dtype=np.float16)
+    o = np.full(x.shape, np.nan, np.float16)
+    assert bnfast.batch_norm(x, rm, rv, w, b, axis=axis, out=o) is o
+    _assert_f16_close(o, ref.batch_norm(x, rm, rv, w, b, axis=axis))
+    assert_unchanged(snap, "float16 calls")
+
+
+def test_float16_in_place():
+    x = make_values((8, 4, 6), np.float16, 2)
+    w, b, rm, rv = params(4)
+    expect = ref.batch_norm(x, rm, rv, w, b)
+    assert bnfast.batch_norm(x, rm, rv, w, b, out=x) is x
+    _assert_f16_close(x, expect)
+    x = make_values((8, 4, 6), np.float16, 2)
+    expect = ref.batch_norm_train(x)[0]
+    assert bnfast.batch_norm_train(x, out=x)[0] is x
+    _assert_f16_close(x, expect)
+
+
+# ----------------------------------------------------------------------------------
+# Empty batch in eval (and zero-size non-channel axes)
+
+@pytest.mark.parametrize("shape,axis", [((0, 3), 1), ((0, 3), -1), ((0, 3, 4), 1),
+                                        ((2, 3, 0), 1), ((0, 4, 5, 3), -1), ((4, 0, 3), -1)])
+def test_empty_batch_eval(shape, axis):
+    C = shape[axis]
+    w, b, rm, rv = params(C)
+    for dtype in (np.float32, np.float64, np.float16):
+        x = np.zeros(shape, dtype)
+        y = bnfast.batch_norm(x, rm, rv, w, b, axis=axis)
+        assert y.shape == shape and y.dtype == dtype
+        y = bnfast.FrozenBatchNorm(rm, rv, w, b, axis=axis)(x)
+        assert y.shape == shape and y.dtype == dtype
+        o = np.zeros(shape, dtype)
+        assert bnfast.batch_norm(x, rm, rv, w, b, axis=axis, out=o) is o
+        layer = bnfast.BatchNorm(C, axis=axis).eval()
+        assert layer(x).shape == shape
+        dx, dw, db = bnfast.batch_norm_backward(x, x, rm, 1 / np.sqrt(rv), w, axis=axis,
+                                                training=False)
+        assert dx.shape == shape
+        np.testing.assert_array_equal(dw, 0)
+        np.testing.assert_array_equal(db, 0)
+        assert layer.backward(x).shape == shape
+        np.testing.assert_array_equal(layer.grad_bias, 0)
+
+
+# ----------------------------------------------------------------------------------
+# In place (out=x) for every writable x layout
+
+# small shapes in every writable layout; large ones (threads, channels of > 1 MiB split
+# into several units) in a few
+INPLACE_CASES = [(s, a, lay) for s, a in [((5, 3, 4, 6), 1), ((5, 4, 6, 3), -1), ((40, 7), 1)]
+                 for lay in OUT_LAYOUTS] + \
+    [(s, a, lay) for s, a in [((3, 70000), 1), ((1, 2, 600, 600), 1), ((30000, 20), -1)]
+     for lay in ("c", "f", "negative_some", "channels_last")]
+
+
+@pytest.mark.parametrize("shape,axis,layout", INPLACE_CASES)
+def test_in_place(shape, axis, layout):
+    dtype = np.float32
+    x0, w, b, rm, rv = _case(shape, axis, dtype, "c")
+    for fn in ("eval", "frozen", "train", "bwd_train", "bwd_eval"):
+        x = with_layout(x0, layout, axis=axis)
+        if fn == "eval":
+            expect = ref.batch_norm(x0, rm, rv, w, b, axis=axis)
+            y = _check_only_view_written(
+                x, lambda: bnfast.batch_norm(x, rm, rv, w, b, axis=axis, out=x))
+        elif fn == "frozen":
+            expect = ref.frozen_batch_norm(x0, rm, rv, w, b, axis=axis)
+            f = bnfast.FrozenBatchNorm(rm, rv, w, b, axis=axis)
+            y = _check_only_view_written(x, lambda: f(x, out=x))
+        elif fn == "train":
+            expect, m_ref, _ = ref.batch_norm_train(x0, w, b, axis=axis)
+            y, m, _ = _check_only_view_written(
+                x, lambda: bnfast.batch_norm_train(x, w, b, axis=axis, out=x))
+            assert_vec_close(m, m_ref, 1e-12)
+        else:
+            training = fn == "bwd_train"
+            mean, var, _ = ref.batch_stats(x0, axis)
+            invstd = 1 / np.sqrt(var + 1e-5)
+            dy0 = _dy(x0)
+            dy = with_layout(dy0, layout, axis=axis)
+            expect = ref.batch_norm_backward(dy0, x0, mean, invstd, w, training=training,
+                                             axis=axis)[0]
+            y = _check_only_view_written(dy, lambda: bnfast.batch_norm_backward(
+                dy, x, mean, invstd, w, training=training, axis=axis, out=dy))[0]
+            assert y is dy
+            assert_grad_close(y, expect, what=f"{fn} in place",
+                              scale=_dx_scale(dy0, w, invstd, expect))
+            continue
+        assert y is x
+        assert_forward_close(y, expect, what=f"{fn} in place")
+
+
+def test_in_place_backward_out_is_x():
+    """out=x in backward: dx overwrites the forward input it is computed from."""
+    x0, w, *_ = _case((6, 3, 40), 1, np.float32)
+    mean, var, _ = ref.batch_stats(x0, 1)
+    invstd = 1 / np.sqrt(var + 1e-5)
+    dy = _dy(x0)
+    for training in (True, False):
+        x = x0.copy()
+        expect = ref.batch_norm_backward(dy, x0, mean, invstd, w, training=training)[0]
+        dx = bnfast.batch_norm_backward(dy, x, mean, invstd, w, training=training, out=x)[0]
+        assert dx is x
+        assert_grad_close(dx, expect, scale=_dx_scale(dy, w, invstd, expect))
+
+
+def test_layer_in_place_then_backward():
+    """A training layer called with out=x keeps what backward needs."""
+    x0, *_ = _case((16, 4, 5), 1, np.float32)
+    x = x0.copy()
+    layer = bnfast.BatchNorm(4)
+    rl = ref.BatchNormRef(4)
+    y = layer(x, out=x)
+    assert y is x
+    assert_forward_close(y, rl(x0))
+    dy = _dy(x0)
+    assert_grad_close(layer.backward(dy), rl.backward(dy))
+
+
+# ----------------------------------------------------------------------------------
+# Partially overlapping out: correct (or refused), never garbage
+
+def _overlap_pairs(shape, dtype):
+    """(x, out) pairs sharing memory without being the same view."""
+    n = int(np.prod(shape))
+    C = shape[1]
+    pairs = []
+    for k in (1, C, n // 2, n - 1):
+        buf = np.empty(n + k, dtype)
+        pairs.append((f"out=x+{k}", buf[:n].reshape(shape), buf[k:].reshape(shape)))
+        buf = np.empty(n + k, dtype)
+        pairs.append((f"out=x-{k}", buf[k:].reshape(shape), buf[:n].reshape(shape)))
+    # same first element, other strides
+    root = np.empty((shape[0], 2 * int(np.prod(shape[1:]))), dtype)
+    flat = int(np.prod(shape[1:]))
+    pairs.append(("same-ptr-strided", root[:, :flat].reshape(shape),
+                  root[:, ::2].reshape(shape)))
+    # reversed view of the same memory
+    buf = np.empty(n, dtype)
+    pairs.append(("reversed", buf.reshape(shape), buf[::-1].reshape(shape)))
+    # transposed view of the same memory (square non-channel/channel plane)
+    if len(shape) == 2 and shape[0] == shape[1]:
+        buf = np.empty(shape, dtype)
+        pairs.append(("transposed", buf, buf.T))
+    return pairs
+
+
+OVERLAP_SHAPES = [((6, 6), 1), ((6, 6), -1), ((2, 8), -1), ((5, 3, 7), 1), ((4, 5, 6, 3), -1),
+                  ((64, 64), -1), ((300, 300), 1), ((4, 4, 96, 96), 1)]
+
+
+@pytest.mark.parametrize("shape,axis", OVERLAP_SHAPES)
+def test_partially_overlapping_out(shape, axis):
+    rng = np.random.default_rng(11)
+    C = shape[axis]
+    w, b, rm, rv = params(C)
+    f = bnfast.FrozenBatchNorm(rm, rv, w, b, axis=axis)
+    for dtype in DTYPES:
+        for fn in ("eval", "frozen", "train", "bwd_train", "bwd_eval"):
+            for label, x, out in _overlap_pairs(shape, dtype):
+                x[...] = rng.standard_normal(shape) + 1000.0
+                x0 = x.copy()
+                what = f"{fn} {label} {np.dtype(dtype).name}"
+                try:
+                    if fn == "eval":
+                        got = bnfast.batch_norm(x, rm, rv, w, b, axis=axis, out=out)
+                        expect = ref.batch_norm(x0, rm, rv, w, b, axis=axis)
+                    elif fn == "frozen":
+                        got = f(x, out=out)
+                        expect = ref.frozen_batch_norm(x0, rm, rv, w, b, axis=axis)
+                    elif fn == "train":
+                        got = bnfast.batch_norm_train(x, w, b, axis=axis, out=out)[0]
+                        expect = ref.batch_norm_train(x0, w, b, axis=axis)[0]
+                    else:
+                        training = fn == "bwd_train"
+                        mean, var, _ = ref.batch_stats(x0, axis)
+                        s = 1 / np.sqrt(var + 1e-5)
+                        dy = (rng.standard_normal(shape)).astype(dtype)
+                        # out overlaps x (the forward input) here
+                        got = bnfast.batch_norm_backward(dy, x, mean, s, w, training=training,
+                                                         axis=axis, out=out)[0]
+                        expect = ref.batch_norm_backward(dy, x0, mean, s, w,
+                                                         training=training, axis=axis)[0]
+                except ValueError as e:     # refusing is allowed; it must name out
+                    assert "out" in str(e), what
+                    continue
+                assert got is out, what
+                if fn.startswith("bwd"):
+                    assert_grad_close(got, expect, what=what,
+                                      scale=_dx_scale(dy, w, s, expect))
+                else:
+                    assert_forward_close(got, expect, what=what)
+
+
+@pytest.mark.parametrize("shape,axis", [((5, 3, 7), 1), ((64, 64), -1), ((4, 4, 96, 96), 1)])
+def test_backward_out_overlapping_dy(shape, axis):
+    rng = np.random.default_rng(12)
+    C = shape[axis]
+    w = params(C)[0]
+    x = rng.standard_normal(shape) + 50.0
+    mean, var, _ = ref.batch_stats(x, axis)
+    s = 1 / np.sqrt(var + 1e-5)
+    for training in (True, False):
+        for label, dy, out in _overlap_pairs(shape, np.float64):
+            dy[...] = rng.standard_normal(shape)
+            dy0 = dy.copy()
+            expect = ref.batch_norm_backward(dy0, x, mean, s, w, training=training, axis=axis)[0]
+            try:
+                got = bnfast.batch_norm_backward(dy, x, mean, s, w, training=training,
+                                                 axis=axis, out=out)[0]
+            except ValueError as e:
+                assert "out" in str(e)
+                continue
+            assert got is out
+            assert_grad_close(got, expect, what=f"backward {label}",
+                              scale=_dx_scale(dy0, w, s, expect))
+
+
+# ----------------------------------------------------------------------------------
+# NaN and inf stay in their element (eval) or their channel (training)
+
+NAN_SHAPES = [((6, 5, 4, 3), 1), ((64, 300), -1), ((6, 4, 5, 300), -1), ((2, 3, 400, 400), 1),
+              ((20000, 64), -1), ((300000, 3), 0 + 1)]
+
+
+def _poison(x, axis, rng):
+    """Put NaN, +inf and -inf into three elements of channels 0 and (if any) 2."""
+    x = x.copy()
+    C = x.shape[axis]
+    ax = axis % x.ndim
+    pos = []
+    for c, v in zip((0, 0, min(2, C - 1)), (np.nan, np.inf, -np.inf)):
+        idx = [int(rng.integers(0, s)) for s in x.shape]
+        idx[ax] = c
+        x[tuple(idx)] = v
+        pos.append(tuple(idx))
+    return x, sorted({p[ax] for p in pos})
+
+
+@pytest.mark.parametrize("shape,axis", NAN_SHAPES)
+def test_nonfinite_eval_stays_in_element(shape, axis):
+    rng = np.random.default_rng(21)
+    for dtype in DTYPES:
+        x, w, b, rm, rv = _case(shape, axis, dtype)
+        x, _ = _poison(x, axis, rng)
+        expect = ref.batch_norm(x, rm, rv, w, b, axis=axis)   # elementwise: same positions
+        assert (~np.isfinite(expect)).sum() == 3
+        snap = snapshot(x, w, b, rm, rv)
+        assert_close_nonfinite(bnfast.batch_norm(x, rm, rv, w, b, axis=axis), expect)
+        assert_close_nonfinite(bnfast.FrozenBatchNorm(rm, rv, w, b, axis=axis)(x), expect)
+        assert_unchanged(snap, "eval with NaN/inf")
+        # backward with statistics held fixed: dx = dy * scale, elementwise
+        dy = x.copy()
+        dx = bnfast.batch_norm_backward(dy, np.zeros_like(x), rm, 1 / np.sqrt(rv + 1e-5), w,
+                                        training=False, axis=axis)[0]
+        assert_close_nonfinite(dx, ref.batch_norm_backward(
+            dy, np.zeros_like(x), rm, 1 / np.sqrt(rv + 1e-5), w, training=False,
+            axis=axis)[0])
+
+
+@pytest.mark.parametrize("shape,axis", NAN_SHAPES)
+def test_nonfinite_training_stays_in_channel(shape, axis):
+    rng = np.random.default_rng(22)
+    for dtype in DTYPES:
+        x, w, b, rm, rv = _case(shape, axis, dtype)
+        x, bad = _poison(x, axis, rng)
+        C = x.shape[axis]
+        good = [c for c in range(C) if c not in bad]
+        ax = axis % x.ndim
+        take = lambda a: np.take(a, good, axis=ax)      # noqa: E731
+        rm1, rv1 = rm.copy(), rv.copy()
+        y, m, s = bnfast.batch_norm_train(x, w, b, axis=axis, running_mean=rm1, running_var=rv1)
+        rm2, rv2 = rm[good], rv[good]          # fancy indexing: copies
+        y_ref, m_ref, s_ref = ref.batch_norm_train(take(x), w[good], b[good], axis=axis,
+                                                   running_mean=rm2, running_var=rv2)
+        # the clean channels are exactly as if the poisoned ones did not exist
+        assert_forward_close(take(y), y_ref, what="clean channels")
+        assert_vec_close(m[good], m_ref, 1e-12, "mean of clean channels")
+        assert_vec_close(s[good], s_ref, 1e-9, "invstd of clean channels")
+        assert_vec_close(rm1[good], rm2, 1e-12, "running_mean of clean channels")
+        assert_vec_close(rv1[good], rv2, 1e-9, "running_var of clean channels")
+        # the poisoned channels are not silently finite
+        mask = channel_mask(x.shape, axis, bad)
+        assert not np.isfinite(y[mask]).all()
+        assert not np.isfinite(m[bad]).any() or not np.isfinite(s[bad]).any()
+        # backward: a NaN in dy stays in its channel (training) / element (eval)
+        mean, var, _ = ref.batch_stats(np.where(mask, 0.0, x), axis)
+        s0 = 1 / np.sqrt(var + 1e-5)
+        dy = np.where(np.isfinite(x), _dy(x), x).astype(x.dtype)
+        xc = np.where(np.isfinite(x), x, 0.0).astype(x.dtype)
+        dx, dw, db = bnfast.batch_norm_backward(dy, xc, mean, s0, w, axis=axis)
+        dx_ref, dw_ref, db_ref = ref.batch_norm_backward(take(dy), take(xc), mean[good],
+                                                         s0[good], w[good], axis=axis)
+        assert_grad_close(take(dx), dx_ref, what="dx of clean channels",
+                          scale=_dx_scale(take(dy), w[good], s0[good], dx_ref))
+        assert_grad_close(dw[good], dw_ref, what="dweight of clean channels")
+        assert_grad_close(db[good], db_ref, what="dbias of clean channels")
+        assert not np.isfinite(dx[mask]).all()
+        assert not np.isfinite(db[bad]).all()
+
+
+# ----------------------------------------------------------------------------------
+# A million channels
+
+@pytest.mark.parametrize("shape,axis", [((2, 10**6), -1), ((3, 10**6), 1)])
+def test_million_channels(shape, axis):
+    x, w, b, rm, rv = _case(shape, axis, np.float32)
+    run_eval(x, w, b, rm, rv, axis)
+    run_frozen(x, w, b, rm, rv, axis)
+    run_train(x, w, b, rm.copy(), rv.copy(), axis)
+    run_backward(_dy(x), x, w, axis, True)
+    run_backward(_dy(x), x, w, axis, False)
+
+
+def test_million_channels_4d():
+    """Channels last with a million channels and a spatial extent (rows form)."""
+    x, w, b, rm, rv = _case((2, 1, 2, 10**6), -1, np.float32)
+    run_train(x, w, b, rm.copy(), rv.copy(), -1)
+    run_frozen(x, w, b, rm, rv, -1)
+
+
+# ----------------------------------------------------------------------------------
+# More than 2**31 elements: 64-bit indexing (opt-in: BNFAST_SLOW_TESTS=1, ~9.5 GB RAM)
+
+SLOW = pytest.mark.skipif(os.environ.get("BNFAST_SLOW_TESTS") != "1",
+                          reason="needs ~9.5 GB of RAM and ~3 minutes: set BNFAST_SLOW_TESTS=1")
+
+
+def _chunks(n, size=1 << 26):
+    for i in range(0, n, size):
+        yield slice(i, min(n, i + size))
+
+
+@pytest.mark.slow
+@SLOW
+@pytest.mark.parametrize("form", ["runs", "rows"])
+def test_more_than_2_31_elements(form):
+    """Train forward, eval and backward, all in place on a float32 array of 2**31 + 1024
+    elements whose values are known analytically: +-1 alternating with a distinct tail
+    beyond element 2**31. A 32-bit index anywhere reads or writes the wrong elements."""
+    gc.collect()
+    if form == "runs":
+        # one channel, one contiguous run of 2**31 + 1024 elements
+        n, C = 2**31 + 1024, 1
+        shape, axis = (n, 1), 1
+    else:
+        # (rows, 64) channels last: row offsets beyond 2**31 elements
+        C = 64
+        n = 2**31 + 1024 * C
+        shape, axis = (n // C, C), -1
+    rows = n // C
+    x = np.empty(shape, np.float32)
+    flat = x.reshape(-1)
+    tail = 1024 * C if form == "rows" else 1024
+    body = n - tail                   # even number of rows/elements of +-1
+    # body: -1, +1 alternating along the channel's elements; tail: a ramp per channel
+    if form == "runs":
+        for sl in _chunks(body):
+            v = flat[sl]
+            v[0::2] = -1.0
+            v[1::2] = 1.0
+        t = (3.0 + 0.25 * np.arange(tail)).astype(np.float32)
+        flat[body:] = t
+        tails = [t.astype(np.float64)]
+    else:
+        for sl in _chunks(body // C, 1 << 20):
+            blk = x[sl]
+            blk[0::2] = -1.0
+            blk[1::2] = 1.0
+        tr = (3.0 + 0.25 * np.arange(1024)[:, None] + 0.5 * np.arange(C)[None, :])
+        x[rows - 1024:] = tr.astype(np.float32)
+        tails = [tr[:, c] for c in range(C)]
+    nb = body // C                    # body elements per channel
+    # analytic statistics per channel (float64)
+    mean = np.array([t.sum() / (n // C) for t in tails])
+    m2 = np.array([nb * (1.0 + mu * mu) + ((t - mu) ** 2).sum() for t, mu in zip(tails, mean)])
+    var = m2 / (n // C)
+    eps = 1.0
+    invstd = 1.0 / np.sqrt(var + eps)
+
+    def check(fn_body, fn_tail, what, rtol=1e-6):
+        # body: the two values alternate; check every element in chunks
+        if form == "runs":
+            for sl in _chunks(body):
+                v = flat[sl]
+                for par, val in ((0, -1.0), (1, 1.0)):
+                    e = fn_body(val, 0)
+                    got = v[par::2]
+                    err = np.max(np.abs(got.astype(np.float64) - e))
+                    assert err <= rtol * max(1, abs(e)), f"{what}: body off by {err} at {sl}"
+            got = flat[body:].astype(np.float64)
+            e = fn_tail(tails[0], 0)
+        else:
+            e_m = np.array([fn_body(-1.0, c) for c in range(C)])
+            e_p = np.array([fn_body(1.0, c) for c in range(C)])
+            for sl in _chunks(nb, 1 << 20):
+                blk = x[sl].astype(np.float64)
+                err = max(np.max(np.abs(blk[0::2] - e_m)), np.max(np.abs(blk[1::2] - e_p)))
+                assert err <= rtol * max(1, np.abs(e_m).max(), np.abs(e_p).max()), \
+                    f"{what}: body off by {err} in rows {sl}"
+            got = x[rows - 1024:].astype(np.float64)
+            e = np.stack([fn_tail(tails[c], c) for c in range(C)], axis=1)
+        err = np.abs(got - e)
+        assert np.all(err <= rtol * np.maximum(1, np.abs(e))), \
+            f"{what}: tail off by {err.max()}"
+
+    # 1. training forward in place
+    rm, rv = np.zeros(C), np.ones(C)
+    y, m, s = bnfast.batch_norm_train(x, eps=eps, axis=axis, out=x, running_mean=rm,
+                                      running_var=rv, momentum=1.0)
+    assert y is x
+    np.testing.assert_allclose(m, mean, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(s, invstd, rtol=1e-10)
+    np.testing.assert_allclose(rv, var * (n // C) / (n // C - 1), rtol=1e-10)
+    check(lambda v, c: (v - mean[c]) * invstd[c], lambda t, c: (t - mean[c]) * invstd[c],
+          "train forward")
+    # x now holds xhat = (x - mean) * invstd. 2. eval in place with known statistics
+    fm, fv = np.full(C, 0.5), np.full(C, 3.0)
+    f = bnfast.FrozenBatchNorm(fm, fv, np.full(C, 2.0), np.full(C, -1.0), eps=1.0, axis=axis)
+    assert f(x, out=x) is x
+
+    def ev(v, c):
+        return (v - 0.5) / 2.0 * 2.0 - 1.0
+    check(lambda v, c: ev((v - mean[c]) * invstd[c], c),
+          lambda t, c: ev((t - mean[c]) * invstd[c], c), "eval", rtol=2e-6)
+    # x now holds z = xhat - 1.5 (exactly affine in the original values).
+    # 3. backward in place with dy = x = z: dx = invstd_z * (z - mean_z) * eps / (var_z + eps)
+    #    where mean_z, var_z are z's statistics (passed as mean and invstd).
+    mz = (mean - mean) * invstd - 1.5          # mean of xhat is 0
+    vz = var * invstd ** 2                     # variance of xhat
+    sz = 1.0 / np.sqrt(vz + eps)
+    dx, dw, db = bnfast.batch_norm_backward(x, x, mz, sz, axis=axis, out=x)
+    assert dx is x
+    k = sz * eps / (vz + eps)
+
+    def bw(v, c):
+        z = (v - mean[c]) * invstd[c] - 1.5
+        return (z - mz[c]) * k[c]
+    check(bw, bw, "backward", rtol=2e-6)
+    np.testing.assert_allclose(db.astype(np.float64), mz * (n // C), rtol=1e-5)
+    np.testing.assert_allclose(dw.astype(np.float64), vz * sz * (n // C), rtol=1e-5)

@@ -1,0 +1,281 @@
+"""Issue 5, concurrency: several Python threads calling bnfast at once get correct
+results, and the kernels release the GIL so that calls really overlap in time.
+
+No test asserts a duration. GIL release is shown by *where* another thread's Python code
+ran: a ticker thread that can only take time stamps while it holds the GIL stamps the
+middle of a long kernel call, which is impossible if the kernel holds the GIL. Overlap
+is shown by two threads' call intervals intersecting (wall-clock, so a loaded machine
+does not make it fail); each check retries a few times before failing."""
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import bnfast
+import reference as ref
+from arrays import make_values, params
+from reference import assert_forward_close, assert_grad_close
+
+
+@pytest.fixture(autouse=True)
+def _one_omp_thread():
+    """One OpenMP thread per call: Python threads, not OpenMP, provide the parallelism
+    here, and the 2-core CI machine is not oversubscribed."""
+    bnfast.set_num_threads(1)
+    yield
+    bnfast.set_num_threads(None)
+
+
+def _run_threads(fns, timeout=120):
+    """Run each fn in its own thread, started together; re-raise the first error."""
+    errors = []
+    barrier = threading.Barrier(len(fns))
+
+    def wrap(fn):
+        try:
+            barrier.wait()
+            fn()
+        except BaseException as e:      # noqa: BLE001 - reported below
+            errors.append(e)
+
+    ts = [threading.Thread(target=wrap, args=(fn,)) for fn in fns]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout)
+        assert not t.is_alive(), "a thread hung"
+    if errors:
+        raise errors[0]
+
+
+def _bits(a):
+    return np.ascontiguousarray(a).tobytes()
+
+
+# ----------------------------------------------------------------------------------
+# Correct results from several threads at once
+
+def test_shared_frozen_many_threads():
+    """One FrozenBatchNorm shared by 4 threads, on small (fast path) and large inputs."""
+    C = 64
+    w, b, rm, rv = params(C, np.float64, 1)
+    frozen = bnfast.FrozenBatchNorm(rm, rv, w, b, axis=-1)
+    frozen_nchw = bnfast.FrozenBatchNorm(rm, rv, w, b, axis=1)
+    inputs = []
+    for k in range(4):
+        small = make_values((1 + k, C), np.float32, k, axis=-1, offset=1e5)
+        big = make_values((64, 32, 32, C), np.float32, 10 + k, axis=-1, offset=1e5)
+        nchw = make_values((16, C, 16, 16), np.float32, 20 + k, axis=1, offset=1e5)
+        expect = (ref.frozen_batch_norm(small, rm, rv, w, b, axis=-1),
+                  ref.frozen_batch_norm(big, rm, rv, w, b, axis=-1),
+                  ref.frozen_batch_norm(nchw, rm, rv, w, b, axis=1))
+        inputs.append((small, big, nchw, expect))
+    # serial results, checked against the reference
+    serial = []
+    for small, big, nchw, expect in inputs:
+        got = (frozen(small), frozen(big), frozen_nchw(nchw))
+        for g, e in zip(got, expect):
+            assert_forward_close(g, e)
+        serial.append([_bits(g) for g in got])
+
+    def worker(k):
+        small, big, nchw, _ = inputs[k]
+        o = np.empty_like(small)
+        for i in range(300):
+            assert _bits(frozen(small)) == serial[k][0]
+            assert _bits(frozen(small, out=o)) == serial[k][0]
+            if i % 30 == 0:
+                assert _bits(frozen(big)) == serial[k][1]
+                assert _bits(frozen_nchw(nchw)) == serial[k][2]
+
+    _run_threads([lambda k=k: worker(k) for k in range(4)])
+
+
+def test_functional_many_threads():
+    """batch_norm (eval and training with per-thread running stats), batch_norm_train and
+    batch_norm_backward from 4 threads: each thread's results are the serial ones."""
+    shapes = [((32, 16, 24, 24), 1), ((4096, 48), -1), ((16, 24, 24, 16), -1), ((8, 3, 50), 1)]
+    jobs = []
+    for k, (shape, axis) in enumerate(shapes):
+        x = make_values(shape, np.float32, k, axis=axis, offset=1e4)
+        dy = make_values(shape, np.float32, 100 + k, axis=axis)
+        w, b, rm, rv = params(shape[axis], np.float64, k)
+        jobs.append((x, dy, axis, w, b, rm, rv))
+
+    def compute(x, dy, axis, w, b, rm, rv):
+        rm1, rv1 = rm.copy(), rv.copy()
+        y = bnfast.batch_norm(x, rm1, rv1, w, b, True, 0.1, 1e-5, axis=axis)
+        y2, m, s = bnfast.batch_norm_train(x, w, b, axis=axis)
+        e = bnfast.batch_norm(x, rm1, rv1, w, b, axis=axis)
+        dx, dw, db = bnfast.batch_norm_backward(dy, x, m, s, w, axis=axis)
+        return [_bits(v) for v in (y, rm1, rv1, y2, m, s, e, dx, dw, db)]
+
+    serial = []
+    for x, dy, axis, w, b, rm, rv in jobs:
+        y_ref, m_ref, s_ref = ref.batch_norm_train(x, w, b, axis=axis)
+        assert_forward_close(bnfast.batch_norm_train(x, w, b, axis=axis)[0], y_ref)
+        dx_ref = ref.batch_norm_backward(dy, x, m_ref, s_ref, w, axis=axis)[0]
+        assert_grad_close(bnfast.batch_norm_backward(dy, x, m_ref, s_ref, w, axis=axis)[0],
+                          dx_ref, scale=np.max(np.abs(w * s_ref)) * np.max(np.abs(dy)))
+        serial.append(compute(x, dy, axis, w, b, rm, rv))
+
+    def worker(k):
+        for _ in range(15):
+            assert compute(*jobs[k]) == serial[k], f"thread {k}: results differ"
+
+    _run_threads([lambda k=k: worker(k) for k in range(len(jobs))])
+
+
+def test_separate_layers_many_threads():
+    """Each thread trains its own layer (forward, backward, a few steps, then eval): the
+    same bits as the same steps run serially, and right against the layer reference."""
+    C = 32
+    xs = [make_values((64, C, 12, 12), np.float32, k, offset=1e3) for k in range(3)]
+    dys = [make_values((64, C, 12, 12), np.float32, 50 + k) for k in range(3)]
+
+    def train(k, steps=6):
+        layer = bnfast.BatchNorm(C, momentum=None if k == 1 else 0.1)
+        out = []
+        for s in range(steps):
+            y = layer(xs[(k + s) % 3])
+            dx = layer.backward(dys[(k + s) % 3])
+            out += [_bits(y), _bits(dx), _bits(layer.grad_weight)]
+        layer.eval()
+        out += [_bits(layer(xs[k])), _bits(layer.running_mean), _bits(layer.running_var),
+                layer.num_batches_tracked]
+        return out
+
+    # the serial run of layer 0 against the float64 layer twin
+    layer, twin = bnfast.BatchNorm(C), ref.BatchNormRef(C)
+    for s in range(3):
+        assert_forward_close(layer(xs[s]), twin(xs[s]))
+        assert_grad_close(layer.backward(dys[s]), twin.backward(dys[s]))
+    serial = [train(k) for k in range(3)]
+    results = [None] * 3
+
+    def worker(k):
+        for _ in range(3):
+            results[k] = train(k)
+            assert results[k] == serial[k], f"layer {k}: threaded run differs"
+
+    _run_threads([lambda k=k: worker(k) for k in range(3)])
+
+
+def test_shared_training_layer_is_serialized():
+    """One training layer called from two threads (documented as order-dependent, not
+    recommended) neither crashes nor loses an update: the calls are serialized."""
+    C = 8
+    layer = bnfast.BatchNorm(C, momentum=None)       # cumulative average: order-free
+    xs = [make_values((512, C), np.float32, k, offset=10.0) for k in range(2)]
+    n = 40
+
+    def worker(k):
+        for _ in range(n):
+            layer(xs[k])
+            layer.backward(np.ones_like(xs[k]))
+
+    _run_threads([lambda k=k: worker(k) for k in range(2)])
+    assert layer.num_batches_tracked == 2 * n
+    # cumulative average of n copies of each batch's statistics
+    m = (xs[0].astype(np.float64).mean(0) + xs[1].astype(np.float64).mean(0)) / 2
+    np.testing.assert_allclose(layer.running_mean, m, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------
+# The GIL is released inside kernels
+
+def _ticker_sees_middle(call, attempts=5):
+    """True when a ticker thread stamped the middle 60% of one `call`."""
+    for _ in range(attempts):
+        stamps = []
+        stop = threading.Event()
+
+        def tick():
+            while not stop.is_set():
+                time.sleep(0.0005)
+                stamps.append(time.perf_counter())
+
+        t = threading.Thread(target=tick)
+        t.start()
+        time.sleep(0.01)                   # let the ticker get going
+        t0 = time.perf_counter()
+        call()
+        t1 = time.perf_counter()
+        stop.set()
+        t.join()
+        lo, hi = t0 + 0.2 * (t1 - t0), t1 - 0.2 * (t1 - t0)
+        if any(lo < s < hi for s in stamps):
+            return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def big():
+    """~32M float32 elements: a single-threaded kernel call takes tens of ms."""
+    rng = np.random.default_rng(0)
+    x = rng.random((32, 64, 128, 128), dtype=np.float32)
+    x += 100.0
+    return x, np.empty_like(x), params(64, np.float64, 0)
+
+
+@pytest.mark.parametrize("op", ["eval", "frozen", "train", "backward", "backward-eval",
+                                "layer", "nhwc-train"])
+def test_kernels_release_the_gil(big, op):
+    x, out, (w, b, rm, rv) = big
+    frozen = bnfast.FrozenBatchNorm(rm, rv, w, b)
+    layer = bnfast.BatchNorm(64)
+    xl = x.reshape(32, 128, 128, 64)      # same memory read as channels-last
+    m, s = rm, 1 / np.sqrt(rv)
+    call = {
+        "eval": lambda: bnfast.batch_norm(x, rm, rv, w, b, out=out),
+        "frozen": lambda: frozen(x, out=out),
+        "train": lambda: bnfast.batch_norm_train(x, w, b, out=out),
+        "backward": lambda: bnfast.batch_norm_backward(x, x, m, s, w, out=out),
+        "backward-eval": lambda: bnfast.batch_norm_backward(x, x, m, s, w, training=False,
+                                                            out=out),
+        "layer": lambda: layer(x, out=out),
+        "nhwc-train": lambda: bnfast.batch_norm_train(xl, w, b, axis=-1,
+                                                      out=out.reshape(xl.shape)),
+    }[op]
+    call()                                 # warm up (page faults, thread pool)
+    assert _ticker_sees_middle(call), f"{op}: no other Python thread ran during the kernel"
+
+
+def test_two_threads_overlap_in_time(big):
+    """Two threads each calling kernels on their own large arrays: their calls run at
+    the same time (intervals intersect for a good part of the busy time)."""
+    x, out, (w, b, rm, rv) = big
+    xa, xb = x[:16], x[16:]
+    oa, ob = out[:16], out[16:]
+    frozen = bnfast.FrozenBatchNorm(rm, rv, w, b)
+
+    def intervals(fn, sink):
+        for _ in range(6):
+            t0 = time.perf_counter()
+            fn()
+            sink.append((t0, time.perf_counter()))
+
+    def overlap(ia, ib):
+        tot = 0.0
+        for a0, a1 in ia:
+            for b0, b1 in ib:
+                tot += max(0.0, min(a1, b1) - max(a0, b0))
+        return tot
+
+    for _ in range(4):
+        ia, ib = [], []
+        _run_threads([
+            lambda: intervals(lambda: bnfast.batch_norm_train(xa, w, b, out=oa), ia),
+            lambda: intervals(lambda: frozen(xb, out=ob), ib)])
+        busy = min(sum(e - s for s, e in ia), sum(e - s for s, e in ib))
+        if overlap(ia, ib) > 0.3 * busy:
+            return
+    pytest.fail(f"kernel calls of two threads never overlapped: {overlap(ia, ib):.4f} s "
+                f"of {busy:.4f} s busy")
+
+
+def test_ticker_detects_a_call_that_holds_the_gil():
+    """The detector itself can fail: a C call that keeps the GIL (bytes repetition) is
+    never stamped in its middle."""
+    assert not _ticker_sees_middle(lambda: b"x" * 300_000_000, attempts=2)

@@ -1,0 +1,642 @@
+"""Issue 5, bad input: every refusal class, at every entry point where it applies.
+
+Each refusal must be a ValueError or TypeError whose message names the offending
+argument, and a refused call must change nothing: not x, not the parameters, not the
+running statistics, not ``out``, not a layer's state."""
+import numpy as np
+import pytest
+
+import bnfast
+from _reliability_helpers import assert_unchanged, snapshot
+
+C = 3
+
+
+def valid(dtype=np.float32, shape=(4, C, 5)):
+    """Valid arguments for every entry point (x is NCL, channel axis 1)."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(shape) + 100.0).astype(dtype)
+    n = x.size // C
+    red = tuple(i for i in range(x.ndim) if i != 1)
+    with np.errstate(all="ignore"):
+        mean = x.astype(np.float64).mean(axis=red) if x.size else np.zeros(C)
+        invstd = 1.0 / np.sqrt(x.astype(np.float64).var(axis=red) + 1e-5) if x.size \
+            else np.ones(C)
+    return dict(
+        x=x, dy=rng.standard_normal(shape).astype(dtype),
+        running_mean=rng.standard_normal(C), running_var=rng.uniform(0.5, 2, C),
+        weight=rng.uniform(0.5, 2, C), bias=rng.standard_normal(C),
+        mean=mean, invstd=invstd, momentum=0.1, eps=1e-5, axis=1,
+        out=np.full(shape, np.nan, dtype), training=True, n=n,
+    )
+
+
+# ----------------------------------------------------------------------------------
+# Entry points, each a function of the argument dict.
+
+def _bn_eval(a):
+    return bnfast.batch_norm(a["x"], a["running_mean"], a["running_var"], a["weight"],
+                             a["bias"], False, a["momentum"], a["eps"], axis=a["axis"],
+                             out=a["out"])
+
+
+def _bn_train(a):
+    return bnfast.batch_norm(a["x"], a["running_mean"], a["running_var"], a["weight"],
+                             a["bias"], True, a["momentum"], a["eps"], axis=a["axis"],
+                             out=a["out"])
+
+
+def _bnt(a):
+    return bnfast.batch_norm_train(a["x"], a["weight"], a["bias"], eps=a["eps"],
+                                   axis=a["axis"], running_mean=a["running_mean"],
+                                   running_var=a["running_var"], momentum=a["momentum"],
+                                   out=a["out"])
+
+
+def _bwd(a):
+    return bnfast.batch_norm_backward(a["dy"], a["x"], a["mean"], a["invstd"], a["weight"],
+                                      training=a["training"], axis=a["axis"], out=a["out"])
+
+
+def _bwd_eval(a):
+    return bnfast.batch_norm_backward(a["dy"], a["x"], a["mean"], a["invstd"], a["weight"],
+                                      training=False, axis=a["axis"], out=a["out"])
+
+
+def _frozen(a):
+    f = bnfast.FrozenBatchNorm(a["running_mean"], a["running_var"], a["weight"], a["bias"],
+                               a["eps"], axis=a["axis"])
+    return f(a["x"], out=a["out"])
+
+
+def _frozen_ctor(a):
+    return bnfast.FrozenBatchNorm(a["running_mean"], a["running_var"], a["weight"],
+                                  a["bias"], a["eps"], axis=a["axis"])
+
+
+def _layer(a, training):
+    layer = bnfast.BatchNorm(C, eps=a["eps"], momentum=a["momentum"], axis=a["axis"])
+    a["layer"] = layer
+    layer.train(training)
+    return layer(a["x"], out=a["out"])
+
+
+def _layer_train(a):
+    return _layer(a, True)
+
+
+def _layer_eval(a):
+    return _layer(a, False)
+
+
+def _layer_ctor(a):
+    return bnfast.BatchNorm(C, eps=a["eps"], momentum=a["momentum"], axis=a["axis"])
+
+
+# Entry points that take an input x (and out=).
+X_ENTRIES = {
+    "batch_norm": _bn_eval,
+    "batch_norm[training]": _bn_train,
+    "batch_norm_train": _bnt,
+    "batch_norm_backward": _bwd,
+    "batch_norm_backward[eval]": _bwd_eval,
+    "FrozenBatchNorm": _frozen,
+    "BatchNorm[train]": _layer_train,
+    "BatchNorm[eval]": _layer_eval,
+}
+
+
+def refused(entry, a, exc, match):
+    """Call ``entry(a)``, expect ``exc`` with a message matching ``match``, and check that
+    no array in ``a`` (nor a layer's state) was modified."""
+    snap = snapshot(a)
+    with pytest.raises(exc, match=match) as info:
+        entry(a)
+    assert_unchanged(snap, f"{entry.__name__} refused with {info.value!r}")
+    layer = a.get("layer")
+    if layer is not None:
+        assert layer.num_batches_tracked == 0, "a refused call counted a batch"
+        assert np.array_equal(layer.running_mean, np.zeros(C))
+        assert np.array_equal(layer.running_var, np.ones(C))
+        assert np.array_equal(layer.weight, np.ones(C))
+        assert np.array_equal(layer.bias, np.zeros(C))
+    return info.value
+
+
+def _with(a, **kw):
+    a = dict(a)
+    a.update(kw)
+    return a
+
+
+# ----------------------------------------------------------------------------------
+# 0-d and 1-D input
+
+@pytest.mark.parametrize("entry", X_ENTRIES.values(), ids=X_ENTRIES.keys())
+@pytest.mark.parametrize("bad", [np.float32(1.5), np.ones(C, np.float32), [1.0, 2.0, 3.0]],
+                         ids=["0d", "1d", "1d-list"])
+def test_input_ndim_below_2(entry, bad):
+    a = valid()
+    dy = np.ones(np.shape(bad), np.float32)
+    refused(entry, _with(a, x=bad, dy=dy, out=None), ValueError,
+            r"\bx\b.*\bdimensions?\b|\binput\b")
+
+
+def test_input_ndim_layer_subclasses():
+    x = np.ones((4, C), np.float32)
+    refused(lambda a: bnfast.BatchNorm2d(C)(a["x"]), {"x": x}, ValueError, r"4D input")
+    refused(lambda a: bnfast.BatchNorm3d(C)(a["x"]), {"x": x}, ValueError, r"5D input")
+    refused(lambda a: bnfast.BatchNorm1d(C)(a["x"]), {"x": np.ones((2, C, 2, 2))},
+            ValueError, r"2D or 3D input")
+
+
+# ----------------------------------------------------------------------------------
+# Channel-count mismatch of any parameter; parameters that are not 1-D
+
+PARAM_ENTRIES = {   # entry -> the per-channel parameters it takes
+    "batch_norm": (_bn_eval, ("running_mean", "running_var", "weight", "bias")),
+    "batch_norm[training]": (_bn_train, ("running_mean", "running_var", "weight", "bias")),
+    "batch_norm_train": (_bnt, ("running_mean", "running_var", "weight", "bias")),
+    "batch_norm_backward": (_bwd, ("mean", "invstd", "weight")),
+    "batch_norm_backward[eval]": (_bwd_eval, ("mean", "invstd", "weight")),
+}
+PARAM_CASES = [(k, p) for k, (_, ps) in PARAM_ENTRIES.items() for p in ps]
+
+
+@pytest.mark.parametrize("entry_name,param", PARAM_CASES)
+@pytest.mark.parametrize("length", [C - 1, C + 1, 0])
+def test_param_channel_mismatch(entry_name, param, length):
+    entry = PARAM_ENTRIES[entry_name][0]
+    a = valid()
+    refused(entry, _with(a, **{param: np.ones(length)}), ValueError, rf"\b{param}\b")
+
+
+@pytest.mark.parametrize("entry_name,param", PARAM_CASES)
+@pytest.mark.parametrize("shape", [(C, 1), (1, C), ()], ids=["Cx1", "1xC", "0d"])
+def test_param_not_1d(entry_name, param, shape):
+    entry = PARAM_ENTRIES[entry_name][0]
+    a = valid()
+    refused(entry, _with(a, **{param: np.ones(shape)}), ValueError, rf"\b{param}\b")
+
+
+@pytest.mark.parametrize("param", ["var", "weight", "bias"])
+@pytest.mark.parametrize("bad", [np.ones(C + 1), np.ones((C, 1)), np.float64(1.0)],
+                         ids=["C+1", "Cx1", "0d"])
+def test_frozen_construction_param_mismatch(param, bad):
+    a = valid()
+    key = {"var": "running_var"}.get(param, param)
+    refused(_frozen_ctor, _with(a, **{key: bad}), ValueError, rf"\b{param}\b")
+
+
+def test_frozen_mean_not_1d():
+    a = valid()
+    refused(_frozen_ctor, _with(a, running_mean=np.zeros((C, 1))), ValueError, r"\bmean\b")
+
+
+@pytest.mark.parametrize("entry", [_frozen, _layer_train, _layer_eval],
+                         ids=["FrozenBatchNorm", "BatchNorm[train]", "BatchNorm[eval]"])
+@pytest.mark.parametrize("channels", [C - 1, C + 1])
+def test_input_channel_mismatch_fixed_C(entry, channels):
+    """FrozenBatchNorm and layers know C: an input with another count is refused."""
+    a = valid(shape=(4, channels, 5))
+    refused(entry, _with(a, out=None), ValueError, r"\bx\b|\binput\b")
+
+
+@pytest.mark.parametrize("entry", X_ENTRIES.values(), ids=X_ENTRIES.keys())
+@pytest.mark.parametrize("shape", [(4, C + 1, 5), (4, C, 6), (4, C), (5, C, 4)])
+def test_out_wrong_shape(entry, shape):
+    a = valid()
+    refused(entry, _with(a, out=np.zeros(shape, np.float32)), ValueError, r"\bout\b")
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(4, C + 1, 5), (4, C, 6), (4, C), (5, C, 4)])
+def test_dy_wrong_shape(training, shape):
+    a = valid()
+    refused(_bwd, _with(a, dy=np.ones(shape, np.float32), training=training), ValueError,
+            r"\bdy\b")
+
+
+# ----------------------------------------------------------------------------------
+# Non-real dtypes: complex, string, object, datetime (x, dy and the parameters)
+
+BAD_DTYPES = {
+    "complex64": lambda s: np.ones(s, np.complex64),
+    "complex128": lambda s: np.ones(s, np.complex128),
+    "str": lambda s: np.full(s, "1.0"),
+    "bytes": lambda s: np.full(s, b"1.0"),
+    "object": lambda s: np.ones(s, object),
+    "datetime64": lambda s: np.ones(s, "datetime64[s]"),
+    "timedelta64": lambda s: np.ones(s, "timedelta64[s]"),
+    "void": lambda s: np.zeros(s, "V4"),
+}
+
+
+@pytest.mark.parametrize("entry", X_ENTRIES.values(), ids=X_ENTRIES.keys())
+@pytest.mark.parametrize("dtype", BAD_DTYPES)
+def test_input_bad_dtype(entry, dtype):
+    a = valid()
+    x = BAD_DTYPES[dtype](a["x"].shape)
+    refused(entry, _with(a, x=x, out=None), TypeError, r"\bx\b")
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dtype", BAD_DTYPES)
+def test_dy_bad_dtype(training, dtype):
+    a = valid()
+    dy = BAD_DTYPES[dtype](a["x"].shape)
+    refused(_bwd, _with(a, dy=dy, training=training, out=None), TypeError, r"\bdy\b")
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dtype", BAD_DTYPES)
+def test_layer_backward_dy_bad_dtype(training, dtype):
+    layer = bnfast.BatchNorm(C).train(training)
+    x = valid()["x"]
+    layer(x)
+    state = snapshot(layer.__dict__)
+    with pytest.raises(TypeError, match=r"\bdy\b"):
+        layer.backward(BAD_DTYPES[dtype](x.shape))
+    assert_unchanged(state, "layer.backward refused")
+    assert layer.grad_weight is None and layer.grad_bias is None
+
+
+@pytest.mark.parametrize("entry_name,param", PARAM_CASES)
+@pytest.mark.parametrize("dtype", BAD_DTYPES)
+def test_param_bad_dtype(entry_name, param, dtype):
+    entry = PARAM_ENTRIES[entry_name][0]
+    a = valid()
+    refused(entry, _with(a, **{param: BAD_DTYPES[dtype]((C,))}), TypeError, rf"\b{param}\b")
+
+
+@pytest.mark.parametrize("param", ["mean", "var", "weight", "bias"])
+@pytest.mark.parametrize("dtype", BAD_DTYPES)
+def test_frozen_construction_bad_dtype(param, dtype):
+    a = valid()
+    key = {"var": "running_var", "mean": "running_mean"}.get(param, param)
+    refused(_frozen_ctor, _with(a, **{key: BAD_DTYPES[dtype]((C,))}), TypeError,
+            rf"\b{param}\b")
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.complex64, np.bool_])
+def test_layer_non_float_dtype(dtype):
+    with pytest.raises(TypeError, match=r"\bdtype\b"):
+        bnfast.BatchNorm(C, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------
+# out of the wrong dtype, read-only, or not an array
+
+@pytest.mark.parametrize("entry", X_ENTRIES.values(), ids=X_ENTRIES.keys())
+@pytest.mark.parametrize("dtype", [np.float64, np.float16, np.int32, np.complex64])
+def test_out_wrong_dtype(entry, dtype):
+    a = valid()
+    refused(entry, _with(a, out=np.zeros(a["x"].shape, dtype)), TypeError, r"\bout\b")
+
+
+@pytest.mark.parametrize("entry", X_ENTRIES.values(), ids=X_ENTRIES.keys())
+def test_out_read_only(entry):
+    a = valid()
+    out = np.zeros(a["x"].shape, np.float32)
+    out.flags.writeable = False
+    refused(entry, _with(a, out=out), ValueError, r"\bout\b")
+
+
+@pytest.mark.parametrize("entry", X_ENTRIES.values(), ids=X_ENTRIES.keys())
+def test_out_read_only_is_x(entry):
+    """out=x with a read-only x: refused, not written through."""
+    a = valid()
+    a["x"].flags.writeable = False
+    refused(entry, _with(a, out=a["x"]), ValueError, r"\bout\b")
+
+
+@pytest.mark.parametrize("entry", X_ENTRIES.values(), ids=X_ENTRIES.keys())
+def test_out_not_an_array(entry):
+    a = valid()
+    refused(entry, _with(a, out=a["x"].tolist()), TypeError, r"\bout\b")
+
+
+def test_layer_backward_out_refused():
+    x = valid()["x"]
+    for training in (True, False):
+        layer = bnfast.BatchNorm(C).train(training)
+        layer(x)
+        ro = np.zeros(x.shape, np.float32)
+        ro.flags.writeable = False
+        for bad, exc in [(np.zeros(x.shape, np.float64), TypeError),
+                         (np.zeros((4, C), np.float32), ValueError), (ro, ValueError)]:
+            state = snapshot(layer.__dict__, bad)
+            with pytest.raises(exc, match=r"\bout\b"):
+                layer.backward(np.ones_like(x), out=bad)
+            assert_unchanged(state, "layer.backward(out=bad)")
+            assert layer.grad_weight is None
+
+
+# ----------------------------------------------------------------------------------
+# Eval without running statistics; training with one value per channel or no values
+
+@pytest.mark.parametrize("missing", ["running_mean", "running_var", "both"])
+def test_eval_without_running_stats(missing):
+    a = valid()
+    kw = {"running_mean": None, "running_var": None} if missing == "both" else {missing: None}
+    refused(_bn_eval, _with(a, **kw), ValueError, r"running_(mean|var)")
+
+
+TRAIN_ENTRIES = {"batch_norm[training]": _bn_train, "batch_norm_train": _bnt,
+                 "BatchNorm[train]": _layer_train}
+
+
+@pytest.mark.parametrize("entry", TRAIN_ENTRIES.values(), ids=TRAIN_ENTRIES.keys())
+@pytest.mark.parametrize("shape", [(1, C), (1, C, 1), (1, C, 1, 1), (1, C, 1, 1, 1)])
+def test_training_one_value_per_channel(entry, shape):
+    a = valid(shape=shape)
+    refused(entry, a, ValueError, r"more than 1 value per channel")
+
+
+@pytest.mark.parametrize("entry", TRAIN_ENTRIES.values(), ids=TRAIN_ENTRIES.keys())
+@pytest.mark.parametrize("shape", [(0, C), (0, C, 5), (4, C, 0), (0, C, 0, 2)])
+def test_training_empty_batch(entry, shape):
+    a = valid(shape=shape)
+    refused(entry, a, ValueError, r"\bx\b.*empty|empty.*\bx\b")
+
+
+def test_layer_without_tracking_refuses_one_value_in_eval():
+    """track_running_stats=False uses batch statistics even in eval (torch)."""
+    layer = bnfast.BatchNorm(C, track_running_stats=False).eval()
+    with pytest.raises(ValueError, match=r"more than 1 value per channel"):
+        layer(np.ones((1, C), np.float32))
+
+
+# ----------------------------------------------------------------------------------
+# eps <= 0 or NaN; momentum outside [0, 1]
+
+EPS_ENTRIES = {"batch_norm": _bn_eval, "batch_norm[training]": _bn_train,
+               "batch_norm_train": _bnt, "FrozenBatchNorm": _frozen_ctor,
+               "BatchNorm": _layer_ctor}
+
+
+@pytest.mark.parametrize("entry", EPS_ENTRIES.values(), ids=EPS_ENTRIES.keys())
+@pytest.mark.parametrize("eps", [0.0, -0.0, -1e-5, float("nan"), float("-inf"), np.nan])
+def test_eps_not_positive(entry, eps):
+    a = valid()
+    refused(entry, _with(a, eps=eps), ValueError, r"\beps\b")
+
+
+@pytest.mark.parametrize("entry", EPS_ENTRIES.values(), ids=EPS_ENTRIES.keys())
+@pytest.mark.parametrize("eps", ["1e-5", None, [1e-5]])
+def test_eps_not_a_number(entry, eps):
+    a = valid()
+    refused(entry, _with(a, eps=eps), TypeError, r"\beps\b")
+
+
+MOM_ENTRIES = {"batch_norm": _bn_eval, "batch_norm[training]": _bn_train,
+               "batch_norm_train": _bnt, "BatchNorm": _layer_ctor}
+
+
+@pytest.mark.parametrize("entry", MOM_ENTRIES.values(), ids=MOM_ENTRIES.keys())
+@pytest.mark.parametrize("momentum", [-0.1, 1.0 + 1e-9, 2.0, float("nan"), float("inf")])
+def test_momentum_out_of_range(entry, momentum):
+    a = valid()
+    refused(entry, _with(a, momentum=momentum), ValueError, r"\bmomentum\b")
+
+
+@pytest.mark.parametrize("entry", [_bn_train, _bnt], ids=["batch_norm[training]",
+                                                          "batch_norm_train"])
+@pytest.mark.parametrize("momentum", [0.0, 1.0])
+def test_momentum_bounds_accepted(entry, momentum):
+    """The closed interval: 0 keeps the running stats, 1 replaces them."""
+    a = valid()
+    rm, rv = a["running_mean"].copy(), a["running_var"].copy()
+    entry(_with(a, momentum=momentum))
+    x = a["x"].astype(np.float64)
+    if momentum == 0.0:
+        np.testing.assert_array_equal(a["running_mean"], rm)
+        np.testing.assert_array_equal(a["running_var"], rv)
+    else:
+        np.testing.assert_allclose(a["running_mean"], x.mean(axis=(0, 2)), rtol=1e-12)
+        np.testing.assert_allclose(a["running_var"], x.var(axis=(0, 2), ddof=1), rtol=1e-9)
+
+
+# ----------------------------------------------------------------------------------
+# Negative running variance: in calls and at FrozenBatchNorm construction
+
+NEGVAR_ENTRIES = {"batch_norm": _bn_eval, "batch_norm[training]": _bn_train,
+                  "batch_norm_train": _bnt, "FrozenBatchNorm": _frozen_ctor}
+
+
+@pytest.mark.parametrize("entry", NEGVAR_ENTRIES.values(), ids=NEGVAR_ENTRIES.keys())
+@pytest.mark.parametrize("value", [-1.0, -1e-30, -np.inf])
+def test_negative_running_var(entry, value):
+    a = valid()
+    rv = a["running_var"].copy()
+    rv[1] = value
+    name = r"\bvar\b" if entry is _frozen_ctor else r"\brunning_var\b"
+    refused(entry, _with(a, running_var=rv), ValueError, name)
+
+
+def test_negative_running_var_layer():
+    layer = bnfast.BatchNorm(C)
+    sd = layer.state_dict()
+    state = snapshot(layer.__dict__)
+    with pytest.raises(ValueError, match=r"running_var"):
+        layer.load_state_dict({**sd, "running_var": np.array([1.0, -1.0, 1.0])})
+    assert_unchanged(state, "load_state_dict refused")
+    # set directly (bypassing load_state_dict): the eval call refuses it
+    layer.running_var = np.array([1.0, -2.0, 1.0], np.float32)
+    layer.eval()
+    x = valid()["x"]
+    snap = snapshot(x, layer.__dict__)
+    with pytest.raises(ValueError, match=r"running_var"):
+        layer(x)
+    assert_unchanged(snap, "eval layer call with a negative running_var")
+    with pytest.raises(ValueError, match=r"\bvar\b"):
+        layer.freeze()
+
+
+# ----------------------------------------------------------------------------------
+# axis out of range (and not an integer)
+
+AXIS_ENTRIES = dict(X_ENTRIES)
+
+
+@pytest.mark.parametrize("entry", AXIS_ENTRIES.values(), ids=AXIS_ENTRIES.keys())
+@pytest.mark.parametrize("axis", [3, -4, 100, -(2**40)])
+def test_axis_out_of_range(entry, axis):
+    a = valid()
+    refused(entry, _with(a, axis=axis), ValueError, r"\baxis\b")
+
+
+@pytest.mark.parametrize("entry", list(AXIS_ENTRIES.values()) + [_frozen_ctor, _layer_ctor],
+                         ids=list(AXIS_ENTRIES.keys()) + ["FrozenBatchNorm()", "BatchNorm()"])
+@pytest.mark.parametrize("axis", [1.5, 1.0, "1", None])
+def test_axis_not_an_int(entry, axis):
+    """A float or string axis is refused, not truncated/parsed to another axis."""
+    a = valid()
+    refused(entry, _with(a, axis=axis), TypeError, r"\baxis\b")
+
+
+# ----------------------------------------------------------------------------------
+# Read-only running statistics when training must update them
+
+@pytest.mark.parametrize("entry", [_bn_train, _bnt], ids=["batch_norm[training]",
+                                                          "batch_norm_train"])
+@pytest.mark.parametrize("which", ["running_mean", "running_var"])
+def test_read_only_running_stats_in_training(entry, which):
+    a = valid()
+    a[which].flags.writeable = False
+    refused(entry, a, ValueError, rf"\b{which}\b")
+
+
+@pytest.mark.parametrize("entry", [_bn_train, _bnt], ids=["batch_norm[training]",
+                                                          "batch_norm_train"])
+@pytest.mark.parametrize("which", ["running_mean", "running_var"])
+@pytest.mark.parametrize("bad", ["list", "int64", "broadcast"])
+def test_unwritable_running_stats_in_training(entry, which, bad):
+    """Running stats that cannot be updated in place (a list, an integer array, a
+    broadcast view) are refused rather than silently not updated."""
+    a = valid()
+    v = {"list": a[which].tolist(), "int64": np.ones(C, np.int64),
+         "broadcast": np.broadcast_to(np.float64(1.0), (C,))}[bad]
+    refused(entry, _with(a, **{which: v}), (ValueError, TypeError), rf"\b{which}\b")
+
+
+def test_read_only_running_stats_layer():
+    layer = bnfast.BatchNorm(C)
+    layer.running_mean.flags.writeable = False
+    x = valid()["x"]
+    snap = snapshot(x, layer.__dict__)
+    with pytest.raises(ValueError, match=r"running_mean"):
+        layer(x)
+    assert_unchanged(snap, "training layer call with read-only running_mean")
+    assert layer.num_batches_tracked == 0
+    # eval only reads them: fine
+    layer.eval()
+    layer(x)
+
+
+@pytest.mark.parametrize("entry", [_bn_eval, _frozen], ids=["batch_norm", "FrozenBatchNorm"])
+def test_read_only_inputs_fine_in_eval(entry):
+    """Eval only reads x, the statistics and the parameters: read-only ones are fine."""
+    a = valid()
+    for k in ("running_mean", "running_var", "weight", "bias", "x"):
+        a[k].flags.writeable = False
+    snap = snapshot({k: v for k, v in a.items() if k != "out"})
+    y = entry(a)
+    assert y is a["out"] and np.isfinite(y).all()
+    assert_unchanged(snap, "eval with read-only inputs")
+
+
+# ----------------------------------------------------------------------------------
+# num_features < 1
+
+@pytest.mark.parametrize("cls", [bnfast.BatchNorm, bnfast.BatchNorm1d, bnfast.BatchNorm2d,
+                                 bnfast.BatchNorm3d])
+@pytest.mark.parametrize("nf", [0, -1, -(2**40)])
+def test_num_features_below_1(cls, nf):
+    with pytest.raises(ValueError, match=r"num_features"):
+        cls(nf)
+
+
+@pytest.mark.parametrize("nf", [2.5, "3", None, [3]])
+def test_num_features_not_an_int(nf):
+    with pytest.raises((TypeError, ValueError), match=r"num_features"):
+        bnfast.BatchNorm(nf)
+
+
+def test_frozen_zero_channels():
+    with pytest.raises(ValueError, match=r"\bmean\b"):
+        bnfast.FrozenBatchNorm(np.zeros(0), np.zeros(0))
+
+
+# ----------------------------------------------------------------------------------
+# load_state_dict: wrong shape (names the key), missing key
+
+@pytest.mark.parametrize("key", ["weight", "bias", "running_mean", "running_var"])
+@pytest.mark.parametrize("shape", [(C + 1,), (C - 1,), (C, 1), ()])
+def test_load_state_dict_wrong_shape(key, shape):
+    layer = bnfast.BatchNorm(C)
+    sd = {k: np.array(v, copy=True) for k, v in layer.state_dict().items()}
+    sd["running_mean"][:] = 5.0      # a change that must not land when refused
+    sd[key] = np.ones(shape)
+    state = snapshot(layer.__dict__)
+    with pytest.raises(ValueError, match=rf"\b{key}\b"):
+        layer.load_state_dict(sd)
+    assert_unchanged(state, "load_state_dict refused")
+    assert layer.num_batches_tracked == 0
+
+
+@pytest.mark.parametrize("key", ["weight", "bias", "running_mean", "running_var",
+                                 "num_batches_tracked"])
+def test_load_state_dict_missing_key(key):
+    layer = bnfast.BatchNorm(C)
+    sd = {k: np.array(v, copy=True) for k, v in layer.state_dict().items() if k != key}
+    if "running_mean" in sd:
+        sd["running_mean"][:] = 5.0
+    state = snapshot(layer.__dict__)
+    with pytest.raises(ValueError, match=rf"\b{key}\b"):
+        layer.load_state_dict(sd)
+    assert_unchanged(state, "load_state_dict refused")
+
+
+def test_load_state_dict_bad_dtype_names_key():
+    layer = bnfast.BatchNorm(C)
+    sd = dict(layer.state_dict())
+    sd["bias"] = np.ones(C, np.complex128)
+    state = snapshot(layer.__dict__)
+    with pytest.raises(TypeError, match=r"\bbias\b"):
+        layer.load_state_dict(sd)
+    assert_unchanged(state, "load_state_dict refused")
+
+
+# ----------------------------------------------------------------------------------
+# Layer backward before any forward, or with a dy of another shape
+
+@pytest.mark.parametrize("training", [True, False])
+def test_backward_before_forward(training):
+    layer = bnfast.BatchNorm(C).train(training)
+    with pytest.raises(ValueError, match=r"backward.*forward|forward.*backward"):
+        layer.backward(np.ones((4, C), np.float32))
+    assert layer.grad_weight is None and layer.grad_bias is None
+
+
+def test_backward_after_refused_forward_still_refused():
+    """A forward that was refused leaves nothing behind for backward."""
+    layer = bnfast.BatchNorm(C)
+    with pytest.raises(ValueError):
+        layer(np.ones((1, C), np.float32))
+    with pytest.raises(ValueError, match=r"backward.*forward|forward.*backward"):
+        layer.backward(np.ones((1, C), np.float32))
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(4, C + 1, 5), (4, C, 6), (4, C), (5, C, 4), (4 * C * 5,),
+                                   (C, 4, 5)])
+def test_layer_backward_dy_shape(training, shape):
+    layer = bnfast.BatchNorm(C).train(training)
+    x = valid()["x"]
+    layer(x)
+    state = snapshot(layer.__dict__)
+    with pytest.raises(ValueError, match=r"\bdy\b"):
+        layer.backward(np.ones(shape, np.float32))
+    assert_unchanged(state, "layer.backward refused")
+    assert layer.grad_weight is None and layer.grad_bias is None
+
+
+# ----------------------------------------------------------------------------------
+# Refusals in the low-latency FrozenBatchNorm fast path (small C-contiguous (rows, C))
+
+def test_frozen_fast_path_refusals():
+    f = bnfast.FrozenBatchNorm(np.zeros(C), np.ones(C), axis=-1)
+    x = np.ones((2, C), np.float32)
+    snap = snapshot(x)
+    ro = np.zeros((2, C), np.float32)
+    ro.flags.writeable = False
+    for out, exc in [(np.zeros((2, C), np.float64), TypeError),
+                     (np.zeros((2, C + 1), np.float32), ValueError),
+                     (np.zeros((3, C), np.float32), ValueError),
+                     (ro, ValueError), ([[0.0] * C] * 2, TypeError)]:
+        with pytest.raises(exc, match=r"\bout\b"):
+            f(x, out=out)
+    with pytest.raises(ValueError, match=r"\bx\b|\binput\b|channels"):
+        f(np.ones((2, C + 1), np.float32))
+    assert_unchanged(snap, "frozen fast path")

@@ -1,0 +1,222 @@
+"""Issue 5 (and 3), memory: no growth over 100k calls (error paths included), and no
+full-size temporaries (peak traced allocation during a call with ``out=`` at most 5% of
+the output; NumPy's data allocations are traced by tracemalloc).
+
+Leaks are measured two ways: the resident set size (catches C-level malloc leaks, which
+tracemalloc does not see) and tracemalloc's current size (catches leaked Python objects
+and NumPy arrays precisely)."""
+import gc
+import os
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import bnfast
+from _reliability_helpers import rss_bytes
+
+N_CALLS = 100_000
+C_SMALL = 64
+C_HEAP = 300            # above the 64 channels bnfast keeps on the stack: heap scratch
+
+
+def _raises(fn, exc):
+    def call():
+        try:
+            fn()
+        except exc:
+            return
+        raise AssertionError("expected an exception")
+    return call
+
+
+def _scenarios():
+    rng = np.random.default_rng(0)
+    x1 = rng.standard_normal((1, C_SMALL)).astype(np.float32)
+    o1 = np.empty_like(x1)
+    p = [rng.uniform(0.5, 2, C_SMALL) for _ in range(4)]
+    frozen = bnfast.FrozenBatchNorm(p[0], p[1], p[2], p[3], axis=-1)
+    xh = rng.standard_normal((4, C_HEAP)).astype(np.float32)
+    oh = np.empty_like(xh)
+    q = [rng.uniform(0.5, 2, C_HEAP) for _ in range(4)]
+    rm, rv = q[0].copy(), q[1].copy()
+    neg = q[1].copy()
+    neg[-1] = -1.0
+    x4 = rng.standard_normal((2, 8, 3, 3)).astype(np.float32)
+    layer = bnfast.BatchNorm(8)
+    layer_eval = bnfast.BatchNorm(8).eval()
+    y, m, s = bnfast.batch_norm_train(xh, axis=-1)
+    bad_out = np.empty(xh.shape, np.float64)
+    return {
+        # working calls
+        "frozen (1, 64)": lambda: frozen(x1),
+        "frozen (1, 64) out=": lambda: frozen(x1, out=o1),
+        "batch_norm eval (1, 64)": lambda: bnfast.batch_norm(x1, p[0], p[1], p[2], p[3],
+                                                             axis=-1),
+        "batch_norm eval heap": lambda: bnfast.batch_norm(xh, q[0], q[1], q[2], q[3],
+                                                          axis=-1, out=oh),
+        "batch_norm_train heap": lambda: bnfast.batch_norm_train(
+            xh, q[2], q[3], axis=-1, running_mean=rm, running_var=rv, out=oh),
+        "backward heap": lambda: bnfast.batch_norm_backward(xh, xh, m, s, q[2], axis=-1,
+                                                            out=oh),
+        "layer train+backward": lambda: (layer(x4), layer.backward(x4)),
+        "layer eval": lambda: layer_eval(x4),
+        # calls that raise, after bnfast has allocated its scratch
+        "raise: eval negative running_var": _raises(
+            lambda: bnfast.batch_norm(xh, q[0], neg, axis=-1), ValueError),
+        "raise: eval weight mismatch": _raises(
+            lambda: bnfast.batch_norm(xh, q[0], q[1], p[2], axis=-1), ValueError),
+        "raise: train bias mismatch": _raises(
+            lambda: bnfast.batch_norm_train(xh, q[2], p[3], axis=-1), ValueError),
+        "raise: train out dtype": _raises(
+            lambda: bnfast.batch_norm_train(xh, axis=-1, out=bad_out), TypeError),
+        "raise: backward weight mismatch": _raises(
+            lambda: bnfast.batch_norm_backward(xh, xh, m, s, p[2], axis=-1), ValueError),
+        "raise: frozen channel mismatch": _raises(lambda: frozen(xh), ValueError),
+        "raise: frozen construction": _raises(
+            lambda: bnfast.FrozenBatchNorm(q[0], neg), ValueError),
+        "raise: layer one value": _raises(lambda: layer(x4[:1, :, :1, :1]), ValueError),
+        "raise: bad dtype": _raises(
+            lambda: bnfast.batch_norm(xh.astype(np.complex64), q[0], q[1]), TypeError),
+    }
+
+
+SCENARIOS = list(_scenarios())
+
+
+# 100k calls for the low-latency paths and a few error paths; 20k for the rest
+LONG = {"frozen (1, 64)", "frozen (1, 64) out=", "batch_norm eval (1, 64)",
+        "raise: eval negative running_var", "raise: train bias mismatch",
+        "raise: frozen channel mismatch"}
+
+
+UNDER_ASAN = "libasan" in os.environ.get("LD_PRELOAD", "") or \
+    "asan" in os.environ.get("BNFAST_SANITIZER", "")
+
+
+@pytest.mark.skipif(rss_bytes() is None, reason="needs /proc/self/statm")
+@pytest.mark.skipif(UNDER_ASAN, reason="ASan's quarantine holds freed memory: RSS grows")
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_no_rss_growth(name):
+    """Resident memory does not grow over 100k (20k) calls: a leak of >= ~40 (~200)
+    bytes per call would show."""
+    fn = _scenarios()[name]
+    n = N_CALLS if name in LONG else N_CALLS // 5
+    for _ in range(2000):                 # warm up caches and free lists
+        fn()
+    gc.collect()
+    before = rss_bytes()
+    for _ in range(n):
+        fn()
+    gc.collect()
+    grown = rss_bytes() - before
+    assert grown <= 4 << 20, f"{name}: resident memory grew {grown / 2**20:.1f} MiB over {n} calls"
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_no_traced_growth(name):
+    """tracemalloc: no Python object or NumPy buffer survives the calls."""
+    fn = _scenarios()[name]
+    for _ in range(200):
+        fn()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        for _ in range(3000):           # lazily filled caches fill up while traced
+            fn()
+        gc.collect()
+        before = tracemalloc.take_snapshot()
+        for _ in range(5000):
+            fn()
+        gc.collect()
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    stats = after.compare_to(before, "lineno")
+    grown = sum(s.size_diff for s in stats)
+    top = [str(s) for s in stats[:3]]
+    assert grown < 32 * 1024, f"{name}: {grown} bytes more after 5000 calls: {top}"
+
+
+# ----------------------------------------------------------------------------------
+# No full-size temporaries
+
+LAYOUTS = {
+    "NCHW": ((64, 64, 32, 32), 1),
+    "NHWC": ((64, 32, 32, 64), -1),
+    "NC": ((65536, 64), 1),
+    "NC-wide": ((8192, 512), -1),
+}
+
+
+def _peak_during(fn):
+    gc.collect()
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        fn()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return peak - base
+
+
+@pytest.fixture(scope="module")
+def arrays():
+    out = {}
+    rng = np.random.default_rng(1)
+    for name, (shape, axis) in LAYOUTS.items():
+        x = (rng.standard_normal(shape, dtype=np.float32) + 1000.0)
+        out[name] = (x, rng.standard_normal(shape, dtype=np.float32), np.empty_like(x), axis)
+    return out
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("op", ["train", "batch_norm-train", "eval", "frozen", "backward",
+                                "backward-eval", "layer-train", "layer-backward"])
+def test_no_full_size_temporaries(arrays, layout, op):
+    x, dy, out, axis = arrays[layout]
+    C = x.shape[axis]
+    w, b = np.ones(C), np.zeros(C)
+    rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
+    m, s = np.full(C, 1000.0), np.ones(C)
+    frozen = bnfast.FrozenBatchNorm(rm, rv, w, b, axis=axis)
+    layer = bnfast.BatchNorm(C, axis=axis)
+    layer(x)
+    fn = {
+        "train": lambda: bnfast.batch_norm_train(x, w, b, axis=axis, running_mean=rm,
+                                                 running_var=rv, out=out),
+        "batch_norm-train": lambda: bnfast.batch_norm(x, rm, rv, w, b, True, axis=axis,
+                                                      out=out),
+        "eval": lambda: bnfast.batch_norm(x, rm, rv, w, b, axis=axis, out=out),
+        "frozen": lambda: frozen(x, out=out),
+        "backward": lambda: bnfast.batch_norm_backward(dy, x, m, s, w, axis=axis, out=out),
+        "backward-eval": lambda: bnfast.batch_norm_backward(dy, x, m, s, w, training=False,
+                                                            axis=axis, out=out),
+        "layer-train": lambda: layer(x, out=out),
+        "layer-backward": lambda: layer.backward(dy, out=out),
+    }[op]
+    fn()
+    peak = _peak_during(fn)
+    assert peak <= 0.05 * out.nbytes, (f"{op} on {layout}: {peak} bytes allocated during "
+                                       f"the call ({peak / out.nbytes:.1%} of the output)")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("op", ["train", "eval", "backward"])
+def test_allocating_call_allocates_only_the_output(arrays, layout, op):
+    x, dy, out, axis = arrays[layout]
+    C = x.shape[axis]
+    m, s = np.full(C, 1000.0), np.ones(C)
+    fn = {"train": lambda: bnfast.batch_norm_train(x, axis=axis),
+          "eval": lambda: bnfast.batch_norm(x, m, s, axis=axis),
+          "backward": lambda: bnfast.batch_norm_backward(dy, x, m, s, axis=axis)}[op]
+    fn()
+    peak = _peak_during(fn)
+    assert peak <= 1.05 * x.nbytes, f"{op} on {layout}: peak {peak / x.nbytes:.2f}x the output"
+
+
+def test_tracemalloc_sees_numpy_allocations():
+    """The premise of the tests above: a NumPy buffer shows up in tracemalloc."""
+    assert _peak_during(lambda: np.empty(1 << 20, np.float32).fill(0)) >= 4 << 20

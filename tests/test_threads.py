@@ -1,0 +1,276 @@
+"""Issue 5 (and 3), determinism and the thread count.
+
+Results are bitwise identical for 1, 2, 3, 4 and 8 OpenMP threads and from run to run,
+on every layout, forward (train and eval) and backward, with arrays large enough to be
+split into many work units and run on several threads. The thread count follows
+``set_num_threads``, ``threadpoolctl`` and ``OMP_NUM_THREADS``, computed at call time."""
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import bnfast
+import reference as ref
+from arrays import make_values, params, with_layout
+from reference import assert_forward_close, assert_grad_close
+
+THREADS = [1, 2, 3, 4, 8]
+HAVE_OPENMP = bnfast._core._build_info()["openmp"]
+
+# (label, shape, axis, dtype, layout): >= ~1M elements, several work units each
+CASES = [
+    ("NCHW", (16, 64, 32, 32), 1, np.float32, "c"),                 # 64 fused channels
+    ("NCHW-big-channel", (2, 3, 512, 512), 1, np.float32, "c"),     # 2 MiB channels: split
+    ("NHWC", (16, 32, 32, 64), -1, np.float32, "c"),                # rows, 4 row blocks
+    ("NC-50000x64", (50000, 64), 1, np.float32, "c"),               # rows, 13 row blocks
+    ("NC-wide", (4000, 600), -1, np.float32, "c"),                  # 3 channel blocks x rows
+    ("NC-fortran", (300000, 16), 1, np.float32, "f"),               # runs of 1.2 MB: split
+    ("NCHW-f64", (8, 32, 64, 64), 1, np.float64, "c"),
+    ("NHWC-f64", (8, 64, 64, 32), -1, np.float64, "c"),
+    ("NCDHW-channels_last", (4, 16, 8, 32, 32), 1, np.float32, "channels_last"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    bnfast.set_num_threads(None)
+    yield
+    bnfast.set_num_threads(None)
+
+
+def _bits(a):
+    a = np.asarray(a)
+    return a.dtype.str, a.shape, np.ascontiguousarray(a).tobytes()
+
+
+def _all_ops(x, axis, w, b, rm, rv, dy):
+    """Every kernel path on x; returns a list of (name, bits)."""
+    res = []
+    rm1, rv1 = rm.copy(), rv.copy()
+    y, m, s = bnfast.batch_norm_train(x, w, b, axis=axis, running_mean=rm1, running_var=rv1)
+    res += [("train y", _bits(y)), ("train mean", _bits(m)), ("train invstd", _bits(s)),
+            ("running_mean", _bits(rm1)), ("running_var", _bits(rv1))]
+    o = np.empty_like(x)
+    bnfast.batch_norm_train(x, w, b, axis=axis, out=o)
+    res.append(("train y out=", _bits(o)))
+    res.append(("eval", _bits(bnfast.batch_norm(x, rm, rv, w, b, axis=axis))))
+    res.append(("frozen", _bits(bnfast.FrozenBatchNorm(rm, rv, w, b, axis=axis)(x))))
+    for training in (True, False):
+        st = (m, s) if training else (rm, 1 / np.sqrt(rv + 1e-5))
+        dx, dw, db = bnfast.batch_norm_backward(dy, x, st[0], st[1], w, training=training,
+                                                axis=axis)
+        res += [(f"dx[{training}]", _bits(dx)), (f"dweight[{training}]", _bits(dw)),
+                (f"dbias[{training}]", _bits(db))]
+    return res
+
+
+@pytest.mark.parametrize("label,shape,axis,dtype,layout", CASES, ids=[c[0] for c in CASES])
+def test_bitwise_identical_for_any_thread_count(label, shape, axis, dtype, layout):
+    x = with_layout(make_values(shape, dtype, 1, axis=axis, offset=1e5), layout, axis=axis)
+    C = shape[axis]
+    w, b, rm, rv = params(C, np.float64, 1)
+    dy = with_layout(make_values(shape, dtype, 2, axis=axis), layout, axis=axis)
+    bnfast.set_num_threads(1)
+    base = _all_ops(x, axis, w, b, rm, rv, dy)
+    # the single-thread result is right (so the comparison below is not of garbage)
+    y_ref, m_ref, s_ref = ref.batch_norm_train(x, w, b, axis=axis)
+    y = bnfast.batch_norm_train(x, w, b, axis=axis)[0]
+    assert_forward_close(y, y_ref)
+    dx = bnfast.batch_norm_backward(dy, x, m_ref, s_ref, w, axis=axis)[0]
+    dx_ref = ref.batch_norm_backward(dy, x, m_ref, s_ref, w, axis=axis)[0]
+    assert_grad_close(dx, dx_ref, scale=np.max(np.abs(w * s_ref)) * np.max(np.abs(dy)))
+    for n in THREADS + [2]:                         # 2 twice: run to run as well
+        bnfast.set_num_threads(n)
+        assert bnfast.get_num_threads() == (n if HAVE_OPENMP else 1)
+        got = _all_ops(x, axis, w, b, rm, rv, dy)
+        for (name, a), (_, g) in zip(base, got):
+            assert a == g, f"{label}: {name} differs between 1 and {n} threads"
+
+
+def test_bitwise_identical_under_threadpoolctl_and_default():
+    """The default count (OpenMP's) and a threadpoolctl limit give the same bits."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    label, shape, axis, dtype, layout = CASES[2]
+    x = make_values(shape, dtype, 3, axis=axis, offset=1e5)
+    C = shape[axis]
+    w, b, rm, rv = params(C, np.float64, 3)
+    dy = make_values(shape, dtype, 4, axis=axis)
+    base = _all_ops(x, axis, w, b, rm, rv, dy)
+    with threadpoolctl.threadpool_limits(1):
+        assert bnfast.get_num_threads() == 1
+        assert _all_ops(x, axis, w, b, rm, rv, dy) == base
+
+
+def test_set_num_threads_from_another_python_thread():
+    """set_num_threads is process-wide; changing it from one Python thread while another
+    computes changes no bits of the other's results."""
+    x = make_values((50000, 64), np.float32, 5, axis=1, offset=1e5)
+    w, b, rm, rv = params(64, np.float64, 5)
+    bnfast.set_num_threads(1)
+    expect = _bits(bnfast.batch_norm_train(x, w, b)[0])
+    stop = threading.Event()
+    errors = []
+
+    def churn():
+        k = 0
+        while not stop.is_set():
+            bnfast.set_num_threads([1, 2, 3, 4, 8, None][k % 6])
+            k += 1
+            stop.wait(0.0005)
+
+    t = threading.Thread(target=churn)
+    t.start()
+    try:
+        for _ in range(30):
+            got = _bits(bnfast.batch_norm_train(x, w, b)[0])
+            if got != expect:
+                errors.append("differs")
+    finally:
+        stop.set()
+        t.join()
+    assert not errors
+
+
+# ----------------------------------------------------------------------------------
+# set_num_threads / get_num_threads
+
+def test_set_num_threads_none_restores_default():
+    default = bnfast.get_num_threads()
+    assert default >= 1
+    for n in (1, 3, 8):
+        bnfast.set_num_threads(n)
+        assert bnfast.get_num_threads() == (n if HAVE_OPENMP else 1)
+    bnfast.set_num_threads(None)
+    assert bnfast.get_num_threads() == default
+    bnfast.set_num_threads(5)
+    bnfast.set_num_threads(0)
+    assert bnfast.get_num_threads() == default
+
+
+@pytest.mark.parametrize("bad,exc", [(-1, ValueError), (1.5, TypeError),
+                                     ("2", TypeError), ([2], TypeError)])
+def test_set_num_threads_refuses(bad, exc):
+    before = bnfast.get_num_threads()
+    with pytest.raises(exc, match=r"\bn\b|num_threads"):
+        bnfast.set_num_threads(bad)
+    assert bnfast.get_num_threads() == before
+
+
+def test_threadpoolctl_limits_bnfast():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    if not HAVE_OPENMP:
+        pytest.skip("built without OpenMP")
+    default = bnfast.get_num_threads()
+    with threadpoolctl.threadpool_limits(limits=1):
+        assert bnfast.get_num_threads() == 1
+    with threadpoolctl.threadpool_limits(limits=1, user_api="openmp"):
+        assert bnfast.get_num_threads() == 1
+    assert bnfast.get_num_threads() == default
+    with threadpoolctl.threadpool_limits(limits=3, user_api="openmp"):
+        assert bnfast.get_num_threads() == 3
+
+
+def _linked_openmp_runtime():
+    """Real path of the OpenMP runtime bnfast._core is linked against (Linux, ldd)."""
+    try:
+        out = subprocess.run(["ldd", bnfast._core.__file__], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        if any(k in line for k in ("libgomp", "libomp", "libiomp")) and "=>" in line:
+            path = line.split("=>")[1].split("(")[0].strip()
+            if path and os.path.exists(path):
+                return os.path.realpath(path)
+    return None
+
+
+def test_threadpoolctl_sees_bnfast_openmp_runtime():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    if not HAVE_OPENMP:
+        pytest.skip("built without OpenMP")
+    if not sys.platform.startswith("linux"):
+        pytest.skip("uses ldd")
+    lib = _linked_openmp_runtime()
+    if lib is None:
+        pytest.skip("could not resolve the OpenMP runtime with ldd")
+    info = threadpoolctl.threadpool_info()
+    paths = {os.path.realpath(d["filepath"]) for d in info if d["user_api"] == "openmp"}
+    assert lib in paths, f"threadpoolctl lists {paths}, bnfast uses {lib}"
+
+
+# ----------------------------------------------------------------------------------
+# In fresh processes: OMP_NUM_THREADS, and how many OS threads a call really starts
+
+PROBE = r"""
+import json, os, sys
+import numpy as np
+import bnfast
+
+def tasks():
+    return len(os.listdir("/proc/self/task"))
+
+out = {"get": bnfast.get_num_threads(), "t0": tasks()}
+small = np.random.rand(64, 64).astype(np.float32)
+big = np.random.rand(64, 64, 32, 32).astype(np.float32)      # 4M elements, 64 channels
+mode = sys.argv[1]
+if mode == "limits":
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(1):
+        out["get_limited"] = bnfast.get_num_threads()
+        bnfast.batch_norm_train(big)
+        bnfast.batch_norm_backward(big, big, np.zeros(64), np.ones(64))
+        out["t_limited"] = tasks()
+    bnfast.set_num_threads(4)
+    bnfast.batch_norm_train(small)
+    bnfast.batch_norm(small, np.zeros(64), np.ones(64))
+    bnfast.FrozenBatchNorm(np.zeros(64), np.ones(64))(small)
+    out["t_small"] = tasks()
+    bnfast.batch_norm_train(big)
+    out["t_big4"] = tasks()
+else:
+    bnfast.batch_norm_train(big)
+    out["t_big"] = tasks()
+print(json.dumps(out))
+"""
+
+
+def _probe(mode, **env):
+    if not sys.platform.startswith("linux"):
+        pytest.skip("counts threads in /proc")
+    e = dict(os.environ)
+    e.pop("OMP_NUM_THREADS", None)
+    e.update(env)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(bnfast.__file__)))
+    e["PYTHONPATH"] = root + os.pathsep + e.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True,
+                       env=e, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_omp_num_threads_honoured(n):
+    if not HAVE_OPENMP:
+        pytest.skip("built without OpenMP")
+    out = _probe("default", OMP_NUM_THREADS=str(n))
+    assert out["get"] == n
+    # libgomp starts n - 1 worker threads for a region of n threads
+    assert out["t_big"] - out["t0"] == n - 1, out
+
+
+def test_threads_started_only_for_large_work():
+    """Under threadpool_limits(1) no worker thread is ever started; small inputs never
+    open a parallel region; a large one with set_num_threads(4) uses 4 threads."""
+    pytest.importorskip("threadpoolctl")
+    if not HAVE_OPENMP:
+        pytest.skip("built without OpenMP")
+    out = _probe("limits", OMP_NUM_THREADS="2")
+    assert out["get_limited"] == 1
+    assert out["t_limited"] == out["t0"], out
+    assert out["t_small"] == out["t0"], out
+    assert out["t_big4"] - out["t0"] == 3, out
