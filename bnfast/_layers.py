@@ -8,6 +8,24 @@ from bnfast._core import FrozenBatchNorm, _train, batch_norm, batch_norm_backwar
 _STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
+def _check_num_features(num_features):
+    """num_features as an int >= 1, or a TypeError/ValueError naming it."""
+    try:
+        c = int(num_features)
+    except (TypeError, ValueError):
+        raise TypeError(f"num_features must be an int, got {num_features!r}") from None
+    if c != num_features or c < 1:
+        raise ValueError(f"num_features must be an int >= 1, got {num_features!r}")
+    return c
+
+
+def _input_for_backward(x, out):
+    """x, or a copy of it when `out` may overwrite it (in place): backward needs it."""
+    if out is not None and np.may_share_memory(out, x):
+        return x.copy()
+    return x
+
+
 def _real(v, name):
     """v as a float; a TypeError naming the argument otherwise (no strings)."""
     if isinstance(v, (str, bytes)) or v is None:
@@ -84,12 +102,7 @@ class BatchNorm:
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, *, axis=1, dtype=np.float32,
                  unbiased_running_var=True):
-        try:
-            c = int(num_features)
-        except (TypeError, ValueError):
-            raise TypeError(f"num_features must be an int, got {num_features!r}") from None
-        if c != num_features or c < 1:
-            raise ValueError(f"num_features must be an int >= 1, got {num_features!r}")
+        c = _check_num_features(num_features)
         dtype = np.dtype(dtype)
         if dtype.kind != "f":
             raise TypeError(f"dtype must be a float dtype, got {dtype}")
@@ -206,32 +219,35 @@ class BatchNorm:
         x = self._check_input(x)
         with self._lock:
             use_batch = self.training or not self.track_running_stats
-            saved_x = x
-            if out is not None and np.may_share_memory(out, x):
-                saved_x = x.copy()           # in place: keep the input for backward
+            saved_x = _input_for_backward(x, out)
             if not use_batch:
                 y = batch_norm(x, self.running_mean, self.running_var, self.weight,
                                self.bias, False, 0.1, self.eps, axis=self.axis, out=out)
                 mean = invstd = None         # the running statistics: read by backward
             else:
-                update = self.training and self.track_running_stats
-                factor = 0.0
-                if update:
-                    self.num_batches_tracked += 1
-                    factor = (1.0 / self.num_batches_tracked if self.momentum is None
-                              else self.momentum)
-                try:
-                    y, mean, invstd = _train(
-                        x, self.weight, self.bias, self.eps, self.axis,
-                        self.running_mean if update else None,
-                        self.running_var if update else None,
-                        factor, out, self.unbiased_running_var)
-                except BaseException:
-                    if update:
-                        self.num_batches_tracked -= 1
-                    raise
+                y, mean, invstd = self._batch_forward(x, out)
             self._saved = (saved_x, mean, invstd, use_batch)
             return y
+
+    def _batch_forward(self, x, out, moments_hook=None):
+        """Normalize with batch statistics, updating the running ones in training when
+        tracked (num_batches_tracked is restored if the call fails); (y, mean, invstd).
+        moments_hook: see bnfast._core._train (statistics of a batch over processes)."""
+        update = self.training and self.track_running_stats
+        factor = 0.0
+        if update:
+            self.num_batches_tracked += 1
+            factor = (1.0 / self.num_batches_tracked if self.momentum is None
+                      else self.momentum)
+        try:
+            return _train(x, self.weight, self.bias, self.eps, self.axis,
+                          self.running_mean if update else None,
+                          self.running_var if update else None,
+                          factor, out, self.unbiased_running_var, moments_hook)
+        except BaseException:
+            if update:
+                self.num_batches_tracked -= 1
+            raise
 
     def backward(self, dy, *, out=None):
         """Gradient with respect to the last forward's input; sets ``grad_weight`` and

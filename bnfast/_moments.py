@@ -488,12 +488,9 @@ class RunningStats:
     """
 
     def __init__(self, num_features, *, axis=1):
-        try:
-            c = int(num_features)
-        except (TypeError, ValueError):
-            raise TypeError(f"num_features must be an int, got {num_features!r}") from None
-        if c != num_features or c < 1:
-            raise ValueError(f"num_features must be an int >= 1, got {num_features!r}")
+        from bnfast._layers import _check_num_features
+
+        c = _check_num_features(num_features)
         if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
             raise TypeError(f"axis must be an int, got {axis!r}")
         self.num_features = c

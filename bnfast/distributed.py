@@ -19,8 +19,8 @@ mpi4py is imported only when a layer needs its default communicator
 """
 import numpy as np
 
-from bnfast._core import _backward, _train
-from bnfast._layers import BatchNorm
+from bnfast._core import _backward
+from bnfast._layers import BatchNorm, _input_for_backward
 from bnfast._moments import _merge_packed
 
 __all__ = ["SingleProcessComm", "SyncBatchNorm"]
@@ -229,27 +229,10 @@ class SyncBatchNorm(BatchNorm):
             return np.stack([g.count, g.mean, g._lo, g.m2], axis=1)
 
         with self._lock:
-            update = self.track_running_stats
             try:
                 x = self._check_input(x)
-                saved_x = x
-                if out is not None and np.may_share_memory(out, x):
-                    saved_x = x.copy()       # in place: keep the input for backward
-                factor = 0.0
-                if update:
-                    self.num_batches_tracked += 1
-                    factor = (1.0 / self.num_batches_tracked if self.momentum is None
-                              else self.momentum)
-                try:
-                    y, mean, invstd = _train(
-                        x, self.weight, self.bias, self.eps, self.axis,
-                        self.running_mean if update else None,
-                        self.running_var if update else None,
-                        factor, out, self.unbiased_running_var, exchange)
-                except BaseException:
-                    if update:
-                        self.num_batches_tracked -= 1
-                    raise
+                saved_x = _input_for_backward(x, out)
+                y, mean, invstd = self._batch_forward(x, out, exchange)
             except Exception:
                 if not called:               # tell the other ranks, which are waiting
                     send = np.zeros(4 * C + 1)
