@@ -9,6 +9,7 @@ import json
 import os
 import re
 import subprocess
+import tempfile
 import sys
 
 import numpy as np
@@ -30,8 +31,9 @@ def _run(*args, timeout=300):
     pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(bnfast.__file__)))
     env["PYTHONPATH"] = os.pathsep.join([pkg_parent] + [p for p in [env.get("PYTHONPATH")] if p])
     env.setdefault("MPLBACKEND", "Agg")
+    # cwd: not the checkout, whose source bnfast/ (without a build) `-m` would import
     return subprocess.run([sys.executable, "-m", "bnfast", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT)
+                          timeout=timeout, env=env, cwd=tempfile.gettempdir())
 
 
 def _fields(text):

@@ -13,6 +13,7 @@ import os
 import pickle
 import shutil
 import subprocess
+import tempfile
 import sys
 import threading
 from pathlib import Path
@@ -439,7 +440,8 @@ def test_default_communicator_is_comm_world_and_mpi4py_is_lazy():
         "assert bn.comm is MPI.COMM_WORLD and bn.comm.Get_size() == 1\n"
         "print('ok')\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=120, env=_env(), stdin=subprocess.DEVNULL)
+                       timeout=120, env=_env(), stdin=subprocess.DEVNULL,
+                       cwd=tempfile.gettempdir())   # not the checkout's source bnfast/
     assert p.returncode == 0 and "ok" in p.stdout, p.stdout + p.stderr
 
 

@@ -7,6 +7,7 @@ split into many work units and run on several threads. The thread count follows
 import json
 import os
 import subprocess
+import tempfile
 import sys
 import threading
 
@@ -248,7 +249,8 @@ def _probe(mode, **env):
     root = os.path.dirname(os.path.dirname(os.path.abspath(bnfast.__file__)))
     e["PYTHONPATH"] = root + os.pathsep + e.get("PYTHONPATH", "")
     r = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True,
-                       env=e, timeout=120)
+                       env=e, timeout=120,
+                       cwd=tempfile.gettempdir())   # not the checkout's source bnfast/
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout.strip().splitlines()[-1])
 

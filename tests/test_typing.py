@@ -7,6 +7,7 @@ against the built module's real signatures.
 The mypy tests are skipped where mypy is not installed (it is in the ``test`` extra).
 """
 import importlib
+import importlib.util
 import os
 import re
 import subprocess
@@ -204,7 +205,9 @@ def test_stubs_match_the_compiled_module(tmp_path):
         bnfast\\._core\\.__test__
         """))
     env = dict(os.environ, MYPYPATH=str(tmp_path / "stubs"),
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+               # the bnfast under test, not the checkout's source (which has no build)
+               PYTHONPATH=os.pathsep.join([str(_package_parent()),
+                                           os.environ.get("PYTHONPATH", "")]))
     base = [sys.executable, "-m", "mypy.stubtest", "--mypy-config-file", os.devnull,
             "--allowlist", str(allow), "--ignore-unused-allowlist"]
     # PEP 800 disjoint bases: not expressible for a Cython class on older mypys
@@ -215,6 +218,10 @@ def test_stubs_match_the_compiled_module(tmp_path):
         proc = subprocess.run(base + ["bnfast._core"], check=False, cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"stubtest:\n{proc.stdout}\n{proc.stderr}"
+
+
+def _package_parent():
+    return Path(importlib.util.find_spec("bnfast").origin).resolve().parent.parent
 
 
 def test_pep561_files_are_in_the_package():
