@@ -326,9 +326,9 @@ ctypedef struct Job:
 
 
 DEF K_STATS = 0        # moments of a unit into mom
-DEF K_NORM = 1         # y = normalize(x) with hi, lo, scale, shift
+DEF K_NORM = 1         # y = (x - hi) * scale + shift, in memory order
 DEF K_FWD = 2          # fused: moments, finalize the channel(s), normalize
-DEF K_BSUMS = 3        # backward sums of a unit into s_dy, s_dyx
+DEF K_BSUMS = 3        # backward sums of a unit into s_dy, s_dyx, s_xm
 DEF K_BDX = 4          # dx with k1, k2, scale (= weight * invstd)
 DEF K_BWD = 5          # fused backward of a unit, training statistics
 DEF K_BEVAL = 6        # backward sums and dx = scale * dy of a unit
