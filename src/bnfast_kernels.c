@@ -18,10 +18,12 @@
 #endif
 
 /* Streaming (non-temporal) stores for large outputs: the line is written without being
- * read first, and without evicting the input from cache.  SSE2 is the x86-64 baseline,
- * so every ISA clone can use them; elsewhere a plain copy. */
+ * read first, and without evicting the input from cache.  A kernel computes a chunk into
+ * an L1 buffer and streams it out with the widest stores the CPU has: 64-byte stores cost
+ * a quarter of the instructions of SSE ones (measured 15-20% off a fused normalize).
+ * SSE2 is the x86-64 baseline; elsewhere a plain copy. */
 #if defined(__x86_64__) || defined(_M_X64)
-#include <emmintrin.h>
+#include <immintrin.h>
 #define BNF_HAVE_STREAM 1
 #else
 #define BNF_HAVE_STREAM 0
@@ -29,28 +31,78 @@
 #include <stdint.h>
 #include <string.h>
 
+typedef void (*bnf_stream_fn)(char *dst, const char *src, ptrdiff_t bytes);
+
+#if BNF_HAVE_STREAM
+/* Head and tail (up to the vector alignment of dst) by memcpy; elements stay whole
+ * because dst and src are offset by a multiple of the element size. */
+#define BNF_STREAM_BODY(ALIGN, LOADU, STREAM)                                         \
+    {                                                                                 \
+        ptrdiff_t head = (ptrdiff_t)(-(uintptr_t)dst & (ALIGN - 1));                  \
+        if (head > bytes) head = bytes;                                               \
+        memcpy(dst, src, (size_t)head);                                               \
+        ptrdiff_t i = head;                                                           \
+        for (; i + ALIGN <= bytes; i += ALIGN)                                        \
+            STREAM((float *)(dst + i), LOADU((const float *)(src + i)));              \
+        memcpy(dst + i, src + i, (size_t)(bytes - i));                                \
+    }
+
+static void bnf_stream_sse2(char *dst, const char *src, ptrdiff_t bytes)
+    BNF_STREAM_BODY(16, _mm_loadu_ps, _mm_stream_ps)
+
+#if defined(__GNUC__) && !defined(BNFAST_NO_CLONES)
+#define BNF_STREAM_WIDE 1
+__attribute__((target("avx"))) static void bnf_stream_avx(char *dst, const char *src,
+                                                          ptrdiff_t bytes)
+    BNF_STREAM_BODY(32, _mm256_loadu_ps, _mm256_stream_ps)
+
+__attribute__((target("avx512f"))) static void bnf_stream_avx512(char *dst, const char *src,
+                                                                 ptrdiff_t bytes)
+    BNF_STREAM_BODY(64, _mm512_loadu_ps, _mm512_stream_ps)
+#endif
+
+static bnf_stream_fn bnf_pick_stream(void)
+{
+#ifdef BNF_STREAM_WIDE
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return bnf_stream_avx512;
+    if (__builtin_cpu_supports("avx")) return bnf_stream_avx;
+#endif
+    return bnf_stream_sse2;
+}
+#else
+static void bnf_stream_plain(char *dst, const char *src, ptrdiff_t bytes)
+{
+    memcpy(dst, src, (size_t)bytes);
+}
+static bnf_stream_fn bnf_pick_stream(void) { return bnf_stream_plain; }
+#endif
+
+/* Chosen on first use; threads racing here all store the same pointer. */
+static bnf_stream_fn bnf_stream_impl;
+
+static void bnf_stream_bytes(void *dst, const void *src, ptrdiff_t bytes)
+{
+#if defined(__GNUC__)
+    bnf_stream_fn f = __atomic_load_n(&bnf_stream_impl, __ATOMIC_RELAXED);
+    if (!f) {
+        f = bnf_pick_stream();
+        __atomic_store_n(&bnf_stream_impl, f, __ATOMIC_RELAXED);
+    }
+#else
+    bnf_stream_fn f = bnf_pick_stream();
+#endif
+    f((char *)dst, (const char *)src, bytes);
+}
+
 static inline BNF_INLINE void bnf_stream_f32(float *dst, const float *src, ptrdiff_t n)
 {
-#if BNF_HAVE_STREAM
-    ptrdiff_t i = 0;
-    for (; i < n && ((uintptr_t)(dst + i) & 15); i++) dst[i] = src[i];
-    for (; i + 4 <= n; i += 4) _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
-    for (; i < n; i++) dst[i] = src[i];
-#else
-    memcpy(dst, src, (size_t)n * sizeof(float));
-#endif
+    bnf_stream_bytes(dst, src, n * (ptrdiff_t)sizeof(float));
 }
 
 static inline BNF_INLINE void bnf_stream_f64(double *dst, const double *src, ptrdiff_t n)
 {
-#if BNF_HAVE_STREAM
-    ptrdiff_t i = 0;
-    for (; i < n && ((uintptr_t)(dst + i) & 15); i++) dst[i] = src[i];
-    for (; i + 2 <= n; i += 2) _mm_stream_pd(dst + i, _mm_loadu_pd(src + i));
-    for (; i < n; i++) dst[i] = src[i];
-#else
-    memcpy(dst, src, (size_t)n * sizeof(double));
-#endif
+    bnf_stream_bytes(dst, src, n * (ptrdiff_t)sizeof(double));
 }
 
 /* Streaming stores are weakly ordered: the caller fences once per work unit, before
@@ -62,8 +114,75 @@ void bnf_stream_fence(void)
 #endif
 }
 
+/* Software prefetch, this many bytes ahead of the loads.  With real arithmetic per cache
+ * line the out-of-order window holds too few loads to cover memory latency, and the
+ * hardware prefetcher restarts at every run: a statistics pass over 51 MB measured 2.9x
+ * faster with it (4-16 KB alike; 1 KB too short). */
+#define BNF_PREFETCH_BYTES 4096
+#define BNF_LINE 64
+#if defined(__GNUC__)
+#define BNF_PREFETCH(p) __builtin_prefetch((p), 0, 3)
+#else
+#define BNF_PREFETCH(p) ((void)(p))
+#endif
+
+/* A prefetch cursor over a unit's runs (rows are runs of `width` elements), kept ahead
+ * of the loads: a loop advances it by as many bytes as it consumes.  Counted in bytes,
+ * so one cursor serves every element type. */
+typedef struct {
+    const char *base;
+    ptrdiff_t stride, len, nruns; /* bytes between runs, bytes per run, runs */
+    ptrdiff_t r, off;             /* position: run, byte offset in it */
+} bnf_pf;
+
+static inline BNF_INLINE void bnf_pf_init(bnf_pf *pf, const void *base, ptrdiff_t nruns,
+                                          ptrdiff_t stride_bytes, ptrdiff_t len_bytes)
+{
+    pf->base = (const char *)base;
+    pf->stride = stride_bytes;
+    pf->len = len_bytes;
+    pf->nruns = base ? nruns : 0;
+    pf->r = len_bytes > 0 ? BNF_PREFETCH_BYTES / len_bytes : pf->nruns;
+    pf->off = len_bytes > 0 ? BNF_PREFETCH_BYTES % len_bytes : 0;
+}
+
+static inline BNF_INLINE void bnf_pf_advance(bnf_pf *pf, ptrdiff_t bytes)
+{
+    while (bytes > 0 && pf->r < pf->nruns) {
+        ptrdiff_t take = pf->len - pf->off < bytes ? pf->len - pf->off : bytes;
+        const char *p = pf->base + pf->r * pf->stride + pf->off;
+        for (ptrdiff_t k = 0; k < take; k += BNF_LINE) BNF_PREFETCH(p + k);
+        bytes -= take;
+        pf->off += take;
+        if (pf->off == pf->len) {
+            pf->off = 0;
+            pf->r++;
+        }
+    }
+}
+
+/* Elements computed between two advances of a prefetch cursor (elementwise kernels). */
+#define BNF_PF_BLOCK 64
+
 /* Elements per chunk staged in L1 before a streaming store. */
 #define BNF_CHUNK 1024
+
+/* Streaming stores only for runs of at least this many bytes: a short run leaves lines
+ * partly written, and the call per run costs more than it saves. */
+#define BNF_STREAM_MIN_RUN 512
+
+/* Rows-form output: rows per staged chunk.  Narrow rows that are contiguous in the
+ * output share one chunk (one streaming call); narrow rows apart are not streamed. */
+static inline BNF_INLINE ptrdiff_t bnf_row_group(ptrdiff_t width, ptrdiff_t ystride,
+                                                 int *stream, size_t itemsize)
+{
+    if (!*stream || width >= BNF_CHUNK) return 1;
+    if (ystride != width && width * (ptrdiff_t)itemsize < BNF_STREAM_MIN_RUN) {
+        *stream = 0;
+        return 1;
+    }
+    return ystride == width ? BNF_CHUNK / width : 1;
+}
 
 /* Accumulator lanes: a fixed count, so sums are identical for every vector width. */
 #define BNF_LANES 32

@@ -11,13 +11,14 @@
 static inline BNF_INLINE void BNF_NAME(shifted_sums_runs)(const T *x, ptrdiff_t nruns,
                                                          ptrdiff_t stride, ptrdiff_t len,
                                                          double shift, double *sd,
-                                                         double *sdd)
+                                                         double *sdd, bnf_pf *pf)
 {
     double s1[BNF_LANES] = {0}, s2[BNF_LANES] = {0};
     for (ptrdiff_t r = 0; r < nruns; r++) {
         const T *p = x + r * stride;
         ptrdiff_t i = 0;
         for (; i + BNF_LANES <= len; i += BNF_LANES) {
+            if (pf) bnf_pf_advance(pf, BNF_LANES * sizeof(T));
 #pragma omp simd
             for (int l = 0; l < BNF_LANES; l++) {
                 double d = (double)p[i + l] - shift;
@@ -25,6 +26,7 @@ static inline BNF_INLINE void BNF_NAME(shifted_sums_runs)(const T *x, ptrdiff_t 
                 s2[l] += d * d;
             }
         }
+        if (pf) bnf_pf_advance(pf, (len - i) * (ptrdiff_t)sizeof(T));
         for (int l = 0; i < len; i++, l++) {
             double d = (double)p[i] - shift;
             s1[l] += d;
@@ -42,13 +44,13 @@ static inline BNF_INLINE void BNF_NAME(shifted_sums_runs)(const T *x, ptrdiff_t 
  * below a float's resolution.  The result is as exact as two passes would make it. */
 static inline BNF_INLINE void BNF_NAME(tile_runs)(const T *x, ptrdiff_t nruns,
                                                  ptrdiff_t stride, ptrdiff_t len,
-                                                 double shift, bnf_moments *t)
+                                                 double shift, bnf_moments *t, bnf_pf *pf)
 {
     double n = (double)nruns * (double)len, sd, sdd;
-    BNF_NAME(shifted_sums_runs)(x, nruns, stride, len, shift, &sd, &sdd);
+    BNF_NAME(shifted_sums_runs)(x, nruns, stride, len, shift, &sd, &sdd, pf);
     if (sd * sd > BNF_REDO_RATIO * n * sdd) {
         shift += sd / n;
-        BNF_NAME(shifted_sums_runs)(x, nruns, stride, len, shift, &sd, &sdd);
+        BNF_NAME(shifted_sums_runs)(x, nruns, stride, len, shift, &sd, &sdd, NULL);
     }
     t->n = n;
     t->hi = shift;
@@ -61,21 +63,23 @@ BNF_CLONES void BNF_NAME(bnf_stats_runs)(const T *x, ptrdiff_t nruns, ptrdiff_t 
                                          ptrdiff_t len, bnf_moments *m)
 {
     bnf_moments t;
+    bnf_pf pf;
     m->n = m->hi = m->lo = m->m2 = 0;
     if (nruns <= 0 || len <= 0) return;
+    bnf_pf_init(&pf, x, nruns, stride * (ptrdiff_t)sizeof(T), len * (ptrdiff_t)sizeof(T));
 #define BNF_SHIFT (m->n > 0 ? m->hi + m->lo : (double)x[0])
     if (len <= BNF_TILE_ELEMS) {
         ptrdiff_t per = BNF_TILE_ELEMS / len;
         for (ptrdiff_t r0 = 0; r0 < nruns; r0 += per) {
             ptrdiff_t k = nruns - r0 < per ? nruns - r0 : per;
-            BNF_NAME(tile_runs)(x + r0 * stride, k, stride, len, BNF_SHIFT, &t);
+            BNF_NAME(tile_runs)(x + r0 * stride, k, stride, len, BNF_SHIFT, &t, &pf);
             bnf_moments_merge(m, &t);
         }
     } else {
         for (ptrdiff_t r = 0; r < nruns; r++) {
             for (ptrdiff_t i0 = 0; i0 < len; i0 += BNF_TILE_ELEMS) {
                 ptrdiff_t k = len - i0 < BNF_TILE_ELEMS ? len - i0 : BNF_TILE_ELEMS;
-                BNF_NAME(tile_runs)(x + r * stride + i0, 1, stride, k, BNF_SHIFT, &t);
+                BNF_NAME(tile_runs)(x + r * stride + i0, 1, stride, k, BNF_SHIFT, &t, &pf);
                 bnf_moments_merge(m, &t);
             }
         }
@@ -88,13 +92,14 @@ BNF_CLONES void BNF_NAME(bnf_stats_runs)(const T *x, ptrdiff_t nruns, ptrdiff_t 
 static inline BNF_INLINE void BNF_NAME(shifted_sums_rows)(const T *base, ptrdiff_t k,
                                                          ptrdiff_t stride, ptrdiff_t width,
                                                          const double *shift, double *s1,
-                                                         double *s2)
+                                                         double *s2, bnf_pf *pf)
 {
     ptrdiff_t r;
     for (ptrdiff_t c = 0; c < width; c++) s1[c] = s2[c] = 0;
     for (r = 0; r + 4 <= k; r += 4) {
         const T *p0 = base + r * stride, *p1 = p0 + stride, *p2 = p1 + stride,
                 *p3 = p2 + stride;
+        if (pf) bnf_pf_advance(pf, 4 * width * (ptrdiff_t)sizeof(T));
 #pragma omp simd
         for (ptrdiff_t c = 0; c < width; c++) {
             double d0 = (double)p0[c] - shift[c], d1 = (double)p1[c] - shift[c];
@@ -105,6 +110,7 @@ static inline BNF_INLINE void BNF_NAME(shifted_sums_rows)(const T *base, ptrdiff
     }
     for (; r < k; r++) {
         const T *p = base + r * stride;
+        if (pf) bnf_pf_advance(pf, width * (ptrdiff_t)sizeof(T));
 #pragma omp simd
         for (ptrdiff_t c = 0; c < width; c++) {
             double d = (double)p[c] - shift[c];
@@ -120,7 +126,9 @@ BNF_CLONES void BNF_NAME(bnf_stats_rows)(const T *x, ptrdiff_t nrows, ptrdiff_t 
                                          ptrdiff_t width, bnf_moments *m)
 {
     double shift[BNF_MAX_WIDTH], s1[BNF_MAX_WIDTH], s2[BNF_MAX_WIDTH];
+    bnf_pf pf;
     ptrdiff_t per = BNF_TILE_ELEMS / width;
+    bnf_pf_init(&pf, x, nrows, stride * (ptrdiff_t)sizeof(T), width * (ptrdiff_t)sizeof(T));
     if (per < 4) per = 4;
     for (ptrdiff_t c = 0; c < width; c++) {
         m[c].n = m[c].hi = m[c].lo = m[c].m2 = 0;
@@ -131,11 +139,11 @@ BNF_CLONES void BNF_NAME(bnf_stats_rows)(const T *x, ptrdiff_t nrows, ptrdiff_t 
         const T *base = x + r0 * stride;
         double n = (double)k;
         int redo = 0;
-        BNF_NAME(shifted_sums_rows)(base, k, stride, width, shift, s1, s2);
+        BNF_NAME(shifted_sums_rows)(base, k, stride, width, shift, s1, s2, &pf);
         for (ptrdiff_t c = 0; c < width; c++) redo |= s1[c] * s1[c] > BNF_REDO_RATIO * n * s2[c];
         if (redo) {
             for (ptrdiff_t c = 0; c < width; c++) shift[c] += s1[c] / n;
-            BNF_NAME(shifted_sums_rows)(base, k, stride, width, shift, s1, s2);
+            BNF_NAME(shifted_sums_rows)(base, k, stride, width, shift, s1, s2, NULL);
         }
         for (ptrdiff_t c = 0; c < width; c++) {
             bnf_moments t;
@@ -158,14 +166,21 @@ BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, T *y,
                                         double mean, double scale, double shift, int stream)
 {
     T tmp[BNF_CHUNK];
+    bnf_pf pf;
+    if (len * (ptrdiff_t)sizeof(T) < BNF_STREAM_MIN_RUN) stream = 0;
+    bnf_pf_init(&pf, x, nruns, xstride * (ptrdiff_t)sizeof(T), len * (ptrdiff_t)sizeof(T));
     for (ptrdiff_t r = 0; r < nruns; r++) {
         for (ptrdiff_t i0 = 0; i0 < len; i0 += BNF_CHUNK) {
             ptrdiff_t n = len - i0 < BNF_CHUNK ? len - i0 : BNF_CHUNK;
             const T *p = x + r * xstride + i0;
             T *q = stream ? tmp : y + r * ystride + i0;
+            for (ptrdiff_t b0 = 0; b0 < n; b0 += BNF_PF_BLOCK) {
+                ptrdiff_t b1 = n - b0 < BNF_PF_BLOCK ? n : b0 + BNF_PF_BLOCK;
+                bnf_pf_advance(&pf, (b1 - b0) * (ptrdiff_t)sizeof(T));
 #pragma omp simd
-            for (ptrdiff_t i = 0; i < n; i++)
-                q[i] = (T)(((double)p[i] - mean) * scale + shift);
+                for (ptrdiff_t i = b0; i < b1; i++)
+                    q[i] = (T)(((double)p[i] - mean) * scale + shift);
+            }
             if (stream) BNF_NAME(bnf_stream)(y + r * ystride + i0, tmp, n);
         }
     }
@@ -177,16 +192,23 @@ BNF_CLONES void BNF_NAME(bnf_norm_rows)(const T *x, ptrdiff_t xstride, T *y,
                                         const double *shift, int stream)
 {
     T tmp[BNF_CHUNK];
-    for (ptrdiff_t r = 0; r < nrows; r++) {
+    bnf_pf pf;
+    ptrdiff_t group = bnf_row_group(width, ystride, &stream, sizeof(T));
+    bnf_pf_init(&pf, x, nrows, xstride * (ptrdiff_t)sizeof(T), width * (ptrdiff_t)sizeof(T));
+    for (ptrdiff_t r0 = 0; r0 < nrows; r0 += group) {
+        ptrdiff_t k = nrows - r0 < group ? nrows - r0 : group;
         for (ptrdiff_t c0 = 0; c0 < width; c0 += BNF_CHUNK) {
             ptrdiff_t n = width - c0 < BNF_CHUNK ? width - c0 : BNF_CHUNK;
-            const T *p = x + r * xstride + c0;
-            T *q = stream ? tmp : y + r * ystride + c0;
             const double *m = mean + c0, *a = scale + c0, *b = shift + c0;
+            for (ptrdiff_t r = r0; r < r0 + k; r++) {
+                const T *p = x + r * xstride + c0;
+                T *q = stream ? tmp + (r - r0) * n : y + r * ystride + c0;
+                bnf_pf_advance(&pf, n * (ptrdiff_t)sizeof(T));
 #pragma omp simd
-            for (ptrdiff_t c = 0; c < n; c++)
-                q[c] = (T)(((double)p[c] - m[c]) * a[c] + b[c]);
-            if (stream) BNF_NAME(bnf_stream)(y + r * ystride + c0, tmp, n);
+                for (ptrdiff_t c = 0; c < n; c++)
+                    q[c] = (T)(((double)p[c] - m[c]) * a[c] + b[c]);
+            }
+            if (stream) BNF_NAME(bnf_stream)(y + r0 * ystride + c0, tmp, k * n);
         }
     }
 }
@@ -199,11 +221,16 @@ BNF_CLONES void BNF_NAME(bnf_bwd_sums_runs)(const T *dy, ptrdiff_t dystride, con
                                             double *sum_dy_xmu, double *sum_xmu)
 {
     double a1[BNF_LANES] = {0}, a2[BNF_LANES] = {0}, a3[BNF_LANES] = {0};
+    bnf_pf pfg, pfx;
+    bnf_pf_init(&pfg, dy, nruns, dystride * (ptrdiff_t)sizeof(T), len * (ptrdiff_t)sizeof(T));
+    bnf_pf_init(&pfx, x, nruns, xstride * (ptrdiff_t)sizeof(T), len * (ptrdiff_t)sizeof(T));
     for (ptrdiff_t r = 0; r < nruns; r++) {
         const T *g = dy + r * dystride;
         const T *p = x + r * xstride;
         ptrdiff_t i = 0;
         for (; i + BNF_LANES <= len; i += BNF_LANES) {
+            bnf_pf_advance(&pfg, BNF_LANES * sizeof(T));
+            bnf_pf_advance(&pfx, BNF_LANES * sizeof(T));
 #pragma omp simd
             for (int l = 0; l < BNF_LANES; l++) {
                 double gi = (double)g[i + l], d = (double)p[i + l] - mean;
@@ -212,6 +239,8 @@ BNF_CLONES void BNF_NAME(bnf_bwd_sums_runs)(const T *dy, ptrdiff_t dystride, con
                 a3[l] += d;
             }
         }
+        bnf_pf_advance(&pfg, (len - i) * (ptrdiff_t)sizeof(T));
+        bnf_pf_advance(&pfx, (len - i) * (ptrdiff_t)sizeof(T));
         for (int l = 0; i < len; i++, l++) {
             double gi = (double)g[i], d = (double)p[i] - mean;
             a1[l] += gi;
@@ -231,8 +260,13 @@ BNF_CLONES void BNF_NAME(bnf_bwd_sums_rows)(const T *dy, ptrdiff_t dystride, con
                                             double *sum_xmu)
 {
     ptrdiff_t r = 0;
+    bnf_pf pfg, pfx;
+    bnf_pf_init(&pfg, dy, nrows, dystride * (ptrdiff_t)sizeof(T), width * (ptrdiff_t)sizeof(T));
+    bnf_pf_init(&pfx, x, nrows, xstride * (ptrdiff_t)sizeof(T), width * (ptrdiff_t)sizeof(T));
     for (ptrdiff_t c = 0; c < width; c++) sum_dy[c] = sum_dy_xmu[c] = sum_xmu[c] = 0;
     for (; r + 4 <= nrows; r += 4) {
+        bnf_pf_advance(&pfg, 4 * width * (ptrdiff_t)sizeof(T));
+        bnf_pf_advance(&pfx, 4 * width * (ptrdiff_t)sizeof(T));
         const T *g0 = dy + r * dystride, *g1 = g0 + dystride, *g2 = g1 + dystride,
                 *g3 = g2 + dystride;
         const T *p0 = x + r * xstride, *p1 = p0 + xstride, *p2 = p1 + xstride,
@@ -251,6 +285,8 @@ BNF_CLONES void BNF_NAME(bnf_bwd_sums_rows)(const T *dy, ptrdiff_t dystride, con
     for (; r < nrows; r++) {
         const T *g = dy + r * dystride;
         const T *p = x + r * xstride;
+        bnf_pf_advance(&pfg, width * (ptrdiff_t)sizeof(T));
+        bnf_pf_advance(&pfx, width * (ptrdiff_t)sizeof(T));
 #pragma omp simd
         for (ptrdiff_t c = 0; c < width; c++) {
             double gi = (double)g[c], d = (double)p[c] - mean[c];
@@ -269,19 +305,30 @@ BNF_CLONES void BNF_NAME(bnf_bwd_dx_runs)(const T *dy, ptrdiff_t dystride, const
                                           double a, double k1, double k2, int stream)
 {
     T tmp[BNF_CHUNK];
+    bnf_pf pfg, pfx;
+    if (len * (ptrdiff_t)sizeof(T) < BNF_STREAM_MIN_RUN) stream = 0;
+    bnf_pf_init(&pfg, dy, nruns, dystride * (ptrdiff_t)sizeof(T),
+                len * (ptrdiff_t)sizeof(T));
+    bnf_pf_init(&pfx, x, nruns, xstride * (ptrdiff_t)sizeof(T),
+                len * (ptrdiff_t)sizeof(T));
     for (ptrdiff_t r = 0; r < nruns; r++) {
         for (ptrdiff_t i0 = 0; i0 < len; i0 += BNF_CHUNK) {
             ptrdiff_t n = len - i0 < BNF_CHUNK ? len - i0 : BNF_CHUNK;
             const T *g = dy + r * dystride + i0;
             T *q = stream ? tmp : dx + r * dxstride + i0;
-            if (!x) {
+            for (ptrdiff_t b0 = 0; b0 < n; b0 += BNF_PF_BLOCK) {
+                ptrdiff_t b1 = n - b0 < BNF_PF_BLOCK ? n : b0 + BNF_PF_BLOCK;
+                bnf_pf_advance(&pfg, (b1 - b0) * (ptrdiff_t)sizeof(T));
+                bnf_pf_advance(&pfx, (b1 - b0) * (ptrdiff_t)sizeof(T));
+                if (!x) {
 #pragma omp simd
-                for (ptrdiff_t i = 0; i < n; i++) q[i] = (T)((double)g[i] * a);
-            } else {
-                const T *p = x + r * xstride + i0;
+                    for (ptrdiff_t i = b0; i < b1; i++) q[i] = (T)((double)g[i] * a);
+                } else {
+                    const T *p = x + r * xstride + i0;
 #pragma omp simd
-                for (ptrdiff_t i = 0; i < n; i++)
-                    q[i] = (T)(a * (((double)g[i] - k1) - ((double)p[i] - mean) * k2));
+                    for (ptrdiff_t i = b0; i < b1; i++)
+                        q[i] = (T)(a * (((double)g[i] - k1) - ((double)p[i] - mean) * k2));
+                }
             }
             if (stream) BNF_NAME(bnf_stream)(dx + r * dxstride + i0, tmp, n);
         }
@@ -295,22 +342,34 @@ BNF_CLONES void BNF_NAME(bnf_bwd_dx_rows)(const T *dy, ptrdiff_t dystride, const
                                           const double *k1, const double *k2, int stream)
 {
     T tmp[BNF_CHUNK];
-    for (ptrdiff_t r = 0; r < nrows; r++) {
+    bnf_pf pfg, pfx;
+    ptrdiff_t group = bnf_row_group(width, dxstride, &stream, sizeof(T));
+    bnf_pf_init(&pfg, dy, nrows, dystride * (ptrdiff_t)sizeof(T),
+                width * (ptrdiff_t)sizeof(T));
+    bnf_pf_init(&pfx, x, nrows, xstride * (ptrdiff_t)sizeof(T),
+                width * (ptrdiff_t)sizeof(T));
+    for (ptrdiff_t r0 = 0; r0 < nrows; r0 += group) {
+        ptrdiff_t k = nrows - r0 < group ? nrows - r0 : group;
         for (ptrdiff_t c0 = 0; c0 < width; c0 += BNF_CHUNK) {
             ptrdiff_t n = width - c0 < BNF_CHUNK ? width - c0 : BNF_CHUNK;
-            const T *g = dy + r * dystride + c0;
-            T *q = stream ? tmp : dx + r * dxstride + c0;
             const double *m = mean + c0, *aa = a + c0, *b1 = k1 + c0, *b2 = k2 + c0;
-            if (!x) {
+            for (ptrdiff_t r = r0; r < r0 + k; r++) {
+                const T *g = dy + r * dystride + c0;
+                T *q = stream ? tmp + (r - r0) * n : dx + r * dxstride + c0;
+                bnf_pf_advance(&pfg, n * (ptrdiff_t)sizeof(T));
+                bnf_pf_advance(&pfx, n * (ptrdiff_t)sizeof(T));
+                if (!x) {
 #pragma omp simd
-                for (ptrdiff_t c = 0; c < n; c++) q[c] = (T)((double)g[c] * aa[c]);
-            } else {
-                const T *p = x + r * xstride + c0;
+                    for (ptrdiff_t c = 0; c < n; c++) q[c] = (T)((double)g[c] * aa[c]);
+                } else {
+                    const T *p = x + r * xstride + c0;
 #pragma omp simd
-                for (ptrdiff_t c = 0; c < n; c++)
-                    q[c] = (T)(aa[c] * (((double)g[c] - b1[c]) - ((double)p[c] - m[c]) * b2[c]));
+                    for (ptrdiff_t c = 0; c < n; c++)
+                        q[c] = (T)(aa[c] * (((double)g[c] - b1[c]) -
+                                            ((double)p[c] - m[c]) * b2[c]));
+                }
             }
-            if (stream) BNF_NAME(bnf_stream)(dx + r * dxstride + c0, tmp, n);
+            if (stream) BNF_NAME(bnf_stream)(dx + r0 * dxstride + c0, tmp, k * n);
         }
     }
 }
