@@ -1373,21 +1373,63 @@ def _train(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
         free(buf)
 
 
-cdef Py_ssize_t _exchange_moments(bnf_moments *mom, Py_ssize_t C, object hook) except -1:
-    """Replace mom[0:C] by hook(local moments as a (C, 4) array); the global count."""
+def _moments(x, axis):
+    """Per-channel moments of x (the statistics pass of batch_norm_train alone, same
+    kernels and unit order) as a (C, 4) float64 array of [count, mean_hi, mean_lo, m2]."""
+    cdef cnp.ndarray a
+    a, _ = _as_input(x, "x")
+    cdef int nd = cnp.PyArray_NDIM(a), axis_i
+    cdef Py_ssize_t C, c, sb
+    cdef Job j
+    cdef _Layout lay
+    if nd < 2:
+        raise ValueError(f"x must have at least 2 dimensions (batch, channels, ...), "
+                         f"got shape {np.shape(x)}")
+    axis_i = _norm_axis(axis, nd)
+    C = cnp.PyArray_DIMS(a)[axis_i]
+    memset(&j, 0, sizeof(Job))
+    lay = _Layout()
+    a = lay.fit_input(a, axis_i)
+    _set_geo(&j, &lay.gx)
+    j.f64 = cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT64
+    j.x = <char *>cnp.PyArray_DATA(a)
+    _plan(&j, cnp.PyArray_ITEMSIZE(a), 1)
+    j.mom = <bnf_moments *>malloc(j.nsb * C * sizeof(bnf_moments) + 1)
+    if j.mom == NULL:
+        raise MemoryError()
+    try:
+        memset(j.mom, 0, j.nsb * C * sizeof(bnf_moments))
+        _launch(&j, K_STATS)
+        for c in range(C):                   # merge the units in a fixed order
+            for sb in range(1, j.nsb):
+                bnf_moments_merge(&j.mom[c], &j.mom[sb * C + c])
+        return _moments_array(j.mom, C)
+    finally:
+        free(j.mom)
+
+
+cdef cnp.ndarray _moments_array(const bnf_moments *mom, Py_ssize_t C):
+    """mom[0:C] as a (C, 4) float64 array of [count, mean_hi, mean_lo, m2]."""
     cdef cnp.npy_intp dims[2]
     cdef Py_ssize_t c
     cdef double *p
     dims[0] = C
     dims[1] = 4
-    local = cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT64, 0)
-    p = <double *>cnp.PyArray_DATA(local)
+    cdef cnp.ndarray res = cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT64, 0)
+    p = <double *>cnp.PyArray_DATA(res)
     for c in range(C):
         p[4 * c] = mom[c].n
         p[4 * c + 1] = mom[c].hi
         p[4 * c + 2] = mom[c].lo
         p[4 * c + 3] = mom[c].m2
-    total = np.ascontiguousarray(hook(local), dtype=np.float64)
+    return res
+
+
+cdef Py_ssize_t _exchange_moments(bnf_moments *mom, Py_ssize_t C, object hook) except -1:
+    """Replace mom[0:C] by hook(local moments as a (C, 4) array); the global count."""
+    cdef Py_ssize_t c
+    cdef double *p
+    total = np.ascontiguousarray(hook(_moments_array(mom, C)), dtype=np.float64)
     if total.shape != (C, 4):
         raise ValueError(f"moments_hook must return a ({C}, 4) array, got {total.shape}")
     p = <double *>cnp.PyArray_DATA(total)

@@ -9,15 +9,9 @@ term (a second double), so streaming a million one-row chunks does not drift.
 """
 import numpy as np
 
-from bnfast._core import batch_norm_train
+from bnfast._core import _moments as _core_moments
 
 __all__ = ["Moments", "moments", "merge_moments", "RunningStats"]
-
-# batch_norm_train's eps for the statistics pass: var + _TINY_EPS == var for every
-# variance above _TINY_VAR, so the variance is recovered from invstd to a few ulps.
-_TINY_EPS = 1e-300
-_TINY_VAR = 1e-270
-
 
 class Moments:
     """Per-channel count, mean and M2 of some data: immutable, float64, mergeable.
@@ -205,95 +199,20 @@ def _check_dtype(x, name="x"):
                     f"got {x.dtype}")
 
 
-def _numpy_moments(x, ax):
-    """Two-pass float64 moments of the channels of x (channel axis ax), with the
-    correction term of the corrected two-pass algorithm. Returns (mean, m2, lo), (C,):
-    mean + lo is the mean to about twice float64 precision."""
-    C = x.shape[ax]
-    v = np.moveaxis(x, ax, -1).reshape(-1, C).astype(np.float64)
-    n = v.shape[0]
-    mean = v.sum(axis=0) / n
-    d = v - mean
-    s1 = d.sum(axis=0)
-    m2 = np.einsum("ij,ij->j", d, d) - s1 * s1 / n
-    hi, lo = _two_sum(mean, s1 / n)
-    return hi, np.maximum(m2, 0.0), lo
-
-
-# Elements per slice of the float64 NumPy passes (fits L2).
-_CHUNK_ELEMS = 1 << 16
-
-
-def _slices(shape, ax):
-    """Index tuples cutting an array of ``shape`` along its first non-channel axis of
-    size > 1 into slices of about _CHUNK_ELEMS elements."""
-    total = int(np.prod(shape))
-    cax = next((i for i, s in enumerate(shape) if i != ax and s > 1), None)
-    if cax is None or total <= _CHUNK_ELEMS:
-        yield (slice(None),) * len(shape)
-        return
-    step = max(1, _CHUNK_ELEMS // (total // shape[cax]))
-    for i in range(0, shape[cax], step):
-        sl = [slice(None)] * len(shape)
-        sl[cax] = slice(i, i + step)
-        yield tuple(sl)
-
-
-def _bcast(v, ndim, ax):
-    """A (C,) vector shaped to broadcast along channel axis ax of an ndim array."""
-    shape = [1] * ndim
-    shape[ax] = -1
-    return np.asarray(v, dtype=np.float64).reshape(shape)
-
-
-def _residual(x, ax, mean):
-    """sum(x - mean) / n per channel in float64 (the low part of the mean)."""
-    mb = _bcast(mean, x.ndim, ax)
-    axes = tuple(i for i in range(x.ndim) if i != ax)
-    acc = np.zeros(x.shape[ax])
-    for sl in _slices(x.shape, ax):
-        acc += np.subtract(x[sl], mb, dtype=np.float64).sum(axis=axes)
-    return acc / (x.size // x.shape[ax])
-
-
-def _moments_and_scratch(x, ax, out=None, compensate=True):
-    """(Moments of x with channel axis ax, the array the statistics pass wrote or None).
-
-    The statistics come from the compiled training kernel (float64 mean with a
-    compensated low part, two-pass variance) run with a negligible eps, so the variance
-    is recovered from invstd to a few ulps; channels whose variance is too small for
-    that (constant channels) and batches of one sample are computed in NumPy float64.
-    ``compensate``: one more (NumPy float64) pass for the low part of the mean, which
-    the kernel rounds away; it keeps merges of many parts exact at large offsets.
-    ``out`` (optional) receives the normalized scratch output, which callers may reuse.
-    """
+def _kernel_moments(x, ax):
+    """Moments of x with channel axis ax, from the compiled statistics pass of
+    :func:`bnfast.batch_norm_train` (no scratch output): per cache tile two passes about
+    the running mean, tiles merged with Chan's update, the mean kept as two doubles."""
     C = x.shape[ax]
     n_per = x.size // C if C else 0
-    count = np.full(C, float(n_per))
     if n_per == 0:
         z = np.zeros(C)
-        return Moments(z, z, z), None
-    if n_per == 1:
-        mean, _, lo = _numpy_moments(x, ax)
-        return Moments._trusted(count, mean, np.zeros(C), lo), None
-    y, mean, invstd = batch_norm_train(x, eps=_TINY_EPS, axis=ax, out=out)
-    mean = np.array(mean, dtype=np.float64)
-    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-        var = 1.0 / (invstd * invstd)
-    small = ~(var >= _TINY_VAR) & ~np.isnan(invstd)
-    lo = None
-    if compensate:
-        with np.errstate(invalid="ignore"):
-            mean, lo = _two_sum(mean, _residual(x, ax, mean))
-        lo = np.where(np.isfinite(lo), lo, 0.0)
-    if small.any():
-        idx = np.flatnonzero(small)
-        if lo is None:
-            lo = np.zeros(C)
-        mean[idx], m2_s, lo[idx] = _numpy_moments(np.take(x, idx, axis=ax), ax)
-        var[idx] = m2_s / n_per
-    m2 = var * float(n_per)
-    return Moments._trusted(count, mean, m2, lo), y
+        return Moments(z, z, z)
+    t = _core_moments(x, ax)
+    with np.errstate(invalid="ignore"):
+        mean, lo = _two_sum(t[:, 1], t[:, 2])
+    lo = np.where(np.isfinite(lo), lo, 0.0)
+    return Moments._trusted(np.full(C, float(n_per)), mean, t[:, 3].copy(), lo)
 
 
 def moments(x, *, axis=1):
@@ -317,11 +236,11 @@ def moments(x, *, axis=1):
 
     Notes
     -----
-    The statistics pass is the compiled kernel of :func:`bnfast.batch_norm_train`
-    (multithreaded, results independent of the thread count; it needs a scratch array
-    of x's size), followed by one float64 pass for the low part of the mean, which the
-    result keeps for merges. Mean and M2 are within a few float64 ulps of the exact
-    values for x's elements, whatever their offset.
+    One read of x by the compiled statistics pass of :func:`bnfast.batch_norm_train`
+    (multithreaded, results independent of the thread count, no temporary of x's size
+    unless x has negative or zero strides). The mean is kept as two doubles, whose low
+    part the result keeps for merges. Mean and M2 are within a few float64 ulps of the
+    exact values for x's elements, whatever their offset.
 
     Examples
     --------
@@ -336,7 +255,7 @@ def moments(x, *, axis=1):
     x = np.asarray(x)
     _check_dtype(x)
     ax = _channel_axis(x, axis)
-    return _moments_and_scratch(x, ax)[0]
+    return _kernel_moments(x, ax)
 
 
 # -------------------------------------------------------------------------------------
@@ -531,7 +450,7 @@ class RunningStats:
                 raise ValueError(f"RunningStats({self.num_features}) got a chunk with "
                                  f"{x.shape[ax]} channels on axis {self.axis} "
                                  f"(shape {x.shape})")
-            m = _moments_and_scratch(x, ax)[0]
+            m = _kernel_moments(x, ax)
         self._m = merge_moments(self._m, m)
         return self
 

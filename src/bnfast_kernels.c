@@ -141,20 +141,28 @@ static inline BNF_INLINE void bnf_pf_init(bnf_pf *pf, const void *base, ptrdiff_
     pf->base = (const char *)base;
     pf->stride = stride_bytes;
     pf->len = len_bytes;
-    pf->nruns = base ? nruns : 0;
-    pf->r = len_bytes > 0 ? BNF_PREFETCH_BYTES / len_bytes : pf->nruns;
-    pf->off = len_bytes > 0 ? BNF_PREFETCH_BYTES % len_bytes : 0;
+    pf->nruns = base && len_bytes > 0 ? nruns : 0;
+    pf->r = pf->off = 0;
+    if (pf->nruns > 0) {
+        pf->r = BNF_PREFETCH_BYTES / len_bytes;
+        if (pf->r > pf->nruns - 1) pf->r = pf->nruns - 1;
+        pf->off = BNF_PREFETCH_BYTES - pf->r * len_bytes;
+    }
 }
 
 static inline BNF_INLINE void bnf_pf_advance(bnf_pf *pf, ptrdiff_t bytes)
 {
     while (bytes > 0 && pf->r < pf->nruns) {
-        ptrdiff_t take = pf->len - pf->off < bytes ? pf->len - pf->off : bytes;
-        const char *p = pf->base + pf->r * pf->stride + pf->off;
-        for (ptrdiff_t k = 0; k < take; k += BNF_LINE) BNF_PREFETCH(p + k);
+        /* past the last run, on into what follows it in memory: often the next unit
+         * (prefetches never fault) */
+        ptrdiff_t len = pf->r == pf->nruns - 1 ? pf->len + BNF_PREFETCH_BYTES : pf->len;
+        ptrdiff_t take = len - pf->off < bytes ? len - pf->off : bytes;
+        /* integer arithmetic: the address may lie past the array */
+        uintptr_t p = (uintptr_t)pf->base + (uintptr_t)(pf->r * pf->stride + pf->off);
+        for (ptrdiff_t k = 0; k < take; k += BNF_LINE) BNF_PREFETCH((const void *)(p + k));
         bytes -= take;
         pf->off += take;
-        if (pf->off == pf->len) {
+        if (pf->off == len) {
             pf->off = 0;
             pf->r++;
         }

@@ -155,14 +155,14 @@ def test_one_collective_each_way_and_sizes():
 def test_merge_of_many_ranks_is_exact_and_order_free():
     # 40 ranks with uneven shards (some empty) of float64 prices at 3e6: the merged
     # global statistics equal the exact ones of the concatenation
-    from bnfast._moments import _merge_packed, _moments_and_scratch, _pack
+    from bnfast._moments import _kernel_moments, _merge_packed, _pack
     rng = np.random.default_rng(8)
     sizes = rng.choice([0, 1, 2, 5, 40], 40)
     x = 3e6 + 1e-3 * rng.standard_normal((int(sizes.sum()), 3))
     rows = np.zeros((40, 4 * 3))
     start = 0
     for r, k in enumerate(sizes):
-        _pack(_moments_and_scratch(x[start:start + k], 1, compensate=True)[0], rows[r])
+        _pack(_kernel_moments(x[start:start + k], 1), rows[r])
         start += k
     g = _merge_packed(rows)
     d = x - x.mean(0)                              # exact: x - hi (doubles, close)

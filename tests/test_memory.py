@@ -174,7 +174,8 @@ def arrays():
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("op", ["train", "batch_norm-train", "eval", "frozen", "backward",
-                                "backward-eval", "layer-train", "layer-backward"])
+                                "backward-eval", "layer-train", "layer-backward",
+                                "moments", "running-stats"])
 def test_no_full_size_temporaries(arrays, layout, op):
     x, dy, out, axis = arrays[layout]
     C = x.shape[axis]
@@ -184,6 +185,7 @@ def test_no_full_size_temporaries(arrays, layout, op):
     frozen = bnfast.FrozenBatchNorm(rm, rv, w, b, axis=axis)
     layer = bnfast.BatchNorm(C, axis=axis)
     layer(x)
+    stats = bnfast.RunningStats(C, axis=axis)
     fn = {
         "train": lambda: bnfast.batch_norm_train(x, w, b, axis=axis, running_mean=rm,
                                                  running_var=rv, out=out),
@@ -196,6 +198,8 @@ def test_no_full_size_temporaries(arrays, layout, op):
                                                             axis=axis, out=out),
         "layer-train": lambda: layer(x, out=out),
         "layer-backward": lambda: layer.backward(dy, out=out),
+        "moments": lambda: bnfast.moments(x, axis=axis),
+        "running-stats": lambda: stats.update(x),
     }[op]
     fn()
     peak = _peak_during(fn)
