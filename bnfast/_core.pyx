@@ -863,6 +863,13 @@ cdef inline Py_ssize_t _elems(const Job *j) noexcept:
     return j.outer * j.C * j.inner
 
 
+cdef inline int _streams(const Job *j, object out, cnp.ndarray y, Py_ssize_t itemsize):
+    """Streaming stores for a large output the caller handed over. Not for one allocated
+    here: its pages are zeroed in cache by the first touch, and streaming then evicts
+    them (measured 1.45x slower on a 51 MB eval)."""
+    return y is out and _elems(j) * itemsize >= _stream_bytes
+
+
 cdef double *_alloc_channels(Py_ssize_t C, int count) except NULL:
     cdef double *p = <double *>malloc((C if C > 0 else 1) * count * sizeof(double))
     if p == NULL:
@@ -923,7 +930,7 @@ cdef object _normalize(object x, object out, int axis_in, Py_ssize_t C_expected,
     j.shift = <double *>shift
     if _elems(&j) > 0:
         _plan(&j, cnp.PyArray_ITEMSIZE(a), 1)
-        j.stream = _elems(&j) * cnp.PyArray_ITEMSIZE(a) >= _stream_bytes
+        j.stream = _streams(&j, out, y, cnp.PyArray_ITEMSIZE(a))
         _launch(&j, K_NORM)
     return _finish(out, y, result_dtype)
 
@@ -1335,7 +1342,7 @@ def _train(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
         j.y_os = gy.os
         j.y_cs = gy.cs
         _plan(&j, cnp.PyArray_ITEMSIZE(a), 1)
-        j.stream = _elems(&j) * cnp.PyArray_ITEMSIZE(a) >= _stream_bytes
+        j.stream = _streams(&j, out, y, cnp.PyArray_ITEMSIZE(a))
         j.mom = <bnf_moments *>malloc(j.nsb * C * sizeof(bnf_moments) + 1)
         if j.mom == NULL:
             raise MemoryError()
@@ -1577,7 +1584,7 @@ def _backward(dy, x, mean, invstd, weight, bint training, axis, out, sums_hook):
         j.y_os = gy.os
         j.y_cs = gy.cs
         _plan(&j, cnp.PyArray_ITEMSIZE(a), 2)
-        j.stream = _elems(&j) * cnp.PyArray_ITEMSIZE(a) >= _stream_bytes
+        j.stream = _streams(&j, out, dx, cnp.PyArray_ITEMSIZE(a))
         j.n_total = <double>j.outer * <double>j.inner
         j.s_dy = <double *>malloc(3 * j.nsb * C * sizeof(double) + 1)
         if j.s_dy == NULL:
