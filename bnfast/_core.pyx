@@ -1220,9 +1220,32 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
             free(buf)
 
 
-cdef int _check_running(object r, Py_ssize_t C, str name) except -1:
+cdef int _check_running(object r, Py_ssize_t C, str name, bint nonneg=False) except -1:
+    """A running statistic updated in place: a writable float ndarray of shape (C,);
+    `nonneg`: no negative entry (a variance). Native float32/float64 arrays are checked
+    on the raw array (this is on the per-step path of small layers)."""
+    cdef cnp.ndarray a
+    cdef Py_ssize_t i, st
+    cdef char *p
+    cdef int t
     if r is None:
         return 0
+    if cnp.PyArray_CheckExact(r):
+        a = <cnp.ndarray>r
+        t = cnp.PyArray_TYPE(a)
+        if (t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT64) and cnp.PyArray_NDIM(a) == 1 \
+                and cnp.PyArray_DIMS(a)[0] == C and cnp.PyArray_ISWRITEABLE(a) \
+                and cnp.PyArray_ISNOTSWAPPED(a) and cnp.PyArray_ISALIGNED(a):
+            if not nonneg:
+                return 0
+            p = <char *>cnp.PyArray_DATA(a)
+            st = cnp.PyArray_STRIDES(a)[0]
+            for i in range(C):
+                if (t == cnp.NPY_FLOAT32 and (<float *>(p + i * st))[0] < 0) or \
+                        (t == cnp.NPY_FLOAT64 and (<double *>(p + i * st))[0] < 0):
+                    raise ValueError(f"{name} must be non-negative; channel {i} has "
+                                     f"{r[i]!r}")
+            return 0
     if not isinstance(r, np.ndarray):
         raise TypeError(f"{name} must be a writable float numpy.ndarray of shape ({C},) "
                         f"to be updated in training, got {type(r).__name__}")
@@ -1233,6 +1256,11 @@ cdef int _check_running(object r, Py_ssize_t C, str name) except -1:
                          f"of the input, got {r.shape}")
     if not r.flags.writeable:
         raise ValueError(f"{name} is read-only, but training updates it in place")
+    if nonneg:
+        neg = np.flatnonzero(r < 0)
+        if neg.size:
+            raise ValueError(f"{name} must be non-negative; channel {neg[0]} has "
+                             f"{r[neg[0]]!r}")
     return 0
 
 
@@ -1315,12 +1343,7 @@ def _train(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
         raise ValueError(f"Expected more than 1 value per channel when training, got input "
                          f"size {(<object>a).shape}")
     _check_running(running_mean, C, "running_mean")
-    _check_running(running_var, C, "running_var")
-    if running_var is not None:
-        neg = np.flatnonzero(running_var < 0)
-        if neg.size:
-            raise ValueError(f"running_var must be non-negative; channel {neg[0]} has "
-                             f"{running_var[neg[0]]!r}")
+    _check_running(running_var, C, "running_var", True)
     if out is not None:
         _check_out(out, a, result_dtype if result_dtype is not None else a.dtype, "out")
     buf = _alloc_channels(C, 9)
