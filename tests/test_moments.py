@@ -94,6 +94,33 @@ def test_moments_any_layout(layout):
     _check(moments(x, axis=axis), _ref(x, axis), what=layout)
 
 
+# Arrays split into many work units (channel blocks, row superblocks, long runs): the
+# compiled statistics pass merges them in a fixed order, whatever the thread count.
+MULTI_UNIT = [((3000, 300), -1), ((300000, 3), -1), ((4, 5, 300, 300), 1),
+              ((2, 700000), 0), ((40, 30, 20, 70), -1)]
+
+
+@pytest.mark.parametrize("shape,axis", MULTI_UNIT)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_moments_many_units_exact_and_thread_independent(shape, axis, dtype):
+    x = make_values(shape, dtype, seed=9, axis=axis, offset=1e5, spread=0.01)
+    ref = _ref(x, axis)
+    got = []
+    try:
+        for n in (1, 2, 3):
+            bnfast.set_num_threads(n)
+            m = moments(x, axis=axis)
+            _check(m, ref, what=f"{shape} {n} threads", var_rtol=1e-11)
+            # the mean's low part (kept for merges) makes it exact to long double
+            # precision; the high part alone is off by up to half an ulp of 1e5 (7e-12)
+            full = np.longdouble(m.mean) + np.longdouble(m._lo)
+            assert np.max(np.abs(full - ref[1])) < 2e-13
+            got.append((m.mean.tobytes(), m._lo.tobytes(), m.m2.tobytes()))
+    finally:
+        bnfast.set_num_threads(None)
+    assert got[0] == got[1] == got[2]
+
+
 @pytest.mark.parametrize("dtype", [np.float16, np.int32, np.int64, np.uint8, np.bool_])
 def test_moments_other_dtypes(dtype):
     rng = np.random.default_rng(1)
