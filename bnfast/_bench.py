@@ -545,6 +545,9 @@ def make_onnxruntime(op, d, threads=1):
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    # ORT's pool spins after each run by default: on a machine with as many cores as
+    # threads that steals the cores from whatever is timed next (round-robin)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
     shape = list(d.x.shape) + ([1, 1] if d.x.ndim == 2 else [])
     x = d.x.reshape(shape)
