@@ -36,6 +36,7 @@ cdef extern from "bnfast_kernels.h" nogil:
     ctypedef struct bnf_moments:
         double n, hi, lo, m2
     enum: BNF_MAX_WIDTH
+    enum: BNF_TILE_ELEMS
     void bnf_moments_merge(bnf_moments *a, const bnf_moments *b)
     const char *bnf_simd_isa()
     void bnf_stream_fence()
@@ -44,9 +45,9 @@ cdef extern from "bnfast_kernels.h" nogil:
     void bnf_stats_runs_f64(const double *x, Py_ssize_t nruns, Py_ssize_t stride,
                             Py_ssize_t length, bnf_moments *m)
     void bnf_stats_rows_f32(const float *x, Py_ssize_t nrows, Py_ssize_t stride,
-                            Py_ssize_t width, bnf_moments *m)
+                            Py_ssize_t width, Py_ssize_t tile_rows, bnf_moments *m)
     void bnf_stats_rows_f64(const double *x, Py_ssize_t nrows, Py_ssize_t stride,
-                            Py_ssize_t width, bnf_moments *m)
+                            Py_ssize_t width, Py_ssize_t tile_rows, bnf_moments *m)
     void bnf_norm_runs_f32(const float *x, Py_ssize_t xs, float *y, Py_ssize_t ys,
                            Py_ssize_t nruns, Py_ssize_t length, double mean,
                            double scale, double shift, int stream)
@@ -182,14 +183,18 @@ cdef inline int _max_threads() noexcept nogil:
     return bnf_omp_max_threads()
 
 
-cdef inline int _threads_for(Py_ssize_t nunits, Py_ssize_t elems) noexcept nogil:
+cdef inline int _threads_for_work(Py_ssize_t elems) noexcept nogil:
+    """Threads the settings allow, at most one per PAR_MIN_ELEMS elements."""
     cdef Py_ssize_t t = _max_threads()
     cdef Py_ssize_t by_work = elems // PAR_MIN_ELEMS
-    if t > nunits:
-        t = nunits
     if t > by_work:
         t = by_work
     return <int>t if t > 1 else 1
+
+
+cdef inline int _threads_for(Py_ssize_t nunits, Py_ssize_t elems) noexcept nogil:
+    cdef int t = _threads_for_work(elems)
+    return <int>nunits if nunits < t else t
 
 
 def _build_info():
@@ -299,7 +304,9 @@ cdef int _split_outer(cnp.ndarray a, int axis, const int *order, int nord) noexc
 ctypedef struct Job:
     int f64
     Py_ssize_t outer, C, inner, width, ncb, sb_len, nsb
-    Py_ssize_t rb, nrb             # normalization blocks: rb rows of all channels
+    Py_ssize_t tile_rows           # rows form: rows per statistics tile (fixed by the shape)
+    Py_ssize_t rb, nrb             # normalization blocks: rb rows ...
+    Py_ssize_t cn_len, ncn         # ... of cn_len channels (all, unless rows are too few)
     char *x
     Py_ssize_t x_os, x_cs
     char *y
@@ -394,9 +401,9 @@ cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
     if kind == K_STATS or kind == K_FWD:
         if rows:
             if j.f64:
-                bnf_stats_rows_f64(<double *>x, nr, j.x_os, w, mom)
+                bnf_stats_rows_f64(<double *>x, nr, j.x_os, w, j.tile_rows, mom)
             else:
-                bnf_stats_rows_f32(<float *>x, nr, j.x_os, w, mom)
+                bnf_stats_rows_f32(<float *>x, nr, j.x_os, w, j.tile_rows, mom)
         elif j.f64:
             bnf_stats_runs_f64(<double *>x, nr, j.x_os, j.inner, mom)
         else:
@@ -460,23 +467,27 @@ cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
 
 
 cdef void _norm_unit(Job *j, Py_ssize_t u) noexcept nogil:
-    """Normalize rows [u*rb, u*rb + rb) of all channels, in memory order."""
-    cdef Py_ssize_t r0 = u * j.rb, r, c
+    """Normalize rows [r0, r0 + rb) of channels [c0, c0 + cn_len), in memory order."""
+    cdef Py_ssize_t r0 = (u // j.ncn) * j.rb, r, c
+    cdef Py_ssize_t c0 = (u % j.ncn) * j.cn_len
+    cdef Py_ssize_t c1 = j.C if j.C - c0 < j.cn_len else c0 + j.cn_len
     cdef Py_ssize_t nr = j.outer - r0 if j.outer - r0 < j.rb else j.rb
     cdef Py_ssize_t isz = 8 if j.f64 else 4
     cdef char *x = j.x + r0 * j.x_os * isz
     cdef char *y = j.y + r0 * j.y_os * isz
     if j.inner == 1:
+        x += c0 * j.x_cs * isz
+        y += c0 * j.y_cs * isz
         if j.f64:
-            bnf_norm_rows_f64(<double *>x, j.x_os, <double *>y, j.y_os, nr, j.C,
-                              j.hi, j.scale, j.shift, j.stream)
+            bnf_norm_rows_f64(<double *>x, j.x_os, <double *>y, j.y_os, nr, c1 - c0,
+                              j.hi + c0, j.scale + c0, j.shift + c0, j.stream)
         else:
-            bnf_norm_rows_f32(<float *>x, j.x_os, <float *>y, j.y_os, nr, j.C,
-                              j.hi, j.scale, j.shift, j.stream)
+            bnf_norm_rows_f32(<float *>x, j.x_os, <float *>y, j.y_os, nr, c1 - c0,
+                              j.hi + c0, j.scale + c0, j.shift + c0, j.stream)
         return
     if j.inner < 256:
         # short runs: one call per channel over the block's rows (the block is ~1 MiB)
-        for c in range(j.C):
+        for c in range(c0, c1):
             if j.f64:
                 bnf_norm_runs_f64(<double *>x + c * j.x_cs, j.x_os,
                                   <double *>y + c * j.y_cs, j.y_os, nr, j.inner,
@@ -487,7 +498,7 @@ cdef void _norm_unit(Job *j, Py_ssize_t u) noexcept nogil:
                                   j.hi[c], j.scale[c], j.shift[c], j.stream)
         return
     for r in range(nr):                 # long runs: strictly in memory order
-        for c in range(j.C):
+        for c in range(c0, c1):
             if j.f64:
                 bnf_norm_runs_f64(<double *>x + r * j.x_os + c * j.x_cs, 0,
                                   <double *>y + r * j.y_os + c * j.y_cs, 0, 1, j.inner,
@@ -517,6 +528,44 @@ cdef void _run(Job *j, int kind, Py_ssize_t nunits, int nthreads) noexcept nogil
             _any_unit(j, kind, u)
 
 
+cdef inline Py_ssize_t _cdiv(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    return (a + b - 1) // b
+
+
+cdef inline Py_ssize_t _lines(Py_ssize_t n) noexcept nogil:
+    """n rounded up to a multiple of 16 elements (whole cache lines of float32)."""
+    return _cdiv(n, 16) * 16
+
+
+cdef void _split_for_threads(Job *j, int kind, Py_ssize_t t) noexcept nogil:
+    """Cut the work into at least t units where the plan made fewer: normalization
+    blocks by rows, or by channels when there are fewer rows than threads; rows-form
+    reductions by channel blocks. None of this changes a bit of the results: each
+    channel's reduction is partitioned by the shape alone (superblocks, tile_rows)."""
+    cdef Py_ssize_t w
+    if kind == K_NORM:
+        if j.nrb * j.ncn >= t:
+            return
+        if j.outer >= t:
+            j.rb = _cdiv(j.outer, t)
+            j.nrb = _cdiv(j.outer, j.rb)
+        else:
+            j.rb = 1
+            j.nrb = j.outer
+            w = _cdiv(j.C, _cdiv(t, j.outer))
+            j.cn_len = _lines(w) if j.inner == 1 else w
+            j.ncn = _cdiv(j.C, j.cn_len)
+    elif j.inner == 1 and j.ncb * j.nsb < t:
+        # not below 128 channels: the rows kernels' per-row costs would eat the gain
+        # (64-channel blocks measured 2x slower on two threads than one block on one)
+        w = _lines(_cdiv(j.C, _cdiv(t, j.nsb)))
+        if w < 128:
+            w = 128
+        if w < j.width:
+            j.width = w
+            j.ncb = _cdiv(j.C, w)
+
+
 cdef void _launch(Job *j, int kind) noexcept:
     """Run `kind` over its units: serially with the GIL held for tiny work, else
     without the GIL on as many threads as the work and the settings allow."""
@@ -525,8 +574,12 @@ cdef void _launch(Job *j, int kind) noexcept:
     cdef int nthreads
     if elems == 0:
         return
+    if elems >= NOGIL_MIN_ELEMS:
+        nthreads = _threads_for_work(elems)
+        if nthreads > 1:
+            _split_for_threads(j, kind, nthreads)
     if kind == K_NORM:
-        nunits = j.nrb
+        nunits = j.nrb * j.ncn
     else:
         nunits = j.ncb * j.nsb
     if elems < NOGIL_MIN_ELEMS:
@@ -565,19 +618,32 @@ cdef void _plan(Job *j, Py_ssize_t itemsize, int narrays) noexcept:
     """Choose channel blocks and superblocks (a function of the shape only)."""
     cdef Py_ssize_t per_block
     if j.inner == 1:
+        # the nominal width fixes superblocks and tiles; _split_for_threads may then
+        # cut narrower blocks
         j.width = j.C if j.C < BNF_MAX_WIDTH else BNF_MAX_WIDTH
         j.ncb = (j.C + j.width - 1) // j.width
         per_block = j.width
+        j.tile_rows = BNF_TILE_ELEMS // j.width if j.width > 0 else 4
+        if j.tile_rows < 4:
+            j.tile_rows = 4
     else:
         j.width = 1
         j.ncb = j.C
         per_block = j.inner
-    if j.outer * per_block * itemsize * narrays <= FUSE_BYTES:
+    if j.inner == 1 and j.ncb == 1:
+        # One block of all channels: its statistics need every row before the first
+        # is normalized, so it is two passes whether fused or not. Superblocks of
+        # 1/8 of the rows (64K to 256K elements) let up to 8 threads share mid-size
+        # arrays; each thread then normalizes the rows it read.
+        j.sb_len = _cdiv(j.outer, 8)
+        if j.sb_len > SUPER_ELEMS // per_block:
+            j.sb_len = SUPER_ELEMS // per_block
+        if j.sb_len < PAR_MIN_ELEMS // per_block:
+            j.sb_len = PAR_MIN_ELEMS // per_block
+    elif j.outer * per_block * itemsize * narrays <= FUSE_BYTES:
         j.sb_len = j.outer
     else:
         j.sb_len = SUPER_ELEMS // per_block
-        if j.sb_len < 1:
-            j.sb_len = 1
     if j.sb_len < 1:
         j.sb_len = 1
     j.nsb = (j.outer + j.sb_len - 1) // j.sb_len if j.outer > 0 else 1
@@ -585,6 +651,8 @@ cdef void _plan(Job *j, Py_ssize_t itemsize, int narrays) noexcept:
     if j.rb < 1:
         j.rb = 1
     j.nrb = (j.outer + j.rb - 1) // j.rb if j.outer > 0 else 1
+    j.cn_len = j.C
+    j.ncn = 1
 
 
 # ----------------------------------------------------------------------------------

@@ -11,6 +11,10 @@
  * `stream` (normalize and dx kernels): write the output with non-temporal stores, for
  * outputs larger than the caches.
  *
+ * Rows form: a channel's statistics depend on `tile_rows` and on where the unit starts,
+ * never on `width`, so a caller may cut the channels into blocks of any width (one per
+ * thread) without changing a bit.
+ *
  * Numerics: statistics accumulate in double with a fixed lane structure (independent of
  * the SIMD width chosen at run time), two passes per cache-resident tile, tiles merged
  * with Chan's formula.  The mean is carried as hi + lo (double-double-like); the
@@ -64,7 +68,7 @@ const char *bnf_simd_isa(void);
     void bnf_stats_runs_##S(const T *x, ptrdiff_t nruns, ptrdiff_t stride, ptrdiff_t len, \
                             bnf_moments *m);                                              \
     void bnf_stats_rows_##S(const T *x, ptrdiff_t nrows, ptrdiff_t stride,                \
-                            ptrdiff_t width, bnf_moments *m);                             \
+                            ptrdiff_t width, ptrdiff_t tile_rows, bnf_moments *m);        \
     void bnf_norm_runs_##S(const T *x, ptrdiff_t xstride, T *y, ptrdiff_t ystride,        \
                            ptrdiff_t nruns, ptrdiff_t len, double mean, double scale,     \
                            double shift, int stream);                                     \

@@ -121,13 +121,15 @@ static inline BNF_INLINE void BNF_NAME(shifted_sums_rows)(const T *base, ptrdiff
 }
 
 /* Rows form: per-channel moments of `width` contiguous channels over `nrows` rows,
- * tiled by rows so a tile is cache resident if a second pass is needed (see tile_runs). */
+ * in tiles of `tile_rows` rows (cache resident if a second pass is needed, see
+ * tile_runs); tile_rows <= 0: as many as fit BNF_TILE_ELEMS. */
 BNF_CLONES void BNF_NAME(bnf_stats_rows)(const T *x, ptrdiff_t nrows, ptrdiff_t stride,
-                                         ptrdiff_t width, bnf_moments *m)
+                                         ptrdiff_t width, ptrdiff_t tile_rows,
+                                         bnf_moments *m)
 {
     double shift[BNF_MAX_WIDTH], s1[BNF_MAX_WIDTH], s2[BNF_MAX_WIDTH];
     bnf_pf pf;
-    ptrdiff_t per = BNF_TILE_ELEMS / width;
+    ptrdiff_t per = tile_rows > 0 ? tile_rows : BNF_TILE_ELEMS / width;
     bnf_pf_init(&pf, x, nrows, stride * (ptrdiff_t)sizeof(T), width * (ptrdiff_t)sizeof(T));
     if (per < 4) per = 4;
     for (ptrdiff_t c = 0; c < width; c++) {

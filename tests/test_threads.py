@@ -33,6 +33,14 @@ CASES = [
     ("NCHW-f64", (8, 32, 64, 64), 1, np.float64, "c"),
     ("NHWC-f64", (8, 64, 64, 32), -1, np.float64, "c"),
     ("NCDHW-channels_last", (4, 16, 8, 32, 32), 1, np.float32, "channels_last"),
+    # mid-size rows form: superblocks of 1/8 of the rows, normalization split by rows
+    ("NC-4096x64", (4096, 64), -1, np.float32, "c"),
+    ("NC-2048x128-f64", (2048, 128), -1, np.float64, "c"),
+    # two channel blocks (256 + 44), cut narrower for more threads
+    ("NC-2048x300", (2048, 300), -1, np.float32, "c"),
+    # fewer rows than threads: normalization split by channels
+    ("NC-2x200000", (2, 200000), -1, np.float32, "c"),
+    ("NCHW-batch1", (1, 64, 64, 64), 1, np.float32, "c"),
 ]
 
 
