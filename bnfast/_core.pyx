@@ -621,9 +621,11 @@ cdef void _plan(Job *j, Py_ssize_t itemsize, int narrays) noexcept:
         # the nominal width fixes superblocks and tiles; _split_for_threads may then
         # cut narrower blocks
         j.width = j.C if j.C < BNF_MAX_WIDTH else BNF_MAX_WIDTH
+        if j.width < 1:
+            j.width = 1                  # no channels: nothing runs, but no division by 0
         j.ncb = (j.C + j.width - 1) // j.width
         per_block = j.width
-        j.tile_rows = BNF_TILE_ELEMS // j.width if j.width > 0 else 4
+        j.tile_rows = BNF_TILE_ELEMS // j.width
         if j.tile_rows < 4:
             j.tile_rows = 4
     else:

@@ -443,6 +443,24 @@ def test_empty_batch_eval(shape, axis):
         np.testing.assert_array_equal(layer.grad_bias, 0)
 
 
+@pytest.mark.parametrize("shape,axis", [((4, 0), 1), ((4, 0), -1), ((3, 0, 5), 1),
+                                        ((2, 3, 4, 0), -1), ((0, 0), 1)])
+def test_no_channels(shape, axis):
+    # a zero-length channel axis: empty results of the right shapes, never a crash (the
+    # work planner once divided by the channel count)
+    x = np.zeros(shape, np.float32)
+    z = np.zeros(0)
+    y, m, s = bnfast.batch_norm_train(x, axis=axis)
+    assert y.shape == shape and m.shape == (0,) and s.shape == (0,)
+    assert bnfast.batch_norm(x, z, z + 1, axis=axis).shape == shape
+    assert bnfast.batch_norm(x, z, z + 1, training=True, axis=axis).shape == shape
+    for training in (True, False):
+        dx, dw, db = bnfast.batch_norm_backward(x, x, z, z + 1, training=training, axis=axis)
+        assert dx.shape == shape and dw.shape == (0,) and db.shape == (0,)
+    mo = bnfast.moments(x, axis=axis)
+    assert mo.count.shape == (0,)
+
+
 # ----------------------------------------------------------------------------------
 # In place (out=x) for every writable x layout
 
