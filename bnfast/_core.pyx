@@ -192,11 +192,6 @@ cdef inline int _threads_for_work(Py_ssize_t elems) noexcept nogil:
     return <int>t if t > 1 else 1
 
 
-cdef inline int _threads_for(Py_ssize_t nunits, Py_ssize_t elems) noexcept nogil:
-    cdef int t = _threads_for_work(elems)
-    return <int>nunits if nunits < t else t
-
-
 def _build_info():
     """Facts about this build (used by show_config / ``python -m bnfast info``)."""
     return {
@@ -571,7 +566,7 @@ cdef void _launch(Job *j, int kind) noexcept:
     without the GIL on as many threads as the work and the settings allow."""
     cdef Py_ssize_t elems = j.outer * j.C * j.inner
     cdef Py_ssize_t nunits
-    cdef int nthreads
+    cdef int nthreads = 1
     if elems == 0:
         return
     if elems >= NOGIL_MIN_ELEMS:
@@ -585,7 +580,8 @@ cdef void _launch(Job *j, int kind) noexcept:
     if elems < NOGIL_MIN_ELEMS:
         _run(j, kind, nunits, 1)
         return
-    nthreads = _threads_for(nunits, elems)
+    if nthreads > nunits:
+        nthreads = <int>nunits
     with nogil:
         _run(j, kind, nunits, nthreads)
 
