@@ -201,8 +201,9 @@ def _check_dtype(x, name="x"):
 
 def _kernel_moments(x, ax):
     """Moments of x with channel axis ax, from the compiled statistics pass of
-    :func:`bnfast.batch_norm_train` (no scratch output): per cache tile two passes about
-    the running mean, tiles merged with Chan's update, the mean kept as two doubles."""
+    :func:`bnfast.batch_norm_train` (no scratch output): per cache tile one pass about
+    the mean so far (a second only on cancellation), tiles merged with Chan's update,
+    the mean kept as two doubles."""
     C = x.shape[ax]
     n_per = x.size // C if C else 0
     if n_per == 0:
@@ -237,8 +238,9 @@ def moments(x, *, axis=1):
     Notes
     -----
     One read of x by the compiled statistics pass of :func:`bnfast.batch_norm_train`
-    (multithreaded, results independent of the thread count, no temporary of x's size
-    unless x has negative or zero strides). The mean is kept as two doubles, whose low
+    (multithreaded, results independent of the thread count; no temporary of x's size
+    unless x needs converting (integers, float16, non-native byte order) or has negative
+    or zero strides). The mean is kept as two doubles, whose low
     part the result keeps for merges. Mean and M2 are within a few float64 ulps of the
     exact values for x's elements, whatever their offset.
 
