@@ -1386,7 +1386,7 @@ def _train(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
     cdef cnp.ndarray a
     a, result_dtype = _as_input(x, "x")
     cdef int nd = cnp.PyArray_NDIM(a), axis_i
-    cdef Py_ssize_t C, c, sb, n_per
+    cdef Py_ssize_t C, c, n_per
     cdef Job j
     cdef Geo gy
     cdef _Layout lay
@@ -1439,11 +1439,7 @@ def _train(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
             if j.nsb == 1 and moments_hook is None:
                 _launch(&j, K_FWD)
             else:
-                memset(j.mom, 0, j.nsb * C * sizeof(bnf_moments))
-                _launch(&j, K_STATS)
-                for c in range(C):           # merge the units in a fixed order
-                    for sb in range(1, j.nsb):
-                        bnf_moments_merge(&j.mom[c], &j.mom[sb * C + c])
+                _stats(&j)
                 if moments_hook is not None:
                     n_per = _exchange_moments(j.mom, C, moments_hook)
                 for c in range(C):
@@ -1469,13 +1465,24 @@ def _train(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
         free(buf)
 
 
+cdef void _stats(Job *j) noexcept:
+    """Moments of every unit into j.mom, merged per channel into j.mom[0:C] in a fixed
+    order (the statistics pass without the normalization)."""
+    cdef Py_ssize_t c, sb, C = j.C
+    memset(j.mom, 0, j.nsb * C * sizeof(bnf_moments))
+    _launch(j, K_STATS)
+    for c in range(C):
+        for sb in range(1, j.nsb):
+            bnf_moments_merge(&j.mom[c], &j.mom[sb * C + c])
+
+
 def _moments(x, axis):
     """Per-channel moments of x (the statistics pass of batch_norm_train alone, same
     kernels and unit order) as a (C, 4) float64 array of [count, mean_hi, mean_lo, m2]."""
     cdef cnp.ndarray a
     a, _ = _as_input(x, "x")
     cdef int nd = cnp.PyArray_NDIM(a), axis_i
-    cdef Py_ssize_t C, c, sb
+    cdef Py_ssize_t C
     cdef Job j
     cdef _Layout lay
     if nd < 2:
@@ -1494,11 +1501,7 @@ def _moments(x, axis):
     if j.mom == NULL:
         raise MemoryError()
     try:
-        memset(j.mom, 0, j.nsb * C * sizeof(bnf_moments))
-        _launch(&j, K_STATS)
-        for c in range(C):                   # merge the units in a fixed order
-            for sb in range(1, j.nsb):
-                bnf_moments_merge(&j.mom[c], &j.mom[sb * C + c])
+        _stats(&j)
         return _moments_array(j.mom, C)
     finally:
         free(j.mom)
