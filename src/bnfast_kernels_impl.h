@@ -99,23 +99,29 @@ static inline BNF_INLINE void BNF_NAME(shifted_sums_rows)(const T *base, ptrdiff
     for (r = 0; r + 4 <= k; r += 4) {
         const T *p0 = base + r * stride, *p1 = p0 + stride, *p2 = p1 + stride,
                 *p3 = p2 + stride;
-        if (pf) bnf_pf_advance(pf, 4 * width * (ptrdiff_t)sizeof(T));
+        for (ptrdiff_t c0 = 0; c0 < width; c0 += BNF_PF_COLS) {
+            ptrdiff_t c1 = width - c0 < BNF_PF_COLS ? width : c0 + BNF_PF_COLS;
+            if (pf) bnf_pf_advance(pf, 4 * (c1 - c0) * (ptrdiff_t)sizeof(T));
 #pragma omp simd
-        for (ptrdiff_t c = 0; c < width; c++) {
-            double d0 = (double)p0[c] - shift[c], d1 = (double)p1[c] - shift[c];
-            double d2 = (double)p2[c] - shift[c], d3 = (double)p3[c] - shift[c];
-            s1[c] += (d0 + d1) + (d2 + d3);
-            s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+            for (ptrdiff_t c = c0; c < c1; c++) {
+                double d0 = (double)p0[c] - shift[c], d1 = (double)p1[c] - shift[c];
+                double d2 = (double)p2[c] - shift[c], d3 = (double)p3[c] - shift[c];
+                s1[c] += (d0 + d1) + (d2 + d3);
+                s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+            }
         }
     }
     for (; r < k; r++) {
         const T *p = base + r * stride;
-        if (pf) bnf_pf_advance(pf, width * (ptrdiff_t)sizeof(T));
+        for (ptrdiff_t c0 = 0; c0 < width; c0 += BNF_PF_COLS) {
+            ptrdiff_t c1 = width - c0 < BNF_PF_COLS ? width : c0 + BNF_PF_COLS;
+            if (pf) bnf_pf_advance(pf, (c1 - c0) * (ptrdiff_t)sizeof(T));
 #pragma omp simd
-        for (ptrdiff_t c = 0; c < width; c++) {
-            double d = (double)p[c] - shift[c];
-            s1[c] += d;
-            s2[c] += d * d;
+            for (ptrdiff_t c = c0; c < c1; c++) {
+                double d = (double)p[c] - shift[c];
+                s1[c] += d;
+                s2[c] += d * d;
+            }
         }
     }
 }
@@ -267,34 +273,40 @@ BNF_CLONES void BNF_NAME(bnf_bwd_sums_rows)(const T *dy, ptrdiff_t dystride, con
     bnf_pf_init(&pfx, x, nrows, xstride * (ptrdiff_t)sizeof(T), width * (ptrdiff_t)sizeof(T));
     for (ptrdiff_t c = 0; c < width; c++) sum_dy[c] = sum_dy_xmu[c] = sum_xmu[c] = 0;
     for (; r + 4 <= nrows; r += 4) {
-        bnf_pf_advance(&pfg, 4 * width * (ptrdiff_t)sizeof(T));
-        bnf_pf_advance(&pfx, 4 * width * (ptrdiff_t)sizeof(T));
         const T *g0 = dy + r * dystride, *g1 = g0 + dystride, *g2 = g1 + dystride,
                 *g3 = g2 + dystride;
         const T *p0 = x + r * xstride, *p1 = p0 + xstride, *p2 = p1 + xstride,
                 *p3 = p2 + xstride;
+        for (ptrdiff_t c0 = 0; c0 < width; c0 += BNF_PF_COLS) {
+            ptrdiff_t c1 = width - c0 < BNF_PF_COLS ? width : c0 + BNF_PF_COLS;
+            bnf_pf_advance(&pfg, 4 * (c1 - c0) * (ptrdiff_t)sizeof(T));
+            bnf_pf_advance(&pfx, 4 * (c1 - c0) * (ptrdiff_t)sizeof(T));
 #pragma omp simd
-        for (ptrdiff_t c = 0; c < width; c++) {
-            double a0 = (double)g0[c], a1 = (double)g1[c], a2 = (double)g2[c],
-                   a3 = (double)g3[c];
-            double d0 = (double)p0[c] - mean[c], d1 = (double)p1[c] - mean[c],
-                   d2 = (double)p2[c] - mean[c], d3 = (double)p3[c] - mean[c];
-            sum_dy[c] += (a0 + a1) + (a2 + a3);
-            sum_dy_xmu[c] += (a0 * d0 + a1 * d1) + (a2 * d2 + a3 * d3);
-            sum_xmu[c] += (d0 + d1) + (d2 + d3);
+            for (ptrdiff_t c = c0; c < c1; c++) {
+                double a0 = (double)g0[c], a1 = (double)g1[c], a2 = (double)g2[c],
+                       a3 = (double)g3[c];
+                double d0 = (double)p0[c] - mean[c], d1 = (double)p1[c] - mean[c],
+                       d2 = (double)p2[c] - mean[c], d3 = (double)p3[c] - mean[c];
+                sum_dy[c] += (a0 + a1) + (a2 + a3);
+                sum_dy_xmu[c] += (a0 * d0 + a1 * d1) + (a2 * d2 + a3 * d3);
+                sum_xmu[c] += (d0 + d1) + (d2 + d3);
+            }
         }
     }
     for (; r < nrows; r++) {
         const T *g = dy + r * dystride;
         const T *p = x + r * xstride;
-        bnf_pf_advance(&pfg, width * (ptrdiff_t)sizeof(T));
-        bnf_pf_advance(&pfx, width * (ptrdiff_t)sizeof(T));
+        for (ptrdiff_t c0 = 0; c0 < width; c0 += BNF_PF_COLS) {
+            ptrdiff_t c1 = width - c0 < BNF_PF_COLS ? width : c0 + BNF_PF_COLS;
+            bnf_pf_advance(&pfg, (c1 - c0) * (ptrdiff_t)sizeof(T));
+            bnf_pf_advance(&pfx, (c1 - c0) * (ptrdiff_t)sizeof(T));
 #pragma omp simd
-        for (ptrdiff_t c = 0; c < width; c++) {
-            double gi = (double)g[c], d = (double)p[c] - mean[c];
-            sum_dy[c] += gi;
-            sum_dy_xmu[c] += gi * d;
-            sum_xmu[c] += d;
+            for (ptrdiff_t c = c0; c < c1; c++) {
+                double gi = (double)g[c], d = (double)p[c] - mean[c];
+                sum_dy[c] += gi;
+                sum_dy_xmu[c] += gi * d;
+                sum_xmu[c] += d;
+            }
         }
     }
 }
