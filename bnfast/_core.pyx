@@ -40,6 +40,12 @@ cdef extern from "bnfast_kernels.h" nogil:
     void bnf_moments_merge(bnf_moments *a, const bnf_moments *b)
     const char *bnf_simd_isa()
     void bnf_stream_fence()
+    void bnf_widen_f32(const char *src, Py_ssize_t stride, double *dst, Py_ssize_t n)
+    void bnf_gather_f64(const char *src, Py_ssize_t stride, double *dst, Py_ssize_t n)
+    Py_ssize_t bnf_eval_scale(double *scale, const double *var, Py_ssize_t n, double eps)
+    void bnf_finalize(const bnf_moments *m, Py_ssize_t n, double eps, const double *weight,
+                      double *hi, double *lo, double *invstd, double *scale, double *shift,
+                      double *var)
     void bnf_stats_runs_f32(const float *x, Py_ssize_t nruns, Py_ssize_t stride,
                             Py_ssize_t length, bnf_moments *m)
     void bnf_stats_runs_f64(const double *x, Py_ssize_t nruns, Py_ssize_t stride,
@@ -336,16 +342,12 @@ DEF K_BWD = 5          # fused backward of a unit, training statistics
 DEF K_BEVAL = 6        # backward sums and dx = scale * dy of a unit
 
 
-cdef inline void _finalize(Job *j, Py_ssize_t c, const bnf_moments *m) noexcept nogil:
-    cdef double var = m.m2 / m.n
-    cdef double invstd = 1.0 / sqrt(var + j.eps)
-    j.hi[c] = m.hi
-    j.lo[c] = m.lo
-    j.invstd[c] = invstd
-    j.scale[c] = j.weight[c] * invstd
-    # (x - hi - lo) * scale + bias: the small lo goes into the shift, hi stays exact.
-    j.shift[c] = j.shift[c] - m.lo * j.scale[c]
-    j.k1[c] = var                      # kept for the running-variance update
+cdef inline void _finalize(Job *j, Py_ssize_t c0, Py_ssize_t n,
+                           const bnf_moments *m) noexcept nogil:
+    """Factors of channels c0 .. c0 + n - 1 from their moments m[0 .. n - 1]; the
+    variance is kept in k1 for the running-variance update."""
+    bnf_finalize(m, n, j.eps, j.weight + c0, j.hi + c0, j.lo + c0, j.invstd + c0,
+                 j.scale + c0, j.shift + c0, j.k1 + c0)
 
 
 cdef inline void _bwd_coeffs(Job *j, Py_ssize_t c) noexcept nogil:
@@ -405,8 +407,7 @@ cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
             bnf_stats_runs_f32(<float *>x, nr, j.x_os, j.inner, mom)
         if kind == K_STATS:
             return
-        for c in range(w):
-            _finalize(j, c0 + c, &mom[c])
+        _finalize(j, c0, w, mom)
     if kind == K_FWD:
         if rows:
             if j.f64:
@@ -725,11 +726,9 @@ cdef int _load_param(object p, Py_ssize_t C, str name, double *dst, double defau
             src = <char *>cnp.PyArray_DATA(a)
             st = cnp.PyArray_STRIDES(a)[0]
             if t == cnp.NPY_FLOAT32:
-                for i in range(C):
-                    dst[i] = (<float *>(src + i * st))[0]
+                bnf_widen_f32(src, st, dst, C)
             else:
-                for i in range(C):
-                    dst[i] = (<double *>(src + i * st))[0]
+                bnf_gather_f64(src, st, dst, C)
             return 0
     if hasattr(p, "detach") and hasattr(p, "cpu"):       # a torch tensor
         p = p.detach().cpu().numpy()
@@ -1269,17 +1268,15 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     else:
         buf = _alloc_channels(C, 4)
     try:
-        # layout: hi (mean), lo (zeros), scale, shift; var parked in lo first
+        # layout: mean, var, scale (weight first), shift
         _load_param(running_mean, C, "running_mean", buf, 0.0)
         _load_param(running_var, C, "running_var", buf + C, 1.0)
         _load_param(weight, C, "weight", buf + 2 * C, 1.0)
         _load_param(bias, C, "bias", buf + 3 * C, 0.0)
-        for c in range(C):
-            if buf[C + c] < 0:
-                raise ValueError(f"running_var must be non-negative; channel {c} has "
-                                 f"{buf[C + c]!r}")
-            buf[2 * C + c] = buf[2 * C + c] / sqrt(buf[C + c] + e)
-            buf[C + c] = 0.0
+        c = bnf_eval_scale(buf + 2 * C, buf + C, C, e)
+        if c >= 0:
+            raise ValueError(f"running_var must be non-negative; channel {c} has "
+                             f"{buf[C + c]!r}")
         return _normalize(a, out, ax, C, buf, buf + 2 * C, buf + 3 * C)
     finally:
         if buf != &stackbuf[0]:
@@ -1442,8 +1439,7 @@ def _train(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
                 _stats(&j)
                 if moments_hook is not None:
                     n_per = _exchange_moments(j.mom, C, moments_hook)
-                for c in range(C):
-                    _finalize(&j, c, &j.mom[c])
+                _finalize(&j, 0, C, j.mom)
                 _launch(&j, K_NORM)
         finally:
             free(j.mom)

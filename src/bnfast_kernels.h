@@ -64,6 +64,18 @@ void bnf_stream_fence(void);
 /* Name of the SIMD ISA the kernels dispatch to on this CPU. */
 const char *bnf_simd_isa(void);
 
+/* Per-channel helpers: widen float32 (or gather float64) values `stride` bytes apart into
+ * contiguous doubles; eval factors scale[i] /= sqrt(var[i] + eps), returning the first
+ * negative variance's index (nothing written) or -1. */
+void bnf_widen_f32(const char *src, ptrdiff_t stride, double *dst, ptrdiff_t n);
+void bnf_gather_f64(const char *src, ptrdiff_t stride, double *dst, ptrdiff_t n);
+ptrdiff_t bnf_eval_scale(double *scale, const double *var, ptrdiff_t n, double eps);
+
+/* Normalization factors of n channels from their moments (see bnfast_kernels.c). */
+void bnf_finalize(const bnf_moments *m, ptrdiff_t n, double eps, const double *weight,
+                  double *hi, double *lo, double *invstd, double *scale, double *shift,
+                  double *var);
+
 #define BNF_DECLARE(T, S)                                                                 \
     void bnf_stats_runs_##S(const T *x, ptrdiff_t nruns, ptrdiff_t stride, ptrdiff_t len, \
                             bnf_moments *m);                                              \
