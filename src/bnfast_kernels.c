@@ -129,43 +129,46 @@ void bnf_stream_fence(void)
 
 /* A prefetch cursor over a unit's runs (rows are runs of `width` elements), kept ahead
  * of the loads: a loop advances it by as many bytes as it consumes.  Counted in bytes,
- * so one cursor serves every element type. */
+ * so one cursor serves every element type.  Addresses are integers: the cursor runs
+ * past the last run, into what follows it in memory (often the next unit; prefetches
+ * never fault). */
 typedef struct {
-    const char *base;
-    ptrdiff_t stride, len, nruns; /* bytes between runs, bytes per run, runs */
-    ptrdiff_t r, off;             /* position: run, byte offset in it */
+    uintptr_t run;       /* start of the current run */
+    ptrdiff_t off, end;  /* position in it, and where it ends (off == end: finished) */
+    ptrdiff_t stride, len, left; /* bytes between runs, bytes per run, runs after this */
 } bnf_pf;
 
 static inline BNF_INLINE void bnf_pf_init(bnf_pf *pf, const void *base, ptrdiff_t nruns,
                                           ptrdiff_t stride_bytes, ptrdiff_t len_bytes)
 {
-    pf->base = (const char *)base;
+    ptrdiff_t r = 0;
     pf->stride = stride_bytes;
     pf->len = len_bytes;
-    pf->nruns = base && len_bytes > 0 ? nruns : 0;
-    pf->r = pf->off = 0;
-    if (pf->nruns > 0) {
-        pf->r = BNF_PREFETCH_BYTES / len_bytes;
-        if (pf->r > pf->nruns - 1) pf->r = pf->nruns - 1;
-        pf->off = BNF_PREFETCH_BYTES - pf->r * len_bytes;
-    }
+    pf->run = (uintptr_t)base;
+    pf->off = pf->end = 0;
+    pf->left = 0;
+    if (!base || len_bytes <= 0 || nruns <= 0) return;
+    r = BNF_PREFETCH_BYTES / len_bytes;
+    if (r > nruns - 1) r = nruns - 1;
+    pf->run += (uintptr_t)(r * stride_bytes);
+    pf->off = BNF_PREFETCH_BYTES - r * len_bytes;
+    pf->left = nruns - 1 - r;
+    pf->end = pf->left > 0 ? len_bytes : len_bytes + BNF_PREFETCH_BYTES;
 }
 
 static inline BNF_INLINE void bnf_pf_advance(bnf_pf *pf, ptrdiff_t bytes)
 {
-    while (bytes > 0 && pf->r < pf->nruns) {
-        /* past the last run, on into what follows it in memory: often the next unit
-         * (prefetches never fault) */
-        ptrdiff_t len = pf->r == pf->nruns - 1 ? pf->len + BNF_PREFETCH_BYTES : pf->len;
-        ptrdiff_t take = len - pf->off < bytes ? len - pf->off : bytes;
-        /* integer arithmetic: the address may lie past the array */
-        uintptr_t p = (uintptr_t)pf->base + (uintptr_t)(pf->r * pf->stride + pf->off);
+    while (bytes > 0 && pf->off < pf->end) {
+        ptrdiff_t take = pf->end - pf->off < bytes ? pf->end - pf->off : bytes;
+        uintptr_t p = pf->run + (uintptr_t)pf->off;
         for (ptrdiff_t k = 0; k < take; k += BNF_LINE) BNF_PREFETCH((const void *)(p + k));
         bytes -= take;
         pf->off += take;
-        if (pf->off == len) {
+        if (pf->off == pf->end && pf->left > 0) {
+            pf->run += (uintptr_t)pf->stride;
             pf->off = 0;
-            pf->r++;
+            pf->left--;
+            pf->end = pf->left > 0 ? pf->len : pf->len + BNF_PREFETCH_BYTES;
         }
     }
 }
