@@ -36,6 +36,8 @@ cdef extern from "bnfast_kernels.h" nogil:
     ctypedef struct bnf_moments:
         double n, hi, lo, m2
     enum: BNF_MAX_WIDTH
+    enum: BNF_STREAM
+    enum: BNF_CACHED
     enum: BNF_TILE_ELEMS
     void bnf_moments_merge(bnf_moments *a, const bnf_moments *b)
     const char *bnf_simd_isa()
@@ -56,16 +58,16 @@ cdef extern from "bnfast_kernels.h" nogil:
                             Py_ssize_t width, Py_ssize_t tile_rows, bnf_moments *m)
     void bnf_norm_runs_f32(const float *x, Py_ssize_t xs, float *y, Py_ssize_t ys,
                            Py_ssize_t nruns, Py_ssize_t length, double mean,
-                           double scale, double shift, int stream)
+                           double scale, double shift, int flags)
     void bnf_norm_runs_f64(const double *x, Py_ssize_t xs, double *y, Py_ssize_t ys,
                            Py_ssize_t nruns, Py_ssize_t length, double mean,
-                           double scale, double shift, int stream)
+                           double scale, double shift, int flags)
     void bnf_norm_rows_f32(const float *x, Py_ssize_t xs, float *y, Py_ssize_t ys,
                            Py_ssize_t nrows, Py_ssize_t width, const double *mean,
-                           const double *scale, const double *shift, int stream)
+                           const double *scale, const double *shift, int flags)
     void bnf_norm_rows_f64(const double *x, Py_ssize_t xs, double *y, Py_ssize_t ys,
                            Py_ssize_t nrows, Py_ssize_t width, const double *mean,
-                           const double *scale, const double *shift, int stream)
+                           const double *scale, const double *shift, int flags)
     void bnf_bwd_sums_runs_f32(const float *dy, Py_ssize_t dys, const float *x,
                                Py_ssize_t xs, Py_ssize_t nruns, Py_ssize_t length,
                                double mean, double *sum_dy, double *sum_dy_xmu,
@@ -84,18 +86,18 @@ cdef extern from "bnfast_kernels.h" nogil:
                                double *sum_xmu)
     void bnf_bwd_dx_runs_f32(const float *dy, Py_ssize_t dys, const float *x,
                              Py_ssize_t xs, float *dx, Py_ssize_t dxs, Py_ssize_t nruns,
-                             Py_ssize_t length, double mean, double a, double k1, double k2, int stream)
+                             Py_ssize_t length, double mean, double a, double k1, double k2, int flags)
     void bnf_bwd_dx_runs_f64(const double *dy, Py_ssize_t dys, const double *x,
                              Py_ssize_t xs, double *dx, Py_ssize_t dxs, Py_ssize_t nruns,
-                             Py_ssize_t length, double mean, double a, double k1, double k2, int stream)
+                             Py_ssize_t length, double mean, double a, double k1, double k2, int flags)
     void bnf_bwd_dx_rows_f32(const float *dy, Py_ssize_t dys, const float *x,
                              Py_ssize_t xs, float *dx, Py_ssize_t dxs, Py_ssize_t nrows,
                              Py_ssize_t width, const double *mean, const double *a,
-                             const double *k1, const double *k2, int stream)
+                             const double *k1, const double *k2, int flags)
     void bnf_bwd_dx_rows_f64(const double *dy, Py_ssize_t dys, const double *x,
                              Py_ssize_t xs, double *dx, Py_ssize_t dxs, Py_ssize_t nrows,
                              Py_ssize_t width, const double *mean, const double *a,
-                             const double *k1, const double *k2, int stream)
+                             const double *k1, const double *k2, int flags)
 
 
 # ----------------------------------------------------------------------------------
@@ -379,6 +381,7 @@ cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
     cdef double *sdyx
     cdef double *sxm
     cdef double a, n
+    cdef int flags = BNF_STREAM if j.stream else 0
     if rows:
         c0 = cb * j.width
         w = j.C - c0 if j.C - c0 < j.width else j.width
@@ -387,6 +390,10 @@ cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
         w = 1
     r0 = sb * j.sb_len
     nr = j.outer - r0 if j.outer - r0 < j.sb_len else j.sb_len
+    # a fused unit's second pass reads what its first just read, from L2: no prefetches
+    if kind != K_BDX and \
+            nr * (w if rows else j.inner) * isz * (1 if kind == K_FWD else 2) <= FUSE_BYTES:
+        flags |= BNF_CACHED
     x = j.x + (r0 * j.x_os + c0 * j.x_cs) * isz if j.x != NULL else NULL
     y = j.y + (r0 * j.y_os + c0 * j.y_cs) * isz if j.y != NULL else NULL
     dy = j.dy + (r0 * j.dy_os + c0 * j.dy_cs) * isz if j.dy != NULL else NULL
@@ -412,16 +419,16 @@ cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
         if rows:
             if j.f64:
                 bnf_norm_rows_f64(<double *>x, j.x_os, <double *>y, j.y_os, nr, w,
-                                  j.hi + c0, j.scale + c0, j.shift + c0, j.stream)
+                                  j.hi + c0, j.scale + c0, j.shift + c0, flags)
             else:
                 bnf_norm_rows_f32(<float *>x, j.x_os, <float *>y, j.y_os, nr, w,
-                                  j.hi + c0, j.scale + c0, j.shift + c0, j.stream)
+                                  j.hi + c0, j.scale + c0, j.shift + c0, flags)
         elif j.f64:
             bnf_norm_runs_f64(<double *>x, j.x_os, <double *>y, j.y_os, nr, j.inner,
-                              j.hi[c0], j.scale[c0], j.shift[c0], j.stream)
+                              j.hi[c0], j.scale[c0], j.shift[c0], flags)
         else:
             bnf_norm_runs_f32(<float *>x, j.x_os, <float *>y, j.y_os, nr, j.inner,
-                              j.hi[c0], j.scale[c0], j.shift[c0], j.stream)
+                              j.hi[c0], j.scale[c0], j.shift[c0], flags)
         return
     if kind == K_BSUMS or kind == K_BWD or kind == K_BEVAL:
         if rows:
@@ -449,17 +456,17 @@ cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
         if j.f64:
             bnf_bwd_dx_rows_f64(<double *>dy, j.dy_os, <double *>x, j.x_os,
                                 <double *>y, j.y_os, nr, w, j.hi + c0, j.scale + c0,
-                                j.k1 + c0, j.k2 + c0, j.stream)
+                                j.k1 + c0, j.k2 + c0, flags)
         else:
             bnf_bwd_dx_rows_f32(<float *>dy, j.dy_os, <float *>x, j.x_os,
                                 <float *>y, j.y_os, nr, w, j.hi + c0, j.scale + c0,
-                                j.k1 + c0, j.k2 + c0, j.stream)
+                                j.k1 + c0, j.k2 + c0, flags)
     elif j.f64:
         bnf_bwd_dx_runs_f64(<double *>dy, j.dy_os, <double *>x, j.x_os, <double *>y,
-                            j.y_os, nr, j.inner, j.hi[c0], j.scale[c0], j.k1[c0], j.k2[c0], j.stream)
+                            j.y_os, nr, j.inner, j.hi[c0], j.scale[c0], j.k1[c0], j.k2[c0], flags)
     else:
         bnf_bwd_dx_runs_f32(<float *>dy, j.dy_os, <float *>x, j.x_os, <float *>y,
-                            j.y_os, nr, j.inner, j.hi[c0], j.scale[c0], j.k1[c0], j.k2[c0], j.stream)
+                            j.y_os, nr, j.inner, j.hi[c0], j.scale[c0], j.k1[c0], j.k2[c0], flags)
 
 
 cdef void _norm_unit(Job *j, Py_ssize_t u) noexcept nogil:
@@ -476,10 +483,12 @@ cdef void _norm_unit(Job *j, Py_ssize_t u) noexcept nogil:
         y += c0 * j.y_cs * isz
         if j.f64:
             bnf_norm_rows_f64(<double *>x, j.x_os, <double *>y, j.y_os, nr, c1 - c0,
-                              j.hi + c0, j.scale + c0, j.shift + c0, j.stream)
+                              j.hi + c0, j.scale + c0, j.shift + c0,
+                              BNF_STREAM if j.stream else 0)
         else:
             bnf_norm_rows_f32(<float *>x, j.x_os, <float *>y, j.y_os, nr, c1 - c0,
-                              j.hi + c0, j.scale + c0, j.shift + c0, j.stream)
+                              j.hi + c0, j.scale + c0, j.shift + c0,
+                              BNF_STREAM if j.stream else 0)
         return
     if j.inner < 256:
         # short runs: one call per channel over the block's rows (the block is ~1 MiB)
@@ -487,22 +496,26 @@ cdef void _norm_unit(Job *j, Py_ssize_t u) noexcept nogil:
             if j.f64:
                 bnf_norm_runs_f64(<double *>x + c * j.x_cs, j.x_os,
                                   <double *>y + c * j.y_cs, j.y_os, nr, j.inner,
-                                  j.hi[c], j.scale[c], j.shift[c], j.stream)
+                                  j.hi[c], j.scale[c], j.shift[c],
+                                  BNF_STREAM if j.stream else 0)
             else:
                 bnf_norm_runs_f32(<float *>x + c * j.x_cs, j.x_os,
                                   <float *>y + c * j.y_cs, j.y_os, nr, j.inner,
-                                  j.hi[c], j.scale[c], j.shift[c], j.stream)
+                                  j.hi[c], j.scale[c], j.shift[c],
+                                  BNF_STREAM if j.stream else 0)
         return
     for r in range(nr):                 # long runs: strictly in memory order
         for c in range(c0, c1):
             if j.f64:
                 bnf_norm_runs_f64(<double *>x + r * j.x_os + c * j.x_cs, 0,
                                   <double *>y + r * j.y_os + c * j.y_cs, 0, 1, j.inner,
-                                  j.hi[c], j.scale[c], j.shift[c], j.stream)
+                                  j.hi[c], j.scale[c], j.shift[c],
+                                  BNF_STREAM if j.stream else 0)
             else:
                 bnf_norm_runs_f32(<float *>x + r * j.x_os + c * j.x_cs, 0,
                                   <float *>y + r * j.y_os + c * j.y_cs, 0, 1, j.inner,
-                                  j.hi[c], j.scale[c], j.shift[c], j.stream)
+                                  j.hi[c], j.scale[c], j.shift[c],
+                                  BNF_STREAM if j.stream else 0)
 
 
 cdef inline void _any_unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:

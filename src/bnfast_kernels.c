@@ -187,6 +187,9 @@ static inline BNF_INLINE void bnf_pf_advance(bnf_pf *pf, ptrdiff_t bytes)
 /* Elements per chunk staged in L1 before a streaming store. */
 #define BNF_CHUNK 1024
 
+/* Rows wider than BNF_CHUNK are normalized in blocks of this many columns. */
+#define BNF_WIDE_COLS 1024
+
 /* Streaming stores only for runs of at least this many bytes: a short run leaves lines
  * partly written, and the call per run costs more than it saves. */
 #define BNF_STREAM_MIN_RUN 512

@@ -8,8 +8,9 @@
  * The Cython layer splits an array into units, runs them in an OpenMP loop and merges
  * the per-unit results in a fixed order, so results do not depend on the thread count.
  *
- * `stream` (normalize and dx kernels): write the output with non-temporal stores, for
- * outputs larger than the caches.
+ * `flags` (normalize and dx kernels): BNF_STREAM writes the output with non-temporal
+ * stores, for outputs larger than the caches; BNF_CACHED says the inputs were just read
+ * (a fused unit's second pass), so the kernel issues no prefetches.
  *
  * Rows form: a channel's statistics depend on `tile_rows` and on where the unit starts,
  * never on `width`, so a caller may cut the channels into blocks of any width (one per
@@ -34,6 +35,9 @@ extern "C" {
 typedef struct {
     double n, hi, lo, m2;
 } bnf_moments;
+
+#define BNF_STREAM 1
+#define BNF_CACHED 2
 
 /* Widest channel block the rows-form kernels accept (stack scratch is sized by it). */
 #define BNF_MAX_WIDTH 256
@@ -83,10 +87,10 @@ void bnf_finalize(const bnf_moments *m, ptrdiff_t n, double eps, const double *w
                             ptrdiff_t width, ptrdiff_t tile_rows, bnf_moments *m);        \
     void bnf_norm_runs_##S(const T *x, ptrdiff_t xstride, T *y, ptrdiff_t ystride,        \
                            ptrdiff_t nruns, ptrdiff_t len, double mean, double scale,     \
-                           double shift, int stream);                                     \
+                           double shift, int flags);                                      \
     void bnf_norm_rows_##S(const T *x, ptrdiff_t xstride, T *y, ptrdiff_t ystride,        \
                            ptrdiff_t nrows, ptrdiff_t width, const double *mean,          \
-                           const double *scale, const double *shift, int stream);         \
+                           const double *scale, const double *shift, int flags);          \
     void bnf_bwd_sums_runs_##S(const T *dy, ptrdiff_t dystride, const T *x,               \
                                ptrdiff_t xstride, ptrdiff_t nruns, ptrdiff_t len,         \
                                double mean, double *sum_dy, double *sum_dy_xmu,           \
@@ -98,12 +102,12 @@ void bnf_finalize(const bnf_moments *m, ptrdiff_t n, double eps, const double *w
     void bnf_bwd_dx_runs_##S(const T *dy, ptrdiff_t dystride, const T *x,                 \
                              ptrdiff_t xstride, T *dx, ptrdiff_t dxstride,                \
                              ptrdiff_t nruns, ptrdiff_t len, double mean, double a,       \
-                             double k1, double k2, int stream);                           \
+                             double k1, double k2, int flags);                            \
     void bnf_bwd_dx_rows_##S(const T *dy, ptrdiff_t dystride, const T *x,                 \
                              ptrdiff_t xstride, T *dx, ptrdiff_t dxstride,                \
                              ptrdiff_t nrows, ptrdiff_t width, const double *mean,        \
                              const double *a, const double *k1, const double *k2,         \
-                             int stream);
+                             int flags);
 
 BNF_DECLARE(float, f32)
 BNF_DECLARE(double, f64)

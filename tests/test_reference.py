@@ -290,6 +290,8 @@ LARGE = [
     ((24, 8, 8, 300), -1, np.float32),     # NHWC, two channel blocks of <= 256
     ((3000, 300), 1, np.float64),
     ((8, 3, 2, 40, 41), 2, np.float32),    # channel in the middle
+    ((37, 2500), -1, np.float32),          # rows wider than 1024: normalized in blocks
+    ((9, 3, 3, 1030), -1, np.float64),
 ]
 
 
