@@ -35,6 +35,16 @@ def _positive_int(s):
     return v
 
 
+def _positive_float(s):
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {s}")
+    return v
+
+
 def build_parser():
     from bnfast import _bench
 
@@ -59,6 +69,9 @@ def build_parser():
                    help=f"comma-separated subset of {','.join(_bench.OPS)} (default: all)")
     b.add_argument("--no-peers", action="store_true",
                    help="time only bnfast and np.copyto (no NumPy, PyTorch, ONNX Runtime)")
+    b.add_argument("--budget", type=_positive_float, default=None, metavar="SECONDS",
+                   help="time given to each implementation per case (default 0.25, 0.05 with "
+                        "--quick); more gives steadier ratios on a busy machine")
     b.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     b.add_argument("--plot", metavar="FILE.png",
                    help="also draw throughput (GB/s) against array size, with the copy roofline "
@@ -93,7 +106,7 @@ def _bench(args, parser):
         progress(f"not installed, skipped: {', '.join(missing)} (pip install 'bnfast[bench]')")
     t0 = time.perf_counter()
     results = _bench.run_sweep(mode, threads=threads, dtype=args.dtype, ops=ops, peers=peers,
-                               progress=progress)
+                               progress=progress, budget=args.budget)
     elapsed = time.perf_counter() - t0
     info = _config.config_info()
     vers = [f"NumPy {info['NumPy']}"] + [

@@ -655,15 +655,17 @@ def sweep_cases(mode):
 
 
 def run_sweep(mode="full", threads=None, dtype="float32", ops=OPS, peers=PEERS, progress=None,
-              check_results=True):
-    """Time every (op, case, impl); returns a list of result dicts."""
+              check_results=True, budget=None):
+    """Time every (op, case, impl); returns a list of result dicts. ``budget``: seconds per
+    implementation and case (default by mode)."""
     threads = threads or bnfast.get_num_threads()
     if mode == "full":
-        budget, batch, reps = 0.25, 2e-3, 5
+        default, batch, reps = 0.25, 2e-3, 5
     elif mode == "quick":
-        budget, batch, reps = 0.05, 1e-3, 3
+        default, batch, reps = 0.05, 1e-3, 3
     else:
-        budget, batch, reps = 0.005, 2e-4, 3
+        default, batch, reps = 0.005, 2e-4, 3
+    budget = default if budget is None else budget
     peers = [p for p in peers if peer_installed(p)]
     for p in peers:
         if p != "numpy":

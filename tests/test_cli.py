@@ -100,7 +100,7 @@ def _num(s):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     png = tmp_path_factory.mktemp("plot") / "bench.png"
-    args = ["bench", "--tiny", "--markdown", "--threads", "1"]
+    args = ["bench", "--tiny", "--markdown", "--threads", "1", "--budget", "0.002"]
     if HAVE_MPL:
         args += ["--plot", str(png)]
     r = _run(*args)
@@ -152,10 +152,13 @@ def test_bench_plot_without_matplotlib_is_a_clear_error(tmp_path):
 def test_bench_help_and_bad_arguments():
     r = _run("bench", "--help", timeout=120)
     assert r.returncode == 0
-    for opt in ("--quick", "--threads", "--plot", "--markdown", "np.copyto"):
+    for opt in ("--quick", "--threads", "--plot", "--markdown", "--budget", "np.copyto"):
         assert opt in r.stdout
     assert "--tiny" not in r.stdout
     assert _run("bench", "--threads", "0", timeout=120).returncode == 2
+    for bad in ("0", "-1", "nan", "x"):
+        r = _run("bench", "--budget", bad, timeout=120)
+        assert r.returncode == 2 and "--budget" in r.stderr
     r = _run("bench", "--ops", "eval,nope", timeout=120)
     assert r.returncode == 2 and "nope" in r.stderr
     assert _run(timeout=120).returncode == 2          # no command: usage
