@@ -215,6 +215,29 @@ def test_ratios_script_reads_pytest_benchmark_json(tmp_path, capsys):
     assert "| FrozenBatchNorm out= / copy (1t) | 1x64 | 0.80 | <= 1.0 | yes |" in out
 
 
+def test_interleaved_script(capsys, monkeypatch):
+    spec = importlib.util.spec_from_file_location("bnfast_bench_interleaved",
+                                                  os.path.join(ROOT, "benchmarks", "interleaved.py"))
+    if spec is None or not os.path.exists(spec.origin):
+        pytest.skip("benchmarks/interleaved.py not in this checkout")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "LAYOUTS", {"NCHW": ((4, 3, 5, 5), 1), "NC": ((50, 6), 1)})
+    try:
+        mod.main(["--reps", "3", "--no-torch", "--layouts", "NC,NCHW"])
+    finally:
+        bnfast.set_num_threads(None)
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| N")]
+    assert [r.split("|")[1].strip() for r in rows] == ["NC", "NCHW"]
+    for r in rows:
+        cells = [c.strip() for c in r.strip("|").split("|")][1:]
+        assert len(cells) == 4 and all(float(c) > 0 for c in cells)
+    assert "eval / copy | train / copy | backward / copy | fwd_bwd / copy" in out
+    with pytest.raises(SystemExit):
+        mod.main(["--layouts", "NCHW,bogus"])
+
+
 # ------------------------------------------------------------------------- the harness itself
 
 @pytest.mark.parametrize("op", _bench.OPS)

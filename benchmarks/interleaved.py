@@ -1,0 +1,150 @@
+"""Ratios against a copy timed beside each call: steady numbers on a shared, noisy machine.
+
+    python benchmarks/interleaved.py                      # 1 thread, the three 51 MB layouts
+    python benchmarks/interleaved.py --threads 2 --reps 21
+
+Each repetition times ``np.copyto`` of the input (with --threads N > 1, the same copy split
+over N threads, as in ``python -m bnfast bench``) and then every operation once, and divides
+each operation's time by that copy's; the table shows the median of those ratios. A
+neighbour that slows the machine for a while slows the copy and the operations alike, so
+the ratios move far less than the medians of separately timed runs (pytest-benchmark, or
+``python -m bnfast bench``). PyTorch (``F.batch_norm``, autograd for forward + backward) is
+timed the same way when it is installed.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import bnfast  # noqa: E402
+from bnfast import _bench  # noqa: E402
+
+LAYOUTS = {
+    "NCHW": ((64, 256, 28, 28), 1),
+    "NHWC": ((64, 28, 28, 256), -1),
+    "NC": ((200704, 64), 1),
+}
+
+
+def _ops(shape, axis, with_torch):
+    rng = np.random.default_rng(0)
+    x = (1000 + rng.standard_normal(shape)).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    C = shape[axis]
+    w, b = np.ones(C, np.float32), np.zeros(C, np.float32)
+    rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
+    y, dx = np.empty_like(x), np.empty_like(x)
+    _, mean, invstd = bnfast.batch_norm_train(x, w, b, axis=axis)
+
+    def train():
+        return bnfast.batch_norm_train(x, w, b, axis=axis, running_mean=rm, running_var=rv,
+                                       out=y)
+
+    def fwd_bwd():
+        _, m, s = train()
+        bnfast.batch_norm_backward(dy, x, m, s, w, axis=axis, out=dx)
+
+    ops = {
+        "eval": lambda: bnfast.batch_norm(x, rm, rv, w, b, axis=axis, out=y),
+        "train": train,
+        "backward": lambda: bnfast.batch_norm_backward(dy, x, mean, invstd, w, axis=axis,
+                                                       out=dx),
+        "fwd_bwd": fwd_bwd,
+    }
+    if with_torch:
+        import torch
+        import torch.nn.functional as F
+
+        xt, dyt = torch.from_numpy(x), torch.from_numpy(dy)
+        if axis != 1:                       # channels last: a permuted view, as PyTorch holds it
+            perm = (0, x.ndim - 1) + tuple(range(1, x.ndim - 1))
+            xt, dyt = xt.permute(*perm), dyt.permute(*perm)
+        xg = xt.detach().requires_grad_(True)
+        wt, bt = torch.ones(C, requires_grad=True), torch.zeros(C, requires_grad=True)
+        trm, trv = torch.zeros(C), torch.ones(C)
+
+        def torch_train():
+            with torch.no_grad():
+                F.batch_norm(xt, trm, trv, wt, bt, True, 0.1, 1e-5)
+
+        def torch_fwd_bwd():
+            xg.grad = wt.grad = bt.grad = None
+            F.batch_norm(xg, trm, trv, wt, bt, True, 0.1, 1e-5).backward(dyt)
+
+        ops["torch train"] = torch_train
+        ops["torch fwd_bwd"] = torch_fwd_bwd
+    return x, ops
+
+
+def run(layouts, threads, reps, with_torch):
+    bnfast.set_num_threads(threads)
+    if with_torch:
+        import torch
+        torch.set_num_threads(threads)
+    rows = []
+    for name in layouts:
+        shape, axis = LAYOUTS[name]
+        x, ops = _ops(shape, axis, with_torch)
+        copy, _ = _bench.make_copy(SimpleNamespace(x=x, out=np.empty_like(x)), threads)
+        copy()
+        for f in ops.values():
+            f()
+            f()
+        ratios = {k: [] for k in ops}
+        pc = time.perf_counter
+        for _ in range(reps):
+            t0 = pc()
+            copy()
+            c = pc() - t0
+            for k, f in ops.items():
+                t0 = pc()
+                f()
+                ratios[k].append((pc() - t0) / c)
+        med = {k: statistics.median(v) for k, v in ratios.items()}
+        rows.append((name, med))
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--layouts", default=",".join(LAYOUTS), help="subset of NCHW,NHWC,NC")
+    p.add_argument("--no-torch", action="store_true", help="do not time PyTorch")
+    a = p.parse_args(argv)
+    layouts = [s for s in a.layouts.split(",") if s]
+    bad = [s for s in layouts if s not in LAYOUTS]
+    if bad or a.threads < 1 or a.reps < 1:
+        p.error(f"bad arguments: {bad or ''} threads={a.threads} reps={a.reps}")
+    with_torch = False
+    if not a.no_torch:
+        try:
+            import torch  # noqa: F401
+            with_torch = True
+        except ImportError:
+            pass
+    rows = run(layouts, a.threads, a.reps, with_torch)
+    cols = list(rows[0][1])
+    print(f"bnfast {bnfast.__version__}, {a.threads} thread(s), float32, median of {a.reps} "
+          f"per-repetition ratios to np.copyto{' split over the threads' if a.threads > 1 else ''}")
+    head = ["layout"] + [f"{k} / copy" for k in cols]
+    if with_torch:
+        head += ["PyTorch / bnfast train", "PyTorch / bnfast fwd_bwd"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for name, med in rows:
+        cells = [name] + [f"{med[k]:.2f}" for k in cols]
+        if with_torch:
+            cells += [f"{med['torch train'] / med['train']:.2f}×",
+                      f"{med['torch fwd_bwd'] / med['fwd_bwd']:.2f}×"]
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
