@@ -219,6 +219,46 @@ BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, T *y,
     }
 }
 
+/* Contiguous rows (input and output) of at most half BNF_FLAT_ELEMS: the rows are one
+ * run, normalized BNF_FLAT_ELEMS / width whole rows per inner loop with the factors
+ * repeated along it, so the per-row loop costs are paid once per several rows.  Every
+ * element gets the same arithmetic as in the row loop: the same bits. */
+static inline BNF_INLINE void BNF_NAME(norm_rows_flat)(const T *x, T *y, ptrdiff_t nrows,
+                                                      ptrdiff_t width, const double *mean,
+                                                      const double *scale,
+                                                      const double *shift, int flags)
+{
+    T tmp[BNF_CHUNK];
+    double m[BNF_FLAT_ELEMS], a[BNF_FLAT_ELEMS], b[BNF_FLAT_ELEMS];
+    ptrdiff_t len = BNF_FLAT_ELEMS / width * width, total = nrows * width;
+    ptrdiff_t chunk = BNF_CHUNK / len * len;
+    int stream = flags & BNF_STREAM;
+    bnf_pf pf;
+    for (ptrdiff_t r = 0; r < len; r += width) {
+        for (ptrdiff_t c = 0; c < width; c++) {
+            m[r + c] = mean[c];
+            a[r + c] = scale[c];
+            b[r + c] = shift[c];
+        }
+    }
+    bnf_pf_init(&pf, flags & BNF_CACHED ? NULL : x, 1, 0, total * (ptrdiff_t)sizeof(T));
+    for (ptrdiff_t e0 = 0; e0 < total; e0 += chunk) {
+        ptrdiff_t n = total - e0 < chunk ? total - e0 : chunk;
+        const T *p0 = x + e0;
+        T *q0 = stream ? tmp : y + e0;
+        for (ptrdiff_t s0 = 0; s0 < n; s0 += len) {
+            ptrdiff_t k = n - s0 < len ? n - s0 : len;
+            const T *p = p0 + s0;
+            T *q = q0 + s0;
+            bnf_pf_advance(&pf, k * (ptrdiff_t)sizeof(T));
+#pragma omp simd
+            for (ptrdiff_t i = 0; i < k; i++)
+                q[i] = (T)(((double)p[i] - m[i]) * a[i] + b[i]);
+        }
+        if (stream) BNF_NAME(bnf_stream)(y + e0, tmp, n);
+    }
+}
+
 static inline BNF_INLINE void BNF_NAME(norm_rows_block)(const T *x, ptrdiff_t xstride, T *y,
                                                        ptrdiff_t ystride, ptrdiff_t nrows,
                                                        ptrdiff_t width, const double *mean,
@@ -228,6 +268,10 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_block)(const T *x, ptrdiff_t xs
     T tmp[BNF_CHUNK];
     bnf_pf pf;
     int stream = flags & BNF_STREAM;
+    if (xstride == width && ystride == width && 2 * width <= BNF_FLAT_ELEMS) {
+        BNF_NAME(norm_rows_flat)(x, y, nrows, width, mean, scale, shift, flags);
+        return;
+    }
     ptrdiff_t group = bnf_row_group(width, ystride, &stream, sizeof(T));
     bnf_pf_init(&pf, flags & BNF_CACHED ? NULL : x, nrows, xstride * (ptrdiff_t)sizeof(T),
                 width * (ptrdiff_t)sizeof(T));
