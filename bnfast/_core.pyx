@@ -1057,7 +1057,7 @@ cdef class FrozenBatchNorm:
         self.buf = NULL
 
     def __init__(self, mean, var, weight=None, bias=None, eps=1e-5, *, axis=1):
-        cdef Py_ssize_t C, c
+        cdef Py_ssize_t C
         cdef double e = _check_eps(eps)
         cdef double *b
         m = _param_vector(mean, "mean", -1)
@@ -1077,11 +1077,11 @@ cdef class FrozenBatchNorm:
         self.buf = _alloc_channels(C, 4)
         b = self.buf
         _load_param(m, C, "mean", b, 0.0)
+        _load_param(v, C, "var", b + C, 1.0)
         _load_param(w, C, "weight", b + 2 * C, 1.0)
         _load_param(bb, C, "bias", b + 3 * C, 0.0)
-        for c in range(C):
-            b[C + c] = 0.0
-            b[2 * C + c] = b[2 * C + c] / sqrt(v[c] + e)
+        bnf_eval_scale(b + 2 * C, b + C, C, e)      # the same factors as batch_norm's eval
+        memset(b + C, 0, C * sizeof(double))
         self.C = C
         self._axis = axis_int
         self._axis_int = axis_int
