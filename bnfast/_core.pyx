@@ -41,6 +41,7 @@ cdef extern from "bnfast_kernels.h" nogil:
     enum: BNF_TILE_ELEMS
     void bnf_moments_merge(bnf_moments *a, const bnf_moments *b)
     const char *bnf_simd_isa()
+    int bnf_set_simd_level(int level)
     void bnf_stream_fence()
     void bnf_widen_f32(const char *src, Py_ssize_t stride, double *dst, Py_ssize_t n)
     void bnf_gather_f64(const char *src, Py_ssize_t stride, double *dst, Py_ssize_t n)
@@ -123,6 +124,13 @@ cdef int _num_threads = 0      # 0: follow OpenMP (OMP_NUM_THREADS, threadpoolct
 # Outputs of at least this many bytes are written with streaming (non-temporal) stores:
 # they bypass the caches, which saves reading each output line before writing it.
 cdef Py_ssize_t _stream_bytes = 1 << 23
+
+
+def _set_simd_level(level):
+    """Set the intrinsics inner loops: 4 (AVX-512), 3 (AVX2) or 0 (the plain loops),
+    capped at what the CPU supports; None only asks. Returns the previous level. For
+    tests and benchmarks: every level gives the same bits."""
+    return bnf_set_simd_level(-1 if level is None else max(0, int(level)))
 
 
 def _set_stream_bytes(n):

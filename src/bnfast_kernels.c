@@ -10,6 +10,40 @@
 #define BNF_CLONES
 #endif
 
+/* Intrinsics inner loops (bnfast_kernels_simd.h) for x86-64-v4 and -v3, chosen at run
+ * time by bnf_simd_level: 4, 3, or 0 for the plain loops (which every other target, and
+ * a CPU without AVX2, runs). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) \
+    && !defined(BNFAST_NO_SIMD_LOOPS)
+#define BNF_SIMD_X86 1
+static int bnf_simd_supported = 0, bnf_simd_level = 0;
+__attribute__((constructor)) static void bnf_simd_init(void)
+{
+    __builtin_cpu_init();
+    bnf_simd_supported = __builtin_cpu_supports("x86-64-v4")   ? 4
+                         : __builtin_cpu_supports("x86-64-v3") ? 3
+                                                               : 0;
+    bnf_simd_level = bnf_simd_supported;
+}
+#else
+#define BNF_SIMD_X86 0
+#endif
+
+int bnf_set_simd_level(int level)
+{
+#if BNF_SIMD_X86
+    int old = bnf_simd_level;
+    if (level >= 0) {
+        if (level > bnf_simd_supported) level = bnf_simd_supported;
+        bnf_simd_level = level >= 4 ? 4 : level >= 3 ? 3 : 0;
+    }
+    return old;
+#else
+    (void)level;
+    return 0;
+#endif
+}
+
 /* Helpers are inlined into each ISA clone: a call would run the baseline version. */
 #if defined(__GNUC__)
 #define BNF_INLINE __attribute__((always_inline))
@@ -199,17 +233,18 @@ static inline BNF_INLINE void bnf_pf_advance(bnf_pf *pf, ptrdiff_t bytes)
  * partly written, and the call per run costs more than it saves. */
 #define BNF_STREAM_MIN_RUN 512
 
-/* Rows-form output: rows per staged chunk.  Narrow rows that are contiguous in the
- * output share one chunk (one streaming call); narrow rows apart are not streamed. */
+/* Rows-form output: rows per group, one inner-loop call (the intrinsics loops are calls)
+ * and, when streaming, one staged chunk.  Narrow rows that are contiguous in the output
+ * share one chunk (one streaming call); narrow rows apart are not streamed. */
 static inline BNF_INLINE ptrdiff_t bnf_row_group(ptrdiff_t width, ptrdiff_t ystride,
                                                  int *stream, size_t itemsize)
 {
-    if (!*stream || width >= BNF_CHUNK) return 1;
-    if (ystride != width && width * (ptrdiff_t)itemsize < BNF_STREAM_MIN_RUN) {
-        *stream = 0;
-        return 1;
+    if (width >= BNF_CHUNK) return 1;
+    if (*stream && ystride != width) {
+        if (width * (ptrdiff_t)itemsize < BNF_STREAM_MIN_RUN) *stream = 0;
+        else return 1;
     }
-    return ystride == width ? BNF_CHUNK / width : 1;
+    return BNF_CHUNK / width;
 }
 
 /* Accumulator lanes: a fixed count, so sums are identical for every vector width. */
@@ -304,16 +339,20 @@ BNF_CLONES void bnf_finalize(const bnf_moments *m, ptrdiff_t n, double eps,
 
 #define T float
 #define S f32
+#define BNF_T_FLOAT 1
 #define BNF_REDO_RATIO (1.0 - 0x1p-20)
 #include "bnfast_kernels_impl.h"
 #undef BNF_REDO_RATIO
 #undef T
 #undef S
+#undef BNF_T_FLOAT
 
 #define T double
 #define S f64
+#define BNF_T_FLOAT 0
 #define BNF_REDO_RATIO 0.5
 #include "bnfast_kernels_impl.h"
 #undef BNF_REDO_RATIO
 #undef T
 #undef S
+#undef BNF_T_FLOAT

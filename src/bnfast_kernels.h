@@ -62,6 +62,12 @@ static inline void bnf_moments_merge(bnf_moments *a, const bnf_moments *b)
 }
 
 
+/* The intrinsics inner loops: level 4 (x86-64-v4, AVX-512), 3 (x86-64-v3, AVX2) or 0
+ * (the plain loops), capped at what the CPU supports; -1 only asks.  Returns the
+ * previous level.  The default is the highest supported.  For tests and benchmarks:
+ * every level gives the same bits. */
+int bnf_set_simd_level(int level);
+
 /* Order the streaming stores of this thread before later stores (call once per unit). */
 void bnf_stream_fence(void);
 

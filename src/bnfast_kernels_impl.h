@@ -5,6 +5,27 @@
 #define BNF_CAT(a, b) BNF_CAT2(a, b)
 #define BNF_NAME(n) BNF_CAT(n, S)
 
+/* The intrinsics loops (bnfast_kernels_simd.h) and the dispatch between them and the
+ * plain loops below: BNF_DISPATCH(name, args) calls name_v4, name_v3 or name;
+ * BNF_DISPATCH4 (normalize, which has no AVX2 form) name_v4 or name. */
+#if BNF_SIMD_X86
+#define BNF_ISA_LEVEL 4
+#include "bnfast_kernels_simd.h"
+#undef BNF_ISA_LEVEL
+#define BNF_ISA_LEVEL 3
+#include "bnfast_kernels_simd.h"
+#undef BNF_ISA_LEVEL
+#define BNF_DISPATCH(n, ...)                                                              \
+    (bnf_simd_level == 4   ? BNF_NAME(n##_v4)(__VA_ARGS__)                                \
+     : bnf_simd_level == 3 ? BNF_NAME(n##_v3)(__VA_ARGS__)                                \
+                           : BNF_NAME(n)(__VA_ARGS__))
+#define BNF_DISPATCH4(n, ...) \
+    (bnf_simd_level == 4 ? BNF_NAME(n##_v4)(__VA_ARGS__) : BNF_NAME(n)(__VA_ARGS__))
+#else
+#define BNF_DISPATCH(n, ...) BNF_NAME(n)(__VA_ARGS__)
+#define BNF_DISPATCH4(n, ...) BNF_NAME(n)(__VA_ARGS__)
+#endif
+
 /* Sums of d = x - shift and d^2 over a tile of runs: `nruns` runs of `len` contiguous
  * elements.  Lane l of the accumulators takes the elements at positions l, l+L, ... of
  * each run, whatever the vector width, so the summation order is fixed. */
@@ -47,10 +68,10 @@ static inline BNF_INLINE void BNF_NAME(tile_runs)(const T *x, ptrdiff_t nruns,
                                                  double shift, bnf_moments *t, bnf_pf *pf)
 {
     double n = (double)nruns * (double)len, sd, sdd;
-    BNF_NAME(shifted_sums_runs)(x, nruns, stride, len, shift, &sd, &sdd, pf);
+    BNF_DISPATCH(shifted_sums_runs, x, nruns, stride, len, shift, &sd, &sdd, pf);
     if (sd * sd > BNF_REDO_RATIO * n * sdd) {
         shift += sd / n;
-        BNF_NAME(shifted_sums_runs)(x, nruns, stride, len, shift, &sd, &sdd, NULL);
+        BNF_DISPATCH(shifted_sums_runs, x, nruns, stride, len, shift, &sd, &sdd, NULL);
     }
     t->n = n;
     t->hi = shift;
@@ -152,12 +173,12 @@ BNF_CLONES void BNF_NAME(bnf_stats_rows)(const T *x, ptrdiff_t nrows, ptrdiff_t 
         const T *base = x + r0 * stride;
         double n = (double)k;
         int redo = 0;
-        BNF_NAME(shifted_sums_rows)(base, k, stride, width, shift, s1, s2, &pf);
+        BNF_DISPATCH(shifted_sums_rows, base, k, stride, width, shift, s1, s2, &pf);
 #pragma omp simd reduction(| : redo)
         for (ptrdiff_t c = 0; c < width; c++) redo |= s1[c] * s1[c] > BNF_REDO_RATIO * n * s2[c];
         if (redo) {
             for (ptrdiff_t c = 0; c < width; c++) shift[c] += s1[c] / n;
-            BNF_NAME(shifted_sums_rows)(base, k, stride, width, shift, s1, s2, NULL);
+            BNF_DISPATCH(shifted_sums_rows, base, k, stride, width, shift, s1, s2, NULL);
         }
         if (count == 0) {
 #pragma omp simd
@@ -190,6 +211,36 @@ BNF_CLONES void BNF_NAME(bnf_stats_rows)(const T *x, ptrdiff_t nrows, ptrdiff_t 
     }
 }
 
+/* y = (x - mean) * scale + shift over n contiguous elements, advancing a prefetch
+ * cursor as it goes. */
+static inline BNF_INLINE void BNF_NAME(norm_chunk)(const T *p, T *q, ptrdiff_t n, double mean,
+                                                  double scale, double shift, bnf_pf *pf)
+{
+    for (ptrdiff_t b0 = 0; b0 < n; b0 += BNF_PF_BLOCK) {
+        ptrdiff_t b1 = n - b0 < BNF_PF_BLOCK ? n : b0 + BNF_PF_BLOCK;
+        bnf_pf_advance(pf, (b1 - b0) * (ptrdiff_t)sizeof(T));
+#pragma omp simd
+        for (ptrdiff_t i = b0; i < b1; i++) q[i] = (T)(((double)p[i] - mean) * scale + shift);
+    }
+}
+
+/* Rows form, k rows of n columns: q = (x - m) * a + b with per-column factors, rows
+ * xstride and qstride elements apart, advancing a prefetch cursor row by row. */
+static inline BNF_INLINE void BNF_NAME(norm_rows_run)(const T *x, ptrdiff_t xstride, T *q,
+                                                     ptrdiff_t qstride, ptrdiff_t k,
+                                                     ptrdiff_t n, const double *m,
+                                                     const double *a, const double *b,
+                                                     bnf_pf *pf)
+{
+    for (ptrdiff_t r = 0; r < k; r++) {
+        const T *p = x + r * xstride;
+        T *o = q + r * qstride;
+        bnf_pf_advance(pf, n * (ptrdiff_t)sizeof(T));
+#pragma omp simd
+        for (ptrdiff_t c = 0; c < n; c++) o[c] = (T)(((double)p[c] - m[c]) * a[c] + b[c]);
+    }
+}
+
 /* y = (x - mean) * scale + shift, in double, rounded once.  `mean` is the high part of
  * the mean (an offset of prices is removed exactly here); the caller folds the small
  * low part into shift. */
@@ -207,13 +258,7 @@ BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, T *y,
             ptrdiff_t n = len - i0 < BNF_CHUNK ? len - i0 : BNF_CHUNK;
             const T *p = x + r * xstride + i0;
             T *q = stream ? tmp : y + r * ystride + i0;
-            for (ptrdiff_t b0 = 0; b0 < n; b0 += BNF_PF_BLOCK) {
-                ptrdiff_t b1 = n - b0 < BNF_PF_BLOCK ? n : b0 + BNF_PF_BLOCK;
-                bnf_pf_advance(&pf, (b1 - b0) * (ptrdiff_t)sizeof(T));
-#pragma omp simd
-                for (ptrdiff_t i = b0; i < b1; i++)
-                    q[i] = (T)(((double)p[i] - mean) * scale + shift);
-            }
+            BNF_DISPATCH4(norm_chunk, p, q, n, mean, scale, shift, &pf);
             if (stream) BNF_NAME(bnf_stream)(y + r * ystride + i0, tmp, n);
         }
     }
@@ -246,15 +291,12 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_flat)(const T *x, T *y, ptrdiff
         ptrdiff_t n = total - e0 < chunk ? total - e0 : chunk;
         const T *p0 = x + e0;
         T *q0 = stream ? tmp : y + e0;
-        for (ptrdiff_t s0 = 0; s0 < n; s0 += len) {
-            ptrdiff_t k = n - s0 < len ? n - s0 : len;
-            const T *p = p0 + s0;
-            T *q = q0 + s0;
-            bnf_pf_advance(&pf, k * (ptrdiff_t)sizeof(T));
-#pragma omp simd
-            for (ptrdiff_t i = 0; i < k; i++)
-                q[i] = (T)(((double)p[i] - m[i]) * a[i] + b[i]);
-        }
+        ptrdiff_t full = n / len, rest = n - full * len;
+        /* runs of len elements are rows of the repeated factors */
+        BNF_DISPATCH4(norm_rows_run, p0, len, q0, len, full, len, m, a, b, &pf);
+        if (rest)
+            BNF_DISPATCH4(norm_rows_run, p0 + full * len, 0, q0 + full * len, 0, 1, rest, m, a,
+                          b, &pf);
         if (stream) BNF_NAME(bnf_stream)(y + e0, tmp, n);
     }
 }
@@ -279,15 +321,9 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_block)(const T *x, ptrdiff_t xs
         ptrdiff_t k = nrows - r0 < group ? nrows - r0 : group;
         for (ptrdiff_t c0 = 0; c0 < width; c0 += BNF_CHUNK) {
             ptrdiff_t n = width - c0 < BNF_CHUNK ? width - c0 : BNF_CHUNK;
-            const double *m = mean + c0, *a = scale + c0, *b = shift + c0;
-            for (ptrdiff_t r = r0; r < r0 + k; r++) {
-                const T *p = x + r * xstride + c0;
-                T *q = stream ? tmp + (r - r0) * n : y + r * ystride + c0;
-                bnf_pf_advance(&pf, n * (ptrdiff_t)sizeof(T));
-#pragma omp simd
-                for (ptrdiff_t c = 0; c < n; c++)
-                    q[c] = (T)(((double)p[c] - m[c]) * a[c] + b[c]);
-            }
+            BNF_DISPATCH4(norm_rows_run, x + r0 * xstride + c0, xstride,
+                          stream ? tmp : y + r0 * ystride + c0, stream ? n : ystride, k, n,
+                          mean + c0, scale + c0, shift + c0, &pf);
             if (stream) BNF_NAME(bnf_stream)(y + r0 * ystride + c0, tmp, k * n);
         }
     }
@@ -310,6 +346,39 @@ BNF_CLONES void BNF_NAME(bnf_norm_rows)(const T *x, ptrdiff_t xstride, T *y,
     }
 }
 
+/* Backward sums of runs into lanes a1..a3 (BNF_LANES each, accumulated into). */
+static inline BNF_INLINE void BNF_NAME(bwd_sums_runs)(const T *dy, ptrdiff_t dystride,
+                                                     const T *x, ptrdiff_t xstride,
+                                                     ptrdiff_t nruns, ptrdiff_t len,
+                                                     double mean, double *a1, double *a2,
+                                                     double *a3, bnf_pf *pfg, bnf_pf *pfx)
+{
+    for (ptrdiff_t r = 0; r < nruns; r++) {
+        const T *g = dy + r * dystride;
+        const T *p = x + r * xstride;
+        ptrdiff_t i = 0;
+        for (; i + BNF_LANES <= len; i += BNF_LANES) {
+            bnf_pf_advance(pfg, BNF_LANES * sizeof(T));
+            bnf_pf_advance(pfx, BNF_LANES * sizeof(T));
+#pragma omp simd
+            for (int l = 0; l < BNF_LANES; l++) {
+                double gi = (double)g[i + l], d = (double)p[i + l] - mean;
+                a1[l] += gi;
+                a2[l] += gi * d;
+                a3[l] += d;
+            }
+        }
+        bnf_pf_advance(pfg, (len - i) * (ptrdiff_t)sizeof(T));
+        bnf_pf_advance(pfx, (len - i) * (ptrdiff_t)sizeof(T));
+        for (int l = 0; i < len; i++, l++) {
+            double gi = (double)g[i], d = (double)p[i] - mean;
+            a1[l] += gi;
+            a2[l] += gi * d;
+            a3[l] += d;
+        }
+    }
+}
+
 /* Backward sums over a unit: sum(dy), sum(dy * (x - mean)) and sum(x - mean); the last
  * recovers the part of the batch mean that a double `mean` cannot hold. */
 BNF_CLONES void BNF_NAME(bnf_bwd_sums_runs)(const T *dy, ptrdiff_t dystride, const T *x,
@@ -321,46 +390,22 @@ BNF_CLONES void BNF_NAME(bnf_bwd_sums_runs)(const T *dy, ptrdiff_t dystride, con
     bnf_pf pfg, pfx;
     bnf_pf_init(&pfg, dy, nruns, dystride * (ptrdiff_t)sizeof(T), len * (ptrdiff_t)sizeof(T));
     bnf_pf_init(&pfx, x, nruns, xstride * (ptrdiff_t)sizeof(T), len * (ptrdiff_t)sizeof(T));
-    for (ptrdiff_t r = 0; r < nruns; r++) {
-        const T *g = dy + r * dystride;
-        const T *p = x + r * xstride;
-        ptrdiff_t i = 0;
-        for (; i + BNF_LANES <= len; i += BNF_LANES) {
-            bnf_pf_advance(&pfg, BNF_LANES * sizeof(T));
-            bnf_pf_advance(&pfx, BNF_LANES * sizeof(T));
-#pragma omp simd
-            for (int l = 0; l < BNF_LANES; l++) {
-                double gi = (double)g[i + l], d = (double)p[i + l] - mean;
-                a1[l] += gi;
-                a2[l] += gi * d;
-                a3[l] += d;
-            }
-        }
-        bnf_pf_advance(&pfg, (len - i) * (ptrdiff_t)sizeof(T));
-        bnf_pf_advance(&pfx, (len - i) * (ptrdiff_t)sizeof(T));
-        for (int l = 0; i < len; i++, l++) {
-            double gi = (double)g[i], d = (double)p[i] - mean;
-            a1[l] += gi;
-            a2[l] += gi * d;
-            a3[l] += d;
-        }
-    }
+    BNF_DISPATCH(bwd_sums_runs, dy, dystride, x, xstride, nruns, len, mean, a1, a2, a3, &pfg,
+                 &pfx);
     *sum_dy = bnf_sum_lanes(a1);
     *sum_dy_xmu = bnf_sum_lanes(a2);
     *sum_xmu = bnf_sum_lanes(a3);
 }
 
-BNF_CLONES void BNF_NAME(bnf_bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const T *x,
-                                            ptrdiff_t xstride, ptrdiff_t nrows,
-                                            ptrdiff_t width, const double *mean,
-                                            double *sum_dy, double *sum_dy_xmu,
-                                            double *sum_xmu)
+/* Backward sums of rows, per column, accumulated into sum_dy.. (four rows at a time). */
+static inline BNF_INLINE void BNF_NAME(bwd_sums_rows)(const T *dy, ptrdiff_t dystride,
+                                                     const T *x, ptrdiff_t xstride,
+                                                     ptrdiff_t nrows, ptrdiff_t width,
+                                                     const double *mean, double *sum_dy,
+                                                     double *sum_dy_xmu, double *sum_xmu,
+                                                     bnf_pf *pfg, bnf_pf *pfx)
 {
     ptrdiff_t r = 0;
-    bnf_pf pfg, pfx;
-    bnf_pf_init(&pfg, dy, nrows, dystride * (ptrdiff_t)sizeof(T), width * (ptrdiff_t)sizeof(T));
-    bnf_pf_init(&pfx, x, nrows, xstride * (ptrdiff_t)sizeof(T), width * (ptrdiff_t)sizeof(T));
-    for (ptrdiff_t c = 0; c < width; c++) sum_dy[c] = sum_dy_xmu[c] = sum_xmu[c] = 0;
     for (; r + 4 <= nrows; r += 4) {
         const T *g0 = dy + r * dystride, *g1 = g0 + dystride, *g2 = g1 + dystride,
                 *g3 = g2 + dystride;
@@ -368,8 +413,8 @@ BNF_CLONES void BNF_NAME(bnf_bwd_sums_rows)(const T *dy, ptrdiff_t dystride, con
                 *p3 = p2 + xstride;
         for (ptrdiff_t c0 = 0; c0 < width; c0 += BNF_PF_COLS) {
             ptrdiff_t c1 = width - c0 < BNF_PF_COLS ? width : c0 + BNF_PF_COLS;
-            bnf_pf_advance(&pfg, 4 * (c1 - c0) * (ptrdiff_t)sizeof(T));
-            bnf_pf_advance(&pfx, 4 * (c1 - c0) * (ptrdiff_t)sizeof(T));
+            bnf_pf_advance(pfg, 4 * (c1 - c0) * (ptrdiff_t)sizeof(T));
+            bnf_pf_advance(pfx, 4 * (c1 - c0) * (ptrdiff_t)sizeof(T));
 #pragma omp simd
             for (ptrdiff_t c = c0; c < c1; c++) {
                 double a0 = (double)g0[c], a1 = (double)g1[c], a2 = (double)g2[c],
@@ -387,8 +432,8 @@ BNF_CLONES void BNF_NAME(bnf_bwd_sums_rows)(const T *dy, ptrdiff_t dystride, con
         const T *p = x + r * xstride;
         for (ptrdiff_t c0 = 0; c0 < width; c0 += BNF_PF_COLS) {
             ptrdiff_t c1 = width - c0 < BNF_PF_COLS ? width : c0 + BNF_PF_COLS;
-            bnf_pf_advance(&pfg, (c1 - c0) * (ptrdiff_t)sizeof(T));
-            bnf_pf_advance(&pfx, (c1 - c0) * (ptrdiff_t)sizeof(T));
+            bnf_pf_advance(pfg, (c1 - c0) * (ptrdiff_t)sizeof(T));
+            bnf_pf_advance(pfx, (c1 - c0) * (ptrdiff_t)sizeof(T));
 #pragma omp simd
             for (ptrdiff_t c = c0; c < c1; c++) {
                 double gi = (double)g[c], d = (double)p[c] - mean[c];
@@ -396,6 +441,65 @@ BNF_CLONES void BNF_NAME(bnf_bwd_sums_rows)(const T *dy, ptrdiff_t dystride, con
                 sum_dy_xmu[c] += gi * d;
                 sum_xmu[c] += d;
             }
+        }
+    }
+}
+
+BNF_CLONES void BNF_NAME(bnf_bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const T *x,
+                                            ptrdiff_t xstride, ptrdiff_t nrows,
+                                            ptrdiff_t width, const double *mean,
+                                            double *sum_dy, double *sum_dy_xmu,
+                                            double *sum_xmu)
+{
+    bnf_pf pfg, pfx;
+    bnf_pf_init(&pfg, dy, nrows, dystride * (ptrdiff_t)sizeof(T), width * (ptrdiff_t)sizeof(T));
+    bnf_pf_init(&pfx, x, nrows, xstride * (ptrdiff_t)sizeof(T), width * (ptrdiff_t)sizeof(T));
+    for (ptrdiff_t c = 0; c < width; c++) sum_dy[c] = sum_dy_xmu[c] = sum_xmu[c] = 0;
+    BNF_DISPATCH(bwd_sums_rows, dy, dystride, x, xstride, nrows, width, mean, sum_dy,
+                 sum_dy_xmu, sum_xmu, &pfg, &pfx);
+}
+
+/* dx = a * ((dy - k1) - (x - mean) * k2) over n contiguous elements; x == NULL: a * dy. */
+static inline BNF_INLINE void BNF_NAME(dx_chunk)(const T *g, const T *p, T *q, ptrdiff_t n,
+                                                double mean, double a, double k1, double k2,
+                                                bnf_pf *pfg, bnf_pf *pfx)
+{
+    for (ptrdiff_t b0 = 0; b0 < n; b0 += BNF_PF_BLOCK) {
+        ptrdiff_t b1 = n - b0 < BNF_PF_BLOCK ? n : b0 + BNF_PF_BLOCK;
+        bnf_pf_advance(pfg, (b1 - b0) * (ptrdiff_t)sizeof(T));
+        bnf_pf_advance(pfx, (b1 - b0) * (ptrdiff_t)sizeof(T));
+        if (!p) {
+#pragma omp simd
+            for (ptrdiff_t i = b0; i < b1; i++) q[i] = (T)((double)g[i] * a);
+        } else {
+#pragma omp simd
+            for (ptrdiff_t i = b0; i < b1; i++)
+                q[i] = (T)(a * (((double)g[i] - k1) - ((double)p[i] - mean) * k2));
+        }
+    }
+}
+
+/* Rows form, k rows of n columns: dx = a * ((dy - k1) - (x - m) * k2) with per-column
+ * factors (x == NULL: a * dy), advancing the prefetch cursors row by row. */
+static inline BNF_INLINE void BNF_NAME(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x,
+                                                   ptrdiff_t xstride, T *q, ptrdiff_t qstride,
+                                                   ptrdiff_t k, ptrdiff_t n, const double *m,
+                                                   const double *a, const double *k1,
+                                                   const double *k2, bnf_pf *pfg, bnf_pf *pfx)
+{
+    for (ptrdiff_t r = 0; r < k; r++) {
+        const T *gr = g + r * gstride;
+        T *o = q + r * qstride;
+        bnf_pf_advance(pfg, n * (ptrdiff_t)sizeof(T));
+        bnf_pf_advance(pfx, n * (ptrdiff_t)sizeof(T));
+        if (!x) {
+#pragma omp simd
+            for (ptrdiff_t c = 0; c < n; c++) o[c] = (T)((double)gr[c] * a[c]);
+        } else {
+            const T *p = x + r * xstride;
+#pragma omp simd
+            for (ptrdiff_t c = 0; c < n; c++)
+                o[c] = (T)(a[c] * (((double)gr[c] - k1[c]) - ((double)p[c] - m[c]) * k2[c]));
         }
     }
 }
@@ -420,20 +524,8 @@ BNF_CLONES void BNF_NAME(bnf_bwd_dx_runs)(const T *dy, ptrdiff_t dystride, const
             ptrdiff_t n = len - i0 < BNF_CHUNK ? len - i0 : BNF_CHUNK;
             const T *g = dy + r * dystride + i0;
             T *q = stream ? tmp : dx + r * dxstride + i0;
-            for (ptrdiff_t b0 = 0; b0 < n; b0 += BNF_PF_BLOCK) {
-                ptrdiff_t b1 = n - b0 < BNF_PF_BLOCK ? n : b0 + BNF_PF_BLOCK;
-                bnf_pf_advance(&pfg, (b1 - b0) * (ptrdiff_t)sizeof(T));
-                bnf_pf_advance(&pfx, (b1 - b0) * (ptrdiff_t)sizeof(T));
-                if (!x) {
-#pragma omp simd
-                    for (ptrdiff_t i = b0; i < b1; i++) q[i] = (T)((double)g[i] * a);
-                } else {
-                    const T *p = x + r * xstride + i0;
-#pragma omp simd
-                    for (ptrdiff_t i = b0; i < b1; i++)
-                        q[i] = (T)(a * (((double)g[i] - k1) - ((double)p[i] - mean) * k2));
-                }
-            }
+            BNF_DISPATCH(dx_chunk, g, x ? x + r * xstride + i0 : NULL, q, n, mean, a, k1, k2,
+                         &pfg, &pfx);
             if (stream) BNF_NAME(bnf_stream)(dx + r * dxstride + i0, tmp, n);
         }
     }
@@ -457,28 +549,17 @@ BNF_CLONES void BNF_NAME(bnf_bwd_dx_rows)(const T *dy, ptrdiff_t dystride, const
         ptrdiff_t k = nrows - r0 < group ? nrows - r0 : group;
         for (ptrdiff_t c0 = 0; c0 < width; c0 += BNF_CHUNK) {
             ptrdiff_t n = width - c0 < BNF_CHUNK ? width - c0 : BNF_CHUNK;
-            const double *m = mean + c0, *aa = a + c0, *b1 = k1 + c0, *b2 = k2 + c0;
-            for (ptrdiff_t r = r0; r < r0 + k; r++) {
-                const T *g = dy + r * dystride + c0;
-                T *q = stream ? tmp + (r - r0) * n : dx + r * dxstride + c0;
-                bnf_pf_advance(&pfg, n * (ptrdiff_t)sizeof(T));
-                bnf_pf_advance(&pfx, n * (ptrdiff_t)sizeof(T));
-                if (!x) {
-#pragma omp simd
-                    for (ptrdiff_t c = 0; c < n; c++) q[c] = (T)((double)g[c] * aa[c]);
-                } else {
-                    const T *p = x + r * xstride + c0;
-#pragma omp simd
-                    for (ptrdiff_t c = 0; c < n; c++)
-                        q[c] = (T)(aa[c] * (((double)g[c] - b1[c]) -
-                                            ((double)p[c] - m[c]) * b2[c]));
-                }
-            }
+            BNF_DISPATCH(dx_rows_run, dy + r0 * dystride + c0, dystride,
+                         x ? x + r0 * xstride + c0 : NULL, xstride,
+                         stream ? tmp : dx + r0 * dxstride + c0, stream ? n : dxstride, k, n,
+                         mean + c0, a + c0, k1 + c0, k2 + c0, &pfg, &pfx);
             if (stream) BNF_NAME(bnf_stream)(dx + r0 * dxstride + c0, tmp, k * n);
         }
     }
 }
 
+#undef BNF_DISPATCH
+#undef BNF_DISPATCH4
 #undef BNF_NAME
 #undef BNF_CAT
 #undef BNF_CAT2

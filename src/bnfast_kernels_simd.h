@@ -1,0 +1,372 @@
+/* Intrinsics forms of the hottest inner loops, included by bnfast_kernels_impl.h once per
+ * element type and ISA level (BNF_ISA_LEVEL 4: x86-64-v4, AVX-512; 3: x86-64-v3, AVX2).
+ *
+ * Why: gcc vectorizes a float -> double loop a full vector of floats at a time and
+ * splits every vector with shuffles, on the port the conversions also need.  Loading
+ * half a vector of floats per vector of doubles avoids them (measured in cache: dx
+ * 15-20% faster, normalize 12-15% (AVX-512 only, see below), sums ~9%).
+ *
+ * Each function is the plain loop of the same name in bnfast_kernels_impl.h, with the
+ * same operations in the same order on the same lanes: the same bits (test_simd_paths
+ * compares them).  Tails shorter than a vector run the plain scalar expression. */
+
+#if BNF_ISA_LEVEL == 4
+#define BNF_ISA v4
+#define BNF_SIMD_FN static __attribute__((target("arch=x86-64-v4")))
+#define BNF_VW 8
+#define BNF_VD __m512d
+#define BNF_VSET1 _mm512_set1_pd
+#define BNF_VZERO _mm512_setzero_pd
+#define BNF_VADD _mm512_add_pd
+#define BNF_VSUB _mm512_sub_pd
+#define BNF_VMUL _mm512_mul_pd
+#define BNF_VLD _mm512_loadu_pd
+#define BNF_VST _mm512_storeu_pd
+#if BNF_T_FLOAT
+#define BNF_VLDT(p) _mm512_cvtps_pd(_mm256_loadu_ps(p))
+#define BNF_VSTT(q, v) _mm256_storeu_ps((q), _mm512_cvtpd_ps(v))
+#else
+#define BNF_VLDT(p) _mm512_loadu_pd(p)
+#define BNF_VSTT(q, v) _mm512_storeu_pd((q), (v))
+#endif
+#elif BNF_ISA_LEVEL == 3
+#define BNF_ISA v3
+#define BNF_SIMD_FN static __attribute__((target("arch=x86-64-v3")))
+#define BNF_VW 4
+#define BNF_VD __m256d
+#define BNF_VSET1 _mm256_set1_pd
+#define BNF_VZERO _mm256_setzero_pd
+#define BNF_VADD _mm256_add_pd
+#define BNF_VSUB _mm256_sub_pd
+#define BNF_VMUL _mm256_mul_pd
+#define BNF_VLD _mm256_loadu_pd
+#define BNF_VST _mm256_storeu_pd
+#if BNF_T_FLOAT
+#define BNF_VLDT(p) _mm256_cvtps_pd(_mm_loadu_ps(p))
+#define BNF_VSTT(q, v) _mm_storeu_ps((q), _mm256_cvtpd_ps(v))
+#else
+#define BNF_VLDT(p) _mm256_loadu_pd(p)
+#define BNF_VSTT(q, v) _mm256_storeu_pd((q), (v))
+#endif
+#else
+#error "BNF_ISA_LEVEL must be 4 or 3"
+#endif
+
+#define BNF_SIMD(n) BNF_NAME(BNF_CAT(n, BNF_ISA))
+#define BNF_NV (BNF_LANES / BNF_VW) /* vectors of lanes */
+
+BNF_SIMD_FN void BNF_SIMD(shifted_sums_runs)(const T *x, ptrdiff_t nruns, ptrdiff_t stride,
+                                             ptrdiff_t len, double shift, double *sd,
+                                             double *sdd, bnf_pf *pf)
+{
+    double s1[BNF_LANES], s2[BNF_LANES];
+    BNF_VD a[BNF_NV], b[BNF_NV], vs = BNF_VSET1(shift);
+    for (int v = 0; v < BNF_NV; v++) a[v] = b[v] = BNF_VZERO();
+    for (ptrdiff_t r = 0; r < nruns; r++) {
+        const T *p = x + r * stride;
+        ptrdiff_t i = 0;
+        for (; i + BNF_LANES <= len; i += BNF_LANES) {
+            if (pf) bnf_pf_advance(pf, BNF_LANES * sizeof(T));
+            for (int v = 0; v < BNF_NV; v++) {
+                BNF_VD d = BNF_VSUB(BNF_VLDT(p + i + BNF_VW * v), vs);
+                a[v] = BNF_VADD(a[v], d);
+                b[v] = BNF_VADD(b[v], BNF_VMUL(d, d));
+            }
+        }
+        if (pf) bnf_pf_advance(pf, (len - i) * (ptrdiff_t)sizeof(T));
+        if (i < len) {
+            for (int v = 0; v < BNF_NV; v++) {
+                BNF_VST(s1 + BNF_VW * v, a[v]);
+                BNF_VST(s2 + BNF_VW * v, b[v]);
+            }
+            for (int l = 0; i < len; i++, l++) {
+                double d = (double)p[i] - shift;
+                s1[l] += d;
+                s2[l] += d * d;
+            }
+            for (int v = 0; v < BNF_NV; v++) {
+                a[v] = BNF_VLD(s1 + BNF_VW * v);
+                b[v] = BNF_VLD(s2 + BNF_VW * v);
+            }
+        }
+    }
+    for (int v = 0; v < BNF_NV; v++) {
+        BNF_VST(s1 + BNF_VW * v, a[v]);
+        BNF_VST(s2 + BNF_VW * v, b[v]);
+    }
+    *sd = bnf_sum_lanes(s1);
+    *sdd = bnf_sum_lanes(s2);
+}
+
+BNF_SIMD_FN void BNF_SIMD(shifted_sums_rows)(const T *base, ptrdiff_t k, ptrdiff_t stride,
+                                             ptrdiff_t width, const double *shift,
+                                             double *s1, double *s2, bnf_pf *pf)
+{
+    ptrdiff_t r;
+    for (ptrdiff_t c = 0; c < width; c++) s1[c] = s2[c] = 0;
+    for (r = 0; r + 4 <= k; r += 4) {
+        const T *p0 = base + r * stride, *p1 = p0 + stride, *p2 = p1 + stride,
+                *p3 = p2 + stride;
+        for (ptrdiff_t c0 = 0; c0 < width; c0 += BNF_PF_COLS) {
+            ptrdiff_t c1 = width - c0 < BNF_PF_COLS ? width : c0 + BNF_PF_COLS, c = c0;
+            if (pf) bnf_pf_advance(pf, 4 * (c1 - c0) * (ptrdiff_t)sizeof(T));
+            for (; c + BNF_VW <= c1; c += BNF_VW) {
+                BNF_VD sh = BNF_VLD(shift + c);
+                BNF_VD d0 = BNF_VSUB(BNF_VLDT(p0 + c), sh), d1 = BNF_VSUB(BNF_VLDT(p1 + c), sh);
+                BNF_VD d2 = BNF_VSUB(BNF_VLDT(p2 + c), sh), d3 = BNF_VSUB(BNF_VLDT(p3 + c), sh);
+                BNF_VD t1 = BNF_VADD(BNF_VADD(d0, d1), BNF_VADD(d2, d3));
+                BNF_VD t2 = BNF_VADD(BNF_VADD(BNF_VMUL(d0, d0), BNF_VMUL(d1, d1)),
+                                     BNF_VADD(BNF_VMUL(d2, d2), BNF_VMUL(d3, d3)));
+                BNF_VST(s1 + c, BNF_VADD(BNF_VLD(s1 + c), t1));
+                BNF_VST(s2 + c, BNF_VADD(BNF_VLD(s2 + c), t2));
+            }
+            for (; c < c1; c++) {
+                double d0 = (double)p0[c] - shift[c], d1 = (double)p1[c] - shift[c];
+                double d2 = (double)p2[c] - shift[c], d3 = (double)p3[c] - shift[c];
+                s1[c] += (d0 + d1) + (d2 + d3);
+                s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+            }
+        }
+    }
+    for (; r < k; r++) {
+        const T *p = base + r * stride;
+        for (ptrdiff_t c0 = 0; c0 < width; c0 += BNF_PF_COLS) {
+            ptrdiff_t c1 = width - c0 < BNF_PF_COLS ? width : c0 + BNF_PF_COLS, c = c0;
+            if (pf) bnf_pf_advance(pf, (c1 - c0) * (ptrdiff_t)sizeof(T));
+            for (; c + BNF_VW <= c1; c += BNF_VW) {
+                BNF_VD d = BNF_VSUB(BNF_VLDT(p + c), BNF_VLD(shift + c));
+                BNF_VST(s1 + c, BNF_VADD(BNF_VLD(s1 + c), d));
+                BNF_VST(s2 + c, BNF_VADD(BNF_VLD(s2 + c), BNF_VMUL(d, d)));
+            }
+            for (; c < c1; c++) {
+                double d = (double)p[c] - shift[c];
+                s1[c] += d;
+                s2[c] += d * d;
+            }
+        }
+    }
+}
+
+/* Normalize: AVX-512 only.  The AVX2 form measured 7-10% slower than gcc's vectorized
+ * plain loop on a 51 MB eval (and no faster in cache), so level 3 runs the plain loop. */
+#if BNF_ISA_LEVEL == 4
+BNF_SIMD_FN void BNF_SIMD(norm_chunk)(const T *p, T *q, ptrdiff_t n, double mean,
+                                      double scale, double shift, bnf_pf *pf)
+{
+    BNF_VD vm = BNF_VSET1(mean), va = BNF_VSET1(scale), vb = BNF_VSET1(shift);
+    ptrdiff_t i = 0;
+    for (ptrdiff_t b0 = 0; b0 < n; b0 += BNF_PF_BLOCK) {
+        ptrdiff_t b1 = n - b0 < BNF_PF_BLOCK ? n : b0 + BNF_PF_BLOCK;
+        bnf_pf_advance(pf, (b1 - b0) * (ptrdiff_t)sizeof(T));
+        for (; i + BNF_VW <= b1; i += BNF_VW)
+            BNF_VSTT(q + i, BNF_VADD(BNF_VMUL(BNF_VSUB(BNF_VLDT(p + i), vm), va), vb));
+    }
+    for (; i < n; i++) q[i] = (T)(((double)p[i] - mean) * scale + shift);
+}
+
+BNF_SIMD_FN void BNF_SIMD(norm_rows_run)(const T *x, ptrdiff_t xstride, T *q,
+                                         ptrdiff_t qstride, ptrdiff_t k, ptrdiff_t n,
+                                         const double *m, const double *a, const double *b,
+                                         bnf_pf *pf)
+{
+    for (ptrdiff_t r = 0; r < k; r++) {
+        const T *p = x + r * xstride;
+        T *o = q + r * qstride;
+        ptrdiff_t c = 0;
+        bnf_pf_advance(pf, n * (ptrdiff_t)sizeof(T));
+        for (; c + BNF_VW <= n; c += BNF_VW) {
+            BNF_VD d = BNF_VSUB(BNF_VLDT(p + c), BNF_VLD(m + c));
+            BNF_VSTT(o + c, BNF_VADD(BNF_VMUL(d, BNF_VLD(a + c)), BNF_VLD(b + c)));
+        }
+        for (; c < n; c++) o[c] = (T)(((double)p[c] - m[c]) * a[c] + b[c]);
+    }
+}
+
+#endif
+
+BNF_SIMD_FN void BNF_SIMD(bwd_sums_runs)(const T *dy, ptrdiff_t dystride, const T *x,
+                                         ptrdiff_t xstride, ptrdiff_t nruns, ptrdiff_t len,
+                                         double mean, double *a1, double *a2, double *a3,
+                                         bnf_pf *pfg, bnf_pf *pfx)
+{
+    BNF_VD s1[BNF_NV], s2[BNF_NV], s3[BNF_NV], vm = BNF_VSET1(mean);
+    for (int v = 0; v < BNF_NV; v++) {
+        s1[v] = BNF_VLD(a1 + BNF_VW * v);
+        s2[v] = BNF_VLD(a2 + BNF_VW * v);
+        s3[v] = BNF_VLD(a3 + BNF_VW * v);
+    }
+    for (ptrdiff_t r = 0; r < nruns; r++) {
+        const T *g = dy + r * dystride;
+        const T *p = x + r * xstride;
+        ptrdiff_t i = 0;
+        for (; i + BNF_LANES <= len; i += BNF_LANES) {
+            bnf_pf_advance(pfg, BNF_LANES * sizeof(T));
+            bnf_pf_advance(pfx, BNF_LANES * sizeof(T));
+            for (int v = 0; v < BNF_NV; v++) {
+                BNF_VD gi = BNF_VLDT(g + i + BNF_VW * v);
+                BNF_VD d = BNF_VSUB(BNF_VLDT(p + i + BNF_VW * v), vm);
+                s1[v] = BNF_VADD(s1[v], gi);
+                s2[v] = BNF_VADD(s2[v], BNF_VMUL(gi, d));
+                s3[v] = BNF_VADD(s3[v], d);
+            }
+        }
+        bnf_pf_advance(pfg, (len - i) * (ptrdiff_t)sizeof(T));
+        bnf_pf_advance(pfx, (len - i) * (ptrdiff_t)sizeof(T));
+        if (i < len) {
+            for (int v = 0; v < BNF_NV; v++) {
+                BNF_VST(a1 + BNF_VW * v, s1[v]);
+                BNF_VST(a2 + BNF_VW * v, s2[v]);
+                BNF_VST(a3 + BNF_VW * v, s3[v]);
+            }
+            for (int l = 0; i < len; i++, l++) {
+                double gi = (double)g[i], d = (double)p[i] - mean;
+                a1[l] += gi;
+                a2[l] += gi * d;
+                a3[l] += d;
+            }
+            for (int v = 0; v < BNF_NV; v++) {
+                s1[v] = BNF_VLD(a1 + BNF_VW * v);
+                s2[v] = BNF_VLD(a2 + BNF_VW * v);
+                s3[v] = BNF_VLD(a3 + BNF_VW * v);
+            }
+        }
+    }
+    for (int v = 0; v < BNF_NV; v++) {
+        BNF_VST(a1 + BNF_VW * v, s1[v]);
+        BNF_VST(a2 + BNF_VW * v, s2[v]);
+        BNF_VST(a3 + BNF_VW * v, s3[v]);
+    }
+}
+
+BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const T *x,
+                                         ptrdiff_t xstride, ptrdiff_t nrows, ptrdiff_t width,
+                                         const double *mean, double *sum_dy,
+                                         double *sum_dy_xmu, double *sum_xmu, bnf_pf *pfg,
+                                         bnf_pf *pfx)
+{
+    ptrdiff_t r = 0;
+    for (; r + 4 <= nrows; r += 4) {
+        const T *g0 = dy + r * dystride, *g1 = g0 + dystride, *g2 = g1 + dystride,
+                *g3 = g2 + dystride;
+        const T *p0 = x + r * xstride, *p1 = p0 + xstride, *p2 = p1 + xstride,
+                *p3 = p2 + xstride;
+        for (ptrdiff_t c0 = 0; c0 < width; c0 += BNF_PF_COLS) {
+            ptrdiff_t c1 = width - c0 < BNF_PF_COLS ? width : c0 + BNF_PF_COLS, c = c0;
+            bnf_pf_advance(pfg, 4 * (c1 - c0) * (ptrdiff_t)sizeof(T));
+            bnf_pf_advance(pfx, 4 * (c1 - c0) * (ptrdiff_t)sizeof(T));
+            for (; c + BNF_VW <= c1; c += BNF_VW) {
+                BNF_VD m = BNF_VLD(mean + c);
+                BNF_VD a0 = BNF_VLDT(g0 + c), a1 = BNF_VLDT(g1 + c), a2 = BNF_VLDT(g2 + c),
+                       a3 = BNF_VLDT(g3 + c);
+                BNF_VD d0 = BNF_VSUB(BNF_VLDT(p0 + c), m), d1 = BNF_VSUB(BNF_VLDT(p1 + c), m),
+                       d2 = BNF_VSUB(BNF_VLDT(p2 + c), m), d3 = BNF_VSUB(BNF_VLDT(p3 + c), m);
+                BNF_VD t1 = BNF_VADD(BNF_VADD(a0, a1), BNF_VADD(a2, a3));
+                BNF_VD t2 = BNF_VADD(BNF_VADD(BNF_VMUL(a0, d0), BNF_VMUL(a1, d1)),
+                                     BNF_VADD(BNF_VMUL(a2, d2), BNF_VMUL(a3, d3)));
+                BNF_VD t3 = BNF_VADD(BNF_VADD(d0, d1), BNF_VADD(d2, d3));
+                BNF_VST(sum_dy + c, BNF_VADD(BNF_VLD(sum_dy + c), t1));
+                BNF_VST(sum_dy_xmu + c, BNF_VADD(BNF_VLD(sum_dy_xmu + c), t2));
+                BNF_VST(sum_xmu + c, BNF_VADD(BNF_VLD(sum_xmu + c), t3));
+            }
+            for (; c < c1; c++) {
+                double a0 = (double)g0[c], a1 = (double)g1[c], a2 = (double)g2[c],
+                       a3 = (double)g3[c];
+                double d0 = (double)p0[c] - mean[c], d1 = (double)p1[c] - mean[c],
+                       d2 = (double)p2[c] - mean[c], d3 = (double)p3[c] - mean[c];
+                sum_dy[c] += (a0 + a1) + (a2 + a3);
+                sum_dy_xmu[c] += (a0 * d0 + a1 * d1) + (a2 * d2 + a3 * d3);
+                sum_xmu[c] += (d0 + d1) + (d2 + d3);
+            }
+        }
+    }
+    for (; r < nrows; r++) {
+        const T *g = dy + r * dystride;
+        const T *p = x + r * xstride;
+        for (ptrdiff_t c0 = 0; c0 < width; c0 += BNF_PF_COLS) {
+            ptrdiff_t c1 = width - c0 < BNF_PF_COLS ? width : c0 + BNF_PF_COLS, c = c0;
+            bnf_pf_advance(pfg, (c1 - c0) * (ptrdiff_t)sizeof(T));
+            bnf_pf_advance(pfx, (c1 - c0) * (ptrdiff_t)sizeof(T));
+            for (; c + BNF_VW <= c1; c += BNF_VW) {
+                BNF_VD gi = BNF_VLDT(g + c), d = BNF_VSUB(BNF_VLDT(p + c), BNF_VLD(mean + c));
+                BNF_VST(sum_dy + c, BNF_VADD(BNF_VLD(sum_dy + c), gi));
+                BNF_VST(sum_dy_xmu + c, BNF_VADD(BNF_VLD(sum_dy_xmu + c), BNF_VMUL(gi, d)));
+                BNF_VST(sum_xmu + c, BNF_VADD(BNF_VLD(sum_xmu + c), d));
+            }
+            for (; c < c1; c++) {
+                double gi = (double)g[c], d = (double)p[c] - mean[c];
+                sum_dy[c] += gi;
+                sum_dy_xmu[c] += gi * d;
+                sum_xmu[c] += d;
+            }
+        }
+    }
+}
+
+BNF_SIMD_FN void BNF_SIMD(dx_chunk)(const T *g, const T *p, T *q, ptrdiff_t n, double mean,
+                                    double a, double k1, double k2, bnf_pf *pfg, bnf_pf *pfx)
+{
+    BNF_VD vm = BNF_VSET1(mean), va = BNF_VSET1(a), v1 = BNF_VSET1(k1), v2 = BNF_VSET1(k2);
+    ptrdiff_t i = 0;
+    for (ptrdiff_t b0 = 0; b0 < n; b0 += BNF_PF_BLOCK) {
+        ptrdiff_t b1 = n - b0 < BNF_PF_BLOCK ? n : b0 + BNF_PF_BLOCK;
+        bnf_pf_advance(pfg, (b1 - b0) * (ptrdiff_t)sizeof(T));
+        bnf_pf_advance(pfx, (b1 - b0) * (ptrdiff_t)sizeof(T));
+        if (!p) {
+            for (; i + BNF_VW <= b1; i += BNF_VW) BNF_VSTT(q + i, BNF_VMUL(BNF_VLDT(g + i), va));
+        } else {
+            for (; i + BNF_VW <= b1; i += BNF_VW) {
+                BNF_VD d = BNF_VMUL(BNF_VSUB(BNF_VLDT(p + i), vm), v2);
+                BNF_VSTT(q + i, BNF_VMUL(va, BNF_VSUB(BNF_VSUB(BNF_VLDT(g + i), v1), d)));
+            }
+        }
+    }
+    if (!p)
+        for (; i < n; i++) q[i] = (T)((double)g[i] * a);
+    else
+        for (; i < n; i++) q[i] = (T)(a * (((double)g[i] - k1) - ((double)p[i] - mean) * k2));
+}
+
+BNF_SIMD_FN void BNF_SIMD(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x,
+                                       ptrdiff_t xstride, T *q, ptrdiff_t qstride, ptrdiff_t k,
+                                       ptrdiff_t n, const double *m, const double *a,
+                                       const double *k1, const double *k2, bnf_pf *pfg,
+                                       bnf_pf *pfx)
+{
+    for (ptrdiff_t r = 0; r < k; r++) {
+        const T *gr = g + r * gstride;
+        T *o = q + r * qstride;
+        ptrdiff_t c = 0;
+        bnf_pf_advance(pfg, n * (ptrdiff_t)sizeof(T));
+        bnf_pf_advance(pfx, n * (ptrdiff_t)sizeof(T));
+        if (!x) {
+            for (; c + BNF_VW <= n; c += BNF_VW)
+                BNF_VSTT(o + c, BNF_VMUL(BNF_VLDT(gr + c), BNF_VLD(a + c)));
+            for (; c < n; c++) o[c] = (T)((double)gr[c] * a[c]);
+        } else {
+            const T *p = x + r * xstride;
+            for (; c + BNF_VW <= n; c += BNF_VW) {
+                BNF_VD d = BNF_VMUL(BNF_VSUB(BNF_VLDT(p + c), BNF_VLD(m + c)), BNF_VLD(k2 + c));
+                BNF_VD e = BNF_VSUB(BNF_VSUB(BNF_VLDT(gr + c), BNF_VLD(k1 + c)), d);
+                BNF_VSTT(o + c, BNF_VMUL(BNF_VLD(a + c), e));
+            }
+            for (; c < n; c++)
+                o[c] = (T)(a[c] * (((double)gr[c] - k1[c]) - ((double)p[c] - m[c]) * k2[c]));
+        }
+    }
+}
+
+#undef BNF_NV
+#undef BNF_SIMD
+#undef BNF_ISA
+#undef BNF_SIMD_FN
+#undef BNF_VW
+#undef BNF_VD
+#undef BNF_VSET1
+#undef BNF_VZERO
+#undef BNF_VADD
+#undef BNF_VSUB
+#undef BNF_VMUL
+#undef BNF_VLD
+#undef BNF_VST
+#undef BNF_VLDT
+#undef BNF_VSTT

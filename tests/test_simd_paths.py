@@ -1,0 +1,91 @@
+"""Issue 3: the intrinsics loops give the bits of the plain loops.
+
+Where the CPU has x86-64-v4 (AVX-512) or x86-64-v3 (AVX2), the hottest loops
+(statistics and backward sums, normalize, dx; runs and rows forms) run as intrinsics
+written for it; elsewhere, and at level 0, the plain loops that gcc vectorizes run. All
+do the same operations in the same order, so every output must match bit for bit:
+shapes whose runs and rows leave tails after the vector loops (lengths not a multiple of
+4, 8 or 32, row counts not a multiple of 4), both dtypes, strided and reversed inputs,
+streamed and plain stores, one and two threads. On a CPU without AVX2 the level stays 0
+and there is nothing to compare."""
+import numpy as np
+import pytest
+
+import bnfast
+from arrays import make_values, params, with_layout
+from bnfast._core import _set_simd_level, _set_stream_bytes
+from reference import assert_forward_close
+import reference as ref
+
+SUPPORTED = _set_simd_level(None)          # the default: the highest the CPU has
+LEVELS = [lv for lv in (3, 4) if lv <= SUPPORTED]
+
+SHAPES = [
+    ((7, 3, 45), 1),          # runs of 45: one 32-lane block and a tail
+    ((6, 5, 8, 8), 1),        # runs of 64: no tail
+    ((3, 2, 1037), 1),        # long runs, chunked, odd tail
+    ((37, 19), -1),           # rows: 19 columns (two vectors and a tail), 37 rows
+    ((203, 64), -1),          # contiguous narrow rows (flat form), rows not a multiple of 4
+    ((41, 300), -1),          # rows of 300: several prefetch column blocks and a tail
+    ((6, 1500), -1),          # rows wider than a chunk
+    ((5, 7, 6, 24), -1),      # channels last
+]
+
+
+def _ops(x, axis, dtype):
+    C = x.shape[axis]
+    w, b, rm, rv = params(C, dtype, 3)
+    dy = with_layout(make_values(x.shape, dtype, 5, axis=axis), "c", axis=axis)
+    y, mean, invstd = bnfast.batch_norm_train(x, w, b, axis=axis)
+    res = [("train y", y), ("mean", mean), ("invstd", invstd),
+           ("eval", bnfast.batch_norm(x, rm, rv, w, b, axis=axis))]
+    for training in (True, False):
+        dx, dw, db = bnfast.batch_norm_backward(dy, x, mean, invstd, w, training=training,
+                                                axis=axis)
+        res += [(f"dx[{training}]", dx), (f"dw[{training}]", dw), (f"db[{training}]", db)]
+    mo = bnfast.moments(x, axis=axis)
+    res += [("moments mean", np.asarray(mo.mean)), ("moments var", np.asarray(mo.var))]
+    return res
+
+
+@pytest.mark.skipif(not LEVELS, reason="the CPU has no AVX2 or AVX-512 loops to compare")
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("layout", ["c", "negative", "step"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,axis", SHAPES)
+def test_v4_loops_equal_plain_loops(shape, axis, dtype, layout, threads, stream):
+    x = with_layout(make_values(shape, dtype, 11, axis=axis, offset=1e4), layout, axis=axis)
+    bnfast.set_num_threads(threads)
+    old_stream = _set_stream_bytes(0 if stream else 1 << 62)
+    try:
+        _set_simd_level(0)
+        plain = _ops(x, axis, dtype)
+        simd = {}
+        for level in LEVELS:
+            _set_simd_level(level)
+            simd[level] = _ops(x, axis, dtype)
+    finally:
+        _set_simd_level(SUPPORTED)
+        _set_stream_bytes(old_stream)
+        bnfast.set_num_threads(None)
+    for level, res in simd.items():
+        for (name, a), (_, g) in zip(plain, res):
+            assert a.tobytes() == g.tobytes(), f"{name}: level {level} loops give other bits"
+    # and both are right (the comparison above is not of two wrong answers)
+    w, b = params(x.shape[axis], dtype, 3)[:2]
+    assert_forward_close(plain[0][1], ref.batch_norm_train(x, w, b, axis=axis)[0])
+
+
+def test_level_is_capped_and_restored():
+    try:
+        assert _set_simd_level(99) == SUPPORTED
+        assert _set_simd_level(None) == SUPPORTED       # capped at what the CPU has
+        assert _set_simd_level(0) == SUPPORTED
+        assert _set_simd_level(None) == 0
+        for level in LEVELS:
+            _set_simd_level(level)
+            assert _set_simd_level(None) == level
+    finally:
+        _set_simd_level(SUPPORTED)
+    assert SUPPORTED in (0, 3, 4)
