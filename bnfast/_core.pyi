@@ -25,6 +25,7 @@ class _BuildInfo(TypedDict):
     openmp: bool
     openmp_version: int
     simd_isa: str
+    simd_loops: str
 
 def set_num_threads(n: SupportsIndex | None) -> None: ...
 def get_num_threads() -> int: ...

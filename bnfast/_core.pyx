@@ -214,7 +214,12 @@ def _build_info():
         "openmp": bool(BNF_HAVE_OPENMP),
         "openmp_version": int(bnf_omp_version()),
         "simd_isa": (<bytes>bnf_simd_isa()).decode(),
+        "simd_loops": _SIMD_LOOPS.get(bnf_set_simd_level(-1), "plain loops"),
     }
+
+
+# The inner loops in use, by level (bnf_set_simd_level).
+_SIMD_LOOPS = {4: "AVX-512 intrinsics", 3: "AVX2 intrinsics", 0: "plain loops"}
 
 
 # ----------------------------------------------------------------------------------

@@ -57,6 +57,8 @@ def test_info_prints_the_fields():
     assert f["NumPy"] == np.__version__
     build = bnfast._core._build_info()
     assert f["SIMD ISA"] == build["simd_isa"]
+    assert f["inner loops"] == build["simd_loops"]
+    assert build["simd_loops"] in ("AVX-512 intrinsics", "AVX2 intrinsics", "plain loops")
     assert f["OpenMP"].startswith("enabled" if build["openmp"] else "disabled")
     assert int(f["threads"]) >= 1
     assert f["Python"].startswith("%d.%d." % sys.version_info[:2])

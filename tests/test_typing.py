@@ -80,6 +80,7 @@ info = _core._build_info()
 assert_type(info["openmp"], bool)
 assert_type(info["openmp_version"], int)
 assert_type(info["simd_isa"], str)
+assert_type(info["simd_loops"], str)
 assert_type(bnfast.__version__, str)
 
 # the layer (plain Python) is usable from typed code
