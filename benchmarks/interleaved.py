@@ -9,7 +9,9 @@ each operation's time by that copy's; the table shows the median of those ratios
 neighbour that slows the machine for a while slows the copy and the operations alike, so
 the ratios move far less than the medians of separately timed runs (pytest-benchmark, or
 ``python -m bnfast bench``). PyTorch (``F.batch_norm``, autograd for forward + backward) is
-timed the same way when it is installed.
+timed the same way when it is installed. With one thread, ``np.multiply`` of the input by a
+scalar into the same output is timed too: the cost of the simplest one-pass elementwise
+kernel with plain stores, a floor for eval on this machine.
 """
 import argparse
 import os
@@ -32,7 +34,7 @@ LAYOUTS = {
 }
 
 
-def _ops(shape, axis, with_torch):
+def _ops(shape, axis, with_torch, threads=1):
     rng = np.random.default_rng(0)
     x = (1000 + rng.standard_normal(shape)).astype(np.float32)
     dy = rng.standard_normal(shape).astype(np.float32)
@@ -57,6 +59,9 @@ def _ops(shape, axis, with_torch):
                                                        out=dx),
         "fwd_bwd": fwd_bwd,
     }
+    if threads == 1:                   # NumPy's ufuncs run on one thread
+        scale = np.float32(1.5)
+        ops["np.multiply"] = lambda: np.multiply(x, scale, out=y)
     if with_torch:
         import torch
         import torch.nn.functional as F
@@ -90,7 +95,7 @@ def run(layouts, threads, reps, with_torch):
     rows = []
     for name in layouts:
         shape, axis = LAYOUTS[name]
-        x, ops = _ops(shape, axis, with_torch)
+        x, ops = _ops(shape, axis, with_torch, threads)
         copy, _ = _bench.make_copy(SimpleNamespace(x=x, out=np.empty_like(x)), threads)
         copy()
         for f in ops.values():
