@@ -157,8 +157,8 @@ BNF_CLONES void BNF_NAME(bnf_stats_rows)(const T *x, ptrdiff_t nrows, ptrdiff_t 
                                          ptrdiff_t width, ptrdiff_t tile_rows,
                                          bnf_moments *m)
 {
-    double shift[BNF_MAX_WIDTH], s1[BNF_MAX_WIDTH], s2[BNF_MAX_WIDTH];
-    double hi[BNF_MAX_WIDTH], lo[BNF_MAX_WIDTH], m2[BNF_MAX_WIDTH];
+    BNF_ALIGN64 double shift[BNF_MAX_WIDTH], s1[BNF_MAX_WIDTH], s2[BNF_MAX_WIDTH];
+    BNF_ALIGN64 double hi[BNF_MAX_WIDTH], lo[BNF_MAX_WIDTH], m2[BNF_MAX_WIDTH];
     double count = 0;                 /* rows merged so far, in every channel */
     bnf_pf pf;
     ptrdiff_t per = tile_rows > 0 ? tile_rows : BNF_TILE_ELEMS / width;
@@ -274,7 +274,7 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_flat)(const T *x, T *y, ptrdiff
                                                       const double *shift, int flags)
 {
     T tmp[BNF_CHUNK];
-    double m[BNF_FLAT_ELEMS], a[BNF_FLAT_ELEMS], b[BNF_FLAT_ELEMS];
+    BNF_ALIGN64 double m[BNF_FLAT_ELEMS], a[BNF_FLAT_ELEMS], b[BNF_FLAT_ELEMS];
     ptrdiff_t len = BNF_FLAT_ELEMS / width * width, total = nrows * width;
     ptrdiff_t chunk = BNF_CHUNK / len * len;
     int stream = flags & BNF_STREAM;
@@ -301,6 +301,7 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_flat)(const T *x, T *y, ptrdiff
     }
 }
 
+/* A block of at most BNF_WIDE_COLS columns. */
 static inline BNF_INLINE void BNF_NAME(norm_rows_block)(const T *x, ptrdiff_t xstride, T *y,
                                                        ptrdiff_t ystride, ptrdiff_t nrows,
                                                        ptrdiff_t width, const double *mean,
@@ -308,12 +309,16 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_block)(const T *x, ptrdiff_t xs
                                                        const double *shift, int flags)
 {
     T tmp[BNF_CHUNK];
+    BNF_ALIGN64 double mbuf[BNF_WIDE_COLS], abuf[BNF_WIDE_COLS], bbuf[BNF_WIDE_COLS];
     bnf_pf pf;
     int stream = flags & BNF_STREAM;
     if (xstride == width && ystride == width && 2 * width <= BNF_FLAT_ELEMS) {
         BNF_NAME(norm_rows_flat)(x, y, nrows, width, mean, scale, shift, flags);
         return;
     }
+    mean = bnf_aligned(mean, mbuf, width, nrows);
+    scale = bnf_aligned(scale, abuf, width, nrows);
+    shift = bnf_aligned(shift, bbuf, width, nrows);
     ptrdiff_t group = bnf_row_group(width, ystride, &stream, sizeof(T));
     bnf_pf_init(&pf, flags & BNF_CACHED ? NULL : x, nrows, xstride * (ptrdiff_t)sizeof(T),
                 width * (ptrdiff_t)sizeof(T));
@@ -451,12 +456,24 @@ BNF_CLONES void BNF_NAME(bnf_bwd_sums_rows)(const T *dy, ptrdiff_t dystride, con
                                             double *sum_dy, double *sum_dy_xmu,
                                             double *sum_xmu)
 {
+    BNF_ALIGN64 double mbuf[BNF_MAX_WIDTH], s1[BNF_MAX_WIDTH], s2[BNF_MAX_WIDTH],
+        s3[BNF_MAX_WIDTH];
+    double *o1 = sum_dy, *o2 = sum_dy_xmu, *o3 = sum_xmu;
+    int local = nrows >= BNF_ALIGN_MIN_ROWS &&
+                (bnf_misaligned(o1) || bnf_misaligned(o2) || bnf_misaligned(o3));
     bnf_pf pfg, pfx;
     bnf_pf_init(&pfg, dy, nrows, dystride * (ptrdiff_t)sizeof(T), width * (ptrdiff_t)sizeof(T));
     bnf_pf_init(&pfx, x, nrows, xstride * (ptrdiff_t)sizeof(T), width * (ptrdiff_t)sizeof(T));
-    for (ptrdiff_t c = 0; c < width; c++) sum_dy[c] = sum_dy_xmu[c] = sum_xmu[c] = 0;
-    BNF_DISPATCH(bwd_sums_rows, dy, dystride, x, xstride, nrows, width, mean, sum_dy,
-                 sum_dy_xmu, sum_xmu, &pfg, &pfx);
+    if (local) o1 = s1, o2 = s2, o3 = s3;
+    mean = bnf_aligned(mean, mbuf, width, nrows);
+    for (ptrdiff_t c = 0; c < width; c++) o1[c] = o2[c] = o3[c] = 0;
+    BNF_DISPATCH(bwd_sums_rows, dy, dystride, x, xstride, nrows, width, mean, o1, o2, o3,
+                 &pfg, &pfx);
+    if (local) {
+        memcpy(sum_dy, s1, (size_t)width * sizeof(double));
+        memcpy(sum_dy_xmu, s2, (size_t)width * sizeof(double));
+        memcpy(sum_xmu, s3, (size_t)width * sizeof(double));
+    }
 }
 
 /* dx = a * ((dy - k1) - (x - mean) * k2) over n contiguous elements; x == NULL: a * dy. */
@@ -531,13 +548,17 @@ BNF_CLONES void BNF_NAME(bnf_bwd_dx_runs)(const T *dy, ptrdiff_t dystride, const
     }
 }
 
-BNF_CLONES void BNF_NAME(bnf_bwd_dx_rows)(const T *dy, ptrdiff_t dystride, const T *x,
-                                          ptrdiff_t xstride, T *dx, ptrdiff_t dxstride,
-                                          ptrdiff_t nrows, ptrdiff_t width,
-                                          const double *mean, const double *a,
-                                          const double *k1, const double *k2, int flags)
+/* A block of at most BNF_WIDE_COLS columns. */
+static inline BNF_INLINE void BNF_NAME(dx_rows_block)(const T *dy, ptrdiff_t dystride,
+                                                     const T *x, ptrdiff_t xstride, T *dx,
+                                                     ptrdiff_t dxstride, ptrdiff_t nrows,
+                                                     ptrdiff_t width, const double *mean,
+                                                     const double *a, const double *k1,
+                                                     const double *k2, int flags)
 {
     T tmp[BNF_CHUNK];
+    BNF_ALIGN64 double mbuf[BNF_WIDE_COLS], abuf[BNF_WIDE_COLS], k1buf[BNF_WIDE_COLS],
+        k2buf[BNF_WIDE_COLS];
     bnf_pf pfg, pfx;
     int stream = flags & BNF_STREAM, cached = flags & BNF_CACHED;
     ptrdiff_t group = bnf_row_group(width, dxstride, &stream, sizeof(T));
@@ -545,16 +566,35 @@ BNF_CLONES void BNF_NAME(bnf_bwd_dx_rows)(const T *dy, ptrdiff_t dystride, const
                 width * (ptrdiff_t)sizeof(T));
     bnf_pf_init(&pfx, cached ? NULL : x, nrows, xstride * (ptrdiff_t)sizeof(T),
                 width * (ptrdiff_t)sizeof(T));
+    a = bnf_aligned(a, abuf, width, nrows);
+    if (x) {
+        mean = bnf_aligned(mean, mbuf, width, nrows);
+        k1 = bnf_aligned(k1, k1buf, width, nrows);
+        k2 = bnf_aligned(k2, k2buf, width, nrows);
+    }
     for (ptrdiff_t r0 = 0; r0 < nrows; r0 += group) {
         ptrdiff_t k = nrows - r0 < group ? nrows - r0 : group;
-        for (ptrdiff_t c0 = 0; c0 < width; c0 += BNF_CHUNK) {
-            ptrdiff_t n = width - c0 < BNF_CHUNK ? width - c0 : BNF_CHUNK;
-            BNF_DISPATCH(dx_rows_run, dy + r0 * dystride + c0, dystride,
-                         x ? x + r0 * xstride + c0 : NULL, xstride,
-                         stream ? tmp : dx + r0 * dxstride + c0, stream ? n : dxstride, k, n,
-                         mean + c0, a + c0, k1 + c0, k2 + c0, &pfg, &pfx);
-            if (stream) BNF_NAME(bnf_stream)(dx + r0 * dxstride + c0, tmp, k * n);
-        }
+        BNF_DISPATCH(dx_rows_run, dy + r0 * dystride, dystride, x ? x + r0 * xstride : NULL,
+                     xstride, stream ? tmp : dx + r0 * dxstride, stream ? width : dxstride, k,
+                     width, mean, a, k1, k2, &pfg, &pfx);
+        if (stream) BNF_NAME(bnf_stream)(dx + r0 * dxstride, tmp, k * width);
+    }
+}
+
+/* Wide rows go one block of BNF_WIDE_COLS columns at a time over all the rows, as in
+ * bnf_norm_rows. */
+BNF_CLONES void BNF_NAME(bnf_bwd_dx_rows)(const T *dy, ptrdiff_t dystride, const T *x,
+                                          ptrdiff_t xstride, T *dx, ptrdiff_t dxstride,
+                                          ptrdiff_t nrows, ptrdiff_t width,
+                                          const double *mean, const double *a,
+                                          const double *k1, const double *k2, int flags)
+{
+    ptrdiff_t step = width > BNF_CHUNK ? BNF_WIDE_COLS : width;
+    for (ptrdiff_t c0 = 0; c0 < width; c0 += step) {
+        ptrdiff_t w = width - c0 < step ? width - c0 : step;
+        BNF_NAME(dx_rows_block)(dy + c0, dystride, x ? x + c0 : NULL, xstride, dx + c0,
+                                dxstride, nrows, w, mean + c0, a + c0, k1 + c0, k2 + c0,
+                                flags);
     }
 }
 
