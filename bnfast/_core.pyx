@@ -42,6 +42,8 @@ cdef extern from "bnfast_kernels.h" nogil:
     void bnf_moments_merge(bnf_moments *a, const bnf_moments *b)
     const char *bnf_simd_isa()
     int bnf_set_simd_level(int level)
+    void *bnf_alloc64(size_t bytes)
+    void bnf_free64(void *p)
     void bnf_stream_fence()
     void bnf_widen_f32(const char *src, Py_ssize_t stride, double *dst, Py_ssize_t n)
     void bnf_gather_f64(const char *src, Py_ssize_t stride, double *dst, Py_ssize_t n)
@@ -962,7 +964,9 @@ cdef inline int _streams(const Job *j, object out, cnp.ndarray y, Py_ssize_t ite
 
 
 cdef double *_alloc_channels(Py_ssize_t C, int count) except NULL:
-    cdef double *p = <double *>malloc((C if C > 0 else 1) * count * sizeof(double))
+    """count arrays of C doubles, 64-byte aligned (so each is when C is a multiple of 8,
+    as the rows kernels want them); free with bnf_free64."""
+    cdef double *p = <double *>bnf_alloc64((C if C > 0 else 1) * count * sizeof(double))
     if p == NULL:
         raise MemoryError()
     return p
@@ -1102,7 +1106,7 @@ cdef class FrozenBatchNorm:
         self.mean, self.var, self.weight, self.bias = m, v, w, bb
 
     def __dealloc__(self):
-        free(self.buf)
+        bnf_free64(self.buf)
 
     @property
     def eps(self):
@@ -1306,7 +1310,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
         return _normalize(a, out, ax, C, buf, buf + 2 * C, buf + 3 * C)
     finally:
         if buf != &stackbuf[0]:
-            free(buf)
+            bnf_free64(buf)
 
 
 cdef int _check_running(object r, Py_ssize_t C, str name, bint nonneg=False) except -1:
@@ -1484,7 +1488,7 @@ def _train(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
             _update_running(running_var, j.k2, mom)
         return _finish(out, y, result_dtype), mean_out, invstd_out
     finally:
-        free(buf)
+        bnf_free64(buf)
 
 
 cdef void _stats(Job *j) noexcept:
@@ -1749,4 +1753,4 @@ def _backward(dy, x, mean, invstd, weight, bint training, axis, out, sums_hook):
             free(j.s_dy)
         return _finish(out, dx, result_dtype), dw, dbias
     finally:
-        free(buf)
+        bnf_free64(buf)

@@ -63,8 +63,32 @@ int bnf_set_simd_level(int level)
 #define BNF_HAVE_STREAM 0
 #endif
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#if defined(_WIN32)
+#include <malloc.h>
+#endif
+
+void *bnf_alloc64(size_t bytes)
+{
+    if (bytes == 0) bytes = 64;
+#if defined(_WIN32)
+    return _aligned_malloc(bytes, 64);
+#else
+    void *p = NULL;
+    return posix_memalign(&p, 64, bytes) == 0 ? p : NULL;
+#endif
+}
+
+void bnf_free64(void *p)
+{
+#if defined(_WIN32)
+    _aligned_free(p);
+#else
+    free(p);
+#endif
+}
 
 typedef void (*bnf_stream_fn)(char *dst, const char *src, ptrdiff_t bytes);
 

@@ -68,6 +68,11 @@ static inline void bnf_moments_merge(bnf_moments *a, const bnf_moments *b)
  * every level gives the same bits. */
 int bnf_set_simd_level(int level);
 
+/* 64-byte-aligned memory for per-channel arrays (the rows kernels read them as 64-byte
+ * vectors); NULL when out of memory.  Free with bnf_free64. */
+void *bnf_alloc64(size_t bytes);
+void bnf_free64(void *p);
+
 /* Order the streaming stores of this thread before later stores (call once per unit). */
 void bnf_stream_fence(void);
 
