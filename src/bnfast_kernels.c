@@ -272,8 +272,12 @@ static inline BNF_INLINE const double *bnf_aligned(const double *p, double *buf,
 /* Elements per chunk staged in L1 before a streaming store. */
 #define BNF_CHUNK 1024
 
-/* Rows wider than BNF_CHUNK are normalized in blocks of this many columns. */
+/* Rows wider than BNF_CHUNK are normalized (and dx computed) in blocks of this many
+ * columns; a block's rows are staged in BNF_CHUNK elements. */
 #define BNF_WIDE_COLS 1024
+#if BNF_WIDE_COLS > BNF_CHUNK
+#error "BNF_WIDE_COLS must not exceed BNF_CHUNK"
+#endif
 
 /* Contiguous narrow rows are normalized this many elements (whole rows) per inner loop:
  * 64-wide rows measured 25-30% faster in cache and from DRAM without streaming stores

@@ -301,7 +301,7 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_flat)(const T *x, T *y, ptrdiff
     }
 }
 
-/* A block of at most BNF_WIDE_COLS columns. */
+/* A block of at most BNF_CHUNK columns (a staged group of rows fits tmp). */
 static inline BNF_INLINE void BNF_NAME(norm_rows_block)(const T *x, ptrdiff_t xstride, T *y,
                                                        ptrdiff_t ystride, ptrdiff_t nrows,
                                                        ptrdiff_t width, const double *mean,
@@ -309,7 +309,7 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_block)(const T *x, ptrdiff_t xs
                                                        const double *shift, int flags)
 {
     T tmp[BNF_CHUNK];
-    BNF_ALIGN64 double mbuf[BNF_WIDE_COLS], abuf[BNF_WIDE_COLS], bbuf[BNF_WIDE_COLS];
+    BNF_ALIGN64 double mbuf[BNF_CHUNK], abuf[BNF_CHUNK], bbuf[BNF_CHUNK];
     bnf_pf pf;
     int stream = flags & BNF_STREAM;
     if (xstride == width && ystride == width && 2 * width <= BNF_FLAT_ELEMS) {
@@ -324,13 +324,9 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_block)(const T *x, ptrdiff_t xs
                 width * (ptrdiff_t)sizeof(T));
     for (ptrdiff_t r0 = 0; r0 < nrows; r0 += group) {
         ptrdiff_t k = nrows - r0 < group ? nrows - r0 : group;
-        for (ptrdiff_t c0 = 0; c0 < width; c0 += BNF_CHUNK) {
-            ptrdiff_t n = width - c0 < BNF_CHUNK ? width - c0 : BNF_CHUNK;
-            BNF_DISPATCH4(norm_rows_run, x + r0 * xstride + c0, xstride,
-                          stream ? tmp : y + r0 * ystride + c0, stream ? n : ystride, k, n,
-                          mean + c0, scale + c0, shift + c0, &pf);
-            if (stream) BNF_NAME(bnf_stream)(y + r0 * ystride + c0, tmp, k * n);
-        }
+        BNF_DISPATCH4(norm_rows_run, x + r0 * xstride, xstride, stream ? tmp : y + r0 * ystride,
+                      stream ? width : ystride, k, width, mean, scale, shift, &pf);
+        if (stream) BNF_NAME(bnf_stream)(y + r0 * ystride, tmp, k * width);
     }
 }
 
@@ -548,7 +544,7 @@ BNF_CLONES void BNF_NAME(bnf_bwd_dx_runs)(const T *dy, ptrdiff_t dystride, const
     }
 }
 
-/* A block of at most BNF_WIDE_COLS columns. */
+/* A block of at most BNF_CHUNK columns (a staged group of rows fits tmp). */
 static inline BNF_INLINE void BNF_NAME(dx_rows_block)(const T *dy, ptrdiff_t dystride,
                                                      const T *x, ptrdiff_t xstride, T *dx,
                                                      ptrdiff_t dxstride, ptrdiff_t nrows,
@@ -557,8 +553,8 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_block)(const T *dy, ptrdiff_t dys
                                                      const double *k2, int flags)
 {
     T tmp[BNF_CHUNK];
-    BNF_ALIGN64 double mbuf[BNF_WIDE_COLS], abuf[BNF_WIDE_COLS], k1buf[BNF_WIDE_COLS],
-        k2buf[BNF_WIDE_COLS];
+    BNF_ALIGN64 double mbuf[BNF_CHUNK], abuf[BNF_CHUNK], k1buf[BNF_CHUNK],
+        k2buf[BNF_CHUNK];
     bnf_pf pfg, pfx;
     int stream = flags & BNF_STREAM, cached = flags & BNF_CACHED;
     ptrdiff_t group = bnf_row_group(width, dxstride, &stream, sizeof(T));
