@@ -54,6 +54,18 @@ class BuildExt(build_ext):
                 return False
         return True
 
+    def _has_flag(self, flag):
+        """The compiler accepts flag without a warning."""
+        with tempfile.TemporaryDirectory() as tmp:
+            src = os.path.join(tmp, "flag_test.c")
+            with open(src, "w") as f:
+                f.write("int main(void) { return 0; }\n")
+            try:
+                self.compiler.compile([src], output_dir=tmp, extra_postargs=["-Werror", flag])
+            except Exception:
+                return False
+        return True
+
     def build_extensions(self):
         ctype = self.compiler.compiler_type
         if ctype == "msvc":
@@ -61,6 +73,11 @@ class BuildExt(build_ext):
         else:
             # -ffp-contract=off: no FMA contraction, so every ISA clone gives the same bits.
             base = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-Wno-unused-function"]
+            # gcc turns short copy and fill loops (a few hundred doubles) into inline
+            # `rep movsq` / `rep stosq`, whose start-up cost dominated small calls: a
+            # normalize of 64 rows x 8 channels took 1.4 us with them, 0.17 us without.
+            if self._has_flag("-fno-tree-loop-distribute-patterns"):
+                base.append("-fno-tree-loop-distribute-patterns")
         omp_c, omp_l = [], []
         if os.environ.get("BNFAST_DISABLE_OPENMP"):
             print("bnfast: OpenMP disabled by BNFAST_DISABLE_OPENMP; building serial kernels")

@@ -283,6 +283,9 @@ static inline BNF_INLINE const double *bnf_aligned(const double *p, double *buf,
  * 64-wide rows measured 25-30% faster in cache and from DRAM without streaming stores
  * (the same with them); 512 was slower than 256 (the repeated factors crowd L1). */
 #define BNF_FLAT_ELEMS 256
+/* ... from this many elements: on a row or a few, repeating the factors costs more than
+ * it saves (a (1, 64) normalize measured 2x faster in the rows form). */
+#define BNF_FLAT_MIN (2 * BNF_FLAT_ELEMS)
 
 /* Streaming stores only for runs of at least this many bytes: a short run leaves lines
  * partly written, and the call per run costs more than it saves. */

@@ -312,7 +312,8 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_block)(const T *x, ptrdiff_t xs
     BNF_ALIGN64 double mbuf[BNF_CHUNK], abuf[BNF_CHUNK], bbuf[BNF_CHUNK];
     bnf_pf pf;
     int stream = flags & BNF_STREAM;
-    if (xstride == width && ystride == width && 2 * width <= BNF_FLAT_ELEMS) {
+    if (xstride == width && ystride == width && 2 * width <= BNF_FLAT_ELEMS &&
+        nrows * width >= BNF_FLAT_MIN) {
         BNF_NAME(norm_rows_flat)(x, y, nrows, width, mean, scale, shift, flags);
         return;
     }
