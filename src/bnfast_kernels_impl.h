@@ -5,6 +5,25 @@
 #define BNF_CAT(a, b) BNF_CAT2(a, b)
 #define BNF_NAME(n) BNF_CAT(n, S)
 
+/* The elementwise arithmetic, written once for the plain loops and the scalar tails of
+ * the intrinsics loops: y = (x - mean) * scale + shift, dx = a * ((dy - k1) - (x - mean)
+ * * k2), and dx = a * dy with the statistics held fixed; in double, rounded once. */
+static inline BNF_INLINE T BNF_NAME(norm_elem)(T x, double mean, double scale, double shift)
+{
+    return (T)(((double)x - mean) * scale + shift);
+}
+
+static inline BNF_INLINE T BNF_NAME(dx_elem)(T g, T x, double mean, double a, double k1,
+                                             double k2)
+{
+    return (T)(a * (((double)g - k1) - ((double)x - mean) * k2));
+}
+
+static inline BNF_INLINE T BNF_NAME(dx_fixed_elem)(T g, double a)
+{
+    return (T)((double)g * a);
+}
+
 /* The intrinsics loops (bnfast_kernels_simd.h) and the dispatch between them and the
  * plain loops below: BNF_DISPATCH(name, args) calls name_v4, name_v3 or name;
  * BNF_DISPATCH4 (normalize, which has no AVX2 form) name_v4 or name. */
@@ -220,7 +239,8 @@ static inline BNF_INLINE void BNF_NAME(norm_chunk)(const T *p, T *q, ptrdiff_t n
         ptrdiff_t b1 = n - b0 < BNF_PF_BLOCK ? n : b0 + BNF_PF_BLOCK;
         bnf_pf_advance(pf, (b1 - b0) * (ptrdiff_t)sizeof(T));
 #pragma omp simd
-        for (ptrdiff_t i = b0; i < b1; i++) q[i] = (T)(((double)p[i] - mean) * scale + shift);
+        for (ptrdiff_t i = b0; i < b1; i++)
+            q[i] = BNF_NAME(norm_elem)(p[i], mean, scale, shift);
     }
 }
 
@@ -237,7 +257,7 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_run)(const T *x, ptrdiff_t xstr
         T *o = q + r * qstride;
         bnf_pf_advance(pf, n * (ptrdiff_t)sizeof(T));
 #pragma omp simd
-        for (ptrdiff_t c = 0; c < n; c++) o[c] = (T)(((double)p[c] - m[c]) * a[c] + b[c]);
+        for (ptrdiff_t c = 0; c < n; c++) o[c] = BNF_NAME(norm_elem)(p[c], m[c], a[c], b[c]);
     }
 }
 
@@ -484,11 +504,11 @@ static inline BNF_INLINE void BNF_NAME(dx_chunk)(const T *g, const T *p, T *q, p
         bnf_pf_advance(pfx, (b1 - b0) * (ptrdiff_t)sizeof(T));
         if (!p) {
 #pragma omp simd
-            for (ptrdiff_t i = b0; i < b1; i++) q[i] = (T)((double)g[i] * a);
+            for (ptrdiff_t i = b0; i < b1; i++) q[i] = BNF_NAME(dx_fixed_elem)(g[i], a);
         } else {
 #pragma omp simd
             for (ptrdiff_t i = b0; i < b1; i++)
-                q[i] = (T)(a * (((double)g[i] - k1) - ((double)p[i] - mean) * k2));
+                q[i] = BNF_NAME(dx_elem)(g[i], p[i], mean, a, k1, k2);
         }
     }
 }
@@ -508,12 +528,12 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_run)(const T *g, ptrdiff_t gstrid
         bnf_pf_advance(pfx, n * (ptrdiff_t)sizeof(T));
         if (!x) {
 #pragma omp simd
-            for (ptrdiff_t c = 0; c < n; c++) o[c] = (T)((double)gr[c] * a[c]);
+            for (ptrdiff_t c = 0; c < n; c++) o[c] = BNF_NAME(dx_fixed_elem)(gr[c], a[c]);
         } else {
             const T *p = x + r * xstride;
 #pragma omp simd
             for (ptrdiff_t c = 0; c < n; c++)
-                o[c] = (T)(a[c] * (((double)gr[c] - k1[c]) - ((double)p[c] - m[c]) * k2[c]));
+                o[c] = BNF_NAME(dx_elem)(gr[c], p[c], m[c], a[c], k1[c], k2[c]);
         }
     }
 }

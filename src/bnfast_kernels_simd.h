@@ -161,7 +161,7 @@ BNF_SIMD_FN void BNF_SIMD(norm_chunk)(const T *p, T *q, ptrdiff_t n, double mean
         for (; i + BNF_VW <= b1; i += BNF_VW)
             BNF_VSTT(q + i, BNF_VADD(BNF_VMUL(BNF_VSUB(BNF_VLDT(p + i), vm), va), vb));
     }
-    for (; i < n; i++) q[i] = (T)(((double)p[i] - mean) * scale + shift);
+    for (; i < n; i++) q[i] = BNF_NAME(norm_elem)(p[i], mean, scale, shift);
 }
 
 BNF_SIMD_FN void BNF_SIMD(norm_rows_run)(const T *x, ptrdiff_t xstride, T *q,
@@ -178,7 +178,7 @@ BNF_SIMD_FN void BNF_SIMD(norm_rows_run)(const T *x, ptrdiff_t xstride, T *q,
             BNF_VD d = BNF_VSUB(BNF_VLDT(p + c), BNF_VLD(m + c));
             BNF_VSTT(o + c, BNF_VADD(BNF_VMUL(d, BNF_VLD(a + c)), BNF_VLD(b + c)));
         }
-        for (; c < n; c++) o[c] = (T)(((double)p[c] - m[c]) * a[c] + b[c]);
+        for (; c < n; c++) o[c] = BNF_NAME(norm_elem)(p[c], m[c], a[c], b[c]);
     }
 }
 
@@ -321,9 +321,9 @@ BNF_SIMD_FN void BNF_SIMD(dx_chunk)(const T *g, const T *p, T *q, ptrdiff_t n, d
         }
     }
     if (!p)
-        for (; i < n; i++) q[i] = (T)((double)g[i] * a);
+        for (; i < n; i++) q[i] = BNF_NAME(dx_fixed_elem)(g[i], a);
     else
-        for (; i < n; i++) q[i] = (T)(a * (((double)g[i] - k1) - ((double)p[i] - mean) * k2));
+        for (; i < n; i++) q[i] = BNF_NAME(dx_elem)(g[i], p[i], mean, a, k1, k2);
 }
 
 BNF_SIMD_FN void BNF_SIMD(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x,
@@ -341,7 +341,7 @@ BNF_SIMD_FN void BNF_SIMD(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x
         if (!x) {
             for (; c + BNF_VW <= n; c += BNF_VW)
                 BNF_VSTT(o + c, BNF_VMUL(BNF_VLDT(gr + c), BNF_VLD(a + c)));
-            for (; c < n; c++) o[c] = (T)((double)gr[c] * a[c]);
+            for (; c < n; c++) o[c] = BNF_NAME(dx_fixed_elem)(gr[c], a[c]);
         } else {
             const T *p = x + r * xstride;
             for (; c + BNF_VW <= n; c += BNF_VW) {
@@ -350,7 +350,7 @@ BNF_SIMD_FN void BNF_SIMD(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x
                 BNF_VSTT(o + c, BNF_VMUL(BNF_VLD(a + c), e));
             }
             for (; c < n; c++)
-                o[c] = (T)(a[c] * (((double)gr[c] - k1[c]) - ((double)p[c] - m[c]) * k2[c]));
+                o[c] = BNF_NAME(dx_elem)(gr[c], p[c], m[c], a[c], k1[c], k2[c]);
         }
     }
 }
