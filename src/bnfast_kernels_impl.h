@@ -24,6 +24,46 @@ static inline BNF_INLINE T BNF_NAME(dx_fixed_elem)(T g, double a)
     return (T)((double)g * a);
 }
 
+/* The reductions' arithmetic, likewise: one element into the shifted sums (d = x - shift:
+ * s1 += d, s2 += d^2), four rows of a column paired as (0 + 1) + (2 + 3), and the same for
+ * the backward sums (sum dy, sum dy (x - mean), sum (x - mean)). */
+static inline BNF_INLINE void BNF_NAME(sums_elem)(T x, double shift, double *s1, double *s2)
+{
+    double d = (double)x - shift;
+    *s1 += d;
+    *s2 += d * d;
+}
+
+static inline BNF_INLINE void BNF_NAME(sums_elem4)(T x0, T x1, T x2, T x3, double shift,
+                                                  double *s1, double *s2)
+{
+    double d0 = (double)x0 - shift, d1 = (double)x1 - shift;
+    double d2 = (double)x2 - shift, d3 = (double)x3 - shift;
+    *s1 += (d0 + d1) + (d2 + d3);
+    *s2 += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+}
+
+static inline BNF_INLINE void BNF_NAME(bwd_elem)(T g, T x, double mean, double *s1,
+                                                double *s2, double *s3)
+{
+    double gi = (double)g, d = (double)x - mean;
+    *s1 += gi;
+    *s2 += gi * d;
+    *s3 += d;
+}
+
+static inline BNF_INLINE void BNF_NAME(bwd_elem4)(T g0, T g1, T g2, T g3, T x0, T x1, T x2,
+                                                 T x3, double mean, double *s1, double *s2,
+                                                 double *s3)
+{
+    double a0 = (double)g0, a1 = (double)g1, a2 = (double)g2, a3 = (double)g3;
+    double d0 = (double)x0 - mean, d1 = (double)x1 - mean;
+    double d2 = (double)x2 - mean, d3 = (double)x3 - mean;
+    *s1 += (a0 + a1) + (a2 + a3);
+    *s2 += (a0 * d0 + a1 * d1) + (a2 * d2 + a3 * d3);
+    *s3 += (d0 + d1) + (d2 + d3);
+}
+
 /* The intrinsics loops (bnfast_kernels_simd.h) and the dispatch between them and the
  * plain loops below: BNF_DISPATCH(name, args) calls name_v4, name_v3 or name;
  * BNF_DISPATCH4 (normalize, which has no AVX2 form) name_v4 or name. */
@@ -60,18 +100,11 @@ static inline BNF_INLINE void BNF_NAME(shifted_sums_runs)(const T *x, ptrdiff_t 
         for (; i + BNF_LANES <= len; i += BNF_LANES) {
             if (pf) bnf_pf_advance(pf, BNF_LANES * sizeof(T));
 #pragma omp simd
-            for (int l = 0; l < BNF_LANES; l++) {
-                double d = (double)p[i + l] - shift;
-                s1[l] += d;
-                s2[l] += d * d;
-            }
+            for (int l = 0; l < BNF_LANES; l++)
+                BNF_NAME(sums_elem)(p[i + l], shift, &s1[l], &s2[l]);
         }
         if (pf) bnf_pf_advance(pf, (len - i) * (ptrdiff_t)sizeof(T));
-        for (int l = 0; i < len; i++, l++) {
-            double d = (double)p[i] - shift;
-            s1[l] += d;
-            s2[l] += d * d;
-        }
+        for (int l = 0; i < len; i++, l++) BNF_NAME(sums_elem)(p[i], shift, &s1[l], &s2[l]);
     }
     *sd = bnf_sum_lanes(s1);
     *sdd = bnf_sum_lanes(s2);
@@ -143,12 +176,8 @@ static inline BNF_INLINE void BNF_NAME(shifted_sums_rows)(const T *base, ptrdiff
             ptrdiff_t c1 = width - c0 < BNF_PF_COLS ? width : c0 + BNF_PF_COLS;
             if (pf) bnf_pf_advance(pf, 4 * (c1 - c0) * (ptrdiff_t)sizeof(T));
 #pragma omp simd
-            for (ptrdiff_t c = c0; c < c1; c++) {
-                double d0 = (double)p0[c] - shift[c], d1 = (double)p1[c] - shift[c];
-                double d2 = (double)p2[c] - shift[c], d3 = (double)p3[c] - shift[c];
-                s1[c] += (d0 + d1) + (d2 + d3);
-                s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
-            }
+            for (ptrdiff_t c = c0; c < c1; c++)
+                BNF_NAME(sums_elem4)(p0[c], p1[c], p2[c], p3[c], shift[c], &s1[c], &s2[c]);
         }
     }
     for (; r < k; r++) {
@@ -157,11 +186,8 @@ static inline BNF_INLINE void BNF_NAME(shifted_sums_rows)(const T *base, ptrdiff
             ptrdiff_t c1 = width - c0 < BNF_PF_COLS ? width : c0 + BNF_PF_COLS;
             if (pf) bnf_pf_advance(pf, (c1 - c0) * (ptrdiff_t)sizeof(T));
 #pragma omp simd
-            for (ptrdiff_t c = c0; c < c1; c++) {
-                double d = (double)p[c] - shift[c];
-                s1[c] += d;
-                s2[c] += d * d;
-            }
+            for (ptrdiff_t c = c0; c < c1; c++)
+                BNF_NAME(sums_elem)(p[c], shift[c], &s1[c], &s2[c]);
         }
     }
 }
@@ -383,21 +409,13 @@ static inline BNF_INLINE void BNF_NAME(bwd_sums_runs)(const T *dy, ptrdiff_t dys
             bnf_pf_advance(pfg, BNF_LANES * sizeof(T));
             bnf_pf_advance(pfx, BNF_LANES * sizeof(T));
 #pragma omp simd
-            for (int l = 0; l < BNF_LANES; l++) {
-                double gi = (double)g[i + l], d = (double)p[i + l] - mean;
-                a1[l] += gi;
-                a2[l] += gi * d;
-                a3[l] += d;
-            }
+            for (int l = 0; l < BNF_LANES; l++)
+                BNF_NAME(bwd_elem)(g[i + l], p[i + l], mean, &a1[l], &a2[l], &a3[l]);
         }
         bnf_pf_advance(pfg, (len - i) * (ptrdiff_t)sizeof(T));
         bnf_pf_advance(pfx, (len - i) * (ptrdiff_t)sizeof(T));
-        for (int l = 0; i < len; i++, l++) {
-            double gi = (double)g[i], d = (double)p[i] - mean;
-            a1[l] += gi;
-            a2[l] += gi * d;
-            a3[l] += d;
-        }
+        for (int l = 0; i < len; i++, l++)
+            BNF_NAME(bwd_elem)(g[i], p[i], mean, &a1[l], &a2[l], &a3[l]);
     }
 }
 
@@ -438,15 +456,9 @@ static inline BNF_INLINE void BNF_NAME(bwd_sums_rows)(const T *dy, ptrdiff_t dys
             bnf_pf_advance(pfg, 4 * (c1 - c0) * (ptrdiff_t)sizeof(T));
             bnf_pf_advance(pfx, 4 * (c1 - c0) * (ptrdiff_t)sizeof(T));
 #pragma omp simd
-            for (ptrdiff_t c = c0; c < c1; c++) {
-                double a0 = (double)g0[c], a1 = (double)g1[c], a2 = (double)g2[c],
-                       a3 = (double)g3[c];
-                double d0 = (double)p0[c] - mean[c], d1 = (double)p1[c] - mean[c],
-                       d2 = (double)p2[c] - mean[c], d3 = (double)p3[c] - mean[c];
-                sum_dy[c] += (a0 + a1) + (a2 + a3);
-                sum_dy_xmu[c] += (a0 * d0 + a1 * d1) + (a2 * d2 + a3 * d3);
-                sum_xmu[c] += (d0 + d1) + (d2 + d3);
-            }
+            for (ptrdiff_t c = c0; c < c1; c++)
+                BNF_NAME(bwd_elem4)(g0[c], g1[c], g2[c], g3[c], p0[c], p1[c], p2[c], p3[c],
+                                    mean[c], &sum_dy[c], &sum_dy_xmu[c], &sum_xmu[c]);
         }
     }
     for (; r < nrows; r++) {
@@ -457,12 +469,9 @@ static inline BNF_INLINE void BNF_NAME(bwd_sums_rows)(const T *dy, ptrdiff_t dys
             bnf_pf_advance(pfg, (c1 - c0) * (ptrdiff_t)sizeof(T));
             bnf_pf_advance(pfx, (c1 - c0) * (ptrdiff_t)sizeof(T));
 #pragma omp simd
-            for (ptrdiff_t c = c0; c < c1; c++) {
-                double gi = (double)g[c], d = (double)p[c] - mean[c];
-                sum_dy[c] += gi;
-                sum_dy_xmu[c] += gi * d;
-                sum_xmu[c] += d;
-            }
+            for (ptrdiff_t c = c0; c < c1; c++)
+                BNF_NAME(bwd_elem)(g[c], p[c], mean[c], &sum_dy[c], &sum_dy_xmu[c],
+                                   &sum_xmu[c]);
         }
     }
 }

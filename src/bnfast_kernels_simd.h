@@ -79,11 +79,8 @@ BNF_SIMD_FN void BNF_SIMD(shifted_sums_runs)(const T *x, ptrdiff_t nruns, ptrdif
                 BNF_VST(s1 + BNF_VW * v, a[v]);
                 BNF_VST(s2 + BNF_VW * v, b[v]);
             }
-            for (int l = 0; i < len; i++, l++) {
-                double d = (double)p[i] - shift;
-                s1[l] += d;
-                s2[l] += d * d;
-            }
+            for (int l = 0; i < len; i++, l++)
+                BNF_NAME(sums_elem)(p[i], shift, &s1[l], &s2[l]);
             for (int v = 0; v < BNF_NV; v++) {
                 a[v] = BNF_VLD(s1 + BNF_VW * v);
                 b[v] = BNF_VLD(s2 + BNF_VW * v);
@@ -120,12 +117,8 @@ BNF_SIMD_FN void BNF_SIMD(shifted_sums_rows)(const T *base, ptrdiff_t k, ptrdiff
                 BNF_VST(s1 + c, BNF_VADD(BNF_VLD(s1 + c), t1));
                 BNF_VST(s2 + c, BNF_VADD(BNF_VLD(s2 + c), t2));
             }
-            for (; c < c1; c++) {
-                double d0 = (double)p0[c] - shift[c], d1 = (double)p1[c] - shift[c];
-                double d2 = (double)p2[c] - shift[c], d3 = (double)p3[c] - shift[c];
-                s1[c] += (d0 + d1) + (d2 + d3);
-                s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
-            }
+            for (; c < c1; c++)
+                BNF_NAME(sums_elem4)(p0[c], p1[c], p2[c], p3[c], shift[c], &s1[c], &s2[c]);
         }
     }
     for (; r < k; r++) {
@@ -138,11 +131,7 @@ BNF_SIMD_FN void BNF_SIMD(shifted_sums_rows)(const T *base, ptrdiff_t k, ptrdiff
                 BNF_VST(s1 + c, BNF_VADD(BNF_VLD(s1 + c), d));
                 BNF_VST(s2 + c, BNF_VADD(BNF_VLD(s2 + c), BNF_VMUL(d, d)));
             }
-            for (; c < c1; c++) {
-                double d = (double)p[c] - shift[c];
-                s1[c] += d;
-                s2[c] += d * d;
-            }
+            for (; c < c1; c++) BNF_NAME(sums_elem)(p[c], shift[c], &s1[c], &s2[c]);
         }
     }
 }
@@ -218,12 +207,8 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_runs)(const T *dy, ptrdiff_t dystride, const 
                 BNF_VST(a2 + BNF_VW * v, s2[v]);
                 BNF_VST(a3 + BNF_VW * v, s3[v]);
             }
-            for (int l = 0; i < len; i++, l++) {
-                double gi = (double)g[i], d = (double)p[i] - mean;
-                a1[l] += gi;
-                a2[l] += gi * d;
-                a3[l] += d;
-            }
+            for (int l = 0; i < len; i++, l++)
+                BNF_NAME(bwd_elem)(g[i], p[i], mean, &a1[l], &a2[l], &a3[l]);
             for (int v = 0; v < BNF_NV; v++) {
                 s1[v] = BNF_VLD(a1 + BNF_VW * v);
                 s2[v] = BNF_VLD(a2 + BNF_VW * v);
@@ -268,15 +253,9 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const 
                 BNF_VST(sum_dy_xmu + c, BNF_VADD(BNF_VLD(sum_dy_xmu + c), t2));
                 BNF_VST(sum_xmu + c, BNF_VADD(BNF_VLD(sum_xmu + c), t3));
             }
-            for (; c < c1; c++) {
-                double a0 = (double)g0[c], a1 = (double)g1[c], a2 = (double)g2[c],
-                       a3 = (double)g3[c];
-                double d0 = (double)p0[c] - mean[c], d1 = (double)p1[c] - mean[c],
-                       d2 = (double)p2[c] - mean[c], d3 = (double)p3[c] - mean[c];
-                sum_dy[c] += (a0 + a1) + (a2 + a3);
-                sum_dy_xmu[c] += (a0 * d0 + a1 * d1) + (a2 * d2 + a3 * d3);
-                sum_xmu[c] += (d0 + d1) + (d2 + d3);
-            }
+            for (; c < c1; c++)
+                BNF_NAME(bwd_elem4)(g0[c], g1[c], g2[c], g3[c], p0[c], p1[c], p2[c], p3[c],
+                                    mean[c], &sum_dy[c], &sum_dy_xmu[c], &sum_xmu[c]);
         }
     }
     for (; r < nrows; r++) {
@@ -292,12 +271,9 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const 
                 BNF_VST(sum_dy_xmu + c, BNF_VADD(BNF_VLD(sum_dy_xmu + c), BNF_VMUL(gi, d)));
                 BNF_VST(sum_xmu + c, BNF_VADD(BNF_VLD(sum_xmu + c), d));
             }
-            for (; c < c1; c++) {
-                double gi = (double)g[c], d = (double)p[c] - mean[c];
-                sum_dy[c] += gi;
-                sum_dy_xmu[c] += gi * d;
-                sum_xmu[c] += d;
-            }
+            for (; c < c1; c++)
+                BNF_NAME(bwd_elem)(g[c], p[c], mean[c], &sum_dy[c], &sum_dy_xmu[c],
+                                   &sum_xmu[c]);
         }
     }
 }
