@@ -89,10 +89,14 @@ cdef extern from "bnfast_kernels.h" nogil:
                                double *sum_xmu)
     void bnf_bwd_dx_runs_f32(const float *dy, Py_ssize_t dys, const float *x,
                              Py_ssize_t xs, float *dx, Py_ssize_t dxs, Py_ssize_t nruns,
-                             Py_ssize_t length, double mean, double a, double k1, double k2, int flags)
+                             Py_ssize_t length, double mean, double a, double k1, double k2, int flags,
+                             const float *dy_next, const float *x_next, double mean_next,
+                             double *sum_dy, double *sum_dy_xmu, double *sum_xmu)
     void bnf_bwd_dx_runs_f64(const double *dy, Py_ssize_t dys, const double *x,
                              Py_ssize_t xs, double *dx, Py_ssize_t dxs, Py_ssize_t nruns,
-                             Py_ssize_t length, double mean, double a, double k1, double k2, int flags)
+                             Py_ssize_t length, double mean, double a, double k1, double k2, int flags,
+                             const double *dy_next, const double *x_next, double mean_next,
+                             double *sum_dy, double *sum_dy_xmu, double *sum_xmu)
     void bnf_bwd_dx_rows_f32(const float *dy, Py_ssize_t dys, const float *x,
                              Py_ssize_t xs, float *dx, Py_ssize_t dxs, Py_ssize_t nrows,
                              Py_ssize_t width, const double *mean, const double *a,
@@ -110,6 +114,10 @@ cdef extern from "bnfast_kernels.h" nogil:
 # A channel (runs form) or channel block (rows form) of at most this many bytes per
 # array is processed in one unit: statistics, then normalization while it is in L2.
 DEF FUSE_BYTES = 1 << 20
+# Fused backward units (runs form) of at most this many bytes (x and dy) are pipelined:
+# one unit's dx pass runs beside the next unit's sums pass, so both are in L2 at once
+# (two such units fit a 1 MiB L2).
+DEF PIPE_BYTES = 1 << 19
 # Elements per unit when a channel or block is larger than that.
 DEF SUPER_ELEMS = 1 << 18
 # Below this many elements per thread, no OpenMP region at all.
@@ -478,10 +486,12 @@ cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
                                 j.k1 + c0, j.k2 + c0, flags)
     elif j.f64:
         bnf_bwd_dx_runs_f64(<double *>dy, j.dy_os, <double *>x, j.x_os, <double *>y,
-                            j.y_os, nr, j.inner, j.hi[c0], j.scale[c0], j.k1[c0], j.k2[c0], flags)
+                            j.y_os, nr, j.inner, j.hi[c0], j.scale[c0], j.k1[c0], j.k2[c0],
+                            flags, NULL, NULL, 0, NULL, NULL, NULL)
     else:
         bnf_bwd_dx_runs_f32(<float *>dy, j.dy_os, <float *>x, j.x_os, <float *>y,
-                            j.y_os, nr, j.inner, j.hi[c0], j.scale[c0], j.k1[c0], j.k2[c0], flags)
+                            j.y_os, nr, j.inner, j.hi[c0], j.scale[c0], j.k1[c0], j.k2[c0],
+                            flags, NULL, NULL, 0, NULL, NULL, NULL)
 
 
 cdef void _norm_unit(Job *j, Py_ssize_t u) noexcept nogil:
@@ -533,6 +543,45 @@ cdef void _norm_unit(Job *j, Py_ssize_t u) noexcept nogil:
                                   BNF_STREAM if j.stream else 0)
 
 
+cdef void _bwd_pipeline(Job *j, Py_ssize_t u0, Py_ssize_t u1) noexcept nogil:
+    """The fused backward of units u0 .. u1 - 1 (whole channels of runs, nsb == 1): each
+    unit's dx pass, from L2, interleaved with the next unit's sums pass, from DRAM."""
+    cdef Py_ssize_t u, isz = 8 if j.f64 else 4
+    cdef int flags = BNF_CACHED | (BNF_STREAM if j.stream else 0)
+    cdef char *x
+    cdef char *dy
+    cdef char *y
+    cdef char *x_next
+    cdef char *dy_next
+    cdef double mean_next
+    if u0 >= u1:
+        return
+    _unit(j, K_BSUMS, u0)
+    for u in range(u0, u1):
+        _bwd_coeffs(j, u)
+        x = j.x + u * j.x_cs * isz
+        dy = j.dy + u * j.dy_cs * isz
+        y = j.y + u * j.y_cs * isz
+        x_next = dy_next = NULL
+        mean_next = 0
+        if u + 1 < u1:
+            x_next = x + j.x_cs * isz
+            dy_next = dy + j.dy_cs * isz
+            mean_next = j.hi[u + 1]
+        if j.f64:
+            bnf_bwd_dx_runs_f64(<double *>dy, j.dy_os, <double *>x, j.x_os, <double *>y,
+                                j.y_os, j.outer, j.inner, j.hi[u], j.scale[u], j.k1[u],
+                                j.k2[u], flags, <double *>dy_next, <double *>x_next,
+                                mean_next, j.s_dy + u + 1, j.s_dyx + u + 1, j.s_xm + u + 1)
+        else:
+            bnf_bwd_dx_runs_f32(<float *>dy, j.dy_os, <float *>x, j.x_os, <float *>y,
+                                j.y_os, j.outer, j.inner, j.hi[u], j.scale[u], j.k1[u],
+                                j.k2[u], flags, <float *>dy_next, <float *>x_next,
+                                mean_next, j.s_dy + u + 1, j.s_dyx + u + 1, j.s_xm + u + 1)
+        if j.stream:
+            bnf_stream_fence()
+
+
 cdef inline void _any_unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
     if kind == K_NORM:
         _norm_unit(j, u)
@@ -543,7 +592,16 @@ cdef inline void _any_unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
 
 
 cdef void _run(Job *j, int kind, Py_ssize_t nunits, int nthreads) noexcept nogil:
-    cdef Py_ssize_t u
+    cdef Py_ssize_t u, t
+    if kind == K_BWD and j.inner > 1 and \
+            j.outer * j.inner * (8 if j.f64 else 4) * 2 <= PIPE_BYTES:
+        # each thread a contiguous range of channels, pipelined
+        if nthreads <= 1:
+            _bwd_pipeline(j, 0, nunits)
+        else:
+            for t in prange(nthreads, num_threads=nthreads, schedule='static'):
+                _bwd_pipeline(j, t * nunits // nthreads, (t + 1) * nunits // nthreads)
+        return
     if nthreads <= 1:
         for u in range(nunits):
             _any_unit(j, kind, u)

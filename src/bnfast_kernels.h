@@ -113,7 +113,9 @@ void bnf_finalize(const bnf_moments *m, ptrdiff_t n, double eps, const double *w
     void bnf_bwd_dx_runs_##S(const T *dy, ptrdiff_t dystride, const T *x,                 \
                              ptrdiff_t xstride, T *dx, ptrdiff_t dxstride,                \
                              ptrdiff_t nruns, ptrdiff_t len, double mean, double a,       \
-                             double k1, double k2, int flags);                            \
+                             double k1, double k2, int flags, const T *dy_next,           \
+                             const T *x_next, double mean_next, double *sum_dy,           \
+                             double *sum_dy_xmu, double *sum_xmu);                        \
     void bnf_bwd_dx_rows_##S(const T *dy, ptrdiff_t dystride, const T *x,                 \
                              ptrdiff_t xstride, T *dx, ptrdiff_t dxstride,                \
                              ptrdiff_t nrows, ptrdiff_t width, const double *mean,        \

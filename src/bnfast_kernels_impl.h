@@ -257,10 +257,12 @@ BNF_CLONES void BNF_NAME(bnf_stats_rows)(const T *x, ptrdiff_t nrows, ptrdiff_t 
 }
 
 /* y = (x - mean) * scale + shift over n contiguous elements, advancing a prefetch
- * cursor as it goes. */
+ * cursor as it goes.  The intrinsics forms take nt: stream q straight out. */
 static inline BNF_INLINE void BNF_NAME(norm_chunk)(const T *p, T *q, ptrdiff_t n, double mean,
-                                                  double scale, double shift, bnf_pf *pf)
+                                                  double scale, double shift, bnf_pf *pf,
+                                                  int nt)
 {
+    (void)nt; /* plain stores: a streamed output is staged (BNF_DIRECT_NT) */
     for (ptrdiff_t b0 = 0; b0 < n; b0 += BNF_PF_BLOCK) {
         ptrdiff_t b1 = n - b0 < BNF_PF_BLOCK ? n : b0 + BNF_PF_BLOCK;
         bnf_pf_advance(pf, (b1 - b0) * (ptrdiff_t)sizeof(T));
@@ -276,8 +278,9 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_run)(const T *x, ptrdiff_t xstr
                                                      ptrdiff_t qstride, ptrdiff_t k,
                                                      ptrdiff_t n, const double *m,
                                                      const double *a, const double *b,
-                                                     bnf_pf *pf)
+                                                     bnf_pf *pf, int nt)
 {
+    (void)nt;
     for (ptrdiff_t r = 0; r < k; r++) {
         const T *p = x + r * xstride;
         T *o = q + r * qstride;
@@ -297,15 +300,16 @@ BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, T *y,
     T tmp[BNF_CHUNK];
     bnf_pf pf;
     int stream = (flags & BNF_STREAM) && len * (ptrdiff_t)sizeof(T) >= BNF_STREAM_MIN_RUN;
+    int nt = stream && BNF_DIRECT_NT(4), staged = stream && !nt;
     bnf_pf_init(&pf, flags & BNF_CACHED ? NULL : x, nruns, xstride * (ptrdiff_t)sizeof(T),
                 len * (ptrdiff_t)sizeof(T));
     for (ptrdiff_t r = 0; r < nruns; r++) {
         for (ptrdiff_t i0 = 0; i0 < len; i0 += BNF_CHUNK) {
             ptrdiff_t n = len - i0 < BNF_CHUNK ? len - i0 : BNF_CHUNK;
             const T *p = x + r * xstride + i0;
-            T *q = stream ? tmp : y + r * ystride + i0;
-            BNF_DISPATCH4(norm_chunk, p, q, n, mean, scale, shift, &pf);
-            if (stream) BNF_NAME(bnf_stream)(y + r * ystride + i0, tmp, n);
+            T *q = staged ? tmp : y + r * ystride + i0;
+            BNF_DISPATCH4(norm_chunk, p, q, n, mean, scale, shift, &pf, nt);
+            if (staged) BNF_NAME(bnf_stream)(y + r * ystride + i0, tmp, n);
         }
     }
 }
@@ -320,30 +324,45 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_flat)(const T *x, T *y, ptrdiff
                                                       const double *shift, int flags)
 {
     T tmp[BNF_CHUNK];
-    BNF_ALIGN64 double m[BNF_FLAT_ELEMS], a[BNF_FLAT_ELEMS], b[BNF_FLAT_ELEMS];
-    ptrdiff_t len = BNF_FLAT_ELEMS / width * width, total = nrows * width;
-    ptrdiff_t chunk = BNF_CHUNK / len * len;
+    BNF_ALIGN64 double m[BNF_CHUNK], a[BNF_CHUNK], b[BNF_CHUNK];
+    ptrdiff_t len = 2 * width > BNF_FLAT_ELEMS ? width : BNF_FLAT_ELEMS / width * width;
+    ptrdiff_t total = nrows * width;
+    ptrdiff_t chunk = BNF_CHUNK / len * len, head = 0;
     int stream = flags & BNF_STREAM;
+    /* streamed straight from the registers when every run of len elements can start on
+     * a line (BNF_FLAT_NT): the first `head` elements up to one are done alone, and the
+     * factors are repeated from column `head` on, so that every run starts on a line
+     * and loads its factors from one */
+    int nt = stream && BNF_FLAT_NT(len);
+    int staged = stream && !nt;
     bnf_pf pf;
-    for (ptrdiff_t r = 0; r < len; r += width) {
-        for (ptrdiff_t c = 0; c < width; c++) {
-            m[r + c] = mean[c];
-            a[r + c] = scale[c];
-            b[r + c] = shift[c];
-        }
+    if (nt) {
+        head = bnf_nt_lead(y, sizeof(T));
+        if (head > total) head = total;
+        for (ptrdiff_t e = 0; e < head; e++)
+            y[e] = BNF_NAME(norm_elem)(x[e], mean[e % width], scale[e % width],
+                                       shift[e % width]);
+        x += head;
+        y += head;
+        total -= head;
+    }
+    for (ptrdiff_t e = 0, c = head % width; e < len; e++, c = c + 1 < width ? c + 1 : 0) {
+        m[e] = mean[c];
+        a[e] = scale[c];
+        b[e] = shift[c];
     }
     bnf_pf_init(&pf, flags & BNF_CACHED ? NULL : x, 1, 0, total * (ptrdiff_t)sizeof(T));
     for (ptrdiff_t e0 = 0; e0 < total; e0 += chunk) {
         ptrdiff_t n = total - e0 < chunk ? total - e0 : chunk;
         const T *p0 = x + e0;
-        T *q0 = stream ? tmp : y + e0;
+        T *q0 = staged ? tmp : y + e0;
         ptrdiff_t full = n / len, rest = n - full * len;
         /* runs of len elements are rows of the repeated factors */
-        BNF_DISPATCH4(norm_rows_run, p0, len, q0, len, full, len, m, a, b, &pf);
+        BNF_DISPATCH4(norm_rows_run, p0, len, q0, len, full, len, m, a, b, &pf, nt);
         if (rest)
             BNF_DISPATCH4(norm_rows_run, p0 + full * len, 0, q0 + full * len, 0, 1, rest, m, a,
-                          b, &pf);
-        if (stream) BNF_NAME(bnf_stream)(y + e0, tmp, n);
+                          b, &pf, nt);
+        if (staged) BNF_NAME(bnf_stream)(y + e0, tmp, n);
     }
 }
 
@@ -358,11 +377,14 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_block)(const T *x, ptrdiff_t xs
     BNF_ALIGN64 double mbuf[BNF_CHUNK], abuf[BNF_CHUNK], bbuf[BNF_CHUNK];
     bnf_pf pf;
     int stream = flags & BNF_STREAM;
-    if (xstride == width && ystride == width && 2 * width <= BNF_FLAT_ELEMS &&
-        nrows * width >= BNF_FLAT_MIN) {
+    if (xstride == width && ystride == width &&
+        ((2 * width <= BNF_FLAT_ELEMS && nrows * width >= BNF_FLAT_MIN) ||
+         (stream && BNF_FLAT_NT(width)))) {
         BNF_NAME(norm_rows_flat)(x, y, nrows, width, mean, scale, shift, flags);
         return;
     }
+    int nt = stream && BNF_DIRECT_NT(4) && bnf_rows_on_lines(y, ystride, width, sizeof(T));
+    if (nt) stream = 0;               /* nothing staged */
     mean = bnf_aligned(mean, mbuf, width, nrows);
     scale = bnf_aligned(scale, abuf, width, nrows);
     shift = bnf_aligned(shift, bbuf, width, nrows);
@@ -372,7 +394,7 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_block)(const T *x, ptrdiff_t xs
     for (ptrdiff_t r0 = 0; r0 < nrows; r0 += group) {
         ptrdiff_t k = nrows - r0 < group ? nrows - r0 : group;
         BNF_DISPATCH4(norm_rows_run, x + r0 * xstride, xstride, stream ? tmp : y + r0 * ystride,
-                      stream ? width : ystride, k, width, mean, scale, shift, &pf);
+                      stream ? width : ystride, k, width, mean, scale, shift, &pf, nt);
         if (stream) BNF_NAME(bnf_stream)(y + r0 * ystride, tmp, k * width);
     }
 }
@@ -505,8 +527,9 @@ BNF_CLONES void BNF_NAME(bnf_bwd_sums_rows)(const T *dy, ptrdiff_t dystride, con
 /* dx = a * ((dy - k1) - (x - mean) * k2) over n contiguous elements; x == NULL: a * dy. */
 static inline BNF_INLINE void BNF_NAME(dx_chunk)(const T *g, const T *p, T *q, ptrdiff_t n,
                                                 double mean, double a, double k1, double k2,
-                                                bnf_pf *pfg, bnf_pf *pfx)
+                                                bnf_pf *pfg, bnf_pf *pfx, int nt)
 {
+    (void)nt;
     for (ptrdiff_t b0 = 0; b0 < n; b0 += BNF_PF_BLOCK) {
         ptrdiff_t b1 = n - b0 < BNF_PF_BLOCK ? n : b0 + BNF_PF_BLOCK;
         bnf_pf_advance(pfg, (b1 - b0) * (ptrdiff_t)sizeof(T));
@@ -528,8 +551,10 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_run)(const T *g, ptrdiff_t gstrid
                                                    ptrdiff_t xstride, T *q, ptrdiff_t qstride,
                                                    ptrdiff_t k, ptrdiff_t n, const double *m,
                                                    const double *a, const double *k1,
-                                                   const double *k2, bnf_pf *pfg, bnf_pf *pfx)
+                                                   const double *k2, bnf_pf *pfg, bnf_pf *pfx,
+                                                   int nt)
 {
+    (void)nt;
     for (ptrdiff_t r = 0; r < k; r++) {
         const T *gr = g + r * gstride;
         T *o = q + r * qstride;
@@ -548,29 +573,55 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_run)(const T *g, ptrdiff_t gstrid
 }
 
 /* dx = a * (dy - k1 - (x - mean) * k2); x == NULL (statistics held fixed) means
- * dx = a * dy, and x is not read at all. */
+ * dx = a * dy, and x is not read at all.
+ *
+ * With dy_next given, the call also takes the backward sums (as bnf_bwd_sums_runs, the
+ * same bits) of the next unit: runs of the same shape and strides at dy_next and x_next,
+ * a chunk of them before each chunk of dx.  A fused unit's dx pass reads from L2 and its
+ * sums pass waits on DRAM; interleaved, the next unit's loads overlap this unit's
+ * arithmetic. */
 BNF_CLONES void BNF_NAME(bnf_bwd_dx_runs)(const T *dy, ptrdiff_t dystride, const T *x,
                                           ptrdiff_t xstride, T *dx, ptrdiff_t dxstride,
                                           ptrdiff_t nruns, ptrdiff_t len, double mean,
-                                          double a, double k1, double k2, int flags)
+                                          double a, double k1, double k2, int flags,
+                                          const T *dy_next, const T *x_next,
+                                          double mean_next, double *sum_dy,
+                                          double *sum_dy_xmu, double *sum_xmu)
 {
     T tmp[BNF_CHUNK];
-    bnf_pf pfg, pfx;
+    double a1[BNF_LANES] = {0}, a2[BNF_LANES] = {0}, a3[BNF_LANES] = {0};
+    bnf_pf pfg, pfx, pfg_next, pfx_next;
     int stream = (flags & BNF_STREAM) && len * (ptrdiff_t)sizeof(T) >= BNF_STREAM_MIN_RUN;
+    int nt = stream && BNF_DIRECT_NT(3), staged = stream && !nt;
     int cached = flags & BNF_CACHED;
     bnf_pf_init(&pfg, cached ? NULL : dy, nruns, dystride * (ptrdiff_t)sizeof(T),
                 len * (ptrdiff_t)sizeof(T));
     bnf_pf_init(&pfx, cached ? NULL : x, nruns, xstride * (ptrdiff_t)sizeof(T),
                 len * (ptrdiff_t)sizeof(T));
+    bnf_pf_init(&pfg_next, dy_next, nruns, dystride * (ptrdiff_t)sizeof(T),
+                len * (ptrdiff_t)sizeof(T));
+    bnf_pf_init(&pfx_next, dy_next ? x_next : NULL, nruns, xstride * (ptrdiff_t)sizeof(T),
+                len * (ptrdiff_t)sizeof(T));
     for (ptrdiff_t r = 0; r < nruns; r++) {
         for (ptrdiff_t i0 = 0; i0 < len; i0 += BNF_CHUNK) {
             ptrdiff_t n = len - i0 < BNF_CHUNK ? len - i0 : BNF_CHUNK;
             const T *g = dy + r * dystride + i0;
-            T *q = stream ? tmp : dx + r * dxstride + i0;
+            T *q = staged ? tmp : dx + r * dxstride + i0;
+            /* a chunk starts at a multiple of BNF_LANES: its elements take the lanes
+             * they take in a whole run */
+            if (dy_next)
+                BNF_DISPATCH(bwd_sums_runs, dy_next + r * dystride + i0, dystride,
+                             x_next + r * xstride + i0, xstride, 1, n, mean_next, a1, a2,
+                             a3, &pfg_next, &pfx_next);
             BNF_DISPATCH(dx_chunk, g, x ? x + r * xstride + i0 : NULL, q, n, mean, a, k1, k2,
-                         &pfg, &pfx);
-            if (stream) BNF_NAME(bnf_stream)(dx + r * dxstride + i0, tmp, n);
+                         &pfg, &pfx, nt);
+            if (staged) BNF_NAME(bnf_stream)(dx + r * dxstride + i0, tmp, n);
         }
+    }
+    if (dy_next) {
+        *sum_dy = bnf_sum_lanes(a1);
+        *sum_dy_xmu = bnf_sum_lanes(a2);
+        *sum_xmu = bnf_sum_lanes(a3);
     }
 }
 
@@ -587,6 +638,8 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_block)(const T *dy, ptrdiff_t dys
         k2buf[BNF_CHUNK];
     bnf_pf pfg, pfx;
     int stream = flags & BNF_STREAM, cached = flags & BNF_CACHED;
+    int nt = stream && BNF_DIRECT_NT(3) && bnf_rows_on_lines(dx, dxstride, width, sizeof(T));
+    if (nt) stream = 0;               /* nothing staged */
     ptrdiff_t group = bnf_row_group(width, dxstride, &stream, sizeof(T));
     bnf_pf_init(&pfg, cached ? NULL : dy, nrows, dystride * (ptrdiff_t)sizeof(T),
                 width * (ptrdiff_t)sizeof(T));
@@ -602,7 +655,7 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_block)(const T *dy, ptrdiff_t dys
         ptrdiff_t k = nrows - r0 < group ? nrows - r0 : group;
         BNF_DISPATCH(dx_rows_run, dy + r0 * dystride, dystride, x ? x + r0 * xstride : NULL,
                      xstride, stream ? tmp : dx + r0 * dxstride, stream ? width : dxstride, k,
-                     width, mean, a, k1, k2, &pfg, &pfx);
+                     width, mean, a, k1, k2, &pfg, &pfx, nt);
         if (stream) BNF_NAME(bnf_stream)(dx + r0 * dxstride, tmp, k * width);
     }
 }

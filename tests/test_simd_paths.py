@@ -89,3 +89,62 @@ def test_level_is_capped_and_restored():
     finally:
         _set_simd_level(SUPPORTED)
     assert SUPPORTED in (0, 3, 4)
+
+
+# Outputs off a line by every element offset: the intrinsics loops stream a large output
+# straight from the registers (the elements before the first 64-byte boundary alone;
+# contiguous rows as one run with the factors rotated to match), the plain loops stage
+# it. Both must give the same bits, and the right ones.
+STREAM_SHAPES = [
+    ((3, 4, 300), 1),         # runs: a head and a tail in every run
+    ((40, 256), -1),          # contiguous wide rows, one run
+    ((40, 64), -1),           # contiguous narrow rows (flat form)
+    ((30, 100), -1),          # flat form whose runs do not fill whole lines: staged
+    ((9, 5, 2, 272), -1),     # channels last, rows of 272
+]
+
+
+@pytest.mark.skipif(not LEVELS, reason="the CPU has no AVX2 or AVX-512 loops to compare")
+@pytest.mark.parametrize("offset", [0, 1, 3, 4, 7, 12, 15])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,axis", STREAM_SHAPES)
+def test_streamed_outputs_off_a_line(shape, axis, dtype, offset):
+    x = make_values(shape, dtype, 13, axis=axis, offset=1e4)
+    C = shape[axis]
+    w, b, rm, rv = params(C, dtype, 3)
+    dy = make_values(shape, dtype, 17, axis=axis)
+    size = int(np.prod(shape))
+
+    def run():
+        res = []
+        for name in ("eval", "train", "dx"):
+            buf = np.full(size + 64, np.nan, dtype)
+            lo = (-buf.ctypes.data % 64) // buf.itemsize + offset   # buf[lo - offset] on a line
+            out = buf[lo:lo + size].reshape(shape)
+            if name == "eval":
+                bnfast.batch_norm(x, rm, rv, w, b, axis=axis, out=out)
+            elif name == "train":
+                _, mean, invstd = bnfast.batch_norm_train(x, w, b, axis=axis, out=out)
+            else:
+                bnfast.batch_norm_backward(dy, x, mean, invstd, w, axis=axis, out=out)
+            # nothing written outside the output
+            assert np.isnan(buf[:lo]).all() and np.isnan(buf[lo + size:]).all(), name
+            res.append((name, out.copy()))
+        return res
+
+    old_stream = _set_stream_bytes(0)
+    try:
+        _set_simd_level(0)
+        plain = run()
+        simd = {}
+        for level in LEVELS:
+            _set_simd_level(level)
+            simd[level] = run()
+    finally:
+        _set_simd_level(SUPPORTED)
+        _set_stream_bytes(old_stream)
+    for level, res in simd.items():
+        for (name, a), (_, g) in zip(plain, res):
+            assert a.tobytes() == g.tobytes(), f"{name}: level {level} loops give other bits"
+    y_ref = ref.batch_norm_train(x, w, b, axis=axis)[0]
+    assert_forward_close(plain[1][1], y_ref)
