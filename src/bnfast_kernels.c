@@ -291,10 +291,6 @@ static inline BNF_INLINE int bnf_rows_on_lines(const void *q, ptrdiff_t stride,
            width * (ptrdiff_t)itemsize % 64 == 0;
 }
 
-/* Contiguous rows streamed as one run from the registers (norm_rows_flat): when its runs
- * of len elements fill whole lines, however far y is from one. */
-#define BNF_FLAT_NT(len) (BNF_DIRECT_NT(4) && (len) * (ptrdiff_t)sizeof(T) % 64 == 0)
-
 /* Elements per chunk staged in L1 before a streaming store. */
 #define BNF_CHUNK 1024
 
@@ -312,6 +308,25 @@ static inline BNF_INLINE int bnf_rows_on_lines(const void *q, ptrdiff_t stride,
 /* ... from this many elements: on a row or a few, repeating the factors costs more than
  * it saves (a (1, 64) normalize measured 2x faster in the rows form). */
 #define BNF_FLAT_MIN (2 * BNF_FLAT_ELEMS)
+/* Its run: whole rows, BNF_FLAT_ELEMS / width of them when they are narrow. */
+#define BNF_FLAT_LEN(width) \
+    (2 * (width) > BNF_FLAT_ELEMS ? (width) : BNF_FLAT_ELEMS / (width) * (width))
+/* Contiguous rows of any width up to a chunk are streamed as one such run straight from
+ * the registers of level `level` when the runs fill whole lines, however far the output
+ * is from one (the factors are rotated to match, bnf_repeat_factors). */
+#define BNF_FLAT_NT(width, level) \
+    (BNF_DIRECT_NT(level) && BNF_FLAT_LEN(width) * (ptrdiff_t)sizeof(T) % 64 == 0)
+
+/* dst[k][e] = src[k][(e + head) % width] for e < len (a multiple of width): per-channel
+ * factors repeated along a flat run of whole rows that starts `head` elements into one. */
+static inline BNF_INLINE void bnf_repeat_factors(double *const *dst, const double *const *src,
+                                                 int nsrc, ptrdiff_t width, ptrdiff_t len,
+                                                 ptrdiff_t head)
+{
+    for (int k = 0; k < nsrc; k++)
+        for (ptrdiff_t e = 0, c = head % width; e < len; e++, c = c + 1 < width ? c + 1 : 0)
+            dst[k][e] = src[k][c];
+}
 
 /* Streaming stores only for runs of at least this many bytes: a short run leaves lines
  * partly written, and the call per run costs more than it saves. */

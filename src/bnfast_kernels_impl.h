@@ -325,15 +325,15 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_flat)(const T *x, T *y, ptrdiff
 {
     T tmp[BNF_CHUNK];
     BNF_ALIGN64 double m[BNF_CHUNK], a[BNF_CHUNK], b[BNF_CHUNK];
-    ptrdiff_t len = 2 * width > BNF_FLAT_ELEMS ? width : BNF_FLAT_ELEMS / width * width;
-    ptrdiff_t total = nrows * width;
+    ptrdiff_t len = BNF_FLAT_LEN(width), total = nrows * width;
     ptrdiff_t chunk = BNF_CHUNK / len * len, head = 0;
     int stream = flags & BNF_STREAM;
-    /* streamed straight from the registers when every run of len elements can start on
-     * a line (BNF_FLAT_NT): the first `head` elements up to one are done alone, and the
-     * factors are repeated from column `head` on, so that every run starts on a line
-     * and loads its factors from one */
-    int nt = stream && BNF_FLAT_NT(len);
+    /* streamed straight from the registers (BNF_FLAT_NT): the first `head` elements, up
+     * to a line, are done alone, and the factors are repeated from column `head` on, so
+     * that every run starts on a line and loads its factors from one */
+    int nt = stream && BNF_FLAT_NT(width, 4);
+    double *dst[3] = {m, a, b};
+    const double *src[3] = {mean, scale, shift};
     int staged = stream && !nt;
     bnf_pf pf;
     if (nt) {
@@ -346,11 +346,7 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_flat)(const T *x, T *y, ptrdiff
         y += head;
         total -= head;
     }
-    for (ptrdiff_t e = 0, c = head % width; e < len; e++, c = c + 1 < width ? c + 1 : 0) {
-        m[e] = mean[c];
-        a[e] = scale[c];
-        b[e] = shift[c];
-    }
+    bnf_repeat_factors(dst, src, 3, width, len, head);
     bnf_pf_init(&pf, flags & BNF_CACHED ? NULL : x, 1, 0, total * (ptrdiff_t)sizeof(T));
     for (ptrdiff_t e0 = 0; e0 < total; e0 += chunk) {
         ptrdiff_t n = total - e0 < chunk ? total - e0 : chunk;
@@ -379,7 +375,7 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_block)(const T *x, ptrdiff_t xs
     int stream = flags & BNF_STREAM;
     if (xstride == width && ystride == width &&
         ((2 * width <= BNF_FLAT_ELEMS && nrows * width >= BNF_FLAT_MIN) ||
-         (stream && BNF_FLAT_NT(width)))) {
+         (stream && BNF_FLAT_NT(width, 4)))) {
         BNF_NAME(norm_rows_flat)(x, y, nrows, width, mean, scale, shift, flags);
         return;
     }
@@ -625,6 +621,46 @@ BNF_CLONES void BNF_NAME(bnf_bwd_dx_runs)(const T *dy, ptrdiff_t dystride, const
     }
 }
 
+/* dx over contiguous rows as one run, streamed straight from the registers, as
+ * norm_rows_flat (x == NULL: a * dy). */
+static inline BNF_INLINE void BNF_NAME(dx_rows_flat)(const T *dy, const T *x, T *dx,
+                                                    ptrdiff_t nrows, ptrdiff_t width,
+                                                    const double *mean, const double *a,
+                                                    const double *k1, const double *k2,
+                                                    int flags)
+{
+    BNF_ALIGN64 double m[BNF_CHUNK], fa[BNF_CHUNK], f1[BNF_CHUNK], f2[BNF_CHUNK];
+    double *dst[4] = {fa, m, f1, f2};
+    const double *src[4] = {a, mean, k1, k2};
+    ptrdiff_t len = BNF_FLAT_LEN(width), total = nrows * width;
+    ptrdiff_t chunk = BNF_CHUNK / len * len, head = bnf_nt_lead(dx, sizeof(T));
+    int cached = flags & BNF_CACHED;
+    bnf_pf pfg, pfx;
+    if (head > total) head = total;
+    for (ptrdiff_t e = 0; e < head; e++) {
+        ptrdiff_t c = e % width;
+        dx[e] = x ? BNF_NAME(dx_elem)(dy[e], x[e], mean[c], a[c], k1[c], k2[c])
+                  : BNF_NAME(dx_fixed_elem)(dy[e], a[c]);
+    }
+    dy += head;
+    dx += head;
+    if (x) x += head;
+    total -= head;
+    bnf_repeat_factors(dst, src, x ? 4 : 1, width, len, head);
+    bnf_pf_init(&pfg, cached ? NULL : dy, 1, 0, total * (ptrdiff_t)sizeof(T));
+    bnf_pf_init(&pfx, cached ? NULL : x, 1, 0, total * (ptrdiff_t)sizeof(T));
+    for (ptrdiff_t e0 = 0; e0 < total; e0 += chunk) {
+        ptrdiff_t n = total - e0 < chunk ? total - e0 : chunk;
+        ptrdiff_t full = n / len, rest = n - full * len;
+        const T *p0 = x ? x + e0 : NULL;
+        BNF_DISPATCH(dx_rows_run, dy + e0, len, p0, len, dx + e0, len, full, len, m, fa, f1,
+                     f2, &pfg, &pfx, 1);
+        if (rest)
+            BNF_DISPATCH(dx_rows_run, dy + e0 + full * len, 0, p0 ? p0 + full * len : NULL, 0,
+                         dx + e0 + full * len, 0, 1, rest, m, fa, f1, f2, &pfg, &pfx, 1);
+    }
+}
+
 /* A block of at most BNF_CHUNK columns (a staged group of rows fits tmp). */
 static inline BNF_INLINE void BNF_NAME(dx_rows_block)(const T *dy, ptrdiff_t dystride,
                                                      const T *x, ptrdiff_t xstride, T *dx,
@@ -639,6 +675,11 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_block)(const T *dy, ptrdiff_t dys
     bnf_pf pfg, pfx;
     int stream = flags & BNF_STREAM, cached = flags & BNF_CACHED;
     int nt = stream && BNF_DIRECT_NT(3) && bnf_rows_on_lines(dx, dxstride, width, sizeof(T));
+    if (stream && dystride == width && (!x || xstride == width) && dxstride == width &&
+        BNF_FLAT_NT(width, 3)) {
+        BNF_NAME(dx_rows_flat)(dy, x, dx, nrows, width, mean, a, k1, k2, flags);
+        return;
+    }
     if (nt) stream = 0;               /* nothing staged */
     ptrdiff_t group = bnf_row_group(width, dxstride, &stream, sizeof(T));
     bnf_pf_init(&pfg, cached ? NULL : dy, nrows, dystride * (ptrdiff_t)sizeof(T),
