@@ -61,10 +61,12 @@ cdef extern from "bnfast_kernels.h" nogil:
                             Py_ssize_t width, Py_ssize_t tile_rows, bnf_moments *m)
     void bnf_norm_runs_f32(const float *x, Py_ssize_t xs, float *y, Py_ssize_t ys,
                            Py_ssize_t nruns, Py_ssize_t length, double mean,
-                           double scale, double shift, int flags)
+                           double scale, double shift, int flags, const float *x_next,
+                           bnf_moments *m_next)
     void bnf_norm_runs_f64(const double *x, Py_ssize_t xs, double *y, Py_ssize_t ys,
                            Py_ssize_t nruns, Py_ssize_t length, double mean,
-                           double scale, double shift, int flags)
+                           double scale, double shift, int flags, const double *x_next,
+                           bnf_moments *m_next)
     void bnf_norm_rows_f32(const float *x, Py_ssize_t xs, float *y, Py_ssize_t ys,
                            Py_ssize_t nrows, Py_ssize_t width, const double *mean,
                            const double *scale, const double *shift, int flags)
@@ -114,9 +116,10 @@ cdef extern from "bnfast_kernels.h" nogil:
 # A channel (runs form) or channel block (rows form) of at most this many bytes per
 # array is processed in one unit: statistics, then normalization while it is in L2.
 DEF FUSE_BYTES = 1 << 20
-# Fused backward units (runs form) of at most this many bytes (x and dy) are pipelined:
-# one unit's dx pass runs beside the next unit's sums pass, so both are in L2 at once
-# (two such units fit a 1 MiB L2).
+# Fused units of runs (training forward: x; backward: x and dy) of at most this many
+# bytes are pipelined: one unit's second pass (normalize, dx) runs beside the next
+# unit's first pass (statistics, sums), so both are in L2 at once (two such units fit a
+# 1 MiB L2).
 DEF PIPE_BYTES = 1 << 19
 # Elements per unit when a channel or block is larger than that.
 DEF SUPER_ELEMS = 1 << 18
@@ -448,10 +451,10 @@ cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
                                   j.hi + c0, j.scale + c0, j.shift + c0, flags)
         elif j.f64:
             bnf_norm_runs_f64(<double *>x, j.x_os, <double *>y, j.y_os, nr, j.inner,
-                              j.hi[c0], j.scale[c0], j.shift[c0], flags)
+                              j.hi[c0], j.scale[c0], j.shift[c0], flags, NULL, NULL)
         else:
             bnf_norm_runs_f32(<float *>x, j.x_os, <float *>y, j.y_os, nr, j.inner,
-                              j.hi[c0], j.scale[c0], j.shift[c0], flags)
+                              j.hi[c0], j.scale[c0], j.shift[c0], flags, NULL, NULL)
         return
     if kind == K_BSUMS or kind == K_BWD or kind == K_BEVAL:
         if rows:
@@ -522,12 +525,12 @@ cdef void _norm_unit(Job *j, Py_ssize_t u) noexcept nogil:
                 bnf_norm_runs_f64(<double *>x + c * j.x_cs, j.x_os,
                                   <double *>y + c * j.y_cs, j.y_os, nr, j.inner,
                                   j.hi[c], j.scale[c], j.shift[c],
-                                  BNF_STREAM if j.stream else 0)
+                                  BNF_STREAM if j.stream else 0, NULL, NULL)
             else:
                 bnf_norm_runs_f32(<float *>x + c * j.x_cs, j.x_os,
                                   <float *>y + c * j.y_cs, j.y_os, nr, j.inner,
                                   j.hi[c], j.scale[c], j.shift[c],
-                                  BNF_STREAM if j.stream else 0)
+                                  BNF_STREAM if j.stream else 0, NULL, NULL)
         return
     for r in range(nr):                 # long runs: strictly in memory order
         for c in range(c0, c1):
@@ -535,17 +538,18 @@ cdef void _norm_unit(Job *j, Py_ssize_t u) noexcept nogil:
                 bnf_norm_runs_f64(<double *>x + r * j.x_os + c * j.x_cs, 0,
                                   <double *>y + r * j.y_os + c * j.y_cs, 0, 1, j.inner,
                                   j.hi[c], j.scale[c], j.shift[c],
-                                  BNF_STREAM if j.stream else 0)
+                                  BNF_STREAM if j.stream else 0, NULL, NULL)
             else:
                 bnf_norm_runs_f32(<float *>x + r * j.x_os + c * j.x_cs, 0,
                                   <float *>y + r * j.y_os + c * j.y_cs, 0, 1, j.inner,
                                   j.hi[c], j.scale[c], j.shift[c],
-                                  BNF_STREAM if j.stream else 0)
+                                  BNF_STREAM if j.stream else 0, NULL, NULL)
 
 
-cdef void _bwd_pipeline(Job *j, Py_ssize_t u0, Py_ssize_t u1) noexcept nogil:
-    """The fused backward of units u0 .. u1 - 1 (whole channels of runs, nsb == 1): each
-    unit's dx pass, from L2, interleaved with the next unit's sums pass, from DRAM."""
+cdef void _pipeline(Job *j, int kind, Py_ssize_t u0, Py_ssize_t u1) noexcept nogil:
+    """Fused units u0 .. u1 - 1 of `kind` (K_FWD or K_BWD; whole channels of runs,
+    nsb == 1): each unit's second pass (normalize or dx), from L2, interleaved with the
+    next unit's first pass (statistics or backward sums), from DRAM."""
     cdef Py_ssize_t u, isz = 8 if j.f64 else 4
     cdef int flags = BNF_CACHED | (BNF_STREAM if j.stream else 0)
     cdef char *x
@@ -556,28 +560,38 @@ cdef void _bwd_pipeline(Job *j, Py_ssize_t u0, Py_ssize_t u1) noexcept nogil:
     cdef double mean_next
     if u0 >= u1:
         return
-    _unit(j, K_BSUMS, u0)
+    _unit(j, K_STATS if kind == K_FWD else K_BSUMS, u0)
     for u in range(u0, u1):
-        _bwd_coeffs(j, u)
         x = j.x + u * j.x_cs * isz
-        dy = j.dy + u * j.dy_cs * isz
         y = j.y + u * j.y_cs * isz
-        x_next = dy_next = NULL
-        mean_next = 0
-        if u + 1 < u1:
-            x_next = x + j.x_cs * isz
-            dy_next = dy + j.dy_cs * isz
-            mean_next = j.hi[u + 1]
-        if j.f64:
-            bnf_bwd_dx_runs_f64(<double *>dy, j.dy_os, <double *>x, j.x_os, <double *>y,
-                                j.y_os, j.outer, j.inner, j.hi[u], j.scale[u], j.k1[u],
-                                j.k2[u], flags, <double *>dy_next, <double *>x_next,
-                                mean_next, j.s_dy + u + 1, j.s_dyx + u + 1, j.s_xm + u + 1)
+        x_next = x + j.x_cs * isz if u + 1 < u1 else NULL
+        if kind == K_FWD:
+            _finalize(j, u, 1, j.mom + u)
+            if j.f64:
+                bnf_norm_runs_f64(<double *>x, j.x_os, <double *>y, j.y_os, j.outer, j.inner,
+                                  j.hi[u], j.scale[u], j.shift[u], flags, <double *>x_next,
+                                  j.mom + u + 1)
+            else:
+                bnf_norm_runs_f32(<float *>x, j.x_os, <float *>y, j.y_os, j.outer, j.inner,
+                                  j.hi[u], j.scale[u], j.shift[u], flags, <float *>x_next,
+                                  j.mom + u + 1)
         else:
-            bnf_bwd_dx_runs_f32(<float *>dy, j.dy_os, <float *>x, j.x_os, <float *>y,
-                                j.y_os, j.outer, j.inner, j.hi[u], j.scale[u], j.k1[u],
-                                j.k2[u], flags, <float *>dy_next, <float *>x_next,
-                                mean_next, j.s_dy + u + 1, j.s_dyx + u + 1, j.s_xm + u + 1)
+            _bwd_coeffs(j, u)
+            dy = j.dy + u * j.dy_cs * isz
+            dy_next = dy + j.dy_cs * isz if x_next != NULL else NULL
+            mean_next = j.hi[u + 1] if x_next != NULL else 0
+            if j.f64:
+                bnf_bwd_dx_runs_f64(<double *>dy, j.dy_os, <double *>x, j.x_os, <double *>y,
+                                    j.y_os, j.outer, j.inner, j.hi[u], j.scale[u], j.k1[u],
+                                    j.k2[u], flags, <double *>dy_next, <double *>x_next,
+                                    mean_next, j.s_dy + u + 1, j.s_dyx + u + 1,
+                                    j.s_xm + u + 1)
+            else:
+                bnf_bwd_dx_runs_f32(<float *>dy, j.dy_os, <float *>x, j.x_os, <float *>y,
+                                    j.y_os, j.outer, j.inner, j.hi[u], j.scale[u], j.k1[u],
+                                    j.k2[u], flags, <float *>dy_next, <float *>x_next,
+                                    mean_next, j.s_dy + u + 1, j.s_dyx + u + 1,
+                                    j.s_xm + u + 1)
         if j.stream:
             bnf_stream_fence()
 
@@ -593,14 +607,14 @@ cdef inline void _any_unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
 
 cdef void _run(Job *j, int kind, Py_ssize_t nunits, int nthreads) noexcept nogil:
     cdef Py_ssize_t u, t
-    if kind == K_BWD and j.inner > 1 and \
-            j.outer * j.inner * (8 if j.f64 else 4) * 2 <= PIPE_BYTES:
+    if (kind == K_FWD or kind == K_BWD) and j.inner > 1 and \
+            j.outer * j.inner * (8 if j.f64 else 4) * (1 if kind == K_FWD else 2) <= PIPE_BYTES:
         # each thread a contiguous range of channels, pipelined
         if nthreads <= 1:
-            _bwd_pipeline(j, 0, nunits)
+            _pipeline(j, kind, 0, nunits)
         else:
             for t in prange(nthreads, num_threads=nthreads, schedule='static'):
-                _bwd_pipeline(j, t * nunits // nthreads, (t + 1) * nunits // nthreads)
+                _pipeline(j, kind, t * nunits // nthreads, (t + 1) * nunits // nthreads)
         return
     if nthreads <= 1:
         for u in range(nunits):

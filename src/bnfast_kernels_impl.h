@@ -85,15 +85,15 @@ static inline BNF_INLINE void BNF_NAME(bwd_elem4)(T g0, T g1, T g2, T g3, T x0, 
 #define BNF_DISPATCH4(n, ...) BNF_NAME(n)(__VA_ARGS__)
 #endif
 
-/* Sums of d = x - shift and d^2 over a tile of runs: `nruns` runs of `len` contiguous
- * elements.  Lane l of the accumulators takes the elements at positions l, l+L, ... of
- * each run, whatever the vector width, so the summation order is fixed. */
+/* Sums of d = x - shift and d^2 over `nruns` runs of `len` contiguous elements, into
+ * the lanes s1 and s2 (BNF_LANES each, accumulated into).  Lane l takes the elements at
+ * positions l, l+L, ... of each run, whatever the vector width, so the summation order
+ * is fixed. */
 static inline BNF_INLINE void BNF_NAME(shifted_sums_runs)(const T *x, ptrdiff_t nruns,
                                                          ptrdiff_t stride, ptrdiff_t len,
-                                                         double shift, double *sd,
-                                                         double *sdd, bnf_pf *pf)
+                                                         double shift, double *s1,
+                                                         double *s2, bnf_pf *pf)
 {
-    double s1[BNF_LANES] = {0}, s2[BNF_LANES] = {0};
     for (ptrdiff_t r = 0; r < nruns; r++) {
         const T *p = x + r * stride;
         ptrdiff_t i = 0;
@@ -106,30 +106,41 @@ static inline BNF_INLINE void BNF_NAME(shifted_sums_runs)(const T *x, ptrdiff_t 
         if (pf) bnf_pf_advance(pf, (len - i) * (ptrdiff_t)sizeof(T));
         for (int l = 0; i < len; i++, l++) BNF_NAME(sums_elem)(p[i], shift, &s1[l], &s2[l]);
     }
-    *sd = bnf_sum_lanes(s1);
-    *sdd = bnf_sum_lanes(s2);
 }
 
-/* Moments of one cache-resident tile: one pass around `shift` (the mean so far), and a
- * second pass around the tile's own mean only when the first loses too much to
+/* Moments of one cache-resident tile from the lanes s1, s2 of a first pass around
+ * `shift` (the mean so far), and a second pass around the tile's own mean only when the first loses too much to
  * cancellation (sd^2 / n > BNF_REDO_RATIO * sdd): for double data more than one bit; for
  * float data more than 20 of the 53 bits, which leaves the variance ~1e-10 exact, far
  * below a float's resolution.  The result is as exact as two passes would make it. */
-static inline BNF_INLINE void BNF_NAME(tile_runs)(const T *x, ptrdiff_t nruns,
-                                                 ptrdiff_t stride, ptrdiff_t len,
-                                                 double shift, bnf_moments *t, bnf_pf *pf)
+static inline BNF_INLINE void BNF_NAME(tile_finish)(const T *x, ptrdiff_t nruns,
+                                                   ptrdiff_t stride, ptrdiff_t len,
+                                                   double shift, double *s1, double *s2,
+                                                   bnf_moments *t)
 {
-    double n = (double)nruns * (double)len, sd, sdd;
-    BNF_DISPATCH(shifted_sums_runs, x, nruns, stride, len, shift, &sd, &sdd, pf);
+    double n = (double)nruns * (double)len, sd = bnf_sum_lanes(s1), sdd = bnf_sum_lanes(s2);
     if (sd * sd > BNF_REDO_RATIO * n * sdd) {
         shift += sd / n;
-        BNF_DISPATCH(shifted_sums_runs, x, nruns, stride, len, shift, &sd, &sdd, NULL);
+        for (int l = 0; l < BNF_LANES; l++) s1[l] = s2[l] = 0;
+        BNF_DISPATCH(shifted_sums_runs, x, nruns, stride, len, shift, s1, s2, NULL);
+        sd = bnf_sum_lanes(s1);
+        sdd = bnf_sum_lanes(s2);
     }
     t->n = n;
     t->hi = shift;
     t->lo = sd / n;
     t->m2 = sdd - sd * t->lo;
     if (t->m2 < 0) t->m2 = 0;
+}
+
+/* Moments of a tile of `nruns` runs at x: the first pass, then tile_finish. */
+static inline BNF_INLINE void BNF_NAME(tile_runs)(const T *x, ptrdiff_t nruns,
+                                                 ptrdiff_t stride, ptrdiff_t len,
+                                                 double shift, bnf_moments *t, bnf_pf *pf)
+{
+    double s1[BNF_LANES] = {0}, s2[BNF_LANES] = {0};
+    BNF_DISPATCH(shifted_sums_runs, x, nruns, stride, len, shift, s1, s2, pf);
+    BNF_NAME(tile_finish)(x, nruns, stride, len, shift, s1, s2, t);
 }
 
 BNF_CLONES void BNF_NAME(bnf_stats_runs)(const T *x, ptrdiff_t nruns, ptrdiff_t stride,
@@ -292,18 +303,50 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_run)(const T *x, ptrdiff_t xstr
 
 /* y = (x - mean) * scale + shift, in double, rounded once.  `mean` is the high part of
  * the mean (an offset of prices is removed exactly here); the caller folds the small
- * low part into shift. */
+ * low part into shift.
+ *
+ * With x_next given, the call also takes the moments of the next unit into m_next (as
+ * bnf_stats_runs, the same bits): runs of the same shape and stride at x_next, one run
+ * before each run normalized.  A fused unit's normalize reads from L2 and its statistics
+ * wait on DRAM; interleaved, the next unit's loads overlap this unit's arithmetic. */
 BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, T *y,
                                         ptrdiff_t ystride, ptrdiff_t nruns, ptrdiff_t len,
-                                        double mean, double scale, double shift, int flags)
+                                        double mean, double scale, double shift, int flags,
+                                        const T *x_next, bnf_moments *m_next)
 {
     T tmp[BNF_CHUNK];
-    bnf_pf pf;
+    double s1[BNF_LANES] = {0}, s2[BNF_LANES] = {0}, tile_shift = 0;
+    bnf_pf pf, pf_next;
     int stream = (flags & BNF_STREAM) && len * (ptrdiff_t)sizeof(T) >= BNF_STREAM_MIN_RUN;
     int nt = stream && BNF_DIRECT_NT(4), staged = stream && !nt;
+    ptrdiff_t per = len <= BNF_TILE_ELEMS ? BNF_TILE_ELEMS / len : 0, t0 = 0;
+    if (x_next && (per == 0 || nruns <= 0 || len <= 0)) {
+        BNF_NAME(bnf_stats_runs)(x_next, nruns, xstride, len, m_next);   /* not interleaved */
+        x_next = NULL;
+    }
     bnf_pf_init(&pf, flags & BNF_CACHED ? NULL : x, nruns, xstride * (ptrdiff_t)sizeof(T),
                 len * (ptrdiff_t)sizeof(T));
+    bnf_pf_init(&pf_next, x_next, nruns, xstride * (ptrdiff_t)sizeof(T),
+                len * (ptrdiff_t)sizeof(T));
+    if (x_next) {
+        m_next->n = m_next->hi = m_next->lo = m_next->m2 = 0;
+        tile_shift = (double)x_next[0];
+    }
     for (ptrdiff_t r = 0; r < nruns; r++) {
+        if (x_next) {
+            /* bnf_stats_runs' tiles of `per` runs, one run at a time */
+            BNF_DISPATCH(shifted_sums_runs, x_next + r * xstride, 1, xstride, len, tile_shift,
+                         s1, s2, &pf_next);
+            if (r + 1 - t0 == per || r + 1 == nruns) {
+                bnf_moments t;
+                BNF_NAME(tile_finish)(x_next + t0 * xstride, r + 1 - t0, xstride, len,
+                                      tile_shift, s1, s2, &t);
+                bnf_moments_merge(m_next, &t);
+                for (int l = 0; l < BNF_LANES; l++) s1[l] = s2[l] = 0;
+                t0 = r + 1;
+                tile_shift = m_next->hi + m_next->lo;
+            }
+        }
         for (ptrdiff_t i0 = 0; i0 < len; i0 += BNF_CHUNK) {
             ptrdiff_t n = len - i0 < BNF_CHUNK ? len - i0 : BNF_CHUNK;
             const T *p = x + r * xstride + i0;

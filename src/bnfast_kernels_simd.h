@@ -96,12 +96,14 @@
     } while (0)
 
 BNF_SIMD_FN void BNF_SIMD(shifted_sums_runs)(const T *x, ptrdiff_t nruns, ptrdiff_t stride,
-                                             ptrdiff_t len, double shift, double *sd,
-                                             double *sdd, bnf_pf *pf)
+                                             ptrdiff_t len, double shift, double *s1,
+                                             double *s2, bnf_pf *pf)
 {
-    double s1[BNF_LANES], s2[BNF_LANES];
     BNF_VD a[BNF_NV], b[BNF_NV], vs = BNF_VSET1(shift);
-    for (int v = 0; v < BNF_NV; v++) a[v] = b[v] = BNF_VZERO();
+    for (int v = 0; v < BNF_NV; v++) {
+        a[v] = BNF_VLD(s1 + BNF_VW * v);
+        b[v] = BNF_VLD(s2 + BNF_VW * v);
+    }
     for (ptrdiff_t r = 0; r < nruns; r++) {
         const T *p = x + r * stride;
         ptrdiff_t i = 0;
@@ -131,8 +133,6 @@ BNF_SIMD_FN void BNF_SIMD(shifted_sums_runs)(const T *x, ptrdiff_t nruns, ptrdif
         BNF_VST(s1 + BNF_VW * v, a[v]);
         BNF_VST(s2 + BNF_VW * v, b[v]);
     }
-    *sd = bnf_sum_lanes(s1);
-    *sdd = bnf_sum_lanes(s2);
 }
 
 BNF_SIMD_FN void BNF_SIMD(shifted_sums_rows)(const T *base, ptrdiff_t k, ptrdiff_t stride,

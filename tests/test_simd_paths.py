@@ -148,3 +148,43 @@ def test_streamed_outputs_off_a_line(shape, axis, dtype, offset):
             assert a.tobytes() == g.tobytes(), f"{name}: level {level} loops give other bits"
     y_ref = ref.batch_norm_train(x, w, b, axis=axis)[0]
     assert_forward_close(plain[1][1], y_ref)
+
+
+# Fused units of runs (NCHW) are pipelined: each channel's normalize or dx runs beside the
+# next channel's statistics or sums. The unit-by-unit path (taken when a hook merges the
+# statistics, here the identity) must give the same bits.
+PIPE_SHAPES = [
+    ((5, 7, 9, 11), 1),       # runs of 99: tails in every run
+    ((4, 6, 300), 1),         # several runs per tile
+    ((2, 5, 1500), 1),        # runs longer than a chunk
+    ((1, 3, 40000), 1),       # runs longer than a statistics tile: not interleaved
+    ((60, 3, 700), 1),        # 60 runs of 700: the statistics in two tiles
+]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,axis", PIPE_SHAPES)
+def test_pipelined_units_equal_unit_by_unit(shape, axis, dtype, threads, stream):
+    from bnfast._core import _backward, _train
+    x = make_values(shape, dtype, 19, axis=axis, offset=1e4)
+    dy = make_values(shape, dtype, 23, axis=axis)
+    C = shape[axis]
+    w, b = params(C, dtype, 3)[:2]
+    n = x.size // C
+    bnfast.set_num_threads(threads)
+    old_stream = _set_stream_bytes(0 if stream else 1 << 62)
+    try:
+        res = {}
+        for hooked in (False, True):
+            mh = (lambda local: local) if hooked else None
+            sh = (lambda local: (local, n)) if hooked else None
+            y, mean, invstd = _train(x, w, b, 1e-5, axis, None, None, 0.1, None, True, mh)
+            dx, dw, db = _backward(dy, x, mean, invstd, w, True, axis, None, sh)
+            res[hooked] = [y, mean, invstd, dx, dw, db]
+    finally:
+        _set_stream_bytes(old_stream)
+        bnfast.set_num_threads(None)
+    for name, a, g in zip(["y", "mean", "invstd", "dx", "dw", "db"], res[False], res[True]):
+        assert a.tobytes() == g.tobytes(), f"{name}: the pipelined units give other bits"
