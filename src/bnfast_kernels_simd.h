@@ -80,18 +80,23 @@
     } while (0)
 #define BNF_NT_HEAD(q) ((uintptr_t)(q) & (BNF_NT_ALIGN - 1))
 
-/* Head and tail of an elementwise loop writing q[0 .. n): BNF_HEAD, with nt, the elements
- * before q's first BNF_NT_ALIGN boundary; BNF_TAIL the last n - i (fewer than BNF_VW).
- * Both run the loop's scalar expression BNF_S(j).  (AVX-512 masked stores of whole
- * vectors instead, which reach into the lines streamed next to them, measured 1.3-5x
- * slower.) */
+/* The parts of an elementwise loop writing q[0 .. n), from the loop's BNF_V(j) (the
+ * vector of results from element j) and BNF_S(j) (result j alone): BNF_HEAD, with nt,
+ * the elements before q's first BNF_NT_ALIGN boundary, alone; BNF_PAIRS two vectors at a
+ * time up to `end`; BNF_TAIL the rest, by vectors, then alone.  (AVX-512 masked stores of
+ * whole vectors for head and tail, which reach into the lines streamed next to them,
+ * measured 1.3-5x slower.) */
 #define BNF_HEAD(q, i, n, nt)                                                          \
     do {                                                                               \
         if (nt)                                                                        \
             for (; i < (n) && BNF_NT_HEAD((q) + i); i++) (q)[i] = BNF_S(i);            \
     } while (0)
+#define BNF_PAIRS(q, i, end, nt)                                                       \
+    for (; i + 2 * BNF_VW <= (end); i += 2 * BNF_VW)                                   \
+    BNF_VST2((q) + i, BNF_V(i), BNF_V(i + BNF_VW), nt)
 #define BNF_TAIL(q, i, n)                                                              \
     do {                                                                               \
+        for (; i + BNF_VW <= (n); i += BNF_VW) BNF_VSTT((q) + i, BNF_V(i));            \
         for (; i < (n); i++) (q)[i] = BNF_S(i);                                        \
     } while (0)
 
@@ -190,10 +195,8 @@ BNF_SIMD_FN void BNF_SIMD(norm_chunk)(const T *p, T *q, ptrdiff_t n, double mean
     for (ptrdiff_t b0 = 0; b0 < n; b0 += BNF_PF_BLOCK) {
         ptrdiff_t b1 = n - b0 < BNF_PF_BLOCK ? n : b0 + BNF_PF_BLOCK;
         bnf_pf_advance(pf, (b1 - b0) * (ptrdiff_t)sizeof(T));
-        for (; i + 2 * BNF_VW <= b1; i += 2 * BNF_VW)
-            BNF_VST2(q + i, BNF_V(i), BNF_V(i + BNF_VW), nt);
+        BNF_PAIRS(q, i, b1, nt);
     }
-    for (; i + BNF_VW <= n; i += BNF_VW) BNF_VSTT(q + i, BNF_V(i));
     BNF_TAIL(q, i, n);
 #undef BNF_V
 #undef BNF_S
@@ -214,9 +217,7 @@ BNF_SIMD_FN void BNF_SIMD(norm_rows_run)(const T *x, ptrdiff_t xstride, T *q,
 #define BNF_S(j) BNF_NAME(norm_elem)(p[j], m[j], a[j], b[j])
         bnf_pf_advance(pf, n * (ptrdiff_t)sizeof(T));
         BNF_HEAD(o, c, n, nt);
-        for (; c + 2 * BNF_VW <= n; c += 2 * BNF_VW)
-            BNF_VST2(o + c, BNF_V(c), BNF_V(c + BNF_VW), nt);
-        for (; c + BNF_VW <= n; c += BNF_VW) BNF_VSTT(o + c, BNF_V(c));
+        BNF_PAIRS(o, c, n, nt);
         BNF_TAIL(o, c, n);
 #undef BNF_V
 #undef BNF_S
@@ -347,10 +348,8 @@ BNF_SIMD_FN void BNF_SIMD(dx_chunk)(const T *g, const T *p, T *q, ptrdiff_t n, d
         ptrdiff_t b1 = n - b0 < BNF_PF_BLOCK ? n : b0 + BNF_PF_BLOCK;
         bnf_pf_advance(pfg, (b1 - b0) * (ptrdiff_t)sizeof(T));
         bnf_pf_advance(pfx, (b1 - b0) * (ptrdiff_t)sizeof(T));
-        for (; i + 2 * BNF_VW <= b1; i += 2 * BNF_VW)
-            BNF_VST2(q + i, BNF_V(i), BNF_V(i + BNF_VW), nt);
+        BNF_PAIRS(q, i, b1, nt);
     }
-    for (; i + BNF_VW <= n; i += BNF_VW) BNF_VSTT(q + i, BNF_V(i));
     BNF_TAIL(q, i, n);
 #undef BNF_V
 #undef BNF_S
@@ -379,9 +378,7 @@ BNF_SIMD_FN void BNF_SIMD(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x
         bnf_pf_advance(pfg, n * (ptrdiff_t)sizeof(T));
         bnf_pf_advance(pfx, n * (ptrdiff_t)sizeof(T));
         BNF_HEAD(o, c, n, nt);
-        for (; c + 2 * BNF_VW <= n; c += 2 * BNF_VW)
-            BNF_VST2(o + c, BNF_V(c), BNF_V(c + BNF_VW), nt);
-        for (; c + BNF_VW <= n; c += BNF_VW) BNF_VSTT(o + c, BNF_V(c));
+        BNF_PAIRS(o, c, n, nt);
         BNF_TAIL(o, c, n);
 #undef BNF_V
 #undef BNF_S
@@ -409,3 +406,4 @@ BNF_SIMD_FN void BNF_SIMD(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x
 #undef BNF_NT_ALIGN
 #undef BNF_HEAD
 #undef BNF_TAIL
+#undef BNF_PAIRS
