@@ -282,7 +282,7 @@ static inline BNF_INLINE ptrdiff_t bnf_nt_lead(const void *q, size_t itemsize)
 
 /* Rows that the intrinsics loops stream straight out: every row starts on a line and
  * fills whole lines, so no row has a head or tail done alone (a channels-last eval with
- * rows 16 bytes off a line measured 1.04-1.10 -> 1.18-1.24x a copy that way) and the
+ * rows 16 bytes off a line measured 1.04-1.11 -> 1.18-1.55x a copy that way) and the
  * per-column factors load from their lines. */
 static inline BNF_INLINE int bnf_rows_on_lines(const void *q, ptrdiff_t stride,
                                                ptrdiff_t width, size_t itemsize)
