@@ -117,12 +117,15 @@ def test_streamed_outputs_off_a_line(shape, axis, dtype, offset):
 
     def run():
         res = []
-        for name in ("eval", "train", "dx"):
+        for name in ("eval", "eval in place", "train", "dx"):
             buf = np.full(size + 64, np.nan, dtype)
             lo = (-buf.ctypes.data % 64) // buf.itemsize + offset   # buf[lo - offset] on a line
             out = buf[lo:lo + size].reshape(shape)
             if name == "eval":
                 bnfast.batch_norm(x, rm, rv, w, b, axis=axis, out=out)
+            elif name == "eval in place":
+                out[...] = x
+                bnfast.batch_norm(out, rm, rv, w, b, axis=axis, out=out)
             elif name == "train":
                 _, mean, invstd = bnfast.batch_norm_train(x, w, b, axis=axis, out=out)
             else:
@@ -146,8 +149,9 @@ def test_streamed_outputs_off_a_line(shape, axis, dtype, offset):
     for level, res in simd.items():
         for (name, a), (_, g) in zip(plain, res):
             assert a.tobytes() == g.tobytes(), f"{name}: level {level} loops give other bits"
+    assert plain[0][1].tobytes() == plain[1][1].tobytes()       # in place: the same
     y_ref = ref.batch_norm_train(x, w, b, axis=axis)[0]
-    assert_forward_close(plain[1][1], y_ref)
+    assert_forward_close(plain[2][1], y_ref)
 
 
 # Fused units of runs (NCHW) are pipelined: each channel's normalize or dx runs beside the
