@@ -186,8 +186,10 @@ void bnf_stream_fence(void)
 #define BNF_LINE 64
 #if defined(__GNUC__)
 #define BNF_PREFETCH(p) __builtin_prefetch((p), 0, 3)
+#define BNF_PREFETCH_W(p) __builtin_prefetch((p), 1, 3)
 #else
 #define BNF_PREFETCH(p) ((void)(p))
+#define BNF_PREFETCH_W(p) ((void)(p))
 #endif
 
 /* A prefetch cursor over a unit's runs (rows are runs of `width` elements), kept ahead
@@ -278,6 +280,17 @@ static inline BNF_INLINE const double *bnf_aligned(const double *p, double *buf,
 static inline BNF_INLINE ptrdiff_t bnf_nt_lead(const void *q, size_t itemsize)
 {
     return (ptrdiff_t)((-(uintptr_t)q & 63) / itemsize);
+}
+
+/* Before a run streamed from the registers: bring the lines of its ends (which its
+ * head and tail write with plain stores) into cache, so those stores do not wait for
+ * them behind the streaming stores. */
+static inline BNF_INLINE void bnf_prefetch_ends(const void *run, ptrdiff_t len,
+                                                size_t itemsize, int any)
+{
+    if (!any) return;
+    BNF_PREFETCH_W(run);
+    BNF_PREFETCH_W((const char *)run + (len - 1) * (ptrdiff_t)itemsize);
 }
 
 /* Rows that the intrinsics loops stream straight out: every row starts on a line and

@@ -347,6 +347,13 @@ BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, T *y,
                 tile_shift = m_next->hi + m_next->lo;
             }
         }
+        if (nt) {
+            /* the whole run: chunks would end and start mid-line */
+            bnf_prefetch_ends(y + (r + 1) * ystride, len, sizeof(T), r + 1 < nruns);
+            BNF_DISPATCH4(norm_chunk, x + r * xstride, y + r * ystride, len, mean, scale,
+                          shift, &pf, nt);
+            continue;
+        }
         for (ptrdiff_t i0 = 0; i0 < len; i0 += BNF_CHUNK) {
             ptrdiff_t n = len - i0 < BNF_CHUNK ? len - i0 : BNF_CHUNK;
             const T *p = x + r * xstride + i0;
@@ -611,6 +618,22 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_run)(const T *g, ptrdiff_t gstrid
     }
 }
 
+/* Backward sums of chunk k (BNF_CHUNK elements from k * BNF_CHUNK) of run r: a chunk
+ * starts at a multiple of BNF_LANES, so its elements take the lanes they take in a
+ * whole run. */
+static inline BNF_INLINE void BNF_NAME(bwd_sums_chunk)(const T *dy, ptrdiff_t dystride,
+                                                      const T *x, ptrdiff_t xstride,
+                                                      ptrdiff_t r, ptrdiff_t k, ptrdiff_t len,
+                                                      double mean, double *a1, double *a2,
+                                                      double *a3, bnf_pf *pfg, bnf_pf *pfx)
+{
+    ptrdiff_t s0 = k * BNF_CHUNK;
+    if (s0 >= len) return;
+    BNF_DISPATCH(bwd_sums_runs, dy + r * dystride + s0, dystride, x + r * xstride + s0,
+                 xstride, 1, len - s0 < BNF_CHUNK ? len - s0 : BNF_CHUNK, mean, a1, a2, a3,
+                 pfg, pfx);
+}
+
 /* dx = a * (dy - k1 - (x - mean) * k2); x == NULL (statistics held fixed) means
  * dx = a * dy, and x is not read at all.
  *
@@ -642,20 +665,27 @@ BNF_CLONES void BNF_NAME(bnf_bwd_dx_runs)(const T *dy, ptrdiff_t dystride, const
     bnf_pf_init(&pfx_next, dy_next ? x_next : NULL, nruns, xstride * (ptrdiff_t)sizeof(T),
                 len * (ptrdiff_t)sizeof(T));
     for (ptrdiff_t r = 0; r < nruns; r++) {
-        for (ptrdiff_t i0 = 0; i0 < len; i0 += BNF_CHUNK) {
-            ptrdiff_t n = len - i0 < BNF_CHUNK ? len - i0 : BNF_CHUNK;
+        /* streamed from the registers, dx chunks end on the output's lines (the first
+         * one after the run's head), so that no line in a run is written in two parts */
+        ptrdiff_t head = nt ? bnf_nt_lead(dx + r * dxstride, sizeof(T)) : 0;
+        if (nt) bnf_prefetch_ends(dx + (r + 1) * dxstride, len, sizeof(T), r + 1 < nruns);
+        ptrdiff_t k = 0;
+        for (ptrdiff_t i0 = 0; i0 < len; k++) {
+            ptrdiff_t i1 = head + (k + 1) * BNF_CHUNK;
             const T *g = dy + r * dystride + i0;
             T *q = staged ? tmp : dx + r * dxstride + i0;
-            /* a chunk starts at a multiple of BNF_LANES: its elements take the lanes
-             * they take in a whole run */
-            if (dy_next)
-                BNF_DISPATCH(bwd_sums_runs, dy_next + r * dystride + i0, dystride,
-                             x_next + r * xstride + i0, xstride, 1, n, mean_next, a1, a2,
-                             a3, &pfg_next, &pfx_next);
-            BNF_DISPATCH(dx_chunk, g, x ? x + r * xstride + i0 : NULL, q, n, mean, a, k1, k2,
-                         &pfg, &pfx, nt);
-            if (staged) BNF_NAME(bnf_stream)(dx + r * dxstride + i0, tmp, n);
+            if (i1 > len) i1 = len;
+            if (dy_next) BNF_NAME(bwd_sums_chunk)(dy_next, dystride, x_next, xstride, r, k, len,
+                                                  mean_next, a1, a2, a3, &pfg_next, &pfx_next);
+            BNF_DISPATCH(dx_chunk, g, x ? x + r * xstride + i0 : NULL, q, i1 - i0, mean, a,
+                         k1, k2, &pfg, &pfx, nt);
+            if (staged) BNF_NAME(bnf_stream)(dx + r * dxstride + i0, tmp, i1 - i0);
+            i0 = i1;
         }
+        /* a head can leave the run one dx chunk fewer than chunks of sums */
+        for (; dy_next && k * BNF_CHUNK < len; k++)
+            BNF_NAME(bwd_sums_chunk)(dy_next, dystride, x_next, xstride, r, k, len, mean_next,
+                                     a1, a2, a3, &pfg_next, &pfx_next);
     }
     if (dy_next) {
         *sum_dy = bnf_sum_lanes(a1);

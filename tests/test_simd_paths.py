@@ -97,6 +97,7 @@ def test_level_is_capped_and_restored():
 # it. Both must give the same bits, and the right ones.
 STREAM_SHAPES = [
     ((3, 4, 300), 1),         # runs: a head and a tail in every run
+    ((2, 3, 2049), 1),        # runs of three chunks of sums, two of dx after a head
     ((40, 256), -1),          # contiguous wide rows, one run
     ((40, 64), -1),           # contiguous narrow rows (flat form)
     ((30, 100), -1),          # flat form whose runs do not fill whole lines: staged
