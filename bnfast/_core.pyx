@@ -91,14 +91,15 @@ cdef extern from "bnfast_kernels.h" nogil:
                                double *sum_xmu)
     void bnf_bwd_dx_runs_f32(const float *dy, Py_ssize_t dys, const float *x,
                              Py_ssize_t xs, float *dx, Py_ssize_t dxs, Py_ssize_t nruns,
-                             Py_ssize_t length, double mean, double a, double k1, double k2, int flags,
-                             const float *dy_next, const float *x_next, double mean_next,
+                             Py_ssize_t length, double mean, double a, double k1, double k2,
+                             int flags, const float *dy_next, const float *x_next, double mean_next,
                              double *sum_dy, double *sum_dy_xmu, double *sum_xmu)
     void bnf_bwd_dx_runs_f64(const double *dy, Py_ssize_t dys, const double *x,
                              Py_ssize_t xs, double *dx, Py_ssize_t dxs, Py_ssize_t nruns,
-                             Py_ssize_t length, double mean, double a, double k1, double k2, int flags,
-                             const double *dy_next, const double *x_next, double mean_next,
-                             double *sum_dy, double *sum_dy_xmu, double *sum_xmu)
+                             Py_ssize_t length, double mean, double a, double k1, double k2,
+                             int flags, const double *dy_next, const double *x_next,
+                             double mean_next, double *sum_dy, double *sum_dy_xmu,
+                             double *sum_xmu)
     void bnf_bwd_dx_rows_f32(const float *dy, Py_ssize_t dys, const float *x,
                              Py_ssize_t xs, float *dx, Py_ssize_t dxs, Py_ssize_t nrows,
                              Py_ssize_t width, const double *mean, const double *a,

@@ -109,10 +109,11 @@ static inline BNF_INLINE void BNF_NAME(shifted_sums_runs)(const T *x, ptrdiff_t 
 }
 
 /* Moments of one cache-resident tile from the lanes s1, s2 of a first pass around
- * `shift` (the mean so far), and a second pass around the tile's own mean only when the first loses too much to
- * cancellation (sd^2 / n > BNF_REDO_RATIO * sdd): for double data more than one bit; for
- * float data more than 20 of the 53 bits, which leaves the variance ~1e-10 exact, far
- * below a float's resolution.  The result is as exact as two passes would make it. */
+ * `shift` (the mean so far), with a second pass around the tile's own mean only when the
+ * first loses too much to cancellation (sd^2 / n > BNF_REDO_RATIO * sdd): for double data
+ * more than one bit; for float data more than 20 of the 53 bits, which leaves the
+ * variance ~1e-10 exact, far below a float's resolution.  The result is as exact as two
+ * passes would make it. */
 static inline BNF_INLINE void BNF_NAME(tile_finish)(const T *x, ptrdiff_t nruns,
                                                    ptrdiff_t stride, ptrdiff_t len,
                                                    double shift, double *s1, double *s2,
