@@ -60,13 +60,13 @@ cdef extern from "bnfast_kernels.h" nogil:
     void bnf_stats_rows_f64(const double *x, Py_ssize_t nrows, Py_ssize_t stride,
                             Py_ssize_t width, Py_ssize_t tile_rows, bnf_moments *m)
     void bnf_norm_runs_f32(const float *x, Py_ssize_t xs, float *y, Py_ssize_t ys,
-                           Py_ssize_t nruns, Py_ssize_t length, double mean,
-                           double scale, double shift, int flags, const float *x_next,
-                           bnf_moments *m_next)
+                           Py_ssize_t nruns, Py_ssize_t length, const double *mean,
+                           const double *scale, const double *shift, Py_ssize_t fstride,
+                           int flags, const float *x_next, bnf_moments *m_next)
     void bnf_norm_runs_f64(const double *x, Py_ssize_t xs, double *y, Py_ssize_t ys,
-                           Py_ssize_t nruns, Py_ssize_t length, double mean,
-                           double scale, double shift, int flags, const double *x_next,
-                           bnf_moments *m_next)
+                           Py_ssize_t nruns, Py_ssize_t length, const double *mean,
+                           const double *scale, const double *shift, Py_ssize_t fstride,
+                           int flags, const double *x_next, bnf_moments *m_next)
     void bnf_norm_rows_f32(const float *x, Py_ssize_t xs, float *y, Py_ssize_t ys,
                            Py_ssize_t nrows, Py_ssize_t width, const double *mean,
                            const double *scale, const double *shift, int flags)
@@ -452,10 +452,10 @@ cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
                                   j.hi + c0, j.scale + c0, j.shift + c0, flags)
         elif j.f64:
             bnf_norm_runs_f64(<double *>x, j.x_os, <double *>y, j.y_os, nr, j.inner,
-                              j.hi[c0], j.scale[c0], j.shift[c0], flags, NULL, NULL)
+                              j.hi + c0, j.scale + c0, j.shift + c0, 0, flags, NULL, NULL)
         else:
             bnf_norm_runs_f32(<float *>x, j.x_os, <float *>y, j.y_os, nr, j.inner,
-                              j.hi[c0], j.scale[c0], j.shift[c0], flags, NULL, NULL)
+                              j.hi + c0, j.scale + c0, j.shift + c0, 0, flags, NULL, NULL)
         return
     if kind == K_BSUMS or kind == K_BWD or kind == K_BEVAL:
         if rows:
@@ -525,26 +525,25 @@ cdef void _norm_unit(Job *j, Py_ssize_t u) noexcept nogil:
             if j.f64:
                 bnf_norm_runs_f64(<double *>x + c * j.x_cs, j.x_os,
                                   <double *>y + c * j.y_cs, j.y_os, nr, j.inner,
-                                  j.hi[c], j.scale[c], j.shift[c],
+                                  j.hi + c, j.scale + c, j.shift + c, 0,
                                   BNF_STREAM if j.stream else 0, NULL, NULL)
             else:
                 bnf_norm_runs_f32(<float *>x + c * j.x_cs, j.x_os,
                                   <float *>y + c * j.y_cs, j.y_os, nr, j.inner,
-                                  j.hi[c], j.scale[c], j.shift[c],
+                                  j.hi + c, j.scale + c, j.shift + c, 0,
                                   BNF_STREAM if j.stream else 0, NULL, NULL)
         return
-    for r in range(nr):                 # long runs: strictly in memory order
-        for c in range(c0, c1):
-            if j.f64:
-                bnf_norm_runs_f64(<double *>x + r * j.x_os + c * j.x_cs, 0,
-                                  <double *>y + r * j.y_os + c * j.y_cs, 0, 1, j.inner,
-                                  j.hi[c], j.scale[c], j.shift[c],
-                                  BNF_STREAM if j.stream else 0, NULL, NULL)
-            else:
-                bnf_norm_runs_f32(<float *>x + r * j.x_os + c * j.x_cs, 0,
-                                  <float *>y + r * j.y_os + c * j.y_cs, 0, 1, j.inner,
-                                  j.hi[c], j.scale[c], j.shift[c],
-                                  BNF_STREAM if j.stream else 0, NULL, NULL)
+    for r in range(nr):                 # long runs: strictly in memory order, a row a call
+        if j.f64:
+            bnf_norm_runs_f64(<double *>x + r * j.x_os + c0 * j.x_cs, j.x_cs,
+                              <double *>y + r * j.y_os + c0 * j.y_cs, j.y_cs, c1 - c0, j.inner,
+                              j.hi + c0, j.scale + c0, j.shift + c0, 1,
+                              BNF_STREAM if j.stream else 0, NULL, NULL)
+        else:
+            bnf_norm_runs_f32(<float *>x + r * j.x_os + c0 * j.x_cs, j.x_cs,
+                              <float *>y + r * j.y_os + c0 * j.y_cs, j.y_cs, c1 - c0, j.inner,
+                              j.hi + c0, j.scale + c0, j.shift + c0, 1,
+                              BNF_STREAM if j.stream else 0, NULL, NULL)
 
 
 cdef void _pipeline(Job *j, int kind, Py_ssize_t u0, Py_ssize_t u1) noexcept nogil:
@@ -570,12 +569,12 @@ cdef void _pipeline(Job *j, int kind, Py_ssize_t u0, Py_ssize_t u1) noexcept nog
             _finalize(j, u, 1, j.mom + u)
             if j.f64:
                 bnf_norm_runs_f64(<double *>x, j.x_os, <double *>y, j.y_os, j.outer, j.inner,
-                                  j.hi[u], j.scale[u], j.shift[u], flags, <double *>x_next,
-                                  j.mom + u + 1)
+                                  j.hi + u, j.scale + u, j.shift + u, 0, flags,
+                                  <double *>x_next, j.mom + u + 1)
             else:
                 bnf_norm_runs_f32(<float *>x, j.x_os, <float *>y, j.y_os, j.outer, j.inner,
-                                  j.hi[u], j.scale[u], j.shift[u], flags, <float *>x_next,
-                                  j.mom + u + 1)
+                                  j.hi + u, j.scale + u, j.shift + u, 0, flags,
+                                  <float *>x_next, j.mom + u + 1)
         else:
             _bwd_coeffs(j, u)
             dy = j.dy + u * j.dy_cs * isz

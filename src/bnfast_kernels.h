@@ -97,9 +97,9 @@ void bnf_finalize(const bnf_moments *m, ptrdiff_t n, double eps, const double *w
     void bnf_stats_rows_##S(const T *x, ptrdiff_t nrows, ptrdiff_t stride,                \
                             ptrdiff_t width, ptrdiff_t tile_rows, bnf_moments *m);        \
     void bnf_norm_runs_##S(const T *x, ptrdiff_t xstride, T *y, ptrdiff_t ystride,        \
-                           ptrdiff_t nruns, ptrdiff_t len, double mean, double scale,     \
-                           double shift, int flags, const T *x_next,                      \
-                           bnf_moments *m_next);                                          \
+                           ptrdiff_t nruns, ptrdiff_t len, const double *mean,            \
+                           const double *scale, const double *shift, ptrdiff_t fstride,   \
+                           int flags, const T *x_next, bnf_moments *m_next);              \
     void bnf_norm_rows_##S(const T *x, ptrdiff_t xstride, T *y, ptrdiff_t ystride,        \
                            ptrdiff_t nrows, ptrdiff_t width, const double *mean,          \
                            const double *scale, const double *shift, int flags);          \

@@ -304,7 +304,8 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_run)(const T *x, ptrdiff_t xstr
 
 /* y = (x - mean) * scale + shift, in double, rounded once.  `mean` is the high part of
  * the mean (an offset of prices is removed exactly here); the caller folds the small
- * low part into shift.
+ * low part into shift.  Run r takes the factors mean[r * fstride] ... (fstride 0: one
+ * channel's runs; 1: a channel per run, as the runs of a row of NCHW, one call a row).
  *
  * With x_next given, the call also takes the moments of the next unit into m_next (as
  * bnf_stats_runs, the same bits): runs of the same shape and stride at x_next, one run
@@ -312,11 +313,12 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_run)(const T *x, ptrdiff_t xstr
  * wait on DRAM; interleaved, the next unit's loads overlap this unit's arithmetic. */
 BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, T *y,
                                         ptrdiff_t ystride, ptrdiff_t nruns, ptrdiff_t len,
-                                        double mean, double scale, double shift, int flags,
+                                        const double *mean, const double *scale,
+                                        const double *shift, ptrdiff_t fstride, int flags,
                                         const T *x_next, bnf_moments *m_next)
 {
     T tmp[BNF_CHUNK];
-    double s1[BNF_LANES] = {0}, s2[BNF_LANES] = {0}, tile_shift = 0;
+    double s1[BNF_LANES], s2[BNF_LANES], tile_shift = 0;
     bnf_pf pf, pf_next;
     int stream = (flags & BNF_STREAM) && len * (ptrdiff_t)sizeof(T) >= BNF_STREAM_MIN_RUN;
     int nt = stream && BNF_DIRECT_NT(4), staged = stream && !nt;
@@ -332,8 +334,10 @@ BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, T *y,
     if (x_next) {
         m_next->n = m_next->hi = m_next->lo = m_next->m2 = 0;
         tile_shift = (double)x_next[0];
+        for (int l = 0; l < BNF_LANES; l++) s1[l] = s2[l] = 0;
     }
     for (ptrdiff_t r = 0; r < nruns; r++) {
+        double m = mean[r * fstride], a = scale[r * fstride], b = shift[r * fstride];
         if (x_next) {
             /* bnf_stats_runs' tiles of `per` runs, one run at a time */
             BNF_DISPATCH(shifted_sums_runs, x_next + r * xstride, 1, xstride, len, tile_shift,
@@ -351,15 +355,14 @@ BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, T *y,
         if (nt) {
             /* the whole run: chunks would end and start mid-line */
             bnf_prefetch_ends(y + (r + 1) * ystride, len, sizeof(T), r + 1 < nruns);
-            BNF_DISPATCH4(norm_chunk, x + r * xstride, y + r * ystride, len, mean, scale,
-                          shift, &pf, nt);
+            BNF_DISPATCH4(norm_chunk, x + r * xstride, y + r * ystride, len, m, a, b, &pf, nt);
             continue;
         }
         for (ptrdiff_t i0 = 0; i0 < len; i0 += BNF_CHUNK) {
             ptrdiff_t n = len - i0 < BNF_CHUNK ? len - i0 : BNF_CHUNK;
             const T *p = x + r * xstride + i0;
             T *q = staged ? tmp : y + r * ystride + i0;
-            BNF_DISPATCH4(norm_chunk, p, q, n, mean, scale, shift, &pf, nt);
+            BNF_DISPATCH4(norm_chunk, p, q, n, m, a, b, &pf, nt);
             if (staged) BNF_NAME(bnf_stream)(y + r * ystride + i0, tmp, n);
         }
     }
@@ -652,7 +655,7 @@ BNF_CLONES void BNF_NAME(bnf_bwd_dx_runs)(const T *dy, ptrdiff_t dystride, const
                                           double *sum_dy_xmu, double *sum_xmu)
 {
     T tmp[BNF_CHUNK];
-    double a1[BNF_LANES] = {0}, a2[BNF_LANES] = {0}, a3[BNF_LANES] = {0};
+    double a1[BNF_LANES], a2[BNF_LANES], a3[BNF_LANES];
     bnf_pf pfg, pfx, pfg_next, pfx_next;
     int stream = (flags & BNF_STREAM) && len * (ptrdiff_t)sizeof(T) >= BNF_STREAM_MIN_RUN;
     int nt = stream && BNF_DIRECT_NT(3), staged = stream && !nt;
@@ -665,6 +668,8 @@ BNF_CLONES void BNF_NAME(bnf_bwd_dx_runs)(const T *dy, ptrdiff_t dystride, const
                 len * (ptrdiff_t)sizeof(T));
     bnf_pf_init(&pfx_next, dy_next ? x_next : NULL, nruns, xstride * (ptrdiff_t)sizeof(T),
                 len * (ptrdiff_t)sizeof(T));
+    if (dy_next)
+        for (int l = 0; l < BNF_LANES; l++) a1[l] = a2[l] = a3[l] = 0;
     for (ptrdiff_t r = 0; r < nruns; r++) {
         /* streamed from the registers, dx chunks end on the output's lines (the first
          * one after the run's head), so that no line in a run is written in two parts */
