@@ -345,6 +345,7 @@ ctypedef struct Job:
     Py_ssize_t dy_os, dy_cs
     double eps
     int stream                     # non-temporal stores for the output (large outputs)
+    int reverse                    # a second pass: units last to first (see _run)
     double n_total                 # elements per channel in the whole (maybe global) batch
     # per channel [C]
     double *hi                     # mean, high part
@@ -618,10 +619,10 @@ cdef void _run(Job *j, int kind, Py_ssize_t nunits, int nthreads) noexcept nogil
         return
     if nthreads <= 1:
         for u in range(nunits):
-            _any_unit(j, kind, u)
+            _any_unit(j, kind, nunits - 1 - u if j.reverse else u)
     else:
         for u in prange(nunits, num_threads=nthreads, schedule='static'):
-            _any_unit(j, kind, u)
+            _any_unit(j, kind, nunits - 1 - u if j.reverse else u)
 
 
 cdef inline Py_ssize_t _cdiv(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
@@ -1542,6 +1543,8 @@ def _train(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
                 if moments_hook is not None:
                     n_per = _exchange_moments(j.mom, C, moments_hook)
                 _finalize(&j, 0, C, j.mom)
+                # the last units the statistics read are the likeliest still in cache
+                j.reverse = 1
                 _launch(&j, K_NORM)
         finally:
             free(j.mom)
@@ -1808,6 +1811,7 @@ def _backward(dy, x, mean, invstd, weight, bint training, axis, out, sums_hook):
                 for c in range(C):
                     _bwd_coeffs(&j, c)
                 if _elems(&j) > 0:
+                    j.reverse = 1
                     _launch(&j, K_BDX)
                 # this process's dweight, dbias, centred like the global gradient
                 for c in range(C):
@@ -1816,6 +1820,7 @@ def _backward(dy, x, mean, invstd, weight, bint training, axis, out, sums_hook):
             elif training and j.nsb > 1:
                 for c in range(C):
                     _bwd_coeffs(&j, c)
+                j.reverse = 1
                 _launch(&j, K_BDX)
             for c in range(C):
                 j.s_dyx[c] *= j.invstd[c]          # dweight = sum(dy * xhat)
