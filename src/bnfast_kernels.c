@@ -241,13 +241,31 @@ static inline BNF_INLINE void bnf_pf_advance(bnf_pf *pf, ptrdiff_t bytes)
 /* Elements computed between two advances of a prefetch cursor (elementwise kernels). */
 #define BNF_PF_BLOCK 64
 
-/* Rows reductions: columns summed between two advances of the prefetch cursors.  Each
- * advance covers four rows, so on wide rows one advance per row block would issue 64+
- * prefetches at once; they fill the line-fill buffers and stall the loads behind them
- * (a backward over 1024-wide rows spent 40% of its sums there; interleaved, the sums
- * over 256-wide rows measured 15-30% faster from DRAM, in cache neutral to 6%).  The
- * elementwise kernels measured no gain from it. */
+/* Rows reductions (four rows at a time) prefetch no cursor: the four rows `ahead` rows
+ * below, a line of each as they sum the columns of that line (the intrinsics loops), or
+ * a block of BNF_PF_COLS columns at a time (the plain loops).  Prefetches per line
+ * consumed, never bunched: on wide rows one batch per row block would issue 64+ at once,
+ * fill the line-fill buffers and stall the loads behind them (a backward over 1024-wide
+ * rows spent 40% of its sums there).  A cursor advanced per block cost the backward sums
+ * over 64-wide rows 30% in cache and 25% from DRAM against these (C harness, 51 MB). */
 #define BNF_PF_COLS 64
+
+/* Rows ahead: BNF_PREFETCH_BYTES of the rows' columns, a whole number of four-row steps. */
+static inline ptrdiff_t bnf_rows_ahead(ptrdiff_t row_bytes)
+{
+    ptrdiff_t ahead = row_bytes > 0 ? (BNF_PREFETCH_BYTES + row_bytes - 1) / row_bytes : 4;
+    return (ahead + 3) / 4 * 4;
+}
+
+/* One line of each of four rows `stride_bytes` apart from p. */
+static inline BNF_INLINE void bnf_pf_rows4(const void *p, ptrdiff_t stride_bytes)
+{
+    uintptr_t q = (uintptr_t)p;   /* integers: rows past the array are prefetched too */
+    BNF_PREFETCH((const void *)q);
+    BNF_PREFETCH((const void *)(q + (uintptr_t)stride_bytes));
+    BNF_PREFETCH((const void *)(q + 2 * (uintptr_t)stride_bytes));
+    BNF_PREFETCH((const void *)(q + 3 * (uintptr_t)stride_bytes));
+}
 
 /* Per-column arrays of the rows form (factors, sums) are read as 64-byte vectors; from an
  * array off a 64-byte boundary every such load splits two cache lines.  Measured on a

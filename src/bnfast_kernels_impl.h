@@ -173,20 +173,23 @@ BNF_CLONES void BNF_NAME(bnf_stats_runs)(const T *x, ptrdiff_t nruns, ptrdiff_t 
 }
 
 /* Rows form: sums of d = x - shift[c] and d^2 per channel over `k` rows, four rows at
- * a time so the accumulators are loaded and stored once per four rows. */
+ * a time so the accumulators are loaded and stored once per four rows.  Rows up to
+ * pf_rows (counted from base; 0: none) are prefetched, bnf_rows_ahead below. */
 static inline BNF_INLINE void BNF_NAME(shifted_sums_rows)(const T *base, ptrdiff_t k,
                                                          ptrdiff_t stride, ptrdiff_t width,
                                                          const double *shift, double *s1,
-                                                         double *s2, bnf_pf *pf)
+                                                         double *s2, ptrdiff_t pf_rows)
 {
-    ptrdiff_t r;
+    ptrdiff_t r, ahead = bnf_rows_ahead(width * (ptrdiff_t)sizeof(T));
     for (ptrdiff_t c = 0; c < width; c++) s1[c] = s2[c] = 0;
     for (r = 0; r + 4 <= k; r += 4) {
         const T *p0 = base + r * stride, *p1 = p0 + stride, *p2 = p1 + stride,
                 *p3 = p2 + stride;
+        int pf = r + ahead + 4 <= pf_rows;
         for (ptrdiff_t c0 = 0; c0 < width; c0 += BNF_PF_COLS) {
             ptrdiff_t c1 = width - c0 < BNF_PF_COLS ? width : c0 + BNF_PF_COLS;
-            if (pf) bnf_pf_advance(pf, 4 * (c1 - c0) * (ptrdiff_t)sizeof(T));
+            for (ptrdiff_t c = c0; pf && c < c1; c += BNF_LINE / (ptrdiff_t)sizeof(T))
+                bnf_pf_rows4(p0 + ahead * stride + c, stride * (ptrdiff_t)sizeof(T));
 #pragma omp simd
             for (ptrdiff_t c = c0; c < c1; c++)
                 BNF_NAME(sums_elem4)(p0[c], p1[c], p2[c], p3[c], shift[c], &s1[c], &s2[c]);
@@ -194,13 +197,9 @@ static inline BNF_INLINE void BNF_NAME(shifted_sums_rows)(const T *base, ptrdiff
     }
     for (; r < k; r++) {
         const T *p = base + r * stride;
-        for (ptrdiff_t c0 = 0; c0 < width; c0 += BNF_PF_COLS) {
-            ptrdiff_t c1 = width - c0 < BNF_PF_COLS ? width : c0 + BNF_PF_COLS;
-            if (pf) bnf_pf_advance(pf, (c1 - c0) * (ptrdiff_t)sizeof(T));
 #pragma omp simd
-            for (ptrdiff_t c = c0; c < c1; c++)
-                BNF_NAME(sums_elem)(p[c], shift[c], &s1[c], &s2[c]);
-        }
+        for (ptrdiff_t c = 0; c < width; c++)
+            BNF_NAME(sums_elem)(p[c], shift[c], &s1[c], &s2[c]);
     }
 }
 
@@ -217,9 +216,7 @@ BNF_CLONES void BNF_NAME(bnf_stats_rows)(const T *x, ptrdiff_t nrows, ptrdiff_t 
     BNF_ALIGN64 double shift[BNF_MAX_WIDTH], s1[BNF_MAX_WIDTH], s2[BNF_MAX_WIDTH];
     BNF_ALIGN64 double hi[BNF_MAX_WIDTH], lo[BNF_MAX_WIDTH], m2[BNF_MAX_WIDTH];
     double count = 0;                 /* rows merged so far, in every channel */
-    bnf_pf pf;
     ptrdiff_t per = tile_rows > 0 ? tile_rows : BNF_TILE_ELEMS / width;
-    bnf_pf_init(&pf, x, nrows, stride * (ptrdiff_t)sizeof(T), width * (ptrdiff_t)sizeof(T));
     if (per < 4) per = 4;
     for (ptrdiff_t c = 0; c < width; c++) {
         shift[c] = nrows > 0 ? (double)x[c] : 0;
@@ -230,12 +227,12 @@ BNF_CLONES void BNF_NAME(bnf_stats_rows)(const T *x, ptrdiff_t nrows, ptrdiff_t 
         const T *base = x + r0 * stride;
         double n = (double)k;
         int redo = 0;
-        BNF_DISPATCH(shifted_sums_rows, base, k, stride, width, shift, s1, s2, &pf);
+        BNF_DISPATCH(shifted_sums_rows, base, k, stride, width, shift, s1, s2, nrows - r0);
 #pragma omp simd reduction(| : redo)
         for (ptrdiff_t c = 0; c < width; c++) redo |= s1[c] * s1[c] > BNF_REDO_RATIO * n * s2[c];
         if (redo) {
             for (ptrdiff_t c = 0; c < width; c++) shift[c] += s1[c] / n;
-            BNF_DISPATCH(shifted_sums_rows, base, k, stride, width, shift, s1, s2, NULL);
+            BNF_DISPATCH(shifted_sums_rows, base, k, stride, width, shift, s1, s2, 0);
         }
         if (count == 0) {
 #pragma omp simd
@@ -509,24 +506,28 @@ BNF_CLONES void BNF_NAME(bnf_bwd_sums_runs)(const T *dy, ptrdiff_t dystride, con
     *sum_xmu = bnf_sum_lanes(a3);
 }
 
-/* Backward sums of rows, per column, accumulated into sum_dy.. (four rows at a time). */
+/* Backward sums of rows, per column, accumulated into sum_dy.. (four rows at a time),
+ * prefetching rows up to pf_rows as shifted_sums_rows. */
 static inline BNF_INLINE void BNF_NAME(bwd_sums_rows)(const T *dy, ptrdiff_t dystride,
                                                      const T *x, ptrdiff_t xstride,
                                                      ptrdiff_t nrows, ptrdiff_t width,
                                                      const double *mean, double *sum_dy,
                                                      double *sum_dy_xmu, double *sum_xmu,
-                                                     bnf_pf *pfg, bnf_pf *pfx)
+                                                     ptrdiff_t pf_rows)
 {
-    ptrdiff_t r = 0;
+    ptrdiff_t r = 0, ahead = bnf_rows_ahead(width * (ptrdiff_t)sizeof(T));
     for (; r + 4 <= nrows; r += 4) {
         const T *g0 = dy + r * dystride, *g1 = g0 + dystride, *g2 = g1 + dystride,
                 *g3 = g2 + dystride;
         const T *p0 = x + r * xstride, *p1 = p0 + xstride, *p2 = p1 + xstride,
                 *p3 = p2 + xstride;
+        int pf = r + ahead + 4 <= pf_rows;
         for (ptrdiff_t c0 = 0; c0 < width; c0 += BNF_PF_COLS) {
             ptrdiff_t c1 = width - c0 < BNF_PF_COLS ? width : c0 + BNF_PF_COLS;
-            bnf_pf_advance(pfg, 4 * (c1 - c0) * (ptrdiff_t)sizeof(T));
-            bnf_pf_advance(pfx, 4 * (c1 - c0) * (ptrdiff_t)sizeof(T));
+            for (ptrdiff_t c = c0; pf && c < c1; c += BNF_LINE / (ptrdiff_t)sizeof(T)) {
+                bnf_pf_rows4(g0 + ahead * dystride + c, dystride * (ptrdiff_t)sizeof(T));
+                bnf_pf_rows4(p0 + ahead * xstride + c, xstride * (ptrdiff_t)sizeof(T));
+            }
 #pragma omp simd
             for (ptrdiff_t c = c0; c < c1; c++)
                 BNF_NAME(bwd_elem4)(g0[c], g1[c], g2[c], g3[c], p0[c], p1[c], p2[c], p3[c],
@@ -536,15 +537,9 @@ static inline BNF_INLINE void BNF_NAME(bwd_sums_rows)(const T *dy, ptrdiff_t dys
     for (; r < nrows; r++) {
         const T *g = dy + r * dystride;
         const T *p = x + r * xstride;
-        for (ptrdiff_t c0 = 0; c0 < width; c0 += BNF_PF_COLS) {
-            ptrdiff_t c1 = width - c0 < BNF_PF_COLS ? width : c0 + BNF_PF_COLS;
-            bnf_pf_advance(pfg, (c1 - c0) * (ptrdiff_t)sizeof(T));
-            bnf_pf_advance(pfx, (c1 - c0) * (ptrdiff_t)sizeof(T));
 #pragma omp simd
-            for (ptrdiff_t c = c0; c < c1; c++)
-                BNF_NAME(bwd_elem)(g[c], p[c], mean[c], &sum_dy[c], &sum_dy_xmu[c],
-                                   &sum_xmu[c]);
-        }
+        for (ptrdiff_t c = 0; c < width; c++)
+            BNF_NAME(bwd_elem)(g[c], p[c], mean[c], &sum_dy[c], &sum_dy_xmu[c], &sum_xmu[c]);
     }
 }
 
@@ -559,14 +554,11 @@ BNF_CLONES void BNF_NAME(bnf_bwd_sums_rows)(const T *dy, ptrdiff_t dystride, con
     double *o1 = sum_dy, *o2 = sum_dy_xmu, *o3 = sum_xmu;
     int local = nrows >= BNF_ALIGN_MIN_ROWS &&
                 (bnf_misaligned(o1) || bnf_misaligned(o2) || bnf_misaligned(o3));
-    bnf_pf pfg, pfx;
-    bnf_pf_init(&pfg, dy, nrows, dystride * (ptrdiff_t)sizeof(T), width * (ptrdiff_t)sizeof(T));
-    bnf_pf_init(&pfx, x, nrows, xstride * (ptrdiff_t)sizeof(T), width * (ptrdiff_t)sizeof(T));
     if (local) o1 = s1, o2 = s2, o3 = s3;
     mean = bnf_aligned(mean, mbuf, width, nrows);
     for (ptrdiff_t c = 0; c < width; c++) o1[c] = o2[c] = o3[c] = 0;
     BNF_DISPATCH(bwd_sums_rows, dy, dystride, x, xstride, nrows, width, mean, o1, o2, o3,
-                 &pfg, &pfx);
+                 nrows);
     if (local) {
         memcpy(sum_dy, s1, (size_t)width * sizeof(double));
         memcpy(sum_dy_xmu, s2, (size_t)width * sizeof(double));

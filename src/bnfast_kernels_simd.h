@@ -140,44 +140,44 @@ BNF_SIMD_FN void BNF_SIMD(shifted_sums_runs)(const T *x, ptrdiff_t nruns, ptrdif
     }
 }
 
+/* One line of columns: the prefetch step of the rows reductions. */
+#define BNF_LINE_COLS (BNF_LINE / (ptrdiff_t)sizeof(T))
+
 BNF_SIMD_FN void BNF_SIMD(shifted_sums_rows)(const T *base, ptrdiff_t k, ptrdiff_t stride,
                                              ptrdiff_t width, const double *shift,
-                                             double *s1, double *s2, bnf_pf *pf)
+                                             double *s1, double *s2, ptrdiff_t pf_rows)
 {
-    ptrdiff_t r;
+    ptrdiff_t r, ahead = bnf_rows_ahead(width * (ptrdiff_t)sizeof(T));
     for (ptrdiff_t c = 0; c < width; c++) s1[c] = s2[c] = 0;
     for (r = 0; r + 4 <= k; r += 4) {
         const T *p0 = base + r * stride, *p1 = p0 + stride, *p2 = p1 + stride,
-                *p3 = p2 + stride;
-        for (ptrdiff_t c0 = 0; c0 < width; c0 += BNF_PF_COLS) {
-            ptrdiff_t c1 = width - c0 < BNF_PF_COLS ? width : c0 + BNF_PF_COLS, c = c0;
-            if (pf) bnf_pf_advance(pf, 4 * (c1 - c0) * (ptrdiff_t)sizeof(T));
-            for (; c + BNF_VW <= c1; c += BNF_VW) {
-                BNF_VD sh = BNF_VLD(shift + c);
-                BNF_VD d0 = BNF_VSUB(BNF_VLDT(p0 + c), sh), d1 = BNF_VSUB(BNF_VLDT(p1 + c), sh);
-                BNF_VD d2 = BNF_VSUB(BNF_VLDT(p2 + c), sh), d3 = BNF_VSUB(BNF_VLDT(p3 + c), sh);
-                BNF_VD t1 = BNF_VADD(BNF_VADD(d0, d1), BNF_VADD(d2, d3));
-                BNF_VD t2 = BNF_VADD(BNF_VADD(BNF_VMUL(d0, d0), BNF_VMUL(d1, d1)),
-                                     BNF_VADD(BNF_VMUL(d2, d2), BNF_VMUL(d3, d3)));
-                BNF_VST(s1 + c, BNF_VADD(BNF_VLD(s1 + c), t1));
-                BNF_VST(s2 + c, BNF_VADD(BNF_VLD(s2 + c), t2));
-            }
-            for (; c < c1; c++)
-                BNF_NAME(sums_elem4)(p0[c], p1[c], p2[c], p3[c], shift[c], &s1[c], &s2[c]);
+                *p3 = p2 + stride, *pa = p0 + ahead * stride;
+        int pf = r + ahead + 4 <= pf_rows;
+        ptrdiff_t c = 0;
+        for (; c + BNF_VW <= width; c += BNF_VW) {
+            if (pf && c % BNF_LINE_COLS == 0)
+                bnf_pf_rows4(pa + c, stride * (ptrdiff_t)sizeof(T));
+            BNF_VD sh = BNF_VLD(shift + c);
+            BNF_VD d0 = BNF_VSUB(BNF_VLDT(p0 + c), sh), d1 = BNF_VSUB(BNF_VLDT(p1 + c), sh);
+            BNF_VD d2 = BNF_VSUB(BNF_VLDT(p2 + c), sh), d3 = BNF_VSUB(BNF_VLDT(p3 + c), sh);
+            BNF_VD t1 = BNF_VADD(BNF_VADD(d0, d1), BNF_VADD(d2, d3));
+            BNF_VD t2 = BNF_VADD(BNF_VADD(BNF_VMUL(d0, d0), BNF_VMUL(d1, d1)),
+                                 BNF_VADD(BNF_VMUL(d2, d2), BNF_VMUL(d3, d3)));
+            BNF_VST(s1 + c, BNF_VADD(BNF_VLD(s1 + c), t1));
+            BNF_VST(s2 + c, BNF_VADD(BNF_VLD(s2 + c), t2));
         }
+        for (; c < width; c++)
+            BNF_NAME(sums_elem4)(p0[c], p1[c], p2[c], p3[c], shift[c], &s1[c], &s2[c]);
     }
     for (; r < k; r++) {
         const T *p = base + r * stride;
-        for (ptrdiff_t c0 = 0; c0 < width; c0 += BNF_PF_COLS) {
-            ptrdiff_t c1 = width - c0 < BNF_PF_COLS ? width : c0 + BNF_PF_COLS, c = c0;
-            if (pf) bnf_pf_advance(pf, (c1 - c0) * (ptrdiff_t)sizeof(T));
-            for (; c + BNF_VW <= c1; c += BNF_VW) {
-                BNF_VD d = BNF_VSUB(BNF_VLDT(p + c), BNF_VLD(shift + c));
-                BNF_VST(s1 + c, BNF_VADD(BNF_VLD(s1 + c), d));
-                BNF_VST(s2 + c, BNF_VADD(BNF_VLD(s2 + c), BNF_VMUL(d, d)));
-            }
-            for (; c < c1; c++) BNF_NAME(sums_elem)(p[c], shift[c], &s1[c], &s2[c]);
+        ptrdiff_t c = 0;
+        for (; c + BNF_VW <= width; c += BNF_VW) {
+            BNF_VD d = BNF_VSUB(BNF_VLDT(p + c), BNF_VLD(shift + c));
+            BNF_VST(s1 + c, BNF_VADD(BNF_VLD(s1 + c), d));
+            BNF_VST(s2 + c, BNF_VADD(BNF_VLD(s2 + c), BNF_VMUL(d, d)));
         }
+        for (; c < width; c++) BNF_NAME(sums_elem)(p[c], shift[c], &s1[c], &s2[c]);
     }
 }
 
@@ -279,55 +279,50 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_runs)(const T *dy, ptrdiff_t dystride, const 
 BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const T *x,
                                          ptrdiff_t xstride, ptrdiff_t nrows, ptrdiff_t width,
                                          const double *mean, double *sum_dy,
-                                         double *sum_dy_xmu, double *sum_xmu, bnf_pf *pfg,
-                                         bnf_pf *pfx)
+                                         double *sum_dy_xmu, double *sum_xmu, ptrdiff_t pf_rows)
 {
-    ptrdiff_t r = 0;
+    ptrdiff_t r = 0, ahead = bnf_rows_ahead(width * (ptrdiff_t)sizeof(T));
     for (; r + 4 <= nrows; r += 4) {
         const T *g0 = dy + r * dystride, *g1 = g0 + dystride, *g2 = g1 + dystride,
-                *g3 = g2 + dystride;
+                *g3 = g2 + dystride, *ga = g0 + ahead * dystride;
         const T *p0 = x + r * xstride, *p1 = p0 + xstride, *p2 = p1 + xstride,
-                *p3 = p2 + xstride;
-        for (ptrdiff_t c0 = 0; c0 < width; c0 += BNF_PF_COLS) {
-            ptrdiff_t c1 = width - c0 < BNF_PF_COLS ? width : c0 + BNF_PF_COLS, c = c0;
-            bnf_pf_advance(pfg, 4 * (c1 - c0) * (ptrdiff_t)sizeof(T));
-            bnf_pf_advance(pfx, 4 * (c1 - c0) * (ptrdiff_t)sizeof(T));
-            for (; c + BNF_VW <= c1; c += BNF_VW) {
-                BNF_VD m = BNF_VLD(mean + c);
-                BNF_VD a0 = BNF_VLDT(g0 + c), a1 = BNF_VLDT(g1 + c), a2 = BNF_VLDT(g2 + c),
-                       a3 = BNF_VLDT(g3 + c);
-                BNF_VD d0 = BNF_VSUB(BNF_VLDT(p0 + c), m), d1 = BNF_VSUB(BNF_VLDT(p1 + c), m),
-                       d2 = BNF_VSUB(BNF_VLDT(p2 + c), m), d3 = BNF_VSUB(BNF_VLDT(p3 + c), m);
-                BNF_VD t1 = BNF_VADD(BNF_VADD(a0, a1), BNF_VADD(a2, a3));
-                BNF_VD t2 = BNF_VADD(BNF_VADD(BNF_VMUL(a0, d0), BNF_VMUL(a1, d1)),
-                                     BNF_VADD(BNF_VMUL(a2, d2), BNF_VMUL(a3, d3)));
-                BNF_VD t3 = BNF_VADD(BNF_VADD(d0, d1), BNF_VADD(d2, d3));
-                BNF_VST(sum_dy + c, BNF_VADD(BNF_VLD(sum_dy + c), t1));
-                BNF_VST(sum_dy_xmu + c, BNF_VADD(BNF_VLD(sum_dy_xmu + c), t2));
-                BNF_VST(sum_xmu + c, BNF_VADD(BNF_VLD(sum_xmu + c), t3));
+                *p3 = p2 + xstride, *pa = p0 + ahead * xstride;
+        int pf = r + ahead + 4 <= pf_rows;
+        ptrdiff_t c = 0;
+        for (; c + BNF_VW <= width; c += BNF_VW) {
+            if (pf && c % BNF_LINE_COLS == 0) {
+                bnf_pf_rows4(ga + c, dystride * (ptrdiff_t)sizeof(T));
+                bnf_pf_rows4(pa + c, xstride * (ptrdiff_t)sizeof(T));
             }
-            for (; c < c1; c++)
-                BNF_NAME(bwd_elem4)(g0[c], g1[c], g2[c], g3[c], p0[c], p1[c], p2[c], p3[c],
-                                    mean[c], &sum_dy[c], &sum_dy_xmu[c], &sum_xmu[c]);
+            BNF_VD m = BNF_VLD(mean + c);
+            BNF_VD a0 = BNF_VLDT(g0 + c), a1 = BNF_VLDT(g1 + c), a2 = BNF_VLDT(g2 + c),
+                   a3 = BNF_VLDT(g3 + c);
+            BNF_VD d0 = BNF_VSUB(BNF_VLDT(p0 + c), m), d1 = BNF_VSUB(BNF_VLDT(p1 + c), m),
+                   d2 = BNF_VSUB(BNF_VLDT(p2 + c), m), d3 = BNF_VSUB(BNF_VLDT(p3 + c), m);
+            BNF_VD t1 = BNF_VADD(BNF_VADD(a0, a1), BNF_VADD(a2, a3));
+            BNF_VD t2 = BNF_VADD(BNF_VADD(BNF_VMUL(a0, d0), BNF_VMUL(a1, d1)),
+                                 BNF_VADD(BNF_VMUL(a2, d2), BNF_VMUL(a3, d3)));
+            BNF_VD t3 = BNF_VADD(BNF_VADD(d0, d1), BNF_VADD(d2, d3));
+            BNF_VST(sum_dy + c, BNF_VADD(BNF_VLD(sum_dy + c), t1));
+            BNF_VST(sum_dy_xmu + c, BNF_VADD(BNF_VLD(sum_dy_xmu + c), t2));
+            BNF_VST(sum_xmu + c, BNF_VADD(BNF_VLD(sum_xmu + c), t3));
         }
+        for (; c < width; c++)
+            BNF_NAME(bwd_elem4)(g0[c], g1[c], g2[c], g3[c], p0[c], p1[c], p2[c], p3[c],
+                                mean[c], &sum_dy[c], &sum_dy_xmu[c], &sum_xmu[c]);
     }
     for (; r < nrows; r++) {
         const T *g = dy + r * dystride;
         const T *p = x + r * xstride;
-        for (ptrdiff_t c0 = 0; c0 < width; c0 += BNF_PF_COLS) {
-            ptrdiff_t c1 = width - c0 < BNF_PF_COLS ? width : c0 + BNF_PF_COLS, c = c0;
-            bnf_pf_advance(pfg, (c1 - c0) * (ptrdiff_t)sizeof(T));
-            bnf_pf_advance(pfx, (c1 - c0) * (ptrdiff_t)sizeof(T));
-            for (; c + BNF_VW <= c1; c += BNF_VW) {
-                BNF_VD gi = BNF_VLDT(g + c), d = BNF_VSUB(BNF_VLDT(p + c), BNF_VLD(mean + c));
-                BNF_VST(sum_dy + c, BNF_VADD(BNF_VLD(sum_dy + c), gi));
-                BNF_VST(sum_dy_xmu + c, BNF_VADD(BNF_VLD(sum_dy_xmu + c), BNF_VMUL(gi, d)));
-                BNF_VST(sum_xmu + c, BNF_VADD(BNF_VLD(sum_xmu + c), d));
-            }
-            for (; c < c1; c++)
-                BNF_NAME(bwd_elem)(g[c], p[c], mean[c], &sum_dy[c], &sum_dy_xmu[c],
-                                   &sum_xmu[c]);
+        ptrdiff_t c = 0;
+        for (; c + BNF_VW <= width; c += BNF_VW) {
+            BNF_VD gi = BNF_VLDT(g + c), d = BNF_VSUB(BNF_VLDT(p + c), BNF_VLD(mean + c));
+            BNF_VST(sum_dy + c, BNF_VADD(BNF_VLD(sum_dy + c), gi));
+            BNF_VST(sum_dy_xmu + c, BNF_VADD(BNF_VLD(sum_dy_xmu + c), BNF_VMUL(gi, d)));
+            BNF_VST(sum_xmu + c, BNF_VADD(BNF_VLD(sum_xmu + c), d));
         }
+        for (; c < width; c++)
+            BNF_NAME(bwd_elem)(g[c], p[c], mean[c], &sum_dy[c], &sum_dy_xmu[c], &sum_xmu[c]);
     }
 }
 
@@ -386,6 +381,7 @@ BNF_SIMD_FN void BNF_SIMD(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x
 }
 
 #undef BNF_NV
+#undef BNF_LINE_COLS
 #undef BNF_SIMD
 #undef BNF_ISA
 #undef BNF_SIMD_FN
