@@ -257,6 +257,13 @@ static inline ptrdiff_t bnf_rows_ahead(ptrdiff_t row_bytes)
     return (ahead + 3) / 4 * 4;
 }
 
+/* Every line of a row of `bytes` at p (the plain elementwise rows loops, a row ahead). */
+static inline BNF_INLINE void bnf_pf_row(const void *p, ptrdiff_t bytes)
+{
+    for (ptrdiff_t b = 0; b < bytes; b += BNF_LINE)
+        BNF_PREFETCH((const void *)((uintptr_t)p + (uintptr_t)b));
+}
+
 /* One line of each of four rows `stride_bytes` apart from p. */
 static inline BNF_INLINE void bnf_pf_rows4(const void *p, ptrdiff_t stride_bytes)
 {

@@ -282,18 +282,20 @@ static inline BNF_INLINE void BNF_NAME(norm_chunk)(const T *p, T *q, ptrdiff_t n
 }
 
 /* Rows form, k rows of n columns: q = (x - m) * a + b with per-column factors, rows
- * xstride and qstride elements apart, advancing a prefetch cursor row by row. */
+ * xstride and qstride elements apart; rows up to pf_rows (from x; 0: none) are
+ * prefetched bnf_rows_ahead rows ahead. */
 static inline BNF_INLINE void BNF_NAME(norm_rows_run)(const T *x, ptrdiff_t xstride, T *q,
                                                      ptrdiff_t qstride, ptrdiff_t k,
                                                      ptrdiff_t n, const double *m,
                                                      const double *a, const double *b,
-                                                     bnf_pf *pf, int nt)
+                                                     ptrdiff_t pf_rows, int nt)
 {
+    ptrdiff_t ahead = bnf_rows_ahead(n * (ptrdiff_t)sizeof(T));
     (void)nt;
     for (ptrdiff_t r = 0; r < k; r++) {
         const T *p = x + r * xstride;
         T *o = q + r * qstride;
-        bnf_pf_advance(pf, n * (ptrdiff_t)sizeof(T));
+        if (r + ahead < pf_rows) bnf_pf_row(p + ahead * xstride, n * (ptrdiff_t)sizeof(T));
 #pragma omp simd
         for (ptrdiff_t c = 0; c < n; c++) o[c] = BNF_NAME(norm_elem)(p[c], m[c], a[c], b[c]);
     }
@@ -385,8 +387,7 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_flat)(const T *x, T *y, ptrdiff
     int nt = stream && BNF_FLAT_NT(width, 4);
     double *dst[3] = {m, a, b};
     const double *src[3] = {mean, scale, shift};
-    int staged = stream && !nt;
-    bnf_pf pf;
+    int staged = stream && !nt, cached = flags & BNF_CACHED;
     if (nt) {
         head = bnf_nt_lead(y, sizeof(T));
         if (head > total) head = total;
@@ -398,17 +399,17 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_flat)(const T *x, T *y, ptrdiff
         total -= head;
     }
     bnf_repeat_factors(dst, src, 3, width, len, head);
-    bnf_pf_init(&pf, flags & BNF_CACHED ? NULL : x, 1, 0, total * (ptrdiff_t)sizeof(T));
+    if (!staged) chunk = total;         /* nothing staged: one call */
     for (ptrdiff_t e0 = 0; e0 < total; e0 += chunk) {
         ptrdiff_t n = total - e0 < chunk ? total - e0 : chunk;
         const T *p0 = x + e0;
         T *q0 = staged ? tmp : y + e0;
-        ptrdiff_t full = n / len, rest = n - full * len;
+        ptrdiff_t full = n / len, rest = n - full * len, pf_rows = cached ? 0 : (total - e0) / len;
         /* runs of len elements are rows of the repeated factors */
-        BNF_DISPATCH4(norm_rows_run, p0, len, q0, len, full, len, m, a, b, &pf, nt);
+        BNF_DISPATCH4(norm_rows_run, p0, len, q0, len, full, len, m, a, b, pf_rows, nt);
         if (rest)
             BNF_DISPATCH4(norm_rows_run, p0 + full * len, 0, q0 + full * len, 0, 1, rest, m, a,
-                          b, &pf, nt);
+                          b, 0, nt);
         if (staged) BNF_NAME(bnf_stream)(y + e0, tmp, n);
     }
 }
@@ -422,8 +423,7 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_block)(const T *x, ptrdiff_t xs
 {
     T tmp[BNF_CHUNK];
     BNF_ALIGN64 double mbuf[BNF_CHUNK], abuf[BNF_CHUNK], bbuf[BNF_CHUNK];
-    bnf_pf pf;
-    int stream = flags & BNF_STREAM;
+    int stream = flags & BNF_STREAM, cached = flags & BNF_CACHED;
     if (xstride == width && ystride == width &&
         ((2 * width <= BNF_FLAT_ELEMS && nrows * width >= BNF_FLAT_MIN) ||
          (stream && BNF_FLAT_NT(width, 4)))) {
@@ -436,12 +436,11 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_block)(const T *x, ptrdiff_t xs
     scale = bnf_aligned(scale, abuf, width, nrows);
     shift = bnf_aligned(shift, bbuf, width, nrows);
     ptrdiff_t group = bnf_row_group(width, ystride, &stream, sizeof(T));
-    bnf_pf_init(&pf, flags & BNF_CACHED ? NULL : x, nrows, xstride * (ptrdiff_t)sizeof(T),
-                width * (ptrdiff_t)sizeof(T));
     for (ptrdiff_t r0 = 0; r0 < nrows; r0 += group) {
         ptrdiff_t k = nrows - r0 < group ? nrows - r0 : group;
         BNF_DISPATCH4(norm_rows_run, x + r0 * xstride, xstride, stream ? tmp : y + r0 * ystride,
-                      stream ? width : ystride, k, width, mean, scale, shift, &pf, nt);
+                      stream ? width : ystride, k, width, mean, scale, shift,
+                      cached ? 0 : nrows - r0, nt);
         if (stream) BNF_NAME(bnf_stream)(y + r0 * ystride, tmp, k * width);
     }
 }
@@ -588,20 +587,22 @@ static inline BNF_INLINE void BNF_NAME(dx_chunk)(const T *g, const T *p, T *q, p
 }
 
 /* Rows form, k rows of n columns: dx = a * ((dy - k1) - (x - m) * k2) with per-column
- * factors (x == NULL: a * dy), advancing the prefetch cursors row by row. */
+ * factors (x == NULL: a * dy), prefetching as norm_rows_run. */
 static inline BNF_INLINE void BNF_NAME(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x,
                                                    ptrdiff_t xstride, T *q, ptrdiff_t qstride,
                                                    ptrdiff_t k, ptrdiff_t n, const double *m,
                                                    const double *a, const double *k1,
-                                                   const double *k2, bnf_pf *pfg, bnf_pf *pfx,
-                                                   int nt)
+                                                   const double *k2, ptrdiff_t pf_rows, int nt)
 {
+    ptrdiff_t ahead = bnf_rows_ahead(n * (ptrdiff_t)sizeof(T));
     (void)nt;
     for (ptrdiff_t r = 0; r < k; r++) {
         const T *gr = g + r * gstride;
         T *o = q + r * qstride;
-        bnf_pf_advance(pfg, n * (ptrdiff_t)sizeof(T));
-        bnf_pf_advance(pfx, n * (ptrdiff_t)sizeof(T));
+        if (r + ahead < pf_rows) {
+            bnf_pf_row(gr + ahead * gstride, n * (ptrdiff_t)sizeof(T));
+            if (x) bnf_pf_row(x + (r + ahead) * xstride, n * (ptrdiff_t)sizeof(T));
+        }
         if (!x) {
 #pragma omp simd
             for (ptrdiff_t c = 0; c < n; c++) o[c] = BNF_NAME(dx_fixed_elem)(gr[c], a[c]);
@@ -703,10 +704,9 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_flat)(const T *dy, const T *x, T 
     BNF_ALIGN64 double m[BNF_CHUNK], fa[BNF_CHUNK], f1[BNF_CHUNK], f2[BNF_CHUNK];
     double *dst[4] = {fa, m, f1, f2};
     const double *src[4] = {a, mean, k1, k2};
-    ptrdiff_t len = BNF_FLAT_LEN(width), total = nrows * width;
-    ptrdiff_t chunk = BNF_CHUNK / len * len, head = bnf_nt_lead(dx, sizeof(T));
+    ptrdiff_t len = BNF_FLAT_LEN(width), total = nrows * width, full, rest;
+    ptrdiff_t head = bnf_nt_lead(dx, sizeof(T));
     int cached = flags & BNF_CACHED;
-    bnf_pf pfg, pfx;
     if (head > total) head = total;
     for (ptrdiff_t e = 0; e < head; e++) {
         ptrdiff_t c = e % width;
@@ -718,18 +718,13 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_flat)(const T *dy, const T *x, T 
     if (x) x += head;
     total -= head;
     bnf_repeat_factors(dst, src, x ? 4 : 1, width, len, head);
-    bnf_pf_init(&pfg, cached ? NULL : dy, 1, 0, total * (ptrdiff_t)sizeof(T));
-    bnf_pf_init(&pfx, cached ? NULL : x, 1, 0, total * (ptrdiff_t)sizeof(T));
-    for (ptrdiff_t e0 = 0; e0 < total; e0 += chunk) {
-        ptrdiff_t n = total - e0 < chunk ? total - e0 : chunk;
-        ptrdiff_t full = n / len, rest = n - full * len;
-        const T *p0 = x ? x + e0 : NULL;
-        BNF_DISPATCH(dx_rows_run, dy + e0, len, p0, len, dx + e0, len, full, len, m, fa, f1,
-                     f2, &pfg, &pfx, 1);
-        if (rest)
-            BNF_DISPATCH(dx_rows_run, dy + e0 + full * len, 0, p0 ? p0 + full * len : NULL, 0,
-                         dx + e0 + full * len, 0, 1, rest, m, fa, f1, f2, &pfg, &pfx, 1);
-    }
+    full = total / len;
+    rest = total - full * len;
+    BNF_DISPATCH(dx_rows_run, dy, len, x, len, dx, len, full, len, m, fa, f1, f2,
+                 cached ? 0 : full, 1);
+    if (rest)
+        BNF_DISPATCH(dx_rows_run, dy + full * len, 0, x ? x + full * len : NULL, 0,
+                     dx + full * len, 0, 1, rest, m, fa, f1, f2, 0, 1);
 }
 
 /* A block of at most BNF_CHUNK columns (a staged group of rows fits tmp). */
@@ -743,7 +738,6 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_block)(const T *dy, ptrdiff_t dys
     T tmp[BNF_CHUNK];
     BNF_ALIGN64 double mbuf[BNF_CHUNK], abuf[BNF_CHUNK], k1buf[BNF_CHUNK],
         k2buf[BNF_CHUNK];
-    bnf_pf pfg, pfx;
     int stream = flags & BNF_STREAM, cached = flags & BNF_CACHED;
     int nt = stream && BNF_DIRECT_NT(3) && bnf_rows_on_lines(dx, dxstride, width, sizeof(T));
     if (stream && dystride == width && (!x || xstride == width) && dxstride == width &&
@@ -753,10 +747,6 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_block)(const T *dy, ptrdiff_t dys
     }
     if (nt) stream = 0;               /* nothing staged */
     ptrdiff_t group = bnf_row_group(width, dxstride, &stream, sizeof(T));
-    bnf_pf_init(&pfg, cached ? NULL : dy, nrows, dystride * (ptrdiff_t)sizeof(T),
-                width * (ptrdiff_t)sizeof(T));
-    bnf_pf_init(&pfx, cached ? NULL : x, nrows, xstride * (ptrdiff_t)sizeof(T),
-                width * (ptrdiff_t)sizeof(T));
     a = bnf_aligned(a, abuf, width, nrows);
     if (x) {
         mean = bnf_aligned(mean, mbuf, width, nrows);
@@ -767,7 +757,7 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_block)(const T *dy, ptrdiff_t dys
         ptrdiff_t k = nrows - r0 < group ? nrows - r0 : group;
         BNF_DISPATCH(dx_rows_run, dy + r0 * dystride, dystride, x ? x + r0 * xstride : NULL,
                      xstride, stream ? tmp : dx + r0 * dxstride, stream ? width : dxstride, k,
-                     width, mean, a, k1, k2, &pfg, &pfx, nt);
+                     width, mean, a, k1, k2, cached ? 0 : nrows - r0, nt);
         if (stream) BNF_NAME(bnf_stream)(dx + r0 * dxstride, tmp, k * width);
     }
 }

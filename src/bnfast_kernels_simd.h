@@ -140,8 +140,13 @@ BNF_SIMD_FN void BNF_SIMD(shifted_sums_runs)(const T *x, ptrdiff_t nruns, ptrdif
     }
 }
 
-/* One line of columns: the prefetch step of the rows reductions. */
+/* One line of columns: the prefetch step of the rows loops. */
 #define BNF_LINE_COLS (BNF_LINE / (ptrdiff_t)sizeof(T))
+/* The lines that start in columns [c, c + span) of a row (counted from its first
+ * column), for the rows loops' prefetch (bnf_rows_ahead): one prefetch per line read. */
+#define BNF_FOR_LINES(l, c, span)                                                    \
+    for (ptrdiff_t l = (c) + (BNF_LINE_COLS - (c) % BNF_LINE_COLS) % BNF_LINE_COLS;   \
+         l < (c) + (span); l += BNF_LINE_COLS)
 
 BNF_SIMD_FN void BNF_SIMD(shifted_sums_rows)(const T *base, ptrdiff_t k, ptrdiff_t stride,
                                              ptrdiff_t width, const double *shift,
@@ -155,8 +160,8 @@ BNF_SIMD_FN void BNF_SIMD(shifted_sums_rows)(const T *base, ptrdiff_t k, ptrdiff
         int pf = r + ahead + 4 <= pf_rows;
         ptrdiff_t c = 0;
         for (; c + BNF_VW <= width; c += BNF_VW) {
-            if (pf && c % BNF_LINE_COLS == 0)
-                bnf_pf_rows4(pa + c, stride * (ptrdiff_t)sizeof(T));
+            if (pf)
+                BNF_FOR_LINES(l, c, BNF_VW) bnf_pf_rows4(pa + l, stride * (ptrdiff_t)sizeof(T));
             BNF_VD sh = BNF_VLD(shift + c);
             BNF_VD d0 = BNF_VSUB(BNF_VLDT(p0 + c), sh), d1 = BNF_VSUB(BNF_VLDT(p1 + c), sh);
             BNF_VD d2 = BNF_VSUB(BNF_VLDT(p2 + c), sh), d3 = BNF_VSUB(BNF_VLDT(p3 + c), sh);
@@ -202,26 +207,65 @@ BNF_SIMD_FN void BNF_SIMD(norm_chunk)(const T *p, T *q, ptrdiff_t n, double mean
 #undef BNF_S
 }
 
+/* Rows form (norm_rows_run of bnfast_kernels_impl.h).  In cache (pf_rows == 0) four rows
+ * at a time where no row has a head to do alone, the factors of a pair of vectors loaded
+ * once for the four: on 64-wide rows 0.59-0.66 -> 0.56-0.60x a copy.  From memory rows
+ * in order, each line of the row `ahead` below prefetched as its columns are done:
+ * four rows at once read 4 KB apart measured slower there (dx: 1.24-1.30 against
+ * 1.03-1.06x), and a row's prefetches issued at once (a cursor advanced per row) stall
+ * the streaming stores (1.29-1.40x). */
 BNF_SIMD_FN void BNF_SIMD(norm_rows_run)(const T *x, ptrdiff_t xstride, T *q,
                                          ptrdiff_t qstride, ptrdiff_t k, ptrdiff_t n,
                                          const double *m, const double *a, const double *b,
-                                         bnf_pf *pf, int nt)
+                                         ptrdiff_t pf_rows, int nt)
 {
-    for (ptrdiff_t r = 0; r < k; r++) {
-        const T *p = x + r * xstride;
-        T *o = q + r * qstride;
-        ptrdiff_t c = 0;
+    ptrdiff_t r = 0, ahead = bnf_rows_ahead(n * (ptrdiff_t)sizeof(T));
+    int quads = pf_rows == 0 &&
+                (!nt || (!BNF_NT_HEAD(q) && qstride * (ptrdiff_t)sizeof(T) % BNF_NT_ALIGN == 0));
+    const T *p;
+    T *o;
 #define BNF_V(j)                                                                          \
     BNF_VADD(BNF_VMUL(BNF_VSUB(BNF_VLDT(p + (j)), BNF_VLD(m + (j))), BNF_VLD(a + (j))), \
              BNF_VLD(b + (j)))
 #define BNF_S(j) BNF_NAME(norm_elem)(p[j], m[j], a[j], b[j])
-        bnf_pf_advance(pf, n * (ptrdiff_t)sizeof(T));
+#define BNF_VF(j, vm, va, vb) BNF_VADD(BNF_VMUL(BNF_VSUB(BNF_VLDT(p + (j)), vm), va), vb)
+    for (; quads && r + 4 <= k; r += 4) {
+        const T *p0 = x + r * xstride;
+        T *o0 = q + r * qstride;
+        ptrdiff_t c = 0;
+        for (; c + 2 * BNF_VW <= n; c += 2 * BNF_VW) {
+            BNF_VD m0 = BNF_VLD(m + c), m1 = BNF_VLD(m + c + BNF_VW);
+            BNF_VD a0 = BNF_VLD(a + c), a1 = BNF_VLD(a + c + BNF_VW);
+            BNF_VD b0 = BNF_VLD(b + c), b1 = BNF_VLD(b + c + BNF_VW);
+            for (int i = 0; i < 4; i++) {
+                p = p0 + i * xstride;
+                BNF_VST2(o0 + i * qstride + c, BNF_VF(c, m0, a0, b0),
+                         BNF_VF(c + BNF_VW, m1, a1, b1), nt);
+            }
+        }
+        for (int i = 0; i < 4; i++) {
+            ptrdiff_t cc = c;
+            p = p0 + i * xstride;
+            o = o0 + i * qstride;
+            BNF_TAIL(o, cc, n);
+        }
+    }
+    for (; r < k; r++) {
+        const T *pa = x + (r + ahead) * xstride;
+        int pf = r + ahead < pf_rows;
+        ptrdiff_t c = 0;
+        p = x + r * xstride;
+        o = q + r * qstride;
         BNF_HEAD(o, c, n, nt);
-        BNF_PAIRS(o, c, n, nt);
+        for (; c + 2 * BNF_VW <= n; c += 2 * BNF_VW) {
+            if (pf) BNF_FOR_LINES(l, c, 2 * BNF_VW) BNF_PREFETCH(pa + l);
+            BNF_VST2(o + c, BNF_V(c), BNF_V(c + BNF_VW), nt);
+        }
         BNF_TAIL(o, c, n);
+    }
 #undef BNF_V
 #undef BNF_S
-    }
+#undef BNF_VF
 }
 
 #endif
@@ -290,10 +334,11 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const 
         int pf = r + ahead + 4 <= pf_rows;
         ptrdiff_t c = 0;
         for (; c + BNF_VW <= width; c += BNF_VW) {
-            if (pf && c % BNF_LINE_COLS == 0) {
-                bnf_pf_rows4(ga + c, dystride * (ptrdiff_t)sizeof(T));
-                bnf_pf_rows4(pa + c, xstride * (ptrdiff_t)sizeof(T));
-            }
+            if (pf)
+                BNF_FOR_LINES(l, c, BNF_VW) {
+                    bnf_pf_rows4(ga + l, dystride * (ptrdiff_t)sizeof(T));
+                    bnf_pf_rows4(pa + l, xstride * (ptrdiff_t)sizeof(T));
+                }
             BNF_VD m = BNF_VLD(mean + c);
             BNF_VD a0 = BNF_VLDT(g0 + c), a1 = BNF_VLDT(g1 + c), a2 = BNF_VLDT(g2 + c),
                    a3 = BNF_VLDT(g3 + c);
@@ -350,17 +395,20 @@ BNF_SIMD_FN void BNF_SIMD(dx_chunk)(const T *g, const T *p, T *q, ptrdiff_t n, d
 #undef BNF_S
 }
 
+/* Rows form (dx_rows_run of bnfast_kernels_impl.h), in cache four rows at a time, from
+ * memory rows in order, as norm_rows_run (in cache on 64-wide rows 0.81-0.96 ->
+ * 0.62-0.66x a copy; from DRAM 1.29-1.40x -> the speed of a copy of x and dy into dx). */
 BNF_SIMD_FN void BNF_SIMD(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x,
                                        ptrdiff_t xstride, T *q, ptrdiff_t qstride, ptrdiff_t k,
                                        ptrdiff_t n, const double *m, const double *a,
-                                       const double *k1, const double *k2, bnf_pf *pfg,
-                                       bnf_pf *pfx, int nt)
+                                       const double *k1, const double *k2, ptrdiff_t pf_rows,
+                                       int nt)
 {
-    for (ptrdiff_t r = 0; r < k; r++) {
-        const T *gr = g + r * gstride;
-        const T *p = x ? x + r * xstride : NULL;
-        T *o = q + r * qstride;
-        ptrdiff_t c = 0;
+    ptrdiff_t r = 0, ahead = bnf_rows_ahead(n * (ptrdiff_t)sizeof(T));
+    int quads = pf_rows == 0 &&
+                (!nt || (!BNF_NT_HEAD(q) && qstride * (ptrdiff_t)sizeof(T) % BNF_NT_ALIGN == 0));
+    const T *gr, *p;
+    T *o;
 #define BNF_V(j)                                                                           \
     (p ? BNF_VMUL(BNF_VLD(a + (j)),                                                       \
                   BNF_VSUB(BNF_VSUB(BNF_VLDT(gr + (j)), BNF_VLD(k1 + (j))),               \
@@ -370,18 +418,67 @@ BNF_SIMD_FN void BNF_SIMD(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x
 #define BNF_S(j)                                                         \
     (p ? BNF_NAME(dx_elem)(gr[j], p[j], m[j], a[j], k1[j], k2[j])        \
        : BNF_NAME(dx_fixed_elem)(gr[j], a[j]))
-        bnf_pf_advance(pfg, n * (ptrdiff_t)sizeof(T));
-        bnf_pf_advance(pfx, n * (ptrdiff_t)sizeof(T));
+#define BNF_VF(j, va, v1, vm, v2)                                                  \
+    BNF_VMUL(va, BNF_VSUB(BNF_VSUB(BNF_VLDT(gr + (j)), v1),                       \
+                          BNF_VMUL(BNF_VSUB(BNF_VLDT(p + (j)), vm), v2)))
+    for (; quads && r + 4 <= k; r += 4) {
+        const T *g0 = g + r * gstride, *p0 = x ? x + r * xstride : NULL;
+        T *o0 = q + r * qstride;
+        ptrdiff_t c = 0;
+        for (; c + 2 * BNF_VW <= n; c += 2 * BNF_VW) {
+            BNF_VD a0 = BNF_VLD(a + c), a1 = BNF_VLD(a + c + BNF_VW);
+            if (p0) {
+                BNF_VD f0 = BNF_VLD(k1 + c), f1 = BNF_VLD(k1 + c + BNF_VW);
+                BNF_VD m0 = BNF_VLD(m + c), m1 = BNF_VLD(m + c + BNF_VW);
+                BNF_VD h0 = BNF_VLD(k2 + c), h1 = BNF_VLD(k2 + c + BNF_VW);
+                for (int i = 0; i < 4; i++) {
+                    gr = g0 + i * gstride;
+                    p = p0 + i * xstride;
+                    BNF_VST2(o0 + i * qstride + c, BNF_VF(c, a0, f0, m0, h0),
+                             BNF_VF(c + BNF_VW, a1, f1, m1, h1), nt);
+                }
+            } else {
+                for (int i = 0; i < 4; i++) {
+                    gr = g0 + i * gstride;
+                    BNF_VST2(o0 + i * qstride + c, BNF_VMUL(BNF_VLDT(gr + c), a0),
+                             BNF_VMUL(BNF_VLDT(gr + c + BNF_VW), a1), nt);
+                }
+            }
+        }
+        for (int i = 0; i < 4; i++) {
+            ptrdiff_t cc = c;
+            gr = g0 + i * gstride;
+            p = p0 ? p0 + i * xstride : NULL;
+            o = o0 + i * qstride;
+            BNF_TAIL(o, cc, n);
+        }
+    }
+    for (; r < k; r++) {
+        const T *ga = g + (r + ahead) * gstride, *pa = x ? x + (r + ahead) * xstride : NULL;
+        int pf = r + ahead < pf_rows;
+        ptrdiff_t c = 0;
+        gr = g + r * gstride;
+        p = x ? x + r * xstride : NULL;
+        o = q + r * qstride;
         BNF_HEAD(o, c, n, nt);
-        BNF_PAIRS(o, c, n, nt);
+        for (; c + 2 * BNF_VW <= n; c += 2 * BNF_VW) {
+            if (pf)
+                BNF_FOR_LINES(l, c, 2 * BNF_VW) {
+                    BNF_PREFETCH(ga + l);
+                    if (pa) BNF_PREFETCH(pa + l);
+                }
+            BNF_VST2(o + c, BNF_V(c), BNF_V(c + BNF_VW), nt);
+        }
         BNF_TAIL(o, c, n);
+    }
 #undef BNF_V
 #undef BNF_S
-    }
+#undef BNF_VF
 }
 
 #undef BNF_NV
 #undef BNF_LINE_COLS
+#undef BNF_FOR_LINES
 #undef BNF_SIMD
 #undef BNF_ISA
 #undef BNF_SIMD_FN
