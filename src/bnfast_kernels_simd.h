@@ -220,8 +220,8 @@ BNF_SIMD_FN void BNF_SIMD(norm_rows_run)(const T *x, ptrdiff_t xstride, T *q,
                                          ptrdiff_t pf_rows, int nt)
 {
     ptrdiff_t r = 0, ahead = bnf_rows_ahead(n * (ptrdiff_t)sizeof(T));
-    int quads = pf_rows == 0 &&
-                (!nt || (!BNF_NT_HEAD(q) && qstride * (ptrdiff_t)sizeof(T) % BNF_NT_ALIGN == 0));
+    int quads = pf_rows == 0 && nt && !BNF_NT_HEAD(q) &&
+                qstride * (ptrdiff_t)sizeof(T) % BNF_NT_ALIGN == 0;
     const T *p;
     T *o;
 #define BNF_V(j)                                                                          \
@@ -405,8 +405,8 @@ BNF_SIMD_FN void BNF_SIMD(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x
                                        int nt)
 {
     ptrdiff_t r = 0, ahead = bnf_rows_ahead(n * (ptrdiff_t)sizeof(T));
-    int quads = pf_rows == 0 &&
-                (!nt || (!BNF_NT_HEAD(q) && qstride * (ptrdiff_t)sizeof(T) % BNF_NT_ALIGN == 0));
+    int quads = pf_rows == 0 && nt && !BNF_NT_HEAD(q) &&
+                qstride * (ptrdiff_t)sizeof(T) % BNF_NT_ALIGN == 0;
     const T *gr, *p;
     T *o;
 #define BNF_V(j)                                                                           \
