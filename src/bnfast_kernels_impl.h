@@ -189,7 +189,8 @@ static inline BNF_INLINE void BNF_NAME(shifted_sums_rows)(const T *base, ptrdiff
         for (ptrdiff_t c0 = 0; c0 < width; c0 += BNF_PF_COLS) {
             ptrdiff_t c1 = width - c0 < BNF_PF_COLS ? width : c0 + BNF_PF_COLS;
             for (ptrdiff_t c = c0; pf && c < c1; c += BNF_LINE / (ptrdiff_t)sizeof(T))
-                bnf_pf_rows4(p0 + ahead * stride + c, stride * (ptrdiff_t)sizeof(T));
+                bnf_pf_quad(p0 + ahead * stride, stride * (ptrdiff_t)sizeof(T),
+                            width * (ptrdiff_t)sizeof(T), c * (ptrdiff_t)sizeof(T));
 #pragma omp simd
             for (ptrdiff_t c = c0; c < c1; c++)
                 BNF_NAME(sums_elem4)(p0[c], p1[c], p2[c], p3[c], shift[c], &s1[c], &s2[c]);
@@ -524,8 +525,10 @@ static inline BNF_INLINE void BNF_NAME(bwd_sums_rows)(const T *dy, ptrdiff_t dys
         for (ptrdiff_t c0 = 0; c0 < width; c0 += BNF_PF_COLS) {
             ptrdiff_t c1 = width - c0 < BNF_PF_COLS ? width : c0 + BNF_PF_COLS;
             for (ptrdiff_t c = c0; pf && c < c1; c += BNF_LINE / (ptrdiff_t)sizeof(T)) {
-                bnf_pf_rows4(g0 + ahead * dystride + c, dystride * (ptrdiff_t)sizeof(T));
-                bnf_pf_rows4(p0 + ahead * xstride + c, xstride * (ptrdiff_t)sizeof(T));
+                bnf_pf_quad(g0 + ahead * dystride, dystride * (ptrdiff_t)sizeof(T),
+                            width * (ptrdiff_t)sizeof(T), c * (ptrdiff_t)sizeof(T));
+                bnf_pf_quad(p0 + ahead * xstride, xstride * (ptrdiff_t)sizeof(T),
+                            width * (ptrdiff_t)sizeof(T), c * (ptrdiff_t)sizeof(T));
             }
 #pragma omp simd
             for (ptrdiff_t c = c0; c < c1; c++)

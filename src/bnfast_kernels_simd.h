@@ -161,7 +161,9 @@ BNF_SIMD_FN void BNF_SIMD(shifted_sums_rows)(const T *base, ptrdiff_t k, ptrdiff
         ptrdiff_t c = 0;
         for (; c + BNF_VW <= width; c += BNF_VW) {
             if (pf)
-                BNF_FOR_LINES(l, c, BNF_VW) bnf_pf_rows4(pa + l, stride * (ptrdiff_t)sizeof(T));
+                BNF_FOR_LINES(l, c, BNF_VW)
+                    bnf_pf_quad(pa, stride * (ptrdiff_t)sizeof(T), width * (ptrdiff_t)sizeof(T),
+                                l * (ptrdiff_t)sizeof(T));
             BNF_VD sh = BNF_VLD(shift + c);
             BNF_VD d0 = BNF_VSUB(BNF_VLDT(p0 + c), sh), d1 = BNF_VSUB(BNF_VLDT(p1 + c), sh);
             BNF_VD d2 = BNF_VSUB(BNF_VLDT(p2 + c), sh), d3 = BNF_VSUB(BNF_VLDT(p3 + c), sh);
@@ -336,8 +338,10 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const 
         for (; c + BNF_VW <= width; c += BNF_VW) {
             if (pf)
                 BNF_FOR_LINES(l, c, BNF_VW) {
-                    bnf_pf_rows4(ga + l, dystride * (ptrdiff_t)sizeof(T));
-                    bnf_pf_rows4(pa + l, xstride * (ptrdiff_t)sizeof(T));
+                    bnf_pf_quad(ga, dystride * (ptrdiff_t)sizeof(T),
+                                width * (ptrdiff_t)sizeof(T), l * (ptrdiff_t)sizeof(T));
+                    bnf_pf_quad(pa, xstride * (ptrdiff_t)sizeof(T),
+                                width * (ptrdiff_t)sizeof(T), l * (ptrdiff_t)sizeof(T));
                 }
             BNF_VD m = BNF_VLD(mean + c);
             BNF_VD a0 = BNF_VLDT(g0 + c), a1 = BNF_VLDT(g1 + c), a2 = BNF_VLDT(g2 + c),
