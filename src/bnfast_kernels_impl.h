@@ -228,7 +228,8 @@ BNF_CLONES void BNF_NAME(bnf_stats_rows)(const T *x, ptrdiff_t nrows, ptrdiff_t 
         const T *base = x + r0 * stride;
         double n = (double)k;
         int redo = 0;
-        BNF_DISPATCH(shifted_sums_rows, base, k, stride, width, shift, s1, s2, nrows - r0);
+        BNF_DISPATCH(shifted_sums_rows, base, k, stride, width, shift, s1, s2,
+                     nrows - r0);
 #pragma omp simd reduction(| : redo)
         for (ptrdiff_t c = 0; c < width; c++) redo |= s1[c] * s1[c] > BNF_REDO_RATIO * n * s2[c];
         if (redo) {
@@ -405,7 +406,8 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_flat)(const T *x, T *y, ptrdiff
         ptrdiff_t n = total - e0 < chunk ? total - e0 : chunk;
         const T *p0 = x + e0;
         T *q0 = staged ? tmp : y + e0;
-        ptrdiff_t full = n / len, rest = n - full * len, pf_rows = cached ? 0 : (total - e0) / len;
+        ptrdiff_t full = n / len, rest = n - full * len;
+        ptrdiff_t pf_rows = cached ? 0 : (total - e0) / len;
         /* runs of len elements are rows of the repeated factors */
         BNF_DISPATCH4(norm_rows_run, p0, len, q0, len, full, len, m, a, b, pf_rows, nt);
         if (rest)

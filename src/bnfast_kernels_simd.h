@@ -209,13 +209,14 @@ BNF_SIMD_FN void BNF_SIMD(norm_chunk)(const T *p, T *q, ptrdiff_t n, double mean
 #undef BNF_S
 }
 
-/* Rows form (norm_rows_run of bnfast_kernels_impl.h).  In cache (pf_rows == 0) four rows
- * at a time where no row has a head to do alone, the factors of a pair of vectors loaded
- * once for the four: on 64-wide rows 0.59-0.66 -> 0.56-0.60x a copy.  From memory rows
- * in order, each line of the row `ahead` below prefetched as its columns are done:
- * four rows at once read 4 KB apart measured slower there (dx: 1.24-1.30 against
- * 1.03-1.06x), and a row's prefetches issued at once (a cursor advanced per row) stall
- * the streaming stores (1.29-1.40x). */
+/* Rows form (norm_rows_run of bnfast_kernels_impl.h).  Streaming from cache (pf_rows ==
+ * 0, nt, every row on a line): four rows at a time, the factors of a pair of vectors
+ * loaded once for the four (on 64-wide rows 0.59-0.66 -> 0.56-0.60x a copy).  Otherwise
+ * rows in order, each line of the row `ahead` below prefetched as its columns are done:
+ * four rows at once read 4 KB apart measured slower from DRAM (dx: 1.24-1.30 against
+ * 1.03-1.06x), and with plain stores to rows off a line (every store split over two
+ * lines, in four places at once) 1.5x slower in cache; a row's prefetches issued at once
+ * (a cursor advanced per row) stalled the streaming stores (dx 1.29-1.40x). */
 BNF_SIMD_FN void BNF_SIMD(norm_rows_run)(const T *x, ptrdiff_t xstride, T *q,
                                          ptrdiff_t qstride, ptrdiff_t k, ptrdiff_t n,
                                          const double *m, const double *a, const double *b,
@@ -399,9 +400,9 @@ BNF_SIMD_FN void BNF_SIMD(dx_chunk)(const T *g, const T *p, T *q, ptrdiff_t n, d
 #undef BNF_S
 }
 
-/* Rows form (dx_rows_run of bnfast_kernels_impl.h), in cache four rows at a time, from
- * memory rows in order, as norm_rows_run (in cache on 64-wide rows 0.81-0.96 ->
- * 0.62-0.66x a copy; from DRAM 1.29-1.40x -> the speed of a copy of x and dy into dx). */
+/* Rows form (dx_rows_run of bnfast_kernels_impl.h), four rows at a time or rows in order
+ * as norm_rows_run (streaming from cache on 64-wide rows 0.88-1.00 -> 0.83-0.88x a copy;
+ * from DRAM 1.29-1.44 -> 1.12-1.20x, where a copy of x and dy into dx takes 1.03-1.06x). */
 BNF_SIMD_FN void BNF_SIMD(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x,
                                        ptrdiff_t xstride, T *q, ptrdiff_t qstride, ptrdiff_t k,
                                        ptrdiff_t n, const double *m, const double *a,
