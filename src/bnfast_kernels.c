@@ -267,8 +267,8 @@ static inline BNF_INLINE void bnf_pf_row(const void *p, ptrdiff_t bytes)
 /* The rows reductions' prefetch: four lines of the four rows at pa (rows `stride` bytes
  * apart, `row` bytes used of each) for the columns `off` bytes into them.  Contiguous
  * rows: the four lines at 4 * off, so that a pass over the four rows' columns prefetches
- * them front to back in address order (row by row, NHWC backward measured 2.22-2.26 ->
- * 2.04-2.09x a copy this way, alternated in one process; the statistics the same).
+ * them front to back in address order (row by row, NHWC backward measured 2.11-2.27 ->
+ * 1.99-2.09x a copy this way, alternated in one process; the statistics the same).
  * Other rows: a line of each row at off. */
 static inline BNF_INLINE void bnf_pf_quad(const void *pa, ptrdiff_t stride, ptrdiff_t row,
                                           ptrdiff_t off)
