@@ -233,7 +233,11 @@ BNF_CLONES void BNF_NAME(bnf_stats_rows)(const T *x, ptrdiff_t nrows, ptrdiff_t 
 #pragma omp simd reduction(| : redo)
         for (ptrdiff_t c = 0; c < width; c++) redo |= s1[c] * s1[c] > BNF_REDO_RATIO * n * s2[c];
         if (redo) {
-            for (ptrdiff_t c = 0; c < width; c++) shift[c] += s1[c] / n;
+            /* only the columns that need it move their shift: the others' sums are taken
+             * again from the same shift (the same bits), so no column's result depends on
+             * which columns share its block (the blocks depend on the thread count) */
+            for (ptrdiff_t c = 0; c < width; c++)
+                if (s1[c] * s1[c] > BNF_REDO_RATIO * n * s2[c]) shift[c] += s1[c] / n;
             BNF_DISPATCH(shifted_sums_rows, base, k, stride, width, shift, s1, s2, 0);
         }
         if (count == 0) {
