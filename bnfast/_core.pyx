@@ -56,9 +56,11 @@ cdef extern from "bnfast_kernels.h" nogil:
     void bnf_stats_runs_f64(const double *x, Py_ssize_t nruns, Py_ssize_t stride,
                             Py_ssize_t length, bnf_moments *m)
     void bnf_stats_rows_f32(const float *x, Py_ssize_t nrows, Py_ssize_t stride,
-                            Py_ssize_t width, Py_ssize_t tile_rows, bnf_moments *m)
+                            Py_ssize_t width, Py_ssize_t group, Py_ssize_t tile_rows,
+                            bnf_moments *m)
     void bnf_stats_rows_f64(const double *x, Py_ssize_t nrows, Py_ssize_t stride,
-                            Py_ssize_t width, Py_ssize_t tile_rows, bnf_moments *m)
+                            Py_ssize_t width, Py_ssize_t group, Py_ssize_t tile_rows,
+                            bnf_moments *m)
     void bnf_norm_runs_f32(const float *x, Py_ssize_t xs, float *y, Py_ssize_t ys,
                            Py_ssize_t nruns, Py_ssize_t length, const double *mean,
                            const double *scale, const double *shift, Py_ssize_t fstride,
@@ -68,11 +70,13 @@ cdef extern from "bnfast_kernels.h" nogil:
                            const double *scale, const double *shift, Py_ssize_t fstride,
                            int flags, const double *x_next, bnf_moments *m_next)
     void bnf_norm_rows_f32(const float *x, Py_ssize_t xs, float *y, Py_ssize_t ys,
-                           Py_ssize_t nrows, Py_ssize_t width, const double *mean,
-                           const double *scale, const double *shift, int flags)
+                           Py_ssize_t nrows, Py_ssize_t width, Py_ssize_t group,
+                           const double *mean, const double *scale, const double *shift,
+                           int flags)
     void bnf_norm_rows_f64(const double *x, Py_ssize_t xs, double *y, Py_ssize_t ys,
-                           Py_ssize_t nrows, Py_ssize_t width, const double *mean,
-                           const double *scale, const double *shift, int flags)
+                           Py_ssize_t nrows, Py_ssize_t width, Py_ssize_t group,
+                           const double *mean, const double *scale, const double *shift,
+                           int flags)
     void bnf_bwd_sums_runs_f32(const float *dy, Py_ssize_t dys, const float *x,
                                Py_ssize_t xs, Py_ssize_t nruns, Py_ssize_t length,
                                double mean, double *sum_dy, double *sum_dy_xmu,
@@ -83,12 +87,12 @@ cdef extern from "bnfast_kernels.h" nogil:
                                double *sum_xmu)
     void bnf_bwd_sums_rows_f32(const float *dy, Py_ssize_t dys, const float *x,
                                Py_ssize_t xs, Py_ssize_t nrows, Py_ssize_t width,
-                               const double *mean, double *sum_dy, double *sum_dy_xmu,
-                               double *sum_xmu)
+                               Py_ssize_t group, const double *mean, double *sum_dy,
+                               double *sum_dy_xmu, double *sum_xmu)
     void bnf_bwd_sums_rows_f64(const double *dy, Py_ssize_t dys, const double *x,
                                Py_ssize_t xs, Py_ssize_t nrows, Py_ssize_t width,
-                               const double *mean, double *sum_dy, double *sum_dy_xmu,
-                               double *sum_xmu)
+                               Py_ssize_t group, const double *mean, double *sum_dy,
+                               double *sum_dy_xmu, double *sum_xmu)
     void bnf_bwd_dx_runs_f32(const float *dy, Py_ssize_t dys, const float *x,
                              Py_ssize_t xs, float *dx, Py_ssize_t dxs, Py_ssize_t nruns,
                              Py_ssize_t length, double mean, double a, double k1, double k2,
@@ -102,12 +106,14 @@ cdef extern from "bnfast_kernels.h" nogil:
                              double *sum_xmu)
     void bnf_bwd_dx_rows_f32(const float *dy, Py_ssize_t dys, const float *x,
                              Py_ssize_t xs, float *dx, Py_ssize_t dxs, Py_ssize_t nrows,
-                             Py_ssize_t width, const double *mean, const double *a,
-                             const double *k1, const double *k2, int flags)
+                             Py_ssize_t width, Py_ssize_t group, const double *mean,
+                             const double *a, const double *k1, const double *k2,
+                             int flags)
     void bnf_bwd_dx_rows_f64(const double *dy, Py_ssize_t dys, const double *x,
                              Py_ssize_t xs, double *dx, Py_ssize_t dxs, Py_ssize_t nrows,
-                             Py_ssize_t width, const double *mean, const double *a,
-                             const double *k1, const double *k2, int flags)
+                             Py_ssize_t width, Py_ssize_t group, const double *mean,
+                             const double *a, const double *k1, const double *k2,
+                             int flags)
 
 
 # ----------------------------------------------------------------------------------
@@ -126,6 +132,9 @@ DEF PIPE_BYTES = 1 << 19
 # no prefetches, four rows at a time in the rows kernels ((256, 64) eval 8.0 -> 7.0 us);
 # at 1 MiB that measured 5-19% slower than prefetching.
 DEF CACHED_BYTES = 1 << 18
+# Runs of at most this many elements, with the channels back to back, are read as rows
+# (Job.group).
+DEF GROUP_MAX_INNER = 128
 # Elements per unit when a channel or block is larger than that.
 DEF SUPER_ELEMS = 1 << 18
 # Below this many elements per thread, no OpenMP region at all.
@@ -338,6 +347,9 @@ cdef int _split_outer(cnp.ndarray a, int axis, const int *order, int nord) noexc
 ctypedef struct Job:
     int f64
     Py_ssize_t outer, C, inner, width, ncb, sb_len, nsb
+    # rows form: columns a channel takes in a row (1: channels-last rows; the run length:
+    # short runs read as rows of C * inner columns, see _plan); 0: runs form
+    Py_ssize_t group
     Py_ssize_t tile_rows           # rows form: rows per statistics tile (fixed by the shape)
     Py_ssize_t rb, nrb             # normalization blocks: rb rows ...
     Py_ssize_t cn_len, ncn         # ... of cn_len channels (all, unless rows are too few)
@@ -404,7 +416,7 @@ cdef inline void _bwd_coeffs(Job *j, Py_ssize_t c) noexcept nogil:
 cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
     cdef Py_ssize_t cb = u // j.nsb, sb = u % j.nsb
     cdef Py_ssize_t c0, w, r0, nr, c, isz = 8 if j.f64 else 4
-    cdef bint rows = j.inner == 1
+    cdef bint rows = j.group > 0
     cdef char *x
     cdef char *y
     cdef char *dy
@@ -424,7 +436,8 @@ cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
     nr = j.outer - r0 if j.outer - r0 < j.sb_len else j.sb_len
     # a fused unit's second pass reads what its first just read, from L2: no prefetches
     if kind != K_BDX and \
-            nr * (w if rows else j.inner) * isz * (1 if kind == K_FWD else 2) <= FUSE_BYTES:
+            nr * (w * j.group if rows else j.inner) * isz * (1 if kind == K_FWD else 2) \
+            <= FUSE_BYTES:
         flags |= BNF_CACHED
     x = j.x + (r0 * j.x_os + c0 * j.x_cs) * isz if j.x != NULL else NULL
     y = j.y + (r0 * j.y_os + c0 * j.y_cs) * isz if j.y != NULL else NULL
@@ -437,9 +450,9 @@ cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
     if kind == K_STATS or kind == K_FWD:
         if rows:
             if j.f64:
-                bnf_stats_rows_f64(<double *>x, nr, j.x_os, w, j.tile_rows, mom)
+                bnf_stats_rows_f64(<double *>x, nr, j.x_os, w, j.group, j.tile_rows, mom)
             else:
-                bnf_stats_rows_f32(<float *>x, nr, j.x_os, w, j.tile_rows, mom)
+                bnf_stats_rows_f32(<float *>x, nr, j.x_os, w, j.group, j.tile_rows, mom)
         elif j.f64:
             bnf_stats_runs_f64(<double *>x, nr, j.x_os, j.inner, mom)
         else:
@@ -450,10 +463,10 @@ cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
     if kind == K_FWD:
         if rows:
             if j.f64:
-                bnf_norm_rows_f64(<double *>x, j.x_os, <double *>y, j.y_os, nr, w,
+                bnf_norm_rows_f64(<double *>x, j.x_os, <double *>y, j.y_os, nr, w, j.group,
                                   j.hi + c0, j.scale + c0, j.shift + c0, flags)
             else:
-                bnf_norm_rows_f32(<float *>x, j.x_os, <float *>y, j.y_os, nr, w,
+                bnf_norm_rows_f32(<float *>x, j.x_os, <float *>y, j.y_os, nr, w, j.group,
                                   j.hi + c0, j.scale + c0, j.shift + c0, flags)
         elif j.f64:
             bnf_norm_runs_f64(<double *>x, j.x_os, <double *>y, j.y_os, nr, j.inner,
@@ -465,10 +478,10 @@ cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
     if kind == K_BSUMS or kind == K_BWD or kind == K_BEVAL:
         if rows:
             if j.f64:
-                bnf_bwd_sums_rows_f64(<double *>dy, j.dy_os, <double *>x, j.x_os, nr, w,
+                bnf_bwd_sums_rows_f64(<double *>dy, j.dy_os, <double *>x, j.x_os, nr, w, j.group,
                                       j.hi + c0, sdy, sdyx, sxm)
             else:
-                bnf_bwd_sums_rows_f32(<float *>dy, j.dy_os, <float *>x, j.x_os, nr, w,
+                bnf_bwd_sums_rows_f32(<float *>dy, j.dy_os, <float *>x, j.x_os, nr, w, j.group,
                                       j.hi + c0, sdy, sdyx, sxm)
         elif j.f64:
             bnf_bwd_sums_runs_f64(<double *>dy, j.dy_os, <double *>x, j.x_os, nr,
@@ -487,11 +500,11 @@ cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
     if rows:
         if j.f64:
             bnf_bwd_dx_rows_f64(<double *>dy, j.dy_os, <double *>x, j.x_os,
-                                <double *>y, j.y_os, nr, w, j.hi + c0, j.scale + c0,
+                                <double *>y, j.y_os, nr, w, j.group, j.hi + c0, j.scale + c0,
                                 j.k1 + c0, j.k2 + c0, flags)
         else:
             bnf_bwd_dx_rows_f32(<float *>dy, j.dy_os, <float *>x, j.x_os,
-                                <float *>y, j.y_os, nr, w, j.hi + c0, j.scale + c0,
+                                <float *>y, j.y_os, nr, w, j.group, j.hi + c0, j.scale + c0,
                                 j.k1 + c0, j.k2 + c0, flags)
     elif j.f64:
         bnf_bwd_dx_runs_f64(<double *>dy, j.dy_os, <double *>x, j.x_os, <double *>y,
@@ -517,20 +530,21 @@ cdef void _norm_unit(Job *j, Py_ssize_t u) noexcept nogil:
     # prefetches, and the rows kernels' four-row form
     if j.outer * j.C * j.inner * isz <= CACHED_BYTES:
         flags |= BNF_CACHED
-    if j.inner == 1:
+    if j.group:
         x += c0 * j.x_cs * isz
         y += c0 * j.y_cs * isz
         if j.f64:
-            bnf_norm_rows_f64(<double *>x, j.x_os, <double *>y, j.y_os, nr, c1 - c0,
+            bnf_norm_rows_f64(<double *>x, j.x_os, <double *>y, j.y_os, nr, c1 - c0, j.group,
                               j.hi + c0, j.scale + c0, j.shift + c0,
                               flags)
         else:
-            bnf_norm_rows_f32(<float *>x, j.x_os, <float *>y, j.y_os, nr, c1 - c0,
+            bnf_norm_rows_f32(<float *>x, j.x_os, <float *>y, j.y_os, nr, c1 - c0, j.group,
                               j.hi + c0, j.scale + c0, j.shift + c0,
                               flags)
         return
     if j.inner < 256:
-        # short runs: one call per channel over the block's rows (the block is ~1 MiB)
+        # short runs not read as rows (strided channels): one call per channel over the
+        # block's rows (the block is ~1 MiB)
         for c in range(c0, c1):
             if j.f64:
                 bnf_norm_runs_f64(<double *>x + c * j.x_cs, j.x_os,
@@ -617,7 +631,7 @@ cdef inline void _any_unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
 
 cdef void _run(Job *j, int kind, Py_ssize_t nunits, int nthreads) noexcept nogil:
     cdef Py_ssize_t u, t
-    if (kind == K_FWD or kind == K_BWD) and j.inner > 1 and \
+    if (kind == K_FWD or kind == K_BWD) and j.group == 0 and \
             j.outer * j.inner * (8 if j.f64 else 4) * (1 if kind == K_FWD else 2) <= PIPE_BYTES:
         # each thread a contiguous range of channels, pipelined
         if nthreads <= 1:
@@ -659,14 +673,16 @@ cdef void _split_for_threads(Job *j, int kind, Py_ssize_t t) noexcept nogil:
             j.rb = 1
             j.nrb = j.outer
             w = _cdiv(j.C, _cdiv(t, j.outer))
-            j.cn_len = _lines(w) if j.inner == 1 else w
+            j.cn_len = _lines(w) if j.group == 1 else w
             j.ncn = _cdiv(j.C, j.cn_len)
-    elif j.inner == 1 and j.ncb * j.nsb < t:
-        # not below 128 channels: the rows kernels' per-row costs would eat the gain
+    elif j.group and j.ncb * j.nsb < t:
+        # not below 128 columns: the rows kernels' per-row costs would eat the gain
         # (64-channel blocks measured 2x slower on two threads than one block on one)
-        w = _lines(_cdiv(j.C, _cdiv(t, j.nsb)))
-        if w < 128:
-            w = 128
+        w = _cdiv(j.C, _cdiv(t, j.nsb))
+        if j.group == 1:
+            w = _lines(w)
+        if w * j.group < 128:
+            w = _cdiv(128, j.group)
         if w < j.width:
             j.width = w
             j.ncb = _cdiv(j.C, w)
@@ -725,21 +741,33 @@ cdef void _plan(Job *j, Py_ssize_t itemsize, int narrays) noexcept:
     """Choose channel blocks and superblocks (a function of the shape only)."""
     cdef Py_ssize_t per_block
     if j.inner == 1:
-        # the nominal width fixes superblocks and tiles; _split_for_threads may then
-        # cut narrower blocks
-        j.width = j.C if j.C < BNF_MAX_WIDTH else BNF_MAX_WIDTH
+        j.group = 1
+    elif j.inner <= GROUP_MAX_INNER and j.x_cs == j.inner and \
+            (j.y == NULL or j.y_cs == j.inner) and (j.dy == NULL or j.dy_cs == j.inner):
+        # short runs, channels back to back: a row of C * inner columns, read in memory
+        # order by the rows kernels (a call per run of `inner` elements cost 10-100x
+        # a copy); a channel's columns are reduced together
+        j.group = j.inner
+    else:
+        j.group = 0
+    if j.group:
+        # the nominal width (channels) fixes superblocks and tiles; _split_for_threads
+        # may then cut narrower blocks
+        j.width = BNF_MAX_WIDTH // j.group
+        if j.width > j.C:
+            j.width = j.C
         if j.width < 1:
             j.width = 1                  # no channels: nothing runs, but no division by 0
         j.ncb = (j.C + j.width - 1) // j.width
-        per_block = j.width
-        j.tile_rows = BNF_TILE_ELEMS // j.width
+        per_block = j.width * j.group
+        j.tile_rows = BNF_TILE_ELEMS // per_block
         if j.tile_rows < 4:
             j.tile_rows = 4
     else:
         j.width = 1
         j.ncb = j.C
         per_block = j.inner
-    if j.inner == 1 and j.ncb == 1:
+    if j.group and j.ncb == 1:
         # One block of all channels: its statistics need every row before the first
         # is normalized, so it is two passes whether fused or not. Superblocks of
         # 1/8 of the rows (64K to 256K elements) let up to 8 threads share mid-size
@@ -1260,11 +1288,11 @@ cdef class FrozenBatchNorm:
                     return _normalize(x, out, self._axis_int, C, b, b + 2 * C, b + 3 * C)
                 if t == cnp.NPY_FLOAT32:
                     bnf_norm_rows_f32(<float *>cnp.PyArray_DATA(a), C,
-                                      <float *>cnp.PyArray_DATA(o), C, rows, C,
+                                      <float *>cnp.PyArray_DATA(o), C, rows, C, 1,
                                       b, b + 2 * C, b + 3 * C, BNF_CACHED)
                 else:
                     bnf_norm_rows_f64(<double *>cnp.PyArray_DATA(a), C,
-                                      <double *>cnp.PyArray_DATA(o), C, rows, C,
+                                      <double *>cnp.PyArray_DATA(o), C, rows, C, 1,
                                       b, b + 2 * C, b + 3 * C, BNF_CACHED)
                 return o
         return _normalize(x, out, self._axis_int, C, b, b + 2 * C, b + 3 * C)

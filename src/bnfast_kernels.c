@@ -52,8 +52,10 @@ int bnf_set_simd_level(int level)
 /* Helpers are inlined into each ISA clone: a call would run the baseline version. */
 #if defined(__GNUC__)
 #define BNF_INLINE __attribute__((always_inline))
+#define BNF_NOINLINE __attribute__((noinline))
 #else
 #define BNF_INLINE
+#define BNF_NOINLINE
 #endif
 
 /* Streaming (non-temporal) stores for large outputs: the line is written without being
@@ -372,6 +374,26 @@ static inline BNF_INLINE void bnf_repeat_factors(double *const *dst, const doubl
     for (int k = 0; k < nsrc; k++)
         for (ptrdiff_t e = 0, c = head % width; e < len; e++, c = c + 1 < width ? c + 1 : 0)
             dst[k][e] = src[k][c];
+}
+
+/* Short runs read as rows (group > 1, the rows kernels): channels per block of at most
+ * `cols` columns, whole lines of them when that leaves at least one line. */
+static inline ptrdiff_t bnf_group_block(ptrdiff_t cols, ptrdiff_t group)
+{
+    ptrdiff_t per = cols / group, line = 16;
+    while (line > 1 && group % 2 == 0 && line % 2 == 0) group /= 2, line /= 2;
+    if (per >= line) per -= per % line;
+    return per < 1 ? 1 : per;
+}
+
+/* Per-channel factors of channels c0 .. c0 + w - 1 repeated over their `group` columns. */
+static inline BNF_INLINE void bnf_spread_factors(double *const *dst, const double *const *src,
+                                                 int nsrc, ptrdiff_t c0, ptrdiff_t w,
+                                                 ptrdiff_t group)
+{
+    for (int k = 0; k < nsrc; k++)
+        for (ptrdiff_t c = 0; c < w; c++)
+            for (ptrdiff_t i = 0; i < group; i++) dst[k][c * group + i] = src[k][c0 + c];
 }
 
 /* Streaming stores only for runs of at least this many bytes: a short run leaves lines

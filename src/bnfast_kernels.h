@@ -95,22 +95,24 @@ void bnf_finalize(const bnf_moments *m, ptrdiff_t n, double eps, const double *w
     void bnf_stats_runs_##S(const T *x, ptrdiff_t nruns, ptrdiff_t stride, ptrdiff_t len, \
                             bnf_moments *m);                                              \
     void bnf_stats_rows_##S(const T *x, ptrdiff_t nrows, ptrdiff_t stride,                \
-                            ptrdiff_t width, ptrdiff_t tile_rows, bnf_moments *m);        \
+                            ptrdiff_t width, ptrdiff_t group, ptrdiff_t tile_rows,        \
+                            bnf_moments *m);                                              \
     void bnf_norm_runs_##S(const T *x, ptrdiff_t xstride, T *y, ptrdiff_t ystride,        \
                            ptrdiff_t nruns, ptrdiff_t len, const double *mean,            \
                            const double *scale, const double *shift, ptrdiff_t fstride,   \
                            int flags, const T *x_next, bnf_moments *m_next);              \
     void bnf_norm_rows_##S(const T *x, ptrdiff_t xstride, T *y, ptrdiff_t ystride,        \
-                           ptrdiff_t nrows, ptrdiff_t width, const double *mean,          \
-                           const double *scale, const double *shift, int flags);          \
+                           ptrdiff_t nrows, ptrdiff_t width, ptrdiff_t group,             \
+                           const double *mean, const double *scale, const double *shift,  \
+                           int flags);                                                    \
     void bnf_bwd_sums_runs_##S(const T *dy, ptrdiff_t dystride, const T *x,               \
                                ptrdiff_t xstride, ptrdiff_t nruns, ptrdiff_t len,         \
                                double mean, double *sum_dy, double *sum_dy_xmu,           \
                                double *sum_xmu);                                          \
     void bnf_bwd_sums_rows_##S(const T *dy, ptrdiff_t dystride, const T *x,               \
                                ptrdiff_t xstride, ptrdiff_t nrows, ptrdiff_t width,       \
-                               const double *mean, double *sum_dy, double *sum_dy_xmu,    \
-                               double *sum_xmu);                                          \
+                               ptrdiff_t group, const double *mean, double *sum_dy,       \
+                               double *sum_dy_xmu, double *sum_xmu);                      \
     void bnf_bwd_dx_runs_##S(const T *dy, ptrdiff_t dystride, const T *x,                 \
                              ptrdiff_t xstride, T *dx, ptrdiff_t dxstride,                \
                              ptrdiff_t nruns, ptrdiff_t len, double mean, double a,       \
@@ -119,9 +121,9 @@ void bnf_finalize(const bnf_moments *m, ptrdiff_t n, double eps, const double *w
                              double *sum_dy_xmu, double *sum_xmu);                        \
     void bnf_bwd_dx_rows_##S(const T *dy, ptrdiff_t dystride, const T *x,                 \
                              ptrdiff_t xstride, T *dx, ptrdiff_t dxstride,                \
-                             ptrdiff_t nrows, ptrdiff_t width, const double *mean,        \
-                             const double *a, const double *k1, const double *k2,         \
-                             int flags);
+                             ptrdiff_t nrows, ptrdiff_t width, ptrdiff_t group,           \
+                             const double *mean, const double *a, const double *k1,       \
+                             const double *k2, int flags);
 
 BNF_DECLARE(float, f32)
 BNF_DECLARE(double, f64)

@@ -210,9 +210,9 @@ static inline BNF_INLINE void BNF_NAME(shifted_sums_rows)(const T *base, ptrdiff
  * the same rows, so a tile is merged into all of them (Chan's formula, as
  * bnf_moments_merge) with the count ratios computed once: a per-channel call with two
  * divisions cost as much as the sums of a 128-row tile. */
-BNF_CLONES void BNF_NAME(bnf_stats_rows)(const T *x, ptrdiff_t nrows, ptrdiff_t stride,
-                                         ptrdiff_t width, ptrdiff_t tile_rows,
-                                         bnf_moments *m)
+static inline BNF_INLINE void BNF_NAME(stats_rows_cols)(const T *x, ptrdiff_t nrows,
+                                                       ptrdiff_t stride, ptrdiff_t width,
+                                                       ptrdiff_t tile_rows, bnf_moments *m)
 {
     BNF_ALIGN64 double shift[BNF_MAX_WIDTH], s1[BNF_MAX_WIDTH], s2[BNF_MAX_WIDTH];
     BNF_ALIGN64 double hi[BNF_MAX_WIDTH], lo[BNF_MAX_WIDTH], m2[BNF_MAX_WIDTH];
@@ -269,6 +269,42 @@ BNF_CLONES void BNF_NAME(bnf_stats_rows)(const T *x, ptrdiff_t nrows, ptrdiff_t 
         m[c].lo = lo[c];
         m[c].m2 = m2[c];
     }
+}
+
+/* Rows form: per-channel moments of `width` channels over `nrows` rows, `tile_rows` rows
+ * a tile (0: as many as fit BNF_TILE_ELEMS).
+ * group > 1: channels of short runs read as rows.  A row holds width * group columns,
+ * channel c the `group` columns from c * group, which are reduced as columns and then
+ * merged into the channel in order.  A block of channels per call (at most BNF_MAX_WIDTH
+ * columns), each column alone: the result does not depend on the blocks. */
+static BNF_CLONES BNF_NOINLINE void BNF_NAME(stats_rows_grouped)(const T *x, ptrdiff_t nrows,
+                                                               ptrdiff_t stride,
+                                                               ptrdiff_t width,
+                                                               ptrdiff_t group,
+                                                               ptrdiff_t tile_rows,
+                                                               bnf_moments *m)
+{
+    bnf_moments col[BNF_MAX_WIDTH];
+    ptrdiff_t per = bnf_group_block(BNF_MAX_WIDTH, group);
+    for (ptrdiff_t c0 = 0; c0 < width; c0 += per) {
+        ptrdiff_t w = width - c0 < per ? width - c0 : per;
+        BNF_NAME(stats_rows_cols)(x + c0 * group, nrows, stride, w * group, tile_rows, col);
+        for (ptrdiff_t c = 0; c < w; c++) {
+            m[c0 + c] = col[c * group];
+            for (ptrdiff_t i = 1; i < group; i++) bnf_moments_merge(&m[c0 + c], &col[c * group + i]);
+        }
+    }
+}
+
+BNF_CLONES void BNF_NAME(bnf_stats_rows)(const T *x, ptrdiff_t nrows, ptrdiff_t stride,
+                                         ptrdiff_t width, ptrdiff_t group,
+                                         ptrdiff_t tile_rows, bnf_moments *m)
+{
+    /* the grouped form apart: its scratch would grow every small call's frame */
+    if (group > 1)
+        BNF_NAME(stats_rows_grouped)(x, nrows, stride, width, group, tile_rows, m);
+    else
+        BNF_NAME(stats_rows_cols)(x, nrows, stride, width, tile_rows, m);
 }
 
 /* y = (x - mean) * scale + shift over n contiguous elements, advancing a prefetch
@@ -456,10 +492,11 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_block)(const T *x, ptrdiff_t xs
  * block's factors (24 bytes a column) then stay in L1 instead of streaming from L2
  * once per row (measured in cache: 64x4096 2.5-2.8 -> 1.8-1.9x a copy, 16x16384
  * 3.2 -> 2.1-2.9x; from DRAM, 3136x4096, 1.5-1.6 -> 1.25-1.45x). */
-BNF_CLONES void BNF_NAME(bnf_norm_rows)(const T *x, ptrdiff_t xstride, T *y,
-                                        ptrdiff_t ystride, ptrdiff_t nrows, ptrdiff_t width,
-                                        const double *mean, const double *scale,
-                                        const double *shift, int flags)
+static inline BNF_INLINE void BNF_NAME(norm_rows_cols)(const T *x, ptrdiff_t xstride, T *y,
+                                                      ptrdiff_t ystride, ptrdiff_t nrows,
+                                                      ptrdiff_t width, const double *mean,
+                                                      const double *scale,
+                                                      const double *shift, int flags)
 {
     ptrdiff_t step = width > BNF_CHUNK ? BNF_WIDE_COLS : width;
     for (ptrdiff_t c0 = 0; c0 < width; c0 += step) {
@@ -467,6 +504,38 @@ BNF_CLONES void BNF_NAME(bnf_norm_rows)(const T *x, ptrdiff_t xstride, T *y,
         BNF_NAME(norm_rows_block)(x + c0, xstride, y + c0, ystride, nrows, w, mean + c0,
                                   scale + c0, shift + c0, flags);
     }
+}
+
+
+/* group > 1: channels of short runs as rows (bnf_stats_rows), a block of at most
+ * BNF_CHUNK columns at a time over all the rows, its factors spread over the columns. */
+static BNF_CLONES BNF_NOINLINE void BNF_NAME(norm_rows_grouped)(
+    const T *x, ptrdiff_t xstride, T *y, ptrdiff_t ystride, ptrdiff_t nrows, ptrdiff_t width,
+    ptrdiff_t group, const double *mean, const double *scale, const double *shift, int flags)
+{
+    BNF_ALIGN64 double m[BNF_CHUNK], a[BNF_CHUNK], b[BNF_CHUNK];
+    double *dst[3] = {m, a, b};
+    const double *src[3] = {mean, scale, shift};
+    ptrdiff_t per = bnf_group_block(BNF_CHUNK, group);
+    for (ptrdiff_t c0 = 0; c0 < width; c0 += per) {
+        ptrdiff_t w = width - c0 < per ? width - c0 : per;
+        bnf_spread_factors(dst, src, 3, c0, w, group);
+        BNF_NAME(norm_rows_cols)(x + c0 * group, xstride, y + c0 * group, ystride, nrows,
+                                 w * group, m, a, b, flags);
+    }
+}
+
+BNF_CLONES void BNF_NAME(bnf_norm_rows)(const T *x, ptrdiff_t xstride, T *y,
+                                        ptrdiff_t ystride, ptrdiff_t nrows, ptrdiff_t width,
+                                        ptrdiff_t group, const double *mean,
+                                        const double *scale, const double *shift, int flags)
+{
+    if (group > 1)
+        BNF_NAME(norm_rows_grouped)(x, xstride, y, ystride, nrows, width, group, mean, scale,
+                                    shift, flags);
+    else
+        BNF_NAME(norm_rows_cols)(x, xstride, y, ystride, nrows, width, mean, scale, shift,
+                                 flags);
 }
 
 /* Backward sums of runs into lanes a1..a3 (BNF_LANES each, accumulated into). */
@@ -551,11 +620,13 @@ static inline BNF_INLINE void BNF_NAME(bwd_sums_rows)(const T *dy, ptrdiff_t dys
     }
 }
 
-BNF_CLONES void BNF_NAME(bnf_bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const T *x,
-                                            ptrdiff_t xstride, ptrdiff_t nrows,
-                                            ptrdiff_t width, const double *mean,
-                                            double *sum_dy, double *sum_dy_xmu,
-                                            double *sum_xmu)
+static inline BNF_INLINE void BNF_NAME(bwd_sums_rows_cols)(const T *dy, ptrdiff_t dystride,
+                                                          const T *x, ptrdiff_t xstride,
+                                                          ptrdiff_t nrows, ptrdiff_t width,
+                                                          const double *mean,
+                                                          double *sum_dy,
+                                                          double *sum_dy_xmu,
+                                                          double *sum_xmu)
 {
     BNF_ALIGN64 double mbuf[BNF_MAX_WIDTH], s1[BNF_MAX_WIDTH], s2[BNF_MAX_WIDTH],
         s3[BNF_MAX_WIDTH];
@@ -572,6 +643,51 @@ BNF_CLONES void BNF_NAME(bnf_bwd_sums_rows)(const T *dy, ptrdiff_t dystride, con
         memcpy(sum_dy_xmu, s2, (size_t)width * sizeof(double));
         memcpy(sum_xmu, s3, (size_t)width * sizeof(double));
     }
+}
+
+/* group > 1: channels of short runs as rows (bnf_stats_rows): each column's sums, then
+ * a channel's columns added in order. */
+static BNF_CLONES BNF_NOINLINE void BNF_NAME(bwd_sums_rows_grouped)(
+    const T *dy, ptrdiff_t dystride, const T *x, ptrdiff_t xstride, ptrdiff_t nrows,
+    ptrdiff_t width, ptrdiff_t group, const double *mean, double *sum_dy, double *sum_dy_xmu,
+    double *sum_xmu)
+{
+    BNF_ALIGN64 double m[BNF_MAX_WIDTH], s1[BNF_MAX_WIDTH], s2[BNF_MAX_WIDTH],
+        s3[BNF_MAX_WIDTH];
+    double *dst[1] = {m};
+    const double *src[1] = {mean};
+    ptrdiff_t per = bnf_group_block(BNF_MAX_WIDTH, group);
+    for (ptrdiff_t c0 = 0; c0 < width; c0 += per) {
+        ptrdiff_t w = width - c0 < per ? width - c0 : per;
+        bnf_spread_factors(dst, src, 1, c0, w, group);
+        BNF_NAME(bwd_sums_rows_cols)(dy + c0 * group, dystride, x + c0 * group, xstride,
+                                     nrows, w * group, m, s1, s2, s3);
+        for (ptrdiff_t c = 0; c < w; c++) {
+            double t1 = s1[c * group], t2 = s2[c * group], t3 = s3[c * group];
+            for (ptrdiff_t i = 1; i < group; i++) {
+                t1 += s1[c * group + i];
+                t2 += s2[c * group + i];
+                t3 += s3[c * group + i];
+            }
+            sum_dy[c0 + c] = t1;
+            sum_dy_xmu[c0 + c] = t2;
+            sum_xmu[c0 + c] = t3;
+        }
+    }
+}
+
+BNF_CLONES void BNF_NAME(bnf_bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const T *x,
+                                            ptrdiff_t xstride, ptrdiff_t nrows,
+                                            ptrdiff_t width, ptrdiff_t group,
+                                            const double *mean, double *sum_dy,
+                                            double *sum_dy_xmu, double *sum_xmu)
+{
+    if (group > 1)
+        BNF_NAME(bwd_sums_rows_grouped)(dy, dystride, x, xstride, nrows, width, group, mean,
+                                        sum_dy, sum_dy_xmu, sum_xmu);
+    else
+        BNF_NAME(bwd_sums_rows_cols)(dy, dystride, x, xstride, nrows, width, mean, sum_dy,
+                                     sum_dy_xmu, sum_xmu);
 }
 
 /* dx = a * ((dy - k1) - (x - mean) * k2) over n contiguous elements; x == NULL: a * dy. */
@@ -773,11 +889,12 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_block)(const T *dy, ptrdiff_t dys
 
 /* Wide rows go one block of BNF_WIDE_COLS columns at a time over all the rows, as in
  * bnf_norm_rows. */
-BNF_CLONES void BNF_NAME(bnf_bwd_dx_rows)(const T *dy, ptrdiff_t dystride, const T *x,
-                                          ptrdiff_t xstride, T *dx, ptrdiff_t dxstride,
-                                          ptrdiff_t nrows, ptrdiff_t width,
-                                          const double *mean, const double *a,
-                                          const double *k1, const double *k2, int flags)
+static inline BNF_INLINE void BNF_NAME(bwd_dx_rows_cols)(const T *dy, ptrdiff_t dystride,
+                                                        const T *x, ptrdiff_t xstride, T *dx,
+                                                        ptrdiff_t dxstride, ptrdiff_t nrows,
+                                                        ptrdiff_t width, const double *mean,
+                                                        const double *a, const double *k1,
+                                                        const double *k2, int flags)
 {
     ptrdiff_t step = width > BNF_CHUNK ? BNF_WIDE_COLS : width;
     for (ptrdiff_t c0 = 0; c0 < width; c0 += step) {
@@ -786,6 +903,39 @@ BNF_CLONES void BNF_NAME(bnf_bwd_dx_rows)(const T *dy, ptrdiff_t dystride, const
                                 dxstride, nrows, w, mean + c0, a + c0, k1 + c0, k2 + c0,
                                 flags);
     }
+}
+
+/* group > 1: channels of short runs as rows (bnf_norm_rows). */
+static BNF_CLONES BNF_NOINLINE void BNF_NAME(bwd_dx_rows_grouped)(
+    const T *dy, ptrdiff_t dystride, const T *x, ptrdiff_t xstride, T *dx, ptrdiff_t dxstride,
+    ptrdiff_t nrows, ptrdiff_t width, ptrdiff_t group, const double *mean, const double *a,
+    const double *k1, const double *k2, int flags)
+{
+    BNF_ALIGN64 double fa[BNF_CHUNK], m[BNF_CHUNK], f1[BNF_CHUNK], f2[BNF_CHUNK];
+    double *dst[4] = {fa, m, f1, f2};
+    const double *src[4] = {a, mean, k1, k2};
+    ptrdiff_t per = bnf_group_block(BNF_CHUNK, group);
+    for (ptrdiff_t c0 = 0; c0 < width; c0 += per) {
+        ptrdiff_t w = width - c0 < per ? width - c0 : per;
+        bnf_spread_factors(dst, src, x ? 4 : 1, c0, w, group);
+        BNF_NAME(bwd_dx_rows_cols)(dy + c0 * group, dystride, x ? x + c0 * group : NULL,
+                                   xstride, dx + c0 * group, dxstride, nrows, w * group, m,
+                                   fa, f1, f2, flags);
+    }
+}
+
+BNF_CLONES void BNF_NAME(bnf_bwd_dx_rows)(const T *dy, ptrdiff_t dystride, const T *x,
+                                          ptrdiff_t xstride, T *dx, ptrdiff_t dxstride,
+                                          ptrdiff_t nrows, ptrdiff_t width, ptrdiff_t group,
+                                          const double *mean, const double *a,
+                                          const double *k1, const double *k2, int flags)
+{
+    if (group > 1)
+        BNF_NAME(bwd_dx_rows_grouped)(dy, dystride, x, xstride, dx, dxstride, nrows, width,
+                                      group, mean, a, k1, k2, flags);
+    else
+        BNF_NAME(bwd_dx_rows_cols)(dy, dystride, x, xstride, dx, dxstride, nrows, width,
+                                   mean, a, k1, k2, flags);
 }
 
 #undef BNF_DISPATCH

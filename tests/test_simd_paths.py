@@ -29,6 +29,8 @@ SHAPES = [
     ((41, 300), -1),          # rows of 300: several prefetch column blocks and a tail
     ((6, 1500), -1),          # rows wider than a chunk
     ((5, 7, 6, 24), -1),      # channels last
+    ((50, 9, 7), 1),          # short runs read as rows of 63 columns
+    ((33, 300, 4), 1),        # short runs: several channel blocks of columns
 ]
 
 
@@ -102,6 +104,8 @@ STREAM_SHAPES = [
     ((40, 64), -1),           # contiguous narrow rows (flat form)
     ((30, 100), -1),          # flat form whose runs do not fill whole lines: staged
     ((9, 5, 2, 272), -1),     # channels last, rows of 272
+    ((40, 300, 3), 1),        # short runs as rows of 900 columns
+    ((6, 40, 49), 1),         # short runs as rows: blocks of 16 channels (whole lines)
 ]
 
 
