@@ -39,7 +39,9 @@ cdef extern from "bnfast_kernels.h" nogil:
     enum: BNF_STREAM
     enum: BNF_CACHED
     enum: BNF_TILE_ELEMS
+    enum: BNF_CHUNK
     void bnf_moments_merge(bnf_moments *a, const bnf_moments *b)
+    Py_ssize_t bnf_group_block(Py_ssize_t cols, Py_ssize_t group)
     const char *bnf_simd_isa()
     int bnf_set_simd_level(int level)
     void *bnf_alloc64(size_t bytes)
@@ -784,12 +786,18 @@ cdef void _plan(Job *j, Py_ssize_t itemsize, int narrays) noexcept:
     if j.sb_len < 1:
         j.sb_len = 1
     j.nsb = (j.outer + j.sb_len - 1) // j.sb_len if j.outer > 0 else 1
-    j.rb = SUPER_ELEMS // (j.C * j.inner) if j.C * j.inner > 0 else 1
+    j.cn_len = j.C
+    if j.group > 1:
+        # normalize a block of channels (the kernel's) over many rows a unit: its factors
+        # are spread over its columns once per call
+        j.cn_len = bnf_group_block(BNF_CHUNK, j.group)
+        if j.cn_len > j.C:
+            j.cn_len = j.C
+    j.ncn = _cdiv(j.C, j.cn_len) if j.C > 0 else 1
+    j.rb = SUPER_ELEMS // (j.cn_len * j.inner) if j.cn_len * j.inner > 0 else 1
     if j.rb < 1:
         j.rb = 1
     j.nrb = (j.outer + j.rb - 1) // j.rb if j.outer > 0 else 1
-    j.cn_len = j.C
-    j.ncn = 1
 
 
 # ----------------------------------------------------------------------------------

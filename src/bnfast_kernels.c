@@ -339,8 +339,6 @@ static inline BNF_INLINE int bnf_rows_on_lines(const void *q, ptrdiff_t stride,
            width * (ptrdiff_t)itemsize % 64 == 0;
 }
 
-/* Elements per chunk staged in L1 before a streaming store. */
-#define BNF_CHUNK 1024
 
 /* Rows wider than BNF_CHUNK are normalized (and dx computed) in blocks of this many
  * columns; a block's rows are staged in BNF_CHUNK elements. */
@@ -374,16 +372,6 @@ static inline BNF_INLINE void bnf_repeat_factors(double *const *dst, const doubl
     for (int k = 0; k < nsrc; k++)
         for (ptrdiff_t e = 0, c = head % width; e < len; e++, c = c + 1 < width ? c + 1 : 0)
             dst[k][e] = src[k][c];
-}
-
-/* Short runs read as rows (group > 1, the rows kernels): channels per block of at most
- * `cols` columns, whole lines of them when that leaves at least one line. */
-static inline ptrdiff_t bnf_group_block(ptrdiff_t cols, ptrdiff_t group)
-{
-    ptrdiff_t per = cols / group, line = 16;
-    while (line > 1 && group % 2 == 0 && line % 2 == 0) group /= 2, line /= 2;
-    if (per >= line) per -= per % line;
-    return per < 1 ? 1 : per;
 }
 
 /* Per-channel factors of channels c0 .. c0 + w - 1 repeated over their `group` columns. */

@@ -41,8 +41,21 @@ typedef struct {
 
 /* Widest channel block the rows-form kernels accept (stack scratch is sized by it). */
 #define BNF_MAX_WIDTH 256
+/* Elements per chunk staged in L1 before a streaming store (and the widest block of
+ * columns the rows-form normalize and dx take at once). */
+#define BNF_CHUNK 1024
 /* Elements per cache-resident tile of the two-pass statistics. */
 #define BNF_TILE_ELEMS 32768
+
+/* Short runs read as rows (group > 1, the rows kernels): channels per block of at most
+ * `cols` columns, whole lines of them when that leaves at least one line. */
+static inline ptrdiff_t bnf_group_block(ptrdiff_t cols, ptrdiff_t group)
+{
+    ptrdiff_t per = cols / group, line = 16;
+    while (line > 1 && group % 2 == 0 && line % 2 == 0) group /= 2, line /= 2;
+    if (per >= line) per -= per % line;
+    return per < 1 ? 1 : per;
+}
 
 /* Merge b into a (Chan et al.); exact when either part is empty. */
 static inline void bnf_moments_merge(bnf_moments *a, const bnf_moments *b)
