@@ -2,6 +2,7 @@
 
     python benchmarks/interleaved.py                      # 1 thread, the three 51 MB layouts
     python benchmarks/interleaved.py --threads 2 --reps 21
+    python benchmarks/interleaved.py --layouts NCHW7x7,NCL4    # short runs
 
 Each repetition times ``np.copyto`` of the input (with --threads N > 1, the same copy split
 over N threads, as in ``python -m bnfast bench``) and then every operation once, and divides
@@ -31,7 +32,11 @@ LAYOUTS = {
     "NCHW": ((64, 256, 28, 28), 1),
     "NHWC": ((64, 28, 28, 256), -1),
     "NC": ((200704, 64), 1),
+    # short runs, read as rows (not in the default set)
+    "NCHW7x7": ((64, 512, 7, 7), 1),
+    "NCL4": ((32768, 64, 4), 1),
 }
+DEFAULT_LAYOUTS = ("NCHW", "NHWC", "NC")
 
 
 def _ops(shape, axis, with_torch, threads=1):
@@ -120,7 +125,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--reps", type=int, default=15)
-    p.add_argument("--layouts", default=",".join(LAYOUTS), help="subset of NCHW,NHWC,NC")
+    p.add_argument("--layouts", default=",".join(DEFAULT_LAYOUTS),
+                   help=f"comma-separated, of {','.join(LAYOUTS)} (default: {','.join(DEFAULT_LAYOUTS)})")
     p.add_argument("--no-torch", action="store_true", help="do not time PyTorch")
     a = p.parse_args(argv)
     layouts = [s for s in a.layouts.split(",") if s]

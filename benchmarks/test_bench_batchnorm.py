@@ -15,6 +15,9 @@ PLAN = [(cid, "float32", _bench.OPS) for cid in _bench.TARGET_CASES] + [
     ("1x64", "float64", ("eval",)),
     ("256x1024", "float64", _bench.OPS),
     ("64x256x28x28-NCHW", "float64", ("eval", "train")),
+    # short runs, read as rows
+    ("64x512x7x7-NCHW", "float32", _bench.OPS),
+    ("32768x64x4-NCL", "float32", _bench.OPS),
 ]
 
 

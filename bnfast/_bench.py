@@ -84,7 +84,7 @@ class Case:
 
 
 def _case(shape, layout):
-    axis = 1 if layout == "NCHW" else -1
+    axis = 1 if layout in ("NCHW", "NCL") else -1
     cid = "x".join(map(str, shape)) + ("" if layout == "NC" else "-" + layout)
     return Case(cid, tuple(shape), axis, layout, large=math.prod(shape) >= 1 << 22)
 
@@ -99,6 +99,9 @@ CASES = OrderedDict((c.id, c) for c in [
     _case((64, 256, 28, 28), "NCHW"),
     _case((64, 28, 28, 256), "NHWC"),
     _case((200704, 64), "NC"),
+    # short runs (a ResNet's last stage, sequences of a few steps): read as rows
+    _case((64, 512, 7, 7), "NCHW"),
+    _case((32768, 64, 4), "NCL"),
 ])
 
 # The shapes of the targets (pytest-benchmark suite and `bench --quick`).
@@ -811,7 +814,7 @@ def plot(results, path):
     fig, axes = plt.subplots(1, len(ops), figsize=(4.2 * len(ops) + 1.6, 4.2), squeeze=False)
     colors = {COPY: "black", "bnfast": "tab:red", "frozen-out": "tab:orange", "numpy": "tab:blue",
               "torch": "tab:green", "onnxruntime": "tab:purple"}
-    markers = {"NC": "o", "NCHW": "s", "NHWC": "^"}
+    markers = {"NC": "o", "NCHW": "s", "NHWC": "^", "NCL": "D"}
     for axp, op in zip(axes[0], ops):
         for impl, color in colors.items():
             for layout, mk in markers.items():
