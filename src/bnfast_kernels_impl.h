@@ -296,13 +296,37 @@ static BNF_CLONES BNF_NOINLINE void BNF_NAME(stats_rows_grouped)(const T *x, ptr
     }
 }
 
+/* Contiguous narrow rows folded (bnf_fold_rows): k rows as one of k * width columns,
+ * channel c owning columns c, c + width, ...; the columns are merged into the channel in
+ * order, then the rows left over (fewer than k) as rows of their own. */
+static BNF_CLONES BNF_NOINLINE void BNF_NAME(stats_rows_folded)(const T *x, ptrdiff_t nrows,
+                                                              ptrdiff_t width,
+                                                              ptrdiff_t tile_rows,
+                                                              bnf_moments *m)
+{
+    bnf_moments col[BNF_MAX_WIDTH];
+    ptrdiff_t k = bnf_fold_rows(width), fw = k * width, nf = nrows / k;
+    BNF_NAME(stats_rows_cols)(x, nf, fw, fw, BNF_TILE_ELEMS / fw, col);
+    for (ptrdiff_t c = 0; c < width; c++) {
+        m[c] = col[c];
+        for (ptrdiff_t i = 1; i < k; i++) bnf_moments_merge(&m[c], &col[i * width + c]);
+    }
+    if (nrows > nf * k) {
+        BNF_NAME(stats_rows_cols)(x + nf * fw, nrows - nf * k, width, width, tile_rows, col);
+        for (ptrdiff_t c = 0; c < width; c++) bnf_moments_merge(&m[c], &col[c]);
+    }
+}
+
 BNF_CLONES void BNF_NAME(bnf_stats_rows)(const T *x, ptrdiff_t nrows, ptrdiff_t stride,
                                          ptrdiff_t width, ptrdiff_t group,
                                          ptrdiff_t tile_rows, bnf_moments *m)
 {
-    /* the grouped form apart: its scratch would grow every small call's frame */
+    /* the grouped and folded forms apart: their scratch would grow every small call's
+     * frame */
     if (group > 1)
         BNF_NAME(stats_rows_grouped)(x, nrows, stride, width, group, tile_rows, m);
+    else if (stride == width && bnf_fold_rows(width) && nrows * width >= BNF_FOLD_MIN_STATS)
+        BNF_NAME(stats_rows_folded)(x, nrows, width, tile_rows, m);
     else
         BNF_NAME(stats_rows_cols)(x, nrows, stride, width, tile_rows, m);
 }
@@ -676,13 +700,51 @@ static BNF_CLONES BNF_NOINLINE void BNF_NAME(bwd_sums_rows_grouped)(
     }
 }
 
+/* Contiguous narrow rows folded, as stats_rows_folded: a channel's columns added in
+ * order, then the rows left over. */
+static BNF_CLONES BNF_NOINLINE void BNF_NAME(bwd_sums_rows_folded)(
+    const T *dy, const T *x, ptrdiff_t nrows, ptrdiff_t width, const double *mean,
+    double *sum_dy, double *sum_dy_xmu, double *sum_xmu)
+{
+    BNF_ALIGN64 double m[BNF_MAX_WIDTH], s1[BNF_MAX_WIDTH], s2[BNF_MAX_WIDTH],
+        s3[BNF_MAX_WIDTH];
+    double *dst[1] = {m};
+    const double *src[1] = {mean};
+    ptrdiff_t k = bnf_fold_rows(width), fw = k * width, nf = nrows / k;
+    bnf_repeat_factors(dst, src, 1, width, fw, 0);
+    BNF_NAME(bwd_sums_rows_cols)(dy, fw, x, fw, nf, fw, m, s1, s2, s3);
+    for (ptrdiff_t c = 0; c < width; c++) {
+        double t1 = s1[c], t2 = s2[c], t3 = s3[c];
+        for (ptrdiff_t i = 1; i < k; i++) {
+            t1 += s1[i * width + c];
+            t2 += s2[i * width + c];
+            t3 += s3[i * width + c];
+        }
+        sum_dy[c] = t1;
+        sum_dy_xmu[c] = t2;
+        sum_xmu[c] = t3;
+    }
+    if (nrows > nf * k) {
+        BNF_NAME(bwd_sums_rows_cols)(dy + nf * fw, width, x + nf * fw, width, nrows - nf * k,
+                                     width, m, s1, s2, s3);
+        for (ptrdiff_t c = 0; c < width; c++) {
+            sum_dy[c] += s1[c];
+            sum_dy_xmu[c] += s2[c];
+            sum_xmu[c] += s3[c];
+        }
+    }
+}
+
 BNF_CLONES void BNF_NAME(bnf_bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const T *x,
                                             ptrdiff_t xstride, ptrdiff_t nrows,
                                             ptrdiff_t width, ptrdiff_t group,
                                             const double *mean, double *sum_dy,
                                             double *sum_dy_xmu, double *sum_xmu)
 {
-    if (group > 1)
+    if (group == 1 && dystride == width && xstride == width && bnf_fold_pays(nrows, width))
+        BNF_NAME(bwd_sums_rows_folded)(dy, x, nrows, width, mean, sum_dy, sum_dy_xmu,
+                                       sum_xmu);
+    else if (group > 1)
         BNF_NAME(bwd_sums_rows_grouped)(dy, dystride, x, xstride, nrows, width, group, mean,
                                         sum_dy, sum_dy_xmu, sum_xmu);
     else
@@ -818,38 +880,50 @@ BNF_CLONES void BNF_NAME(bnf_bwd_dx_runs)(const T *dy, ptrdiff_t dystride, const
     }
 }
 
-/* dx over contiguous rows as one run, streamed straight from the registers, as
- * norm_rows_flat (x == NULL: a * dy). */
+/* dx over contiguous rows as one run, as norm_rows_flat (x == NULL: a * dy). */
 static inline BNF_INLINE void BNF_NAME(dx_rows_flat)(const T *dy, const T *x, T *dx,
                                                     ptrdiff_t nrows, ptrdiff_t width,
                                                     const double *mean, const double *a,
                                                     const double *k1, const double *k2,
                                                     int flags)
 {
+    T tmp[BNF_CHUNK];
     BNF_ALIGN64 double m[BNF_CHUNK], fa[BNF_CHUNK], f1[BNF_CHUNK], f2[BNF_CHUNK];
     double *dst[4] = {fa, m, f1, f2};
     const double *src[4] = {a, mean, k1, k2};
-    ptrdiff_t len = BNF_FLAT_LEN(width), total = nrows * width, full, rest;
-    ptrdiff_t head = bnf_nt_lead(dx, sizeof(T));
-    int cached = flags & BNF_CACHED;
-    if (head > total) head = total;
-    for (ptrdiff_t e = 0; e < head; e++) {
-        ptrdiff_t c = e % width;
-        dx[e] = x ? BNF_NAME(dx_elem)(dy[e], x[e], mean[c], a[c], k1[c], k2[c])
-                  : BNF_NAME(dx_fixed_elem)(dy[e], a[c]);
+    ptrdiff_t len = BNF_FLAT_LEN(width), total = nrows * width;
+    ptrdiff_t chunk = BNF_CHUNK / len * len, head = 0;
+    int stream = flags & BNF_STREAM;
+    int nt = stream && BNF_FLAT_NT(width, 3);
+    int staged = stream && !nt, cached = flags & BNF_CACHED;
+    if (nt) {
+        head = bnf_nt_lead(dx, sizeof(T));
+        if (head > total) head = total;
+        for (ptrdiff_t e = 0; e < head; e++) {
+            ptrdiff_t c = e % width;
+            dx[e] = x ? BNF_NAME(dx_elem)(dy[e], x[e], mean[c], a[c], k1[c], k2[c])
+                      : BNF_NAME(dx_fixed_elem)(dy[e], a[c]);
+        }
+        dy += head;
+        dx += head;
+        if (x) x += head;
+        total -= head;
     }
-    dy += head;
-    dx += head;
-    if (x) x += head;
-    total -= head;
     bnf_repeat_factors(dst, src, x ? 4 : 1, width, len, head);
-    full = total / len;
-    rest = total - full * len;
-    BNF_DISPATCH(dx_rows_run, dy, len, x, len, dx, len, full, len, m, fa, f1, f2,
-                 cached ? 0 : full, 1);
-    if (rest)
-        BNF_DISPATCH(dx_rows_run, dy + full * len, 0, x ? x + full * len : NULL, 0,
-                     dx + full * len, 0, 1, rest, m, fa, f1, f2, 0, 1);
+    if (!staged) chunk = total;         /* nothing staged: one call */
+    for (ptrdiff_t e0 = 0; e0 < total; e0 += chunk) {
+        ptrdiff_t n = total - e0 < chunk ? total - e0 : chunk;
+        const T *g0 = dy + e0, *p0 = x ? x + e0 : NULL;
+        T *q0 = staged ? tmp : dx + e0;
+        ptrdiff_t full = n / len, rest = n - full * len;
+        ptrdiff_t pf_rows = cached ? 0 : (total - e0) / len;
+        BNF_DISPATCH(dx_rows_run, g0, len, p0, len, q0, len, full, len, m, fa, f1, f2, pf_rows,
+                     nt);
+        if (rest)
+            BNF_DISPATCH(dx_rows_run, g0 + full * len, 0, p0 ? p0 + full * len : NULL, 0,
+                         q0 + full * len, 0, 1, rest, m, fa, f1, f2, 0, nt);
+        if (staged) BNF_NAME(bnf_stream)(dx + e0, tmp, n);
+    }
 }
 
 /* A block of at most BNF_CHUNK columns (a staged group of rows fits tmp). */
@@ -865,8 +939,9 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_block)(const T *dy, ptrdiff_t dys
         k2buf[BNF_CHUNK];
     int stream = flags & BNF_STREAM, cached = flags & BNF_CACHED;
     int nt = stream && BNF_DIRECT_NT(3) && bnf_rows_on_lines(dx, dxstride, width, sizeof(T));
-    if (stream && dystride == width && (!x || xstride == width) && dxstride == width &&
-        BNF_FLAT_NT(width, 3)) {
+    if (dystride == width && (!x || xstride == width) && dxstride == width &&
+        (bnf_fold_pays(nrows, width) ||
+         (stream && BNF_FLAT_NT(width, 3)))) {
         BNF_NAME(dx_rows_flat)(dy, x, dx, nrows, width, mean, a, k1, k2, flags);
         return;
     }

@@ -31,6 +31,8 @@ SHAPES = [
     ((5, 7, 6, 24), -1),      # channels last
     ((50, 9, 7), 1),          # short runs read as rows of 63 columns
     ((33, 300, 4), 1),        # short runs: several channel blocks of columns
+    ((1003, 3), -1),          # narrow rows folded 85 to a row, 68 rows left over
+    ((7, 21, 30, 5), -1),     # channels last, 5 channels: folded, 1 row left over
 ]
 
 

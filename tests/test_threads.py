@@ -45,6 +45,8 @@ CASES = [
     ("NCL-short-runs", (4096, 64, 4), 1, np.float32, "c"),
     ("NCHW-7x7", (32, 256, 7, 7), 1, np.float32, "c"),
     ("NCHW-3x3-f64", (64, 128, 3, 3), 1, np.float64, "c"),
+    # narrow rows folded into rows of 255 columns
+    ("NHWC-3-channels", (16, 128, 129, 3), -1, np.float32, "c"),
 ]
 
 
