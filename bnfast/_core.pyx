@@ -17,6 +17,7 @@ results are bitwise identical for any number of threads.
 cimport numpy as cnp
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
+from libc.stdint cimport uint16_t
 from libc.math cimport sqrt, fabs
 from cython.parallel cimport prange
 
@@ -48,6 +49,8 @@ cdef extern from "bnfast_kernels.h" nogil:
     void bnf_free64(void *p)
     void bnf_stream_fence()
     void bnf_widen_f32(const char *src, Py_ssize_t stride, double *dst, Py_ssize_t n)
+    void bnf_half_to_float(const uint16_t *src, float *dst, Py_ssize_t n)
+    void bnf_float_to_half(const float *src, uint16_t *dst, Py_ssize_t n)
     void bnf_gather_f64(const char *src, Py_ssize_t stride, double *dst, Py_ssize_t n)
     Py_ssize_t bnf_eval_scale(double *scale, const double *var, Py_ssize_t n, double eps)
     void bnf_finalize(const bnf_moments *m, Py_ssize_t n, double eps, const double *weight,
@@ -828,7 +831,7 @@ cdef tuple _as_input(object x, str name):
     kind = a.dtype.kind
     if kind == 'f':
         if a.dtype.itemsize == 2:
-            return np.asarray(a, dtype=np.float32), np.dtype(np.float16)
+            return _half_to_float(a), np.dtype(np.float16)
         if a.dtype.itemsize not in (4, 8):
             raise TypeError(f"{name} has dtype {a.dtype}; bnfast computes float16, float32 "
                             "and float64 (convert long double first)")
@@ -1058,14 +1061,69 @@ cdef inline void _set_geo(Job *j, const Geo *gx) noexcept:
     j.x_cs = gx.cs
 
 
+cdef inline bint _same_order_contiguous(cnp.ndarray a, cnp.ndarray b) noexcept:
+    """a and b contiguous with their elements in the same order in memory."""
+    return (cnp.PyArray_IS_C_CONTIGUOUS(a) and cnp.PyArray_IS_C_CONTIGUOUS(b)) or \
+        (cnp.PyArray_IS_F_CONTIGUOUS(a) and cnp.PyArray_IS_F_CONTIGUOUS(b))
+
+
+cdef inline bint _is_native_half(cnp.ndarray a) noexcept:
+    return cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT16 and cnp.PyArray_ISNOTSWAPPED(a) and \
+        cnp.PyArray_ISALIGNED(a)
+
+
+cdef cnp.ndarray _half_to_float(cnp.ndarray a):
+    """A float16 array as float32 (contiguous ones converted by bnf_half_to_float)."""
+    cdef cnp.ndarray f
+    if not (_is_native_half(a) and (cnp.PyArray_IS_C_CONTIGUOUS(a) or
+                                    cnp.PyArray_IS_F_CONTIGUOUS(a))):
+        return np.asarray(a, dtype=np.float32)
+    f = np.empty_like(a, dtype=np.float32, subok=False)
+    bnf_half_to_float(<const uint16_t *>cnp.PyArray_DATA(a), <float *>cnp.PyArray_DATA(f),
+                      cnp.PyArray_SIZE(a))
+    return f
+
+
+def _half_to_float32(a):
+    """float16 array -> float32 as the float16 inputs are read (tests)."""
+    return _half_to_float(np.asarray(a, dtype=np.float16))
+
+
+def _float32_to_half(a):
+    """float32 array -> float16 as float16 results are written (tests)."""
+    cdef cnp.ndarray src = np.ascontiguousarray(a, dtype=np.float32)
+    cdef cnp.ndarray h = np.empty_like(src, dtype=np.float16)
+    if not _float_into_half(h, src):
+        raise AssertionError("contiguous arrays must convert in C")
+    return h
+
+
+cdef bint _float_into_half(cnp.ndarray dst, cnp.ndarray src) except -1:
+    """dst[...] = src (float32 -> float16) by bnf_float_to_half when their layouts allow;
+    False when they do not (nothing written)."""
+    if not (cnp.PyArray_TYPE(src) == cnp.NPY_FLOAT32 and _is_native_half(dst) and
+            cnp.PyArray_ISWRITEABLE(dst) and (<object>dst).shape == (<object>src).shape and
+            _same_order_contiguous(dst, src)):
+        return False
+    bnf_float_to_half(<const float *>cnp.PyArray_DATA(src), <uint16_t *>cnp.PyArray_DATA(dst),
+                      cnp.PyArray_SIZE(src))
+    return True
+
+
 cdef object _finish(object out, cnp.ndarray y, object result_dtype):
     """Deliver y: into the caller's `out` (copy when y is a temporary) or converted to
     the result dtype (float16 inputs)."""
+    cdef cnp.ndarray h
     if out is not None:
-        if out is not y:
+        if out is not y and not (isinstance(out, np.ndarray) and
+                                 _float_into_half(<cnp.ndarray>out, y)):
             np.copyto(out, y, casting='unsafe')
         return out
     if result_dtype is not None and y.dtype != result_dtype:
+        if result_dtype == np.float16 and cnp.PyArray_TYPE(y) == cnp.NPY_FLOAT32:
+            h = np.empty_like(y, dtype=np.float16, subok=False)
+            if _float_into_half(h, y):
+                return h
         return y.astype(result_dtype)
     return y
 

@@ -26,6 +26,7 @@
 #define BNFAST_KERNELS_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -116,6 +117,9 @@ const char *bnf_simd_isa(void);
  * contiguous doubles; eval factors scale[i] /= sqrt(var[i] + eps), returning the first
  * negative variance's index (nothing written) or -1. */
 void bnf_widen_f32(const char *src, ptrdiff_t stride, double *dst, ptrdiff_t n);
+/* float16 (as its bits) <-> float32, n contiguous elements: round to nearest even. */
+void bnf_half_to_float(const uint16_t *src, float *dst, ptrdiff_t n);
+void bnf_float_to_half(const float *src, uint16_t *dst, ptrdiff_t n);
 void bnf_gather_f64(const char *src, ptrdiff_t stride, double *dst, ptrdiff_t n);
 ptrdiff_t bnf_eval_scale(double *scale, const double *var, ptrdiff_t n, double eps);
 

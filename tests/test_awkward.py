@@ -858,3 +858,51 @@ def test_more_than_2_31_elements(form):
     check(bw, bw, "backward", rtol=2e-6)
     np.testing.assert_allclose(db.astype(np.float64), mz * (n // C), rtol=1e-5)
     np.testing.assert_allclose(dw.astype(np.float64), vz * sz * (n // C), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------
+# float16 inputs and outputs: converted in C (F16C where the CPU has it, a scalar form
+# for the rest and for tails), bit for bit as NumPy converts.
+
+def _same_half_bits(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    nan = np.isnan(a)
+    assert np.array_equal(nan, np.isnan(b))
+    assert np.array_equal(a[~nan].view(np.uint16 if a.dtype == np.float16 else np.uint32),
+                          b[~nan].view(np.uint16 if b.dtype == np.float16 else np.uint32))
+
+
+@pytest.mark.parametrize("piece", [7, 8, 1000])      # 7: the scalar form alone
+def test_float16_to_float32_every_value(piece):
+    from bnfast._core import _half_to_float32
+    h = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    got = np.concatenate([_half_to_float32(p) for p in np.array_split(h, len(h) // piece)])
+    _same_half_bits(got, h.astype(np.float32))
+    assert got.dtype == np.float32
+
+
+@pytest.mark.parametrize("piece", [7, 8, 1000])
+def test_float32_to_float16_rounds_to_nearest_even(piece):
+    from bnfast._core import _float32_to_half
+    h = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    h = h[np.isfinite(h)]
+    f = h.astype(np.float32)
+    bits = f.view(np.uint32)
+    # every half, the floats one ulp either side, the midpoints between neighbours (ties)
+    # and one ulp either side of them, overflow and underflow edges, inf and NaN
+    hs = np.sort(f)
+    mid = ((hs[:-1].astype(np.float64) + hs[1:]) / 2).astype(np.float32)
+    edges = np.array([65504, 65519.996, 65520, 65536, 1e10, 2.0 ** -25, 2.0 ** -25 * 1.0000001,
+                      2.0 ** -26, 2.0 ** -24, 2.0 ** -14, 2.0 ** -14 * 0.99999994, 1e-40, 0.0,
+                      np.inf, np.nan], dtype=np.float32)
+    rng = np.random.default_rng(0)
+    rand = rng.standard_normal(20000).astype(np.float32) * np.float32(2.0) ** rng.integers(
+        -30, 18, 20000).astype(np.float32)
+    vals = np.concatenate([f, (bits + 1).view(np.float32), (bits - 1).view(np.float32), mid,
+                           np.nextafter(mid, np.float32(np.inf)),
+                           np.nextafter(mid, np.float32(-np.inf)), edges, -edges, rand])
+    vals = vals[~np.isnan(vals) | np.isnan(vals)]
+    got = np.concatenate([_float32_to_half(p)
+                          for p in np.array_split(vals, max(1, len(vals) // piece))])
+    with np.errstate(over="ignore"):
+        _same_half_bits(got, vals.astype(np.float16))
