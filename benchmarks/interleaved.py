@@ -126,7 +126,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--layouts", default=",".join(DEFAULT_LAYOUTS),
-                   help=f"comma-separated, of {','.join(LAYOUTS)} (default: {','.join(DEFAULT_LAYOUTS)})")
+                   help=f"comma-separated, of {','.join(LAYOUTS)} "
+                        f"(default: {','.join(DEFAULT_LAYOUTS)})")
     p.add_argument("--no-torch", action="store_true", help="do not time PyTorch")
     a = p.parse_args(argv)
     layouts = [s for s in a.layouts.split(",") if s]

@@ -483,11 +483,11 @@ cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
     if kind == K_BSUMS or kind == K_BWD or kind == K_BEVAL:
         if rows:
             if j.f64:
-                bnf_bwd_sums_rows_f64(<double *>dy, j.dy_os, <double *>x, j.x_os, nr, w, j.group,
-                                      j.hi + c0, sdy, sdyx, sxm)
+                bnf_bwd_sums_rows_f64(<double *>dy, j.dy_os, <double *>x, j.x_os, nr, w,
+                                      j.group, j.hi + c0, sdy, sdyx, sxm)
             else:
-                bnf_bwd_sums_rows_f32(<float *>dy, j.dy_os, <float *>x, j.x_os, nr, w, j.group,
-                                      j.hi + c0, sdy, sdyx, sxm)
+                bnf_bwd_sums_rows_f32(<float *>dy, j.dy_os, <float *>x, j.x_os, nr, w,
+                                      j.group, j.hi + c0, sdy, sdyx, sxm)
         elif j.f64:
             bnf_bwd_sums_runs_f64(<double *>dy, j.dy_os, <double *>x, j.x_os, nr,
                                   j.inner, j.hi[c0], sdy, sdyx, sxm)
@@ -505,12 +505,12 @@ cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
     if rows:
         if j.f64:
             bnf_bwd_dx_rows_f64(<double *>dy, j.dy_os, <double *>x, j.x_os,
-                                <double *>y, j.y_os, nr, w, j.group, j.hi + c0, j.scale + c0,
-                                j.k1 + c0, j.k2 + c0, flags)
+                                <double *>y, j.y_os, nr, w, j.group, j.hi + c0,
+                                j.scale + c0, j.k1 + c0, j.k2 + c0, flags)
         else:
             bnf_bwd_dx_rows_f32(<float *>dy, j.dy_os, <float *>x, j.x_os,
-                                <float *>y, j.y_os, nr, w, j.group, j.hi + c0, j.scale + c0,
-                                j.k1 + c0, j.k2 + c0, flags)
+                                <float *>y, j.y_os, nr, w, j.group, j.hi + c0,
+                                j.scale + c0, j.k1 + c0, j.k2 + c0, flags)
     elif j.f64:
         bnf_bwd_dx_runs_f64(<double *>dy, j.dy_os, <double *>x, j.x_os, <double *>y,
                             j.y_os, nr, j.inner, j.hi[c0], j.scale[c0], j.k1[c0], j.k2[c0],
@@ -539,13 +539,11 @@ cdef void _norm_unit(Job *j, Py_ssize_t u) noexcept nogil:
         x += c0 * j.x_cs * isz
         y += c0 * j.y_cs * isz
         if j.f64:
-            bnf_norm_rows_f64(<double *>x, j.x_os, <double *>y, j.y_os, nr, c1 - c0, j.group,
-                              j.hi + c0, j.scale + c0, j.shift + c0,
-                              flags)
+            bnf_norm_rows_f64(<double *>x, j.x_os, <double *>y, j.y_os, nr, c1 - c0,
+                              j.group, j.hi + c0, j.scale + c0, j.shift + c0, flags)
         else:
-            bnf_norm_rows_f32(<float *>x, j.x_os, <float *>y, j.y_os, nr, c1 - c0, j.group,
-                              j.hi + c0, j.scale + c0, j.shift + c0,
-                              flags)
+            bnf_norm_rows_f32(<float *>x, j.x_os, <float *>y, j.y_os, nr, c1 - c0,
+                              j.group, j.hi + c0, j.scale + c0, j.shift + c0, flags)
         return
     if j.inner < 256:
         # short runs not read as rows (strided channels): one call per channel over the
@@ -1105,8 +1103,8 @@ cdef bint _float_into_half(cnp.ndarray dst, cnp.ndarray src) except -1:
             cnp.PyArray_ISWRITEABLE(dst) and (<object>dst).shape == (<object>src).shape and
             _same_order_contiguous(dst, src)):
         return False
-    bnf_float_to_half(<const float *>cnp.PyArray_DATA(src), <uint16_t *>cnp.PyArray_DATA(dst),
-                      cnp.PyArray_SIZE(src))
+    bnf_float_to_half(<const float *>cnp.PyArray_DATA(src),
+                      <uint16_t *>cnp.PyArray_DATA(dst), cnp.PyArray_SIZE(src))
     return True
 
 

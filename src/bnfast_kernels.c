@@ -375,9 +375,9 @@ static inline BNF_INLINE void bnf_repeat_factors(double *const *dst, const doubl
 }
 
 /* Per-channel factors of channels c0 .. c0 + w - 1 repeated over their `group` columns. */
-static inline BNF_INLINE void bnf_spread_factors(double *const *dst, const double *const *src,
-                                                 int nsrc, ptrdiff_t c0, ptrdiff_t w,
-                                                 ptrdiff_t group)
+static inline BNF_INLINE void bnf_spread_factors(double *const *dst,
+                                                 const double *const *src, int nsrc,
+                                                 ptrdiff_t c0, ptrdiff_t w, ptrdiff_t group)
 {
     for (int k = 0; k < nsrc; k++)
         for (ptrdiff_t c = 0; c < w; c++)
@@ -469,7 +469,8 @@ static inline uint16_t bnf_float_to_half1(float f)
     sign = (x >> 16) & 0x8000u;
     ax = x & 0x7fffffffu;
     if (ax >= 0x7f800000u) /* inf, NaN (quiet, the top of its payload) */
-        return (uint16_t)(sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u | ((ax >> 13) & 0x3ffu) : 0));
+        return (uint16_t)(sign | 0x7c00u |
+                          (ax > 0x7f800000u ? 0x200u | ((ax >> 13) & 0x3ffu) : 0));
     if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* rounds past 65504 */
     if (ax < 0x38800000u) {                                    /* below 2^-14: subnormal */
         uint32_t m, q, shift, half;
@@ -489,12 +490,13 @@ static inline uint16_t bnf_float_to_half1(float f)
 }
 
 #if BNF_SIMD_X86
-__attribute__((target("avx,f16c"))) static void bnf_h2f_f16c(const uint16_t *src, float *dst,
-                                                             ptrdiff_t n)
+__attribute__((target("avx,f16c"))) static void bnf_h2f_f16c(const uint16_t *src,
+                                                             float *dst, ptrdiff_t n)
 {
     ptrdiff_t i = 0;
     for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+        _mm256_storeu_ps(dst + i,
+                         _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
     for (; i < n; i++) dst[i] = bnf_half_to_float1(src[i]);
 }
 
