@@ -106,7 +106,7 @@ extensions = [
         sources=["bnfast/_core.pyx", "src/bnfast_kernels.c"],
         include_dirs=["src", np.get_include()],
         depends=["src/bnfast_kernels.h", "src/bnfast_kernels_impl.h",
-                 "src/bnfast_kernels_simd.h"],
+                 "src/bnfast_kernels_simd.h", "src/bnfast_kernels_elem.h"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
     )
 ]

@@ -56,69 +56,41 @@ cdef extern from "bnfast_kernels.h" nogil:
     void bnf_finalize(const bnf_moments *m, Py_ssize_t n, double eps, const double *weight,
                       double *hi, double *lo, double *invstd, double *scale, double *shift,
                       double *var)
-    void bnf_stats_runs_f32(const float *x, Py_ssize_t nruns, Py_ssize_t stride,
-                            Py_ssize_t length, bnf_moments *m)
-    void bnf_stats_runs_f64(const double *x, Py_ssize_t nruns, Py_ssize_t stride,
-                            Py_ssize_t length, bnf_moments *m)
-    void bnf_stats_rows_f32(const float *x, Py_ssize_t nrows, Py_ssize_t stride,
-                            Py_ssize_t width, Py_ssize_t group, Py_ssize_t tile_rows,
-                            bnf_moments *m)
-    void bnf_stats_rows_f64(const double *x, Py_ssize_t nrows, Py_ssize_t stride,
-                            Py_ssize_t width, Py_ssize_t group, Py_ssize_t tile_rows,
-                            bnf_moments *m)
-    void bnf_norm_runs_f32(const float *x, Py_ssize_t xs, float *y, Py_ssize_t ys,
-                           Py_ssize_t nruns, Py_ssize_t length, const double *mean,
-                           const double *scale, const double *shift, Py_ssize_t fstride,
-                           int flags, const float *x_next, bnf_moments *m_next)
-    void bnf_norm_runs_f64(const double *x, Py_ssize_t xs, double *y, Py_ssize_t ys,
-                           Py_ssize_t nruns, Py_ssize_t length, const double *mean,
-                           const double *scale, const double *shift, Py_ssize_t fstride,
-                           int flags, const double *x_next, bnf_moments *m_next)
-    void bnf_norm_rows_f32(const float *x, Py_ssize_t xs, float *y, Py_ssize_t ys,
-                           Py_ssize_t nrows, Py_ssize_t width, Py_ssize_t group,
-                           const double *mean, const double *scale, const double *shift,
-                           int flags)
-    void bnf_norm_rows_f64(const double *x, Py_ssize_t xs, double *y, Py_ssize_t ys,
-                           Py_ssize_t nrows, Py_ssize_t width, Py_ssize_t group,
-                           const double *mean, const double *scale, const double *shift,
-                           int flags)
-    void bnf_bwd_sums_runs_f32(const float *dy, Py_ssize_t dys, const float *x,
-                               Py_ssize_t xs, Py_ssize_t nruns, Py_ssize_t length,
-                               double mean, double *sum_dy, double *sum_dy_xmu,
-                               double *sum_xmu)
-    void bnf_bwd_sums_runs_f64(const double *dy, Py_ssize_t dys, const double *x,
-                               Py_ssize_t xs, Py_ssize_t nruns, Py_ssize_t length,
-                               double mean, double *sum_dy, double *sum_dy_xmu,
-                               double *sum_xmu)
-    void bnf_bwd_sums_rows_f32(const float *dy, Py_ssize_t dys, const float *x,
-                               Py_ssize_t xs, Py_ssize_t nrows, Py_ssize_t width,
-                               Py_ssize_t group, const double *mean, double *sum_dy,
-                               double *sum_dy_xmu, double *sum_xmu)
-    void bnf_bwd_sums_rows_f64(const double *dy, Py_ssize_t dys, const double *x,
-                               Py_ssize_t xs, Py_ssize_t nrows, Py_ssize_t width,
-                               Py_ssize_t group, const double *mean, double *sum_dy,
-                               double *sum_dy_xmu, double *sum_xmu)
-    void bnf_bwd_dx_runs_f32(const float *dy, Py_ssize_t dys, const float *x,
-                             Py_ssize_t xs, float *dx, Py_ssize_t dxs, Py_ssize_t nruns,
-                             Py_ssize_t length, double mean, double a, double k1, double k2,
-                             int flags, const float *dy_next, const float *x_next, double mean_next,
-                             double *sum_dy, double *sum_dy_xmu, double *sum_xmu)
-    void bnf_bwd_dx_runs_f64(const double *dy, Py_ssize_t dys, const double *x,
-                             Py_ssize_t xs, double *dx, Py_ssize_t dxs, Py_ssize_t nruns,
-                             Py_ssize_t length, double mean, double a, double k1, double k2,
-                             int flags, const double *dy_next, const double *x_next,
-                             double mean_next, double *sum_dy, double *sum_dy_xmu,
-                             double *sum_xmu)
-    void bnf_bwd_dx_rows_f32(const float *dy, Py_ssize_t dys, const float *x,
-                             Py_ssize_t xs, float *dx, Py_ssize_t dxs, Py_ssize_t nrows,
-                             Py_ssize_t width, Py_ssize_t group, const double *mean,
-                             const double *a, const double *k1, const double *k2,
-                             int flags)
-    void bnf_bwd_dx_rows_f64(const double *dy, Py_ssize_t dys, const double *x,
-                             Py_ssize_t xs, double *dx, Py_ssize_t dxs, Py_ssize_t nrows,
-                             Py_ssize_t width, Py_ssize_t group, const double *mean,
-                             const double *a, const double *k1, const double *k2,
-                             int flags)
+    enum: BNF_F32
+    enum: BNF_F64
+    enum: BNF_F16
+    void bnf_stats_runs(int type, const void *x, Py_ssize_t nruns, Py_ssize_t stride,
+                        Py_ssize_t length, bnf_moments *m)
+    void bnf_stats_rows(int type, const void *x, Py_ssize_t nrows, Py_ssize_t stride,
+                        Py_ssize_t width, Py_ssize_t group, Py_ssize_t tile_rows,
+                        bnf_moments *m)
+    void bnf_norm_runs(int type, const void *x, Py_ssize_t xs, void *y, Py_ssize_t ys,
+                       Py_ssize_t nruns, Py_ssize_t length, const double *mean,
+                       const double *scale, const double *shift, Py_ssize_t fstride,
+                       int flags, const void *x_next, bnf_moments *m_next)
+    void bnf_norm_rows(int type, const void *x, Py_ssize_t xs, void *y, Py_ssize_t ys,
+                       Py_ssize_t nrows, Py_ssize_t width, Py_ssize_t group,
+                       const double *mean, const double *scale, const double *shift,
+                       int flags)
+    void bnf_bwd_sums_runs(int type, const void *dy, Py_ssize_t dys, const void *x,
+                           Py_ssize_t xs, Py_ssize_t nruns, Py_ssize_t length,
+                           double mean, double *sum_dy, double *sum_dy_xmu,
+                           double *sum_xmu)
+    void bnf_bwd_sums_rows(int type, const void *dy, Py_ssize_t dys, const void *x,
+                           Py_ssize_t xs, Py_ssize_t nrows, Py_ssize_t width,
+                           Py_ssize_t group, const double *mean, double *sum_dy,
+                           double *sum_dy_xmu, double *sum_xmu)
+    void bnf_bwd_dx_runs(int type, const void *dy, Py_ssize_t dys, const void *x,
+                         Py_ssize_t xs, void *dx, Py_ssize_t dxs, Py_ssize_t nruns,
+                         Py_ssize_t length, double mean, double a, double k1, double k2,
+                         int flags, const void *dy_next, const void *x_next,
+                         double mean_next, double *sum_dy, double *sum_dy_xmu,
+                         double *sum_xmu)
+    void bnf_bwd_dx_rows(int type, const void *dy, Py_ssize_t dys, const void *x,
+                         Py_ssize_t xs, void *dx, Py_ssize_t dxs, Py_ssize_t nrows,
+                         Py_ssize_t width, Py_ssize_t group, const double *mean,
+                         const double *a, const double *k1, const double *k2,
+                         int flags)
 
 
 # ----------------------------------------------------------------------------------
@@ -350,7 +322,8 @@ cdef int _split_outer(cnp.ndarray a, int axis, const int *order, int nord) noexc
 # Work description shared by every driver.
 
 ctypedef struct Job:
-    int f64
+    int type                       # element type of x, y, dy: BNF_F32, BNF_F64, BNF_F16
+    Py_ssize_t isz                 # its size in bytes
     Py_ssize_t outer, C, inner, width, ncb, sb_len, nsb
     # rows form: columns a channel takes in a row (1: channels-last rows; the run length:
     # short runs read as rows of C * inner columns, see _plan); 0: runs form
@@ -420,7 +393,7 @@ cdef inline void _bwd_coeffs(Job *j, Py_ssize_t c) noexcept nogil:
 
 cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
     cdef Py_ssize_t cb = u // j.nsb, sb = u % j.nsb
-    cdef Py_ssize_t c0, w, r0, nr, c, isz = 8 if j.f64 else 4
+    cdef Py_ssize_t c0, w, r0, nr, c, isz = j.isz
     cdef bint rows = j.group > 0
     cdef char *x
     cdef char *y
@@ -454,46 +427,27 @@ cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
 
     if kind == K_STATS or kind == K_FWD:
         if rows:
-            if j.f64:
-                bnf_stats_rows_f64(<double *>x, nr, j.x_os, w, j.group, j.tile_rows, mom)
-            else:
-                bnf_stats_rows_f32(<float *>x, nr, j.x_os, w, j.group, j.tile_rows, mom)
-        elif j.f64:
-            bnf_stats_runs_f64(<double *>x, nr, j.x_os, j.inner, mom)
+            bnf_stats_rows(j.type, x, nr, j.x_os, w, j.group, j.tile_rows, mom)
         else:
-            bnf_stats_runs_f32(<float *>x, nr, j.x_os, j.inner, mom)
+            bnf_stats_runs(j.type, x, nr, j.x_os, j.inner, mom)
         if kind == K_STATS:
             return
         _finalize(j, c0, w, mom)
     if kind == K_FWD:
         if rows:
-            if j.f64:
-                bnf_norm_rows_f64(<double *>x, j.x_os, <double *>y, j.y_os, nr, w, j.group,
-                                  j.hi + c0, j.scale + c0, j.shift + c0, flags)
-            else:
-                bnf_norm_rows_f32(<float *>x, j.x_os, <float *>y, j.y_os, nr, w, j.group,
-                                  j.hi + c0, j.scale + c0, j.shift + c0, flags)
-        elif j.f64:
-            bnf_norm_runs_f64(<double *>x, j.x_os, <double *>y, j.y_os, nr, j.inner,
-                              j.hi + c0, j.scale + c0, j.shift + c0, 0, flags, NULL, NULL)
+            bnf_norm_rows(j.type, x, j.x_os, y, j.y_os, nr, w, j.group, j.hi + c0,
+                          j.scale + c0, j.shift + c0, flags)
         else:
-            bnf_norm_runs_f32(<float *>x, j.x_os, <float *>y, j.y_os, nr, j.inner,
-                              j.hi + c0, j.scale + c0, j.shift + c0, 0, flags, NULL, NULL)
+            bnf_norm_runs(j.type, x, j.x_os, y, j.y_os, nr, j.inner, j.hi + c0, j.scale + c0,
+                          j.shift + c0, 0, flags, NULL, NULL)
         return
     if kind == K_BSUMS or kind == K_BWD or kind == K_BEVAL:
         if rows:
-            if j.f64:
-                bnf_bwd_sums_rows_f64(<double *>dy, j.dy_os, <double *>x, j.x_os, nr, w,
-                                      j.group, j.hi + c0, sdy, sdyx, sxm)
-            else:
-                bnf_bwd_sums_rows_f32(<float *>dy, j.dy_os, <float *>x, j.x_os, nr, w,
-                                      j.group, j.hi + c0, sdy, sdyx, sxm)
-        elif j.f64:
-            bnf_bwd_sums_runs_f64(<double *>dy, j.dy_os, <double *>x, j.x_os, nr,
-                                  j.inner, j.hi[c0], sdy, sdyx, sxm)
+            bnf_bwd_sums_rows(j.type, dy, j.dy_os, x, j.x_os, nr, w, j.group, j.hi + c0,
+                              sdy, sdyx, sxm)
         else:
-            bnf_bwd_sums_runs_f32(<float *>dy, j.dy_os, <float *>x, j.x_os, nr,
-                                  j.inner, j.hi[c0], sdy, sdyx, sxm)
+            bnf_bwd_sums_runs(j.type, dy, j.dy_os, x, j.x_os, nr, j.inner, j.hi[c0],
+                              sdy, sdyx, sxm)
         if kind == K_BSUMS:
             return
         if kind == K_BWD:
@@ -503,22 +457,12 @@ cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
             x = NULL                       # statistics held fixed: dx = scale * dy
     # K_BDX, K_BWD, K_BEVAL
     if rows:
-        if j.f64:
-            bnf_bwd_dx_rows_f64(<double *>dy, j.dy_os, <double *>x, j.x_os,
-                                <double *>y, j.y_os, nr, w, j.group, j.hi + c0,
-                                j.scale + c0, j.k1 + c0, j.k2 + c0, flags)
-        else:
-            bnf_bwd_dx_rows_f32(<float *>dy, j.dy_os, <float *>x, j.x_os,
-                                <float *>y, j.y_os, nr, w, j.group, j.hi + c0,
-                                j.scale + c0, j.k1 + c0, j.k2 + c0, flags)
-    elif j.f64:
-        bnf_bwd_dx_runs_f64(<double *>dy, j.dy_os, <double *>x, j.x_os, <double *>y,
-                            j.y_os, nr, j.inner, j.hi[c0], j.scale[c0], j.k1[c0], j.k2[c0],
-                            flags, NULL, NULL, 0, NULL, NULL, NULL)
+        bnf_bwd_dx_rows(j.type, dy, j.dy_os, x, j.x_os, y, j.y_os, nr, w, j.group,
+                        j.hi + c0, j.scale + c0, j.k1 + c0, j.k2 + c0, flags)
     else:
-        bnf_bwd_dx_runs_f32(<float *>dy, j.dy_os, <float *>x, j.x_os, <float *>y,
-                            j.y_os, nr, j.inner, j.hi[c0], j.scale[c0], j.k1[c0], j.k2[c0],
-                            flags, NULL, NULL, 0, NULL, NULL, NULL)
+        bnf_bwd_dx_runs(j.type, dy, j.dy_os, x, j.x_os, y, j.y_os, nr, j.inner, j.hi[c0],
+                        j.scale[c0], j.k1[c0], j.k2[c0], flags, NULL, NULL, 0, NULL, NULL,
+                        NULL)
 
 
 cdef void _norm_unit(Job *j, Py_ssize_t u) noexcept nogil:
@@ -527,7 +471,7 @@ cdef void _norm_unit(Job *j, Py_ssize_t u) noexcept nogil:
     cdef Py_ssize_t c0 = (u % j.ncn) * j.cn_len
     cdef Py_ssize_t c1 = j.C if j.C - c0 < j.cn_len else c0 + j.cn_len
     cdef Py_ssize_t nr = j.outer - r0 if j.outer - r0 < j.rb else j.rb
-    cdef Py_ssize_t isz = 8 if j.f64 else 4
+    cdef Py_ssize_t isz = j.isz
     cdef int flags = BNF_STREAM if j.stream else 0
     cdef char *x = j.x + r0 * j.x_os * isz
     cdef char *y = j.y + r0 * j.y_os * isz
@@ -538,46 +482,28 @@ cdef void _norm_unit(Job *j, Py_ssize_t u) noexcept nogil:
     if j.group:
         x += c0 * j.x_cs * isz
         y += c0 * j.y_cs * isz
-        if j.f64:
-            bnf_norm_rows_f64(<double *>x, j.x_os, <double *>y, j.y_os, nr, c1 - c0,
-                              j.group, j.hi + c0, j.scale + c0, j.shift + c0, flags)
-        else:
-            bnf_norm_rows_f32(<float *>x, j.x_os, <float *>y, j.y_os, nr, c1 - c0,
-                              j.group, j.hi + c0, j.scale + c0, j.shift + c0, flags)
+        bnf_norm_rows(j.type, x, j.x_os, y, j.y_os, nr, c1 - c0, j.group, j.hi + c0,
+                      j.scale + c0, j.shift + c0, flags)
         return
     if j.inner < 256:
         # short runs not read as rows (strided channels): one call per channel over the
         # block's rows (the block is ~1 MiB)
         for c in range(c0, c1):
-            if j.f64:
-                bnf_norm_runs_f64(<double *>x + c * j.x_cs, j.x_os,
-                                  <double *>y + c * j.y_cs, j.y_os, nr, j.inner,
-                                  j.hi + c, j.scale + c, j.shift + c, 0,
-                                  flags, NULL, NULL)
-            else:
-                bnf_norm_runs_f32(<float *>x + c * j.x_cs, j.x_os,
-                                  <float *>y + c * j.y_cs, j.y_os, nr, j.inner,
-                                  j.hi + c, j.scale + c, j.shift + c, 0,
-                                  flags, NULL, NULL)
+            bnf_norm_runs(j.type, x + c * j.x_cs * isz, j.x_os, y + c * j.y_cs * isz, j.y_os,
+                          nr, j.inner, j.hi + c, j.scale + c, j.shift + c, 0, flags, NULL,
+                          NULL)
         return
     for r in range(nr):                 # long runs: strictly in memory order, a row a call
-        if j.f64:
-            bnf_norm_runs_f64(<double *>x + r * j.x_os + c0 * j.x_cs, j.x_cs,
-                              <double *>y + r * j.y_os + c0 * j.y_cs, j.y_cs, c1 - c0, j.inner,
-                              j.hi + c0, j.scale + c0, j.shift + c0, 1,
-                              flags, NULL, NULL)
-        else:
-            bnf_norm_runs_f32(<float *>x + r * j.x_os + c0 * j.x_cs, j.x_cs,
-                              <float *>y + r * j.y_os + c0 * j.y_cs, j.y_cs, c1 - c0, j.inner,
-                              j.hi + c0, j.scale + c0, j.shift + c0, 1,
-                              flags, NULL, NULL)
+        bnf_norm_runs(j.type, x + (r * j.x_os + c0 * j.x_cs) * isz, j.x_cs,
+                      y + (r * j.y_os + c0 * j.y_cs) * isz, j.y_cs, c1 - c0, j.inner,
+                      j.hi + c0, j.scale + c0, j.shift + c0, 1, flags, NULL, NULL)
 
 
 cdef void _pipeline(Job *j, int kind, Py_ssize_t u0, Py_ssize_t u1) noexcept nogil:
     """Fused units u0 .. u1 - 1 of `kind` (K_FWD or K_BWD; whole channels of runs,
     nsb == 1): each unit's second pass (normalize or dx), from L2, interleaved with the
     next unit's first pass (statistics or backward sums), from DRAM."""
-    cdef Py_ssize_t u, isz = 8 if j.f64 else 4
+    cdef Py_ssize_t u, isz = j.isz
     cdef int flags = BNF_CACHED | (BNF_STREAM if j.stream else 0)
     cdef char *x
     cdef char *dy
@@ -594,31 +520,16 @@ cdef void _pipeline(Job *j, int kind, Py_ssize_t u0, Py_ssize_t u1) noexcept nog
         x_next = x + j.x_cs * isz if u + 1 < u1 else NULL
         if kind == K_FWD:
             _finalize(j, u, 1, j.mom + u)
-            if j.f64:
-                bnf_norm_runs_f64(<double *>x, j.x_os, <double *>y, j.y_os, j.outer, j.inner,
-                                  j.hi + u, j.scale + u, j.shift + u, 0, flags,
-                                  <double *>x_next, j.mom + u + 1)
-            else:
-                bnf_norm_runs_f32(<float *>x, j.x_os, <float *>y, j.y_os, j.outer, j.inner,
-                                  j.hi + u, j.scale + u, j.shift + u, 0, flags,
-                                  <float *>x_next, j.mom + u + 1)
+            bnf_norm_runs(j.type, x, j.x_os, y, j.y_os, j.outer, j.inner, j.hi + u,
+                          j.scale + u, j.shift + u, 0, flags, x_next, j.mom + u + 1)
         else:
             _bwd_coeffs(j, u)
             dy = j.dy + u * j.dy_cs * isz
             dy_next = dy + j.dy_cs * isz if x_next != NULL else NULL
             mean_next = j.hi[u + 1] if x_next != NULL else 0
-            if j.f64:
-                bnf_bwd_dx_runs_f64(<double *>dy, j.dy_os, <double *>x, j.x_os, <double *>y,
-                                    j.y_os, j.outer, j.inner, j.hi[u], j.scale[u], j.k1[u],
-                                    j.k2[u], flags, <double *>dy_next, <double *>x_next,
-                                    mean_next, j.s_dy + u + 1, j.s_dyx + u + 1,
-                                    j.s_xm + u + 1)
-            else:
-                bnf_bwd_dx_runs_f32(<float *>dy, j.dy_os, <float *>x, j.x_os, <float *>y,
-                                    j.y_os, j.outer, j.inner, j.hi[u], j.scale[u], j.k1[u],
-                                    j.k2[u], flags, <float *>dy_next, <float *>x_next,
-                                    mean_next, j.s_dy + u + 1, j.s_dyx + u + 1,
-                                    j.s_xm + u + 1)
+            bnf_bwd_dx_runs(j.type, dy, j.dy_os, x, j.x_os, y, j.y_os, j.outer, j.inner,
+                            j.hi[u], j.scale[u], j.k1[u], j.k2[u], flags, dy_next, x_next,
+                            mean_next, j.s_dy + u + 1, j.s_dyx + u + 1, j.s_xm + u + 1)
         if j.stream:
             bnf_stream_fence()
 
@@ -635,7 +546,7 @@ cdef inline void _any_unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
 cdef void _run(Job *j, int kind, Py_ssize_t nunits, int nthreads) noexcept nogil:
     cdef Py_ssize_t u, t
     if (kind == K_FWD or kind == K_BWD) and j.group == 0 and \
-            j.outer * j.inner * (8 if j.f64 else 4) * (1 if kind == K_FWD else 2) <= PIPE_BYTES:
+            j.outer * j.inner * j.isz * (1 if kind == K_FWD else 2) <= PIPE_BYTES:
         # each thread a contiguous range of channels, pipelined
         if nthreads <= 1:
             _pipeline(j, kind, 0, nunits)
@@ -814,8 +725,8 @@ cdef inline bint _is_native_float(object a) noexcept:
 
 
 cdef tuple _as_input(object x, str name):
-    """(x as an aligned native float32/float64 array, dtype of the result or None for
-    x's own): float16 is computed in float32, integers and bools in float64."""
+    """(x as an aligned native float16/32/64 array, dtype of the result or None for
+    x's own): integers and bools are computed in float64."""
     cdef cnp.ndarray a
     if _is_native_float(x):
         return x, None
@@ -828,9 +739,7 @@ cdef tuple _as_input(object x, str name):
             raise TypeError(f"{name} must be an array-like of real numbers: {e}") from None
     kind = a.dtype.kind
     if kind == 'f':
-        if a.dtype.itemsize == 2:
-            return _half_to_float(a), np.dtype(np.float16)
-        if a.dtype.itemsize not in (4, 8):
+        if a.dtype.itemsize not in (2, 4, 8):
             raise TypeError(f"{name} has dtype {a.dtype}; bnfast computes float16, float32 "
                             "and float64 (convert long double first)")
         return np.require(a, dtype=a.dtype.newbyteorder('='), requirements='A'), None
@@ -1059,6 +968,16 @@ cdef inline void _set_geo(Job *j, const Geo *gx) noexcept:
     j.x_cs = gx.cs
 
 
+cdef inline int _elem_type(int t) noexcept:
+    """The kernels' element type of a native float array of NumPy type t."""
+    return BNF_F64 if t == cnp.NPY_FLOAT64 else BNF_F16 if t == cnp.NPY_FLOAT16 else BNF_F32
+
+
+cdef inline void _set_type(Job *j, cnp.ndarray a) noexcept:
+    j.type = _elem_type(cnp.PyArray_TYPE(a))
+    j.isz = cnp.PyArray_ITEMSIZE(a)
+
+
 cdef inline bint _same_order_contiguous(cnp.ndarray a, cnp.ndarray b) noexcept:
     """a and b contiguous with their elements in the same order in memory."""
     return (cnp.PyArray_IS_C_CONTIGUOUS(a) and cnp.PyArray_IS_C_CONTIGUOUS(b)) or \
@@ -1189,7 +1108,7 @@ cdef object _normalize(object x, object out, int axis_in, Py_ssize_t C_expected,
     y = lay.output(out if result_dtype is None else None, a, (a,), &gy)
     memset(&j, 0, sizeof(Job))
     _set_geo(&j, &lay.gx)
-    j.f64 = cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT64
+    _set_type(&j, a)
     j.x = <char *>cnp.PyArray_DATA(a)
     j.y = <char *>cnp.PyArray_DATA(y)
     j.y_os = gy.os
@@ -1329,7 +1248,8 @@ cdef class FrozenBatchNorm:
             a = <cnp.ndarray>x
             nd = cnp.PyArray_NDIM(a)
             t = cnp.PyArray_TYPE(a)
-            if nd == 2 and (t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT64) \
+            if nd == 2 and (t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT64 or
+                            t == cnp.NPY_FLOAT16) \
                     and (self._axis_int == 1 or self._axis_int == -1) \
                     and cnp.PyArray_DIMS(a)[1] == C and cnp.PyArray_IS_C_CONTIGUOUS(a) \
                     and cnp.PyArray_ISNOTSWAPPED(a) and cnp.PyArray_ISALIGNED(a) \
@@ -1350,14 +1270,8 @@ cdef class FrozenBatchNorm:
                     o = <cnp.ndarray>out
                 else:
                     return _normalize(x, out, self._axis_int, C, b, b + 2 * C, b + 3 * C)
-                if t == cnp.NPY_FLOAT32:
-                    bnf_norm_rows_f32(<float *>cnp.PyArray_DATA(a), C,
-                                      <float *>cnp.PyArray_DATA(o), C, rows, C, 1,
-                                      b, b + 2 * C, b + 3 * C, BNF_CACHED)
-                else:
-                    bnf_norm_rows_f64(<double *>cnp.PyArray_DATA(a), C,
-                                      <double *>cnp.PyArray_DATA(o), C, rows, C, 1,
-                                      b, b + 2 * C, b + 3 * C, BNF_CACHED)
+                bnf_norm_rows(_elem_type(t), cnp.PyArray_DATA(a), C, cnp.PyArray_DATA(o), C,
+                              rows, C, 1, b, b + 2 * C, b + 3 * C, BNF_CACHED)
                 return o
         return _normalize(x, out, self._axis_int, C, b, b + 2 * C, b + 3 * C)
 
@@ -1404,8 +1318,9 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     Parameters
     ----------
     x : array_like, ndim >= 2
-        Input; float32 and float64 are computed natively, float16 in float32, integers
-        and bools are converted to float64. The output has x's (float) dtype.
+        Input; float32, float64 and float16 are read as they are (float16 computed as
+        float32 data are), integers and bools are converted to float64. The output has
+        x's (float) dtype.
     running_mean, running_var : ndarray of shape (C,) or None
         Running statistics. Required when ``training`` is False. When ``training`` is
         True and they are given, they are updated in place (they must then be writable
@@ -1625,7 +1540,7 @@ def _train(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
         a = lay.fit_input(a, axis_i)
         y = lay.output(out if result_dtype is None else None, a, (a,), &gy)
         _set_geo(&j, &lay.gx)
-        j.f64 = cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT64
+        _set_type(&j, a)
         j.eps = e
         j.x = <char *>cnp.PyArray_DATA(a)
         j.y = <char *>cnp.PyArray_DATA(y)
@@ -1696,7 +1611,7 @@ def _moments(x, axis):
     lay = _Layout()
     a = lay.fit_input(a, axis_i)
     _set_geo(&j, &lay.gx)
-    j.f64 = cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT64
+    _set_type(&j, a)
     j.x = <char *>cnp.PyArray_DATA(a)
     _plan(&j, cnp.PyArray_ITEMSIZE(a), 1)
     j.mom = <bnf_moments *>malloc(j.nsb * C * sizeof(bnf_moments) + 1)
@@ -1747,9 +1662,14 @@ cdef Py_ssize_t _exchange_moments(bnf_moments *mom, Py_ssize_t C, object hook) e
 
 cdef cnp.ndarray _vector_from(const double *src, Py_ssize_t C, int type_num,
                               object result_dtype):
-    """A new (C,) array of type_num (float32/float64) holding src, rounded once; cast to
-    result_dtype when that is another dtype (float16 inputs)."""
+    """A new (C,) array of type_num (float16/32/64) holding src, rounded once (float16:
+    to float32 and then to float16, as the kernels round); cast to result_dtype when that
+    is another dtype."""
     cdef cnp.npy_intp dim = C
+    if type_num == cnp.NPY_FLOAT16:
+        type_num = cnp.NPY_FLOAT32
+        if result_dtype is None:
+            result_dtype = np.dtype(np.float16)
     cdef cnp.ndarray v = cnp.PyArray_EMPTY(1, &dim, type_num, 0)
     cdef Py_ssize_t c
     if type_num == cnp.NPY_FLOAT32:
@@ -1848,7 +1768,14 @@ def _backward(dy, x, mean, invstd, weight, bint training, axis, out, sums_hook):
         raise ValueError(f"dy must have the shape of x {(<object>a).shape}, got "
                          f"{(<object>g).shape}")
     if cnp.PyArray_TYPE(g) != cnp.PyArray_TYPE(a):
-        g = g.astype(a.dtype)
+        if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT16:
+            # float16 x with a wider dy: computed in float32 (dy is not rounded to
+            # float16), the result still float16
+            a = _half_to_float(a)
+            if result_dtype is None:
+                result_dtype = np.dtype(np.float16)
+        if cnp.PyArray_TYPE(g) != cnp.PyArray_TYPE(a):
+            g = g.astype(a.dtype)
     axis_i = _norm_axis(axis, nd)
     C = cnp.PyArray_DIMS(a)[axis_i]
     if out is not None:
@@ -1869,7 +1796,7 @@ def _backward(dy, x, mean, invstd, weight, bint training, axis, out, sums_hook):
         g = lay.fit_other_input(g, a, &gg)
         dx = lay.output(out if result_dtype is None else None, a, (a, g), &gy)
         _set_geo(&j, &lay.gx)
-        j.f64 = cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT64
+        _set_type(&j, a)
         j.x = <char *>cnp.PyArray_DATA(a)
         j.dy = <char *>cnp.PyArray_DATA(g)
         j.dy_os = gg.os

@@ -239,7 +239,7 @@ def moments(x, *, axis=1):
     -----
     One read of x by the compiled statistics pass of :func:`bnfast.batch_norm_train`
     (multithreaded, results independent of the thread count; no temporary of x's size
-    unless x needs converting (integers, float16, non-native byte order) or has negative
+    unless x needs converting (integers, non-native byte order) or has negative
     or zero strides). The mean is kept as two doubles, whose low
     part the result keeps for merges. Mean and M2 are within a few float64 ulps of the
     exact values for x's elements, whatever their offset.

@@ -171,6 +171,11 @@ static inline BNF_INLINE void bnf_stream_f64(double *dst, const double *src, ptr
     bnf_stream_bytes(dst, src, n * (ptrdiff_t)sizeof(double));
 }
 
+static inline BNF_INLINE void bnf_stream_f16(uint16_t *dst, const uint16_t *src, ptrdiff_t n)
+{
+    bnf_stream_bytes(dst, src, n * (ptrdiff_t)sizeof(uint16_t));
+}
+
 /* Streaming stores are weakly ordered: the caller fences once per work unit, before
  * other threads may read the output. */
 void bnf_stream_fence(void)
@@ -441,7 +446,7 @@ const char *bnf_simd_isa(void)
  * binary16, round to nearest even, NaN kept quiet; F16C where the CPU has it, else these
  * scalar forms, which give its bits.  NumPy's own conversions took 3-6 ns an element:
  * a float16 eval cost 27-31x a copy of its bytes, 5x PyTorch's time. */
-static inline float bnf_half_to_float1(uint16_t h)
+static inline BNF_INLINE float bnf_half_to_float1(uint16_t h)
 {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ffu, x;
     float f;
@@ -462,7 +467,7 @@ static inline float bnf_half_to_float1(uint16_t h)
     return f;
 }
 
-static inline uint16_t bnf_float_to_half1(float f)
+static inline BNF_INLINE uint16_t bnf_float_to_half1(float f)
 {
     uint32_t x, sign, ax, h, rem;
     memcpy(&x, &f, sizeof x);
@@ -591,6 +596,12 @@ BNF_CLONES void bnf_finalize(const bnf_moments *m, ptrdiff_t n, double eps,
     }
 }
 
+/* The element types: T, the name suffix S, and BNF_TO_D / BNF_FROM_D, an element to
+ * double and a double rounded to an element. */
+#define BNF_TO_D(v) ((double)(v))
+#define BNF_FROM_D(d) ((T)(d))
+#define BNF_T_HALF 0
+
 #define T float
 #define S f32
 #define BNF_T_FLOAT 1
@@ -610,3 +621,122 @@ BNF_CLONES void bnf_finalize(const bnf_moments *m, ptrdiff_t n, double eps,
 #undef T
 #undef S
 #undef BNF_T_FLOAT
+
+/* float16, as its bits: read exactly, computed in double as float32 data are, rounded
+ * to float32 and then to float16 (the bits of computing float16 data in float32 and
+ * converting the result, which bnfast did before it read float16 natively). */
+#undef BNF_TO_D
+#undef BNF_FROM_D
+#undef BNF_T_HALF
+#define BNF_TO_D(v) ((double)bnf_half_to_float1(v))
+#define BNF_FROM_D(d) bnf_float_to_half1((float)(d))
+#define BNF_T_HALF 1
+#define T uint16_t
+#define S f16
+#define BNF_T_FLOAT 0
+#define BNF_REDO_RATIO (1.0 - 0x1p-20)
+#include "bnfast_kernels_impl.h"
+#undef BNF_REDO_RATIO
+#undef T
+#undef S
+#undef BNF_T_FLOAT
+#undef BNF_TO_D
+#undef BNF_FROM_D
+#undef BNF_T_HALF
+
+/* The entry points by element type (BNF_F32, BNF_F64, BNF_F16): the one place that
+ * dispatches on it. */
+#define BNF_BY_TYPE(type, CALL)          \
+    switch (type) {                      \
+    case BNF_F64: CALL(double, f64); break;   \
+    case BNF_F16: CALL(uint16_t, f16); break; \
+    default: CALL(float, f32); break;         \
+    }
+
+void bnf_stats_runs(int type, const void *x, ptrdiff_t nruns, ptrdiff_t stride, ptrdiff_t len,
+                    bnf_moments *m)
+{
+#define CALL(T, S) bnf_stats_runs_##S((const T *)x, nruns, stride, len, m)
+    BNF_BY_TYPE(type, CALL)
+#undef CALL
+}
+
+void bnf_stats_rows(int type, const void *x, ptrdiff_t nrows, ptrdiff_t stride,
+                    ptrdiff_t width, ptrdiff_t group, ptrdiff_t tile_rows, bnf_moments *m)
+{
+#define CALL(T, S) bnf_stats_rows_##S((const T *)x, nrows, stride, width, group, tile_rows, m)
+    BNF_BY_TYPE(type, CALL)
+#undef CALL
+}
+
+void bnf_norm_runs(int type, const void *x, ptrdiff_t xstride, void *y, ptrdiff_t ystride,
+                   ptrdiff_t nruns, ptrdiff_t len, const double *mean, const double *scale,
+                   const double *shift, ptrdiff_t fstride, int flags, const void *x_next,
+                   bnf_moments *m_next)
+{
+#define CALL(T, S)                                                                        \
+    bnf_norm_runs_##S((const T *)x, xstride, (T *)y, ystride, nruns, len, mean, scale,     \
+                      shift, fstride, flags, (const T *)x_next, m_next)
+    BNF_BY_TYPE(type, CALL)
+#undef CALL
+}
+
+void bnf_norm_rows(int type, const void *x, ptrdiff_t xstride, void *y, ptrdiff_t ystride,
+                   ptrdiff_t nrows, ptrdiff_t width, ptrdiff_t group, const double *mean,
+                   const double *scale, const double *shift, int flags)
+{
+#define CALL(T, S)                                                                        \
+    bnf_norm_rows_##S((const T *)x, xstride, (T *)y, ystride, nrows, width, group, mean,   \
+                      scale, shift, flags)
+    BNF_BY_TYPE(type, CALL)
+#undef CALL
+}
+
+void bnf_bwd_sums_runs(int type, const void *dy, ptrdiff_t dystride, const void *x,
+                       ptrdiff_t xstride, ptrdiff_t nruns, ptrdiff_t len, double mean,
+                       double *sum_dy, double *sum_dy_xmu, double *sum_xmu)
+{
+#define CALL(T, S)                                                                        \
+    bnf_bwd_sums_runs_##S((const T *)dy, dystride, (const T *)x, xstride, nruns, len, mean, \
+                          sum_dy, sum_dy_xmu, sum_xmu)
+    BNF_BY_TYPE(type, CALL)
+#undef CALL
+}
+
+void bnf_bwd_sums_rows(int type, const void *dy, ptrdiff_t dystride, const void *x,
+                       ptrdiff_t xstride, ptrdiff_t nrows, ptrdiff_t width, ptrdiff_t group,
+                       const double *mean, double *sum_dy, double *sum_dy_xmu,
+                       double *sum_xmu)
+{
+#define CALL(T, S)                                                                        \
+    bnf_bwd_sums_rows_##S((const T *)dy, dystride, (const T *)x, xstride, nrows, width,   \
+                          group, mean, sum_dy, sum_dy_xmu, sum_xmu)
+    BNF_BY_TYPE(type, CALL)
+#undef CALL
+}
+
+void bnf_bwd_dx_runs(int type, const void *dy, ptrdiff_t dystride, const void *x,
+                     ptrdiff_t xstride, void *dx, ptrdiff_t dxstride, ptrdiff_t nruns,
+                     ptrdiff_t len, double mean, double a, double k1, double k2, int flags,
+                     const void *dy_next, const void *x_next, double mean_next,
+                     double *sum_dy, double *sum_dy_xmu, double *sum_xmu)
+{
+#define CALL(T, S)                                                                        \
+    bnf_bwd_dx_runs_##S((const T *)dy, dystride, (const T *)x, xstride, (T *)dx, dxstride, \
+                        nruns, len, mean, a, k1, k2, flags, (const T *)dy_next,            \
+                        (const T *)x_next, mean_next, sum_dy, sum_dy_xmu, sum_xmu)
+    BNF_BY_TYPE(type, CALL)
+#undef CALL
+}
+
+void bnf_bwd_dx_rows(int type, const void *dy, ptrdiff_t dystride, const void *x,
+                     ptrdiff_t xstride, void *dx, ptrdiff_t dxstride, ptrdiff_t nrows,
+                     ptrdiff_t width, ptrdiff_t group, const double *mean, const double *a,
+                     const double *k1, const double *k2, int flags)
+{
+#define CALL(T, S)                                                                        \
+    bnf_bwd_dx_rows_##S((const T *)dy, dystride, (const T *)x, xstride, (T *)dx, dxstride, \
+                        nrows, width, group, mean, a, k1, k2, flags)
+    BNF_BY_TYPE(type, CALL)
+#undef CALL
+}

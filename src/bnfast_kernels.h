@@ -20,7 +20,12 @@
  * the SIMD width chosen at run time), two passes per cache-resident tile, tiles merged
  * with Chan's formula.  The mean is carried as hi + lo (double-double-like); the
  * normalization is (x - hi) * scale + (shift - lo * scale) in double, rounded once to
- * the output type: the offset hi is removed exactly before any scaling.  Built with -ffp-contract=off, so every ISA gives the same bits.
+ * the output type: the offset hi is removed exactly before any scaling.  Built with
+ * -ffp-contract=off, so every ISA gives the same bits.
+ *
+ * Element types: float (_f32), double (_f64), and float16 as its bits (uint16_t, _f16),
+ * read exactly and computed as float data are: results rounded to float, then to
+ * float16 (the bits of converting the data to float first).
  */
 #ifndef BNFAST_KERNELS_H
 #define BNFAST_KERNELS_H
@@ -164,8 +169,40 @@ void bnf_finalize(const bnf_moments *m, ptrdiff_t n, double eps, const double *w
 
 BNF_DECLARE(float, f32)
 BNF_DECLARE(double, f64)
+BNF_DECLARE(uint16_t, f16) /* float16, as its bits */
 
 #undef BNF_DECLARE
+
+/* The same kernels by element type, `type` one of these (x, y, dy, dx of that type):
+ * what the Cython layer calls. */
+enum { BNF_F32 = 0, BNF_F64 = 1, BNF_F16 = 2 };
+void bnf_stats_runs(int type, const void *x, ptrdiff_t nruns, ptrdiff_t stride, ptrdiff_t len,
+                    bnf_moments *m);
+void bnf_stats_rows(int type, const void *x, ptrdiff_t nrows, ptrdiff_t stride,
+                    ptrdiff_t width, ptrdiff_t group, ptrdiff_t tile_rows, bnf_moments *m);
+void bnf_norm_runs(int type, const void *x, ptrdiff_t xstride, void *y, ptrdiff_t ystride,
+                   ptrdiff_t nruns, ptrdiff_t len, const double *mean, const double *scale,
+                   const double *shift, ptrdiff_t fstride, int flags, const void *x_next,
+                   bnf_moments *m_next);
+void bnf_norm_rows(int type, const void *x, ptrdiff_t xstride, void *y, ptrdiff_t ystride,
+                   ptrdiff_t nrows, ptrdiff_t width, ptrdiff_t group, const double *mean,
+                   const double *scale, const double *shift, int flags);
+void bnf_bwd_sums_runs(int type, const void *dy, ptrdiff_t dystride, const void *x,
+                       ptrdiff_t xstride, ptrdiff_t nruns, ptrdiff_t len, double mean,
+                       double *sum_dy, double *sum_dy_xmu, double *sum_xmu);
+void bnf_bwd_sums_rows(int type, const void *dy, ptrdiff_t dystride, const void *x,
+                       ptrdiff_t xstride, ptrdiff_t nrows, ptrdiff_t width, ptrdiff_t group,
+                       const double *mean, double *sum_dy, double *sum_dy_xmu,
+                       double *sum_xmu);
+void bnf_bwd_dx_runs(int type, const void *dy, ptrdiff_t dystride, const void *x,
+                     ptrdiff_t xstride, void *dx, ptrdiff_t dxstride, ptrdiff_t nruns,
+                     ptrdiff_t len, double mean, double a, double k1, double k2, int flags,
+                     const void *dy_next, const void *x_next, double mean_next,
+                     double *sum_dy, double *sum_dy_xmu, double *sum_xmu);
+void bnf_bwd_dx_rows(int type, const void *dy, ptrdiff_t dystride, const void *x,
+                     ptrdiff_t xstride, void *dx, ptrdiff_t dxstride, ptrdiff_t nrows,
+                     ptrdiff_t width, ptrdiff_t group, const double *mean, const double *a,
+                     const double *k1, const double *k2, int flags);
 
 #ifdef __cplusplus
 }

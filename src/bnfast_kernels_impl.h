@@ -5,68 +5,16 @@
 #define BNF_CAT(a, b) BNF_CAT2(a, b)
 #define BNF_NAME(n) BNF_CAT(n, S)
 
-/* The elementwise arithmetic, written once for the plain loops and the scalar tails of
- * the intrinsics loops: y = (x - mean) * scale + shift, dx = a * ((dy - k1) - (x - mean)
- * * k2), and dx = a * dy with the statistics held fixed; in double, rounded once. */
-static inline BNF_INLINE T BNF_NAME(norm_elem)(T x, double mean, double scale, double shift)
-{
-    return (T)(((double)x - mean) * scale + shift);
-}
-
-static inline BNF_INLINE T BNF_NAME(dx_elem)(T g, T x, double mean, double a, double k1,
-                                             double k2)
-{
-    return (T)(a * (((double)g - k1) - ((double)x - mean) * k2));
-}
-
-static inline BNF_INLINE T BNF_NAME(dx_fixed_elem)(T g, double a)
-{
-    return (T)((double)g * a);
-}
-
-/* The reductions' arithmetic, likewise: one element into the shifted sums (d = x - shift:
- * s1 += d, s2 += d^2), four rows of a column paired as (0 + 1) + (2 + 3), and the same for
- * the backward sums (sum dy, sum dy (x - mean), sum (x - mean)). */
-static inline BNF_INLINE void BNF_NAME(sums_elem)(T x, double shift, double *s1, double *s2)
-{
-    double d = (double)x - shift;
-    *s1 += d;
-    *s2 += d * d;
-}
-
-static inline BNF_INLINE void BNF_NAME(sums_elem4)(T x0, T x1, T x2, T x3, double shift,
-                                                  double *s1, double *s2)
-{
-    double d0 = (double)x0 - shift, d1 = (double)x1 - shift;
-    double d2 = (double)x2 - shift, d3 = (double)x3 - shift;
-    *s1 += (d0 + d1) + (d2 + d3);
-    *s2 += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
-}
-
-static inline BNF_INLINE void BNF_NAME(bwd_elem)(T g, T x, double mean, double *s1,
-                                                double *s2, double *s3)
-{
-    double gi = (double)g, d = (double)x - mean;
-    *s1 += gi;
-    *s2 += gi * d;
-    *s3 += d;
-}
-
-static inline BNF_INLINE void BNF_NAME(bwd_elem4)(T g0, T g1, T g2, T g3, T x0, T x1, T x2,
-                                                 T x3, double mean, double *s1, double *s2,
-                                                 double *s3)
-{
-    double a0 = (double)g0, a1 = (double)g1, a2 = (double)g2, a3 = (double)g3;
-    double d0 = (double)x0 - mean, d1 = (double)x1 - mean;
-    double d2 = (double)x2 - mean, d3 = (double)x3 - mean;
-    *s1 += (a0 + a1) + (a2 + a3);
-    *s2 += (a0 * d0 + a1 * d1) + (a2 * d2 + a3 * d3);
-    *s3 += (d0 + d1) + (d2 + d3);
-}
+#define BNF_ELEM(n) BNF_NAME(n)
+#define BNF_ELEM_FN static inline BNF_INLINE
+#include "bnfast_kernels_elem.h"
+#undef BNF_ELEM
+#undef BNF_ELEM_FN
 
 /* The intrinsics loops (bnfast_kernels_simd.h) and the dispatch between them and the
  * plain loops below: BNF_DISPATCH(name, args) calls name_v4, name_v3 or name;
- * BNF_DISPATCH4 (normalize, which has no AVX2 form) name_v4 or name. */
+ * BNF_DISPATCH4 (normalize, which has no AVX2 form for float and double) name_v4 or
+ * name.  float16 has an AVX2 normalize: its plain loop converts element by element. */
 #if BNF_SIMD_X86
 #define BNF_ISA_LEVEL 4
 #include "bnfast_kernels_simd.h"
@@ -78,8 +26,12 @@ static inline BNF_INLINE void BNF_NAME(bwd_elem4)(T g0, T g1, T g2, T g3, T x0, 
     (bnf_simd_level == 4   ? BNF_NAME(n##_v4)(__VA_ARGS__)                                \
      : bnf_simd_level == 3 ? BNF_NAME(n##_v3)(__VA_ARGS__)                                \
                            : BNF_NAME(n)(__VA_ARGS__))
+#if BNF_T_HALF
+#define BNF_DISPATCH4 BNF_DISPATCH
+#else
 #define BNF_DISPATCH4(n, ...) \
     (bnf_simd_level == 4 ? BNF_NAME(n##_v4)(__VA_ARGS__) : BNF_NAME(n)(__VA_ARGS__))
+#endif
 #else
 #define BNF_DISPATCH(n, ...) BNF_NAME(n)(__VA_ARGS__)
 #define BNF_DISPATCH4(n, ...) BNF_NAME(n)(__VA_ARGS__)
@@ -152,7 +104,7 @@ BNF_CLONES void BNF_NAME(bnf_stats_runs)(const T *x, ptrdiff_t nruns, ptrdiff_t 
     m->n = m->hi = m->lo = m->m2 = 0;
     if (nruns <= 0 || len <= 0) return;
     bnf_pf_init(&pf, x, nruns, stride * (ptrdiff_t)sizeof(T), len * (ptrdiff_t)sizeof(T));
-#define BNF_SHIFT (m->n > 0 ? m->hi + m->lo : (double)x[0])
+#define BNF_SHIFT (m->n > 0 ? m->hi + m->lo : BNF_TO_D(x[0]))
     if (len <= BNF_TILE_ELEMS) {
         ptrdiff_t per = BNF_TILE_ELEMS / len;
         for (ptrdiff_t r0 = 0; r0 < nruns; r0 += per) {
@@ -220,7 +172,7 @@ static inline BNF_INLINE void BNF_NAME(stats_rows_cols)(const T *x, ptrdiff_t nr
     ptrdiff_t per = tile_rows > 0 ? tile_rows : BNF_TILE_ELEMS / width;
     if (per < 4) per = 4;
     for (ptrdiff_t c = 0; c < width; c++) {
-        shift[c] = nrows > 0 ? (double)x[c] : 0;
+        shift[c] = nrows > 0 ? BNF_TO_D(x[c]) : 0;
         hi[c] = lo[c] = m2[c] = 0;
     }
     for (ptrdiff_t r0 = 0; r0 < nrows; r0 += per) {
@@ -398,7 +350,7 @@ BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, T *y,
                 len * (ptrdiff_t)sizeof(T));
     if (x_next) {
         m_next->n = m_next->hi = m_next->lo = m_next->m2 = 0;
-        tile_shift = (double)x_next[0];
+        tile_shift = BNF_TO_D(x_next[0]);
         for (int l = 0; l < BNF_LANES; l++) s1[l] = s2[l] = 0;
     }
     for (ptrdiff_t r = 0; r < nruns; r++) {

@@ -361,7 +361,8 @@ def test_integer_input_with_out():
 
 
 # ----------------------------------------------------------------------------------
-# float16: computed in float32, delivered as float16
+# float16: read and written as it is, computed as float32 data are (in double, rounded to
+# float32), then rounded to float16
 
 def _assert_f16_close(y, expect):
     """Within half a float16 ulp of the float64 reference, plus float32 rounding."""
@@ -402,6 +403,75 @@ def test_float16(shape, axis, layout):
     assert bnfast.batch_norm(x, rm, rv, w, b, axis=axis, out=o) is o
     _assert_f16_close(o, ref.batch_norm(x, rm, rv, w, b, axis=axis))
     assert_unchanged(snap, "float16 calls")
+
+
+# Each kernel form with float16 (runs, rows, flat rows, short runs as rows, folded narrow
+# rows, rows wider than a chunk), price-like data, with and without streamed stores.
+F16_PATHS = [((6, 16, 28, 28), 1), ((3000, 64), -1), ((4, 64, 7, 7), 1), ((5000, 3), -1),
+             ((40, 7, 300), 1), ((30, 1500), -1), ((9, 28, 28, 16), -1)]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("shape,axis", F16_PATHS)
+def test_float16_kernels(shape, axis, stream):
+    from bnfast._core import _set_stream_bytes
+    x = make_values(shape, np.float16, 7, axis=axis, offset=100.0)
+    C = shape[axis]
+    w, b, rm, rv = params(C)
+    rm = rm + 100.0
+    dy = _dy(x).astype(np.float16)
+    old = _set_stream_bytes(0 if stream else 1 << 62)
+    try:
+        y = bnfast.batch_norm(x, rm, rv, w, b, axis=axis, out=np.empty_like(x))
+        # the float32 computation, rounded to float16: the same bits
+        y32 = bnfast.batch_norm(x.astype(np.float32), rm, rv, w, b, axis=axis)
+        assert y.tobytes() == y32.astype(np.float16).tobytes()
+        _assert_f16_close(y, ref.batch_norm(x, rm, rv, w, b, axis=axis))
+        yt, m, s = bnfast.batch_norm_train(x, w, b, axis=axis, out=np.empty_like(x))
+        y_ref, m_ref, s_ref = ref.batch_norm_train(x, w, b, axis=axis)
+        _assert_f16_close(yt, y_ref)
+        assert_vec_close(m, m_ref, 1e-12, "mean of float16 data")
+        assert_vec_close(s, s_ref, 1e-9, "invstd of float16 data")
+        dx, dw, db = bnfast.batch_norm_backward(dy, x, m, s, w, axis=axis,
+                                                out=np.empty_like(x))
+        dx_ref, dw_ref, db_ref = ref.batch_norm_backward(dy, x, m_ref, s_ref, w, axis=axis)
+        assert dx.dtype == dw.dtype == db.dtype == np.float16
+        assert_grad_close(dx, dx_ref, dtype=np.float16)
+        assert_grad_close(dw, dw_ref, dtype=np.float16, what="dweight")
+        assert_grad_close(db, db_ref, dtype=np.float16, what="dbias")
+    finally:
+        _set_stream_bytes(old)
+
+
+@pytest.mark.parametrize("dy_dtype", [np.float32, np.float64])
+def test_float16_x_with_wider_dy(dy_dtype):
+    """dy is not rounded to float16: the gradient is computed as for float32 data."""
+    x = make_values((50, 6, 9), np.float16, 3, offset=100.0)
+    dy = _dy(x).astype(np.float32).astype(dy_dtype) * np.float32(1 + 2 ** -13)
+    w = params(6)[0]
+    _, m, s = bnfast.batch_norm_train(x, w)
+    dx, dw, db = bnfast.batch_norm_backward(dy, x, m, s, w)
+    assert dx.dtype == dw.dtype == db.dtype == np.float16
+    dx32, dw32, db32 = bnfast.batch_norm_backward(dy.astype(np.float32), x.astype(np.float32),
+                                                  m, s, w)
+    assert dx.tobytes() == dx32.astype(np.float16).tobytes()
+    assert dw.tobytes() == dw32.astype(np.float16).tobytes()
+    dx_ref = ref.batch_norm_backward(dy, x, m, s, w)[0]
+    assert_grad_close(dx, dx_ref, dtype=np.float16)
+
+
+def test_float16_frozen_rows():
+    """FrozenBatchNorm's one-call path for small (rows, C) arrays takes float16 too."""
+    rng = np.random.default_rng(4)
+    w, b, rm, rv = params(24)
+    f = bnfast.FrozenBatchNorm(rm, rv, w, b, axis=-1)
+    for rows in (1, 3, 40):
+        x = rng.standard_normal((rows, 24)).astype(np.float16)
+        y = f(x)
+        assert y.dtype == np.float16
+        assert y.tobytes() == f(x.astype(np.float32)).astype(np.float16).tobytes()
+        o = np.empty_like(x)
+        assert f(x, out=o) is o and o.tobytes() == y.tobytes()
 
 
 def test_float16_in_place():

@@ -164,20 +164,26 @@ def _peak_during(fn):
 
 @pytest.fixture(scope="module")
 def arrays():
+    """(x, dy, out, axis) by (layout, dtype name)."""
     out = {}
     rng = np.random.default_rng(1)
     for name, (shape, axis) in LAYOUTS.items():
         x = (rng.standard_normal(shape, dtype=np.float32) + 1000.0)
-        out[name] = (x, rng.standard_normal(shape, dtype=np.float32), np.empty_like(x), axis)
+        dy = rng.standard_normal(shape, dtype=np.float32)
+        out[name, "float32"] = (x, dy, np.empty_like(x), axis)
+        # float16 is read and written as it is (no float32 copy of x, dy or the result)
+        x16, dy16 = x.astype(np.float16), dy.astype(np.float16)
+        out[name, "float16"] = (x16, dy16, np.empty_like(x16), axis)
     return out
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("op", ["train", "batch_norm-train", "eval", "frozen", "backward",
                                 "backward-eval", "layer-train", "layer-backward",
                                 "moments", "running-stats"])
-def test_no_full_size_temporaries(arrays, layout, op):
-    x, dy, out, axis = arrays[layout]
+def test_no_full_size_temporaries(arrays, layout, op, dtype):
+    x, dy, out, axis = arrays[layout, dtype]
     C = x.shape[axis]
     w, b = np.ones(C), np.zeros(C)
     rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
@@ -207,10 +213,11 @@ def test_no_full_size_temporaries(arrays, layout, op):
                                        f"the call ({peak / out.nbytes:.1%} of the output)")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("op", ["train", "eval", "backward"])
-def test_allocating_call_allocates_only_the_output(arrays, layout, op):
-    x, dy, out, axis = arrays[layout]
+def test_allocating_call_allocates_only_the_output(arrays, layout, op, dtype):
+    x, dy, out, axis = arrays[layout, dtype]
     C = x.shape[axis]
     m, s = np.full(C, 1000.0), np.ones(C)
     fn = {"train": lambda: bnfast.batch_norm_train(x, axis=axis),

@@ -5,7 +5,8 @@ Where the CPU has x86-64-v4 (AVX-512) or x86-64-v3 (AVX2), the hottest loops
 written for it; elsewhere, and at level 0, the plain loops that gcc vectorizes run. All
 do the same operations in the same order, so every output must match bit for bit:
 shapes whose runs and rows leave tails after the vector loops (lengths not a multiple of
-4, 8 or 32, row counts not a multiple of 4), both dtypes, strided and reversed inputs,
+4, 8 or 32, row counts not a multiple of 4), every dtype (float16 read through F16C, its
+heads and tails converted by F16C's scalar forms), strided and reversed inputs,
 streamed and plain stores, one and two threads. On a CPU without AVX2 the level stays 0
 and there is nothing to compare."""
 import numpy as np
@@ -36,6 +37,11 @@ SHAPES = [
 ]
 
 
+def _offset(dtype):
+    """Price-like data: an offset that leaves float16 a few bits of spread."""
+    return 100.0 if dtype == np.float16 else 1e4
+
+
 def _ops(x, axis, dtype):
     C = x.shape[axis]
     w, b, rm, rv = params(C, dtype, 3)
@@ -56,10 +62,11 @@ def _ops(x, axis, dtype):
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("layout", ["c", "negative", "step"])
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 @pytest.mark.parametrize("shape,axis", SHAPES)
 def test_v4_loops_equal_plain_loops(shape, axis, dtype, layout, threads, stream):
-    x = with_layout(make_values(shape, dtype, 11, axis=axis, offset=1e4), layout, axis=axis)
+    x = with_layout(make_values(shape, dtype, 11, axis=axis, offset=_offset(dtype)), layout,
+                    axis=axis)
     bnfast.set_num_threads(threads)
     old_stream = _set_stream_bytes(0 if stream else 1 << 62)
     try:
@@ -112,11 +119,11 @@ STREAM_SHAPES = [
 
 
 @pytest.mark.skipif(not LEVELS, reason="the CPU has no AVX2 or AVX-512 loops to compare")
-@pytest.mark.parametrize("offset", [0, 1, 3, 4, 7, 12, 15])
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("offset", [0, 1, 3, 4, 7, 12, 15, 17, 31])   # float16: 32 a line
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 @pytest.mark.parametrize("shape,axis", STREAM_SHAPES)
 def test_streamed_outputs_off_a_line(shape, axis, dtype, offset):
-    x = make_values(shape, dtype, 13, axis=axis, offset=1e4)
+    x = make_values(shape, dtype, 13, axis=axis, offset=_offset(dtype))
     C = shape[axis]
     w, b, rm, rv = params(C, dtype, 3)
     dy = make_values(shape, dtype, 17, axis=axis)

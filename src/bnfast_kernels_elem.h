@@ -1,0 +1,61 @@
+/* The elementwise arithmetic, written once for the plain loops and the scalar tails of
+ * the intrinsics loops.  Included by bnfast_kernels_impl.h with T, BNF_TO_D and
+ * BNF_FROM_D (an element to double, a double rounded to an element), BNF_ELEM(name)
+ * and BNF_ELEM_FN (the functions' attributes) defined; for float16 once more per
+ * intrinsics level, with F16C's scalar conversions (bnfast_kernels_simd.h).
+ *
+ * y = (x - mean) * scale + shift, dx = a * ((dy - k1) - (x - mean)
+ * * k2), and dx = a * dy with the statistics held fixed; in double, rounded once. */
+BNF_ELEM_FN T BNF_ELEM(norm_elem)(T x, double mean, double scale, double shift)
+{
+    return BNF_FROM_D((BNF_TO_D(x) - mean) * scale + shift);
+}
+
+BNF_ELEM_FN T BNF_ELEM(dx_elem)(T g, T x, double mean, double a, double k1, double k2)
+{
+    return BNF_FROM_D(a * ((BNF_TO_D(g) - k1) - (BNF_TO_D(x) - mean) * k2));
+}
+
+BNF_ELEM_FN T BNF_ELEM(dx_fixed_elem)(T g, double a)
+{
+    return BNF_FROM_D(BNF_TO_D(g) * a);
+}
+
+/* The reductions' arithmetic, likewise: one element into the shifted sums (d = x - shift:
+ * s1 += d, s2 += d^2), four rows of a column paired as (0 + 1) + (2 + 3), and the same for
+ * the backward sums (sum dy, sum dy (x - mean), sum (x - mean)). */
+BNF_ELEM_FN void BNF_ELEM(sums_elem)(T x, double shift, double *s1, double *s2)
+{
+    double d = BNF_TO_D(x) - shift;
+    *s1 += d;
+    *s2 += d * d;
+}
+
+BNF_ELEM_FN void BNF_ELEM(sums_elem4)(T x0, T x1, T x2, T x3, double shift, double *s1,
+                                      double *s2)
+{
+    double d0 = BNF_TO_D(x0) - shift, d1 = BNF_TO_D(x1) - shift;
+    double d2 = BNF_TO_D(x2) - shift, d3 = BNF_TO_D(x3) - shift;
+    *s1 += (d0 + d1) + (d2 + d3);
+    *s2 += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+}
+
+BNF_ELEM_FN void BNF_ELEM(bwd_elem)(T g, T x, double mean, double *s1, double *s2,
+                                    double *s3)
+{
+    double gi = BNF_TO_D(g), d = BNF_TO_D(x) - mean;
+    *s1 += gi;
+    *s2 += gi * d;
+    *s3 += d;
+}
+
+BNF_ELEM_FN void BNF_ELEM(bwd_elem4)(T g0, T g1, T g2, T g3, T x0, T x1, T x2, T x3,
+                                     double mean, double *s1, double *s2, double *s3)
+{
+    double a0 = BNF_TO_D(g0), a1 = BNF_TO_D(g1), a2 = BNF_TO_D(g2), a3 = BNF_TO_D(g3);
+    double d0 = BNF_TO_D(x0) - mean, d1 = BNF_TO_D(x1) - mean;
+    double d2 = BNF_TO_D(x2) - mean, d3 = BNF_TO_D(x3) - mean;
+    *s1 += (a0 + a1) + (a2 + a3);
+    *s2 += (a0 * d0 + a1 * d1) + (a2 * d2 + a3 * d3);
+    *s3 += (d0 + d1) + (d2 + d3);
+}
