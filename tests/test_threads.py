@@ -47,6 +47,10 @@ CASES = [
     ("NCHW-3x3-f64", (64, 128, 3, 3), 1, np.float64, "c"),
     # narrow rows folded into rows of 255 columns
     ("NHWC-3-channels", (16, 128, 129, 3), -1, np.float32, "c"),
+    # float16, read natively (offset 100: float16 has no room for 1e5)
+    ("NCHW-f16", (16, 64, 32, 32), 1, np.float16, "c"),
+    ("NHWC-f16", (16, 32, 32, 64), -1, np.float16, "c"),
+    ("NCHW-7x7-f16", (32, 256, 7, 7), 1, np.float16, "c"),
 ]
 
 
@@ -85,10 +89,14 @@ def _all_ops(x, axis, w, b, rm, rv, dy):
 
 @pytest.mark.parametrize("label,shape,axis,dtype,layout", CASES, ids=[c[0] for c in CASES])
 def test_bitwise_identical_for_any_thread_count(label, shape, axis, dtype, layout):
-    x = with_layout(make_values(shape, dtype, 1, axis=axis, offset=1e5), layout, axis=axis)
+    offset = 100.0 if dtype == np.float16 else 1e5
+    x = with_layout(make_values(shape, dtype, 1, axis=axis, offset=offset), layout, axis=axis)
     C = shape[axis]
     w, b, rm, rv = params(C, np.float64, 1)
     dy = with_layout(make_values(shape, dtype, 2, axis=axis), layout, axis=axis)
+    if dtype == np.float16:        # dweight, a sum over 16K elements, within float16's range
+        rm = rm + offset
+        dy = dy / np.float16(64)
     bnfast.set_num_threads(1)
     base = _all_ops(x, axis, w, b, rm, rv, dy)
     # the single-thread result is right (so the comparison below is not of garbage)
