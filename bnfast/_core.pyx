@@ -21,7 +21,8 @@ from libc.stdint cimport uint16_t
 from libc.math cimport sqrt, fabs
 from cython.parallel cimport prange
 
-from bnfast._openmp_helpers cimport BNF_HAVE_OPENMP, bnf_omp_max_threads, bnf_omp_version
+from bnfast._openmp_helpers cimport (BNF_HAVE_OPENMP, bnf_omp_max_threads, bnf_omp_thread_num,
+                                     bnf_omp_version)
 
 import operator
 
@@ -56,6 +57,10 @@ cdef extern from "bnfast_kernels.h" nogil:
     void bnf_finalize(const bnf_moments *m, Py_ssize_t n, double eps, const double *weight,
                       double *hi, double *lo, double *invstd, double *scale, double *shift,
                       double *var)
+    void bnf_pack_runs(char *dst, const char *src, Py_ssize_t nrows, Py_ssize_t row_stride,
+                       Py_ssize_t nch, Py_ssize_t channel_stride, Py_ssize_t run)
+    void bnf_unpack_runs(char *dst, const char *src, Py_ssize_t nrows, Py_ssize_t row_stride,
+                         Py_ssize_t nch, Py_ssize_t channel_stride, Py_ssize_t run)
     enum: BNF_F32
     enum: BNF_F64
     enum: BNF_F16
@@ -114,6 +119,10 @@ DEF CACHED_BYTES = 1 << 18
 DEF GROUP_MAX_INNER = 128
 # Elements per unit when a channel or block is larger than that.
 DEF SUPER_ELEMS = 1 << 18
+# Elements per unit of channels not back to back (Job.gap): packed into scratch, in L2.
+DEF GAP_ELEMS = 1 << 15
+# ... whose runs are normalized packed when shorter than this (longer ones as runs)
+DEF GAP_NORM_INNER = 32
 # Below this many elements per thread, no OpenMP region at all.
 DEF PAR_MIN_ELEMS = 1 << 16
 # Below this many elements the GIL is kept (releasing it costs more than the work).
@@ -257,7 +266,7 @@ cdef bint _geometry(cnp.ndarray a, int axis, const int *order, int nord, int nou
                     Geo *g) noexcept:
     """Fill g for `a` with the non-channel axes `order` (the first `nouter` of them
     outside the channel). False when `a` has no such view with contiguous inner runs
-    (rows form: contiguous channels) and positive strides."""
+    and positive strides."""
     cdef cnp.npy_intp *shape = cnp.PyArray_DIMS(a)
     cdef cnp.npy_intp *st = cnp.PyArray_STRIDES(a)
     cdef Py_ssize_t isz = cnp.PyArray_ITEMSIZE(a)
@@ -291,9 +300,9 @@ cdef bint _geometry(cnp.ndarray a, int axis, const int *order, int nord, int nou
         if st[axis] <= 0 or st[axis] % isz:
             return False
         g.cs = st[axis] // isz
-        if inner == 1 and g.cs != 1:
-            return False
-        if inner > 1 and g.cs < inner:
+        if g.cs < inner or (inner == 1 and g.cs != 1):
+            # stepped channels-last: copied (packing them an element at a time measured
+            # slower than the copy, training 4.9 -> 6.3x a copy)
             return False
     else:
         g.cs = inner
@@ -328,6 +337,11 @@ ctypedef struct Job:
     # rows form: columns a channel takes in a row (1: channels-last rows; the run length:
     # short runs read as rows of C * inner columns, see _plan); 0: runs form
     Py_ssize_t group
+    int gap                        # rows form over channels not back to back (x, y or dy):
+                                   # each unit packed into scratch first (_gap_unit)
+    char *scratch                  # ... per thread, scratch_bytes each (_launch)
+    Py_ssize_t scratch_bytes
+    int threaded                   # the units run in an OpenMP loop (_launch)
     Py_ssize_t tile_rows           # rows form: rows per statistics tile (fixed by the shape)
     Py_ssize_t rb, nrb             # normalization blocks: rb rows ...
     Py_ssize_t cn_len, ncn         # ... of cn_len channels (all, unless rows are too few)
@@ -393,16 +407,8 @@ cdef inline void _bwd_coeffs(Job *j, Py_ssize_t c) noexcept nogil:
 
 cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
     cdef Py_ssize_t cb = u // j.nsb, sb = u % j.nsb
-    cdef Py_ssize_t c0, w, r0, nr, c, isz = j.isz
+    cdef Py_ssize_t c0, w, r0, nr, isz = j.isz
     cdef bint rows = j.group > 0
-    cdef char *x
-    cdef char *y
-    cdef char *dy
-    cdef bnf_moments *mom
-    cdef double *sdy
-    cdef double *sdyx
-    cdef double *sxm
-    cdef double a, n
     cdef int flags = BNF_STREAM if j.stream else 0
     if rows:
         c0 = cb * j.width
@@ -412,41 +418,82 @@ cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
         w = 1
     r0 = sb * j.sb_len
     nr = j.outer - r0 if j.outer - r0 < j.sb_len else j.sb_len
+    if j.gap:
+        _gap_unit(j, kind, c0, w, r0, nr, sb)
+        return
     # a fused unit's second pass reads what its first just read, from L2: no prefetches
     if kind != K_BDX and \
             nr * (w * j.group if rows else j.inner) * isz * (1 if kind == K_FWD else 2) \
             <= FUSE_BYTES:
         flags |= BNF_CACHED
-    x = j.x + (r0 * j.x_os + c0 * j.x_cs) * isz if j.x != NULL else NULL
-    y = j.y + (r0 * j.y_os + c0 * j.y_cs) * isz if j.y != NULL else NULL
-    dy = j.dy + (r0 * j.dy_os + c0 * j.dy_cs) * isz if j.dy != NULL else NULL
-    mom = j.mom + sb * j.C + c0 if j.mom != NULL else NULL
-    sdy = j.s_dy + sb * j.C + c0 if j.s_dy != NULL else NULL
-    sdyx = j.s_dyx + sb * j.C + c0 if j.s_dyx != NULL else NULL
-    sxm = j.s_xm + sb * j.C + c0 if j.s_xm != NULL else NULL
+    _unit_at(j, kind, c0, w, nr,
+             j.x + (r0 * j.x_os + c0 * j.x_cs) * isz if j.x != NULL else NULL, j.x_os,
+             j.y + (r0 * j.y_os + c0 * j.y_cs) * isz if j.y != NULL else NULL, j.y_os,
+             j.dy + (r0 * j.dy_os + c0 * j.dy_cs) * isz if j.dy != NULL else NULL, j.dy_os,
+             sb, flags)
 
+
+cdef inline char *_scratch(Job *j) noexcept nogil:
+    """This thread's scratch (thread 0's outside an OpenMP loop of ours: a caller's own
+    OpenMP thread number does not count)."""
+    return j.scratch + (bnf_omp_thread_num() if j.threaded else 0) * j.scratch_bytes
+
+
+cdef void _gap_unit(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssize_t r0,
+                    Py_ssize_t nr, Py_ssize_t sb) noexcept nogil:
+    """A unit of a gapped job: its rows of x (and dy) packed into this thread's scratch
+    (rows of w * group elements), the rows kernels run there (outputs in place), and the
+    output unpacked into y."""
+    cdef Py_ssize_t isz = j.isz, row = w * j.group, run = j.group * isz
+    cdef char *px = _scratch(j)
+    cdef char *pdy = px + nr * row * isz
+    cdef bint bwd = kind == K_BSUMS or kind == K_BDX or kind == K_BWD or kind == K_BEVAL
+    bnf_pack_runs(px, j.x + (r0 * j.x_os + c0 * j.x_cs) * isz, nr, j.x_os * isz, w,
+                  j.x_cs * isz, run)
+    if bwd:
+        bnf_pack_runs(pdy, j.dy + (r0 * j.dy_os + c0 * j.dy_cs) * isz, nr, j.dy_os * isz, w,
+                      j.dy_cs * isz, run)
+    # the output over the input it is computed from: the kernels work element by element
+    _unit_at(j, kind, c0, w, nr, px, row, pdy if bwd else px, row, pdy, row, sb, BNF_CACHED)
+    if kind == K_FWD or (bwd and kind != K_BSUMS):
+        bnf_unpack_runs(j.y + (r0 * j.y_os + c0 * j.y_cs) * isz, pdy if bwd else px, nr,
+                        j.y_os * isz, w, j.y_cs * isz, run)
+
+
+cdef inline void _unit_at(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssize_t nr, char *x,
+                   Py_ssize_t x_os, char *y, Py_ssize_t y_os, char *dy, Py_ssize_t dy_os,
+                   Py_ssize_t sb, int flags) noexcept nogil:
+    """The kernels of a unit: channels c0 .. c0 + w - 1 (rows form; c0 alone for runs)
+    over nr rows from x, y, dy (rows x_os, y_os, dy_os elements apart); sb: its
+    superblock (where its moments and sums go)."""
+    cdef bint rows = j.group > 0
+    cdef Py_ssize_t c
+    cdef bnf_moments *mom = j.mom + sb * j.C + c0 if j.mom != NULL else NULL
+    cdef double *sdy = j.s_dy + sb * j.C + c0 if j.s_dy != NULL else NULL
+    cdef double *sdyx = j.s_dyx + sb * j.C + c0 if j.s_dyx != NULL else NULL
+    cdef double *sxm = j.s_xm + sb * j.C + c0 if j.s_xm != NULL else NULL
     if kind == K_STATS or kind == K_FWD:
         if rows:
-            bnf_stats_rows(j.type, x, nr, j.x_os, w, j.group, j.tile_rows, mom)
+            bnf_stats_rows(j.type, x, nr, x_os, w, j.group, j.tile_rows, mom)
         else:
-            bnf_stats_runs(j.type, x, nr, j.x_os, j.inner, mom)
+            bnf_stats_runs(j.type, x, nr, x_os, j.inner, mom)
         if kind == K_STATS:
             return
         _finalize(j, c0, w, mom)
     if kind == K_FWD:
         if rows:
-            bnf_norm_rows(j.type, x, j.x_os, y, j.y_os, nr, w, j.group, j.hi + c0,
+            bnf_norm_rows(j.type, x, x_os, y, y_os, nr, w, j.group, j.hi + c0,
                           j.scale + c0, j.shift + c0, flags)
         else:
-            bnf_norm_runs(j.type, x, j.x_os, y, j.y_os, nr, j.inner, j.hi + c0, j.scale + c0,
+            bnf_norm_runs(j.type, x, x_os, y, y_os, nr, j.inner, j.hi + c0, j.scale + c0,
                           j.shift + c0, 0, flags, NULL, NULL)
         return
     if kind == K_BSUMS or kind == K_BWD or kind == K_BEVAL:
         if rows:
-            bnf_bwd_sums_rows(j.type, dy, j.dy_os, x, j.x_os, nr, w, j.group, j.hi + c0,
+            bnf_bwd_sums_rows(j.type, dy, dy_os, x, x_os, nr, w, j.group, j.hi + c0,
                               sdy, sdyx, sxm)
         else:
-            bnf_bwd_sums_runs(j.type, dy, j.dy_os, x, j.x_os, nr, j.inner, j.hi[c0],
+            bnf_bwd_sums_runs(j.type, dy, dy_os, x, x_os, nr, j.inner, j.hi[c0],
                               sdy, sdyx, sxm)
         if kind == K_BSUMS:
             return
@@ -457,12 +504,18 @@ cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
             x = NULL                       # statistics held fixed: dx = scale * dy
     # K_BDX, K_BWD, K_BEVAL
     if rows:
-        bnf_bwd_dx_rows(j.type, dy, j.dy_os, x, j.x_os, y, j.y_os, nr, w, j.group,
+        bnf_bwd_dx_rows(j.type, dy, dy_os, x, x_os, y, y_os, nr, w, j.group,
                         j.hi + c0, j.scale + c0, j.k1 + c0, j.k2 + c0, flags)
     else:
-        bnf_bwd_dx_runs(j.type, dy, j.dy_os, x, j.x_os, y, j.y_os, nr, j.inner, j.hi[c0],
+        bnf_bwd_dx_runs(j.type, dy, dy_os, x, x_os, y, y_os, nr, j.inner, j.hi[c0],
                         j.scale[c0], j.k1[c0], j.k2[c0], flags, NULL, NULL, 0, NULL, NULL,
                         NULL)
+
+
+cdef inline bint _gap_packs_norm(const Job *j) noexcept nogil:
+    """A gapped job's normalization packs its runs (its reductions always do). Runs of
+    32 and more are normalized where they are (7x7 eval 2.1x a copy, 2.6x packed)."""
+    return j.gap and j.inner < GAP_NORM_INNER
 
 
 cdef void _norm_unit(Job *j, Py_ssize_t u) noexcept nogil:
@@ -479,15 +532,26 @@ cdef void _norm_unit(Job *j, Py_ssize_t u) noexcept nogil:
     # prefetches, and the rows kernels' four-row form
     if j.outer * j.C * j.inner * isz <= CACHED_BYTES:
         flags |= BNF_CACHED
-    if j.group:
+    cdef char *px
+    cdef Py_ssize_t row = (c1 - c0) * j.group
+    if j.group and not j.gap:
         x += c0 * j.x_cs * isz
         y += c0 * j.y_cs * isz
         bnf_norm_rows(j.type, x, j.x_os, y, j.y_os, nr, c1 - c0, j.group, j.hi + c0,
                       j.scale + c0, j.shift + c0, flags)
         return
+    if _gap_packs_norm(j):              # packed, normalized in place, unpacked
+        px = _scratch(j)
+        bnf_pack_runs(px, x + c0 * j.x_cs * isz, nr, j.x_os * isz, c1 - c0, j.x_cs * isz,
+                      j.group * isz)
+        bnf_norm_rows(j.type, px, row, px, row, nr, c1 - c0, j.group, j.hi + c0,
+                      j.scale + c0, j.shift + c0, BNF_CACHED)
+        bnf_unpack_runs(y + c0 * j.y_cs * isz, px, nr, j.y_os * isz, c1 - c0, j.y_cs * isz,
+                        j.group * isz)
+        return
     if j.inner < 256:
-        # short runs not read as rows (strided channels): one call per channel over the
-        # block's rows (the block is ~1 MiB)
+        # short runs not read as rows (channels apart): one call per channel over the
+        # block's rows
         for c in range(c0, c1):
             bnf_norm_runs(j.type, x + c * j.x_cs * isz, j.x_os, y + c * j.y_cs * isz, j.y_os,
                           nr, j.inner, j.hi + c, j.scale + c, j.shift + c, 0, flags, NULL,
@@ -602,14 +666,14 @@ cdef void _split_for_threads(Job *j, int kind, Py_ssize_t t) noexcept nogil:
             j.ncb = _cdiv(j.C, w)
 
 
-cdef void _launch(Job *j, int kind) noexcept:
+cdef int _launch(Job *j, int kind) except -1:
     """Run `kind` over its units: serially with the GIL held for tiny work, else
     without the GIL on as many threads as the work and the settings allow."""
     cdef Py_ssize_t elems = j.outer * j.C * j.inner
     cdef Py_ssize_t nunits
     cdef int nthreads = 1
     if elems == 0:
-        return
+        return 0
     if elems >= NOGIL_MIN_ELEMS:
         nthreads = _threads_for_work(elems)
         if nthreads > 1:
@@ -618,13 +682,31 @@ cdef void _launch(Job *j, int kind) noexcept:
         nunits = j.nrb * j.ncn
     else:
         nunits = j.ncb * j.nsb
-    if elems < NOGIL_MIN_ELEMS:
-        _run(j, kind, nunits, 1)
-        return
     if nthreads > nunits:
         nthreads = <int>nunits
-    with nogil:
-        _run(j, kind, nunits, nthreads)
+    if j.gap and (kind != K_NORM or _gap_packs_norm(j)):
+        # a unit's rows of x and dy, packed; per OpenMP thread (it may run a prange
+        # with fewer threads than asked, never more)
+        if kind == K_NORM:
+            j.scratch_bytes = j.rb * j.cn_len * j.inner
+        else:
+            j.scratch_bytes = j.sb_len * j.width * j.group * (1 if kind <= K_FWD else 2)
+        j.scratch_bytes = _cdiv(j.scratch_bytes * j.isz, 64) * 64
+        j.scratch = <char *>bnf_alloc64(j.scratch_bytes * nthreads)
+        if j.scratch == NULL:
+            raise MemoryError()
+    try:
+        if elems < NOGIL_MIN_ELEMS:
+            j.threaded = 0
+            _run(j, kind, nunits, 1)
+        else:
+            j.threaded = nthreads > 1
+            with nogil:
+                _run(j, kind, nunits, nthreads)
+    finally:
+        bnf_free64(j.scratch)
+        j.scratch = NULL
+    return 0
 
 
 cdef inline void _copy_out(double *dst, const double *src, Py_ssize_t n) noexcept:
@@ -654,14 +736,15 @@ cdef void _sum_units(Job *j) noexcept:
 cdef void _plan(Job *j, Py_ssize_t itemsize, int narrays) noexcept:
     """Choose channel blocks and superblocks (a function of the shape only)."""
     cdef Py_ssize_t per_block
-    if j.inner == 1:
-        j.group = 1
-    elif j.inner <= GROUP_MAX_INNER and j.x_cs == j.inner and \
-            (j.y == NULL or j.y_cs == j.inner) and (j.dy == NULL or j.dy_cs == j.inner):
-        # short runs, channels back to back: a row of C * inner columns, read in memory
-        # order by the rows kernels (a call per run of `inner` elements cost 10-100x
-        # a copy); a channel's columns are reduced together
+    j.gap = 0
+    if j.inner <= GROUP_MAX_INNER:
+        # short runs (inner == 1: channels-last rows): a row of C * inner columns, read in
+        # memory order by the rows kernels (a call per run of `inner` elements cost
+        # 10-100x a copy); a channel's columns are reduced together. Channels not back
+        # to back in x, y or dy (a stepped view): each unit packed into scratch first.
         j.group = j.inner
+        j.gap = not (j.x_cs == j.inner and (j.y == NULL or j.y_cs == j.inner) and
+                     (j.dy == NULL or j.dy_cs == j.inner))
     else:
         j.group = 0
     if j.group:
@@ -695,18 +778,21 @@ cdef void _plan(Job *j, Py_ssize_t itemsize, int narrays) noexcept:
         j.sb_len = j.outer
     else:
         j.sb_len = SUPER_ELEMS // per_block
+    if j.gap and j.sb_len > GAP_ELEMS // per_block:
+        j.sb_len = GAP_ELEMS // per_block     # the scratch a unit is packed into
     if j.sb_len < 1:
         j.sb_len = 1
     j.nsb = (j.outer + j.sb_len - 1) // j.sb_len if j.outer > 0 else 1
     j.cn_len = j.C
-    if j.group > 1:
+    if j.group > 1 and not (j.gap and not _gap_packs_norm(j)):
         # normalize a block of channels (the kernel's) over many rows a unit: its factors
         # are spread over its columns once per call
         j.cn_len = bnf_group_block(BNF_CHUNK, j.group)
         if j.cn_len > j.C:
             j.cn_len = j.C
     j.ncn = _cdiv(j.C, j.cn_len) if j.C > 0 else 1
-    j.rb = SUPER_ELEMS // (j.cn_len * j.inner) if j.cn_len * j.inner > 0 else 1
+    j.rb = (GAP_ELEMS if _gap_packs_norm(j) else SUPER_ELEMS) // (j.cn_len * j.inner) \
+        if j.cn_len * j.inner > 0 else 1
     if j.rb < 1:
         j.rb = 1
     j.nrb = (j.outer + j.rb - 1) // j.rb if j.outer > 0 else 1
@@ -1582,7 +1668,7 @@ def _train(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
         bnf_free64(buf)
 
 
-cdef void _stats(Job *j) noexcept:
+cdef int _stats(Job *j) except -1:
     """Moments of every unit into j.mom, merged per channel into j.mom[0:C] in a fixed
     order (the statistics pass without the normalization)."""
     cdef Py_ssize_t c, sb, C = j.C
@@ -1591,6 +1677,7 @@ cdef void _stats(Job *j) noexcept:
     for c in range(C):
         for sb in range(1, j.nsb):
             bnf_moments_merge(&j.mom[c], &j.mom[sb * C + c])
+    return 0
 
 
 def _moments(x, axis):

@@ -7,12 +7,15 @@ cdef extern from *:
     #define BNF_HAVE_OPENMP 1
     static int bnf_omp_max_threads(void) { return omp_get_max_threads(); }
     static int bnf_omp_version(void) { return _OPENMP; }
+    static int bnf_omp_thread_num(void) { return omp_get_thread_num(); }
     #else
     #define BNF_HAVE_OPENMP 0
     static int bnf_omp_max_threads(void) { return 1; }
     static int bnf_omp_version(void) { return 0; }
+    static int bnf_omp_thread_num(void) { return 0; }
     #endif
     """
     bint BNF_HAVE_OPENMP
     int bnf_omp_max_threads() noexcept nogil
     int bnf_omp_version() noexcept nogil
+    int bnf_omp_thread_num() noexcept nogil

@@ -650,99 +650,33 @@ BNF_CLONES void bnf_finalize(const bnf_moments *m, ptrdiff_t n, double eps,
 #undef BNF_FROM_D
 #undef BNF_T_HALF
 
-/* The entry points by element type (BNF_F32, BNF_F64, BNF_F16): the one place that
- * dispatches on it. */
-#define BNF_BY_TYPE(type, CALL)          \
-    switch (type) {                      \
-    case BNF_F64: CALL(double, f64); break;   \
-    case BNF_F16: CALL(uint16_t, f16); break; \
-    default: CALL(float, f32); break;         \
+/* Channels of short runs that are not back to back (x[:, ::2] of an NCL array, stepped
+ * channels of a channels-last one): a unit's rows are packed into a buffer (rows of nch *
+ * run bytes), the rows kernels run on it, and the results are unpacked.  Runs of one to
+ * eight elements are copied by fixed sizes, which the compiler turns into single moves. */
+#define BNF_PACK_LOOP(COPY)                                                               \
+    for (ptrdiff_t r = 0; r < nrows; r++)                                                \
+        for (ptrdiff_t c = 0; c < nch; c++) COPY;
+#define BNF_PACK_SIZES(DST, SRC)                                                          \
+    switch (run) {                                                                        \
+    case 2: BNF_PACK_LOOP(memcpy(DST, SRC, 2)) break;                                     \
+    case 4: BNF_PACK_LOOP(memcpy(DST, SRC, 4)) break;                                     \
+    case 8: BNF_PACK_LOOP(memcpy(DST, SRC, 8)) break;                                     \
+    case 16: BNF_PACK_LOOP(memcpy(DST, SRC, 16)) break;                                   \
+    case 32: BNF_PACK_LOOP(memcpy(DST, SRC, 32)) break;                                   \
+    default: BNF_PACK_LOOP(memcpy(DST, SRC, (size_t)run)) break;                          \
     }
 
-void bnf_stats_runs(int type, const void *x, ptrdiff_t nruns, ptrdiff_t stride, ptrdiff_t len,
-                    bnf_moments *m)
+void bnf_pack_runs(char *dst, const char *src, ptrdiff_t nrows, ptrdiff_t row_stride,
+                   ptrdiff_t nch, ptrdiff_t channel_stride, ptrdiff_t run)
 {
-#define CALL(T, S) bnf_stats_runs_##S((const T *)x, nruns, stride, len, m)
-    BNF_BY_TYPE(type, CALL)
-#undef CALL
+    BNF_PACK_SIZES(dst + (r * nch + c) * run, src + r * row_stride + c * channel_stride)
 }
 
-void bnf_stats_rows(int type, const void *x, ptrdiff_t nrows, ptrdiff_t stride,
-                    ptrdiff_t width, ptrdiff_t group, ptrdiff_t tile_rows, bnf_moments *m)
+void bnf_unpack_runs(char *dst, const char *src, ptrdiff_t nrows, ptrdiff_t row_stride,
+                     ptrdiff_t nch, ptrdiff_t channel_stride, ptrdiff_t run)
 {
-#define CALL(T, S) bnf_stats_rows_##S((const T *)x, nrows, stride, width, group, tile_rows, m)
-    BNF_BY_TYPE(type, CALL)
-#undef CALL
+    BNF_PACK_SIZES(dst + r * row_stride + c * channel_stride, src + (r * nch + c) * run)
 }
-
-void bnf_norm_runs(int type, const void *x, ptrdiff_t xstride, void *y, ptrdiff_t ystride,
-                   ptrdiff_t nruns, ptrdiff_t len, const double *mean, const double *scale,
-                   const double *shift, ptrdiff_t fstride, int flags, const void *x_next,
-                   bnf_moments *m_next)
-{
-#define CALL(T, S)                                                                        \
-    bnf_norm_runs_##S((const T *)x, xstride, (T *)y, ystride, nruns, len, mean, scale,     \
-                      shift, fstride, flags, (const T *)x_next, m_next)
-    BNF_BY_TYPE(type, CALL)
-#undef CALL
-}
-
-void bnf_norm_rows(int type, const void *x, ptrdiff_t xstride, void *y, ptrdiff_t ystride,
-                   ptrdiff_t nrows, ptrdiff_t width, ptrdiff_t group, const double *mean,
-                   const double *scale, const double *shift, int flags)
-{
-#define CALL(T, S)                                                                        \
-    bnf_norm_rows_##S((const T *)x, xstride, (T *)y, ystride, nrows, width, group, mean,   \
-                      scale, shift, flags)
-    BNF_BY_TYPE(type, CALL)
-#undef CALL
-}
-
-void bnf_bwd_sums_runs(int type, const void *dy, ptrdiff_t dystride, const void *x,
-                       ptrdiff_t xstride, ptrdiff_t nruns, ptrdiff_t len, double mean,
-                       double *sum_dy, double *sum_dy_xmu, double *sum_xmu)
-{
-#define CALL(T, S)                                                                        \
-    bnf_bwd_sums_runs_##S((const T *)dy, dystride, (const T *)x, xstride, nruns, len, mean, \
-                          sum_dy, sum_dy_xmu, sum_xmu)
-    BNF_BY_TYPE(type, CALL)
-#undef CALL
-}
-
-void bnf_bwd_sums_rows(int type, const void *dy, ptrdiff_t dystride, const void *x,
-                       ptrdiff_t xstride, ptrdiff_t nrows, ptrdiff_t width, ptrdiff_t group,
-                       const double *mean, double *sum_dy, double *sum_dy_xmu,
-                       double *sum_xmu)
-{
-#define CALL(T, S)                                                                        \
-    bnf_bwd_sums_rows_##S((const T *)dy, dystride, (const T *)x, xstride, nrows, width,   \
-                          group, mean, sum_dy, sum_dy_xmu, sum_xmu)
-    BNF_BY_TYPE(type, CALL)
-#undef CALL
-}
-
-void bnf_bwd_dx_runs(int type, const void *dy, ptrdiff_t dystride, const void *x,
-                     ptrdiff_t xstride, void *dx, ptrdiff_t dxstride, ptrdiff_t nruns,
-                     ptrdiff_t len, double mean, double a, double k1, double k2, int flags,
-                     const void *dy_next, const void *x_next, double mean_next,
-                     double *sum_dy, double *sum_dy_xmu, double *sum_xmu)
-{
-#define CALL(T, S)                                                                        \
-    bnf_bwd_dx_runs_##S((const T *)dy, dystride, (const T *)x, xstride, (T *)dx, dxstride, \
-                        nruns, len, mean, a, k1, k2, flags, (const T *)dy_next,            \
-                        (const T *)x_next, mean_next, sum_dy, sum_dy_xmu, sum_xmu)
-    BNF_BY_TYPE(type, CALL)
-#undef CALL
-}
-
-void bnf_bwd_dx_rows(int type, const void *dy, ptrdiff_t dystride, const void *x,
-                     ptrdiff_t xstride, void *dx, ptrdiff_t dxstride, ptrdiff_t nrows,
-                     ptrdiff_t width, ptrdiff_t group, const double *mean, const double *a,
-                     const double *k1, const double *k2, int flags)
-{
-#define CALL(T, S)                                                                        \
-    bnf_bwd_dx_rows_##S((const T *)dy, dystride, (const T *)x, xstride, (T *)dx, dxstride, \
-                        nrows, width, group, mean, a, k1, k2, flags)
-    BNF_BY_TYPE(type, CALL)
-#undef CALL
-}
+#undef BNF_PACK_SIZES
+#undef BNF_PACK_LOOP

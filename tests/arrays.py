@@ -22,6 +22,7 @@ LAYOUTS = (
     "channels_first",  # the channel axis outermost in memory
     "permuted",        # a random permutation of the memory order of the axes
     "step",            # every axis sliced with step 2 out of a NaN-filled parent
+    "channel_step",    # the channel axis alone sliced so: channels apart, runs contiguous
     "negative",        # every axis reversed (all strides negative)
     "negative_some",   # the batch axis and the channel axis reversed
     "swapped",         # non-native byte order
@@ -33,7 +34,7 @@ LAYOUTS = (
 
 # Layouts usable as ``out=`` (writable, native byte order).
 OUT_LAYOUTS = ("c", "f", "channels_last", "channels_first", "permuted", "step",
-               "negative", "negative_some", "unaligned")
+               "channel_step", "negative", "negative_some", "unaligned")
 
 OFFSETS = (0.0, 1e3, 1e5, 1e6, 3e6)
 
@@ -100,6 +101,13 @@ def with_layout(a, layout, *, axis=1, seed=0):
     if layout == "step":
         parent = np.full(tuple(2 * s + 1 for s in a.shape), np.nan, a.dtype)
         v = parent[(slice(1, None, 2),) * nd]
+        v[...] = a
+        return v
+    if layout == "channel_step":
+        pshape = list(a.shape)
+        pshape[ax] = 2 * a.shape[ax] + 1
+        parent = np.full(pshape, np.nan, a.dtype)
+        v = parent[(slice(None),) * ax + (slice(1, None, 2),)]
         v[...] = a
         return v
     if layout == "negative":

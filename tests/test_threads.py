@@ -47,6 +47,9 @@ CASES = [
     ("NCHW-3x3-f64", (64, 128, 3, 3), 1, np.float64, "c"),
     # narrow rows folded into rows of 255 columns
     ("NHWC-3-channels", (16, 128, 129, 3), -1, np.float32, "c"),
+    # channels apart (every other channel of a parent), short runs: units packed
+    ("NCL-channel-step", (4096, 64, 4), 1, np.float32, "channel_step"),
+    ("NCHW-7x7-channel-step", (32, 128, 7, 7), 1, np.float64, "channel_step"),
     # float16, read natively (offset 100: float16 has no room for 1e5)
     ("NCHW-f16", (16, 64, 32, 32), 1, np.float16, "c"),
     ("NHWC-f16", (16, 32, 32, 64), -1, np.float16, "c"),
