@@ -460,9 +460,9 @@ cdef void _gap_unit(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssize_t r0
                         j.y_os * isz, w, j.y_cs * isz, run)
 
 
-cdef inline void _unit_at(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssize_t nr, char *x,
-                   Py_ssize_t x_os, char *y, Py_ssize_t y_os, char *dy, Py_ssize_t dy_os,
-                   Py_ssize_t sb, int flags) noexcept nogil:
+cdef inline void _unit_at(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssize_t nr,
+                          char *x, Py_ssize_t x_os, char *y, Py_ssize_t y_os, char *dy,
+                          Py_ssize_t dy_os, Py_ssize_t sb, int flags) noexcept nogil:
     """The kernels of a unit: channels c0 .. c0 + w - 1 (rows form; c0 alone for runs)
     over nr rows from x, y, dy (rows x_os, y_os, dy_os elements apart); sb: its
     superblock (where its moments and sums go)."""
@@ -524,16 +524,15 @@ cdef void _norm_unit(Job *j, Py_ssize_t u) noexcept nogil:
     cdef Py_ssize_t c0 = (u % j.ncn) * j.cn_len
     cdef Py_ssize_t c1 = j.C if j.C - c0 < j.cn_len else c0 + j.cn_len
     cdef Py_ssize_t nr = j.outer - r0 if j.outer - r0 < j.rb else j.rb
-    cdef Py_ssize_t isz = j.isz
+    cdef Py_ssize_t isz = j.isz, row = (c1 - c0) * j.group
     cdef int flags = BNF_STREAM if j.stream else 0
     cdef char *x = j.x + r0 * j.x_os * isz
     cdef char *y = j.y + r0 * j.y_os * isz
+    cdef char *px
     # an array this small is taken to be in cache (just written, or read again): no
     # prefetches, and the rows kernels' four-row form
     if j.outer * j.C * j.inner * isz <= CACHED_BYTES:
         flags |= BNF_CACHED
-    cdef char *px
-    cdef Py_ssize_t row = (c1 - c0) * j.group
     if j.group and not j.gap:
         x += c0 * j.x_cs * isz
         y += c0 * j.y_cs * isz
