@@ -63,7 +63,7 @@ def build_parser():
     b.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                    help="threads for bnfast, PyTorch, ONNX Runtime and the copy "
                         "(default: bnfast.get_num_threads(), i.e. all)")
-    b.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+    b.add_argument("--dtype", choices=("float32", "float64", "float16"), default="float32",
                    help="element type (default float32)")
     b.add_argument("--ops", default=",".join(_bench.OPS), metavar="LIST",
                    help=f"comma-separated subset of {','.join(_bench.OPS)} (default: all)")

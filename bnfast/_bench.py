@@ -175,9 +175,11 @@ class Data:
         dtype = np.dtype(dtype)
         C = case.channels
         self.case, self.dtype = case, dtype
-        self.x = rng.standard_normal(case.shape, dtype=dtype)
+        # (NumPy draws float32 and float64 only: float16 is a rounded float32 draw)
+        draw = np.float64 if dtype == np.float64 else np.float32
+        self.x = rng.standard_normal(case.shape, dtype=draw).astype(dtype, copy=False)
         self.x += OFFSET
-        self.dy = rng.standard_normal(case.shape, dtype=dtype)
+        self.dy = rng.standard_normal(case.shape, dtype=draw).astype(dtype, copy=False)
         self.out = np.empty_like(self.x)
         self.dx = np.empty_like(self.x)
         self.weight = (1.0 + 0.1 * rng.standard_normal(C)).astype(dtype)
@@ -292,6 +294,11 @@ def max_error(op, d, got):
     return float(err) / max(1.0, float(np.max(np.abs(ref))))
 
 
+def wrong_call_tol(dtype):
+    """A relative error above this is a wrong call, not rounding (float16, 32, 64)."""
+    return {2: 1e-2, 4: 1e-3}.get(np.dtype(dtype).itemsize, 1e-8)
+
+
 def check(op, d, got, name):
     """The error of ``got``; AssertionError for a bnfast result off by more than a wrong-call margin.
 
@@ -300,7 +307,7 @@ def check(op, d, got, name):
     """
     err = max_error(op, d, got)
     if name == COPY or name in BNFAST_VARIANTS["eval"]:
-        tol = 1e-3 if d.dtype == np.float32 else 1e-8
+        tol = wrong_call_tol(d.dtype)
         if not err <= tol:
             raise AssertionError(f"{name} {op} {d.case.label} {d.dtype}: relative error {err:.3g} "
                                  "against the float64 reference: the benchmark does not compute batch norm")
@@ -509,7 +516,8 @@ def _onnx_model(shape, dtype, axis):
     nd = len(shape)
     ax = axis % nd
     C = shape[ax]
-    elem = TensorProto.FLOAT if np.dtype(dtype) == np.float32 else TensorProto.DOUBLE
+    elem = {2: TensorProto.FLOAT16, 4: TensorProto.FLOAT}.get(np.dtype(dtype).itemsize,
+                                                              TensorProto.DOUBLE)
     names = ("scale", "B", "mean", "var")
     inits = [numpy_helper.from_array(np.ones(C, dtype), n) for n in names]
     nodes = []
@@ -682,7 +690,7 @@ def run_sweep(mode="full", threads=None, dtype="float32", ops=OPS, peers=PEERS, 
     total = sum(len(impls[op]) for op, _ in plan)
     results = []
     done = 0
-    ftol = 1e-3 if np.dtype(dtype) == np.float32 else 1e-8
+    ftol = wrong_call_tol(dtype)
     try:
         for op, c in plan:
             fns, errs = {}, {}
