@@ -602,58 +602,43 @@ BNF_CLONES void bnf_finalize(const bnf_moments *m, ptrdiff_t n, double eps,
     }
 }
 
-/* The element types: T, the name suffix S, and BNF_TO_D / BNF_FROM_D, an element to
- * double and a double rounded to an element. */
-#define BNF_TO_D(v) ((double)(v))
-#define BNF_FROM_D(d) ((T)(d))
-#define BNF_T_HALF 0
-
+/* The element types, each with T, the name suffix S, BNF_TO_D / BNF_FROM_D (an element
+ * to double, a double rounded to an element), BNF_T_FLOAT, BNF_T_HALF and
+ * BNF_REDO_RATIO (tile_finish), which bnfast_kernels_impl.h undefines when done. */
 #define T float
 #define S f32
+#define BNF_TO_D(v) ((double)(v))
+#define BNF_FROM_D(d) ((T)(d))
 #define BNF_T_FLOAT 1
+#define BNF_T_HALF 0
 #define BNF_REDO_RATIO (1.0 - 0x1p-20)
 #include "bnfast_kernels_impl.h"
-#undef BNF_REDO_RATIO
-#undef T
-#undef S
-#undef BNF_T_FLOAT
 
 #define T double
 #define S f64
+#define BNF_TO_D(v) ((double)(v))
+#define BNF_FROM_D(d) ((T)(d))
 #define BNF_T_FLOAT 0
+#define BNF_T_HALF 0
 #define BNF_REDO_RATIO 0.5
 #include "bnfast_kernels_impl.h"
-#undef BNF_REDO_RATIO
-#undef T
-#undef S
-#undef BNF_T_FLOAT
 
 /* float16, as its bits: read exactly, computed in double as float32 data are, rounded
  * to float32 and then to float16 (the bits of computing float16 data in float32 and
  * converting the result, which bnfast did before it read float16 natively). */
-#undef BNF_TO_D
-#undef BNF_FROM_D
-#undef BNF_T_HALF
-#define BNF_TO_D(v) ((double)bnf_half_to_float1(v))
-#define BNF_FROM_D(d) bnf_float_to_half1((float)(d))
-#define BNF_T_HALF 1
 #define T uint16_t
 #define S f16
+#define BNF_TO_D(v) ((double)bnf_half_to_float1(v))
+#define BNF_FROM_D(d) bnf_float_to_half1((float)(d))
 #define BNF_T_FLOAT 0
+#define BNF_T_HALF 1
 #define BNF_REDO_RATIO (1.0 - 0x1p-20)
 #include "bnfast_kernels_impl.h"
-#undef BNF_REDO_RATIO
-#undef T
-#undef S
-#undef BNF_T_FLOAT
-#undef BNF_TO_D
-#undef BNF_FROM_D
-#undef BNF_T_HALF
 
 /* Channels of short runs that are not back to back (x[:, ::2] of an NCL array, stepped
  * channels of a channels-last one): a unit's rows are packed into a buffer (rows of nch *
- * run bytes), the rows kernels run on it, and the results are unpacked.  Runs of one to
- * eight elements are copied by fixed sizes, which the compiler turns into single moves. */
+ * run bytes), the rows kernels run on it, and the results are unpacked.  Runs of 2 to 32
+ * bytes in powers of two are copied by fixed sizes, which the compiler turns into moves. */
 #define BNF_PACK_LOOP(COPY)                                                               \
     for (ptrdiff_t r = 0; r < nrows; r++)                                                \
         for (ptrdiff_t c = 0; c < nch; c++) COPY;

@@ -1,5 +1,6 @@
-/* Kernel bodies, included once per element type by bnfast_kernels.c with
- * T (element type) and S (name suffix) defined. */
+/* Kernel bodies, included once per element type by bnfast_kernels.c with T (element
+ * type), S (name suffix), BNF_TO_D, BNF_FROM_D, BNF_T_FLOAT, BNF_T_HALF and
+ * BNF_REDO_RATIO defined; undefined again at the end. */
 
 #define BNF_CAT2(a, b) a##_##b
 #define BNF_CAT(a, b) BNF_CAT2(a, b)
@@ -970,3 +971,10 @@ BNF_CLONES void BNF_NAME(bnf_bwd_dx_rows)(const T *dy, ptrdiff_t dystride, const
 #undef BNF_NAME
 #undef BNF_CAT
 #undef BNF_CAT2
+#undef T
+#undef S
+#undef BNF_TO_D
+#undef BNF_FROM_D
+#undef BNF_T_FLOAT
+#undef BNF_T_HALF
+#undef BNF_REDO_RATIO
