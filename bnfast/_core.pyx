@@ -783,9 +783,10 @@ cdef void _plan(Job *j, Py_ssize_t itemsize, int narrays) noexcept:
         j.sb_len = 1
     j.nsb = (j.outer + j.sb_len - 1) // j.sb_len if j.outer > 0 else 1
     j.cn_len = j.C
-    if j.group > 1 and not (j.gap and not _gap_packs_norm(j)):
+    if j.group > 1 and (not j.gap or _gap_packs_norm(j)):
         # normalize a block of channels (the kernel's) over many rows a unit: its factors
-        # are spread over its columns once per call
+        # are spread over its columns once per call (channels apart with longer runs:
+        # normalized as runs, all channels a unit)
         j.cn_len = bnf_group_block(BNF_CHUNK, j.group)
         if j.cn_len > j.C:
             j.cn_len = j.C
