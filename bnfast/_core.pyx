@@ -31,6 +31,7 @@ import numpy as np
 cnp.import_array()
 
 cdef extern from "numpy/arrayobject.h":
+    object PyArray_NewCopy(cnp.ndarray a, cnp.NPY_ORDER order)
     object PyArray_NewLikeArray(cnp.ndarray prototype, cnp.NPY_ORDER order, void *descr,
                                 int subok)
 
@@ -992,8 +993,8 @@ cdef inline bint _same_view(cnp.ndarray a, cnp.ndarray b) noexcept:
 cdef class _Layout:
     """The (outer, C, inner) views of the arrays of one call, in the same axis order.
 
-    x is copied to C order when it has no such view (negative or zero strides, gaps
-    inside the inner extent); an output without such a view, or one that partially
+    x is copied, in its own axis order, when it has no such view (negative or zero
+    strides, gaps inside the inner extent, channels-last with channels apart); an output without such a view, or one that partially
     overlaps an input, is computed into a temporary and copied at the end."""
     cdef int axis
     cdef int order[32]
@@ -1006,7 +1007,9 @@ cdef class _Layout:
         self.nouter = _split_outer(x, axis, self.order, self.nord)
         if _geometry(x, axis, self.order, self.nord, self.nouter, &self.gx):
             return x
-        x = np.ascontiguousarray(x)
+        # copied in its own axis order: a C-order copy of an F-ordered array would be a
+        # transpose, and an `out` in x's order would then need another
+        x = PyArray_NewCopy(x, cnp.NPY_KEEPORDER)
         self.nord = _order_axes(x, axis, self.order)
         self.nouter = _split_outer(x, axis, self.order, self.nord)
         _geometry(x, axis, self.order, self.nord, self.nouter, &self.gx)
