@@ -111,7 +111,9 @@ STREAM_SHAPES = [
     ((2, 3, 2049), 1),        # runs of three chunks of sums, two of dx after a head
     ((40, 256), -1),          # contiguous wide rows, one run
     ((40, 64), -1),           # contiguous narrow rows (flat form)
-    ((30, 100), -1),          # flat form whose runs do not fill whole lines: staged
+    ((30, 65), -1),           # flat form whose runs fill no whole lines (float32): staged
+    ((50, 3), -1),            # flat form of 3-wide rows: runs of 240, whole lines
+    ((40, 33), -1),           # ... of 33-wide rows: runs of 528, wider than 256
     ((9, 5, 2, 272), -1),     # channels last, rows of 272
     ((40, 300, 3), 1),        # short runs as rows of 900 columns
     ((6, 40, 49), 1),         # short runs as rows: blocks of 16 channels (whole lines)
