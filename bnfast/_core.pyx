@@ -376,7 +376,7 @@ DEF K_STATS = 0        # moments of a unit into mom
 DEF K_NORM = 1         # y = (x - hi) * scale + shift, in memory order
 DEF K_FWD = 2          # fused: moments, finalize the channel(s), normalize
 DEF K_BSUMS = 3        # backward sums of a unit into s_dy, s_dyx, s_xm
-DEF K_BDX = 4          # dx with k1, k2, scale (= weight * invstd)
+DEF K_BDX = 4          # dx with k1, k2, scale (= weight * invstd); rows: in memory order
 DEF K_BWD = 5          # fused backward of a unit, training statistics
 DEF K_BEVAL = 6        # backward sums and dx = scale * dy of a unit
 
@@ -519,8 +519,20 @@ cdef inline bint _gap_packs_norm(const Job *j) noexcept nogil:
     return j.gap and j.inner < GAP_NORM_INNER
 
 
-cdef void _norm_unit(Job *j, Py_ssize_t u) noexcept nogil:
-    """Normalize rows [r0, r0 + rb) of channels [c0, c0 + cn_len), in memory order."""
+cdef inline bint _in_memory_order(const Job *j, int kind) noexcept nogil:
+    """`kind` runs over blocks of rows in memory order (_norm_unit), not over the units
+    of the reductions: the normalization, and dx of rows (its factors are known for every
+    channel by then). Rows wider than a unit's channel block (256) are then read and
+    written whole, not a 1 KB piece of each row per unit, and contiguous ones are
+    streamed out as one run: backward of (12544, 1024) float32 3.44 -> 2.52x a copy,
+    (20000, 300) 3.39 -> 2.69x (2 threads 2.14 -> 1.43x); short runs as rows
+    (64, 512, 7, 7) 2.77 -> 2.59x; rows of 64 or 256 channels unchanged."""
+    return kind == K_NORM or (kind == K_BDX and j.group > 0 and not j.gap)
+
+
+cdef void _norm_unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
+    """Normalize (or, K_BDX of rows, compute dx of) rows [r0, r0 + rb) of channels
+    [c0, c0 + cn_len), in memory order."""
     cdef Py_ssize_t r0 = (u // j.ncn) * j.rb, r, c
     cdef Py_ssize_t c0 = (u % j.ncn) * j.cn_len
     cdef Py_ssize_t c1 = j.C if j.C - c0 < j.cn_len else c0 + j.cn_len
@@ -534,6 +546,12 @@ cdef void _norm_unit(Job *j, Py_ssize_t u) noexcept nogil:
     # prefetches, and the rows kernels' four-row form
     if j.outer * j.C * j.inner * isz <= CACHED_BYTES:
         flags |= BNF_CACHED
+    if kind == K_BDX:
+        bnf_bwd_dx_rows(j.type, j.dy + (r0 * j.dy_os + c0 * j.dy_cs) * isz, j.dy_os,
+                        x + c0 * j.x_cs * isz, j.x_os, y + c0 * j.y_cs * isz, j.y_os, nr,
+                        c1 - c0, j.group, j.hi + c0, j.scale + c0, j.k1 + c0, j.k2 + c0,
+                        flags)
+        return
     if j.group and not j.gap:
         x += c0 * j.x_cs * isz
         y += c0 * j.y_cs * isz
@@ -599,8 +617,8 @@ cdef void _pipeline(Job *j, int kind, Py_ssize_t u0, Py_ssize_t u1) noexcept nog
 
 
 cdef inline void _any_unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
-    if kind == K_NORM:
-        _norm_unit(j, u)
+    if _in_memory_order(j, kind):
+        _norm_unit(j, kind, u)
     else:
         _unit(j, kind, u)
     if j.stream:
@@ -641,7 +659,7 @@ cdef void _split_for_threads(Job *j, int kind, Py_ssize_t t) noexcept nogil:
     reductions by channel blocks. None of this changes a bit of the results: each
     channel's reduction is partitioned by the shape alone (superblocks, tile_rows)."""
     cdef Py_ssize_t w
-    if kind == K_NORM:
+    if _in_memory_order(j, kind):
         if j.nrb * j.ncn >= t:
             return
         if j.outer >= t:
@@ -678,7 +696,7 @@ cdef int _launch(Job *j, int kind) except -1:
         nthreads = _threads_for_work(elems)
         if nthreads > 1:
             _split_for_threads(j, kind, nthreads)
-    if kind == K_NORM:
+    if _in_memory_order(j, kind):
         nunits = j.nrb * j.ncn
     else:
         nunits = j.ncb * j.nsb
