@@ -450,7 +450,7 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_block)(const T *x, ptrdiff_t xs
         BNF_NAME(norm_rows_flat)(x, y, nrows, width, mean, scale, shift, flags);
         return;
     }
-    int nt = stream && BNF_DIRECT_NT(4) && bnf_rows_on_lines(y, ystride, width, sizeof(T));
+    int nt = stream && BNF_DIRECT_NT(4) && bnf_rows_stream_direct(y, ystride, width, sizeof(T));
     if (nt) stream = 0;               /* nothing staged */
     mean = bnf_aligned(mean, mbuf, width, nrows);
     scale = bnf_aligned(scale, abuf, width, nrows);
@@ -891,7 +891,8 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_block)(const T *dy, ptrdiff_t dys
     BNF_ALIGN64 double mbuf[BNF_CHUNK], abuf[BNF_CHUNK], k1buf[BNF_CHUNK],
         k2buf[BNF_CHUNK];
     int stream = flags & BNF_STREAM, cached = flags & BNF_CACHED;
-    int nt = stream && BNF_DIRECT_NT(3) && bnf_rows_on_lines(dx, dxstride, width, sizeof(T));
+    int nt = stream && BNF_DIRECT_NT(3) &&
+             bnf_rows_stream_direct(dx, dxstride, width, sizeof(T));
     if (dystride == width && (!x || xstride == width) && dxstride == width &&
         (bnf_fold_pays(nrows, width) ||
          (stream && BNF_FLAT_NT(width, 3)))) {
