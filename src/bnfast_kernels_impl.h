@@ -475,7 +475,7 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_cols)(const T *x, ptrdiff_t xst
                                                       const double *scale,
                                                       const double *shift, int flags)
 {
-    ptrdiff_t step = width > BNF_CHUNK ? BNF_WIDE_COLS : width;
+    ptrdiff_t step = bnf_wide_step(width, sizeof(T));
     for (ptrdiff_t c0 = 0; c0 < width; c0 += step) {
         ptrdiff_t w = width - c0 < step ? width - c0 : step;
         BNF_NAME(norm_rows_block)(x + c0, xstride, y + c0, ystride, nrows, w, mean + c0,
@@ -925,7 +925,7 @@ static inline BNF_INLINE void BNF_NAME(bwd_dx_rows_cols)(const T *dy, ptrdiff_t 
                                                         const double *a, const double *k1,
                                                         const double *k2, int flags)
 {
-    ptrdiff_t step = width > BNF_CHUNK ? BNF_WIDE_COLS : width;
+    ptrdiff_t step = bnf_wide_step(width, sizeof(T));
     for (ptrdiff_t c0 = 0; c0 < width; c0 += step) {
         ptrdiff_t w = width - c0 < step ? width - c0 : step;
         BNF_NAME(dx_rows_block)(dy + c0, dystride, x ? x + c0 : NULL, xstride, dx + c0,
