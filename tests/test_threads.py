@@ -38,6 +38,10 @@ CASES = [
     ("NC-2048x128-f64", (2048, 128), -1, np.float64, "c"),
     # two channel blocks (256 + 44), cut narrower for more threads
     ("NC-2048x300", (2048, 300), -1, np.float32, "c"),
+    # rows wider than a chunk (blocks of 560 + 540 columns), streamed (> 8 MB) off a line
+    ("NC-2048x1100", (2048, 1100), -1, np.float32, "c"),
+    # flat runs of 528 elements (16 rows of 33), streamed
+    ("NC-65536x33", (65536, 33), -1, np.float32, "c"),
     # fewer rows than threads: normalization split by channels
     ("NC-2x200000", (2, 200000), -1, np.float32, "c"),
     ("NCHW-batch1", (1, 64, 64, 64), 1, np.float32, "c"),
