@@ -344,7 +344,7 @@ ctypedef struct Job:
     Py_ssize_t scratch_bytes
     int threaded                   # the units run in an OpenMP loop (_launch)
     Py_ssize_t tile_rows           # rows form: rows per statistics tile (fixed by the shape)
-    Py_ssize_t rb, nrb             # normalization blocks: rb rows ...
+    Py_ssize_t rb, nrb             # memory-order blocks (normalization, dx of rows): rb rows
     Py_ssize_t cn_len, ncn         # ... of cn_len channels (all, unless rows are too few)
     char *x
     Py_ssize_t x_os, x_cs
@@ -520,7 +520,7 @@ cdef inline bint _gap_packs_norm(const Job *j) noexcept nogil:
 
 
 cdef inline bint _in_memory_order(const Job *j, int kind) noexcept nogil:
-    """`kind` runs over blocks of rows in memory order (_norm_unit), not over the units
+    """`kind` runs over blocks of rows in memory order (_ordered_unit), not over the units
     of the reductions: the normalization, and dx of rows (its factors are known for every
     channel by then). Rows wider than a unit's channel block (256) are then read and
     written whole, not a 1 KB piece of each row per unit, and contiguous ones are
@@ -530,7 +530,7 @@ cdef inline bint _in_memory_order(const Job *j, int kind) noexcept nogil:
     return kind == K_NORM or (kind == K_BDX and j.group > 0 and not j.gap)
 
 
-cdef void _norm_unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
+cdef void _ordered_unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
     """Normalize (or, K_BDX of rows, compute dx of) rows [r0, r0 + rb) of channels
     [c0, c0 + cn_len), in memory order."""
     cdef Py_ssize_t r0 = (u // j.ncn) * j.rb, r, c
@@ -618,7 +618,7 @@ cdef void _pipeline(Job *j, int kind, Py_ssize_t u0, Py_ssize_t u1) noexcept nog
 
 cdef inline void _any_unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
     if _in_memory_order(j, kind):
-        _norm_unit(j, kind, u)
+        _ordered_unit(j, kind, u)
     else:
         _unit(j, kind, u)
     if j.stream:
