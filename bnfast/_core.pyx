@@ -1012,8 +1012,9 @@ cdef class _Layout:
     """The (outer, C, inner) views of the arrays of one call, in the same axis order.
 
     x is copied, in its own axis order, when it has no such view (negative or zero
-    strides, gaps inside the inner extent, channels-last with channels apart); an output without such a view, or one that partially
-    overlaps an input, is computed into a temporary and copied at the end."""
+    strides, gaps inside the inner extent, channels-last with channels apart); an output
+    without such a view, or one that partially overlaps an input, is computed into a
+    temporary and copied at the end."""
     cdef int axis
     cdef int order[32]
     cdef int nord, nouter

@@ -343,14 +343,13 @@ static inline BNF_INLINE int bnf_rows_on_lines(const void *q, ptrdiff_t stride,
     return !bnf_misaligned(q) && stride * (ptrdiff_t)itemsize % 64 == 0 &&
            width * (ptrdiff_t)itemsize % 64 == 0;
 }
-#ifndef BNF_NT_ROW_BYTES
-#define BNF_NT_ROW_BYTES 2048
-#endif
 /* Rows streamed straight out: on lines, or wide enough that a row's head and tail
  * (done alone, with plain stores) cost little beside it.  16 MB of 1000-wide float32
  * rows, output 16 bytes off a line (as NumPy's large allocations are), against staging:
- * eval 1.54 -> 1.16x a copy, training 2.19 -> 1.85x; 1500-wide 1.43 -> 1.18x.  At 1 KB
- * rows it measured slower (256 of 260 columns: eval 0.78 -> 0.89x), at 2 KB even. */
+ * eval 1.54 -> 1.16x a copy, training 2.19 -> 1.85x; 1500-wide 1.43 -> 1.18x.  1 KB rows
+ * measured slower that way (256 of 260 columns: eval 0.78 -> 0.89x), 2 KB rows the same
+ * (512 of 520 columns). */
+#define BNF_NT_ROW_BYTES 2048
 static inline BNF_INLINE int bnf_rows_stream_direct(const void *q, ptrdiff_t stride,
                                                     ptrdiff_t width, size_t itemsize)
 {

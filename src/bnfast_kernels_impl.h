@@ -450,7 +450,8 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_block)(const T *x, ptrdiff_t xs
         BNF_NAME(norm_rows_flat)(x, y, nrows, width, mean, scale, shift, flags);
         return;
     }
-    int nt = stream && BNF_DIRECT_NT(4) && bnf_rows_stream_direct(y, ystride, width, sizeof(T));
+    int nt = stream && BNF_DIRECT_NT(4) &&
+             bnf_rows_stream_direct(y, ystride, width, sizeof(T));
     if (nt) stream = 0;               /* nothing staged */
     mean = bnf_aligned(mean, mbuf, width, nrows);
     scale = bnf_aligned(scale, abuf, width, nrows);
