@@ -23,6 +23,8 @@ LAYOUTS = (
     "permuted",        # a random permutation of the memory order of the axes
     "step",            # every axis sliced with step 2 out of a NaN-filled parent
     "channel_step",    # the channel axis alone sliced so: channels apart, runs contiguous
+    "crop",            # every non-channel axis cropped by one at each end (C-ordered parent)
+    "crop_channels_last",  # the same of a channels-last parent (rows in segments)
     "negative",        # every axis reversed (all strides negative)
     "negative_some",   # the batch axis and the channel axis reversed
     "swapped",         # non-native byte order
@@ -34,7 +36,8 @@ LAYOUTS = (
 
 # Layouts usable as ``out=`` (writable, native byte order).
 OUT_LAYOUTS = ("c", "f", "channels_last", "channels_first", "permuted", "step",
-               "channel_step", "negative", "negative_some", "unaligned")
+               "channel_step", "crop", "crop_channels_last", "negative", "negative_some",
+               "unaligned")
 
 OFFSETS = (0.0, 1e3, 1e5, 1e6, 3e6)
 
@@ -110,6 +113,16 @@ def with_layout(a, layout, *, axis=1, seed=0):
         v = parent[(slice(None),) * ax + (slice(1, None, 2),)]
         v[...] = a
         return v
+    if layout in ("crop", "crop_channels_last"):
+        last = layout == "crop_channels_last"
+        m = np.moveaxis(a, ax, -1) if last else a
+        pshape = tuple(s if (i == nd - 1 if last else i == ax) else s + 2
+                       for i, s in enumerate(m.shape))
+        parent = np.full(pshape, np.nan, a.dtype)
+        v = parent[tuple(slice(None) if (i == nd - 1 if last else i == ax) else
+                         slice(1, -1) for i in range(nd))]
+        v[...] = m
+        return np.moveaxis(v, -1, ax) if last else v
     if layout == "negative":
         m = _copy_c(np.flip(a))
         return np.flip(m)

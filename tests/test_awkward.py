@@ -26,6 +26,15 @@ DTYPES = [np.float32, np.float64]
 OFFSET = {np.dtype(np.float32): 1e5, np.dtype(np.float64): 3e6}
 
 
+@pytest.fixture(autouse=True)
+def _segments_in_place():
+    """Rows in segments (the crop layouts, outputs too) read in place however small
+    their segments, so these tests take that path rather than the copy."""
+    old = bnfast._core._set_segment_bytes(0)
+    yield
+    bnfast._core._set_segment_bytes(old)
+
+
 def _case(shape, axis, dtype, layout="c", seed=0):
     base = make_values(shape, dtype, seed, axis=axis, offset=OFFSET[np.dtype(dtype)])
     x = with_layout(base, layout, axis=axis, seed=seed)
@@ -164,8 +173,8 @@ def test_input_layouts_backward(shape, axis, layout, dtype, training):
     run_backward(_dy(x, "c"), x, w, axis, training)             # dy C-ordered
 
 
-LARGE_LAYOUTS = ["f", "channels_last", "step", "negative_some", "broadcast", "unaligned",
-                 "swapped"]
+LARGE_LAYOUTS = ["f", "channels_last", "crop_channels_last", "step", "negative_some",
+                 "broadcast", "unaligned", "swapped"]
 
 
 @pytest.mark.parametrize("layout", LARGE_LAYOUTS)
@@ -178,6 +187,50 @@ def test_input_layouts_large(shape, axis, layout):
     run_train(x, w, b, rm.copy(), rv.copy(), axis)
     run_backward(_dy(x, layout), x, w, axis, True)
     run_backward(_dy(x, layout), x, w, axis, False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("shape,axis", [((6, 5, 7, 16), -1), ((9, 11, 33), -1),
+                                        ((5, 16, 6, 7), 1), ((40, 300, 3), -1),
+                                        ((3, 4, 5, 6, 8), 1)])
+def test_segments_same_bits_as_contiguous(shape, axis, dtype):
+    """Rows in segments, read in place: what is computed element by element (the
+    normalization, dx with the statistics held fixed) has the bits of the same values
+    laid out contiguously, with `out` a crop as well; training matches the reference."""
+    x, w, b, rm, rv = _case(shape, axis, dtype, "crop_channels_last")
+    xc = with_layout(np.array(x), "channels_last", axis=axis)
+    dy = _dy(x, "crop_channels_last")
+    dyc = with_layout(np.array(dy), "channels_last", axis=axis)
+    out = with_layout(np.zeros(x.shape, x.dtype), "crop_channels_last", axis=axis)
+    y = bnfast.batch_norm(x, rm, rv, w, b, axis=axis, out=out)
+    assert y is out
+    np.testing.assert_array_equal(y, bnfast.batch_norm(xc, rm, rv, w, b, axis=axis))
+    assert np.isnan(out.base).sum() == out.base.size - out.size      # nothing else written
+    invstd = 1 / np.sqrt(rv + 1e-5)
+    dx = bnfast.batch_norm_backward(dy, x, rm, invstd, w, training=False, axis=axis)[0]
+    dxc = bnfast.batch_norm_backward(dyc, xc, rm, invstd, w, training=False, axis=axis)[0]
+    np.testing.assert_array_equal(dx, dxc)
+    run_train(x, w, b, rm.copy(), rv.copy(), axis, out=out)
+    run_backward(dy, x, w, axis, True, out=out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("shape,axis", [((6, 10, 8, 5), 2), ((40, 9, 12, 3), 2)])
+def test_segments_of_short_runs(shape, axis, dtype):
+    """Channels of short runs back to back (read as rows of C * inner columns) under
+    two outer axes, the inner of them cropped: rows in segments."""
+    base = make_values(shape, dtype, 0, axis=axis, offset=OFFSET[np.dtype(dtype)])
+    parent = np.full((shape[0], shape[1] + 3) + shape[2:], np.nan, dtype)
+    x = parent[:, 2:-1]
+    x[...] = base
+    out = np.full_like(parent, np.nan)[:, 1:-2]
+    C = shape[axis]
+    w, b, rm, rv = params(C, np.float64, 0)
+    np.testing.assert_array_equal(run_eval(x, w, b, rm, rv, axis, out=out),
+                                  bnfast.batch_norm(base, rm, rv, w, b, axis=axis))
+    run_train(x, w, b, rm.copy(), rv.copy(), axis, out=out)
+    run_backward(_dy(x), x, w, axis, True, out=out)
+    run_backward(_dy(x), x, w, axis, False)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -262,3 +262,34 @@ def test_copied_input_is_copied_once(layout, op):
     fn()
     peak = _peak_during(fn)
     assert peak <= 1.05 * out.nbytes, f"{op} on {layout}: peak {peak / out.nbytes:.2f}x"
+
+
+# Rows in segments (a crop of NHWC, a window of (N, T, C)) are read where they are: no
+# copy of x, whether `out` is given or allocated.
+SEGMENTS = {
+    "NHWC crop": (lambda a: a.reshape(18, 34, 34, 64)[1:-1, 1:-1, 1:-1], -1),
+    "NTC window": (lambda a: a[:520 * 40 * 64].reshape(520, 40, 64)[:, 8:], -1),
+}
+
+
+@pytest.mark.parametrize("op", ["train", "eval", "backward", "moments"])
+@pytest.mark.parametrize("layout", SEGMENTS)
+def test_segments_read_in_place(layout, op):
+    rng = np.random.default_rng(3)
+    make, axis = SEGMENTS[layout]
+    x = make(rng.standard_normal(18 * 34 * 34 * 64, dtype=np.float32) + 1000.0)
+    assert not x.flags.c_contiguous
+    out = np.empty_like(x)
+    dy = np.ones_like(x)
+    C = x.shape[axis]
+    m, s = np.full(C, 1000.0), np.ones(C)
+    fn = {"train": lambda o: bnfast.batch_norm_train(x, axis=axis, out=o),
+          "eval": lambda o: bnfast.batch_norm(x, m, s, axis=axis, out=o),
+          "backward": lambda o: bnfast.batch_norm_backward(dy, x, m, s, axis=axis, out=o),
+          "moments": lambda o: bnfast.moments(x, axis=axis)}[op]
+    fn(out)
+    peak = _peak_during(lambda: fn(out))
+    assert peak <= 0.05 * out.nbytes, f"{op} on {layout}: {peak / out.nbytes:.1%} of the output"
+    if op != "moments":
+        peak = _peak_during(lambda: fn(None))
+        assert peak <= 1.05 * out.nbytes, f"{op} on {layout}: peak {peak / out.nbytes:.2f}x"

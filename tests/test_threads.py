@@ -54,6 +54,11 @@ CASES = [
     # channels apart (every other channel of a parent), short runs: units packed
     ("NCL-channel-step", (4096, 64, 4), 1, np.float32, "channel_step"),
     ("NCHW-7x7-channel-step", (32, 128, 7, 7), 1, np.float64, "channel_step"),
+    # rows in segments, read in place: a crop of NHWC (32 rows of 64 channels a
+    # segment, two levels above), a window of (N, T, C) (128 rows of 32)
+    ("NHWC-crop", (16, 32, 32, 64), -1, np.float32, "crop"),
+    ("NTC-window", (2048, 128, 32), -1, np.float32, "crop"),
+    ("NTC-window-f64", (1024, 64, 32), -1, np.float64, "crop"),
     # float16, read natively (offset 100: float16 has no room for 1e5)
     ("NCHW-f16", (16, 64, 32, 32), 1, np.float16, "c"),
     ("NHWC-f16", (16, 32, 32, 64), -1, np.float16, "c"),
