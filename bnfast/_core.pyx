@@ -63,8 +63,6 @@ cdef extern from "bnfast_kernels.h" nogil:
     void bnf_unpack_runs(char *dst, const char *src, Py_ssize_t nrows, Py_ssize_t row_stride,
                          Py_ssize_t nch, Py_ssize_t channel_stride, Py_ssize_t run,
                          int stream)
-    void bnf_prefetch_rows(const char *p, Py_ssize_t nrows, Py_ssize_t stride,
-                           Py_ssize_t bytes)
     enum: BNF_F32
     enum: BNF_F64
     enum: BNF_F16
@@ -127,8 +125,6 @@ DEF SUPER_ELEMS = 1 << 18
 DEF GAP_ELEMS = 1 << 15
 # ... whose runs are normalized packed when shorter than this (longer ones as runs)
 DEF GAP_NORM_INNER = 32
-# Rows in segments (a crop, a window): rows prefetched this far past a segment's end.
-DEF SEG_PREFETCH_BYTES = 4096
 # Below this many elements per thread, no OpenMP region at all.
 DEF PAR_MIN_ELEMS = 1 << 16
 # Below this many elements the GIL is kept (releasing it costs more than the work).
@@ -533,29 +529,17 @@ cdef inline Py_ssize_t _piece(const Job *j, Py_ssize_t r, Py_ssize_t r1) noexcep
     return n if n < r1 - r else r1 - r
 
 
-cdef Py_ssize_t _prefetch_ahead(const Job *j, Py_ssize_t rp, Py_ssize_t r1, Py_ssize_t c0,
-                                Py_ssize_t row_bytes, bint with_dy) noexcept nogil:
-    """Rows in segments (channels back to back): prefetch the rows of x (and dy) from
-    rp up to SEG_PREFETCH_BYTES past r1, the end of the piece about to be read (the
-    kernels' own prefetches stop at the end of their call's segment). Returns how far
-    the prefetches reach."""
-    cdef Py_ssize_t t, k
-    if j.nlev == 0 or j.gap:
-        return rp
-    t = r1 + _cdiv(SEG_PREFETCH_BYTES, row_bytes)
-    if t > j.outer:
-        t = j.outer
-    if rp < r1:
-        rp = r1
-    while rp < t:
-        k = _piece(j, rp, t)
-        bnf_prefetch_rows(j.x + (_at(j, j.x_ls, j.x_os, rp) + c0 * j.x_cs) * j.isz, k,
-                          j.x_os * j.isz, row_bytes)
-        if with_dy:
-            bnf_prefetch_rows(j.dy + (_at(j, j.dy_ls, j.dy_os, rp) + c0 * j.dy_cs) * j.isz,
-                              k, j.dy_os * j.isz, row_bytes)
-        rp += k
-    return rp
+cdef inline char *_x_at(const Job *j, Py_ssize_t r, Py_ssize_t c) noexcept nogil:
+    """Row r, channel c of x (_at); likewise _y_at, _dy_at."""
+    return j.x + (_at(j, j.x_ls, j.x_os, r) + c * j.x_cs) * j.isz
+
+
+cdef inline char *_y_at(const Job *j, Py_ssize_t r, Py_ssize_t c) noexcept nogil:
+    return j.y + (_at(j, j.y_ls, j.y_os, r) + c * j.y_cs) * j.isz
+
+
+cdef inline char *_dy_at(const Job *j, Py_ssize_t r, Py_ssize_t c) noexcept nogil:
+    return j.dy + (_at(j, j.dy_ls, j.dy_os, r) + c * j.dy_cs) * j.isz
 
 
 cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
@@ -594,8 +578,7 @@ cdef void _seg_unit(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssize_t r0
     """A unit of rows in segments, channels back to back (_unit_at's work): each
     reduction a segment's rows a call, merged in row order; the normalization and dx a
     segment a call."""
-    cdef Py_ssize_t isz = j.isz, r, n, rp, c
-    cdef Py_ssize_t row_bytes = w * j.group * isz
+    cdef Py_ssize_t isz = j.isz, r, n, c
     cdef bnf_moments *mom = j.mom + sb * j.C + c0 if j.mom != NULL else NULL
     cdef double *sdy = j.s_dy + sb * j.C + c0 if j.s_dy != NULL else NULL
     cdef double *sdyx = j.s_dyx + sb * j.C + c0 if j.s_dyx != NULL else NULL
@@ -609,19 +592,16 @@ cdef void _seg_unit(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssize_t r0
     if kind == K_STATS or kind == K_FWD or kind == K_BSUMS or kind == K_BWD or \
             kind == K_BEVAL:
         r = r0
-        rp = r0
         while r < r0 + nr:
             n = _piece(j, r, r0 + nr)
-            rp = _prefetch_ahead(j, rp, r + n, c0, row_bytes, bwd)
             if not bwd:
-                bnf_stats_rows(j.type, j.x + (_at(j, j.x_ls, j.x_os, r) + c0 * j.x_cs) * isz, n,
-                               j.x_os, w, j.group, j.tile_rows, pm if r > r0 else mom)
+                bnf_stats_rows(j.type, _x_at(j, r, c0), n, j.x_os, w, j.group, j.tile_rows,
+                               pm if r > r0 else mom)
                 if r > r0:
                     for c in range(w):
                         bnf_moments_merge(&mom[c], &pm[c])
             else:
-                bnf_bwd_sums_rows(j.type, j.dy + (_at(j, j.dy_ls, j.dy_os, r) + c0 * j.dy_cs) * isz,
-                                  j.dy_os, j.x + (_at(j, j.x_ls, j.x_os, r) + c0 * j.x_cs) * isz,
+                bnf_bwd_sums_rows(j.type, _dy_at(j, r, c0), j.dy_os, _x_at(j, r, c0),
                                   j.x_os, n, w, j.group, j.hi + c0,
                                   p1 if r > r0 else sdy, p2 if r > r0 else sdyx,
                                   p3 if r > r0 else sxm)
@@ -644,16 +624,13 @@ cdef void _seg_unit(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssize_t r0
     while r < r0 + nr:                     # the unit's output, a segment a call
         n = _piece(j, r, r0 + nr)
         if kind == K_FWD:
-            bnf_norm_rows(j.type, j.x + (_at(j, j.x_ls, j.x_os, r) + c0 * j.x_cs) * isz, j.x_os,
-                          j.y + (_at(j, j.y_ls, j.y_os, r) + c0 * j.y_cs) * isz, j.y_os, n, w,
+            bnf_norm_rows(j.type, _x_at(j, r, c0), j.x_os, _y_at(j, r, c0), j.y_os, n, w,
                           j.group, j.hi + c0, j.scale + c0, j.shift + c0, flags)
         else:
-            bnf_bwd_dx_rows(j.type, j.dy + (_at(j, j.dy_ls, j.dy_os, r) + c0 * j.dy_cs) * isz,
-                            j.dy_os,
-                            j.x + (_at(j, j.x_ls, j.x_os, r) + c0 * j.x_cs) * isz if use_x else NULL,
-                            j.x_os, j.y + (_at(j, j.y_ls, j.y_os, r) + c0 * j.y_cs) * isz, j.y_os,
-                            n, w, j.group, j.hi + c0, j.scale + c0, j.k1 + c0, j.k2 + c0,
-                            flags)
+            bnf_bwd_dx_rows(j.type, _dy_at(j, r, c0), j.dy_os,
+                            _x_at(j, r, c0) if use_x else NULL, j.x_os, _y_at(j, r, c0),
+                            j.y_os, n, w, j.group, j.hi + c0, j.scale + c0, j.k1 + c0,
+                            j.k2 + c0, flags)
         r += n
 
 
@@ -668,22 +645,18 @@ cdef void _gap_unit(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssize_t r0
     """A unit of a packed job: its rows of x (and dy) packed into this thread's scratch
     (rows of w * group elements), the rows kernels run there (outputs in place), and the
     output unpacked into y."""
-    cdef Py_ssize_t isz = j.isz, row = w * j.group, run = j.group * isz, r, n, rp
+    cdef Py_ssize_t isz = j.isz, row = w * j.group, run = j.group * isz, r, n
     cdef char *px = _scratch(j)
     cdef char *pdy = px + nr * row * isz
     cdef bint bwd = kind == K_BSUMS or kind == K_BDX or kind == K_BWD or kind == K_BEVAL
     r = r0
-    rp = r0
     while r < r0 + nr:
         n = _piece(j, r, r0 + nr)
-        rp = _prefetch_ahead(j, rp, r + n, c0, row * isz, bwd)
-        bnf_pack_runs(px + (r - r0) * row * isz,
-                      j.x + (_at(j, j.x_ls, j.x_os, r) + c0 * j.x_cs) * isz, n,
-                      j.x_os * isz, w, j.x_cs * isz, run)
+        bnf_pack_runs(px + (r - r0) * row * isz, _x_at(j, r, c0), n, j.x_os * isz, w,
+                      j.x_cs * isz, run)
         if bwd:
-            bnf_pack_runs(pdy + (r - r0) * row * isz,
-                          j.dy + (_at(j, j.dy_ls, j.dy_os, r) + c0 * j.dy_cs) * isz, n,
-                          j.dy_os * isz, w, j.dy_cs * isz, run)
+            bnf_pack_runs(pdy + (r - r0) * row * isz, _dy_at(j, r, c0), n, j.dy_os * isz,
+                          w, j.dy_cs * isz, run)
         r += n
     # the output over the input it is computed from: the kernels work element by element
     _unit_at(j, kind, c0, w, nr, px, row, pdy if bwd else px, row, pdy, row, sb, BNF_CACHED)
@@ -691,9 +664,8 @@ cdef void _gap_unit(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssize_t r0
         r = r0
         while r < r0 + nr:
             n = _piece(j, r, r0 + nr)
-            bnf_unpack_runs(j.y + (_at(j, j.y_ls, j.y_os, r) + c0 * j.y_cs) * isz,
-                            (pdy if bwd else px) + (r - r0) * row * isz, n,
-                            j.y_os * isz, w, j.y_cs * isz, run, j.stream)
+            bnf_unpack_runs(_y_at(j, r, c0), (pdy if bwd else px) + (r - r0) * row * isz,
+                            n, j.y_os * isz, w, j.y_cs * isz, run, j.stream)
             r += n
 
 
@@ -769,7 +741,7 @@ cdef inline bint _in_memory_order(const Job *j, int kind) noexcept nogil:
 cdef void _ordered_unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
     """Normalize (or, K_BDX of rows, compute dx of) rows [r0, r0 + rb) of channels
     [c0, c0 + cn_len), in memory order."""
-    cdef Py_ssize_t r0 = (u // j.ncn) * j.rb, r, n, rp
+    cdef Py_ssize_t r0 = (u // j.ncn) * j.rb, r, n
     cdef Py_ssize_t c0 = (u % j.ncn) * j.cn_len
     cdef Py_ssize_t c1 = j.C if j.C - c0 < j.cn_len else c0 + j.cn_len
     cdef Py_ssize_t nr = j.outer - r0 if j.outer - r0 < j.rb else j.rb
@@ -785,25 +757,21 @@ cdef void _ordered_unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
         r = r0
         while r < r0 + nr:
             n = _piece(j, r, r0 + nr)
-            bnf_pack_runs(px + (r - r0) * row * isz,
-                          j.x + (_at(j, j.x_ls, j.x_os, r) + c0 * j.x_cs) * isz, n,
-                          j.x_os * isz, c1 - c0, j.x_cs * isz, j.group * isz)
+            bnf_pack_runs(px + (r - r0) * row * isz, _x_at(j, r, c0), n, j.x_os * isz,
+                          c1 - c0, j.x_cs * isz, j.group * isz)
             r += n
         bnf_norm_rows(j.type, px, row, px, row, nr, c1 - c0, j.group, j.hi + c0,
                       j.scale + c0, j.shift + c0, BNF_CACHED)
         r = r0
         while r < r0 + nr:
             n = _piece(j, r, r0 + nr)
-            bnf_unpack_runs(j.y + (_at(j, j.y_ls, j.y_os, r) + c0 * j.y_cs) * isz,
-                            px + (r - r0) * row * isz, n, j.y_os * isz, c1 - c0,
-                            j.y_cs * isz, j.group * isz, j.stream)
+            bnf_unpack_runs(_y_at(j, r, c0), px + (r - r0) * row * isz, n, j.y_os * isz,
+                            c1 - c0, j.y_cs * isz, j.group * isz, j.stream)
             r += n
         return
     r = r0
-    rp = r0
     while r < r0 + nr:                  # a segment's rows at a time
         n = _piece(j, r, r0 + nr)
-        rp = _prefetch_ahead(j, rp, r + n, c0, row * isz, kind == K_BDX)
         _ordered_piece(j, kind, r, n, c0, c1, flags)
         r += n
 
@@ -812,12 +780,12 @@ cdef inline void _ordered_piece(Job *j, int kind, Py_ssize_t r0, Py_ssize_t nr,
                                 Py_ssize_t c0, Py_ssize_t c1, int flags) noexcept nogil:
     """_ordered_unit over rows [r0, r0 + nr) of one segment (evenly spaced)."""
     cdef Py_ssize_t isz = j.isz, r, c
-    cdef char *x = j.x + (_at(j, j.x_ls, j.x_os, r0) + c0 * j.x_cs) * isz
-    cdef char *y = j.y + (_at(j, j.y_ls, j.y_os, r0) + c0 * j.y_cs) * isz
+    cdef char *x = _x_at(j, r0, c0)
+    cdef char *y = _y_at(j, r0, c0)
     if kind == K_BDX:
-        bnf_bwd_dx_rows(j.type, j.dy + (_at(j, j.dy_ls, j.dy_os, r0) + c0 * j.dy_cs) * isz,
-                        j.dy_os, x, j.x_os, y, j.y_os, nr, c1 - c0, j.group, j.hi + c0,
-                        j.scale + c0, j.k1 + c0, j.k2 + c0, flags)
+        bnf_bwd_dx_rows(j.type, _dy_at(j, r0, c0), j.dy_os, x, j.x_os, y, j.y_os, nr,
+                        c1 - c0, j.group, j.hi + c0, j.scale + c0, j.k1 + c0, j.k2 + c0,
+                        flags)
         return
     if j.group and not j.gap:
         bnf_norm_rows(j.type, x, j.x_os, y, j.y_os, nr, c1 - c0, j.group, j.hi + c0,

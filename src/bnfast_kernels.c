@@ -702,13 +702,6 @@ BNF_CLONES void bnf_finalize(const bnf_moments *m, ptrdiff_t n, double eps,
         return;                                                                           \
     }
 
-/* Every line of `nrows` rows of `bytes` at p, `stride` bytes apart: the next segment of
- * a crop or a window, which the kernels' own prefetches (within a call) cannot see. */
-void bnf_prefetch_rows(const char *p, ptrdiff_t nrows, ptrdiff_t stride, ptrdiff_t bytes)
-{
-    for (ptrdiff_t r = 0; r < nrows; r++) bnf_pf_row(p + r * stride, bytes);
-}
-
 void bnf_pack_runs(char *dst, const char *src, ptrdiff_t nrows, ptrdiff_t row_stride,
                    ptrdiff_t nch, ptrdiff_t channel_stride, ptrdiff_t run)
 {

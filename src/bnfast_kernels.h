@@ -181,7 +181,6 @@ void bnf_pack_runs(char *dst, const char *src, ptrdiff_t nrows, ptrdiff_t row_st
 void bnf_unpack_runs(char *dst, const char *src, ptrdiff_t nrows, ptrdiff_t row_stride,
                      ptrdiff_t nch, ptrdiff_t channel_stride, ptrdiff_t run, int stream);
 /* stream: channels back to back written with non-temporal stores (large outputs) */
-void bnf_prefetch_rows(const char *p, ptrdiff_t nrows, ptrdiff_t stride, ptrdiff_t bytes);
 
 /* The same kernels by element type, `type` one of these (x, y, dy, dx of that type):
  * what the Cython layer calls, the one place that dispatches on the type.  Inline: an
