@@ -125,6 +125,12 @@ DEF SUPER_ELEMS = 1 << 18
 DEF GAP_ELEMS = 1 << 15
 # ... whose runs are normalized packed when shorter than this (longer ones as runs)
 DEF GAP_NORM_INNER = 32
+# Rows in segments (a crop, a window) are read in place (not x copied) from segments of
+# this many bytes and rows (the reductions, evaluation): _segments_pay.
+DEF SEG_BYTES = 8192
+DEF SEG_ROWS = 16
+DEF SEG_ELEMENTWISE_BYTES = 2048
+DEF SEG_ELEMENTWISE_ROWS = 4
 # Below this many elements per thread, no OpenMP region at all.
 DEF PAR_MIN_ELEMS = 1 << 16
 # Below this many elements the GIL is kept (releasing it costs more than the work).
@@ -139,10 +145,8 @@ cdef int _num_threads = 0      # 0: follow OpenMP (OMP_NUM_THREADS, threadpoolct
 # Outputs of at least this many bytes are written with streaming (non-temporal) stores:
 # they bypass the caches, which saves reading each output line before writing it.
 cdef Py_ssize_t _stream_bytes = 1 << 23
-# Rows in segments (a crop, a window) are read in place from this many bytes a segment
-# (smaller ones: x copied, _segments_pay); a variable so tests can take the segments'
-# path on small arrays.
-cdef Py_ssize_t _segment_bytes = 8192
+# Tests: rows in segments always read in place (_segments_pay), however short.
+cdef bint _segments_always = False
 
 
 def _set_simd_level(level):
@@ -152,12 +156,12 @@ def _set_simd_level(level):
     return bnf_set_simd_level(-1 if level is None else max(0, int(level)))
 
 
-def _set_segment_bytes(n):
-    """Set the segment size from which rows in segments are read in place (tests);
-    returns the previous value."""
-    global _segment_bytes
-    old = _segment_bytes
-    _segment_bytes = int(n)
+def _set_segments_always(flag):
+    """Read rows in segments in place however short the segments (tests); returns the
+    previous setting."""
+    global _segments_always
+    old = _segments_always
+    _segments_always = bool(flag)
     return old
 
 
@@ -573,6 +577,24 @@ cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
              sb, flags)
 
 
+cdef inline void _merge_same_count(bnf_moments *a, const bnf_moments *b,
+                                   Py_ssize_t w) noexcept nogil:
+    """bnf_moments_merge of b[c] into a[c] for w channels that all saw the same rows (the
+    same bits), the count ratios computed once."""
+    cdef double na = a[0].n, nb = b[0].n, n, ratio, weight, delta
+    cdef Py_ssize_t c
+    if nb == 0:
+        return
+    n = na + nb
+    ratio = nb / n
+    weight = na * ratio
+    for c in range(w):
+        delta = (b[c].hi - a[c].hi) + (b[c].lo - a[c].lo)
+        a[c].lo += delta * ratio
+        a[c].m2 += b[c].m2 + delta * delta * weight
+        a[c].n = n
+
+
 cdef void _seg_unit(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssize_t r0,
                     Py_ssize_t nr, Py_ssize_t sb, int flags) noexcept nogil:
     """A unit of rows in segments, channels back to back (_unit_at's work): each
@@ -598,8 +620,7 @@ cdef void _seg_unit(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssize_t r0
                 bnf_stats_rows(j.type, _x_at(j, r, c0), n, j.x_os, w, j.group, j.tile_rows,
                                pm if r > r0 else mom)
                 if r > r0:
-                    for c in range(w):
-                        bnf_moments_merge(&mom[c], &pm[c])
+                    _merge_same_count(mom, pm, w)
             else:
                 bnf_bwd_sums_rows(j.type, _dy_at(j, r, c0), j.dy_os, _x_at(j, r, c0),
                                   j.x_os, n, w, j.group, j.hi + c0,
@@ -1236,14 +1257,23 @@ cdef inline bint _same_view(cnp.ndarray a, cnp.ndarray b) noexcept:
     return True
 
 
-cdef inline bint _segments_pay(const Geo *g, Py_ssize_t itemsize) noexcept:
-    """Whether rows in segments (Geo.nlev > 0) are read where they are rather than
-    copied: rows of channels back to back, segments of _segment_bytes and more (the
-    kernels' costs per call then stay small; windows of (N, T, 32) float32, against
-    the copy: 4 KB segments backward 2.5 -> 3.0x a copy of the view, 8 KB 2.8 -> 2.9x,
-    16 KB 2.75 -> 2.3x; evaluation and training faster from 4 KB, 1 KB 2-3x slower)."""
-    return g.inner <= GROUP_MAX_INNER and g.cs == g.inner and \
-        g.seg * g.C * g.inner * itemsize >= _segment_bytes
+cdef inline bint _segments_pay(const Geo *g, Py_ssize_t itemsize,
+                               bint elementwise) noexcept:
+    """Whether rows in segments (Geo.nlev > 0) are read where they are rather than x
+    copied: rows of channels back to back, in segments long enough that the kernels'
+    costs per call stay small. Measured against the copy on windows (N, T, C) float32:
+    evaluation gains from segments of 2 KB and 4 rows (1.6-1.9 -> 0.8-1.5x a copy of
+    the view; 2 rows of 256 channels 1.5 -> 2.3x); the reductions, whose calls also
+    cost per channel, need 8 KB and 16 rows (training 1.6-2.2 -> 1.2-1.9x, backward
+    2.3-3.1 -> 2.2-2.9x; 2-4 KB, or 8 rows of 256 channels: up to 3x slower)."""
+    cdef Py_ssize_t nbytes = g.seg * g.C * g.inner * itemsize
+    if not (g.inner <= GROUP_MAX_INNER and g.cs == g.inner):
+        return False
+    if _segments_always:
+        return True
+    if elementwise:
+        return nbytes >= SEG_ELEMENTWISE_BYTES and g.seg >= SEG_ELEMENTWISE_ROWS
+    return nbytes >= SEG_BYTES and g.seg >= SEG_ROWS
 
 
 cdef class _Layout:
@@ -1261,13 +1291,15 @@ cdef class _Layout:
     cdef Groups groups
     cdef Geo gx
 
-    cdef cnp.ndarray fit_input(self, cnp.ndarray x, int axis):
+    cdef cnp.ndarray fit_input(self, cnp.ndarray x, int axis, bint elementwise=False):
+        """x itself when the kernels can read it, else its copy; elementwise: the call
+        only normalizes (no reductions)."""
         self.axis = axis
         self.nord = _order_axes(x, axis, self.order)
         self.nabove = _split_outer(x, axis, self.order, self.nord)
         if _geometry(x, axis, self.order, self.nord, self.nabove, &self.groups, True,
-                     &self.gx) and (self.gx.nlev == 0 or _segments_pay(&self.gx,
-                                                                       x.itemsize)):
+                     &self.gx) and (self.gx.nlev == 0 or
+                                    _segments_pay(&self.gx, x.itemsize, elementwise)):
             return x
         # copied in its own axis order: a C-order copy of an F-ordered array would be a
         # transpose, and an `out` in x's order would then need another
@@ -1477,7 +1509,7 @@ cdef object _normalize(object x, object out, int axis_in, Py_ssize_t C_expected,
     if out is not None:
         _check_out(out, a, result_dtype if result_dtype is not None else a.dtype, "out")
     lay = _Layout()
-    a = lay.fit_input(a, axis)
+    a = lay.fit_input(a, axis, True)
     y = lay.output(out if result_dtype is None else None, a, (a,), &gy)
     memset(&j, 0, sizeof(Job))
     _set_geo(&j, &lay.gx)

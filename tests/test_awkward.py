@@ -30,9 +30,9 @@ OFFSET = {np.dtype(np.float32): 1e5, np.dtype(np.float64): 3e6}
 def _segments_in_place():
     """Rows in segments (the crop layouts, outputs too) read in place however small
     their segments, so these tests take that path rather than the copy."""
-    old = bnfast._core._set_segment_bytes(0)
+    old = bnfast._core._set_segments_always(True)
     yield
-    bnfast._core._set_segment_bytes(old)
+    bnfast._core._set_segments_always(old)
 
 
 def _case(shape, axis, dtype, layout="c", seed=0):
