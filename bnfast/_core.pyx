@@ -1260,20 +1260,24 @@ cdef inline bint _same_view(cnp.ndarray a, cnp.ndarray b) noexcept:
 cdef inline bint _segments_pay(const Geo *g, Py_ssize_t itemsize,
                                bint elementwise) noexcept:
     """Whether rows in segments (Geo.nlev > 0) are read where they are rather than x
-    copied: rows of channels back to back, in segments long enough that the kernels'
-    costs per call stay small. Measured against the copy on windows (N, T, C) float32:
-    evaluation gains from segments of 2 KB and 4 rows (1.6-1.9 -> 0.8-1.5x a copy of
-    the view; 2 rows of 256 channels 1.5 -> 2.3x); the reductions, whose calls also
-    cost per channel, need 8 KB and 16 rows (training 1.6-2.2 -> 1.2-1.9x, backward
-    2.3-3.1 -> 2.2-2.9x; 2-4 KB, or 8 rows of 256 channels: up to 3x slower)."""
-    cdef Py_ssize_t nbytes = g.seg * g.C * g.inner * itemsize
-    if not (g.inner <= GROUP_MAX_INNER and g.cs == g.inner):
-        return False
+    copied: the reductions when rows are read as rows (short runs, channels back to back
+    or packed), evaluation in any form; both when a kernel call, a segment's rows of a
+    block of channels (or of a channel, when channels lie apart), is long enough that
+    its costs stay small. Measured against the copy on windows (N, T, C) float32:
+    evaluation gains from calls of 2 KB and 4 rows (1.6-1.9 -> 0.8-1.5x a copy of the
+    view; 2 rows of 256 channels 1.5 -> 2.3x); the reductions, whose calls also cost
+    per channel, need 8 KB and 16 rows, and channels back to back (training 1.6-2.2 ->
+    1.2-1.9x, backward 2.3-3.1 -> 2.2-2.9x; 2-4 KB, or 8 rows of 256 channels: up to 3x
+    slower; an NCHW crop, packed: training 2.0 -> 2.2x, backward 2.5 -> 3.9x)."""
+    cdef bint together = g.cs == g.inner           # channels back to back
+    cdef Py_ssize_t call_bytes = g.seg * g.inner * itemsize * (g.C if together else 1)
+    if not elementwise and g.inner > GROUP_MAX_INNER:
+        return False                    # reductions of long runs: not a segment a call
     if _segments_always:
         return True
     if elementwise:
-        return nbytes >= SEG_ELEMENTWISE_BYTES and g.seg >= SEG_ELEMENTWISE_ROWS
-    return nbytes >= SEG_BYTES and g.seg >= SEG_ROWS
+        return call_bytes >= SEG_ELEMENTWISE_BYTES and g.seg >= SEG_ELEMENTWISE_ROWS
+    return together and call_bytes >= SEG_BYTES and g.seg >= SEG_ROWS
 
 
 cdef class _Layout:

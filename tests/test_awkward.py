@@ -233,6 +233,22 @@ def test_segments_of_short_runs(shape, axis, dtype):
     run_backward(_dy(x), x, w, axis, False)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", [(3, 4, 5, 300), (3, 4, 5, 200), (2, 3, 4, 5, 140)])
+def test_segments_of_long_runs(shape, dtype):
+    """A crop of NCHW with long rows: evaluation reads the runs where they are (a
+    segment of rows per channel, or a row per call), with the bits of contiguous data;
+    training and backward copy x first."""
+    x, w, b, rm, rv = _case(shape, 1, dtype, "crop")
+    out = with_layout(np.zeros(x.shape, x.dtype), "crop", axis=1)
+    y = run_eval(x, w, b, rm, rv, 1, out=out)
+    np.testing.assert_array_equal(y, bnfast.batch_norm(np.array(x), rm, rv, w, b))
+    assert np.isnan(out.base).sum() == out.base.size - out.size
+    np.testing.assert_array_equal(run_frozen(x, w, b, rm, rv, 1), y)
+    run_train(x, w, b, rm.copy(), rv.copy(), 1, out=out)
+    run_backward(_dy(x, "crop"), x, w, 1, True, out=out)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_dy_layouts_against_c_x(layout):
     for shape, axis in [((5, 3, 4, 6), 1), ((5, 4, 6, 3), -1), ((40, 7), 1)]:
