@@ -1267,8 +1267,9 @@ cdef inline bint _segments_pay(const Geo *g, Py_ssize_t itemsize,
     evaluation gains from calls of 2 KB and 4 rows (1.6-1.9 -> 0.8-1.5x a copy of the
     view; 2 rows of 256 channels 1.5 -> 2.3x); the reductions, whose calls also cost
     per channel, need 8 KB and 16 rows, and channels back to back (training 1.6-2.2 ->
-    1.2-1.9x, backward 2.3-3.1 -> 2.2-2.9x; 2-4 KB, or 8 rows of 256 channels: up to 3x
-    slower; an NCHW crop, packed: training 2.0 -> 2.2x, backward 2.5 -> 3.9x)."""
+    1.2-1.9x, backward 2.3-3.1 -> 2.2-2.9x; 2 KB: 1.4-1.6x slower than the copy, 2 to
+    8 rows of 256 channels 1.5-3.2x; an NCHW crop, packed: training 2.0 -> 2.2x,
+    backward 2.5 -> 3.9x)."""
     cdef bint together = g.cs == g.inner           # channels back to back
     cdef Py_ssize_t call_bytes = g.seg * g.inner * itemsize * (g.C if together else 1)
     if not elementwise and g.inner > GROUP_MAX_INNER:
