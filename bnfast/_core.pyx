@@ -131,6 +131,7 @@ DEF SEG_BYTES = 8192
 DEF SEG_ROWS = 16
 DEF SEG_ELEMENTWISE_BYTES = 2048
 DEF SEG_ELEMENTWISE_ROWS = 4
+DEF SEG_RUNS_INNER = 32
 # Below this many elements per thread, no OpenMP region at all.
 DEF PAR_MIN_ELEMS = 1 << 16
 # Below this many elements the GIL is kept (releasing it costs more than the work).
@@ -597,10 +598,11 @@ cdef inline void _merge_same_count(bnf_moments *a, const bnf_moments *b,
 
 cdef void _seg_unit(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssize_t r0,
                     Py_ssize_t nr, Py_ssize_t sb, int flags) noexcept nogil:
-    """A unit of rows in segments, channels back to back (_unit_at's work): each
-    reduction a segment's rows a call, merged in row order; the normalization and dx a
-    segment a call."""
+    """A unit of rows in segments (_unit_at's work), channels back to back (rows form)
+    or one channel (runs form): each reduction a segment's rows a call, merged in row
+    order; the normalization and dx a segment a call."""
     cdef Py_ssize_t isz = j.isz, r, n, c
+    cdef bint rows = j.group > 0
     cdef bnf_moments *mom = j.mom + sb * j.C + c0 if j.mom != NULL else NULL
     cdef double *sdy = j.s_dy + sb * j.C + c0 if j.s_dy != NULL else NULL
     cdef double *sdyx = j.s_dyx + sb * j.C + c0 if j.s_dyx != NULL else NULL
@@ -611,26 +613,36 @@ cdef void _seg_unit(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssize_t r0
     cdef double *p3 = p2 + w
     cdef bint bwd = kind != K_STATS and kind != K_FWD
     cdef bint use_x = True
-    if kind == K_STATS or kind == K_FWD or kind == K_BSUMS or kind == K_BWD or \
-            kind == K_BEVAL:
+    cdef bnf_moments *m
+    cdef double *s1
+    cdef double *s2
+    cdef double *s3
+    if kind != K_BDX:
         r = r0
         while r < r0 + nr:
             n = _piece(j, r, r0 + nr)
-            if not bwd:
-                bnf_stats_rows(j.type, _x_at(j, r, c0), n, j.x_os, w, j.group, j.tile_rows,
-                               pm if r > r0 else mom)
-                if r > r0:
-                    _merge_same_count(mom, pm, w)
+            if r > r0:                     # the first segment's part goes in place
+                m, s1, s2, s3 = pm, p1, p2, p3
             else:
+                m, s1, s2, s3 = mom, sdy, sdyx, sxm
+            if not bwd and rows:
+                bnf_stats_rows(j.type, _x_at(j, r, c0), n, j.x_os, w, j.group, j.tile_rows,
+                               m)
+            elif not bwd:
+                bnf_stats_runs(j.type, _x_at(j, r, c0), n, j.x_os, j.inner, m)
+            elif rows:
                 bnf_bwd_sums_rows(j.type, _dy_at(j, r, c0), j.dy_os, _x_at(j, r, c0),
-                                  j.x_os, n, w, j.group, j.hi + c0,
-                                  p1 if r > r0 else sdy, p2 if r > r0 else sdyx,
-                                  p3 if r > r0 else sxm)
-                if r > r0:
-                    for c in range(w):
-                        sdy[c] += p1[c]
-                        sdyx[c] += p2[c]
-                        sxm[c] += p3[c]
+                                  j.x_os, n, w, j.group, j.hi + c0, s1, s2, s3)
+            else:
+                bnf_bwd_sums_runs(j.type, _dy_at(j, r, c0), j.dy_os, _x_at(j, r, c0),
+                                  j.x_os, n, j.inner, j.hi[c0], s1, s2, s3)
+            if r > r0 and not bwd:
+                _merge_same_count(mom, pm, w)
+            elif r > r0:
+                for c in range(w):
+                    sdy[c] += p1[c]
+                    sdyx[c] += p2[c]
+                    sxm[c] += p3[c]
             r += n
         if kind == K_STATS or kind == K_BSUMS:
             return
@@ -644,14 +656,23 @@ cdef void _seg_unit(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssize_t r0
     r = r0
     while r < r0 + nr:                     # the unit's output, a segment a call
         n = _piece(j, r, r0 + nr)
-        if kind == K_FWD:
+        if kind == K_FWD and rows:
             bnf_norm_rows(j.type, _x_at(j, r, c0), j.x_os, _y_at(j, r, c0), j.y_os, n, w,
                           j.group, j.hi + c0, j.scale + c0, j.shift + c0, flags)
-        else:
+        elif kind == K_FWD:
+            bnf_norm_runs(j.type, _x_at(j, r, c0), j.x_os, _y_at(j, r, c0), j.y_os, n,
+                          j.inner, j.hi + c0, j.scale + c0, j.shift + c0, 0, flags, NULL,
+                          NULL)
+        elif rows:
             bnf_bwd_dx_rows(j.type, _dy_at(j, r, c0), j.dy_os,
                             _x_at(j, r, c0) if use_x else NULL, j.x_os, _y_at(j, r, c0),
                             j.y_os, n, w, j.group, j.hi + c0, j.scale + c0, j.k1 + c0,
                             j.k2 + c0, flags)
+        else:
+            bnf_bwd_dx_runs(j.type, _dy_at(j, r, c0), j.dy_os,
+                            _x_at(j, r, c0) if use_x else NULL, j.x_os, _y_at(j, r, c0),
+                            j.y_os, n, j.inner, j.hi[c0], j.scale[c0], j.k1[c0], j.k2[c0],
+                            flags, NULL, NULL, 0, NULL, NULL, NULL)
         r += n
 
 
@@ -872,7 +893,7 @@ cdef inline void _any_unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
 
 cdef void _run(Job *j, int kind, Py_ssize_t nunits, int nthreads) noexcept nogil:
     cdef Py_ssize_t u, t
-    if (kind == K_FWD or kind == K_BWD) and j.group == 0 and \
+    if (kind == K_FWD or kind == K_BWD) and j.group == 0 and j.nlev == 0 and \
             j.outer * j.inner * j.isz * (1 if kind == K_FWD else 2) <= PIPE_BYTES:
         # each thread a contiguous range of channels, pipelined
         if nthreads <= 1:
@@ -1004,7 +1025,7 @@ cdef void _plan(Job *j, Py_ssize_t itemsize, int narrays) noexcept:
     """Choose channel blocks and superblocks (a function of the shape only)."""
     cdef Py_ssize_t per_block
     j.gap = 0
-    if j.inner <= GROUP_MAX_INNER:
+    if j.inner <= GROUP_MAX_INNER and not _segment_runs(j.nlev, j.inner, j.x_cs):
         # short runs (inner == 1: channels-last rows): a row of C * inner columns, read in
         # memory order by the rows kernels (a call per run of `inner` elements cost
         # 10-100x a copy); a channel's columns are reduced together. Channels not back
@@ -1257,28 +1278,37 @@ cdef inline bint _same_view(cnp.ndarray a, cnp.ndarray b) noexcept:
     return True
 
 
+cdef inline bint _segment_runs(int nlev, Py_ssize_t inner, Py_ssize_t cs) noexcept nogil:
+    """Rows in segments whose runs of SEG_RUNS_INNER or more lie apart from channel to
+    channel (a crop of NCHW): read as runs, a segment of a channel a call, not packed
+    as rows. Against the copy, float32: 32x16x128x128 of 132x132 training 2.5 -> 1.25x
+    a copy of the view, backward 2.9 -> 1.9x; 8x8x32x64x64 of 34x66x66 2.6 -> 1.7x and
+    3.2 -> 2.2x (packed as rows, 64x64x32x32 of 34x34 had trained 2.0 -> 2.2x)."""
+    return nlev > 0 and cs != inner and inner >= SEG_RUNS_INNER
+
+
 cdef inline bint _segments_pay(const Geo *g, Py_ssize_t itemsize,
                                bint elementwise) noexcept:
     """Whether rows in segments (Geo.nlev > 0) are read where they are rather than x
-    copied: the reductions when rows are read as rows (short runs, channels back to back
-    or packed), evaluation in any form; both when a kernel call, a segment's rows of a
-    block of channels (or of a channel, when channels lie apart), is long enough that
-    its costs stay small. Measured against the copy on windows (N, T, C) float32:
-    evaluation gains from calls of 2 KB and 4 rows (1.6-1.9 -> 0.8-1.5x a copy of the
-    view; 2 rows of 256 channels 1.5 -> 2.3x); the reductions, whose calls also cost
-    per channel, need 8 KB and 16 rows, and channels back to back (training 1.6-2.2 ->
-    1.2-1.9x, backward 2.3-3.1 -> 2.2-2.9x; 2 KB: 1.4-1.6x slower than the copy, 2 to
-    8 rows of 256 channels 1.5-3.2x; an NCHW crop, packed: training 2.0 -> 2.2x,
-    backward 2.5 -> 3.9x)."""
-    cdef bint together = g.cs == g.inner           # channels back to back
+    copied: when a kernel call, a segment's rows of a block of channels (rows form, the
+    channels back to back) or of one channel (runs of more than 128 elements, or rows
+    of channels apart), is long enough that the calls' costs stay small. Measured
+    against the copy on windows (N, T, C) float32: evaluation gains from calls of 2 KB
+    and 4 rows (1.6-1.9 -> 0.8-1.5x a copy of the view; 2 rows of 256 channels 1.5 ->
+    2.3x); the reductions, whose calls also cost per channel, need 8 KB and 16 rows
+    (training 1.6-2.2 -> 1.2-1.9x, backward 2.3-3.1 -> 2.2-2.9x; 2 KB: 1.4-1.6x slower
+    than the copy, 2 to 8 rows of 256 channels 1.5-3.2x; runs of channels apart,
+    _segment_runs: 4 KB calls ran backward 2.3 -> 2.8x). Runs under SEG_RUNS_INNER of
+    channels apart would be packed for the reductions: copied instead."""
+    cdef bint runs = g.inner > GROUP_MAX_INNER or _segment_runs(g.nlev, g.inner, g.cs)
+    cdef bint together = g.cs == g.inner and not runs    # a call takes all channels
+    # (_plan decides on x alone as well: a y or dy with channels apart packs the rows)
     cdef Py_ssize_t call_bytes = g.seg * g.inner * itemsize * (g.C if together else 1)
-    if not elementwise and g.inner > GROUP_MAX_INNER:
-        return False                    # reductions of long runs: not a segment a call
     if _segments_always:
         return True
     if elementwise:
         return call_bytes >= SEG_ELEMENTWISE_BYTES and g.seg >= SEG_ELEMENTWISE_ROWS
-    return together and call_bytes >= SEG_BYTES and g.seg >= SEG_ROWS
+    return (together or runs) and call_bytes >= SEG_BYTES and g.seg >= SEG_ROWS
 
 
 cdef class _Layout:

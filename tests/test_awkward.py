@@ -234,11 +234,12 @@ def test_segments_of_short_runs(shape, axis, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("shape", [(3, 4, 5, 300), (3, 4, 5, 200), (2, 3, 4, 5, 140)])
+@pytest.mark.parametrize("shape", [(3, 4, 5, 300), (3, 4, 5, 200), (2, 3, 4, 5, 140),
+                                   (3, 4, 5, 40)])
 def test_segments_of_long_runs(shape, dtype):
-    """A crop of NCHW with long rows: evaluation reads the runs where they are (a
-    segment of rows per channel, or a row per call), with the bits of contiguous data;
-    training and backward copy x first."""
+    """A crop of NCHW with long rows, read where they are (a segment of a channel a
+    call; evaluation also a row a call): evaluation with the bits of contiguous data,
+    training and backward against the reference."""
     x, w, b, rm, rv = _case(shape, 1, dtype, "crop")
     out = with_layout(np.zeros(x.shape, x.dtype), "crop", axis=1)
     y = run_eval(x, w, b, rm, rv, 1, out=out)

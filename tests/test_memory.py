@@ -264,11 +264,13 @@ def test_copied_input_is_copied_once(layout, op):
     assert peak <= 1.05 * out.nbytes, f"{op} on {layout}: peak {peak / out.nbytes:.2f}x"
 
 
-# Rows in segments (a crop of NHWC, a window of (N, T, C)) are read where they are: no
-# copy of x, whether `out` is given or allocated.
+# Rows in segments (a crop of NHWC or NCHW, a window of (N, T, C)) are read where they
+# are: no copy of x, whether `out` is given or allocated.
 SEGMENTS = {
     "NHWC crop": (lambda a: a.reshape(18, 34, 34, 64)[1:-1, 1:-1, 1:-1], -1),
     "NTC window": (lambda a: a[:520 * 40 * 64].reshape(520, 40, 64)[:, 8:], -1),
+    "NCHW crop": (lambda a: a[:4 * 16 * 132 * 132].reshape(4, 16, 132, 132)[..., 1:-1, 1:-1],
+                  1),
 }
 
 
