@@ -61,8 +61,7 @@ cdef extern from "bnfast_kernels.h" nogil:
     void bnf_pack_runs(char *dst, const char *src, Py_ssize_t nrows, Py_ssize_t row_stride,
                        Py_ssize_t nch, Py_ssize_t channel_stride, Py_ssize_t run)
     void bnf_unpack_runs(char *dst, const char *src, Py_ssize_t nrows, Py_ssize_t row_stride,
-                         Py_ssize_t nch, Py_ssize_t channel_stride, Py_ssize_t run,
-                         int stream)
+                         Py_ssize_t nch, Py_ssize_t channel_stride, Py_ssize_t run)
     enum: BNF_F32
     enum: BNF_F64
     enum: BNF_F16
@@ -684,7 +683,7 @@ cdef inline char *_scratch(Job *j) noexcept nogil:
 
 cdef void _gap_unit(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssize_t r0,
                     Py_ssize_t nr, Py_ssize_t sb) noexcept nogil:
-    """A unit of a packed job: its rows of x (and dy) packed into this thread's scratch
+    """A unit of a gapped job: its rows of x (and dy) packed into this thread's scratch
     (rows of w * group elements), the rows kernels run there (outputs in place), and the
     output unpacked into y."""
     cdef Py_ssize_t isz = j.isz, row = w * j.group, run = j.group * isz, r, n
@@ -707,7 +706,7 @@ cdef void _gap_unit(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssize_t r0
         while r < r0 + nr:
             n = _piece(j, r, r0 + nr)
             bnf_unpack_runs(_y_at(j, r, c0), (pdy if bwd else px) + (r - r0) * row * isz,
-                            n, j.y_os * isz, w, j.y_cs * isz, run, j.stream)
+                            n, j.y_os * isz, w, j.y_cs * isz, run)
             r += n
 
 
@@ -808,7 +807,7 @@ cdef void _ordered_unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
         while r < r0 + nr:
             n = _piece(j, r, r0 + nr)
             bnf_unpack_runs(_y_at(j, r, c0), px + (r - r0) * row * isz, n, j.y_os * isz,
-                            c1 - c0, j.y_cs * isz, j.group * isz, j.stream)
+                            c1 - c0, j.y_cs * isz, j.group * isz)
             r += n
         return
     r = r0

@@ -689,41 +689,16 @@ BNF_CLONES void bnf_finalize(const bnf_moments *m, ptrdiff_t n, double eps,
     default: BNF_PACK_LOOP(memcpy(DST, SRC, (size_t)run)) break;                          \
     }
 
-/* Channels back to back (rows of a crop or a window, packed for the reductions): a row
- * is one run, and rows back to back are one. */
-#define BNF_PACK_WHOLE_ROWS(DST, SRC)                               \
-    if (channel_stride == run) {                                                          \
-        size_t bytes = (size_t)(nch * run);                                               \
-        if (row_stride == nch * run) {                                                    \
-            memcpy(dst, src, bytes * (size_t)nrows);                                      \
-            return;                                                                       \
-        }                                                                                 \
-        for (ptrdiff_t r = 0; r < nrows; r++) memcpy(DST, SRC, bytes);                    \
-        return;                                                                           \
-    }
-
 void bnf_pack_runs(char *dst, const char *src, ptrdiff_t nrows, ptrdiff_t row_stride,
                    ptrdiff_t nch, ptrdiff_t channel_stride, ptrdiff_t run)
 {
-    BNF_PACK_WHOLE_ROWS(dst + r * nch * run, src + r * row_stride)
     BNF_PACK_SIZES(dst + (r * nch + c) * run, src + r * row_stride + c * channel_stride)
 }
 
 void bnf_unpack_runs(char *dst, const char *src, ptrdiff_t nrows, ptrdiff_t row_stride,
-                     ptrdiff_t nch, ptrdiff_t channel_stride, ptrdiff_t run, int stream)
+                     ptrdiff_t nch, ptrdiff_t channel_stride, ptrdiff_t run)
 {
-    if (stream && channel_stride == run) {        /* whole rows of a large output */
-        if (row_stride == nch * run) {
-            bnf_stream_bytes(dst, src, nrows * nch * run);
-            return;
-        }
-        for (ptrdiff_t r = 0; r < nrows; r++)
-            bnf_stream_bytes(dst + r * row_stride, src + r * nch * run, nch * run);
-        return;
-    }
-    BNF_PACK_WHOLE_ROWS(dst + r * row_stride, src + r * nch * run)
     BNF_PACK_SIZES(dst + r * row_stride + c * channel_stride, src + (r * nch + c) * run)
 }
 #undef BNF_PACK_SIZES
-#undef BNF_PACK_WHOLE_ROWS
 #undef BNF_PACK_LOOP

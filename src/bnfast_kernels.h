@@ -179,8 +179,7 @@ BNF_DECLARE(uint16_t, f16) /* float16, as its bits */
 void bnf_pack_runs(char *dst, const char *src, ptrdiff_t nrows, ptrdiff_t row_stride,
                    ptrdiff_t nch, ptrdiff_t channel_stride, ptrdiff_t run);
 void bnf_unpack_runs(char *dst, const char *src, ptrdiff_t nrows, ptrdiff_t row_stride,
-                     ptrdiff_t nch, ptrdiff_t channel_stride, ptrdiff_t run, int stream);
-/* stream: channels back to back written with non-temporal stores (large outputs) */
+                     ptrdiff_t nch, ptrdiff_t channel_stride, ptrdiff_t run);
 
 /* The same kernels by element type, `type` one of these (x, y, dy, dx of that type):
  * what the Cython layer calls, the one place that dispatches on the type.  Inline: an

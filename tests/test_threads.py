@@ -57,10 +57,10 @@ CASES = [
     # rows in segments, read in place: a crop of NHWC (32 rows of 64 channels a
     # segment, two levels above), a window of (N, T, C) (128 rows of 32)
     ("NHWC-crop", (16, 32, 32, 64), -1, np.float32, "crop"),
-    ("NTC-window", (2048, 128, 32), -1, np.float32, "crop"),
-    ("NTC-window-f64", (1024, 64, 32), -1, np.float64, "crop"),
+    ("NTC-window", (256, 128, 32), -1, np.float32, "crop"),
+    ("NTC-window-f64", (512, 64, 32), -1, np.float64, "crop"),
     # ... and a crop of NCHW with rows of 130: runs, a segment of a channel a call
-    ("NCHW-crop", (8, 16, 130, 130), 1, np.float32, "crop"),
+    ("NCHW-crop", (4, 16, 130, 130), 1, np.float32, "crop"),
     ("NCHW-crop-64", (16, 16, 64, 64), 1, np.float32, "crop"),
     # float16, read natively (offset 100: float16 has no room for 1e5)
     ("NCHW-f16", (16, 64, 32, 32), 1, np.float16, "c"),
