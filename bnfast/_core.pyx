@@ -337,10 +337,12 @@ cdef bint _geometry(cnp.ndarray a, int axis, const int *order, int nord, int nab
                 return False
             inner *= shape[ax]
     kin = gr.kin
-    # outer axes, innermost first: each merged into its level's evenly spaced rows
-    for i in range(kin - 1, -1, -1):
-        ax = order[i]
-        if lev >= 0 and (st[ax] == count * base * isz if derive else i >= gr.lo[lev]):
+    # outer axes, innermost first: each merged into its level's evenly spaced rows (i of
+    # -1: past the last, closing the level open)
+    for i in range(kin - 1, -2, -1):
+        ax = order[i] if i >= 0 else axis
+        if i >= 0 and lev >= 0 and \
+                (st[ax] == count * base * isz if derive else i >= gr.lo[lev]):
             if st[ax] != count * base * isz:
                 return False
             count *= shape[ax]
@@ -355,6 +357,8 @@ cdef bint _geometry(cnp.ndarray a, int axis, const int *order, int nord, int nab
                 g.lc[lev - 1] = count
                 g.ls[lev - 1] = base
             outer *= count
+        if i < 0:
+            break
         lev += 1
         if lev >= MAX_LEVELS or (not derive and lev >= gr.nlev):
             return False
@@ -364,14 +368,6 @@ cdef bint _geometry(cnp.ndarray a, int axis, const int *order, int nord, int nab
             return False
         base = st[ax] // isz
         count = shape[ax]
-    if lev >= 0:
-        if lev == 0:
-            g.seg = count
-            g.os = base
-        else:
-            g.lc[lev - 1] = count
-            g.ls[lev - 1] = base
-        outer *= count
     if derive:
         gr.nlev = lev + 1
     elif lev + 1 != gr.nlev:
