@@ -596,7 +596,7 @@ cdef void _seg_unit(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssize_t r0
     """A unit of rows in segments (_unit_at's work), channels back to back (rows form)
     or one channel (runs form): each reduction a segment's rows a call, merged in row
     order; the normalization and dx a segment a call."""
-    cdef Py_ssize_t isz = j.isz, r, n, c
+    cdef Py_ssize_t r, n, c
     cdef bint rows = j.group > 0
     cdef bnf_moments *mom = j.mom + sb * j.C + c0 if j.mom != NULL else NULL
     cdef double *sdy = j.s_dy + sb * j.C + c0 if j.s_dy != NULL else NULL
