@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import bnfast  # noqa: E402
-from bnfast import _bench  # noqa: E402
+from bnfast import _bench, _config  # noqa: E402
 
 LAYOUTS = {
     "NCHW": ((64, 256, 28, 28), 1),
@@ -144,7 +144,8 @@ def main(argv=None):
     rows = run(layouts, a.threads, a.reps, with_torch)
     cols = list(rows[0][1])
     print(f"bnfast {bnfast.__version__}, {a.threads} thread(s), float32, median of {a.reps} "
-          f"per-repetition ratios to np.copyto{' split over the threads' if a.threads > 1 else ''}")
+          f"per-repetition ratios to np.copyto{' split over the threads' if a.threads > 1 else ''}"
+          f"; {_config.config_info()['CPU']}")
     head = ["layout"] + [f"{k} / copy" for k in cols]
     if with_torch:
         head += ["PyTorch / bnfast train", "PyTorch / bnfast fwd_bwd"]

@@ -113,7 +113,7 @@ def _bench(args, parser):
         f"{_bench.PEER_TITLES[p]} {_bench.peer_version(p)}" for p in peers
         if p != "numpy" and _bench.peer_installed(p)]
     title = (f"bnfast {info['bnfast']} ({info['SIMD ISA']}, OpenMP {'on' if 'enabled' in info['OpenMP'] else 'off'})"
-             f", {threads} thread(s), {args.dtype}; {', '.join(vers)}")
+             f", {threads} thread(s), {args.dtype}; {', '.join(vers)}; {info['CPU']}")
     if args.markdown:
         print(f"**{title}**\n")
         print(_bench.format_table(results, markdown=True))

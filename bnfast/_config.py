@@ -1,6 +1,7 @@
 """``bnfast.show_config()`` / ``python -m bnfast info``: what this build is and what it runs on."""
 from __future__ import annotations
 
+import os
 import platform
 import re
 import sys
@@ -43,6 +44,27 @@ def _openmp_runtimes():
     return out
 
 
+def _cpu():
+    """The CPU's model name and the logical CPUs this process may run on: benchmark ratios
+    depend on both (the same build is compute-bound on one machine, memory-bound on
+    another)."""
+    model = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "Model", "cpu model")):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    model = model or platform.processor() or "unknown"
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 0
+    return f"{model}, {n} logical CPU(s) available"
+
+
 def config_info():
     """The facts ``show_config`` prints, as an ordered dict of strings."""
     import numpy as np
@@ -80,6 +102,7 @@ def config_info():
         "Python": f"{platform.python_version()} ({platform.python_implementation()}, "
                   f"{platform.python_compiler()})",
         "platform": f"{platform.platform()} {platform.machine()}",
+        "CPU": _cpu(),
     }
     return info
 

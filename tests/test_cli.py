@@ -78,6 +78,21 @@ def test_show_config_matches_config_info():
         bnfast.set_num_threads(None)
 
 
+def test_config_names_the_cpu():
+    # benchmark ratios are only comparable on the same CPU: the config names it
+    cpu = config_info()["CPU"]
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count()
+    assert cpu.endswith(f", {n} logical CPU(s) available"), cpu
+    if sys.platform.startswith("linux"):
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        if names:
+            assert cpu.startswith(names[0] + ","), cpu
+
+
 def test_show_config_names_the_openmp_runtime_with_threadpoolctl():
     pytest.importorskip("threadpoolctl")
     if not bnfast._core._build_info()["openmp"]:
