@@ -543,7 +543,16 @@ cdef inline char *_dy_at(const Job *j, Py_ssize_t r, Py_ssize_t c) noexcept nogi
 
 
 cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
-    cdef Py_ssize_t cb = u // j.nsb, sb = u % j.nsb
+    # superblock-major: a superblock's column blocks one after another (and a thread's
+    # contiguous range of units a band of whole rows), not each block down all the rows
+    # first. The reductions over rows wider than a block read a 1 KB piece of each row
+    # per unit; this way the rest of those rows is still in cache for the next block.
+    # Measured on one thread (Zen 4, best of 15, three alternated processes each):
+    # (25088, 512) float32 training 0.68-0.74 -> 0.55-0.59 ns an element, backward
+    # 1.31-1.48 -> 1.09-1.25; (12544, 1024) 0.76-0.84 -> 0.59-0.61 and 1.49-1.60 ->
+    # 1.21-1.28. Each unit's moments and sums have their own slot, merged in a fixed
+    # order: the same bits.
+    cdef Py_ssize_t cb = u % j.ncb, sb = u // j.ncb
     cdef Py_ssize_t c0, w, r0, nr, isz = j.isz
     cdef bint rows = j.group > 0
     cdef int flags = BNF_STREAM if j.stream else 0
