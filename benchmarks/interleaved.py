@@ -3,6 +3,7 @@
     python benchmarks/interleaved.py                      # 1 thread, the three 51 MB layouts
     python benchmarks/interleaved.py --threads 2 --reps 21
     python benchmarks/interleaved.py --layouts NCHW7x7,NCL4    # short runs
+    python benchmarks/interleaved.py --layouts NCslice         # a column slice (strided rows)
 
 Each repetition times ``np.copyto`` of the input (with --threads N > 1, the same copy split
 over N threads, as in ``python -m bnfast bench``) and then every operation once, and divides
@@ -35,14 +36,17 @@ LAYOUTS = {
     # short runs, read as rows (not in the default set)
     "NCHW7x7": ((64, 512, 7, 7), 1),
     "NCL4": ((32768, 64, 4), 1),
+    # a column slice: the first 256 columns of a 272-wide array (rows not contiguous)
+    "NCslice": ((50176, 256), -1, 16),
 }
 DEFAULT_LAYOUTS = ("NCHW", "NHWC", "NC")
 
 
-def _ops(shape, axis, with_torch, threads=1):
+def _ops(shape, axis, with_torch, threads=1, pad=0):
     rng = np.random.default_rng(0)
-    x = (1000 + rng.standard_normal(shape)).astype(np.float32)
-    dy = rng.standard_normal(shape).astype(np.float32)
+    full, cols = shape[:-1] + (shape[-1] + pad,), (Ellipsis, slice(0, shape[-1]))
+    x = (1000 + rng.standard_normal(full)).astype(np.float32)[cols]
+    dy = rng.standard_normal(full).astype(np.float32)[cols]
     C = shape[axis]
     w, b = np.ones(C, np.float32), np.zeros(C, np.float32)
     rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
@@ -99,8 +103,8 @@ def run(layouts, threads, reps, with_torch):
         torch.set_num_threads(threads)
     rows = []
     for name in layouts:
-        shape, axis = LAYOUTS[name]
-        x, ops = _ops(shape, axis, with_torch, threads)
+        shape, axis, *pad = LAYOUTS[name]
+        x, ops = _ops(shape, axis, with_torch, threads, *pad)
         copy, _ = _bench.make_copy(SimpleNamespace(x=x, out=np.empty_like(x)), threads)
         copy()
         for f in ops.values():

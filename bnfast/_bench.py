@@ -69,6 +69,7 @@ class Case:
     axis: int
     layout: str
     large: bool = False
+    pad: int = 0          # x is columns [0, C) of an array C + pad wide (rows not contiguous)
 
     @property
     def size(self):
@@ -83,10 +84,10 @@ class Case:
         return f"{'x'.join(map(str, self.shape))} {self.layout}"
 
 
-def _case(shape, layout):
+def _case(shape, layout, pad=0):
     axis = 1 if layout in ("NCHW", "NCL") else -1
     cid = "x".join(map(str, shape)) + ("" if layout == "NC" else "-" + layout)
-    return Case(cid, tuple(shape), axis, layout, large=math.prod(shape) >= 1 << 22)
+    return Case(cid, tuple(shape), axis, layout, large=math.prod(shape) >= 1 << 22, pad=pad)
 
 
 CASES = OrderedDict((c.id, c) for c in [
@@ -102,6 +103,8 @@ CASES = OrderedDict((c.id, c) for c in [
     # short runs (a ResNet's last stage, sequences of a few steps): read as rows
     _case((64, 512, 7, 7), "NCHW"),
     _case((32768, 64, 4), "NCL"),
+    # a column slice: the first 256 columns of a 272-wide array, rows 1088 bytes apart
+    _case((50176, 256), "NC-slice", pad=16),
 ])
 
 # The shapes of the targets (pytest-benchmark suite and `bench --quick`).
@@ -177,9 +180,11 @@ class Data:
         self.case, self.dtype = case, dtype
         # (NumPy draws float32 and float64 only: float16 is a rounded float32 draw)
         draw = np.float64 if dtype == np.float64 else np.float32
-        self.x = rng.standard_normal(case.shape, dtype=draw).astype(dtype, copy=False)
+        full = case.shape[:-1] + (case.shape[-1] + case.pad,)
+        cols = (Ellipsis, slice(0, case.shape[-1]))
+        self.x = rng.standard_normal(full, dtype=draw).astype(dtype, copy=False)[cols]
         self.x += OFFSET
-        self.dy = rng.standard_normal(case.shape, dtype=draw).astype(dtype, copy=False)
+        self.dy = rng.standard_normal(full, dtype=draw).astype(dtype, copy=False)[cols]
         self.out = np.empty_like(self.x)
         self.dx = np.empty_like(self.x)
         self.weight = (1.0 + 0.1 * rng.standard_normal(C)).astype(dtype)
@@ -568,8 +573,14 @@ def make_onnxruntime(op, d, threads=1):
     io.bind_output("Y", "cpu", 0, d.dtype, shape, out.ctypes.data)
     run = sess.run_with_iobinding
 
-    def fn():
-        run(io)
+    if x.flags.c_contiguous:
+        def fn():
+            run(io)
+    else:
+        # ONNX Runtime takes contiguous tensors: a caller with a view pays the copy
+        def fn():
+            io.bind_cpu_input("X", np.ascontiguousarray(x))
+            run(io)
     fn._keep = (sess, io, x)          # keep the session and the bound buffers alive
     return fn, (lambda: out)
 
@@ -659,7 +670,7 @@ def measure(fn, budget=0.2, min_repeats=5, max_repeats=1000, batch_time=2e-3):
 def sweep_cases(mode):
     if mode == "tiny":
         return [_case((1, 64), "NC"), _case((16, 32), "NC"), _case((4, 8, 5, 5), "NCHW"),
-                _case((4, 5, 5, 8), "NHWC")]
+                _case((4, 5, 5, 8), "NHWC"), _case((16, 32), "NC-slice", pad=5)]
     if mode == "quick":
         return [CASES[c] for c in TARGET_CASES]
     return list(CASES.values())

@@ -258,12 +258,13 @@ def test_interleaved_script(capsys, monkeypatch):
 # ------------------------------------------------------------------------- the harness itself
 
 @pytest.mark.parametrize("op", _bench.OPS)
-@pytest.mark.parametrize("case", ["16x32", "4x8x5x5-NCHW", "4x5x5x8-NHWC"])
+@pytest.mark.parametrize("case", ["16x32", "4x8x5x5-NCHW", "4x5x5x8-NHWC", "16x32-NC-slice"])
 def test_every_bench_implementation_computes_batch_norm(op, case):
     """The callables the benchmarks time compute the operation (checked against an independent float64
     formula here, not against bnfast), and a wrong result is caught."""
     c = {x.id: x for x in _bench.sweep_cases("tiny")}[case]
     d = _bench.get_data(c, np.float32)
+    assert d.x.flags.c_contiguous == (c.pad == 0)      # a slice is timed as a view
     x64 = d.x.astype(np.float64)
     red = d.red
     mean = x64.mean(axis=red, keepdims=True)
