@@ -39,6 +39,7 @@ cdef extern from "bnfast_kernels.h" nogil:
     ctypedef struct bnf_moments:
         double n, hi, lo, m2
     enum: BNF_MAX_WIDTH
+    enum: BNF_GROUP_COLS
     enum: BNF_STREAM
     enum: BNF_CACHED
     enum: BNF_TILE_ELEMS
@@ -1042,7 +1043,7 @@ cdef void _plan(Job *j, Py_ssize_t itemsize, int narrays) noexcept:
     if j.group:
         # the nominal width (channels) fixes superblocks and tiles; _split_for_threads
         # may then cut narrower blocks
-        j.width = BNF_MAX_WIDTH // j.group
+        j.width = (BNF_MAX_WIDTH if j.group == 1 else BNF_GROUP_COLS) // j.group
         if j.width > j.C:
             j.width = j.C
         if j.width < 1:

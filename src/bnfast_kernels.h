@@ -45,8 +45,16 @@ typedef struct {
 #define BNF_STREAM 1
 #define BNF_CACHED 2
 
-/* Widest channel block the rows-form kernels accept (stack scratch is sized by it). */
-#define BNF_MAX_WIDTH 256
+/* Widest channel block the rows-form kernels accept (stack scratch is sized by it), and
+ * the width of the blocks the reductions over wider rows take.  512, not 256: rows of
+ * 257-512 channels are then one block, read whole (Zen 4, one thread, 51 MB float32,
+ * three alternated processes: (N, 384) moments 0.46-0.50 -> 0.24-0.29 ns an element,
+ * training 0.67-0.84 -> 0.46-0.47; (N, 512) 0.42-0.47 -> 0.27-0.31 and 0.67-0.75 ->
+ * 0.49-0.65; (N, 1024) unchanged). 1024 measured slower at 1024 channels. */
+#define BNF_MAX_WIDTH 512
+/* Columns of a block of short runs read as rows (group > 1), and of narrow rows folded
+ * together (bnf_fold_rows): 256, as measured for them. */
+#define BNF_GROUP_COLS 256
 /* Elements per chunk staged in L1 before a streaming store (and the widest block of
  * columns the rows-form normalize and dx take at once). */
 #define BNF_CHUNK 1024
@@ -73,7 +81,7 @@ static inline ptrdiff_t bnf_group_block(ptrdiff_t cols, ptrdiff_t group)
 /* Rows per folded row: 0 (no folding) from BNF_FOLD_WIDTH on. */
 static inline ptrdiff_t bnf_fold_rows(ptrdiff_t width)
 {
-    return width > 0 && width < BNF_FOLD_WIDTH ? BNF_MAX_WIDTH / width : 0;
+    return width > 0 && width < BNF_FOLD_WIDTH ? BNF_GROUP_COLS / width : 0;
 }
 /* The backward sums fold, and dx runs flat (dx_rows_flat), from 2048 elements, or 8192
  * when the rows fill whole vectors of 8: below, repeating the factors costs more than

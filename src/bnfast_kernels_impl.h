@@ -228,7 +228,7 @@ static inline BNF_INLINE void BNF_NAME(stats_rows_cols)(const T *x, ptrdiff_t nr
  * a tile (0: as many as fit BNF_TILE_ELEMS).
  * group > 1: channels of short runs read as rows.  A row holds width * group columns,
  * channel c the `group` columns from c * group, which are reduced as columns and then
- * merged into the channel in order.  A block of channels per call (at most BNF_MAX_WIDTH
+ * merged into the channel in order.  A block of channels per call (at most BNF_GROUP_COLS
  * columns), each column alone: the result does not depend on the blocks. */
 static BNF_CLONES BNF_NOINLINE void BNF_NAME(stats_rows_grouped)(const T *x, ptrdiff_t nrows,
                                                                ptrdiff_t stride,
@@ -238,7 +238,7 @@ static BNF_CLONES BNF_NOINLINE void BNF_NAME(stats_rows_grouped)(const T *x, ptr
                                                                bnf_moments *m)
 {
     bnf_moments col[BNF_MAX_WIDTH];
-    ptrdiff_t per = bnf_group_block(BNF_MAX_WIDTH, group);
+    ptrdiff_t per = bnf_group_block(BNF_GROUP_COLS, group);
     for (ptrdiff_t c0 = 0; c0 < width; c0 += per) {
         ptrdiff_t w = width - c0 < per ? width - c0 : per;
         BNF_NAME(stats_rows_cols)(x + c0 * group, nrows, stride, w * group, tile_rows, col);
@@ -634,7 +634,7 @@ static BNF_CLONES BNF_NOINLINE void BNF_NAME(bwd_sums_rows_grouped)(
         s3[BNF_MAX_WIDTH];
     double *dst[1] = {m};
     const double *src[1] = {mean};
-    ptrdiff_t per = bnf_group_block(BNF_MAX_WIDTH, group);
+    ptrdiff_t per = bnf_group_block(BNF_GROUP_COLS, group);
     for (ptrdiff_t c0 = 0; c0 < width; c0 += per) {
         ptrdiff_t w = width - c0 < per ? width - c0 : per;
         bnf_spread_factors(dst, src, 1, c0, w, group);

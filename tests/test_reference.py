@@ -287,7 +287,7 @@ LARGE = [
     ((80, 2, 64, 64), 1, np.float32),      # NCHW, a channel > 1 MiB: superblocks
     ((40, 2, 64, 64), 1, np.float64),
     ((70000, 4), -1, np.float32),          # (N, C) rows, superblocks
-    ((24, 8, 8, 300), -1, np.float32),     # NHWC, two channel blocks of <= 256
+    ((24, 8, 8, 600), -1, np.float32),     # NHWC, two channel blocks of <= 512
     ((3000, 300), 1, np.float64),
     ((8, 3, 2, 40, 41), 2, np.float32),    # channel in the middle
     ((37, 2500), -1, np.float32),          # rows wider than 1024: normalized in blocks

@@ -28,7 +28,7 @@ CASES = [
     ("NCHW-big-channel", (2, 3, 512, 512), 1, np.float32, "c"),     # 2 MiB channels: split
     ("NHWC", (16, 32, 32, 64), -1, np.float32, "c"),                # rows, 4 row blocks
     ("NC-50000x64", (50000, 64), 1, np.float32, "c"),               # rows, 13 row blocks
-    ("NC-wide", (4000, 600), -1, np.float32, "c"),                  # 3 channel blocks x rows
+    ("NC-wide", (4000, 600), -1, np.float32, "c"),                  # 2 channel blocks x rows
     ("NC-fortran", (300000, 16), 1, np.float32, "f"),               # runs of 1.2 MB: split
     ("NCHW-f64", (8, 32, 64, 64), 1, np.float64, "c"),
     ("NHWC-f64", (8, 64, 64, 32), -1, np.float64, "c"),
@@ -36,8 +36,8 @@ CASES = [
     # mid-size rows form: superblocks of 1/8 of the rows, normalization split by rows
     ("NC-4096x64", (4096, 64), -1, np.float32, "c"),
     ("NC-2048x128-f64", (2048, 128), -1, np.float64, "c"),
-    # two channel blocks (256 + 44), cut narrower for more threads
-    ("NC-2048x300", (2048, 300), -1, np.float32, "c"),
+    # two channel blocks (512 + 188) of two superblocks, cut narrower for more threads
+    ("NC-1024x700", (1024, 700), -1, np.float32, "c"),
     # rows wider than a chunk (blocks of 560 + 540 columns), streamed (> 8 MB) off a line
     ("NC-2048x1100", (2048, 1100), -1, np.float32, "c"),
     # flat runs of 528 elements (16 rows of 33), streamed
