@@ -719,3 +719,46 @@ void bnf_unpack_runs(char *dst, const char *src, ptrdiff_t nrows, ptrdiff_t row_
 }
 #undef BNF_PACK_SIZES
 #undef BNF_PACK_LOOP
+
+/* dst[i * dst_rs + j * dst_cs] = src[i * src_rs + j * src_cs] (byte strides) for a
+ * rows x cols tile of `size`-byte elements (_copy_tiled: a transposing copy, which NumPy
+ * does an element at a time across the whole array), in blocks of 8 x 8, the shorter of
+ * the tile's two axes outermost: the other side then moves as a few sequential streams
+ * (measured both ways on (131072, 64) float32, C -> F and F -> C order). */
+#define BNF_TRANSPOSE_BLOCK(U)                                                            \
+    do {                                                                                  \
+        ptrdiff_t i1 = i0 + 8 < rows ? i0 + 8 : rows, nj = j0 + 8 < cols ? 8 : cols - j0; \
+        for (ptrdiff_t i = i0; i < i1; i++) {                                             \
+            const char *s = src + i * src_rs + j0 * src_cs;                              \
+            char *d = dst + i * dst_rs + j0 * dst_cs;                                    \
+            for (ptrdiff_t j = 0; j < nj; j++, s += src_cs, d += dst_cs)                \
+                memcpy(d, s, sizeof(U));                                                 \
+        }                                                                                 \
+    } while (0)
+#define BNF_TRANSPOSE_LOOP(U)                                                             \
+    if (cols <= rows) {                                                                   \
+        for (ptrdiff_t j0 = 0; j0 < cols; j0 += 8)                                        \
+            for (ptrdiff_t i0 = 0; i0 < rows; i0 += 8) BNF_TRANSPOSE_BLOCK(U);            \
+    } else {                                                                              \
+        for (ptrdiff_t i0 = 0; i0 < rows; i0 += 8)                                        \
+            for (ptrdiff_t j0 = 0; j0 < cols; j0 += 8) BNF_TRANSPOSE_BLOCK(U);            \
+    }
+void bnf_copy_2d(char *dst, ptrdiff_t dst_rs, ptrdiff_t dst_cs, const char *src,
+                 ptrdiff_t src_rs, ptrdiff_t src_cs, ptrdiff_t rows, ptrdiff_t cols,
+                 ptrdiff_t size)
+{
+    if (size == 4) {
+        BNF_TRANSPOSE_LOOP(uint32_t)
+    } else if (size == 8) {
+        BNF_TRANSPOSE_LOOP(uint64_t)
+    } else if (size == 2) {
+        BNF_TRANSPOSE_LOOP(uint16_t)
+    } else {
+        for (ptrdiff_t i = 0; i < rows; i++)
+            for (ptrdiff_t j = 0; j < cols; j++)
+                memcpy(dst + i * dst_rs + j * dst_cs, src + i * src_rs + j * src_cs,
+                       (size_t)size);
+    }
+}
+#undef BNF_TRANSPOSE_LOOP
+#undef BNF_TRANSPOSE_BLOCK

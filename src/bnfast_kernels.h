@@ -184,6 +184,9 @@ BNF_DECLARE(uint16_t, f16) /* float16, as its bits */
 /* Rows of `nch` runs of `run` bytes, `channel_stride` bytes apart, rows `row_stride`
  * bytes apart, packed into rows of nch * run bytes at dst (and back): channels whose
  * short runs are not back to back go through the rows kernels this way. */
+void bnf_copy_2d(char *dst, ptrdiff_t dst_rs, ptrdiff_t dst_cs, const char *src,
+                 ptrdiff_t src_rs, ptrdiff_t src_cs, ptrdiff_t rows, ptrdiff_t cols,
+                 ptrdiff_t size);
 void bnf_pack_runs(char *dst, const char *src, ptrdiff_t nrows, ptrdiff_t row_stride,
                    ptrdiff_t nch, ptrdiff_t channel_stride, ptrdiff_t run);
 void bnf_unpack_runs(char *dst, const char *src, ptrdiff_t nrows, ptrdiff_t row_stride,

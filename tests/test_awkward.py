@@ -1046,3 +1046,72 @@ def test_float32_to_float16_rounds_to_nearest_even(piece):
                           for p in np.array_split(vals, max(1, len(vals) // piece))])
     with np.errstate(over="ignore"):
         _same_half_bits(got, vals.astype(np.float16))
+
+
+# ------------------------------------------------------------------ transposing copies
+
+def _tiled_cases():
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((37, 29))
+    b = rng.standard_normal((300, 70))
+    c = rng.standard_normal((3, 9, 11, 20))           # NHWC memory
+    return [
+        ("C into F", a.astype(np.float32), lambda s: np.empty(s.shape, s.dtype, order="F")),
+        ("F into C", np.asfortranarray(b.astype(np.float64)),
+         lambda s: np.empty(s.shape, s.dtype)),
+        ("float16", np.asfortranarray(b.astype(np.float16)), lambda s: np.empty(s.shape, s.dtype)),
+        ("NHWC memory into NCHW", c.astype(np.float32).transpose(0, 3, 1, 2),
+         lambda s: np.empty(s.shape, s.dtype)),
+        ("NCHW into NHWC memory", np.ascontiguousarray(c.astype(np.float32).transpose(0, 3, 1, 2)),
+         lambda s: np.empty((3, 9, 11, 20), s.dtype).transpose(0, 3, 1, 2)),
+        ("reversed, stepped", b.astype(np.float32)[::-1, ::2],
+         lambda s: np.empty(s.shape[::-1], s.dtype).T),
+        ("same order", b.astype(np.float32), lambda s: np.empty(s.shape, s.dtype)),
+        ("one row", a.astype(np.float32)[:1], lambda s: np.empty(s.shape, s.dtype, order="F")),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_tiled_cases())))
+def test_copy_tiled_equals_copyto(case):
+    """The tiled copy behind dy and `out=` in another layout than x gives np.copyto's
+    bits, whatever the strides (forced on for small arrays)."""
+    from bnfast._core import _copy_tiled
+    name, src, make = _tiled_cases()[case]
+    dst = make(src)
+    _copy_tiled(dst, src, min_bytes=0)
+    expect = make(src)
+    np.copyto(expect, src)
+    u = f"u{src.itemsize}"
+    assert np.array_equal(dst.view(u), expect.view(u)), name       # the same bits
+    assert np.array_equal(dst, src), name
+
+
+def test_copy_tiled_casts_and_writes_unaligned():
+    from bnfast._core import _copy_tiled
+    src = np.random.default_rng(6).standard_normal((50, 40))          # float64, C order
+    buf = np.zeros(50 * 40 * 4 + 1, np.uint8)
+    dst = np.frombuffer(buf[1:].data, np.float32).reshape(40, 50).T    # F order, unaligned
+    assert not dst.flags.aligned
+    _copy_tiled(dst, src, "unsafe", min_bytes=0)
+    assert np.array_equal(dst, src.astype(np.float32))
+
+
+def test_layouts_apart_at_scale():
+    """x Fortran-ordered, dy and out C-ordered, large enough (1 MiB) for the tiled copies:
+    right against the reference."""
+    n, C = 4096, 64
+    x = np.asfortranarray(make_values((n, C), np.float32, 7, axis=1, offset=1e4))
+    dy = make_values((n, C), np.float32, 8, axis=1)
+    w, b, rm, rv = params(C, np.float32, 3)
+    out = np.empty((n, C), np.float32)
+    y, mean, invstd = bnfast.batch_norm_train(x, w, b, axis=1, out=out)
+    assert y is out
+    y_ref = ref.batch_norm_train(x, w, b, axis=1)[0]
+    assert_forward_close(out, y_ref)
+    dx = np.empty((n, C), np.float32)
+    got = bnfast.batch_norm_backward(dy, x, mean, invstd, w, axis=1, out=dx)
+    want = ref.batch_norm_backward(dy, x, mean, invstd, w, axis=1)
+    assert got[0] is dx
+    assert_grad_close(dx, want[0])
+    e = bnfast.batch_norm(x, rm, rv, w, b, axis=1, out=np.empty((n, C), np.float32))
+    assert_forward_close(e, ref.batch_norm(x, rm, rv, w, b, axis=1))
