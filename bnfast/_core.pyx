@@ -1431,9 +1431,9 @@ def _copy_tiled(dst, src, casting="same_kind", Py_ssize_t min_bytes=TILED_COPY_B
             tile *= blk[i]
     order = sorted(range(nd), key=lambda i: -abs(ds[i]))
     copyto = np.copyto
-    cdef bint in_c = dst.dtype == src.dtype and isinstance(dst, np.ndarray) and \
-        isinstance(src, np.ndarray) and all(b == 1 for i, b in enumerate(blk)
-                                            if i != a_s and i != a_d)
+    cdef bint in_c = isinstance(dst, np.ndarray) and isinstance(src, np.ndarray) and \
+        dst.dtype == src.dtype and dst.flags.writeable and \
+        all(b == 1 for i, b in enumerate(blk) if i != a_s and i != a_d)
     cdef cnp.ndarray d, sv
     cdef Py_ssize_t isz = dst.itemsize, nr, nc
     cdef Py_ssize_t d_r = ds[a_d], d_c = ds[a_s], s_r = ss[a_d], s_c = ss[a_s]
