@@ -55,6 +55,9 @@ typedef struct {
 /* Columns of a block of short runs read as rows (group > 1), and of narrow rows folded
  * together (bnf_fold_rows): 256, as measured for them. */
 #define BNF_GROUP_COLS 256
+/* Most channels whose statistics bnf_norm_runs takes beside its own (their lanes are on
+ * the stack). */
+#define BNF_PIPE_MAX 32
 /* Elements per chunk staged in L1 before a streaming store (and the widest block of
  * columns the rows-form normalize and dx take at once). */
 #define BNF_CHUNK 1024
@@ -147,10 +150,11 @@ void bnf_finalize(const bnf_moments *m, ptrdiff_t n, double eps, const double *w
     void bnf_stats_rows_##S(const T *x, ptrdiff_t nrows, ptrdiff_t stride,                \
                             ptrdiff_t width, ptrdiff_t group, ptrdiff_t tile_rows,        \
                             bnf_moments *m);                                              \
-    void bnf_norm_runs_##S(const T *x, ptrdiff_t xstride, T *y, ptrdiff_t ystride,        \
-                           ptrdiff_t nruns, ptrdiff_t len, const double *mean,            \
-                           const double *scale, const double *shift, ptrdiff_t fstride,   \
-                           int flags, const T *x_next, bnf_moments *m_next);              \
+    void bnf_norm_runs_##S(const T *x, ptrdiff_t xstride, ptrdiff_t xcs, T *y,           \
+                           ptrdiff_t ystride, ptrdiff_t ycs, ptrdiff_t nruns,             \
+                           ptrdiff_t len, ptrdiff_t k, const double *mean,                \
+                           const double *scale, const double *shift, int flags,           \
+                           const T *x_next, ptrdiff_t k_next, bnf_moments *m_next);       \
     void bnf_norm_rows_##S(const T *x, ptrdiff_t xstride, T *y, ptrdiff_t ystride,        \
                            ptrdiff_t nrows, ptrdiff_t width, ptrdiff_t group,             \
                            const double *mean, const double *scale, const double *shift,  \
@@ -220,15 +224,15 @@ static inline void bnf_stats_rows(int type, const void *x, ptrdiff_t nrows,
 #undef CALL
 }
 
-static inline void bnf_norm_runs(int type, const void *x, ptrdiff_t xstride, void *y,
-                                 ptrdiff_t ystride, ptrdiff_t nruns, ptrdiff_t len,
-                                 const double *mean, const double *scale,
-                                 const double *shift, ptrdiff_t fstride, int flags,
-                                 const void *x_next, bnf_moments *m_next)
+static inline void bnf_norm_runs(int type, const void *x, ptrdiff_t xstride, ptrdiff_t xcs,
+                                 void *y, ptrdiff_t ystride, ptrdiff_t ycs, ptrdiff_t nruns,
+                                 ptrdiff_t len, ptrdiff_t k, const double *mean,
+                                 const double *scale, const double *shift, int flags,
+                                 const void *x_next, ptrdiff_t k_next, bnf_moments *m_next)
 {
 #define CALL(T, S)                                                                      \
-    bnf_norm_runs_##S((const T *)x, xstride, (T *)y, ystride, nruns, len, mean, scale,   \
-                      shift, fstride, flags, (const T *)x_next, m_next)
+    bnf_norm_runs_##S((const T *)x, xstride, xcs, (T *)y, ystride, ycs, nruns, len, k,   \
+                      mean, scale, shift, flags, (const T *)x_next, k_next, m_next)
     BNF_BY_TYPE(type, CALL)
 #undef CALL
 }

@@ -320,69 +320,101 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_run)(const T *x, ptrdiff_t xstr
     }
 }
 
-/* y = (x - mean) * scale + shift, in double, rounded once.  `mean` is the high part of
- * the mean (an offset of prices is removed exactly here); the caller folds the small
- * low part into shift.  Run r takes the factors mean[r * fstride] ... (fstride 0: one
- * channel's runs; 1: a channel per run, as the runs of a row of NCHW, one call a row).
+/* A prefetch cursor over k channels of `nruns` runs of `len` elements (strides in
+ * elements, as bnf_norm_runs), visited run by run, a run's channels in turn: one
+ * channel's runs, or one row's channels, or (channels back to back) rows of k channels
+ * as one span each. */
+static inline BNF_INLINE void BNF_NAME(pf_block)(bnf_pf *pf, const T *x, ptrdiff_t nruns,
+                                                ptrdiff_t stride, ptrdiff_t cs, ptrdiff_t len,
+                                                ptrdiff_t k)
+{
+    ptrdiff_t isz = sizeof(T);
+    if (k == 1 || nruns == 1)
+        bnf_pf_init(pf, x, nruns * k, (k == 1 ? stride : cs) * isz, len * isz);
+    else
+        bnf_pf_init(pf, x, nruns, stride * isz, ((k - 1) * cs + len) * isz);
+}
+
+/* y = (x - mean[c]) * scale[c] + shift[c], in double, rounded once, over k channels of
+ * `nruns` runs of `len` contiguous elements: channel c's runs at x + c * xcs, its run r
+ * at r * xstride from there (y likewise), visited run by run, each run's channels in
+ * address order (one channel's runs; a row of NCHW, one call a row; or a block of
+ * NCHW channels, a row of them one stream).  `mean` is the high part of the mean (an
+ * offset of prices is removed exactly here); the caller folds the small low part into
+ * shift.
  *
- * With x_next given, the call also takes the moments of the next unit into m_next (as
- * bnf_stats_runs, the same bits): runs of the same shape and stride at x_next, one run
- * before each run normalized.  A fused unit's normalize reads from L2 and its statistics
- * wait on DRAM; interleaved, the next unit's loads overlap this unit's arithmetic. */
-BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, T *y,
-                                        ptrdiff_t ystride, ptrdiff_t nruns, ptrdiff_t len,
-                                        const double *mean, const double *scale,
-                                        const double *shift, ptrdiff_t fstride, int flags,
-                                        const T *x_next, bnf_moments *m_next)
+ * With x_next given, the call also takes the moments of the k_next (<= BNF_PIPE_MAX)
+ * channels of the next block into m_next (as bnf_stats_runs channel by channel, the
+ * same bits): runs of the same shape and strides at x_next, each run's before this
+ * block's.  A fused block's normalize reads from cache and its statistics wait on DRAM;
+ * interleaved, the next block's loads overlap this block's arithmetic.  Blocks of
+ * NCHW channels read that way, a row of them at a time, measured (64, 256, 28, 28)
+ * float32 training 1.60-1.75 -> 1.42-1.55x a copy, one channel at a time. */
+BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, ptrdiff_t xcs, T *y,
+                                        ptrdiff_t ystride, ptrdiff_t ycs, ptrdiff_t nruns,
+                                        ptrdiff_t len, ptrdiff_t k, const double *mean,
+                                        const double *scale, const double *shift, int flags,
+                                        const T *x_next, ptrdiff_t k_next,
+                                        bnf_moments *m_next)
 {
     T tmp[BNF_CHUNK];
-    double s1[BNF_LANES], s2[BNF_LANES], tile_shift = 0;
+    double s1[BNF_PIPE_MAX][BNF_LANES], s2[BNF_PIPE_MAX][BNF_LANES];
+    double tile_shift[BNF_PIPE_MAX];
     bnf_pf pf, pf_next;
     int stream = (flags & BNF_STREAM) && len * (ptrdiff_t)sizeof(T) >= BNF_STREAM_MIN_RUN;
     int nt = stream && BNF_DIRECT_NT(4), staged = stream && !nt;
-    ptrdiff_t per = len <= BNF_TILE_ELEMS ? BNF_TILE_ELEMS / len : 0, t0 = 0;
-    if (x_next && (per == 0 || nruns <= 0 || len <= 0)) {
-        BNF_NAME(bnf_stats_runs)(x_next, nruns, xstride, len, m_next);   /* not interleaved */
-        x_next = NULL;
+    ptrdiff_t per = len <= BNF_TILE_ELEMS ? BNF_TILE_ELEMS / len : 0, t0 = 0, kmax;
+    if (!x_next) k_next = 0;
+    if (k_next && (per == 0 || nruns <= 0 || len <= 0)) {
+        for (ptrdiff_t c = 0; c < k_next; c++)     /* not interleaved */
+            BNF_NAME(bnf_stats_runs)(x_next + c * xcs, nruns, xstride, len, m_next + c);
+        k_next = 0;
     }
-    bnf_pf_init(&pf, flags & BNF_CACHED ? NULL : x, nruns, xstride * (ptrdiff_t)sizeof(T),
-                len * (ptrdiff_t)sizeof(T));
-    bnf_pf_init(&pf_next, x_next, nruns, xstride * (ptrdiff_t)sizeof(T),
-                len * (ptrdiff_t)sizeof(T));
-    if (x_next) {
-        m_next->n = m_next->hi = m_next->lo = m_next->m2 = 0;
-        tile_shift = BNF_TO_D(x_next[0]);
-        for (int l = 0; l < BNF_LANES; l++) s1[l] = s2[l] = 0;
+    BNF_NAME(pf_block)(&pf, flags & BNF_CACHED ? NULL : x, nruns, xstride, xcs, len, k);
+    BNF_NAME(pf_block)(&pf_next, k_next ? x_next : NULL, nruns, xstride, xcs, len, k_next);
+    for (ptrdiff_t c = 0; c < k_next; c++) {
+        m_next[c].n = m_next[c].hi = m_next[c].lo = m_next[c].m2 = 0;
+        tile_shift[c] = BNF_TO_D(x_next[c * xcs]);
+        for (int l = 0; l < BNF_LANES; l++) s1[c][l] = s2[c][l] = 0;
     }
+    kmax = k > k_next ? k : k_next;
     for (ptrdiff_t r = 0; r < nruns; r++) {
-        double m = mean[r * fstride], a = scale[r * fstride], b = shift[r * fstride];
-        if (x_next) {
-            /* bnf_stats_runs' tiles of `per` runs, one run at a time */
-            BNF_DISPATCH(shifted_sums_runs, x_next + r * xstride, 1, xstride, len, tile_shift,
-                         s1, s2, &pf_next);
-            if (r + 1 - t0 == per || r + 1 == nruns) {
-                bnf_moments t;
-                BNF_NAME(tile_finish)(x_next + t0 * xstride, r + 1 - t0, xstride, len,
-                                      tile_shift, s1, s2, &t);
-                bnf_moments_merge(m_next, &t);
-                for (int l = 0; l < BNF_LANES; l++) s1[l] = s2[l] = 0;
-                t0 = r + 1;
-                tile_shift = m_next->hi + m_next->lo;
+        int tile_end = r + 1 - t0 == per || r + 1 == nruns;
+        for (ptrdiff_t c = 0; c < kmax; c++) {
+            if (c < k_next) {
+                /* bnf_stats_runs' tiles of `per` runs, one run at a time */
+                const T *xn = x_next + c * xcs;
+                BNF_DISPATCH(shifted_sums_runs, xn + r * xstride, 1, xstride, len,
+                             tile_shift[c], s1[c], s2[c], &pf_next);
+                if (tile_end) {
+                    bnf_moments t;
+                    BNF_NAME(tile_finish)(xn + t0 * xstride, r + 1 - t0, xstride, len,
+                                          tile_shift[c], s1[c], s2[c], &t);
+                    bnf_moments_merge(m_next + c, &t);
+                    for (int l = 0; l < BNF_LANES; l++) s1[c][l] = s2[c][l] = 0;
+                    tile_shift[c] = m_next[c].hi + m_next[c].lo;
+                }
+            }
+            if (c < k) {
+                const T *p = x + r * xstride + c * xcs;
+                T *q = y + r * ystride + c * ycs;
+                if (nt) {
+                    /* the whole run: chunks would end and start mid-line */
+                    bnf_prefetch_ends(c + 1 < k ? q + ycs : y + (r + 1) * ystride, len,
+                                      sizeof(T), c + 1 < k || r + 1 < nruns);
+                    BNF_DISPATCH4(norm_chunk, p, q, len, mean[c], scale[c], shift[c], &pf,
+                                  nt);
+                    continue;
+                }
+                for (ptrdiff_t i0 = 0; i0 < len; i0 += BNF_CHUNK) {
+                    ptrdiff_t n = len - i0 < BNF_CHUNK ? len - i0 : BNF_CHUNK;
+                    BNF_DISPATCH4(norm_chunk, p + i0, staged ? tmp : q + i0, n, mean[c],
+                                  scale[c], shift[c], &pf, nt);
+                    if (staged) BNF_NAME(bnf_stream)(q + i0, tmp, n);
+                }
             }
         }
-        if (nt) {
-            /* the whole run: chunks would end and start mid-line */
-            bnf_prefetch_ends(y + (r + 1) * ystride, len, sizeof(T), r + 1 < nruns);
-            BNF_DISPATCH4(norm_chunk, x + r * xstride, y + r * ystride, len, m, a, b, &pf, nt);
-            continue;
-        }
-        for (ptrdiff_t i0 = 0; i0 < len; i0 += BNF_CHUNK) {
-            ptrdiff_t n = len - i0 < BNF_CHUNK ? len - i0 : BNF_CHUNK;
-            const T *p = x + r * xstride + i0;
-            T *q = staged ? tmp : y + r * ystride + i0;
-            BNF_DISPATCH4(norm_chunk, p, q, n, m, a, b, &pf, nt);
-            if (staged) BNF_NAME(bnf_stream)(y + r * ystride + i0, tmp, n);
-        }
+        if (tile_end) t0 = r + 1;
     }
 }
 

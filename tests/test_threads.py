@@ -336,3 +336,42 @@ def test_threads_started_only_for_large_work():
     assert out["t_limited"] == out["t0"], out
     assert out["t_small"] == out["t0"], out
     assert out["t_big4"] - out["t0"] == 3, out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_channel_blocks_give_the_bits_of_one_channel_at_a_time(dtype):
+    """NCHW training reads blocks of channels that lie back to back a row at a time (1.5
+    MB of them), taking the next block's statistics beside this block's normalization.
+    37 channels: uneven blocks; runs enough for two or three tiles of runs, few enough
+    that a channel (<= 512 KB) is pipelined; one channel with a tile redone. The same
+    array with a gap after each channel is read a channel at a time: every bit must
+    agree, on 1 and 3 threads (and backward's, one channel at a time either way)."""
+    runs = {np.float16: 128, np.float32: 96, np.float64: 96}[dtype]
+    shape, hw = (runs, 37, 24, 24), 24 * 24
+    offset = 100.0 if dtype == np.float16 else 1e5
+    x = make_values(shape, dtype, 4, axis=1, offset=offset)
+    x[0, 3, 0, 0] = 2 * offset
+    dy = make_values(shape, dtype, 5, axis=1)
+    if dtype == np.float16:
+        dy = dy / np.float16(64)
+    w, b, _, _ = params(37, np.float64, 1)
+
+    def gapped(a):
+        parent = np.zeros(shape[:2] + (hw + 16,), a.dtype)
+        parent[..., :hw] = a.reshape(shape[:2] + (hw,))
+        return parent[..., :hw].reshape(shape)
+
+    def ops(x, dy):
+        y, m, s = bnfast.batch_norm_train(x, w, b, axis=1)
+        dx, dw, db = bnfast.batch_norm_backward(dy, x, m, s, w, axis=1)
+        return [_bits(a) for a in (y, m, s, dx, dw, db)]
+
+    xg, dyg = gapped(x), gapped(dy)
+    assert xg.strides[1] != hw * x.itemsize and np.array_equal(xg, x)
+    for n in (1, 3):
+        bnfast.set_num_threads(n)
+        for name, a, g in zip(("y", "mean", "invstd", "dx", "dweight", "dbias"),
+                              ops(x, dy), ops(xg, dyg)):
+            assert a == g, f"{name} differs, {n} thread(s)"
+    y, m, s = bnfast.batch_norm_train(x, w, b, axis=1)
+    assert_forward_close(y, ref.batch_norm_train(x, w, b, axis=1)[0])
