@@ -43,7 +43,7 @@ cdef extern from "bnfast_kernels.h" nogil:
     enum: BNF_GROUP_COLS
     enum: BNF_STREAM
     enum: BNF_CACHED
-    enum: BNF_PIPE_MAX
+    enum: BNF_BLOCK_CHANNELS
     enum: BNF_TILE_ELEMS
     enum: BNF_CHUNK
     void bnf_moments_merge(bnf_moments *a, const bnf_moments *b)
@@ -85,20 +85,19 @@ cdef extern from "bnfast_kernels.h" nogil:
                        Py_ssize_t nrows, Py_ssize_t width, Py_ssize_t group,
                        const double *mean, const double *scale, const double *shift,
                        int flags)
-    void bnf_bwd_sums_runs(int type, const void *dy, Py_ssize_t dys, const void *x,
-                           Py_ssize_t xs, Py_ssize_t nruns, Py_ssize_t length,
-                           double mean, double *sum_dy, double *sum_dy_xmu,
-                           double *sum_xmu)
+    void bnf_bwd_sums_runs(int type, const void *dy, Py_ssize_t dys, Py_ssize_t dycs,
+                           const void *x, Py_ssize_t xs, Py_ssize_t xcs, Py_ssize_t nruns,
+                           Py_ssize_t length, Py_ssize_t k, const double *mean,
+                           double *sum_dy, double *sum_dy_xmu, double *sum_xmu)
     void bnf_bwd_sums_rows(int type, const void *dy, Py_ssize_t dys, const void *x,
                            Py_ssize_t xs, Py_ssize_t nrows, Py_ssize_t width,
                            Py_ssize_t group, const double *mean, double *sum_dy,
                            double *sum_dy_xmu, double *sum_xmu)
-    void bnf_bwd_dx_runs(int type, const void *dy, Py_ssize_t dys, const void *x,
-                         Py_ssize_t xs, void *dx, Py_ssize_t dxs, Py_ssize_t nruns,
-                         Py_ssize_t length, double mean, double a, double k1, double k2,
-                         int flags, const void *dy_next, const void *x_next,
-                         double mean_next, double *sum_dy, double *sum_dy_xmu,
-                         double *sum_xmu)
+    void bnf_bwd_dx_runs(int type, const void *dy, Py_ssize_t dys, Py_ssize_t dycs,
+                         const void *x, Py_ssize_t xs, Py_ssize_t xcs, void *dx,
+                         Py_ssize_t dxs, Py_ssize_t dxcs, Py_ssize_t nruns,
+                         Py_ssize_t length, Py_ssize_t k, const double *mean,
+                         const double *a, const double *k1, const double *k2, int flags)
     void bnf_bwd_dx_rows(int type, const void *dy, Py_ssize_t dys, const void *x,
                          Py_ssize_t xs, void *dx, Py_ssize_t dxs, Py_ssize_t nrows,
                          Py_ssize_t width, Py_ssize_t group, const double *mean,
@@ -118,13 +117,12 @@ DEF FUSE_BYTES = 1 << 20
 # unit's first pass (statistics, sums), so both are in L2 at once (two such units fit a
 # 1 MiB L2).
 DEF PIPE_BYTES = 1 << 19
-# Bytes of a pipelined block of channels (_pipe_block), training forward. Measured on
-# one thread (Zen 4, float32, in one process against the channel at a time, ABBA):
+# Bytes of each array in a block of channels of runs (_channel_block). Measured on one
+# thread (Zen 4, float32, in one process against a channel at a time, ABBA): training
 # (64, 256, 28, 28) in blocks of 6 channels (1.2 MB) 0.88x the time, of 8 0.89-0.91x,
 # 12 0.95x, 4 0.97x; (64, 1024, 14, 14) 16-32 channels (0.8-1.6 MB) 0.91-0.92x, 8
-# 1.01x; (32, 64, 56, 56) 4 channels 0.97x, 2-3 1.02x. Backward in blocks measured no
-# faster (2 MB: 1.00-1.04x; on two threads 1.09-1.16x): one channel at a time.
-DEF PIPE_BLOCK_BYTES = 3 << 19
+# 1.01x; (32, 64, 56, 56) 4 channels 0.97x, 2-3 1.02x.
+DEF CHANNEL_BLOCK_BYTES = 3 << 19
 # An input up to this size (with its output, well within L2) is normalized as in cache:
 # no prefetches, four rows at a time in the rows kernels ((256, 64) eval 8.0 -> 7.0 us);
 # at 1 MiB that measured 5-19% slower than prefetching.
@@ -652,8 +650,8 @@ cdef void _seg_unit(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssize_t r0
                 bnf_bwd_sums_rows(j.type, _dy_at(j, r, c0), j.dy_os, _x_at(j, r, c0),
                                   j.x_os, n, w, j.group, j.hi + c0, s1, s2, s3)
             else:
-                bnf_bwd_sums_runs(j.type, _dy_at(j, r, c0), j.dy_os, _x_at(j, r, c0),
-                                  j.x_os, n, j.inner, j.hi[c0], s1, s2, s3)
+                bnf_bwd_sums_runs(j.type, _dy_at(j, r, c0), j.dy_os, 0, _x_at(j, r, c0),
+                                  j.x_os, 0, n, j.inner, 1, j.hi + c0, s1, s2, s3)
             if r > r0 and not bwd:
                 _merge_same_count(mom, pm, w)
             elif r > r0:
@@ -687,10 +685,10 @@ cdef void _seg_unit(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssize_t r0
                             j.y_os, n, w, j.group, j.hi + c0, j.scale + c0, j.k1 + c0,
                             j.k2 + c0, flags)
         else:
-            bnf_bwd_dx_runs(j.type, _dy_at(j, r, c0), j.dy_os,
-                            _x_at(j, r, c0) if use_x else NULL, j.x_os, _y_at(j, r, c0),
-                            j.y_os, n, j.inner, j.hi[c0], j.scale[c0], j.k1[c0], j.k2[c0],
-                            flags, NULL, NULL, 0, NULL, NULL, NULL)
+            bnf_bwd_dx_runs(j.type, _dy_at(j, r, c0), j.dy_os, 0,
+                            _x_at(j, r, c0) if use_x else NULL, j.x_os, 0, _y_at(j, r, c0),
+                            j.y_os, 0, n, j.inner, 1, j.hi + c0, j.scale + c0, j.k1 + c0,
+                            j.k2 + c0, flags)
         r += n
 
 
@@ -762,7 +760,7 @@ cdef inline void _unit_at(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssiz
             bnf_bwd_sums_rows(j.type, dy, dy_os, x, x_os, nr, w, j.group, j.hi + c0,
                               sdy, sdyx, sxm)
         else:
-            bnf_bwd_sums_runs(j.type, dy, dy_os, x, x_os, nr, j.inner, j.hi[c0],
+            bnf_bwd_sums_runs(j.type, dy, dy_os, 0, x, x_os, 0, nr, j.inner, 1, j.hi + c0,
                               sdy, sdyx, sxm)
         if kind == K_BSUMS:
             return
@@ -776,9 +774,8 @@ cdef inline void _unit_at(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssiz
         bnf_bwd_dx_rows(j.type, dy, dy_os, x, x_os, y, y_os, nr, w, j.group,
                         j.hi + c0, j.scale + c0, j.k1 + c0, j.k2 + c0, flags)
     else:
-        bnf_bwd_dx_runs(j.type, dy, dy_os, x, x_os, y, y_os, nr, j.inner, j.hi[c0],
-                        j.scale[c0], j.k1[c0], j.k2[c0], flags, NULL, NULL, 0, NULL, NULL,
-                        NULL)
+        bnf_bwd_dx_runs(j.type, dy, dy_os, 0, x, x_os, 0, y, y_os, 0, nr, j.inner, 1,
+                        j.hi + c0, j.scale + c0, j.k1 + c0, j.k2 + c0, flags)
 
 
 cdef inline bint _gap_packs_norm(const Job *j) noexcept nogil:
@@ -867,34 +864,31 @@ cdef inline void _ordered_piece(Job *j, int kind, Py_ssize_t r0, Py_ssize_t nr,
 
 cdef void _pipeline(Job *j, int kind, Py_ssize_t u0, Py_ssize_t u1) noexcept nogil:
     """Fused units u0 .. u1 - 1 of `kind` (K_FWD or K_BWD; whole channels of runs,
-    nsb == 1): each block of channels' second pass (normalize or dx), from cache,
-    interleaved with the next block's first pass (statistics or backward sums), from
-    DRAM. Training forward takes blocks of _pipe_block channels, backward one."""
-    cdef Py_ssize_t u, un, w = 0, wn, isz = j.isz
+    nsb == 1), in blocks of _channel_block channels read a row of the block at a time.
+    Training forward pipelines them: each block's normalization, from cache, beside the
+    next block's statistics, from DRAM. Backward takes a block's sums, then its dx from
+    cache (on Zen 4 interleaving the two measured slower)."""
+    cdef Py_ssize_t u = u0, un, w = 0, wn, c, isz = j.isz
+    cdef Py_ssize_t k = _channel_block(j, kind)
     cdef int flags = BNF_CACHED | (BNF_STREAM if j.stream else 0)
-    cdef Py_ssize_t k = _pipe_block(j)
-    cdef char *x
-    cdef char *dy
-    cdef char *x_next
-    cdef char *dy_next
     if u0 >= u1:
         return
     if kind == K_BWD:
-        _unit(j, K_BSUMS, u0)
-        for u in range(u0, u1):
-            _bwd_coeffs(j, u)
-            x = j.x + u * j.x_cs * isz
-            dy = j.dy + u * j.dy_cs * isz
-            x_next = x + j.x_cs * isz if u + 1 < u1 else NULL
-            dy_next = dy + j.dy_cs * isz if u + 1 < u1 else NULL
-            bnf_bwd_dx_runs(j.type, dy, j.dy_os, x, j.x_os, j.y + u * j.y_cs * isz, j.y_os,
-                            j.outer, j.inner, j.hi[u], j.scale[u], j.k1[u], j.k2[u], flags,
-                            dy_next, x_next, j.hi[u + 1] if u + 1 < u1 else 0,
-                            j.s_dy + u + 1, j.s_dyx + u + 1, j.s_xm + u + 1)
+        while u < u1:
+            w = u1 - u if u1 - u < k else k
+            bnf_bwd_sums_runs(j.type, j.dy + u * j.dy_cs * isz, j.dy_os, j.dy_cs,
+                              j.x + u * j.x_cs * isz, j.x_os, j.x_cs, j.outer, j.inner, w,
+                              j.hi + u, j.s_dy + u, j.s_dyx + u, j.s_xm + u)
+            for c in range(u, u + w):
+                _bwd_coeffs(j, c)
+            bnf_bwd_dx_runs(j.type, j.dy + u * j.dy_cs * isz, j.dy_os, j.dy_cs,
+                            j.x + u * j.x_cs * isz, j.x_os, j.x_cs,
+                            j.y + u * j.y_cs * isz, j.y_os, j.y_cs, j.outer, j.inner, w,
+                            j.hi + u, j.scale + u, j.k1 + u, j.k2 + u, flags)
             if j.stream:
                 bnf_stream_fence()
+            u += w
         return
-    u = u0
     while True:
         # block u .. u + w - 1 (none at first: that call only takes the first's moments)
         un = u + w
@@ -922,14 +916,15 @@ cdef inline void _any_unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
         bnf_stream_fence()
 
 
-cdef Py_ssize_t _pipe_block(const Job *j) noexcept nogil:
-    """Channels per pipelined block of training forward: where the channels lie back to
-    back (NCHW), as many as PIPE_BLOCK_BYTES holds, at most BNF_PIPE_MAX; else one. A
-    row of a block is then one stream from DRAM, not one per channel."""
-    cdef Py_ssize_t k = PIPE_BLOCK_BYTES // (j.outer * j.inner * j.isz)
-    if j.x_cs != j.inner:
+cdef Py_ssize_t _channel_block(const Job *j, int kind) noexcept nogil:
+    """Channels per block of _pipeline: where the channels lie back to back in the
+    arrays read (NCHW), as many as CHANNEL_BLOCK_BYTES of each holds, at most
+    BNF_BLOCK_CHANNELS; else one. A row of a block is then one stream from DRAM, not one
+    per channel."""
+    cdef Py_ssize_t k = CHANNEL_BLOCK_BYTES // (j.outer * j.inner * j.isz)
+    if j.x_cs != j.inner or (kind == K_BWD and j.dy_cs != j.inner):
         return 1
-    return 1 if k < 1 else BNF_PIPE_MAX if k > BNF_PIPE_MAX else k
+    return 1 if k < 1 else BNF_BLOCK_CHANNELS if k > BNF_BLOCK_CHANNELS else k
 
 
 cdef void _run(Job *j, int kind, Py_ssize_t nunits, int nthreads) noexcept nogil:

@@ -55,9 +55,9 @@ typedef struct {
 /* Columns of a block of short runs read as rows (group > 1), and of narrow rows folded
  * together (bnf_fold_rows): 256, as measured for them. */
 #define BNF_GROUP_COLS 256
-/* Most channels whose statistics bnf_norm_runs takes beside its own (their lanes are on
- * the stack). */
-#define BNF_PIPE_MAX 32
+/* Most channels in a block of runs whose sums a call takes (bnf_norm_runs' next block,
+ * bnf_bwd_sums_runs): their lanes are on the stack. */
+#define BNF_BLOCK_CHANNELS 32
 /* Elements per chunk staged in L1 before a streaming store (and the widest block of
  * columns the rows-form normalize and dx take at once). */
 #define BNF_CHUNK 1024
@@ -159,20 +159,20 @@ void bnf_finalize(const bnf_moments *m, ptrdiff_t n, double eps, const double *w
                            ptrdiff_t nrows, ptrdiff_t width, ptrdiff_t group,             \
                            const double *mean, const double *scale, const double *shift,  \
                            int flags);                                                    \
-    void bnf_bwd_sums_runs_##S(const T *dy, ptrdiff_t dystride, const T *x,               \
-                               ptrdiff_t xstride, ptrdiff_t nruns, ptrdiff_t len,         \
-                               double mean, double *sum_dy, double *sum_dy_xmu,           \
+    void bnf_bwd_sums_runs_##S(const T *dy, ptrdiff_t dystride, ptrdiff_t dycs,          \
+                               const T *x, ptrdiff_t xstride, ptrdiff_t xcs,              \
+                               ptrdiff_t nruns, ptrdiff_t len, ptrdiff_t k,               \
+                               const double *mean, double *sum_dy, double *sum_dy_xmu,    \
                                double *sum_xmu);                                          \
     void bnf_bwd_sums_rows_##S(const T *dy, ptrdiff_t dystride, const T *x,               \
                                ptrdiff_t xstride, ptrdiff_t nrows, ptrdiff_t width,       \
                                ptrdiff_t group, const double *mean, double *sum_dy,       \
                                double *sum_dy_xmu, double *sum_xmu);                      \
-    void bnf_bwd_dx_runs_##S(const T *dy, ptrdiff_t dystride, const T *x,                 \
-                             ptrdiff_t xstride, T *dx, ptrdiff_t dxstride,                \
-                             ptrdiff_t nruns, ptrdiff_t len, double mean, double a,       \
-                             double k1, double k2, int flags, const T *dy_next,           \
-                             const T *x_next, double mean_next, double *sum_dy,           \
-                             double *sum_dy_xmu, double *sum_xmu);                        \
+    void bnf_bwd_dx_runs_##S(const T *dy, ptrdiff_t dystride, ptrdiff_t dycs, const T *x, \
+                             ptrdiff_t xstride, ptrdiff_t xcs, T *dx, ptrdiff_t dxstride, \
+                             ptrdiff_t dxcs, ptrdiff_t nruns, ptrdiff_t len, ptrdiff_t k, \
+                             const double *mean, const double *a, const double *k1,       \
+                             const double *k2, int flags);                                \
     void bnf_bwd_dx_rows_##S(const T *dy, ptrdiff_t dystride, const T *x,                 \
                              ptrdiff_t xstride, T *dx, ptrdiff_t dxstride,                \
                              ptrdiff_t nrows, ptrdiff_t width, ptrdiff_t group,           \
@@ -250,13 +250,14 @@ static inline void bnf_norm_rows(int type, const void *x, ptrdiff_t xstride, voi
 }
 
 static inline void bnf_bwd_sums_runs(int type, const void *dy, ptrdiff_t dystride,
-                                     const void *x, ptrdiff_t xstride, ptrdiff_t nruns,
-                                     ptrdiff_t len, double mean, double *sum_dy,
+                                     ptrdiff_t dycs, const void *x, ptrdiff_t xstride,
+                                     ptrdiff_t xcs, ptrdiff_t nruns, ptrdiff_t len,
+                                     ptrdiff_t k, const double *mean, double *sum_dy,
                                      double *sum_dy_xmu, double *sum_xmu)
 {
 #define CALL(T, S)                                                                      \
-    bnf_bwd_sums_runs_##S((const T *)dy, dystride, (const T *)x, xstride, nruns, len,    \
-                          mean, sum_dy, sum_dy_xmu, sum_xmu)
+    bnf_bwd_sums_runs_##S((const T *)dy, dystride, dycs, (const T *)x, xstride, xcs,     \
+                          nruns, len, k, mean, sum_dy, sum_dy_xmu, sum_xmu)
     BNF_BY_TYPE(type, CALL)
 #undef CALL
 }
@@ -274,17 +275,15 @@ static inline void bnf_bwd_sums_rows(int type, const void *dy, ptrdiff_t dystrid
 }
 
 static inline void bnf_bwd_dx_runs(int type, const void *dy, ptrdiff_t dystride,
-                                   const void *x, ptrdiff_t xstride, void *dx,
-                                   ptrdiff_t dxstride, ptrdiff_t nruns, ptrdiff_t len,
-                                   double mean, double a, double k1, double k2, int flags,
-                                   const void *dy_next, const void *x_next,
-                                   double mean_next, double *sum_dy, double *sum_dy_xmu,
-                                   double *sum_xmu)
+                                   ptrdiff_t dycs, const void *x, ptrdiff_t xstride,
+                                   ptrdiff_t xcs, void *dx, ptrdiff_t dxstride, ptrdiff_t dxcs,
+                                   ptrdiff_t nruns, ptrdiff_t len, ptrdiff_t k,
+                                   const double *mean, const double *a, const double *k1,
+                                   const double *k2, int flags)
 {
 #define CALL(T, S)                                                                      \
-    bnf_bwd_dx_runs_##S((const T *)dy, dystride, (const T *)x, xstride, (T *)dx,         \
-                        dxstride, nruns, len, mean, a, k1, k2, flags, (const T *)dy_next, \
-                        (const T *)x_next, mean_next, sum_dy, sum_dy_xmu, sum_xmu)
+    bnf_bwd_dx_runs_##S((const T *)dy, dystride, dycs, (const T *)x, xstride, xcs,       \
+                        (T *)dx, dxstride, dxcs, nruns, len, k, mean, a, k1, k2, flags)
     BNF_BY_TYPE(type, CALL)
 #undef CALL
 }

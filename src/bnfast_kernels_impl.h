@@ -343,7 +343,7 @@ static inline BNF_INLINE void BNF_NAME(pf_block)(bnf_pf *pf, const T *x, ptrdiff
  * offset of prices is removed exactly here); the caller folds the small low part into
  * shift.
  *
- * With x_next given, the call also takes the moments of the k_next (<= BNF_PIPE_MAX)
+ * With x_next given, the call also takes the moments of the k_next (<= BNF_BLOCK_CHANNELS)
  * channels of the next block into m_next (as bnf_stats_runs channel by channel, the
  * same bits): runs of the same shape and strides at x_next, each run's before this
  * block's.  A fused block's normalize reads from cache and its statistics wait on DRAM;
@@ -358,8 +358,8 @@ BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, ptrdiff_t
                                         bnf_moments *m_next)
 {
     T tmp[BNF_CHUNK];
-    double s1[BNF_PIPE_MAX][BNF_LANES], s2[BNF_PIPE_MAX][BNF_LANES];
-    double tile_shift[BNF_PIPE_MAX];
+    double s1[BNF_BLOCK_CHANNELS][BNF_LANES], s2[BNF_BLOCK_CHANNELS][BNF_LANES];
+    double tile_shift[BNF_BLOCK_CHANNELS];
     bnf_pf pf, pf_next;
     int stream = (flags & BNF_STREAM) && len * (ptrdiff_t)sizeof(T) >= BNF_STREAM_MIN_RUN;
     int nt = stream && BNF_DIRECT_NT(4), staged = stream && !nt;
@@ -573,22 +573,37 @@ static inline BNF_INLINE void BNF_NAME(bwd_sums_runs)(const T *dy, ptrdiff_t dys
     }
 }
 
-/* Backward sums over a unit: sum(dy), sum(dy * (x - mean)) and sum(x - mean); the last
- * recovers the part of the batch mean that a double `mean` cannot hold. */
-BNF_CLONES void BNF_NAME(bnf_bwd_sums_runs)(const T *dy, ptrdiff_t dystride, const T *x,
-                                            ptrdiff_t xstride, ptrdiff_t nruns,
-                                            ptrdiff_t len, double mean, double *sum_dy,
+/* Backward sums over k (<= BNF_BLOCK_CHANNELS) channels of runs, strides and order as
+ * bnf_norm_runs: sum(dy), sum(dy * (x - mean[c])) and sum(x - mean[c]) of each channel
+ * c; the last recovers the part of the batch mean that a double `mean` cannot hold.
+ * Each channel's lanes see its runs in order: the same bits whatever k. */
+BNF_CLONES void BNF_NAME(bnf_bwd_sums_runs)(const T *dy, ptrdiff_t dystride, ptrdiff_t dycs,
+                                            const T *x, ptrdiff_t xstride, ptrdiff_t xcs,
+                                            ptrdiff_t nruns, ptrdiff_t len, ptrdiff_t k,
+                                            const double *mean, double *sum_dy,
                                             double *sum_dy_xmu, double *sum_xmu)
 {
-    double a1[BNF_LANES] = {0}, a2[BNF_LANES] = {0}, a3[BNF_LANES] = {0};
+    double a1[BNF_BLOCK_CHANNELS][BNF_LANES], a2[BNF_BLOCK_CHANNELS][BNF_LANES];
+    double a3[BNF_BLOCK_CHANNELS][BNF_LANES];
     bnf_pf pfg, pfx;
-    bnf_pf_init(&pfg, dy, nruns, dystride * (ptrdiff_t)sizeof(T), len * (ptrdiff_t)sizeof(T));
-    bnf_pf_init(&pfx, x, nruns, xstride * (ptrdiff_t)sizeof(T), len * (ptrdiff_t)sizeof(T));
-    BNF_DISPATCH(bwd_sums_runs, dy, dystride, x, xstride, nruns, len, mean, a1, a2, a3, &pfg,
-                 &pfx);
-    *sum_dy = bnf_sum_lanes(a1);
-    *sum_dy_xmu = bnf_sum_lanes(a2);
-    *sum_xmu = bnf_sum_lanes(a3);
+    for (ptrdiff_t c = 0; c < k; c++)
+        for (int l = 0; l < BNF_LANES; l++) a1[c][l] = a2[c][l] = a3[c][l] = 0;
+    BNF_NAME(pf_block)(&pfg, dy, nruns, dystride, dycs, len, k);
+    BNF_NAME(pf_block)(&pfx, x, nruns, xstride, xcs, len, k);
+    if (k == 1)
+        BNF_DISPATCH(bwd_sums_runs, dy, dystride, x, xstride, nruns, len, mean[0], a1[0],
+                     a2[0], a3[0], &pfg, &pfx);
+    else
+        for (ptrdiff_t r = 0; r < nruns; r++)
+            for (ptrdiff_t c = 0; c < k; c++)
+                BNF_DISPATCH(bwd_sums_runs, dy + r * dystride + c * dycs, dystride,
+                             x + r * xstride + c * xcs, xstride, 1, len, mean[c], a1[c],
+                             a2[c], a3[c], &pfg, &pfx);
+    for (ptrdiff_t c = 0; c < k; c++) {
+        sum_dy[c] = bnf_sum_lanes(a1[c]);
+        sum_dy_xmu[c] = bnf_sum_lanes(a2[c]);
+        sum_xmu[c] = bnf_sum_lanes(a3[c]);
+    }
 }
 
 /* Backward sums of rows, per column, accumulated into sum_dy.. (four rows at a time),
@@ -788,81 +803,43 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_run)(const T *g, ptrdiff_t gstrid
     }
 }
 
-/* Backward sums of chunk k (BNF_CHUNK elements from k * BNF_CHUNK) of run r: a chunk
- * starts at a multiple of BNF_LANES, so its elements take the lanes they take in a
- * whole run. */
-static inline BNF_INLINE void BNF_NAME(bwd_sums_chunk)(const T *dy, ptrdiff_t dystride,
-                                                      const T *x, ptrdiff_t xstride,
-                                                      ptrdiff_t r, ptrdiff_t k, ptrdiff_t len,
-                                                      double mean, double *a1, double *a2,
-                                                      double *a3, bnf_pf *pfg, bnf_pf *pfx)
-{
-    ptrdiff_t s0 = k * BNF_CHUNK;
-    if (s0 >= len) return;
-    BNF_DISPATCH(bwd_sums_runs, dy + r * dystride + s0, dystride, x + r * xstride + s0,
-                 xstride, 1, len - s0 < BNF_CHUNK ? len - s0 : BNF_CHUNK, mean, a1, a2, a3,
-                 pfg, pfx);
-}
-
-/* dx = a * (dy - k1 - (x - mean) * k2); x == NULL (statistics held fixed) means
- * dx = a * dy, and x is not read at all.
- *
- * With dy_next given, the call also takes the backward sums (as bnf_bwd_sums_runs, the
- * same bits) of the next unit: runs of the same shape and strides at dy_next and x_next,
- * a chunk of them before each chunk of dx.  A fused unit's dx pass reads from L2 and its
- * sums pass waits on DRAM; interleaved, the next unit's loads overlap this unit's
- * arithmetic. */
-BNF_CLONES void BNF_NAME(bnf_bwd_dx_runs)(const T *dy, ptrdiff_t dystride, const T *x,
-                                          ptrdiff_t xstride, T *dx, ptrdiff_t dxstride,
-                                          ptrdiff_t nruns, ptrdiff_t len, double mean,
-                                          double a, double k1, double k2, int flags,
-                                          const T *dy_next, const T *x_next,
-                                          double mean_next, double *sum_dy,
-                                          double *sum_dy_xmu, double *sum_xmu)
+/* dx = a[c] * ((dy - k1[c]) - (x - mean[c]) * k2[c]) over k channels of runs, strides
+ * and order as bnf_norm_runs (dy and dx likewise); x == NULL (statistics held fixed)
+ * means dx = a[c] * dy, and x is not read at all. */
+BNF_CLONES void BNF_NAME(bnf_bwd_dx_runs)(const T *dy, ptrdiff_t dystride, ptrdiff_t dycs,
+                                          const T *x, ptrdiff_t xstride, ptrdiff_t xcs,
+                                          T *dx, ptrdiff_t dxstride, ptrdiff_t dxcs,
+                                          ptrdiff_t nruns, ptrdiff_t len, ptrdiff_t k,
+                                          const double *mean, const double *a,
+                                          const double *k1, const double *k2, int flags)
 {
     T tmp[BNF_CHUNK];
-    double a1[BNF_LANES], a2[BNF_LANES], a3[BNF_LANES];
-    bnf_pf pfg, pfx, pfg_next, pfx_next;
+    bnf_pf pfg, pfx;
     int stream = (flags & BNF_STREAM) && len * (ptrdiff_t)sizeof(T) >= BNF_STREAM_MIN_RUN;
     int nt = stream && BNF_DIRECT_NT(3), staged = stream && !nt;
     int cached = flags & BNF_CACHED;
-    bnf_pf_init(&pfg, cached ? NULL : dy, nruns, dystride * (ptrdiff_t)sizeof(T),
-                len * (ptrdiff_t)sizeof(T));
-    bnf_pf_init(&pfx, cached ? NULL : x, nruns, xstride * (ptrdiff_t)sizeof(T),
-                len * (ptrdiff_t)sizeof(T));
-    bnf_pf_init(&pfg_next, dy_next, nruns, dystride * (ptrdiff_t)sizeof(T),
-                len * (ptrdiff_t)sizeof(T));
-    bnf_pf_init(&pfx_next, dy_next ? x_next : NULL, nruns, xstride * (ptrdiff_t)sizeof(T),
-                len * (ptrdiff_t)sizeof(T));
-    if (dy_next)
-        for (int l = 0; l < BNF_LANES; l++) a1[l] = a2[l] = a3[l] = 0;
+    BNF_NAME(pf_block)(&pfg, cached ? NULL : dy, nruns, dystride, dycs, len, k);
+    BNF_NAME(pf_block)(&pfx, cached || !x ? NULL : x, nruns, xstride, xcs, len, k);
     for (ptrdiff_t r = 0; r < nruns; r++) {
-        /* streamed from the registers, dx chunks end on the output's lines (the first
-         * one after the run's head), so that no line in a run is written in two parts */
-        ptrdiff_t head = nt ? bnf_nt_lead(dx + r * dxstride, sizeof(T)) : 0;
-        if (nt) bnf_prefetch_ends(dx + (r + 1) * dxstride, len, sizeof(T), r + 1 < nruns);
-        ptrdiff_t k = 0;
-        for (ptrdiff_t i0 = 0; i0 < len; k++) {
-            ptrdiff_t i1 = head + (k + 1) * BNF_CHUNK;
-            const T *g = dy + r * dystride + i0;
-            T *q = staged ? tmp : dx + r * dxstride + i0;
-            if (i1 > len) i1 = len;
-            if (dy_next) BNF_NAME(bwd_sums_chunk)(dy_next, dystride, x_next, xstride, r, k, len,
-                                                  mean_next, a1, a2, a3, &pfg_next, &pfx_next);
-            BNF_DISPATCH(dx_chunk, g, x ? x + r * xstride + i0 : NULL, q, i1 - i0, mean, a,
-                         k1, k2, &pfg, &pfx, nt);
-            if (staged) BNF_NAME(bnf_stream)(dx + r * dxstride + i0, tmp, i1 - i0);
-            i0 = i1;
+        for (ptrdiff_t c = 0; c < k; c++) {
+            const T *g = dy + r * dystride + c * dycs;
+            const T *p = x ? x + r * xstride + c * xcs : NULL;
+            T *q = dx + r * dxstride + c * dxcs;
+            /* streamed from the registers, dx chunks end on the output's lines (the
+             * first one after the run's head), so that no line in a run is written in
+             * two parts */
+            ptrdiff_t head = nt ? bnf_nt_lead(q, sizeof(T)) : 0;
+            if (nt) bnf_prefetch_ends(c + 1 < k ? q + dxcs : dx + (r + 1) * dxstride, len,
+                                      sizeof(T), c + 1 < k || r + 1 < nruns);
+            for (ptrdiff_t i0 = 0, ch = 0; i0 < len; ch++) {
+                ptrdiff_t i1 = head + (ch + 1) * BNF_CHUNK;
+                if (i1 > len) i1 = len;
+                BNF_DISPATCH(dx_chunk, g + i0, p ? p + i0 : NULL, staged ? tmp : q + i0,
+                             i1 - i0, mean[c], a[c], k1[c], k2[c], &pfg, &pfx, nt);
+                if (staged) BNF_NAME(bnf_stream)(q + i0, tmp, i1 - i0);
+                i0 = i1;
+            }
         }
-        /* a head can leave the run one dx chunk fewer than chunks of sums */
-        for (; dy_next && k * BNF_CHUNK < len; k++)
-            BNF_NAME(bwd_sums_chunk)(dy_next, dystride, x_next, xstride, r, k, len, mean_next,
-                                     a1, a2, a3, &pfg_next, &pfx_next);
-    }
-    if (dy_next) {
-        *sum_dy = bnf_sum_lanes(a1);
-        *sum_dy_xmu = bnf_sum_lanes(a2);
-        *sum_xmu = bnf_sum_lanes(a3);
     }
 }
 

@@ -170,9 +170,10 @@ def test_streamed_outputs_off_a_line(shape, axis, dtype, offset):
     assert_forward_close(plain[2][1], y_ref)
 
 
-# Fused units of runs (NCHW) are pipelined: each channel's normalize or dx runs beside the
-# next channel's statistics or sums. The unit-by-unit path (taken when a hook merges the
-# statistics, here the identity) must give the same bits.
+# Fused units of runs (NCHW) go in blocks of channels: training normalizes a block beside
+# the next block's statistics, backward takes a block's sums and then its dx. The
+# unit-by-unit path (taken when a hook merges the statistics, here the identity) must give
+# the same bits.
 PIPE_SHAPES = [
     ((5, 7, 9, 11), 1),       # runs of 99: tails in every run
     ((4, 6, 300), 1),         # several runs per tile

@@ -340,13 +340,14 @@ def test_threads_started_only_for_large_work():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 def test_channel_blocks_give_the_bits_of_one_channel_at_a_time(dtype):
-    """NCHW training reads blocks of channels that lie back to back a row at a time (1.5
-    MB of them), taking the next block's statistics beside this block's normalization.
-    37 channels: uneven blocks; runs enough for two or three tiles of runs, few enough
-    that a channel (<= 512 KB) is pipelined; one channel with a tile redone. The same
-    array with a gap after each channel is read a channel at a time: every bit must
-    agree, on 1 and 3 threads (and backward's, one channel at a time either way)."""
-    runs = {np.float16: 128, np.float32: 96, np.float64: 96}[dtype]
+    """NCHW training and backward read blocks of channels that lie back to back a row at
+    a time (1.5 MB of each array); training takes the next block's statistics beside
+    this block's normalization. 37 channels: uneven blocks; runs enough for two or three
+    tiles of statistics, few enough that a channel is taken whole (x <= 512 KB, x and dy
+    <= 512 KB for backward: float64 in one tile); one channel with a tile redone. The same
+    array with a gap after each channel is read a channel at a time: every bit must agree,
+    on 1 and 3 threads."""
+    runs = {np.float16: 128, np.float32: 96, np.float64: 48}[dtype]
     shape, hw = (runs, 37, 24, 24), 24 * 24
     offset = 100.0 if dtype == np.float16 else 1e5
     x = make_values(shape, dtype, 4, axis=1, offset=offset)
