@@ -112,10 +112,11 @@ cdef extern from "bnfast_kernels.h" nogil:
 # A channel (runs form) or channel block (rows form) of at most this many bytes per
 # array is processed in one unit: statistics, then normalization while it is in L2.
 DEF FUSE_BYTES = 1 << 20
-# Fused units of runs (training forward: x; backward: x and dy) of at most this many
-# bytes are pipelined: one unit's second pass (normalize, dx) runs beside the next
-# unit's first pass (statistics, sums), so both are in L2 at once (two such units fit a
-# 1 MiB L2).
+# Channels of runs (training forward, x) of at most this many bytes are pipelined: one
+# block's normalization runs beside the next block's statistics (_pipeline). Backward
+# takes channels of up to FUSE_BYTES (x and dy) in blocks, sums then dx: (32, 64, 56,
+# 56) and (40, 64, 56, 56), 392 and 501 KB of each, 0.85-0.87x the time of a fused
+# channel at a time. Training channels of 802 KB pipelined measured 1.14x: not there.
 DEF PIPE_BYTES = 1 << 19
 # Bytes of each array in a block of channels of runs (_channel_block). Measured on one
 # thread (Zen 4, float32, in one process against a channel at a time, ABBA): training
@@ -930,8 +931,9 @@ cdef Py_ssize_t _channel_block(const Job *j, int kind) noexcept nogil:
 cdef void _run(Job *j, int kind, Py_ssize_t nunits, int nthreads) noexcept nogil:
     cdef Py_ssize_t u, t
     if (kind == K_FWD or kind == K_BWD) and j.group == 0 and j.nlev == 0 and \
-            j.outer * j.inner * j.isz * (1 if kind == K_FWD else 2) <= PIPE_BYTES:
-        # each thread a contiguous range of channels, pipelined
+            j.nsb == 1 and j.outer * j.inner * j.isz * (1 if kind == K_FWD else 2) <= \
+            (PIPE_BYTES if kind == K_FWD else FUSE_BYTES):
+        # each thread a contiguous range of channels, in blocks
         if nthreads <= 1:
             _pipeline(j, kind, 0, nunits)
         else:
