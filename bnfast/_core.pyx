@@ -124,6 +124,16 @@ DEF PIPE_BYTES = 1 << 19
 # 12 0.95x, 4 0.97x; (64, 1024, 14, 14) 16-32 channels (0.8-1.6 MB) 0.91-0.92x, 8
 # 1.01x; (32, 64, 56, 56) 4 channels 0.97x, 2-3 1.02x.
 DEF CHANNEL_BLOCK_BYTES = 3 << 19
+# The statistics alone (`moments`, a training batch over processes) and the backward
+# sums alone read channels of runs in those blocks when x holds at least
+# REDUCE_BLOCKS_MIN bytes and the runs at least REDUCE_BLOCKS_RUN: then from DRAM a row
+# of a block is one stream, where a channel at a time reads runs a row apart. Measured
+# on one thread (Zen 4, float32, ABBA against a channel at a time): `moments` of (64,
+# 256, 28, 28) 0.77x the time, (32, 512, 28, 28) 0.71x, (128, 256, 16, 16) 0.86x, (64,
+# 64, 28, 28) 0.90x, (32, 64, 28, 28) 0.97x, but (16, 64, 28, 28) 1.06x and (8, 64, 28,
+# 28) 1.03x (in cache the blocks' call a run costs more), and runs of 14 x 14 1.3-1.47x.
+DEF REDUCE_BLOCKS_MIN = 1 << 24
+DEF REDUCE_BLOCKS_RUN = 1 << 10
 # An input up to this size (with its output, well within L2) is normalized as in cache:
 # no prefetches, four rows at a time in the rows kernels ((256, 64) eval 8.0 -> 7.0 us);
 # at 1 MiB that measured 5-19% slower than prefetching.
@@ -160,6 +170,8 @@ cdef int _num_threads = 0      # 0: follow OpenMP (OMP_NUM_THREADS, threadpoolct
 cdef Py_ssize_t _stream_bytes = 1 << 23
 # Tests: rows in segments always read in place (_segments_pay), however short.
 cdef bint _segments_always = False
+# The smallest x whose reductions alone go in blocks (_in_blocks; tests lower it).
+cdef Py_ssize_t _reduce_blocks_min = REDUCE_BLOCKS_MIN
 
 
 def _set_simd_level(level):
@@ -175,6 +187,15 @@ def _set_segments_always(flag):
     global _segments_always
     old = _segments_always
     _segments_always = bool(flag)
+    return old
+
+
+def _set_reduce_blocks_min(n):
+    """Set the size of x from which the reductions alone (statistics, backward sums) of
+    channels of runs go in blocks (tests); returns the previous value."""
+    global _reduce_blocks_min
+    old = _reduce_blocks_min
+    _reduce_blocks_min = int(n)
     return old
 
 
@@ -864,8 +885,9 @@ cdef inline void _ordered_piece(Job *j, int kind, Py_ssize_t r0, Py_ssize_t nr,
 
 
 cdef void _pipeline(Job *j, int kind, Py_ssize_t u0, Py_ssize_t u1) noexcept nogil:
-    """Fused units u0 .. u1 - 1 of `kind` (K_FWD or K_BWD; whole channels of runs,
-    nsb == 1), in blocks of _channel_block channels read a row of the block at a time.
+    """Units u0 .. u1 - 1 of `kind` (K_FWD, K_BWD, K_STATS or K_BSUMS; whole channels of
+    runs, nsb == 1), in blocks of _channel_block channels read a row of the block at a
+    time.
     Training forward pipelines them: each block's normalization, from cache, beside the
     next block's statistics, from DRAM. Backward takes a block's sums, then its dx from
     cache (on Zen 4 interleaving the two measured slower)."""
@@ -873,6 +895,21 @@ cdef void _pipeline(Job *j, int kind, Py_ssize_t u0, Py_ssize_t u1) noexcept nog
     cdef Py_ssize_t k = _channel_block(j, kind)
     cdef int flags = BNF_CACHED | (BNF_STREAM if j.stream else 0)
     if u0 >= u1:
+        return
+    if kind == K_STATS:         # the statistics alone: a block's moments, a row at a time
+        while u < u1:
+            w = u1 - u if u1 - u < k else k
+            bnf_norm_runs(j.type, NULL, j.x_os, j.x_cs, NULL, 0, 0, j.outer, j.inner, 0,
+                          NULL, NULL, NULL, 0, j.x + u * j.x_cs * isz, w, j.mom + u)
+            u += w
+        return
+    if kind == K_BSUMS:         # the backward sums alone (dx once they are exchanged)
+        while u < u1:
+            w = u1 - u if u1 - u < k else k
+            bnf_bwd_sums_runs(j.type, j.dy + u * j.dy_cs * isz, j.dy_os, j.dy_cs,
+                              j.x + u * j.x_cs * isz, j.x_os, j.x_cs, j.outer, j.inner, w,
+                              j.hi + u, j.s_dy + u, j.s_dyx + u, j.s_xm + u)
+            u += w
         return
     if kind == K_BWD:
         while u < u1:
@@ -923,16 +960,29 @@ cdef Py_ssize_t _channel_block(const Job *j, int kind) noexcept nogil:
     BNF_BLOCK_CHANNELS; else one. A row of a block is then one stream from DRAM, not one
     per channel."""
     cdef Py_ssize_t k = CHANNEL_BLOCK_BYTES // (j.outer * j.inner * j.isz)
-    if j.x_cs != j.inner or (kind == K_BWD and j.dy_cs != j.inner):
+    if j.x_cs != j.inner or ((kind == K_BWD or kind == K_BSUMS) and j.dy_cs != j.inner):
         return 1
     return 1 if k < 1 else BNF_BLOCK_CHANNELS if k > BNF_BLOCK_CHANNELS else k
 
 
+cdef inline bint _in_blocks(const Job *j, int kind) noexcept nogil:
+    """`kind` runs over whole channels of runs in _pipeline's blocks: training and
+    backward where a channel (x, and dy) stays in cache between its two passes; the
+    reductions alone where a block holds more than one channel, of long runs, of an x
+    that comes from DRAM."""
+    if j.group != 0 or j.nlev != 0 or j.nsb != 1:
+        return False
+    if kind == K_FWD or kind == K_BWD:
+        return j.outer * j.inner * j.isz * (1 if kind == K_FWD else 2) <= \
+            (PIPE_BYTES if kind == K_FWD else FUSE_BYTES)
+    return (kind == K_STATS or kind == K_BSUMS) and _channel_block(j, kind) > 1 and \
+        j.inner * j.isz >= REDUCE_BLOCKS_RUN and \
+        j.outer * j.C * j.inner * j.isz >= _reduce_blocks_min
+
+
 cdef void _run(Job *j, int kind, Py_ssize_t nunits, int nthreads) noexcept nogil:
     cdef Py_ssize_t u, t
-    if (kind == K_FWD or kind == K_BWD) and j.group == 0 and j.nlev == 0 and \
-            j.nsb == 1 and j.outer * j.inner * j.isz * (1 if kind == K_FWD else 2) <= \
-            (PIPE_BYTES if kind == K_FWD else FUSE_BYTES):
+    if _in_blocks(j, kind):
         # each thread a contiguous range of channels, in blocks
         if nthreads <= 1:
             _pipeline(j, kind, 0, nunits)

@@ -362,17 +362,33 @@ def test_channel_blocks_give_the_bits_of_one_channel_at_a_time(dtype):
         parent[..., :hw] = a.reshape(shape[:2] + (hw,))
         return parent[..., :hw].reshape(shape)
 
+    n_per = shape[0] * hw
+
     def ops(x, dy):
         y, m, s = bnfast.batch_norm_train(x, w, b, axis=1)
         dx, dw, db = bnfast.batch_norm_backward(dy, x, m, s, w, axis=1)
-        return [_bits(a) for a in (y, m, s, dx, dw, db)]
+        # the reductions alone: moments, and training and backward with their sums
+        # exchanged (as over processes) before the second pass
+        mom = bnfast.moments(x, axis=1)
+        yh, mh, sh = bnfast._core._train(x, w, b, 1e-5, 1, None, None, 0.1, None, True,
+                                  lambda local: local)
+        dxh, dwh, dbh = bnfast._core._backward(dy, x, m, s, w, True, 1, None,
+                                        lambda local: (local, n_per))
+        return [_bits(a) for a in (y, m, s, dx, dw, db, mom.mean, mom.m2, yh, mh, sh,
+                                   dxh, dwh, dbh)]
 
+    names = ("y", "mean", "invstd", "dx", "dweight", "dbias", "moments mean", "moments m2",
+             "y (hook)", "mean (hook)", "invstd (hook)", "dx (hook)", "dweight (hook)",
+             "dbias (hook)")
     xg, dyg = gapped(x), gapped(dy)
     assert xg.strides[1] != hw * x.itemsize and np.array_equal(xg, x)
-    for n in (1, 3):
-        bnfast.set_num_threads(n)
-        for name, a, g in zip(("y", "mean", "invstd", "dx", "dweight", "dbias"),
-                              ops(x, dy), ops(xg, dyg)):
-            assert a == g, f"{name} differs, {n} thread(s)"
+    old = bnfast._core._set_reduce_blocks_min(0)       # the reductions alone in blocks too
+    try:
+        for n in (1, 3):
+            bnfast.set_num_threads(n)
+            for name, a, g in zip(names, ops(x, dy), ops(xg, dyg)):
+                assert a == g, f"{name} differs, {n} thread(s)"
+    finally:
+        bnfast._core._set_reduce_blocks_min(old)
     y, m, s = bnfast.batch_norm_train(x, w, b, axis=1)
     assert_forward_close(y, ref.batch_norm_train(x, w, b, axis=1)[0])
