@@ -132,6 +132,9 @@ DEF CHANNEL_BLOCK_BYTES = 3 << 19
 # 256, 28, 28) 0.77x the time, (32, 512, 28, 28) 0.71x, (128, 256, 16, 16) 0.86x, (64,
 # 64, 28, 28) 0.90x, (32, 64, 28, 28) 0.97x, but (16, 64, 28, 28) 1.06x and (8, 64, 28,
 # 28) 1.03x (in cache the blocks' call a run costs more), and runs of 14 x 14 1.3-1.47x.
+# Backward with the statistics held fixed (training=False) in blocks from that size too:
+# (64, 256, 28, 28) 0.79x, (32, 64, 56, 56) 0.86x, (64, 128, 14, 14) 0.87x; in cache
+# (2-16, 16-64, 14-28, 14-28) 1.02-1.05x.
 DEF REDUCE_BLOCKS_MIN = 1 << 24
 DEF REDUCE_BLOCKS_RUN = 1 << 10
 # An input up to this size (with its output, well within L2) is normalized as in cache:
@@ -885,9 +888,9 @@ cdef inline void _ordered_piece(Job *j, int kind, Py_ssize_t r0, Py_ssize_t nr,
 
 
 cdef void _pipeline(Job *j, int kind, Py_ssize_t u0, Py_ssize_t u1) noexcept nogil:
-    """Units u0 .. u1 - 1 of `kind` (K_FWD, K_BWD, K_STATS or K_BSUMS; whole channels of
-    runs, nsb == 1), in blocks of _channel_block channels read a row of the block at a
-    time.
+    """Units u0 .. u1 - 1 of `kind` (K_FWD, K_BWD, K_BEVAL, K_STATS or K_BSUMS; whole
+    channels of runs, nsb == 1), in blocks of _channel_block channels read a row of the
+    block at a time.
     Training forward pipelines them: each block's normalization, from cache, beside the
     next block's statistics, from DRAM. Backward takes a block's sums, then its dx from
     cache (on Zen 4 interleaving the two measured slower)."""
@@ -911,16 +914,19 @@ cdef void _pipeline(Job *j, int kind, Py_ssize_t u0, Py_ssize_t u1) noexcept nog
                               j.hi + u, j.s_dy + u, j.s_dyx + u, j.s_xm + u)
             u += w
         return
-    if kind == K_BWD:
+    if kind == K_BWD or kind == K_BEVAL:
         while u < u1:
             w = u1 - u if u1 - u < k else k
             bnf_bwd_sums_runs(j.type, j.dy + u * j.dy_cs * isz, j.dy_os, j.dy_cs,
                               j.x + u * j.x_cs * isz, j.x_os, j.x_cs, j.outer, j.inner, w,
                               j.hi + u, j.s_dy + u, j.s_dyx + u, j.s_xm + u)
-            for c in range(u, u + w):
-                _bwd_coeffs(j, c)
+            if kind == K_BWD:
+                for c in range(u, u + w):
+                    _bwd_coeffs(j, c)
+            # statistics held fixed (K_BEVAL): dx = scale * dy, x not read
             bnf_bwd_dx_runs(j.type, j.dy + u * j.dy_cs * isz, j.dy_os, j.dy_cs,
-                            j.x + u * j.x_cs * isz, j.x_os, j.x_cs,
+                            j.x + u * j.x_cs * isz if kind == K_BWD else NULL, j.x_os,
+                            j.x_cs,
                             j.y + u * j.y_cs * isz, j.y_os, j.y_cs, j.outer, j.inner, w,
                             j.hi + u, j.scale + u, j.k1 + u, j.k2 + u, flags)
             if j.stream:
@@ -960,21 +966,24 @@ cdef Py_ssize_t _channel_block(const Job *j, int kind) noexcept nogil:
     BNF_BLOCK_CHANNELS; else one. A row of a block is then one stream from DRAM, not one
     per channel."""
     cdef Py_ssize_t k = CHANNEL_BLOCK_BYTES // (j.outer * j.inner * j.isz)
-    if j.x_cs != j.inner or ((kind == K_BWD or kind == K_BSUMS) and j.dy_cs != j.inner):
+    if j.x_cs != j.inner or (kind != K_FWD and kind != K_STATS and j.dy_cs != j.inner):
         return 1
     return 1 if k < 1 else BNF_BLOCK_CHANNELS if k > BNF_BLOCK_CHANNELS else k
 
 
 cdef inline bint _in_blocks(const Job *j, int kind) noexcept nogil:
     """`kind` runs over whole channels of runs in _pipeline's blocks: training and
-    backward where a channel (x, and dy) stays in cache between its two passes; the
-    reductions alone where a block holds more than one channel, of long runs, of an x
-    that comes from DRAM."""
+    backward where a channel (x, and dy) stays in cache between its two passes (with
+    the statistics held fixed, only for an x from DRAM); the reductions alone where a
+    block holds more than one channel, of long runs, of an x from DRAM."""
     if j.group != 0 or j.nlev != 0 or j.nsb != 1:
         return False
     if kind == K_FWD or kind == K_BWD:
         return j.outer * j.inner * j.isz * (1 if kind == K_FWD else 2) <= \
             (PIPE_BYTES if kind == K_FWD else FUSE_BYTES)
+    if kind == K_BEVAL:     # its dx reads dy alone: in cache the blocks gained nothing
+        return j.outer * j.inner * j.isz * 2 <= FUSE_BYTES and \
+            j.outer * j.C * j.inner * j.isz >= _reduce_blocks_min
     return (kind == K_STATS or kind == K_BSUMS) and _channel_block(j, kind) > 1 and \
         j.inner * j.isz >= REDUCE_BLOCKS_RUN and \
         j.outer * j.C * j.inner * j.isz >= _reduce_blocks_min

@@ -342,11 +342,13 @@ def test_threads_started_only_for_large_work():
 def test_channel_blocks_give_the_bits_of_one_channel_at_a_time(dtype):
     """NCHW training and backward read blocks of channels that lie back to back a row at
     a time (1.5 MB of each array); training takes the next block's statistics beside
-    this block's normalization. 37 channels: uneven blocks; runs enough for two or three
-    tiles of statistics, few enough that a channel is taken whole (x <= 512 KB, x and dy
-    <= 512 KB for backward: float64 in one tile); one channel with a tile redone. The same
-    array with a gap after each channel is read a channel at a time: every bit must agree,
-    on 1 and 3 threads."""
+    this block's normalization. So do the statistics and backward sums alone, and
+    backward with the statistics held fixed (from 16 MB of x; lowered here). 37
+    channels: uneven blocks; runs enough for two or three tiles of statistics, few
+    enough that a channel is taken whole (x <= 512 KB, x and dy <= 512 KB for backward:
+    float64 in one tile); one channel with a tile redone. The same array with a gap after
+    each channel is read a channel at a time: every bit must agree, on 1 and 3
+    threads."""
     runs = {np.float16: 128, np.float32: 96, np.float64: 48}[dtype]
     shape, hw = (runs, 37, 24, 24), 24 * 24
     offset = 100.0 if dtype == np.float16 else 1e5
@@ -374,15 +376,17 @@ def test_channel_blocks_give_the_bits_of_one_channel_at_a_time(dtype):
                                   lambda local: local)
         dxh, dwh, dbh = bnfast._core._backward(dy, x, m, s, w, True, 1, None,
                                         lambda local: (local, n_per))
+        # and backward with the statistics held fixed
+        dxe, dwe, dbe = bnfast.batch_norm_backward(dy, x, m, s, w, axis=1, training=False)
         return [_bits(a) for a in (y, m, s, dx, dw, db, mom.mean, mom.m2, yh, mh, sh,
-                                   dxh, dwh, dbh)]
+                                   dxh, dwh, dbh, dxe, dwe, dbe)]
 
     names = ("y", "mean", "invstd", "dx", "dweight", "dbias", "moments mean", "moments m2",
              "y (hook)", "mean (hook)", "invstd (hook)", "dx (hook)", "dweight (hook)",
-             "dbias (hook)")
+             "dbias (hook)", "dx (eval)", "dweight (eval)", "dbias (eval)")
     xg, dyg = gapped(x), gapped(dy)
     assert xg.strides[1] != hw * x.itemsize and np.array_equal(xg, x)
-    old = bnfast._core._set_reduce_blocks_min(0)       # the reductions alone in blocks too
+    old = bnfast._core._set_reduce_blocks_min(0)   # the reductions alone and eval in blocks
     try:
         for n in (1, 3):
             bnfast.set_num_threads(n)
