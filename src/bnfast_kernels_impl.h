@@ -157,47 +157,85 @@ static inline BNF_INLINE void BNF_NAME(shifted_sums_rows)(const T *base, ptrdiff
     }
 }
 
+/* The sums of each channel's `group` columns: column i into partial sum i % 4, the
+ * partial sums paired as (0 + 1) + (2 + 3) (one chain of `group` dependent adds per
+ * channel cost 5% of a 256-row training). */
+static inline BNF_INLINE void BNF_NAME(group_sums)(const double *s1, const double *s2,
+                                                  ptrdiff_t width, ptrdiff_t group,
+                                                  double *g1, double *g2)
+{
+    for (ptrdiff_t c = 0; c < width; c++) {
+        const double *p1 = s1 + c * group, *p2 = s2 + c * group;
+        double a[4] = {0, 0, 0, 0}, b[4] = {0, 0, 0, 0};
+        for (ptrdiff_t i = 0; i < group; i++) {
+            a[i & 3] += p1[i];
+            b[i & 3] += p2[i];
+        }
+        g1[c] = (a[0] + a[1]) + (a[2] + a[3]);
+        g2[c] = (b[0] + b[1]) + (b[2] + b[3]);
+    }
+}
+
 /* Rows form: per-channel moments of `width` contiguous channels over `nrows` rows,
  * in tiles of `tile_rows` rows (cache resident if a second pass is needed, see
  * tile_runs); tile_rows <= 0: as many as fit BNF_TILE_ELEMS.  Every channel has seen
  * the same rows, so a tile is merged into all of them (Chan's formula, as
  * bnf_moments_merge) with the count ratios computed once: a per-channel call with two
- * divisions cost as much as the sums of a 128-row tile. */
+ * divisions cost as much as the sums of a 128-row tile.
+ * group > 1: channel c is the `group` columns from c * group (short runs read as rows),
+ * all summed around the channel's shift; a tile's column sums are added into the
+ * channel's (group_sums), and the tile is finished per channel, as a tile of runs
+ * (tile_runs) is. */
 static inline BNF_INLINE void BNF_NAME(stats_rows_cols)(const T *x, ptrdiff_t nrows,
                                                        ptrdiff_t stride, ptrdiff_t width,
-                                                       ptrdiff_t tile_rows, bnf_moments *m)
+                                                       ptrdiff_t group, ptrdiff_t tile_rows,
+                                                       bnf_moments *m)
 {
     BNF_ALIGN64 double shift[BNF_MAX_WIDTH], s1[BNF_MAX_WIDTH], s2[BNF_MAX_WIDTH];
     BNF_ALIGN64 double hi[BNF_MAX_WIDTH], lo[BNF_MAX_WIDTH], m2[BNF_MAX_WIDTH];
-    double count = 0;                 /* rows merged so far, in every channel */
-    ptrdiff_t per = tile_rows > 0 ? tile_rows : BNF_TILE_ELEMS / width;
+    BNF_ALIGN64 double gshift[BNF_MAX_WIDTH], g1[BNF_MAX_WIDTH], g2[BNF_MAX_WIDTH];
+    double count = 0;                 /* elements merged so far, in every channel */
+    ptrdiff_t cols = width * group;
+    ptrdiff_t per = tile_rows > 0 ? tile_rows : BNF_TILE_ELEMS / cols;
+    /* a channel's shift and sums: its column's, or (group > 1) its columns' together */
+    double *cs = group > 1 ? gshift : shift, *c1 = group > 1 ? g1 : s1,
+           *c2 = group > 1 ? g2 : s2;
     if (per < 4) per = 4;
     for (ptrdiff_t c = 0; c < width; c++) {
-        shift[c] = nrows > 0 ? BNF_TO_D(x[c]) : 0;
+        cs[c] = nrows > 0 ? BNF_TO_D(x[c * group]) : 0;
         hi[c] = lo[c] = m2[c] = 0;
     }
     for (ptrdiff_t r0 = 0; r0 < nrows; r0 += per) {
         ptrdiff_t k = nrows - r0 < per ? nrows - r0 : per;
         const T *base = x + r0 * stride;
-        double n = (double)k;
+        double n = (double)k * (double)group;
         int redo = 0;
-        BNF_DISPATCH(shifted_sums_rows, base, k, stride, width, shift, s1, s2,
-                     nrows - r0);
-#pragma omp simd reduction(| : redo)
-        for (ptrdiff_t c = 0; c < width; c++) redo |= s1[c] * s1[c] > BNF_REDO_RATIO * n * s2[c];
-        if (redo) {
-            /* only the columns that need it move their shift: the others' sums are taken
-             * again from the same shift (the same bits), so no column's result depends on
-             * which columns share its block (the blocks depend on the thread count) */
+        if (group > 1)
             for (ptrdiff_t c = 0; c < width; c++)
-                if (s1[c] * s1[c] > BNF_REDO_RATIO * n * s2[c]) shift[c] += s1[c] / n;
-            BNF_DISPATCH(shifted_sums_rows, base, k, stride, width, shift, s1, s2, 0);
+                for (ptrdiff_t i = 0; i < group; i++) shift[c * group + i] = cs[c];
+        BNF_DISPATCH(shifted_sums_rows, base, k, stride, cols, shift, s1, s2,
+                     nrows - r0);
+        if (group > 1) BNF_NAME(group_sums)(s1, s2, width, group, g1, g2);
+#pragma omp simd reduction(| : redo)
+        for (ptrdiff_t c = 0; c < width; c++) redo |= c1[c] * c1[c] > BNF_REDO_RATIO * n * c2[c];
+        if (redo) {
+            /* only the channels that need it move their shift: the others' sums are
+             * taken again from the same shift (the same bits), so no channel's result
+             * depends on which channels share its block (the blocks depend on the thread
+             * count) */
+            for (ptrdiff_t c = 0; c < width; c++)
+                if (c1[c] * c1[c] > BNF_REDO_RATIO * n * c2[c]) cs[c] += c1[c] / n;
+            if (group > 1)
+                for (ptrdiff_t c = 0; c < width; c++)
+                    for (ptrdiff_t i = 0; i < group; i++) shift[c * group + i] = cs[c];
+            BNF_DISPATCH(shifted_sums_rows, base, k, stride, cols, shift, s1, s2, 0);
+            if (group > 1) BNF_NAME(group_sums)(s1, s2, width, group, g1, g2);
         }
         if (count == 0) {
 #pragma omp simd
             for (ptrdiff_t c = 0; c < width; c++) {
-                double tlo = s1[c] / n, tm2 = s2[c] - s1[c] * tlo;
-                hi[c] = shift[c];
+                double tlo = c1[c] / n, tm2 = c2[c] - c1[c] * tlo;
+                hi[c] = cs[c];
                 lo[c] = tlo;
                 m2[c] = tm2 < 0 ? 0 : tm2;
             }
@@ -205,8 +243,8 @@ static inline BNF_INLINE void BNF_NAME(stats_rows_cols)(const T *x, ptrdiff_t nr
             double total = count + n, ratio = n / total, weight = count * ratio;
 #pragma omp simd
             for (ptrdiff_t c = 0; c < width; c++) {
-                double tlo = s1[c] / n, tm2 = s2[c] - s1[c] * tlo;
-                double delta = (shift[c] - hi[c]) + (tlo - lo[c]);
+                double tlo = c1[c] / n, tm2 = c2[c] - c1[c] * tlo;
+                double delta = (cs[c] - hi[c]) + (tlo - lo[c]);
                 if (tm2 < 0) tm2 = 0;
                 lo[c] += delta * ratio;
                 m2[c] += tm2 + delta * delta * weight;
@@ -214,7 +252,7 @@ static inline BNF_INLINE void BNF_NAME(stats_rows_cols)(const T *x, ptrdiff_t nr
         }
         count += n;
         /* the next tile is shifted by the mean so far */
-        for (ptrdiff_t c = 0; c < width; c++) shift[c] = hi[c] + lo[c];
+        for (ptrdiff_t c = 0; c < width; c++) cs[c] = hi[c] + lo[c];
     }
     for (ptrdiff_t c = 0; c < width; c++) {
         m[c].n = count;
@@ -227,9 +265,11 @@ static inline BNF_INLINE void BNF_NAME(stats_rows_cols)(const T *x, ptrdiff_t nr
 /* Rows form: per-channel moments of `width` channels over `nrows` rows, `tile_rows` rows
  * a tile (0: as many as fit BNF_TILE_ELEMS).
  * group > 1: channels of short runs read as rows.  A row holds width * group columns,
- * channel c the `group` columns from c * group, which are reduced as columns and then
- * merged into the channel in order.  A block of channels per call (at most BNF_GROUP_COLS
- * columns), each column alone: the result does not depend on the blocks. */
+ * channel c the `group` columns from c * group (stats_rows_cols).  A block of channels
+ * per call (at most BNF_GROUP_COLS columns): each channel's result does not depend on
+ * the blocks.  (Each column's moments merged into its channel one after another, as
+ * before, cost 1.5-1.8 ns an element on 8 rows of 7 x 7 or 11 x 11: a chain of
+ * dependent merges per channel.) */
 static BNF_CLONES BNF_NOINLINE void BNF_NAME(stats_rows_grouped)(const T *x, ptrdiff_t nrows,
                                                                ptrdiff_t stride,
                                                                ptrdiff_t width,
@@ -237,15 +277,11 @@ static BNF_CLONES BNF_NOINLINE void BNF_NAME(stats_rows_grouped)(const T *x, ptr
                                                                ptrdiff_t tile_rows,
                                                                bnf_moments *m)
 {
-    bnf_moments col[BNF_MAX_WIDTH];
     ptrdiff_t per = bnf_group_block(BNF_GROUP_COLS, group);
     for (ptrdiff_t c0 = 0; c0 < width; c0 += per) {
         ptrdiff_t w = width - c0 < per ? width - c0 : per;
-        BNF_NAME(stats_rows_cols)(x + c0 * group, nrows, stride, w * group, tile_rows, col);
-        for (ptrdiff_t c = 0; c < w; c++) {
-            m[c0 + c] = col[c * group];
-            for (ptrdiff_t i = 1; i < group; i++) bnf_moments_merge(&m[c0 + c], &col[c * group + i]);
-        }
+        BNF_NAME(stats_rows_cols)(x + c0 * group, nrows, stride, w, group, tile_rows,
+                                  m + c0);
     }
 }
 
@@ -259,13 +295,14 @@ static BNF_CLONES BNF_NOINLINE void BNF_NAME(stats_rows_folded)(const T *x, ptrd
 {
     bnf_moments col[BNF_MAX_WIDTH];
     ptrdiff_t k = bnf_fold_rows(width), fw = k * width, nf = nrows / k;
-    BNF_NAME(stats_rows_cols)(x, nf, fw, fw, BNF_TILE_ELEMS / fw, col);
+    BNF_NAME(stats_rows_cols)(x, nf, fw, fw, 1, BNF_TILE_ELEMS / fw, col);
     for (ptrdiff_t c = 0; c < width; c++) {
         m[c] = col[c];
         for (ptrdiff_t i = 1; i < k; i++) bnf_moments_merge(&m[c], &col[i * width + c]);
     }
     if (nrows > nf * k) {
-        BNF_NAME(stats_rows_cols)(x + nf * fw, nrows - nf * k, width, width, tile_rows, col);
+        BNF_NAME(stats_rows_cols)(x + nf * fw, nrows - nf * k, width, width, 1, tile_rows,
+                                  col);
         for (ptrdiff_t c = 0; c < width; c++) bnf_moments_merge(&m[c], &col[c]);
     }
 }
@@ -281,7 +318,7 @@ BNF_CLONES void BNF_NAME(bnf_stats_rows)(const T *x, ptrdiff_t nrows, ptrdiff_t 
     else if (stride == width && bnf_fold_rows(width) && nrows * width >= BNF_FOLD_MIN_STATS)
         BNF_NAME(stats_rows_folded)(x, nrows, width, tile_rows, m);
     else
-        BNF_NAME(stats_rows_cols)(x, nrows, stride, width, tile_rows, m);
+        BNF_NAME(stats_rows_cols)(x, nrows, stride, width, 1, tile_rows, m);
 }
 
 /* y = (x - mean) * scale + shift over n contiguous elements, advancing a prefetch

@@ -174,3 +174,36 @@ def test_naive_float32_formulas_fail_the_bound(name):
     assert float(np.max(np.abs(naive - ye) / np.maximum(1.0, np.abs(ye)))) > 100 * BOUND
     # ... while bnfast meets it on the same data
     assert rel_err(bnfast.batch_norm_train(x, axis=axis)[0]) <= BOUND
+
+
+@pytest.mark.parametrize("dtype,bound", [(np.float64, 1e-14), (np.float32, 1e-11)])
+@pytest.mark.parametrize("shape", [(8, 6, 7, 7), (5, 4, 11, 11), (300, 5, 3, 3),
+                                   (3, 7, 2, 2)])
+def test_short_run_moments_against_exact_arithmetic(shape, dtype, bound):
+    """Channels of short runs (read as rows: a channel's columns summed around the
+    channel's shift, the sums of a tile taken together) on price data, some channels
+    opening with an outlier (a first shift far from the mean: that channel's tile is
+    summed again) and rows enough for several tiles in one case: mean and variance
+    against rational arithmetic on the same values, and the same bits on 1 and 3
+    threads."""
+    from fractions import Fraction
+
+    rng = np.random.default_rng(sum(shape))
+    x = (1e5 + 0.01 * rng.standard_normal(shape)).astype(dtype)
+    x[0, 1, 0, 0] = 2e5
+    x[-1, 2, -1, -1] = -1e5
+    got = []
+    for n in (1, 3):
+        bnfast.set_num_threads(n)
+        try:
+            mo = bnfast.moments(x, axis=1)
+        finally:
+            bnfast.set_num_threads(None)
+        got.append((mo.mean.tobytes(), mo.var.tobytes()))
+        for c in range(shape[1]):
+            v = [Fraction(float(t)) for t in x[:, c].ravel()]
+            mean = sum(v) / len(v)
+            var = sum((t - mean) ** 2 for t in v) / len(v)
+            assert abs(Fraction(float(mo.mean[c])) - mean) <= bound * abs(mean), c
+            assert abs(Fraction(float(mo.var[c])) - var) <= bound * var, c
+    assert got[0] == got[1]
