@@ -112,10 +112,17 @@ cdef extern from "bnfast_kernels.h" nogil:
 # A channel (runs form) or channel block (rows form) of at most this many bytes per
 # array is processed in one unit: statistics, then normalization while it is in L2.
 DEF FUSE_BYTES = 1 << 20
+# Backward takes channels of runs of up to this many bytes (x and dy) whole, sums then
+# dx, the second pass from L2 or L3; larger ones go in superblocks of rows, two passes
+# over DRAM (the sums need every row first). Measured on one thread (Zen 4, float32,
+# against 2 MB): (128, 64, 56, 56) 3.66 -> 2.53x a copy (two threads 2.29 -> 1.48x),
+# (512, 64, 28, 28) 4.28 -> 2.82x; 8 and 16 MB no better. Where many threads share a
+# smaller L3, a channel's second pass reads DRAM again: the two passes' traffic.
+DEF BWD_FUSE_BYTES = 1 << 22
 # Channels of runs (training forward, x) of at most this many bytes are pipelined: one
 # block's normalization runs beside the next block's statistics (_pipeline). Backward
-# takes channels of up to FUSE_BYTES (x and dy) in blocks, sums then dx: (32, 64, 56,
-# 56) and (40, 64, 56, 56), 392 and 501 KB of each, 0.85-0.87x the time of a fused
+# takes channels of up to BWD_FUSE_BYTES (x and dy) in blocks, sums then dx: (32, 64,
+# 56, 56) and (40, 64, 56, 56), 392 and 501 KB of each, 0.85-0.87x the time of a fused
 # channel at a time. Training channels of 802 KB pipelined measured 1.14x: not there.
 DEF PIPE_BYTES = 1 << 19
 # Bytes of each array in a block of channels of runs (_channel_block). Measured on one
@@ -976,7 +983,7 @@ cdef inline bint _in_blocks(const Job *j, int kind) noexcept nogil:
         return False
     if kind == K_FWD or kind == K_BWD:
         return j.outer * j.inner * j.isz * (1 if kind == K_FWD else 2) <= \
-            (PIPE_BYTES if kind == K_FWD else FUSE_BYTES)
+            (PIPE_BYTES if kind == K_FWD else BWD_FUSE_BYTES)
     if kind == K_BEVAL:     # its dx reads dy alone: in cache the blocks gained nothing
         return j.outer * j.inner * j.isz * 2 <= FUSE_BYTES and \
             j.outer * j.C * j.inner * j.isz >= _reduce_blocks_min
@@ -1155,7 +1162,8 @@ cdef void _plan(Job *j, Py_ssize_t itemsize, int narrays) noexcept:
             j.sb_len = SUPER_ELEMS // per_block
         if j.sb_len < PAR_MIN_ELEMS // per_block:
             j.sb_len = PAR_MIN_ELEMS // per_block
-    elif j.outer * per_block * itemsize * narrays <= FUSE_BYTES:
+    elif j.outer * per_block * itemsize * narrays <= \
+            (BWD_FUSE_BYTES if narrays == 2 and j.group == 0 else FUSE_BYTES):
         j.sb_len = j.outer
     else:
         j.sb_len = SUPER_ELEMS // per_block

@@ -25,11 +25,14 @@ HAVE_OPENMP = bnfast._core._build_info()["openmp"]
 # (label, shape, axis, dtype, layout): >= ~1M elements, several work units each
 CASES = [
     ("NCHW", (16, 64, 32, 32), 1, np.float32, "c"),                 # 64 fused channels
-    ("NCHW-big-channel", (2, 3, 512, 512), 1, np.float32, "c"),     # 2 MiB channels: split
+    # 2 MiB channels: training in superblocks; backward whole (x and dy <= 4 MB)
+    ("NCHW-big-channel", (2, 3, 512, 512), 1, np.float32, "c"),
+    # 2.5 MiB channels: backward in superblocks too
+    ("NCHW-bigger-channel", (1, 2, 1024, 640), 1, np.float32, "c"),
     ("NHWC", (16, 32, 32, 64), -1, np.float32, "c"),                # rows, 4 row blocks
     ("NC-50000x64", (50000, 64), 1, np.float32, "c"),               # rows, 13 row blocks
     ("NC-wide", (4000, 600), -1, np.float32, "c"),                  # 2 channel blocks x rows
-    ("NC-fortran", (300000, 16), 1, np.float32, "f"),               # runs of 1.2 MB: split
+    ("NC-fortran", (300000, 16), 1, np.float32, "f"),               # runs of 1.2 MB
     ("NCHW-f64", (8, 32, 64, 64), 1, np.float64, "c"),
     ("NHWC-f64", (8, 64, 64, 32), -1, np.float64, "c"),
     ("NCDHW-channels_last", (4, 16, 8, 32, 32), 1, np.float32, "channels_last"),
