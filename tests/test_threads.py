@@ -48,7 +48,7 @@ CASES = [
     # fewer rows than threads: normalization split by channels
     ("NC-2x200000", (2, 200000), -1, np.float32, "c"),
     ("NCHW-batch1", (1, 64, 64, 64), 1, np.float32, "c"),
-    # short runs read as rows of C * inner columns, a channel's columns merged
+    # short runs read as rows of C * inner columns, a channel's columns summed together
     ("NCL-short-runs", (4096, 64, 4), 1, np.float32, "c"),
     ("NCHW-7x7", (32, 256, 7, 7), 1, np.float32, "c"),
     ("NCHW-3x3-f64", (64, 128, 3, 3), 1, np.float64, "c"),
