@@ -151,6 +151,13 @@ DEF CACHED_BYTES = 1 << 18
 # Runs of at most this many elements, with the channels back to back, are read as rows
 # (Job.group).
 DEF GROUP_MAX_INNER = 128
+# ... but evaluation alone reads runs from this many elements as runs, a row of channels
+# a call (the rows form spreads each channel's factors over its columns and reads a
+# block of channels down all the rows). float32 eval against a copy, one thread, Zen 4:
+# (256, 2048, 7, 7) 1.75 -> 1.30x, (128, 512, 7, 7) 1.94 -> 1.75x, (2, 512, 7, 7) 4.14 ->
+# 3.00x, (1, 64, 7, 7) 2.67 -> 1.94x, (64, 256, 8, 8) 2.91 -> 2.31x, (64, 512, 11, 11) 2.20
+# -> 1.73x; (64, 512, 7, 7) and (8, 512, 7, 7) unchanged; runs of 25-40 were slower so.
+DEF EVAL_GROUP_MAX_INNER = 47
 # Elements per unit when a channel or block is larger than that.
 DEF SUPER_ELEMS = 1 << 18
 # Elements per unit of channels not back to back (Job.gap): packed into scratch, in L2.
@@ -1121,11 +1128,12 @@ cdef void _sum_units(Job *j) noexcept:
             j.s_xm[c] += j.s_xm[sb * C + c]
 
 
-cdef void _plan(Job *j, Py_ssize_t itemsize, int narrays) noexcept:
+cdef void _plan(Job *j, Py_ssize_t itemsize, int narrays, bint elementwise=False) noexcept:
     """Choose channel blocks and superblocks (a function of the shape only)."""
     cdef Py_ssize_t per_block
     j.gap = 0
-    if j.inner <= GROUP_MAX_INNER and not _segment_runs(j.nlev, j.inner, j.x_cs):
+    if j.inner <= (EVAL_GROUP_MAX_INNER if elementwise else GROUP_MAX_INNER) and \
+            not _segment_runs(j.nlev, j.inner, j.x_cs):
         # short runs (inner == 1: channels-last rows): a row of C * inner columns, read in
         # memory order by the rows kernels (a call per run of `inner` elements cost
         # 10-100x a copy); a channel's columns are reduced together. Channels not back
@@ -1401,7 +1409,8 @@ cdef inline bint _segments_pay(const Geo *g, Py_ssize_t itemsize,
     than the copy, 2 to 8 rows of 256 channels 1.5-3.2x; runs of channels apart,
     _segment_runs: 4 KB calls ran backward 2.3 -> 2.8x). Runs under SEG_RUNS_INNER of
     channels apart would be packed for the reductions: copied instead."""
-    cdef bint runs = g.inner > GROUP_MAX_INNER or _segment_runs(g.nlev, g.inner, g.cs)
+    cdef bint runs = g.inner > (EVAL_GROUP_MAX_INNER if elementwise else GROUP_MAX_INNER) \
+        or _segment_runs(g.nlev, g.inner, g.cs)
     cdef bint together = g.cs == g.inner and not runs    # a call takes all channels
     # (_plan decides on x alone as well: a y or dy with channels apart packs the rows)
     cdef Py_ssize_t call_bytes = g.seg * g.inner * itemsize * (g.C if together else 1)
@@ -1721,7 +1730,7 @@ cdef object _normalize(object x, object out, int axis_in, Py_ssize_t C_expected,
     j.scale = <double *>scale
     j.shift = <double *>shift
     if _elems(&j) > 0:
-        _plan(&j, cnp.PyArray_ITEMSIZE(a), 1)
+        _plan(&j, cnp.PyArray_ITEMSIZE(a), 1, True)
         j.stream = _streams(&j, out, y, cnp.PyArray_ITEMSIZE(a))
         _launch(&j, K_NORM)
     return _finish(out, y, result_dtype)
