@@ -111,17 +111,19 @@ def run(layouts, threads, reps, with_torch):
             f()
             f()
         ratios = {k: [] for k in ops}
+        copies = []
         pc = time.perf_counter
         for _ in range(reps):
             t0 = pc()
             copy()
             c = pc() - t0
+            copies.append(c)
             for k, f in ops.items():
                 t0 = pc()
                 f()
                 ratios[k].append((pc() - t0) / c)
         med = {k: statistics.median(v) for k, v in ratios.items()}
-        rows.append((name, med))
+        rows.append((name, med, statistics.median(copies)))
     return rows
 
 
@@ -150,13 +152,13 @@ def main(argv=None):
     print(f"bnfast {bnfast.__version__}, {a.threads} thread(s), float32, median of {a.reps} "
           f"per-repetition ratios to np.copyto{' split over the threads' if a.threads > 1 else ''}"
           f"; {_config.config_info()['CPU']}")
-    head = ["layout"] + [f"{k} / copy" for k in cols]
+    head = ["layout", "copy (µs)"] + [f"{k} / copy" for k in cols]
     if with_torch:
         head += ["PyTorch / bnfast train", "PyTorch / bnfast fwd_bwd"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
-    for name, med in rows:
-        cells = [name] + [f"{med[k]:.2f}" for k in cols]
+    for name, med, copy_s in rows:
+        cells = [name, f"{copy_s * 1e6:.1f}"] + [f"{med[k]:.2f}" for k in cols]
         if with_torch:
             cells += [f"{med['torch train'] / med['train']:.2f}×",
                       f"{med['torch fwd_bwd'] / med['fwd_bwd']:.2f}×"]

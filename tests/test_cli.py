@@ -249,7 +249,7 @@ def test_interleaved_script(capsys, monkeypatch):
     assert [r.split("|")[1].strip() for r in rows] == ["NC", "NCHW"]
     for r in rows:
         cells = [c.strip() for c in r.strip("|").split("|")][1:]
-        assert len(cells) == 5 and all(float(c) > 0 for c in cells)
+        assert len(cells) == 6 and all(float(c) > 0 for c in cells)   # copy (µs) first
     assert "eval / copy | train / copy | backward / copy | fwd_bwd / copy | np.multiply / copy" in out
     with pytest.raises(SystemExit):
         mod.main(["--layouts", "NCHW,bogus"])

@@ -403,6 +403,9 @@ def _env():
     env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in
                                                   [env.get("PYTHONPATH")] if p])
     env["OMP_NUM_THREADS"] = "1"             # ranks share the machine's cores
+    # Open MPI refuses to start as root (containers) unless told to; MPICH ignores these
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
     return env
 
 
