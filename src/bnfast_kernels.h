@@ -172,7 +172,8 @@ void bnf_finalize(const bnf_moments *m, ptrdiff_t n, double eps, const double *w
                              ptrdiff_t xstride, ptrdiff_t xcs, T *dx, ptrdiff_t dxstride, \
                              ptrdiff_t dxcs, ptrdiff_t nruns, ptrdiff_t len, ptrdiff_t k, \
                              const double *mean, const double *a, const double *k1,       \
-                             const double *k2, int flags);                                \
+                             const double *k2, int flags, const T *dy_next,               \
+                             const T *x_next, ptrdiff_t k_next);                          \
     void bnf_bwd_dx_rows_##S(const T *dy, ptrdiff_t dystride, const T *x,                 \
                              ptrdiff_t xstride, T *dx, ptrdiff_t dxstride,                \
                              ptrdiff_t nrows, ptrdiff_t width, ptrdiff_t group,           \
@@ -279,11 +280,13 @@ static inline void bnf_bwd_dx_runs(int type, const void *dy, ptrdiff_t dystride,
                                    ptrdiff_t xcs, void *dx, ptrdiff_t dxstride, ptrdiff_t dxcs,
                                    ptrdiff_t nruns, ptrdiff_t len, ptrdiff_t k,
                                    const double *mean, const double *a, const double *k1,
-                                   const double *k2, int flags)
+                                   const double *k2, int flags, const void *dy_next,
+                                   const void *x_next, ptrdiff_t k_next)
 {
 #define CALL(T, S)                                                                      \
     bnf_bwd_dx_runs_##S((const T *)dy, dystride, dycs, (const T *)x, xstride, xcs,       \
-                        (T *)dx, dxstride, dxcs, nruns, len, k, mean, a, k1, k2, flags)
+                        (T *)dx, dxstride, dxcs, nruns, len, k, mean, a, k1, k2, flags,   \
+                        (const T *)dy_next, (const T *)x_next, k_next)
     BNF_BY_TYPE(type, CALL)
 #undef CALL
 }
