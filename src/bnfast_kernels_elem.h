@@ -4,16 +4,20 @@
  * and BNF_ELEM_FN (the functions' attributes) defined; for float16 once more per
  * intrinsics level, with F16C's scalar conversions (bnfast_kernels_simd.h).
  *
- * y = (x - mean) * scale + shift, dx = a * ((dy - k1) - (x - mean)
- * * k2), and dx = a * dy with the statistics held fixed; in double, rounded once. */
+ * y = (x - mean) * scale + shift, dx = a * ((dy - k1) - (x - mean) * k2), and dx = a * dy
+ * with the statistics held fixed; in double, rounded once.  Each product is added by
+ * C's fma(), rounded once, as the intrinsics loops' fused multiply-adds: the x86-64-v3
+ * and -v4 clones and arm64 builds compile it to an instruction; the baseline x86-64
+ * clone (a CPU without FMA) calls libm's, exact but a call per element.  The same bits
+ * either way.  (Fused, (64, 256, 28, 28) float32 training took 0.89x the time.) */
 BNF_ELEM_FN T BNF_ELEM(norm_elem)(T x, double mean, double scale, double shift)
 {
-    return BNF_FROM_D((BNF_TO_D(x) - mean) * scale + shift);
+    return BNF_FROM_D(fma(BNF_TO_D(x) - mean, scale, shift));
 }
 
 BNF_ELEM_FN T BNF_ELEM(dx_elem)(T g, T x, double mean, double a, double k1, double k2)
 {
-    return BNF_FROM_D(a * ((BNF_TO_D(g) - k1) - (BNF_TO_D(x) - mean) * k2));
+    return BNF_FROM_D(a * fma(-(BNF_TO_D(x) - mean), k2, BNF_TO_D(g) - k1));
 }
 
 BNF_ELEM_FN T BNF_ELEM(dx_fixed_elem)(T g, double a)
@@ -28,7 +32,7 @@ BNF_ELEM_FN void BNF_ELEM(sums_elem)(T x, double shift, double *s1, double *s2)
 {
     double d = BNF_TO_D(x) - shift;
     *s1 += d;
-    *s2 += d * d;
+    *s2 = fma(d, d, *s2);
 }
 
 BNF_ELEM_FN void BNF_ELEM(sums_elem4)(T x0, T x1, T x2, T x3, double shift, double *s1,
@@ -37,7 +41,7 @@ BNF_ELEM_FN void BNF_ELEM(sums_elem4)(T x0, T x1, T x2, T x3, double shift, doub
     double d0 = BNF_TO_D(x0) - shift, d1 = BNF_TO_D(x1) - shift;
     double d2 = BNF_TO_D(x2) - shift, d3 = BNF_TO_D(x3) - shift;
     *s1 += (d0 + d1) + (d2 + d3);
-    *s2 += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+    *s2 += fma(d0, d0, d1 * d1) + fma(d2, d2, d3 * d3);
 }
 
 BNF_ELEM_FN void BNF_ELEM(bwd_elem)(T g, T x, double mean, double *s1, double *s2,
@@ -45,7 +49,7 @@ BNF_ELEM_FN void BNF_ELEM(bwd_elem)(T g, T x, double mean, double *s1, double *s
 {
     double gi = BNF_TO_D(g), d = BNF_TO_D(x) - mean;
     *s1 += gi;
-    *s2 += gi * d;
+    *s2 = fma(gi, d, *s2);
     *s3 += d;
 }
 
@@ -56,6 +60,6 @@ BNF_ELEM_FN void BNF_ELEM(bwd_elem4)(T g0, T g1, T g2, T g3, T x0, T x1, T x2, T
     double d0 = BNF_TO_D(x0) - mean, d1 = BNF_TO_D(x1) - mean;
     double d2 = BNF_TO_D(x2) - mean, d3 = BNF_TO_D(x3) - mean;
     *s1 += (a0 + a1) + (a2 + a3);
-    *s2 += (a0 * d0 + a1 * d1) + (a2 * d2 + a3 * d3);
+    *s2 += fma(a0, d0, a1 * d1) + fma(a2, d2, a3 * d3);
     *s3 += (d0 + d1) + (d2 + d3);
 }

@@ -20,6 +20,8 @@
 #define BNF_VADD _mm512_add_pd
 #define BNF_VSUB _mm512_sub_pd
 #define BNF_VMUL _mm512_mul_pd
+#define BNF_VFMA _mm512_fmadd_pd   /* a * b + c, rounded once */
+#define BNF_VFNMA _mm512_fnmadd_pd /* c - a * b, rounded once */
 #define BNF_VLD _mm512_loadu_pd
 #define BNF_VST _mm512_storeu_pd
 #define BNF_NT_ALIGN 64
@@ -52,6 +54,8 @@
 #define BNF_VADD _mm256_add_pd
 #define BNF_VSUB _mm256_sub_pd
 #define BNF_VMUL _mm256_mul_pd
+#define BNF_VFMA _mm256_fmadd_pd
+#define BNF_VFNMA _mm256_fnmadd_pd
 #define BNF_VLD _mm256_loadu_pd
 #define BNF_VST _mm256_storeu_pd
 #define BNF_NT_ALIGN 32
@@ -167,7 +171,7 @@ BNF_SIMD_FN void BNF_SIMD(shifted_sums_runs)(const T *x, ptrdiff_t nruns, ptrdif
             for (int v = 0; v < BNF_NV; v++) {
                 BNF_VD d = BNF_VSUB(BNF_VLDT(p + i + BNF_VW * v), vs);
                 a[v] = BNF_VADD(a[v], d);
-                b[v] = BNF_VADD(b[v], BNF_VMUL(d, d));
+                b[v] = BNF_VFMA(d, d, b[v]);
             }
         }
         if (pf) bnf_pf_advance(pf, (len - i) * (ptrdiff_t)sizeof(T));
@@ -218,8 +222,8 @@ BNF_SIMD_FN void BNF_SIMD(shifted_sums_rows)(const T *base, ptrdiff_t k, ptrdiff
             BNF_VD d0 = BNF_VSUB(BNF_VLDT(p0 + c), sh), d1 = BNF_VSUB(BNF_VLDT(p1 + c), sh);
             BNF_VD d2 = BNF_VSUB(BNF_VLDT(p2 + c), sh), d3 = BNF_VSUB(BNF_VLDT(p3 + c), sh);
             BNF_VD t1 = BNF_VADD(BNF_VADD(d0, d1), BNF_VADD(d2, d3));
-            BNF_VD t2 = BNF_VADD(BNF_VADD(BNF_VMUL(d0, d0), BNF_VMUL(d1, d1)),
-                                 BNF_VADD(BNF_VMUL(d2, d2), BNF_VMUL(d3, d3)));
+            BNF_VD t2 = BNF_VADD(BNF_VFMA(d0, d0, BNF_VMUL(d1, d1)),
+                                 BNF_VFMA(d2, d2, BNF_VMUL(d3, d3)));
             BNF_VST(s1 + c, BNF_VADD(BNF_VLD(s1 + c), t1));
             BNF_VST(s2 + c, BNF_VADD(BNF_VLD(s2 + c), t2));
         }
@@ -232,7 +236,7 @@ BNF_SIMD_FN void BNF_SIMD(shifted_sums_rows)(const T *base, ptrdiff_t k, ptrdiff
         for (; c + BNF_VW <= width; c += BNF_VW) {
             BNF_VD d = BNF_VSUB(BNF_VLDT(p + c), BNF_VLD(shift + c));
             BNF_VST(s1 + c, BNF_VADD(BNF_VLD(s1 + c), d));
-            BNF_VST(s2 + c, BNF_VADD(BNF_VLD(s2 + c), BNF_VMUL(d, d)));
+            BNF_VST(s2 + c, BNF_VFMA(d, d, BNF_VLD(s2 + c)));
         }
         for (; c < width; c++) BNF_SE(sums_elem)(p[c], shift[c], &s1[c], &s2[c]);
     }
@@ -247,7 +251,7 @@ BNF_SIMD_FN void BNF_SIMD(norm_chunk)(const T *p, T *q, ptrdiff_t n, double mean
 {
     BNF_VD vm = BNF_VSET1(mean), va = BNF_VSET1(scale), vb = BNF_VSET1(shift);
     ptrdiff_t i = 0;
-#define BNF_V(j) BNF_VADD(BNF_VMUL(BNF_VSUB(BNF_VLDT(p + (j)), vm), va), vb)
+#define BNF_V(j) BNF_VFMA(BNF_VSUB(BNF_VLDT(p + (j)), vm), va, vb)
 #define BNF_S(j) BNF_SE(norm_elem)(p[j], mean, scale, shift)
     BNF_HEAD(q, i, n, nt);
     for (ptrdiff_t b0 = 0; b0 < n; b0 += BNF_PF_BLOCK) {
@@ -278,11 +282,10 @@ BNF_SIMD_FN void BNF_SIMD(norm_rows_run)(const T *x, ptrdiff_t xstride, T *q,
                 qstride * (ptrdiff_t)sizeof(T) % BNF_NT_ALIGN == 0;
     const T *p;
     T *o;
-#define BNF_V(j)                                                                          \
-    BNF_VADD(BNF_VMUL(BNF_VSUB(BNF_VLDT(p + (j)), BNF_VLD(m + (j))), BNF_VLD(a + (j))), \
-             BNF_VLD(b + (j)))
+#define BNF_V(j)                                                                       \
+    BNF_VFMA(BNF_VSUB(BNF_VLDT(p + (j)), BNF_VLD(m + (j))), BNF_VLD(a + (j)), BNF_VLD(b + (j)))
 #define BNF_S(j) BNF_SE(norm_elem)(p[j], m[j], a[j], b[j])
-#define BNF_VF(j, vm, va, vb) BNF_VADD(BNF_VMUL(BNF_VSUB(BNF_VLDT(p + (j)), vm), va), vb)
+#define BNF_VF(j, vm, va, vb) BNF_VFMA(BNF_VSUB(BNF_VLDT(p + (j)), vm), va, vb)
     for (; quads && r + 4 <= k; r += 4) {
         const T *p0 = x + r * xstride;
         T *o0 = q + r * qstride;
@@ -346,7 +349,7 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_runs)(const T *dy, ptrdiff_t dystride, const 
                 BNF_VD gi = BNF_VLDT(g + i + BNF_VW * v);
                 BNF_VD d = BNF_VSUB(BNF_VLDT(p + i + BNF_VW * v), vm);
                 s1[v] = BNF_VADD(s1[v], gi);
-                s2[v] = BNF_VADD(s2[v], BNF_VMUL(gi, d));
+                s2[v] = BNF_VFMA(gi, d, s2[v]);
                 s3[v] = BNF_VADD(s3[v], d);
             }
         }
@@ -401,8 +404,8 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const 
             BNF_VD d0 = BNF_VSUB(BNF_VLDT(p0 + c), m), d1 = BNF_VSUB(BNF_VLDT(p1 + c), m),
                    d2 = BNF_VSUB(BNF_VLDT(p2 + c), m), d3 = BNF_VSUB(BNF_VLDT(p3 + c), m);
             BNF_VD t1 = BNF_VADD(BNF_VADD(a0, a1), BNF_VADD(a2, a3));
-            BNF_VD t2 = BNF_VADD(BNF_VADD(BNF_VMUL(a0, d0), BNF_VMUL(a1, d1)),
-                                 BNF_VADD(BNF_VMUL(a2, d2), BNF_VMUL(a3, d3)));
+            BNF_VD t2 = BNF_VADD(BNF_VFMA(a0, d0, BNF_VMUL(a1, d1)),
+                                 BNF_VFMA(a2, d2, BNF_VMUL(a3, d3)));
             BNF_VD t3 = BNF_VADD(BNF_VADD(d0, d1), BNF_VADD(d2, d3));
             BNF_VST(sum_dy + c, BNF_VADD(BNF_VLD(sum_dy + c), t1));
             BNF_VST(sum_dy_xmu + c, BNF_VADD(BNF_VLD(sum_dy_xmu + c), t2));
@@ -419,7 +422,7 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const 
         for (; c + BNF_VW <= width; c += BNF_VW) {
             BNF_VD gi = BNF_VLDT(g + c), d = BNF_VSUB(BNF_VLDT(p + c), BNF_VLD(mean + c));
             BNF_VST(sum_dy + c, BNF_VADD(BNF_VLD(sum_dy + c), gi));
-            BNF_VST(sum_dy_xmu + c, BNF_VADD(BNF_VLD(sum_dy_xmu + c), BNF_VMUL(gi, d)));
+            BNF_VST(sum_dy_xmu + c, BNF_VFMA(gi, d, BNF_VLD(sum_dy_xmu + c)));
             BNF_VST(sum_xmu + c, BNF_VADD(BNF_VLD(sum_xmu + c), d));
         }
         for (; c < width; c++)
@@ -434,8 +437,8 @@ BNF_SIMD_FN void BNF_SIMD(dx_chunk)(const T *g, const T *p, T *q, ptrdiff_t n, d
     BNF_VD vm = BNF_VSET1(mean), va = BNF_VSET1(a), v1 = BNF_VSET1(k1), v2 = BNF_VSET1(k2);
     ptrdiff_t i = 0;
 #define BNF_V(j)                                                                           \
-    (p ? BNF_VMUL(va, BNF_VSUB(BNF_VSUB(BNF_VLDT(g + (j)), v1),                           \
-                               BNF_VMUL(BNF_VSUB(BNF_VLDT(p + (j)), vm), v2)))            \
+    (p ? BNF_VMUL(va, BNF_VFNMA(BNF_VSUB(BNF_VLDT(p + (j)), vm), v2,                      \
+                                BNF_VSUB(BNF_VLDT(g + (j)), v1)))                         \
        : BNF_VMUL(BNF_VLDT(g + (j)), va))
 #define BNF_S(j) \
     (p ? BNF_SE(dx_elem)(g[j], p[j], mean, a, k1, k2) : BNF_SE(dx_fixed_elem)(g[j], a))
@@ -467,16 +470,15 @@ BNF_SIMD_FN void BNF_SIMD(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x
     T *o;
 #define BNF_V(j)                                                                           \
     (p ? BNF_VMUL(BNF_VLD(a + (j)),                                                       \
-                  BNF_VSUB(BNF_VSUB(BNF_VLDT(gr + (j)), BNF_VLD(k1 + (j))),               \
-                           BNF_VMUL(BNF_VSUB(BNF_VLDT(p + (j)), BNF_VLD(m + (j))),        \
-                                    BNF_VLD(k2 + (j)))))                                  \
+                  BNF_VFNMA(BNF_VSUB(BNF_VLDT(p + (j)), BNF_VLD(m + (j))), BNF_VLD(k2 + (j)), \
+                            BNF_VSUB(BNF_VLDT(gr + (j)), BNF_VLD(k1 + (j)))))             \
        : BNF_VMUL(BNF_VLDT(gr + (j)), BNF_VLD(a + (j))))
 #define BNF_S(j)                                                         \
     (p ? BNF_SE(dx_elem)(gr[j], p[j], m[j], a[j], k1[j], k2[j])        \
        : BNF_SE(dx_fixed_elem)(gr[j], a[j]))
 #define BNF_VF(j, va, v1, vm, v2)                                                  \
-    BNF_VMUL(va, BNF_VSUB(BNF_VSUB(BNF_VLDT(gr + (j)), v1),                       \
-                          BNF_VMUL(BNF_VSUB(BNF_VLDT(p + (j)), vm), v2)))
+    BNF_VMUL(va,                                                                   \
+             BNF_VFNMA(BNF_VSUB(BNF_VLDT(p + (j)), vm), v2, BNF_VSUB(BNF_VLDT(gr + (j)), v1)))
     for (; quads && r + 4 <= k; r += 4) {
         const T *g0 = g + r * gstride, *p0 = x ? x + r * xstride : NULL;
         T *o0 = q + r * qstride;
@@ -546,6 +548,8 @@ BNF_SIMD_FN void BNF_SIMD(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x
 #undef BNF_VADD
 #undef BNF_VSUB
 #undef BNF_VMUL
+#undef BNF_VFMA
+#undef BNF_VFNMA
 #undef BNF_VLD
 #undef BNF_VST
 #undef BNF_VLDT
