@@ -71,7 +71,8 @@ class BuildExt(build_ext):
         if ctype == "msvc":
             base = ["/O2", "/fp:precise"]
         else:
-            # -ffp-contract=off: no FMA contraction, so every ISA clone gives the same bits.
+            # -ffp-contract=off: no implicit FMA contraction, so every ISA clone gives the same
+            # bits; the kernels fuse explicitly, with fma() (exact everywhere).
             base = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-Wno-unused-function"]
             # gcc turns short copy and fill loops (a few hundred doubles) into inline
             # `rep movsq` / `rep stosq`, whose start-up cost dominated small calls: a

@@ -8,7 +8,17 @@ shapes whose runs and rows leave tails after the vector loops (lengths not a mul
 4, 8 or 32, row counts not a multiple of 4), every dtype (float16 read through F16C, its
 heads and tails converted by F16C's scalar forms), strided and reversed inputs,
 streamed and plain stores, one and two threads. On a CPU without AVX2 the level stays 0
-and there is nothing to compare."""
+and there is nothing to compare.
+
+Across builds: products are added with fused multiply-adds (C's fma(), an instruction in
+the x86-64-v3/v4 clones, libm's exact function in the baseline clone), so a build
+without clones, as a CPU without FMA runs it, gives the same bits too. CI writes
+``fingerprint()`` of its main build to a file and checks the sanitizer build (plain
+loops built once, for the baseline) against it (``BNFAST_BITS_REFERENCE``)."""
+import hashlib
+import json
+import os
+
 import numpy as np
 import pytest
 
@@ -209,3 +219,35 @@ def test_pipelined_units_equal_unit_by_unit(shape, axis, dtype, threads, stream)
         bnfast.set_num_threads(None)
     for name, a, g in zip(["y", "mean", "invstd", "dx", "dw", "db"], res[False], res[True]):
         assert a.tobytes() == g.tobytes(), f"{name}: the pipelined units give other bits"
+
+
+def fingerprint():
+    """A hash of every output of _ops, plain loops, one thread, per (shape, dtype, layout)."""
+    out = {}
+    bnfast.set_num_threads(1)
+    _set_simd_level(0)
+    try:
+        for shape, axis in SHAPES:
+            for dtype in (np.float32, np.float64, np.float16):
+                for layout in ("c", "negative"):
+                    x = with_layout(make_values(shape, dtype, 11, axis=axis,
+                                                offset=_offset(dtype)), layout, axis=axis)
+                    h = hashlib.sha1()
+                    for _, a in _ops(x, axis, dtype):
+                        h.update(np.ascontiguousarray(a).tobytes())
+                    out[f"{shape} {axis} {np.dtype(dtype).name} {layout}"] = h.hexdigest()
+    finally:
+        _set_simd_level(SUPPORTED)
+        bnfast.set_num_threads(None)
+    return out
+
+
+@pytest.mark.skipif(not os.environ.get("BNFAST_BITS_REFERENCE"),
+                    reason="no other build's fingerprint (BNFAST_BITS_REFERENCE) to compare")
+def test_same_bits_as_another_build():
+    with open(os.environ["BNFAST_BITS_REFERENCE"]) as f:
+        other = json.load(f)
+    mine = fingerprint()
+    assert set(mine) == set(other)
+    differ = [k for k in mine if mine[k] != other[k]]
+    assert not differ, f"{len(differ)} of {len(mine)} cases differ from the other build: {differ[:5]}"
