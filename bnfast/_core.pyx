@@ -43,6 +43,7 @@ cdef extern from "bnfast_kernels.h" nogil:
     enum: BNF_GROUP_COLS
     enum: BNF_STREAM
     enum: BNF_CACHED
+    enum: BNF_FETCH_NEXT
     enum: BNF_BLOCK_CHANNELS
     enum: BNF_TILE_ELEMS
     enum: BNF_CHUNK
@@ -624,6 +625,10 @@ cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
             nr * (w * j.group if rows else j.inner) * isz * (1 if kind == K_FWD else 2) \
             <= FUSE_BYTES:
         flags |= BNF_CACHED
+        if kind == K_FWD and not rows and nr == j.outer and c0 + 1 < j.C and \
+                j.inner * isz >= REDUCE_BLOCKS_RUN and \
+                j.outer * j.C * j.inner * isz >= _reduce_blocks_min:
+            flags |= BNF_FETCH_NEXT
     if j.nlev:
         _seg_unit(j, kind, c0, w, r0, nr, sb, flags)
         return
@@ -791,6 +796,10 @@ cdef inline void _unit_at(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssiz
         if rows:
             bnf_norm_rows(j.type, x, x_os, y, y_os, nr, w, j.group, j.hi + c0,
                           j.scale + c0, j.shift + c0, flags)
+        elif flags & BNF_FETCH_NEXT:
+            # a fused channel from DRAM: the next channel into L2 meanwhile
+            bnf_norm_runs(j.type, x, x_os, 0, y, y_os, 0, nr, j.inner, 1, j.hi + c0,
+                          j.scale + c0, j.shift + c0, flags, x + j.x_cs * j.isz, 1, NULL)
         else:
             bnf_norm_runs(j.type, x, x_os, 0, y, y_os, 0, nr, j.inner, 1, j.hi + c0,
                           j.scale + c0, j.shift + c0, flags, NULL, 0, NULL)

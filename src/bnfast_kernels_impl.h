@@ -386,7 +386,11 @@ static inline BNF_INLINE void BNF_NAME(pf_block)(bnf_pf *pf, const T *x, ptrdiff
  * block's.  A fused block's normalize reads from cache and its statistics wait on DRAM;
  * interleaved, the next block's loads overlap this block's arithmetic.  Blocks of
  * NCHW channels read that way, a row of them at a time, took 0.88-0.89x the time of one
- * channel at a time ((64, 256, 28, 28) float32 training, Zen 4, one thread). */
+ * channel at a time ((64, 256, 28, 28) float32 training, Zen 4, one thread).
+ * With BNF_FETCH_NEXT (and BNF_CACHED) the next block is only prefetched into L2 as this
+ * one is normalized, for its own fused statistics to read: channels of 802 KB, too large
+ * to pipeline, (64, 64, 56, 56) float32 training 0.88-0.90x the time (runs of 50 KB,
+ * (16, 64, 112, 112), no change: the hardware prefetcher keeps up with those). */
 BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, ptrdiff_t xcs, T *y,
                                         ptrdiff_t ystride, ptrdiff_t ycs, ptrdiff_t nruns,
                                         ptrdiff_t len, ptrdiff_t k, const double *mean,
@@ -402,12 +406,18 @@ BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, ptrdiff_t
     int nt = stream && BNF_DIRECT_NT(4), staged = stream && !nt;
     ptrdiff_t per = len <= BNF_TILE_ELEMS ? BNF_TILE_ELEMS / len : 0, t0 = 0, kmax;
     if (!x_next) k_next = 0;
-    if (k_next && (per == 0 || nruns <= 0 || len <= 0)) {
+    if (k_next && (flags & BNF_FETCH_NEXT)) {
+        BNF_NAME(pf_block)(&pf, (flags & BNF_CACHED) ? x_next : NULL, nruns, xstride, xcs,
+                           len, k_next);
+        pf.far = 1;
+        k_next = 0;
+    } else if (k_next && (per == 0 || nruns <= 0 || len <= 0)) {
         for (ptrdiff_t c = 0; c < k_next; c++)     /* not interleaved */
             BNF_NAME(bnf_stats_runs)(x_next + c * xcs, nruns, xstride, len, m_next + c);
         k_next = 0;
     }
-    BNF_NAME(pf_block)(&pf, flags & BNF_CACHED ? NULL : x, nruns, xstride, xcs, len, k);
+    if (!(flags & BNF_FETCH_NEXT) || !x_next)
+        BNF_NAME(pf_block)(&pf, flags & BNF_CACHED ? NULL : x, nruns, xstride, xcs, len, k);
     BNF_NAME(pf_block)(&pf_next, k_next ? x_next : NULL, nruns, xstride, xcs, len, k_next);
     for (ptrdiff_t c = 0; c < k_next; c++) {
         m_next[c].n = m_next[c].hi = m_next[c].lo = m_next[c].m2 = 0;

@@ -400,3 +400,33 @@ def test_channel_blocks_give_the_bits_of_one_channel_at_a_time(dtype):
         bnfast._core._set_reduce_blocks_min(old)
     y, m, s = bnfast.batch_norm_train(x, w, b, axis=1)
     assert_forward_close(y, ref.batch_norm_train(x, w, b, axis=1)[0])
+
+
+@pytest.mark.parametrize("n_threads", [1, 3])
+def test_prefetching_the_next_channel_changes_no_bits(n_threads):
+    """From DRAM (x of 16 MB or more; lowered here) a fused training channel too large to
+    pipeline (614 KB) prefetches the next channel as it is normalized, and a backward
+    block (x and dy) the next block as its dx goes. Prefetches only: the bits of the
+    same calls without them, and right."""
+    shape = (2, 5, 300, 256)
+    x = make_values(shape, np.float32, 6, axis=1, offset=1e4)
+    dy = make_values(shape, np.float32, 7, axis=1)
+    w, b, _, _ = params(shape[1], np.float64, 2)
+
+    def ops():
+        y, m, s = bnfast.batch_norm_train(x, w, b, axis=1)
+        dx, dw, db = bnfast.batch_norm_backward(dy, x, m, s, w, axis=1)
+        return [_bits(a) for a in (y, m, s, dx, dw, db)], y
+
+    bnfast.set_num_threads(n_threads)
+    try:
+        plain, _ = ops()
+        old = bnfast._core._set_reduce_blocks_min(0)
+        try:
+            fetched, y = ops()
+        finally:
+            bnfast._core._set_reduce_blocks_min(old)
+    finally:
+        bnfast.set_num_threads(None)
+    assert plain == fetched
+    assert_forward_close(y, ref.batch_norm_train(x, w, b, axis=1)[0])
