@@ -143,7 +143,9 @@ DEF CHANNEL_BLOCK_BYTES = 3 << 19
 # 28) 1.03x (in cache the blocks' call a run costs more), and runs of 14 x 14 1.3-1.47x.
 # Backward with the statistics held fixed (training=False) in blocks from that size too:
 # (64, 256, 28, 28) 0.79x, (32, 64, 56, 56) 0.86x, (64, 128, 14, 14) 0.87x; in cache
-# (2-16, 16-64, 14-28, 14-28) 1.02-1.05x.
+# (2-16, 16-64, 14-28, 14-28) 1.02-1.05x. The same sizes (x, or x and dy) gate the
+# prefetch of the next block or channel while a fused one is finished from cache
+# (_pipeline's backward, _unit's training).
 DEF REDUCE_BLOCKS_MIN = 1 << 24
 DEF REDUCE_BLOCKS_RUN = 1 << 10
 # An input up to this size (with its output, well within L2) is normalized as in cache:
