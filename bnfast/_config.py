@@ -98,6 +98,7 @@ def config_info():
         "threads": str(bnfast.get_num_threads()),
         "SIMD ISA": build.get("simd_isa", "unknown"),
         "inner loops": build.get("simd_loops", "unknown"),
+        "fused multiply-add": build.get("fma", "unknown"),
         "NumPy": np.__version__,
         "Python": f"{platform.python_version()} ({platform.python_implementation()}, "
                   f"{platform.python_compiler()})",

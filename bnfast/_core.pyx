@@ -50,6 +50,7 @@ cdef extern from "bnfast_kernels.h" nogil:
     void bnf_moments_merge(bnf_moments *a, const bnf_moments *b)
     Py_ssize_t bnf_group_block(Py_ssize_t cols, Py_ssize_t group)
     const char *bnf_simd_isa()
+    const char *bnf_fma_kind()
     int bnf_set_simd_level(int level)
     void *bnf_alloc64(size_t bytes)
     void bnf_free64(void *p)
@@ -302,6 +303,7 @@ def _build_info():
         "openmp_version": int(bnf_omp_version()),
         "simd_isa": (<bytes>bnf_simd_isa()).decode(),
         "simd_loops": _SIMD_LOOPS.get(bnf_set_simd_level(-1), "plain loops"),
+        "fma": (<bytes>bnf_fma_kind()).decode(),
     }
 
 

@@ -508,6 +508,26 @@ const char *bnf_simd_isa(void)
 #endif
 }
 
+/* How products are added (bnfast_kernels_elem.h: C's fma(), exact everywhere): by the
+ * FMA instruction, or by libm's fma() where the loops run without one. */
+const char *bnf_fma_kind(void)
+{
+#if defined(__aarch64__) || defined(__FMA__)
+    return "instruction";
+#elif defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("fma"))
+        return "libm fma() (this CPU has no FMA instruction: the same bits, slower)";
+#if !defined(__clang__) && defined(__linux__) && !defined(BNFAST_NO_CLONES)
+    return "instruction";
+#else
+    return "instruction (intrinsics loops), libm fma() (plain loops)";
+#endif
+#else
+    return "libm fma()";
+#endif
+}
+
 /* Per-channel vectors: on small inputs these loops are a large part of a call (scalar
  * sqrt and divide measured ~4 ns a channel).  Vector sqrt and divide are correctly
  * rounded, so every ISA gives the bits of the scalar loop. */

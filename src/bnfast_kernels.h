@@ -135,6 +135,8 @@ void bnf_stream_fence(void);
 
 /* Name of the SIMD ISA the kernels dispatch to on this CPU. */
 const char *bnf_simd_isa(void);
+/* How the kernels' fused multiply-adds run here: the instruction or libm's fma(). */
+const char *bnf_fma_kind(void);
 
 /* Per-channel helpers: widen float32 (or gather float64) values `stride` bytes apart into
  * contiguous doubles; eval factors scale[i] /= sqrt(var[i] + eps), returning the first

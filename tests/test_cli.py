@@ -59,6 +59,11 @@ def test_info_prints_the_fields():
     assert f["SIMD ISA"] == build["simd_isa"]
     assert f["inner loops"] == build["simd_loops"]
     assert build["simd_loops"] in ("AVX-512 intrinsics", "AVX2 intrinsics", "plain loops")
+    # how the exact fused multiply-adds run: the instruction, or libm's fma()
+    assert f["fused multiply-add"] == build["fma"]
+    assert build["fma"].startswith(("instruction", "libm fma()")), build["fma"]
+    if build["simd_loops"] != "plain loops":       # AVX2 and AVX-512 CPUs have FMA
+        assert build["fma"].startswith("instruction"), build["fma"]
     assert f["OpenMP"].startswith("enabled" if build["openmp"] else "disabled")
     assert int(f["threads"]) >= 1
     assert f["Python"].startswith("%d.%d." % sys.version_info[:2])
