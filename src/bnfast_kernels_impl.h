@@ -405,18 +405,21 @@ BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, ptrdiff_t
     int stream = (flags & BNF_STREAM) && len * (ptrdiff_t)sizeof(T) >= BNF_STREAM_MIN_RUN;
     int nt = stream && BNF_DIRECT_NT(4), staged = stream && !nt;
     ptrdiff_t per = len <= BNF_TILE_ELEMS ? BNF_TILE_ELEMS / len : 0, t0 = 0, kmax;
+    int fetch;
     if (!x_next) k_next = 0;
-    if (k_next && (flags & BNF_FETCH_NEXT)) {
-        BNF_NAME(pf_block)(&pf, (flags & BNF_CACHED) ? x_next : NULL, nruns, xstride, xcs,
-                           len, k_next);
+    fetch = k_next && (flags & BNF_FETCH_NEXT) && (flags & BNF_CACHED);
+    if (fetch) {
+        BNF_NAME(pf_block)(&pf, x_next, nruns, xstride, xcs, len, k_next);
         pf.far = 1;
-        k_next = 0;
+    }
+    if (flags & BNF_FETCH_NEXT) {
+        k_next = 0;                                 /* prefetched at most, not summed */
     } else if (k_next && (per == 0 || nruns <= 0 || len <= 0)) {
         for (ptrdiff_t c = 0; c < k_next; c++)     /* not interleaved */
             BNF_NAME(bnf_stats_runs)(x_next + c * xcs, nruns, xstride, len, m_next + c);
         k_next = 0;
     }
-    if (!(flags & BNF_FETCH_NEXT) || !x_next)
+    if (!fetch)
         BNF_NAME(pf_block)(&pf, flags & BNF_CACHED ? NULL : x, nruns, xstride, xcs, len, k);
     BNF_NAME(pf_block)(&pf_next, k_next ? x_next : NULL, nruns, xstride, xcs, len, k_next);
     for (ptrdiff_t c = 0; c < k_next; c++) {
