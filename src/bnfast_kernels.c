@@ -270,11 +270,25 @@ static inline BNF_INLINE void bnf_pf_advance(bnf_pf *pf, ptrdiff_t bytes)
 /* Widest gap between rows that bnf_pf_quad still prefetches across as one run. */
 #define BNF_PF_GAP 256
 
-/* Rows ahead: BNF_PREFETCH_BYTES of the rows' columns, a whole number of four-row steps. */
+/* The backward sums of rows read dy and x, eight streams of four rows: they prefetch
+ * further, into L2 (bnf_pf_quad's `far`).  One thread, float32, against 4 KB into L1,
+ * alternated in one process: (64, 28, 28, 256) channels-last backward 2.72-2.91 ->
+ * 2.20-2.62x a copy, (200704, 64) 2.45-2.67 -> 2.37-2.45x.  Not the statistics (one
+ * array: (64, 28, 28, 256) training 1.54-1.62 -> 1.70-1.87x) nor dx (with these sums,
+ * 2.20 -> 2.62x). */
+#define BNF_FAR_ROWS_BYTES 16384
+
+/* Rows ahead: `bytes` of the rows' columns, a whole number of four-row steps. */
+static inline ptrdiff_t bnf_rows_ahead_by(ptrdiff_t row_bytes, ptrdiff_t bytes)
+{
+    ptrdiff_t ahead = row_bytes > 0 ? (bytes + row_bytes - 1) / row_bytes : 4;
+    return (ahead + 3) / 4 * 4;
+}
+
+/* Rows ahead: BNF_PREFETCH_BYTES of the rows' columns. */
 static inline ptrdiff_t bnf_rows_ahead(ptrdiff_t row_bytes)
 {
-    ptrdiff_t ahead = row_bytes > 0 ? (BNF_PREFETCH_BYTES + row_bytes - 1) / row_bytes : 4;
-    return (ahead + 3) / 4 * 4;
+    return bnf_rows_ahead_by(row_bytes, BNF_PREFETCH_BYTES);
 }
 
 /* Every line of a row of `bytes` at p (the plain elementwise rows loops, a row ahead). */
@@ -283,6 +297,15 @@ static inline BNF_INLINE void bnf_pf_row(const void *p, ptrdiff_t bytes)
     for (ptrdiff_t b = 0; b < bytes; b += BNF_LINE)
         BNF_PREFETCH((const void *)((uintptr_t)p + (uintptr_t)b));
 }
+
+/* A prefetch into L1, or into L2 where `far`. */
+#define BNF_PF_HINT(p, far)            \
+    do {                               \
+        if (far)                       \
+            BNF_PREFETCH_FAR(p);       \
+        else                           \
+            BNF_PREFETCH(p);           \
+    } while (0)
 
 /* The rows reductions' prefetch: four lines of the four rows at pa (rows `stride` bytes
  * apart, `row` bytes used of each) for the columns `off` bytes into them.  Contiguous
@@ -295,25 +318,25 @@ static inline BNF_INLINE void bnf_pf_row(const void *p, ptrdiff_t bytes)
  * an element this way against 0.32-0.38 with a line of each row, 128 of 144-192 columns
  * 0.18-0.22 against 0.37-0.46.  Wider gaps (a channel block of wider rows, half of each
  * row or less): a line of each row at off, 0.34-0.41 against 0.43-0.48 in address
- * order. */
+ * order.  `far`: into L2 (BNF_FAR_ROWS_BYTES). */
 static inline BNF_INLINE void bnf_pf_quad(const void *pa, ptrdiff_t stride, ptrdiff_t row,
-                                          ptrdiff_t off)
+                                          ptrdiff_t off, int far)
 {
     uintptr_t q = (uintptr_t)pa;   /* integers: rows past the array are prefetched too */
     if (stride > row && stride - row <= BNF_PF_GAP) {
         for (ptrdiff_t i = 0; i < 4; i++) {
             ptrdiff_t o = 4 * off + i * BNF_LINE;       /* into the four rows' used bytes */
             ptrdiff_t r = (o >= row) + (o >= 2 * row) + (o >= 3 * row);
-            BNF_PREFETCH((const void *)(q + (uintptr_t)(r * stride + (o - r * row))));
+            BNF_PF_HINT((const void *)(q + (uintptr_t)(r * stride + (o - r * row))), far);
         }
         return;
     }
     uintptr_t step = stride == row ? BNF_LINE : (uintptr_t)stride;
     q += stride == row ? 4 * (uintptr_t)off : (uintptr_t)off;
-    BNF_PREFETCH((const void *)q);
-    BNF_PREFETCH((const void *)(q + step));
-    BNF_PREFETCH((const void *)(q + 2 * step));
-    BNF_PREFETCH((const void *)(q + 3 * step));
+    BNF_PF_HINT((const void *)q, far);
+    BNF_PF_HINT((const void *)(q + step), far);
+    BNF_PF_HINT((const void *)(q + 2 * step), far);
+    BNF_PF_HINT((const void *)(q + 3 * step), far);
 }
 
 /* Per-column arrays of the rows form (factors, sums) are read as 64-byte vectors; from an

@@ -143,7 +143,7 @@ static inline BNF_INLINE void BNF_NAME(shifted_sums_rows)(const T *base, ptrdiff
             ptrdiff_t c1 = width - c0 < BNF_PF_COLS ? width : c0 + BNF_PF_COLS;
             for (ptrdiff_t c = c0; pf && c < c1; c += BNF_LINE / (ptrdiff_t)sizeof(T))
                 bnf_pf_quad(p0 + ahead * stride, stride * (ptrdiff_t)sizeof(T),
-                            width * (ptrdiff_t)sizeof(T), c * (ptrdiff_t)sizeof(T));
+                            width * (ptrdiff_t)sizeof(T), c * (ptrdiff_t)sizeof(T), 0);
 #pragma omp simd
             for (ptrdiff_t c = c0; c < c1; c++)
                 BNF_NAME(sums_elem4)(p0[c], p1[c], p2[c], p3[c], shift[c], &s1[c], &s2[c]);
@@ -657,7 +657,8 @@ BNF_CLONES void BNF_NAME(bnf_bwd_sums_runs)(const T *dy, ptrdiff_t dystride, ptr
 }
 
 /* Backward sums of rows, per column, accumulated into sum_dy.. (four rows at a time),
- * prefetching rows up to pf_rows as shifted_sums_rows. */
+ * prefetching rows up to pf_rows as shifted_sums_rows, but further and into L2
+ * (BNF_FAR_ROWS_BYTES). */
 static inline BNF_INLINE void BNF_NAME(bwd_sums_rows)(const T *dy, ptrdiff_t dystride,
                                                      const T *x, ptrdiff_t xstride,
                                                      ptrdiff_t nrows, ptrdiff_t width,
@@ -665,7 +666,8 @@ static inline BNF_INLINE void BNF_NAME(bwd_sums_rows)(const T *dy, ptrdiff_t dys
                                                      double *sum_dy_xmu, double *sum_xmu,
                                                      ptrdiff_t pf_rows)
 {
-    ptrdiff_t r = 0, ahead = bnf_rows_ahead(width * (ptrdiff_t)sizeof(T));
+    ptrdiff_t r = 0, ahead = bnf_rows_ahead_by(width * (ptrdiff_t)sizeof(T),
+                                                        BNF_FAR_ROWS_BYTES);
     for (; r + 4 <= nrows; r += 4) {
         const T *g0 = dy + r * dystride, *g1 = g0 + dystride, *g2 = g1 + dystride,
                 *g3 = g2 + dystride;
@@ -676,9 +678,9 @@ static inline BNF_INLINE void BNF_NAME(bwd_sums_rows)(const T *dy, ptrdiff_t dys
             ptrdiff_t c1 = width - c0 < BNF_PF_COLS ? width : c0 + BNF_PF_COLS;
             for (ptrdiff_t c = c0; pf && c < c1; c += BNF_LINE / (ptrdiff_t)sizeof(T)) {
                 bnf_pf_quad(g0 + ahead * dystride, dystride * (ptrdiff_t)sizeof(T),
-                            width * (ptrdiff_t)sizeof(T), c * (ptrdiff_t)sizeof(T));
+                            width * (ptrdiff_t)sizeof(T), c * (ptrdiff_t)sizeof(T), 1);
                 bnf_pf_quad(p0 + ahead * xstride, xstride * (ptrdiff_t)sizeof(T),
-                            width * (ptrdiff_t)sizeof(T), c * (ptrdiff_t)sizeof(T));
+                            width * (ptrdiff_t)sizeof(T), c * (ptrdiff_t)sizeof(T), 1);
             }
 #pragma omp simd
             for (ptrdiff_t c = c0; c < c1; c++)

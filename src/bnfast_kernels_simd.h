@@ -238,7 +238,7 @@ BNF_SIMD_FN void BNF_SIMD(shifted_sums_rows)(const T *base, ptrdiff_t k, ptrdiff
             if (pf)
                 BNF_FOR_LINES(l, c, BNF_VW)
                     bnf_pf_quad(pa, stride * (ptrdiff_t)sizeof(T), width * (ptrdiff_t)sizeof(T),
-                                l * (ptrdiff_t)sizeof(T));
+                                l * (ptrdiff_t)sizeof(T), 0);
             BNF_VD sh = BNF_VLD(shift + c);
             BNF_VD d0 = BNF_VSUB(BNF_VLDT(p0 + c), sh), d1 = BNF_VSUB(BNF_VLDT(p1 + c), sh);
             BNF_VD d2 = BNF_VSUB(BNF_VLDT(p2 + c), sh), d3 = BNF_VSUB(BNF_VLDT(p3 + c), sh);
@@ -416,7 +416,8 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const 
                                          const double *mean, double *sum_dy,
                                          double *sum_dy_xmu, double *sum_xmu, ptrdiff_t pf_rows)
 {
-    ptrdiff_t r = 0, ahead = bnf_rows_ahead(width * (ptrdiff_t)sizeof(T));
+    ptrdiff_t r = 0, ahead = bnf_rows_ahead_by(width * (ptrdiff_t)sizeof(T),
+                                                        BNF_FAR_ROWS_BYTES);
     for (; r + 4 <= nrows; r += 4) {
         const T *g0 = dy + r * dystride, *g1 = g0 + dystride, *g2 = g1 + dystride,
                 *g3 = g2 + dystride, *ga = g0 + ahead * dystride;
@@ -428,9 +429,9 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const 
             if (pf)
                 BNF_FOR_LINES(l, c, BNF_VW) {
                     bnf_pf_quad(ga, dystride * (ptrdiff_t)sizeof(T),
-                                width * (ptrdiff_t)sizeof(T), l * (ptrdiff_t)sizeof(T));
+                                width * (ptrdiff_t)sizeof(T), l * (ptrdiff_t)sizeof(T), 1);
                     bnf_pf_quad(pa, xstride * (ptrdiff_t)sizeof(T),
-                                width * (ptrdiff_t)sizeof(T), l * (ptrdiff_t)sizeof(T));
+                                width * (ptrdiff_t)sizeof(T), l * (ptrdiff_t)sizeof(T), 1);
                 }
             BNF_VD m = BNF_VLD(mean + c);
             BNF_VD a0 = BNF_VLDT(g0 + c), a1 = BNF_VLDT(g1 + c), a2 = BNF_VLDT(g2 + c),
