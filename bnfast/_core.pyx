@@ -44,6 +44,7 @@ cdef extern from "bnfast_kernels.h" nogil:
     enum: BNF_STREAM
     enum: BNF_CACHED
     enum: BNF_FETCH_NEXT
+    enum: BNF_FAR_NEXT
     enum: BNF_BLOCK_CHANNELS
     enum: BNF_TILE_ELEMS
     enum: BNF_CHUNK
@@ -149,6 +150,9 @@ DEF CHANNEL_BLOCK_BYTES = 3 << 19
 # (_pipeline's backward, _unit's training).
 DEF REDUCE_BLOCKS_MIN = 1 << 24
 DEF REDUCE_BLOCKS_RUN = 1 << 10
+# Runs from which pipelined training from DRAM prefetches the next block into L2
+# (_pipeline).
+DEF FAR_NEXT_RUN = 1 << 11
 # An input up to this size (with its output, well within L2) is normalized as in cache:
 # no prefetches, four rows at a time in the rows kernels ((256, 64) eval 8.0 -> 7.0 us);
 # at 1 MiB that measured 5-19% slower than prefetching.
@@ -923,11 +927,19 @@ cdef void _pipeline(Job *j, int kind, Py_ssize_t u0, Py_ssize_t u1) noexcept nog
     float32, against none): (64, 256, 28, 28) 2.30 -> 2.03x a copy, (128, 64, 56, 56)
     2.58 -> 1.95x, (32, 64, 56, 56) 2.57 -> 2.23x, float64 (64, 128, 28, 28) 2.00 ->
     1.53x; two threads 0.95x the time. Runs of 14 x 14 measured 1.05x and an x of 3 MB
-    1.07x: not there."""
+    1.07x: not there.
+    Training from DRAM (runs of FAR_NEXT_RUN or more, x of twice _reduce_blocks_min or
+    more) prefetches the next block into L2, not L1 (BNF_FAR_NEXT), for its statistics:
+    one thread, (64, 256, 28, 28) float32 0.88-0.94x the time, float64 (32, 256, 28, 28)
+    0.82x, two threads 0.97x. From L3 it was slower: an x of 19 MB 1.16x, runs of
+    14 x 14 (784 or 1568 bytes) 1.03-1.08x."""
     cdef Py_ssize_t u = u0, un, w = 0, wn, c, isz = j.isz
     cdef Py_ssize_t k = _channel_block(j, kind)
     cdef int flags = BNF_CACHED | (BNF_STREAM if j.stream else 0)
     cdef bint fetch_next
+    if kind == K_FWD and j.inner * isz >= FAR_NEXT_RUN and \
+            j.outer * j.C * j.inner * isz >= 2 * _reduce_blocks_min:
+        flags |= BNF_FAR_NEXT
     if u0 >= u1:
         return
     if kind == K_STATS:         # the statistics alone: a block's moments, a row at a time

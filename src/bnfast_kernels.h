@@ -47,6 +47,8 @@ typedef struct {
 /* bnf_norm_runs: x_next (k_next channels) is only prefetched into L2 as this block is
  * normalized from cache, not summed */
 #define BNF_FETCH_NEXT 4
+/* bnf_norm_runs: the statistics of x_next prefetch into L2, not L1 */
+#define BNF_FAR_NEXT 8
 
 /* Widest channel block the rows-form kernels accept (stack scratch is sized by it), and
  * the width of the blocks the reductions over wider rows take.  512, not 256: rows of

@@ -390,7 +390,8 @@ static inline BNF_INLINE void BNF_NAME(pf_block)(bnf_pf *pf, const T *x, ptrdiff
  * With BNF_FETCH_NEXT (and BNF_CACHED) the next block is only prefetched into L2 as this
  * one is normalized, for its own fused statistics to read: channels of 802 KB, too large
  * to pipeline, (64, 64, 56, 56) float32 training 0.88-0.90x the time (runs of 50 KB,
- * (16, 64, 112, 112), no change: the hardware prefetcher keeps up with those). */
+ * (16, 64, 112, 112), no change: the hardware prefetcher keeps up with those).
+ * BNF_FAR_NEXT: the statistics of x_next prefetch into L2, not L1. */
 BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, ptrdiff_t xcs, T *y,
                                         ptrdiff_t ystride, ptrdiff_t ycs, ptrdiff_t nruns,
                                         ptrdiff_t len, ptrdiff_t k, const double *mean,
@@ -422,6 +423,7 @@ BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, ptrdiff_t
     if (!fetch)
         BNF_NAME(pf_block)(&pf, flags & BNF_CACHED ? NULL : x, nruns, xstride, xcs, len, k);
     BNF_NAME(pf_block)(&pf_next, k_next ? x_next : NULL, nruns, xstride, xcs, len, k_next);
+    pf_next.far = (flags & BNF_FAR_NEXT) != 0;
     for (ptrdiff_t c = 0; c < k_next; c++) {
         m_next[c].n = m_next[c].hi = m_next[c].lo = m_next[c].m2 = 0;
         tile_shift[c] = BNF_TO_D(x_next[c * xcs]);
