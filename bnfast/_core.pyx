@@ -54,6 +54,7 @@ cdef extern from "bnfast_kernels.h" nogil:
     const char *bnf_simd_isa()
     const char *bnf_fma_kind()
     int bnf_set_simd_level(int level)
+    int bnf_set_adds_as_fma(int on)
     void *bnf_alloc64(size_t bytes)
     void bnf_free64(void *p)
     void bnf_stream_fence()
@@ -205,6 +206,13 @@ def _set_simd_level(level):
     capped at what the CPU supports; None only asks. Returns the previous level. For
     tests and benchmarks: every level gives the same bits."""
     return bnf_set_simd_level(-1 if level is None else max(0, int(level)))
+
+
+def _set_adds_as_fma(on):
+    """Whether the intrinsics backward sums of runs add by fused multiply-adds by 1 (the
+    same bits; set by CPU vendor at load: AMD yes). None leaves it; returns the previous
+    setting (tuning, tests)."""
+    return bool(bnf_set_adds_as_fma(-1 if on is None else (1 if on else 0)))
 
 
 def _set_segments_always(flag):

@@ -17,6 +17,10 @@
     && !defined(BNFAST_NO_SIMD_LOOPS)
 #define BNF_SIMD_X86 1
 static int bnf_simd_supported = 0, bnf_simd_level = 0;
+/* The intrinsics backward sums of runs add by multiply-adds by 1 (bwd_sums_runs): on AMD
+ * (Zen 4) the adds share their pipes with the conversions, on Intel they have pipes of
+ * their own and the multiply-adds a longer latency.  The same bits either way. */
+static int bnf_adds_as_fma = 0;
 __attribute__((constructor)) static void bnf_simd_init(void)
 {
     __builtin_cpu_init();
@@ -24,6 +28,7 @@ __attribute__((constructor)) static void bnf_simd_init(void)
                          : __builtin_cpu_supports("x86-64-v3") ? 3
                                                                : 0;
     bnf_simd_level = bnf_simd_supported;
+    bnf_adds_as_fma = __builtin_cpu_is("amd");
 }
 /* Whether the intrinsics loops of level `min` or above run now: they stream a large
  * output straight from the registers (BNF_VST2), where the plain loops compute a chunk
@@ -45,6 +50,18 @@ int bnf_set_simd_level(int level)
     return old;
 #else
     (void)level;
+    return 0;
+#endif
+}
+
+int bnf_set_adds_as_fma(int on)
+{
+#if BNF_SIMD_X86
+    int old = bnf_adds_as_fma;
+    if (on >= 0) bnf_adds_as_fma = on != 0;
+    return old;
+#else
+    (void)on;
     return 0;
 #endif
 }

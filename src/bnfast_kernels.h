@@ -128,6 +128,9 @@ static inline void bnf_moments_merge(bnf_moments *a, const bnf_moments *b)
  * previous level.  The default is the highest supported.  For tests and benchmarks:
  * every level gives the same bits. */
 int bnf_set_simd_level(int level);
+/* Whether the intrinsics backward sums of runs add by multiply-adds (on: 1, off: 0, -1
+ * leaves it): the previous setting.  Set by CPU vendor at load (tuning, tests). */
+int bnf_set_adds_as_fma(int on);
 
 /* 64-byte-aligned memory for per-channel arrays (the rows kernels read them as 64-byte
  * vectors); NULL when out of memory.  Free with bnf_free64. */

@@ -354,9 +354,13 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_runs)(const T *dy, ptrdiff_t dystride, const 
                                          bnf_pf *pfg, bnf_pf *pfx)
 {
     /* sum dy and sum (x - mean) by fused multiply-adds with 1 (exact: the bits of the
-     * adds): on Zen 4 the adds share their pipes with the conversions, the multiply-adds
-     * do not (these sums took 0.80x the time in a C harness, in L2) */
+     * adds) where bnf_adds_as_fma: on Zen 4 the adds share their pipes with the
+     * conversions, the multiply-adds do not (these sums took 0.80x the time in a C
+     * harness, in L2; (64, 8, 28, 28) backward 0.96x); on an Intel Xeon (64, 256, 28,
+     * 28) backward took 1.04x the time that way, in-cache ones 1.00-1.01x */
     BNF_VD s1[BNF_NV], s2[BNF_NV], s3[BNF_NV], vm = BNF_VSET1(mean), one = BNF_VSET1(1.0);
+    const int fma_adds = bnf_adds_as_fma;
+#define BNF_ACC(s, v) (fma_adds ? BNF_VFMA((v), one, (s)) : BNF_VADD((s), (v)))
     for (int v = 0; v < BNF_NV; v++) {
         s1[v] = BNF_VLD(a1 + BNF_VW * v);
         s2[v] = BNF_VLD(a2 + BNF_VW * v);
@@ -374,9 +378,9 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_runs)(const T *dy, ptrdiff_t dystride, const 
                 for (int v = 0; v < BNF_NV; v++) {
                     BNF_VD gi = BNF_VLDT(g + i + BNF_VW * v);
                     BNF_VD d = BNF_VSUB(BNF_VLDT(p + i + BNF_VW * v), vm);
-                    s1[v] = BNF_VFMA(gi, one, s1[v]);
+                    s1[v] = BNF_ACC(s1[v], gi);
                     s2[v] = BNF_VFMA(gi, d, s2[v]);
-                    s3[v] = BNF_VFMA(d, one, s3[v]);
+                    s3[v] = BNF_ACC(s3[v], d);
                 }
         }
         bnf_pf_advance(pfg, (len - i) * (ptrdiff_t)sizeof(T));
@@ -385,9 +389,9 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_runs)(const T *dy, ptrdiff_t dystride, const 
         ptrdiff_t t = i;
         for (int v = 0; i + BNF_VW <= len; v++, i += BNF_VW) {
             BNF_VD gi = BNF_VLDT(g + i), d = BNF_VSUB(BNF_VLDT(p + i), vm);
-            s1[v] = BNF_VFMA(gi, one, s1[v]);
+            s1[v] = BNF_ACC(s1[v], gi);
             s2[v] = BNF_VFMA(gi, d, s2[v]);
-            s3[v] = BNF_VFMA(d, one, s3[v]);
+            s3[v] = BNF_ACC(s3[v], d);
         }
         if (i < len) {
             for (int v = 0; v < BNF_NV; v++) {
@@ -409,6 +413,7 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_runs)(const T *dy, ptrdiff_t dystride, const 
         BNF_VST(a2 + BNF_VW * v, s2[v]);
         BNF_VST(a3 + BNF_VW * v, s3[v]);
     }
+#undef BNF_ACC
 }
 
 BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const T *x,

@@ -24,12 +24,13 @@ import pytest
 
 import bnfast
 from arrays import make_values, params, with_layout
-from bnfast._core import _set_simd_level, _set_stream_bytes
+from bnfast._core import _set_adds_as_fma, _set_simd_level, _set_stream_bytes
 from reference import assert_forward_close
 import reference as ref
 
 SUPPORTED = _set_simd_level(None)          # the default: the highest the CPU has
 LEVELS = [lv for lv in (3, 4) if lv <= SUPPORTED]
+ADDS_AS_FMA = _set_adds_as_fma(None)        # the default: by CPU vendor
 
 SHAPES = [
     ((7, 3, 45), 1),          # runs of 45: one 32-lane block and a tail
@@ -85,14 +86,18 @@ def test_v4_loops_equal_plain_loops(shape, axis, dtype, layout, threads, stream)
         simd = {}
         for level in LEVELS:
             _set_simd_level(level)
-            simd[level] = _ops(x, axis, dtype)
+            for fma_adds in (False, True):     # the backward sums' adds, either way
+                _set_adds_as_fma(fma_adds)
+                simd[level, fma_adds] = _ops(x, axis, dtype)
     finally:
         _set_simd_level(SUPPORTED)
+        _set_adds_as_fma(ADDS_AS_FMA)
         _set_stream_bytes(old_stream)
         bnfast.set_num_threads(None)
-    for level, res in simd.items():
+    for (level, fma_adds), res in simd.items():
         for (name, a), (_, g) in zip(plain, res):
-            assert a.tobytes() == g.tobytes(), f"{name}: level {level} loops give other bits"
+            assert a.tobytes() == g.tobytes(), \
+                f"{name}: level {level} loops (adds as FMA: {fma_adds}) give other bits"
     # and both are right (the comparison above is not of two wrong answers)
     w, b = params(x.shape[axis], dtype, 3)[:2]
     assert_forward_close(plain[0][1], ref.batch_norm_train(x, w, b, axis=axis)[0])
