@@ -45,7 +45,6 @@ cdef extern from "bnfast_kernels.h" nogil:
     enum: BNF_CACHED
     enum: BNF_FETCH_NEXT
     enum: BNF_FAR_NEXT
-    enum: BNF_FAR
     enum: BNF_BLOCK_CHANNELS
     enum: BNF_TILE_ELEMS
     enum: BNF_CHUNK
@@ -93,7 +92,7 @@ cdef extern from "bnfast_kernels.h" nogil:
     void bnf_bwd_sums_runs(int type, const void *dy, Py_ssize_t dys, Py_ssize_t dycs,
                            const void *x, Py_ssize_t xs, Py_ssize_t xcs, Py_ssize_t nruns,
                            Py_ssize_t length, Py_ssize_t k, const double *mean,
-                           double *sum_dy, double *sum_dy_xmu, double *sum_xmu, int flags)
+                           double *sum_dy, double *sum_dy_xmu, double *sum_xmu)
     void bnf_bwd_sums_rows(int type, const void *dy, Py_ssize_t dys, const void *x,
                            Py_ssize_t xs, Py_ssize_t nrows, Py_ssize_t width,
                            Py_ssize_t group, const double *mean, double *sum_dy,
@@ -152,8 +151,9 @@ DEF CHANNEL_BLOCK_BYTES = 3 << 19
 # (_pipeline's backward, _unit's training).
 DEF REDUCE_BLOCKS_MIN = 1 << 24
 DEF REDUCE_BLOCKS_RUN = 1 << 10
-# Runs from which reductions from DRAM prefetch into L2, not L1 (_far_reads).
-DEF FAR_RUN = 1 << 11
+# Runs from which pipelined training from DRAM prefetches the next block into L2
+# (_pipeline).
+DEF FAR_NEXT_RUN = 1 << 11
 # An input up to this size (with its output, well within L2) is normalized as in cache:
 # no prefetches, four rows at a time in the rows kernels ((256, 64) eval 8.0 -> 7.0 us);
 # at 1 MiB that measured 5-19% slower than prefetching.
@@ -645,8 +645,6 @@ cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
                 j.inner * isz >= REDUCE_BLOCKS_RUN and \
                 j.outer * j.C * j.inner * isz >= _reduce_blocks_min:
             flags |= BNF_FETCH_NEXT
-    if kind != K_FWD and kind != K_STATS and kind != K_BDX and _far_reads(j, kind):
-        flags |= BNF_FAR
     if j.nlev:
         _seg_unit(j, kind, c0, w, r0, nr, sb, flags)
         return
@@ -714,7 +712,7 @@ cdef void _seg_unit(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssize_t r0
                                   j.x_os, n, w, j.group, j.hi + c0, s1, s2, s3)
             else:
                 bnf_bwd_sums_runs(j.type, _dy_at(j, r, c0), j.dy_os, 0, _x_at(j, r, c0),
-                                  j.x_os, 0, n, j.inner, 1, j.hi + c0, s1, s2, s3, flags)
+                                  j.x_os, 0, n, j.inner, 1, j.hi + c0, s1, s2, s3)
             if r > r0 and not bwd:
                 _merge_same_count(mom, pm, w)
             elif r > r0:
@@ -828,7 +826,7 @@ cdef inline void _unit_at(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssiz
                               sdy, sdyx, sxm)
         else:
             bnf_bwd_sums_runs(j.type, dy, dy_os, 0, x, x_os, 0, nr, j.inner, 1, j.hi + c0,
-                              sdy, sdyx, sxm, flags)
+                              sdy, sdyx, sxm)
         if kind == K_BSUMS:
             return
         if kind == K_BWD:
@@ -938,14 +936,19 @@ cdef void _pipeline(Job *j, int kind, Py_ssize_t u0, Py_ssize_t u1) noexcept nog
     2.58 -> 1.95x, (32, 64, 56, 56) 2.57 -> 2.23x, float64 (64, 128, 28, 28) 2.00 ->
     1.53x; two threads 0.95x the time. Runs of 14 x 14 measured 1.05x and an x of 3 MB
     1.07x: not there.
-    Training from DRAM (_far_reads) prefetches the next block into L2, not L1
-    (BNF_FAR_NEXT), for its statistics; the backward sums likewise (BNF_FAR)."""
+    Training from DRAM (runs of FAR_NEXT_RUN or more, x of twice _reduce_blocks_min or
+    more) prefetches the next block into L2, not L1 (BNF_FAR_NEXT), for its statistics:
+    one thread, (64, 256, 28, 28) float32 0.88-0.94x the time, float64 (32, 256, 28, 28)
+    0.82x, two threads 0.97x. From L3 it was slower: an x of 19 MB 1.16x, runs of
+    14 x 14 (784 or 1568 bytes) 1.03-1.08x. The backward sums prefetching into L2 as
+    well gained nothing that held: (128, 256, 28, 28) float32 1.07-1.10x the time,
+    (64, 256, 28, 28) 1.01-1.05x, float64 (8, 64, 112, 112) 0.89-1.01x."""
     cdef Py_ssize_t u = u0, un, w = 0, wn, c, isz = j.isz
     cdef Py_ssize_t k = _channel_block(j, kind)
     cdef int flags = BNF_CACHED | (BNF_STREAM if j.stream else 0)
-    cdef int far = BNF_FAR if _far_reads(j, kind) else 0
     cdef bint fetch_next
-    if kind == K_FWD and far:
+    if kind == K_FWD and j.inner * isz >= FAR_NEXT_RUN and \
+            j.outer * j.C * j.inner * isz >= 2 * _reduce_blocks_min:
         flags |= BNF_FAR_NEXT
     if u0 >= u1:
         return
@@ -961,7 +964,7 @@ cdef void _pipeline(Job *j, int kind, Py_ssize_t u0, Py_ssize_t u1) noexcept nog
             w = u1 - u if u1 - u < k else k
             bnf_bwd_sums_runs(j.type, j.dy + u * j.dy_cs * isz, j.dy_os, j.dy_cs,
                               j.x + u * j.x_cs * isz, j.x_os, j.x_cs, j.outer, j.inner, w,
-                              j.hi + u, j.s_dy + u, j.s_dyx + u, j.s_xm + u, far)
+                              j.hi + u, j.s_dy + u, j.s_dyx + u, j.s_xm + u)
             u += w
         return
     if kind == K_BWD or kind == K_BEVAL:
@@ -976,7 +979,7 @@ cdef void _pipeline(Job *j, int kind, Py_ssize_t u0, Py_ssize_t u1) noexcept nog
                 wn = 0
             bnf_bwd_sums_runs(j.type, j.dy + u * j.dy_cs * isz, j.dy_os, j.dy_cs,
                               j.x + u * j.x_cs * isz, j.x_os, j.x_cs, j.outer, j.inner, w,
-                              j.hi + u, j.s_dy + u, j.s_dyx + u, j.s_xm + u, far)
+                              j.hi + u, j.s_dy + u, j.s_dyx + u, j.s_xm + u)
             if kind == K_BWD:
                 for c in range(u, u + w):
                     _bwd_coeffs(j, c)
@@ -1028,22 +1031,6 @@ cdef Py_ssize_t _channel_block(const Job *j, int kind) noexcept nogil:
     if j.x_cs != j.inner or (kind != K_FWD and kind != K_STATS and j.dy_cs != j.inner):
         return 1
     return 1 if k < 1 else BNF_BLOCK_CHANNELS if k > BNF_BLOCK_CHANNELS else k
-
-
-cdef inline bint _far_reads(const Job *j, int kind) noexcept nogil:
-    """The reductions over runs of `kind` read from DRAM (runs of FAR_RUN bytes or more,
-    the arrays read twice _reduce_blocks_min or more): their prefetches then go into L2,
-    not L1 (BNF_FAR_NEXT for pipelined training's statistics, BNF_FAR for the backward
-    sums). One thread, Zen 4, alternated in one process against L1: training
-    (64, 256, 28, 28) float32 0.88-0.94x the time, (128, 256, 28, 28) 0.78x, float64
-    (32, 256, 28, 28) 0.82x, two threads 0.97x; backward float64 (32, 256, 28, 28)
-    0.86x, (8, 64, 112, 112) 0.81-0.90x, float32 0.96-1.03x (two threads 0.96-0.98x).
-    From L3 it was slower: training an x of 19 MB 1.16x, runs of 14 x 14 (784 or 1568
-    bytes) 1.03-1.08x."""
-    cdef Py_ssize_t read = j.outer * j.C * j.inner * j.isz
-    if kind != K_FWD and kind != K_STATS:
-        read *= 2                          # x and dy
-    return j.group == 0 and j.inner * j.isz >= FAR_RUN and read >= 2 * _reduce_blocks_min
 
 
 cdef inline bint _in_blocks(const Job *j, int kind) noexcept nogil:

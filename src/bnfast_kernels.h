@@ -49,8 +49,6 @@ typedef struct {
 #define BNF_FETCH_NEXT 4
 /* bnf_norm_runs: the statistics of x_next prefetch into L2, not L1 */
 #define BNF_FAR_NEXT 8
-/* bnf_bwd_sums_runs: its prefetches go into L2, not L1 */
-#define BNF_FAR 16
 
 /* Widest channel block the rows-form kernels accept (stack scratch is sized by it), and
  * the width of the blocks the reductions over wider rows take.  512, not 256: rows of
@@ -179,7 +177,7 @@ void bnf_finalize(const bnf_moments *m, ptrdiff_t n, double eps, const double *w
                                const T *x, ptrdiff_t xstride, ptrdiff_t xcs,              \
                                ptrdiff_t nruns, ptrdiff_t len, ptrdiff_t k,               \
                                const double *mean, double *sum_dy, double *sum_dy_xmu,    \
-                               double *sum_xmu, int flags);                               \
+                               double *sum_xmu);                                          \
     void bnf_bwd_sums_rows_##S(const T *dy, ptrdiff_t dystride, const T *x,               \
                                ptrdiff_t xstride, ptrdiff_t nrows, ptrdiff_t width,       \
                                ptrdiff_t group, const double *mean, double *sum_dy,       \
@@ -270,11 +268,11 @@ static inline void bnf_bwd_sums_runs(int type, const void *dy, ptrdiff_t dystrid
                                      ptrdiff_t dycs, const void *x, ptrdiff_t xstride,
                                      ptrdiff_t xcs, ptrdiff_t nruns, ptrdiff_t len,
                                      ptrdiff_t k, const double *mean, double *sum_dy,
-                                     double *sum_dy_xmu, double *sum_xmu, int flags)
+                                     double *sum_dy_xmu, double *sum_xmu)
 {
 #define CALL(T, S)                                                                      \
     bnf_bwd_sums_runs_##S((const T *)dy, dystride, dycs, (const T *)x, xstride, xcs,     \
-                          nruns, len, k, mean, sum_dy, sum_dy_xmu, sum_xmu, flags)
+                          nruns, len, k, mean, sum_dy, sum_dy_xmu, sum_xmu)
     BNF_BY_TYPE(type, CALL)
 #undef CALL
 }

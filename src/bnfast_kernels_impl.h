@@ -628,13 +628,12 @@ static inline BNF_INLINE void BNF_NAME(bwd_sums_runs)(const T *dy, ptrdiff_t dys
 /* Backward sums over k (<= BNF_BLOCK_CHANNELS) channels of runs, strides and order as
  * bnf_norm_runs: sum(dy), sum(dy * (x - mean[c])) and sum(x - mean[c]) of each channel
  * c; the last recovers the part of the batch mean that a double `mean` cannot hold.
- * Each channel's lanes see its runs in order: the same bits whatever k.  BNF_FAR in
- * flags: the prefetches go into L2 (dy and x from DRAM). */
+ * Each channel's lanes see its runs in order: the same bits whatever k. */
 BNF_CLONES void BNF_NAME(bnf_bwd_sums_runs)(const T *dy, ptrdiff_t dystride, ptrdiff_t dycs,
                                             const T *x, ptrdiff_t xstride, ptrdiff_t xcs,
                                             ptrdiff_t nruns, ptrdiff_t len, ptrdiff_t k,
                                             const double *mean, double *sum_dy,
-                                            double *sum_dy_xmu, double *sum_xmu, int flags)
+                                            double *sum_dy_xmu, double *sum_xmu)
 {
     double a1[BNF_BLOCK_CHANNELS][BNF_LANES], a2[BNF_BLOCK_CHANNELS][BNF_LANES];
     double a3[BNF_BLOCK_CHANNELS][BNF_LANES];
@@ -643,7 +642,6 @@ BNF_CLONES void BNF_NAME(bnf_bwd_sums_runs)(const T *dy, ptrdiff_t dystride, ptr
         for (int l = 0; l < BNF_LANES; l++) a1[c][l] = a2[c][l] = a3[c][l] = 0;
     BNF_NAME(pf_block)(&pfg, dy, nruns, dystride, dycs, len, k);
     BNF_NAME(pf_block)(&pfx, x, nruns, xstride, xcs, len, k);
-    pfg.far = pfx.far = (flags & BNF_FAR) != 0;
     if (k == 1)
         BNF_DISPATCH(bwd_sums_runs, dy, dystride, x, xstride, nruns, len, mean[0], a1[0],
                      a2[0], a3[0], &pfg, &pfx);

@@ -409,8 +409,8 @@ def test_prefetching_the_next_channel_changes_no_bits(n_threads, shape):
     channel too large to pipeline (614 KB) prefetches the next channel as it is
     normalized, and a backward block (x and dy) the next block as its dx goes; pipelined
     training blocks (runs of 28 x 28, three blocks of channels) take the next block's
-    statistics prefetching into L2, and the backward sums prefetch into L2.  Prefetches
-    only: the bits of the same calls without them, and right."""
+    statistics prefetching into L2.  Prefetches only: the bits of the same calls
+    without them, and right."""
     x = make_values(shape, np.float32, 6, axis=1, offset=1e4)
     dy = make_values(shape, np.float32, 7, axis=1)
     w, b, _, _ = params(shape[1], np.float64, 2)
