@@ -160,8 +160,8 @@
  * a tail's whole vectors go to the first lanes (runs of 28 x 28 have a tail of 16), not
  * through the scalar loop.  With the backward sums' adds on the FMA pipes (below),
  * (64, 8, 28, 28) float32 backward in cache took 0.93-0.96x the time ((64, 256, 28, 28)
- * from DRAM 0.95-1.02x: within the noise); the same bits.  (Cursors copied into locals for the loop
- * measured 3-7% slower on runs of 14 x 14.) */
+ * from DRAM 0.95-1.02x: within the noise); the same bits.  (Cursors copied into locals
+ * for the loop measured 3-7% slower on runs of 14 x 14.) */
 #define BNF_SUMS_BLOCK (4 * BNF_LANES)
 #define BNF_SUMS_BLOCK_END(i, len) \
     ((i) + BNF_SUMS_BLOCK <= (len) ? (i) + BNF_SUMS_BLOCK : (len) - ((len) - (i)) % BNF_LANES)
