@@ -348,17 +348,18 @@ BNF_SIMD_FN void BNF_SIMD(norm_rows_run)(const T *x, ptrdiff_t xstride, T *q,
 
 #endif
 
-BNF_SIMD_FN inline BNF_INLINE void BNF_SIMD(bwd_sums_runs_k)(
-    const T *dy, ptrdiff_t dystride, const T *x, ptrdiff_t xstride, ptrdiff_t nruns,
-    ptrdiff_t len, double mean, double *a1, double *a2, double *a3, bnf_pf *pfg, bnf_pf *pfx,
-    const int fma_adds)
+BNF_SIMD_FN void BNF_SIMD(bwd_sums_runs)(const T *dy, ptrdiff_t dystride, const T *x,
+                                         ptrdiff_t xstride, ptrdiff_t nruns, ptrdiff_t len,
+                                         double mean, double *a1, double *a2, double *a3,
+                                         bnf_pf *pfg, bnf_pf *pfx)
 {
     /* sum dy and sum (x - mean) by fused multiply-adds with 1 (exact: the bits of the
-     * adds) where fma_adds (bnf_adds_as_fma): on Zen 4 the adds share their pipes with
-     * the conversions, the multiply-adds do not (these sums took 0.80x the time in a C
+     * adds) where bnf_adds_as_fma: on Zen 4 the adds share their pipes with the
+     * conversions, the multiply-adds do not (these sums took 0.80x the time in a C
      * harness, in L2; (64, 8, 28, 28) backward 0.96x); on an Intel Xeon (64, 256, 28,
      * 28) backward took 1.04x the time that way, in-cache ones 1.00-1.01x */
     BNF_VD s1[BNF_NV], s2[BNF_NV], s3[BNF_NV], vm = BNF_VSET1(mean), one = BNF_VSET1(1.0);
+    const int fma_adds = bnf_adds_as_fma;
 #define BNF_ACC(s, v) (fma_adds ? BNF_VFMA((v), one, (s)) : BNF_VADD((s), (v)))
     for (int v = 0; v < BNF_NV; v++) {
         s1[v] = BNF_VLD(a1 + BNF_VW * v);
@@ -413,23 +414,6 @@ BNF_SIMD_FN inline BNF_INLINE void BNF_SIMD(bwd_sums_runs_k)(
         BNF_VST(a3 + BNF_VW * v, s3[v]);
     }
 #undef BNF_ACC
-}
-
-/* fma_adds a constant in each copy of the loop: tested inside it, it cost the sums 4-7%
- * in cache (Zen 4, one process, alternated: (8, 64, 28, 28) float32 0.92-0.96x the time
- * without the test, backward 0.97x; (64, 256, 28, 28) backward 0.97x, (64, 1024, 14, 14)
- * 1.02x). */
-BNF_SIMD_FN void BNF_SIMD(bwd_sums_runs)(const T *dy, ptrdiff_t dystride, const T *x,
-                                         ptrdiff_t xstride, ptrdiff_t nruns, ptrdiff_t len,
-                                         double mean, double *a1, double *a2, double *a3,
-                                         bnf_pf *pfg, bnf_pf *pfx)
-{
-    if (bnf_adds_as_fma)
-        BNF_SIMD(bwd_sums_runs_k)(dy, dystride, x, xstride, nruns, len, mean, a1, a2, a3, pfg,
-                                  pfx, 1);
-    else
-        BNF_SIMD(bwd_sums_runs_k)(dy, dystride, x, xstride, nruns, len, mean, a1, a2, a3, pfg,
-                                  pfx, 0);
 }
 
 BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const T *x,
