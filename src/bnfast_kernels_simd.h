@@ -285,22 +285,25 @@ BNF_SIMD_FN void BNF_SIMD(norm_chunk)(const T *p, T *q, ptrdiff_t n, double mean
 #undef BNF_S
 }
 
-/* Rows form (norm_rows_run of bnfast_kernels_impl.h).  Streaming from cache (pf_rows ==
- * 0, nt, every row on a line): four rows at a time, the factors of a pair of vectors
- * loaded once for the four (on 64-wide rows 0.59-0.66 -> 0.56-0.60x a copy).  Otherwise
- * rows in order, each line of the row `ahead` below prefetched as its columns are done:
- * four rows at once read 4 KB apart measured slower from DRAM (dx: 1.24-1.30 against
- * 1.03-1.06x), and with plain stores to rows off a line (every store split over two
- * lines, in four places at once) 1.5x slower in cache; a row's prefetches issued at once
- * (a cursor advanced per row) stalled the streaming stores (dx 1.29-1.40x). */
+/* Rows form (norm_rows_run of bnfast_kernels_impl.h): four rows at a time, the factors of
+ * a pair of vectors loaded once for the four, and the four rows `ahead` below prefetched
+ * as each line of columns is done (bnf_pf_quad: in address order on contiguous rows).
+ * Rows one at a time (each line of the row `ahead` below prefetched as its columns are
+ * done) only where a streamed output's rows are off a line, whose heads go alone.  A row
+ * at a time, the factors' loads bounded the normalize in cache; four at a time, one
+ * thread, float32, in one process (Zen 4): (1568, 64) eval 0.68x the time, training
+ * 0.79-0.80x; (6272, 256) eval 0.75-0.84x, training 0.88-0.95x; the same with the
+ * output 4 bytes off a line; from DRAM, (200704, 64) and (64, 28, 28, 256), 0.94-1.00x
+ * (two threads 0.89-0.95x).  Four rows without the prefetch were 1.2-1.3x slower from
+ * DRAM.  A row's prefetches issued at once (a cursor advanced per row) stalled the
+ * streaming stores (dx 1.29-1.40x). */
 BNF_SIMD_FN void BNF_SIMD(norm_rows_run)(const T *x, ptrdiff_t xstride, T *q,
                                          ptrdiff_t qstride, ptrdiff_t k, ptrdiff_t n,
                                          const double *m, const double *a, const double *b,
                                          ptrdiff_t pf_rows, int nt)
 {
     ptrdiff_t r = 0, ahead = bnf_rows_ahead(n * (ptrdiff_t)sizeof(T));
-    int quads = pf_rows == 0 && nt && !BNF_NT_HEAD(q) &&
-                qstride * (ptrdiff_t)sizeof(T) % BNF_NT_ALIGN == 0;
+    int quads = !nt || (!BNF_NT_HEAD(q) && qstride * (ptrdiff_t)sizeof(T) % BNF_NT_ALIGN == 0);
     const T *p;
     T *o;
 #define BNF_V(j)                                                                       \
@@ -308,10 +311,15 @@ BNF_SIMD_FN void BNF_SIMD(norm_rows_run)(const T *x, ptrdiff_t xstride, T *q,
 #define BNF_S(j) BNF_SE(norm_elem)(p[j], m[j], a[j], b[j])
 #define BNF_VF(j, vm, va, vb) BNF_VFMA(BNF_VSUB(BNF_VLDT(p + (j)), vm), va, vb)
     for (; quads && r + 4 <= k; r += 4) {
-        const T *p0 = x + r * xstride;
+        const T *p0 = x + r * xstride, *pa = p0 + ahead * xstride;
+        int pf = r + ahead + 4 <= pf_rows;
         T *o0 = q + r * qstride;
         ptrdiff_t c = 0;
         for (; c + 2 * BNF_VW <= n; c += 2 * BNF_VW) {
+            if (pf)
+                BNF_FOR_LINES(l, c, 2 * BNF_VW)
+                    bnf_pf_quad(pa, xstride * (ptrdiff_t)sizeof(T), n * (ptrdiff_t)sizeof(T),
+                                l * (ptrdiff_t)sizeof(T), 0);
             BNF_VD m0 = BNF_VLD(m + c), m1 = BNF_VLD(m + c + BNF_VW);
             BNF_VD a0 = BNF_VLD(a + c), a1 = BNF_VLD(a + c + BNF_VW);
             BNF_VD b0 = BNF_VLD(b + c), b1 = BNF_VLD(b + c + BNF_VW);
@@ -494,9 +502,13 @@ BNF_SIMD_FN void BNF_SIMD(dx_chunk)(const T *g, const T *p, T *q, ptrdiff_t n, d
 #undef BNF_S
 }
 
-/* Rows form (dx_rows_run of bnfast_kernels_impl.h), four rows at a time or rows in order
- * as norm_rows_run (streaming from cache on 64-wide rows 0.88-1.00 -> 0.83-0.88x a copy;
- * from DRAM 1.29-1.44 -> 1.12-1.20x, where a copy of x and dy into dx takes 1.03-1.06x). */
+/* Rows form (dx_rows_run of bnfast_kernels_impl.h): four rows at a time from cache
+ * (pf_rows == 0; streamed, rows on a line), rows in order otherwise, prefetching as
+ * norm_rows_run's rows in order (streaming from cache on 64-wide rows 0.88-1.00 ->
+ * 0.83-0.88x a copy; from DRAM 1.29-1.44 -> 1.12-1.20x, where a copy of x and dy into dx
+ * takes 1.03-1.06x).  Plain stores from cache four rows at a time: (32, 256) backward
+ * 0.96-0.97x the time.  Prefetching quads as norm_rows_run's, where dx reads two arrays:
+ * (6272, 256) backward 0.90-1.06x, from DRAM with dx off a line 1.08-1.13x; not kept. */
 BNF_SIMD_FN void BNF_SIMD(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x,
                                        ptrdiff_t xstride, T *q, ptrdiff_t qstride, ptrdiff_t k,
                                        ptrdiff_t n, const double *m, const double *a,
@@ -504,8 +516,8 @@ BNF_SIMD_FN void BNF_SIMD(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x
                                        int nt)
 {
     ptrdiff_t r = 0, ahead = bnf_rows_ahead(n * (ptrdiff_t)sizeof(T));
-    int quads = pf_rows == 0 && nt && !BNF_NT_HEAD(q) &&
-                qstride * (ptrdiff_t)sizeof(T) % BNF_NT_ALIGN == 0;
+    int quads = pf_rows == 0 && (!nt || (!BNF_NT_HEAD(q) &&
+                                         qstride * (ptrdiff_t)sizeof(T) % BNF_NT_ALIGN == 0));
     const T *gr, *p;
     T *o;
 #define BNF_V(j)                                                                           \
