@@ -502,13 +502,14 @@ BNF_SIMD_FN void BNF_SIMD(dx_chunk)(const T *g, const T *p, T *q, ptrdiff_t n, d
 #undef BNF_S
 }
 
-/* Rows form (dx_rows_run of bnfast_kernels_impl.h): four rows at a time from cache
- * (pf_rows == 0; streamed, rows on a line), rows in order otherwise, prefetching as
- * norm_rows_run's rows in order (streaming from cache on 64-wide rows 0.88-1.00 ->
- * 0.83-0.88x a copy; from DRAM 1.29-1.44 -> 1.12-1.20x, where a copy of x and dy into dx
- * takes 1.03-1.06x).  Plain stores from cache four rows at a time: (32, 256) backward
- * 0.96-0.97x the time.  Prefetching quads as norm_rows_run's, where dx reads two arrays:
- * (6272, 256) backward 0.90-1.06x, from DRAM with dx off a line 1.08-1.13x; not kept. */
+/* Rows form (dx_rows_run of bnfast_kernels_impl.h): four rows at a time and rows in order
+ * as norm_rows_run (streaming from cache on 64-wide rows 0.88-1.00 -> 0.83-0.88x a copy;
+ * from DRAM 1.29-1.44 -> 1.12-1.20x, where a copy of x and dy into dx takes 1.03-1.06x).
+ * Four rows at a time with plain stores and prefetching too, against rows in order, one
+ * thread, float32, in one process: (1568, 64) backward 0.91-0.94x the time, (6272, 256)
+ * 0.87-0.95x, (20000, 72) 0.95-0.97x; from DRAM, (200704, 64) and (64, 28, 28, 256),
+ * 0.98-1.03x (two builds of one source 0.98-1.03x apart); the same with the arrays 4 or
+ * 48 bytes further off a line. */
 BNF_SIMD_FN void BNF_SIMD(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x,
                                        ptrdiff_t xstride, T *q, ptrdiff_t qstride, ptrdiff_t k,
                                        ptrdiff_t n, const double *m, const double *a,
@@ -516,8 +517,7 @@ BNF_SIMD_FN void BNF_SIMD(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x
                                        int nt)
 {
     ptrdiff_t r = 0, ahead = bnf_rows_ahead(n * (ptrdiff_t)sizeof(T));
-    int quads = pf_rows == 0 && (!nt || (!BNF_NT_HEAD(q) &&
-                                         qstride * (ptrdiff_t)sizeof(T) % BNF_NT_ALIGN == 0));
+    int quads = !nt || (!BNF_NT_HEAD(q) && qstride * (ptrdiff_t)sizeof(T) % BNF_NT_ALIGN == 0);
     const T *gr, *p;
     T *o;
 #define BNF_V(j)                                                                           \
@@ -533,9 +533,19 @@ BNF_SIMD_FN void BNF_SIMD(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x
              BNF_VFNMA(BNF_VSUB(BNF_VLDT(p + (j)), vm), v2, BNF_VSUB(BNF_VLDT(gr + (j)), v1)))
     for (; quads && r + 4 <= k; r += 4) {
         const T *g0 = g + r * gstride, *p0 = x ? x + r * xstride : NULL;
+        const T *ga = g0 + ahead * gstride, *pa = p0 ? p0 + ahead * xstride : NULL;
+        int pf = r + ahead + 4 <= pf_rows;
         T *o0 = q + r * qstride;
         ptrdiff_t c = 0;
         for (; c + 2 * BNF_VW <= n; c += 2 * BNF_VW) {
+            if (pf)
+                BNF_FOR_LINES(l, c, 2 * BNF_VW) {
+                    bnf_pf_quad(ga, gstride * (ptrdiff_t)sizeof(T), n * (ptrdiff_t)sizeof(T),
+                                l * (ptrdiff_t)sizeof(T), 0);
+                    if (pa)
+                        bnf_pf_quad(pa, xstride * (ptrdiff_t)sizeof(T),
+                                    n * (ptrdiff_t)sizeof(T), l * (ptrdiff_t)sizeof(T), 0);
+                }
             BNF_VD a0 = BNF_VLD(a + c), a1 = BNF_VLD(a + c + BNF_VW);
             if (p0) {
                 BNF_VD f0 = BNF_VLD(k1 + c), f1 = BNF_VLD(k1 + c + BNF_VW);
