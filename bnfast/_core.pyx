@@ -45,6 +45,7 @@ cdef extern from "bnfast_kernels.h" nogil:
     enum: BNF_CACHED
     enum: BNF_FETCH_NEXT
     enum: BNF_FAR_NEXT
+    enum: BNF_FROM_DRAM
     enum: BNF_BLOCK_CHANNELS
     enum: BNF_TILE_ELEMS
     enum: BNF_CHUNK
@@ -96,7 +97,7 @@ cdef extern from "bnfast_kernels.h" nogil:
     void bnf_bwd_sums_rows(int type, const void *dy, Py_ssize_t dys, const void *x,
                            Py_ssize_t xs, Py_ssize_t nrows, Py_ssize_t width,
                            Py_ssize_t group, const double *mean, double *sum_dy,
-                           double *sum_dy_xmu, double *sum_xmu)
+                           double *sum_dy_xmu, double *sum_xmu, int flags)
     void bnf_bwd_dx_runs(int type, const void *dy, Py_ssize_t dys, Py_ssize_t dycs,
                          const void *x, Py_ssize_t xs, Py_ssize_t xcs, void *dx,
                          Py_ssize_t dxs, Py_ssize_t dxcs, Py_ssize_t nruns,
@@ -589,6 +590,13 @@ cdef inline Py_ssize_t _at(const Job *j, const Py_ssize_t *ls, Py_ssize_t os,
     return off + q * ls[j.nlev - 1]
 
 
+cdef inline int _sums_flags(const Job *j) noexcept nogil:
+    """The backward sums of rows read x and dy from DRAM when x holds
+    _reduce_blocks_min bytes or more (both arrays twice an L3 of 16 MB): they then
+    prefetch into L1 too (BNF_NEAR_ROWS_BYTES)."""
+    return BNF_FROM_DRAM if j.outer * j.C * j.inner * j.isz >= _reduce_blocks_min else 0
+
+
 cdef inline Py_ssize_t _piece(const Job *j, Py_ssize_t r, Py_ssize_t r1) noexcept nogil:
     """Rows from r, before r1, that lie in r's segment (evenly spaced)."""
     cdef Py_ssize_t n
@@ -709,7 +717,8 @@ cdef void _seg_unit(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssize_t r0
                 bnf_stats_runs(j.type, _x_at(j, r, c0), n, j.x_os, j.inner, m)
             elif rows:
                 bnf_bwd_sums_rows(j.type, _dy_at(j, r, c0), j.dy_os, _x_at(j, r, c0),
-                                  j.x_os, n, w, j.group, j.hi + c0, s1, s2, s3)
+                                  j.x_os, n, w, j.group, j.hi + c0, s1, s2, s3,
+                                  _sums_flags(j))
             else:
                 bnf_bwd_sums_runs(j.type, _dy_at(j, r, c0), j.dy_os, 0, _x_at(j, r, c0),
                                   j.x_os, 0, n, j.inner, 1, j.hi + c0, s1, s2, s3)
@@ -823,7 +832,7 @@ cdef inline void _unit_at(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssiz
     if kind == K_BSUMS or kind == K_BWD or kind == K_BEVAL:
         if rows:
             bnf_bwd_sums_rows(j.type, dy, dy_os, x, x_os, nr, w, j.group, j.hi + c0,
-                              sdy, sdyx, sxm)
+                              sdy, sdyx, sxm, _sums_flags(j))
         else:
             bnf_bwd_sums_runs(j.type, dy, dy_os, 0, x, x_os, 0, nr, j.inner, 1, j.hi + c0,
                               sdy, sdyx, sxm)

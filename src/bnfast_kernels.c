@@ -295,6 +295,15 @@ static inline BNF_INLINE void bnf_pf_advance(bnf_pf *pf, ptrdiff_t bytes)
  * 2.20 -> 2.62x). */
 #define BNF_FAR_ROWS_BYTES 16384
 
+/* From DRAM (BNF_FROM_DRAM), the backward sums of rows also prefetch the rows this far
+ * ahead (a whole number of four-row steps) into L1.  On rows of 1 KB or more the sums
+ * waited on L2 without: one thread, float32, 51 MB, in one process against the far
+ * prefetch alone (Zen 4), (64, 28, 28, 256) backward sums 0.77-0.86x the time and the
+ * backward 0.87-0.92x (two threads 0.88x and 0.95x), (25088, 512) sums 0.79-0.87x,
+ * (100352, 128) 0.86x; (200704, 64) 0.96-1.02x.  From L3 (x and dy of 6-13 MB each)
+ * the same prefetches cost the sums 7-13%: hence the flag. */
+#define BNF_NEAR_ROWS_BYTES 2048
+
 /* Rows ahead: `bytes` of the rows' columns, a whole number of four-row steps. */
 static inline ptrdiff_t bnf_rows_ahead_by(ptrdiff_t row_bytes, ptrdiff_t bytes)
 {

@@ -49,6 +49,8 @@ typedef struct {
 #define BNF_FETCH_NEXT 4
 /* bnf_norm_runs: the statistics of x_next prefetch into L2, not L1 */
 #define BNF_FAR_NEXT 8
+/* bnf_bwd_sums_rows: x and dy are larger than the caches, read from DRAM */
+#define BNF_FROM_DRAM 16
 
 /* Widest channel block the rows-form kernels accept (stack scratch is sized by it), and
  * the width of the blocks the reductions over wider rows take.  512, not 256: rows of
@@ -181,7 +183,7 @@ void bnf_finalize(const bnf_moments *m, ptrdiff_t n, double eps, const double *w
     void bnf_bwd_sums_rows_##S(const T *dy, ptrdiff_t dystride, const T *x,               \
                                ptrdiff_t xstride, ptrdiff_t nrows, ptrdiff_t width,       \
                                ptrdiff_t group, const double *mean, double *sum_dy,       \
-                               double *sum_dy_xmu, double *sum_xmu);                      \
+                               double *sum_dy_xmu, double *sum_xmu, int flags);           \
     void bnf_bwd_dx_runs_##S(const T *dy, ptrdiff_t dystride, ptrdiff_t dycs, const T *x, \
                              ptrdiff_t xstride, ptrdiff_t xcs, T *dx, ptrdiff_t dxstride, \
                              ptrdiff_t dxcs, ptrdiff_t nruns, ptrdiff_t len, ptrdiff_t k, \
@@ -280,11 +282,12 @@ static inline void bnf_bwd_sums_runs(int type, const void *dy, ptrdiff_t dystrid
 static inline void bnf_bwd_sums_rows(int type, const void *dy, ptrdiff_t dystride,
                                      const void *x, ptrdiff_t xstride, ptrdiff_t nrows,
                                      ptrdiff_t width, ptrdiff_t group, const double *mean,
-                                     double *sum_dy, double *sum_dy_xmu, double *sum_xmu)
+                                     double *sum_dy, double *sum_dy_xmu, double *sum_xmu,
+                                     int flags)
 {
 #define CALL(T, S)                                                                      \
     bnf_bwd_sums_rows_##S((const T *)dy, dystride, (const T *)x, xstride, nrows, width, \
-                          group, mean, sum_dy, sum_dy_xmu, sum_xmu)
+                          group, mean, sum_dy, sum_dy_xmu, sum_xmu, flags)
     BNF_BY_TYPE(type, CALL)
 #undef CALL
 }

@@ -660,16 +660,18 @@ BNF_CLONES void BNF_NAME(bnf_bwd_sums_runs)(const T *dy, ptrdiff_t dystride, ptr
 
 /* Backward sums of rows, per column, accumulated into sum_dy.. (four rows at a time),
  * prefetching rows up to pf_rows as shifted_sums_rows, but further and into L2
- * (BNF_FAR_ROWS_BYTES). */
+ * (BNF_FAR_ROWS_BYTES).  `near` (from DRAM): the intrinsics loops also prefetch rows
+ * nearer into L1 (BNF_NEAR_ROWS_BYTES); these plain loops do not. */
 static inline BNF_INLINE void BNF_NAME(bwd_sums_rows)(const T *dy, ptrdiff_t dystride,
                                                      const T *x, ptrdiff_t xstride,
                                                      ptrdiff_t nrows, ptrdiff_t width,
                                                      const double *mean, double *sum_dy,
                                                      double *sum_dy_xmu, double *sum_xmu,
-                                                     ptrdiff_t pf_rows)
+                                                     ptrdiff_t pf_rows, int near)
 {
     ptrdiff_t r = 0, ahead = bnf_rows_ahead_by(width * (ptrdiff_t)sizeof(T),
                                                         BNF_FAR_ROWS_BYTES);
+    (void)near;
     for (; r + 4 <= nrows; r += 4) {
         const T *g0 = dy + r * dystride, *g1 = g0 + dystride, *g2 = g1 + dystride,
                 *g3 = g2 + dystride;
@@ -705,7 +707,7 @@ static inline BNF_INLINE void BNF_NAME(bwd_sums_rows_cols)(const T *dy, ptrdiff_
                                                           const double *mean,
                                                           double *sum_dy,
                                                           double *sum_dy_xmu,
-                                                          double *sum_xmu)
+                                                          double *sum_xmu, int near)
 {
     BNF_ALIGN64 double mbuf[BNF_MAX_WIDTH], s1[BNF_MAX_WIDTH], s2[BNF_MAX_WIDTH],
         s3[BNF_MAX_WIDTH];
@@ -716,7 +718,7 @@ static inline BNF_INLINE void BNF_NAME(bwd_sums_rows_cols)(const T *dy, ptrdiff_
     mean = bnf_aligned(mean, mbuf, width, nrows);
     for (ptrdiff_t c = 0; c < width; c++) o1[c] = o2[c] = o3[c] = 0;
     BNF_DISPATCH(bwd_sums_rows, dy, dystride, x, xstride, nrows, width, mean, o1, o2, o3,
-                 nrows);
+                 nrows, near);
     if (local) {
         memcpy(sum_dy, s1, (size_t)width * sizeof(double));
         memcpy(sum_dy_xmu, s2, (size_t)width * sizeof(double));
@@ -729,7 +731,7 @@ static inline BNF_INLINE void BNF_NAME(bwd_sums_rows_cols)(const T *dy, ptrdiff_
 static BNF_CLONES BNF_NOINLINE void BNF_NAME(bwd_sums_rows_grouped)(
     const T *dy, ptrdiff_t dystride, const T *x, ptrdiff_t xstride, ptrdiff_t nrows,
     ptrdiff_t width, ptrdiff_t group, const double *mean, double *sum_dy, double *sum_dy_xmu,
-    double *sum_xmu)
+    double *sum_xmu, int near)
 {
     BNF_ALIGN64 double m[BNF_MAX_WIDTH], s1[BNF_MAX_WIDTH], s2[BNF_MAX_WIDTH],
         s3[BNF_MAX_WIDTH];
@@ -740,7 +742,7 @@ static BNF_CLONES BNF_NOINLINE void BNF_NAME(bwd_sums_rows_grouped)(
         ptrdiff_t w = width - c0 < per ? width - c0 : per;
         bnf_spread_factors(dst, src, 1, c0, w, group);
         BNF_NAME(bwd_sums_rows_cols)(dy + c0 * group, dystride, x + c0 * group, xstride,
-                                     nrows, w * group, m, s1, s2, s3);
+                                     nrows, w * group, m, s1, s2, s3, near);
         for (ptrdiff_t c = 0; c < w; c++) {
             double t1 = s1[c * group], t2 = s2[c * group], t3 = s3[c * group];
             for (ptrdiff_t i = 1; i < group; i++) {
@@ -759,7 +761,7 @@ static BNF_CLONES BNF_NOINLINE void BNF_NAME(bwd_sums_rows_grouped)(
  * order, then the rows left over. */
 static BNF_CLONES BNF_NOINLINE void BNF_NAME(bwd_sums_rows_folded)(
     const T *dy, const T *x, ptrdiff_t nrows, ptrdiff_t width, const double *mean,
-    double *sum_dy, double *sum_dy_xmu, double *sum_xmu)
+    double *sum_dy, double *sum_dy_xmu, double *sum_xmu, int near)
 {
     BNF_ALIGN64 double m[BNF_MAX_WIDTH], s1[BNF_MAX_WIDTH], s2[BNF_MAX_WIDTH],
         s3[BNF_MAX_WIDTH];
@@ -767,7 +769,7 @@ static BNF_CLONES BNF_NOINLINE void BNF_NAME(bwd_sums_rows_folded)(
     const double *src[1] = {mean};
     ptrdiff_t k = bnf_fold_rows(width), fw = k * width, nf = nrows / k;
     bnf_repeat_factors(dst, src, 1, width, fw, 0);
-    BNF_NAME(bwd_sums_rows_cols)(dy, fw, x, fw, nf, fw, m, s1, s2, s3);
+    BNF_NAME(bwd_sums_rows_cols)(dy, fw, x, fw, nf, fw, m, s1, s2, s3, near);
     for (ptrdiff_t c = 0; c < width; c++) {
         double t1 = s1[c], t2 = s2[c], t3 = s3[c];
         for (ptrdiff_t i = 1; i < k; i++) {
@@ -781,7 +783,7 @@ static BNF_CLONES BNF_NOINLINE void BNF_NAME(bwd_sums_rows_folded)(
     }
     if (nrows > nf * k) {
         BNF_NAME(bwd_sums_rows_cols)(dy + nf * fw, width, x + nf * fw, width, nrows - nf * k,
-                                     width, m, s1, s2, s3);
+                                     width, m, s1, s2, s3, near);
         for (ptrdiff_t c = 0; c < width; c++) {
             sum_dy[c] += s1[c];
             sum_dy_xmu[c] += s2[c];
@@ -794,17 +796,18 @@ BNF_CLONES void BNF_NAME(bnf_bwd_sums_rows)(const T *dy, ptrdiff_t dystride, con
                                             ptrdiff_t xstride, ptrdiff_t nrows,
                                             ptrdiff_t width, ptrdiff_t group,
                                             const double *mean, double *sum_dy,
-                                            double *sum_dy_xmu, double *sum_xmu)
+                                            double *sum_dy_xmu, double *sum_xmu, int flags)
 {
+    int near = (flags & BNF_FROM_DRAM) != 0;
     if (group == 1 && dystride == width && xstride == width && bnf_fold_pays(nrows, width))
         BNF_NAME(bwd_sums_rows_folded)(dy, x, nrows, width, mean, sum_dy, sum_dy_xmu,
-                                       sum_xmu);
+                                       sum_xmu, near);
     else if (group > 1)
         BNF_NAME(bwd_sums_rows_grouped)(dy, dystride, x, xstride, nrows, width, group, mean,
-                                        sum_dy, sum_dy_xmu, sum_xmu);
+                                        sum_dy, sum_dy_xmu, sum_xmu, near);
     else
         BNF_NAME(bwd_sums_rows_cols)(dy, dystride, x, xstride, nrows, width, mean, sum_dy,
-                                     sum_dy_xmu, sum_xmu);
+                                     sum_dy_xmu, sum_xmu, near);
 }
 
 /* dx = a * ((dy - k1) - (x - mean) * k2) over n contiguous elements; x == NULL: a * dy. */

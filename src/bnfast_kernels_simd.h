@@ -427,15 +427,19 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_runs)(const T *dy, ptrdiff_t dystride, const 
 BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const T *x,
                                          ptrdiff_t xstride, ptrdiff_t nrows, ptrdiff_t width,
                                          const double *mean, double *sum_dy,
-                                         double *sum_dy_xmu, double *sum_xmu, ptrdiff_t pf_rows)
+                                         double *sum_dy_xmu, double *sum_xmu, ptrdiff_t pf_rows,
+                                         int near)
 {
     ptrdiff_t r = 0, ahead = bnf_rows_ahead_by(width * (ptrdiff_t)sizeof(T),
                                                         BNF_FAR_ROWS_BYTES);
+    ptrdiff_t nearby = near ? bnf_rows_ahead_by(width * (ptrdiff_t)sizeof(T),
+                                                BNF_NEAR_ROWS_BYTES) : 0;
     for (; r + 4 <= nrows; r += 4) {
         const T *g0 = dy + r * dystride, *g1 = g0 + dystride, *g2 = g1 + dystride,
-                *g3 = g2 + dystride, *ga = g0 + ahead * dystride;
+                *g3 = g2 + dystride, *ga = g0 + ahead * dystride,
+                *gn = g0 + nearby * dystride;
         const T *p0 = x + r * xstride, *p1 = p0 + xstride, *p2 = p1 + xstride,
-                *p3 = p2 + xstride, *pa = p0 + ahead * xstride;
+                *p3 = p2 + xstride, *pa = p0 + ahead * xstride, *pn = p0 + nearby * xstride;
         int pf = r + ahead + 4 <= pf_rows;
         ptrdiff_t c = 0;
         for (; c + BNF_VW <= width; c += BNF_VW) {
@@ -445,6 +449,12 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const 
                                 width * (ptrdiff_t)sizeof(T), l * (ptrdiff_t)sizeof(T), 1);
                     bnf_pf_quad(pa, xstride * (ptrdiff_t)sizeof(T),
                                 width * (ptrdiff_t)sizeof(T), l * (ptrdiff_t)sizeof(T), 1);
+                    if (nearby) {
+                        bnf_pf_quad(gn, dystride * (ptrdiff_t)sizeof(T),
+                                    width * (ptrdiff_t)sizeof(T), l * (ptrdiff_t)sizeof(T), 0);
+                        bnf_pf_quad(pn, xstride * (ptrdiff_t)sizeof(T),
+                                    width * (ptrdiff_t)sizeof(T), l * (ptrdiff_t)sizeof(T), 0);
+                    }
                 }
             BNF_VD m = BNF_VLD(mean + c);
             BNF_VD a0 = BNF_VLDT(g0 + c), a1 = BNF_VLDT(g1 + c), a2 = BNF_VLDT(g2 + c),
