@@ -80,7 +80,7 @@ cdef extern from "bnfast_kernels.h" nogil:
                         Py_ssize_t length, bnf_moments *m)
     void bnf_stats_rows(int type, const void *x, Py_ssize_t nrows, Py_ssize_t stride,
                         Py_ssize_t width, Py_ssize_t group, Py_ssize_t tile_rows,
-                        bnf_moments *m)
+                        bnf_moments *m, int flags)
     void bnf_norm_runs(int type, const void *x, Py_ssize_t xs, Py_ssize_t xcs, void *y,
                        Py_ssize_t ys, Py_ssize_t ycs, Py_ssize_t nruns, Py_ssize_t length,
                        Py_ssize_t k, const double *mean, const double *scale,
@@ -590,10 +590,11 @@ cdef inline Py_ssize_t _at(const Job *j, const Py_ssize_t *ls, Py_ssize_t os,
     return off + q * ls[j.nlev - 1]
 
 
-cdef inline int _sums_flags(const Job *j) noexcept nogil:
-    """The backward sums of rows read x and dy from DRAM when x holds
-    _reduce_blocks_min bytes or more (both arrays twice an L3 of 16 MB): they then
-    prefetch into L1 too (BNF_NEAR_ROWS_BYTES)."""
+cdef inline int _dram_flags(const Job *j) noexcept nogil:
+    """The rows reductions read from DRAM when x holds _reduce_blocks_min bytes or more:
+    then the statistics prefetch into L2 as well as L1 (BNF_FAR_ROWS_BYTES) and the
+    backward sums into L1 as well as L2 (BNF_NEAR_ROWS_BYTES). In cache those
+    prefetches cost 4-13%."""
     return BNF_FROM_DRAM if j.outer * j.C * j.inner * j.isz >= _reduce_blocks_min else 0
 
 
@@ -712,13 +713,13 @@ cdef void _seg_unit(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssize_t r0
                 m, s1, s2, s3 = mom, sdy, sdyx, sxm
             if not bwd and rows:
                 bnf_stats_rows(j.type, _x_at(j, r, c0), n, j.x_os, w, j.group, j.tile_rows,
-                               m)
+                               m, _dram_flags(j))
             elif not bwd:
                 bnf_stats_runs(j.type, _x_at(j, r, c0), n, j.x_os, j.inner, m)
             elif rows:
                 bnf_bwd_sums_rows(j.type, _dy_at(j, r, c0), j.dy_os, _x_at(j, r, c0),
                                   j.x_os, n, w, j.group, j.hi + c0, s1, s2, s3,
-                                  _sums_flags(j))
+                                  _dram_flags(j))
             else:
                 bnf_bwd_sums_runs(j.type, _dy_at(j, r, c0), j.dy_os, 0, _x_at(j, r, c0),
                                   j.x_os, 0, n, j.inner, 1, j.hi + c0, s1, s2, s3)
@@ -811,7 +812,7 @@ cdef inline void _unit_at(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssiz
     cdef double *sxm = j.s_xm + sb * j.C + c0 if j.s_xm != NULL else NULL
     if kind == K_STATS or kind == K_FWD:
         if rows:
-            bnf_stats_rows(j.type, x, nr, x_os, w, j.group, j.tile_rows, mom)
+            bnf_stats_rows(j.type, x, nr, x_os, w, j.group, j.tile_rows, mom, _dram_flags(j))
         else:
             bnf_stats_runs(j.type, x, nr, x_os, j.inner, mom)
         if kind == K_STATS:
@@ -832,7 +833,7 @@ cdef inline void _unit_at(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssiz
     if kind == K_BSUMS or kind == K_BWD or kind == K_BEVAL:
         if rows:
             bnf_bwd_sums_rows(j.type, dy, dy_os, x, x_os, nr, w, j.group, j.hi + c0,
-                              sdy, sdyx, sxm, _sums_flags(j))
+                              sdy, sdyx, sxm, _dram_flags(j))
         else:
             bnf_bwd_sums_runs(j.type, dy, dy_os, 0, x, x_os, 0, nr, j.inner, 1, j.hi + c0,
                               sdy, sdyx, sxm)

@@ -290,9 +290,12 @@ static inline BNF_INLINE void bnf_pf_advance(bnf_pf *pf, ptrdiff_t bytes)
 /* The backward sums of rows read dy and x, eight streams of four rows: they prefetch
  * further, into L2 (bnf_pf_quad's `far`).  One thread, float32, against 4 KB into L1,
  * alternated in one process: (64, 28, 28, 256) channels-last backward 2.72-2.91 ->
- * 2.20-2.62x a copy, (200704, 64) 2.45-2.67 -> 2.37-2.45x.  Not the statistics (one
- * array: (64, 28, 28, 256) training 1.54-1.62 -> 1.70-1.87x) nor dx (with these sums,
- * 2.20 -> 2.62x). */
+ * 2.20-2.62x a copy, (200704, 64) 2.45-2.67 -> 2.37-2.45x.  Not dx (with these sums,
+ * 2.20 -> 2.62x).  The statistics (one array) lost with this instead of 4 KB into L1
+ * ((64, 28, 28, 256) training 1.54-1.62 -> 1.70-1.87x); from DRAM (BNF_FROM_DRAM) they
+ * take both: against L1 alone, in one process, (64, 28, 28, 256) training 0.89-0.92x
+ * the time, (25088, 512) 0.91x, (200704, 64) 0.92-0.95x, (1835008, 7) folded 0.95-0.97x
+ * (two threads 0.96-0.97x); from L3 1.04x, hence the flag. */
 #define BNF_FAR_ROWS_BYTES 16384
 
 /* From DRAM (BNF_FROM_DRAM), the backward sums of rows also prefetch the rows this far

@@ -49,7 +49,8 @@ typedef struct {
 #define BNF_FETCH_NEXT 4
 /* bnf_norm_runs: the statistics of x_next prefetch into L2, not L1 */
 #define BNF_FAR_NEXT 8
-/* bnf_bwd_sums_rows: x and dy are larger than the caches, read from DRAM */
+/* bnf_stats_rows, bnf_bwd_sums_rows: the arrays read are larger than the caches, read
+ * from DRAM: the rows are prefetched further ahead, into L2 as well as L1 */
 #define BNF_FROM_DRAM 16
 
 /* Widest channel block the rows-form kernels accept (stack scratch is sized by it), and
@@ -165,7 +166,7 @@ void bnf_finalize(const bnf_moments *m, ptrdiff_t n, double eps, const double *w
                             bnf_moments *m);                                              \
     void bnf_stats_rows_##S(const T *x, ptrdiff_t nrows, ptrdiff_t stride,                \
                             ptrdiff_t width, ptrdiff_t group, ptrdiff_t tile_rows,        \
-                            bnf_moments *m);                                              \
+                            bnf_moments *m, int flags);                                   \
     void bnf_norm_runs_##S(const T *x, ptrdiff_t xstride, ptrdiff_t xcs, T *y,           \
                            ptrdiff_t ystride, ptrdiff_t ycs, ptrdiff_t nruns,             \
                            ptrdiff_t len, ptrdiff_t k, const double *mean,                \
@@ -234,9 +235,10 @@ static inline void bnf_stats_runs(int type, const void *x, ptrdiff_t nruns,
 
 static inline void bnf_stats_rows(int type, const void *x, ptrdiff_t nrows,
                                   ptrdiff_t stride, ptrdiff_t width, ptrdiff_t group,
-                                  ptrdiff_t tile_rows, bnf_moments *m)
+                                  ptrdiff_t tile_rows, bnf_moments *m, int flags)
 {
-#define CALL(T, S) bnf_stats_rows_##S((const T *)x, nrows, stride, width, group, tile_rows, m)
+#define CALL(T, S) \
+    bnf_stats_rows_##S((const T *)x, nrows, stride, width, group, tile_rows, m, flags)
     BNF_BY_TYPE(type, CALL)
 #undef CALL
 }

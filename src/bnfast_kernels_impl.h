@@ -127,13 +127,17 @@ BNF_CLONES void BNF_NAME(bnf_stats_runs)(const T *x, ptrdiff_t nruns, ptrdiff_t 
 
 /* Rows form: sums of d = x - shift[c] and d^2 per channel over `k` rows, four rows at
  * a time so the accumulators are loaded and stored once per four rows.  Rows up to
- * pf_rows (counted from base; 0: none) are prefetched, bnf_rows_ahead below. */
+ * pf_rows (counted from base; 0: none) are prefetched, bnf_rows_ahead below.  `far`
+ * (from DRAM): the intrinsics loops also prefetch BNF_FAR_ROWS_BYTES ahead into L2;
+ * these plain loops do not. */
 static inline BNF_INLINE void BNF_NAME(shifted_sums_rows)(const T *base, ptrdiff_t k,
                                                          ptrdiff_t stride, ptrdiff_t width,
                                                          const double *shift, double *s1,
-                                                         double *s2, ptrdiff_t pf_rows)
+                                                         double *s2, ptrdiff_t pf_rows,
+                                                         int far)
 {
     ptrdiff_t r, ahead = bnf_rows_ahead(width * (ptrdiff_t)sizeof(T));
+    (void)far;
     for (ptrdiff_t c = 0; c < width; c++) s1[c] = s2[c] = 0;
     for (r = 0; r + 4 <= k; r += 4) {
         const T *p0 = base + r * stride, *p1 = p0 + stride, *p2 = p1 + stride,
@@ -189,7 +193,7 @@ static inline BNF_INLINE void BNF_NAME(group_sums)(const double *s1, const doubl
 static inline BNF_INLINE void BNF_NAME(stats_rows_cols)(const T *x, ptrdiff_t nrows,
                                                        ptrdiff_t stride, ptrdiff_t width,
                                                        ptrdiff_t group, ptrdiff_t tile_rows,
-                                                       bnf_moments *m)
+                                                       bnf_moments *m, int far)
 {
     BNF_ALIGN64 double shift[BNF_MAX_WIDTH], s1[BNF_MAX_WIDTH], s2[BNF_MAX_WIDTH];
     BNF_ALIGN64 double hi[BNF_MAX_WIDTH], lo[BNF_MAX_WIDTH], m2[BNF_MAX_WIDTH];
@@ -214,7 +218,7 @@ static inline BNF_INLINE void BNF_NAME(stats_rows_cols)(const T *x, ptrdiff_t nr
             for (ptrdiff_t c = 0; c < width; c++)
                 for (ptrdiff_t i = 0; i < group; i++) shift[c * group + i] = cs[c];
         BNF_DISPATCH(shifted_sums_rows, base, k, stride, cols, shift, s1, s2,
-                     nrows - r0);
+                     nrows - r0, far);
         if (group > 1) BNF_NAME(group_sums)(s1, s2, width, group, g1, g2);
 #pragma omp simd reduction(| : redo)
         for (ptrdiff_t c = 0; c < width; c++) redo |= c1[c] * c1[c] > BNF_REDO_RATIO * n * c2[c];
@@ -228,7 +232,7 @@ static inline BNF_INLINE void BNF_NAME(stats_rows_cols)(const T *x, ptrdiff_t nr
             if (group > 1)
                 for (ptrdiff_t c = 0; c < width; c++)
                     for (ptrdiff_t i = 0; i < group; i++) shift[c * group + i] = cs[c];
-            BNF_DISPATCH(shifted_sums_rows, base, k, stride, cols, shift, s1, s2, 0);
+            BNF_DISPATCH(shifted_sums_rows, base, k, stride, cols, shift, s1, s2, 0, 0);
             if (group > 1) BNF_NAME(group_sums)(s1, s2, width, group, g1, g2);
         }
         if (count == 0) {
@@ -275,13 +279,13 @@ static BNF_CLONES BNF_NOINLINE void BNF_NAME(stats_rows_grouped)(const T *x, ptr
                                                                ptrdiff_t width,
                                                                ptrdiff_t group,
                                                                ptrdiff_t tile_rows,
-                                                               bnf_moments *m)
+                                                               bnf_moments *m, int far)
 {
     ptrdiff_t per = bnf_group_block(BNF_GROUP_COLS, group);
     for (ptrdiff_t c0 = 0; c0 < width; c0 += per) {
         ptrdiff_t w = width - c0 < per ? width - c0 : per;
         BNF_NAME(stats_rows_cols)(x + c0 * group, nrows, stride, w, group, tile_rows,
-                                  m + c0);
+                                  m + c0, far);
     }
 }
 
@@ -291,34 +295,35 @@ static BNF_CLONES BNF_NOINLINE void BNF_NAME(stats_rows_grouped)(const T *x, ptr
 static BNF_CLONES BNF_NOINLINE void BNF_NAME(stats_rows_folded)(const T *x, ptrdiff_t nrows,
                                                               ptrdiff_t width,
                                                               ptrdiff_t tile_rows,
-                                                              bnf_moments *m)
+                                                              bnf_moments *m, int far)
 {
     bnf_moments col[BNF_MAX_WIDTH];
     ptrdiff_t k = bnf_fold_rows(width), fw = k * width, nf = nrows / k;
-    BNF_NAME(stats_rows_cols)(x, nf, fw, fw, 1, BNF_TILE_ELEMS / fw, col);
+    BNF_NAME(stats_rows_cols)(x, nf, fw, fw, 1, BNF_TILE_ELEMS / fw, col, far);
     for (ptrdiff_t c = 0; c < width; c++) {
         m[c] = col[c];
         for (ptrdiff_t i = 1; i < k; i++) bnf_moments_merge(&m[c], &col[i * width + c]);
     }
     if (nrows > nf * k) {
         BNF_NAME(stats_rows_cols)(x + nf * fw, nrows - nf * k, width, width, 1, tile_rows,
-                                  col);
+                                  col, far);
         for (ptrdiff_t c = 0; c < width; c++) bnf_moments_merge(&m[c], &col[c]);
     }
 }
 
 BNF_CLONES void BNF_NAME(bnf_stats_rows)(const T *x, ptrdiff_t nrows, ptrdiff_t stride,
                                          ptrdiff_t width, ptrdiff_t group,
-                                         ptrdiff_t tile_rows, bnf_moments *m)
+                                         ptrdiff_t tile_rows, bnf_moments *m, int flags)
 {
+    int far = (flags & BNF_FROM_DRAM) != 0;
     /* the grouped and folded forms apart: their scratch would grow every small call's
      * frame */
     if (group > 1)
-        BNF_NAME(stats_rows_grouped)(x, nrows, stride, width, group, tile_rows, m);
+        BNF_NAME(stats_rows_grouped)(x, nrows, stride, width, group, tile_rows, m, far);
     else if (stride == width && bnf_fold_rows(width) && nrows * width >= BNF_FOLD_MIN_STATS)
-        BNF_NAME(stats_rows_folded)(x, nrows, width, tile_rows, m);
+        BNF_NAME(stats_rows_folded)(x, nrows, width, tile_rows, m, far);
     else
-        BNF_NAME(stats_rows_cols)(x, nrows, stride, width, 1, tile_rows, m);
+        BNF_NAME(stats_rows_cols)(x, nrows, stride, width, 1, tile_rows, m, far);
 }
 
 /* y = (x - mean) * scale + shift over n contiguous elements, advancing a prefetch

@@ -225,20 +225,27 @@ BNF_SIMD_FN void BNF_SIMD(shifted_sums_runs)(const T *x, ptrdiff_t nruns, ptrdif
 
 BNF_SIMD_FN void BNF_SIMD(shifted_sums_rows)(const T *base, ptrdiff_t k, ptrdiff_t stride,
                                              ptrdiff_t width, const double *shift,
-                                             double *s1, double *s2, ptrdiff_t pf_rows)
+                                             double *s1, double *s2, ptrdiff_t pf_rows,
+                                             int far)
 {
     ptrdiff_t r, ahead = bnf_rows_ahead(width * (ptrdiff_t)sizeof(T));
+    ptrdiff_t further = far ? bnf_rows_ahead_by(width * (ptrdiff_t)sizeof(T),
+                                                BNF_FAR_ROWS_BYTES) : 0;
     for (ptrdiff_t c = 0; c < width; c++) s1[c] = s2[c] = 0;
     for (r = 0; r + 4 <= k; r += 4) {
         const T *p0 = base + r * stride, *p1 = p0 + stride, *p2 = p1 + stride,
-                *p3 = p2 + stride, *pa = p0 + ahead * stride;
+                *p3 = p2 + stride, *pa = p0 + ahead * stride, *pf2 = p0 + further * stride;
         int pf = r + ahead + 4 <= pf_rows;
         ptrdiff_t c = 0;
         for (; c + BNF_VW <= width; c += BNF_VW) {
             if (pf)
-                BNF_FOR_LINES(l, c, BNF_VW)
+                BNF_FOR_LINES(l, c, BNF_VW) {
                     bnf_pf_quad(pa, stride * (ptrdiff_t)sizeof(T), width * (ptrdiff_t)sizeof(T),
                                 l * (ptrdiff_t)sizeof(T), 0);
+                    if (further)
+                        bnf_pf_quad(pf2, stride * (ptrdiff_t)sizeof(T),
+                                    width * (ptrdiff_t)sizeof(T), l * (ptrdiff_t)sizeof(T), 1);
+                }
             BNF_VD sh = BNF_VLD(shift + c);
             BNF_VD d0 = BNF_VSUB(BNF_VLDT(p0 + c), sh), d1 = BNF_VSUB(BNF_VLDT(p1 + c), sh);
             BNF_VD d2 = BNF_VSUB(BNF_VLDT(p2 + c), sh), d3 = BNF_VSUB(BNF_VLDT(p3 + c), sh);
