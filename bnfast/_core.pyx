@@ -46,6 +46,7 @@ cdef extern from "bnfast_kernels.h" nogil:
     enum: BNF_FETCH_NEXT
     enum: BNF_FAR_NEXT
     enum: BNF_FROM_DRAM
+    enum: BNF_SPLIT_NEXT
     enum: BNF_BLOCK_CHANNELS
     enum: BNF_TILE_ELEMS
     enum: BNF_CHUNK
@@ -93,7 +94,8 @@ cdef extern from "bnfast_kernels.h" nogil:
     void bnf_bwd_sums_runs(int type, const void *dy, Py_ssize_t dys, Py_ssize_t dycs,
                            const void *x, Py_ssize_t xs, Py_ssize_t xcs, Py_ssize_t nruns,
                            Py_ssize_t length, Py_ssize_t k, const double *mean,
-                           double *sum_dy, double *sum_dy_xmu, double *sum_xmu)
+                           double *sum_dy, double *sum_dy_xmu, double *sum_xmu,
+                           const void *x_next, Py_ssize_t k_next)
     void bnf_bwd_sums_rows(int type, const void *dy, Py_ssize_t dys, const void *x,
                            Py_ssize_t xs, Py_ssize_t nrows, Py_ssize_t width,
                            Py_ssize_t group, const double *mean, double *sum_dy,
@@ -131,6 +133,21 @@ DEF BWD_FUSE_BYTES = 1 << 22
 # 56, 56) and (40, 64, 56, 56), 392 and 501 KB of each, 0.85-0.87x the time of a fused
 # channel at a time. Training channels of 802 KB pipelined measured 1.14x: not there.
 DEF PIPE_BYTES = 1 << 19
+# Fused float32 backward from DRAM takes blocks of channels of up to this many bytes of
+# each array where one fits (x and dy of a block and the next block's x in L2), and
+# spreads the prefetch of the next block over both passes: its x during this block's
+# sums, its dy during this block's dx (_split_fetch). The sums alone used to leave DRAM
+# idle. One thread, in one process against blocks of CHANNEL_BLOCK_BYTES prefetched
+# during dx (Zen 4, ABBA): (64, 256, 28, 28) backward 0.81-0.83x the time, (64, 128, 28,
+# 28) 0.83-0.85x, (32, 256, 28, 28) 0.82-0.85x, (16, 64, 56, 56) 0.76x, (64, 256, 14,
+# 14) 0.83-0.86x (runs of 784 bytes, no prefetch of the next block: the smaller blocks
+# alone); two threads 0.88-0.98x. Smaller blocks alone gave most of that on some shapes
+# (0.74-0.87x) and none on (64, 256, 28, 28) (0.88-0.99x); in cache they cost 1-2%, so
+# only from x and dy of _reduce_blocks_min or more (_bwd_small_blocks). Channels of 401 KB
+# (one a block) measured 1.08-1.16x: not there. float64 1.02-1.14x and float16
+# 0.96-1.04x: not there. The next block's sums interleaved run by run with this block's
+# dx instead measured 1.10-1.20x.
+DEF BWD_SPLIT_BYTES = 1 << 18
 # Bytes of each array in a block of channels of runs (_channel_block). Measured on one
 # thread (Zen 4, float32, in one process against a channel at a time, ABBA): training
 # (64, 256, 28, 28) in blocks of 6 channels (1.2 MB) 0.88x the time, of 8 0.89-0.91x,
@@ -722,7 +739,7 @@ cdef void _seg_unit(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssize_t r0
                                   _dram_flags(j))
             else:
                 bnf_bwd_sums_runs(j.type, _dy_at(j, r, c0), j.dy_os, 0, _x_at(j, r, c0),
-                                  j.x_os, 0, n, j.inner, 1, j.hi + c0, s1, s2, s3)
+                                  j.x_os, 0, n, j.inner, 1, j.hi + c0, s1, s2, s3, NULL, 0)
             if r > r0 and not bwd:
                 _merge_same_count(mom, pm, w)
             elif r > r0:
@@ -836,7 +853,7 @@ cdef inline void _unit_at(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssiz
                               sdy, sdyx, sxm, _dram_flags(j))
         else:
             bnf_bwd_sums_runs(j.type, dy, dy_os, 0, x, x_os, 0, nr, j.inner, 1, j.hi + c0,
-                              sdy, sdyx, sxm)
+                              sdy, sdyx, sxm, NULL, 0)
         if kind == K_BSUMS:
             return
         if kind == K_BWD:
@@ -945,7 +962,8 @@ cdef void _pipeline(Job *j, int kind, Py_ssize_t u0, Py_ssize_t u1) noexcept nog
     float32, against none): (64, 256, 28, 28) 2.30 -> 2.03x a copy, (128, 64, 56, 56)
     2.58 -> 1.95x, (32, 64, 56, 56) 2.57 -> 2.23x, float64 (64, 128, 28, 28) 2.00 ->
     1.53x; two threads 0.95x the time. Runs of 14 x 14 measured 1.05x and an x of 3 MB
-    1.07x: not there.
+    1.07x: not there. float32 channels of up to BWD_SPLIT_BYTES go in smaller blocks and
+    split that prefetch: the next block's x during the sums, its dy during dx.
     Training from DRAM (runs of FAR_NEXT_RUN or more, x of twice _reduce_blocks_min or
     more) prefetches the next block into L2, not L1 (BNF_FAR_NEXT), for its statistics:
     one thread, (64, 256, 28, 28) float32 0.88-0.94x the time, float64 (32, 256, 28, 28)
@@ -956,7 +974,7 @@ cdef void _pipeline(Job *j, int kind, Py_ssize_t u0, Py_ssize_t u1) noexcept nog
     cdef Py_ssize_t u = u0, un, w = 0, wn, c, isz = j.isz
     cdef Py_ssize_t k = _channel_block(j, kind)
     cdef int flags = BNF_CACHED | (BNF_STREAM if j.stream else 0)
-    cdef bint fetch_next
+    cdef bint fetch_next, split
     if kind == K_FWD and j.inner * isz >= FAR_NEXT_RUN and \
             j.outer * j.C * j.inner * isz >= 2 * _reduce_blocks_min:
         flags |= BNF_FAR_NEXT
@@ -974,22 +992,25 @@ cdef void _pipeline(Job *j, int kind, Py_ssize_t u0, Py_ssize_t u1) noexcept nog
             w = u1 - u if u1 - u < k else k
             bnf_bwd_sums_runs(j.type, j.dy + u * j.dy_cs * isz, j.dy_os, j.dy_cs,
                               j.x + u * j.x_cs * isz, j.x_os, j.x_cs, j.outer, j.inner, w,
-                              j.hi + u, j.s_dy + u, j.s_dyx + u, j.s_xm + u)
+                              j.hi + u, j.s_dy + u, j.s_dyx + u, j.s_xm + u, NULL, 0)
             u += w
         return
     if kind == K_BWD or kind == K_BEVAL:
         # from DRAM, each block's dx (from cache) prefetches the next block's dy and x
-        fetch_next = j.inner * isz >= REDUCE_BLOCKS_RUN and \
-            2 * j.outer * j.C * j.inner * isz >= _reduce_blocks_min
+        fetch_next = _fetch_next(j)
         while u < u1:
             w = u1 - u if u1 - u < k else k
             un = u + w
             wn = u1 - un if u1 - un < k else k
             if not fetch_next:
                 wn = 0
+            # split: a block read from cache (not the first) prefetches the next block's x
+            # during its sums, the next dy during its dx
+            split = kind == K_BWD and wn and u > u0 and _split_fetch(j)
             bnf_bwd_sums_runs(j.type, j.dy + u * j.dy_cs * isz, j.dy_os, j.dy_cs,
                               j.x + u * j.x_cs * isz, j.x_os, j.x_cs, j.outer, j.inner, w,
-                              j.hi + u, j.s_dy + u, j.s_dyx + u, j.s_xm + u)
+                              j.hi + u, j.s_dy + u, j.s_dyx + u, j.s_xm + u,
+                              j.x + un * j.x_cs * isz if split else NULL, wn)
             if kind == K_BWD:
                 for c in range(u, u + w):
                     _bwd_coeffs(j, c)
@@ -998,7 +1019,8 @@ cdef void _pipeline(Job *j, int kind, Py_ssize_t u0, Py_ssize_t u1) noexcept nog
                             j.x + u * j.x_cs * isz if kind == K_BWD else NULL, j.x_os,
                             j.x_cs,
                             j.y + u * j.y_cs * isz, j.y_os, j.y_cs, j.outer, j.inner, w,
-                            j.hi + u, j.scale + u, j.k1 + u, j.k2 + u, flags,
+                            j.hi + u, j.scale + u, j.k1 + u, j.k2 + u,
+                            flags | (BNF_SPLIT_NEXT if split else 0),
                             j.dy + un * j.dy_cs * isz if wn else NULL,
                             j.x + un * j.x_cs * isz, wn)
             if j.stream:
@@ -1032,12 +1054,35 @@ cdef inline void _any_unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
         bnf_stream_fence()
 
 
+cdef inline bint _fetch_next(const Job *j) noexcept nogil:
+    """Fused backward from DRAM (runs of REDUCE_BLOCKS_RUN bytes or more, x and dy of
+    _reduce_blocks_min or more): a block read from cache prefetches the next one."""
+    return j.inner * j.isz >= REDUCE_BLOCKS_RUN and \
+        2 * j.outer * j.C * j.inner * j.isz >= _reduce_blocks_min
+
+
+cdef inline bint _bwd_small_blocks(const Job *j) noexcept nogil:
+    """Fused float32 backward of x and dy of _reduce_blocks_min or more takes blocks of at
+    most BWD_SPLIT_BYTES of each array where a channel fits (_channel_block)."""
+    return j.isz == 4 and j.outer * j.inner * j.isz <= BWD_SPLIT_BYTES and \
+        2 * j.outer * j.C * j.inner * j.isz >= _reduce_blocks_min
+
+
+cdef inline bint _split_fetch(const Job *j) noexcept nogil:
+    """Those blocks, with runs of REDUCE_BLOCKS_RUN or more (_fetch_next): one read from
+    cache prefetches the next block's x during its sums and the next dy during its
+    dx."""
+    return _fetch_next(j) and _bwd_small_blocks(j)
+
+
 cdef Py_ssize_t _channel_block(const Job *j, int kind) noexcept nogil:
     """Channels per block of _pipeline: where the channels lie back to back in the
     arrays read (NCHW), as many as CHANNEL_BLOCK_BYTES of each holds, at most
     BNF_BLOCK_CHANNELS; else one. A row of a block is then one stream from DRAM, not one
     per channel."""
     cdef Py_ssize_t k = CHANNEL_BLOCK_BYTES // (j.outer * j.inner * j.isz)
+    if kind == K_BWD and _bwd_small_blocks(j):
+        k = BWD_SPLIT_BYTES // (j.outer * j.inner * j.isz)
     if j.x_cs != j.inner or (kind != K_FWD and kind != K_STATS and j.dy_cs != j.inner):
         return 1
     return 1 if k < 1 else BNF_BLOCK_CHANNELS if k > BNF_BLOCK_CHANNELS else k

@@ -49,6 +49,9 @@ typedef struct {
 #define BNF_FETCH_NEXT 4
 /* bnf_norm_runs: the statistics of x_next prefetch into L2, not L1 */
 #define BNF_FAR_NEXT 8
+/* bnf_bwd_dx_runs: only dy_next is prefetched, x_next was by the block's sums
+ * (bnf_bwd_sums_runs given x_next) */
+#define BNF_SPLIT_NEXT 32
 /* bnf_stats_rows, bnf_bwd_sums_rows: the arrays read are larger than the caches, read
  * from DRAM: the rows are prefetched further ahead, into L2 as well as L1 */
 #define BNF_FROM_DRAM 16
@@ -180,7 +183,7 @@ void bnf_finalize(const bnf_moments *m, ptrdiff_t n, double eps, const double *w
                                const T *x, ptrdiff_t xstride, ptrdiff_t xcs,              \
                                ptrdiff_t nruns, ptrdiff_t len, ptrdiff_t k,               \
                                const double *mean, double *sum_dy, double *sum_dy_xmu,    \
-                               double *sum_xmu);                                          \
+                               double *sum_xmu, const T *x_next, ptrdiff_t k_next);       \
     void bnf_bwd_sums_rows_##S(const T *dy, ptrdiff_t dystride, const T *x,               \
                                ptrdiff_t xstride, ptrdiff_t nrows, ptrdiff_t width,       \
                                ptrdiff_t group, const double *mean, double *sum_dy,       \
@@ -272,11 +275,13 @@ static inline void bnf_bwd_sums_runs(int type, const void *dy, ptrdiff_t dystrid
                                      ptrdiff_t dycs, const void *x, ptrdiff_t xstride,
                                      ptrdiff_t xcs, ptrdiff_t nruns, ptrdiff_t len,
                                      ptrdiff_t k, const double *mean, double *sum_dy,
-                                     double *sum_dy_xmu, double *sum_xmu)
+                                     double *sum_dy_xmu, double *sum_xmu, const void *x_next,
+                                     ptrdiff_t k_next)
 {
 #define CALL(T, S)                                                                      \
     bnf_bwd_sums_runs_##S((const T *)dy, dystride, dycs, (const T *)x, xstride, xcs,     \
-                          nruns, len, k, mean, sum_dy, sum_dy_xmu, sum_xmu)
+                          nruns, len, k, mean, sum_dy, sum_dy_xmu, sum_xmu,              \
+                          (const T *)x_next, k_next)
     BNF_BY_TYPE(type, CALL)
 #undef CALL
 }

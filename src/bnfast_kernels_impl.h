@@ -633,20 +633,32 @@ static inline BNF_INLINE void BNF_NAME(bwd_sums_runs)(const T *dy, ptrdiff_t dys
 /* Backward sums over k (<= BNF_BLOCK_CHANNELS) channels of runs, strides and order as
  * bnf_norm_runs: sum(dy), sum(dy * (x - mean[c])) and sum(x - mean[c]) of each channel
  * c; the last recovers the part of the batch mean that a double `mean` cannot hold.
- * Each channel's lanes see its runs in order: the same bits whatever k. */
+ * Each channel's lanes see its runs in order: the same bits whatever k.
+ * x_next given (k_next channels of the same shape and strides): this block is read from
+ * cache, where the dx before prefetched it, and the next block's x is prefetched into L2
+ * meanwhile (its dy goes with this block's dx, BNF_SPLIT_NEXT), so that DRAM works
+ * during the sums too. */
 BNF_CLONES void BNF_NAME(bnf_bwd_sums_runs)(const T *dy, ptrdiff_t dystride, ptrdiff_t dycs,
                                             const T *x, ptrdiff_t xstride, ptrdiff_t xcs,
                                             ptrdiff_t nruns, ptrdiff_t len, ptrdiff_t k,
                                             const double *mean, double *sum_dy,
-                                            double *sum_dy_xmu, double *sum_xmu)
+                                            double *sum_dy_xmu, double *sum_xmu,
+                                            const T *x_next, ptrdiff_t k_next)
 {
     double a1[BNF_BLOCK_CHANNELS][BNF_LANES], a2[BNF_BLOCK_CHANNELS][BNF_LANES];
     double a3[BNF_BLOCK_CHANNELS][BNF_LANES];
     bnf_pf pfg, pfx;
     for (ptrdiff_t c = 0; c < k; c++)
         for (int l = 0; l < BNF_LANES; l++) a1[c][l] = a2[c][l] = a3[c][l] = 0;
-    BNF_NAME(pf_block)(&pfg, dy, nruns, dystride, dycs, len, k);
-    BNF_NAME(pf_block)(&pfx, x, nruns, xstride, xcs, len, k);
+    if (x_next) {
+        /* this block from cache: x of the next one into L2 meanwhile (its dy with dx) */
+        BNF_NAME(pf_block)(&pfg, x_next, nruns, xstride, xcs, len, k_next);
+        BNF_NAME(pf_block)(&pfx, NULL, nruns, xstride, xcs, len, k);
+        pfg.far = 1;
+    } else {
+        BNF_NAME(pf_block)(&pfg, dy, nruns, dystride, dycs, len, k);
+        BNF_NAME(pf_block)(&pfx, x, nruns, xstride, xcs, len, k);
+    }
     if (k == 1)
         BNF_DISPATCH(bwd_sums_runs, dy, dystride, x, xstride, nruns, len, mean[0], a1[0],
                      a2[0], a3[0], &pfg, &pfx);
@@ -870,7 +882,8 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_run)(const T *g, ptrdiff_t gstrid
  * means dx = a[c] * dy, and x is not read at all.  With BNF_CACHED and dy_next given,
  * the k_next channels of the next block (dy_next, x_next: same shape and strides) are
  * prefetched into L2 as this block's dx goes: its sums then read them from cache while
- * this pass, from cache, leaves DRAM idle. */
+ * this pass, from cache, leaves DRAM idle.  BNF_SPLIT_NEXT: dy_next only, x_next was
+ * prefetched by this block's sums. */
 BNF_CLONES void BNF_NAME(bnf_bwd_dx_runs)(const T *dy, ptrdiff_t dystride, ptrdiff_t dycs,
                                           const T *x, ptrdiff_t xstride, ptrdiff_t xcs,
                                           T *dx, ptrdiff_t dxstride, ptrdiff_t dxcs,
@@ -888,7 +901,8 @@ BNF_CLONES void BNF_NAME(bnf_bwd_dx_runs)(const T *dy, ptrdiff_t dystride, ptrdi
     if (cached && dy_next) {
         /* this block from cache: fetch the next block's dy and x meanwhile */
         BNF_NAME(pf_block)(&pfg, dy_next, nruns, dystride, dycs, len, k_next);
-        BNF_NAME(pf_block)(&pfx, x_next, nruns, xstride, xcs, len, k_next);
+        BNF_NAME(pf_block)(&pfx, flags & BNF_SPLIT_NEXT ? NULL : x_next, nruns, xstride, xcs,
+                           len, k_next);
         pfg.far = pfx.far = 1;
     } else {
         BNF_NAME(pf_block)(&pfg, cached ? NULL : dy, nruns, dystride, dycs, len, k);
