@@ -141,7 +141,8 @@ DEF PIPE_BYTES = 1 << 19
 # during dx (Zen 4, ABBA): (64, 256, 28, 28) backward 0.81-0.83x the time, (64, 128, 28,
 # 28) 0.83-0.85x, (32, 256, 28, 28) 0.82-0.85x, (16, 64, 56, 56) 0.76x, (64, 256, 14,
 # 14) 0.83-0.86x (runs of 784 bytes, no prefetch of the next block: the smaller blocks
-# alone); two threads 0.88-0.98x. Smaller blocks alone gave most of that on some shapes
+# alone). Two threads: the smaller blocks alone 0.81-0.94x, with the split 0.94-1.15x,
+# so one thread only splits. Smaller blocks alone gave most of that on some shapes
 # (0.74-0.87x) and none on (64, 256, 28, 28) (0.88-0.99x); in cache they cost 1-2%, so
 # only from x and dy of _reduce_blocks_min or more (_bwd_small_blocks). Channels of 401 KB
 # (one a block) measured 1.08-1.16x: not there. float64 1.02-1.14x and float16
@@ -1069,10 +1070,11 @@ cdef inline bint _bwd_small_blocks(const Job *j) noexcept nogil:
 
 
 cdef inline bint _split_fetch(const Job *j) noexcept nogil:
-    """Those blocks, with runs of REDUCE_BLOCKS_RUN or more (_fetch_next): one read from
-    cache prefetches the next block's x during its sums and the next dy during its
-    dx."""
-    return _fetch_next(j) and _bwd_small_blocks(j)
+    """Those blocks, with runs of REDUCE_BLOCKS_RUN or more (_fetch_next), on one thread:
+    one read from cache prefetches the next block's x during its sums and the next dy
+    during its dx. It overlaps a core's arithmetic with its own traffic; with more
+    threads the memory is the limit, and it measured slower."""
+    return not j.threaded and _fetch_next(j) and _bwd_small_blocks(j)
 
 
 cdef Py_ssize_t _channel_block(const Job *j, int kind) noexcept nogil:
