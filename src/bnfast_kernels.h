@@ -49,12 +49,12 @@ typedef struct {
 #define BNF_FETCH_NEXT 4
 /* bnf_norm_runs: the statistics of x_next prefetch into L2, not L1 */
 #define BNF_FAR_NEXT 8
-/* bnf_bwd_dx_runs: only dy_next is prefetched, x_next was by the block's sums
- * (bnf_bwd_sums_runs given x_next) */
-#define BNF_SPLIT_NEXT 32
 /* bnf_stats_rows, bnf_bwd_sums_rows: the arrays read are larger than the caches, read
  * from DRAM: the rows are prefetched further ahead, into L2 as well as L1 */
 #define BNF_FROM_DRAM 16
+/* bnf_bwd_dx_runs: only dy_next is prefetched, x_next was by the block's sums
+ * (bnf_bwd_sums_runs given x_next) */
+#define BNF_SPLIT_NEXT 32
 
 /* Widest channel block the rows-form kernels accept (stack scratch is sized by it), and
  * the width of the blocks the reductions over wider rows take.  512, not 256: rows of
