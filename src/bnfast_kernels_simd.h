@@ -301,16 +301,23 @@ BNF_SIMD_FN void BNF_SIMD(norm_chunk)(const T *p, T *q, ptrdiff_t n, double mean
  * thread, float32, in one process (Zen 4): (1568, 64) eval 0.68x the time, training
  * 0.79-0.80x; (6272, 256) eval 0.75-0.84x, training 0.88-0.95x; the same with the
  * output 4 bytes off a line; from DRAM, (200704, 64) and (64, 28, 28, 256), 0.94-1.00x
- * (two threads 0.89-0.95x).  Four rows without the prefetch were 1.2-1.3x slower from
- * DRAM.  A row's prefetches issued at once (a cursor advanced per row) stalled the
- * streaming stores (dx 1.29-1.40x). */
+ * (two threads 0.89-0.95x).  float16, whose conversions bound it, measured 1.04-1.07x
+ * the time that way in cache ((1568, 64) eval and training): it goes four rows at a
+ * time only streaming from cache (pf_rows == 0, rows on a line), as before.  Four rows
+ * without the prefetch were 1.2-1.3x slower from DRAM.  A row's prefetches issued at
+ * once (a cursor advanced per row) stalled the streaming stores (dx 1.29-1.40x). */
 BNF_SIMD_FN void BNF_SIMD(norm_rows_run)(const T *x, ptrdiff_t xstride, T *q,
                                          ptrdiff_t qstride, ptrdiff_t k, ptrdiff_t n,
                                          const double *m, const double *a, const double *b,
                                          ptrdiff_t pf_rows, int nt)
 {
     ptrdiff_t r = 0, ahead = bnf_rows_ahead(n * (ptrdiff_t)sizeof(T));
-    int quads = !nt || (!BNF_NT_HEAD(q) && qstride * (ptrdiff_t)sizeof(T) % BNF_NT_ALIGN == 0);
+    int on_lines = !BNF_NT_HEAD(q) && qstride * (ptrdiff_t)sizeof(T) % BNF_NT_ALIGN == 0;
+#if BNF_T_HALF
+    int quads = pf_rows == 0 && nt && on_lines;    /* float16: as before (see above) */
+#else
+    int quads = !nt || on_lines;
+#endif
     const T *p;
     T *o;
 #define BNF_V(j)                                                                       \
