@@ -44,7 +44,6 @@ cdef extern from "bnfast_kernels.h" nogil:
     enum: BNF_STREAM
     enum: BNF_CACHED
     enum: BNF_FETCH_NEXT
-    enum: BNF_FAR_NEXT
     enum: BNF_FROM_DRAM
     enum: BNF_SPLIT_NEXT
     enum: BNF_BLOCK_CHANNELS
@@ -170,9 +169,6 @@ DEF CHANNEL_BLOCK_BYTES = 3 << 19
 # (_pipeline's backward, _unit's training).
 DEF REDUCE_BLOCKS_MIN = 1 << 24
 DEF REDUCE_BLOCKS_RUN = 1 << 10
-# Runs from which pipelined training from DRAM prefetches the next block into L2
-# (_pipeline).
-DEF FAR_NEXT_RUN = 1 << 11
 # An input up to this size (with its output, well within L2) is normalized as in cache:
 # no prefetches, four rows at a time in the rows kernels ((256, 64) eval 8.0 -> 7.0 us);
 # at 1 MiB that measured 5-19% slower than prefetching.
@@ -965,20 +961,17 @@ cdef void _pipeline(Job *j, int kind, Py_ssize_t u0, Py_ssize_t u1) noexcept nog
     1.53x; two threads 0.95x the time. Runs of 14 x 14 measured 1.05x and an x of 3 MB
     1.07x: not there. float32 channels of up to BWD_SPLIT_BYTES go in smaller blocks and
     split that prefetch: the next block's x during the sums, its dy during dx.
-    Training from DRAM (runs of FAR_NEXT_RUN or more, x of twice _reduce_blocks_min or
-    more) prefetches the next block into L2, not L1 (BNF_FAR_NEXT), for its statistics:
-    one thread, (64, 256, 28, 28) float32 0.88-0.94x the time, float64 (32, 256, 28, 28)
-    0.82x, two threads 0.97x. From L3 it was slower: an x of 19 MB 1.16x, runs of
-    14 x 14 (784 or 1568 bytes) 1.03-1.08x. The backward sums prefetching into L2 as
+    Training's statistics of the next block prefetch into L1. Into L2 from DRAM (runs of
+    2 KB or more, x of 32 MB or more) once measured 0.88-0.94x the time; a seventh
+    session measured it 1.03-1.06x ((64, 256, 28, 28) and (128, 256, 28, 28) float32,
+    one thread, after a copy, moments, training or a write of x), float64 (32, 256, 28,
+    28) 1.08-1.10x and two threads 1.10-1.15x, and took it out. The backward sums prefetching into L2 as
     well gained nothing that held: (128, 256, 28, 28) float32 1.07-1.10x the time,
     (64, 256, 28, 28) 1.01-1.05x, float64 (8, 64, 112, 112) 0.89-1.01x."""
     cdef Py_ssize_t u = u0, un, w = 0, wn, c, isz = j.isz
     cdef Py_ssize_t k = _channel_block(j, kind)
     cdef int flags = BNF_CACHED | (BNF_STREAM if j.stream else 0)
     cdef bint fetch_next, split
-    if kind == K_FWD and j.inner * isz >= FAR_NEXT_RUN and \
-            j.outer * j.C * j.inner * isz >= 2 * _reduce_blocks_min:
-        flags |= BNF_FAR_NEXT
     if u0 >= u1:
         return
     if kind == K_STATS:         # the statistics alone: a block's moments, a row at a time

@@ -47,8 +47,6 @@ typedef struct {
 /* bnf_norm_runs: x_next (k_next channels) is only prefetched into L2 as this block is
  * normalized from cache, not summed */
 #define BNF_FETCH_NEXT 4
-/* bnf_norm_runs: the statistics of x_next prefetch into L2, not L1 */
-#define BNF_FAR_NEXT 8
 /* bnf_stats_rows, bnf_bwd_sums_rows: the arrays read are larger than the caches, read
  * from DRAM: the rows are prefetched further ahead, into L2 as well as L1 */
 #define BNF_FROM_DRAM 16
