@@ -679,7 +679,8 @@ BNF_CLONES void BNF_NAME(bnf_bwd_sums_runs)(const T *dy, ptrdiff_t dystride, ptr
 /* Backward sums of rows, per column, accumulated into sum_dy.. (four rows at a time),
  * prefetching rows up to pf_rows as shifted_sums_rows, but further and into L2
  * (BNF_FAR_ROWS_BYTES).  `near` (from DRAM): the intrinsics loops also prefetch rows
- * nearer into L1 (BNF_NEAR_ROWS_BYTES); these plain loops do not. */
+ * nearer into L1 (BNF_NEAR_ROWS_BYTES); these plain loops do not.  Wide rows from DRAM
+ * go a row at a time (bnf_sums_rowwise), in both, with the same bits. */
 static inline BNF_INLINE void BNF_NAME(bwd_sums_rows)(const T *dy, ptrdiff_t dystride,
                                                      const T *x, ptrdiff_t xstride,
                                                      ptrdiff_t nrows, ptrdiff_t width,
@@ -689,8 +690,9 @@ static inline BNF_INLINE void BNF_NAME(bwd_sums_rows)(const T *dy, ptrdiff_t dys
 {
     ptrdiff_t r = 0, ahead = bnf_rows_ahead_by(width * (ptrdiff_t)sizeof(T),
                                                         BNF_FAR_ROWS_BYTES);
-    (void)near;
-    for (; r + 4 <= nrows; r += 4) {
+    ptrdiff_t quads_end = bnf_sums_rowwise(width * (ptrdiff_t)sizeof(T), sizeof(T), near)
+                              ? 0 : nrows;
+    for (; r + 4 <= quads_end; r += 4) {
         const T *g0 = dy + r * dystride, *g1 = g0 + dystride, *g2 = g1 + dystride,
                 *g3 = g2 + dystride;
         const T *p0 = x + r * xstride, *p1 = p0 + xstride, *p2 = p1 + xstride,

@@ -448,7 +448,11 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const 
                                                         BNF_FAR_ROWS_BYTES);
     ptrdiff_t nearby = near ? bnf_rows_ahead_by(width * (ptrdiff_t)sizeof(T),
                                                 BNF_NEAR_ROWS_BYTES) : 0;
-    for (; r + 4 <= nrows; r += 4) {
+    int rowwise = bnf_sums_rowwise(width * (ptrdiff_t)sizeof(T), sizeof(T), near);
+    ptrdiff_t quads_end = rowwise ? 0 : nrows;
+    ptrdiff_t ahead1 = rowwise ? bnf_rows_ahead_by(width * (ptrdiff_t)sizeof(T),
+                                                   BNF_ROWWISE_AHEAD_BYTES) : 0;
+    for (; r + 4 <= quads_end; r += 4) {
         const T *g0 = dy + r * dystride, *g1 = g0 + dystride, *g2 = g1 + dystride,
                 *g3 = g2 + dystride, *ga = g0 + ahead * dystride,
                 *gn = g0 + nearby * dystride;
@@ -487,11 +491,18 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const 
             BNF_SE(bwd_elem4)(g0[c], g1[c], g2[c], g3[c], p0[c], p1[c], p2[c], p3[c],
                               mean[c], &sum_dy[c], &sum_dy_xmu[c], &sum_xmu[c]);
     }
+    /* the rows left over, or all of them (rowwise: prefetching) */
     for (; r < nrows; r++) {
-        const T *g = dy + r * dystride;
-        const T *p = x + r * xstride;
+        const T *g = dy + r * dystride, *ga = g + ahead1 * dystride;
+        const T *p = x + r * xstride, *pa = p + ahead1 * xstride;
+        int pf = rowwise && r + ahead1 < pf_rows;
         ptrdiff_t c = 0;
         for (; c + BNF_VW <= width; c += BNF_VW) {
+            if (pf)
+                BNF_FOR_LINES(l, c, BNF_VW) {
+                    BNF_PREFETCH(ga + l);
+                    BNF_PREFETCH(pa + l);
+                }
             BNF_VD gi = BNF_VLDT(g + c), d = BNF_VSUB(BNF_VLDT(p + c), BNF_VLD(mean + c));
             BNF_VST(sum_dy + c, BNF_VADD(BNF_VLD(sum_dy + c), gi));
             BNF_VST(sum_dy_xmu + c, BNF_VFMA(gi, d, BNF_VLD(sum_dy_xmu + c)));

@@ -24,7 +24,8 @@ import pytest
 
 import bnfast
 from arrays import make_values, params, with_layout
-from bnfast._core import _set_adds_as_fma, _set_simd_level, _set_stream_bytes
+from bnfast._core import (_set_adds_as_fma, _set_reduce_blocks_min, _set_simd_level,
+                          _set_stream_bytes)
 from reference import assert_forward_close
 import reference as ref
 
@@ -70,16 +71,20 @@ def _ops(x, axis, dtype):
 
 
 @pytest.mark.skipif(not LEVELS, reason="the CPU has no AVX2 or AVX-512 loops to compare")
+@pytest.mark.parametrize("dram", [False, True])
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("layout", ["c", "negative", "step"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 @pytest.mark.parametrize("shape,axis", SHAPES)
-def test_v4_loops_equal_plain_loops(shape, axis, dtype, layout, threads, stream):
+def test_v4_loops_equal_plain_loops(shape, axis, dtype, layout, threads, stream, dram):
+    """`dram`: the paths for arrays read from DRAM (BNF_FROM_DRAM and the blocks of
+    _reduce_blocks_min, lowered to 0), where wide rows' backward sums go a row at a time."""
     x = with_layout(make_values(shape, dtype, 11, axis=axis, offset=_offset(dtype)), layout,
                     axis=axis)
     bnfast.set_num_threads(threads)
     old_stream = _set_stream_bytes(0 if stream else 1 << 62)
+    old_blocks = _set_reduce_blocks_min(0 if dram else 1 << 62)
     try:
         _set_simd_level(0)
         plain = _ops(x, axis, dtype)
@@ -93,6 +98,7 @@ def test_v4_loops_equal_plain_loops(shape, axis, dtype, layout, threads, stream)
         _set_simd_level(SUPPORTED)
         _set_adds_as_fma(ADDS_AS_FMA)
         _set_stream_bytes(old_stream)
+        _set_reduce_blocks_min(old_blocks)
         bnfast.set_num_threads(None)
     for (level, fma_adds), res in simd.items():
         for (name, a), (_, g) in zip(plain, res):

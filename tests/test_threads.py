@@ -403,16 +403,17 @@ def test_channel_blocks_give_the_bits_of_one_channel_at_a_time(dtype):
 
 
 @pytest.mark.parametrize("n_threads", [1, 3])
-@pytest.mark.parametrize("shape", [(2, 5, 300, 256), (4, 80, 28, 28), (3001, 256),
-                                   (20003, 7)])
+@pytest.mark.parametrize("shape", [(2, 5, 300, 256), (4, 80, 28, 28), (3001, 100),
+                                   (20003, 100)])
 def test_prefetching_the_next_channel_changes_no_bits(n_threads, shape):
     """From DRAM (x, or x and dy, of 16 MB or more; lowered here) a fused training
     channel too large to pipeline (614 KB) prefetches the next channel as it is
     normalized, and a backward block (x and dy) the next block as its dx goes (on one
     thread in blocks of at most 256 KB, the next block's x during the sums); pipelined
-    training blocks (runs of 28 x 28, three blocks of channels) take the next block's
-    statistics prefetching into L2; rows (wide, and narrow ones folded) take their
-    statistics and backward sums with prefetches into both L1 and L2 (BNF_FROM_DRAM).
+    training blocks (runs of 28 x 28, three blocks of channels) read the next block's
+    statistics beside; rows take their statistics and backward sums with prefetches
+    into both L1 and L2 (BNF_FROM_DRAM; rows of up to 400 bytes: wider ones sum a row
+    at a time there, test_wide_rows_from_dram_sum_a_row_at_a_time).
     Prefetches and blocks only: the bits of the same calls without them, and right."""
     x = make_values(shape, np.float32, 6, axis=1, offset=1e4)
     dy = make_values(shape, np.float32, 7, axis=1)
@@ -435,3 +436,49 @@ def test_prefetching_the_next_channel_changes_no_bits(n_threads, shape):
         bnfast.set_num_threads(None)
     assert plain == fetched
     assert_forward_close(y, ref.batch_norm_train(x, w, b, axis=1)[0])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,axis", [((3001, 256), 1), ((2003, 300), -1),
+                                        ((9, 7, 11, 128), -1), ((20003, 7), 1),
+                                        ((500, 64, 4), 1)])
+def test_wide_rows_from_dram_sum_a_row_at_a_time(dtype, shape, axis):
+    """From DRAM (lowered here) the backward sums of rows of 512 bytes or more (wide
+    rows; narrow ones folded to such; short runs read as rows) go a row at a time in
+    memory order, not four: another order of the additions than in cache, the same
+    bits for any thread count (and for the sums exchanged over processes), and right."""
+    x = make_values(shape, dtype, 8, axis=axis, offset=1e4)
+    dy = make_values(shape, dtype, 9, axis=axis)
+    C = shape[axis]
+    w = params(C, dtype, 4)[0]
+    red = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+    mean = x.astype(np.float64).mean(axis=red)
+    invstd = 1 / np.sqrt(x.astype(np.float64).var(axis=red) + 1e-5)
+    n_per = x.size // C
+
+    def ops():
+        dx, dw, db = bnfast.batch_norm_backward(dy, x, mean, invstd, w, axis=axis)
+        dxh, dwh, dbh = bnfast._core._backward(dy, x, mean, invstd, w, True, axis, None,
+                                               lambda local: (local, n_per))
+        return [_bits(a) for a in (dx, dw, db, dxh, dwh, dbh)], (dx, dw, db)
+
+    old = bnfast._core._set_reduce_blocks_min(0)
+    try:
+        runs = {}
+        for n in (1, 2, 3):
+            bnfast.set_num_threads(n)
+            runs[n] = ops()
+    finally:
+        bnfast._core._set_reduce_blocks_min(old)
+        bnfast.set_num_threads(None)
+    bits = runs[1][0]
+    assert bits[:3] == bits[3:], "the sums exchanged (hook) give other bits"
+    assert runs[2][0] == bits and runs[3][0] == bits
+    dx, dw, db = runs[1][1]
+    dx_ref, dw_ref, db_ref = ref.batch_norm_backward(dy, x, mean, invstd, w, axis=axis)
+    absdy = np.abs(dy.astype(np.float64))
+    xhat = np.abs((x.astype(np.float64) - np.expand_dims(mean, red)) *
+                  np.expand_dims(invstd, red))
+    assert_grad_close(dx, dx_ref, what="dx")
+    assert_grad_close(dw, dw_ref, scale=np.max((absdy * xhat).sum(axis=red)), what="dweight")
+    assert_grad_close(db, db_ref, scale=np.max(absdy.sum(axis=red)), what="dbias")
