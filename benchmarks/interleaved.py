@@ -11,7 +11,9 @@ each operation's time by that copy's; the table shows the median of those ratios
 neighbour that slows the machine for a while slows the copy and the operations alike, so
 the ratios move far less than the medians of separately timed runs (pytest-benchmark, or
 ``python -m bnfast bench``). PyTorch (``F.batch_norm``, autograd for forward + backward) is
-timed the same way when it is installed. With one thread, ``np.multiply`` of the input by a
+timed the same way when it is installed, in repetitions of its own after bnfast's: its
+calls map and unmap hundreds of MB of fresh outputs, and calls timed just after them ran
+slower. With one thread, ``np.multiply`` of the input by a
 scalar into the same output is timed too: the cost of the simplest one-pass elementwise
 kernel with plain stores, a floor for eval on this machine.
 """
@@ -112,16 +114,22 @@ def run(layouts, threads, reps, with_torch):
             f()
         ratios = {k: [] for k in ops}
         copies = []
+        # PyTorch's calls in a phase of their own: each maps and unmaps hundreds of MB of
+        # fresh outputs, and the calls timed after them ran slower for tens of
+        # milliseconds (NCHW backward 1.70 -> 2.22x a copy, interleaved in one loop)
+        phases = [[k for k in ops if not k.startswith("torch")],
+                  [k for k in ops if k.startswith("torch")]]
         pc = time.perf_counter
-        for _ in range(reps):
-            t0 = pc()
-            copy()
-            c = pc() - t0
-            copies.append(c)
-            for k, f in ops.items():
+        for phase in (p for p in phases if p):
+            for _ in range(reps):
                 t0 = pc()
-                f()
-                ratios[k].append((pc() - t0) / c)
+                copy()
+                c = pc() - t0
+                copies.append(c)
+                for k in phase:
+                    t0 = pc()
+                    ops[k]()
+                    ratios[k].append((pc() - t0) / c)
         med = {k: statistics.median(v) for k, v in ratios.items()}
         rows.append((name, med, statistics.median(copies)))
     return rows
