@@ -961,11 +961,14 @@ cdef void _pipeline(Job *j, int kind, Py_ssize_t u0, Py_ssize_t u1) noexcept nog
     1.53x; two threads 0.95x the time. Runs of 14 x 14 measured 1.05x and an x of 3 MB
     1.07x: not there. float32 channels of up to BWD_SPLIT_BYTES go in smaller blocks and
     split that prefetch: the next block's x during the sums, its dy during dx.
-    Training's statistics of the next block prefetch into L1. Into L2 from DRAM (runs of
-    2 KB or more, x of 32 MB or more) once measured 0.88-0.94x the time; a seventh
-    session measured it 1.03-1.06x ((64, 256, 28, 28) and (128, 256, 28, 28) float32,
-    one thread, after a copy, moments, training or a write of x), float64 (32, 256, 28,
-    28) 1.08-1.10x and two threads 1.10-1.15x, and took it out. The backward sums prefetching into L2 as
+    Training's statistics of the next block (and the statistics alone) prefetch 4 KB
+    ahead into L1; on one thread, from an x of twice _reduce_blocks_min or more
+    (BNF_FROM_DRAM), also 16 KB ahead into L2. Against L1 alone, float32, in one process:
+    training of (64, 256, 28, 28) 0.90x the time, (128, 256, 28, 28) 0.78x, (48, 256,
+    28, 28) 0.94x; `moments` 0.65x, 0.70x and 0.74x; float64 (32, 256, 28, 28) 0.89x.
+    An x of 25 MB (partly in L3) measured 0.87-1.04x, two threads 1.00-1.09x: hence the
+    gates. Into L2 instead of L1 (from a fourth
+    session) measured 1.03-1.06x the time of L1 alone and went. The backward sums prefetching into L2 as
     well gained nothing that held: (128, 256, 28, 28) float32 1.07-1.10x the time,
     (64, 256, 28, 28) 1.01-1.05x, float64 (8, 64, 112, 112) 0.89-1.01x."""
     cdef Py_ssize_t u = u0, un, w = 0, wn, c, isz = j.isz
@@ -974,11 +977,14 @@ cdef void _pipeline(Job *j, int kind, Py_ssize_t u0, Py_ssize_t u1) noexcept nog
     cdef bint fetch_next, split
     if u0 >= u1:
         return
+    if not j.threaded and j.outer * j.C * j.inner * isz >= 2 * _reduce_blocks_min:
+        flags |= BNF_FROM_DRAM          # the next block's statistics: L2 ahead of L1
     if kind == K_STATS:         # the statistics alone: a block's moments, a row at a time
         while u < u1:
             w = u1 - u if u1 - u < k else k
             bnf_norm_runs(j.type, NULL, j.x_os, j.x_cs, NULL, 0, 0, j.outer, j.inner, 0,
-                          NULL, NULL, NULL, 0, j.x + u * j.x_cs * isz, w, j.mom + u)
+                          NULL, NULL, NULL, flags & BNF_FROM_DRAM, j.x + u * j.x_cs * isz, w,
+                          j.mom + u)
             u += w
         return
     if kind == K_BSUMS:         # the backward sums alone (dx once they are exchanged)

@@ -231,10 +231,12 @@ typedef struct {
     ptrdiff_t off, end;  /* position in it, and where it ends (off == end: finished) */
     ptrdiff_t stride, len, left; /* bytes between runs, bytes per run, runs after this */
     int far;             /* for a later pass: into the outer caches */
+    struct bnf_pf *also; /* a cursor further ahead, advanced with this one (or NULL) */
 } bnf_pf;
 
-static inline BNF_INLINE void bnf_pf_init(bnf_pf *pf, const void *base, ptrdiff_t nruns,
-                                          ptrdiff_t stride_bytes, ptrdiff_t len_bytes)
+static inline BNF_INLINE void bnf_pf_init_by(bnf_pf *pf, const void *base, ptrdiff_t nruns,
+                                             ptrdiff_t stride_bytes, ptrdiff_t len_bytes,
+                                             ptrdiff_t ahead)
 {
     ptrdiff_t r = 0;
     pf->stride = stride_bytes;
@@ -243,16 +245,24 @@ static inline BNF_INLINE void bnf_pf_init(bnf_pf *pf, const void *base, ptrdiff_
     pf->off = pf->end = 0;
     pf->left = 0;
     pf->far = 0;
+    pf->also = NULL;
     if (!base || len_bytes <= 0 || nruns <= 0) return;
-    r = BNF_PREFETCH_BYTES / len_bytes;
+    r = ahead / len_bytes;
     if (r > nruns - 1) r = nruns - 1;
     pf->run += (uintptr_t)(r * stride_bytes);
-    pf->off = BNF_PREFETCH_BYTES - r * len_bytes;
+    pf->off = ahead - r * len_bytes;
     pf->left = nruns - 1 - r;
     pf->end = pf->left > 0 ? len_bytes : len_bytes + BNF_PREFETCH_BYTES;
+    if (pf->off > pf->end) pf->off = pf->end;
 }
 
-static inline BNF_INLINE void bnf_pf_advance(bnf_pf *pf, ptrdiff_t bytes)
+static inline BNF_INLINE void bnf_pf_init(bnf_pf *pf, const void *base, ptrdiff_t nruns,
+                                          ptrdiff_t stride_bytes, ptrdiff_t len_bytes)
+{
+    bnf_pf_init_by(pf, base, nruns, stride_bytes, len_bytes, BNF_PREFETCH_BYTES);
+}
+
+static inline BNF_INLINE void bnf_pf_advance_one(bnf_pf *pf, ptrdiff_t bytes)
 {
     while (bytes > 0 && pf->off < pf->end) {
         ptrdiff_t take = pf->end - pf->off < bytes ? pf->end - pf->off : bytes;
@@ -270,6 +280,12 @@ static inline BNF_INLINE void bnf_pf_advance(bnf_pf *pf, ptrdiff_t bytes)
             pf->end = pf->left > 0 ? pf->len : pf->len + BNF_PREFETCH_BYTES;
         }
     }
+}
+
+static inline BNF_INLINE void bnf_pf_advance(bnf_pf *pf, ptrdiff_t bytes)
+{
+    if (pf->also) bnf_pf_advance_one(pf->also, bytes);
+    bnf_pf_advance_one(pf, bytes);
 }
 
 /* Elements computed between two advances of a prefetch cursor (elementwise kernels). */

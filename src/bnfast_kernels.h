@@ -48,7 +48,8 @@ typedef struct {
  * normalized from cache, not summed */
 #define BNF_FETCH_NEXT 4
 /* bnf_stats_rows, bnf_bwd_sums_rows: the arrays read are larger than the caches, read
- * from DRAM: the rows are prefetched further ahead, into L2 as well as L1 */
+ * from DRAM: the rows are prefetched further ahead, into L2 as well as L1; bnf_norm_runs:
+ * the statistics of x_next likewise */
 #define BNF_FROM_DRAM 16
 /* bnf_bwd_dx_runs: only dy_next is prefetched, x_next was by the block's sums
  * (bnf_bwd_sums_runs given x_next) */

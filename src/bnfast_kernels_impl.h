@@ -366,15 +366,22 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_run)(const T *x, ptrdiff_t xstr
  * elements, as bnf_norm_runs), visited run by run, a run's channels in turn: one
  * channel's runs, or one row's channels, or (channels back to back) rows of k channels
  * as one span each. */
+static inline BNF_INLINE void BNF_NAME(pf_block_by)(bnf_pf *pf, const T *x, ptrdiff_t nruns,
+                                                   ptrdiff_t stride, ptrdiff_t cs,
+                                                   ptrdiff_t len, ptrdiff_t k, ptrdiff_t ahead)
+{
+    ptrdiff_t isz = sizeof(T);
+    if (k == 1 || nruns == 1)
+        bnf_pf_init_by(pf, x, nruns * k, (k == 1 ? stride : cs) * isz, len * isz, ahead);
+    else
+        bnf_pf_init_by(pf, x, nruns, stride * isz, ((k - 1) * cs + len) * isz, ahead);
+}
+
 static inline BNF_INLINE void BNF_NAME(pf_block)(bnf_pf *pf, const T *x, ptrdiff_t nruns,
                                                 ptrdiff_t stride, ptrdiff_t cs, ptrdiff_t len,
                                                 ptrdiff_t k)
 {
-    ptrdiff_t isz = sizeof(T);
-    if (k == 1 || nruns == 1)
-        bnf_pf_init(pf, x, nruns * k, (k == 1 ? stride : cs) * isz, len * isz);
-    else
-        bnf_pf_init(pf, x, nruns, stride * isz, ((k - 1) * cs + len) * isz);
+    BNF_NAME(pf_block_by)(pf, x, nruns, stride, cs, len, k, BNF_PREFETCH_BYTES);
 }
 
 /* y = (x - mean[c]) * scale[c] + shift[c], in double, rounded once, over k channels of
@@ -396,9 +403,9 @@ static inline BNF_INLINE void BNF_NAME(pf_block)(bnf_pf *pf, const T *x, ptrdiff
  * one is normalized, for its own fused statistics to read: channels of 802 KB, too large
  * to pipeline, (64, 64, 56, 56) float32 training 0.88-0.90x the time (runs of 50 KB,
  * (16, 64, 112, 112), no change: the hardware prefetcher keeps up with those).
- * The statistics of x_next prefetch into L1 as they go.  Into L2 instead (from DRAM, runs
- * of 2 KB or more) had measured 0.88-0.94x the time; with later kernels it measured
- * 1.03-1.06x, float64 1.08-1.10x and two threads 1.10-1.15x (Zen 4), and went. */
+ * The statistics of x_next prefetch 4 KB ahead into L1 as they go; with BNF_FROM_DRAM also
+ * 16 KB ahead into L2 (a second cursor): one core then has more lines in flight than
+ * L1's miss buffers allow (_pipeline has the numbers). */
 BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, ptrdiff_t xcs, T *y,
                                         ptrdiff_t ystride, ptrdiff_t ycs, ptrdiff_t nruns,
                                         ptrdiff_t len, ptrdiff_t k, const double *mean,
@@ -409,7 +416,7 @@ BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, ptrdiff_t
     T tmp[BNF_CHUNK];
     double s1[BNF_BLOCK_CHANNELS][BNF_LANES], s2[BNF_BLOCK_CHANNELS][BNF_LANES];
     double tile_shift[BNF_BLOCK_CHANNELS];
-    bnf_pf pf, pf_next;
+    bnf_pf pf, pf_next, pf_next_far;
     int stream = (flags & BNF_STREAM) && len * (ptrdiff_t)sizeof(T) >= BNF_STREAM_MIN_RUN;
     int nt = stream && BNF_DIRECT_NT(4), staged = stream && !nt;
     ptrdiff_t per = len <= BNF_TILE_ELEMS ? BNF_TILE_ELEMS / len : 0, t0 = 0, kmax;
@@ -430,6 +437,12 @@ BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, ptrdiff_t
     if (!fetch)
         BNF_NAME(pf_block)(&pf, flags & BNF_CACHED ? NULL : x, nruns, xstride, xcs, len, k);
     BNF_NAME(pf_block)(&pf_next, k_next ? x_next : NULL, nruns, xstride, xcs, len, k_next);
+    if (k_next && (flags & BNF_FROM_DRAM)) {
+        BNF_NAME(pf_block_by)(&pf_next_far, x_next, nruns, xstride, xcs, len, k_next,
+                              BNF_FAR_ROWS_BYTES);
+        pf_next_far.far = 1;
+        pf_next.also = &pf_next_far;
+    }
     for (ptrdiff_t c = 0; c < k_next; c++) {
         m_next[c].n = m_next[c].hi = m_next[c].lo = m_next[c].m2 = 0;
         tile_shift[c] = BNF_TO_D(x_next[c * xcs]);
