@@ -165,7 +165,7 @@ void bnf_finalize(const bnf_moments *m, ptrdiff_t n, double eps, const double *w
 
 #define BNF_DECLARE(T, S)                                                                 \
     void bnf_stats_runs_##S(const T *x, ptrdiff_t nruns, ptrdiff_t stride, ptrdiff_t len, \
-                            bnf_moments *m);                                              \
+                            bnf_moments *m, int flags);                                   \
     void bnf_stats_rows_##S(const T *x, ptrdiff_t nrows, ptrdiff_t stride,                \
                             ptrdiff_t width, ptrdiff_t group, ptrdiff_t tile_rows,        \
                             bnf_moments *m, int flags);                                   \
@@ -228,9 +228,9 @@ enum { BNF_F32 = 0, BNF_F64 = 1, BNF_F16 = 2 };
     }
 
 static inline void bnf_stats_runs(int type, const void *x, ptrdiff_t nruns,
-                                  ptrdiff_t stride, ptrdiff_t len, bnf_moments *m)
+                                  ptrdiff_t stride, ptrdiff_t len, bnf_moments *m, int flags)
 {
-#define CALL(T, S) bnf_stats_runs_##S((const T *)x, nruns, stride, len, m)
+#define CALL(T, S) bnf_stats_runs_##S((const T *)x, nruns, stride, len, m, flags)
     BNF_BY_TYPE(type, CALL)
 #undef CALL
 }

@@ -98,13 +98,19 @@ static inline BNF_INLINE void BNF_NAME(tile_runs)(const T *x, ptrdiff_t nruns,
 }
 
 BNF_CLONES void BNF_NAME(bnf_stats_runs)(const T *x, ptrdiff_t nruns, ptrdiff_t stride,
-                                         ptrdiff_t len, bnf_moments *m)
+                                         ptrdiff_t len, bnf_moments *m, int flags)
 {
     bnf_moments t;
-    bnf_pf pf;
+    bnf_pf pf, pf_far;
     m->n = m->hi = m->lo = m->m2 = 0;
     if (nruns <= 0 || len <= 0) return;
     bnf_pf_init(&pf, x, nruns, stride * (ptrdiff_t)sizeof(T), len * (ptrdiff_t)sizeof(T));
+    if (flags & BNF_FROM_DRAM) {
+        bnf_pf_init_by(&pf_far, x, nruns, stride * (ptrdiff_t)sizeof(T),
+                       len * (ptrdiff_t)sizeof(T), BNF_FAR_ROWS_BYTES);
+        pf_far.far = 1;
+        pf.also = &pf_far;
+    }
 #define BNF_SHIFT (m->n > 0 ? m->hi + m->lo : BNF_TO_D(x[0]))
     if (len <= BNF_TILE_ELEMS) {
         ptrdiff_t per = BNF_TILE_ELEMS / len;
@@ -431,7 +437,7 @@ BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, ptrdiff_t
         k_next = 0;                                 /* prefetched at most, not summed */
     } else if (k_next && (per == 0 || nruns <= 0 || len <= 0)) {
         for (ptrdiff_t c = 0; c < k_next; c++)     /* not interleaved */
-            BNF_NAME(bnf_stats_runs)(x_next + c * xcs, nruns, xstride, len, m_next + c);
+            BNF_NAME(bnf_stats_runs)(x_next + c * xcs, nruns, xstride, len, m_next + c, 0);
         k_next = 0;
     }
     if (!fetch)
