@@ -154,6 +154,19 @@ DEF BWD_SPLIT_BYTES = 1 << 18
 # 12 0.95x, 4 0.97x; (64, 1024, 14, 14) 16-32 channels (0.8-1.6 MB) 0.91-0.92x, 8
 # 1.01x; (32, 64, 56, 56) 4 channels 0.97x, 2-3 1.02x.
 DEF CHANNEL_BLOCK_BYTES = 3 << 19
+# Training takes blocks of at most this many bytes where a channel fits, so that a block
+# and the next (read beside it) stay in L2 between the statistics and the normalization.
+# Those measurements were of training after training; after another call (an
+# evaluation, a copy: the L3 full of what it read) the blocks of CHANNEL_BLOCK_BYTES,
+# normalized from L3, lost it. Seventh session, one thread, float32, in one process,
+# against them (after an evaluation / after a copy / after a training): (64, 256, 28,
+# 28) 0.62-0.79 / 0.61-0.83 / 0.85-0.97x the time, (64, 128, 28, 28) 0.85 / 0.94 /
+# 0.95, (32, 256, 28, 28) 0.86 / 0.86 / 0.84, (96, 256, 28, 28) 0.88 / 0.89 / 1.04,
+# (64, 512, 14, 14) 0.74 / 0.73 / 0.73, (16, 64, 56, 56) 1.00 / 1.05 / 0.99; float64
+# (32, 256, 28, 28) 0.89-0.91; two threads 0.87-0.93; in cache 0.99-1.01. Channels
+# larger than this keep CHANNEL_BLOCK_BYTES: one of 401 KB a block measured 1.08-1.13x
+# on (128, 256, 28, 28).
+DEF TRAIN_BLOCK_BYTES = 3 << 17
 # The statistics alone (`moments`, a training batch over processes) and the backward
 # sums alone read channels of runs in those blocks when x holds at least
 # REDUCE_BLOCKS_MIN bytes and the runs at least REDUCE_BLOCKS_RUN: then from DRAM a row
@@ -1093,7 +1106,10 @@ cdef Py_ssize_t _channel_block(const Job *j, int kind) noexcept nogil:
     arrays read (NCHW), as many as CHANNEL_BLOCK_BYTES of each holds, at most
     BNF_BLOCK_CHANNELS; else one. A row of a block is then one stream from DRAM, not one
     per channel."""
-    cdef Py_ssize_t k = CHANNEL_BLOCK_BYTES // (j.outer * j.inner * j.isz)
+    cdef Py_ssize_t ch = j.outer * j.inner * j.isz
+    cdef Py_ssize_t k = CHANNEL_BLOCK_BYTES // ch
+    if kind == K_FWD and ch <= TRAIN_BLOCK_BYTES:
+        k = TRAIN_BLOCK_BYTES // ch
     if kind == K_BWD and _bwd_small_blocks(j):
         k = BWD_SPLIT_BYTES // (j.outer * j.inner * j.isz)
     if j.x_cs != j.inner or (kind != K_FWD and kind != K_STATS and j.dy_cs != j.inner):
