@@ -799,14 +799,14 @@ static BNF_CLONES BNF_NOINLINE void BNF_NAME(bwd_sums_rows_grouped)(
 /* Contiguous narrow rows folded, as stats_rows_folded: a channel's columns added in
  * order, then the rows left over. */
 static BNF_CLONES BNF_NOINLINE void BNF_NAME(bwd_sums_rows_folded)(
-    const T *dy, const T *x, ptrdiff_t nrows, ptrdiff_t width, const double *mean,
-    double *sum_dy, double *sum_dy_xmu, double *sum_xmu, int near)
+    const T *dy, const T *x, ptrdiff_t nrows, ptrdiff_t width, ptrdiff_t k,
+    const double *mean, double *sum_dy, double *sum_dy_xmu, double *sum_xmu, int near)
 {
     BNF_ALIGN64 double m[BNF_MAX_WIDTH], s1[BNF_MAX_WIDTH], s2[BNF_MAX_WIDTH],
         s3[BNF_MAX_WIDTH];
     double *dst[1] = {m};
     const double *src[1] = {mean};
-    ptrdiff_t k = bnf_fold_rows(width), fw = k * width, nf = nrows / k;
+    ptrdiff_t fw = k * width, nf = nrows / k;
     bnf_repeat_factors(dst, src, 1, width, fw, 0);
     BNF_NAME(bwd_sums_rows_cols)(dy, fw, x, fw, nf, fw, m, s1, s2, s3, near);
     for (ptrdiff_t c = 0; c < width; c++) {
@@ -838,8 +838,10 @@ BNF_CLONES void BNF_NAME(bnf_bwd_sums_rows)(const T *dy, ptrdiff_t dystride, con
                                             double *sum_dy_xmu, double *sum_xmu, int flags)
 {
     int near = (flags & BNF_FROM_DRAM) != 0;
-    if (group == 1 && dystride == width && xstride == width && bnf_fold_pays(nrows, width))
-        BNF_NAME(bwd_sums_rows_folded)(dy, x, nrows, width, mean, sum_dy, sum_dy_xmu,
+    ptrdiff_t fold = bnf_fold_pays(nrows, width) ? bnf_fold_rows(width) : 0;
+    if (!fold) fold = bnf_sums_fold_from_dram(width, sizeof(T), near);
+    if (group == 1 && dystride == width && xstride == width && fold)
+        BNF_NAME(bwd_sums_rows_folded)(dy, x, nrows, width, fold, mean, sum_dy, sum_dy_xmu,
                                        sum_xmu, near);
     else if (group > 1)
         BNF_NAME(bwd_sums_rows_grouped)(dy, dystride, x, xstride, nrows, width, group, mean,
