@@ -36,6 +36,8 @@ ADDS_AS_FMA = _set_adds_as_fma(None)        # the default: by CPU vendor
 SHAPES = [
     ((7, 3, 45), 1),          # runs of 45: one 32-lane block and a tail
     ((6, 5, 8, 8), 1),        # runs of 64: no tail
+    ((4, 6, 7, 7), 1),        # eval: a row's runs of 49 in one call, masked tails of 1
+    ((3, 5, 11, 11), 1),      # eval: runs of 121, masked tails of 1
     ((3, 2, 1037), 1),        # long runs, chunked, odd tail
     ((37, 19), -1),           # rows: 19 columns (two vectors and a tail), 37 rows
     ((203, 64), -1),          # contiguous narrow rows (flat form), rows not a multiple of 4
