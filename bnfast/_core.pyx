@@ -980,9 +980,9 @@ cdef void _pipeline(Job *j, int kind, Py_ssize_t u0, Py_ssize_t u1) noexcept nog
     training of (64, 256, 28, 28) 0.90x the time, (128, 256, 28, 28) 0.78x, (48, 256,
     28, 28) 0.94x; `moments` 0.65x, 0.70x and 0.74x; float64 (32, 256, 28, 28) 0.89x.
     An x of 25 MB (partly in L3) measured 0.87-1.04x, two threads 1.00-1.09x: hence the
-    gates. Into L2 instead of L1 (from a fourth
-    session) measured 1.03-1.06x the time of L1 alone and went. The backward sums prefetching into L2 as
-    well gained nothing that held: (128, 256, 28, 28) float32 1.07-1.10x the time,
+    gates. An earlier form, into L2 instead of L1 (0.82-0.94x when it came), measured
+    1.03-1.06x the time of L1 alone by then and went. The backward sums prefetching into
+    L2 as well gained nothing that held: (128, 256, 28, 28) float32 1.07-1.10x the time,
     (64, 256, 28, 28) 1.01-1.05x, float64 (8, 64, 112, 112) 0.89-1.01x."""
     cdef Py_ssize_t u = u0, un, w = 0, wn, c, isz = j.isz
     cdef Py_ssize_t k = _channel_block(j, kind)

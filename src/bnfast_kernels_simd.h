@@ -270,9 +270,6 @@ BNF_SIMD_FN void BNF_SIMD(shifted_sums_rows)(const T *base, ptrdiff_t k, ptrdiff
     }
 }
 
-/* Normalize: AVX-512 only for float and double.  The AVX2 form measured 7-10% slower
- * than gcc's vectorized plain loop on a 51 MB eval (and no faster in cache), so level 3
- * runs the plain loop; float16's plain loop converts an element at a time. */
 #if BNF_ISA_LEVEL == 4 && !BNF_T_HALF
 /* A row of k channels' runs of len elements back to back in x and in y (evaluation of
  * short runs, a row a call), plain stores: each run's whole vectors, then its tail as one
@@ -306,6 +303,9 @@ BNF_SIMD_FN void BNF_SIMD(norm_runs_row)(const T *x, T *y, ptrdiff_t k, ptrdiff_
 #undef BNF_VSTT_MASK
 #endif
 
+/* Normalize: AVX-512 only for float and double.  The AVX2 form measured 7-10% slower
+ * than gcc's vectorized plain loop on a 51 MB eval (and no faster in cache), so level 3
+ * runs the plain loop; float16's plain loop converts an element at a time. */
 #if BNF_ISA_LEVEL == 4 || BNF_T_HALF
 BNF_SIMD_FN void BNF_SIMD(norm_chunk)(const T *p, T *q, ptrdiff_t n, double mean,
                                       double scale, double shift, bnf_pf *pf, int nt)
