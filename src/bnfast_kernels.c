@@ -226,7 +226,7 @@ void bnf_stream_fence(void)
  * so one cursor serves every element type.  Addresses are integers: the cursor runs
  * past the last run, into what follows it in memory (often the next unit; prefetches
  * never fault). */
-typedef struct {
+typedef struct bnf_pf {
     uintptr_t run;       /* start of the current run */
     ptrdiff_t off, end;  /* position in it, and where it ends (off == end: finished) */
     ptrdiff_t stride, len, left; /* bytes between runs, bytes per run, runs after this */
