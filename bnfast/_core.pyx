@@ -990,7 +990,8 @@ cdef void _pipeline(Job *j, int kind, Py_ssize_t u0, Py_ssize_t u1) noexcept nog
     cdef bint fetch_next, split
     if u0 >= u1:
         return
-    if not j.threaded and j.outer * j.C * j.inner * isz >= 2 * _reduce_blocks_min:
+    if (kind == K_FWD or kind == K_STATS) and not j.threaded and \
+            j.outer * j.C * j.inner * isz >= 2 * _reduce_blocks_min:
         flags |= BNF_FROM_DRAM          # the next block's statistics: L2 ahead of L1
     if kind == K_STATS:         # the statistics alone: a block's moments, a row at a time
         while u < u1:

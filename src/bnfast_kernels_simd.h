@@ -33,6 +33,7 @@
 #define BNF_VSTT(q, v) _mm_storeu_si128((__m128i *)(q), BNF_HCVT(v))
 #define BNF_VSTNT2(q, v0, v1) \
     _mm256_stream_si256((__m256i *)(q), _mm256_set_m128i(BNF_HCVT(v1), BNF_HCVT(v0)))
+#define BNF_MASKED 0   /* float16: scalar tails */
 #elif BNF_T_FLOAT
 #define BNF_VLDT(p) _mm512_cvtps_pd(_mm256_loadu_ps(p))
 #define BNF_VSTT(q, v) _mm256_storeu_ps((q), _mm512_cvtpd_ps(v))
@@ -52,6 +53,7 @@
 #endif
 #elif BNF_ISA_LEVEL == 3
 #define BNF_ISA v3
+#define BNF_MASKED 0   /* AVX2: scalar tails */
 #define BNF_SIMD_FN static __attribute__((target("arch=x86-64-v3")))
 #define BNF_VW 4
 #define BNF_VD __m256d
