@@ -570,12 +570,23 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_block)(const T *x, ptrdiff_t xs
     int nt = stream && BNF_DIRECT_NT(4) &&
              bnf_rows_stream_direct(y, ystride, width, sizeof(T));
     if (nt) stream = 0;               /* nothing staged */
-    mean = bnf_aligned(mean, mbuf, width, nrows);
-    scale = bnf_aligned(scale, abuf, width, nrows);
-    shift = bnf_aligned(shift, bbuf, width, nrows);
-    ptrdiff_t group = bnf_row_group(width, ystride, &stream, sizeof(T));
+    /* rows that all start `lead` elements before a line: those columns of a group of rows
+     * alone (plain stores), then the rest from a line (bnf_lines_lead) */
+    ptrdiff_t lead = nt ? bnf_lines_lead(y, ystride, width, sizeof(T)) : 0;
+    const T *xh = x;
+    T *yh = y;
+    const double *mh = mean, *ah = scale, *bh = shift;
+    x += lead, y += lead, width -= lead;
+    mean = bnf_aligned(mean + lead, mbuf, width, lead ? 0 : nrows);
+    scale = bnf_aligned(scale + lead, abuf, width, lead ? 0 : nrows);
+    shift = bnf_aligned(shift + lead, bbuf, width, lead ? 0 : nrows);
+    ptrdiff_t group = !nt ? bnf_row_group(width, ystride, &stream, sizeof(T))
+                      : lead ? BNF_LEAD_ROWS : nrows;
     for (ptrdiff_t r0 = 0; r0 < nrows; r0 += group) {
         ptrdiff_t k = nrows - r0 < group ? nrows - r0 : group;
+        if (lead)
+            BNF_DISPATCH4(norm_rows_run, xh + r0 * xstride, xstride, yh + r0 * ystride, ystride,
+                          k, lead, mh, ah, bh, 0, 0);
         BNF_DISPATCH4(norm_rows_run, x + r0 * xstride, xstride, stream ? tmp : y + r0 * ystride,
                       stream ? width : ystride, k, width, mean, scale, shift,
                       cached ? 0 : nrows - r0, nt);
@@ -1030,15 +1041,26 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_block)(const T *dy, ptrdiff_t dys
         return;
     }
     if (nt) stream = 0;               /* nothing staged */
-    ptrdiff_t group = bnf_row_group(width, dxstride, &stream, sizeof(T));
-    a = bnf_aligned(a, abuf, width, nrows);
+    ptrdiff_t lead = nt ? bnf_lines_lead(dx, dxstride, width, sizeof(T)) : 0;  /* as above */
+    const T *gh = dy, *xh = x;
+    T *qh = dx;
+    const double *mh = mean, *ah = a, *f1h = k1, *f2h = k2;
+    dy += lead, dx += lead, width -= lead;
+    a = bnf_aligned(a + lead, abuf, width, lead ? 0 : nrows);
     if (x) {
-        mean = bnf_aligned(mean, mbuf, width, nrows);
-        k1 = bnf_aligned(k1, k1buf, width, nrows);
-        k2 = bnf_aligned(k2, k2buf, width, nrows);
+        x += lead;
+        mean = bnf_aligned(mean + lead, mbuf, width, lead ? 0 : nrows);
+        k1 = bnf_aligned(k1 + lead, k1buf, width, lead ? 0 : nrows);
+        k2 = bnf_aligned(k2 + lead, k2buf, width, lead ? 0 : nrows);
     }
+    ptrdiff_t group = !nt ? bnf_row_group(width, dxstride, &stream, sizeof(T))
+                      : lead ? BNF_LEAD_ROWS : nrows;
     for (ptrdiff_t r0 = 0; r0 < nrows; r0 += group) {
         ptrdiff_t k = nrows - r0 < group ? nrows - r0 : group;
+        if (lead)
+            BNF_DISPATCH(dx_rows_run, gh + r0 * dystride, dystride,
+                         xh ? xh + r0 * xstride : NULL, xstride, qh + r0 * dxstride, dxstride, k,
+                         lead, mh, ah, f1h, f2h, 0, 0);
         BNF_DISPATCH(dx_rows_run, dy + r0 * dystride, dystride, x ? x + r0 * xstride : NULL,
                      xstride, stream ? tmp : dx + r0 * dxstride, stream ? width : dxstride, k,
                      width, mean, a, k1, k2, cached ? 0 : nrows - r0, nt);

@@ -140,6 +140,9 @@ STREAM_SHAPES = [
     ((9, 5, 2, 272), -1),     # channels last, rows of 272
     ((40, 300, 3), 1),        # short runs as rows of 900 columns
     ((6, 40, 49), 1),         # short runs as rows: blocks of 16 channels (whole lines)
+    ((12, 2048), -1),         # rows wider than a chunk, lines apart: each row's columns
+                              # before its first line alone, the rest from a line
+    ((9, 1040), -1),          # ... in blocks of columns, rows of 65 lines (float32)
 ]
 
 
