@@ -580,8 +580,8 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_block)(const T *x, ptrdiff_t xs
     mean = bnf_aligned(mean + lead, mbuf, width, lead ? 0 : nrows);
     scale = bnf_aligned(scale + lead, abuf, width, lead ? 0 : nrows);
     shift = bnf_aligned(shift + lead, bbuf, width, lead ? 0 : nrows);
-    ptrdiff_t group = !nt ? bnf_row_group(width, ystride, &stream, sizeof(T))
-                      : lead ? BNF_LEAD_ROWS : nrows;
+    ptrdiff_t group = stream ? bnf_row_group(width, ystride, &stream, sizeof(T)) : 0;
+    if (!stream) group = lead ? BNF_LEAD_ROWS : nrows;      /* nothing staged */
     for (ptrdiff_t r0 = 0; r0 < nrows; r0 += group) {
         ptrdiff_t k = nrows - r0 < group ? nrows - r0 : group;
         if (lead)
@@ -1053,8 +1053,8 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_block)(const T *dy, ptrdiff_t dys
         k1 = bnf_aligned(k1 + lead, k1buf, width, lead ? 0 : nrows);
         k2 = bnf_aligned(k2 + lead, k2buf, width, lead ? 0 : nrows);
     }
-    ptrdiff_t group = !nt ? bnf_row_group(width, dxstride, &stream, sizeof(T))
-                      : lead ? BNF_LEAD_ROWS : nrows;
+    ptrdiff_t group = stream ? bnf_row_group(width, dxstride, &stream, sizeof(T)) : 0;
+    if (!stream) group = lead ? BNF_LEAD_ROWS : nrows;      /* nothing staged */
     for (ptrdiff_t r0 = 0; r0 < nrows; r0 += group) {
         ptrdiff_t k = nrows - r0 < group ? nrows - r0 : group;
         if (lead)
