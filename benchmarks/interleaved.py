@@ -40,6 +40,8 @@ LAYOUTS = {
     "NCL4": ((32768, 64, 4), 1),
     # a column slice: the first 256 columns of a 272-wide array (rows not contiguous)
     "NCslice": ((50176, 256), -1, 16),
+    # wide rows: 4096 features (rows wider than a chunk, in blocks of columns)
+    "NCwide": ((3136, 4096), 1),
 }
 DEFAULT_LAYOUTS = ("NCHW", "NHWC", "NC")
 

@@ -105,6 +105,8 @@ CASES = OrderedDict((c.id, c) for c in [
     _case((32768, 64, 4), "NCL"),
     # a column slice: the first 256 columns of a 272-wide array, rows 1088 bytes apart
     _case((50176, 256), "NC-slice", pad=16),
+    # wide rows (4096 features): wider than a chunk, normalized in blocks of columns
+    _case((3136, 4096), "NC"),
 ])
 
 # The shapes of the targets (pytest-benchmark suite and `bench --quick`).
