@@ -426,18 +426,20 @@ BNF_SIMD_FN void BNF_SIMD(norm_rows_run)(const T *x, ptrdiff_t xstride, T *q,
 
 #endif
 
-#if BNF_MASKED
-/* bwd_sums_runs of runs that end in a partial vector (len % BNF_VW): the tail as whole
- * vectors and one masked vector, the lanes in registers (as shifted_sums_runs), the same
- * lanes and bits.  A function of its own: with that tail in bwd_sums_runs itself, (64,
- * 256, 14, 14) backward measured 0.79-0.82x the time but 28 x 28 runs (no partial
- * vector) 1.07-1.09x from DRAM.  So, one thread, float32, in one process against the
- * scalar tail: (64, 256, 14, 14) backward 0.91x, (64, 512, 14, 14) 0.94x, (16, 128, 14,
- * 14) 0.88x; float64 0.92-0.98x; two threads 0.91-0.97x; 28 x 28 1.00x. */
-BNF_SIMD_FN BNF_NOINLINE void BNF_SIMD(bwd_sums_runs_masked)(
+/* masked (AVX-512, float and double; runs that end in a partial vector): the tail as
+ * whole vectors and one masked vector, the lanes kept in registers (as
+ * shifted_sums_runs); else the tail's whole vectors, then the rest through the scalar
+ * loop, the lanes stored and reloaded around it.  The same lanes and bits either way. */
+BNF_SIMD_FN inline BNF_INLINE void BNF_SIMD(bwd_sums_runs_body)(
     const T *dy, ptrdiff_t dystride, const T *x, ptrdiff_t xstride, ptrdiff_t nruns,
-    ptrdiff_t len, double mean, double *a1, double *a2, double *a3, bnf_pf *pfg, bnf_pf *pfx)
+    ptrdiff_t len, double mean, double *a1, double *a2, double *a3, bnf_pf *pfg, bnf_pf *pfx,
+    const int masked)
 {
+    /* sum dy and sum (x - mean) by fused multiply-adds with 1 (exact: the bits of the
+     * adds) where bnf_adds_as_fma: on Zen 4 the adds share their pipes with the
+     * conversions, the multiply-adds do not (these sums took 0.80x the time in a C
+     * harness, in L2; (64, 8, 28, 28) backward 0.96x); on an Intel Xeon (64, 256, 28,
+     * 28) backward took 1.04x the time that way, in-cache ones 1.00-1.01x */
     BNF_VD s1[BNF_NV], s2[BNF_NV], s3[BNF_NV], vm = BNF_VSET1(mean), one = BNF_VSET1(1.0);
     const int fma_adds = bnf_adds_as_fma;
 #define BNF_ACC(s, v) (fma_adds ? BNF_VFMA((v), one, (s)) : BNF_VADD((s), (v)))
@@ -465,23 +467,50 @@ BNF_SIMD_FN BNF_NOINLINE void BNF_SIMD(bwd_sums_runs_masked)(
         }
         bnf_pf_advance(pfg, (len - i) * (ptrdiff_t)sizeof(T));
         bnf_pf_advance(pfx, (len - i) * (ptrdiff_t)sizeof(T));
-        /* the tail into the first lanes, as the scalar loop would: whole vectors, then the
-         * rest as one masked vector (fma(g, 1, s) is s + g: a masked add) */
-        for (int v = 0; v < BNF_NV; v++) {
-            ptrdiff_t o = i + BNF_VW * v;
-            if (o + BNF_VW <= len) {
-                BNF_VD gi = BNF_VLDT(g + o), d = BNF_VSUB(BNF_VLDT(p + o), vm);
+        if (!masked) {
+            /* the tail's whole vectors into the first lanes, as the scalar loop would */
+            ptrdiff_t t = i;
+            for (int v = 0; i + BNF_VW <= len; v++, i += BNF_VW) {
+                BNF_VD gi = BNF_VLDT(g + i), d = BNF_VSUB(BNF_VLDT(p + i), vm);
                 s1[v] = BNF_ACC(s1[v], gi);
                 s2[v] = BNF_VFMA(gi, d, s2[v]);
                 s3[v] = BNF_ACC(s3[v], d);
-            } else if (o < len) {
-                __mmask8 k = (__mmask8)((1u << (len - o)) - 1);
-                BNF_VD gi = BNF_VLDT_MASK(k, g + o);
-                BNF_VD d = BNF_VSUB(BNF_VLDT_MASK(k, p + o), vm);
-                s1[v] = _mm512_mask_add_pd(s1[v], k, s1[v], gi);
-                s2[v] = _mm512_mask3_fmadd_pd(gi, d, s2[v], k);
-                s3[v] = _mm512_mask_add_pd(s3[v], k, s3[v], d);
             }
+            if (i < len) {
+                for (int v = 0; v < BNF_NV; v++) {
+                    BNF_VST(a1 + BNF_VW * v, s1[v]);
+                    BNF_VST(a2 + BNF_VW * v, s2[v]);
+                    BNF_VST(a3 + BNF_VW * v, s3[v]);
+                }
+                for (ptrdiff_t l = i - t; i < len; i++, l++)
+                    BNF_SE(bwd_elem)(g[i], p[i], mean, &a1[l], &a2[l], &a3[l]);
+                for (int v = 0; v < BNF_NV; v++) {
+                    s1[v] = BNF_VLD(a1 + BNF_VW * v);
+                    s2[v] = BNF_VLD(a2 + BNF_VW * v);
+                    s3[v] = BNF_VLD(a3 + BNF_VW * v);
+                }
+            }
+        } else {
+#if BNF_MASKED
+            /* the tail into the first lanes, as the scalar loop would: whole vectors,
+             * then the rest as one masked vector (fma(g, 1, s) is s + g: a masked add) */
+            for (int v = 0; v < BNF_NV; v++) {
+                ptrdiff_t o = i + BNF_VW * v;
+                if (o + BNF_VW <= len) {
+                    BNF_VD gi = BNF_VLDT(g + o), d = BNF_VSUB(BNF_VLDT(p + o), vm);
+                    s1[v] = BNF_ACC(s1[v], gi);
+                    s2[v] = BNF_VFMA(gi, d, s2[v]);
+                    s3[v] = BNF_ACC(s3[v], d);
+                } else if (o < len) {
+                    __mmask8 k = (__mmask8)((1u << (len - o)) - 1);
+                    BNF_VD gi = BNF_VLDT_MASK(k, g + o);
+                    BNF_VD d = BNF_VSUB(BNF_VLDT_MASK(k, p + o), vm);
+                    s1[v] = _mm512_mask_add_pd(s1[v], k, s1[v], gi);
+                    s2[v] = _mm512_mask3_fmadd_pd(gi, d, s2[v], k);
+                    s3[v] = _mm512_mask_add_pd(s3[v], k, s3[v], d);
+                }
+            }
+#endif
         }
     }
     for (int v = 0; v < BNF_NV; v++) {
@@ -491,6 +520,21 @@ BNF_SIMD_FN BNF_NOINLINE void BNF_SIMD(bwd_sums_runs_masked)(
     }
 #undef BNF_ACC
 }
+
+#if BNF_MASKED
+/* Runs that end in a partial vector (len % BNF_VW) take the masked tail, in a function
+ * of their own: with that tail in bwd_sums_runs itself, (64, 256, 14, 14) backward
+ * measured 0.79-0.82x the time but 28 x 28 runs (no partial vector) 1.07-1.09x from
+ * DRAM.  So, one thread, float32, in one process against the scalar tail: (64, 256, 14,
+ * 14) backward 0.91x, (64, 512, 14, 14) 0.94x, (16, 128, 14, 14) 0.88x; float64
+ * 0.92-0.98x; two threads 0.91-0.97x; 28 x 28 1.00x. */
+BNF_SIMD_FN BNF_NOINLINE void BNF_SIMD(bwd_sums_runs_masked)(
+    const T *dy, ptrdiff_t dystride, const T *x, ptrdiff_t xstride, ptrdiff_t nruns,
+    ptrdiff_t len, double mean, double *a1, double *a2, double *a3, bnf_pf *pfg, bnf_pf *pfx)
+{
+    BNF_SIMD(bwd_sums_runs_body)(dy, dystride, x, xstride, nruns, len, mean, a1, a2, a3, pfg,
+                                 pfx, 1);
+}
 #endif
 
 BNF_SIMD_FN void BNF_SIMD(bwd_sums_runs)(const T *dy, ptrdiff_t dystride, const T *x,
@@ -498,13 +542,6 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_runs)(const T *dy, ptrdiff_t dystride, const 
                                          double mean, double *a1, double *a2, double *a3,
                                          bnf_pf *pfg, bnf_pf *pfx)
 {
-    /* sum dy and sum (x - mean) by fused multiply-adds with 1 (exact: the bits of the
-     * adds) where bnf_adds_as_fma: on Zen 4 the adds share their pipes with the
-     * conversions, the multiply-adds do not (these sums took 0.80x the time in a C
-     * harness, in L2; (64, 8, 28, 28) backward 0.96x); on an Intel Xeon (64, 256, 28,
-     * 28) backward took 1.04x the time that way, in-cache ones 1.00-1.01x */
-    BNF_VD s1[BNF_NV], s2[BNF_NV], s3[BNF_NV], vm = BNF_VSET1(mean), one = BNF_VSET1(1.0);
-    const int fma_adds = bnf_adds_as_fma;
 #if BNF_MASKED
     if (len % BNF_VW) {
         BNF_SIMD(bwd_sums_runs_masked)(dy, dystride, x, xstride, nruns, len, mean, a1, a2, a3,
@@ -512,60 +549,8 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_runs)(const T *dy, ptrdiff_t dystride, const 
         return;
     }
 #endif
-#define BNF_ACC(s, v) (fma_adds ? BNF_VFMA((v), one, (s)) : BNF_VADD((s), (v)))
-    for (int v = 0; v < BNF_NV; v++) {
-        s1[v] = BNF_VLD(a1 + BNF_VW * v);
-        s2[v] = BNF_VLD(a2 + BNF_VW * v);
-        s3[v] = BNF_VLD(a3 + BNF_VW * v);
-    }
-    for (ptrdiff_t r = 0; r < nruns; r++) {
-        const T *g = dy + r * dystride;
-        const T *p = x + r * xstride;
-        ptrdiff_t i = 0;
-        for (ptrdiff_t b1; i + BNF_LANES <= len;) {
-            b1 = BNF_SUMS_BLOCK_END(i, len);
-            bnf_pf_advance(pfg, (b1 - i) * (ptrdiff_t)sizeof(T));
-            bnf_pf_advance(pfx, (b1 - i) * (ptrdiff_t)sizeof(T));
-            for (; i < b1; i += BNF_LANES)
-                for (int v = 0; v < BNF_NV; v++) {
-                    BNF_VD gi = BNF_VLDT(g + i + BNF_VW * v);
-                    BNF_VD d = BNF_VSUB(BNF_VLDT(p + i + BNF_VW * v), vm);
-                    s1[v] = BNF_ACC(s1[v], gi);
-                    s2[v] = BNF_VFMA(gi, d, s2[v]);
-                    s3[v] = BNF_ACC(s3[v], d);
-                }
-        }
-        bnf_pf_advance(pfg, (len - i) * (ptrdiff_t)sizeof(T));
-        bnf_pf_advance(pfx, (len - i) * (ptrdiff_t)sizeof(T));
-        /* the tail's whole vectors into the first lanes, as the scalar loop would */
-        ptrdiff_t t = i;
-        for (int v = 0; i + BNF_VW <= len; v++, i += BNF_VW) {
-            BNF_VD gi = BNF_VLDT(g + i), d = BNF_VSUB(BNF_VLDT(p + i), vm);
-            s1[v] = BNF_ACC(s1[v], gi);
-            s2[v] = BNF_VFMA(gi, d, s2[v]);
-            s3[v] = BNF_ACC(s3[v], d);
-        }
-        if (i < len) {
-            for (int v = 0; v < BNF_NV; v++) {
-                BNF_VST(a1 + BNF_VW * v, s1[v]);
-                BNF_VST(a2 + BNF_VW * v, s2[v]);
-                BNF_VST(a3 + BNF_VW * v, s3[v]);
-            }
-            for (ptrdiff_t l = i - t; i < len; i++, l++)
-                BNF_SE(bwd_elem)(g[i], p[i], mean, &a1[l], &a2[l], &a3[l]);
-            for (int v = 0; v < BNF_NV; v++) {
-                s1[v] = BNF_VLD(a1 + BNF_VW * v);
-                s2[v] = BNF_VLD(a2 + BNF_VW * v);
-                s3[v] = BNF_VLD(a3 + BNF_VW * v);
-            }
-        }
-    }
-    for (int v = 0; v < BNF_NV; v++) {
-        BNF_VST(a1 + BNF_VW * v, s1[v]);
-        BNF_VST(a2 + BNF_VW * v, s2[v]);
-        BNF_VST(a3 + BNF_VW * v, s3[v]);
-    }
-#undef BNF_ACC
+    BNF_SIMD(bwd_sums_runs_body)(dy, dystride, x, xstride, nruns, len, mean, a1, a2, a3, pfg,
+                                 pfx, 0);
 }
 
 BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const T *x,
