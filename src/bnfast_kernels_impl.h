@@ -585,8 +585,8 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_block)(const T *x, ptrdiff_t xs
     for (ptrdiff_t r0 = 0; r0 < nrows; r0 += group) {
         ptrdiff_t k = nrows - r0 < group ? nrows - r0 : group;
         if (lead)
-            BNF_DISPATCH4(norm_rows_run, xh + r0 * xstride, xstride, yh + r0 * ystride, ystride,
-                          k, lead, mh, ah, bh, 0, 0);
+            BNF_DISPATCH4(norm_rows_run, xh + r0 * xstride, xstride, yh + r0 * ystride,
+                          ystride, k, lead, mh, ah, bh, 0, 0);
         BNF_DISPATCH4(norm_rows_run, x + r0 * xstride, xstride, stream ? tmp : y + r0 * ystride,
                       stream ? width : ystride, k, width, mean, scale, shift,
                       cached ? 0 : nrows - r0, nt);
@@ -1041,7 +1041,8 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_block)(const T *dy, ptrdiff_t dys
         return;
     }
     if (nt) stream = 0;               /* nothing staged */
-    ptrdiff_t lead = nt ? bnf_lines_lead(dx, dxstride, width, sizeof(T)) : 0;  /* as above */
+    /* as norm_rows_block */
+    ptrdiff_t lead = nt ? bnf_lines_lead(dx, dxstride, width, sizeof(T)) : 0;
     const T *gh = dy, *xh = x;
     T *qh = dx;
     const double *mh = mean, *ah = a, *f1h = k1, *f2h = k2;
@@ -1059,8 +1060,8 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_block)(const T *dy, ptrdiff_t dys
         ptrdiff_t k = nrows - r0 < group ? nrows - r0 : group;
         if (lead)
             BNF_DISPATCH(dx_rows_run, gh + r0 * dystride, dystride,
-                         xh ? xh + r0 * xstride : NULL, xstride, qh + r0 * dxstride, dxstride, k,
-                         lead, mh, ah, f1h, f2h, 0, 0);
+                         xh ? xh + r0 * xstride : NULL, xstride, qh + r0 * dxstride,
+                         dxstride, k, lead, mh, ah, f1h, f2h, 0, 0);
         BNF_DISPATCH(dx_rows_run, dy + r0 * dystride, dystride, x ? x + r0 * xstride : NULL,
                      xstride, stream ? tmp : dx + r0 * dxstride, stream ? width : dxstride, k,
                      width, mean, a, k1, k2, cached ? 0 : nrows - r0, nt);
