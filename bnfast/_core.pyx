@@ -147,6 +147,14 @@ DEF PIPE_BYTES = 1 << 19
 # (one a block) measured 1.08-1.16x: not there. float64 1.02-1.14x and float16
 # 0.96-1.04x: not there. The next block's sums interleaved run by run with this block's
 # dx instead measured 1.10-1.20x.
+# Where the next block is prefetched (_fetch_next: runs of 1 KB or more), a channel of up
+# to this size is a block of its own, any dtype: a block of several, with the next one
+# beside it, overfilled L2. Against blocks of BWD_SPLIT_BYTES (ninth session, ABBA, one
+# thread, float32): (64, 256, 16, 16) 0.61x the time, (128, 256, 16, 16) 0.77x, (64,
+# 512, 16, 16) 0.78x, (64, 256, 20, 20) 0.79x, (32, 128, 24, 24) 0.87x, (32, 256, 16,
+# 16) 0.95x, (16, 128, 32, 32) 0.95x; two threads 0.87-0.94x; float64 (blocks of
+# CHANNEL_BLOCK_BYTES before) 0.82-0.93x. Channels larger than this measured 0.94-1.04x
+# one a block: left as they were.
 DEF BWD_SPLIT_BYTES = 1 << 18
 # Bytes of each array in a block of channels of runs (_channel_block). Measured on one
 # thread (Zen 4, float32, in one process against a channel at a time, ABBA): training
@@ -1111,8 +1119,10 @@ cdef Py_ssize_t _channel_block(const Job *j, int kind) noexcept nogil:
     cdef Py_ssize_t k = CHANNEL_BLOCK_BYTES // ch
     if kind == K_FWD and ch <= TRAIN_BLOCK_BYTES:
         k = TRAIN_BLOCK_BYTES // ch
-    if kind == K_BWD and _bwd_small_blocks(j):
-        k = BWD_SPLIT_BYTES // (j.outer * j.inner * j.isz)
+    if kind == K_BWD and ch <= BWD_SPLIT_BYTES and _fetch_next(j):
+        k = 1       # a channel a block: see BWD_SPLIT_BYTES
+    elif kind == K_BWD and _bwd_small_blocks(j):
+        k = BWD_SPLIT_BYTES // ch
     if j.x_cs != j.inner or (kind != K_FWD and kind != K_STATS and j.dy_cs != j.inner):
         return 1
     return 1 if k < 1 else BNF_BLOCK_CHANNELS if k > BNF_BLOCK_CHANNELS else k
