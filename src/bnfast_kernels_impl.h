@@ -669,6 +669,23 @@ static inline BNF_INLINE void BNF_NAME(bwd_sums_runs)(const T *dy, ptrdiff_t dys
     }
 }
 
+/* k channels of runs a row of them at a time, channel c's lanes at a1 + c * BNF_LANES .. */
+static inline BNF_INLINE void BNF_NAME(bwd_sums_block)(const T *dy, ptrdiff_t dystride,
+                                                      ptrdiff_t dycs, const T *x,
+                                                      ptrdiff_t xstride, ptrdiff_t xcs,
+                                                      ptrdiff_t nruns, ptrdiff_t len,
+                                                      ptrdiff_t k, const double *mean,
+                                                      double *a1, double *a2, double *a3,
+                                                      bnf_pf *pfg, bnf_pf *pfx)
+{
+    for (ptrdiff_t r = 0; r < nruns; r++)
+        for (ptrdiff_t c = 0; c < k; c++)
+            BNF_NAME(bwd_sums_runs)(dy + r * dystride + c * dycs, dystride,
+                                    x + r * xstride + c * xcs, xstride, 1, len, mean[c],
+                                    a1 + c * BNF_LANES, a2 + c * BNF_LANES,
+                                    a3 + c * BNF_LANES, pfg, pfx);
+}
+
 /* Backward sums over k (<= BNF_BLOCK_CHANNELS) channels of runs, strides and order as
  * bnf_norm_runs: sum(dy), sum(dy * (x - mean[c])) and sum(x - mean[c]) of each channel
  * c; the last recovers the part of the batch mean that a double `mean` cannot hold.
@@ -702,11 +719,8 @@ BNF_CLONES void BNF_NAME(bnf_bwd_sums_runs)(const T *dy, ptrdiff_t dystride, ptr
         BNF_DISPATCH(bwd_sums_runs, dy, dystride, x, xstride, nruns, len, mean[0], a1[0],
                      a2[0], a3[0], &pfg, &pfx);
     else
-        for (ptrdiff_t r = 0; r < nruns; r++)
-            for (ptrdiff_t c = 0; c < k; c++)
-                BNF_DISPATCH(bwd_sums_runs, dy + r * dystride + c * dycs, dystride,
-                             x + r * xstride + c * xcs, xstride, 1, len, mean[c], a1[c],
-                             a2[c], a3[c], &pfg, &pfx);
+        BNF_DISPATCH(bwd_sums_block, dy, dystride, dycs, x, xstride, xcs, nruns, len, k, mean,
+                     a1[0], a2[0], a3[0], &pfg, &pfx);
     for (ptrdiff_t c = 0; c < k; c++) {
         sum_dy[c] = bnf_sum_lanes(a1[c]);
         sum_dy_xmu[c] = bnf_sum_lanes(a2[c]);

@@ -553,6 +553,50 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_runs)(const T *dy, ptrdiff_t dystride, const 
                                  pfx, 0);
 }
 
+/* k channels of runs a row of them at a time (bnf_bwd_sums_runs), channel c's lanes at
+ * a1 + c * BNF_LANES ..: the loops here, each run through the inlined body, not a call
+ * (and its dispatch) a run. */
+BNF_SIMD_FN inline BNF_INLINE void BNF_SIMD(bwd_sums_block_body)(
+    const T *dy, ptrdiff_t dystride, ptrdiff_t dycs, const T *x, ptrdiff_t xstride,
+    ptrdiff_t xcs, ptrdiff_t nruns, ptrdiff_t len, ptrdiff_t k, const double *mean,
+    double *a1, double *a2, double *a3, bnf_pf *pfg, bnf_pf *pfx, const int masked)
+{
+    for (ptrdiff_t r = 0; r < nruns; r++)
+        for (ptrdiff_t c = 0; c < k; c++)
+            BNF_SIMD(bwd_sums_runs_body)(dy + r * dystride + c * dycs, dystride,
+                                         x + r * xstride + c * xcs, xstride, 1, len, mean[c],
+                                         a1 + c * BNF_LANES, a2 + c * BNF_LANES,
+                                         a3 + c * BNF_LANES, pfg, pfx, masked);
+}
+
+#if BNF_MASKED
+BNF_SIMD_FN BNF_NOINLINE void BNF_SIMD(bwd_sums_block_masked)(
+    const T *dy, ptrdiff_t dystride, ptrdiff_t dycs, const T *x, ptrdiff_t xstride,
+    ptrdiff_t xcs, ptrdiff_t nruns, ptrdiff_t len, ptrdiff_t k, const double *mean,
+    double *a1, double *a2, double *a3, bnf_pf *pfg, bnf_pf *pfx)
+{
+    BNF_SIMD(bwd_sums_block_body)(dy, dystride, dycs, x, xstride, xcs, nruns, len, k, mean,
+                                  a1, a2, a3, pfg, pfx, 1);
+}
+#endif
+
+BNF_SIMD_FN void BNF_SIMD(bwd_sums_block)(const T *dy, ptrdiff_t dystride, ptrdiff_t dycs,
+                                          const T *x, ptrdiff_t xstride, ptrdiff_t xcs,
+                                          ptrdiff_t nruns, ptrdiff_t len, ptrdiff_t k,
+                                          const double *mean, double *a1, double *a2,
+                                          double *a3, bnf_pf *pfg, bnf_pf *pfx)
+{
+#if BNF_MASKED
+    if (len % BNF_VW) {
+        BNF_SIMD(bwd_sums_block_masked)(dy, dystride, dycs, x, xstride, xcs, nruns, len, k,
+                                        mean, a1, a2, a3, pfg, pfx);
+        return;
+    }
+#endif
+    BNF_SIMD(bwd_sums_block_body)(dy, dystride, dycs, x, xstride, xcs, nruns, len, k, mean,
+                                  a1, a2, a3, pfg, pfx, 0);
+}
+
 BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const T *x,
                                          ptrdiff_t xstride, ptrdiff_t nrows, ptrdiff_t width,
                                          const double *mean, double *sum_dy,
