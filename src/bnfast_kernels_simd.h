@@ -174,9 +174,9 @@
 #define BNF_SUMS_BLOCK_END(i, len) \
     ((i) + BNF_SUMS_BLOCK <= (len) ? (i) + BNF_SUMS_BLOCK : (len) - ((len) - (i)) % BNF_LANES)
 
-BNF_SIMD_FN void BNF_SIMD(shifted_sums_runs)(const T *x, ptrdiff_t nruns, ptrdiff_t stride,
-                                             ptrdiff_t len, double shift, double *s1,
-                                             double *s2, bnf_pf *pf)
+BNF_SIMD_FN inline BNF_INLINE void BNF_SIMD(shifted_sums_runs_body)(
+    const T *x, ptrdiff_t nruns, ptrdiff_t stride, ptrdiff_t len, double shift, double *s1,
+    double *s2, bnf_pf *pf)
 {
     BNF_VD a[BNF_NV], b[BNF_NV], vs = BNF_VSET1(shift);
     for (int v = 0; v < BNF_NV; v++) {
@@ -245,6 +245,13 @@ BNF_SIMD_FN void BNF_SIMD(shifted_sums_runs)(const T *x, ptrdiff_t nruns, ptrdif
         BNF_VST(s1 + BNF_VW * v, a[v]);
         BNF_VST(s2 + BNF_VW * v, b[v]);
     }
+}
+
+BNF_SIMD_FN void BNF_SIMD(shifted_sums_runs)(const T *x, ptrdiff_t nruns, ptrdiff_t stride,
+                                             ptrdiff_t len, double shift, double *s1,
+                                             double *s2, bnf_pf *pf)
+{
+    BNF_SIMD(shifted_sums_runs_body)(x, nruns, stride, len, shift, s1, s2, pf);
 }
 
 /* One line of columns: the prefetch step of the rows loops. */
@@ -330,8 +337,9 @@ BNF_SIMD_FN void BNF_SIMD(norm_runs_row)(const T *x, T *y, ptrdiff_t k, ptrdiff_
  * than gcc's vectorized plain loop on a 51 MB eval (and no faster in cache), so level 3
  * runs the plain loop; float16's plain loop converts an element at a time. */
 #if BNF_ISA_LEVEL == 4 || BNF_T_HALF
-BNF_SIMD_FN void BNF_SIMD(norm_chunk)(const T *p, T *q, ptrdiff_t n, double mean,
-                                      double scale, double shift, bnf_pf *pf, int nt)
+BNF_SIMD_FN inline BNF_INLINE void BNF_SIMD(norm_chunk_body)(const T *p, T *q, ptrdiff_t n,
+                                                            double mean, double scale,
+                                                            double shift, bnf_pf *pf, int nt)
 {
     BNF_VD vm = BNF_VSET1(mean), va = BNF_VSET1(scale), vb = BNF_VSET1(shift);
     ptrdiff_t i = 0;
@@ -347,6 +355,52 @@ BNF_SIMD_FN void BNF_SIMD(norm_chunk)(const T *p, T *q, ptrdiff_t n, double mean
 #undef BNF_V
 #undef BNF_S
 }
+
+BNF_SIMD_FN void BNF_SIMD(norm_chunk)(const T *p, T *q, ptrdiff_t n, double mean,
+                                      double scale, double shift, bnf_pf *pf, int nt)
+{
+    BNF_SIMD(norm_chunk_body)(p, q, n, mean, scale, shift, pf, nt);
+}
+#endif
+
+#if BNF_ISA_LEVEL == 4 && BNF_T_FLOAT
+/* Rows r0 .. r1 - 1 of bnf_norm_runs, not staged (float32: its loop in
+ * bnfast_kernels_impl.h has the numbers): the loops here, each run through the inlined
+ * bodies, not a call (and its dispatch) a run. */
+BNF_SIMD_FN void BNF_SIMD(norm_runs_rows)(const T *x, ptrdiff_t xstride, ptrdiff_t xcs, T *y,
+                                          ptrdiff_t ystride, ptrdiff_t ycs, ptrdiff_t r0,
+                                          ptrdiff_t r1, ptrdiff_t nruns, ptrdiff_t len,
+                                          ptrdiff_t k, const double *mean,
+                                          const double *scale, const double *shift,
+                                          const T *x_next, ptrdiff_t k_next,
+                                          const double *tile_shift, double *s1, double *s2,
+                                          bnf_pf *pf, bnf_pf *pf_next, int nt)
+{
+    ptrdiff_t kmax = k > k_next ? k : k_next;
+    for (ptrdiff_t r = r0; r < r1; r++)
+        for (ptrdiff_t c = 0; c < kmax; c++) {
+            if (c < k_next)
+                BNF_SIMD(shifted_sums_runs_body)(x_next + c * xcs + r * xstride, 1, xstride,
+                                                 len, tile_shift[c], s1 + c * BNF_LANES,
+                                                 s2 + c * BNF_LANES, pf_next);
+            if (c < k) {
+                const T *p = x + r * xstride + c * xcs;
+                T *q = y + r * ystride + c * ycs;
+                if (nt) {
+                    bnf_prefetch_ends(c + 1 < k ? q + ycs : y + (r + 1) * ystride, len,
+                                      sizeof(T), c + 1 < k || r + 1 < nruns);
+                    BNF_SIMD(norm_chunk_body)(p, q, len, mean[c], scale[c], shift[c], pf, nt);
+                    continue;
+                }
+                for (ptrdiff_t i0 = 0; i0 < len; i0 += BNF_CHUNK)
+                    BNF_SIMD(norm_chunk_body)(p + i0, q + i0,
+                                              len - i0 < BNF_CHUNK ? len - i0 : BNF_CHUNK,
+                                              mean[c], scale[c], shift[c], pf, 0);
+            }
+        }
+}
+#endif
+#if BNF_ISA_LEVEL == 4 || BNF_T_HALF
 
 /* Rows form (norm_rows_run of bnfast_kernels_impl.h): four rows at a time, the factors of
  * a pair of vectors loaded once for the four, and the four rows `ahead` below prefetched

@@ -40,6 +40,8 @@ SHAPES = [
     ((3, 5, 11, 11), 1),      # eval: runs of 121, masked tails of 1
     ((3, 2, 1037), 1),        # long runs, chunked, odd tail
     ((5, 4, 12, 12), 1),      # runs of 144: a block of channels, no partial vector
+    ((2, 40, 130), 1),        # runs of 130, two blocks: one's normalization beside the
+                              # next one's statistics
     ((37, 19), -1),           # rows: 19 columns (two vectors and a tail), 37 rows
     ((203, 64), -1),          # contiguous narrow rows (flat form), rows not a multiple of 4
     ((41, 300), -1),          # rows of 300: several prefetch column blocks and a tail
