@@ -1106,8 +1106,15 @@ cdef inline bint _split_fetch(const Job *j) noexcept nogil:
     """Those blocks, with runs of REDUCE_BLOCKS_RUN or more (_fetch_next), on one thread:
     one read from cache prefetches the next block's x during its sums and the next dy
     during its dx. It overlaps a core's arithmetic with its own traffic; with more
-    threads the memory is the limit, and it measured slower."""
-    return not j.threaded and _fetch_next(j) and _bwd_small_blocks(j)
+    threads the memory is the limit, and it measured slower. Only for channels under 3/4
+    of BWD_SPLIT_BYTES: the next block's x, held through this block's dx, pushed larger
+    ones out of L2. Against the split (ninth session, one thread, float32, in one
+    process): (20, 64, 56, 56) 0.75-0.83x the time, (16, 64, 64, 64) 0.78x, (56, 128, 32,
+    32) 0.81x, (48, 256, 32, 32) 0.86-0.89x, (80, 128, 28, 28) 0.93x, (96, 128, 24, 24)
+    0.93x, (16, 64, 56, 56) 0.94-0.96x, (64, 256, 28, 28) 0.99-1.00x; channels of 64-128
+    KB 1.07-1.11x (they keep it)."""
+    return not j.threaded and _fetch_next(j) and _bwd_small_blocks(j) and \
+        4 * j.outer * j.inner * j.isz < 3 * BWD_SPLIT_BYTES
 
 
 cdef Py_ssize_t _channel_block(const Job *j, int kind) noexcept nogil:
