@@ -1106,15 +1106,18 @@ cdef inline bint _split_fetch(const Job *j) noexcept nogil:
     """Those blocks, with runs of REDUCE_BLOCKS_RUN or more (_fetch_next), on one thread:
     one read from cache prefetches the next block's x during its sums and the next dy
     during its dx. It overlaps a core's arithmetic with its own traffic; with more
-    threads the memory is the limit, and it measured slower. Only for channels under 3/4
+    threads the memory is the limit, and it measured slower. Only for channels under 7/8
     of BWD_SPLIT_BYTES: the next block's x, held through this block's dx, pushed larger
     ones out of L2. Against the split (ninth session, one thread, float32, in one
     process): (20, 64, 56, 56) 0.75-0.83x the time, (16, 64, 64, 64) 0.78x, (56, 128, 32,
     32) 0.81x, (48, 256, 32, 32) 0.86-0.89x, (80, 128, 28, 28) 0.93x, (96, 128, 24, 24)
-    0.93x, (16, 64, 56, 56) 0.94-0.96x, (64, 256, 28, 28) 0.99-1.00x; channels of 64-128
-    KB 1.07-1.11x (they keep it)."""
+    0.93x, (16, 64, 56, 56) 0.94-0.96x; channels of 64-128 KB 1.07-1.11x (they keep it).
+    Channels of 192-224 KB measured 0.99-1.00x with it ((64, 256, 28, 28)) until the dx
+    also fetched the last line of each of the next block's runs (bnf_bwd_dx_runs); then
+    0.91-0.97x (tenth session: (64-72, 256, 28, 28), (16, 64, 58, 58), (32, 64, 40,
+    40)); 225-256 KB 1.01-1.09x ((64, 256, 30, 30), (80, 128, 28, 28))."""
     return not j.threaded and _fetch_next(j) and _bwd_small_blocks(j) and \
-        4 * j.outer * j.inner * j.isz < 3 * BWD_SPLIT_BYTES
+        8 * j.outer * j.inner * j.isz < 7 * BWD_SPLIT_BYTES
 
 
 cdef Py_ssize_t _channel_block(const Job *j, int kind) noexcept nogil:

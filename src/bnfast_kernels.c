@@ -288,6 +288,14 @@ static inline BNF_INLINE void bnf_pf_advance(bnf_pf *pf, ptrdiff_t bytes)
     bnf_pf_advance_one(pf, bytes);
 }
 
+/* Into L2, the line of a run's last byte where the run ends off a line (a cursor's steps
+ * from a start off a line stop short of it). */
+static inline BNF_INLINE void bnf_pf_last_line(const void *run, ptrdiff_t bytes)
+{
+    uintptr_t end = (uintptr_t)run + (uintptr_t)bytes;
+    if (end % BNF_LINE) BNF_PREFETCH_FAR((const void *)(end - 1));
+}
+
 /* Elements computed between two advances of a prefetch cursor (elementwise kernels). */
 #define BNF_PF_BLOCK 64
 
