@@ -403,13 +403,14 @@ def test_channel_blocks_give_the_bits_of_one_channel_at_a_time(dtype):
 
 
 @pytest.mark.parametrize("n_threads", [1, 3])
-@pytest.mark.parametrize("shape", [(2, 5, 300, 256), (4, 80, 28, 28), (3001, 256),
-                                   (20003, 7)])
+@pytest.mark.parametrize("shape", [(2, 5, 300, 256), (4, 80, 28, 28), (64, 3, 28, 28),
+                                   (3001, 256), (20003, 7)])
 def test_prefetching_the_next_channel_changes_no_bits(n_threads, shape):
     """From DRAM (x, or x and dy, of 16 MB or more; lowered here) a fused training
     channel too large to pipeline (614 KB) prefetches the next channel as it is
     normalized, and a backward block (x and dy) the next block as its dx goes (on one
-    thread in blocks of at most 256 KB, the next block's x during the sums); pipelined
+    thread in blocks of at most 256 KB, the next block's x during the sums: channels of
+    12.5 KB and of 196 KB, near the 224 KB where that stops); pipelined
     training blocks (runs of 28 x 28, three blocks of channels) read the next block's
     statistics beside; rows (wide, and narrow ones folded) take their statistics with
     prefetches into both L1 and L2 (BNF_FROM_DRAM). Prefetches and blocks only: the bits
