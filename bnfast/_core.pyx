@@ -1115,7 +1115,7 @@ cdef inline bint _split_fetch(const Job *j) noexcept nogil:
     Channels of 192-224 KB measured 0.99-1.00x with it ((64, 256, 28, 28)) until the dx
     also fetched the last line of each of the next block's runs (bnf_bwd_dx_runs); then
     0.91-0.97x (tenth session: (64-72, 256, 28, 28), (16, 64, 58, 58), (32, 64, 40,
-    40)); 225-256 KB 1.01-1.09x ((64, 256, 30, 30), (80, 128, 28, 28))."""
+    40)); 225-256 KB 1.01-1.08x ((64, 256, 30, 30), (80, 128, 28, 28))."""
     return not j.threaded and _fetch_next(j) and _bwd_small_blocks(j) and \
         8 * j.outer * j.inner * j.isz < 7 * BWD_SPLIT_BYTES
 
