@@ -719,7 +719,8 @@ BNF_CLONES void BNF_NAME(bnf_bwd_sums_runs)(const T *dy, ptrdiff_t dystride, ptr
         for (int l = 0; l < BNF_LANES; l++) a1[c][l] = a2[c][l] = a3[c][l] = 0;
     if (x_next) {
         /* this block from cache: x of the next one into L2 meanwhile (its dy with dx) */
-        BNF_NAME(pf_block)(&pfg, x_next, nruns, xstride, xcs, len, k_next);
+        /* from the block's start (BNF_NEXT_FROM_START_BYTES: these blocks are small) */
+        BNF_NAME(pf_block_by)(&pfg, x_next, nruns, xstride, xcs, len, k_next, 0);
         BNF_NAME(pf_block)(&pfx, NULL, nruns, xstride, xcs, len, k);
         pfg.far = 1;
     } else {
@@ -967,10 +968,15 @@ BNF_CLONES void BNF_NAME(bnf_bwd_dx_runs)(const T *dy, ptrdiff_t dystride, ptrdi
     int nt = stream && BNF_DIRECT_NT(3), staged = stream && !nt;
     int cached = flags & BNF_CACHED;
     if (cached && dy_next) {
-        /* this block from cache: fetch the next block's dy and x meanwhile */
-        BNF_NAME(pf_block)(&pfg, dy_next, nruns, dystride, dycs, len, k_next);
-        BNF_NAME(pf_block)(&pfx, flags & BNF_SPLIT_NEXT ? NULL : x_next, nruns, xstride, xcs,
-                           len, k_next);
+        /* this block from cache: fetch the next block's dy and x meanwhile, a small one
+         * from its start (BNF_NEXT_FROM_START_BYTES) */
+        ptrdiff_t from = k_next * nruns * len * (ptrdiff_t)sizeof(T) <=
+                                 BNF_NEXT_FROM_START_BYTES
+                             ? 0
+                             : BNF_PREFETCH_BYTES;
+        BNF_NAME(pf_block_by)(&pfg, dy_next, nruns, dystride, dycs, len, k_next, from);
+        BNF_NAME(pf_block_by)(&pfx, flags & BNF_SPLIT_NEXT ? NULL : x_next, nruns, xstride,
+                              xcs, len, k_next, from);
         pfg.far = pfx.far = 1;
     } else {
         BNF_NAME(pf_block)(&pfg, cached ? NULL : dy, nruns, dystride, dycs, len, k);
