@@ -300,8 +300,9 @@ def set_num_threads(n):
         _num_threads = 0
         return
     k = _index(n, "set_num_threads: n")
-    if k < 0:
-        raise ValueError(f"set_num_threads: n must be a non-negative int, got {n!r}")
+    if k < 0 or k > 2**31 - 1:
+        raise ValueError(f"set_num_threads: n must be a non-negative int below 2**31, "
+                         f"got {n!r}")
     _num_threads = k
 
 
@@ -1365,6 +1366,16 @@ cdef inline bint _is_native_float(object a) noexcept:
         cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>a) and cnp.PyArray_ISALIGNED(<cnp.ndarray>a)
 
 
+cdef int _refuse_masked(object a, str name) except -1:
+    """A masked array that hides values is refused: the kernels read the data under the
+    mask, so the masked values would enter the statistics (NumPy's asarray drops the
+    mask silently). Called only off the exact-ndarray fast paths."""
+    if isinstance(a, np.ma.MaskedArray) and np.ma.is_masked(a):
+        raise TypeError(f"{name} is a masked array with masked values, and bnfast does not "
+                        f"apply masks: pass {name}.filled(value), or select the unmasked rows")
+    return 0
+
+
 cdef tuple _as_input(object x, str name):
     """(x as an aligned native float16/32/64 array, dtype of the result or None for
     x's own): integers and bools are computed in float64."""
@@ -1372,6 +1383,7 @@ cdef tuple _as_input(object x, str name):
     if _is_native_float(x):
         return x, None
     if isinstance(x, np.ndarray):
+        _refuse_masked(x, name)
         a = x
     else:
         try:
@@ -1429,6 +1441,7 @@ cdef int _load_param(object p, Py_ssize_t C, str name, double *dst, double defau
             return 0
     if hasattr(p, "detach") and hasattr(p, "cpu"):       # a torch tensor
         p = p.detach().cpu().numpy()
+    _refuse_masked(p, name)
     try:
         arr = np.asarray(p)
     except Exception as e:
@@ -1493,6 +1506,8 @@ cdef object _check_out(object out, cnp.ndarray like, object dtype, str name):
             else:
                 if (<object>cnp.PyArray_DESCR(o)) is dtype or o.dtype == dtype:
                     if cnp.PyArray_ISWRITEABLE(o):
+                        if not cnp.PyArray_CheckExact(o):
+                            _refuse_masked(o, name)   # the masked places would be written
                         return out
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
@@ -1588,7 +1603,7 @@ cdef class _Layout:
     view, or one that partially overlaps an input, is computed into a temporary and
     copied at the end."""
     cdef int axis
-    cdef int order[32]
+    cdef int order[64]             # NumPy's most dimensions (NPY_MAXDIMS)
     cdef int nord, nabove
     cdef Groups groups
     cdef Geo gx
@@ -1940,6 +1955,9 @@ cdef class FrozenBatchNorm:
         cdef Py_ssize_t C
         cdef double e = _check_eps(eps)
         cdef double *b
+        if self.buf != NULL:
+            # immutable: a second __init__ would change it under a call in another thread
+            raise TypeError("FrozenBatchNorm is immutable: __init__ cannot run again")
         m = _param_vector(mean, "mean", -1)
         C = m.shape[0]
         if C < 1:
@@ -2059,6 +2077,7 @@ cdef object _param_vector(object p, str name, Py_ssize_t C):
         raise ValueError(f"{name} is required")
     if hasattr(p, "detach") and hasattr(p, "cpu"):       # a torch tensor
         p = p.detach().cpu().numpy()
+    _refuse_masked(p, name)
     try:
         a = np.asarray(p)
     except Exception as e:
@@ -2071,7 +2090,7 @@ cdef object _param_vector(object p, str name, Py_ssize_t C):
         raise ValueError(f"{name} must have shape ({C},), got {a.shape}")
     a = np.array(a, dtype=np.float64, copy=True)
     a.flags.writeable = False
-    return a
+    return a.view()     # a view's flag cannot be set back to writable (its owner's can)
 
 
 def _rebuild_frozen(mean, var, weight, bias, eps, axis):
@@ -2145,7 +2164,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     if cnp.PyArray_Check(x):
         a = <cnp.ndarray>x
     else:
-        a = np.asarray(x)
+        a = <cnp.ndarray>_as_input(x, "x")[0]     # conversion errors name x
     nd = cnp.PyArray_NDIM(a)
     if nd < 2:
         raise ValueError(f"x must have at least 2 dimensions (batch, channels, ...), "
@@ -2201,6 +2220,7 @@ cdef int _check_running(object r, Py_ssize_t C, str name, bint nonneg=False) exc
     if not isinstance(r, np.ndarray):
         raise TypeError(f"{name} must be a writable float numpy.ndarray of shape ({C},) "
                         f"to be updated in training, got {type(r).__name__}")
+    _refuse_masked(r, name)
     if r.dtype.kind != 'f':
         raise TypeError(f"{name} must have a float dtype to be updated, got {r.dtype}")
     if r.shape != (C,):
@@ -2521,6 +2541,10 @@ def _backward(dy, x, mean, invstd, weight, bint training, axis, out, sums_hook):
     contribution."""
     cdef object result_dtype, rd_dy
     cdef cnp.ndarray a, g
+    if mean is None or invstd is None:
+        # no default: a gradient through statistics other than the batch's is wrong
+        raise ValueError("mean and invstd are required (batch_norm_train's, or the "
+                         "running mean and 1 / sqrt(running_var + eps) with training=False)")
     a, result_dtype = _as_input(x, "x")
     g, rd_dy = _as_input(dy, "dy")
     cdef int nd = cnp.PyArray_NDIM(a), axis_i

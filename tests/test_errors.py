@@ -640,3 +640,93 @@ def test_frozen_fast_path_refusals():
     with pytest.raises(ValueError, match=r"\bx\b|\binput\b|channels"):
         f(np.ones((2, C + 1), np.float32))
     assert_unchanged(snap, "frozen fast path")
+
+
+# ----------------------------------------------------------------------------------
+# Masked arrays: the kernels read the data under the mask, so one that hides values is
+# refused wherever an array is read or written (NumPy's asarray would drop the mask).
+
+def _masked(a, where=(0,)):
+    mask = np.zeros(np.shape(a), bool)
+    mask.flat[list(where)] = True
+    return np.ma.masked_array(a, mask=mask)
+
+
+@pytest.mark.parametrize("entry", X_ENTRIES.values(), ids=X_ENTRIES.keys())
+@pytest.mark.parametrize("arg", ["x", "out"])
+def test_masked_input_or_out_refused(entry, arg):
+    a = valid()
+    a[arg] = _masked(a[arg])
+    refused(entry, a, TypeError, rf"\b{arg}\b.*masked")
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_masked_dy_refused(training):
+    a = _with(valid(), training=training)
+    a["dy"] = _masked(a["dy"])
+    refused(_bwd, a, TypeError, r"\bdy\b.*masked")
+
+
+@pytest.mark.parametrize("entry,param", [
+    (_bn_eval, "running_mean"), (_bn_eval, "weight"), (_bnt, "bias"),
+    (_bnt, "running_var"), (_bwd, "mean"), (_bwd, "invstd"), (_bwd, "weight"),
+    (_frozen_ctor, "running_var")])
+def test_masked_param_refused(entry, param):
+    a = valid()
+    a[param] = _masked(a[param], where=(1,))
+    name = {"running_mean": "running_mean|mean", "running_var": "running_var|var"}.get(
+        param, param)
+    refused(entry, a, TypeError, rf"\b({name})\b.*masked")
+
+
+@pytest.mark.parametrize("entry", X_ENTRIES.values(), ids=X_ENTRIES.keys())
+def test_masked_array_hiding_nothing_is_its_data(entry):
+    a = valid()
+    want = entry(_with(a, out=None))
+    got = entry(_with(a, x=np.ma.masked_array(a["x"], mask=False), out=None))
+    for w, g in zip(want if isinstance(want, tuple) else (want,),
+                    got if isinstance(got, tuple) else (got,)):
+        np.testing.assert_array_equal(np.asarray(g), w)
+
+
+# ----------------------------------------------------------------------------------
+# Odd calls the signatures allow
+
+def test_eval_conversion_error_names_x():
+    rm, rv = np.zeros(C), np.ones(C)
+    with pytest.raises(TypeError, match=r"\bx\b"):
+        bnfast.batch_norm([[1.0, 2.0, 3.0], [4.0, 5.0]], rm, rv)       # ragged
+    with pytest.raises(TypeError, match=r"\bx\b.*dtype"):
+        bnfast.batch_norm(object(), rm, rv)
+
+
+@pytest.mark.parametrize("missing", ["mean", "invstd"])
+@pytest.mark.parametrize("training", [True, False])
+def test_backward_statistics_required(missing, training):
+    a = _with(valid(), training=training)
+    a[missing] = None
+    refused(_bwd, a, ValueError, r"mean and invstd are required")
+
+
+def test_frozen_init_runs_once_and_its_arrays_stay_read_only():
+    f = bnfast.FrozenBatchNorm(np.zeros(C), np.ones(C), axis=-1)
+    x = np.ones((2, C))
+    want = f(x)
+    with pytest.raises(TypeError, match="immutable"):
+        f.__init__(np.full(C, 1.0), np.ones(C), axis=-1)
+    np.testing.assert_array_equal(f(x), want)
+    for name in ("mean", "var"):
+        with pytest.raises(ValueError):
+            getattr(f, name).flags.writeable = True
+    g = bnfast.FrozenBatchNorm(np.zeros(C), np.ones(C), np.ones(C), np.zeros(C), axis=-1)
+    for name in ("weight", "bias"):
+        with pytest.raises(ValueError):
+            getattr(g, name).flags.writeable = True
+
+
+@pytest.mark.parametrize("n", [2**31, 10**20])
+def test_set_num_threads_too_many(n):
+    before = bnfast.get_num_threads()
+    with pytest.raises(ValueError, match="set_num_threads"):
+        bnfast.set_num_threads(n)
+    assert bnfast.get_num_threads() == before
