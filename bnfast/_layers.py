@@ -38,7 +38,10 @@ def _real(v, name):
 
 def _to_numpy(v):
     if hasattr(v, "detach") and hasattr(v, "cpu"):  # a torch tensor
-        v = v.detach().cpu().numpy()
+        v = v.detach().cpu()
+        if v.is_floating_point():  # bfloat16, float8 have no numpy dtype: float64 holds them
+            v = v.double()
+        v = v.numpy()
     return np.asarray(v)
 
 
@@ -60,6 +63,8 @@ class BatchNorm:
     track_running_stats : bool, default True
         Keep ``running_mean`` (zeros), ``running_var`` (ones) and
         ``num_batches_tracked``; without them batch statistics are always used.
+        Setting the attribute to False later keeps the arrays, as in torch: training
+        then uses batch statistics and leaves them unchanged, eval still uses them.
     axis : int, keyword-only, default 1
         Channel axis of the inputs (-1 for channels-last and (samples, features)).
     dtype : numpy float dtype, keyword-only, default float32
@@ -218,7 +223,10 @@ class BatchNorm:
         """
         x = self._check_input(x)
         with self._lock:
-            use_batch = self.training or not self.track_running_stats
+            # torch: eval uses the running statistics whenever the layer has them, also
+            # when track_running_stats was turned off after construction
+            use_batch = self.training or (self.running_mean is None
+                                          and self.running_var is None)
             saved_x = _input_for_backward(x, out)
             if not use_batch:
                 y = batch_norm(x, self.running_mean, self.running_var, self.weight,
@@ -297,8 +305,10 @@ class BatchNorm:
     def state_dict(self):
         """Parameters and buffers under PyTorch's key names (numpy arrays).
 
-        The arrays are the layer's own (not copies). Without ``affine`` there is no
-        ``weight``/``bias``; without ``track_running_stats`` no running statistics.
+        The arrays are the layer's own (not copies); :meth:`load_state_dict` writes
+        into them. Without ``affine`` there is no ``weight``/``bias``; without running
+        statistics (``track_running_stats=False`` at construction) no
+        ``running_mean``/``running_var``/``num_batches_tracked``.
 
         Examples
         --------
@@ -310,7 +320,7 @@ class BatchNorm:
         if self.affine:
             d["weight"] = self.weight
             d["bias"] = self.bias
-        if self.track_running_stats:
+        if self.running_mean is not None:  # torch: the buffers, whatever the flag
             d["running_mean"] = self.running_mean
             d["running_var"] = self.running_var
             d["num_batches_tracked"] = np.array(self.num_batches_tracked, dtype=np.int64)
@@ -319,9 +329,13 @@ class BatchNorm:
     def load_state_dict(self, state_dict, strict=True):
         """Load a mapping with PyTorch's key names (numpy arrays, torch tensors, lists).
 
-        Raises ValueError naming the key on a missing key, a wrong shape, or (strict)
-        an unexpected key; nothing is changed then. Values are copied in the layer's
-        dtype. Returns self.
+        Values are copied into the layer's own arrays, in their dtype (like torch's
+        ``copy_``): references to them, such as an optimizer's parameter list or an
+        earlier :meth:`state_dict`, see the loaded values. Torch tensors of any dtype
+        (bfloat16 included) and device are accepted. Raises ValueError or TypeError
+        naming the key on a missing key, a wrong shape, a value that is not numeric or
+        cannot be converted, or (strict) an unexpected key; every entry is checked
+        before any is written, so nothing is changed then. Returns self.
 
         Parameters
         ----------
@@ -338,43 +352,65 @@ class BatchNorm:
         --------
         >>> import numpy as np, bnfast
         >>> bn = bnfast.BatchNorm(2, dtype=np.float64)
+        >>> rm = bn.running_mean
         >>> _ = bn.load_state_dict({"running_mean": [1.0, 2.0], "running_var": [4.0, 9.0]},
         ...                        strict=False)
         >>> bn.running_mean, bn.running_var, bn.weight
         (array([1., 2.]), array([4., 9.]), array([1., 1.]))
+        >>> bn.running_mean is rm                    # written in place
+        True
         """
-        expected = list(self.state_dict())
-        missing = [k for k in expected if k not in state_dict]
-        if strict:
-            unexpected = [k for k in state_dict if k not in expected]
-            if unexpected:
-                raise ValueError(f"unexpected key(s) in state_dict: {unexpected}")
-        new = {}
-        for k in expected:
-            if k not in state_dict:
-                if k == "num_batches_tracked" and not strict:
+        # under the lock: a concurrent forward must not read half-written statistics
+        with self._lock:
+            expected = list(self.state_dict())
+            if strict:
+                unexpected = [k for k in state_dict if k not in expected]
+                if unexpected:
+                    raise ValueError(f"unexpected key(s) in state_dict: {unexpected}")
+            # check every entry before writing any: a refused load changes nothing
+            new = {}
+            for k in expected:
+                if k not in state_dict:
+                    if strict:
+                        raise ValueError(f"missing key in state_dict: {k!r} "
+                                         f"(got {list(state_dict)})")
                     continue
-                if strict:
-                    raise ValueError(f"missing key in state_dict: {k!r} (got {list(state_dict)})")
-                continue
-            v = _to_numpy(state_dict[k])
-            if v.dtype.kind not in "fiub":
-                raise TypeError(f"state_dict[{k!r}] must be numeric, got {v.dtype}")
-            if k == "num_batches_tracked":
-                if v.size != 1:
-                    raise ValueError(f"state_dict['num_batches_tracked'] must be a scalar, "
-                                     f"got shape {v.shape}")
-                new[k] = int(v.reshape(()))
-                continue
-            if v.shape != (self.num_features,):
-                raise ValueError(f"state_dict[{k!r}] must have shape ({self.num_features},), "
-                                 f"got {v.shape}")
-            if k == "running_var" and np.any(v < 0):
-                raise ValueError("state_dict['running_var'] must be non-negative")
-            new[k] = np.array(v, dtype=self.dtype, copy=True)
-        del missing
-        for k, v in new.items():
-            setattr(self, k, v)
+                try:
+                    v = _to_numpy(state_dict[k])
+                except Exception as e:
+                    raise TypeError(f"state_dict[{k!r}] must be a numeric array (numpy "
+                                    f"array, torch tensor or list); could not convert "
+                                    f"{type(state_dict[k]).__name__}: {e}") from e
+                if v.dtype.kind not in "fiub":
+                    raise TypeError(f"state_dict[{k!r}] must be numeric, got {v.dtype}")
+                if k == "num_batches_tracked":
+                    if v.size != 1:
+                        raise ValueError(f"state_dict['num_batches_tracked'] must be a "
+                                         f"scalar, got shape {v.shape}")
+                    new[k] = int(v.reshape(()))
+                    continue
+                if v.shape != (self.num_features,):
+                    raise ValueError(f"state_dict[{k!r}] must have shape "
+                                     f"({self.num_features},), got {v.shape}")
+                if k == "running_var" and np.any(v < 0):
+                    raise ValueError("state_dict['running_var'] must be non-negative")
+                dest = getattr(self, k)  # the array the value is copied into
+                if dest is not None and dest.shape != v.shape:
+                    raise ValueError(f"cannot load state_dict[{k!r}]: the layer's {k} has "
+                                     f"shape {dest.shape}, expected {v.shape}")
+                if dest is not None and not dest.flags.writeable:
+                    raise ValueError(f"cannot load state_dict[{k!r}]: the layer's {k} is "
+                                     "read-only")
+                new[k] = v.copy()  # v may be another of the layer's arrays (a swap)
+            for k, v in new.items():
+                if k == "num_batches_tracked":
+                    self.num_batches_tracked = v
+                    continue
+                dest = getattr(self, k)
+                if dest is None:  # nothing to write into (set to None by hand)
+                    setattr(self, k, np.array(v, dtype=self.dtype))
+                else:
+                    np.copyto(dest, v, casting="unsafe")
         return self
 
     def save(self, path):
@@ -410,7 +446,9 @@ class BatchNorm:
         Raises
         ------
         ValueError
-            The layer has no running statistics (``track_running_stats=False``).
+            The layer has no running statistics (``track_running_stats=False`` at
+            construction; a layer whose flag was turned off later keeps them and
+            freezes them, as its eval mode uses them).
 
         Examples
         --------
@@ -421,8 +459,9 @@ class BatchNorm:
         >>> frozen.mean, frozen.var
         (array([0.2, 2. ]), array([ 1.1, 20.9]))
         """
-        if not self.track_running_stats:
-            raise ValueError("freeze() needs running statistics (track_running_stats=True)")
+        if self.running_mean is None or self.running_var is None:
+            raise ValueError("freeze() needs running statistics (the layer was built with "
+                             "track_running_stats=False)")
         return FrozenBatchNorm(self.running_mean, self.running_var, self.weight, self.bias,
                                self.eps, axis=self.axis)
 

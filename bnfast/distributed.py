@@ -162,12 +162,15 @@ class SyncBatchNorm(BatchNorm):
         >>> sbn.running_mean, sbn.num_batches_tracked, sbn.training
         (array([0.2, 2. ]), 1, True)
         """
+        # built with statistics wherever the layer has them: a layer whose
+        # track_running_stats was turned off after construction keeps them (eval uses them)
         new = cls(layer.num_features, layer.eps, layer.momentum, layer.affine,
-                  layer.track_running_stats, axis=layer.axis, dtype=layer.dtype,
+                  layer.running_mean is not None, axis=layer.axis, dtype=layer.dtype,
                   comm=comm, unbiased_running_var=getattr(layer, "unbiased_running_var",
                                                           True))
         new.load_state_dict({k: np.array(v, copy=True)
                              for k, v in layer.state_dict().items()})
+        new.track_running_stats = layer.track_running_stats
         new.training = layer.training
         return new
 

@@ -61,6 +61,9 @@ def from_torch(module):
     (``None``, the cumulative average, too), ``affine``, ``track_running_stats`` and the
     train/eval state. The result has PyTorch's semantics (unbiased running variance,
     channel axis 1), so it continues training exactly where the torch module stopped.
+    A module whose ``track_running_stats`` was set to False after construction keeps
+    its running statistics, and so does the result: like torch, it uses them in eval
+    and uses (and does not update) batch statistics in training.
 
     Parameters
     ----------
@@ -123,21 +126,25 @@ def from_torch(module):
                if t is not None]
     dtype = np.float64 if tensors and tensors[0].dtype == torch.float64 else np.float32
     momentum = None if module.momentum is None else float(module.momentum)
+    has_stats = module.running_mean is not None and module.running_var is not None
+    if module.track_running_stats and not has_stats:
+        raise ValueError("the torch module tracks running statistics but has none")
     layer = cls(int(module.num_features), eps=float(module.eps), momentum=momentum,
-                affine=bool(module.affine), track_running_stats=bool(module.track_running_stats),
+                affine=bool(module.affine), track_running_stats=has_stats,
                 axis=1, dtype=dtype)
     state = {}
     if module.affine:
         state["weight"] = _tensor_to_float64(module.weight)
         state["bias"] = _tensor_to_float64(module.bias)
-    if module.track_running_stats:
-        if module.running_mean is None or module.running_var is None:
-            raise ValueError("the torch module tracks running statistics but has none")
+    if has_stats:
         state["running_mean"] = _tensor_to_float64(module.running_mean)
         state["running_var"] = _tensor_to_float64(module.running_var)
         nbt = module.num_batches_tracked
         state["num_batches_tracked"] = 0 if nbt is None else int(nbt.item())
     layer.load_state_dict(state, strict=True)
+    # track_running_stats turned off after construction: the statistics stay (eval uses
+    # them), training neither uses nor updates them, in torch and in the layer
+    layer.track_running_stats = bool(module.track_running_stats)
     return layer.train(bool(module.training))
 
 
@@ -268,18 +275,21 @@ def load(path):
     if cls_name not in _LAYER_CLASSES:
         raise ValueError(f"unknown layer class {cls_name!r} in {path!r}")
     mom = float(data["config.momentum"])
+    track = bool(data["config.track_running_stats"])
     layer = _LAYER_CLASSES[cls_name](
         int(data["config.num_features"]),
         eps=float(data["config.eps"]),
         momentum=None if math.isnan(mom) else mom,
         affine=bool(data["config.affine"]),
-        track_running_stats=bool(data["config.track_running_stats"]),
+        # a layer whose flag was turned off after construction kept its statistics
+        track_running_stats=track or "state.running_mean" in data,
         axis=int(data["config.axis"]),
         dtype=np.dtype(str(data["config.dtype"])),
         unbiased_running_var=bool(data["config.unbiased_running_var"]),
     )
     state = {k[len("state."):]: v for k, v in data.items() if k.startswith("state.")}
     layer.load_state_dict(state, strict=True)
+    layer.track_running_stats = track
     return layer.train(bool(data["config.training"]))
 
 
@@ -342,8 +352,11 @@ def _onnx_walk(graph, scope, found, opset, training_nodes):
         key = node.name or node.output[0]
         if key in found:
             key = node.output[0]
-        if key in found:
-            raise ValueError(f"two BatchNormalization nodes map to the key {key!r}")
+        if key in found:  # e.g. both branches of an If name their output alike: number them
+            n = 1
+            while f"{key}#{n}" in found:
+                n += 1
+            key = f"{key}#{n}"
         attrs = _onnx_attrs(node)
         if int(attrs.get("spatial", 1)) == 0:
             raise NotImplementedError(
@@ -427,8 +440,12 @@ def from_onnx(model_or_path, *, training_nodes="error"):
     Returns
     -------
     dict of str to FrozenBatchNorm
-        One entry per node, in graph order, keyed by the node's name, or by its first
-        output's name when the node is unnamed (or its name was already used).
+        One entry per node, in graph order (a subgraph's nodes at the place of its
+        ``If``/``Loop``/``Scan`` node, subgraphs in attribute order), keyed by the
+        node's name, or by its first output's name when the node is unnamed (or its
+        name was already used). When that key is taken too (the branches of an ``If``
+        may reuse an output name), ``#1``, ``#2``, ... is appended to it in that
+        order: ``"yb"``, ``"yb#1"``.
         Parameters are float64; ``eps`` is the node's ``epsilon`` (default 1e-5), stored
         by ONNX as float32 and read back as the shortest decimal that rounds to it.
 
@@ -612,9 +629,9 @@ def _fold_factors(bn):
     if isinstance(bn, FrozenBatchNorm):
         mean, var, w, b, eps = bn.mean, bn.var, bn.weight, bn.bias, bn.eps
     elif isinstance(bn, BatchNorm):
-        if not bn.track_running_stats or bn.running_mean is None:
-            raise ValueError("folding needs running statistics: the BatchNorm has "
-                             "track_running_stats=False")
+        if bn.running_mean is None:  # eval uses them whenever they exist (torch)
+            raise ValueError("folding needs running statistics: the BatchNorm was built "
+                             "with track_running_stats=False")
         if bn.training:
             raise ValueError("folding uses the running statistics of an inference-mode "
                              "BatchNorm: call bn.eval() first")

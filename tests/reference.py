@@ -231,7 +231,9 @@ class BatchNormRef:
         x = _f64(x)
         ax = _axis(x, self.axis)
         C = self.num_features
-        use_batch = self.training or not self.track_running_stats
+        # torch: eval uses the running statistics whenever they exist (also after
+        # track_running_stats was turned off); training updates them only when tracked
+        use_batch = self.training or self.running_mean is None
         if use_batch:
             xc, mean, var, n = _center(x, ax)
             if n <= 1:

@@ -345,6 +345,27 @@ def test_state_dict_freeze_repr_and_from_batchnorm():
     assert isinstance(s, bnfast.BatchNorm)
 
 
+def test_from_batchnorm_keeps_statistics_no_longer_tracked():
+    # track_running_stats turned off after construction (torch keeps the buffers and
+    # uses them in eval): the SyncBatchNorm keeps them, eval uses them, training leaves
+    # them alone
+    comm = OneRank()
+    plain = bnfast.BatchNorm(3, axis=-1, dtype=np.float64)
+    x = np.random.default_rng(2).standard_normal((8, 3)) * 2 + 5
+    plain(x)
+    plain.track_running_stats = False
+    s = SyncBatchNorm.from_batchnorm(plain, comm=comm)
+    assert s.track_running_stats is False
+    np.testing.assert_array_equal(s.running_mean, plain.running_mean)
+    before = s.running_mean.copy()
+    s(x + 1)                                   # training: batch statistics, no update
+    np.testing.assert_array_equal(s.running_mean, before)
+    assert s.num_batches_tracked == 1
+    s.eval()
+    plain.eval()
+    np.testing.assert_array_equal(s(x), plain(x))
+
+
 def test_pickle_drops_the_communicator():
     bn = SyncBatchNorm(3, axis=-1, comm=OneRank())
     bn(np.random.default_rng(0).standard_normal((4, 3)))

@@ -157,6 +157,74 @@ def test_from_torch_subclass():
     assert type(bnfast.from_torch(MyBN(2))) is bnfast.BatchNorm2d
 
 
+@pytest.mark.parametrize("tname,bcls,shape", [torch_cases[0], torch_cases[2]])
+def test_from_torch_track_running_stats_turned_off(tmp_path, tname, bcls, shape):
+    """track_running_stats set to False after construction keeps the buffers: torch uses
+    them in eval and neither uses nor updates them in training; so must the layer."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(17)
+    c = shape[1]
+    tm = getattr(torch.nn, tname)(c, momentum=0.2)
+    with torch.no_grad():
+        tm.weight.copy_(torch.from_numpy(rng.uniform(0.5, 2, c).astype(np.float32)))
+        tm.bias.copy_(torch.from_numpy(rng.normal(size=c).astype(np.float32)))
+        for _ in range(3):
+            tm(torch.from_numpy((rng.normal(size=shape) * 3 + 2).astype(np.float32)))
+    tm.track_running_stats = False
+    bn = bnfast.from_torch(tm)
+    assert type(bn) is bcls and bn.track_running_stats is False and bn.training
+    assert list(bn.state_dict()) == list(tm.state_dict())
+
+    x = (rng.normal(size=shape) * 3 + 2).astype(np.float32)
+    with torch.no_grad():
+        y_t = tm(torch.from_numpy(x)).numpy()                 # training: batch stats
+    np.testing.assert_allclose(bn(x), y_t, rtol=1e-5, atol=1e-5)
+    for k, v in tm.state_dict().items():                      # buffers left unchanged
+        np.testing.assert_array_equal(np.asarray(bn.state_dict()[k]), v.numpy(), err_msg=k)
+    assert bn.num_batches_tracked == 3
+
+    tm.eval()
+    bn.eval()
+    with torch.no_grad():
+        y_t = tm(torch.from_numpy(x)).numpy()                 # eval: the buffers
+    np.testing.assert_allclose(bn(x), y_t, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(bn.freeze()(x), y_t, rtol=1e-5, atol=1e-5)
+    w = rng.normal(size=(c, 2))
+    np.testing.assert_array_equal(bnfast.fold_linear(w, None, bn)[0],
+                                  bnfast.fold_linear(w, None, bn.freeze())[0])
+    bn2 = bnfast.load(bn.save(tmp_path / "off.npz"))          # save/load keep them
+    assert bn2.track_running_stats is False
+    np.testing.assert_array_equal(bn2(x), bn(x))
+    np.testing.assert_array_equal(bn2.running_var, bn.running_var)
+
+
+@pytest.mark.parametrize("tdtype", ["bfloat16", "float16", "float64"])
+def test_load_state_dict_from_torch_dtypes(tdtype):
+    """load_state_dict reads every torch float dtype, as from_torch does."""
+    torch = pytest.importorskip("torch")
+    tm = torch.nn.BatchNorm1d(3).to(getattr(torch, tdtype))
+    with torch.no_grad():
+        for k, v in _rand_state(3, np.random.default_rng(2), np.float64).items():
+            getattr(tm, k).copy_(torch.from_numpy(v))
+        tm.num_batches_tracked.fill_(7)
+    bn = bnfast.BatchNorm1d(3)
+    bn.load_state_dict(tm.state_dict())
+    for k, v in tm.state_dict().items():
+        want = v.to(torch.float64).numpy().astype(np.float32)
+        np.testing.assert_array_equal(np.asarray(bn.state_dict()[k]), want, err_msg=k)
+    assert bn.num_batches_tracked == 7
+
+
+def test_load_state_dict_unconvertible_tensor_names_the_key():
+    torch = pytest.importorskip("torch")
+    bn = bnfast.BatchNorm1d(3)
+    bad = {**torch.nn.BatchNorm1d(3).state_dict(),
+           "weight": torch.full((3,), 2.0), "bias": torch.empty(3, device="meta")}
+    with pytest.raises(TypeError, match=r"state_dict\['bias'\]"):
+        bn.load_state_dict(bad)
+    np.testing.assert_array_equal(bn.weight, 1.0)                # nothing written
+
+
 # =======================================================================================
 # save / load
 # =======================================================================================
@@ -496,6 +564,61 @@ def test_from_onnx_path_bytes_identity_subgraph(tmp_path):
     x = RNG.normal(size=(4, c)).astype(np.float32)
     y = _ort_session(m).run(None, {"x": x, "cond": np.array(True)})[0]
     np.testing.assert_allclose(layers["inner_bn"](x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_from_onnx_colliding_keys_are_numbered():
+    """Unnamed nodes whose output names coincide (the branches of an If) or whose output
+    is another node's name get "#1", "#2", ... in visiting order, instead of an error."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import helper, numpy_helper
+
+    c, f = 3, onnx.TensorProto.FLOAT
+    rng = np.random.default_rng(11)
+    inits = []
+    for tag in ("then", "else"):
+        inits += [numpy_helper.from_array(v, f"{tag}_{k}")
+                  for k, v in _rand_state(c, rng).items()]
+
+    def branch(tag):  # an unnamed node, the same output name in both branches
+        node = helper.make_node("BatchNormalization", ["x"] + [
+            f"{tag}_{k}" for k in ("weight", "bias", "running_mean", "running_var")], ["yb"])
+        return helper.make_graph([node], tag, [],
+                                 [helper.make_tensor_value_info("yb", f, [None, c])])
+
+    if_node = helper.make_node("If", ["cond"], ["y"], then_branch=branch("then"),
+                               else_branch=branch("else"))
+    g = helper.make_graph([if_node], "g",
+                          [helper.make_tensor_value_info("x", f, [None, c]),
+                           helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, [])],
+                          [helper.make_tensor_value_info("y", f, [None, c])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 15)])
+    m.ir_version = 8
+    onnx.checker.check_model(m, full_check=True)
+    layers = bnfast.from_onnx(m)
+    assert list(layers) == ["yb", "yb#1"]
+    assert list(bnfast.from_onnx(m)) == ["yb", "yb#1"]         # deterministic
+    x = RNG.normal(size=(4, c)).astype(np.float32)
+    sess = _ort_session(m)
+    # the branches are visited in the If node's attribute order
+    for key, attr in zip(["yb", "yb#1"], [a.name for a in if_node.attribute]):
+        y = sess.run(None, {"x": x, "cond": np.array(attr == "then_branch")})[0]
+        np.testing.assert_allclose(layers[key](x), y, rtol=1e-5, atol=1e-5, err_msg=key)
+
+    # a node named "t", then an unnamed node whose output is "t"
+    st = _rand_state(c, rng)
+    inits = [numpy_helper.from_array(v, k) for k, v in st.items()]
+    names = ["weight", "bias", "running_mean", "running_var"]
+    n1 = helper.make_node("BatchNormalization", ["x"] + names, ["y1"], name="t")
+    n2 = helper.make_node("BatchNormalization", ["y1"] + names, ["t"])
+    g = helper.make_graph([n1, n2], "g", [helper.make_tensor_value_info("x", f, [None, c])],
+                          [helper.make_tensor_value_info("t", f, [None, c])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 15)])
+    m.ir_version = 8
+    onnx.checker.check_model(m, full_check=True)
+    layers = bnfast.from_onnx(m)
+    assert list(layers) == ["t", "t#1"]
+    y = _ort_session(m).run(None, {"x": x})[0]
+    np.testing.assert_allclose(layers["t#1"](layers["t"](x)), y, rtol=1e-5, atol=1e-5)
 
 
 # =======================================================================================

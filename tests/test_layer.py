@@ -2,6 +2,7 @@
 modes, attributes, freeze, pickle/copy, rank rules, backward, state_dict errors."""
 import copy
 import pickle
+import threading
 
 import numpy as np
 import pytest
@@ -424,6 +425,94 @@ def test_load_state_dict_negative_var_and_non_strict():
     np.testing.assert_array_equal(bn2.weight, 2.0)
     np.testing.assert_array_equal(bn2.running_var, 1.0)
     assert bn2.num_batches_tracked == 0
+
+
+def test_load_state_dict_writes_into_the_layers_arrays():
+    """Like torch's copy_: references to the arrays (an optimizer's parameter list, an
+    earlier state_dict()) see the loaded values, cast to the arrays' dtype."""
+    bn = bnfast.BatchNorm(3)                                 # float32
+    earlier = bn.state_dict()
+    arrays = {k: v for k, v in earlier.items() if k != "num_batches_tracked"}
+    src = {k: np.array(v, copy=True) for k, v in _trained().state_dict().items()}  # float64
+    bn.load_state_dict(src)
+    for k, a in arrays.items():
+        assert getattr(bn, k) is a and bn.state_dict()[k] is a, k
+        assert a.dtype == np.float32, k
+        np.testing.assert_array_equal(earlier[k], src[k].astype(np.float32), err_msg=k)
+    assert bn.num_batches_tracked == 2
+    src["weight"][0] = 123.0                                  # the source stays apart
+    assert bn.weight[0] != 123.0
+    # values that are the layer's own arrays (a swap) are all read before any is written
+    w, b = bn.weight.copy(), bn.bias.copy()
+    bn.load_state_dict({**bn.state_dict(), "weight": bn.bias, "bias": bn.weight})
+    np.testing.assert_array_equal(bn.weight, b)
+    np.testing.assert_array_equal(bn.bias, w)
+
+
+def test_load_state_dict_refused_writes_nothing():
+    """Every entry, and the array it goes into, is checked before any is written."""
+    bn = _trained()
+    before = {k: np.array(v, copy=True) for k, v in bn.state_dict().items()}
+    good = {k: v + 1.0 for k, v in before.items()}
+    with pytest.raises(ValueError, match="num_batches_tracked"):   # the last key
+        bn.load_state_dict({**good, "num_batches_tracked": np.ones(2)})
+    bn.running_var = bn.running_var.copy()
+    bn.running_var.flags.writeable = False                   # set by hand, read-only
+    with pytest.raises(ValueError, match="running_var.*read-only"):
+        bn.load_state_dict(good)
+    for k, v in before.items():
+        np.testing.assert_array_equal(bn.state_dict()[k], v, err_msg=k)
+    assert bn.num_batches_tracked == 2
+
+
+def test_load_state_dict_holds_the_layer_lock():
+    """A load waits for a call in progress (which holds the layer's lock), so that call
+    never sees half-loaded statistics."""
+    bn = bnfast.BatchNorm(3)
+    sd = _trained().state_dict()
+    done = threading.Event()
+
+    def load():
+        bn.load_state_dict(sd)
+        done.set()
+
+    t = threading.Thread(target=load)
+    with bn._lock:                                           # as a forward call does
+        t.start()
+        assert not done.wait(0.2), "load_state_dict wrote while the layer was in use"
+        np.testing.assert_array_equal(bn.running_var, 1.0)
+    t.join(10)
+    assert done.is_set()
+    np.testing.assert_array_equal(bn.running_var, sd["running_var"].astype(np.float32))
+
+
+def test_load_state_dict_conversion_failure_names_the_key():
+    bn = bnfast.BatchNorm(2)
+    with pytest.raises(TypeError, match=r"state_dict\['bias'\]"):
+        bn.load_state_dict({**bn.state_dict(), "bias": [[1.0, 2.0], [3.0]]})   # ragged
+    np.testing.assert_array_equal(bn.bias, 0.0)
+
+
+def test_track_running_stats_turned_off_after_construction():
+    """As in torch: the running statistics stay; training uses batch statistics and
+    leaves them and num_batches_tracked unchanged, eval uses them; freeze works."""
+    bn = _trained()
+    bn.track_running_stats = False
+    rm, rv = bn.running_mean.copy(), bn.running_var.copy()
+    w, b = bn.weight.copy(), bn.bias.copy()
+    assert set(bn.state_dict()) == {"weight", "bias", "running_mean", "running_var",
+                                    "num_batches_tracked"}
+    x = make_values((5, 3, 2), np.float64, 9)
+    R.assert_forward_close(bn(x), R.batch_norm_train(x, w, b)[0], what="training")
+    np.testing.assert_array_equal(bn.running_mean, rm)
+    np.testing.assert_array_equal(bn.running_var, rv)
+    assert bn.num_batches_tracked == 2
+    ref = R.frozen_batch_norm(x, rm, rv, w, b)
+    R.assert_forward_close(bn.eval()(x), ref, what="eval")
+    R.assert_forward_close(bn.freeze()(x), ref, what="frozen")
+    dy = make_values((5, 3, 2), np.float64, 10)               # eval backward: fixed stats
+    np.testing.assert_allclose(bn.backward(dy), dy * (w / np.sqrt(rv + bn.eps))[:, None],
+                               rtol=1e-12)
 
 
 def test_repr():
