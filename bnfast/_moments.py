@@ -7,6 +7,8 @@ offsets: the mean and the deviations about it are formed before any squaring, so
 offset of 1e6 with a spread of 1e-2 loses nothing, and merged means carry a compensation
 term (a second double), so streaming a million one-row chunks does not drift.
 """
+import contextlib
+
 import numpy as np
 
 from bnfast._core import _moments as _core_moments
@@ -371,6 +373,11 @@ def _merge_packed(rows):
 # -------------------------------------------------------------------------------------
 # Streaming
 
+def _listed(a):
+    """A 1-D array for a message, elided in the middle when long (a million channels)."""
+    return np.array2string(np.asarray(a), threshold=10, edgeitems=3, separator=", ")
+
+
 class RunningStats:
     """Exact per-channel mean and variance accumulated over chunks of data.
 
@@ -495,8 +502,9 @@ class RunningStats:
         Raises
         ------
         ValueError
-            The layer has no running statistics or another channel count, or a channel
-            has fewer than 2 values (1 for a biased layer).
+            The layer has no running statistics or another channel count, a channel
+            has fewer than 2 values (1 for a biased layer), or a channel's mean or
+            variance is not finite (NaN or inf in its data); the channels are named.
 
         Examples
         --------
@@ -516,14 +524,13 @@ class RunningStats:
         if layer.num_features != self.num_features:
             raise ValueError(f"to_batchnorm: the layer has {layer.num_features} channels, "
                              f"these statistics have {self.num_features} channels")
-        unbiased = getattr(layer, "unbiased_running_var", True)
-        need = 2 if unbiased else 1
-        if np.any(self._m.count < need):
-            raise ValueError(f"to_batchnorm: every channel needs at least {need} values "
-                             f"(counts {self._m.count})")
-        var = self._m.var_unbiased if unbiased else self._m.var
-        np.copyto(layer.running_mean, self._m.mean, casting="unsafe")
-        np.copyto(layer.running_var, var, casting="unsafe")
+        var = self._checked_var("to_batchnorm", getattr(layer, "unbiased_running_var", True))
+        # under the layer's lock, as its forward and load_state_dict: a concurrent call
+        # must not see the mean written and the variance not yet
+        lock = getattr(layer, "_lock", None)
+        with lock if lock is not None else contextlib.nullcontext():
+            np.copyto(layer.running_mean, self._m.mean, casting="unsafe")
+            np.copyto(layer.running_var, var, casting="unsafe")
         return layer
 
     def freeze(self, weight=None, bias=None, *, eps=1e-5, unbiased=False):
@@ -548,7 +555,9 @@ class RunningStats:
         Raises
         ------
         ValueError
-            A channel has too few values for the variance (0, or 1 with ``unbiased``).
+            A channel has too few values for the variance (0, or 1 with ``unbiased``),
+            or its mean or variance is not finite (NaN or inf in its data); the
+            channels are named. As :meth:`to_batchnorm`.
 
         Examples
         --------
@@ -560,11 +569,27 @@ class RunningStats:
         array([[0., 2.]])
         """
         from bnfast._core import FrozenBatchNorm
-        var = self._m.var_unbiased if unbiased else self._m.var
-        if np.any(np.isnan(var)):
-            raise ValueError(f"freeze: not enough values per channel (counts "
-                             f"{self._m.count})")
+        var = self._checked_var("freeze", unbiased)
         return FrozenBatchNorm(self._m.mean, var, weight, bias, eps, axis=self.axis)
+
+    def _checked_var(self, what, unbiased):
+        """The unbiased or biased variance, or a ValueError naming the channels with too
+        few values for it or with statistics that are not finite (NaN or inf in the
+        data: normalizing with them would give NaN on those channels for good)."""
+        count, mean = self._m.count, self._m.mean
+        need = 2 if unbiased else 1
+        few = np.flatnonzero(count < need)
+        if few.size:
+            raise ValueError(f"{what}: every channel needs at least {need} "
+                             f"value{'s' if need > 1 else ''}; channel(s) {_listed(few)} "
+                             f"have counts {_listed(count[few])}")
+        var = self._m.var_unbiased if unbiased else self._m.var
+        bad = np.flatnonzero(~(np.isfinite(mean) & np.isfinite(var)))
+        if bad.size:
+            raise ValueError(f"{what}: the statistics of channel(s) {_listed(bad)} are not "
+                             f"finite (mean {_listed(mean[bad])}, variance "
+                             f"{_listed(var[bad])}): their data hold NaN or inf")
+        return var
 
     def __repr__(self):
         return (f"RunningStats({self.num_features}, axis={self.axis}, "

@@ -390,9 +390,53 @@ def test_running_stats_errors_and_state():
     assert "RunningStats(3" in repr(rs)
 
 
+def test_running_stats_non_finite_statistics_refused_by_both():
+    """NaN or inf in a channel's data: freeze and to_batchnorm both refuse, naming the
+    channel and saying why (not "not enough values": every channel has 3)."""
+    rs = RunningStats(3, axis=-1).update(
+        np.array([[1.0, np.nan, 1.0], [2.0, 3.0, np.inf], [4.0, 5.0, 2.0]]))
+    bn = bnfast.BatchNorm(3, axis=-1)
+    for call in (rs.freeze, lambda: rs.freeze(unbiased=True), lambda: rs.to_batchnorm(bn)):
+        with pytest.raises(ValueError, match=r"channel\(s\) \[1, 2\] are not finite"):
+            call()
+    np.testing.assert_array_equal(bn.running_mean, 0.0)      # nothing written
+    np.testing.assert_array_equal(bn.running_var, 1.0)
+    # too few values: both name the channels and their counts
+    rs = RunningStats(2, axis=-1).update(Moments([3, 1], [0.0, 0.0], [2.0, 0.0]))
+    bn = bnfast.BatchNorm(2, axis=-1)
+    for call in (lambda: rs.freeze(unbiased=True), lambda: rs.to_batchnorm(bn)):
+        with pytest.raises(ValueError, match=r"at least 2 values; channel\(s\) \[1\] "
+                                             r"have counts \[1\.\]"):
+            call()
+    rs.freeze()                                              # biased: 1 value is enough
+
+
 def test_docstring_examples(monkeypatch):
     for name in ("moments", "merge_moments", "RunningStats", "Moments"):
         if not hasattr(bnfast, name):
             monkeypatch.setattr(bnfast, name, getattr(M, name), raising=False)
     res = doctest.testmod(M, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert res.attempted > 10 and res.failed == 0
+
+
+def test_to_batchnorm_holds_the_layer_lock():
+    """to_batchnorm waits for a call in progress (which holds the layer's lock), so that
+    call never sees the new mean beside the old variance."""
+    import threading
+
+    bn = bnfast.BatchNorm(2, axis=-1, dtype=np.float64)
+    rs = bnfast.RunningStats(2, axis=-1).update(np.array([[1.0, 2.0], [3.0, 6.0]]))
+    done = threading.Event()
+
+    def write():
+        rs.to_batchnorm(bn)
+        done.set()
+
+    t = threading.Thread(target=write)
+    with bn._lock:                                           # as a forward call does
+        t.start()
+        assert not done.wait(0.2), "to_batchnorm wrote while the layer was in use"
+        np.testing.assert_array_equal(bn.running_mean, 0.0)
+    t.join(10)
+    assert done.is_set()
+    np.testing.assert_array_equal(bn.running_mean, [2.0, 4.0])
