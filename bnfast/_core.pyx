@@ -26,6 +26,7 @@ from bnfast._openmp_helpers cimport (BNF_HAVE_OPENMP, bnf_omp_max_threads, bnf_o
 
 import itertools
 import operator
+import os
 
 import numpy as np
 
@@ -227,6 +228,21 @@ DEF NOGIL_MIN_ELEMS = 4096
 # Threads
 
 cdef int _num_threads = 0      # 0: follow OpenMP (OMP_NUM_THREADS, threadpoolctl)
+# GNU OpenMP's thread pool does not survive fork(): a child's first parallel region
+# waits forever on the parent's threads. So a child forked after a parallel region ran
+# here (multiprocessing's default start method on Linux) runs every call serially.
+cdef int _teams_started = 0
+cdef bint _serial_after_fork = False
+
+
+def _after_fork_in_child():
+    global _serial_after_fork
+    if _teams_started:
+        _serial_after_fork = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 # Outputs of at least this many bytes are written with streaming (non-temporal) stores:
 # they bypass the caches, which saves reading each output line before writing it.
@@ -310,8 +326,10 @@ def get_num_threads():
     """Number of threads the next bnfast call may use, computed now as a call would.
 
     The count set by :func:`set_num_threads`, else OpenMP's (``OMP_NUM_THREADS``,
-    ``threadpoolctl`` limits); 1 when built without OpenMP. Calls on small inputs use
-    fewer threads (none below a work threshold).
+    ``threadpoolctl`` limits); 1 when built without OpenMP, and in a process forked
+    after bnfast ran threads (GNU OpenMP's threads do not survive ``fork``: use the
+    ``spawn`` or ``forkserver`` start method for threaded children). Calls on small
+    inputs use fewer threads (none below a work threshold).
 
     Parameters
     ----------
@@ -329,7 +347,7 @@ def get_num_threads():
 
 
 cdef inline int _max_threads() noexcept nogil:
-    if not BNF_HAVE_OPENMP:
+    if not BNF_HAVE_OPENMP or _serial_after_fork:
         return 1
     if _num_threads > 0:
         return _num_threads
@@ -1158,7 +1176,10 @@ cdef inline bint _in_blocks(const Job *j, int kind) noexcept nogil:
 
 
 cdef void _run(Job *j, int kind, Py_ssize_t nunits, int nthreads) noexcept nogil:
+    global _teams_started
     cdef Py_ssize_t u, t
+    if nthreads > 1:
+        _teams_started = 1
     if _in_blocks(j, kind):
         # each thread a contiguous range of channels, in blocks
         if nthreads <= 1:

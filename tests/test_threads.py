@@ -486,3 +486,39 @@ def test_rows_from_dram_sum_a_row_at_a_time(dtype, shape, axis):
     assert_grad_close(dx, dx_ref, what="dx")
     assert_grad_close(dw, dw_ref, scale=np.max((absdy * xhat).sum(axis=red)), what="dweight")
     assert_grad_close(db, db_ref, scale=np.max(absdy.sum(axis=red)), what="dbias")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork on this platform")
+def test_a_child_forked_after_threads_runs_serially():
+    """GNU OpenMP's thread pool does not survive fork: a child forked after a threaded
+    call (multiprocessing's default on Linux) waited forever in its next one. It now
+    runs serially, with the same bits; the parent keeps its threads."""
+    import signal
+
+    x = np.random.default_rng(0).standard_normal((4096, 64)).astype(np.float32)
+    bnfast.set_num_threads(2)
+    try:
+        threads = bnfast.get_num_threads()           # 1 when built without OpenMP
+        want = bnfast.batch_norm_train(x, axis=-1)[0]
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:                                 # the child: never returns to pytest
+            ok = b"0"
+            try:
+                signal.alarm(20)                     # a hang ends the child, not the test
+                y = bnfast.batch_norm_train(x, axis=-1)[0]
+                ok = b"1" if np.array_equal(y, want) and bnfast.get_num_threads() == 1 \
+                    else b"0"
+            finally:
+                os.write(w, ok)
+                os._exit(0)
+        os.close(w)
+        _, status = os.waitpid(pid, 0)
+        got = os.read(r, 1)
+        os.close(r)
+        assert os.waitstatus_to_exitcode(status) == 0, "the forked child hung or crashed"
+        assert got == b"1", "the child's result or thread count was wrong"
+        assert bnfast.get_num_threads() == threads
+        np.testing.assert_array_equal(bnfast.batch_norm_train(x, axis=-1)[0], want)
+    finally:
+        bnfast.set_num_threads(None)
