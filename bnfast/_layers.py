@@ -462,12 +462,18 @@ class BatchNorm:
         if self.running_mean is None or self.running_var is None:
             raise ValueError("freeze() needs running statistics (the layer was built with "
                              "track_running_stats=False)")
-        return FrozenBatchNorm(self.running_mean, self.running_var, self.weight, self.bias,
-                               self.eps, axis=self.axis)
+        # under the lock (FrozenBatchNorm copies the arrays): not half of a concurrent
+        # load_state_dict or training step
+        with self._lock:
+            return FrozenBatchNorm(self.running_mean, self.running_var, self.weight,
+                                   self.bias, self.eps, axis=self.axis)
 
     def __getstate__(self):
-        d = self.__dict__.copy()
-        del d["_lock"]
+        # the arrays copied under the lock: pickling them after it is released could
+        # catch a concurrent load_state_dict or training step half-way
+        with self._lock:
+            d = {k: (v.copy() if isinstance(v, np.ndarray) else v)
+                 for k, v in self.__dict__.items() if k != "_lock"}
         return d
 
     def __setstate__(self, d):

@@ -199,6 +199,18 @@ def save_layer(layer, path):
         raise TypeError(f"save_layer expects a bnfast.BatchNorm, got {type(layer).__name__}")
     cls_name = next(c.__name__ for c in type(layer).__mro__ if c.__name__ in _LAYER_CLASSES
                     and _LAYER_CLASSES[c.__name__] is c)
+    with layer._lock:    # one state: not half of a concurrent load or training step
+        arrays = _layer_arrays(layer, cls_name)
+    if isinstance(path, (str, os.PathLike)):
+        path = os.fspath(path)
+        if not path.endswith(".npz"):
+            path = path + ".npz"
+    np.savez(path, **arrays)
+    return path
+
+
+def _layer_arrays(layer, cls_name):
+    """save_layer's arrays: copies of the layer's configuration and state."""
     arrays = {
         "format_version": np.array(_FORMAT_VERSION, np.int64),
         "config.class": np.array(cls_name),
@@ -214,13 +226,8 @@ def save_layer(layer, path):
         "config.training": np.array(layer.training, np.bool_),
     }
     for k, v in layer.state_dict().items():
-        arrays["state." + k] = np.asarray(v)
-    if isinstance(path, (str, os.PathLike)):
-        path = os.fspath(path)
-        if not path.endswith(".npz"):
-            path = path + ".npz"
-    np.savez(path, **arrays)
-    return path
+        arrays["state." + k] = np.array(v, copy=True)
+    return arrays
 
 
 def load(path):

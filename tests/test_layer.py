@@ -519,3 +519,33 @@ def test_repr():
     r = repr(bnfast.BatchNorm2d(7, momentum=None))
     assert "BatchNorm2d" in r and "7" in r
     assert "FrozenBatchNorm" in repr(bnfast.FrozenBatchNorm(np.zeros(2), np.ones(2)))
+
+
+@pytest.mark.parametrize("op", ["freeze", "pickle", "save"])
+def test_copies_of_the_state_wait_for_the_layer_lock(op, tmp_path):
+    """freeze, pickling and save read the state under the layer's lock, so a concurrent
+    load_state_dict or training step (which hold it) is never caught half-way."""
+    bn = bnfast.BatchNorm(3, dtype=np.float64)
+    done = threading.Event()
+    result = []
+
+    def run():
+        if op == "freeze":
+            result.append(bn.freeze())
+        elif op == "pickle":
+            result.append(pickle.loads(pickle.dumps(bn)))
+        else:
+            result.append(bnfast.load(bn.save(str(tmp_path / "bn"))))
+        done.set()
+
+    t = threading.Thread(target=run)
+    with bn._lock:                                           # as a forward call does
+        t.start()
+        assert not done.wait(0.2), f"{op} read the state while the layer was in use"
+        bn.running_mean[:] = 5.0                             # the update it must see whole
+        bn.running_var[:] = 7.0
+    t.join(10)
+    assert done.is_set()
+    got = result[0]
+    np.testing.assert_array_equal(got.mean if op == "freeze" else got.running_mean, 5.0)
+    np.testing.assert_array_equal(got.var if op == "freeze" else got.running_var, 7.0)
