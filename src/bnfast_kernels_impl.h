@@ -479,7 +479,10 @@ BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, ptrdiff_t
                                         s1[0], s2[0], &pf, &pf_next, nt);
         else
 #endif
-            for (ptrdiff_t r = t0; r < t1; r++)
+            for (ptrdiff_t r = t0; r < t1; r++) {
+                if (k_next == 1)
+                    bnf_pf_next_run_end(x_next, r, nruns, xstride * (ptrdiff_t)sizeof(T),
+                                        len * (ptrdiff_t)sizeof(T));
                 for (ptrdiff_t c = 0; c < kmax; c++) {
                     if (c < k_next)
                         BNF_DISPATCH(shifted_sums_runs, x_next + c * xcs + r * xstride, 1,
@@ -503,6 +506,7 @@ BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, ptrdiff_t
                         }
                     }
                 }
+            }
         for (ptrdiff_t c = 0; c < k_next; c++) {
             bnf_moments t;
             BNF_NAME(tile_finish)(x_next + c * xcs + t0 * xstride, t1 - t0, xstride, len,

@@ -377,7 +377,10 @@ BNF_SIMD_FN void BNF_SIMD(norm_runs_rows)(const T *x, ptrdiff_t xstride, ptrdiff
                                           bnf_pf *pf, bnf_pf *pf_next, int nt)
 {
     ptrdiff_t kmax = k > k_next ? k : k_next;
-    for (ptrdiff_t r = r0; r < r1; r++)
+    for (ptrdiff_t r = r0; r < r1; r++) {
+        if (k_next == 1)
+            bnf_pf_next_run_end(x_next, r, nruns, xstride * (ptrdiff_t)sizeof(T),
+                                len * (ptrdiff_t)sizeof(T));
         for (ptrdiff_t c = 0; c < kmax; c++) {
             if (c < k_next)
                 BNF_SIMD(shifted_sums_runs_body)(x_next + c * xcs + r * xstride, 1, xstride,
@@ -398,6 +401,7 @@ BNF_SIMD_FN void BNF_SIMD(norm_runs_rows)(const T *x, ptrdiff_t xstride, ptrdiff
                                               mean[c], scale[c], shift[c], pf, 0);
             }
         }
+    }
 }
 #endif
 #if BNF_ISA_LEVEL == 4 || BNF_T_HALF
