@@ -244,7 +244,10 @@ def moments(x, *, axis=1):
     unless x needs converting (integers, non-native byte order) or has negative
     or zero strides). The mean is kept as two doubles, whose low
     part the result keeps for merges. Mean and M2 are within a few float64 ulps of the
-    exact values for x's elements, whatever their offset.
+    exact values for x's elements, whatever their offset; on float64 data whose spread
+    has few significant bits (quantized prices, integers) and tens of thousands of
+    values per channel, M2's plain double sums measured up to ~1e-14 relative (README,
+    "How it is exact").
 
     Examples
     --------
