@@ -803,6 +803,15 @@ BNF_CLONES void bnf_widen_f32(const char *src, ptrdiff_t stride, double *dst, pt
     }
 }
 
+void bnf_widen_f16(const char *src, ptrdiff_t stride, double *dst, ptrdiff_t n)
+{
+    for (ptrdiff_t i = 0; i < n; i++) {
+        uint16_t h;
+        memcpy(&h, src + i * stride, sizeof h);
+        dst[i] = (double)bnf_half_to_float1(h);
+    }
+}
+
 void bnf_gather_f64(const char *src, ptrdiff_t stride, double *dst, ptrdiff_t n)
 {
     if (stride == (ptrdiff_t)sizeof(double)) {

@@ -152,6 +152,8 @@ const char *bnf_fma_kind(void);
  * contiguous doubles; eval factors scale[i] /= sqrt(var[i] + eps), returning the first
  * negative variance's index (nothing written) or -1. */
 void bnf_widen_f32(const char *src, ptrdiff_t stride, double *dst, ptrdiff_t n);
+/* ... and float16 (as its bits), exactly. */
+void bnf_widen_f16(const char *src, ptrdiff_t stride, double *dst, ptrdiff_t n);
 /* float16 (as its bits) <-> float32, n contiguous elements: round to nearest even. */
 void bnf_half_to_float(const uint16_t *src, float *dst, ptrdiff_t n);
 void bnf_float_to_half(const float *src, uint16_t *dst, ptrdiff_t n);

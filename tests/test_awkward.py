@@ -278,6 +278,32 @@ def test_parameter_layouts(layout):
     run_backward(_dy(x), x, pw, 1)
 
 
+@pytest.mark.parametrize("view", ["contiguous", "step", "negative"])
+def test_float16_parameters_read_exactly(view):
+    """float16 parameters (widened in C, not by NumPy) have the bits of the same values
+    given as float64, including every special value: subnormals, infinities, NaN."""
+    x, w, b, rm, rv = _case((5, 6, 4), 1, np.float32)
+    bits = np.array([0x0001, 0x03FF, 0x7C00, 0xFC00, 0x7E00, 0x8400], np.uint16)
+    special = np.array([6e-8, 65504, -0.0, 1e-5, 2.0, 3.0], np.float16)
+    pick = {"contiguous": lambda v: v, "step": lambda v: np.repeat(v, 2)[::2],
+            "negative": lambda v: v[::-1].copy()[::-1]}[view]
+    for w16, b16 in ((special, bits.view(np.float16)), (w.astype(np.float16),
+                                                       b.astype(np.float16))):
+        rm16, rv16 = rm.astype(np.float16), (np.abs(rv) + 1).astype(np.float16)
+        p16 = [pick(v) for v in (w16, b16, rm16, rv16)]
+        p64 = [v.astype(np.float64) for v in (w16, b16, rm16, rv16)]
+        with np.errstate(all="ignore"):
+            np.testing.assert_array_equal(
+                bnfast.batch_norm(x, p16[2], p16[3], p16[0], p16[1], axis=1),
+                bnfast.batch_norm(x, p64[2], p64[3], p64[0], p64[1], axis=1))
+            np.testing.assert_array_equal(bnfast.batch_norm_train(x, p16[0], p16[1])[0],
+                                          bnfast.batch_norm_train(x, p64[0], p64[1])[0])
+            _, m, s = bnfast.batch_norm_train(x)
+            for got, want in zip(bnfast.batch_norm_backward(_dy(x), x, m, s, p16[0]),
+                                 bnfast.batch_norm_backward(_dy(x), x, m, s, p64[0])):
+                np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.int64, np.int8, np.uint16,
                                    np.bool_])
 def test_parameter_dtypes(dtype):
