@@ -38,10 +38,19 @@ _LAZY = {
 
 
 if TYPE_CHECKING:  # the lazy names, for type checkers and IDEs
-    from bnfast import distributed
-    from bnfast._config import show_config
-    from bnfast._moments import Moments, RunningStats, merge_moments, moments
-    from bnfast.interop import fold_conv, fold_linear, from_keras, from_onnx, from_torch, load
+    # `import a as a`: an explicit re-export, which mypy --no-implicit-reexport (--strict) needs
+    from bnfast import distributed as distributed
+    from bnfast._config import show_config as show_config
+    from bnfast._moments import Moments as Moments
+    from bnfast._moments import RunningStats as RunningStats
+    from bnfast._moments import merge_moments as merge_moments
+    from bnfast._moments import moments as moments
+    from bnfast.interop import fold_conv as fold_conv
+    from bnfast.interop import fold_linear as fold_linear
+    from bnfast.interop import from_keras as from_keras
+    from bnfast.interop import from_onnx as from_onnx
+    from bnfast.interop import from_torch as from_torch
+    from bnfast.interop import load as load
 else:  # a module __getattr__ would make every attribute of bnfast "Any" to mypy
 
     def __getattr__(name):
@@ -71,6 +80,18 @@ __all__ = [
     "batch_norm_train",
     "get_num_threads",
     "set_num_threads",
-    *_LAZY,
+    # the names of _LAZY, spelled out: mypy cannot read `*_LAZY` (tests/test_typing.py keeps
+    # the two in step)
+    "from_torch",
+    "from_onnx",
+    "from_keras",
+    "fold_linear",
+    "fold_conv",
+    "load",
+    "moments",
+    "merge_moments",
+    "Moments",
+    "RunningStats",
+    "show_config",
     "__version__",
 ]

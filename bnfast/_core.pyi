@@ -22,10 +22,12 @@ _Param: TypeAlias = ArrayLike | None
 _IntLike: TypeAlias = np.integer[Any] | np.bool_
 
 class _BuildInfo(TypedDict):
+    # the keys of _core._build_info()'s dict (tests/test_typing.py compares them)
     openmp: bool
     openmp_version: int
     simd_isa: str
     simd_loops: str
+    fma: str
 
 def set_num_threads(n: SupportsIndex | None) -> None: ...
 def get_num_threads() -> int: ...

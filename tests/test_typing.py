@@ -6,6 +6,7 @@ against the built module's real signatures.
 
 The mypy tests are skipped where mypy is not installed (it is in the ``test`` extra).
 """
+import ast
 import importlib
 import importlib.util
 import os
@@ -81,6 +82,7 @@ assert_type(info["openmp"], bool)
 assert_type(info["openmp_version"], int)
 assert_type(info["simd_isa"], str)
 assert_type(info["simd_loops"], str)
+assert_type(info["fma"], str)
 assert_type(bnfast.__version__, str)
 
 # the layer (plain Python) is usable from typed code
@@ -182,6 +184,76 @@ def test_misuse_is_reported(mypy_report):
 
 def test_misspelled_public_name_is_reported(mypy_report):
     _check_marked(mypy_report, "bad_names.py", BAD_NAMES)
+
+
+def _public_script():
+    """Every public name of bnfast, imported by name and used as an attribute."""
+    import bnfast
+    names = [n for n in bnfast.__all__ if n != "__version__"]
+    return "\n".join(["import bnfast", "from bnfast import __version__"]
+                     + [f"from bnfast import {n}" for n in names]
+                     + [f"print(bnfast.{n}, {n})" for n in names]
+                     + ["print(bnfast.__version__, bnfast.distributed.SyncBatchNorm)", ""])
+
+
+def test_public_names_are_exported_to_strict_mypy(tmp_path):
+    """--no-implicit-reexport (part of --strict) accepts only names that bnfast exports
+    explicitly: in a literal __all__ or as `import a as a`."""
+    pytest.importorskip("mypy.api", reason="mypy is not installed")
+    (tmp_path / "public.py").write_text(_public_script())
+    env = dict(os.environ, MYPYPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "mypy", "--cache-dir", os.devnull, "--follow-imports=silent",
+           "--no-implicit-reexport", "--no-error-summary", "--show-error-codes",
+           "--no-color-output", "--python-executable", sys.executable, "public.py"]
+    proc = subprocess.run(cmd, check=False, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, f"mypy --no-implicit-reexport:\n{proc.stdout}\n{proc.stderr}"
+
+
+def test_all_is_literal_and_matches_the_lazy_names():
+    """mypy reads only a literal __all__; it must list every lazily loaded name, and the
+    TYPE_CHECKING imports must re-export them explicitly (`from m import a as a`)."""
+    import bnfast
+    tree = ast.parse((PKG / "__init__.py").read_text())
+    literal = None
+    type_checking = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__"
+                                                for t in node.targets):
+            assert isinstance(node.value, ast.List), "__all__ is not a list literal"
+            assert all(isinstance(e, ast.Constant) and isinstance(e.value, str)
+                       for e in node.value.elts), "__all__ holds more than string literals"
+            literal = [e.value for e in node.value.elts]
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            for imp in node.body:
+                if isinstance(imp, ast.ImportFrom):
+                    for a in imp.names:
+                        type_checking[a.name] = a.asname
+    assert literal == list(bnfast.__all__)
+    assert len(set(literal)) == len(literal), "duplicates in __all__"
+    assert set(bnfast._LAZY) <= set(literal), set(bnfast._LAZY) - set(literal)
+    assert set(type_checking) == set(bnfast._LAZY) | {"distributed"}
+    assert all(alias == name for name, alias in type_checking.items()), type_checking
+    for name in literal:
+        assert getattr(bnfast, name) is not None, name
+
+
+def _typeddict_fields(stub, cls):
+    for node in ast.parse(stub.read_text()).body:
+        if isinstance(node, ast.ClassDef) and node.name == cls:
+            return {n.target.id: ast.unparse(n.annotation) for n in node.body
+                    if isinstance(n, ast.AnnAssign)}
+    raise AssertionError(f"no class {cls} in {stub}")
+
+
+def test_build_info_typeddict_has_the_runtime_keys():
+    """_core.pyi's _BuildInfo names every key (with its type) that _build_info() returns."""
+    core = importlib.import_module("bnfast._core")
+    info = core._build_info()
+    fields = _typeddict_fields(PKG / "_core.pyi", "_BuildInfo")
+    assert set(fields) == set(info), (sorted(fields), sorted(info))
+    for key, value in info.items():
+        assert fields[key] == type(value).__name__, (key, fields[key], value)
 
 
 def test_stubs_match_the_compiled_module(tmp_path):
