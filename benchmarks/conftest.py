@@ -14,12 +14,23 @@ At the end a Markdown table of ratios (bnfast / copy, peer / bnfast) is printed;
 (``--benchmark-autosave``) carries ``ratio_to_copy`` and ``gbps`` in each benchmark's ``extra_info``,
 and ``python benchmarks/ratios.py FILE.json`` prints the same table from a saved run.
 
-Unless ``--benchmark-max-time`` is given, this suite uses 0.2 s per benchmark (pytest-benchmark's
-default is 1 s), so the whole run fits in a few minutes; ``--benchmark-min-rounds`` still applies.
+Unless ``--benchmark-max-time`` is given (on the command line, in ``PYTEST_ADDOPTS`` or in the ini
+file's ``addopts``), this suite uses 0.2 s per benchmark (pytest-benchmark's default is 1 s), so the
+whole run fits in a few minutes; ``--benchmark-min-rounds`` still applies.
 """
+import os
+import shlex
+
 import pytest
 
 DEFAULT_MAX_TIME = 0.2
+
+# Marks of test_bench_batchnorm.py: `large` is _bench's Case.large (2**22 elements or more).
+# The sizes are those of its PLAN (tests/test_cli.py checks them).
+MARKERS = {
+    "large": "arrays of 2**22 elements or more (25-103 MB)",
+    "small": "arrays of fewer than 2**22 elements (at most 6.5 MB)",
+}
 
 
 def _bench_module():
@@ -28,8 +39,17 @@ def _bench_module():
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "large: arrays of 12.8M elements (51 MB in float32)")
-    config.addinivalue_line("markers", "small: arrays of at most 1 MB")
+    for name, text in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {text}")
+
+
+def _max_time_given(config):
+    """--benchmark-max-time is set, from any of the places pytest reads options from. (Its
+    parsed value cannot tell: an unset option reads as pytest-benchmark's default.)"""
+    args = [*config.invocation_params.args,
+            *shlex.split(os.environ.get("PYTEST_ADDOPTS", "")),
+            *config.getini("addopts")]
+    return any(str(a).split("=", 1)[0] == "--benchmark-max-time" for a in args)
 
 
 @pytest.hookimpl(trylast=True)
@@ -38,8 +58,7 @@ def pytest_sessionstart(session):
     bs = getattr(config, "_benchmarksession", None)
     if bs is None:
         return
-    given = any(str(a).startswith("--benchmark-max-time") for a in config.invocation_params.args)
-    if not given:
+    if not _max_time_given(config):
         bs.options["max_time"] = DEFAULT_MAX_TIME
 
 

@@ -148,8 +148,12 @@ def main(argv=None):
     a = p.parse_args(argv)
     layouts = [s for s in a.layouts.split(",") if s]
     bad = [s for s in layouts if s not in LAYOUTS]
-    if bad or a.threads < 1 or a.reps < 1:
-        p.error(f"bad arguments: {bad or ''} threads={a.threads} reps={a.reps}")
+    if bad:
+        p.error(f"--layouts: unknown layout(s) {', '.join(bad)} (choose from {', '.join(LAYOUTS)})")
+    if not layouts:
+        p.error(f"--layouts: no layout given (choose one or more of {', '.join(LAYOUTS)})")
+    if a.threads < 1 or a.reps < 1:
+        p.error(f"--threads and --reps must be >= 1, got --threads {a.threads} --reps {a.reps}")
     with_torch = False
     if not a.no_torch:
         try:

@@ -15,8 +15,9 @@ What it measures: for each array shape and layout, the median time per call of
   fwd_bwd   train forward then backward (full sweep only)
 beside np.copyto(dst, x) on the same array (the memory-bandwidth roofline; with --threads > 1
 a copy split over that many threads), a NumPy one-liner, and PyTorch and ONNX Runtime when
-installed (pip install 'bnfast[bench]'). Every result is checked against a float64 reference
-first. Progress goes to stderr, the table to stdout.
+installed (PyTorch: pip install torch, the CPU wheel is enough; ONNX Runtime:
+pip install 'bnfast[bench]'). Every result is checked against a float64 reference first.
+Progress goes to stderr, the table to stdout.
 
 examples:
   python -m bnfast bench --quick
@@ -65,7 +66,8 @@ def build_parser():
                         "(default: bnfast.get_num_threads(), i.e. all)")
     b.add_argument("--dtype", choices=("float32", "float64", "float16"), default="float32",
                    help="element type (default float32)")
-    b.add_argument("--ops", default=",".join(_bench.OPS), metavar="LIST",
+    # default None: an explicit fwd_bwd with --quick is refused, the default one dropped
+    b.add_argument("--ops", default=None, metavar="LIST",
                    help=f"comma-separated subset of {','.join(_bench.OPS)} (default: all)")
     b.add_argument("--no-peers", action="store_true",
                    help="time only bnfast and np.copyto (no NumPy, PyTorch, ONNX Runtime)")
@@ -82,10 +84,21 @@ def build_parser():
 def _bench(args, parser):
     from bnfast import _bench, _config
 
-    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
-    bad = [o for o in ops if o not in _bench.OPS]
-    if bad or not ops:
-        parser.error(f"--ops: unknown operation(s) {bad} (choose from {', '.join(_bench.OPS)})")
+    mode = "tiny" if args.tiny else "quick" if args.quick else "full"
+    choices = ", ".join(_bench.OPS)
+    if args.ops is None:
+        ops = list(_bench.OPS)
+    else:
+        ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+        bad = [o for o in ops if o not in _bench.OPS]
+        if bad:
+            parser.error(f"--ops: unknown operation(s) {', '.join(bad)} (choose from {choices})")
+        if not ops:
+            parser.error(f"--ops: no operation given (choose one or more of {choices})")
+        if mode == "quick" and "fwd_bwd" in ops:
+            parser.error("--ops fwd_bwd: the --quick sweep does not time fwd_bwd (the full "
+                         "sweep does: leave out --quick)")
+    plot_path = None
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -93,7 +106,10 @@ def _bench(args, parser):
             print("error: --plot needs matplotlib, which is not installed: "
                   "pip install matplotlib (or pip install 'bnfast[bench]')", file=sys.stderr)
             return 2
-    mode = "tiny" if args.tiny else "quick" if args.quick else "full"
+        try:            # before the sweep, not after minutes of timing
+            plot_path = _bench.plot_path(args.plot)
+        except ValueError as e:
+            parser.error(f"--plot {args.plot}: {e}")
     peers = () if args.no_peers else _bench.PEERS
     import bnfast
     threads = args.threads or bnfast.get_num_threads()
@@ -103,7 +119,7 @@ def _bench(args, parser):
 
     missing = [p for p in peers if not _bench.peer_installed(p)]
     if missing:
-        progress(f"not installed, skipped: {', '.join(missing)} (pip install 'bnfast[bench]')")
+        progress(f"not installed, skipped: {', '.join(missing)}. {_bench.install_hint(missing)}")
     t0 = time.perf_counter()
     results = _bench.run_sweep(mode, threads=threads, dtype=args.dtype, ops=ops, peers=peers,
                                progress=progress, budget=args.budget)
@@ -126,9 +142,9 @@ def _bench(args, parser):
         print()
         print(_bench.legend())
     progress(f"done in {elapsed:.1f} s")
-    if args.plot:
-        _bench.plot(results, args.plot)
-        progress(f"plot written to {args.plot}")
+    if plot_path:
+        _bench.plot(results, plot_path)
+        progress(f"plot written to {plot_path}")
     return 0
 
 

@@ -3,8 +3,9 @@
 Every case is one operation on one array, timed beside
 
 * ``copy``: ``np.copyto(dst, x)`` on the same bytes, the memory-bandwidth roofline (with more than one
-  thread and at least 4 MiB, the same copy split into contiguous slices over that many Python threads --
-  ``np.copyto`` releases the GIL; below 4 MiB the plain copy, which is faster there);
+  thread and at least 4 MiB, the same copy split into slices over that many Python threads -- contiguous
+  slices, or blocks of rows of a strided x; ``np.copyto`` releases the GIL; below 4 MiB the plain copy,
+  which is faster there);
 * ``numpy``: a NumPy one-liner computing the same thing (allocating, as NumPy code does);
 * ``torch``: ``torch.nn.functional.batch_norm`` (autograd for the backward), when PyTorch is installed;
 * ``onnxruntime``: a one-node ``BatchNormalization`` model (opset 15) on the CPU provider, when ``onnx`` and
@@ -147,10 +148,24 @@ def peer_version(name):
     return getattr(importlib.import_module(mod), "__version__", "?")
 
 
+# How to install each peer: the bench extra has no torch (its wheels are large; the CPU
+# build is all the benchmarks need).
+PEER_INSTALL = {
+    "torch": "pip install torch, the CPU wheel is enough: "
+             "--index-url https://download.pytorch.org/whl/cpu",
+    "onnxruntime": "pip install 'bnfast[bench]', or onnx and onnxruntime",
+}
+
+
+def install_hint(names):
+    """How to install the peers ``names``, e.g. for a "not installed" message."""
+    return "; ".join(f"{PEER_TITLES.get(n, n)}: {PEER_INSTALL[n]}"
+                     for n in names if n in PEER_INSTALL)
+
+
 def _import_peer(name):
     if not peer_installed(name):
-        need = "torch" if name == "torch" else "onnx and onnxruntime"
-        raise Unavailable(f"{name} is not installed (pip install {need}, or bnfast[bench])")
+        raise Unavailable(f"{name} is not installed ({PEER_INSTALL[name]})")
     if name == "torch":
         return importlib.import_module("torch")
     importlib.import_module("onnx")
@@ -341,9 +356,14 @@ def make_copy(d, threads=1):
     x, dst = d.x, d.out
     if threads <= 1 or x.nbytes < (4 << 20):
         return (lambda: np.copyto(dst, x)), None
-    xf, df = x.reshape(-1), dst.reshape(-1)
-    bounds = np.linspace(0, xf.size, threads + 1).astype(np.intp)
-    parts = [(df[a:b], xf[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    if x.flags.c_contiguous and dst.flags.c_contiguous:
+        xf, df = x.reshape(-1), dst.reshape(-1)
+    else:
+        # reshape(-1) of a strided x (a column slice) is a copy made here, once: split along
+        # the first axis instead, whose slices are views of x's own memory
+        xf, df = x, dst
+    bounds = np.linspace(0, xf.shape[0], threads + 1).astype(np.intp)
+    parts = [(df[a:b], xf[a:b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     pool = _pool(threads - 1)
     copyto = np.copyto
 
@@ -822,6 +842,40 @@ def legend(markdown=False):
     return ("_" + s + "_") if markdown else s
 
 
+def plot_path(path):
+    """The file ``plot(results, path)`` will write, checked before anything is timed.
+
+    A name without an extension gets matplotlib's default format (``.png``), as savefig would
+    add it. ValueError, saying why, for a file type matplotlib cannot write or a folder that
+    does not exist or cannot be written to.
+    """
+    import matplotlib
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = os.fspath(path)
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
+        raise ValueError(f"{path} is a folder, not a file name")
+    ext = os.path.splitext(path)[1]
+    fmt = ext[1:].lower()
+    if not fmt:
+        fmt = matplotlib.rcParams["savefig.format"]
+        path = path.rstrip(".") + "." + fmt
+    types = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in types:
+        raise ValueError(f"matplotlib cannot write {ext!r} files (choose one of "
+                         f"{', '.join('.' + t for t in sorted(types))})")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"the folder {folder} is not writable")
+    return path
+
+
+# Plot markers by layout (every layout of CASES and sweep_cases; another one gets "x").
+PLOT_MARKERS = {"NC": "o", "NCHW": "s", "NHWC": "^", "NCL": "D", "NC-slice": "v"}
+
+
 def plot(results, path):
     """Throughput (GB/s of x processed) against array size, one panel per operation."""
     try:
@@ -832,10 +886,14 @@ def plot(results, path):
     except ImportError:
         raise RuntimeError("--plot needs matplotlib: pip install matplotlib (or bnfast[bench])") from None
     ops = [op for op in OPS if any(r["op"] == op for r in results)]
+    if not ops:
+        raise ValueError("no results to plot")
     fig, axes = plt.subplots(1, len(ops), figsize=(4.2 * len(ops) + 1.6, 4.2), squeeze=False)
     colors = {COPY: "black", "bnfast": "tab:red", "frozen-out": "tab:orange", "numpy": "tab:blue",
               "torch": "tab:green", "onnxruntime": "tab:purple"}
-    markers = {"NC": "o", "NCHW": "s", "NHWC": "^", "NCL": "D"}
+    markers = dict(PLOT_MARKERS)
+    for r in results:
+        markers.setdefault(r["layout"], "x")
     for axp, op in zip(axes[0], ops):
         for impl, color in colors.items():
             for layout, mk in markers.items():

@@ -159,11 +159,21 @@ def _time_us(fn, x, repeat=200):
     return (time.perf_counter() - t0) / repeat * 1e6
 
 
+def _positive_int(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {s!r}") from None
+    if v < 1:       # the loss report needs at least one step
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
 def main(argv=None):
     """Train, fold, check and time the MLP; returns a dict of the results."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--torch", action="store_true", help="train in PyTorch, import with from_torch")
-    p.add_argument("--steps", type=int, default=30, help="SGD steps (default 30)")
+    p.add_argument("--steps", type=_positive_int, default=30, help="SGD steps, >= 1 (default 30)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 

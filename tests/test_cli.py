@@ -11,6 +11,8 @@ import re
 import subprocess
 import tempfile
 import sys
+import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -177,6 +179,7 @@ def test_bench_help_and_bad_arguments():
     for opt in ("--quick", "--threads", "--plot", "--markdown", "--budget", "np.copyto"):
         assert opt in r.stdout
     assert "--tiny" not in r.stdout
+    assert "pip install torch" in r.stdout            # the bench extra has no torch
     assert _run("bench", "--threads", "0", timeout=120).returncode == 2
     for bad in ("0", "-1", "nan", "x"):
         r = _run("bench", "--budget", bad, timeout=120)
@@ -184,6 +187,78 @@ def test_bench_help_and_bad_arguments():
     r = _run("bench", "--ops", "eval,nope", timeout=120)
     assert r.returncode == 2 and "nope" in r.stderr
     assert _run(timeout=120).returncode == 2          # no command: usage
+
+
+def test_bench_ops_without_an_operation_or_fwd_bwd_in_quick_mode_are_refused():
+    r = _run("bench", "--ops", ",", timeout=120)
+    assert r.returncode == 2 and "--ops: no operation given" in r.stderr, r.stderr
+    assert "[]" not in r.stderr
+    # the quick sweep has no fwd_bwd: asking for it is an error, not an empty table
+    # (nor, with --plot, a crash on an empty figure)
+    for extra in ((), ("--plot", os.path.join(tempfile.gettempdir(), "bnfast-unwritten.png"))):
+        r = _run("bench", "--quick", "--no-peers", "--ops", "fwd_bwd", *extra, timeout=120)
+        assert r.returncode == 2, (r.stdout, r.stderr)
+        assert "fwd_bwd" in r.stderr and "--quick" in r.stderr and "[  1/" not in r.stderr
+        assert "Traceback" not in r.stderr
+
+
+def test_missing_peers_install_hints(monkeypatch, capsys):
+    """The bench extra has no torch: the hints for PyTorch say `pip install torch`."""
+    from bnfast.__main__ import main
+    monkeypatch.setattr(_bench, "peer_installed", lambda name: name not in ("torch", "onnxruntime"))
+    with pytest.raises(_bench.Unavailable) as e:
+        _bench._import_peer("torch")
+    assert "pip install torch" in str(e.value) and "bnfast[bench]" not in str(e.value)
+    # the sweep itself is not under test here
+    monkeypatch.setattr(_bench, "run_sweep", lambda *a, **k: [_res("eval", "copy", 1e-6),
+                                                                _res("eval", "bnfast", 2e-6)])
+    assert main(["bench", "--tiny", "--threads", "1"]) == 0
+    err = capsys.readouterr().err
+    line = next(ln for ln in err.splitlines() if ln.startswith("not installed, skipped"))
+    torch_hint = line.split("PyTorch:", 1)[1].split(";")[0] if "PyTorch:" in line else line
+    assert "pip install torch" in torch_hint and "bnfast[bench]" not in torch_hint, line
+    assert "onnxruntime" in line
+
+
+def test_bench_plot_path_is_checked_before_timing(tmp_path):
+    if not HAVE_MPL:
+        pytest.skip("matplotlib is not installed")
+    for bad, why in ((tmp_path / "missing" / "x.png", "does not exist"),
+                     (tmp_path / "x.nope", "'.nope'"),
+                     (tmp_path, "folder")):
+        r = _run("bench", "--tiny", "--no-peers", "--plot", str(bad), timeout=120)
+        assert r.returncode == 2, (bad, r.stderr[-2000:])
+        assert "--plot" in r.stderr and why in r.stderr, r.stderr[-2000:]
+        assert "[  1/" not in r.stderr and "Traceback" not in r.stderr   # nothing was timed
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_plot_without_extension_reports_the_file_written(tmp_path):
+    if not HAVE_MPL:
+        pytest.skip("matplotlib is not installed")
+    r = _run("bench", "--tiny", "--no-peers", "--ops", "eval", "--threads", "1", "--budget", "0.001",
+             "--plot", str(tmp_path / "p2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "p2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"plot written to {tmp_path / 'p2.png'}" in r.stderr, r.stderr[-500:]
+
+
+def test_plot_draws_every_layout(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+    close, figs = plt.close, []
+    monkeypatch.setattr(plt, "close", figs.append)      # keep the figure to look at
+    layouts = {c.layout: c.id for c in list(_bench.CASES.values())}
+    results = [_res("eval", impl, 1e-5 * (i + 1), case=cid)
+               for cid in layouts.values() for i, impl in enumerate(("copy", "bnfast"))]
+    _bench.plot(results, str(tmp_path / "all.png"))
+    (fig,) = figs
+    drawn = {t.get_text() for t in fig.axes[-1].get_legend().get_texts()}
+    assert set(layouts) <= drawn, drawn               # NC-slice included
+    assert len(fig.axes[0].get_lines()) == 2 * len(layouts)
+    with pytest.raises(ValueError, match="no results"):
+        _bench.plot([], str(tmp_path / "none.png"))
+    close(fig)
 
 
 # ------------------------------------------------------------------------------ table / ratios
@@ -258,6 +333,65 @@ def test_interleaved_script(capsys, monkeypatch):
     assert "eval / copy | train / copy | backward / copy | fwd_bwd / copy | np.multiply / copy" in out
     with pytest.raises(SystemExit):
         mod.main(["--layouts", "NCHW,bogus"])
+    assert "bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        mod.main(["--layouts", ",", "--no-torch"])
+    assert "--layouts: no layout given" in capsys.readouterr().err
+
+
+def _load_benchmarks_module(name):
+    path = os.path.join(ROOT, "benchmarks", name)
+    if not os.path.exists(path):
+        pytest.skip(f"benchmarks/{name} not in this checkout")
+    spec = importlib.util.spec_from_file_location("bnfast_bench_" + name[:-3], path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_max_time_is_seen_in_every_option_source(monkeypatch):
+    """benchmarks/conftest.py sets 0.2 s per benchmark unless --benchmark-max-time is given:
+    on the command line, in PYTEST_ADDOPTS or in the ini file's addopts."""
+    conftest = _load_benchmarks_module("conftest.py")
+
+    def max_time(args=(), env=None, ini=()):
+        if env is None:
+            monkeypatch.delenv("PYTEST_ADDOPTS", raising=False)
+        else:
+            monkeypatch.setenv("PYTEST_ADDOPTS", env)
+        config = SimpleNamespace(_benchmarksession=SimpleNamespace(options={"max_time": 1.0}),
+                                 invocation_params=SimpleNamespace(args=tuple(args)),
+                                 getini=lambda name: list(ini) if name == "addopts" else [])
+        conftest.pytest_sessionstart(SimpleNamespace(config=config))
+        return config._benchmarksession.options["max_time"]
+
+    assert max_time() == conftest.DEFAULT_MAX_TIME
+    assert max_time(env="-ra", ini=["-q"], args=["benchmarks"]) == conftest.DEFAULT_MAX_TIME
+    assert max_time(args=["--benchmark-max-time=1.0"]) == 1.0
+    assert max_time(args=["--benchmark-max-time", "1.0"]) == 1.0
+    assert max_time(env="-q --benchmark-max-time=1.0") == 1.0
+    assert max_time(env="--benchmark-max-time 1.0") == 1.0
+    assert max_time(ini=["-ra", "--benchmark-max-time=1.0"]) == 1.0
+
+
+def test_benchmark_markers_describe_the_arrays():
+    conftest = _load_benchmarks_module("conftest.py")
+    lines = []
+    conftest.pytest_configure(SimpleNamespace(addinivalue_line=lambda key, line: lines.append(line)))
+    desc = dict(line.split(": ", 1) for line in lines)
+    small = re.search(r"at most ([\d.]+) MB", desc["small"])
+    large = re.search(r"([\d.]+)-([\d.]+) MB", desc["large"])
+    assert small and large, desc
+    with warnings.catch_warnings():     # its marks are registered by that conftest, not here
+        warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)
+        suite = _load_benchmarks_module("test_bench_batchnorm.py")
+    for cid, dtype, _ in suite.PLAN:
+        case = _bench.CASES[cid]
+        mb = case.size * np.dtype(dtype).itemsize / 1e6
+        if case.large:
+            assert float(large.group(1)) <= mb <= float(large.group(2)), (cid, dtype, mb, desc)
+        else:
+            assert mb <= float(small.group(1)), (cid, dtype, mb, desc)
 
 
 # ------------------------------------------------------------------------- the harness itself
@@ -319,4 +453,15 @@ def test_parallel_copy_roofline_copies():
     fn, _ = _bench.make_copy(d, threads=3)      # 8 MiB: split over 3 threads
     fn()
     assert np.array_equal(d.out, d.x)
+    # a column slice (rows not contiguous, as 50176x256-NC-slice), 4.9 MB: the threads copy
+    # x's own memory (x.reshape(-1) would be a copy of it, made once at setup)
+    d = _bench.get_data(_bench._case((4096, 300), "NC-slice", pad=16), np.float32)
+    assert not d.x.flags.c_contiguous and d.x.nbytes >= 4 << 20
+    for threads in (2, 3):
+        fn, _ = _bench.make_copy(d, threads=threads)
+        d.out[...] = 0
+        d.x[0, 0] = d.x[-1, -1] = -threads       # changed after setup: the copy sees it
+        fn()
+        assert np.array_equal(d.out, d.x)
+        assert d.out[0, 0] == d.out[-1, -1] == -threads
     _bench.clear_data()

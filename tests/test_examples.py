@@ -27,6 +27,14 @@ def test_serve_mlp_bnfast_training():
     assert res["max_abs_diff"] < 1e-4
 
 
+@pytest.mark.parametrize("steps", ["0", "-3"])
+def test_serve_mlp_refuses_no_training_steps(steps, capsys):
+    with pytest.raises(SystemExit) as e:
+        _load("serve_mlp").main(["--steps", steps])
+    assert e.value.code == 2
+    assert "--steps" in capsys.readouterr().err
+
+
 def test_serve_mlp_from_torch():
     pytest.importorskip("torch")
     res = _load("serve_mlp").main(["--torch", "--steps", "10"])
