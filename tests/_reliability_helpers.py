@@ -2,6 +2,7 @@
 comparisons that tolerate the non-finite values a test put in on purpose, and memory
 probes. The float64 reference itself lives in ``reference.py``."""
 import os
+import threading
 
 import numpy as np
 
@@ -97,3 +98,25 @@ def os_thread_count():
         return len(os.listdir("/proc/self/task"))
     except OSError:
         return None
+
+
+def run_while_locked(lock, fn, while_held=None, what="the call"):
+    """Start ``fn()`` in a thread while holding ``lock`` (as a layer's forward does), check
+    that it waits (has not returned after 0.2 s), run ``while_held()`` (the change it must
+    see whole), release, and return ``fn()``'s result."""
+    done = threading.Event()
+    result = []
+
+    def run():
+        result.append(fn())
+        done.set()
+
+    t = threading.Thread(target=run)
+    with lock:
+        t.start()
+        assert not done.wait(0.2), f"{what} ran while the layer was in use"
+        if while_held is not None:
+            while_held()
+    t.join(10)
+    assert done.is_set(), f"{what} did not finish"
+    return result[0]

@@ -328,6 +328,17 @@ def _ort_session(model):
 IR_FOR_OPSET = {1: 3, 6: 3, 7: 3, 9: 4, 14: 7, 15: 8}
 
 
+def _opset15_model(graph):
+    """An opset-15 model of `graph`, which the ONNX checker accepts in full."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import helper
+
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    m.ir_version = 8
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
 def _onnx_bn_model(opset, x_shape, *, x_type="float32", param_type="float32",
                    stat_type="float32", eps=(1e-5, 1e-3), attrs=None, legacy_inputs=False,
                    rng=None):
@@ -591,9 +602,7 @@ def test_from_onnx_colliding_keys_are_numbered():
                           [helper.make_tensor_value_info("x", f, [None, c]),
                            helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, [])],
                           [helper.make_tensor_value_info("y", f, [None, c])], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 15)])
-    m.ir_version = 8
-    onnx.checker.check_model(m, full_check=True)
+    m = _opset15_model(g)
     layers = bnfast.from_onnx(m)
     assert list(layers) == ["yb", "yb#1"]
     assert list(bnfast.from_onnx(m)) == ["yb", "yb#1"]         # deterministic
@@ -612,9 +621,7 @@ def test_from_onnx_colliding_keys_are_numbered():
     n2 = helper.make_node("BatchNormalization", ["y1"] + names, ["t"])
     g = helper.make_graph([n1, n2], "g", [helper.make_tensor_value_info("x", f, [None, c])],
                           [helper.make_tensor_value_info("t", f, [None, c])], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 15)])
-    m.ir_version = 8
-    onnx.checker.check_model(m, full_check=True)
+    m = _opset15_model(g)
     layers = bnfast.from_onnx(m)
     assert list(layers) == ["t", "t#1"]
     y = _ort_session(m).run(None, {"x": x})[0]

@@ -2,13 +2,13 @@
 modes, attributes, freeze, pickle/copy, rank rules, backward, state_dict errors."""
 import copy
 import pickle
-import threading
 
 import numpy as np
 import pytest
 
 import bnfast
 import reference as R
+from _reliability_helpers import run_while_locked
 from arrays import make_values, params, with_layout
 
 
@@ -470,19 +470,9 @@ def test_load_state_dict_holds_the_layer_lock():
     never sees half-loaded statistics."""
     bn = bnfast.BatchNorm(3)
     sd = _trained().state_dict()
-    done = threading.Event()
-
-    def load():
-        bn.load_state_dict(sd)
-        done.set()
-
-    t = threading.Thread(target=load)
-    with bn._lock:                                           # as a forward call does
-        t.start()
-        assert not done.wait(0.2), "load_state_dict wrote while the layer was in use"
-        np.testing.assert_array_equal(bn.running_var, 1.0)
-    t.join(10)
-    assert done.is_set()
+    run_while_locked(bn._lock, lambda: bn.load_state_dict(sd),
+                     lambda: np.testing.assert_array_equal(bn.running_var, 1.0),
+                     "load_state_dict")
     np.testing.assert_array_equal(bn.running_var, sd["running_var"].astype(np.float32))
 
 
@@ -526,26 +516,13 @@ def test_copies_of_the_state_wait_for_the_layer_lock(op, tmp_path):
     """freeze, pickling and save read the state under the layer's lock, so a concurrent
     load_state_dict or training step (which hold it) is never caught half-way."""
     bn = bnfast.BatchNorm(3, dtype=np.float64)
-    done = threading.Event()
-    result = []
+    copy_of = {"freeze": bn.freeze, "pickle": lambda: pickle.loads(pickle.dumps(bn)),
+               "save": lambda: bnfast.load(bn.save(str(tmp_path / "bn")))}[op]
 
-    def run():
-        if op == "freeze":
-            result.append(bn.freeze())
-        elif op == "pickle":
-            result.append(pickle.loads(pickle.dumps(bn)))
-        else:
-            result.append(bnfast.load(bn.save(str(tmp_path / "bn"))))
-        done.set()
-
-    t = threading.Thread(target=run)
-    with bn._lock:                                           # as a forward call does
-        t.start()
-        assert not done.wait(0.2), f"{op} read the state while the layer was in use"
-        bn.running_mean[:] = 5.0                             # the update it must see whole
+    def update():                                            # what it must see whole
+        bn.running_mean[:] = 5.0
         bn.running_var[:] = 7.0
-    t.join(10)
-    assert done.is_set()
-    got = result[0]
+
+    got = run_while_locked(bn._lock, copy_of, update, op)
     np.testing.assert_array_equal(got.mean if op == "freeze" else got.running_mean, 5.0)
     np.testing.assert_array_equal(got.var if op == "freeze" else got.running_var, 7.0)

@@ -422,21 +422,11 @@ def test_docstring_examples(monkeypatch):
 def test_to_batchnorm_holds_the_layer_lock():
     """to_batchnorm waits for a call in progress (which holds the layer's lock), so that
     call never sees the new mean beside the old variance."""
-    import threading
+    from _reliability_helpers import run_while_locked
 
     bn = bnfast.BatchNorm(2, axis=-1, dtype=np.float64)
     rs = bnfast.RunningStats(2, axis=-1).update(np.array([[1.0, 2.0], [3.0, 6.0]]))
-    done = threading.Event()
-
-    def write():
-        rs.to_batchnorm(bn)
-        done.set()
-
-    t = threading.Thread(target=write)
-    with bn._lock:                                           # as a forward call does
-        t.start()
-        assert not done.wait(0.2), "to_batchnorm wrote while the layer was in use"
-        np.testing.assert_array_equal(bn.running_mean, 0.0)
-    t.join(10)
-    assert done.is_set()
+    run_while_locked(bn._lock, lambda: rs.to_batchnorm(bn),
+                     lambda: np.testing.assert_array_equal(bn.running_mean, 0.0),
+                     "to_batchnorm")
     np.testing.assert_array_equal(bn.running_mean, [2.0, 4.0])
