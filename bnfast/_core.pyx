@@ -21,8 +21,8 @@ from libc.stdint cimport uint16_t
 from libc.math cimport sqrt, fabs
 from cython.parallel cimport prange
 
-from bnfast._openmp_helpers cimport (BNF_HAVE_OPENMP, bnf_omp_max_threads, bnf_omp_thread_num,
-                                     bnf_omp_version)
+from bnfast._openmp_helpers cimport (BNF_GNU_OPENMP, BNF_HAVE_OPENMP, bnf_omp_max_threads,
+                                     bnf_omp_thread_num, bnf_omp_version)
 
 import itertools
 import operator
@@ -238,7 +238,7 @@ cdef bint _serial_after_fork = False
 
 def _after_fork_in_child():
     global _serial_after_fork
-    if _teams_started:
+    if _teams_started and BNF_GNU_OPENMP:     # LLVM's and Intel's runtimes survive fork
         _serial_after_fork = True
 
 
@@ -1396,6 +1396,13 @@ cdef int _refuse_masked(object a, str name) except -1:
         raise TypeError(f"{name} is a masked array with masked values, and bnfast does not "
                         f"apply masks: pass {name}.filled(value), or select the unmasked rows")
     return 0
+
+
+def _check_not_masked(a, name):
+    """The Python modules' form of _refuse_masked (layers' dy, moments, folding,
+    load_state_dict): they convert with np.asarray, which drops a mask. Returns a."""
+    _refuse_masked(a, name)
+    return a
 
 
 cdef tuple _as_input(object x, str name):

@@ -1,9 +1,11 @@
 """Layers with PyTorch's semantics over the compiled kernels."""
+import copy
 import threading
 
 import numpy as np
 
-from bnfast._core import FrozenBatchNorm, _train, batch_norm, batch_norm_backward
+from bnfast._core import (FrozenBatchNorm, _check_not_masked, _train, batch_norm,
+                          batch_norm_backward)
 
 _STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -37,6 +39,7 @@ def _real(v, name):
 
 
 def _to_numpy(v):
+    _check_not_masked(v, "a state_dict value")
     if hasattr(v, "detach") and hasattr(v, "cpu"):  # a torch tensor
         v = v.detach().cpu()
         if v.is_floating_point():  # bfloat16, float8 have no numpy dtype: float64 holds them
@@ -290,7 +293,7 @@ class BatchNorm:
             if mean is None:
                 mean = np.asarray(self.running_mean, np.float64)
                 invstd = 1.0 / np.sqrt(np.asarray(self.running_var, np.float64) + self.eps)
-            dy_arr = np.asarray(dy)
+            dy_arr = np.asarray(_check_not_masked(dy, "dy"))
             if dy_arr.shape != x.shape:
                 raise ValueError(f"dy must have the shape of the last input {x.shape}, "
                                  f"got {dy_arr.shape}")
@@ -469,12 +472,23 @@ class BatchNorm:
                                    self.bias, self.eps, axis=self.axis)
 
     def __getstate__(self):
-        # the arrays copied under the lock: pickling them after it is released could
-        # catch a concurrent load_state_dict or training step half-way
+        # the layer's own arrays (not copies), so that a pickle keeps them shared with
+        # what else it holds (an optimizer's list); collected under the lock, but pickle
+        # writes them after it: take a consistent copy with freeze(), save() or deepcopy
         with self._lock:
-            d = {k: (v.copy() if isinstance(v, np.ndarray) else v)
-                 for k, v in self.__dict__.items() if k != "_lock"}
+            d = self.__dict__.copy()
+        del d["_lock"]
         return d
+
+    def __deepcopy__(self, memo):
+        # all of it under the lock (a consistent state), through memo (arrays shared with
+        # other copied objects stay shared)
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        with self._lock:
+            d = {k: copy.deepcopy(v, memo) for k, v in self.__dict__.items() if k != "_lock"}
+        new.__setstate__(d)
+        return new
 
     def __setstate__(self, d):
         self.__dict__.update(d)

@@ -11,6 +11,7 @@ import contextlib
 
 import numpy as np
 
+from bnfast._core import _check_not_masked
 from bnfast._core import _moments as _core_moments
 
 __all__ = ["Moments", "moments", "merge_moments", "RunningStats"]
@@ -259,7 +260,7 @@ def moments(x, *, axis=1):
     >>> np.round(m.mean - 1e6, 12), np.round(np.sqrt(m.var), 12)
     (array([0.01, 1.  ]), array([0.01, 1.  ]))
     """
-    x = np.asarray(x)
+    x = np.asarray(_check_not_masked(x, "x"))
     _check_dtype(x)
     ax = _channel_axis(x, axis)
     return _kernel_moments(x, ax)
@@ -455,7 +456,7 @@ class RunningStats:
                 raise ValueError(f"RunningStats({self.num_features}) got Moments with "
                                  f"{m.num_features} channels")
         else:
-            x = np.asarray(chunk)
+            x = np.asarray(_check_not_masked(chunk, "chunk"))
             _check_dtype(x, "chunk")
             ax = _channel_axis(x, self.axis)
             if x.shape[ax] != self.num_features:

@@ -19,7 +19,7 @@ mpi4py is imported only when a layer needs its default communicator
 """
 import numpy as np
 
-from bnfast._core import _backward
+from bnfast._core import _backward, _check_not_masked
 from bnfast._layers import BatchNorm, _input_for_backward
 from bnfast._moments import _merge_packed
 
@@ -164,14 +164,16 @@ class SyncBatchNorm(BatchNorm):
         """
         # built with statistics wherever the layer has them: a layer whose
         # track_running_stats was turned off after construction keeps them (eval uses them)
+        with layer._lock:   # one state: not half of a concurrent load or training step
+            state = {k: np.array(v, copy=True) for k, v in layer.state_dict().items()}
+            track, training = layer.track_running_stats, layer.training
         new = cls(layer.num_features, layer.eps, layer.momentum, layer.affine,
-                  layer.running_mean is not None, axis=layer.axis, dtype=layer.dtype,
+                  "running_mean" in state, axis=layer.axis, dtype=layer.dtype,
                   comm=comm, unbiased_running_var=getattr(layer, "unbiased_running_var",
                                                           True))
-        new.load_state_dict({k: np.array(v, copy=True)
-                             for k, v in layer.state_dict().items()})
-        new.track_running_stats = layer.track_running_stats
-        new.training = layer.training
+        new.load_state_dict(state)
+        new.track_running_stats = track
+        new.training = training
         return new
 
     @property
@@ -297,7 +299,7 @@ class SyncBatchNorm(BatchNorm):
         with self._lock:
             x, mean, invstd, _ = saved
             try:
-                dy_arr = np.asarray(dy)
+                dy_arr = np.asarray(_check_not_masked(dy, "dy"))
                 if dy_arr.shape != x.shape:
                     raise ValueError(f"dy must have the shape of the last input {x.shape}, "
                                      f"got {dy_arr.shape}")

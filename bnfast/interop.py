@@ -21,7 +21,7 @@ import sys
 
 import numpy as np
 
-from bnfast._core import FrozenBatchNorm
+from bnfast._core import FrozenBatchNorm, _check_not_masked
 from bnfast._layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = [
@@ -35,7 +35,10 @@ __all__ = [
 ]
 
 _LAYER_CLASSES = {cls.__name__: cls for cls in (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d)}
-_FORMAT_VERSION = 1
+# 2: a layer whose track_running_stats was turned off after construction, saved with its
+# running statistics (a reader of version 1 would build it without them); every other
+# layer is still written as version 1, which older bnfast reads.
+_FORMAT_VERSION = 2
 
 
 def _tensor_to_float64(t):
@@ -212,7 +215,9 @@ def save_layer(layer, path):
 def _layer_arrays(layer, cls_name):
     """save_layer's arrays: copies of the layer's configuration and state."""
     arrays = {
-        "format_version": np.array(_FORMAT_VERSION, np.int64),
+        "format_version": np.array(
+            2 if not layer.track_running_stats and layer.running_mean is not None else 1,
+            np.int64),
         "config.class": np.array(cls_name),
         "config.num_features": np.array(layer.num_features, np.int64),
         "config.eps": np.array(layer.eps, np.float64),
@@ -275,9 +280,9 @@ def load(path):
     if missing:
         raise ValueError(f"{path!r} is not a bnfast layer file: missing {missing}")
     version = int(data["format_version"])
-    if version != _FORMAT_VERSION:
+    if version not in (1, 2):
         raise ValueError(f"unsupported bnfast layer file format version {version} "
-                         f"(this bnfast reads version {_FORMAT_VERSION})")
+                         f"(this bnfast reads versions 1 to {_FORMAT_VERSION})")
     cls_name = str(data["config.class"])
     if cls_name not in _LAYER_CLASSES:
         raise ValueError(f"unknown layer class {cls_name!r} in {path!r}")
@@ -642,7 +647,10 @@ def _fold_factors(bn):
         if bn.training:
             raise ValueError("folding uses the running statistics of an inference-mode "
                              "BatchNorm: call bn.eval() first")
-        mean, var, w, b, eps = (bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+        with bn._lock:      # copies of one state, not half of a concurrent load
+            mean, var, w, b = (None if v is None else np.array(v, np.float64)
+                               for v in (bn.running_mean, bn.running_var, bn.weight, bn.bias))
+            eps = bn.eps
     else:
         raise TypeError("bn must be a bnfast.BatchNorm or FrozenBatchNorm, got "
                         f"{type(bn).__name__} (convert peers' layers with from_torch, "
@@ -658,7 +666,7 @@ def _fold_factors(bn):
 def _as_array(a, name):
     if hasattr(a, "detach") and hasattr(a, "cpu"):
         a = a.detach().cpu().numpy()
-    a = np.asarray(a)
+    a = np.asarray(_check_not_masked(a, name))
     if a.dtype.kind not in "fiu":
         raise TypeError(f"{name} must be a real numeric array, got dtype {a.dtype}")
     return a

@@ -730,3 +730,29 @@ def test_set_num_threads_too_many(n):
     with pytest.raises(ValueError, match="set_num_threads"):
         bnfast.set_num_threads(n)
     assert bnfast.get_num_threads() == before
+
+
+def test_masked_refused_by_the_python_entry_points():
+    """The layers' backward (plain and synchronized), moments, RunningStats.update,
+    load_state_dict and folding convert with np.asarray, which drops a mask: they check
+    first."""
+    from bnfast.distributed import SingleProcessComm, SyncBatchNorm
+
+    a = valid()
+    for layer in (bnfast.BatchNorm(C), SyncBatchNorm(C, comm=SingleProcessComm())):
+        layer(a["x"])
+        state = snapshot(layer.weight, layer.running_mean)
+        with pytest.raises(TypeError, match=r"\bdy\b.*masked"):
+            layer.backward(_masked(a["dy"]))
+        assert_unchanged(state, "a refused backward")
+        assert layer.grad_weight is None
+    with pytest.raises(TypeError, match=r"\bx\b.*masked"):
+        bnfast.moments(_masked(a["x"]))
+    with pytest.raises(TypeError, match=r"\bchunk\b.*masked"):
+        bnfast.RunningStats(C).update(_masked(a["x"]))
+    bn = bnfast.BatchNorm(C)
+    with pytest.raises(TypeError, match="masked"):
+        bn.load_state_dict({**bn.state_dict(), "bias": _masked(np.ones(C))})
+    np.testing.assert_array_equal(bn.bias, 0.0)
+    with pytest.raises(TypeError, match=r"\bweight\b.*masked"):
+        bnfast.fold_linear(_masked(np.ones((C, 2))), np.zeros(C), bn.eval())

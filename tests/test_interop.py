@@ -278,6 +278,26 @@ def test_save_appends_suffix_and_file_objects(tmp_path):
     assert bnfast.load(buf).momentum is None
 
 
+def test_save_format_version_2_only_for_statistics_no_longer_tracked(tmp_path):
+    """A layer whose track_running_stats was turned off after construction keeps its
+    statistics; its file says version 2, which a reader of version 1 refuses by name
+    instead of building the layer without them. Every other layer stays version 1."""
+    bn = bnfast.BatchNorm(2, dtype=np.float64)
+    bn(np.array([[1.0, 2.0], [3.0, 5.0]]))
+    assert int(np.load(bn.save(tmp_path / "a.npz"))["format_version"]) == 1
+    bn.track_running_stats = False
+    p = bn.save(tmp_path / "b.npz")
+    assert int(np.load(p)["format_version"]) == 2
+    back = bnfast.load(p)
+    assert back.track_running_stats is False
+    np.testing.assert_array_equal(back.running_mean, bn.running_mean)
+    bad = dict(np.load(p))
+    bad["format_version"] = np.array(3)
+    np.savez(tmp_path / "c.npz", **bad)
+    with pytest.raises(ValueError, match="format version 3"):
+        bnfast.load(tmp_path / "c.npz")
+
+
 def test_load_refuses_pickles_and_foreign_files(tmp_path):
     p = tmp_path / "evil.npz"
     np.savez(p, **{"config.class": np.array([object()], dtype=object)})

@@ -511,18 +511,42 @@ def test_repr():
     assert "FrozenBatchNorm" in repr(bnfast.FrozenBatchNorm(np.zeros(2), np.ones(2)))
 
 
-@pytest.mark.parametrize("op", ["freeze", "pickle", "save"])
+@pytest.mark.parametrize("op", ["freeze", "deepcopy", "pickle", "save", "fold"])
 def test_copies_of_the_state_wait_for_the_layer_lock(op, tmp_path):
-    """freeze, pickling and save read the state under the layer's lock, so a concurrent
-    load_state_dict or training step (which hold it) is never caught half-way."""
-    bn = bnfast.BatchNorm(3, dtype=np.float64)
-    copy_of = {"freeze": bn.freeze, "pickle": lambda: pickle.loads(pickle.dumps(bn)),
-               "save": lambda: bnfast.load(bn.save(str(tmp_path / "bn")))}[op]
+    """freeze, deepcopy, save and folding read the state under the layer's lock, so a
+    concurrent load_state_dict or training step (which hold it) is never caught
+    half-way; pickling collects it under the lock too."""
+    bn = bnfast.BatchNorm(3, dtype=np.float64).eval()
+
+    def folded():           # the folded bias of a zero Linear layer: -mean * scale
+        _, b = bnfast.fold_linear(np.zeros((3, 2)), np.zeros(3), bn)
+        return bnfast.FrozenBatchNorm(-b * np.sqrt(7.0 + bn.eps), np.full(3, 7.0),
+                                      eps=bn.eps)
+
+    copy_of = {"freeze": bn.freeze, "deepcopy": lambda: copy.deepcopy(bn),
+               "pickle": lambda: pickle.loads(pickle.dumps(bn)),
+               "save": lambda: bnfast.load(bn.save(str(tmp_path / "bn"))),
+               "fold": folded}[op]
 
     def update():                                            # what it must see whole
         bn.running_mean[:] = 5.0
         bn.running_var[:] = 7.0
 
     got = run_while_locked(bn._lock, copy_of, update, op)
-    np.testing.assert_array_equal(got.mean if op == "freeze" else got.running_mean, 5.0)
-    np.testing.assert_array_equal(got.var if op == "freeze" else got.running_var, 7.0)
+    frozen = op in ("freeze", "fold")
+    np.testing.assert_allclose(got.mean if frozen else got.running_mean, 5.0, rtol=1e-12)
+    np.testing.assert_array_equal(got.var if frozen else got.running_var, 7.0)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copies_keep_arrays_shared_with_what_else_is_copied(how):
+    """An optimizer's list of the layer's arrays, copied or pickled with the layer, still
+    holds the copy's arrays (the copies are not taken apart)."""
+    bn = bnfast.BatchNorm(3)
+    model = {"bn": bn, "params": [bn.weight, bn.bias]}
+    new = copy.deepcopy(model) if how == "deepcopy" else pickle.loads(pickle.dumps(model))
+    assert new["params"][0] is new["bn"].weight and new["params"][1] is new["bn"].bias
+    assert new["bn"].weight is not bn.weight
+    new["params"][0] -= 0.5
+    np.testing.assert_array_equal(new["bn"].weight, 0.5)
+    np.testing.assert_array_equal(bn.weight, 1.0)
