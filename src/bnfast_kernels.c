@@ -312,7 +312,7 @@ static inline BNF_INLINE void bnf_pf_last_line(const void *run, ptrdiff_t bytes)
  * 16 bytes into one): x_next's cursor steps 64 bytes from the run's start and stops a
  * line short of it, and the statistics waited on DRAM for it once a run.  One thread,
  * float32, arrays 16 bytes off a line, in one process against the build without:
- * training of (64, 256, 28, 28) 0.91-0.96x the time, (64, 128, 32, 32) 0.93-0.96x,
+ * training of (64, 256, 28, 28) 0.91-0.98x the time, (64, 128, 32, 32) 0.93-0.96x,
  * (128, 96, 28, 28) 0.97x, (128, 128, 20, 20) 0.98x, (64, 64, 40, 40) 1.00-1.05x;
  * float64 (64, 128, 20, 20) 0.95x, (64, 256, 28, 28) 0.99x; two threads 0.99-1.01x.
  * Blocks of several channels (runs back to back) measured 1.01-1.03x on 12 x 12: not
