@@ -287,22 +287,27 @@ class BatchNorm:
         (True, array([2., 2.]))
         """
         with self._lock:
-            if self._saved is None:
-                raise ValueError("backward called before any forward call")
-            x, mean, invstd, use_batch = self._saved
-            if mean is None:
-                mean = np.asarray(self.running_mean, np.float64)
-                invstd = 1.0 / np.sqrt(np.asarray(self.running_var, np.float64) + self.eps)
-            dy_arr = np.asarray(_check_not_masked(dy, "dy"))
-            if dy_arr.shape != x.shape:
-                raise ValueError(f"dy must have the shape of the last input {x.shape}, "
-                                 f"got {dy_arr.shape}")
-            dx, dw, db = batch_norm_backward(dy_arr, x, mean, invstd, self.weight,
-                                             training=use_batch, axis=self.axis, out=out)
-            if self.affine:
-                self.grad_weight = dw.astype(self.dtype, copy=False)
-                self.grad_bias = db.astype(self.dtype, copy=False)
-            return dx
+            return self._local_backward(dy, out)
+
+    def _local_backward(self, dy, out):
+        """backward's body; the caller holds the lock (SyncBatchNorm chooses its path
+        under it)."""
+        if self._saved is None:
+            raise ValueError("backward called before any forward call")
+        x, mean, invstd, use_batch = self._saved
+        if mean is None:
+            mean = np.asarray(self.running_mean, np.float64)
+            invstd = 1.0 / np.sqrt(np.asarray(self.running_var, np.float64) + self.eps)
+        dy_arr = np.asarray(_check_not_masked(dy, "dy"))
+        if dy_arr.shape != x.shape:
+            raise ValueError(f"dy must have the shape of the last input {x.shape}, "
+                             f"got {dy_arr.shape}")
+        dx, dw, db = batch_norm_backward(dy_arr, x, mean, invstd, self.weight,
+                                         training=use_batch, axis=self.axis, out=out)
+        if self.affine:
+            self.grad_weight = dw.astype(self.dtype, copy=False)
+            self.grad_bias = db.astype(self.dtype, copy=False)
+        return dx
 
     # -- state ------------------------------------------------------------------------
     def state_dict(self):

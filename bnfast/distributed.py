@@ -275,9 +275,14 @@ class SyncBatchNorm(BatchNorm):
         >>> bn.backward(np.array([[1.0], [1.0]])).ravel(), bn.grad_bias
         (array([0., 0.]), array([2.]))
         """
-        saved = self._saved
-        if saved is None or not isinstance(saved[3], _Sync):
-            return super().backward(dy, out=out)
+        with self._lock:    # the last forward's input and path read under the lock too
+            saved = self._saved
+            if saved is None or not isinstance(saved[3], _Sync):
+                return self._local_backward(dy, out)
+            return self._sync_backward(dy, out, saved)
+
+    def _sync_backward(self, dy, out, saved):
+        """backward after a synchronized training forward; the caller holds the lock."""
         comm = self.comm
         C = self.num_features
         called = []
@@ -296,25 +301,24 @@ class SyncBatchNorm(BatchNorm):
                                    "error raised there)")
             return recv[:3 * C].reshape(3, C), recv[3 * C]
 
-        with self._lock:
-            x, mean, invstd, _ = saved
-            try:
-                dy_arr = np.asarray(_check_not_masked(dy, "dy"))
-                if dy_arr.shape != x.shape:
-                    raise ValueError(f"dy must have the shape of the last input {x.shape}, "
-                                     f"got {dy_arr.shape}")
-                dx, dw, db = _backward(dy_arr, x, mean, invstd, self.weight, True,
-                                       self.axis, out, exchange)
-            except Exception:
-                if not called:
-                    send = np.zeros(3 * C + 2)
-                    send[-1] = 1.0
-                    comm.Allreduce(send, np.empty_like(send))
-                raise
-            if self.affine:
-                self.grad_weight = dw.astype(self.dtype, copy=False)
-                self.grad_bias = db.astype(self.dtype, copy=False)
-            return dx
+        x, mean, invstd, _ = saved
+        try:
+            dy_arr = np.asarray(_check_not_masked(dy, "dy"))
+            if dy_arr.shape != x.shape:
+                raise ValueError(f"dy must have the shape of the last input {x.shape}, "
+                                 f"got {dy_arr.shape}")
+            dx, dw, db = _backward(dy_arr, x, mean, invstd, self.weight, True,
+                                   self.axis, out, exchange)
+        except Exception:
+            if not called:
+                send = np.zeros(3 * C + 2)
+                send[-1] = 1.0
+                comm.Allreduce(send, np.empty_like(send))
+            raise
+        if self.affine:
+            self.grad_weight = dw.astype(self.dtype, copy=False)
+            self.grad_bias = db.astype(self.dtype, copy=False)
+        return dx
 
     # -- pickling -----------------------------------------------------------------------
     def __getstate__(self):
