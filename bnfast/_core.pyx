@@ -15,7 +15,6 @@ Units and their merge order depend only on the shape, never on the thread count,
 results are bitwise identical for any number of threads.
 """
 cimport numpy as cnp
-from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, memset
 from libc.stdint cimport uint16_t
 from libc.math cimport sqrt, fabs
@@ -250,6 +249,8 @@ if hasattr(os, "register_at_fork"):
 cdef Py_ssize_t _stream_bytes = 1 << 23
 # Tests: rows in segments always read in place (_segments_pay), however short.
 cdef bint _segments_always = False
+# At most one thread per this many elements (_threads_for_work; tests lower it).
+cdef Py_ssize_t _par_min_elems = PAR_MIN_ELEMS
 # The smallest x whose reductions alone go in blocks (_in_blocks; tests lower it).
 cdef Py_ssize_t _reduce_blocks_min = REDUCE_BLOCKS_MIN
 
@@ -275,6 +276,21 @@ def _set_segments_always(flag):
     old = _segments_always
     _segments_always = bool(flag)
     return old
+
+
+def _set_par_min_elems(n):
+    """Set the elements per thread below which a call starts no more threads (tests:
+    small arrays through the threaded paths; the work units, and so the bits, do not
+    depend on it); returns the previous value."""
+    global _par_min_elems
+    old = _par_min_elems
+    _par_min_elems = max(1, int(n))
+    return old
+
+
+def _threads_for(elems):
+    """Threads a call on `elems` elements would start now (tests)."""
+    return _threads_for_work(elems)
 
 
 def _set_reduce_blocks_min(n):
@@ -358,7 +374,7 @@ cdef inline int _max_threads() noexcept nogil:
 cdef inline int _threads_for_work(Py_ssize_t elems) noexcept nogil:
     """Threads the settings allow, at most one per PAR_MIN_ELEMS elements."""
     cdef Py_ssize_t t = _max_threads()
-    cdef Py_ssize_t by_work = elems // PAR_MIN_ELEMS
+    cdef Py_ssize_t by_work = elems // _par_min_elems
     if t > by_work:
         t = by_work
     return <int>t if t > 1 else 1
@@ -1267,7 +1283,7 @@ cdef int _launch(Job *j, int kind) except -1:
         else:
             j.scratch_bytes = j.width * sizeof(bnf_moments)
         j.scratch_bytes = _cdiv(j.scratch_bytes, 64) * 64
-        j.scratch = <char *>bnf_alloc64(j.scratch_bytes * nthreads)
+        j.scratch = <char *>_alloc(j.scratch_bytes * nthreads)
         if j.scratch == NULL:
             raise MemoryError()
     try:
@@ -1279,7 +1295,7 @@ cdef int _launch(Job *j, int kind) except -1:
             with nogil:
                 _run(j, kind, nunits, nthreads)
     finally:
-        bnf_free64(j.scratch)
+        _free(j.scratch)
         j.scratch = NULL
     return 0
 
@@ -1877,10 +1893,35 @@ cdef inline int _streams(const Job *j, object out, cnp.ndarray y, Py_ssize_t ite
     return y is out and _elems(j) * itemsize >= _stream_bytes
 
 
+cdef extern from "Python.h":
+    int PyTraceMalloc_Track(unsigned int domain, size_t ptr, size_t size) nogil
+    int PyTraceMalloc_Untrack(unsigned int domain, size_t ptr) nogil
+
+# Every buffer bnfast allocates goes through these two, which report it to tracemalloc
+# (as NumPy does its data) so that tests/test_memory.py sees bnfast's own scratch, not
+# only NumPy's arrays: a full-size temporary in C would fail them too. When tracemalloc
+# is not tracing, the calls return at once (they may be made without the GIL).
+DEF TRACE_DOMAIN = 0x626E66      # "bnf"
+
+
+cdef inline void *_alloc(size_t bytes) noexcept nogil:
+    """64-byte-aligned memory (bnf_alloc64), traced; NULL when out of memory."""
+    cdef void *p = bnf_alloc64(bytes)
+    if p != NULL:
+        PyTraceMalloc_Track(TRACE_DOMAIN, <size_t>p, bytes)
+    return p
+
+
+cdef inline void _free(void *p) noexcept nogil:
+    if p != NULL:
+        PyTraceMalloc_Untrack(TRACE_DOMAIN, <size_t>p)
+        bnf_free64(p)
+
+
 cdef double *_alloc_channels(Py_ssize_t C, int count) except NULL:
     """count arrays of C doubles, 64-byte aligned (so each is when C is a multiple of 8,
-    as the rows kernels want them); free with bnf_free64."""
-    cdef double *p = <double *>bnf_alloc64((C if C > 0 else 1) * count * sizeof(double))
+    as the rows kernels want them); free with _free."""
+    cdef double *p = <double *>_alloc((C if C > 0 else 1) * count * sizeof(double))
     if p == NULL:
         raise MemoryError()
     return p
@@ -2021,7 +2062,7 @@ cdef class FrozenBatchNorm:
         self.mean, self.var, self.weight, self.bias = m, v, w, bb
 
     def __dealloc__(self):
-        bnf_free64(self.buf)
+        _free(self.buf)
 
     @property
     def eps(self):
@@ -2222,7 +2263,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
         return _normalize(a, out, ax, C, buf, buf + 2 * C, buf + 3 * C)
     finally:
         if buf != &stackbuf[0]:
-            bnf_free64(buf)
+            _free(buf)
 
 
 cdef int _check_running(object r, Py_ssize_t C, str name, bint nonneg=False) except -1:
@@ -2370,7 +2411,7 @@ def _train(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
         _set_y(&j, y, &gy)
         _plan(&j, cnp.PyArray_ITEMSIZE(a), 1)
         j.stream = _streams(&j, out, y, cnp.PyArray_ITEMSIZE(a))
-        j.mom = <bnf_moments *>malloc(j.nsb * C * sizeof(bnf_moments) + 1)
+        j.mom = <bnf_moments *>_alloc(j.nsb * C * sizeof(bnf_moments) + 1)
         if j.mom == NULL:
             raise MemoryError()
         try:
@@ -2385,7 +2426,7 @@ def _train(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
                 j.reverse = 1
                 _launch(&j, K_NORM)
         finally:
-            free(j.mom)
+            _free(j.mom)
         dimC = C
         mean_out = cnp.PyArray_EMPTY(1, &dimC, cnp.NPY_FLOAT64, 0)
         invstd_out = cnp.PyArray_EMPTY(1, &dimC, cnp.NPY_FLOAT64, 0)
@@ -2401,7 +2442,7 @@ def _train(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
             _update_running(running_var, j.k2, mom)
         return _finish(out, y, result_dtype), mean_out, invstd_out
     finally:
-        bnf_free64(buf)
+        _free(buf)
 
 
 cdef int _stats(Job *j) except -1:
@@ -2437,14 +2478,14 @@ def _moments(x, axis):
     _set_type(&j, a)
     j.x = <char *>cnp.PyArray_DATA(a)
     _plan(&j, cnp.PyArray_ITEMSIZE(a), 1)
-    j.mom = <bnf_moments *>malloc(j.nsb * C * sizeof(bnf_moments) + 1)
+    j.mom = <bnf_moments *>_alloc(j.nsb * C * sizeof(bnf_moments) + 1)
     if j.mom == NULL:
         raise MemoryError()
     try:
         _stats(&j)
         return _moments_array(j.mom, C)
     finally:
-        free(j.mom)
+        _free(j.mom)
 
 
 cdef cnp.ndarray _moments_array(const bnf_moments *mom, Py_ssize_t C):
@@ -2630,7 +2671,7 @@ def _backward(dy, x, mean, invstd, weight, bint training, axis, out, sums_hook):
         _plan(&j, cnp.PyArray_ITEMSIZE(a), 2)
         j.stream = _streams(&j, out, dx, cnp.PyArray_ITEMSIZE(a))
         j.n_total = <double>j.outer * <double>j.inner
-        j.s_dy = <double *>malloc(3 * j.nsb * C * sizeof(double) + 1)
+        j.s_dy = <double *>_alloc(3 * j.nsb * C * sizeof(double) + 1)
         if j.s_dy == NULL:
             raise MemoryError()
         j.s_dyx = j.s_dy + j.nsb * C
@@ -2678,7 +2719,7 @@ def _backward(dy, x, mean, invstd, weight, bint training, axis, out, sums_hook):
             dw = _vector_from(j.s_dyx, C, cnp.PyArray_TYPE(a), result_dtype)
             dbias = _vector_from(j.s_dy, C, cnp.PyArray_TYPE(a), result_dtype)
         finally:
-            free(j.s_dy)
+            _free(j.s_dy)
         return _finish(out, dx, result_dtype), dw, dbias
     finally:
-        bnf_free64(buf)
+        _free(buf)

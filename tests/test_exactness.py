@@ -176,6 +176,7 @@ def test_naive_float32_formulas_fail_the_bound(name):
     assert rel_err(bnfast.batch_norm_train(x, axis=axis)[0]) <= BOUND
 
 
+@pytest.mark.usefixtures("threads_on_small_arrays")
 @pytest.mark.parametrize("dtype,bound", [(np.float64, 1e-14), (np.float32, 1e-11)])
 @pytest.mark.parametrize("shape", [(8, 6, 7, 7), (5, 4, 11, 11), (300, 5, 3, 3),
                                    (3, 7, 2, 2)])

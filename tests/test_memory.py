@@ -233,6 +233,17 @@ def test_tracemalloc_sees_numpy_allocations():
     assert _peak_during(lambda: np.empty(1 << 20, np.float32).fill(0)) >= 4 << 20
 
 
+def test_tracemalloc_sees_bnfast_scratch():
+    """... and so does bnfast's own C scratch (per-channel factors, partial moments,
+    per-thread buffers), which goes through _core's traced _alloc: a full-size temporary
+    made in C would fail the tests above too. A million channels of two rows: the
+    per-channel buffers (9 doubles, 72 MB) dwarf x (8 MB) and the NumPy outputs."""
+    x = np.ones((2, 1 << 20), np.float32)
+    x[1] = 2.0
+    out = np.empty_like(x)
+    assert _peak_during(lambda: bnfast.batch_norm_train(x, axis=1, out=out)) >= 9 * 8 << 20
+
+
 # Layouts the kernels cannot read in place: x is copied once, in its own axis order, so
 # that an `out` (and a dy) in that order are used as they are. (A C-order copy of the
 # F-ordered ones was a transpose, and then needed a temporary output as well.)

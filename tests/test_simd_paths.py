@@ -78,6 +78,7 @@ def _ops(x, axis, dtype):
 @pytest.mark.skipif(not LEVELS, reason="the CPU has no AVX2 or AVX-512 loops to compare")
 @pytest.mark.parametrize("dram", [False, True])
 @pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.usefixtures("threads_on_small_arrays")
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("layout", ["c", "negative", "step"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
@@ -212,6 +213,7 @@ PIPE_SHAPES = [
 ]
 
 
+@pytest.mark.usefixtures("threads_on_small_arrays")
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -55,6 +55,7 @@ def _ops(x, axis, out_layout):
     return res
 
 
+@pytest.mark.usefixtures("threads_on_small_arrays")
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("out_layout", OUT_LAYOUTS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

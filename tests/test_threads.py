@@ -441,6 +441,7 @@ def test_prefetching_the_next_channel_changes_no_bits(n_threads, shape):
     assert_forward_close(y, ref.batch_norm_train(x, w, b, axis=1)[0])
 
 
+@pytest.mark.usefixtures("threads_on_small_arrays")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape,axis", [((3001, 256), 1), ((2003, 300), -1),
                                         ((9, 7, 11, 128), -1), ((20003, 7), 1),
@@ -520,5 +521,21 @@ def test_a_child_forked_after_threads_runs_serially():
         assert got == b"1", "the child's result or thread count was wrong"
         assert bnfast.get_num_threads() == threads
         np.testing.assert_array_equal(bnfast.batch_norm_train(x, axis=-1)[0], want)
+    finally:
+        bnfast.set_num_threads(None)
+
+
+def test_threads_on_small_arrays_fixture_starts_threads(threads_on_small_arrays):
+    """The premise of the tests that use the fixture: with it, an array far below the
+    usual threshold (2 * 65536 elements) gets more than one thread."""
+    from bnfast import _core
+
+    bnfast.set_num_threads(3)
+    try:
+        if bnfast.get_num_threads() < 3:
+            pytest.skip("built without OpenMP")
+        assert _core._threads_for(13500) == 3
+        _core._set_par_min_elems(1 << 16)
+        assert _core._threads_for(13500) == 1
     finally:
         bnfast.set_num_threads(None)
