@@ -657,8 +657,11 @@ keras_warnings = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 @pytest.fixture(scope="module")
 def keras():
-    os.environ.setdefault("KERAS_BACKEND", "torch")
-    return pytest.importorskip("keras")
+    # KERAS_BACKEND picks keras' backend when keras is first imported; set it (unless the
+    # caller chose one) only while this module's tests run, not for the rest of the session
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KERAS_BACKEND", os.environ.get("KERAS_BACKEND", "torch"))
+        yield pytest.importorskip("keras")
 
 
 @keras_warnings

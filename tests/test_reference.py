@@ -413,20 +413,41 @@ def test_out_in_place(shape, axis, dtype):
 
 
 def test_out_partially_overlapping_input():
-    """An out that overlaps x without being x: correct result, or a clear refusal."""
+    """An out that overlaps x without being x: the README promises it is computed
+    (through a temporary), so a refusal is a failure, not an accepted outcome."""
+    computed = 0
     for dtype in DTYPES:
         for shift in (1, 3, 7):
             buf = make_values((1, 48), dtype, shift, axis=0).ravel()
             x = buf[:40].reshape(10, 4)
             out = buf[shift:shift + 40].reshape(10, 4)
+            assert np.shares_memory(x, out)
             x0 = x.copy()
             w, b, rm, rv = params(4, dtype, 1)
-            try:
-                bnfast.batch_norm(x, rm, rv, w, b, axis=-1, out=out)
-            except ValueError:
-                continue
+            got = bnfast.batch_norm(x, rm, rv, w, b, axis=-1, out=out)   # no refusal
+            assert got is out
             R.assert_forward_close(out, R.batch_norm(x0, rm, rv, w, b, axis=-1),
                                    what=f"partially overlapping out (shift {shift})")
+            computed += 1
+    assert computed == len(DTYPES) * 3
+
+
+def test_out_partially_overlapping_input_still_checked():
+    """The only refusals of an overlapping out are the ones any out gets: read-only,
+    wrong shape, wrong dtype (named as such, not as an overlap)."""
+    buf = make_values((1, 48), np.float64, 1, axis=0).ravel()
+    x = buf[:40].reshape(10, 4)
+    w, b, rm, rv = params(4, np.float64, 1)
+    ro = buf[3:43].reshape(10, 4)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="out is read-only"):
+        bnfast.batch_norm(x, rm, rv, w, b, axis=-1, out=ro)
+    with pytest.raises(ValueError, match=r"out must have shape \(10, 4\)"):
+        bnfast.batch_norm(x, rm, rv, w, b, axis=-1, out=buf[4:40].reshape(9, 4))
+    f32 = buf.view(np.float32)[6:46].reshape(10, 4)              # same bytes, other dtype
+    assert np.shares_memory(x, f32)
+    with pytest.raises(TypeError, match="out must have dtype float64"):
+        bnfast.batch_norm(x, rm, rv, w, b, axis=-1, out=f32)
 
 
 def test_out_errors():
