@@ -8,6 +8,7 @@ are checked against the float64 reference; inputs the call may not write are che
 bitwise afterwards."""
 import gc
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -922,6 +923,37 @@ SLOW = pytest.mark.skipif(os.environ.get("BNFAST_SLOW_TESTS") != "1",
 def _chunks(n, size=1 << 26):
     for i in range(0, n, size):
         yield slice(i, min(n, i + size))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="needs a sparse file (Linux)")
+@pytest.mark.parametrize("axis", [1, 0], ids=["rows", "runs"])
+def test_byte_offsets_beyond_2_31(tmp_path, axis):
+    """The everyday stand-in for the test below: rows 2**31 + 64 elements (8 GB) apart in
+    a sparse memory-mapped file (a few pages touched, no RAM), read and written in place.
+    axis=1: rows form, rows that far apart; axis=0: four channels of runs that far
+    apart. An offset computed in 32 bits (elements or bytes) would read or write
+    elsewhere."""
+    C, rows = 64, 4
+    step = (1 << 31) // C + 1
+    mm = np.memmap(tmp_path / "sparse.bin", dtype=np.float32, mode="w+",
+                   shape=(rows * step, C))
+    x, out = mm[::step], mm[1::step]
+    assert x.strides[0] // 4 > 1 << 31 and x.shape == out.shape == (rows, C)
+    x[...] = np.arange(rows * C, dtype=np.float32).reshape(rows, C) * 0.5 + 100
+    xc = np.ascontiguousarray(x)
+    y, m, s = bnfast.batch_norm_train(x, axis=axis, out=out)
+    yc, mc, sc = bnfast.batch_norm_train(xc, axis=axis)
+    assert y is out
+    np.testing.assert_array_equal(out, yc)
+    np.testing.assert_array_equal(m, mc)
+    dy = np.linspace(-1, 1, rows * C, dtype=np.float32).reshape(rows, C)
+    for got, want in zip(bnfast.batch_norm_backward(dy, x, m, s, axis=axis, out=out),
+                         bnfast.batch_norm_backward(dy, xc, m, s, axis=axis)):
+        np.testing.assert_array_equal(got, want)
+    var = 1 / sc ** 2
+    bnfast.batch_norm(x, mc, var, axis=axis, out=out)
+    np.testing.assert_array_equal(out, bnfast.batch_norm(xc, mc, var, axis=axis))
+    del x, out, mm
 
 
 @pytest.mark.slow
