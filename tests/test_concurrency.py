@@ -188,6 +188,10 @@ def test_shared_training_layer_is_serialized():
 # while another holder has it, they wait, and then see what that holder changed, whole.
 
 LOCKED_KINDS = ["BatchNorm", "SyncBatchNorm"]
+# every locked layer kind, in training and in eval
+each_locked_mode = pytest.mark.parametrize(
+    "kind,training", [(k, t) for k in LOCKED_KINDS for t in (True, False)],
+    ids=[f"{k}-{'train' if t else 'eval'}" for k in LOCKED_KINDS for t in (True, False)])
 
 
 def _locked_layer(kind, C, training):
@@ -199,8 +203,7 @@ def _locked_layer(kind, C, training):
     return bn.train(training)
 
 
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("kind", LOCKED_KINDS)
+@each_locked_mode
 def test_forward_waits_for_the_layer_lock(kind, training):
     C = 3
     bn = _locked_layer(kind, C, training)
@@ -223,11 +226,10 @@ def test_forward_waits_for_the_layer_lock(kind, training):
     assert_forward_close(y, expect, what=f"{kind} forward after the lock")
 
 
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("kind", LOCKED_KINDS)
+@each_locked_mode
 def test_backward_waits_for_the_layer_lock(kind, training):
+    bn = _locked_layer(kind, 3, training)
     C = 3
-    bn = _locked_layer(kind, C, training)
     x = make_values((6, C, 4), np.float64, 3, offset=2.0)
     dy = make_values(x.shape, np.float64, 4)
     w, _, rm, rv = params(C, np.float64, 5)
