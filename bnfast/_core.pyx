@@ -15,6 +15,7 @@ Units and their merge order depend only on the shape, never on the thread count,
 results are bitwise identical for any number of threads.
 """
 cimport numpy as cnp
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 from libc.stdint cimport uint16_t
 from libc.math cimport sqrt, fabs
@@ -1918,6 +1919,21 @@ cdef inline void _free(void *p) noexcept nogil:
         bnf_free64(p)
 
 
+cdef inline void *_malloc(size_t bytes) noexcept nogil:
+    """Unaligned memory (malloc: cheaper than an aligned allocation on small calls),
+    traced; free with _mfree."""
+    cdef void *p = malloc(bytes)
+    if p != NULL:
+        PyTraceMalloc_Track(TRACE_DOMAIN, <size_t>p, bytes)
+    return p
+
+
+cdef inline void _mfree(void *p) noexcept nogil:
+    if p != NULL:
+        PyTraceMalloc_Untrack(TRACE_DOMAIN, <size_t>p)
+        free(p)
+
+
 cdef double *_alloc_channels(Py_ssize_t C, int count) except NULL:
     """count arrays of C doubles, 64-byte aligned (so each is when C is a multiple of 8,
     as the rows kernels want them); free with _free."""
@@ -2411,7 +2427,7 @@ def _train(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
         _set_y(&j, y, &gy)
         _plan(&j, cnp.PyArray_ITEMSIZE(a), 1)
         j.stream = _streams(&j, out, y, cnp.PyArray_ITEMSIZE(a))
-        j.mom = <bnf_moments *>_alloc(j.nsb * C * sizeof(bnf_moments) + 1)
+        j.mom = <bnf_moments *>_malloc(j.nsb * C * sizeof(bnf_moments) + 1)
         if j.mom == NULL:
             raise MemoryError()
         try:
@@ -2426,7 +2442,7 @@ def _train(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
                 j.reverse = 1
                 _launch(&j, K_NORM)
         finally:
-            _free(j.mom)
+            _mfree(j.mom)
         dimC = C
         mean_out = cnp.PyArray_EMPTY(1, &dimC, cnp.NPY_FLOAT64, 0)
         invstd_out = cnp.PyArray_EMPTY(1, &dimC, cnp.NPY_FLOAT64, 0)
@@ -2478,14 +2494,14 @@ def _moments(x, axis):
     _set_type(&j, a)
     j.x = <char *>cnp.PyArray_DATA(a)
     _plan(&j, cnp.PyArray_ITEMSIZE(a), 1)
-    j.mom = <bnf_moments *>_alloc(j.nsb * C * sizeof(bnf_moments) + 1)
+    j.mom = <bnf_moments *>_malloc(j.nsb * C * sizeof(bnf_moments) + 1)
     if j.mom == NULL:
         raise MemoryError()
     try:
         _stats(&j)
         return _moments_array(j.mom, C)
     finally:
-        _free(j.mom)
+        _mfree(j.mom)
 
 
 cdef cnp.ndarray _moments_array(const bnf_moments *mom, Py_ssize_t C):
@@ -2671,7 +2687,7 @@ def _backward(dy, x, mean, invstd, weight, bint training, axis, out, sums_hook):
         _plan(&j, cnp.PyArray_ITEMSIZE(a), 2)
         j.stream = _streams(&j, out, dx, cnp.PyArray_ITEMSIZE(a))
         j.n_total = <double>j.outer * <double>j.inner
-        j.s_dy = <double *>_alloc(3 * j.nsb * C * sizeof(double) + 1)
+        j.s_dy = <double *>_malloc(3 * j.nsb * C * sizeof(double) + 1)
         if j.s_dy == NULL:
             raise MemoryError()
         j.s_dyx = j.s_dy + j.nsb * C
@@ -2719,7 +2735,7 @@ def _backward(dy, x, mean, invstd, weight, bint training, axis, out, sums_hook):
             dw = _vector_from(j.s_dyx, C, cnp.PyArray_TYPE(a), result_dtype)
             dbias = _vector_from(j.s_dy, C, cnp.PyArray_TYPE(a), result_dtype)
         finally:
-            _free(j.s_dy)
+            _mfree(j.s_dy)
         return _finish(out, dx, result_dtype), dw, dbias
     finally:
         _free(buf)
