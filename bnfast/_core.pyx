@@ -1898,40 +1898,41 @@ cdef extern from "Python.h":
     int PyTraceMalloc_Track(unsigned int domain, size_t ptr, size_t size) nogil
     int PyTraceMalloc_Untrack(unsigned int domain, size_t ptr) nogil
 
-# Every buffer bnfast allocates goes through these two, which report it to tracemalloc
-# (as NumPy does its data) so that tests/test_memory.py sees bnfast's own scratch, not
-# only NumPy's arrays: a full-size temporary in C would fail them too. When tracemalloc
-# is not tracing, the calls return at once (they may be made without the GIL).
+# Every buffer bnfast allocates goes through _alloc (64-byte aligned) or _malloc (plain:
+# cheaper on small calls, for what needs no alignment), freed by _free or _mfree. They
+# report it to tracemalloc (as NumPy does its data) so that tests/test_memory.py sees
+# bnfast's own scratch, not only NumPy's arrays: a full-size temporary in C would fail
+# them too. When tracemalloc is not tracing, the calls return at once (they may be made
+# without the GIL).
 DEF TRACE_DOMAIN = 0x626E66      # "bnf"
 
 
-cdef inline void *_alloc(size_t bytes) noexcept nogil:
-    """64-byte-aligned memory (bnf_alloc64), traced; NULL when out of memory."""
-    cdef void *p = bnf_alloc64(bytes)
+cdef inline void *_traced(void *p, size_t bytes) noexcept nogil:
     if p != NULL:
         PyTraceMalloc_Track(TRACE_DOMAIN, <size_t>p, bytes)
     return p
+
+
+cdef inline void *_untraced(void *p) noexcept nogil:
+    if p != NULL:
+        PyTraceMalloc_Untrack(TRACE_DOMAIN, <size_t>p)
+    return p
+
+
+cdef inline void *_alloc(size_t bytes) noexcept nogil:
+    return _traced(bnf_alloc64(bytes), bytes)       # NULL when out of memory
 
 
 cdef inline void _free(void *p) noexcept nogil:
-    if p != NULL:
-        PyTraceMalloc_Untrack(TRACE_DOMAIN, <size_t>p)
-        bnf_free64(p)
+    bnf_free64(_untraced(p))
 
 
 cdef inline void *_malloc(size_t bytes) noexcept nogil:
-    """Unaligned memory (malloc: cheaper than an aligned allocation on small calls),
-    traced; free with _mfree."""
-    cdef void *p = malloc(bytes)
-    if p != NULL:
-        PyTraceMalloc_Track(TRACE_DOMAIN, <size_t>p, bytes)
-    return p
+    return _traced(malloc(bytes), bytes)
 
 
 cdef inline void _mfree(void *p) noexcept nogil:
-    if p != NULL:
-        PyTraceMalloc_Untrack(TRACE_DOMAIN, <size_t>p)
-        free(p)
+    free(_untraced(p))
 
 
 cdef double *_alloc_channels(Py_ssize_t C, int count) except NULL:
