@@ -51,6 +51,7 @@ cdef extern from "bnfast_kernels.h" nogil:
     enum: BNF_TILE_ELEMS
     enum: BNF_CHUNK
     void bnf_moments_merge(bnf_moments *a, const bnf_moments *b)
+    void bnf_moments_merge_lo(bnf_moments *a, double *m2lo, const bnf_moments *b)
     Py_ssize_t bnf_group_block(Py_ssize_t cols, Py_ssize_t group)
     const char *bnf_simd_isa()
     const char *bnf_fma_kind()
@@ -2464,13 +2465,17 @@ def _train(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
 
 cdef int _stats(Job *j) except -1:
     """Moments of every unit into j.mom, merged per channel into j.mom[0:C] in a fixed
-    order (the statistics pass without the normalization)."""
+    order (the statistics pass without the normalization); m2 compensated over the
+    units (a (100352, 64) float64 variance 3.4 ulps off plainly, 0.6 so)."""
     cdef Py_ssize_t c, sb, C = j.C
+    cdef double m2lo
     memset(j.mom, 0, j.nsb * C * sizeof(bnf_moments))
     _launch(j, K_STATS)
     for c in range(C):
+        m2lo = 0
         for sb in range(1, j.nsb):
-            bnf_moments_merge(&j.mom[c], &j.mom[sb * C + c])
+            bnf_moments_merge_lo(&j.mom[c], &m2lo, &j.mom[sb * C + c])
+        j.mom[c].m2 += m2lo
     return 0
 
 

@@ -244,11 +244,11 @@ def moments(x, *, axis=1):
     (multithreaded, results independent of the thread count; no temporary of x's size
     unless x needs converting (integers, non-native byte order) or has negative
     or zero strides). The mean is kept as two doubles, whose low
-    part the result keeps for merges. Mean and M2 are within a few float64 ulps of the
-    exact values for x's elements, whatever their offset; on float64 data whose spread
-    has few significant bits (quantized prices, integers) and tens of thousands of
-    values per channel, M2's plain double sums measured up to ~1e-14 relative (README,
-    "How it is exact").
+    part the result keeps for merges. M2 is within 2 float64 ulps of the exact value
+    for x's elements, whatever their offset, also on float64 data on a grid (prices on a
+    tick, integers: compensated sums, README "How it is exact"); the mean within about
+    an ulp of the standard deviation, which is a few ulps of the mean unless the data
+    are centred near zero.
 
     Examples
     --------

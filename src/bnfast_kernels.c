@@ -656,6 +656,36 @@ static inline BNF_INLINE double bnf_sum_lanes(const double *acc)
     return t[0];
 }
 
+/* Compensated sums of squares (float64 data, BNF_COMPENSATED): s2 + s2lo, bnf_two_sum
+ * into each lane or column.  Why: sums of squares of quantized data (prices on a tick,
+ * integers) round one way.  Squares of integers are 0 or 1 mod 4, so once a sum passes
+ * 2**53 ticks^2 each add drops a remainder that a tie never rounds back up: tens of
+ * thousands of them put the float64 variance 60-110 ulps low (an exact rational
+ * reference; float32 and float16 results, rounded from double, were never affected). */
+/* The lanes s[l] + lo[l] summed, compensated, in lane order: *sum + *sum_lo. */
+static inline BNF_INLINE void bnf_sum_lanes_lo(const double *s, const double *lo,
+                                               double *sum, double *sum_lo)
+{
+    double t = s[0], e = lo[0];
+    for (int l = 1; l < BNF_LANES; l++) {
+        bnf_two_sum(&t, &e, s[l]);
+        e += lo[l];
+    }
+    *sum = t;
+    *sum_lo = e;
+}
+
+/* m2 = sdd - sd^2 / n of a tile's sums around its shift (sdd + sdd_lo compensated, see
+ * bnf_two_sum), with lo = sd / n and inv_n = 1 / n: the product's and the quotient's
+ * rounding errors put back (fma; r the division's exact remainder, sd / n = lo + r / n),
+ * so m2 is rounded about once, not off by a fraction of what sd^2 / n cancels. */
+static inline BNF_INLINE double bnf_tile_m2_lo(double sdd, double sdd_lo, double sd,
+                                               double n, double lo, double inv_n)
+{
+    double r = fma(-lo, n, sd), p = sd * lo, p_lo = fma(sd, lo, -p);
+    return (sdd - p) + ((sdd_lo - p_lo) - sd * (r * inv_n));
+}
+
 const char *bnf_simd_isa(void)
 {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) \
@@ -860,7 +890,9 @@ BNF_CLONES void bnf_finalize(const bnf_moments *m, ptrdiff_t n, double eps,
 
 /* The element types, each with T, the name suffix S, BNF_TO_D / BNF_FROM_D (an element
  * to double, a double rounded to an element), BNF_T_FLOAT, BNF_T_HALF and
- * BNF_REDO_RATIO (tile_finish), which bnfast_kernels_impl.h undefines when done. */
+ * BNF_REDO_RATIO (tile_finish) and BNF_COMPENSATED (sums of squares compensated,
+ * bnf_two_sum: float64, whose results keep the sums' errors), which
+ * bnfast_kernels_impl.h undefines when done. */
 #define T float
 #define S f32
 #define BNF_TO_D(v) ((double)(v))
@@ -868,6 +900,7 @@ BNF_CLONES void bnf_finalize(const bnf_moments *m, ptrdiff_t n, double eps,
 #define BNF_T_FLOAT 1
 #define BNF_T_HALF 0
 #define BNF_REDO_RATIO (1.0 - 0x1p-20)
+#define BNF_COMPENSATED 0
 #include "bnfast_kernels_impl.h"
 
 #define T double
@@ -877,6 +910,7 @@ BNF_CLONES void bnf_finalize(const bnf_moments *m, ptrdiff_t n, double eps,
 #define BNF_T_FLOAT 0
 #define BNF_T_HALF 0
 #define BNF_REDO_RATIO 0.5
+#define BNF_COMPENSATED 1
 #include "bnfast_kernels_impl.h"
 
 /* float16, as its bits: read exactly, computed in double as float32 data are, rounded
@@ -889,6 +923,7 @@ BNF_CLONES void bnf_finalize(const bnf_moments *m, ptrdiff_t n, double eps,
 #define BNF_T_FLOAT 0
 #define BNF_T_HALF 1
 #define BNF_REDO_RATIO (1.0 - 0x1p-20)
+#define BNF_COMPENSATED 0
 #include "bnfast_kernels_impl.h"
 
 /* Channels of short runs that are not back to back (x[:, ::2] of an NCL array, stepped

@@ -108,8 +108,22 @@ static inline int bnf_fold_pays(ptrdiff_t nrows, ptrdiff_t width)
     return bnf_fold_rows(width) && nrows * width >= (width % 8 ? 2048 : 8192);
 }
 
-/* Merge b into a (Chan et al.); exact when either part is empty. */
-static inline void bnf_moments_merge(bnf_moments *a, const bnf_moments *b)
+/* s + lo += v, compensated: lo collects the rounding error of the add to s (Knuth's
+ * TwoSum, exact for any magnitudes; needs -ffp-contract=off).  Used where many parts are
+ * summed: a kernel's merges below, and the float64 sums of squares (BNF_COMPENSATED in
+ * bnfast_kernels.c has why). */
+static inline void bnf_two_sum(double *s, double *lo, double v)
+{
+    double t = *s + v, z = t - *s;
+    *lo += (*s - (t - z)) + (v - z);
+    *s = t;
+}
+
+/* Merge b into a (Chan et al.); exact when either part is empty.  m2lo (or NULL): a->m2
+ * compensated, its rounding errors collected there (bnf_two_sum) for the caller to add
+ * at the end: a kernel's tiles merged one after another (a 2M-element channel, 61
+ * tiles, put m2 4 ulps off plainly; compensated, within one). */
+static inline void bnf_moments_merge_lo(bnf_moments *a, double *m2lo, const bnf_moments *b)
 {
     if (b->n == 0) return;
     if (a->n == 0) {
@@ -121,8 +135,17 @@ static inline void bnf_moments_merge(bnf_moments *a, const bnf_moments *b)
      * precision when the parts' means are close (prices). */
     double delta = (b->hi - a->hi) + (b->lo - a->lo);
     a->lo += delta * (b->n / n);
-    a->m2 += b->m2 + delta * delta * (a->n * (b->n / n));
+    double v = b->m2 + delta * delta * (a->n * (b->n / n));
+    if (m2lo)
+        bnf_two_sum(&a->m2, m2lo, v);
+    else
+        a->m2 += v;
     a->n = n;
+}
+
+static inline void bnf_moments_merge(bnf_moments *a, const bnf_moments *b)
+{
+    bnf_moments_merge_lo(a, NULL, b);
 }
 
 

@@ -1,6 +1,6 @@
 /* Kernel bodies, included once per element type by bnfast_kernels.c with T (element
- * type), S (name suffix), BNF_TO_D, BNF_FROM_D, BNF_T_FLOAT, BNF_T_HALF and
- * BNF_REDO_RATIO defined; undefined again at the end. */
+ * type), S (name suffix), BNF_TO_D, BNF_FROM_D, BNF_T_FLOAT, BNF_T_HALF,
+ * BNF_REDO_RATIO and BNF_COMPENSATED defined; undefined again at the end. */
 
 #define BNF_CAT2(a, b) a##_##b
 #define BNF_CAT(a, b) BNF_CAT2(a, b)
@@ -11,6 +11,14 @@
 #include "bnfast_kernels_elem.h"
 #undef BNF_ELEM
 #undef BNF_ELEM_FN
+
+/* Element i of a compensation array (the low parts of compensated sums, BNF_COMPENSATED);
+ * for the other types, which keep none, NULL. */
+#if BNF_COMPENSATED
+#define BNF_LO(a, i) (&(a)[i])
+#else
+#define BNF_LO(a, i) ((double *)0)
+#endif
 
 /* The intrinsics loops (bnfast_kernels_simd.h) and the dispatch between them and the
  * plain loops below: BNF_DISPATCH(name, args) calls name_v4, name_v3 or name;
@@ -39,25 +47,40 @@
 #endif
 
 /* Sums of d = x - shift and d^2 over `nruns` runs of `len` contiguous elements, into
- * the lanes s1 and s2 (BNF_LANES each, accumulated into).  Lane l takes the elements at
- * positions l, l+L, ... of each run, whatever the vector width, so the summation order
- * is fixed. */
+ * the lanes s1 and s2 (BNF_LANES each, accumulated into; s2lo the low parts of s2 where
+ * BNF_COMPENSATED, else NULL).  Lane l takes the elements at positions l, l+L, ... of
+ * each run, whatever the vector width, so the summation order is fixed. */
 static inline BNF_INLINE void BNF_NAME(shifted_sums_runs)(const T *x, ptrdiff_t nruns,
                                                          ptrdiff_t stride, ptrdiff_t len,
                                                          double shift, double *s1,
-                                                         double *s2, bnf_pf *pf)
+                                                         double *s2, double *s2lo,
+                                                         bnf_pf *pf)
 {
     for (ptrdiff_t r = 0; r < nruns; r++) {
         const T *p = x + r * stride;
         ptrdiff_t i = 0;
+#if BNF_COMPENSATED
+        /* four steps at a time, a lane's four elements as sums_elem4 (one compensated add
+         * for four: per element, float64 `moments` in cache took 1.8x the time of the
+         * plain sums, this way 1.17-1.25x), as the intrinsics loop's blocks */
+        for (; i + 4 * BNF_LANES <= len; i += 4 * BNF_LANES) {
+            if (pf) bnf_pf_advance(pf, 4 * BNF_LANES * sizeof(T));
+#pragma omp simd
+            for (int l = 0; l < BNF_LANES; l++)
+                BNF_NAME(sums_elem4)(p[i + l], p[i + BNF_LANES + l], p[i + 2 * BNF_LANES + l],
+                                     p[i + 3 * BNF_LANES + l], shift, &s1[l], &s2[l],
+                                     &s2lo[l]);
+        }
+#endif
         for (; i + BNF_LANES <= len; i += BNF_LANES) {
             if (pf) bnf_pf_advance(pf, BNF_LANES * sizeof(T));
 #pragma omp simd
             for (int l = 0; l < BNF_LANES; l++)
-                BNF_NAME(sums_elem)(p[i + l], shift, &s1[l], &s2[l]);
+                BNF_NAME(sums_elem)(p[i + l], shift, &s1[l], &s2[l], BNF_LO(s2lo, l));
         }
         if (pf) bnf_pf_advance(pf, (len - i) * (ptrdiff_t)sizeof(T));
-        for (int l = 0; i < len; i++, l++) BNF_NAME(sums_elem)(p[i], shift, &s1[l], &s2[l]);
+        for (int l = 0; i < len; i++, l++)
+            BNF_NAME(sums_elem)(p[i], shift, &s1[l], &s2[l], BNF_LO(s2lo, l));
     }
 }
 
@@ -70,20 +93,35 @@ static inline BNF_INLINE void BNF_NAME(shifted_sums_runs)(const T *x, ptrdiff_t 
 static inline BNF_INLINE void BNF_NAME(tile_finish)(const T *x, ptrdiff_t nruns,
                                                    ptrdiff_t stride, ptrdiff_t len,
                                                    double shift, double *s1, double *s2,
-                                                   bnf_moments *t)
+                                                   double *s2lo, bnf_moments *t)
 {
-    double n = (double)nruns * (double)len, sd = bnf_sum_lanes(s1), sdd = bnf_sum_lanes(s2);
+    double n = (double)nruns * (double)len, sd = bnf_sum_lanes(s1), sdd, sdd_lo = 0;
+#if BNF_COMPENSATED
+#define BNF_SUM_S2() bnf_sum_lanes_lo(s2, s2lo, &sdd, &sdd_lo)
+#else
+#define BNF_SUM_S2() (sdd = bnf_sum_lanes(s2))
+#endif
+    BNF_SUM_S2();
     if (sd * sd > BNF_REDO_RATIO * n * sdd) {
         shift += sd / n;
-        for (int l = 0; l < BNF_LANES; l++) s1[l] = s2[l] = 0;
-        BNF_DISPATCH(shifted_sums_runs, x, nruns, stride, len, shift, s1, s2, NULL);
+        for (int l = 0; l < BNF_LANES; l++) {
+            s1[l] = s2[l] = 0;
+            if (BNF_COMPENSATED) s2lo[l] = 0;
+        }
+        BNF_DISPATCH(shifted_sums_runs, x, nruns, stride, len, shift, s1, s2, s2lo, NULL);
         sd = bnf_sum_lanes(s1);
-        sdd = bnf_sum_lanes(s2);
+        BNF_SUM_S2();
     }
+#undef BNF_SUM_S2
     t->n = n;
     t->hi = shift;
     t->lo = sd / n;
+#if BNF_COMPENSATED
+    t->m2 = bnf_tile_m2_lo(sdd, sdd_lo, sd, n, t->lo, 1 / n);
+#else
+    (void)sdd_lo;
     t->m2 = sdd - sd * t->lo;
+#endif
     if (t->m2 < 0) t->m2 = 0;
 }
 
@@ -92,9 +130,9 @@ static inline BNF_INLINE void BNF_NAME(tile_runs)(const T *x, ptrdiff_t nruns,
                                                  ptrdiff_t stride, ptrdiff_t len,
                                                  double shift, bnf_moments *t, bnf_pf *pf)
 {
-    double s1[BNF_LANES] = {0}, s2[BNF_LANES] = {0};
-    BNF_DISPATCH(shifted_sums_runs, x, nruns, stride, len, shift, s1, s2, pf);
-    BNF_NAME(tile_finish)(x, nruns, stride, len, shift, s1, s2, t);
+    double s1[BNF_LANES] = {0}, s2[BNF_LANES] = {0}, s2lo[BNF_LANES] = {0};
+    BNF_DISPATCH(shifted_sums_runs, x, nruns, stride, len, shift, s1, s2, s2lo, pf);
+    BNF_NAME(tile_finish)(x, nruns, stride, len, shift, s1, s2, s2lo, t);
 }
 
 BNF_CLONES void BNF_NAME(bnf_stats_runs)(const T *x, ptrdiff_t nruns, ptrdiff_t stride,
@@ -102,6 +140,7 @@ BNF_CLONES void BNF_NAME(bnf_stats_runs)(const T *x, ptrdiff_t nruns, ptrdiff_t 
 {
     bnf_moments t;
     bnf_pf pf, pf_far;
+    double m2lo = 0;   /* the merges' (bnf_moments_merge_lo) */
     m->n = m->hi = m->lo = m->m2 = 0;
     if (nruns <= 0 || len <= 0) return;
     bnf_pf_init(&pf, x, nruns, stride * (ptrdiff_t)sizeof(T), len * (ptrdiff_t)sizeof(T));
@@ -117,34 +156,39 @@ BNF_CLONES void BNF_NAME(bnf_stats_runs)(const T *x, ptrdiff_t nruns, ptrdiff_t 
         for (ptrdiff_t r0 = 0; r0 < nruns; r0 += per) {
             ptrdiff_t k = nruns - r0 < per ? nruns - r0 : per;
             BNF_NAME(tile_runs)(x + r0 * stride, k, stride, len, BNF_SHIFT, &t, &pf);
-            bnf_moments_merge(m, &t);
+            bnf_moments_merge_lo(m, &m2lo, &t);
         }
     } else {
         for (ptrdiff_t r = 0; r < nruns; r++) {
             for (ptrdiff_t i0 = 0; i0 < len; i0 += BNF_TILE_ELEMS) {
                 ptrdiff_t k = len - i0 < BNF_TILE_ELEMS ? len - i0 : BNF_TILE_ELEMS;
                 BNF_NAME(tile_runs)(x + r * stride + i0, 1, stride, k, BNF_SHIFT, &t, &pf);
-                bnf_moments_merge(m, &t);
+                bnf_moments_merge_lo(m, &m2lo, &t);
             }
         }
     }
 #undef BNF_SHIFT
+    m->m2 += m2lo;
 }
 
 /* Rows form: sums of d = x - shift[c] and d^2 per channel over `k` rows, four rows at
- * a time so the accumulators are loaded and stored once per four rows.  Rows up to
+ * a time so the accumulators are loaded and stored once per four rows (s2lo: the low
+ * parts of s2, BNF_COMPENSATED; else NULL).  Rows up to
  * pf_rows (counted from base; 0: none) are prefetched, bnf_rows_ahead below.  `far`
  * (from DRAM): the intrinsics loops also prefetch BNF_FAR_ROWS_BYTES ahead into L2;
  * these plain loops do not. */
 static inline BNF_INLINE void BNF_NAME(shifted_sums_rows)(const T *base, ptrdiff_t k,
                                                          ptrdiff_t stride, ptrdiff_t width,
                                                          const double *shift, double *s1,
-                                                         double *s2, ptrdiff_t pf_rows,
-                                                         int far)
+                                                         double *s2, double *s2lo,
+                                                         ptrdiff_t pf_rows, int far)
 {
     ptrdiff_t r, ahead = bnf_rows_ahead(width * (ptrdiff_t)sizeof(T));
     (void)far;
-    for (ptrdiff_t c = 0; c < width; c++) s1[c] = s2[c] = 0;
+    for (ptrdiff_t c = 0; c < width; c++) {
+        s1[c] = s2[c] = 0;
+        if (BNF_COMPENSATED) s2lo[c] = 0;
+    }
     for (r = 0; r + 4 <= k; r += 4) {
         const T *p0 = base + r * stride, *p1 = p0 + stride, *p2 = p1 + stride,
                 *p3 = p2 + stride;
@@ -156,33 +200,51 @@ static inline BNF_INLINE void BNF_NAME(shifted_sums_rows)(const T *base, ptrdiff
                             width * (ptrdiff_t)sizeof(T), c * (ptrdiff_t)sizeof(T), 0);
 #pragma omp simd
             for (ptrdiff_t c = c0; c < c1; c++)
-                BNF_NAME(sums_elem4)(p0[c], p1[c], p2[c], p3[c], shift[c], &s1[c], &s2[c]);
+                BNF_NAME(sums_elem4)(p0[c], p1[c], p2[c], p3[c], shift[c], &s1[c], &s2[c],
+                                     BNF_LO(s2lo, c));
         }
     }
     for (; r < k; r++) {
         const T *p = base + r * stride;
 #pragma omp simd
         for (ptrdiff_t c = 0; c < width; c++)
-            BNF_NAME(sums_elem)(p[c], shift[c], &s1[c], &s2[c]);
+            BNF_NAME(sums_elem)(p[c], shift[c], &s1[c], &s2[c], BNF_LO(s2lo, c));
     }
 }
 
 /* The sums of each channel's `group` columns: column i into partial sum i % 4, the
  * partial sums paired as (0 + 1) + (2 + 3) (one chain of `group` dependent adds per
- * channel cost 5% of a 256-row training). */
+ * channel cost 5% of a 256-row training).  BNF_COMPENSATED: s2 + s2lo into g2 + g2lo,
+ * compensated. */
 static inline BNF_INLINE void BNF_NAME(group_sums)(const double *s1, const double *s2,
-                                                  ptrdiff_t width, ptrdiff_t group,
-                                                  double *g1, double *g2)
+                                                  const double *s2lo, ptrdiff_t width,
+                                                  ptrdiff_t group, double *g1, double *g2,
+                                                  double *g2lo)
 {
     for (ptrdiff_t c = 0; c < width; c++) {
         const double *p1 = s1 + c * group, *p2 = s2 + c * group;
         double a[4] = {0, 0, 0, 0}, b[4] = {0, 0, 0, 0};
+#if BNF_COMPENSATED
+        const double *p2lo = s2lo + c * group;
+        double blo[4] = {0, 0, 0, 0};
+        for (ptrdiff_t i = 0; i < group; i++) {
+            a[i & 3] += p1[i];
+            bnf_two_sum(&b[i & 3], &blo[i & 3], p2[i]);
+            blo[i & 3] += p2lo[i];
+        }
+        g2lo[c] = (blo[0] + blo[1]) + (blo[2] + blo[3]);
+        for (int i = 1; i < 4; i++) bnf_two_sum(&b[0], &g2lo[c], b[i]);
+        g2[c] = b[0];
+#else
+        (void)s2lo;
+        (void)g2lo;
         for (ptrdiff_t i = 0; i < group; i++) {
             a[i & 3] += p1[i];
             b[i & 3] += p2[i];
         }
-        g1[c] = (a[0] + a[1]) + (a[2] + a[3]);
         g2[c] = (b[0] + b[1]) + (b[2] + b[3]);
+#endif
+        g1[c] = (a[0] + a[1]) + (a[2] + a[3]);
     }
 }
 
@@ -204,28 +266,39 @@ static inline BNF_INLINE void BNF_NAME(stats_rows_cols)(const T *x, ptrdiff_t nr
     BNF_ALIGN64 double shift[BNF_MAX_WIDTH], s1[BNF_MAX_WIDTH], s2[BNF_MAX_WIDTH];
     BNF_ALIGN64 double hi[BNF_MAX_WIDTH], lo[BNF_MAX_WIDTH], m2[BNF_MAX_WIDTH];
     BNF_ALIGN64 double gshift[BNF_MAX_WIDTH], g1[BNF_MAX_WIDTH], g2[BNF_MAX_WIDTH];
+    /* the low parts of s2, g2 and m2 (BNF_COMPENSATED; the others keep none) */
+#define BNF_LO_WIDTH (BNF_COMPENSATED ? BNF_MAX_WIDTH : 1)
+    BNF_ALIGN64 double s2lo[BNF_LO_WIDTH], g2lo[BNF_LO_WIDTH], m2lo[BNF_LO_WIDTH];
+#undef BNF_LO_WIDTH
     double count = 0;                 /* elements merged so far, in every channel */
     ptrdiff_t cols = width * group;
     ptrdiff_t per = tile_rows > 0 ? tile_rows : BNF_TILE_ELEMS / cols;
     /* a channel's shift and sums: its column's, or (group > 1) its columns' together */
     double *cs = group > 1 ? gshift : shift, *c1 = group > 1 ? g1 : s1,
-           *c2 = group > 1 ? g2 : s2;
+           *c2 = group > 1 ? g2 : s2, *c2lo = group > 1 ? g2lo : s2lo;
     if (per < 4) per = 4;
     for (ptrdiff_t c = 0; c < width; c++) {
         cs[c] = nrows > 0 ? BNF_TO_D(x[c * group]) : 0;
         hi[c] = lo[c] = m2[c] = 0;
+#if BNF_COMPENSATED
+        m2lo[c] = 0;
+#endif
     }
+#if !BNF_COMPENSATED
+    (void)m2lo;
+    (void)c2lo;
+#endif
     for (ptrdiff_t r0 = 0; r0 < nrows; r0 += per) {
         ptrdiff_t k = nrows - r0 < per ? nrows - r0 : per;
         const T *base = x + r0 * stride;
-        double n = (double)k * (double)group;
+        double n = (double)k * (double)group, inv_n = 1 / n;
         int redo = 0;
         if (group > 1)
             for (ptrdiff_t c = 0; c < width; c++)
                 for (ptrdiff_t i = 0; i < group; i++) shift[c * group + i] = cs[c];
         BNF_DISPATCH(shifted_sums_rows, base, k, stride, cols, shift, s1, s2,
-                     nrows - r0, far);
-        if (group > 1) BNF_NAME(group_sums)(s1, s2, width, group, g1, g2);
+                     BNF_LO(s2lo, 0), nrows - r0, far);
+        if (group > 1) BNF_NAME(group_sums)(s1, s2, s2lo, width, group, g1, g2, g2lo);
 #pragma omp simd reduction(| : redo)
         for (ptrdiff_t c = 0; c < width; c++) redo |= c1[c] * c1[c] > BNF_REDO_RATIO * n * c2[c];
         if (redo) {
@@ -238,13 +311,23 @@ static inline BNF_INLINE void BNF_NAME(stats_rows_cols)(const T *x, ptrdiff_t nr
             if (group > 1)
                 for (ptrdiff_t c = 0; c < width; c++)
                     for (ptrdiff_t i = 0; i < group; i++) shift[c * group + i] = cs[c];
-            BNF_DISPATCH(shifted_sums_rows, base, k, stride, cols, shift, s1, s2, 0, 0);
-            if (group > 1) BNF_NAME(group_sums)(s1, s2, width, group, g1, g2);
+            BNF_DISPATCH(shifted_sums_rows, base, k, stride, cols, shift, s1, s2,
+                         BNF_LO(s2lo, 0), 0, 0);
+            if (group > 1) BNF_NAME(group_sums)(s1, s2, s2lo, width, group, g1, g2, g2lo);
         }
+        /* a tile's m2 (tile_finish's) and, BNF_COMPENSATED, m2 + m2lo compensated */
+#if BNF_COMPENSATED
+#define BNF_TILE_M2(c, tlo) bnf_tile_m2_lo(c2[c], c2lo[c], c1[c], n, tlo, inv_n)
+#define BNF_ADD_M2(c, v) bnf_two_sum(&m2[c], &m2lo[c], v)
+#else
+#define BNF_TILE_M2(c, tlo) (c2[c] - c1[c] * (tlo))
+#define BNF_ADD_M2(c, v) (m2[c] += (v))
+        (void)inv_n;
+#endif
         if (count == 0) {
 #pragma omp simd
             for (ptrdiff_t c = 0; c < width; c++) {
-                double tlo = c1[c] / n, tm2 = c2[c] - c1[c] * tlo;
+                double tlo = c1[c] / n, tm2 = BNF_TILE_M2(c, tlo);
                 hi[c] = cs[c];
                 lo[c] = tlo;
                 m2[c] = tm2 < 0 ? 0 : tm2;
@@ -253,13 +336,15 @@ static inline BNF_INLINE void BNF_NAME(stats_rows_cols)(const T *x, ptrdiff_t nr
             double total = count + n, ratio = n / total, weight = count * ratio;
 #pragma omp simd
             for (ptrdiff_t c = 0; c < width; c++) {
-                double tlo = c1[c] / n, tm2 = c2[c] - c1[c] * tlo;
+                double tlo = c1[c] / n, tm2 = BNF_TILE_M2(c, tlo);
                 double delta = (cs[c] - hi[c]) + (tlo - lo[c]);
                 if (tm2 < 0) tm2 = 0;
                 lo[c] += delta * ratio;
-                m2[c] += tm2 + delta * delta * weight;
+                BNF_ADD_M2(c, tm2 + delta * delta * weight);
             }
         }
+#undef BNF_TILE_M2
+#undef BNF_ADD_M2
         count += n;
         /* the next tile is shifted by the mean so far */
         for (ptrdiff_t c = 0; c < width; c++) cs[c] = hi[c] + lo[c];
@@ -268,7 +353,11 @@ static inline BNF_INLINE void BNF_NAME(stats_rows_cols)(const T *x, ptrdiff_t nr
         m[c].n = count;
         m[c].hi = hi[c];
         m[c].lo = lo[c];
+#if BNF_COMPENSATED
+        m[c].m2 = m2[c] + m2lo[c];
+#else
         m[c].m2 = m2[c];
+#endif
     }
 }
 
@@ -304,17 +393,22 @@ static BNF_CLONES BNF_NOINLINE void BNF_NAME(stats_rows_folded)(const T *x, ptrd
                                                               bnf_moments *m, int far)
 {
     bnf_moments col[BNF_MAX_WIDTH];
+    double m2lo[BNF_FOLD_WIDTH];  /* the merges' (bnf_moments_merge_lo; 64 columns of a
+                                   * channel merged plainly put a variance 4 ulps off) */
     ptrdiff_t k = bnf_fold_rows(width), fw = k * width, nf = nrows / k;
     BNF_NAME(stats_rows_cols)(x, nf, fw, fw, 1, BNF_TILE_ELEMS / fw, col, far);
     for (ptrdiff_t c = 0; c < width; c++) {
         m[c] = col[c];
-        for (ptrdiff_t i = 1; i < k; i++) bnf_moments_merge(&m[c], &col[i * width + c]);
+        m2lo[c] = 0;
+        for (ptrdiff_t i = 1; i < k; i++)
+            bnf_moments_merge_lo(&m[c], &m2lo[c], &col[i * width + c]);
     }
     if (nrows > nf * k) {
         BNF_NAME(stats_rows_cols)(x + nf * fw, nrows - nf * k, width, width, 1, tile_rows,
                                   col, far);
-        for (ptrdiff_t c = 0; c < width; c++) bnf_moments_merge(&m[c], &col[c]);
+        for (ptrdiff_t c = 0; c < width; c++) bnf_moments_merge_lo(&m[c], &m2lo[c], &col[c]);
     }
+    for (ptrdiff_t c = 0; c < width; c++) m[c].m2 += m2lo[c];
 }
 
 BNF_CLONES void BNF_NAME(bnf_stats_rows)(const T *x, ptrdiff_t nrows, ptrdiff_t stride,
@@ -421,7 +515,12 @@ BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, ptrdiff_t
 {
     T tmp[BNF_CHUNK];
     double s1[BNF_BLOCK_CHANNELS][BNF_LANES], s2[BNF_BLOCK_CHANNELS][BNF_LANES];
-    double tile_shift[BNF_BLOCK_CHANNELS];
+    /* the low parts of s2 (BNF_COMPENSATED; the others keep none) */
+    double s2lo[BNF_COMPENSATED ? BNF_BLOCK_CHANNELS : 1][BNF_LANES];
+    double tile_shift[BNF_BLOCK_CHANNELS], m2lo_next[BNF_BLOCK_CHANNELS];
+#if !BNF_COMPENSATED
+    (void)s2lo;
+#endif
     bnf_pf pf, pf_next, pf_next_far;
     int stream = (flags & BNF_STREAM) && len * (ptrdiff_t)sizeof(T) >= BNF_STREAM_MIN_RUN;
     int nt = stream && BNF_DIRECT_NT(4), staged = stream && !nt;
@@ -458,9 +557,12 @@ BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, ptrdiff_t
         pf_next.also = &pf_next_far;
     }
     for (ptrdiff_t c = 0; c < k_next; c++) {
-        m_next[c].n = m_next[c].hi = m_next[c].lo = m_next[c].m2 = 0;
+        m_next[c].n = m_next[c].hi = m_next[c].lo = m_next[c].m2 = m2lo_next[c] = 0;
         tile_shift[c] = BNF_TO_D(x_next[c * xcs]);
         for (int l = 0; l < BNF_LANES; l++) s1[c][l] = s2[c][l] = 0;
+#if BNF_COMPENSATED
+        for (int l = 0; l < BNF_LANES; l++) s2lo[c][l] = 0;
+#endif
     }
     kmax = k > k_next ? k : k_next;
     /* bnf_stats_runs' tiles of `per` runs, one run of each channel at a time; float32 on
@@ -486,7 +588,8 @@ BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, ptrdiff_t
                 for (ptrdiff_t c = 0; c < kmax; c++) {
                     if (c < k_next)
                         BNF_DISPATCH(shifted_sums_runs, x_next + c * xcs + r * xstride, 1,
-                                     xstride, len, tile_shift[c], s1[c], s2[c], &pf_next);
+                                     xstride, len, tile_shift[c], s1[c], s2[c],
+                                     BNF_LO(s2lo[c], 0), &pf_next);
                     if (c < k) {
                         const T *p = x + r * xstride + c * xcs;
                         T *q = y + r * ystride + c * ycs;
@@ -510,12 +613,16 @@ BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, ptrdiff_t
         for (ptrdiff_t c = 0; c < k_next; c++) {
             bnf_moments t;
             BNF_NAME(tile_finish)(x_next + c * xcs + t0 * xstride, t1 - t0, xstride, len,
-                                  tile_shift[c], s1[c], s2[c], &t);
-            bnf_moments_merge(m_next + c, &t);
+                                  tile_shift[c], s1[c], s2[c], BNF_LO(s2lo[c], 0), &t);
+            bnf_moments_merge_lo(m_next + c, &m2lo_next[c], &t);
             for (int l = 0; l < BNF_LANES; l++) s1[c][l] = s2[c][l] = 0;
+#if BNF_COMPENSATED
+            for (int l = 0; l < BNF_LANES; l++) s2lo[c][l] = 0;
+#endif
             tile_shift[c] = m_next[c].hi + m_next[c].lo;
         }
     }
+    for (ptrdiff_t c = 0; c < k_next; c++) m_next[c].m2 += m2lo_next[c];
 }
 
 /* Contiguous rows (input and output) of at most half BNF_FLAT_ELEMS: the rows are one
@@ -1176,3 +1283,5 @@ BNF_CLONES void BNF_NAME(bnf_bwd_dx_rows)(const T *dy, ptrdiff_t dystride, const
 #undef BNF_T_FLOAT
 #undef BNF_T_HALF
 #undef BNF_REDO_RATIO
+#undef BNF_COMPENSATED
+#undef BNF_LO

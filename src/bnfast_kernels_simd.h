@@ -171,17 +171,41 @@
  * from DRAM 0.95-1.02x: within the noise); the same bits.  (Cursors copied into locals
  * for the loop measured 3-7% slower on runs of 14 x 14.) */
 #define BNF_SUMS_BLOCK (4 * BNF_LANES)
+
+/* b + e += v, compensated (bnf_two_sum, lane by lane, the same operations); and b + e +=
+ * d^2, the square rounded first, as sums_elem; else (no BNF_COMPENSATED) b += d^2 by a
+ * multiply-add, e not touched.  _MASK: the lanes of m only (AVX-512). */
+#define BNF_VTWO_SUM(b, e, v)                                                             \
+    do {                                                                                  \
+        BNF_VD v_ = (v), t_ = BNF_VADD((b), v_), z_ = BNF_VSUB(t_, (b));                 \
+        (e) = BNF_VADD((e), BNF_VADD(BNF_VSUB((b), BNF_VSUB(t_, z_)), BNF_VSUB(v_, z_))); \
+        (b) = t_;                                                                         \
+    } while (0)
+#if BNF_COMPENSATED
+#define BNF_VSQ_ACC(b, e, d) BNF_VTWO_SUM(b, e, BNF_VMUL((d), (d)))
+#define BNF_VSQ_ACC_MASK(b, e, d, m)                                                      \
+    do {                                                                                  \
+        BNF_VD b_ = (b), e_ = (e);                                                        \
+        BNF_VSQ_ACC(b_, e_, d);                                                           \
+        (b) = _mm512_mask_mov_pd((b), (m), b_);                                           \
+        (e) = _mm512_mask_mov_pd((e), (m), e_);                                           \
+    } while (0)
+#else
+#define BNF_VSQ_ACC(b, e, d) ((b) = BNF_VFMA((d), (d), (b)))
+#define BNF_VSQ_ACC_MASK(b, e, d, m) ((b) = _mm512_mask3_fmadd_pd((d), (d), (b), (m)))
+#endif
 #define BNF_SUMS_BLOCK_END(i, len) \
     ((i) + BNF_SUMS_BLOCK <= (len) ? (i) + BNF_SUMS_BLOCK : (len) - ((len) - (i)) % BNF_LANES)
 
 BNF_SIMD_FN inline BNF_INLINE void BNF_SIMD(shifted_sums_runs_body)(
     const T *x, ptrdiff_t nruns, ptrdiff_t stride, ptrdiff_t len, double shift, double *s1,
-    double *s2, bnf_pf *pf)
+    double *s2, double *s2lo, bnf_pf *pf)
 {
-    BNF_VD a[BNF_NV], b[BNF_NV], vs = BNF_VSET1(shift);
+    BNF_VD a[BNF_NV], b[BNF_NV], e[BNF_NV], vs = BNF_VSET1(shift);
     for (int v = 0; v < BNF_NV; v++) {
         a[v] = BNF_VLD(s1 + BNF_VW * v);
         b[v] = BNF_VLD(s2 + BNF_VW * v);
+        e[v] = BNF_COMPENSATED ? BNF_VLD(s2lo + BNF_VW * v) : BNF_VZERO();
     }
     for (ptrdiff_t r = 0; r < nruns; r++) {
         const T *p = x + r * stride;
@@ -189,11 +213,29 @@ BNF_SIMD_FN inline BNF_INLINE void BNF_SIMD(shifted_sums_runs_body)(
         for (ptrdiff_t b1; i + BNF_LANES <= len;) {
             b1 = BNF_SUMS_BLOCK_END(i, len);
             if (pf) bnf_pf_advance(pf, (b1 - i) * (ptrdiff_t)sizeof(T));
+#if BNF_COMPENSATED
+            /* a whole block: each lane's four elements as sums_elem4 */
+            if (b1 - i == BNF_SUMS_BLOCK) {
+                for (int v = 0; v < BNF_NV; v++) {
+                    const T *q = p + i + BNF_VW * v;
+                    BNF_VD d0 = BNF_VSUB(BNF_VLDT(q), vs);
+                    BNF_VD d1 = BNF_VSUB(BNF_VLDT(q + BNF_LANES), vs);
+                    BNF_VD d2 = BNF_VSUB(BNF_VLDT(q + 2 * BNF_LANES), vs);
+                    BNF_VD d3 = BNF_VSUB(BNF_VLDT(q + 3 * BNF_LANES), vs);
+                    a[v] = BNF_VADD(a[v], BNF_VADD(BNF_VADD(d0, d1), BNF_VADD(d2, d3)));
+                    BNF_VTWO_SUM(b[v], e[v],
+                                 BNF_VADD(BNF_VFMA(d0, d0, BNF_VMUL(d1, d1)),
+                                          BNF_VFMA(d2, d2, BNF_VMUL(d3, d3))));
+                }
+                i = b1;
+                continue;
+            }
+#endif
             for (; i < b1; i += BNF_LANES)
                 for (int v = 0; v < BNF_NV; v++) {
                     BNF_VD d = BNF_VSUB(BNF_VLDT(p + i + BNF_VW * v), vs);
                     a[v] = BNF_VADD(a[v], d);
-                    b[v] = BNF_VFMA(d, d, b[v]);
+                    BNF_VSQ_ACC(b[v], e[v], d);
                 }
         }
         if (pf) bnf_pf_advance(pf, (len - i) * (ptrdiff_t)sizeof(T));
@@ -211,12 +253,12 @@ BNF_SIMD_FN inline BNF_INLINE void BNF_SIMD(shifted_sums_runs_body)(
             if (o + BNF_VW <= len) {
                 BNF_VD d = BNF_VSUB(BNF_VLDT(p + o), vs);
                 a[v] = BNF_VADD(a[v], d);
-                b[v] = BNF_VFMA(d, d, b[v]);
+                BNF_VSQ_ACC(b[v], e[v], d);
             } else if (o < len) {
                 __mmask8 m = (__mmask8)((1u << (len - o)) - 1);
                 BNF_VD d = BNF_VSUB(BNF_VLDT_MASK(m, p + o), vs);
                 a[v] = _mm512_mask_add_pd(a[v], m, a[v], d);
-                b[v] = _mm512_mask3_fmadd_pd(d, d, b[v], m);
+                BNF_VSQ_ACC_MASK(b[v], e[v], d, m);
             }
         }
 #else
@@ -225,18 +267,20 @@ BNF_SIMD_FN inline BNF_INLINE void BNF_SIMD(shifted_sums_runs_body)(
         for (int v = 0; i + BNF_VW <= len; v++, i += BNF_VW) {
             BNF_VD d = BNF_VSUB(BNF_VLDT(p + i), vs);
             a[v] = BNF_VADD(a[v], d);
-            b[v] = BNF_VFMA(d, d, b[v]);
+            BNF_VSQ_ACC(b[v], e[v], d);
         }
         if (i < len) {
             for (int v = 0; v < BNF_NV; v++) {
                 BNF_VST(s1 + BNF_VW * v, a[v]);
                 BNF_VST(s2 + BNF_VW * v, b[v]);
+                if (BNF_COMPENSATED) BNF_VST(s2lo + BNF_VW * v, e[v]);
             }
             for (ptrdiff_t l = i - t; i < len; i++, l++)
-                BNF_SE(sums_elem)(p[i], shift, &s1[l], &s2[l]);
+                BNF_SE(sums_elem)(p[i], shift, &s1[l], &s2[l], BNF_LO(s2lo, l));
             for (int v = 0; v < BNF_NV; v++) {
                 a[v] = BNF_VLD(s1 + BNF_VW * v);
                 b[v] = BNF_VLD(s2 + BNF_VW * v);
+                if (BNF_COMPENSATED) e[v] = BNF_VLD(s2lo + BNF_VW * v);
             }
         }
 #endif
@@ -244,14 +288,16 @@ BNF_SIMD_FN inline BNF_INLINE void BNF_SIMD(shifted_sums_runs_body)(
     for (int v = 0; v < BNF_NV; v++) {
         BNF_VST(s1 + BNF_VW * v, a[v]);
         BNF_VST(s2 + BNF_VW * v, b[v]);
+        if (BNF_COMPENSATED) BNF_VST(s2lo + BNF_VW * v, e[v]);
     }
+    (void)e;
 }
 
 BNF_SIMD_FN void BNF_SIMD(shifted_sums_runs)(const T *x, ptrdiff_t nruns, ptrdiff_t stride,
                                              ptrdiff_t len, double shift, double *s1,
-                                             double *s2, bnf_pf *pf)
+                                             double *s2, double *s2lo, bnf_pf *pf)
 {
-    BNF_SIMD(shifted_sums_runs_body)(x, nruns, stride, len, shift, s1, s2, pf);
+    BNF_SIMD(shifted_sums_runs_body)(x, nruns, stride, len, shift, s1, s2, s2lo, pf);
 }
 
 /* One line of columns: the prefetch step of the rows loops. */
@@ -264,13 +310,16 @@ BNF_SIMD_FN void BNF_SIMD(shifted_sums_runs)(const T *x, ptrdiff_t nruns, ptrdif
 
 BNF_SIMD_FN void BNF_SIMD(shifted_sums_rows)(const T *base, ptrdiff_t k, ptrdiff_t stride,
                                              ptrdiff_t width, const double *shift,
-                                             double *s1, double *s2, ptrdiff_t pf_rows,
-                                             int far)
+                                             double *s1, double *s2, double *s2lo,
+                                             ptrdiff_t pf_rows, int far)
 {
     ptrdiff_t r, ahead = bnf_rows_ahead(width * (ptrdiff_t)sizeof(T));
     ptrdiff_t further = far ? bnf_rows_ahead_by(width * (ptrdiff_t)sizeof(T),
                                                 BNF_FAR_ROWS_BYTES) : 0;
-    for (ptrdiff_t c = 0; c < width; c++) s1[c] = s2[c] = 0;
+    for (ptrdiff_t c = 0; c < width; c++) {
+        s1[c] = s2[c] = 0;
+        if (BNF_COMPENSATED) s2lo[c] = 0;
+    }
     for (r = 0; r + 4 <= k; r += 4) {
         const T *p0 = base + r * stride, *p1 = p0 + stride, *p2 = p1 + stride,
                 *p3 = p2 + stride, *pa = p0 + ahead * stride, *pf2 = p0 + further * stride;
@@ -292,10 +341,18 @@ BNF_SIMD_FN void BNF_SIMD(shifted_sums_rows)(const T *base, ptrdiff_t k, ptrdiff
             BNF_VD t2 = BNF_VADD(BNF_VFMA(d0, d0, BNF_VMUL(d1, d1)),
                                  BNF_VFMA(d2, d2, BNF_VMUL(d3, d3)));
             BNF_VST(s1 + c, BNF_VADD(BNF_VLD(s1 + c), t1));
+#if BNF_COMPENSATED
+            BNF_VD b = BNF_VLD(s2 + c), e = BNF_VLD(s2lo + c);
+            BNF_VTWO_SUM(b, e, t2);
+            BNF_VST(s2 + c, b);
+            BNF_VST(s2lo + c, e);
+#else
             BNF_VST(s2 + c, BNF_VADD(BNF_VLD(s2 + c), t2));
+#endif
         }
         for (; c < width; c++)
-            BNF_SE(sums_elem4)(p0[c], p1[c], p2[c], p3[c], shift[c], &s1[c], &s2[c]);
+            BNF_SE(sums_elem4)(p0[c], p1[c], p2[c], p3[c], shift[c], &s1[c], &s2[c],
+                               BNF_LO(s2lo, c));
     }
     for (; r < k; r++) {
         const T *p = base + r * stride;
@@ -303,9 +360,17 @@ BNF_SIMD_FN void BNF_SIMD(shifted_sums_rows)(const T *base, ptrdiff_t k, ptrdiff
         for (; c + BNF_VW <= width; c += BNF_VW) {
             BNF_VD d = BNF_VSUB(BNF_VLDT(p + c), BNF_VLD(shift + c));
             BNF_VST(s1 + c, BNF_VADD(BNF_VLD(s1 + c), d));
+#if BNF_COMPENSATED
+            BNF_VD b = BNF_VLD(s2 + c), e = BNF_VLD(s2lo + c);
+            BNF_VSQ_ACC(b, e, d);
+            BNF_VST(s2 + c, b);
+            BNF_VST(s2lo + c, e);
+#else
             BNF_VST(s2 + c, BNF_VFMA(d, d, BNF_VLD(s2 + c)));
+#endif
         }
-        for (; c < width; c++) BNF_SE(sums_elem)(p[c], shift[c], &s1[c], &s2[c]);
+        for (; c < width; c++)
+            BNF_SE(sums_elem)(p[c], shift[c], &s1[c], &s2[c], BNF_LO(s2lo, c));
     }
 }
 
@@ -385,7 +450,7 @@ BNF_SIMD_FN void BNF_SIMD(norm_runs_rows)(const T *x, ptrdiff_t xstride, ptrdiff
             if (c < k_next)
                 BNF_SIMD(shifted_sums_runs_body)(x_next + c * xcs + r * xstride, 1, xstride,
                                                  len, tile_shift[c], s1 + c * BNF_LANES,
-                                                 s2 + c * BNF_LANES, pf_next);
+                                                 s2 + c * BNF_LANES, NULL, pf_next);
             if (c < k) {
                 const T *p = x + r * xstride + c * xcs;
                 T *q = y + r * ystride + c * ycs;
@@ -848,6 +913,9 @@ BNF_SIMD_FN void BNF_SIMD(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x
 #undef BNF_NV
 #undef BNF_SUMS_BLOCK
 #undef BNF_SUMS_BLOCK_END
+#undef BNF_VTWO_SUM
+#undef BNF_VSQ_ACC
+#undef BNF_VSQ_ACC_MASK
 #undef BNF_LINE_COLS
 #undef BNF_FOR_LINES
 #undef BNF_SIMD
