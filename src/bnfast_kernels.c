@@ -676,14 +676,15 @@ static inline BNF_INLINE void bnf_sum_lanes_lo(const double *s, const double *lo
 }
 
 /* m2 = sdd - sd^2 / n of a tile's sums around its shift (sdd + sdd_lo compensated, see
- * bnf_two_sum), with lo = sd / n and inv_n = 1 / n: the product's and the quotient's
- * rounding errors put back (fma; r the division's exact remainder, sd / n = lo + r / n),
- * so m2 is rounded about once, not off by a fraction of what sd^2 / n cancels. */
+ * bnf_two_sum), with lo = sd / n and inv_n = 1 / n: the subtraction's, the product's and
+ * the quotient's rounding errors put back (TwoSum, fma; r the division's exact
+ * remainder, sd / n = lo + r / n), so that m2 is rounded once, at the end. */
 static inline BNF_INLINE double bnf_tile_m2_lo(double sdd, double sdd_lo, double sd,
                                                double n, double lo, double inv_n)
 {
-    double r = fma(-lo, n, sd), p = sd * lo, p_lo = fma(sd, lo, -p);
-    return (sdd - p) + ((sdd_lo - p_lo) - sd * (r * inv_n));
+    double r = fma(-lo, n, sd), p = sd * lo, p_lo = fma(sd, lo, -p), e = 0;
+    bnf_two_sum(&sdd, &e, -p);
+    return sdd + (((e + sdd_lo) - p_lo) - sd * (r * inv_n));
 }
 
 const char *bnf_simd_isa(void)

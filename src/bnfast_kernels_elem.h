@@ -57,22 +57,40 @@ BNF_ELEM_FN void BNF_ELEM(sums_elem4)(T x0, T x1, T x2, T x3, double shift, doub
 #endif
 }
 
+/* The backward sums: BNF_COMPENSATED (float64), sum dy and sum dy (x - mean) compensated
+ * into s1 + *s1lo and s2 + *s2lo (the product rounded first); sum (x - mean), which only
+ * recovers the mean's last bits, plain. */
 BNF_ELEM_FN void BNF_ELEM(bwd_elem)(T g, T x, double mean, double *s1, double *s2,
-                                    double *s3)
+                                    double *s3, double *s1lo, double *s2lo)
 {
     double gi = BNF_TO_D(g), d = BNF_TO_D(x) - mean;
+#if BNF_COMPENSATED
+    bnf_two_sum(s1, s1lo, gi);
+    bnf_two_sum(s2, s2lo, gi * d);
+#else
+    (void)s1lo;
+    (void)s2lo;
     *s1 += gi;
     *s2 = fma(gi, d, *s2);
+#endif
     *s3 += d;
 }
 
 BNF_ELEM_FN void BNF_ELEM(bwd_elem4)(T g0, T g1, T g2, T g3, T x0, T x1, T x2, T x3,
-                                     double mean, double *s1, double *s2, double *s3)
+                                     double mean, double *s1, double *s2, double *s3,
+                                     double *s1lo, double *s2lo)
 {
     double a0 = BNF_TO_D(g0), a1 = BNF_TO_D(g1), a2 = BNF_TO_D(g2), a3 = BNF_TO_D(g3);
     double d0 = BNF_TO_D(x0) - mean, d1 = BNF_TO_D(x1) - mean;
     double d2 = BNF_TO_D(x2) - mean, d3 = BNF_TO_D(x3) - mean;
+#if BNF_COMPENSATED
+    bnf_two_sum(s1, s1lo, (a0 + a1) + (a2 + a3));
+    bnf_two_sum(s2, s2lo, fma(a0, d0, a1 * d1) + fma(a2, d2, a3 * d3));
+#else
+    (void)s1lo;
+    (void)s2lo;
     *s1 += (a0 + a1) + (a2 + a3);
     *s2 += fma(a0, d0, a1 * d1) + fma(a2, d2, a3 * d3);
+#endif
     *s3 += (d0 + d1) + (d2 + d3);
 }

@@ -19,6 +19,12 @@
 #else
 #define BNF_LO(a, i) ((double *)0)
 #endif
+/* s += v, compensated into lo where BNF_COMPENSATED (bnf_two_sum); else plain, lo kept 0 */
+#if BNF_COMPENSATED
+#define BNF_ADD_LO(s, lo, v) bnf_two_sum(&(s), &(lo), (v))
+#else
+#define BNF_ADD_LO(s, lo, v) ((s) += (v))
+#endif
 
 /* The intrinsics loops (bnfast_kernels_simd.h) and the dispatch between them and the
  * plain loops below: BNF_DISPATCH(name, args) calls name_v4, name_v3 or name;
@@ -766,28 +772,45 @@ BNF_CLONES void BNF_NAME(bnf_norm_rows)(const T *x, ptrdiff_t xstride, T *y,
                                  flags);
 }
 
-/* Backward sums of runs into lanes a1..a3 (BNF_LANES each, accumulated into). */
+/* Backward sums of runs into lanes a1..a3 (BNF_LANES each, accumulated into; a1lo and
+ * a2lo the low parts of a1 and a2 where BNF_COMPENSATED, else NULL). */
 static inline BNF_INLINE void BNF_NAME(bwd_sums_runs)(const T *dy, ptrdiff_t dystride,
                                                      const T *x, ptrdiff_t xstride,
                                                      ptrdiff_t nruns, ptrdiff_t len,
                                                      double mean, double *a1, double *a2,
-                                                     double *a3, bnf_pf *pfg, bnf_pf *pfx)
+                                                     double *a3, double *a1lo, double *a2lo,
+                                                     bnf_pf *pfg, bnf_pf *pfx)
 {
     for (ptrdiff_t r = 0; r < nruns; r++) {
         const T *g = dy + r * dystride;
         const T *p = x + r * xstride;
         ptrdiff_t i = 0;
+#if BNF_COMPENSATED
+        /* four steps at a time, as shifted_sums_runs */
+        for (; i + 4 * BNF_LANES <= len; i += 4 * BNF_LANES) {
+            bnf_pf_advance(pfg, 4 * BNF_LANES * sizeof(T));
+            bnf_pf_advance(pfx, 4 * BNF_LANES * sizeof(T));
+#pragma omp simd
+            for (int l = 0; l < BNF_LANES; l++)
+                BNF_NAME(bwd_elem4)(g[i + l], g[i + BNF_LANES + l], g[i + 2 * BNF_LANES + l],
+                                    g[i + 3 * BNF_LANES + l], p[i + l], p[i + BNF_LANES + l],
+                                    p[i + 2 * BNF_LANES + l], p[i + 3 * BNF_LANES + l], mean,
+                                    &a1[l], &a2[l], &a3[l], &a1lo[l], &a2lo[l]);
+        }
+#endif
         for (; i + BNF_LANES <= len; i += BNF_LANES) {
             bnf_pf_advance(pfg, BNF_LANES * sizeof(T));
             bnf_pf_advance(pfx, BNF_LANES * sizeof(T));
 #pragma omp simd
             for (int l = 0; l < BNF_LANES; l++)
-                BNF_NAME(bwd_elem)(g[i + l], p[i + l], mean, &a1[l], &a2[l], &a3[l]);
+                BNF_NAME(bwd_elem)(g[i + l], p[i + l], mean, &a1[l], &a2[l], &a3[l],
+                                   BNF_LO(a1lo, l), BNF_LO(a2lo, l));
         }
         bnf_pf_advance(pfg, (len - i) * (ptrdiff_t)sizeof(T));
         bnf_pf_advance(pfx, (len - i) * (ptrdiff_t)sizeof(T));
         for (int l = 0; i < len; i++, l++)
-            BNF_NAME(bwd_elem)(g[i], p[i], mean, &a1[l], &a2[l], &a3[l]);
+            BNF_NAME(bwd_elem)(g[i], p[i], mean, &a1[l], &a2[l], &a3[l], BNF_LO(a1lo, l),
+                               BNF_LO(a2lo, l));
     }
 }
 
@@ -798,6 +821,7 @@ static inline BNF_INLINE void BNF_NAME(bwd_sums_block)(const T *dy, ptrdiff_t dy
                                                       ptrdiff_t nruns, ptrdiff_t len,
                                                       ptrdiff_t k, const double *mean,
                                                       double *a1, double *a2, double *a3,
+                                                      double *a1lo, double *a2lo,
                                                       bnf_pf *pfg, bnf_pf *pfx)
 {
     for (ptrdiff_t r = 0; r < nruns; r++)
@@ -805,7 +829,8 @@ static inline BNF_INLINE void BNF_NAME(bwd_sums_block)(const T *dy, ptrdiff_t dy
             BNF_NAME(bwd_sums_runs)(dy + r * dystride + c * dycs, dystride,
                                     x + r * xstride + c * xcs, xstride, 1, len, mean[c],
                                     a1 + c * BNF_LANES, a2 + c * BNF_LANES,
-                                    a3 + c * BNF_LANES, pfg, pfx);
+                                    a3 + c * BNF_LANES, BNF_LO(a1lo, c * BNF_LANES),
+                                    BNF_LO(a2lo, c * BNF_LANES), pfg, pfx);
 }
 
 /* Backward sums over k (<= BNF_BLOCK_CHANNELS) channels of runs, strides and order as
@@ -825,9 +850,19 @@ BNF_CLONES void BNF_NAME(bnf_bwd_sums_runs)(const T *dy, ptrdiff_t dystride, ptr
 {
     double a1[BNF_BLOCK_CHANNELS][BNF_LANES], a2[BNF_BLOCK_CHANNELS][BNF_LANES];
     double a3[BNF_BLOCK_CHANNELS][BNF_LANES];
+    /* the low parts of a1 and a2 (BNF_COMPENSATED; the others keep none) */
+    double a1lo[BNF_COMPENSATED ? BNF_BLOCK_CHANNELS : 1][BNF_LANES];
+    double a2lo[BNF_COMPENSATED ? BNF_BLOCK_CHANNELS : 1][BNF_LANES];
     bnf_pf pfg, pfx;
     for (ptrdiff_t c = 0; c < k; c++)
         for (int l = 0; l < BNF_LANES; l++) a1[c][l] = a2[c][l] = a3[c][l] = 0;
+#if BNF_COMPENSATED
+    for (ptrdiff_t c = 0; c < k; c++)
+        for (int l = 0; l < BNF_LANES; l++) a1lo[c][l] = a2lo[c][l] = 0;
+#else
+    (void)a1lo;
+    (void)a2lo;
+#endif
     if (x_next) {
         /* this block from cache: x of the next one into L2 meanwhile (its dy with dx) */
         /* from the block's start (BNF_NEXT_FROM_START_BYTES: these blocks are small) */
@@ -840,13 +875,22 @@ BNF_CLONES void BNF_NAME(bnf_bwd_sums_runs)(const T *dy, ptrdiff_t dystride, ptr
     }
     if (k == 1)
         BNF_DISPATCH(bwd_sums_runs, dy, dystride, x, xstride, nruns, len, mean[0], a1[0],
-                     a2[0], a3[0], &pfg, &pfx);
+                     a2[0], a3[0], BNF_LO(a1lo[0], 0), BNF_LO(a2lo[0], 0), &pfg, &pfx);
     else
         BNF_DISPATCH(bwd_sums_block, dy, dystride, dycs, x, xstride, xcs, nruns, len, k, mean,
-                     a1[0], a2[0], a3[0], &pfg, &pfx);
+                     a1[0], a2[0], a3[0], BNF_LO(a1lo[0], 0), BNF_LO(a2lo[0], 0), &pfg,
+                     &pfx);
     for (ptrdiff_t c = 0; c < k; c++) {
+#if BNF_COMPENSATED
+        double hi, lo;
+        bnf_sum_lanes_lo(a1[c], a1lo[c], &hi, &lo);
+        sum_dy[c] = hi + lo;
+        bnf_sum_lanes_lo(a2[c], a2lo[c], &hi, &lo);
+        sum_dy_xmu[c] = hi + lo;
+#else
         sum_dy[c] = bnf_sum_lanes(a1[c]);
         sum_dy_xmu[c] = bnf_sum_lanes(a2[c]);
+#endif
         sum_xmu[c] = bnf_sum_lanes(a3[c]);
     }
 }
@@ -855,17 +899,21 @@ BNF_CLONES void BNF_NAME(bnf_bwd_sums_runs)(const T *dy, ptrdiff_t dystride, ptr
  * prefetching rows up to pf_rows as shifted_sums_rows, but further and into L2
  * (BNF_FAR_ROWS_BYTES).  `near` (from DRAM): the intrinsics loops also prefetch rows
  * nearer into L1 (BNF_NEAR_ROWS_BYTES); these plain loops do not.  Wide rows from DRAM
- * go a row at a time (bnf_sums_rowwise), in both, with the same bits. */
+ * go a row at a time (bnf_sums_rowwise), in both, with the same bits.  sum_dy_lo and
+ * sum_dy_xmu_lo: the low parts of sum_dy and sum_dy_xmu (BNF_COMPENSATED; else NULL). */
 static inline BNF_INLINE void BNF_NAME(bwd_sums_rows)(const T *dy, ptrdiff_t dystride,
                                                      const T *x, ptrdiff_t xstride,
                                                      ptrdiff_t nrows, ptrdiff_t width,
                                                      const double *mean, double *sum_dy,
                                                      double *sum_dy_xmu, double *sum_xmu,
+                                                     double *sum_dy_lo, double *sum_dy_xmu_lo,
                                                      ptrdiff_t pf_rows, int near)
 {
     ptrdiff_t r = 0, ahead = bnf_rows_ahead_by(width * (ptrdiff_t)sizeof(T),
                                                         BNF_FAR_ROWS_BYTES);
-    ptrdiff_t quads_end = bnf_sums_rowwise(width * (ptrdiff_t)sizeof(T), sizeof(T), near)
+    ptrdiff_t quads_end = !BNF_COMPENSATED &&   /* as the intrinsics loop */
+                                  bnf_sums_rowwise(width * (ptrdiff_t)sizeof(T), sizeof(T),
+                                                   near)
                               ? 0 : nrows;
     for (; r + 4 <= quads_end; r += 4) {
         const T *g0 = dy + r * dystride, *g1 = g0 + dystride, *g2 = g1 + dystride,
@@ -884,7 +932,8 @@ static inline BNF_INLINE void BNF_NAME(bwd_sums_rows)(const T *dy, ptrdiff_t dys
 #pragma omp simd
             for (ptrdiff_t c = c0; c < c1; c++)
                 BNF_NAME(bwd_elem4)(g0[c], g1[c], g2[c], g3[c], p0[c], p1[c], p2[c], p3[c],
-                                    mean[c], &sum_dy[c], &sum_dy_xmu[c], &sum_xmu[c]);
+                                    mean[c], &sum_dy[c], &sum_dy_xmu[c], &sum_xmu[c],
+                                    BNF_LO(sum_dy_lo, c), BNF_LO(sum_dy_xmu_lo, c));
         }
     }
     for (; r < nrows; r++) {
@@ -892,7 +941,8 @@ static inline BNF_INLINE void BNF_NAME(bwd_sums_rows)(const T *dy, ptrdiff_t dys
         const T *p = x + r * xstride;
 #pragma omp simd
         for (ptrdiff_t c = 0; c < width; c++)
-            BNF_NAME(bwd_elem)(g[c], p[c], mean[c], &sum_dy[c], &sum_dy_xmu[c], &sum_xmu[c]);
+            BNF_NAME(bwd_elem)(g[c], p[c], mean[c], &sum_dy[c], &sum_dy_xmu[c], &sum_xmu[c],
+                               BNF_LO(sum_dy_lo, c), BNF_LO(sum_dy_xmu_lo, c));
     }
 }
 
@@ -906,14 +956,30 @@ static inline BNF_INLINE void BNF_NAME(bwd_sums_rows_cols)(const T *dy, ptrdiff_
 {
     BNF_ALIGN64 double mbuf[BNF_MAX_WIDTH], s1[BNF_MAX_WIDTH], s2[BNF_MAX_WIDTH],
         s3[BNF_MAX_WIDTH];
+    /* the low parts of the first two sums (BNF_COMPENSATED; the others keep none), added
+     * to them at the end */
+    BNF_ALIGN64 double lo1[BNF_COMPENSATED ? BNF_MAX_WIDTH : 1];
+    BNF_ALIGN64 double lo2[BNF_COMPENSATED ? BNF_MAX_WIDTH : 1];
     double *o1 = sum_dy, *o2 = sum_dy_xmu, *o3 = sum_xmu;
     int local = nrows >= BNF_ALIGN_MIN_ROWS &&
                 (bnf_misaligned(o1) || bnf_misaligned(o2) || bnf_misaligned(o3));
     if (local) o1 = s1, o2 = s2, o3 = s3;
     mean = bnf_aligned(mean, mbuf, width, nrows);
     for (ptrdiff_t c = 0; c < width; c++) o1[c] = o2[c] = o3[c] = 0;
+#if BNF_COMPENSATED
+    for (ptrdiff_t c = 0; c < width; c++) lo1[c] = lo2[c] = 0;
+#else
+    (void)lo1;
+    (void)lo2;
+#endif
     BNF_DISPATCH(bwd_sums_rows, dy, dystride, x, xstride, nrows, width, mean, o1, o2, o3,
-                 nrows, near);
+                 BNF_LO(lo1, 0), BNF_LO(lo2, 0), nrows, near);
+#if BNF_COMPENSATED
+    for (ptrdiff_t c = 0; c < width; c++) {
+        o1[c] += lo1[c];
+        o2[c] += lo2[c];
+    }
+#endif
     if (local) {
         memcpy(sum_dy, s1, (size_t)width * sizeof(double));
         memcpy(sum_dy_xmu, s2, (size_t)width * sizeof(double));
@@ -940,13 +1006,14 @@ static BNF_CLONES BNF_NOINLINE void BNF_NAME(bwd_sums_rows_grouped)(
                                      nrows, w * group, m, s1, s2, s3, near);
         for (ptrdiff_t c = 0; c < w; c++) {
             double t1 = s1[c * group], t2 = s2[c * group], t3 = s3[c * group];
+            double t1lo = 0, t2lo = 0;
             for (ptrdiff_t i = 1; i < group; i++) {
-                t1 += s1[c * group + i];
-                t2 += s2[c * group + i];
+                BNF_ADD_LO(t1, t1lo, s1[c * group + i]);
+                BNF_ADD_LO(t2, t2lo, s2[c * group + i]);
                 t3 += s3[c * group + i];
             }
-            sum_dy[c0 + c] = t1;
-            sum_dy_xmu[c0 + c] = t2;
+            sum_dy[c0 + c] = BNF_COMPENSATED ? t1 + t1lo : t1;
+            sum_dy_xmu[c0 + c] = BNF_COMPENSATED ? t2 + t2lo : t2;
             sum_xmu[c0 + c] = t3;
         }
     }
@@ -965,11 +1032,22 @@ static BNF_CLONES BNF_NOINLINE void BNF_NAME(bwd_sums_rows_folded)(
     ptrdiff_t fw = k * width, nf = nrows / k;
     bnf_repeat_factors(dst, src, 1, width, fw, 0);
     BNF_NAME(bwd_sums_rows_cols)(dy, fw, x, fw, nf, fw, m, s1, s2, s3, near);
+    /* the low parts (BNF_COMPENSATED, BNF_ADD_LO; the others keep none).  Widths here
+     * pass BNF_FOLD_WIDTH (narrow rows folded from DRAM, bnf_sums_fold_from_dram). */
+    BNF_ALIGN64 double lo1[BNF_COMPENSATED ? BNF_MAX_WIDTH : 1];
+    BNF_ALIGN64 double lo2[BNF_COMPENSATED ? BNF_MAX_WIDTH : 1];
+#if !BNF_COMPENSATED
+    (void)lo1;
+    (void)lo2;
+#endif
     for (ptrdiff_t c = 0; c < width; c++) {
         double t1 = s1[c], t2 = s2[c], t3 = s3[c];
+#if BNF_COMPENSATED
+        lo1[c] = lo2[c] = 0;
+#endif
         for (ptrdiff_t i = 1; i < k; i++) {
-            t1 += s1[i * width + c];
-            t2 += s2[i * width + c];
+            BNF_ADD_LO(t1, lo1[c], s1[i * width + c]);
+            BNF_ADD_LO(t2, lo2[c], s2[i * width + c]);
             t3 += s3[i * width + c];
         }
         sum_dy[c] = t1;
@@ -980,11 +1058,17 @@ static BNF_CLONES BNF_NOINLINE void BNF_NAME(bwd_sums_rows_folded)(
         BNF_NAME(bwd_sums_rows_cols)(dy + nf * fw, width, x + nf * fw, width, nrows - nf * k,
                                      width, m, s1, s2, s3, near);
         for (ptrdiff_t c = 0; c < width; c++) {
-            sum_dy[c] += s1[c];
-            sum_dy_xmu[c] += s2[c];
+            BNF_ADD_LO(sum_dy[c], lo1[c], s1[c]);
+            BNF_ADD_LO(sum_dy_xmu[c], lo2[c], s2[c]);
             sum_xmu[c] += s3[c];
         }
     }
+#if BNF_COMPENSATED
+    for (ptrdiff_t c = 0; c < width; c++) {
+        sum_dy[c] += lo1[c];
+        sum_dy_xmu[c] += lo2[c];
+    }
+#endif
 }
 
 BNF_CLONES void BNF_NAME(bnf_bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const T *x,
@@ -1285,3 +1369,4 @@ BNF_CLONES void BNF_NAME(bnf_bwd_dx_rows)(const T *dy, ptrdiff_t dystride, const
 #undef BNF_REDO_RATIO
 #undef BNF_COMPENSATED
 #undef BNF_LO
+#undef BNF_ADD_LO

@@ -555,8 +555,8 @@ BNF_SIMD_FN void BNF_SIMD(norm_rows_run)(const T *x, ptrdiff_t xstride, T *q,
  * loop, the lanes stored and reloaded around it.  The same lanes and bits either way. */
 BNF_SIMD_FN inline BNF_INLINE void BNF_SIMD(bwd_sums_runs_body)(
     const T *dy, ptrdiff_t dystride, const T *x, ptrdiff_t xstride, ptrdiff_t nruns,
-    ptrdiff_t len, double mean, double *a1, double *a2, double *a3, bnf_pf *pfg, bnf_pf *pfx,
-    const int masked)
+    ptrdiff_t len, double mean, double *a1, double *a2, double *a3, double *a1lo,
+    double *a2lo, bnf_pf *pfg, bnf_pf *pfx, const int masked)
 {
     /* sum dy and sum (x - mean) by fused multiply-adds with 1 (exact: the bits of the
      * adds) where bnf_adds_as_fma: on Zen 4 the adds share their pipes with the
@@ -564,12 +564,30 @@ BNF_SIMD_FN inline BNF_INLINE void BNF_SIMD(bwd_sums_runs_body)(
      * harness, in L2; (64, 8, 28, 28) backward 0.96x); on an Intel Xeon (64, 256, 28,
      * 28) backward took 1.04x the time that way, in-cache ones 1.00-1.01x */
     BNF_VD s1[BNF_NV], s2[BNF_NV], s3[BNF_NV], vm = BNF_VSET1(mean), one = BNF_VSET1(1.0);
+    BNF_VD e1[BNF_NV], e2[BNF_NV];   /* the low parts of s1, s2 (BNF_COMPENSATED) */
     const int fma_adds = bnf_adds_as_fma;
 #define BNF_ACC(s, v) (fma_adds ? BNF_VFMA((v), one, (s)) : BNF_VADD((s), (v)))
+    /* s1 and s2 updated by g and d: s1 += g, s2 += g d (compensated: bnf_two_sum, the
+     * product rounded first) */
+#if BNF_COMPENSATED
+#define BNF_BWD_ACC(v, gi, d)                            \
+    do {                                                 \
+        BNF_VTWO_SUM(s1[v], e1[v], (gi));                \
+        BNF_VTWO_SUM(s2[v], e2[v], BNF_VMUL((gi), (d))); \
+    } while (0)
+#else
+#define BNF_BWD_ACC(v, gi, d)                  \
+    do {                                       \
+        s1[v] = BNF_ACC(s1[v], (gi));          \
+        s2[v] = BNF_VFMA((gi), (d), s2[v]);    \
+    } while (0)
+#endif
     for (int v = 0; v < BNF_NV; v++) {
         s1[v] = BNF_VLD(a1 + BNF_VW * v);
         s2[v] = BNF_VLD(a2 + BNF_VW * v);
         s3[v] = BNF_VLD(a3 + BNF_VW * v);
+        e1[v] = BNF_COMPENSATED ? BNF_VLD(a1lo + BNF_VW * v) : BNF_VZERO();
+        e2[v] = BNF_COMPENSATED ? BNF_VLD(a2lo + BNF_VW * v) : BNF_VZERO();
     }
     for (ptrdiff_t r = 0; r < nruns; r++) {
         const T *g = dy + r * dystride;
@@ -579,12 +597,32 @@ BNF_SIMD_FN inline BNF_INLINE void BNF_SIMD(bwd_sums_runs_body)(
             b1 = BNF_SUMS_BLOCK_END(i, len);
             bnf_pf_advance(pfg, (b1 - i) * (ptrdiff_t)sizeof(T));
             bnf_pf_advance(pfx, (b1 - i) * (ptrdiff_t)sizeof(T));
+#if BNF_COMPENSATED
+            /* a whole block: each lane's four elements as bwd_elem4 */
+            if (b1 - i == BNF_SUMS_BLOCK) {
+                for (int v = 0; v < BNF_NV; v++) {
+                    const T *gq = g + i + BNF_VW * v, *pq = p + i + BNF_VW * v;
+                    BNF_VD a0 = BNF_VLDT(gq), a1v = BNF_VLDT(gq + BNF_LANES);
+                    BNF_VD a2v = BNF_VLDT(gq + 2 * BNF_LANES), a3v = BNF_VLDT(gq + 3 * BNF_LANES);
+                    BNF_VD d0 = BNF_VSUB(BNF_VLDT(pq), vm);
+                    BNF_VD d1 = BNF_VSUB(BNF_VLDT(pq + BNF_LANES), vm);
+                    BNF_VD d2 = BNF_VSUB(BNF_VLDT(pq + 2 * BNF_LANES), vm);
+                    BNF_VD d3 = BNF_VSUB(BNF_VLDT(pq + 3 * BNF_LANES), vm);
+                    BNF_VTWO_SUM(s1[v], e1[v], BNF_VADD(BNF_VADD(a0, a1v), BNF_VADD(a2v, a3v)));
+                    BNF_VTWO_SUM(s2[v], e2[v],
+                                 BNF_VADD(BNF_VFMA(a0, d0, BNF_VMUL(a1v, d1)),
+                                          BNF_VFMA(a2v, d2, BNF_VMUL(a3v, d3))));
+                    s3[v] = BNF_VADD(s3[v], BNF_VADD(BNF_VADD(d0, d1), BNF_VADD(d2, d3)));
+                }
+                i = b1;
+                continue;
+            }
+#endif
             for (; i < b1; i += BNF_LANES)
                 for (int v = 0; v < BNF_NV; v++) {
                     BNF_VD gi = BNF_VLDT(g + i + BNF_VW * v);
                     BNF_VD d = BNF_VSUB(BNF_VLDT(p + i + BNF_VW * v), vm);
-                    s1[v] = BNF_ACC(s1[v], gi);
-                    s2[v] = BNF_VFMA(gi, d, s2[v]);
+                    BNF_BWD_ACC(v, gi, d);
                     s3[v] = BNF_ACC(s3[v], d);
                 }
         }
@@ -602,8 +640,7 @@ BNF_SIMD_FN inline BNF_INLINE void BNF_SIMD(bwd_sums_runs_body)(
             ptrdiff_t o = t + BNF_VW * v;
             if (o + BNF_VW <= len) {
                 BNF_VD gi = BNF_VLDT(g + o), d = BNF_VSUB(BNF_VLDT(p + o), vm);
-                s1[v] = BNF_ACC(s1[v], gi);
-                s2[v] = BNF_VFMA(gi, d, s2[v]);
+                BNF_BWD_ACC(v, gi, d);
                 s3[v] = BNF_ACC(s3[v], d);
             }
 #if BNF_MASKED
@@ -611,8 +648,18 @@ BNF_SIMD_FN inline BNF_INLINE void BNF_SIMD(bwd_sums_runs_body)(
                 __mmask8 k = (__mmask8)((1u << (len - o)) - 1);
                 BNF_VD gi = BNF_VLDT_MASK(k, g + o);
                 BNF_VD d = BNF_VSUB(BNF_VLDT_MASK(k, p + o), vm);
+#if BNF_COMPENSATED
+                BNF_VD t1 = s1[v], t1e = e1[v], t2 = s2[v], t2e = e2[v];
+                BNF_VTWO_SUM(t1, t1e, gi);
+                BNF_VTWO_SUM(t2, t2e, BNF_VMUL(gi, d));
+                s1[v] = _mm512_mask_mov_pd(s1[v], k, t1);
+                e1[v] = _mm512_mask_mov_pd(e1[v], k, t1e);
+                s2[v] = _mm512_mask_mov_pd(s2[v], k, t2);
+                e2[v] = _mm512_mask_mov_pd(e2[v], k, t2e);
+#else
                 s1[v] = _mm512_mask_add_pd(s1[v], k, s1[v], gi);
                 s2[v] = _mm512_mask3_fmadd_pd(gi, d, s2[v], k);
+#endif
                 s3[v] = _mm512_mask_add_pd(s3[v], k, s3[v], d);
             }
 #endif
@@ -623,13 +670,22 @@ BNF_SIMD_FN inline BNF_INLINE void BNF_SIMD(bwd_sums_runs_body)(
                 BNF_VST(a1 + BNF_VW * v, s1[v]);
                 BNF_VST(a2 + BNF_VW * v, s2[v]);
                 BNF_VST(a3 + BNF_VW * v, s3[v]);
+                if (BNF_COMPENSATED) {
+                    BNF_VST(a1lo + BNF_VW * v, e1[v]);
+                    BNF_VST(a2lo + BNF_VW * v, e2[v]);
+                }
             }
             for (ptrdiff_t l = i - t; i < len; i++, l++)
-                BNF_SE(bwd_elem)(g[i], p[i], mean, &a1[l], &a2[l], &a3[l]);
+                BNF_SE(bwd_elem)(g[i], p[i], mean, &a1[l], &a2[l], &a3[l], BNF_LO(a1lo, l),
+                                 BNF_LO(a2lo, l));
             for (int v = 0; v < BNF_NV; v++) {
                 s1[v] = BNF_VLD(a1 + BNF_VW * v);
                 s2[v] = BNF_VLD(a2 + BNF_VW * v);
                 s3[v] = BNF_VLD(a3 + BNF_VW * v);
+                if (BNF_COMPENSATED) {
+                    e1[v] = BNF_VLD(a1lo + BNF_VW * v);
+                    e2[v] = BNF_VLD(a2lo + BNF_VW * v);
+                }
             }
         }
     }
@@ -637,8 +693,15 @@ BNF_SIMD_FN inline BNF_INLINE void BNF_SIMD(bwd_sums_runs_body)(
         BNF_VST(a1 + BNF_VW * v, s1[v]);
         BNF_VST(a2 + BNF_VW * v, s2[v]);
         BNF_VST(a3 + BNF_VW * v, s3[v]);
+        if (BNF_COMPENSATED) {
+            BNF_VST(a1lo + BNF_VW * v, e1[v]);
+            BNF_VST(a2lo + BNF_VW * v, e2[v]);
+        }
     }
+    (void)e1;
+    (void)e2;
 #undef BNF_ACC
+#undef BNF_BWD_ACC
 }
 
 #if BNF_MASKED
@@ -650,27 +713,28 @@ BNF_SIMD_FN inline BNF_INLINE void BNF_SIMD(bwd_sums_runs_body)(
  * 0.92-0.98x; two threads 0.91-0.97x; 28 x 28 1.00x. */
 BNF_SIMD_FN BNF_NOINLINE void BNF_SIMD(bwd_sums_runs_masked)(
     const T *dy, ptrdiff_t dystride, const T *x, ptrdiff_t xstride, ptrdiff_t nruns,
-    ptrdiff_t len, double mean, double *a1, double *a2, double *a3, bnf_pf *pfg, bnf_pf *pfx)
+    ptrdiff_t len, double mean, double *a1, double *a2, double *a3, double *a1lo, double *a2lo,
+    bnf_pf *pfg, bnf_pf *pfx)
 {
-    BNF_SIMD(bwd_sums_runs_body)(dy, dystride, x, xstride, nruns, len, mean, a1, a2, a3, pfg,
-                                 pfx, 1);
+    BNF_SIMD(bwd_sums_runs_body)(dy, dystride, x, xstride, nruns, len, mean, a1, a2, a3, a1lo,
+                                 a2lo, pfg, pfx, 1);
 }
 #endif
 
 BNF_SIMD_FN void BNF_SIMD(bwd_sums_runs)(const T *dy, ptrdiff_t dystride, const T *x,
                                          ptrdiff_t xstride, ptrdiff_t nruns, ptrdiff_t len,
                                          double mean, double *a1, double *a2, double *a3,
-                                         bnf_pf *pfg, bnf_pf *pfx)
+                                         double *a1lo, double *a2lo, bnf_pf *pfg, bnf_pf *pfx)
 {
 #if BNF_MASKED
     if (len % BNF_VW) {
         BNF_SIMD(bwd_sums_runs_masked)(dy, dystride, x, xstride, nruns, len, mean, a1, a2, a3,
-                                       pfg, pfx);
+                                       a1lo, a2lo, pfg, pfx);
         return;
     }
 #endif
-    BNF_SIMD(bwd_sums_runs_body)(dy, dystride, x, xstride, nruns, len, mean, a1, a2, a3, pfg,
-                                 pfx, 0);
+    BNF_SIMD(bwd_sums_runs_body)(dy, dystride, x, xstride, nruns, len, mean, a1, a2, a3, a1lo,
+                                 a2lo, pfg, pfx, 0);
 }
 
 /* k channels of runs a row of them at a time (bnf_bwd_sums_runs), channel c's lanes at
@@ -679,24 +743,26 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_runs)(const T *dy, ptrdiff_t dystride, const 
 BNF_SIMD_FN inline BNF_INLINE void BNF_SIMD(bwd_sums_block_body)(
     const T *dy, ptrdiff_t dystride, ptrdiff_t dycs, const T *x, ptrdiff_t xstride,
     ptrdiff_t xcs, ptrdiff_t nruns, ptrdiff_t len, ptrdiff_t k, const double *mean,
-    double *a1, double *a2, double *a3, bnf_pf *pfg, bnf_pf *pfx, const int masked)
+    double *a1, double *a2, double *a3, double *a1lo, double *a2lo, bnf_pf *pfg, bnf_pf *pfx,
+    const int masked)
 {
     for (ptrdiff_t r = 0; r < nruns; r++)
         for (ptrdiff_t c = 0; c < k; c++)
             BNF_SIMD(bwd_sums_runs_body)(dy + r * dystride + c * dycs, dystride,
                                          x + r * xstride + c * xcs, xstride, 1, len, mean[c],
                                          a1 + c * BNF_LANES, a2 + c * BNF_LANES,
-                                         a3 + c * BNF_LANES, pfg, pfx, masked);
+                                         a3 + c * BNF_LANES, BNF_LO(a1lo, c * BNF_LANES),
+                                         BNF_LO(a2lo, c * BNF_LANES), pfg, pfx, masked);
 }
 
 #if BNF_MASKED
 BNF_SIMD_FN BNF_NOINLINE void BNF_SIMD(bwd_sums_block_masked)(
     const T *dy, ptrdiff_t dystride, ptrdiff_t dycs, const T *x, ptrdiff_t xstride,
     ptrdiff_t xcs, ptrdiff_t nruns, ptrdiff_t len, ptrdiff_t k, const double *mean,
-    double *a1, double *a2, double *a3, bnf_pf *pfg, bnf_pf *pfx)
+    double *a1, double *a2, double *a3, double *a1lo, double *a2lo, bnf_pf *pfg, bnf_pf *pfx)
 {
     BNF_SIMD(bwd_sums_block_body)(dy, dystride, dycs, x, xstride, xcs, nruns, len, k, mean,
-                                  a1, a2, a3, pfg, pfx, 1);
+                                  a1, a2, a3, a1lo, a2lo, pfg, pfx, 1);
 }
 #endif
 
@@ -704,30 +770,35 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_block)(const T *dy, ptrdiff_t dystride, ptrdi
                                           const T *x, ptrdiff_t xstride, ptrdiff_t xcs,
                                           ptrdiff_t nruns, ptrdiff_t len, ptrdiff_t k,
                                           const double *mean, double *a1, double *a2,
-                                          double *a3, bnf_pf *pfg, bnf_pf *pfx)
+                                          double *a3, double *a1lo, double *a2lo, bnf_pf *pfg,
+                                          bnf_pf *pfx)
 {
 #if BNF_MASKED
     if (len % BNF_VW) {
         BNF_SIMD(bwd_sums_block_masked)(dy, dystride, dycs, x, xstride, xcs, nruns, len, k,
-                                        mean, a1, a2, a3, pfg, pfx);
+                                        mean, a1, a2, a3, a1lo, a2lo, pfg, pfx);
         return;
     }
 #endif
     BNF_SIMD(bwd_sums_block_body)(dy, dystride, dycs, x, xstride, xcs, nruns, len, k, mean,
-                                  a1, a2, a3, pfg, pfx, 0);
+                                  a1, a2, a3, a1lo, a2lo, pfg, pfx, 0);
 }
 
 BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const T *x,
                                          ptrdiff_t xstride, ptrdiff_t nrows, ptrdiff_t width,
                                          const double *mean, double *sum_dy,
-                                         double *sum_dy_xmu, double *sum_xmu, ptrdiff_t pf_rows,
-                                         int near)
+                                         double *sum_dy_xmu, double *sum_xmu, double *sum_dy_lo,
+                                         double *sum_dy_xmu_lo, ptrdiff_t pf_rows, int near)
 {
     ptrdiff_t r = 0, ahead = bnf_rows_ahead_by(width * (ptrdiff_t)sizeof(T),
                                                         BNF_FAR_ROWS_BYTES);
     ptrdiff_t nearby = near ? bnf_rows_ahead_by(width * (ptrdiff_t)sizeof(T),
                                                 BNF_NEAR_ROWS_BYTES) : 0;
-    int rowwise = bnf_sums_rowwise(width * (ptrdiff_t)sizeof(T), sizeof(T), near);
+    /* BNF_COMPENSATED (float64) keeps four rows at a time from DRAM too: a row at a time,
+     * two more accumulators loaded and stored a row, (200704, 64) and (64, 28, 28, 256)
+     * backward took 1.08-1.13x the time of the plain sums, four rows 1.01-1.04x */
+    int rowwise = !BNF_COMPENSATED &&
+                  bnf_sums_rowwise(width * (ptrdiff_t)sizeof(T), sizeof(T), near);
     ptrdiff_t quads_end = rowwise ? 0 : nrows;
     ptrdiff_t ahead1 = rowwise ? bnf_rows_ahead_by(width * (ptrdiff_t)sizeof(T),
                                                    BNF_ROWWISE_AHEAD_BYTES) : 0;
@@ -762,13 +833,25 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const 
             BNF_VD t2 = BNF_VADD(BNF_VFMA(a0, d0, BNF_VMUL(a1, d1)),
                                  BNF_VFMA(a2, d2, BNF_VMUL(a3, d3)));
             BNF_VD t3 = BNF_VADD(BNF_VADD(d0, d1), BNF_VADD(d2, d3));
+#if BNF_COMPENSATED
+            BNF_VD u1 = BNF_VLD(sum_dy + c), u1e = BNF_VLD(sum_dy_lo + c);
+            BNF_VD u2 = BNF_VLD(sum_dy_xmu + c), u2e = BNF_VLD(sum_dy_xmu_lo + c);
+            BNF_VTWO_SUM(u1, u1e, t1);
+            BNF_VTWO_SUM(u2, u2e, t2);
+            BNF_VST(sum_dy + c, u1);
+            BNF_VST(sum_dy_lo + c, u1e);
+            BNF_VST(sum_dy_xmu + c, u2);
+            BNF_VST(sum_dy_xmu_lo + c, u2e);
+#else
             BNF_VST(sum_dy + c, BNF_VADD(BNF_VLD(sum_dy + c), t1));
             BNF_VST(sum_dy_xmu + c, BNF_VADD(BNF_VLD(sum_dy_xmu + c), t2));
+#endif
             BNF_VST(sum_xmu + c, BNF_VADD(BNF_VLD(sum_xmu + c), t3));
         }
         for (; c < width; c++)
             BNF_SE(bwd_elem4)(g0[c], g1[c], g2[c], g3[c], p0[c], p1[c], p2[c], p3[c],
-                              mean[c], &sum_dy[c], &sum_dy_xmu[c], &sum_xmu[c]);
+                              mean[c], &sum_dy[c], &sum_dy_xmu[c], &sum_xmu[c],
+                              BNF_LO(sum_dy_lo, c), BNF_LO(sum_dy_xmu_lo, c));
     }
     /* the rows left over, or all of them (rowwise: prefetching) */
     for (; r < nrows; r++) {
@@ -783,12 +866,24 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const 
                     BNF_PREFETCH(pa + l);
                 }
             BNF_VD gi = BNF_VLDT(g + c), d = BNF_VSUB(BNF_VLDT(p + c), BNF_VLD(mean + c));
+#if BNF_COMPENSATED
+            BNF_VD u1 = BNF_VLD(sum_dy + c), u1e = BNF_VLD(sum_dy_lo + c);
+            BNF_VD u2 = BNF_VLD(sum_dy_xmu + c), u2e = BNF_VLD(sum_dy_xmu_lo + c);
+            BNF_VTWO_SUM(u1, u1e, gi);
+            BNF_VTWO_SUM(u2, u2e, BNF_VMUL(gi, d));
+            BNF_VST(sum_dy + c, u1);
+            BNF_VST(sum_dy_lo + c, u1e);
+            BNF_VST(sum_dy_xmu + c, u2);
+            BNF_VST(sum_dy_xmu_lo + c, u2e);
+#else
             BNF_VST(sum_dy + c, BNF_VADD(BNF_VLD(sum_dy + c), gi));
             BNF_VST(sum_dy_xmu + c, BNF_VFMA(gi, d, BNF_VLD(sum_dy_xmu + c)));
+#endif
             BNF_VST(sum_xmu + c, BNF_VADD(BNF_VLD(sum_xmu + c), d));
         }
         for (; c < width; c++)
-            BNF_SE(bwd_elem)(g[c], p[c], mean[c], &sum_dy[c], &sum_dy_xmu[c], &sum_xmu[c]);
+            BNF_SE(bwd_elem)(g[c], p[c], mean[c], &sum_dy[c], &sum_dy_xmu[c], &sum_xmu[c],
+                             BNF_LO(sum_dy_lo, c), BNF_LO(sum_dy_xmu_lo, c));
     }
 }
 

@@ -450,7 +450,7 @@ def test_prefetching_the_next_channel_changes_no_bits(n_threads, shape):
 def test_rows_from_dram_sum_a_row_at_a_time(dtype, shape, axis):
     """From DRAM (lowered here) the backward sums of rows of 512 bytes or more (wide
     rows; narrower ones folded to such; short runs read as rows) go a row at a time in
-    memory order, not four: another order of the additions than in cache, the same
+    memory order, not four (float32; float64's compensated sums keep four): another order of the additions than in cache, the same
     bits for any thread count (and for the sums exchanged over processes), and right."""
     x = make_values(shape, dtype, 8, axis=axis, offset=1e4)
     dy = make_values(shape, dtype, 9, axis=axis)
