@@ -181,6 +181,14 @@
         (e) = BNF_VADD((e), BNF_VADD(BNF_VSUB((b), BNF_VSUB(t_, z_)), BNF_VSUB(v_, z_))); \
         (b) = t_;                                                                         \
     } while (0)
+/* The same on the vectors at memory hi and lo (the rows loops' column sums) */
+#define BNF_VTWO_SUM_AT(hi, lo, v)                                                        \
+    do {                                                                                  \
+        BNF_VD h_ = BNF_VLD(hi), l_ = BNF_VLD(lo);                                        \
+        BNF_VTWO_SUM(h_, l_, v);                                                          \
+        BNF_VST((hi), h_);                                                                \
+        BNF_VST((lo), l_);                                                                \
+    } while (0)
 #if BNF_COMPENSATED
 #define BNF_VSQ_ACC(b, e, d) BNF_VTWO_SUM(b, e, BNF_VMUL((d), (d)))
 #define BNF_VSQ_ACC_MASK(b, e, d, m)                                                      \
@@ -342,10 +350,7 @@ BNF_SIMD_FN void BNF_SIMD(shifted_sums_rows)(const T *base, ptrdiff_t k, ptrdiff
                                  BNF_VFMA(d2, d2, BNF_VMUL(d3, d3)));
             BNF_VST(s1 + c, BNF_VADD(BNF_VLD(s1 + c), t1));
 #if BNF_COMPENSATED
-            BNF_VD b = BNF_VLD(s2 + c), e = BNF_VLD(s2lo + c);
-            BNF_VTWO_SUM(b, e, t2);
-            BNF_VST(s2 + c, b);
-            BNF_VST(s2lo + c, e);
+            BNF_VTWO_SUM_AT(s2 + c, s2lo + c, t2);
 #else
             BNF_VST(s2 + c, BNF_VADD(BNF_VLD(s2 + c), t2));
 #endif
@@ -361,10 +366,7 @@ BNF_SIMD_FN void BNF_SIMD(shifted_sums_rows)(const T *base, ptrdiff_t k, ptrdiff
             BNF_VD d = BNF_VSUB(BNF_VLDT(p + c), BNF_VLD(shift + c));
             BNF_VST(s1 + c, BNF_VADD(BNF_VLD(s1 + c), d));
 #if BNF_COMPENSATED
-            BNF_VD b = BNF_VLD(s2 + c), e = BNF_VLD(s2lo + c);
-            BNF_VSQ_ACC(b, e, d);
-            BNF_VST(s2 + c, b);
-            BNF_VST(s2lo + c, e);
+            BNF_VTWO_SUM_AT(s2 + c, s2lo + c, BNF_VMUL(d, d));
 #else
             BNF_VST(s2 + c, BNF_VFMA(d, d, BNF_VLD(s2 + c)));
 #endif
@@ -834,14 +836,8 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const 
                                  BNF_VFMA(a2, d2, BNF_VMUL(a3, d3)));
             BNF_VD t3 = BNF_VADD(BNF_VADD(d0, d1), BNF_VADD(d2, d3));
 #if BNF_COMPENSATED
-            BNF_VD u1 = BNF_VLD(sum_dy + c), u1e = BNF_VLD(sum_dy_lo + c);
-            BNF_VD u2 = BNF_VLD(sum_dy_xmu + c), u2e = BNF_VLD(sum_dy_xmu_lo + c);
-            BNF_VTWO_SUM(u1, u1e, t1);
-            BNF_VTWO_SUM(u2, u2e, t2);
-            BNF_VST(sum_dy + c, u1);
-            BNF_VST(sum_dy_lo + c, u1e);
-            BNF_VST(sum_dy_xmu + c, u2);
-            BNF_VST(sum_dy_xmu_lo + c, u2e);
+            BNF_VTWO_SUM_AT(sum_dy + c, sum_dy_lo + c, t1);
+            BNF_VTWO_SUM_AT(sum_dy_xmu + c, sum_dy_xmu_lo + c, t2);
 #else
             BNF_VST(sum_dy + c, BNF_VADD(BNF_VLD(sum_dy + c), t1));
             BNF_VST(sum_dy_xmu + c, BNF_VADD(BNF_VLD(sum_dy_xmu + c), t2));
@@ -867,14 +863,8 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const 
                 }
             BNF_VD gi = BNF_VLDT(g + c), d = BNF_VSUB(BNF_VLDT(p + c), BNF_VLD(mean + c));
 #if BNF_COMPENSATED
-            BNF_VD u1 = BNF_VLD(sum_dy + c), u1e = BNF_VLD(sum_dy_lo + c);
-            BNF_VD u2 = BNF_VLD(sum_dy_xmu + c), u2e = BNF_VLD(sum_dy_xmu_lo + c);
-            BNF_VTWO_SUM(u1, u1e, gi);
-            BNF_VTWO_SUM(u2, u2e, BNF_VMUL(gi, d));
-            BNF_VST(sum_dy + c, u1);
-            BNF_VST(sum_dy_lo + c, u1e);
-            BNF_VST(sum_dy_xmu + c, u2);
-            BNF_VST(sum_dy_xmu_lo + c, u2e);
+            BNF_VTWO_SUM_AT(sum_dy + c, sum_dy_lo + c, gi);
+            BNF_VTWO_SUM_AT(sum_dy_xmu + c, sum_dy_xmu_lo + c, BNF_VMUL(gi, d));
 #else
             BNF_VST(sum_dy + c, BNF_VADD(BNF_VLD(sum_dy + c), gi));
             BNF_VST(sum_dy_xmu + c, BNF_VFMA(gi, d, BNF_VLD(sum_dy_xmu + c)));
@@ -1009,6 +999,7 @@ BNF_SIMD_FN void BNF_SIMD(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x
 #undef BNF_SUMS_BLOCK
 #undef BNF_SUMS_BLOCK_END
 #undef BNF_VTWO_SUM
+#undef BNF_VTWO_SUM_AT
 #undef BNF_VSQ_ACC
 #undef BNF_VSQ_ACC_MASK
 #undef BNF_LINE_COLS
