@@ -51,6 +51,7 @@ cdef extern from "bnfast_kernels.h" nogil:
     enum: BNF_TILE_ELEMS
     enum: BNF_CHUNK
     void bnf_two_sum(double *s, double *lo, double v)
+    double bnf_fold_lo(double s, double lo)
     void bnf_moments_merge(bnf_moments *a, const bnf_moments *b)
     void bnf_moments_merge_lo(bnf_moments *a, double *m2lo, const bnf_moments *b)
     Py_ssize_t bnf_group_block(Py_ssize_t cols, Py_ssize_t group)
@@ -782,7 +783,8 @@ cdef void _seg_unit(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssize_t r0
     cdef double *s2
     cdef double *s3
     if kind != K_BDX:
-        memset(lo1, 0, 2 * w * sizeof(double))
+        memset(lo1, 0, w * sizeof(double))
+        memset(lo2, 0, w * sizeof(double))
         r = r0
         while r < r0 + nr:
             n = _piece(j, r, r0 + nr)
@@ -812,10 +814,10 @@ cdef void _seg_unit(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssize_t r0
             r += n
         for c in range(w):
             if not bwd:
-                mom[c].m2 += lo1[c]
+                mom[c].m2 = bnf_fold_lo(mom[c].m2, lo1[c])
             else:
-                sdy[c] += lo1[c]
-                sdyx[c] += lo2[c]
+                sdy[c] = bnf_fold_lo(sdy[c], lo1[c])
+                sdyx[c] = bnf_fold_lo(sdyx[c], lo2[c])
         if kind == K_STATS or kind == K_BSUMS:
             return
         if kind == K_FWD:
@@ -1340,8 +1342,8 @@ cdef void _sum_units(Job *j) noexcept:
             bnf_two_sum(&j.s_dy[c], &lo_dy, j.s_dy[sb * C + c])
             bnf_two_sum(&j.s_dyx[c], &lo_dyx, j.s_dyx[sb * C + c])
             j.s_xm[c] += j.s_xm[sb * C + c]
-        j.s_dy[c] += lo_dy
-        j.s_dyx[c] += lo_dyx
+        j.s_dy[c] = bnf_fold_lo(j.s_dy[c], lo_dy)
+        j.s_dyx[c] = bnf_fold_lo(j.s_dyx[c], lo_dyx)
 
 
 cdef void _plan(Job *j, Py_ssize_t itemsize, int narrays, bint elementwise=False) noexcept:
@@ -2493,7 +2495,7 @@ cdef int _stats(Job *j) except -1:
         m2lo = 0
         for sb in range(1, j.nsb):
             bnf_moments_merge_lo(&j.mom[c], &m2lo, &j.mom[sb * C + c])
-        j.mom[c].m2 += m2lo
+        j.mom[c].m2 = bnf_fold_lo(j.mom[c].m2, m2lo)
     return 0
 
 

@@ -179,7 +179,7 @@ class Moments:
 
     def __reduce__(self):
         return (Moments._trusted, (self._count.copy(), self._mean.copy(), self._m2.copy(),
-                                   self._lo.copy()))
+                                   self._lo.copy(), self._m2lo.copy()))
 
     def __repr__(self):
         return (f"Moments(count={self._count!r}, mean={self._mean!r}, m2={self._m2!r})")
@@ -338,13 +338,13 @@ def _merge(a, b):
         m2, m2lo = _two_sum(m2, ((a._m2lo + b._m2lo) + e1) + e2)
         overflow = ~np.isfinite(m2lo)
         m2 = np.where(overflow, (a._m2 + b._m2) + shift_m2, m2)
+        m2lo = np.where(overflow, 0.0, m2lo)
     a_empty, b_empty = na == 0, nb == 0
     mean = np.where(a_empty, b._mean, np.where(b_empty, a._mean, mean))
     lo = np.where(a_empty, b._lo, np.where(b_empty, a._lo, lo))
     m2 = np.where(a_empty, b._m2, np.where(b_empty, a._m2, m2))
     m2lo = np.where(a_empty, b._m2lo, np.where(b_empty, a._m2lo, m2lo))
     lo = np.where(np.isfinite(lo), lo, 0.0)
-    m2lo = np.where(overflow | ~np.isfinite(m2lo), 0.0, m2lo)
     return Moments._trusted(n, mean, m2, lo, m2lo)
 
 

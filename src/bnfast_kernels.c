@@ -684,7 +684,7 @@ static inline BNF_INLINE double bnf_tile_m2_lo(double sdd, double sdd_lo, double
 {
     double r = fma(-lo, n, sd), p = sd * lo, p_lo = fma(sd, lo, -p), e = 0;
     bnf_two_sum(&sdd, &e, -p);
-    return sdd + (((e + sdd_lo) - p_lo) - sd * (r * inv_n));
+    return bnf_fold_lo(sdd, ((e + sdd_lo) - p_lo) - sd * (r * inv_n));
 }
 
 const char *bnf_simd_isa(void)

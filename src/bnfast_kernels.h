@@ -119,6 +119,13 @@ static inline void bnf_two_sum(double *s, double *lo, double v)
     *s = t;
 }
 
+/* A compensated sum s + lo as one double.  An infinite part makes lo NaN (inf - inf in
+ * bnf_two_sum) while s holds the plain sum's inf or NaN: then s, as plain sums give. */
+static inline double bnf_fold_lo(double s, double lo)
+{
+    return lo - lo == 0 ? s + lo : s;
+}
+
 /* Merge b into a (Chan et al.); exact when either part is empty.  m2lo (or NULL): a->m2
  * compensated, its rounding errors collected there (bnf_two_sum) for the caller to add
  * at the end: a kernel's tiles merged one after another (a 2M-element channel, 61

@@ -174,7 +174,7 @@ BNF_CLONES void BNF_NAME(bnf_stats_runs)(const T *x, ptrdiff_t nruns, ptrdiff_t 
         }
     }
 #undef BNF_SHIFT
-    m->m2 += m2lo;
+    m->m2 = bnf_fold_lo(m->m2, m2lo);
 }
 
 /* Rows form: sums of d = x - shift[c] and d^2 per channel over `k` rows, four rows at
@@ -360,7 +360,7 @@ static inline BNF_INLINE void BNF_NAME(stats_rows_cols)(const T *x, ptrdiff_t nr
         m[c].hi = hi[c];
         m[c].lo = lo[c];
 #if BNF_COMPENSATED
-        m[c].m2 = m2[c] + m2lo[c];
+        m[c].m2 = bnf_fold_lo(m2[c], m2lo[c]);
 #else
         m[c].m2 = m2[c];
 #endif
@@ -414,7 +414,7 @@ static BNF_CLONES BNF_NOINLINE void BNF_NAME(stats_rows_folded)(const T *x, ptrd
                                   col, far);
         for (ptrdiff_t c = 0; c < width; c++) bnf_moments_merge_lo(&m[c], &m2lo[c], &col[c]);
     }
-    for (ptrdiff_t c = 0; c < width; c++) m[c].m2 += m2lo[c];
+    for (ptrdiff_t c = 0; c < width; c++) m[c].m2 = bnf_fold_lo(m[c].m2, m2lo[c]);
 }
 
 BNF_CLONES void BNF_NAME(bnf_stats_rows)(const T *x, ptrdiff_t nrows, ptrdiff_t stride,
@@ -628,7 +628,8 @@ BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, ptrdiff_t
             tile_shift[c] = m_next[c].hi + m_next[c].lo;
         }
     }
-    for (ptrdiff_t c = 0; c < k_next; c++) m_next[c].m2 += m2lo_next[c];
+    for (ptrdiff_t c = 0; c < k_next; c++)
+        m_next[c].m2 = bnf_fold_lo(m_next[c].m2, m2lo_next[c]);
 }
 
 /* Contiguous rows (input and output) of at most half BNF_FLAT_ELEMS: the rows are one
@@ -884,9 +885,9 @@ BNF_CLONES void BNF_NAME(bnf_bwd_sums_runs)(const T *dy, ptrdiff_t dystride, ptr
 #if BNF_COMPENSATED
         double hi, lo;
         bnf_sum_lanes_lo(a1[c], a1lo[c], &hi, &lo);
-        sum_dy[c] = hi + lo;
+        sum_dy[c] = bnf_fold_lo(hi, lo);
         bnf_sum_lanes_lo(a2[c], a2lo[c], &hi, &lo);
-        sum_dy_xmu[c] = hi + lo;
+        sum_dy_xmu[c] = bnf_fold_lo(hi, lo);
 #else
         sum_dy[c] = bnf_sum_lanes(a1[c]);
         sum_dy_xmu[c] = bnf_sum_lanes(a2[c]);
@@ -976,8 +977,8 @@ static inline BNF_INLINE void BNF_NAME(bwd_sums_rows_cols)(const T *dy, ptrdiff_
                  BNF_LO(lo1, 0), BNF_LO(lo2, 0), nrows, near);
 #if BNF_COMPENSATED
     for (ptrdiff_t c = 0; c < width; c++) {
-        o1[c] += lo1[c];
-        o2[c] += lo2[c];
+        o1[c] = bnf_fold_lo(o1[c], lo1[c]);
+        o2[c] = bnf_fold_lo(o2[c], lo2[c]);
     }
 #endif
     if (local) {
@@ -1012,8 +1013,8 @@ static BNF_CLONES BNF_NOINLINE void BNF_NAME(bwd_sums_rows_grouped)(
                 BNF_ADD_LO(t2, t2lo, s2[c * group + i]);
                 t3 += s3[c * group + i];
             }
-            sum_dy[c0 + c] = BNF_COMPENSATED ? t1 + t1lo : t1;
-            sum_dy_xmu[c0 + c] = BNF_COMPENSATED ? t2 + t2lo : t2;
+            sum_dy[c0 + c] = BNF_COMPENSATED ? bnf_fold_lo(t1, t1lo) : t1;
+            sum_dy_xmu[c0 + c] = BNF_COMPENSATED ? bnf_fold_lo(t2, t2lo) : t2;
             sum_xmu[c0 + c] = t3;
         }
     }
@@ -1065,8 +1066,8 @@ static BNF_CLONES BNF_NOINLINE void BNF_NAME(bwd_sums_rows_folded)(
     }
 #if BNF_COMPENSATED
     for (ptrdiff_t c = 0; c < width; c++) {
-        sum_dy[c] += lo1[c];
-        sum_dy_xmu[c] += lo2[c];
+        sum_dy[c] = bnf_fold_lo(sum_dy[c], lo1[c]);
+        sum_dy_xmu[c] = bnf_fold_lo(sum_dy_xmu[c], lo2[c]);
     }
 #endif
 }

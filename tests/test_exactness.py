@@ -339,3 +339,56 @@ def test_float64_backward_sums_within_an_ulp(shape, axis, gradient):
             * Fraction(2) ** (ed + ex)
         assert _ulps(dgamma[c], Fraction(float(invstd[c])) * s_dx) <= 2, c
     assert bits[0] == bits[1]
+
+
+@pytest.mark.usefixtures("threads_on_small_arrays")
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_backward_of_a_window_of_many_channels(dtype):
+    """A window of a channels-last array with more than a block of channels (rows read
+    in segments, a partial last block): dgamma and dx right, the same bits on 1, 2 and
+    3 threads.  The segments' compensation of the partial block once kept the previous
+    block's low parts: dgamma of channels 512.. was off by tens and the bits changed
+    with the thread count."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((16, 24, 600))
+    dy = rng.standard_normal((16, 24, 600))
+    x[..., :88] *= 1e8                  # large low parts in the first block's channels
+    dy[..., :88] *= 1e8
+    x, dy = x.astype(dtype)[:, 4:-4], dy.astype(dtype)[:, 4:-4]
+    _, mean, invstd = bnfast.batch_norm_train(x, axis=-1)
+    got = []
+    for n in (1, 2, 3):
+        bnfast.set_num_threads(n)
+        try:
+            got.append(bnfast.batch_norm_backward(dy, x, mean, invstd, axis=-1))
+        finally:
+            bnfast.set_num_threads(None)
+    dx_ref, dw_ref, db_ref = R.batch_norm_backward(dy, x, mean, invstd, axis=-1)
+    R.assert_grad_close(got[0][0], dx_ref, what="dx")
+    for what, g, ref in (("dgamma", got[0][1], dw_ref), ("dbias", got[0][2], db_ref)):
+        R.assert_vec_close(g, ref, 1e-12 if dtype == np.float64 else 1e-5, what=what)
+    for other in got[1:]:
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(got[0], other))
+
+
+@pytest.mark.parametrize("shape,axis", [((8, 3, 20, 20), 1), ((4000, 5), 1),
+                                        ((3000, 40), 1), ((6, 7, 7, 700), -1)])
+def test_float64_backward_sums_of_infinities_are_infinite(shape, axis):
+    """An infinite gradient gives an infinite dbias of its sign, as np.sum does (the
+    compensated sums' low parts, inf - inf, once turned it into NaN); gradients whose
+    sum overflows give inf too; the other channels stay finite."""
+    rng = np.random.default_rng(1)
+    x = 1e3 + rng.standard_normal(shape)
+    dy = rng.standard_normal(shape)
+    sel = [slice(None)] * len(shape)
+    sel[axis] = 0
+    dy[tuple(sel)] = 1e308                       # channel 0 overflows
+    idx = [0] * len(shape)
+    idx[axis] = 1
+    dy[tuple(idx)] = -np.inf                     # channel 1 holds -inf
+    _, mean, invstd = bnfast.batch_norm_train(x, axis=axis)
+    for training in (True, False):
+        _, _, db = bnfast.batch_norm_backward(dy, x, mean, invstd, axis=axis,
+                                              training=training)
+        assert db[0] == np.inf and db[1] == -np.inf, (training, db[:2])
+        assert np.all(np.isfinite(db[2:]))
