@@ -640,13 +640,18 @@ cdef inline void _bwd_coeffs(Job *j, Py_ssize_t c) noexcept nogil:
     (exactly, for price offsets), so the gradient is centred on the exact batch mean. A
     `hi` further than a few ulps from the batch mean is taken as given."""
     cdef double n = j.n_total
-    cdef double lo = j.s_xm[c] / n
+    cdef double lo = j.s_xm[c] / n, corr
     if not (fabs(lo) <= 8.9e-16 * fabs(j.hi[c])):
         lo = 0.0
     j.lo[c] = lo
-    j.s_dyx[c] -= lo * j.s_dy[c]           # sum(dy * (x - hi - lo))
+    # sum(dy * (x - hi - lo)); the correction only where finite: an infinite sum dy made
+    # inf - inf (NaN) of an infinite sum dy (x - hi), whose sign numpy keeps
+    corr = lo * j.s_dy[c]
+    if corr - corr == 0:
+        j.s_dyx[c] -= corr
     j.k2[c] = j.invstd[c] * j.invstd[c] * (j.s_dyx[c] / n)
-    j.k1[c] = j.s_dy[c] / n - lo * j.k2[c]
+    corr = lo * j.k2[c]
+    j.k1[c] = j.s_dy[c] / n - (corr if corr - corr == 0 else 0.0)
 
 
 cdef inline Py_ssize_t _at(const Job *j, const Py_ssize_t *ls, Py_ssize_t os,

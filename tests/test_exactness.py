@@ -372,11 +372,13 @@ def test_backward_of_a_window_of_many_channels(dtype):
 
 
 @pytest.mark.parametrize("shape,axis", [((8, 3, 20, 20), 1), ((4000, 5), 1),
-                                        ((3000, 40), 1), ((6, 7, 7, 700), -1)])
+                                        ((3000, 40), 1), ((6, 7, 7, 700), -1),
+                                        ((20001, 5), -1), ((301, 3, 5), 1)])
 def test_float64_backward_sums_of_infinities_are_infinite(shape, axis):
     """An infinite gradient gives an infinite dbias of its sign, as np.sum does (the
-    compensated sums' low parts, inf - inf, once turned it into NaN); gradients whose
-    sum overflows give inf too; the other channels stay finite."""
+    compensated sums' low parts, inf - inf, once turned it into NaN), and an infinite
+    dgamma of numpy's sign; gradients whose sum overflows give inf too; the other
+    channels stay finite."""
     rng = np.random.default_rng(1)
     x = 1e3 + rng.standard_normal(shape)
     dy = rng.standard_normal(shape)
@@ -387,8 +389,15 @@ def test_float64_backward_sums_of_infinities_are_infinite(shape, axis):
     idx[axis] = 1
     dy[tuple(idx)] = -np.inf                     # channel 1 holds -inf
     _, mean, invstd = bnfast.batch_norm_train(x, axis=axis)
+    red = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+    with np.errstate(invalid="ignore", over="ignore"):
+        dgamma_np = (dy * (x - np.expand_dims(mean, red)) * np.expand_dims(invstd, red)
+                     ).sum(axis=red)
     for training in (True, False):
-        _, _, db = bnfast.batch_norm_backward(dy, x, mean, invstd, axis=axis,
-                                              training=training)
+        _, dg, db = bnfast.batch_norm_backward(dy, x, mean, invstd, axis=axis,
+                                               training=training)
         assert db[0] == np.inf and db[1] == -np.inf, (training, db[:2])
         assert np.all(np.isfinite(db[2:]))
+        # channel 1's dgamma is infinite with the sign numpy gives (the mean's low part
+        # once made it inf - inf)
+        assert dg[1] == dgamma_np[1] and np.isinf(dg[1]), (training, dg[1], dgamma_np[1])
