@@ -1341,6 +1341,8 @@ cdef void _sum_units(Job *j) noexcept:
     same-sign gradients was 2.8 ulps off plainly)."""
     cdef Py_ssize_t c, sb, C = j.C
     cdef double lo_dy, lo_dyx
+    if j.nsb <= 1:
+        return
     for c in range(C):
         lo_dy = lo_dyx = 0
         for sb in range(1, j.nsb):
@@ -2496,6 +2498,8 @@ cdef int _stats(Job *j) except -1:
     cdef double m2lo
     memset(j.mom, 0, j.nsb * C * sizeof(bnf_moments))
     _launch(j, K_STATS)
+    if j.nsb <= 1:
+        return 0
     for c in range(C):
         m2lo = 0
         for sb in range(1, j.nsb):
