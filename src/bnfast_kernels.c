@@ -656,11 +656,12 @@ static inline BNF_INLINE double bnf_sum_lanes(const double *acc)
     return t[0];
 }
 
-/* Compensated sums of squares (float64 data, BNF_COMPENSATED): s2 + s2lo, bnf_two_sum
- * into each lane or column.  Why: sums of squares of quantized data (prices on a tick,
- * integers) round one way.  Squares of integers are 0 or 1 mod 4, so once a sum passes
- * 2**53 ticks^2 each add drops a remainder that a tie never rounds back up: tens of
- * thousands of them put the float64 variance 60-110 ulps low (an exact rational
+/* Compensated sums (float64 data, BNF_COMPENSATED): the sums of squares s2 + s2lo and
+ * the backward's sum dy and sum dy (x - mean), bnf_two_sum into each lane or column.
+ * Why: such sums of quantized data (prices on a tick, integers) round one way.  Squares
+ * of integers are 0 or 1 mod 4, so once a sum passes 2**53 ticks^2 each add drops a
+ * remainder that a tie never rounds back up: tens of thousands of them put the float64
+ * variance 60-230 ulps low, dgamma of gradients on x's grid 60-950 (an exact rational
  * reference; float32 and float16 results, rounded from double, were never affected). */
 /* The lanes s[l] + lo[l] summed, compensated, in lane order: *sum + *sum_lo. */
 static inline BNF_INLINE void bnf_sum_lanes_lo(const double *s, const double *lo,
@@ -891,8 +892,8 @@ BNF_CLONES void bnf_finalize(const bnf_moments *m, ptrdiff_t n, double eps,
 
 /* The element types, each with T, the name suffix S, BNF_TO_D / BNF_FROM_D (an element
  * to double, a double rounded to an element), BNF_T_FLOAT, BNF_T_HALF and
- * BNF_REDO_RATIO (tile_finish) and BNF_COMPENSATED (sums of squares compensated,
- * bnf_two_sum: float64, whose results keep the sums' errors), which
+ * BNF_REDO_RATIO (tile_finish) and BNF_COMPENSATED (sums of squares and backward sums
+ * compensated, bnf_two_sum: float64, whose results keep the sums' errors), which
  * bnfast_kernels_impl.h undefines when done. */
 #define T float
 #define S f32
