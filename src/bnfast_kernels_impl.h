@@ -199,6 +199,9 @@ static inline BNF_INLINE void BNF_NAME(shifted_sums_rows)(const T *base, ptrdiff
         const T *p0 = base + r * stride, *p1 = p0 + stride, *p2 = p1 + stride,
                 *p3 = p2 + stride;
         int pf = r + ahead + 4 <= pf_rows;
+        if (pf)
+            bnf_pf_row_ends(p0 + ahead * stride, stride * (ptrdiff_t)sizeof(T),
+                            width * (ptrdiff_t)sizeof(T), 4, 0);
         for (ptrdiff_t c0 = 0; c0 < width; c0 += BNF_PF_COLS) {
             ptrdiff_t c1 = width - c0 < BNF_PF_COLS ? width : c0 + BNF_PF_COLS;
             for (ptrdiff_t c = c0; pf && c < c1; c += BNF_LINE / (ptrdiff_t)sizeof(T))
@@ -922,6 +925,12 @@ static inline BNF_INLINE void BNF_NAME(bwd_sums_rows)(const T *dy, ptrdiff_t dys
         const T *p0 = x + r * xstride, *p1 = p0 + xstride, *p2 = p1 + xstride,
                 *p3 = p2 + xstride;
         int pf = r + ahead + 4 <= pf_rows;
+        if (pf) {
+            bnf_pf_row_ends(g0 + ahead * dystride, dystride * (ptrdiff_t)sizeof(T),
+                            width * (ptrdiff_t)sizeof(T), 4, 1);
+            bnf_pf_row_ends(p0 + ahead * xstride, xstride * (ptrdiff_t)sizeof(T),
+                            width * (ptrdiff_t)sizeof(T), 4, 1);
+        }
         for (ptrdiff_t c0 = 0; c0 < width; c0 += BNF_PF_COLS) {
             ptrdiff_t c1 = width - c0 < BNF_PF_COLS ? width : c0 + BNF_PF_COLS;
             for (ptrdiff_t c = c0; pf && c < c1; c += BNF_LINE / (ptrdiff_t)sizeof(T)) {

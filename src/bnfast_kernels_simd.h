@@ -333,6 +333,13 @@ BNF_SIMD_FN void BNF_SIMD(shifted_sums_rows)(const T *base, ptrdiff_t k, ptrdiff
                 *p3 = p2 + stride, *pa = p0 + ahead * stride, *pf2 = p0 + further * stride;
         int pf = r + ahead + 4 <= pf_rows;
         ptrdiff_t c = 0;
+        if (pf) {
+            bnf_pf_row_ends(pa, stride * (ptrdiff_t)sizeof(T), width * (ptrdiff_t)sizeof(T), 4,
+                            0);
+            if (further)
+                bnf_pf_row_ends(pf2, stride * (ptrdiff_t)sizeof(T),
+                                width * (ptrdiff_t)sizeof(T), 4, 1);
+        }
         for (; c + BNF_VW <= width; c += BNF_VW) {
             if (pf)
                 BNF_FOR_LINES(l, c, BNF_VW) {
@@ -510,6 +517,8 @@ BNF_SIMD_FN void BNF_SIMD(norm_rows_run)(const T *x, ptrdiff_t xstride, T *q,
         int pf = r + ahead + 4 <= pf_rows;
         T *o0 = q + r * qstride;
         ptrdiff_t c = 0;
+        if (pf)
+            bnf_pf_row_ends(pa, xstride * (ptrdiff_t)sizeof(T), n * (ptrdiff_t)sizeof(T), 4, 0);
         for (; c + 2 * BNF_VW <= n; c += 2 * BNF_VW) {
             if (pf)
                 BNF_FOR_LINES(l, c, 2 * BNF_VW)
@@ -537,6 +546,8 @@ BNF_SIMD_FN void BNF_SIMD(norm_rows_run)(const T *x, ptrdiff_t xstride, T *q,
         ptrdiff_t c = 0;
         p = x + r * xstride;
         o = q + r * qstride;
+        if (pf)
+            bnf_pf_row_ends(pa, xstride * (ptrdiff_t)sizeof(T), n * (ptrdiff_t)sizeof(T), 1, 0);
         BNF_HEAD(o, c, n, nt);
         for (; c + 2 * BNF_VW <= n; c += 2 * BNF_VW) {
             if (pf) BNF_FOR_LINES(l, c, 2 * BNF_VW) BNF_PREFETCH(pa + l);
@@ -812,6 +823,18 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const 
                 *p3 = p2 + xstride, *pa = p0 + ahead * xstride, *pn = p0 + nearby * xstride;
         int pf = r + ahead + 4 <= pf_rows;
         ptrdiff_t c = 0;
+        if (pf) {
+            bnf_pf_row_ends(ga, dystride * (ptrdiff_t)sizeof(T), width * (ptrdiff_t)sizeof(T), 4,
+                            1);
+            bnf_pf_row_ends(pa, xstride * (ptrdiff_t)sizeof(T), width * (ptrdiff_t)sizeof(T), 4,
+                            1);
+            if (nearby) {
+                bnf_pf_row_ends(gn, dystride * (ptrdiff_t)sizeof(T),
+                                width * (ptrdiff_t)sizeof(T), 4, 0);
+                bnf_pf_row_ends(pn, xstride * (ptrdiff_t)sizeof(T),
+                                width * (ptrdiff_t)sizeof(T), 4, 0);
+            }
+        }
         for (; c + BNF_VW <= width; c += BNF_VW) {
             if (pf)
                 BNF_FOR_LINES(l, c, BNF_VW) {
@@ -855,6 +878,12 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const 
         const T *p = x + r * xstride, *pa = p + ahead1 * xstride;
         int pf = rowwise && r + ahead1 < pf_rows;
         ptrdiff_t c = 0;
+        if (pf) {
+            bnf_pf_row_ends(ga, dystride * (ptrdiff_t)sizeof(T), width * (ptrdiff_t)sizeof(T), 1,
+                            0);
+            bnf_pf_row_ends(pa, xstride * (ptrdiff_t)sizeof(T), width * (ptrdiff_t)sizeof(T), 1,
+                            0);
+        }
         for (; c + BNF_VW <= width; c += BNF_VW) {
             if (pf)
                 BNF_FOR_LINES(l, c, BNF_VW) {
@@ -936,6 +965,12 @@ BNF_SIMD_FN void BNF_SIMD(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x
         int pf = r + ahead + 4 <= pf_rows;
         T *o0 = q + r * qstride;
         ptrdiff_t c = 0;
+        if (pf) {
+            bnf_pf_row_ends(ga, gstride * (ptrdiff_t)sizeof(T), n * (ptrdiff_t)sizeof(T), 4, 0);
+            if (pa)
+                bnf_pf_row_ends(pa, xstride * (ptrdiff_t)sizeof(T), n * (ptrdiff_t)sizeof(T), 4,
+                                0);
+        }
         for (; c + 2 * BNF_VW <= n; c += 2 * BNF_VW) {
             if (pf)
                 BNF_FOR_LINES(l, c, 2 * BNF_VW) {
@@ -979,6 +1014,12 @@ BNF_SIMD_FN void BNF_SIMD(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x
         gr = g + r * gstride;
         p = x ? x + r * xstride : NULL;
         o = q + r * qstride;
+        if (pf) {
+            bnf_pf_row_ends(ga, gstride * (ptrdiff_t)sizeof(T), n * (ptrdiff_t)sizeof(T), 1, 0);
+            if (pa)
+                bnf_pf_row_ends(pa, xstride * (ptrdiff_t)sizeof(T), n * (ptrdiff_t)sizeof(T), 1,
+                                0);
+        }
         BNF_HEAD(o, c, n, nt);
         for (; c + 2 * BNF_VW <= n; c += 2 * BNF_VW) {
             if (pf)
