@@ -2614,9 +2614,9 @@ cdef _update_running(cnp.ndarray r, const double *batch, double mom):
                 (<double *>(p + c * st))[0] = (
                     (1.0 - mom) * (<double *>(p + c * st))[0] + mom * batch[c])
         return
-    b = np.empty(C, np.float64)
+    cdef cnp.ndarray b = np.empty(C, np.float64)       # float16 or byte-swapped r
     for c in range(C):
-        b[c] = batch[c]
+        (<double *>cnp.PyArray_DATA(b))[c] = batch[c]
     np.copyto(r, (1.0 - mom) * r.astype(np.float64) + mom * b, casting='unsafe')
 
 
