@@ -697,6 +697,16 @@ static inline BNF_INLINE void bnf_sum_lanes_lo(const double *s, const double *lo
     *sum_lo = e;
 }
 
+/* m2 (of a tile, or of a kernel's channel) NaN while its mean is finite: inf - inf where
+ * float64 squares overflowed (|x - shift| above ~1e154), and NumPy's and PyTorch's
+ * variance is inf there (invstd 0; the kernels gave NaN, and y NaN).  Data holding an
+ * infinity or a NaN have a mean that is not finite and keep NaN, as theirs do.  Checked
+ * once per tile of runs and per channel of rows, outside the loops over elements. */
+static inline BNF_INLINE double bnf_m2_fix(double m2, double mean)
+{
+    return m2 != m2 && mean - mean == 0 ? INFINITY : m2;
+}
+
 /* m2 = sdd - sd^2 / n of a tile's sums around its shift (sdd + sdd_lo compensated, see
  * bnf_two_sum), with lo = sd / n and inv_n = 1 / n: the subtraction's, the product's and
  * the quotient's rounding errors put back (TwoSum, fma; r the division's exact

@@ -128,7 +128,7 @@ static inline BNF_INLINE void BNF_NAME(tile_finish)(const T *x, ptrdiff_t nruns,
     (void)sdd_lo;
     t->m2 = sdd - sd * t->lo;
 #endif
-    if (t->m2 < 0) t->m2 = 0;
+    t->m2 = t->m2 < 0 ? 0 : bnf_m2_fix(t->m2, t->lo);
 }
 
 /* Moments of a tile of `nruns` runs at x: the first pass, then tile_finish. */
@@ -363,9 +363,9 @@ static inline BNF_INLINE void BNF_NAME(stats_rows_cols)(const T *x, ptrdiff_t nr
         m[c].hi = hi[c];
         m[c].lo = lo[c];
 #if BNF_COMPENSATED
-        m[c].m2 = bnf_fold_lo(m2[c], m2lo[c]);
+        m[c].m2 = bnf_m2_fix(bnf_fold_lo(m2[c], m2lo[c]), hi[c] + lo[c]);
 #else
-        m[c].m2 = m2[c];
+        m[c].m2 = bnf_m2_fix(m2[c], hi[c] + lo[c]);
 #endif
     }
 }

@@ -401,3 +401,45 @@ def test_float64_backward_sums_of_infinities_are_infinite(shape, axis):
         # channel 1's dgamma is infinite with the sign numpy gives (the mean's low part
         # once made it inf - inf)
         assert dg[1] == dgamma_np[1] and np.isinf(dg[1]), (training, dg[1], dgamma_np[1])
+
+
+@pytest.mark.parametrize("shape,axis", [((1000, 4), 1), ((8, 4, 30, 30), 1), ((200000, 3), 1),
+                                        ((64, 28, 28, 8), -1), ((300, 2000), 1),
+                                        ((64, 3, 7, 7), 1), ((40, 5, 3), 1)])
+def test_float64_variance_whose_squares_overflow_is_infinite(shape, axis):
+    """float64 data whose squares overflow (|x| > ~1e154) have an infinite variance, as
+    NumPy and PyTorch give, so invstd is 0 and y is the bias; the statistics kernels
+    once made it NaN (inf - inf in the tile's sum of squares minus its sum times its
+    mean), and y NaN.  Data holding an infinity keep a NaN variance, as NumPy's; the
+    other channels stay exact."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(shape)
+    ax = axis % x.ndim
+    red = tuple(i for i in range(x.ndim) if i != ax)
+    sel = [slice(None)] * x.ndim
+    sel[ax] = 0
+    x[tuple(sel)] *= 1e200                        # channel 0: squares overflow
+    sel[ax] = 1
+    x[tuple(sel)] *= 1e150                        # channel 1: huge, still finite
+    idx = [0] * x.ndim
+    idx[ax] = 2
+    x[tuple(idx)] = np.inf                        # channel 2 holds an infinity
+    with np.errstate(over="ignore", invalid="ignore"):
+        var_np = x.var(axis=red)
+    assert var_np[0] == np.inf and np.isnan(var_np[2]) and np.isfinite(var_np[1])
+    b = np.arange(x.shape[ax], dtype=np.float64)
+    for nthreads in (1, 2):
+        bnfast.set_num_threads(nthreads)
+        try:
+            m = bnfast.moments(x, axis=axis)
+            y, mean, invstd = bnfast.batch_norm_train(x, None, b, axis=axis)
+        finally:
+            bnfast.set_num_threads(None)
+        var = np.asarray(m.var)
+        assert var[0] == np.inf and invstd[0] == 0, (var[0], invstd[0])
+        assert np.all(np.take(y, 0, axis=ax) == b[0])
+        assert np.isnan(var[2])
+        # (np.var's own pairwise sums are ~1e-14 off on 200000 rows)
+        np.testing.assert_allclose(var[1], var_np[1], rtol=1e-13)
+        np.testing.assert_allclose(var[3:], var_np[3:], rtol=1e-13)
+        assert np.isfinite(mean[0]) and np.isfinite(mean[1])
