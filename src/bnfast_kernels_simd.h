@@ -312,6 +312,16 @@ BNF_SIMD_FN void BNF_SIMD(shifted_sums_runs)(const T *x, ptrdiff_t nruns, ptrdif
 #define BNF_LINE_COLS (BNF_LINE / (ptrdiff_t)sizeof(T))
 /* The lines that start in columns [c, c + span) of a row (counted from its first
  * column), for the rows loops' prefetch (bnf_rows_ahead): one prefetch per line read. */
+/* bnf_pf_row_ends of `nrows` rows of `cols` columns at p (rows `stride` elements apart),
+ * and likewise at p2 with stride2 where p2 is not NULL (x beside dy). */
+#define BNF_PF_ENDS(p, stride, p2, stride2, cols, nrows, far)                              \
+    do {                                                                                 \
+        bnf_pf_row_ends((p), (stride) * (ptrdiff_t)sizeof(T), (cols) * (ptrdiff_t)sizeof(T), \
+                        (nrows), (far));                                                 \
+        if (p2)                                                                          \
+            bnf_pf_row_ends((p2), (stride2) * (ptrdiff_t)sizeof(T),                     \
+                            (cols) * (ptrdiff_t)sizeof(T), (nrows), (far));              \
+    } while (0)
 #define BNF_FOR_LINES(l, c, span)                                                    \
     for (ptrdiff_t l = (c) + (BNF_LINE_COLS - (c) % BNF_LINE_COLS) % BNF_LINE_COLS;   \
          l < (c) + (span); l += BNF_LINE_COLS)
@@ -334,11 +344,8 @@ BNF_SIMD_FN void BNF_SIMD(shifted_sums_rows)(const T *base, ptrdiff_t k, ptrdiff
         int pf = r + ahead + 4 <= pf_rows;
         ptrdiff_t c = 0;
         if (pf) {
-            bnf_pf_row_ends(pa, stride * (ptrdiff_t)sizeof(T), width * (ptrdiff_t)sizeof(T), 4,
-                            0);
-            if (further)
-                bnf_pf_row_ends(pf2, stride * (ptrdiff_t)sizeof(T),
-                                width * (ptrdiff_t)sizeof(T), 4, 1);
+            BNF_PF_ENDS(pa, stride, (const T *)NULL, 0, width, 4, 0);
+            if (further) BNF_PF_ENDS(pf2, stride, (const T *)NULL, 0, width, 4, 1);
         }
         for (; c + BNF_VW <= width; c += BNF_VW) {
             if (pf)
@@ -517,8 +524,7 @@ BNF_SIMD_FN void BNF_SIMD(norm_rows_run)(const T *x, ptrdiff_t xstride, T *q,
         int pf = r + ahead + 4 <= pf_rows;
         T *o0 = q + r * qstride;
         ptrdiff_t c = 0;
-        if (pf)
-            bnf_pf_row_ends(pa, xstride * (ptrdiff_t)sizeof(T), n * (ptrdiff_t)sizeof(T), 4, 0);
+        if (pf) BNF_PF_ENDS(pa, xstride, (const T *)NULL, 0, n, 4, 0);
         for (; c + 2 * BNF_VW <= n; c += 2 * BNF_VW) {
             if (pf)
                 BNF_FOR_LINES(l, c, 2 * BNF_VW)
@@ -546,8 +552,7 @@ BNF_SIMD_FN void BNF_SIMD(norm_rows_run)(const T *x, ptrdiff_t xstride, T *q,
         ptrdiff_t c = 0;
         p = x + r * xstride;
         o = q + r * qstride;
-        if (pf)
-            bnf_pf_row_ends(pa, xstride * (ptrdiff_t)sizeof(T), n * (ptrdiff_t)sizeof(T), 1, 0);
+        if (pf) BNF_PF_ENDS(pa, xstride, (const T *)NULL, 0, n, 1, 0);
         BNF_HEAD(o, c, n, nt);
         for (; c + 2 * BNF_VW <= n; c += 2 * BNF_VW) {
             if (pf) BNF_FOR_LINES(l, c, 2 * BNF_VW) BNF_PREFETCH(pa + l);
@@ -824,16 +829,8 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const 
         int pf = r + ahead + 4 <= pf_rows;
         ptrdiff_t c = 0;
         if (pf) {
-            bnf_pf_row_ends(ga, dystride * (ptrdiff_t)sizeof(T), width * (ptrdiff_t)sizeof(T), 4,
-                            1);
-            bnf_pf_row_ends(pa, xstride * (ptrdiff_t)sizeof(T), width * (ptrdiff_t)sizeof(T), 4,
-                            1);
-            if (nearby) {
-                bnf_pf_row_ends(gn, dystride * (ptrdiff_t)sizeof(T),
-                                width * (ptrdiff_t)sizeof(T), 4, 0);
-                bnf_pf_row_ends(pn, xstride * (ptrdiff_t)sizeof(T),
-                                width * (ptrdiff_t)sizeof(T), 4, 0);
-            }
+            BNF_PF_ENDS(ga, dystride, pa, xstride, width, 4, 1);
+            if (nearby) BNF_PF_ENDS(gn, dystride, pn, xstride, width, 4, 0);
         }
         for (; c + BNF_VW <= width; c += BNF_VW) {
             if (pf)
@@ -878,12 +875,7 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const 
         const T *p = x + r * xstride, *pa = p + ahead1 * xstride;
         int pf = rowwise && r + ahead1 < pf_rows;
         ptrdiff_t c = 0;
-        if (pf) {
-            bnf_pf_row_ends(ga, dystride * (ptrdiff_t)sizeof(T), width * (ptrdiff_t)sizeof(T), 1,
-                            0);
-            bnf_pf_row_ends(pa, xstride * (ptrdiff_t)sizeof(T), width * (ptrdiff_t)sizeof(T), 1,
-                            0);
-        }
+        if (pf) BNF_PF_ENDS(ga, dystride, pa, xstride, width, 1, 0);
         for (; c + BNF_VW <= width; c += BNF_VW) {
             if (pf)
                 BNF_FOR_LINES(l, c, BNF_VW) {
@@ -965,12 +957,7 @@ BNF_SIMD_FN void BNF_SIMD(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x
         int pf = r + ahead + 4 <= pf_rows;
         T *o0 = q + r * qstride;
         ptrdiff_t c = 0;
-        if (pf) {
-            bnf_pf_row_ends(ga, gstride * (ptrdiff_t)sizeof(T), n * (ptrdiff_t)sizeof(T), 4, 0);
-            if (pa)
-                bnf_pf_row_ends(pa, xstride * (ptrdiff_t)sizeof(T), n * (ptrdiff_t)sizeof(T), 4,
-                                0);
-        }
+        if (pf) BNF_PF_ENDS(ga, gstride, pa, xstride, n, 4, 0);
         for (; c + 2 * BNF_VW <= n; c += 2 * BNF_VW) {
             if (pf)
                 BNF_FOR_LINES(l, c, 2 * BNF_VW) {
@@ -1014,12 +1001,7 @@ BNF_SIMD_FN void BNF_SIMD(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x
         gr = g + r * gstride;
         p = x ? x + r * xstride : NULL;
         o = q + r * qstride;
-        if (pf) {
-            bnf_pf_row_ends(ga, gstride * (ptrdiff_t)sizeof(T), n * (ptrdiff_t)sizeof(T), 1, 0);
-            if (pa)
-                bnf_pf_row_ends(pa, xstride * (ptrdiff_t)sizeof(T), n * (ptrdiff_t)sizeof(T), 1,
-                                0);
-        }
+        if (pf) BNF_PF_ENDS(ga, gstride, pa, xstride, n, 1, 0);
         BNF_HEAD(o, c, n, nt);
         for (; c + 2 * BNF_VW <= n; c += 2 * BNF_VW) {
             if (pf)
@@ -1045,6 +1027,7 @@ BNF_SIMD_FN void BNF_SIMD(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x
 #undef BNF_VSQ_ACC_MASK
 #undef BNF_LINE_COLS
 #undef BNF_FOR_LINES
+#undef BNF_PF_ENDS
 #undef BNF_SIMD
 #undef BNF_SE
 #undef BNF_ISA
