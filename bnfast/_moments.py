@@ -12,7 +12,7 @@ import contextlib
 import numpy as np
 
 from bnfast._core import _check_not_masked
-from bnfast._core import _moments as _core_moments
+from bnfast._core import _merge_moment_arrays, _merge_packed_rows, _moments_parts, _readonly
 
 __all__ = ["Moments", "moments", "merge_moments", "RunningStats"]
 
@@ -120,11 +120,13 @@ class Moments:
             lo = np.zeros_like(mean)
         if m2lo is None:
             m2lo = np.zeros_like(m2)
+        _readonly(count, mean, lo, m2, m2lo)
         self = object.__new__(cls)
-        for name, a in (("_count", count), ("_mean", mean), ("_lo", lo), ("_m2", m2),
-                        ("_m2lo", m2lo)):
-            a.flags.writeable = False
-            object.__setattr__(self, name, a)
+        object.__setattr__(self, "_count", count)
+        object.__setattr__(self, "_mean", mean)
+        object.__setattr__(self, "_lo", lo)
+        object.__setattr__(self, "_m2", m2)
+        object.__setattr__(self, "_m2lo", m2lo)
         return self
 
     count = property(lambda self: self._count, doc="Values per channel (float64).")
@@ -218,11 +220,7 @@ def _kernel_moments(x, ax):
     if n_per == 0:
         z = np.zeros(C)
         return Moments(z, z, z)
-    t = _core_moments(x, ax)
-    with np.errstate(invalid="ignore"):
-        mean, lo = _two_sum(t[:, 1], t[:, 2])
-    lo = np.where(np.isfinite(lo), lo, 0.0)
-    return Moments._trusted(np.full(C, float(n_per)), mean, t[:, 3].copy(), lo)
+    return Moments._trusted(*_moments_parts(x, ax))
 
 
 def moments(x, *, axis=1):
@@ -312,42 +310,11 @@ def merge_moments(a, b):
     return _merge(a, b)
 
 
-def _two_sum(a, b):
-    """(s, e) with s = fl(a + b) and s + e == a + b exactly (Knuth's TwoSum)."""
-    s = a + b
-    bb = s - a
-    return s, (a - (s - bb)) + (b - bb)
-
-
 def _merge(a, b):
-    na, nb = a._count, b._count
-    n = na + nb
-    # base on the larger part (ties: the smaller mean), so the result is symmetric
-    swap = (nb > na) | ((nb == na) & ((b._mean < a._mean)
-                                      | ((b._mean == a._mean) & (b._lo < a._lo))))
-    h1 = np.where(swap, b._mean, a._mean)
-    l1 = np.where(swap, b._lo, a._lo)
-    h0 = np.where(swap, a._mean, b._mean)
-    l0 = np.where(swap, a._lo, b._lo)
-    n0 = np.where(swap, na, nb)
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        delta = (h0 - h1) + (l0 - l1)
-        mean, lo = _two_sum(h1, l1 + delta * (n0 / n))
-        # m2a + m2b + delta^2 na nb / n, compensated (plainly where that overflows)
-        shift_m2 = delta * delta * ((na * nb) / n)
-        m2, e1 = _two_sum(a._m2, b._m2)
-        m2, e2 = _two_sum(m2, shift_m2)
-        m2, m2lo = _two_sum(m2, ((a._m2lo + b._m2lo) + e1) + e2)
-        overflow = ~np.isfinite(m2lo)
-        m2 = np.where(overflow, (a._m2 + b._m2) + shift_m2, m2)
-        m2lo = np.where(overflow, 0.0, m2lo)
-    a_empty, b_empty = na == 0, nb == 0
-    mean = np.where(a_empty, b._mean, np.where(b_empty, a._mean, mean))
-    lo = np.where(a_empty, b._lo, np.where(b_empty, a._lo, lo))
-    m2 = np.where(a_empty, b._m2, np.where(b_empty, a._m2, m2))
-    m2lo = np.where(a_empty, b._m2lo, np.where(b_empty, a._m2lo, m2lo))
-    lo = np.where(np.isfinite(lo), lo, 0.0)
-    return Moments._trusted(n, mean, m2, lo, m2lo)
+    """merge_moments without checks (bnfast._core._merge_moment_arrays: Chan's update
+    based on the larger part, m2 compensated; its NumPy twin is in tests/reference.py)."""
+    return Moments._trusted(*_merge_moment_arrays(a._count, a._mean, a._lo, a._m2, a._m2lo,
+                                                  b._count, b._mean, b._lo, b._m2, b._m2lo))
 
 
 def _pack(m, buf):
@@ -363,31 +330,10 @@ def _merge_packed(rows):
     """Merge the moments packed by _pack, one per row (used by the distributed layer
     after an allgather: every rank computes the same result from the same rows).
 
-    Vectorized over the rows: every part's mean is taken relative to a pivot (the
-    first non-empty part's mean, per channel), exactly as a pairwise merge would,
-    and the shifts are summed in row order."""
-    C = rows.shape[1] // 4
-    n = rows[:, :C]
-    hi = rows[:, C:2 * C]
-    lo = rows[:, 2 * C:3 * C]
-    m2 = rows[:, 3 * C:4 * C]
-    N = n.sum(axis=0)
-    has = n > 0
-    first = np.argmax(has, axis=0)
-    cols = np.arange(C)
-    k_hi = hi[first, cols]
-    k_lo = lo[first, cols]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        d = np.where(has, (hi - k_hi) + (lo - k_lo), 0.0)   # part mean - pivot
-        D = (n * d).sum(axis=0) / N                         # global mean - pivot
-        e = np.where(has, d - D, 0.0)
-        M2 = m2.sum(axis=0) + (n * e * e).sum(axis=0)
-        mean, mlo = _two_sum(k_hi, k_lo + D)
-    empty = N == 0
-    mean = np.where(empty, np.nan, mean)
-    mlo = np.where(empty | ~np.isfinite(mlo), 0.0, mlo)
-    M2 = np.where(empty, 0.0, M2)
-    return Moments._trusted(N.copy(), mean, M2, mlo)
+    Every part's mean is taken relative to a pivot (the first non-empty part's mean, per
+    channel), exactly as a pairwise merge would, and the shifts are summed in row order
+    (bnfast._core._merge_packed_rows; its NumPy twin is in tests/reference.py)."""
+    return Moments._trusted(*_merge_packed_rows(rows))
 
 
 # -------------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ import numpy as np
 
 __all__ = [
     "batch_norm", "batch_norm_train", "batch_norm_backward", "frozen_batch_norm",
-    "BatchNormRef", "batch_stats", "assert_forward_close", "assert_grad_close",
-    "assert_vec_close",
+    "BatchNormRef", "batch_stats", "merge_moment_arrays", "merge_packed_rows",
+    "assert_forward_close", "assert_grad_close", "assert_vec_close",
 ]
 
 EPS64 = np.finfo(np.float64).eps
@@ -97,6 +97,75 @@ def _update(running, batch, momentum):
     """running <- (1 - momentum) * running + momentum * batch, in place, float64 math."""
     new = (1.0 - momentum) * np.asarray(running, np.float64) + momentum * batch
     np.copyto(running, new, casting="unsafe")
+
+
+def _two_sum(a, b):
+    """(s, e) with s = fl(a + b) and s + e == a + b exactly (Knuth's TwoSum)."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+def merge_moment_arrays(na, am, alo, am2, am2lo, nb, bm, blo, bm2, bm2lo):
+    """Twin of bnfast._core._merge_moment_arrays (merge_moments' arithmetic, NumPy over
+    the channels, operation for operation): (count, mean, m2, mean_lo, m2_lo)."""
+    n = na + nb
+    # base on the larger part (ties: the smaller mean), so the result is symmetric
+    swap = (nb > na) | ((nb == na) & ((bm < am) | ((bm == am) & (blo < alo))))
+    h1, l1 = np.where(swap, bm, am), np.where(swap, blo, alo)
+    h0, l0 = np.where(swap, am, bm), np.where(swap, alo, blo)
+    n0 = np.where(swap, na, nb)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        delta = (h0 - h1) + (l0 - l1)
+        mean, lo = _two_sum(h1, l1 + delta * (n0 / n))
+        # m2a + m2b + delta^2 na nb / n, compensated (plainly where that overflows)
+        shift_m2 = delta * delta * ((na * nb) / n)
+        m2, e1 = _two_sum(am2, bm2)
+        m2, e2 = _two_sum(m2, shift_m2)
+        m2, m2lo = _two_sum(m2, ((am2lo + bm2lo) + e1) + e2)
+        overflow = ~np.isfinite(m2lo)
+        m2 = np.where(overflow, (am2 + bm2) + shift_m2, m2)
+        m2lo = np.where(overflow, 0.0, m2lo)
+    a_empty, b_empty = na == 0, nb == 0
+    mean = np.where(a_empty, bm, np.where(b_empty, am, mean))
+    lo = np.where(a_empty, blo, np.where(b_empty, alo, lo))
+    m2 = np.where(a_empty, bm2, np.where(b_empty, am2, m2))
+    m2lo = np.where(a_empty, bm2lo, np.where(b_empty, am2lo, m2lo))
+    lo = np.where(np.isfinite(lo), lo, 0.0)
+    return n, mean, m2, lo, m2lo
+
+
+def merge_packed_rows(rows):
+    """Twin of bnfast._core._merge_packed_rows (the distributed layer's merge of parts
+    packed [count(C), mean(C), mean_lo(C), m2(C)] a row): (count, mean, m2, mean_lo).
+    Every sum over the parts runs in row order (a Python loop over the rows: NumPy's
+    own reductions over rows add pairwise when they see one channel)."""
+    rows = np.asarray(rows, np.float64)
+    C = rows.shape[1] // 4
+    n, hi, lo, m2 = (rows[:, k * C:(k + 1) * C] for k in range(4))
+
+    def rowsum(v):
+        s = v[0].copy()
+        for r in range(1, len(v)):
+            s = s + v[r]
+        return s
+
+    N = rowsum(n)
+    has = n > 0
+    first = np.argmax(has, axis=0)
+    cols = np.arange(C)
+    k_hi, k_lo = hi[first, cols], lo[first, cols]
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        d = np.where(has, (hi - k_hi) + (lo - k_lo), 0.0)   # part mean - pivot
+        D = rowsum(n * d) / N                               # global mean - pivot
+        e = np.where(has, d - D, 0.0)
+        M2 = rowsum(m2) + rowsum(n * e * e)
+        mean, mlo = _two_sum(k_hi, k_lo + D)
+    empty = N == 0
+    mean = np.where(empty, np.nan, mean)
+    mlo = np.where(empty | ~np.isfinite(mlo), 0.0, mlo)
+    M2 = np.where(empty, 0.0, M2)
+    return N, mean, M2, mlo
 
 
 # ----------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import pytest
 
 import bnfast
 import bnfast._moments as M
+import reference as R
 from arrays import LAYOUTS, applicable, make_values, with_layout
 
 moments = getattr(bnfast, "moments", M.moments)
@@ -465,3 +466,54 @@ def test_to_batchnorm_holds_the_layer_lock():
                      lambda: np.testing.assert_array_equal(bn.running_mean, 0.0),
                      "to_batchnorm")
     np.testing.assert_array_equal(bn.running_mean, [2.0, 4.0])
+
+
+def _random_parts(rng, C, empty_frac):
+    """(count, mean, mean_lo, m2, m2_lo) of a random part: empty channels, price
+    offsets, NaN and infinite means and m2s that overflow among them."""
+    n = rng.integers(0, 6, C).astype(float) * (rng.random(C) > empty_frac)
+    mean = rng.standard_normal(C) * 10.0 ** rng.integers(-3, 4, C) \
+        + np.where(rng.random(C) < 0.5, 1e6, 0.0)
+    odd = rng.random(C)
+    mean = np.where(odd < 0.05, np.nan, np.where(odd < 0.1, np.inf, mean))
+    m2 = np.where(rng.random(C) < 0.05, 1e308, rng.random(C) * 10)
+    lo = rng.standard_normal(C) * 1e-13
+    m2lo = rng.standard_normal(C) * 1e-15
+    empty = n == 0
+    return (n, np.where(empty, np.nan, mean), np.where(empty, 0.0, lo),
+            np.where(empty, 0.0, m2), np.where(empty, 0.0, m2lo))
+
+
+def test_merges_in_c_equal_their_numpy_twins_bitwise():
+    """The compiled merges (merge_moments / RunningStats, and the distributed layer's
+    merge of packed parts) compute exactly their NumPy twins' arithmetic: the same bits
+    on random parts with empty channels, equal counts (the tie rule), price offsets,
+    NaN, inf and overflowing m2."""
+    from bnfast import _core
+    rng = np.random.default_rng(7)
+
+    def same(got, ref):            # bit for bit; a NaN for a NaN (payloads aside)
+        for g, r in zip(got, ref):
+            g, r = np.asarray(g), np.asarray(r, np.float64)
+            nan = np.isnan(g)
+            if not (np.array_equal(nan, np.isnan(r)) and
+                    g[~nan].tobytes() == r[~nan].tobytes()):
+                return False
+        return True
+
+    for trial in range(300):
+        C = int(rng.integers(1, 40))
+        a = _random_parts(rng, C, 0.3)
+        b = a if trial % 7 == 0 else _random_parts(rng, C, 0.3)
+        if trial % 5 == 0:                        # equal counts: the tie rule decides
+            b = (a[0].copy(),) + b[1:]
+        got = _core._merge_moment_arrays(*a, *b)
+        assert same(got, R.merge_moment_arrays(*a, *b)), trial
+        P = int(rng.integers(1, 10))
+        rows = np.zeros((P, 4 * C + trial % 3))   # a column slice, as after an allgather
+        for r in range(P):
+            n, mean, lo, m2, _ = _random_parts(rng, C, 0.4)
+            rows[r, :4 * C] = np.concatenate([n, mean, lo, m2])
+        got = _core._merge_packed_rows(rows[:, :4 * C])
+        assert same(got[:4], R.merge_packed_rows(rows[:, :4 * C])), trial
+        assert not got[4].any()
