@@ -1774,6 +1774,13 @@ def _copy_tiled(dst, src, casting="same_kind", Py_ssize_t min_bytes=TILED_COPY_B
     blk = [1] * nd
     blk[a_s] = min(shape[a_s], TILE_SIDE)
     blk[a_d] = min(shape[a_d], TILE_SIDE)
+    # a short fast axis (a few channels): the other takes the rest of the tile, not
+    # TILE_SIDE (tiles of 2 x 1024 elements, a Python step each: a 4 MB (N, 2) copy
+    # from F to C order took 583 us, 325 us so)
+    if blk[a_d] < TILE_SIDE:
+        blk[a_s] = min(shape[a_s], max(TILE_SIDE, TILE_ELEMS_COPY // blk[a_d]))
+    elif blk[a_s] < TILE_SIDE:
+        blk[a_d] = min(shape[a_d], max(TILE_SIDE, TILE_ELEMS_COPY // blk[a_s]))
     tile = blk[a_s] * blk[a_d]
     for i in sorted(axes, key=lambda i: min(abs(ss[i]), abs(ds[i]))):
         if tile >= TILE_ELEMS_COPY:
