@@ -52,6 +52,14 @@
 #define BNF_DISPATCH4(n, ...) BNF_NAME(n)(__VA_ARGS__)
 #endif
 
+/* A tile's sums around a shift are taken again around the tile's own mean where the
+ * first pass lost too much to cancellation (sd^2 / n > BNF_REDO_RATIO * sdd), and where
+ * its squares overflowed but its sum did not: float64 data far from the shift (an
+ * outlier first in a channel, |x - shift| above ~1e154) whose variance is finite, where
+ * inf - inf made m2 NaN (and bnf_m2_fix would call it inf). */
+#define BNF_TILE_REDO(sd, sdd, n) \
+    ((sd) * (sd) > BNF_REDO_RATIO * (n) * (sdd) || ((sdd) == INFINITY && (sd) - (sd) == 0))
+
 /* Sums of d = x - shift and d^2 over `nruns` runs of `len` contiguous elements, into
  * the lanes s1 and s2 (BNF_LANES each, accumulated into; s2lo the low parts of s2 where
  * BNF_COMPENSATED, else NULL).  Lane l takes the elements at positions l, l+L, ... of
@@ -108,7 +116,7 @@ static inline BNF_INLINE void BNF_NAME(tile_finish)(const T *x, ptrdiff_t nruns,
 #define BNF_SUM_S2() (sdd = bnf_sum_lanes(s2))
 #endif
     BNF_SUM_S2();
-    if (sd * sd > BNF_REDO_RATIO * n * sdd) {
+    if (BNF_TILE_REDO(sd, sdd, n)) {
         shift += sd / n;
         for (int l = 0; l < BNF_LANES; l++) {
             s1[l] = s2[l] = 0;
@@ -309,14 +317,14 @@ static inline BNF_INLINE void BNF_NAME(stats_rows_cols)(const T *x, ptrdiff_t nr
                      BNF_LO(s2lo, 0), nrows - r0, far);
         if (group > 1) BNF_NAME(group_sums)(s1, s2, s2lo, width, group, g1, g2, g2lo);
 #pragma omp simd reduction(| : redo)
-        for (ptrdiff_t c = 0; c < width; c++) redo |= c1[c] * c1[c] > BNF_REDO_RATIO * n * c2[c];
+        for (ptrdiff_t c = 0; c < width; c++) redo |= BNF_TILE_REDO(c1[c], c2[c], n);
         if (redo) {
             /* only the channels that need it move their shift: the others' sums are
              * taken again from the same shift (the same bits), so no channel's result
              * depends on which channels share its block (the blocks depend on the thread
              * count) */
             for (ptrdiff_t c = 0; c < width; c++)
-                if (c1[c] * c1[c] > BNF_REDO_RATIO * n * c2[c]) cs[c] += c1[c] / n;
+                if (BNF_TILE_REDO(c1[c], c2[c], n)) cs[c] += c1[c] / n;
             if (group > 1)
                 for (ptrdiff_t c = 0; c < width; c++)
                     for (ptrdiff_t i = 0; i < group; i++) shift[c * group + i] = cs[c];
@@ -1377,6 +1385,7 @@ BNF_CLONES void BNF_NAME(bnf_bwd_dx_rows)(const T *dy, ptrdiff_t dystride, const
 #undef BNF_T_FLOAT
 #undef BNF_T_HALF
 #undef BNF_REDO_RATIO
+#undef BNF_TILE_REDO
 #undef BNF_COMPENSATED
 #undef BNF_LO
 #undef BNF_ADD_LO

@@ -312,6 +312,9 @@ BNF_SIMD_FN void BNF_SIMD(shifted_sums_runs)(const T *x, ptrdiff_t nruns, ptrdif
 #define BNF_LINE_COLS (BNF_LINE / (ptrdiff_t)sizeof(T))
 /* The lines that start in columns [c, c + span) of a row (counted from its first
  * column), for the rows loops' prefetch (bnf_rows_ahead): one prefetch per line read. */
+#define BNF_FOR_LINES(l, c, span)                                                    \
+    for (ptrdiff_t l = (c) + (BNF_LINE_COLS - (c) % BNF_LINE_COLS) % BNF_LINE_COLS;   \
+         l < (c) + (span); l += BNF_LINE_COLS)
 /* bnf_pf_row_ends of `nrows` rows of `cols` columns at p (rows `stride` elements apart),
  * and likewise at p2 with stride2 where p2 is not NULL (x beside dy). */
 #define BNF_PF_ENDS(p, stride, p2, stride2, cols, nrows, far)                              \
@@ -322,9 +325,6 @@ BNF_SIMD_FN void BNF_SIMD(shifted_sums_runs)(const T *x, ptrdiff_t nruns, ptrdif
             bnf_pf_row_ends((p2), (stride2) * (ptrdiff_t)sizeof(T),                     \
                             (cols) * (ptrdiff_t)sizeof(T), (nrows), (far));              \
     } while (0)
-#define BNF_FOR_LINES(l, c, span)                                                    \
-    for (ptrdiff_t l = (c) + (BNF_LINE_COLS - (c) % BNF_LINE_COLS) % BNF_LINE_COLS;   \
-         l < (c) + (span); l += BNF_LINE_COLS)
 
 BNF_SIMD_FN void BNF_SIMD(shifted_sums_rows)(const T *base, ptrdiff_t k, ptrdiff_t stride,
                                              ptrdiff_t width, const double *shift,

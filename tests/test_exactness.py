@@ -443,3 +443,41 @@ def test_float64_variance_whose_squares_overflow_is_infinite(shape, axis):
         np.testing.assert_allclose(var[1], var_np[1], rtol=1e-13)
         np.testing.assert_allclose(var[3:], var_np[3:], rtol=1e-13)
         assert np.isfinite(mean[0]) and np.isfinite(mean[1])
+
+
+@pytest.mark.parametrize("shape,axis", [((1000, 2), 1), ((10, 3, 10, 10), 1),
+                                        ((10, 10, 10, 3), -1), ((200000, 3), 1),
+                                        ((64, 3, 7, 7), 1), ((4000, 1), 1)])
+def test_float64_variance_far_from_the_first_value_is_finite(shape, axis):
+    """A channel whose first value is an outlier of ~1e154 (the tile's shift), or whose
+    values lie near the overflow of their squares, has a finite variance (NumPy's):
+    the squares about the shift overflowed while their sum did not, and the tile was
+    not taken again about its own mean (the variance came out NaN, and inf after the
+    overflow fix)."""
+    rng = np.random.default_rng(4)
+    ax = axis % len(shape)
+    red = tuple(i for i in range(len(shape)) if i != ax)
+    cases = []
+    x = np.zeros(shape)
+    x[(0,) * len(shape)] = 1e154                  # outlier first in channel 0
+    cases.append(x)
+    x = np.zeros(shape)
+    i0, i1 = [0] * len(shape), [0] * len(shape)
+    i1[0] = 1
+    x[tuple(i0)], x[tuple(i1)] = 0.7e154, -0.7e154
+    cases.append(x)
+    # spread near the limit: m2 (n var) about 0.4e308, the first value 4 std out, so the
+    # squares about it sum past the largest double
+    sigma = np.sqrt(0.4e308 / (np.prod(shape) // shape[ax]))
+    x = rng.standard_normal(shape) * sigma
+    x[(0,) * len(shape)] = 4 * sigma
+    cases.append(x)
+    for x in cases:
+        var_np = x.var(axis=red)
+        assert np.all(np.isfinite(var_np))
+        got = np.asarray(bnfast.moments(x, axis=axis).var)
+        # (NumPy's own is 2e-11 off with the outlier among 200000 rows: 4.9999750000953e302
+        # where the exact variance, 1e308 / n - (1e154 / n)**2, is 4.999975e302)
+        np.testing.assert_allclose(got, var_np, rtol=1e-10)
+        _, _, invstd = bnfast.batch_norm_train(x, axis=axis)
+        assert np.all(invstd > 0)
