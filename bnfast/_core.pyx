@@ -66,6 +66,8 @@ cdef extern from "bnfast_kernels.h" nogil:
     void bnf_widen_f16(const char *src, Py_ssize_t stride, double *dst, Py_ssize_t n)
     void bnf_half_to_float(const uint16_t *src, float *dst, Py_ssize_t n)
     void bnf_float_to_half(const float *src, uint16_t *dst, Py_ssize_t n)
+    double bnf_half_to_double(uint16_t h)
+    uint16_t bnf_double_to_half(double d)
     void bnf_gather_f64(const char *src, Py_ssize_t stride, double *dst, Py_ssize_t n)
     Py_ssize_t bnf_eval_scale(double *scale, const double *var, Py_ssize_t n, double eps)
     void bnf_finalize(const bnf_moments *m, Py_ssize_t n, double eps, const double *weight,
@@ -2331,16 +2333,19 @@ cdef int _check_running(object r, Py_ssize_t C, str name, bint nonneg=False) exc
     if cnp.PyArray_CheckExact(r):
         a = <cnp.ndarray>r
         t = cnp.PyArray_TYPE(a)
-        if (t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT64) and cnp.PyArray_NDIM(a) == 1 \
-                and cnp.PyArray_DIMS(a)[0] == C and cnp.PyArray_ISWRITEABLE(a) \
-                and cnp.PyArray_ISNOTSWAPPED(a) and cnp.PyArray_ISALIGNED(a):
+        if (t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT64 or t == cnp.NPY_FLOAT16) and \
+                cnp.PyArray_NDIM(a) == 1 and cnp.PyArray_DIMS(a)[0] == C and \
+                cnp.PyArray_ISWRITEABLE(a) and cnp.PyArray_ISNOTSWAPPED(a) and \
+                cnp.PyArray_ISALIGNED(a):
             if not nonneg:
                 return 0
             p = <char *>cnp.PyArray_DATA(a)
             st = cnp.PyArray_STRIDES(a)[0]
             for i in range(C):
                 if (t == cnp.NPY_FLOAT32 and (<float *>(p + i * st))[0] < 0) or \
-                        (t == cnp.NPY_FLOAT64 and (<double *>(p + i * st))[0] < 0):
+                        (t == cnp.NPY_FLOAT64 and (<double *>(p + i * st))[0] < 0) or \
+                        (t == cnp.NPY_FLOAT16 and
+                         bnf_half_to_double((<uint16_t *>(p + i * st))[0]) < 0):
                     raise ValueError(f"{name} must be non-negative; channel {i} has "
                                      f"{r[i]!r}")
             return 0
@@ -2571,13 +2576,21 @@ def _moments_parts(x, axis):
     return count, mean, m2, lo, cnp.PyArray_ZEROS(1, &dim, cnp.NPY_FLOAT64, 0)
 
 
-def _readonly(*arrays):
-    """Clear each array's WRITEABLE flag (Moments' arrays): through the C API, where
-    `a.flags.writeable = False` cost ~250 ns an array, a fifth of a small merge."""
+def _frozen_f64(*arrays):
+    """Moments' arrays as native contiguous float64 (a pickle of protocol 5 from a
+    big-endian machine keeps '>f8', which the merges' C loops would read as garbage),
+    each with its WRITEABLE flag cleared: a tuple. Through the C API: `a.flags.writeable
+    = False` cost ~250 ns an array, a fifth of a small merge."""
+    cdef list out = []
     for a in arrays:
-        if not cnp.PyArray_Check(a):
-            raise TypeError(f"an ndarray is required, got {type(a).__name__}")
+        if not (cnp.PyArray_CheckExact(a) and
+                cnp.PyArray_TYPE(<cnp.ndarray>a) == cnp.NPY_FLOAT64 and
+                cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>a) and
+                cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>a)):
+            a = np.array(a, dtype=np.float64, order="C")      # native, a copy
         cnp.PyArray_CLEARFLAGS(<cnp.ndarray>a, cnp.NPY_ARRAY_WRITEABLE)
+        out.append(a)
+    return tuple(out)
 
 
 cdef inline void _two_sum_to(double a, double b, double *s, double *e) noexcept nogil:
@@ -2782,17 +2795,22 @@ cdef _update_running(cnp.ndarray r, const double *batch, double mom):
     cdef char *p = <char *>cnp.PyArray_DATA(r)
     cdef int t = cnp.PyArray_TYPE(r)
     if cnp.PyArray_ISNOTSWAPPED(r) and cnp.PyArray_ISALIGNED(r) and \
-            (t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT64):
+            (t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT64 or t == cnp.NPY_FLOAT16):
         if t == cnp.NPY_FLOAT32:
             for c in range(C):
                 (<float *>(p + c * st))[0] = <float>(
                     (1.0 - mom) * (<float *>(p + c * st))[0] + mom * batch[c])
+        elif t == cnp.NPY_FLOAT16:      # rounded once, as NumPy's astype (~6 us a call)
+            for c in range(C):
+                (<uint16_t *>(p + c * st))[0] = bnf_double_to_half(
+                    (1.0 - mom) * bnf_half_to_double((<uint16_t *>(p + c * st))[0]) +
+                    mom * batch[c])
         else:
             for c in range(C):
                 (<double *>(p + c * st))[0] = (
                     (1.0 - mom) * (<double *>(p + c * st))[0] + mom * batch[c])
         return
-    cdef cnp.ndarray b = np.empty(C, np.float64)       # float16 or byte-swapped r
+    cdef cnp.ndarray b = np.empty(C, np.float64)       # byte-swapped or unaligned r
     for c in range(C):
         (<double *>cnp.PyArray_DATA(b))[c] = batch[c]
     np.copyto(r, (1.0 - mom) * r.astype(np.float64) + mom * b, casting='unsafe')

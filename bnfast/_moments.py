@@ -12,7 +12,7 @@ import contextlib
 import numpy as np
 
 from bnfast._core import _check_not_masked
-from bnfast._core import _merge_moment_arrays, _merge_packed_rows, _moments_parts, _readonly
+from bnfast._core import _merge_moment_arrays, _merge_packed_rows, _moments_parts, _frozen_f64
 
 __all__ = ["Moments", "moments", "merge_moments", "RunningStats"]
 
@@ -120,7 +120,7 @@ class Moments:
             lo = np.zeros_like(mean)
         if m2lo is None:
             m2lo = np.zeros_like(m2)
-        _readonly(count, mean, lo, m2, m2lo)
+        count, mean, lo, m2, m2lo = _frozen_f64(count, mean, lo, m2, m2lo)
         self = object.__new__(cls)
         object.__setattr__(self, "_count", count)
         object.__setattr__(self, "_mean", mean)

@@ -832,6 +832,28 @@ __attribute__((target("avx,f16c"))) static void bnf_f2h_f16c(const float *src, u
 }
 #endif
 
+double bnf_half_to_double(uint16_t h)
+{
+    return (double)bnf_half_to_float1(h);
+}
+
+/* To float rounding to odd (truncated, its last bit set where inexact), then to the
+ * nearest half: with 24 bits against 11 + 2 the result is d rounded once, as NumPy
+ * rounds a double to float16 (plain double -> float -> half rounds twice, and a value
+ * just past a half's midpoint could land on it and go to even). */
+uint16_t bnf_double_to_half(double d)
+{
+    float f = (float)d;
+    if (f == f && (double)f != d) {
+        uint32_t u;
+        memcpy(&u, &f, sizeof u);
+        if (fabs((double)f) > fabs(d)) u--;     /* rounded away from zero: truncate */
+        u |= 1u;
+        memcpy(&f, &u, sizeof f);
+    }
+    return bnf_float_to_half1(f);
+}
+
 void bnf_half_to_float(const uint16_t *src, float *dst, ptrdiff_t n)
 {
 #if BNF_SIMD_X86

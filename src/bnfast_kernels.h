@@ -187,6 +187,10 @@ void bnf_widen_f16(const char *src, ptrdiff_t stride, double *dst, ptrdiff_t n);
 /* float16 (as its bits) <-> float32, n contiguous elements: round to nearest even. */
 void bnf_half_to_float(const uint16_t *src, float *dst, ptrdiff_t n);
 void bnf_float_to_half(const float *src, uint16_t *dst, ptrdiff_t n);
+/* One value each way, for per-channel buffers (float16 running statistics): exact, and
+ * rounded once to nearest (NumPy's conversion), not through a float's rounding. */
+double bnf_half_to_double(uint16_t h);
+uint16_t bnf_double_to_half(double d);
 void bnf_gather_f64(const char *src, ptrdiff_t stride, double *dst, ptrdiff_t n);
 ptrdiff_t bnf_eval_scale(double *scale, const double *var, ptrdiff_t n, double eps);
 

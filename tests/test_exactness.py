@@ -481,3 +481,27 @@ def test_float64_variance_far_from_the_first_value_is_finite(shape, axis):
         np.testing.assert_allclose(got, var_np, rtol=1e-10)
         _, _, invstd = bnfast.batch_norm_train(x, axis=axis)
         assert np.all(invstd > 0)
+
+
+def test_float16_running_statistics_rounded_once():
+    """float16 running statistics are updated in double and rounded once to float16, as
+    NumPy's astype rounds (the C path replaced NumPy's): batch means just past a
+    float16 midpoint round up, not to the midpoint's even neighbour (a float32 step
+    between would lose the difference), and below the smallest normal, at the largest
+    finite value and beyond it, the same as NumPy."""
+    h = np.arange(0, 0x7c00, 37, dtype=np.uint16).view(np.float16).astype(np.float64)
+    h = h[np.isfinite(h)]
+    mids = (h[:-1] + np.diff(h) / 2)
+    tiny = np.spacing(mids) * 3                   # far below a float32's resolution
+    v = np.concatenate([mids + tiny, mids - tiny, mids, -(mids + tiny), h,
+                        [65504.0, 65519.99, 65520.0, 1e5, 2.0 ** -24, 2.0 ** -25,
+                         2.0 ** -25 + 2.0 ** -60, 5.96e-8]])
+    x = np.stack([v, v])                          # two equal rows: the batch mean is v
+    rm = np.zeros(v.size, np.float16)
+    rv = np.ones(v.size, np.float16)
+    with np.errstate(over="ignore"):
+        bnfast.batch_norm_train(x, axis=1, running_mean=rm, running_var=rv, momentum=1.0)
+        expect = v.astype(np.float16)
+    assert rm.tobytes() == expect.tobytes(), np.flatnonzero(rm.view(np.uint16) !=
+                                                            expect.view(np.uint16))[:5]
+    assert np.all(rv == 0)                        # unbiased var of two equal values

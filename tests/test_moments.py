@@ -517,3 +517,21 @@ def test_merges_in_c_equal_their_numpy_twins_bitwise():
         got = _core._merge_packed_rows(rows[:, :4 * C])
         assert same(got[:4], R.merge_packed_rows(rows[:, :4 * C])), trial
         assert not got[4].any()
+
+
+def test_moments_of_big_endian_arrays_merge_correctly():
+    """Moments holding byte-swapped arrays (a protocol-5 pickle from a big-endian machine
+    keeps '>f8') merge as their values say: the merges' C loops once read their bytes
+    as native doubles."""
+    import pickle
+    be = lambda v: np.array(v, ">f8")           # noqa: E731
+    m = pickle.loads(pickle.dumps(M.Moments._trusted(be([3., 4.]), be([1., 2.]),
+                                                     be([2., 8.]), be([0., 0.]),
+                                                     be([0., 0.])), protocol=5))
+    for got, k in ((bnfast.merge_moments(m, m), 2),
+                   (bnfast.RunningStats(2, axis=-1).update(m).moments, 1)):
+        np.testing.assert_array_equal(got.mean, [1.0, 2.0])
+        np.testing.assert_array_equal(got.count, [3.0 * k, 4.0 * k])
+        np.testing.assert_array_equal(got.m2, [2.0 * k, 8.0 * k])
+    assert m.mean.dtype == np.float64 and m.mean.dtype.isnative
+    assert not m.mean.flags.writeable
