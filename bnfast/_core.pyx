@@ -2551,29 +2551,35 @@ def _moments(x, axis):
         _mfree(j.mom)
 
 
+cdef tuple _new_vecs(Py_ssize_t C, double **data, int k):
+    """k fresh float64 (C,) arrays, as a tuple; data[i] the first element of the i-th."""
+    cdef cnp.npy_intp dim = C
+    cdef cnp.ndarray a
+    cdef list out = []
+    for i in range(k):
+        a = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT64, 0)
+        data[i] = <double *>cnp.PyArray_DATA(a)
+        out.append(a)
+    return tuple(out)
+
+
 def _moments_parts(x, axis):
     """_moments finished for Moments: (count, mean, m2, mean_lo, m2_lo = 0) as fresh
     float64 (C,) arrays, the mean's two parts renormalized (TwoSum; a low part that is
     not finite becomes 0). In C: the same in NumPy cost ~3 us of a small call."""
     cdef cnp.ndarray t = _moments(x, axis)
     cdef Py_ssize_t c, C = cnp.PyArray_DIMS(t)[0]
-    cdef cnp.npy_intp dim = C
-    cdef cnp.ndarray count = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT64, 0)
-    cdef cnp.ndarray mean = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT64, 0)
-    cdef cnp.ndarray m2 = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT64, 0)
-    cdef cnp.ndarray lo = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT64, 0)
     cdef const double *p = <double *>cnp.PyArray_DATA(t)
-    cdef double *pn = <double *>cnp.PyArray_DATA(count)
-    cdef double *pm = <double *>cnp.PyArray_DATA(mean)
-    cdef double *pq = <double *>cnp.PyArray_DATA(m2)
-    cdef double *pl = <double *>cnp.PyArray_DATA(lo)
+    cdef double *o[5]                   # count, mean, m2, mean_lo, m2_lo
+    cdef tuple out = _new_vecs(C, o, 5)
     cdef double e
     for c in range(C):
-        pn[c] = p[4 * c]
-        _two_sum_to(p[4 * c + 1], p[4 * c + 2], &pm[c], &e)
-        pl[c] = e if e - e == 0 else 0.0
-        pq[c] = p[4 * c + 3]
-    return count, mean, m2, lo, cnp.PyArray_ZEROS(1, &dim, cnp.NPY_FLOAT64, 0)
+        o[0][c] = p[4 * c]
+        _two_sum_to(p[4 * c + 1], p[4 * c + 2], &o[1][c], &e)
+        o[2][c] = p[4 * c + 3]
+        o[3][c] = e if e - e == 0 else 0.0
+        o[4][c] = 0.0
+    return out
 
 
 def _frozen_f64(*arrays):
@@ -2628,17 +2634,8 @@ def _merge_moment_arrays(cnp.ndarray na_, cnp.ndarray am_, cnp.ndarray alo_,
     cdef const double *blo = _vec(blo_, C, "mean_lo")
     cdef const double *bm2 = _vec(bm2_, C, "m2")
     cdef const double *bm2lo = _vec(bm2lo_, C, "m2_lo")
-    cdef cnp.npy_intp dim = C
-    cdef cnp.ndarray out_n = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT64, 0)
-    cdef cnp.ndarray out_m = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT64, 0)
-    cdef cnp.ndarray out_q = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT64, 0)
-    cdef cnp.ndarray out_l = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT64, 0)
-    cdef cnp.ndarray out_ql = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT64, 0)
-    cdef double *pn = <double *>cnp.PyArray_DATA(out_n)
-    cdef double *pm = <double *>cnp.PyArray_DATA(out_m)
-    cdef double *pq = <double *>cnp.PyArray_DATA(out_q)
-    cdef double *pl = <double *>cnp.PyArray_DATA(out_l)
-    cdef double *pql = <double *>cnp.PyArray_DATA(out_ql)
+    cdef double *o[5]                   # count, mean, m2, mean_lo, m2_lo
+    cdef tuple out = _new_vecs(C, o, 5)
     cdef double n, h1, l1, h0, l0, n0, delta, mean, lo, shift, m2, e1, e2, m2lo
     for c in range(C):
         n = na[c] + nb[c]
@@ -2660,12 +2657,12 @@ def _merge_moment_arrays(cnp.ndarray na_, cnp.ndarray am_, cnp.ndarray alo_,
             mean, lo, m2, m2lo = bm[c], blo[c], bm2[c], bm2lo[c]
         elif nb[c] == 0:
             mean, lo, m2, m2lo = am[c], alo[c], am2[c], am2lo[c]
-        pn[c] = n
-        pm[c] = mean
-        pl[c] = lo if lo - lo == 0 else 0.0
-        pq[c] = m2
-        pql[c] = m2lo
-    return out_n, out_m, out_q, out_l, out_ql
+        o[0][c] = n
+        o[1][c] = mean
+        o[2][c] = m2
+        o[3][c] = lo if lo - lo == 0 else 0.0
+        o[4][c] = m2lo
+    return out
 
 
 def _merge_packed_rows(cnp.ndarray rows):
@@ -2681,15 +2678,8 @@ def _merge_packed_rows(cnp.ndarray rows):
     cdef Py_ssize_t P = cnp.PyArray_DIMS(rows)[0], W = cnp.PyArray_DIMS(rows)[1]
     cdef Py_ssize_t C = W // 4, r, c, f
     cdef const double *q = <double *>cnp.PyArray_DATA(rows)
-    cdef cnp.npy_intp dim = C
-    cdef cnp.ndarray out_n = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT64, 0)
-    cdef cnp.ndarray out_m = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT64, 0)
-    cdef cnp.ndarray out_q = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT64, 0)
-    cdef cnp.ndarray out_l = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT64, 0)
-    cdef double *pn = <double *>cnp.PyArray_DATA(out_n)
-    cdef double *pm = <double *>cnp.PyArray_DATA(out_m)
-    cdef double *pq = <double *>cnp.PyArray_DATA(out_q)
-    cdef double *pl = <double *>cnp.PyArray_DATA(out_l)
+    cdef double *o[5]                   # count, mean, m2, mean_lo, m2_lo
+    cdef tuple out = _new_vecs(C, o, 5)
     cdef double N, kh, kl, n, d, D, e, s_m2, s_nee, mean, mlo
     for c in range(C):
         if P == 0:
@@ -2703,8 +2693,9 @@ def _merge_packed_rows(cnp.ndarray rows):
             if q[r * W + c] > 0:
                 f = r
                 break
+        o[0][c], o[4][c] = N, 0.0
         if N == 0 or P == 0:
-            pn[c], pm[c], pq[c], pl[c] = N, NAN, 0.0, 0.0
+            o[1][c], o[2][c], o[3][c] = NAN, 0.0, 0.0
             continue
         kh = q[f * W + C + c]
         kl = q[f * W + 2 * C + c]
@@ -2723,11 +2714,10 @@ def _merge_packed_rows(cnp.ndarray rows):
             s_m2 = q[r * W + 3 * C + c] if r == 0 else s_m2 + q[r * W + 3 * C + c]
             s_nee = n * e * e if r == 0 else s_nee + n * e * e
         _two_sum_to(kh, kl + D, &mean, &mlo)
-        pn[c] = N
-        pm[c] = mean
-        pq[c] = s_m2 + s_nee
-        pl[c] = mlo if mlo - mlo == 0 else 0.0
-    return out_n, out_m, out_q, out_l, cnp.PyArray_ZEROS(1, &dim, cnp.NPY_FLOAT64, 0)
+        o[1][c] = mean
+        o[2][c] = s_m2 + s_nee
+        o[3][c] = mlo if mlo - mlo == 0 else 0.0
+    return out
 
 
 cdef cnp.ndarray _moments_array(const bnf_moments *mom, Py_ssize_t C):
