@@ -2563,6 +2563,23 @@ cdef tuple _new_vecs(Py_ssize_t C, double **data, int k):
     return tuple(out)
 
 
+def _eval_invstd(var, double eps):
+    """1 / sqrt(var + eps) per channel, in double, as a float64 array (the layer's
+    backward in eval mode: in NumPy, with the conversion of var, ~1.5 us of a 3.7 us
+    call on (32, 64))."""
+    cdef cnp.ndarray v = np.asarray(var)
+    if cnp.PyArray_TYPE(v) != cnp.NPY_FLOAT32 or not cnp.PyArray_ISNOTSWAPPED(v) or \
+            not cnp.PyArray_ISALIGNED(v) or cnp.PyArray_NDIM(v) != 1:
+        return 1.0 / np.sqrt(np.asarray(v, np.float64) + eps)
+    cdef Py_ssize_t c, C = cnp.PyArray_DIMS(v)[0], st = cnp.PyArray_STRIDES(v)[0]
+    cdef const char *p = <const char *>cnp.PyArray_DATA(v)
+    cdef double *o[1]
+    cdef tuple out = _new_vecs(C, o, 1)
+    for c in range(C):
+        o[0][c] = 1.0 / sqrt(<double>(<const float *>(p + c * st))[0] + eps)
+    return out[0]
+
+
 def _moments_parts(x, axis):
     """_moments finished for Moments: (count, mean, m2, mean_lo, m2_lo = 0) as fresh
     float64 (C,) arrays, the mean's two parts renormalized (TwoSum; a low part that is

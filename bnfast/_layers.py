@@ -4,8 +4,8 @@ import threading
 
 import numpy as np
 
-from bnfast._core import (FrozenBatchNorm, _check_not_masked, _train, batch_norm,
-                          batch_norm_backward)
+from bnfast._core import (FrozenBatchNorm, _check_not_masked, _eval_invstd, _train,
+                          batch_norm, batch_norm_backward)
 
 _STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -295,9 +295,9 @@ class BatchNorm:
         if self._saved is None:
             raise ValueError("backward called before any forward call")
         x, mean, invstd, use_batch = self._saved
-        if mean is None:
-            mean = np.asarray(self.running_mean, np.float64)
-            invstd = 1.0 / np.sqrt(np.asarray(self.running_var, np.float64) + self.eps)
+        if mean is None:                  # eval mode: the running statistics
+            mean = self.running_mean
+            invstd = _eval_invstd(self.running_var, self.eps)
         dy_arr = np.asarray(_check_not_masked(dy, "dy"))
         if dy_arr.shape != x.shape:
             raise ValueError(f"dy must have the shape of the last input {x.shape}, "
