@@ -2685,10 +2685,10 @@ def _merge_moment_arrays(cnp.ndarray na_, cnp.ndarray am_, cnp.ndarray alo_,
 def _merge_packed_rows(cnp.ndarray rows):
     """Moments packed one part a row as [count(C), mean(C), mean_lo(C), m2(C)] (the
     distributed layer's allgather: every rank computes the same from the same rows),
-    merged: (count, mean, m2, mean_lo, m2_lo = 0), fresh float64 (C,) arrays. Each part's mean is
-    taken relative to a pivot (the first non-empty part's, per channel), as a pairwise
-    merge would, and the shifts are summed in row order. In C: in NumPy one rank's
-    merge of 64 channels cost ~22 us."""
+    merged: (count, mean, m2, mean_lo, m2_lo = 0), fresh float64 (C,) arrays. Each
+    part's mean is taken relative to a pivot (the first non-empty part's, per channel),
+    as a pairwise merge would, and the shifts are summed in row order. In C: in NumPy
+    one rank's merge of 64 channels cost ~22 us."""
     rows = np.ascontiguousarray(rows, dtype=np.float64)
     if cnp.PyArray_NDIM(rows) != 2 or cnp.PyArray_DIMS(rows)[1] % 4:
         raise ValueError(f"rows must be (parts, 4 * C), got shape {(<object>rows).shape}")
@@ -2820,7 +2820,7 @@ cdef _update_running(cnp.ndarray r, const double *batch, double mom):
             for c in range(C):
                 (<float *>(p + c * st))[0] = <float>(
                     (1.0 - mom) * (<float *>(p + c * st))[0] + mom * batch[c])
-        elif t == cnp.NPY_FLOAT16:      # rounded once, as NumPy's astype (~6 us a call)
+        elif t == cnp.NPY_FLOAT16:      # rounded once, as NumPy's path (~6 us) rounded
             for c in range(C):
                 (<uint16_t *>(p + c * st))[0] = bnf_double_to_half(
                     (1.0 - mom) * bnf_half_to_double((<uint16_t *>(p + c * st))[0]) +

@@ -12,7 +12,8 @@ import contextlib
 import numpy as np
 
 from bnfast._core import _check_not_masked
-from bnfast._core import _merge_moment_arrays, _merge_packed_rows, _moments_parts, _frozen_f64
+from bnfast._core import (_frozen_f64, _merge_moment_arrays, _merge_packed_rows,
+                          _moments_parts)
 
 __all__ = ["Moments", "moments", "merge_moments", "RunningStats"]
 
