@@ -323,12 +323,12 @@ def _onnx_constant_value(node):
             return numpy_helper.to_array(a.t)
         if a.name == "value_float":
             return np.array(a.f, np.float32)
-        if a.name == "value_floats":
-            return np.array(list(a.floats), np.float32)
+        if a.name == "value_floats":     # the repeated field as a sequence: no list
+            return np.array(a.floats, np.float32)
         if a.name == "value_int":
             return np.array(a.i, np.int64)
         if a.name == "value_ints":
-            return np.array(list(a.ints), np.int64)
+            return np.array(a.ints, np.int64)
     return None
 
 
