@@ -1933,8 +1933,7 @@ cdef inline Py_ssize_t _elems(const Job *j) noexcept:
 
 cdef inline int _streams(const Job *j, object out, cnp.ndarray y, Py_ssize_t itemsize):
     """Streaming stores for a large output: one the caller handed over, or one allocated
-    here (the result, or a temporary copied into `out` at the end) on pages already
-    resident (bnf_pages_resident: memory the allocator reused). A
+    here on pages already resident (bnf_pages_resident: memory the allocator reused). A
     fresh allocation's pages are zeroed in cache by the first touch, and streaming then
     evicts them (measured 1.45x slower on a 51 MB eval); on reused pages plain stores
     read every line first ((16, 56, 56, 64) float32 eval 0.55x the time streamed,
@@ -1942,27 +1941,7 @@ cdef inline int _streams(const Job *j, object out, cnp.ndarray y, Py_ssize_t ite
     cdef Py_ssize_t nbytes = _elems(j) * itemsize
     if nbytes < _stream_bytes:
         return False
-    if y is out:
-        return True
-    if isinstance(out, np.ndarray) and _fast_axis(<cnp.ndarray>out) != _fast_axis(y):
-        # a temporary that _copy_tiled transposes into `out` tile by tile, from cache in
-        # part: streamed, a (50176, 64) float32 training into an F-ordered out took
-        # 1.02-1.10x the time (into a column slice, copied in order: 0.87-0.89x)
-        return False
-    return bnf_pages_resident(cnp.PyArray_DATA(y), nbytes)
-
-
-cdef int _fast_axis(cnp.ndarray a) noexcept:
-    """The axis of a's smallest stride among its axes longer than 1 (-1: none)."""
-    cdef int i, best = -1
-    cdef Py_ssize_t s, smin = 0
-    for i in range(cnp.PyArray_NDIM(a)):
-        if cnp.PyArray_DIMS(a)[i] > 1:
-            s = cnp.PyArray_STRIDES(a)[i]
-            s = -s if s < 0 else s
-            if best < 0 or s < smin:
-                best, smin = i, s
-    return best
+    return y is out or bnf_pages_resident(cnp.PyArray_DATA(y), nbytes)
 
 
 cdef extern from "Python.h":
