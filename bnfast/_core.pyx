@@ -62,7 +62,6 @@ cdef extern from "bnfast_kernels.h" nogil:
     void *bnf_alloc64(size_t bytes)
     void bnf_free64(void *p)
     void bnf_stream_fence()
-    int bnf_pages_resident(const void *p, Py_ssize_t nbytes)
     void bnf_widen_f32(const char *src, Py_ssize_t stride, double *dst, Py_ssize_t n)
     void bnf_widen_f16(const char *src, Py_ssize_t stride, double *dst, Py_ssize_t n)
     void bnf_half_to_float(const uint16_t *src, float *dst, Py_ssize_t n)
@@ -307,12 +306,6 @@ def _set_reduce_blocks_min(n):
     old = _reduce_blocks_min
     _reduce_blocks_min = int(n)
     return old
-
-
-def _pages_resident(cnp.ndarray a):
-    """Whether a's memory is backed by pages already, as the streaming choice for an
-    allocated output judges it (bnf_pages_resident; tests)."""
-    return bool(bnf_pages_resident(cnp.PyArray_DATA(a), cnp.PyArray_NBYTES(a)))
 
 
 def _set_stream_bytes(n):
@@ -1932,16 +1925,10 @@ cdef inline Py_ssize_t _elems(const Job *j) noexcept:
 
 
 cdef inline int _streams(const Job *j, object out, cnp.ndarray y, Py_ssize_t itemsize):
-    """Streaming stores for a large output: one the caller handed over, or one allocated
-    here on pages already resident (bnf_pages_resident: memory the allocator reused). A
-    fresh allocation's pages are zeroed in cache by the first touch, and streaming then
-    evicts them (measured 1.45x slower on a 51 MB eval); on reused pages plain stores
-    read every line first ((16, 56, 56, 64) float32 eval 0.55x the time streamed,
-    training 0.58x, backward 0.69x)."""
-    cdef Py_ssize_t nbytes = _elems(j) * itemsize
-    if nbytes < _stream_bytes:
-        return False
-    return y is out or bnf_pages_resident(cnp.PyArray_DATA(y), nbytes)
+    """Streaming stores for a large output the caller handed over. Not for one allocated
+    here: its pages are zeroed in cache by the first touch, and streaming then evicts
+    them (measured 1.45x slower on a 51 MB eval)."""
+    return y is out and _elems(j) * itemsize >= _stream_bytes
 
 
 cdef extern from "Python.h":

@@ -93,10 +93,6 @@ int bnf_set_adds_as_fma(int on)
 #if defined(_WIN32)
 #include <malloc.h>
 #endif
-#if defined(__linux__)
-#include <sys/mman.h>
-#include <unistd.h>
-#endif
 
 void *bnf_alloc64(size_t bytes)
 {
@@ -115,35 +111,6 @@ void bnf_free64(void *p)
     _aligned_free(p);
 #else
     free(p);
-#endif
-}
-
-/* Whether the memory at [p, p + bytes) is backed by pages already (mincore, on five
- * pages spread over it, the first and the last among them; 0 where it cannot tell).  An
- * output bnfast allocates is streamed only then: memory the allocator hands back from
- * an earlier free (glibc's heap, below its 32 MB mmap threshold) is resident, and plain
- * stores read each of its lines before writing it; fresh pages (a new mapping, as every
- * 51 MB array is) are zeroed in cache on their first touch, where streaming measured
- * 1.45x slower. */
-int bnf_pages_resident(const void *p, ptrdiff_t bytes)
-{
-#if defined(__linux__)
-    long page = sysconf(_SC_PAGESIZE);
-    uintptr_t first, last;
-    if (page <= 0 || bytes < page) return 0;
-    first = (uintptr_t)p / (uintptr_t)page * (uintptr_t)page;
-    last = ((uintptr_t)p + (uintptr_t)bytes - 1) / (uintptr_t)page * (uintptr_t)page;
-    for (int k = 0; k <= 4; k++) {
-        uintptr_t at = first + (last - first) / (uintptr_t)page * (uintptr_t)k / 4 *
-                                   (uintptr_t)page;
-        unsigned char in_core = 0;
-        if (mincore((void *)at, (size_t)page, &in_core) != 0 || !(in_core & 1)) return 0;
-    }
-    return 1;
-#else
-    (void)p;
-    (void)bytes;
-    return 0;
 #endif
 }
 

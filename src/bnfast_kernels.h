@@ -172,8 +172,6 @@ void bnf_free64(void *p);
 
 /* Order the streaming stores of this thread before later stores (call once per unit). */
 void bnf_stream_fence(void);
-/* Whether [p, p + bytes) is backed by pages already (0 where it cannot tell). */
-int bnf_pages_resident(const void *p, ptrdiff_t bytes);
 
 /* Name of the SIMD ISA the kernels dispatch to on this CPU. */
 const char *bnf_simd_isa(void);

@@ -5,8 +5,6 @@ CPU has, narrow contiguous rows several at a time. The arithmetic is the same ei
 so forcing streaming on for small arrays must give the same bits as plain stores, for
 every kernel, every layout of the input and of ``out=`` (unaligned heads, gaps between
 rows, reversed strides), narrow and wide rows, short and long runs."""
-import sys
-
 import numpy as np
 import pytest
 
@@ -91,53 +89,3 @@ def test_streamed_input_layouts(stream_always, layout):
     w, b = params(5, np.float64, 0)[:2]
     y = bnfast.batch_norm_train(x, w, b, axis=axis)[0]
     assert_forward_close(y, ref.batch_norm_train(x, w, b, axis=axis)[0])
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore: Linux only")
-def test_pages_resident_tells_fresh_memory_from_written():
-    """An output bnfast allocates is streamed only on pages already resident (memory the
-    allocator reused); a fresh mapping's first touch zeroes its pages in cache, where
-    plain stores are faster. The check samples pages across the whole array."""
-    import mmap
-
-    from bnfast._core import _pages_resident
-    region = mmap.mmap(-1, 1 << 26)               # 64 MB, a new mapping: untouched
-    fresh = np.frombuffer(region, np.float32)
-    assert not _pages_resident(fresh)
-    fresh[: fresh.size // 2] = 1                  # the first half only: not all of it
-    assert not _pages_resident(fresh)
-    fresh[fresh.size // 2:] = 1
-    assert _pages_resident(fresh)
-    assert _pages_resident(fresh[1:-1])           # not on page boundaries
-    assert not _pages_resident(np.ones(16, np.float32))    # less than a page: never
-    del fresh
-    region.close()
-
-
-def test_allocated_outputs_on_reused_memory_equal_out_outputs():
-    """Allocating calls large enough to stream, on memory the allocator hands back from
-    the previous call (streamed where the pages are resident), give the bits of calls
-    into out= (streamed) and of calls with streaming off (plain stores)."""
-    shape, axis = (1030, 2050), 1                 # 8.4 MB float32: past the threshold
-    x = make_values(shape, np.float32, 7, axis=axis, offset=1e4)
-    dy = make_values(shape, np.float32, 8, axis=axis)
-    w, b, rm, rv = params(shape[axis], np.float32, 3)
-
-    def run(**out):
-        y = bnfast.batch_norm_train(x, w, b, axis=axis, **out)[0].copy()
-        e = bnfast.batch_norm(x, rm, rv, w, b, axis=axis, **out).copy()
-        _, m, s = bnfast.batch_norm_train(x, w, b, axis=axis)
-        d = bnfast.batch_norm_backward(dy, x, m, s, w, axis=axis, **out)[0].copy()
-        return y, e, d
-
-    allocated = [run() for _ in range(3)]         # later ones on reused memory
-    into = run(out=np.empty_like(x))
-    old = _set_stream_bytes(1 << 62)
-    try:
-        plain = run()
-    finally:
-        _set_stream_bytes(old)
-    for got in allocated + [into]:
-        for a, g in zip(plain, got):
-            assert a.tobytes() == g.tobytes()
-    assert_forward_close(plain[0], ref.batch_norm_train(x, w, b, axis=axis)[0])
