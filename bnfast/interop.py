@@ -696,7 +696,11 @@ def _fold(weight, bias, bn, channel_dim, what):
         b_dtype = _out_dtype(b_arr)
     shape = [1] * w.ndim
     shape[channel_dim] = c
-    new_w = (w.astype(np.float64) * scale.reshape(shape)).astype(_out_dtype(w))
+    # one float64 temporary, scaled in place (a widened copy, the product and a cast
+    # had held twice the weight's float64 size at once)
+    new_w = w.astype(np.float64)
+    new_w *= scale.reshape(shape)
+    new_w = new_w.astype(_out_dtype(w), copy=False)
     new_b = ((b - mean) * scale + shift).astype(b_dtype)
     return new_w, new_b
 
