@@ -877,9 +877,9 @@ def test_fold_without_torch_and_errors():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32])
 def test_fold_conv_one_float64_temporary(dtype):
-    """Folding scales the weight in float64 through one temporary, the product, and
-    gives the bits of widening it first (a 512x512x3x3 weight: a peak of 1.0-1.5x its
-    float64 size; it had been 2.0x)."""
+    """Folding scales one float64 copy of the weight in place, with the bits of the
+    product of the widened weight, and never holds two (a 512x512x3x3 weight: a peak of
+    1.0-1.5x its float64 size, with the float32 result; it had been 2.0x)."""
     import tracemalloc
 
     rng = np.random.default_rng(14)
