@@ -62,6 +62,9 @@ cdef extern from "bnfast_kernels.h" nogil:
     void *bnf_alloc64(size_t bytes)
     void bnf_free64(void *p)
     void bnf_stream_fence()
+    void bnf_merge_unit_moments(bnf_moments *mom, Py_ssize_t C, Py_ssize_t nsb)
+    void bnf_merge_unit_sums(double *sum_dy, double *sum_dy_xmu, double *sum_xmu,
+                             Py_ssize_t C, Py_ssize_t nsb)
     void bnf_widen_f32(const char *src, Py_ssize_t stride, double *dst, Py_ssize_t n)
     void bnf_widen_f16(const char *src, Py_ssize_t stride, double *dst, Py_ssize_t n)
     void bnf_half_to_float(const uint16_t *src, float *dst, Py_ssize_t n)
@@ -1341,18 +1344,8 @@ cdef void _sum_units(Job *j) noexcept:
     """Backward sums of the units into the first C entries, in a fixed order; sum(dy) and
     sum(dy * (x - mean)) compensated (bnf_two_sum: a (1048576, 8) float64 dbias of
     same-sign gradients was 2.8 ulps off plainly)."""
-    cdef Py_ssize_t c, sb, C = j.C
-    cdef double lo_dy, lo_dyx
-    if j.nsb <= 1:
-        return
-    for c in range(C):
-        lo_dy = lo_dyx = 0
-        for sb in range(1, j.nsb):
-            bnf_two_sum(&j.s_dy[c], &lo_dy, j.s_dy[sb * C + c])
-            bnf_two_sum(&j.s_dyx[c], &lo_dyx, j.s_dyx[sb * C + c])
-            j.s_xm[c] += j.s_xm[sb * C + c]
-        j.s_dy[c] = bnf_fold_lo(j.s_dy[c], lo_dy)
-        j.s_dyx[c] = bnf_fold_lo(j.s_dyx[c], lo_dyx)
+    if j.nsb > 1:
+        bnf_merge_unit_sums(j.s_dy, j.s_dyx, j.s_xm, j.C, j.nsb)
 
 
 cdef void _plan(Job *j, Py_ssize_t itemsize, int narrays, bint elementwise=False) noexcept:
@@ -2506,17 +2499,10 @@ cdef int _stats(Job *j) except -1:
     """Moments of every unit into j.mom, merged per channel into j.mom[0:C] in a fixed
     order (the statistics pass without the normalization); m2 compensated over the
     units (a (100352, 64) float64 variance 3.4 ulps off plainly, 0.6 so)."""
-    cdef Py_ssize_t c, sb, C = j.C
-    cdef double m2lo
-    memset(j.mom, 0, j.nsb * C * sizeof(bnf_moments))
+    memset(j.mom, 0, j.nsb * j.C * sizeof(bnf_moments))
     _launch(j, K_STATS)
-    if j.nsb <= 1:
-        return 0
-    for c in range(C):
-        m2lo = 0
-        for sb in range(1, j.nsb):
-            bnf_moments_merge_lo(&j.mom[c], &m2lo, &j.mom[sb * C + c])
-        j.mom[c].m2 = bnf_fold_lo(j.mom[c].m2, m2lo)
+    if j.nsb > 1:
+        bnf_merge_unit_moments(j.mom, j.C, j.nsb)
     return 0
 
 

@@ -173,6 +173,14 @@ void bnf_free64(void *p);
 /* Order the streaming stores of this thread before later stores (call once per unit). */
 void bnf_stream_fence(void);
 
+/* The work units' parts merged into the first C entries, each channel's in unit order
+ * (parts of unit sb at sb * C): moments (bnf_moments_merge_lo, m2 compensated), and the
+ * backward sums (sum dy and sum dy (x - mean) compensated by bnf_two_sum, sum (x - mean)
+ * plain). */
+void bnf_merge_unit_moments(bnf_moments *mom, ptrdiff_t C, ptrdiff_t nsb);
+void bnf_merge_unit_sums(double *sum_dy, double *sum_dy_xmu, double *sum_xmu, ptrdiff_t C,
+                         ptrdiff_t nsb);
+
 /* Name of the SIMD ISA the kernels dispatch to on this CPU. */
 const char *bnf_simd_isa(void);
 /* How the kernels' fused multiply-adds run here: the instruction or libm's fma(). */
