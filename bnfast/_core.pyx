@@ -63,6 +63,8 @@ cdef extern from "bnfast_kernels.h" nogil:
     void bnf_free64(void *p)
     void bnf_stream_fence()
     void bnf_merge_unit_moments(bnf_moments *mom, Py_ssize_t C, Py_ssize_t nsb)
+    void bnf_merge_same_counts(bnf_moments *a, double *m2lo, const bnf_moments *b,
+                               Py_ssize_t w, double na, double nb)
     void bnf_merge_unit_sums(double *sum_dy, double *sum_dy_xmu, double *sum_xmu,
                              Py_ssize_t C, Py_ssize_t nsb)
     void bnf_widen_f32(const char *src, Py_ssize_t stride, double *dst, Py_ssize_t n)
@@ -749,24 +751,6 @@ cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
              sb, flags)
 
 
-cdef inline void _merge_same_count(bnf_moments *a, double *m2lo, const bnf_moments *b,
-                                   Py_ssize_t w) noexcept nogil:
-    """bnf_moments_merge_lo of b[c] into a[c], m2lo[c] for w channels that all saw the same
-    rows (the same bits), the count ratios computed once."""
-    cdef double na = a[0].n, nb = b[0].n, n, ratio, weight, delta
-    cdef Py_ssize_t c
-    if nb == 0:
-        return
-    n = na + nb
-    ratio = nb / n
-    weight = na * ratio
-    for c in range(w):
-        delta = (b[c].hi - a[c].hi) + (b[c].lo - a[c].lo)
-        a[c].lo += delta * ratio
-        bnf_two_sum(&a[c].m2, &m2lo[c], b[c].m2 + delta * delta * weight)
-        a[c].n = n
-
-
 cdef void _seg_unit(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssize_t r0,
                     Py_ssize_t nr, Py_ssize_t sb, int flags) noexcept nogil:
     """A unit of rows in segments (_unit_at's work), channels back to back (rows form)
@@ -815,7 +799,7 @@ cdef void _seg_unit(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssize_t r0
                 bnf_bwd_sums_runs(j.type, _dy_at(j, r, c0), j.dy_os, 0, _x_at(j, r, c0),
                                   j.x_os, 0, n, j.inner, 1, j.hi + c0, s1, s2, s3, NULL, 0)
             if r > r0 and not bwd:
-                _merge_same_count(mom, lo1, pm, w)
+                bnf_merge_same_counts(mom, lo1, pm, w, mom[0].n, pm[0].n)
             elif r > r0:
                 for c in range(w):
                     bnf_two_sum(&sdy[c], &lo1[c], p1[c])

@@ -210,6 +210,19 @@ void bnf_stream_fence(void)
  * units in the same order, with the same operations: the same bits. */
 #define BNF_MERGE_BLOCK 256
 
+void bnf_merge_same_counts(bnf_moments *a, double *m2lo, const bnf_moments *b,
+                                  ptrdiff_t w, double na, double nb)
+{
+    if (nb == 0) return;
+    double n = na + nb, ratio = nb / n, weight = na * ratio;
+    for (ptrdiff_t c = 0; c < w; c++) {
+        double delta = (b[c].hi - a[c].hi) + (b[c].lo - a[c].lo);
+        a[c].lo += delta * ratio;
+        bnf_two_sum(&a[c].m2, &m2lo[c], b[c].m2 + delta * delta * weight);
+        a[c].n = n;
+    }
+}
+
 void bnf_merge_unit_moments(bnf_moments *mom, ptrdiff_t C, ptrdiff_t nsb)
 {
     double m2lo[BNF_MERGE_BLOCK];
@@ -217,9 +230,17 @@ void bnf_merge_unit_moments(bnf_moments *mom, ptrdiff_t C, ptrdiff_t nsb)
         ptrdiff_t w = C - c0 < BNF_MERGE_BLOCK ? C - c0 : BNF_MERGE_BLOCK;
         bnf_moments *a = mom + c0;
         for (ptrdiff_t c = 0; c < w; c++) m2lo[c] = 0;
-        for (ptrdiff_t sb = 1; sb < nsb; sb++)
-            for (ptrdiff_t c = 0; c < w; c++)
-                bnf_moments_merge_lo(&a[c], &m2lo[c], &a[sb * C + c]);
+        for (ptrdiff_t sb = 1; sb < nsb; sb++) {
+            const bnf_moments *b = a + sb * C;
+            /* a unit's channels saw the same rows: one division per unit, not a channel */
+            double na = a[0].n, nb = b[0].n;
+            int same = na > 0 && nb > 0;
+            for (ptrdiff_t c = 1; same && c < w; c++) same = a[c].n == na && b[c].n == nb;
+            if (same)
+                bnf_merge_same_counts(a, m2lo, b, w, na, nb);
+            else
+                for (ptrdiff_t c = 0; c < w; c++) bnf_moments_merge_lo(&a[c], &m2lo[c], &b[c]);
+        }
         for (ptrdiff_t c = 0; c < w; c++) a[c].m2 = bnf_fold_lo(a[c].m2, m2lo[c]);
     }
 }
