@@ -78,6 +78,9 @@ cdef extern from "bnfast_kernels.h" nogil:
     void bnf_finalize(const bnf_moments *m, Py_ssize_t n, double eps, const double *weight,
                       double *hi, double *lo, double *invstd, double *scale, double *shift,
                       double *var)
+    void bnf_bwd_coeffs(Py_ssize_t C, double n, const double *hi, const double *invstd,
+                        const double *sum_dy, double *sum_dy_xmu, const double *sum_xmu,
+                        double *lo, double *k1, double *k2)
     void bnf_copy_2d(char *dst, Py_ssize_t dst_rs, Py_ssize_t dst_cs, const char *src,
                      Py_ssize_t src_rs, Py_ssize_t src_cs, Py_ssize_t rows, Py_ssize_t cols,
                      Py_ssize_t size)
@@ -639,26 +642,15 @@ cdef inline void _finalize(Job *j, Py_ssize_t c0, Py_ssize_t n,
                  j.scale + c0, j.shift + c0, j.k1 + c0)
 
 
-cdef inline void _bwd_coeffs(Job *j, Py_ssize_t c) noexcept nogil:
-    """dx coefficients of channel c from its sums (training mode):
+cdef inline void _bwd_coeffs(Job *j, Py_ssize_t c0, Py_ssize_t w) noexcept nogil:
+    """dx coefficients of channels c0 .. c0 + w - 1 from their sums (training mode):
     dx = scale * (dy - k1 - (x - hi) * k2).
 
     `hi` is the batch mean rounded to a double; sum(x - hi) / n recovers the rest of it
     (exactly, for price offsets), so the gradient is centred on the exact batch mean. A
-    `hi` further than a few ulps from the batch mean is taken as given."""
-    cdef double n = j.n_total
-    cdef double lo = j.s_xm[c] / n, corr
-    if not (fabs(lo) <= 8.9e-16 * fabs(j.hi[c])):
-        lo = 0.0
-    j.lo[c] = lo
-    # sum(dy * (x - hi - lo)); the correction only where finite: an infinite sum dy made
-    # inf - inf (NaN) of an infinite sum dy (x - hi), whose sign numpy keeps
-    corr = lo * j.s_dy[c]
-    if corr - corr == 0:
-        j.s_dyx[c] -= corr
-    j.k2[c] = j.invstd[c] * j.invstd[c] * (j.s_dyx[c] / n)
-    corr = lo * j.k2[c]
-    j.k1[c] = j.s_dy[c] / n - (corr if corr - corr == 0 else 0.0)
+    `hi` further than a few ulps from the batch mean is taken as given (bnf_bwd_coeffs)."""
+    bnf_bwd_coeffs(w, j.n_total, j.hi + c0, j.invstd + c0, j.s_dy + c0, j.s_dyx + c0,
+                   j.s_xm + c0, j.lo + c0, j.k1 + c0, j.k2 + c0)
 
 
 cdef inline Py_ssize_t _at(const Job *j, const Py_ssize_t *ls, Py_ssize_t os,
@@ -817,8 +809,7 @@ cdef void _seg_unit(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssize_t r0
         if kind == K_FWD:
             _finalize(j, c0, w, mom)
         elif kind == K_BWD:
-            for c in range(c0, c0 + w):
-                _bwd_coeffs(j, c)
+            _bwd_coeffs(j, c0, w)
         else:
             use_x = False                  # statistics held fixed: dx = scale * dy
     r = r0
@@ -921,8 +912,7 @@ cdef inline void _unit_at(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssiz
         if kind == K_BSUMS:
             return
         if kind == K_BWD:
-            for c in range(c0, c0 + w):
-                _bwd_coeffs(j, c)
+            _bwd_coeffs(j, c0, w)
         else:
             x = NULL                       # statistics held fixed: dx = scale * dy
     # K_BDX, K_BWD, K_BEVAL
@@ -1080,8 +1070,7 @@ cdef void _pipeline(Job *j, int kind, Py_ssize_t u0, Py_ssize_t u1) noexcept nog
                               j.hi + u, j.s_dy + u, j.s_dyx + u, j.s_xm + u,
                               j.x + un * j.x_cs * isz if split else NULL, wn)
             if kind == K_BWD:
-                for c in range(u, u + w):
-                    _bwd_coeffs(j, c)
+                _bwd_coeffs(j, u, w)
             # statistics held fixed (K_BEVAL): dx = scale * dy, x not read
             bnf_bwd_dx_runs(j.type, j.dy + u * j.dy_cs * isz, j.dy_os, j.dy_cs,
                             j.x + u * j.x_cs * isz if kind == K_BWD else NULL, j.x_os,
@@ -2939,8 +2928,7 @@ def _backward(dy, x, mean, invstd, weight, bint training, axis, out, sums_hook):
                 _copy_in(j.s_dy, total, 0, C)
                 _copy_in(j.s_dyx, total, C, C)
                 _copy_in(j.s_xm, total, 2 * C, C)
-                for c in range(C):
-                    _bwd_coeffs(&j, c)
+                _bwd_coeffs(&j, 0, C)
                 if _elems(&j) > 0:
                     j.reverse = 1
                     _launch(&j, K_BDX)
@@ -2951,8 +2939,7 @@ def _backward(dy, x, mean, invstd, weight, bint training, axis, out, sums_hook):
                     j.s_dy[c] = lp[c]
                     j.s_dyx[c] = lp[C + c] - j.lo[c] * lp[c]
             elif training and j.nsb > 1:
-                for c in range(C):
-                    _bwd_coeffs(&j, c)
+                _bwd_coeffs(&j, 0, C)
                 j.reverse = 1
                 _launch(&j, K_BDX)
             for c in range(C):

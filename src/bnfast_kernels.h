@@ -210,6 +210,11 @@ ptrdiff_t bnf_eval_scale(double *scale, const double *var, ptrdiff_t n, double e
 void bnf_finalize(const bnf_moments *m, ptrdiff_t n, double eps, const double *weight,
                   double *hi, double *lo, double *invstd, double *scale, double *shift,
                   double *var);
+/* The dx coefficients of C channels from their backward sums (training mode; see
+ * bnfast_kernels.c): lo, k1, k2, and sum_dy_xmu moved onto the mean hi + lo. */
+void bnf_bwd_coeffs(ptrdiff_t C, double n, const double *hi, const double *invstd,
+                    const double *sum_dy, double *sum_dy_xmu, const double *sum_xmu,
+                    double *lo, double *k1, double *k2);
 
 #define BNF_DECLARE(T, S)                                                                 \
     void bnf_stats_runs_##S(const T *x, ptrdiff_t nruns, ptrdiff_t stride, ptrdiff_t len, \
