@@ -210,11 +210,12 @@ void bnf_stream_fence(void)
  * units in the same order, with the same operations: the same bits. */
 #define BNF_MERGE_BLOCK 256
 
-void bnf_merge_same_counts(bnf_moments *a, double *m2lo, const bnf_moments *b,
+BNF_CLONES void bnf_merge_same_counts(bnf_moments *a, double *m2lo, const bnf_moments *b,
                                   ptrdiff_t w, double na, double nb)
 {
     if (nb == 0) return;
     double n = na + nb, ratio = nb / n, weight = na * ratio;
+#pragma omp simd
     for (ptrdiff_t c = 0; c < w; c++) {
         double delta = (b[c].hi - a[c].hi) + (b[c].lo - a[c].lo);
         a[c].lo += delta * ratio;
@@ -223,7 +224,7 @@ void bnf_merge_same_counts(bnf_moments *a, double *m2lo, const bnf_moments *b,
     }
 }
 
-void bnf_merge_unit_moments(bnf_moments *mom, ptrdiff_t C, ptrdiff_t nsb)
+BNF_CLONES void bnf_merge_unit_moments(bnf_moments *mom, ptrdiff_t C, ptrdiff_t nsb)
 {
     double m2lo[BNF_MERGE_BLOCK];
     for (ptrdiff_t c0 = 0; c0 < C; c0 += BNF_MERGE_BLOCK) {
@@ -235,7 +236,8 @@ void bnf_merge_unit_moments(bnf_moments *mom, ptrdiff_t C, ptrdiff_t nsb)
             /* a unit's channels saw the same rows: one division per unit, not a channel */
             double na = a[0].n, nb = b[0].n;
             int same = na > 0 && nb > 0;
-            for (ptrdiff_t c = 1; same && c < w; c++) same = a[c].n == na && b[c].n == nb;
+#pragma omp simd reduction(& : same)
+            for (ptrdiff_t c = 1; c < w; c++) same &= (a[c].n == na) & (b[c].n == nb);
             if (same)
                 bnf_merge_same_counts(a, m2lo, b, w, na, nb);
             else
@@ -245,7 +247,7 @@ void bnf_merge_unit_moments(bnf_moments *mom, ptrdiff_t C, ptrdiff_t nsb)
     }
 }
 
-void bnf_merge_unit_sums(double *sum_dy, double *sum_dy_xmu, double *sum_xmu, ptrdiff_t C,
+BNF_CLONES void bnf_merge_unit_sums(double *sum_dy, double *sum_dy_xmu, double *sum_xmu, ptrdiff_t C,
                          ptrdiff_t nsb)
 {
     double lo_dy[BNF_MERGE_BLOCK], lo_dyx[BNF_MERGE_BLOCK];
