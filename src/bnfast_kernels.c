@@ -211,7 +211,7 @@ void bnf_stream_fence(void)
 #define BNF_MERGE_BLOCK 256
 
 BNF_CLONES void bnf_merge_same_counts(bnf_moments *a, double *m2lo, const bnf_moments *b,
-                                  ptrdiff_t w, double na, double nb)
+                                      ptrdiff_t w, double na, double nb)
 {
     if (nb == 0) return;
     double n = na + nb, ratio = nb / n, weight = na * ratio;
@@ -247,8 +247,8 @@ BNF_CLONES void bnf_merge_unit_moments(bnf_moments *mom, ptrdiff_t C, ptrdiff_t 
     }
 }
 
-BNF_CLONES void bnf_merge_unit_sums(double *sum_dy, double *sum_dy_xmu, double *sum_xmu, ptrdiff_t C,
-                         ptrdiff_t nsb)
+BNF_CLONES void bnf_merge_unit_sums(double *sum_dy, double *sum_dy_xmu, double *sum_xmu,
+                                    ptrdiff_t C, ptrdiff_t nsb)
 {
     double lo_dy[BNF_MERGE_BLOCK], lo_dyx[BNF_MERGE_BLOCK];
     for (ptrdiff_t c0 = 0; c0 < C; c0 += BNF_MERGE_BLOCK) {
