@@ -78,6 +78,9 @@ cdef extern from "bnfast_kernels.h" nogil:
     void bnf_finalize(const bnf_moments *m, Py_ssize_t n, double eps, const double *weight,
                       double *hi, double *lo, double *invstd, double *scale, double *shift,
                       double *var)
+    void bnf_train_outputs(Py_ssize_t C, double n, int unbiased, const double *hi,
+                           const double *lo, const double *invstd, const double *var,
+                           double *mean_out, double *invstd_out, double *running_var)
     void bnf_bwd_coeffs(Py_ssize_t C, double n, const double *hi, const double *invstd,
                         const double *sum_dy, double *sum_dy_xmu, const double *sum_xmu,
                         double *lo, double *k1, double *k2)
@@ -2454,11 +2457,11 @@ def _train(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
         mean_out = cnp.PyArray_EMPTY(1, &dimC, cnp.NPY_FLOAT64, 0)
         invstd_out = cnp.PyArray_EMPTY(1, &dimC, cnp.NPY_FLOAT64, 0)
         n = <double>n_per
-        for c in range(C):
-            (<double *>cnp.PyArray_DATA(mean_out))[c] = j.hi[c] + j.lo[c]
-            (<double *>cnp.PyArray_DATA(invstd_out))[c] = j.invstd[c]
-            # variance for the running update: unbiased (PyTorch) or biased (Keras)
-            j.k2[c] = j.k1[c] * n / (n - 1.0) if unbiased_running_var else j.k1[c]
+        # mean, invstd, and the variance for the running update (into k2): unbiased
+        # (PyTorch) or biased (Keras)
+        bnf_train_outputs(C, n, unbiased_running_var, j.hi, j.lo, j.invstd, j.k1,
+                          <double *>cnp.PyArray_DATA(mean_out),
+                          <double *>cnp.PyArray_DATA(invstd_out), j.k2)
         if running_mean is not None:
             _update_running(running_mean, <double *>cnp.PyArray_DATA(mean_out), mom)
         if running_var is not None:

@@ -1009,6 +1009,22 @@ BNF_CLONES void bnf_finalize(const bnf_moments *m, ptrdiff_t n, double eps,
     }
 }
 
+/* A training call's per-channel outputs after bnf_finalize: the mean hi + lo and invstd
+ * (float64 arrays), and the variance for the running update, var n / (n - 1) (unbiased,
+ * PyTorch's) or var (biased, Keras's).  A loop that vectorizes: a channel at a time in
+ * Cython, its divisions took a twelfth of a (32, 256) training call. */
+BNF_CLONES void bnf_train_outputs(ptrdiff_t C, double n, int unbiased, const double *hi,
+                                  const double *lo, const double *invstd, const double *var,
+                                  double *mean_out, double *invstd_out, double *running_var)
+{
+#pragma omp simd
+    for (ptrdiff_t c = 0; c < C; c++) {
+        mean_out[c] = hi[c] + lo[c];
+        invstd_out[c] = invstd[c];
+        running_var[c] = unbiased ? var[c] * n / (n - 1.0) : var[c];
+    }
+}
+
 /* The dx coefficients of channels 0 .. C - 1 from their backward sums (the training
  * mode's dx = scale * (dy - k1 - (x - hi) * k2), bnfast._core._bwd_coeffs): lo = sum(x -
  * hi) / n, the part of the batch mean a double hi cannot hold (0 where hi is further

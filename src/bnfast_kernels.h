@@ -210,6 +210,11 @@ ptrdiff_t bnf_eval_scale(double *scale, const double *var, ptrdiff_t n, double e
 void bnf_finalize(const bnf_moments *m, ptrdiff_t n, double eps, const double *weight,
                   double *hi, double *lo, double *invstd, double *scale, double *shift,
                   double *var);
+/* A training call's outputs of C channels after bnf_finalize: mean hi + lo, invstd, and
+ * the variance for the running update (var n / (n - 1) where unbiased). */
+void bnf_train_outputs(ptrdiff_t C, double n, int unbiased, const double *hi, const double *lo,
+                       const double *invstd, const double *var, double *mean_out,
+                       double *invstd_out, double *running_var);
 /* The dx coefficients of C channels from their backward sums (training mode; see
  * bnfast_kernels.c): lo, k1, k2, and sum_dy_xmu moved onto the mean hi + lo. */
 void bnf_bwd_coeffs(ptrdiff_t C, double n, const double *hi, const double *invstd,
