@@ -294,6 +294,38 @@ def _as_ints(v):
     return [i << (e - emin) for i, e in zip(ints, exps)], emin
 
 
+def test_float64_sums_over_many_work_units_merged_compensated():
+    """An array of 8 M elements in 8 channels is reduced in 32 work units a channel,
+    merged one after another (bnf_merge_unit_moments, bnf_merge_unit_sums): their M2
+    and sum(dy) merges are compensated. The variance of integer data stays within 2.5
+    ulps of the exact value and dbias of same-sign gradients within 1 ulp of the
+    correctly rounded sum, the same bits on 1 and 2 threads (the shapes above have
+    one or two units). Merged plainly, this data measured 3.1 ulps and 2 ulps."""
+    import math
+    from fractions import Fraction
+
+    shape = (1048576, 8)
+    rng = np.random.default_rng(sum(shape))
+    x = QUANTIZED["integers"](rng, shape)
+    exact = [_exact_var(x[:, c]) for c in range(shape[1])]
+    dy = 1.0 + 1e-3 * rng.standard_normal(shape)
+    xp = 1e7 + 0.01 * rng.standard_normal(shape)
+    bits = []
+    for n in (1, 2):
+        bnfast.set_num_threads(n)
+        try:
+            var = bnfast.moments(x, axis=1).var
+            _, mean, invstd = bnfast.batch_norm_train(xp, axis=1)
+            _, _, dbias = bnfast.batch_norm_backward(dy, xp, mean, invstd, axis=1)
+        finally:
+            bnfast.set_num_threads(None)
+        bits.append((var.tobytes(), dbias.tobytes()))
+    for c in range(shape[1]):
+        assert _ulps(var[c], exact[c]) <= 2.5, (c, _ulps(var[c], exact[c]))
+        assert _ulps(dbias[c], Fraction(math.fsum(dy[:, c]))) <= 1, c
+    assert bits[0] == bits[1]
+
+
 @pytest.mark.usefixtures("threads_on_small_arrays")
 @pytest.mark.parametrize("gradient", ["same sign", "like x"])
 @pytest.mark.parametrize("shape,axis", [
