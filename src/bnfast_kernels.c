@@ -207,7 +207,9 @@ void bnf_stream_fence(void)
  * chain of dependent operations (a merge of moments waits on a division), and merging
  * a channel's units before the next channel's left the core waiting on that chain.  In
  * this order the chains of neighbouring channels overlap; each channel still takes its
- * units in the same order, with the same operations: the same bits. */
+ * units in the same order, with the same operations: the same values (where NaNs of
+ * both signs meet, which one an addition keeps depends on the operand order the
+ * compiler chose: README, Determinism). */
 #define BNF_MERGE_BLOCK 256
 
 BNF_CLONES void bnf_merge_same_counts(bnf_moments *a, double *m2lo, const bnf_moments *b,

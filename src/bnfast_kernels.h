@@ -179,7 +179,7 @@ void bnf_stream_fence(void);
  * plain). */
 void bnf_merge_unit_moments(bnf_moments *mom, ptrdiff_t C, ptrdiff_t nsb);
 /* bnf_moments_merge_lo of b[c] into a[c], m2lo[c] for w channels whose parts all hold
- * na (> 0) and nb elements, the count ratios computed once: the same bits. */
+ * na (> 0) and nb elements, the count ratios computed once: the same values. */
 void bnf_merge_same_counts(bnf_moments *a, double *m2lo, const bnf_moments *b, ptrdiff_t w,
                            double na, double nb);
 void bnf_merge_unit_sums(double *sum_dy, double *sum_dy_xmu, double *sum_xmu, ptrdiff_t C,
