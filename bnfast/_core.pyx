@@ -18,7 +18,7 @@ cimport numpy as cnp
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 from libc.stdint cimport uint16_t
-from libc.math cimport sqrt, fabs, NAN
+from libc.math cimport sqrt, NAN
 from cython.parallel cimport prange
 
 from bnfast._openmp_helpers cimport (BNF_GNU_OPENMP, BNF_HAVE_OPENMP, bnf_omp_max_threads,
@@ -52,8 +52,6 @@ cdef extern from "bnfast_kernels.h" nogil:
     enum: BNF_CHUNK
     void bnf_two_sum(double *s, double *lo, double v)
     double bnf_fold_lo(double s, double lo)
-    void bnf_moments_merge(bnf_moments *a, const bnf_moments *b)
-    void bnf_moments_merge_lo(bnf_moments *a, double *m2lo, const bnf_moments *b)
     Py_ssize_t bnf_group_block(Py_ssize_t cols, Py_ssize_t group)
     const char *bnf_simd_isa()
     const char *bnf_fma_kind()
