@@ -198,6 +198,12 @@ def test_moments_object_is_immutable_and_picklable():
         m.extra = 1
     with pytest.raises(ValueError):
         m.mean[0] = 1.0                      # read-only arrays
+    for k in ("count", "mean", "m2"):        # ... for good: the flag cannot be set back
+        for obj in (m, merge_moments(m, m), Moments([2, 3, 4], [1.0, 2.0, 3.0], [0.0] * 3)):
+            a = getattr(obj, k)
+            with pytest.raises(ValueError):
+                a.flags.writeable = True
+            assert not a.flags.writeable
     m2 = pickle.loads(pickle.dumps(m))
     for k in ("count", "mean", "m2"):
         np.testing.assert_array_equal(getattr(m2, k), getattr(m, k))
