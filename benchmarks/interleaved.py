@@ -16,11 +16,23 @@ calls map and unmap hundreds of MB of fresh outputs, and calls timed just after 
 slower. With one thread, ``np.multiply`` of the input by a
 scalar into the same output is timed too: the cost of the simplest one-pass elementwise
 kernel with plain stores, a floor for eval on this machine.
+
+``--floors`` (one thread) also times the bare memory traffic of each pass, from
+``benchmarks/traffic.c`` compiled with the system C compiler: loads, one add an element
+and streamed stores, the widest vectors the CPU has. ``floor 1r+w``: read x, write y (what
+eval moves); ``floor 2r+w``: read x, then read x and write y (training forward of data
+larger than the caches, channels last); ``floor bwd 2r+w`` and ``floor bwd 4r+w``: the
+same with x and dy (backward in one pass, as NCHW channels from L2, and in two, as
+channels last). A kernel cannot beat the floor of the passes it needs.
 """
 import argparse
+import ctypes
 import os
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from types import SimpleNamespace
 
@@ -46,7 +58,47 @@ LAYOUTS = {
 DEFAULT_LAYOUTS = ("NCHW", "NHWC", "NC")
 
 
-def _ops(shape, axis, with_torch, threads=1, pad=0):
+def traffic_lib():
+    """benchmarks/traffic.c compiled ($CC, else cc) and loaded: (library, None), or
+    (None, why not)."""
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "traffic.c")
+    tmp = tempfile.mkdtemp(prefix="bnfast-traffic-")
+    so = os.path.join(tmp, "traffic.so")
+    try:
+        r = subprocess.run([os.environ.get("CC", "cc"), "-O2", "-shared", "-fPIC", src,
+                            "-o", so], capture_output=True, text=True)
+        if r.returncode != 0:
+            return None, f"compiling {src} failed: {r.stderr.strip()}"
+        lib = ctypes.CDLL(so)
+    except OSError as e:
+        return None, f"no C compiler or library: {e}"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)      # a loaded library stays mapped
+    vp, n = ctypes.c_void_p, ctypes.c_size_t
+    lib.traffic_read.restype = ctypes.c_double
+    lib.traffic_read.argtypes = [vp, vp, n]
+    lib.traffic_write.restype = None
+    lib.traffic_write.argtypes = [vp, vp, vp, n]
+    lib.traffic_kind.restype = ctypes.c_char_p
+    return lib, None
+
+
+def _floor_ops(lib, x, dy, y):
+    """The bare traffic of the passes over x (and dy) into y; {} unless all three are
+    C-contiguous."""
+    if lib is None or not all(a.flags.c_contiguous for a in (x, dy, y)):
+        return {}
+    px, pdy, py, n = x.ctypes.data, dy.ctypes.data, y.ctypes.data, x.size
+    read, write = lib.traffic_read, lib.traffic_write
+    return {
+        "floor 1r+w": lambda: write(px, None, py, n),
+        "floor 2r+w": lambda: (read(px, None, n), write(px, None, py, n)),
+        "floor bwd 2r+w": lambda: write(px, pdy, py, n),
+        "floor bwd 4r+w": lambda: (read(px, pdy, n), write(px, pdy, py, n)),
+    }
+
+
+def _ops(shape, axis, with_torch, threads=1, pad=0, traffic=None):
     rng = np.random.default_rng(0)
     full, cols = shape[:-1] + (shape[-1] + pad,), (Ellipsis, slice(0, shape[-1]))
     x = (1000 + rng.standard_normal(full)).astype(np.float32)[cols]
@@ -72,9 +124,10 @@ def _ops(shape, axis, with_torch, threads=1, pad=0):
                                                        out=dx),
         "fwd_bwd": fwd_bwd,
     }
-    if threads == 1:                   # NumPy's ufuncs run on one thread
+    if threads == 1:                   # NumPy's ufuncs and the floors run on one thread
         scale = np.float32(1.5)
         ops["np.multiply"] = lambda: np.multiply(x, scale, out=y)
+        ops.update(_floor_ops(traffic, x, dy, y))
     if with_torch:
         import torch
         import torch.nn.functional as F
@@ -100,7 +153,7 @@ def _ops(shape, axis, with_torch, threads=1, pad=0):
     return x, ops
 
 
-def run(layouts, threads, reps, with_torch):
+def run(layouts, threads, reps, with_torch, traffic=None):
     bnfast.set_num_threads(threads)
     if with_torch:
         import torch
@@ -108,7 +161,7 @@ def run(layouts, threads, reps, with_torch):
     rows = []
     for name in layouts:
         shape, axis, *pad = LAYOUTS[name]
-        x, ops = _ops(shape, axis, with_torch, threads, *pad)
+        x, ops = _ops(shape, axis, with_torch, threads, *(pad or [0]), traffic=traffic)
         copy, _ = _bench.make_copy(SimpleNamespace(x=x, out=np.empty_like(x)), threads)
         copy()
         for f in ops.values():
@@ -145,6 +198,9 @@ def main(argv=None):
                    help=f"comma-separated, of {','.join(LAYOUTS)} "
                         f"(default: {','.join(DEFAULT_LAYOUTS)})")
     p.add_argument("--no-torch", action="store_true", help="do not time PyTorch")
+    p.add_argument("--floors", action="store_true",
+                   help="also time the bare memory traffic of each pass (one thread; "
+                        "compiles benchmarks/traffic.c with the system C compiler)")
     a = p.parse_args(argv)
     layouts = [s for s in a.layouts.split(",") if s]
     bad = [s for s in layouts if s not in LAYOUTS]
@@ -161,18 +217,27 @@ def main(argv=None):
             with_torch = True
         except ImportError:
             pass
-    rows = run(layouts, a.threads, a.reps, with_torch)
-    cols = list(rows[0][1])
+    traffic = None
+    if a.floors:
+        if a.threads != 1:
+            p.error("--floors: the floors are one thread's; use --threads 1")
+        traffic, why = traffic_lib()
+        if traffic is None:
+            print(f"--floors: not timed ({why})", file=sys.stderr)
+    rows = run(layouts, a.threads, a.reps, with_torch, traffic)
+    cols = list(dict.fromkeys(k for _, med, _ in rows for k in med))
     print(f"bnfast {bnfast.__version__}, {a.threads} thread(s), float32, median of {a.reps} "
           f"per-repetition ratios to np.copyto{' split over the threads' if a.threads > 1 else ''}"
-          f"; {_config.config_info()['CPU']}")
+          f"; {_config.config_info()['CPU']}"
+          + (f"; floors in {traffic.traffic_kind().decode()}" if traffic is not None else ""))
     head = ["layout", "copy (µs)"] + [f"{k} / copy" for k in cols]
     if with_torch:
         head += ["PyTorch / bnfast train", "PyTorch / bnfast fwd_bwd"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for name, med, copy_s in rows:
-        cells = [name, f"{copy_s * 1e6:.1f}"] + [f"{med[k]:.2f}" for k in cols]
+        cells = [name, f"{copy_s * 1e6:.1f}"] + [f"{med[k]:.2f}" if k in med else "—"
+                                                 for k in cols]
         if with_torch:
             cells += [f"{med['torch train'] / med['train']:.2f}×",
                       f"{med['torch fwd_bwd'] / med['fwd_bwd']:.2f}×"]

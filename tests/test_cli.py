@@ -355,6 +355,47 @@ def test_interleaved_script(capsys, monkeypatch):
     assert "--layouts: no layout given" in capsys.readouterr().err
 
 
+def test_interleaved_script_floors(capsys, monkeypatch):
+    """--floors: benchmarks/traffic.c compiled and timed beside the kernels; its passes
+    compute what they say (a harness that moved no data would time nothing)."""
+    mod = _load_benchmarks_module("interleaved.py")
+    lib, why = mod.traffic_lib()
+    if lib is None:
+        pytest.skip(f"no C compiler for benchmarks/traffic.c: {why}")
+    assert lib.traffic_kind().decode() in ("avx512", "avx2", "sse2", "c")
+    rng = np.random.default_rng(3)
+    for n in (0, 1, 7, 100, 1031):
+        x, dy = rng.standard_normal((2, n + 1)).astype(np.float32)
+        x, dy = x[1:], dy[1:]                   # off a 16-byte line: the unaligned head
+        out = np.full(n, np.nan, np.float32)
+        lib.traffic_write(x.ctypes.data, dy.ctypes.data, out.ctypes.data, n)
+        np.testing.assert_array_equal(out, x + dy)
+        lib.traffic_write(x.ctypes.data, None, out.ctypes.data, n)
+        np.testing.assert_array_equal(out, x)
+        ref = np.sum(x, dtype=np.float64) + np.sum(dy, dtype=np.float64)
+        assert lib.traffic_read(x.ctypes.data, dy.ctypes.data, n) == pytest.approx(ref, abs=1e-3)
+        assert lib.traffic_read(x.ctypes.data, None, n) == pytest.approx(
+            np.sum(x, dtype=np.float64), abs=1e-3)
+    monkeypatch.setattr(mod, "LAYOUTS", {"NC": ((50, 6), 1), "NCslice": ((40, 6), -1, 2)})
+    try:
+        mod.main(["--reps", "3", "--no-torch", "--floors", "--layouts", "NC,NCslice"])
+    finally:
+        bnfast.set_num_threads(None)
+    out = capsys.readouterr().out
+    assert "floors in " in out
+    assert ("floor 1r+w / copy | floor 2r+w / copy | floor bwd 2r+w / copy | "
+            "floor bwd 4r+w / copy |") in out
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")][2:]
+            for line in out.splitlines() if line.startswith("| NC")}
+    assert len(rows["NC"]) == 9 and all(float(c) > 0 for c in rows["NC"])
+    assert rows["NCslice"][-4:] == ["—"] * 4    # strided rows: no floor
+    with pytest.raises(SystemExit):
+        mod.main(["--floors", "--threads", "2", "--no-torch"])
+    assert "--floors" in capsys.readouterr().err
+    monkeypatch.setenv("CC", os.path.join(os.sep, "nonexistent", "cc"))
+    assert mod.traffic_lib()[0] is None
+
+
 def _load_benchmarks_module(name):
     path = os.path.join(ROOT, "benchmarks", name)
     if not os.path.exists(path):
