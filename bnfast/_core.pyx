@@ -57,6 +57,7 @@ cdef extern from "bnfast_kernels.h" nogil:
     const char *bnf_fma_kind()
     int bnf_set_simd_level(int level)
     int bnf_set_adds_as_fma(int on)
+    int bnf_cpu_amd()
     void *bnf_alloc64(size_t bytes)
     void bnf_free64(void *p)
     void bnf_stream_fence()
@@ -268,6 +269,19 @@ cdef bint _segments_always = False
 cdef Py_ssize_t _par_min_elems = PAR_MIN_ELEMS
 # The smallest x whose reductions alone go in blocks (_in_blocks; tests lower it).
 cdef Py_ssize_t _reduce_blocks_min = REDUCE_BLOCKS_MIN
+# A large channel finished from cache prefetches the next one only on AMD, where it was
+# measured to gain (Zen 4): fused backward's dx the next block for channels larger than
+# BWD_SPLIT_BYTES (_fetch_next; (128, 64, 56, 56) 2.58 -> 1.95x a copy, _pipeline), and
+# a fused training channel too large to pipeline the next channel as it is normalized
+# (BNF_FETCH_NEXT, _unit). On the Intel dev VM (2 MiB of L2, a mesh L3) both cost;
+# without them, one thread, in one process: backward float32 (64, 64, 56, 56)
+# 0.80-0.82x the time, (16, 64, 112, 112) 0.76-0.83x, (32, 64, 56, 56) 0.77x, (256, 64,
+# 28, 28) 0.81x, (128, 64, 56, 56) 0.86x, (128, 256, 28, 28) 0.92-0.93x; float64 (32,
+# 64, 56, 56) 0.77x, (64, 128, 28, 28) 0.74x, (64, 256, 28, 28) 0.88x; two threads
+# 0.82-0.84x; training (64, 64, 56, 56) 0.86-0.88x, (16, 64, 112, 112) 0.91-0.92x,
+# (128, 64, 56, 56) and float64 0.98-1.00x. (Channels of up to BWD_SPLIT_BYTES keep their
+# prefetch: on two threads it measured 1.00-1.02x without.) The same bits either way.
+cdef bint _fetch_large = bnf_cpu_amd()
 
 
 def _set_simd_level(level):
@@ -275,6 +289,18 @@ def _set_simd_level(level):
     capped at what the CPU supports; None only asks. Returns the previous level. For
     tests and benchmarks: every level gives the same bits."""
     return bnf_set_simd_level(-1 if level is None else max(0, int(level)))
+
+
+def _set_fetch_large(on):
+    """Whether a large channel finished from cache prefetches the next one: fused
+    backward's blocks of more than BWD_SPLIT_BYTES, fused training's channels too large
+    to pipeline (set by CPU vendor at load: AMD yes). The same bits either way. None
+    leaves it; returns the previous setting (tuning, tests)."""
+    global _fetch_large
+    old = _fetch_large
+    if on is not None:
+        _fetch_large = bool(on)
+    return old
 
 
 def _set_adds_as_fma(on):
@@ -732,8 +758,8 @@ cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
         flags |= BNF_CACHED
         if kind == K_FWD and not rows and nr == j.outer and c0 + 1 < j.C and \
                 j.inner * isz >= REDUCE_BLOCKS_RUN and \
-                j.outer * j.C * j.inner * isz >= _reduce_blocks_min:
-            flags |= BNF_FETCH_NEXT
+                j.outer * j.C * j.inner * isz >= _reduce_blocks_min and _fetch_large:
+            flags |= BNF_FETCH_NEXT     # (AMD only: see _fetch_large)
     if j.nlev:
         _seg_unit(j, kind, c0, w, r0, nr, sb, flags)
         return
@@ -1126,9 +1152,11 @@ cdef inline int _runs_dram_flags(const Job *j, Py_ssize_t nr) noexcept nogil:
 
 cdef inline bint _fetch_next(const Job *j) noexcept nogil:
     """Fused backward from DRAM (runs of REDUCE_BLOCKS_RUN bytes or more, x and dy of
-    _reduce_blocks_min or more): a block read from cache prefetches the next one."""
+    _reduce_blocks_min or more): a block read from cache prefetches the next one;
+    channels of more than BWD_SPLIT_BYTES only where _fetch_large (AMD)."""
     return j.inner * j.isz >= REDUCE_BLOCKS_RUN and \
-        2 * j.outer * j.C * j.inner * j.isz >= _reduce_blocks_min
+        2 * j.outer * j.C * j.inner * j.isz >= _reduce_blocks_min and \
+        (_fetch_large or j.outer * j.inner * j.isz <= BWD_SPLIT_BYTES)
 
 
 cdef inline bint _bwd_small_blocks(const Job *j) noexcept nogil:

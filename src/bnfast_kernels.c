@@ -54,6 +54,15 @@ int bnf_set_simd_level(int level)
 #endif
 }
 
+int bnf_cpu_amd(void)
+{
+#if BNF_SIMD_X86
+    return __builtin_cpu_is("amd");
+#else
+    return 0;
+#endif
+}
+
 int bnf_set_adds_as_fma(int on)
 {
 #if BNF_SIMD_X86

@@ -164,6 +164,8 @@ int bnf_set_simd_level(int level);
 /* Whether the intrinsics backward sums of runs add by multiply-adds (on: 1, off: 0, -1
  * leaves it): the previous setting.  Set by CPU vendor at load (tuning, tests). */
 int bnf_set_adds_as_fma(int on);
+/* 1 on an AMD CPU (the tuning choices that differ by vendor) */
+int bnf_cpu_amd(void);
 
 /* 64-byte-aligned memory for per-channel arrays (the rows kernels read them as 64-byte
  * vectors); NULL when out of memory.  Free with bnf_free64. */

@@ -410,7 +410,8 @@ def test_prefetching_the_next_channel_changes_no_bits(n_threads, shape):
     channel too large to pipeline (614 KB) prefetches the next channel as it is
     normalized, and a backward block (x and dy) the next block as its dx goes (on one
     thread in blocks of at most 256 KB, the next block's x during the sums: channels of
-    12.5 KB and of 196 KB, near the 224 KB where that stops); pipelined
+    12.5 KB and of 196 KB, near the 224 KB where that stops; larger ones, 614 KB, only
+    where _set_fetch_large says so: on AMD by default); pipelined
     training blocks (runs of 28 x 28, three blocks of channels) read the next block's
     statistics beside; rows (wide, and narrow ones folded) take their statistics with
     prefetches into both L1 and L2 (BNF_FROM_DRAM). Prefetches and blocks only: the bits
@@ -428,16 +429,22 @@ def test_prefetching_the_next_channel_changes_no_bits(n_threads, shape):
         return [_bits(a) for a in (y, m, s, dx, dw, db)], y
 
     bnfast.set_num_threads(n_threads)
+    fetched = {}
     try:
         plain, _ = ops()
         old = bnfast._core._set_reduce_blocks_min(0)
+        # channels over 256 KB prefetch the next one in backward by CPU vendor: both ways
+        old_large = bnfast._core._set_fetch_large(None)
         try:
-            fetched, y = ops()
+            for large in (False, True):
+                bnfast._core._set_fetch_large(large)
+                fetched[large], y = ops()
         finally:
             bnfast._core._set_reduce_blocks_min(old)
+            bnfast._core._set_fetch_large(old_large)
     finally:
         bnfast.set_num_threads(None)
-    assert plain == fetched
+    assert plain == fetched[False] == fetched[True]
     assert_forward_close(y, ref.batch_norm_train(x, w, b, axis=1)[0])
 
 
