@@ -280,7 +280,12 @@ cdef Py_ssize_t _reduce_blocks_min = REDUCE_BLOCKS_MIN
 # 64, 56, 56) 0.77x, (64, 128, 28, 28) 0.74x, (64, 256, 28, 28) 0.88x; two threads
 # 0.82-0.84x; training (64, 64, 56, 56) 0.86-0.88x, (16, 64, 112, 112) 0.91-0.92x,
 # (128, 64, 56, 56) and float64 0.98-1.00x. (Channels of up to BWD_SPLIT_BYTES keep their
-# prefetch: on two threads it measured 1.00-1.02x without.) The same bits either way.
+# prefetch: on two threads it measured 1.00-1.02x without.) Where it does not prefetch,
+# backward takes such channels one a block (_channel_block), not 2-5 in a block of
+# CHANNEL_BLOCK_BYTES (x and dy over this L2): (96, 256, 28, 28) 0.85x the time, (128,
+# 256, 28, 28) 0.91-0.92x, float64 (64, 128, 28, 28) 0.90x, (48, 256, 28, 28) 0.95x,
+# two threads 0.90-0.92x; channels of 768 KB or more went one a block already. The
+# same bits either way.
 cdef bint _fetch_large = bnf_cpu_amd()
 
 
@@ -293,9 +298,10 @@ def _set_simd_level(level):
 
 def _set_fetch_large(on):
     """Whether a large channel finished from cache prefetches the next one: fused
-    backward's blocks of more than BWD_SPLIT_BYTES, fused training's channels too large
-    to pipeline (set by CPU vendor at load: AMD yes). The same bits either way. None
-    leaves it; returns the previous setting (tuning, tests)."""
+    backward's blocks of more than BWD_SPLIT_BYTES (without: one channel a block),
+    fused training's channels too large to pipeline (set by CPU vendor at load: AMD
+    yes). The same bits either way. None leaves it; returns the previous setting
+    (tuning, tests)."""
     global _fetch_large
     old = _fetch_large
     if on is not None:
@@ -1195,6 +1201,8 @@ cdef Py_ssize_t _channel_block(const Job *j, int kind) noexcept nogil:
         k = TRAIN_BLOCK_BYTES // ch
     if kind == K_BWD and ch <= BWD_SPLIT_BYTES and _fetch_next(j):
         k = 1       # a channel a block: see BWD_SPLIT_BYTES
+    elif kind == K_BWD and ch > BWD_SPLIT_BYTES and not _fetch_large:
+        k = 1       # Intel: a channel a block, see _fetch_large
     elif kind == K_BWD and _bwd_small_blocks(j):
         k = BWD_SPLIT_BYTES // ch
     if j.x_cs != j.inner or (kind != K_FWD and kind != K_STATS and j.dy_cs != j.inner):
