@@ -161,7 +161,7 @@ def run(layouts, threads, reps, with_torch, traffic=None):
     rows = []
     for name in layouts:
         shape, axis, *pad = LAYOUTS[name]
-        x, ops = _ops(shape, axis, with_torch, threads, *(pad or [0]), traffic=traffic)
+        x, ops = _ops(shape, axis, with_torch, threads, *pad, traffic=traffic)
         copy, _ = _bench.make_copy(SimpleNamespace(x=x, out=np.empty_like(x)), threads)
         copy()
         for f in ops.values():
