@@ -2634,8 +2634,11 @@ def _merge_moment_arrays(cnp.ndarray na_, cnp.ndarray am_, cnp.ndarray alo_,
     mean_lo, m2, m2_lo); returns the union's (count, mean, m2, mean_lo, m2_lo), fresh.
     Chan's update based on the larger part (ties: the smaller mean), so that it is
     commutative exactly; m2 compensated (plainly where that overflows); either part
-    empty: the other unchanged. The loop in C: in NumPy a merge of 64 channels cost
-    ~30 us, a RunningStats update of one row ~38 us."""
+    empty: the other unchanged; a part's mean not finite (data holding an infinity or a
+    NaN): the sum of the parts' means, as np.mean gives (the infinity, or NaN where +inf
+    and -inf meet; Chan's update made inf - inf of it), and m2 NaN, as np.var gives. The
+    loop in C: in NumPy a merge of 64 channels cost ~30 us, a RunningStats update of one
+    row ~38 us."""
     cdef Py_ssize_t c, C = cnp.PyArray_DIMS(na_)[0]
     cdef const double *na = _vec(na_, C, "count")
     cdef const double *am = _vec(am_, C, "mean")
@@ -2649,7 +2652,7 @@ def _merge_moment_arrays(cnp.ndarray na_, cnp.ndarray am_, cnp.ndarray alo_,
     cdef const double *bm2lo = _vec(bm2lo_, C, "m2_lo")
     cdef double *o[5]                   # count, mean, m2, mean_lo, m2_lo
     cdef tuple out = _new_vecs(C, o, 5)
-    cdef double n, h1, l1, h0, l0, n0, delta, mean, lo, shift, m2, e1, e2, m2lo
+    cdef double n, h1, l1, h0, l0, n0, delta, mean, lo, shift, m2, e1, e2, m2lo, mean_a, mean_b
     for c in range(C):
         n = na[c] + nb[c]
         if nb[c] > na[c] or (nb[c] == na[c] and (bm[c] < am[c] or
@@ -2666,6 +2669,10 @@ def _merge_moment_arrays(cnp.ndarray na_, cnp.ndarray am_, cnp.ndarray alo_,
         if not m2lo - m2lo == 0:                   # inf - inf in TwoSum: plainly
             m2 = (am2[c] + bm2[c]) + shift
             m2lo = 0.0
+        mean_a = am[c] + alo[c]
+        mean_b = bm[c] + blo[c]
+        if not (mean_a - mean_a == 0 and mean_b - mean_b == 0):
+            mean, lo, m2, m2lo = mean_a + mean_b, 0.0, NAN, 0.0
         if na[c] == 0:
             mean, lo, m2, m2lo = bm[c], blo[c], bm2[c], bm2lo[c]
         elif nb[c] == 0:
@@ -2683,8 +2690,9 @@ def _merge_packed_rows(cnp.ndarray rows):
     distributed layer's allgather: every rank computes the same from the same rows),
     merged: (count, mean, m2, mean_lo, m2_lo = 0), fresh float64 (C,) arrays. Each
     part's mean is taken relative to a pivot (the first non-empty part's, per channel),
-    as a pairwise merge would, and the shifts are summed in row order. In C: in NumPy
-    one rank's merge of 64 channels cost ~22 us."""
+    as a pairwise merge would, and the shifts are summed in row order; where a part's
+    mean is not finite, the parts' means summed in row order and m2 NaN (as
+    _merge_moment_arrays). In C: in NumPy one rank's merge of 64 channels cost ~22 us."""
     rows = np.ascontiguousarray(rows, dtype=np.float64)
     if cnp.PyArray_NDIM(rows) != 2 or cnp.PyArray_DIMS(rows)[1] % 4:
         raise ValueError(f"rows must be (parts, 4 * C), got shape {(<object>rows).shape}")
@@ -2693,7 +2701,8 @@ def _merge_packed_rows(cnp.ndarray rows):
     cdef const double *q = <double *>cnp.PyArray_DATA(rows)
     cdef double *o[5]                   # count, mean, m2, mean_lo, m2_lo
     cdef tuple out = _new_vecs(C, o, 5)
-    cdef double N, kh, kl, n, d, D, e, s_m2, s_nee, mean, mlo
+    cdef double N, kh, kl, n, d, D, e, s_m2, s_nee, mean, mlo, part, plain
+    cdef bint finite
     for c in range(C):
         if P == 0:
             N = 0
@@ -2715,8 +2724,14 @@ def _merge_packed_rows(cnp.ndarray rows):
         D = 0.0
         s_m2 = 0.0
         s_nee = 0.0
+        plain = 0.0
+        finite = True
         for r in range(P):                        # part mean - pivot, weighted
             n = q[r * W + c]
+            if n > 0:
+                part = q[r * W + C + c] + q[r * W + 2 * C + c]
+                plain = part if r == f else plain + part
+                finite = finite and part - part == 0
             d = (q[r * W + C + c] - kh) + (q[r * W + 2 * C + c] - kl) if n > 0 else 0.0
             D = n * d if r == 0 else D + n * d
         D = D / N                                 # global mean - pivot
@@ -2727,6 +2742,9 @@ def _merge_packed_rows(cnp.ndarray rows):
             s_m2 = q[r * W + 3 * C + c] if r == 0 else s_m2 + q[r * W + 3 * C + c]
             s_nee = n * e * e if r == 0 else s_nee + n * e * e
         _two_sum_to(kh, kl + D, &mean, &mlo)
+        if not finite:                            # an infinity or a NaN: np.mean's
+            o[1][c], o[2][c], o[3][c] = plain, NAN, 0.0
+            continue
         o[1][c] = mean
         o[2][c] = s_m2 + s_nee
         o[3][c] = mlo if mlo - mlo == 0 else 0.0

@@ -229,7 +229,7 @@ BNF_CLONES void bnf_merge_same_counts(bnf_moments *a, double *m2lo, const bnf_mo
 #pragma omp simd
     for (ptrdiff_t c = 0; c < w; c++) {
         double delta = (b[c].hi - a[c].hi) + (b[c].lo - a[c].lo);
-        a[c].lo += delta * ratio;
+        a[c].lo = bnf_merged_lo(a[c].lo, delta, ratio, b[c].hi - a[c].hi, b[c].lo);
         bnf_two_sum(&a[c].m2, &m2lo[c], b[c].m2 + delta * delta * weight);
         a[c].n = n;
     }

@@ -126,6 +126,25 @@ static inline double bnf_fold_lo(double s, double lo)
     return lo - lo == 0 ? s + lo : s;
 }
 
+/* A shift to sum a channel's elements about: s, or alt where s is not finite.  Where a
+ * channel holds an infinity its mean so far is one, and x - inf made its later sums
+ * NaN, as an infinity first in a channel made all of them (np.mean and PyTorch's mean
+ * are that infinity). */
+static inline double bnf_finite_or(double s, double alt)
+{
+    return s - s == 0 ? s : alt;
+}
+
+/* The low part of a merged mean (hi stays the first part's): lo + delta * ratio, or,
+ * where delta is not finite (a part's mean is an infinity: lo + delta * ratio was
+ * inf - inf), the sum of the parts' means less hi, as a plain sum gives: the infinity,
+ * or NaN where +inf and -inf meet.  Finite data take the first form: the same bits. */
+static inline double bnf_merged_lo(double lo, double delta, double ratio, double dhi,
+                                   double lo_b)
+{
+    return delta - delta == 0 ? lo + delta * ratio : lo + (dhi + lo_b);
+}
+
 /* Merge b into a (Chan et al.); exact when either part is empty.  m2lo (or NULL): a->m2
  * compensated, its rounding errors collected there (bnf_two_sum) for the caller to add
  * at the end: a kernel's tiles merged one after another (a 2M-element channel, 61
@@ -141,7 +160,7 @@ static inline void bnf_moments_merge_lo(bnf_moments *a, double *m2lo, const bnf_
     /* hi stays the first part's; lo absorbs the shift, so the mean keeps ~twice double
      * precision when the parts' means are close (prices). */
     double delta = (b->hi - a->hi) + (b->lo - a->lo);
-    a->lo += delta * (b->n / n);
+    a->lo = bnf_merged_lo(a->lo, delta, b->n / n, b->hi - a->hi, b->lo);
     double v = b->m2 + delta * delta * (a->n * (b->n / n));
     if (m2lo)
         bnf_two_sum(&a->m2, m2lo, v);

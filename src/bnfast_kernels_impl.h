@@ -164,7 +164,8 @@ BNF_CLONES void BNF_NAME(bnf_stats_runs)(const T *x, ptrdiff_t nruns, ptrdiff_t 
         pf_far.far = 1;
         pf.also = &pf_far;
     }
-#define BNF_SHIFT (m->n > 0 ? m->hi + m->lo : BNF_TO_D(x[0]))
+#define BNF_SHIFT \
+    (m->n > 0 ? bnf_finite_or(m->hi + m->lo, m->hi) : bnf_finite_or(BNF_TO_D(x[0]), 0))
     if (len <= BNF_TILE_ELEMS) {
         ptrdiff_t per = BNF_TILE_ELEMS / len;
         for (ptrdiff_t r0 = 0; r0 < nruns; r0 += per) {
@@ -295,7 +296,7 @@ static inline BNF_INLINE void BNF_NAME(stats_rows_cols)(const T *x, ptrdiff_t nr
            *c2 = group > 1 ? g2 : s2, *c2lo = group > 1 ? g2lo : s2lo;
     if (per < 4) per = 4;
     for (ptrdiff_t c = 0; c < width; c++) {
-        cs[c] = nrows > 0 ? BNF_TO_D(x[c * group]) : 0;
+        cs[c] = nrows > 0 ? bnf_finite_or(BNF_TO_D(x[c * group]), 0) : 0;
         hi[c] = lo[c] = m2[c] = 0;
 #if BNF_COMPENSATED
         m2lo[c] = 0;
@@ -356,15 +357,15 @@ static inline BNF_INLINE void BNF_NAME(stats_rows_cols)(const T *x, ptrdiff_t nr
                 double tlo = c1[c] / n, tm2 = BNF_TILE_M2(c, tlo);
                 double delta = (cs[c] - hi[c]) + (tlo - lo[c]);
                 if (tm2 < 0) tm2 = 0;
-                lo[c] += delta * ratio;
+                lo[c] = bnf_merged_lo(lo[c], delta, ratio, cs[c] - hi[c], tlo);
                 BNF_ADD_M2(c, tm2 + delta * delta * weight);
             }
         }
 #undef BNF_TILE_M2
 #undef BNF_ADD_M2
         count += n;
-        /* the next tile is shifted by the mean so far */
-        for (ptrdiff_t c = 0; c < width; c++) cs[c] = hi[c] + lo[c];
+        /* the next tile is shifted by the mean so far (kept where that is not finite) */
+        for (ptrdiff_t c = 0; c < width; c++) cs[c] = bnf_finite_or(hi[c] + lo[c], cs[c]);
     }
     for (ptrdiff_t c = 0; c < width; c++) {
         m[c].n = count;
@@ -575,7 +576,7 @@ BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, ptrdiff_t
     }
     for (ptrdiff_t c = 0; c < k_next; c++) {
         m_next[c].n = m_next[c].hi = m_next[c].lo = m_next[c].m2 = m2lo_next[c] = 0;
-        tile_shift[c] = BNF_TO_D(x_next[c * xcs]);
+        tile_shift[c] = bnf_finite_or(BNF_TO_D(x_next[c * xcs]), 0);
         for (int l = 0; l < BNF_LANES; l++) s1[c][l] = s2[c][l] = 0;
 #if BNF_COMPENSATED
         for (int l = 0; l < BNF_LANES; l++) s2lo[c][l] = 0;
@@ -636,7 +637,7 @@ BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, ptrdiff_t
 #if BNF_COMPENSATED
             for (int l = 0; l < BNF_LANES; l++) s2lo[c][l] = 0;
 #endif
-            tile_shift[c] = m_next[c].hi + m_next[c].lo;
+            tile_shift[c] = bnf_finite_or(m_next[c].hi + m_next[c].lo, tile_shift[c]);
         }
     }
     for (ptrdiff_t c = 0; c < k_next; c++)

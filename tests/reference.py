@@ -75,15 +75,19 @@ def _center(x, ax):
 
     The mean is carried as two doubles, hi + lo (lo = mean(x - hi), a second pass), and
     the data are centred as (x - hi) - lo, so the centred values stay accurate to the
-    data's spread, not its offset, on price-like data."""
+    data's spread, not its offset, on price-like data.  A channel holding an infinity
+    has np.mean's mean (the infinity, or NaN where +inf and -inf meet) and a NaN
+    variance, as np.var gives."""
     red = _reduce_axes(x, ax)
     n = x.size // x.shape[ax] if x.shape[ax] else 0
-    hi = x.mean(axis=red, keepdims=True)
-    d = x - hi
-    lo = d.mean(axis=red, keepdims=True)
-    xc = d - lo
-    var = (xc ** 2).mean(axis=red)
-    return xc, (hi + lo).reshape(-1), var, n
+    with np.errstate(invalid="ignore"):
+        hi = x.mean(axis=red, keepdims=True)
+        d = x - hi
+        lo = d.mean(axis=red, keepdims=True)
+        xc = d - lo
+        var = (xc ** 2).mean(axis=red)
+    mean = np.where(np.isfinite(hi), hi + lo, hi)
+    return xc, mean.reshape(-1), var, n
 
 
 def batch_stats(x, axis=1):
@@ -126,6 +130,14 @@ def merge_moment_arrays(na, am, alo, am2, am2lo, nb, bm, blo, bm2, bm2lo):
         overflow = ~np.isfinite(m2lo)
         m2 = np.where(overflow, (am2 + bm2) + shift_m2, m2)
         m2lo = np.where(overflow, 0.0, m2lo)
+        # a part's mean not finite: the parts' means summed (np.mean's infinity, or
+        # NaN), m2 NaN (np.var's)
+        mean_a, mean_b = am + alo, bm + blo
+        plain = ~(np.isfinite(mean_a) & np.isfinite(mean_b))
+        mean = np.where(plain, mean_a + mean_b, mean)
+        lo = np.where(plain, 0.0, lo)
+        m2 = np.where(plain, np.nan, m2)
+        m2lo = np.where(plain, 0.0, m2lo)
     a_empty, b_empty = na == 0, nb == 0
     mean = np.where(a_empty, bm, np.where(b_empty, am, mean))
     lo = np.where(a_empty, blo, np.where(b_empty, alo, lo))
@@ -161,6 +173,15 @@ def merge_packed_rows(rows):
         e = np.where(has, d - D, 0.0)
         M2 = rowsum(m2) + rowsum(n * e * e)
         mean, mlo = _two_sum(k_hi, k_lo + D)
+        # a part's mean not finite: the parts' means summed in row order, M2 NaN
+        part = hi + lo
+        plain = np.zeros(C)
+        for r in range(len(part)):
+            plain = np.where(~has[r], plain, np.where(r == first, part[r], plain + part[r]))
+        nonfinite = (has & ~np.isfinite(part)).any(axis=0)
+        mean = np.where(nonfinite, plain, mean)
+        mlo = np.where(nonfinite, 0.0, mlo)
+        M2 = np.where(nonfinite, np.nan, M2)
     empty = N == 0
     mean = np.where(empty, np.nan, mean)
     mlo = np.where(empty | ~np.isfinite(mlo), 0.0, mlo)

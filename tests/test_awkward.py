@@ -894,6 +894,86 @@ def test_nonfinite_training_stays_in_channel(shape, axis):
 
 
 # ----------------------------------------------------------------------------------
+# A channel holding an infinity has np.mean's mean, wherever the infinity falls
+
+INF_SHAPES = [((16, 3), 1), ((300000, 3), 1), ((20000, 64), -1), ((2, 3, 400, 400), 1),
+              ((64, 8, 7, 7), 1), ((8, 4, 5, 300), -1), ((4, 16, 56, 56), 1),
+              ((16, 4, 96, 96), 1)]
+
+
+def _infinities(x, axis, rng):
+    """+inf in channel 0 (a random element and the last), -inf first in channel 1, and
+    +inf and -inf in channel 2: the three channels np.mean makes +inf, -inf and NaN."""
+    x = x.copy()
+    ax = axis % x.ndim
+    first = [0] * x.ndim
+    last = [s - 1 for s in x.shape]
+    rand = lambda: [int(rng.integers(0, s)) for s in x.shape]   # noqa: E731
+    for c, idx, v in ((0, rand(), np.inf), (0, last, np.inf), (1, first, -np.inf),
+                      (2, last, np.inf), (2, rand(), -np.inf)):
+        idx = list(idx)
+        idx[ax] = c
+        x[tuple(idx)] = v
+    return x
+
+
+@pytest.mark.parametrize("shape,axis", INF_SHAPES)
+def test_channel_holding_an_infinity_has_numpys_mean(shape, axis):
+    """The mean of a channel holding infinities is np.mean's (and PyTorch's): the
+    infinity, or NaN where +inf and -inf meet; its variance is NaN, as np.var's. Checked
+    for the training outputs, the running mean, `moments` and the merges of parts
+    (merge_moments and the distributed layer's), one and two threads, plain loops and
+    intrinsics. The sums about the mean so far once took x - inf there, and the mean
+    came out NaN in all but the smallest arrays (also with the infinity first in the
+    channel, the sums' first shift)."""
+    from bnfast import _core
+    rng = np.random.default_rng(23)
+    ax = axis % len(shape)
+    others = tuple(i for i in range(len(shape)) if i != ax)
+    levels = sorted({0, _core._set_simd_level(None)})
+    for dtype in (np.float32, np.float64):
+        x, w, b, rm, rv = _case(shape, axis, dtype)
+        x = _infinities(x, axis, rng)
+        n = x.size // shape[ax]
+        with np.errstate(invalid="ignore"):
+            want = np.add.reduce(x.astype(np.float64), axis=others)[:3] / n
+            want_rm = 0.9 * rm[:3].astype(np.float64) + 0.1 * want
+        assert np.array_equal(want, [np.inf, -np.inf, np.nan], equal_nan=True)
+        half = shape[0] // 2 if ax != 0 else None
+        parts = (x[:half], x[half:]) if half else None
+        try:
+            for level in levels:
+                _core._set_simd_level(level)
+                for threads in (1, 2):
+                    bnfast.set_num_threads(threads)
+                    what = (np.dtype(dtype).name, level, threads)
+                    rm1, rv1 = rm.copy(), rv.copy()
+                    _, mean, invstd = bnfast.batch_norm_train(
+                        x, w, b, axis=axis, running_mean=rm1, running_var=rv1)
+                    assert np.array_equal(mean[:3], want, equal_nan=True), (what, mean[:3])
+                    assert np.isnan(invstd[:3]).all() and np.isnan(rv1[:3]).all(), what
+                    assert np.array_equal(rm1[:3], want_rm.astype(rm1.dtype),
+                                          equal_nan=True), (what, rm1[:3])
+                    m = bnfast.moments(x, axis=axis)
+                    assert np.array_equal(m.mean[:3], want, equal_nan=True), (what, m.mean[:3])
+                    assert np.isnan(m.var[:3]).all(), what
+                    if parts is None:
+                        continue
+                    merged = bnfast.merge_moments(*(bnfast.moments(p, axis=axis)
+                                                    for p in parts))
+                    assert np.array_equal(merged.mean[:3], want, equal_nan=True), what
+                    assert np.isnan(merged.var[:3]).all(), what
+                    # the distributed layer's merge of the kernels' (count, hi, lo, m2)
+                    rows = np.stack([_core._moments(p, axis).T.ravel() for p in parts])
+                    packed = _core._merge_packed_rows(rows)
+                    assert np.array_equal(packed[1][:3], want, equal_nan=True), what
+                    assert np.isnan(packed[2][:3]).all(), what
+        finally:
+            _core._set_simd_level(levels[-1])
+            bnfast.set_num_threads(None)
+
+
+# ----------------------------------------------------------------------------------
 # A million channels
 
 @pytest.mark.parametrize("shape,axis", [((2, 10**6), -1), ((3, 10**6), 1)])

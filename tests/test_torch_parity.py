@@ -103,6 +103,24 @@ def test_functional_without_affine_and_float32():
     close(ye, N(F.batch_norm(T(x), rmt, rvt)), 1e-5, "float32 eval y")
 
 
+@pytest.mark.parametrize("shape", [(16, 3, 5, 5), (32, 3, 64, 64)])
+def test_running_stats_of_channels_holding_infinities(shape):
+    """A channel holding +inf, -inf, or both: PyTorch's running mean is that infinity
+    (NaN for both) and its running variance NaN; bnfast's the same (its mean once came
+    out NaN for any of them but in the smallest arrays)."""
+    x = make_values(shape, np.float32, 5, axis=1, offset=1e4)
+    x[3, 0, 2, 2] = np.inf
+    x[0, 1, 0, 0] = -np.inf
+    x[5, 2, 1, 1], x[6, 2, 4, 4] = np.inf, -np.inf
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    rmt, rvt = T(rm), T(rv)
+    F.batch_norm(T(x), rmt, rvt, None, None, True, 0.1, 1e-5)
+    bnfast.batch_norm(x, rm, rv, None, None, True, 0.1, 1e-5)
+    assert np.array_equal(N(rmt), [np.inf, -np.inf, np.nan], equal_nan=True)
+    assert np.array_equal(rm, N(rmt), equal_nan=True), (rm, N(rmt))
+    assert np.isnan(N(rvt)).all() and np.isnan(rv).all(), (rv, N(rvt))
+
+
 # ----------------------------------------------------------------------------------
 # modules over several steps
 
