@@ -2652,7 +2652,8 @@ def _merge_moment_arrays(cnp.ndarray na_, cnp.ndarray am_, cnp.ndarray alo_,
     cdef const double *bm2lo = _vec(bm2lo_, C, "m2_lo")
     cdef double *o[5]                   # count, mean, m2, mean_lo, m2_lo
     cdef tuple out = _new_vecs(C, o, 5)
-    cdef double n, h1, l1, h0, l0, n0, delta, mean, lo, shift, m2, e1, e2, m2lo, mean_a, mean_b
+    cdef double n, h1, l1, h0, l0, n0, delta, mean, lo, shift, m2, e1, e2, m2lo
+    cdef double mean_a, mean_b
     for c in range(C):
         n = na[c] + nb[c]
         if nb[c] > na[c] or (nb[c] == na[c] and (bm[c] < am[c] or
