@@ -58,6 +58,7 @@ cdef extern from "bnfast_kernels.h" nogil:
     int bnf_set_simd_level(int level)
     int bnf_set_adds_as_fma(int on)
     int bnf_cpu_amd()
+    int bnf_set_store_lines(int on)
     void *bnf_alloc64(size_t bytes)
     void bnf_free64(void *p)
     void bnf_stream_fence()
@@ -314,6 +315,12 @@ def _set_adds_as_fma(on):
     same bits; set by CPU vendor at load: AMD yes). None leaves it; returns the previous
     setting (tuning, tests)."""
     return bool(bnf_set_adds_as_fma(-1 if on is None else (1 if on else 0)))
+
+
+def _set_store_lines(on):
+    """Whether the rows forms put their plain (not streamed) stores on lines (the same
+    bits; on by default). None leaves it; returns the previous setting (tuning, tests)."""
+    return bool(bnf_set_store_lines(-1 if on is None else (1 if on else 0)))
 
 
 def _set_segments_always(flag):

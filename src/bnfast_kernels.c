@@ -54,6 +54,16 @@ int bnf_set_simd_level(int level)
 #endif
 }
 
+/* Whether plain (not streamed) stores are put on lines too (BNF_LINES_MIN): 1, or 0 as
+ * before (tuning, tests: the same bits either way). */
+static int bnf_store_lines = 1;
+int bnf_set_store_lines(int on)
+{
+    int old = bnf_store_lines;
+    if (on >= 0) bnf_store_lines = on != 0;
+    return old;
+}
+
 int bnf_cpu_amd(void)
 {
 #if BNF_SIMD_X86
@@ -618,6 +628,21 @@ static inline BNF_INLINE int bnf_rows_on_lines(const void *q, ptrdiff_t stride,
  * (one block), 64-512 of them, 0.99-1.01x.  Groups of 4 rows, 16 or all of a call
  * measured alike. */
 #define BNF_LEAD_ROWS 16
+/* Plain stores too: a vector stored across a line is split in two, and rows 16 bytes
+ * off a line, in cache, took up to 1.5x the time of rows on lines.  So the flat and the
+ * block forms put their vectors on lines whether they stream or not: the flat run's
+ * first elements alone (from BNF_LINES_MIN elements: below, the scalar head costs more
+ * than the split stores), and a block's `lead` columns as above where its rows are at
+ * least BNF_LINES_ROW_BYTES wide (narrower, the lead columns' scalar loop costs more:
+ * contiguous narrow rows go flat instead). */
+#define BNF_LINES_MIN 3072
+#define BNF_LINES_ROW_BYTES 1024
+static inline BNF_INLINE int bnf_flat_lines(const void *q, ptrdiff_t total, ptrdiff_t len,
+                                            size_t itemsize)
+{
+    return bnf_store_lines && total >= BNF_LINES_MIN && bnf_nt_lead(q, itemsize) &&
+           len * (ptrdiff_t)itemsize % 64 == 0;
+}
 static inline BNF_INLINE ptrdiff_t bnf_lines_lead(const void *q, ptrdiff_t stride,
                                                   ptrdiff_t width, size_t itemsize)
 {

@@ -658,14 +658,15 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_flat)(const T *x, T *y, ptrdiff
     ptrdiff_t len = BNF_FLAT_LEN(width), total = nrows * width;
     ptrdiff_t chunk = BNF_CHUNK / len * len, head = 0;
     int stream = flags & BNF_STREAM;
-    /* streamed straight from the registers (BNF_FLAT_NT): the first `head` elements, up
-     * to a line, are done alone, and the factors are repeated from column `head` on, so
-     * that every run starts on a line and loads its factors from one */
+    /* streamed straight from the registers (BNF_FLAT_NT), or stored plainly from
+     * BNF_LINES_MIN elements: the first `head` elements, up to a line, are done alone, and
+     * the factors are repeated from column `head` on, so that every run starts on a line
+     * and loads its factors from one */
     int nt = stream && BNF_FLAT_NT(width, 4);
     double *dst[3] = {m, a, b};
     const double *src[3] = {mean, scale, shift};
     int staged = stream && !nt, cached = flags & BNF_CACHED;
-    if (nt) {
+    if (nt || (!staged && bnf_flat_lines(y, total, len, sizeof(T)))) {
         head = bnf_nt_lead(y, sizeof(T));
         if (head > total) head = total;
         for (ptrdiff_t e = 0; e < head; e++)
@@ -712,8 +713,12 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_block)(const T *x, ptrdiff_t xs
              bnf_rows_stream_direct(y, ystride, width, sizeof(T));
     if (nt) stream = 0;               /* nothing staged */
     /* rows that all start `lead` elements before a line: those columns of a group of rows
-     * alone (plain stores), then the rest from a line (bnf_lines_lead) */
-    ptrdiff_t lead = nt ? bnf_lines_lead(y, ystride, width, sizeof(T)) : 0;
+     * alone (plain stores), then the rest from a line (bnf_lines_lead); streamed or not,
+     * staged aside */
+    ptrdiff_t lead = nt || (!stream && bnf_store_lines &&
+                            width * (ptrdiff_t)sizeof(T) >= BNF_LINES_ROW_BYTES)
+                         ? bnf_lines_lead(y, ystride, width, sizeof(T))
+                         : 0;
     const T *xh = x;
     T *yh = y;
     const double *mh = mean, *ah = scale, *bh = shift;
@@ -1244,7 +1249,8 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_flat)(const T *dy, const T *x, T 
     int stream = flags & BNF_STREAM;
     int nt = stream && BNF_FLAT_NT(width, 3);
     int staged = stream && !nt, cached = flags & BNF_CACHED;
-    if (nt) {
+    /* the first elements alone, as norm_rows_flat */
+    if (nt || (!staged && bnf_flat_lines(dx, total, len, sizeof(T)))) {
         head = bnf_nt_lead(dx, sizeof(T));
         if (head > total) head = total;
         for (ptrdiff_t e = 0; e < head; e++) {
@@ -1289,14 +1295,18 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_block)(const T *dy, ptrdiff_t dys
     int nt = stream && BNF_DIRECT_NT(3) &&
              bnf_rows_stream_direct(dx, dxstride, width, sizeof(T));
     if (dystride == width && (!x || xstride == width) && dxstride == width &&
-        (bnf_fold_pays(nrows, width) ||
-         (stream && BNF_FLAT_NT(width, 3)))) {
+        (bnf_fold_pays(nrows, width) || (stream && BNF_FLAT_NT(width, 3)) ||
+         (!stream && 2 * width <= BNF_FLAT_ELEMS &&
+          bnf_flat_lines(dx, nrows * width, BNF_FLAT_LEN(width), sizeof(T))))) {
         BNF_NAME(dx_rows_flat)(dy, x, dx, nrows, width, mean, a, k1, k2, flags);
         return;
     }
     if (nt) stream = 0;               /* nothing staged */
     /* as norm_rows_block */
-    ptrdiff_t lead = nt ? bnf_lines_lead(dx, dxstride, width, sizeof(T)) : 0;
+    ptrdiff_t lead = nt || (!stream && bnf_store_lines &&
+                            width * (ptrdiff_t)sizeof(T) >= BNF_LINES_ROW_BYTES)
+                         ? bnf_lines_lead(dx, dxstride, width, sizeof(T))
+                         : 0;
     const T *gh = dy, *xh = x;
     T *qh = dx;
     const double *mh = mean, *ah = a, *f1h = k1, *f2h = k2;

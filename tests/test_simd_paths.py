@@ -25,7 +25,7 @@ import pytest
 import bnfast
 from arrays import make_values, params, with_layout
 from bnfast._core import (_set_adds_as_fma, _set_reduce_blocks_min, _set_simd_level,
-                          _set_stream_bytes)
+                          _set_store_lines, _set_stream_bytes)
 from reference import assert_forward_close
 import reference as ref
 
@@ -198,6 +198,77 @@ def test_streamed_outputs_off_a_line(shape, axis, dtype, offset):
     assert plain[0][1].tobytes() == plain[1][1].tobytes()       # in place: the same
     y_ref = ref.batch_norm_train(x, w, b, axis=axis)[0]
     assert_forward_close(plain[2][1], y_ref)
+
+
+# Outputs off a line, not streamed (in cache): rows forms put their vectors on lines too
+# (the flat run's first elements alone, a block's first columns of rows lines apart), or
+# half their vector stores were split across two lines. The same bits as without that,
+# and as the plain loops; nothing written outside the output.
+LINES_SHAPES = [
+    ((48, 64), -1, None),        # flat form, at BNF_LINES_MIN elements
+    ((203, 64), -1, None),       # flat, rows not a multiple of 4
+    ((200, 24), -1, None),       # flat runs of 240 (whole lines), rows left over
+    ((1100, 3), -1, None),       # narrow rows folded
+    ((12, 1024), -1, None),      # a block of rows lines apart: lead columns alone
+    ((9, 1040), -1, None),       # ... in column blocks
+    ((20, 1024), -1, 1040),      # an output cropped from rows of 1040: lines apart
+    ((40, 300, 4), 1, None),     # short runs as rows of 1200 columns (not lines apart)
+]
+
+
+@pytest.mark.usefixtures("threads_on_small_arrays")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("offset", [0, 1, 3, 4, 12])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("shape,axis,row", LINES_SHAPES)
+def test_plain_stores_off_a_line(shape, axis, row, dtype, offset, threads):
+    x = make_values(shape, dtype, 13, axis=axis, offset=_offset(dtype))
+    C = shape[axis]
+    w, b, rm, rv = params(C, dtype, 3)
+    dy = make_values(shape, dtype, 17, axis=axis)
+    full = shape if row is None else shape[:-1] + (row,)
+    size = int(np.prod(full))
+
+    def run():
+        res = []
+        for name in ("eval", "train", "dx", "dx fixed"):
+            buf = np.full(size + 64, np.nan, dtype)
+            lo = (-buf.ctypes.data % 64) // buf.itemsize + offset   # buf[lo - offset] on a line
+            out = buf[lo:lo + size].reshape(full)[..., :shape[-1]]
+            if name == "eval":
+                bnfast.batch_norm(x, rm, rv, w, b, axis=axis, out=out)
+            elif name == "train":
+                _, mean, invstd = bnfast.batch_norm_train(x, w, b, axis=axis, out=out)
+            else:
+                bnfast.batch_norm_backward(dy, x, mean, invstd, w, axis=axis, out=out,
+                                           training=name == "dx")
+            # nothing written outside the output
+            outside = np.ones(size + 64, bool)
+            outside[lo:lo + size] = False
+            if row is not None:
+                outside[lo:lo + size].reshape(full)[..., shape[-1]:] = True
+            assert np.isnan(buf[outside]).all(), name
+            res.append((name, out.copy()))
+        return res
+
+    bnfast.set_num_threads(threads)
+    try:
+        runs = {}
+        for level in sorted({0, SUPPORTED}):
+            _set_simd_level(level)
+            for lines in (False, True):
+                _set_store_lines(lines)
+                runs[level, lines] = run()
+    finally:
+        _set_simd_level(SUPPORTED)
+        _set_store_lines(True)
+        bnfast.set_num_threads(None)
+    first = runs[0, False]
+    for key, res in runs.items():
+        for (name, a), (_, g) in zip(first, res):
+            assert a.tobytes() == g.tobytes(), f"{name}: {key} gives other bits"
+    y_ref = ref.batch_norm_train(x, w, b, axis=axis)[0]
+    assert_forward_close(first[1][1], y_ref)
 
 
 # Fused units of runs (NCHW) go in blocks of channels: training normalizes a block beside
