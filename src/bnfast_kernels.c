@@ -649,6 +649,16 @@ static inline BNF_INLINE ptrdiff_t bnf_lines_lead(const void *q, ptrdiff_t strid
     ptrdiff_t lead = bnf_nt_lead(q, itemsize);
     return stride * (ptrdiff_t)itemsize % 64 == 0 && lead < width ? lead : 0;
 }
+/* A block's lead columns: streamed straight out (nt), or stored plainly (not staged) in
+ * rows of BNF_LINES_ROW_BYTES or more */
+static inline BNF_INLINE ptrdiff_t bnf_block_lead(const void *q, ptrdiff_t stride,
+                                                  ptrdiff_t width, size_t itemsize, int nt,
+                                                  int staged)
+{
+    int lines = nt || (!staged && bnf_store_lines &&
+                       width * (ptrdiff_t)itemsize >= BNF_LINES_ROW_BYTES);
+    return lines ? bnf_lines_lead(q, stride, width, itemsize) : 0;
+}
 /* Rows streamed straight out: on lines, or wide enough that a row's head and tail
  * (done alone, with plain stores) cost little beside it.  16 MB of 1000-wide float32
  * rows, output 16 bytes off a line (as NumPy's large allocations are), against staging:

@@ -713,12 +713,8 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_block)(const T *x, ptrdiff_t xs
              bnf_rows_stream_direct(y, ystride, width, sizeof(T));
     if (nt) stream = 0;               /* nothing staged */
     /* rows that all start `lead` elements before a line: those columns of a group of rows
-     * alone (plain stores), then the rest from a line (bnf_lines_lead); streamed or not,
-     * staged aside */
-    ptrdiff_t lead = nt || (!stream && bnf_store_lines &&
-                            width * (ptrdiff_t)sizeof(T) >= BNF_LINES_ROW_BYTES)
-                         ? bnf_lines_lead(y, ystride, width, sizeof(T))
-                         : 0;
+     * alone (plain stores), then the rest from a line (bnf_block_lead) */
+    ptrdiff_t lead = bnf_block_lead(y, ystride, width, sizeof(T), nt, stream);
     const T *xh = x;
     T *yh = y;
     const double *mh = mean, *ah = scale, *bh = shift;
@@ -1303,10 +1299,7 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_block)(const T *dy, ptrdiff_t dys
     }
     if (nt) stream = 0;               /* nothing staged */
     /* as norm_rows_block */
-    ptrdiff_t lead = nt || (!stream && bnf_store_lines &&
-                            width * (ptrdiff_t)sizeof(T) >= BNF_LINES_ROW_BYTES)
-                         ? bnf_lines_lead(dx, dxstride, width, sizeof(T))
-                         : 0;
+    ptrdiff_t lead = bnf_block_lead(dx, dxstride, width, sizeof(T), nt, stream);
     const T *gh = dy, *xh = x;
     T *qh = dx;
     const double *mh = mean, *ah = a, *f1h = k1, *f2h = k2;
