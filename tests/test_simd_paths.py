@@ -59,6 +59,13 @@ def _offset(dtype):
     return 100.0 if dtype == np.float16 else 1e4
 
 
+def _off_a_line(size, dtype, offset):
+    """(buf, lo): a NaN-filled buffer of size + 64 elements, and the index `offset`
+    elements past a line (buf[lo - offset] on one), where an output of `size` starts."""
+    buf = np.full(size + 64, np.nan, dtype)
+    return buf, (-buf.ctypes.data % 64) // buf.itemsize + offset
+
+
 def _ops(x, axis, dtype):
     C = x.shape[axis]
     w, b, rm, rv = params(C, dtype, 3)
@@ -164,8 +171,7 @@ def test_streamed_outputs_off_a_line(shape, axis, dtype, offset):
     def run():
         res = []
         for name in ("eval", "eval in place", "train", "dx"):
-            buf = np.full(size + 64, np.nan, dtype)
-            lo = (-buf.ctypes.data % 64) // buf.itemsize + offset   # buf[lo - offset] on a line
+            buf, lo = _off_a_line(size, dtype, offset)
             out = buf[lo:lo + size].reshape(shape)
             if name == "eval":
                 bnfast.batch_norm(x, rm, rv, w, b, axis=axis, out=out)
@@ -232,8 +238,7 @@ def test_plain_stores_off_a_line(shape, axis, row, dtype, offset, threads):
     def run():
         res = []
         for name in ("eval", "train", "dx", "dx fixed"):
-            buf = np.full(size + 64, np.nan, dtype)
-            lo = (-buf.ctypes.data % 64) // buf.itemsize + offset   # buf[lo - offset] on a line
+            buf, lo = _off_a_line(size, dtype, offset)
             out = buf[lo:lo + size].reshape(full)[..., :shape[-1]]
             if name == "eval":
                 bnfast.batch_norm(x, rm, rv, w, b, axis=axis, out=out)
