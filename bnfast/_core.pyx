@@ -59,6 +59,7 @@ cdef extern from "bnfast_kernels.h" nogil:
     int bnf_set_adds_as_fma(int on)
     int bnf_cpu_amd()
     int bnf_set_store_lines(int on)
+    int bnf_set_masked_tails(int on)
     void *bnf_alloc64(size_t bytes)
     void bnf_free64(void *p)
     void bnf_stream_fence()
@@ -321,6 +322,13 @@ def _set_store_lines(on):
     """Whether the rows forms put their plain (not streamed) stores on lines (the same
     bits; on by default). None leaves it; returns the previous setting (tuning, tests)."""
     return bool(bnf_set_store_lines(-1 if on is None else (1 if on else 0)))
+
+
+def _set_masked_tails(on):
+    """Whether the AVX-512 rows loops end each row (its plain stores, its sums) with one
+    masked vector rather than an element at a time (the same bits; on by default). None
+    leaves it; returns the previous setting (tuning, tests)."""
+    return bool(bnf_set_masked_tails(-1 if on is None else (1 if on else 0)))
 
 
 def _set_segments_always(flag):

@@ -64,6 +64,17 @@ int bnf_set_store_lines(int on)
     return old;
 }
 
+/* Whether the AVX-512 rows loops end a row of plain stores, and a row's sums, with one
+ * masked vector (1), or an element at a time as before (0; tuning, tests: the same bits
+ * either way). */
+static int bnf_masked_tails = 1;
+int bnf_set_masked_tails(int on)
+{
+    int old = bnf_masked_tails;
+    if (on >= 0) bnf_masked_tails = on != 0;
+    return old;
+}
+
 int bnf_cpu_amd(void)
 {
 #if BNF_SIMD_X86

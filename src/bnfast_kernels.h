@@ -186,6 +186,9 @@ int bnf_set_adds_as_fma(int on);
 /* Whether plain stores of the rows forms are put on lines (on: 1, off: 0, -1 leaves it):
  * the previous setting (tuning, tests; the same bits either way). */
 int bnf_set_store_lines(int on);
+/* Whether the AVX-512 rows loops end rows with one masked vector (on: 1, off: 0, -1 leaves
+ * it): the previous setting (tuning, tests; the same bits either way). */
+int bnf_set_masked_tails(int on);
 /* 1 on an AMD CPU (the tuning choices that differ by vendor) */
 int bnf_cpu_amd(void);
 

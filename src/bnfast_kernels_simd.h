@@ -161,6 +161,30 @@
         for (; i + BNF_VW <= (n); i += BNF_VW) BNF_VSTT((q) + i, BNF_V(i));            \
         for (; i < (n); i++) (q)[i] = BNF_S(i);                                        \
     } while (0)
+/* The rows loops' tails (BNF_MASKED: AVX-512, float and double): the whole vectors, then
+ * the rest as one masked vector, BNF_VM(j, k) (BNF_V(j) on the lanes of mask k, the
+ * others neither read nor written), not an element at a time; the same operations lane
+ * by lane.  Streamed rows (nt) keep the scalar tail beside their streamed lines. */
+#if BNF_MASKED
+#define BNF_VLDM(k, p) _mm512_maskz_loadu_pd((k), (p))
+#define BNF_VSTM(q, k, v) _mm512_mask_storeu_pd((q), (k), (v))
+#define BNF_TAIL_MASK(n, i) ((__mmask8)((1u << ((n) - (i))) - 1))
+#define BNF_TAIL_ROWS(q, i, n, nt)                                                     \
+    do {                                                                               \
+        if ((nt) || !bnf_masked_tails) {                                               \
+            BNF_TAIL(q, i, n);                                                         \
+            break;                                                                     \
+        }                                                                              \
+        for (; i + BNF_VW <= (n); i += BNF_VW) BNF_VSTT((q) + i, BNF_V(i));            \
+        if (i < (n)) {                                                                 \
+            __mmask8 k_ = BNF_TAIL_MASK(n, i);                                         \
+            BNF_VSTT_MASK((q) + i, k_, BNF_VM(i, k_));                                 \
+            i = (n);                                                                   \
+        }                                                                              \
+    } while (0)
+#else
+#define BNF_TAIL_ROWS(q, i, n, nt) BNF_TAIL(q, i, n)
+#endif
 
 /* The runs reductions advance their prefetch cursors once per BNF_SUMS_BLOCK elements
  * (whole BNF_LANES steps; b1 the end of the block from i, runs of length len), not per
@@ -189,6 +213,21 @@
         BNF_VST((hi), h_);                                                                \
         BNF_VST((lo), l_);                                                                \
     } while (0)
+#if BNF_MASKED
+/* hi (+ lo) += v on the lanes of mask k: BNF_VTWO_SUM_AT where compensated, else the
+ * plain add (the rows loops' masked tails) */
+#if BNF_COMPENSATED
+#define BNF_VACC_MASK(hi, lo, k, v)                                                       \
+    do {                                                                                  \
+        BNF_VD h_ = BNF_VLDM((k), (hi)), l_ = BNF_VLDM((k), (lo));                        \
+        BNF_VTWO_SUM(h_, l_, v);                                                          \
+        BNF_VSTM((hi), (k), h_);                                                          \
+        BNF_VSTM((lo), (k), l_);                                                          \
+    } while (0)
+#else
+#define BNF_VACC_MASK(hi, lo, k, v) BNF_VSTM((hi), (k), BNF_VADD(BNF_VLDM((k), (hi)), (v)))
+#endif
+#endif
 #if BNF_COMPENSATED
 #define BNF_VSQ_ACC(b, e, d) BNF_VTWO_SUM(b, e, BNF_VMUL((d), (d)))
 #define BNF_VSQ_ACC_MASK(b, e, d, m)                                                      \
@@ -369,6 +408,22 @@ BNF_SIMD_FN void BNF_SIMD(shifted_sums_rows)(const T *base, ptrdiff_t k, ptrdiff
             BNF_VST(s2 + c, BNF_VADD(BNF_VLD(s2 + c), t2));
 #endif
         }
+#if BNF_MASKED
+        if (c < width && bnf_masked_tails) {
+            __mmask8 m = BNF_TAIL_MASK(width, c);
+            BNF_VD sh = BNF_VLDM(m, shift + c);
+            BNF_VD d0 = BNF_VSUB(BNF_VLDT_MASK(m, p0 + c), sh),
+                   d1 = BNF_VSUB(BNF_VLDT_MASK(m, p1 + c), sh);
+            BNF_VD d2 = BNF_VSUB(BNF_VLDT_MASK(m, p2 + c), sh),
+                   d3 = BNF_VSUB(BNF_VLDT_MASK(m, p3 + c), sh);
+            BNF_VD t1 = BNF_VADD(BNF_VADD(d0, d1), BNF_VADD(d2, d3));
+            BNF_VD t2 = BNF_VADD(BNF_VFMA(d0, d0, BNF_VMUL(d1, d1)),
+                                 BNF_VFMA(d2, d2, BNF_VMUL(d3, d3)));
+            BNF_VSTM(s1 + c, m, BNF_VADD(BNF_VLDM(m, s1 + c), t1));
+            BNF_VACC_MASK(s2 + c, s2lo + c, m, t2);
+            c = width;
+        }
+#endif
         for (; c < width; c++)
             BNF_SE(sums_elem4)(p0[c], p1[c], p2[c], p3[c], shift[c], &s1[c], &s2[c],
                                BNF_LO(s2lo, c));
@@ -385,6 +440,19 @@ BNF_SIMD_FN void BNF_SIMD(shifted_sums_rows)(const T *base, ptrdiff_t k, ptrdiff
             BNF_VST(s2 + c, BNF_VFMA(d, d, BNF_VLD(s2 + c)));
 #endif
         }
+#if BNF_MASKED
+        if (c < width && bnf_masked_tails) {
+            __mmask8 m = BNF_TAIL_MASK(width, c);
+            BNF_VD d = BNF_VSUB(BNF_VLDT_MASK(m, p + c), BNF_VLDM(m, shift + c));
+            BNF_VSTM(s1 + c, m, BNF_VADD(BNF_VLDM(m, s1 + c), d));
+#if BNF_COMPENSATED
+            BNF_VACC_MASK(s2 + c, s2lo + c, m, BNF_VMUL(d, d));
+#else
+            BNF_VSTM(s2 + c, m, BNF_VFMA(d, d, BNF_VLDM(m, s2 + c)));
+#endif
+            c = width;
+        }
+#endif
         for (; c < width; c++)
             BNF_SE(sums_elem)(p[c], shift[c], &s1[c], &s2[c], BNF_LO(s2lo, c));
     }
@@ -519,6 +587,9 @@ BNF_SIMD_FN void BNF_SIMD(norm_rows_run)(const T *x, ptrdiff_t xstride, T *q,
     BNF_VFMA(BNF_VSUB(BNF_VLDT(p + (j)), BNF_VLD(m + (j))), BNF_VLD(a + (j)), BNF_VLD(b + (j)))
 #define BNF_S(j) BNF_SE(norm_elem)(p[j], m[j], a[j], b[j])
 #define BNF_VF(j, vm, va, vb) BNF_VFMA(BNF_VSUB(BNF_VLDT(p + (j)), vm), va, vb)
+#define BNF_VM(j, k)                                                                   \
+    BNF_VFMA(BNF_VSUB(BNF_VLDT_MASK(k, p + (j)), BNF_VLDM(k, m + (j))), BNF_VLDM(k, a + (j)), \
+             BNF_VLDM(k, b + (j)))
     for (; quads && r + 4 <= k; r += 4) {
         const T *p0 = x + r * xstride, *pa = p0 + ahead * xstride;
         int pf = r + ahead + 4 <= pf_rows;
@@ -543,7 +614,7 @@ BNF_SIMD_FN void BNF_SIMD(norm_rows_run)(const T *x, ptrdiff_t xstride, T *q,
             ptrdiff_t cc = c;
             p = p0 + i * xstride;
             o = o0 + i * qstride;
-            BNF_TAIL(o, cc, n);
+            BNF_TAIL_ROWS(o, cc, n, nt);
         }
     }
     for (; r < k; r++) {
@@ -558,10 +629,11 @@ BNF_SIMD_FN void BNF_SIMD(norm_rows_run)(const T *x, ptrdiff_t xstride, T *q,
             if (pf) BNF_FOR_LINES(l, c, 2 * BNF_VW) BNF_PREFETCH(pa + l);
             BNF_VST2(o + c, BNF_V(c), BNF_V(c + BNF_VW), nt);
         }
-        BNF_TAIL(o, c, n);
+        BNF_TAIL_ROWS(o, c, n, nt);
     }
 #undef BNF_V
 #undef BNF_S
+#undef BNF_VM
 #undef BNF_VF
 }
 
@@ -864,6 +936,26 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const 
 #endif
             BNF_VST(sum_xmu + c, BNF_VADD(BNF_VLD(sum_xmu + c), t3));
         }
+#if BNF_MASKED
+        if (c < width && bnf_masked_tails) {
+            __mmask8 k = BNF_TAIL_MASK(width, c);
+            BNF_VD m = BNF_VLDM(k, mean + c);
+            BNF_VD a0 = BNF_VLDT_MASK(k, g0 + c), a1 = BNF_VLDT_MASK(k, g1 + c),
+                   a2 = BNF_VLDT_MASK(k, g2 + c), a3 = BNF_VLDT_MASK(k, g3 + c);
+            BNF_VD d0 = BNF_VSUB(BNF_VLDT_MASK(k, p0 + c), m),
+                   d1 = BNF_VSUB(BNF_VLDT_MASK(k, p1 + c), m),
+                   d2 = BNF_VSUB(BNF_VLDT_MASK(k, p2 + c), m),
+                   d3 = BNF_VSUB(BNF_VLDT_MASK(k, p3 + c), m);
+            BNF_VD t1 = BNF_VADD(BNF_VADD(a0, a1), BNF_VADD(a2, a3));
+            BNF_VD t2 = BNF_VADD(BNF_VFMA(a0, d0, BNF_VMUL(a1, d1)),
+                                 BNF_VFMA(a2, d2, BNF_VMUL(a3, d3)));
+            BNF_VD t3 = BNF_VADD(BNF_VADD(d0, d1), BNF_VADD(d2, d3));
+            BNF_VACC_MASK(sum_dy + c, sum_dy_lo + c, k, t1);
+            BNF_VACC_MASK(sum_dy_xmu + c, sum_dy_xmu_lo + c, k, t2);
+            BNF_VSTM(sum_xmu + c, k, BNF_VADD(BNF_VLDM(k, sum_xmu + c), t3));
+            c = width;
+        }
+#endif
         for (; c < width; c++)
             BNF_SE(bwd_elem4)(g0[c], g1[c], g2[c], g3[c], p0[c], p1[c], p2[c], p3[c],
                               mean[c], &sum_dy[c], &sum_dy_xmu[c], &sum_xmu[c],
@@ -892,6 +984,22 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const 
 #endif
             BNF_VST(sum_xmu + c, BNF_VADD(BNF_VLD(sum_xmu + c), d));
         }
+#if BNF_MASKED
+        if (c < width && bnf_masked_tails) {
+            __mmask8 k = BNF_TAIL_MASK(width, c);
+            BNF_VD gi = BNF_VLDT_MASK(k, g + c);
+            BNF_VD d = BNF_VSUB(BNF_VLDT_MASK(k, p + c), BNF_VLDM(k, mean + c));
+#if BNF_COMPENSATED
+            BNF_VACC_MASK(sum_dy + c, sum_dy_lo + c, k, gi);
+            BNF_VACC_MASK(sum_dy_xmu + c, sum_dy_xmu_lo + c, k, BNF_VMUL(gi, d));
+#else
+            BNF_VSTM(sum_dy + c, k, BNF_VADD(BNF_VLDM(k, sum_dy + c), gi));
+            BNF_VSTM(sum_dy_xmu + c, k, BNF_VFMA(gi, d, BNF_VLDM(k, sum_dy_xmu + c)));
+#endif
+            BNF_VSTM(sum_xmu + c, k, BNF_VADD(BNF_VLDM(k, sum_xmu + c), d));
+            c = width;
+        }
+#endif
         for (; c < width; c++)
             BNF_SE(bwd_elem)(g[c], p[c], mean[c], &sum_dy[c], &sum_dy_xmu[c], &sum_xmu[c],
                              BNF_LO(sum_dy_lo, c), BNF_LO(sum_dy_xmu_lo, c));
@@ -948,6 +1056,12 @@ BNF_SIMD_FN void BNF_SIMD(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x
 #define BNF_S(j)                                                         \
     (p ? BNF_SE(dx_elem)(gr[j], p[j], m[j], a[j], k1[j], k2[j])        \
        : BNF_SE(dx_fixed_elem)(gr[j], a[j]))
+#define BNF_VM(j, kk)                                                                      \
+    (p ? BNF_VMUL(BNF_VLDM(kk, a + (j)),                                                  \
+                  BNF_VFNMA(BNF_VSUB(BNF_VLDT_MASK(kk, p + (j)), BNF_VLDM(kk, m + (j))),   \
+                            BNF_VLDM(kk, k2 + (j)),                                       \
+                            BNF_VSUB(BNF_VLDT_MASK(kk, gr + (j)), BNF_VLDM(kk, k1 + (j))))) \
+       : BNF_VMUL(BNF_VLDT_MASK(kk, gr + (j)), BNF_VLDM(kk, a + (j))))
 #define BNF_VF(j, va, v1, vm, v2)                                                  \
     BNF_VMUL(va,                                                                   \
              BNF_VFNMA(BNF_VSUB(BNF_VLDT(p + (j)), vm), v2, BNF_VSUB(BNF_VLDT(gr + (j)), v1)))
@@ -991,7 +1105,7 @@ BNF_SIMD_FN void BNF_SIMD(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x
             gr = g0 + i * gstride;
             p = p0 ? p0 + i * xstride : NULL;
             o = o0 + i * qstride;
-            BNF_TAIL(o, cc, n);
+            BNF_TAIL_ROWS(o, cc, n, nt);
         }
     }
     for (; r < k; r++) {
@@ -1011,10 +1125,11 @@ BNF_SIMD_FN void BNF_SIMD(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x
                 }
             BNF_VST2(o + c, BNF_V(c), BNF_V(c + BNF_VW), nt);
         }
-        BNF_TAIL(o, c, n);
+        BNF_TAIL_ROWS(o, c, n, nt);
     }
 #undef BNF_V
 #undef BNF_S
+#undef BNF_VM
 #undef BNF_VF
 }
 
@@ -1023,6 +1138,11 @@ BNF_SIMD_FN void BNF_SIMD(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x
 #undef BNF_SUMS_BLOCK_END
 #undef BNF_VTWO_SUM
 #undef BNF_VTWO_SUM_AT
+#undef BNF_VACC_MASK
+#undef BNF_VLDM
+#undef BNF_VSTM
+#undef BNF_TAIL_MASK
+#undef BNF_TAIL_ROWS
 #undef BNF_VSQ_ACC
 #undef BNF_VSQ_ACC_MASK
 #undef BNF_LINE_COLS
