@@ -60,6 +60,7 @@ cdef extern from "bnfast_kernels.h" nogil:
     int bnf_cpu_amd()
     int bnf_set_store_lines(int on)
     int bnf_set_masked_tails(int on)
+    int bnf_set_flat_whole_lines(int on)
     void *bnf_alloc64(size_t bytes)
     void bnf_free64(void *p)
     void bnf_stream_fence()
@@ -329,6 +330,13 @@ def _set_masked_tails(on):
     masked vector rather than an element at a time (the same bits; on by default). None
     leaves it; returns the previous setting (tuning, tests)."""
     return bool(bnf_set_masked_tails(-1 if on is None else (1 if on else 0)))
+
+
+def _set_flat_whole_lines(on):
+    """Whether large contiguous rows that do not fill whole lines (300 float32 columns)
+    are streamed as runs of several rows that do (the same bits; on by default). None
+    leaves it; returns the previous setting (tuning, tests)."""
+    return bool(bnf_set_flat_whole_lines(-1 if on is None else (1 if on else 0)))
 
 
 def _set_segments_always(flag):

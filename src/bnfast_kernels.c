@@ -726,11 +726,30 @@ static inline ptrdiff_t bnf_flat_len(ptrdiff_t width, size_t itemsize)
     return both > BNF_FLAT_ELEMS ? both : BNF_FLAT_ELEMS / both * both;
 }
 #define BNF_FLAT_LEN(width) bnf_flat_len(width, sizeof(T))
+/* Streamed, the run is whole lines: BNF_FLAT_LEN's where it fills them, else the fewest
+ * whole rows that do, up to BNF_FLAT_LINES_MAX elements (rows of 300 float32, 1200 bytes:
+ * four, 4800 bytes; their factors repeated in a buffer of their own), or 0 (none). */
+#define BNF_FLAT_LINES_MAX 2048
+static int bnf_flat_whole_lines = 1;
+int bnf_set_flat_whole_lines(int on)
+{
+    int old = bnf_flat_whole_lines;
+    if (on >= 0) bnf_flat_whole_lines = on != 0;
+    return old;
+}
+static inline ptrdiff_t bnf_flat_lines_len(ptrdiff_t width, size_t itemsize)
+{
+    ptrdiff_t len = bnf_flat_len(width, itemsize), rows = 1;
+    if (len * (ptrdiff_t)itemsize % 64 == 0) return len;
+    if (!bnf_flat_whole_lines || width > BNF_FLAT_LINES_MAX) return 0;
+    while (rows * width * (ptrdiff_t)itemsize % 64) rows++;    /* at most 64 / itemsize */
+    return rows * width <= BNF_FLAT_LINES_MAX ? rows * width : 0;
+}
+#define BNF_FLAT_LINES_LEN(width) bnf_flat_lines_len(width, sizeof(T))
 /* Contiguous rows of any width up to a chunk are streamed as one such run straight from
  * the registers of level `level` when the runs fill whole lines, however far the output
  * is from one (the factors are rotated to match, bnf_repeat_factors). */
-#define BNF_FLAT_NT(width, level) \
-    (BNF_DIRECT_NT(level) && BNF_FLAT_LEN(width) * (ptrdiff_t)sizeof(T) % 64 == 0)
+#define BNF_FLAT_NT(width, level) (BNF_DIRECT_NT(level) && BNF_FLAT_LINES_LEN(width) > 0)
 
 /* dst[k][e] = src[k][(e + head) % width] for e < len (a multiple of width): per-channel
  * factors repeated along a flat run of whole rows that starts `head` elements into one. */

@@ -654,15 +654,26 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_flat)(const T *x, T *y, ptrdiff
                                                       const double *shift, int flags)
 {
     T tmp[BNF_CHUNK];
-    BNF_ALIGN64 double m[BNF_CHUNK], a[BNF_CHUNK], b[BNF_CHUNK];
-    ptrdiff_t len = BNF_FLAT_LEN(width), total = nrows * width;
-    ptrdiff_t chunk = BNF_CHUNK / len * len, head = 0;
+    BNF_ALIGN64 double mbuf[BNF_CHUNK], abuf[BNF_CHUNK], bbuf[BNF_CHUNK];
+    double *m = mbuf, *a = abuf, *b = bbuf, *heap = NULL;
+    ptrdiff_t len = BNF_FLAT_LEN(width), total = nrows * width, head = 0;
     int stream = flags & BNF_STREAM;
     /* streamed straight from the registers (BNF_FLAT_NT), or stored plainly from
      * BNF_LINES_MIN elements: the first `head` elements, up to a line, are done alone, and
      * the factors are repeated from column `head` on, so that every run starts on a line
      * and loads its factors from one */
     int nt = stream && BNF_FLAT_NT(width, 4);
+    if (nt) len = BNF_FLAT_LINES_LEN(width);
+    if (len > BNF_CHUNK) {               /* streamed, longer runs: factors on the heap */
+        heap = (double *)bnf_alloc64(3 * (size_t)len * sizeof(double));
+        if (heap) {
+            m = heap, a = heap + len, b = heap + 2 * len;
+        } else {                        /* out of memory: staged, as before */
+            nt = 0;
+            len = BNF_FLAT_LEN(width);
+        }
+    }
+    ptrdiff_t chunk = BNF_CHUNK / len * len;
     double *dst[3] = {m, a, b};
     const double *src[3] = {mean, scale, shift};
     int staged = stream && !nt, cached = flags & BNF_CACHED;
@@ -691,6 +702,7 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_flat)(const T *x, T *y, ptrdiff
                           b, 0, nt);
         if (staged) BNF_NAME(bnf_stream)(y + e0, tmp, n);
     }
+    if (heap) bnf_free64(heap);
 }
 
 /* A block of at most BNF_CHUNK columns (a staged group of rows fits tmp). */
@@ -1237,13 +1249,24 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_flat)(const T *dy, const T *x, T 
                                                     int flags)
 {
     T tmp[BNF_CHUNK];
-    BNF_ALIGN64 double m[BNF_CHUNK], fa[BNF_CHUNK], f1[BNF_CHUNK], f2[BNF_CHUNK];
-    double *dst[4] = {fa, m, f1, f2};
-    const double *src[4] = {a, mean, k1, k2};
-    ptrdiff_t len = BNF_FLAT_LEN(width), total = nrows * width;
-    ptrdiff_t chunk = BNF_CHUNK / len * len, head = 0;
+    BNF_ALIGN64 double mbuf[BNF_CHUNK], abuf[BNF_CHUNK], k1buf[BNF_CHUNK], k2buf[BNF_CHUNK];
+    double *m = mbuf, *fa = abuf, *f1 = k1buf, *f2 = k2buf, *heap = NULL;
+    ptrdiff_t len = BNF_FLAT_LEN(width), total = nrows * width, head = 0;
     int stream = flags & BNF_STREAM;
     int nt = stream && BNF_FLAT_NT(width, 3);
+    if (nt) len = BNF_FLAT_LINES_LEN(width);
+    if (len > BNF_CHUNK) {               /* as norm_rows_flat */
+        heap = (double *)bnf_alloc64(4 * (size_t)len * sizeof(double));
+        if (heap) {
+            m = heap, fa = heap + len, f1 = heap + 2 * len, f2 = heap + 3 * len;
+        } else {
+            nt = 0;
+            len = BNF_FLAT_LEN(width);
+        }
+    }
+    ptrdiff_t chunk = BNF_CHUNK / len * len;
+    double *dst[4] = {fa, m, f1, f2};
+    const double *src[4] = {a, mean, k1, k2};
     int staged = stream && !nt, cached = flags & BNF_CACHED;
     /* the first elements alone, as norm_rows_flat */
     if (nt || (!staged && bnf_flat_lines(dx, total, len, sizeof(T)))) {
@@ -1274,6 +1297,7 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_flat)(const T *dy, const T *x, T 
                          q0 + full * len, 0, 1, rest, m, fa, f1, f2, 0, nt);
         if (staged) BNF_NAME(bnf_stream)(dx + e0, tmp, n);
     }
+    if (heap) bnf_free64(heap);
 }
 
 /* A block of at most BNF_CHUNK columns (a staged group of rows fits tmp). */

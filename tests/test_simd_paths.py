@@ -24,8 +24,8 @@ import pytest
 
 import bnfast
 from arrays import make_values, params, with_layout
-from bnfast._core import (_set_adds_as_fma, _set_reduce_blocks_min, _set_simd_level,
-                          _set_store_lines, _set_stream_bytes)
+from bnfast._core import (_set_adds_as_fma, _set_flat_whole_lines, _set_reduce_blocks_min,
+                          _set_simd_level, _set_store_lines, _set_stream_bytes)
 from reference import assert_forward_close
 import reference as ref
 
@@ -64,6 +64,31 @@ def _off_a_line(size, dtype, offset):
     elements past a line (buf[lo - offset] on one), where an output of `size` starts."""
     buf = np.full(size + 64, np.nan, dtype)
     return buf, (-buf.ctypes.data % 64) // buf.itemsize + offset
+
+
+def _outputs_off_a_line(x, dy, axis, full, offset):
+    """[(name, output)] of eval, training and both backward forms, each written into a
+    NaN-filled buffer `offset` elements past a line (`full`: the buffer's shape, of
+    which the output is the first x.shape[-1] columns), checking that nothing outside
+    the output was written."""
+    w, b, rm, rv = params(x.shape[axis], x.dtype, 3)
+    size = int(np.prod(full))
+    res = []
+    for name in ("eval", "train", "dx", "dx fixed"):
+        buf, lo = _off_a_line(size, x.dtype, offset)
+        out = buf[lo:lo + size].reshape(full)[..., :x.shape[-1]]
+        if name == "eval":
+            bnfast.batch_norm(x, rm, rv, w, b, axis=axis, out=out)
+        elif name == "train":
+            _, mean, invstd = bnfast.batch_norm_train(x, w, b, axis=axis, out=out)
+        else:
+            bnfast.batch_norm_backward(dy, x, mean, invstd, w, axis=axis, out=out,
+                                       training=name == "dx")
+        outside = np.ones(size + 64, bool)
+        outside[lo:lo + size].reshape(full)[..., :x.shape[-1]] = False
+        assert np.isnan(buf[outside]).all(), f"{name}: written outside the output"
+        res.append((name, out.copy()))
+    return res
 
 
 def _ops(x, axis, dtype):
@@ -229,33 +254,9 @@ LINES_SHAPES = [
 @pytest.mark.parametrize("shape,axis,row", LINES_SHAPES)
 def test_plain_stores_off_a_line(shape, axis, row, dtype, offset, threads):
     x = make_values(shape, dtype, 13, axis=axis, offset=_offset(dtype))
-    C = shape[axis]
-    w, b, rm, rv = params(C, dtype, 3)
+    w, b = params(shape[axis], dtype, 3)[:2]
     dy = make_values(shape, dtype, 17, axis=axis)
     full = shape if row is None else shape[:-1] + (row,)
-    size = int(np.prod(full))
-
-    def run():
-        res = []
-        for name in ("eval", "train", "dx", "dx fixed"):
-            buf, lo = _off_a_line(size, dtype, offset)
-            out = buf[lo:lo + size].reshape(full)[..., :shape[-1]]
-            if name == "eval":
-                bnfast.batch_norm(x, rm, rv, w, b, axis=axis, out=out)
-            elif name == "train":
-                _, mean, invstd = bnfast.batch_norm_train(x, w, b, axis=axis, out=out)
-            else:
-                bnfast.batch_norm_backward(dy, x, mean, invstd, w, axis=axis, out=out,
-                                           training=name == "dx")
-            # nothing written outside the output
-            outside = np.ones(size + 64, bool)
-            outside[lo:lo + size] = False
-            if row is not None:
-                outside[lo:lo + size].reshape(full)[..., shape[-1]:] = True
-            assert np.isnan(buf[outside]).all(), name
-            res.append((name, out.copy()))
-        return res
-
     bnfast.set_num_threads(threads)
     try:
         runs = {}
@@ -263,7 +264,7 @@ def test_plain_stores_off_a_line(shape, axis, row, dtype, offset, threads):
             _set_simd_level(level)
             for lines in (False, True):
                 _set_store_lines(lines)
-                runs[level, lines] = run()
+                runs[level, lines] = _outputs_off_a_line(x, dy, axis, full, offset)
     finally:
         _set_simd_level(SUPPORTED)
         _set_store_lines(True)
@@ -274,6 +275,47 @@ def test_plain_stores_off_a_line(shape, axis, row, dtype, offset, threads):
             assert a.tobytes() == g.tobytes(), f"{name}: {key} gives other bits"
     y_ref = ref.batch_norm_train(x, w, b, axis=axis)[0]
     assert_forward_close(first[1][1], y_ref)
+
+
+# Large contiguous rows that do not fill whole lines (300 float32 columns: 1200 bytes),
+# streamed: as runs of the fewest whole rows that do, straight from the registers, where
+# such a run has at most 2048 elements; else staged, as before.
+WHOLE_LINES_SHAPES = [
+    (41, 300),      # runs of 4 rows (float64: 2), a partial run left; float32 1200 elements
+    (23, 130),      # runs of 8 rows (1040 elements; float64: 4 rows)
+    (9, 1000),      # runs of 2 rows: 2000 elements
+    (30, 129),      # float32: 16 rows would be 2064 elements: staged
+]
+
+
+@pytest.mark.usefixtures("threads_on_small_arrays")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("offset", [0, 1, 5])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("shape", WHOLE_LINES_SHAPES)
+def test_streamed_rows_in_runs_of_whole_lines(shape, dtype, offset, threads):
+    x = make_values(shape, dtype, 29, axis=-1, offset=_offset(dtype))
+    dy = make_values(shape, dtype, 31, axis=-1)
+    bnfast.set_num_threads(threads)
+    old_stream = _set_stream_bytes(0)
+    try:
+        runs = {}
+        for level in sorted({0, SUPPORTED}):
+            _set_simd_level(level)
+            for whole in (False, True):
+                _set_flat_whole_lines(whole)
+                runs[level, whole] = _outputs_off_a_line(x, dy, -1, shape, offset)
+    finally:
+        _set_simd_level(SUPPORTED)
+        _set_flat_whole_lines(True)
+        _set_stream_bytes(old_stream)
+        bnfast.set_num_threads(None)
+    first = runs[0, False]
+    for key, res in runs.items():
+        for (name, a), (_, g) in zip(first, res):
+            assert a.tobytes() == g.tobytes(), f"{name}: {key} gives other bits"
+    w, b = params(shape[-1], dtype, 3)[:2]
+    assert_forward_close(first[1][1], ref.batch_norm_train(x, w, b, axis=-1)[0])
 
 
 # Fused units of runs (NCHW) go in blocks of channels: training normalizes a block beside
