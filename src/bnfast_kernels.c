@@ -746,6 +746,17 @@ static inline ptrdiff_t bnf_flat_lines_len(ptrdiff_t width, size_t itemsize)
     return rows * width <= BNF_FLAT_LINES_MAX ? rows * width : 0;
 }
 #define BNF_FLAT_LINES_LEN(width) bnf_flat_lines_len(width, sizeof(T))
+/* In cache too, wide contiguous rows that do not fill whole lines go as such runs (their
+ * plain stores on lines, bnf_flat_lines), from BNF_FLAT_LINES_RUNS runs of them: on
+ * fewer, repeating the factors costs more than the split stores. */
+#define BNF_FLAT_LINES_RUNS 16
+static inline BNF_INLINE int bnf_flat_rows_lines(ptrdiff_t total, ptrdiff_t width,
+                                                 size_t itemsize)
+{
+    ptrdiff_t len = bnf_flat_lines_len(width, itemsize);
+    return bnf_store_lines && 2 * width > BNF_FLAT_ELEMS && len > width &&
+           total >= BNF_FLAT_LINES_RUNS * len;
+}
 /* Contiguous rows of any width up to a chunk are streamed as one such run straight from
  * the registers of level `level` when the runs fill whole lines, however far the output
  * is from one (the factors are rotated to match, bnf_repeat_factors). */

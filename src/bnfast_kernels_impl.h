@@ -663,13 +663,14 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_flat)(const T *x, T *y, ptrdiff
      * the factors are repeated from column `head` on, so that every run starts on a line
      * and loads its factors from one */
     int nt = stream && BNF_FLAT_NT(width, 4);
-    if (nt) len = BNF_FLAT_LINES_LEN(width);
-    if (len > BNF_CHUNK) {               /* streamed, longer runs: factors on the heap */
+    int lines = nt || (!stream && bnf_flat_rows_lines(total, width, sizeof(T)));
+    if (lines) len = BNF_FLAT_LINES_LEN(width);
+    if (len > BNF_CHUNK) {               /* longer runs: factors on the heap */
         heap = (double *)bnf_alloc64(3 * (size_t)len * sizeof(double));
         if (heap) {
             m = heap, a = heap + len, b = heap + 2 * len;
-        } else {                        /* out of memory: staged, as before */
-            nt = 0;
+        } else {                        /* out of memory: as before */
+            nt = lines = 0;
             len = BNF_FLAT_LEN(width);
         }
     }
@@ -677,7 +678,7 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_flat)(const T *x, T *y, ptrdiff
     double *dst[3] = {m, a, b};
     const double *src[3] = {mean, scale, shift};
     int staged = stream && !nt, cached = flags & BNF_CACHED;
-    if (nt || (!staged && bnf_flat_lines(y, total, len, sizeof(T)))) {
+    if (lines || (!staged && bnf_flat_lines(y, total, len, sizeof(T)))) {
         head = bnf_nt_lead(y, sizeof(T));
         if (head > total) head = total;
         for (ptrdiff_t e = 0; e < head; e++)
@@ -717,7 +718,8 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_block)(const T *x, ptrdiff_t xs
     int stream = flags & BNF_STREAM, cached = flags & BNF_CACHED;
     if (xstride == width && ystride == width &&
         ((2 * width <= BNF_FLAT_ELEMS && nrows * width >= BNF_FLAT_MIN) ||
-         (stream && BNF_FLAT_NT(width, 4)))) {
+         (stream && BNF_FLAT_NT(width, 4)) ||
+         (!stream && bnf_flat_rows_lines(nrows * width, width, sizeof(T))))) {
         BNF_NAME(norm_rows_flat)(x, y, nrows, width, mean, scale, shift, flags);
         return;
     }
@@ -1254,13 +1256,14 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_flat)(const T *dy, const T *x, T 
     ptrdiff_t len = BNF_FLAT_LEN(width), total = nrows * width, head = 0;
     int stream = flags & BNF_STREAM;
     int nt = stream && BNF_FLAT_NT(width, 3);
-    if (nt) len = BNF_FLAT_LINES_LEN(width);
+    int lines = nt || (!stream && bnf_flat_rows_lines(total, width, sizeof(T)));
+    if (lines) len = BNF_FLAT_LINES_LEN(width);
     if (len > BNF_CHUNK) {               /* as norm_rows_flat */
         heap = (double *)bnf_alloc64(4 * (size_t)len * sizeof(double));
         if (heap) {
             m = heap, fa = heap + len, f1 = heap + 2 * len, f2 = heap + 3 * len;
         } else {
-            nt = 0;
+            nt = lines = 0;
             len = BNF_FLAT_LEN(width);
         }
     }
@@ -1269,7 +1272,7 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_flat)(const T *dy, const T *x, T 
     const double *src[4] = {a, mean, k1, k2};
     int staged = stream && !nt, cached = flags & BNF_CACHED;
     /* the first elements alone, as norm_rows_flat */
-    if (nt || (!staged && bnf_flat_lines(dx, total, len, sizeof(T)))) {
+    if (lines || (!staged && bnf_flat_lines(dx, total, len, sizeof(T)))) {
         head = bnf_nt_lead(dx, sizeof(T));
         if (head > total) head = total;
         for (ptrdiff_t e = 0; e < head; e++) {
@@ -1317,7 +1320,8 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_block)(const T *dy, ptrdiff_t dys
     if (dystride == width && (!x || xstride == width) && dxstride == width &&
         (bnf_fold_pays(nrows, width) || (stream && BNF_FLAT_NT(width, 3)) ||
          (!stream && 2 * width <= BNF_FLAT_ELEMS &&
-          bnf_flat_lines(dx, nrows * width, BNF_FLAT_LEN(width), sizeof(T))))) {
+          bnf_flat_lines(dx, nrows * width, BNF_FLAT_LEN(width), sizeof(T))) ||
+         (!stream && bnf_flat_rows_lines(nrows * width, width, sizeof(T))))) {
         BNF_NAME(dx_rows_flat)(dy, x, dx, nrows, width, mean, a, k1, k2, flags);
         return;
     }

@@ -277,27 +277,29 @@ def test_plain_stores_off_a_line(shape, axis, row, dtype, offset, threads):
     assert_forward_close(first[1][1], y_ref)
 
 
-# Large contiguous rows that do not fill whole lines (300 float32 columns: 1200 bytes),
-# streamed: as runs of the fewest whole rows that do, straight from the registers, where
-# such a run has at most 2048 elements; else staged, as before.
+# Contiguous rows that do not fill whole lines (300 float32 columns: 1200 bytes) go as
+# runs of the fewest whole rows that do, of at most 2048 elements, so that their stores
+# are on lines: streamed straight from the registers, and in cache (plain stores) from 16
+# such runs; else as before.
 WHOLE_LINES_SHAPES = [
-    (41, 300),      # runs of 4 rows (float64: 2), a partial run left; float32 1200 elements
-    (23, 130),      # runs of 8 rows (1040 elements; float64: 4 rows)
-    (9, 1000),      # runs of 2 rows: 2000 elements
-    (30, 129),      # float32: 16 rows would be 2064 elements: staged
+    (70, 300),      # runs of 4 rows (float64: 2), 2 rows left over; float32 1200 elements
+    (150, 130),     # runs of 8 rows (1040 elements; float64: 4 rows), 6 left over
+    (33, 1000),     # runs of 2 rows: 2000 elements
+    (30, 129),      # float32: 16 rows would be 2064 elements: as before
 ]
 
 
 @pytest.mark.usefixtures("threads_on_small_arrays")
+@pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("offset", [0, 1, 5])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 @pytest.mark.parametrize("shape", WHOLE_LINES_SHAPES)
-def test_streamed_rows_in_runs_of_whole_lines(shape, dtype, offset, threads):
+def test_rows_in_runs_of_whole_lines(shape, dtype, offset, threads, stream):
     x = make_values(shape, dtype, 29, axis=-1, offset=_offset(dtype))
     dy = make_values(shape, dtype, 31, axis=-1)
     bnfast.set_num_threads(threads)
-    old_stream = _set_stream_bytes(0)
+    old_stream = _set_stream_bytes(0 if stream else 1 << 62)
     try:
         runs = {}
         for level in sorted({0, SUPPORTED}):
