@@ -333,9 +333,9 @@ def _set_masked_tails(on):
 
 
 def _set_flat_whole_lines(on):
-    """Whether large contiguous rows that do not fill whole lines (300 float32 columns)
-    are streamed as runs of several rows that do (the same bits; on by default). None
-    leaves it; returns the previous setting (tuning, tests)."""
+    """Whether contiguous rows that do not fill whole lines (300 float32 columns) go as
+    runs of several rows that do, streamed or in cache (the same bits; on by default).
+    None leaves it; returns the previous setting (tuning, tests)."""
     return bool(bnf_set_flat_whole_lines(-1 if on is None else (1 if on else 0)))
 
 

@@ -189,8 +189,9 @@ int bnf_set_store_lines(int on);
 /* Whether the AVX-512 rows loops end rows with one masked vector (on: 1, off: 0, -1 leaves
  * it): the previous setting (tuning, tests; the same bits either way). */
 int bnf_set_masked_tails(int on);
-/* Whether contiguous rows that do not fill whole lines are streamed as runs of several
- * rows that do (on: 1, off: 0, -1 leaves it): the previous setting (tuning, tests). */
+/* Whether contiguous rows that do not fill whole lines go as runs of several rows that
+ * do, streamed or in cache (on: 1, off: 0, -1 leaves it): the previous setting (tuning,
+ * tests; the same bits either way). */
 int bnf_set_flat_whole_lines(int on);
 /* 1 on an AMD CPU (the tuning choices that differ by vendor) */
 int bnf_cpu_amd(void);
