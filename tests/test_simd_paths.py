@@ -91,6 +91,27 @@ def _outputs_off_a_line(x, dy, axis, full, offset):
     return res
 
 
+def _same_bits_either_way(switch, x, dy, axis, full, offset):
+    """_outputs_off_a_line at level 0 and at the CPU's, with `switch` (a _core._set_*
+    setting, on by default) off and on: the same bits every way. Returns the first (level
+    0, off)."""
+    runs = {}
+    try:
+        for level in sorted({0, SUPPORTED}):
+            _set_simd_level(level)
+            for on in (False, True):
+                switch(on)
+                runs[level, on] = _outputs_off_a_line(x, dy, axis, full, offset)
+    finally:
+        _set_simd_level(SUPPORTED)
+        switch(True)
+    first = runs[0, False]
+    for key, res in runs.items():
+        for (name, a), (_, g) in zip(first, res):
+            assert a.tobytes() == g.tobytes(), f"{name}: {key} gives other bits"
+    return first
+
+
 def _ops(x, axis, dtype):
     C = x.shape[axis]
     w, b, rm, rv = params(C, dtype, 3)
@@ -259,20 +280,9 @@ def test_plain_stores_off_a_line(shape, axis, row, dtype, offset, threads):
     full = shape if row is None else shape[:-1] + (row,)
     bnfast.set_num_threads(threads)
     try:
-        runs = {}
-        for level in sorted({0, SUPPORTED}):
-            _set_simd_level(level)
-            for lines in (False, True):
-                _set_store_lines(lines)
-                runs[level, lines] = _outputs_off_a_line(x, dy, axis, full, offset)
+        first = _same_bits_either_way(_set_store_lines, x, dy, axis, full, offset)
     finally:
-        _set_simd_level(SUPPORTED)
-        _set_store_lines(True)
         bnfast.set_num_threads(None)
-    first = runs[0, False]
-    for key, res in runs.items():
-        for (name, a), (_, g) in zip(first, res):
-            assert a.tobytes() == g.tobytes(), f"{name}: {key} gives other bits"
     y_ref = ref.batch_norm_train(x, w, b, axis=axis)[0]
     assert_forward_close(first[1][1], y_ref)
 
@@ -301,21 +311,10 @@ def test_rows_in_runs_of_whole_lines(shape, dtype, offset, threads, stream):
     bnfast.set_num_threads(threads)
     old_stream = _set_stream_bytes(0 if stream else 1 << 62)
     try:
-        runs = {}
-        for level in sorted({0, SUPPORTED}):
-            _set_simd_level(level)
-            for whole in (False, True):
-                _set_flat_whole_lines(whole)
-                runs[level, whole] = _outputs_off_a_line(x, dy, -1, shape, offset)
+        first = _same_bits_either_way(_set_flat_whole_lines, x, dy, -1, shape, offset)
     finally:
-        _set_simd_level(SUPPORTED)
-        _set_flat_whole_lines(True)
         _set_stream_bytes(old_stream)
         bnfast.set_num_threads(None)
-    first = runs[0, False]
-    for key, res in runs.items():
-        for (name, a), (_, g) in zip(first, res):
-            assert a.tobytes() == g.tobytes(), f"{name}: {key} gives other bits"
     w, b = params(shape[-1], dtype, 3)[:2]
     assert_forward_close(first[1][1], ref.batch_norm_train(x, w, b, axis=-1)[0])
 
