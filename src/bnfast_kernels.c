@@ -749,17 +749,20 @@ static inline ptrdiff_t bnf_flat_lines_len(ptrdiff_t width, size_t itemsize)
     return rows * width <= BNF_FLAT_LINES_MAX ? rows * width : 0;
 }
 #define BNF_FLAT_LINES_LEN(width) bnf_flat_lines_len(width, sizeof(T))
-/* In cache too, wide contiguous rows that do not fill whole lines go as such runs (their
- * plain stores on lines, bnf_flat_lines), from BNF_FLAT_LINES_RUNS runs of them: one
- * thread, float32, alternated, eval 0.72-0.86x the time, training 0.78-0.96x, backward
- * 0.82-1.00x ((128-1333, 300), (1600, 250), (800, 500)); on 8 runs ((32, 300)) the
- * backward measured 1.05-1.06x: repeating the factors cost more than the split stores. */
+/* In cache too, contiguous rows whose BNF_FLAT_LEN does not fill whole lines go as such
+ * runs (their plain stores on lines, bnf_flat_lines), from BNF_FLAT_LINES_RUNS runs of
+ * them: one thread, float32, alternated, eval 0.72-0.86x the time, training 0.78-0.96x,
+ * backward 0.82-1.00x ((128-1333, 300), (1600, 250), (800, 500)); narrow rows folded
+ * 16 to a run (127 or 113 columns: 2032 and 1808 elements, where BNF_FLAT_LEN is 254
+ * and 226) eval 0.73-0.83x, training 0.81-0.89x, backward 0.94-0.98x; on 8 runs ((32,
+ * 300)) the backward measured 1.05-1.06x: repeating the factors cost more than the
+ * split stores. */
 #define BNF_FLAT_LINES_RUNS 16
 static inline BNF_INLINE int bnf_flat_rows_lines(ptrdiff_t total, ptrdiff_t width,
                                                  size_t itemsize)
 {
     ptrdiff_t len = bnf_flat_lines_len(width, itemsize);
-    return bnf_store_lines && 2 * width > BNF_FLAT_ELEMS && len > width &&
+    return bnf_store_lines && len > bnf_flat_len(width, itemsize) &&
            total >= BNF_FLAT_LINES_RUNS * len;
 }
 /* Contiguous rows of any width up to a chunk are streamed as one such run straight from

@@ -296,6 +296,7 @@ WHOLE_LINES_SHAPES = [
     (150, 130),     # runs of 8 rows (1040 elements; float64: 4 rows), 6 left over
     (33, 1000),     # runs of 2 rows: 2000 elements
     (30, 129),      # float32: 16 rows would be 2064 elements: as before
+    (300, 127),     # narrow (runs of 254 before): float32 16 rows, 2032 elements
 ]
 
 
