@@ -4,6 +4,7 @@
     python benchmarks/interleaved.py --threads 2 --reps 21
     python benchmarks/interleaved.py --layouts NCHW7x7,NCL4    # short runs
     python benchmarks/interleaved.py --layouts NCslice         # a column slice (strided rows)
+    python benchmarks/interleaved.py --layouts NC300           # rows of 300: not whole lines
 
 Each repetition times ``np.copyto`` of the input (with --threads N > 1, the same copy split
 over N threads, as in ``python -m bnfast bench``) and then every operation once, and divides
@@ -54,6 +55,8 @@ LAYOUTS = {
     "NCslice": ((50176, 256), -1, 16),
     # wide rows: 4096 features (rows wider than a chunk, in blocks of columns)
     "NCwide": ((3136, 4096), 1),
+    # rows of 300 features, 1200 bytes: not a whole number of lines
+    "NC300": ((40000, 300), 1),
 }
 DEFAULT_LAYOUTS = ("NCHW", "NHWC", "NC")
 

@@ -22,6 +22,8 @@ PLAN = [(cid, "float32", _bench.OPS) for cid in _bench.TARGET_CASES] + [
     ("50176x256-NC-slice", "float32", _bench.OPS),
     # wide rows
     ("3136x4096", "float32", _bench.OPS),
+    # rows not a whole number of lines
+    ("40000x300", "float32", _bench.OPS),
     # float16, read and written as it is
     ("64x256x28x28-NCHW", "float16", _bench.OPS),
     ("1x64", "float16", ("eval",)),

@@ -108,6 +108,9 @@ CASES = OrderedDict((c.id, c) for c in [
     _case((50176, 256), "NC-slice", pad=16),
     # wide rows (4096 features): wider than a chunk, normalized in blocks of columns
     _case((3136, 4096), "NC"),
+    # rows of 300 features (1200 bytes): not a whole number of lines, three rows in four
+    # start off one
+    _case((40000, 300), "NC"),
 ])
 
 # The shapes of the targets (pytest-benchmark suite and `bench --quick`).
