@@ -761,9 +761,10 @@ static inline ptrdiff_t bnf_flat_lines_len(ptrdiff_t width, size_t itemsize)
 static inline BNF_INLINE int bnf_flat_rows_lines(ptrdiff_t total, ptrdiff_t width,
                                                  size_t itemsize)
 {
-    ptrdiff_t len = bnf_flat_lines_len(width, itemsize);
-    return bnf_store_lines && len > bnf_flat_len(width, itemsize) &&
-           total >= BNF_FLAT_LINES_RUNS * len;
+    ptrdiff_t len;
+    if (!bnf_store_lines || total < BNF_FLAT_LINES_RUNS * width) return 0;  /* small calls */
+    len = bnf_flat_lines_len(width, itemsize);
+    return len > bnf_flat_len(width, itemsize) && total >= BNF_FLAT_LINES_RUNS * len;
 }
 /* Contiguous rows of any width up to a chunk are streamed as one such run straight from
  * the registers of level `level` when the runs fill whole lines, however far the output
