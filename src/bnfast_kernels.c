@@ -75,6 +75,14 @@ int bnf_set_masked_tails(int on)
     return old;
 }
 
+static int bnf_fuse_sums_dx = 1;
+int bnf_set_fuse_sums_dx(int on)
+{
+    int old = bnf_fuse_sums_dx;
+    if (on >= 0) bnf_fuse_sums_dx = on != 0;
+    return old;
+}
+
 int bnf_cpu_amd(void)
 {
 #if BNF_SIMD_X86
@@ -1153,6 +1161,16 @@ BNF_CLONES void bnf_bwd_coeffs(ptrdiff_t C, double n, const double *hi, const do
  * BNF_REDO_RATIO (tile_finish) and BNF_COMPENSATED (sums of squares and backward sums
  * compensated, bnf_two_sum: float64, whose results keep the sums' errors), which
  * bnfast_kernels_impl.h undefines when done. */
+/* dx = a * dy stored by the backward sums of rows as they read dy (bnf_bwd_sums_dx_rows):
+ * the output q (an element type's pointer), its row stride, the per-column factors, and
+ * whether it is streamed. */
+typedef struct {
+    void *q;
+    ptrdiff_t qstride;
+    const double *a;
+    int nt;
+} bnf_dx_fixed;
+
 #define T float
 #define S f32
 #define BNF_TO_D(v) ((double)(v))

@@ -189,6 +189,9 @@ int bnf_set_store_lines(int on);
 /* Whether the AVX-512 rows loops end rows with one masked vector (on: 1, off: 0, -1 leaves
  * it): the previous setting (tuning, tests; the same bits either way). */
 int bnf_set_masked_tails(int on);
+/* Whether eval-mode backward of rows from DRAM stores dx as its sums read dy, in one pass
+ * (bnf_bwd_sums_dx_rows; tuning, tests: the same bits either way). */
+int bnf_set_fuse_sums_dx(int on);
 /* Whether contiguous rows that do not fill whole lines go as runs of several rows that
  * do, streamed or in cache (on: 1, off: 0, -1 leaves it): the previous setting (tuning,
  * tests; the same bits either way). */
@@ -276,6 +279,11 @@ void bnf_bwd_coeffs(ptrdiff_t C, double n, const double *hi, const double *invst
                                ptrdiff_t xstride, ptrdiff_t nrows, ptrdiff_t width,       \
                                ptrdiff_t group, const double *mean, double *sum_dy,       \
                                double *sum_dy_xmu, double *sum_xmu, int flags);           \
+    int bnf_bwd_sums_dx_rows_##S(const T *dy, ptrdiff_t dystride, const T *x,             \
+                                 ptrdiff_t xstride, T *dx, ptrdiff_t dxstride,            \
+                                 ptrdiff_t nrows, ptrdiff_t width, ptrdiff_t group,       \
+                                 const double *mean, const double *a, double *sum_dy,     \
+                                 double *sum_dy_xmu, double *sum_xmu, int flags);         \
     void bnf_bwd_dx_runs_##S(const T *dy, ptrdiff_t dystride, ptrdiff_t dycs, const T *x, \
                              ptrdiff_t xstride, ptrdiff_t xcs, T *dx, ptrdiff_t dxstride, \
                              ptrdiff_t dxcs, ptrdiff_t nruns, ptrdiff_t len, ptrdiff_t k, \
@@ -385,6 +393,24 @@ static inline void bnf_bwd_sums_rows(int type, const void *dy, ptrdiff_t dystrid
                           group, mean, sum_dy, sum_dy_xmu, sum_xmu, flags)
     BNF_BY_TYPE(type, CALL)
 #undef CALL
+}
+
+/* 1 where the sums and dx = a * dy went in one pass; 0: nothing done (see
+ * bnfast_kernels_impl.h) */
+static inline int bnf_bwd_sums_dx_rows(int type, const void *dy, ptrdiff_t dystride,
+                                       const void *x, ptrdiff_t xstride, void *dx,
+                                       ptrdiff_t dxstride, ptrdiff_t nrows, ptrdiff_t width,
+                                       ptrdiff_t group, const double *mean, const double *a,
+                                       double *sum_dy, double *sum_dy_xmu, double *sum_xmu,
+                                       int flags)
+{
+#define CALL(T, S)                                                                        \
+    return bnf_bwd_sums_dx_rows_##S((const T *)dy, dystride, (const T *)x, xstride,      \
+                                    (T *)dx, dxstride, nrows, width, group, mean, a,      \
+                                    sum_dy, sum_dy_xmu, sum_xmu, flags)
+    BNF_BY_TYPE(type, CALL)
+#undef CALL
+    return 0;
 }
 
 static inline void bnf_bwd_dx_runs(int type, const void *dy, ptrdiff_t dystride,

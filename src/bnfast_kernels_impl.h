@@ -923,6 +923,14 @@ BNF_CLONES void BNF_NAME(bnf_bwd_sums_runs)(const T *dy, ptrdiff_t dystride, ptr
     }
 }
 
+/* q[c] = a[c] * g[c] for one row (after its sums have read g: q may be g). */
+static inline BNF_INLINE void BNF_NAME(dx_fixed_row)(const T *g, T *q, ptrdiff_t width,
+                                                    const double *a)
+{
+#pragma omp simd
+    for (ptrdiff_t c = 0; c < width; c++) q[c] = BNF_NAME(dx_fixed_elem)(g[c], a[c]);
+}
+
 /* Backward sums of rows, per column, accumulated into sum_dy.. (four rows at a time),
  * prefetching rows up to pf_rows as shifted_sums_rows, but further and into L2
  * (BNF_FAR_ROWS_BYTES).  `near` (from DRAM): the intrinsics loops also prefetch rows
@@ -935,10 +943,12 @@ static inline BNF_INLINE void BNF_NAME(bwd_sums_rows)(const T *dy, ptrdiff_t dys
                                                      const double *mean, double *sum_dy,
                                                      double *sum_dy_xmu, double *sum_xmu,
                                                      double *sum_dy_lo, double *sum_dy_xmu_lo,
-                                                     ptrdiff_t pf_rows, int near)
+                                                     ptrdiff_t pf_rows, int near,
+                                                     const bnf_dx_fixed *fx)
 {
     ptrdiff_t r = 0, ahead = bnf_rows_ahead_by(width * (ptrdiff_t)sizeof(T),
                                                         BNF_FAR_ROWS_BYTES);
+    T *q = fx ? (T *)fx->q : NULL;     /* dx = a * dy (plain stores), as dy is read */
     ptrdiff_t quads_end = !BNF_COMPENSATED &&   /* as the intrinsics loop */
                                   bnf_sums_rowwise(width * (ptrdiff_t)sizeof(T), sizeof(T),
                                                    near)
@@ -969,6 +979,9 @@ static inline BNF_INLINE void BNF_NAME(bwd_sums_rows)(const T *dy, ptrdiff_t dys
                                     mean[c], &sum_dy[c], &sum_dy_xmu[c], &sum_xmu[c],
                                     BNF_LO(sum_dy_lo, c), BNF_LO(sum_dy_xmu_lo, c));
         }
+        for (ptrdiff_t i = 0; q && i < 4; i++)
+            BNF_NAME(dx_fixed_row)(dy + (r + i) * dystride, q + (r + i) * fx->qstride, width,
+                                   fx->a);
     }
     for (; r < nrows; r++) {
         const T *g = dy + r * dystride;
@@ -977,7 +990,71 @@ static inline BNF_INLINE void BNF_NAME(bwd_sums_rows)(const T *dy, ptrdiff_t dys
         for (ptrdiff_t c = 0; c < width; c++)
             BNF_NAME(bwd_elem)(g[c], p[c], mean[c], &sum_dy[c], &sum_dy_xmu[c], &sum_xmu[c],
                                BNF_LO(sum_dy_lo, c), BNF_LO(sum_dy_xmu_lo, c));
+        if (q) BNF_NAME(dx_fixed_row)(g, q + r * fx->qstride, width, fx->a);
     }
+}
+
+/* Streamed dx (fx) of contiguous rows of whole lines that start off a line: the
+ * elements before dx's first line, else 0 (the rows are streamed as they are). */
+static inline ptrdiff_t BNF_NAME(dx_rows_shift)(const bnf_dx_fixed *fx, ptrdiff_t dystride,
+                                               ptrdiff_t xstride, ptrdiff_t nrows,
+                                               ptrdiff_t width)
+{
+    uintptr_t off = (uintptr_t)fx->q % BNF_LINE;
+    if (!fx->nt || !off || off % sizeof(T) || nrows < 2 || dystride != width ||
+        xstride != width || fx->qstride != width || width * sizeof(T) % BNF_LINE)
+        return 0;
+    return (ptrdiff_t)((BNF_LINE - off) / sizeof(T));
+}
+
+/* dst[j] = src[(j + h) % width], and back */
+static inline void BNF_NAME(rotate_cols)(double *dst, const double *src, ptrdiff_t width,
+                                         ptrdiff_t h, int back)
+{
+    for (ptrdiff_t j = 0; j < width; j++) {
+        ptrdiff_t c = j + h < width ? j + h : j + h - width;
+        if (back)
+            dst[c] = src[j];
+        else
+            dst[j] = src[c];
+    }
+}
+
+/* Backward sums of contiguous rows read one at a time with dx streamed (fx), the rows
+ * off a line by the same h elements (dx_rows_shift): row 0's first h columns, then
+ * "rows" of `width` elements from each line start (a row's last columns and the next
+ * row's first h) with the columns' factors and sums rotated to match, then the last
+ * row's last columns.  Each column still takes its rows in order: the bits of the rows
+ * as they are, every line of dx but the first and last streamed whole. */
+static BNF_NOINLINE void BNF_NAME(bwd_sums_dx_shifted)(const T *dy, const T *x,
+                                                       ptrdiff_t nrows, ptrdiff_t width,
+                                                       const double *mean, double *o1,
+                                                       double *o2, double *o3, int near,
+                                                       const bnf_dx_fixed *fx)
+{
+    BNF_ALIGN64 double rm[BNF_MAX_WIDTH], ra[BNF_MAX_WIDTH], r1[BNF_MAX_WIDTH],
+        r2[BNF_MAX_WIDTH], r3[BNF_MAX_WIDTH];
+    ptrdiff_t h = BNF_NAME(dx_rows_shift)(fx, width, width, nrows, width);
+    ptrdiff_t last = (nrows - 1) * width;
+    T *q = (T *)fx->q;
+    bnf_dx_fixed part = *fx, body = *fx;
+    part.nt = 0;                       /* the first line, shared with what precedes dx */
+    BNF_DISPATCH(bwd_sums_rows, dy, width, x, width, 1, h, mean, o1, o2, o3, NULL, NULL, 1,
+                 near, &part);
+    BNF_NAME(rotate_cols)(rm, mean, width, h, 0);
+    BNF_NAME(rotate_cols)(ra, fx->a, width, h, 0);
+    BNF_NAME(rotate_cols)(r1, o1, width, h, 0);
+    BNF_NAME(rotate_cols)(r2, o2, width, h, 0);
+    BNF_NAME(rotate_cols)(r3, o3, width, h, 0);
+    body.q = q + h, body.a = ra;
+    BNF_DISPATCH(bwd_sums_rows, dy + h, width, x + h, width, nrows - 1, width, rm, r1, r2, r3,
+                 NULL, NULL, nrows - 1, near, &body);
+    BNF_NAME(rotate_cols)(o1, r1, width, h, 1);
+    BNF_NAME(rotate_cols)(o2, r2, width, h, 1);
+    BNF_NAME(rotate_cols)(o3, r3, width, h, 1);
+    body.q = q + last + h, body.a = fx->a + h;
+    BNF_DISPATCH(bwd_sums_rows, dy + last + h, width, x + last + h, width, 1, width - h,
+                 mean + h, o1 + h, o2 + h, o3 + h, NULL, NULL, 1, near, &body);
 }
 
 static inline BNF_INLINE void BNF_NAME(bwd_sums_rows_cols)(const T *dy, ptrdiff_t dystride,
@@ -986,7 +1063,8 @@ static inline BNF_INLINE void BNF_NAME(bwd_sums_rows_cols)(const T *dy, ptrdiff_
                                                           const double *mean,
                                                           double *sum_dy,
                                                           double *sum_dy_xmu,
-                                                          double *sum_xmu, int near)
+                                                          double *sum_xmu, int near,
+                                                          const bnf_dx_fixed *fx)
 {
     BNF_ALIGN64 double mbuf[BNF_MAX_WIDTH], s1[BNF_MAX_WIDTH], s2[BNF_MAX_WIDTH],
         s3[BNF_MAX_WIDTH];
@@ -1006,8 +1084,11 @@ static inline BNF_INLINE void BNF_NAME(bwd_sums_rows_cols)(const T *dy, ptrdiff_
     (void)lo1;
     (void)lo2;
 #endif
-    BNF_DISPATCH(bwd_sums_rows, dy, dystride, x, xstride, nrows, width, mean, o1, o2, o3,
-                 BNF_LO(lo1, 0), BNF_LO(lo2, 0), nrows, near);
+    if (fx && BNF_NAME(dx_rows_shift)(fx, dystride, xstride, nrows, width))
+        BNF_NAME(bwd_sums_dx_shifted)(dy, x, nrows, width, mean, o1, o2, o3, near, fx);
+    else
+        BNF_DISPATCH(bwd_sums_rows, dy, dystride, x, xstride, nrows, width, mean, o1, o2, o3,
+                     BNF_LO(lo1, 0), BNF_LO(lo2, 0), nrows, near, fx);
 #if BNF_COMPENSATED
     for (ptrdiff_t c = 0; c < width; c++) {
         o1[c] = bnf_fold_lo(o1[c], lo1[c]);
@@ -1019,6 +1100,13 @@ static inline BNF_INLINE void BNF_NAME(bwd_sums_rows_cols)(const T *dy, ptrdiff_
         memcpy(sum_dy_xmu, s2, (size_t)width * sizeof(double));
         memcpy(sum_xmu, s3, (size_t)width * sizeof(double));
     }
+}
+
+/* Rows per folded row of the backward sums of contiguous rows (0: not folded). */
+static inline ptrdiff_t BNF_NAME(bwd_sums_fold)(ptrdiff_t nrows, ptrdiff_t width, int near)
+{
+    ptrdiff_t fold = bnf_fold_pays(nrows, width) ? bnf_fold_rows(width) : 0;
+    return fold ? fold : bnf_sums_fold_from_dram(width, sizeof(T), near);
 }
 
 /* group > 1: channels of short runs as rows (bnf_stats_rows): each column's sums, then
@@ -1037,7 +1125,7 @@ static BNF_CLONES BNF_NOINLINE void BNF_NAME(bwd_sums_rows_grouped)(
         ptrdiff_t w = width - c0 < per ? width - c0 : per;
         bnf_spread_factors(dst, src, 1, c0, w, group);
         BNF_NAME(bwd_sums_rows_cols)(dy + c0 * group, dystride, x + c0 * group, xstride,
-                                     nrows, w * group, m, s1, s2, s3, near);
+                                     nrows, w * group, m, s1, s2, s3, near, NULL);
         for (ptrdiff_t c = 0; c < w; c++) {
             double t1 = s1[c * group], t2 = s2[c * group], t3 = s3[c * group];
             double t1lo = 0, t2lo = 0;
@@ -1057,15 +1145,24 @@ static BNF_CLONES BNF_NOINLINE void BNF_NAME(bwd_sums_rows_grouped)(
  * order, then the rows left over. */
 static BNF_CLONES BNF_NOINLINE void BNF_NAME(bwd_sums_rows_folded)(
     const T *dy, const T *x, ptrdiff_t nrows, ptrdiff_t width, ptrdiff_t k,
-    const double *mean, double *sum_dy, double *sum_dy_xmu, double *sum_xmu, int near)
+    const double *mean, double *sum_dy, double *sum_dy_xmu, double *sum_xmu, int near,
+    const bnf_dx_fixed *fx)
 {
     BNF_ALIGN64 double m[BNF_MAX_WIDTH], s1[BNF_MAX_WIDTH], s2[BNF_MAX_WIDTH],
-        s3[BNF_MAX_WIDTH];
-    double *dst[1] = {m};
-    const double *src[1] = {mean};
+        s3[BNF_MAX_WIDTH], am[BNF_MAX_WIDTH];
+    double *dst[2] = {m, am};
+    const double *src[2] = {mean, fx ? fx->a : NULL};
     ptrdiff_t fw = k * width, nf = nrows / k;
-    bnf_repeat_factors(dst, src, 1, width, fw, 0);
-    BNF_NAME(bwd_sums_rows_cols)(dy, fw, x, fw, nf, fw, m, s1, s2, s3, near);
+    /* dx (fx): the folded rows' factors repeated as the mean's */
+    bnf_dx_fixed ffold, frest;
+    if (fx) {
+        ffold = *fx, frest = *fx;
+        ffold.qstride = fw, ffold.a = am;
+        frest.q = (T *)fx->q + nf * fw, frest.qstride = width, frest.a = am;
+    }
+    bnf_repeat_factors(dst, src, fx ? 2 : 1, width, fw, 0);
+    BNF_NAME(bwd_sums_rows_cols)(dy, fw, x, fw, nf, fw, m, s1, s2, s3, near,
+                                 fx ? &ffold : NULL);
     /* the low parts (BNF_COMPENSATED, BNF_ADD_LO; the others keep none).  Widths here
      * pass BNF_FOLD_WIDTH (narrow rows folded from DRAM, bnf_sums_fold_from_dram). */
     BNF_ALIGN64 double lo1[BNF_COMPENSATED ? BNF_MAX_WIDTH : 1];
@@ -1090,7 +1187,7 @@ static BNF_CLONES BNF_NOINLINE void BNF_NAME(bwd_sums_rows_folded)(
     }
     if (nrows > nf * k) {
         BNF_NAME(bwd_sums_rows_cols)(dy + nf * fw, width, x + nf * fw, width, nrows - nf * k,
-                                     width, m, s1, s2, s3, near);
+                                     width, m, s1, s2, s3, near, fx ? &frest : NULL);
         for (ptrdiff_t c = 0; c < width; c++) {
             BNF_ADD_LO(sum_dy[c], lo1[c], s1[c]);
             BNF_ADD_LO(sum_dy_xmu[c], lo2[c], s2[c]);
@@ -1105,24 +1202,68 @@ static BNF_CLONES BNF_NOINLINE void BNF_NAME(bwd_sums_rows_folded)(
 #endif
 }
 
+static inline BNF_INLINE void BNF_NAME(bwd_sums_rows_any)(
+    const T *dy, ptrdiff_t dystride, const T *x, ptrdiff_t xstride, ptrdiff_t nrows,
+    ptrdiff_t width, ptrdiff_t group, const double *mean, double *sum_dy, double *sum_dy_xmu,
+    double *sum_xmu, int flags, const bnf_dx_fixed *fx)
+{
+    int near = (flags & BNF_FROM_DRAM) != 0;
+    ptrdiff_t fold = BNF_NAME(bwd_sums_fold)(nrows, width, near);
+    if (group == 1 && dystride == width && xstride == width && fold)
+        BNF_NAME(bwd_sums_rows_folded)(dy, x, nrows, width, fold, mean, sum_dy, sum_dy_xmu,
+                                       sum_xmu, near, fx);
+    else if (group > 1)
+        BNF_NAME(bwd_sums_rows_grouped)(dy, dystride, x, xstride, nrows, width, group, mean,
+                                        sum_dy, sum_dy_xmu, sum_xmu, near);
+    else
+        BNF_NAME(bwd_sums_rows_cols)(dy, dystride, x, xstride, nrows, width, mean, sum_dy,
+                                     sum_dy_xmu, sum_xmu, near, fx);
+}
+
 BNF_CLONES void BNF_NAME(bnf_bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const T *x,
                                             ptrdiff_t xstride, ptrdiff_t nrows,
                                             ptrdiff_t width, ptrdiff_t group,
                                             const double *mean, double *sum_dy,
                                             double *sum_dy_xmu, double *sum_xmu, int flags)
 {
+    BNF_NAME(bwd_sums_rows_any)(dy, dystride, x, xstride, nrows, width, group, mean, sum_dy,
+                                sum_dy_xmu, sum_xmu, flags, NULL);
+}
+
+/* The backward sums of bnf_bwd_sums_rows with dx = a * dy (the statistics held fixed)
+ * stored as dy is read, in one pass: where the sums read rows one at a time from DRAM
+ * (bnf_sums_rowwise, after folding) and dx is streamed, from the intrinsics loops.
+ * Returns 0 without doing anything elsewhere (the caller takes the sums, then dx).  The
+ * sums have the bits of bnf_bwd_sums_rows, dx those of bnf_bwd_dx_rows.  Against the
+ * sums and then dx of each unit, one thread, float32, 51 MB, in one process: see
+ * _unit_at in _core.pyx. */
+BNF_CLONES int BNF_NAME(bnf_bwd_sums_dx_rows)(const T *dy, ptrdiff_t dystride, const T *x,
+                                              ptrdiff_t xstride, T *dx, ptrdiff_t dxstride,
+                                              ptrdiff_t nrows, ptrdiff_t width,
+                                              ptrdiff_t group, const double *mean,
+                                              const double *a, double *sum_dy,
+                                              double *sum_dy_xmu, double *sum_xmu, int flags)
+{
     int near = (flags & BNF_FROM_DRAM) != 0;
-    ptrdiff_t fold = bnf_fold_pays(nrows, width) ? bnf_fold_rows(width) : 0;
-    if (!fold) fold = bnf_sums_fold_from_dram(width, sizeof(T), near);
-    if (group == 1 && dystride == width && xstride == width && fold)
-        BNF_NAME(bwd_sums_rows_folded)(dy, x, nrows, width, fold, mean, sum_dy, sum_dy_xmu,
-                                       sum_xmu, near);
-    else if (group > 1)
-        BNF_NAME(bwd_sums_rows_grouped)(dy, dystride, x, xstride, nrows, width, group, mean,
-                                        sum_dy, sum_dy_xmu, sum_xmu, near);
-    else
-        BNF_NAME(bwd_sums_rows_cols)(dy, dystride, x, xstride, nrows, width, mean, sum_dy,
-                                     sum_dy_xmu, sum_xmu, near);
+    ptrdiff_t fold = BNF_NAME(bwd_sums_fold)(nrows, width, near);
+    int contiguous = dystride == width && xstride == width && dxstride == width;
+    ptrdiff_t row = (fold && contiguous ? fold : 1) * width;
+    bnf_dx_fixed fx;
+    ptrdiff_t qstride = fold && contiguous ? row : dxstride;
+    /* every row of dx on a line, or contiguous rows of whole lines (bwd_sums_dx_shifted);
+     * else rows that share lines would be streamed in part and stored in part (1.7x the
+     * time of the sums and then dx) */
+    int lines = (uintptr_t)dx % BNF_LINE == 0 && qstride * sizeof(T) % BNF_LINE == 0;
+    int shiftable = contiguous && row * sizeof(T) % BNF_LINE == 0 &&
+                    (uintptr_t)dx % sizeof(T) == 0;
+    if (BNF_COMPENSATED || BNF_T_HALF || !bnf_fuse_sums_dx || !BNF_DIRECT_NT(3) ||
+        !(flags & BNF_STREAM) || group != 1 || (fold && !contiguous) || !(lines || shiftable) ||
+        !bnf_sums_rowwise(row * (ptrdiff_t)sizeof(T), sizeof(T), near))
+        return 0;
+    fx.q = dx, fx.qstride = dxstride, fx.a = a, fx.nt = 1;
+    BNF_NAME(bwd_sums_rows_any)(dy, dystride, x, xstride, nrows, width, group, mean, sum_dy,
+                                sum_dy_xmu, sum_xmu, flags, &fx);
+    return 1;
 }
 
 /* dx = a * ((dy - k1) - (x - mean) * k2) over n contiguous elements; x == NULL: a * dy. */

@@ -877,12 +877,35 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_block)(const T *dy, ptrdiff_t dystride, ptrdi
                                   a1, a2, a3, a1lo, a2lo, pfg, pfx, 0);
 }
 
+/* One vector of columns c of one row into the backward sums (gi: dy, d: x - mean). */
+#if BNF_COMPENSATED
+#define BNF_ROW_SUMS(c, gi, d)                                                        \
+    do {                                                                              \
+        BNF_VTWO_SUM_AT(sum_dy + (c), sum_dy_lo + (c), gi);                           \
+        BNF_VTWO_SUM_AT(sum_dy_xmu + (c), sum_dy_xmu_lo + (c), BNF_VMUL(gi, d));      \
+        BNF_VST(sum_xmu + (c), BNF_VADD(BNF_VLD(sum_xmu + (c)), d));                  \
+    } while (0)
+#else
+#define BNF_ROW_SUMS(c, gi, d)                                                        \
+    do {                                                                              \
+        BNF_VST(sum_dy + (c), BNF_VADD(BNF_VLD(sum_dy + (c)), gi));                   \
+        BNF_VST(sum_dy_xmu + (c), BNF_VFMA(gi, d, BNF_VLD(sum_dy_xmu + (c))));        \
+        BNF_VST(sum_xmu + (c), BNF_VADD(BNF_VLD(sum_xmu + (c)), d));                  \
+    } while (0)
+#endif
 BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const T *x,
                                          ptrdiff_t xstride, ptrdiff_t nrows, ptrdiff_t width,
                                          const double *mean, double *sum_dy,
                                          double *sum_dy_xmu, double *sum_xmu, double *sum_dy_lo,
-                                         double *sum_dy_xmu_lo, ptrdiff_t pf_rows, int near)
+                                         double *sum_dy_xmu_lo, ptrdiff_t pf_rows, int near,
+                                         const bnf_dx_fixed *fx)
 {
+    /* fx: dx = a * dy stored as dy is read (bnf_bwd_sums_dx_rows); streamed (fx->nt) a
+     * line at a time in the rows read one at a time, plain elsewhere */
+    T *q = fx ? (T *)fx->q : NULL;
+    const double *fa = fx ? fx->a : NULL;
+    ptrdiff_t qstride = fx ? fx->qstride : 0;
+    int qnt = fx && fx->nt;
     ptrdiff_t r = 0, ahead = bnf_rows_ahead_by(width * (ptrdiff_t)sizeof(T),
                                                         BNF_FAR_ROWS_BYTES);
     ptrdiff_t nearby = near ? bnf_rows_ahead_by(width * (ptrdiff_t)sizeof(T),
@@ -938,6 +961,14 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const 
             BNF_VST(sum_dy_xmu + c, BNF_VADD(BNF_VLD(sum_dy_xmu + c), t2));
 #endif
             BNF_VST(sum_xmu + c, BNF_VADD(BNF_VLD(sum_xmu + c), t3));
+            if (q) {
+                BNF_VD va = BNF_VLD(fa + c);
+                T *o = q + r * qstride + c;
+                BNF_VSTT(o, BNF_VMUL(a0, va));
+                BNF_VSTT(o + qstride, BNF_VMUL(a1, va));
+                BNF_VSTT(o + 2 * qstride, BNF_VMUL(a2, va));
+                BNF_VSTT(o + 3 * qstride, BNF_VMUL(a3, va));
+            }
         }
 #if BNF_MASKED
         if (c < width && bnf_masked_tails) {
@@ -956,13 +987,32 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const 
             BNF_VACC_MASK(sum_dy + c, sum_dy_lo + c, k, t1);
             BNF_VACC_MASK(sum_dy_xmu + c, sum_dy_xmu_lo + c, k, t2);
             BNF_VSTM(sum_xmu + c, k, BNF_VADD(BNF_VLDM(k, sum_xmu + c), t3));
+            if (q) {
+                BNF_VD va = BNF_VLDM(k, fa + c);
+                T *o = q + r * qstride + c;
+                BNF_VSTT_MASK(o, k, BNF_VMUL(a0, va));
+                BNF_VSTT_MASK(o + qstride, k, BNF_VMUL(a1, va));
+                BNF_VSTT_MASK(o + 2 * qstride, k, BNF_VMUL(a2, va));
+                BNF_VSTT_MASK(o + 3 * qstride, k, BNF_VMUL(a3, va));
+            }
             c = width;
         }
 #endif
-        for (; c < width; c++)
+        for (; c < width; c++) {
+            if (q) {
+                T *o = q + r * qstride + c;       /* dy read before it (out=dy) */
+                T d0 = BNF_SE(dx_fixed_elem)(g0[c], fa[c]), d1 = BNF_SE(dx_fixed_elem)(g1[c], fa[c]),
+                  d2 = BNF_SE(dx_fixed_elem)(g2[c], fa[c]), d3 = BNF_SE(dx_fixed_elem)(g3[c], fa[c]);
+                BNF_SE(bwd_elem4)(g0[c], g1[c], g2[c], g3[c], p0[c], p1[c], p2[c], p3[c],
+                                  mean[c], &sum_dy[c], &sum_dy_xmu[c], &sum_xmu[c],
+                                  BNF_LO(sum_dy_lo, c), BNF_LO(sum_dy_xmu_lo, c));
+                o[0] = d0, o[qstride] = d1, o[2 * qstride] = d2, o[3 * qstride] = d3;
+                continue;
+            }
             BNF_SE(bwd_elem4)(g0[c], g1[c], g2[c], g3[c], p0[c], p1[c], p2[c], p3[c],
                               mean[c], &sum_dy[c], &sum_dy_xmu[c], &sum_xmu[c],
                               BNF_LO(sum_dy_lo, c), BNF_LO(sum_dy_xmu_lo, c));
+        }
     }
     /* the rows left over, or all of them (rowwise: prefetching) */
     for (; r < nrows; r++) {
@@ -970,7 +1020,31 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const 
         const T *p = x + r * xstride, *pa = p + ahead1 * xstride;
         int pf = rowwise && r + ahead1 < pf_rows;
         ptrdiff_t c = 0;
+        T *o = q ? q + r * qstride : NULL;
         if (pf) BNF_PF_ENDS(ga, dystride, pa, xstride, width, 1, 0);
+        if (o && qnt) {
+            /* to o's first line alone, then a line (two vectors) at a time, streamed */
+            for (; c < width && BNF_NT_HEAD(o + c); c++) {
+                T dxc = BNF_SE(dx_fixed_elem)(g[c], fa[c]);
+                BNF_SE(bwd_elem)(g[c], p[c], mean[c], &sum_dy[c], &sum_dy_xmu[c], &sum_xmu[c],
+                                 BNF_LO(sum_dy_lo, c), BNF_LO(sum_dy_xmu_lo, c));
+                o[c] = dxc;
+            }
+            for (; c + 2 * BNF_VW <= BNF_NT_END(o, width, 1); c += 2 * BNF_VW) {
+                if (pf)
+                    BNF_FOR_LINES(l, c, 2 * BNF_VW) {
+                        BNF_PREFETCH(ga + l);
+                        BNF_PREFETCH(pa + l);
+                    }
+                BNF_VD g0 = BNF_VLDT(g + c), d0 = BNF_VSUB(BNF_VLDT(p + c), BNF_VLD(mean + c));
+                BNF_VD g1 = BNF_VLDT(g + c + BNF_VW),
+                       d1 = BNF_VSUB(BNF_VLDT(p + c + BNF_VW), BNF_VLD(mean + c + BNF_VW));
+                BNF_ROW_SUMS(c, g0, d0);
+                BNF_ROW_SUMS(c + BNF_VW, g1, d1);
+                BNF_VSTNT2(o + c, BNF_VMUL(g0, BNF_VLD(fa + c)),
+                           BNF_VMUL(g1, BNF_VLD(fa + c + BNF_VW)));
+            }
+        }
         for (; c + BNF_VW <= width; c += BNF_VW) {
             if (pf)
                 BNF_FOR_LINES(l, c, BNF_VW) {
@@ -978,14 +1052,8 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const 
                     BNF_PREFETCH(pa + l);
                 }
             BNF_VD gi = BNF_VLDT(g + c), d = BNF_VSUB(BNF_VLDT(p + c), BNF_VLD(mean + c));
-#if BNF_COMPENSATED
-            BNF_VTWO_SUM_AT(sum_dy + c, sum_dy_lo + c, gi);
-            BNF_VTWO_SUM_AT(sum_dy_xmu + c, sum_dy_xmu_lo + c, BNF_VMUL(gi, d));
-#else
-            BNF_VST(sum_dy + c, BNF_VADD(BNF_VLD(sum_dy + c), gi));
-            BNF_VST(sum_dy_xmu + c, BNF_VFMA(gi, d, BNF_VLD(sum_dy_xmu + c)));
-#endif
-            BNF_VST(sum_xmu + c, BNF_VADD(BNF_VLD(sum_xmu + c), d));
+            BNF_ROW_SUMS(c, gi, d);
+            if (o) BNF_VSTT(o + c, BNF_VMUL(gi, BNF_VLD(fa + c)));
         }
 #if BNF_MASKED
         if (c < width && bnf_masked_tails) {
@@ -1000,13 +1068,18 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const 
             BNF_VSTM(sum_dy_xmu + c, k, BNF_VFMA(gi, d, BNF_VLDM(k, sum_dy_xmu + c)));
 #endif
             BNF_VSTM(sum_xmu + c, k, BNF_VADD(BNF_VLDM(k, sum_xmu + c), d));
+            if (o) BNF_VSTT_MASK(o + c, k, BNF_VMUL(gi, BNF_VLDM(k, fa + c)));
             c = width;
         }
 #endif
-        for (; c < width; c++)
+        for (; c < width; c++) {
+            T dxc = o ? BNF_SE(dx_fixed_elem)(g[c], fa[c]) : 0;
             BNF_SE(bwd_elem)(g[c], p[c], mean[c], &sum_dy[c], &sum_dy_xmu[c], &sum_xmu[c],
                              BNF_LO(sum_dy_lo, c), BNF_LO(sum_dy_xmu_lo, c));
+            if (o) o[c] = dxc;
+        }
     }
+#undef BNF_ROW_SUMS
 }
 
 BNF_SIMD_FN void BNF_SIMD(dx_chunk)(const T *g, const T *p, T *q, ptrdiff_t n, double mean,

@@ -24,8 +24,9 @@ import pytest
 
 import bnfast
 from arrays import make_values, params, with_layout
-from bnfast._core import (_set_adds_as_fma, _set_flat_whole_lines, _set_reduce_blocks_min,
-                          _set_simd_level, _set_store_lines, _set_stream_bytes)
+from bnfast._core import (_set_adds_as_fma, _set_flat_whole_lines, _set_fused_eval_backward,
+                          _set_reduce_blocks_min, _set_simd_level, _set_store_lines,
+                          _set_stream_bytes)
 from reference import assert_forward_close
 import reference as ref
 
@@ -318,6 +319,62 @@ def test_rows_in_runs_of_whole_lines(shape, dtype, offset, threads, stream):
         bnfast.set_num_threads(None)
     w, b = params(shape[-1], dtype, 3)[:2]
     assert_forward_close(first[1][1], ref.batch_norm_train(x, w, b, axis=-1)[0])
+
+
+# Eval-mode backward of rows from DRAM stores dx = scale * dy as its sums read dy, in one
+# pass (bnf_bwd_sums_dx_rows): rows of dx on lines as they are; contiguous rows of whole
+# lines off a line shifted to start on one, the sums' columns rotated to match; others
+# (rows that are not whole lines, float64, float16) the sums and then dx as before.
+FUSED_DX_SHAPES = [
+    ((70, 256), (70, 256)),     # 1 KB rows: on lines (offset 0) or shifted
+    ((203, 64), (203, 64)),     # folded four to a row from DRAM, 3 rows left over
+    ((33, 512), (33, 512)),     # the widest channel block
+    ((41, 128), (41, 128)),     # 512-byte rows
+    ((64, 256), (64, 272)),     # dx a column slice: its rows on lines only at offset 0
+    ((40, 300), (40, 300)),     # rows not whole lines: as before
+    ((6, 1500), (6, 1500)),     # wider than a channel block: as before
+]
+
+
+@pytest.mark.usefixtures("threads_on_small_arrays")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("offset", [0, 1, 5])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("shape,full", FUSED_DX_SHAPES)
+def test_eval_backward_sums_and_dx_in_one_pass(shape, full, dtype, offset, threads):
+    x = make_values(shape, dtype, 37, axis=-1, offset=_offset(dtype))
+    dy = make_values(shape, dtype, 41, axis=-1)
+    w = params(shape[-1], dtype, 3)[0]
+    _, mean, invstd = bnfast.batch_norm_train(x, w, axis=-1)
+    size = int(np.prod(full))
+    runs = {}
+    bnfast.set_num_threads(threads)
+    old_stream = _set_stream_bytes(0)
+    old_blocks = _set_reduce_blocks_min(0)     # the paths of arrays read from DRAM
+    try:
+        for level in sorted({0, SUPPORTED}):
+            _set_simd_level(level)
+            for on in (False, True):
+                _set_fused_eval_backward(on)
+                buf, lo = _off_a_line(size, dtype, offset)
+                out = buf[lo:lo + size].reshape(full)[..., :shape[-1]]
+                _, dw, db = bnfast.batch_norm_backward(dy, x, mean, invstd, w, axis=-1,
+                                                       training=False, out=out)
+                outside = np.ones(size + 64, bool)
+                outside[lo:lo + size].reshape(full)[..., :shape[-1]] = False
+                assert np.isnan(buf[outside]).all(), f"{(level, on)}: written outside dx"
+                runs[level, on] = (out.copy(), dw, db)
+    finally:
+        _set_simd_level(SUPPORTED)
+        _set_fused_eval_backward(True)
+        _set_stream_bytes(old_stream)
+        _set_reduce_blocks_min(old_blocks)
+        bnfast.set_num_threads(None)
+    want = ref.batch_norm_backward(dy, x, mean, invstd, w, axis=-1, training=False)
+    for key, got in runs.items():
+        for g, r, f, what in zip(got, want, runs[0, False], ("dx", "dweight", "dbias")):
+            assert g.tobytes() == f.tobytes(), f"{what}: {key} gives other bits"
+            ref.assert_grad_close(g, r, dtype, what=f"{what} {key}")
 
 
 # Fused units of runs (NCHW) go in blocks of channels: training normalizes a block beside
