@@ -25,6 +25,9 @@ eval moves); ``floor 2r+w``: read x, then read x and write y (training forward o
 larger than the caches, channels last); ``floor bwd 2r+w`` and ``floor bwd 4r+w``: the
 same with x and dy (backward in one pass, as NCHW channels from L2, and in two, as
 channels last). A kernel cannot beat the floor of the passes it needs.
+
+``backward eval`` is the gradient with the statistics held fixed (``training=False``: a
+frozen layer fine-tuned through), one pass over x and dy: its floor is ``floor bwd 2r+w``.
 """
 import argparse
 import ctypes
@@ -131,6 +134,11 @@ def _ops(shape, axis, with_torch, threads=1, pad=0, traffic=None):
         scale = np.float32(1.5)
         ops["np.multiply"] = lambda: np.multiply(x, scale, out=y)
         ops.update(_floor_ops(traffic, x, dy, y))
+    # the gradient with the statistics held fixed (a frozen layer fine-tuned through): one
+    # pass over x and dy into dx, whose floor is "floor bwd 2r+w"
+    ops["backward eval"] = lambda: bnfast.batch_norm_backward(dy, x, rm, 1 / np.sqrt(rv + 1e-5),
+                                                              w, axis=axis, out=dx,
+                                                              training=False)
     if with_torch:
         import torch
         import torch.nn.functional as F
@@ -151,8 +159,16 @@ def _ops(shape, axis, with_torch, threads=1, pad=0, traffic=None):
             xg.grad = wt.grad = bt.grad = None
             F.batch_norm(xg, trm, trv, wt, bt, True, 0.1, 1e-5).backward(dyt)
 
+        # eval mode: the backward alone, through a graph kept from one forward
+        y_eval = F.batch_norm(xg, trm, trv, wt, bt, False, 0.1, 1e-5)
+
+        def torch_backward_eval():
+            xg.grad = wt.grad = bt.grad = None
+            y_eval.backward(dyt, retain_graph=True)
+
         ops["torch train"] = torch_train
         ops["torch fwd_bwd"] = torch_fwd_bwd
+        ops["torch backward eval"] = torch_backward_eval
     return x, ops
 
 
@@ -235,7 +251,8 @@ def main(argv=None):
           + (f"; floors in {traffic.traffic_kind().decode()}" if traffic is not None else ""))
     head = ["layout", "copy (µs)"] + [f"{k} / copy" for k in cols]
     if with_torch:
-        head += ["PyTorch / bnfast train", "PyTorch / bnfast fwd_bwd"]
+        head += ["PyTorch / bnfast train", "PyTorch / bnfast fwd_bwd",
+                 "PyTorch / bnfast backward eval"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for name, med, copy_s in rows:
@@ -243,7 +260,8 @@ def main(argv=None):
                                                  for k in cols]
         if with_torch:
             cells += [f"{med['torch train'] / med['train']:.2f}×",
-                      f"{med['torch fwd_bwd'] / med['fwd_bwd']:.2f}×"]
+                      f"{med['torch fwd_bwd'] / med['fwd_bwd']:.2f}×",
+                      f"{med['torch backward eval'] / med['backward eval']:.2f}×"]
         print("| " + " | ".join(cells) + " |")
 
 

@@ -345,8 +345,9 @@ def test_interleaved_script(capsys, monkeypatch):
     assert [r.split("|")[1].strip() for r in rows] == ["NC", "NCHW"]
     for r in rows:
         cells = [c.strip() for c in r.strip("|").split("|")][1:]
-        assert len(cells) == 6 and all(float(c) > 0 for c in cells)   # copy (µs) first
-    assert "eval / copy | train / copy | backward / copy | fwd_bwd / copy | np.multiply / copy" in out
+        assert len(cells) == 7 and all(float(c) > 0 for c in cells)   # copy (µs) first
+    assert ("eval / copy | train / copy | backward / copy | fwd_bwd / copy | np.multiply / copy"
+            " | backward eval / copy |") in out
     with pytest.raises(SystemExit):
         mod.main(["--layouts", "NCHW,bogus"])
     assert "bogus" in capsys.readouterr().err
@@ -387,8 +388,8 @@ def test_interleaved_script_floors(capsys, monkeypatch):
             "floor bwd 4r+w / copy |") in out
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")][2:]
             for line in out.splitlines() if line.startswith("| NC")}
-    assert len(rows["NC"]) == 9 and all(float(c) > 0 for c in rows["NC"])
-    assert rows["NCslice"][-4:] == ["—"] * 4    # strided rows: no floor
+    assert len(rows["NC"]) == 10 and all(float(c) > 0 for c in rows["NC"])
+    assert rows["NCslice"][-5:-1] == ["—"] * 4    # strided rows: no floor (then backward eval)
     with pytest.raises(SystemExit):
         mod.main(["--floors", "--threads", "2", "--no-torch"])
     assert "--floors" in capsys.readouterr().err
