@@ -377,6 +377,32 @@ def test_eval_backward_sums_and_dx_in_one_pass(shape, full, dtype, offset, threa
             ref.assert_grad_close(g, r, dtype, what=f"{what} {key}")
 
 
+@pytest.mark.parametrize("offset", [0, 1])
+@pytest.mark.parametrize("shape", [(70, 256), (203, 64)])
+def test_eval_backward_in_one_pass_over_dy(shape, offset):
+    """out=dy (allowed): the one pass reads each element of dy before it writes dx there."""
+    x = make_values(shape, np.float32, 43, axis=-1, offset=1e4)
+    dy = make_values(shape, np.float32, 47, axis=-1)
+    w = params(shape[-1], np.float32, 3)[0]
+    _, mean, invstd = bnfast.batch_norm_train(x, w, axis=-1)
+    size = int(np.prod(shape))
+    old_stream = _set_stream_bytes(0)
+    old_blocks = _set_reduce_blocks_min(0)
+    try:
+        want = bnfast.batch_norm_backward(dy, x, mean, invstd, w, axis=-1, training=False)
+        buf, lo = _off_a_line(size, np.float32, offset)
+        g = buf[lo:lo + size].reshape(shape)
+        g[...] = dy
+        got = bnfast.batch_norm_backward(g, x, mean, invstd, w, axis=-1, training=False,
+                                         out=g)
+    finally:
+        _set_stream_bytes(old_stream)
+        _set_reduce_blocks_min(old_blocks)
+    assert got[0] is g
+    for a, b, what in zip(got, want, ("dx", "dweight", "dbias")):
+        assert a.tobytes() == b.tobytes(), what
+
+
 # Fused units of runs (NCHW) go in blocks of channels: training normalizes a block beside
 # the next block's statistics, backward takes a block's sums and then its dx. The
 # unit-by-unit path (taken when a hook merges the statistics, here the identity) must give
