@@ -339,10 +339,9 @@ def _set_masked_tails(on):
 
 
 def _set_fused_eval_backward(on):
-    """Whether eval-mode backward (statistics held fixed) of rows read from DRAM stores
-    dx as its sums read dy, in one pass, rather than the sums and then dx of each unit
-    (the same bits; on by default). None leaves it; returns the previous setting
-    (tuning, tests)."""
+    """Whether eval-mode backward (statistics held fixed) of rows stores dx as its sums
+    read dy, in one pass, rather than the sums and then dx of each unit (the same bits;
+    on by default). None leaves it; returns the previous setting (tuning, tests)."""
     return bool(bnf_set_fuse_sums_dx(-1 if on is None else (1 if on else 0)))
 
 

@@ -189,7 +189,7 @@ int bnf_set_store_lines(int on);
 /* Whether the AVX-512 rows loops end rows with one masked vector (on: 1, off: 0, -1 leaves
  * it): the previous setting (tuning, tests; the same bits either way). */
 int bnf_set_masked_tails(int on);
-/* Whether eval-mode backward of rows from DRAM stores dx as its sums read dy, in one pass
+/* Whether eval-mode backward of rows stores dx as its sums read dy, in one pass
  * (bnf_bwd_sums_dx_rows; tuning, tests: the same bits either way). */
 int bnf_set_fuse_sums_dx(int on);
 /* Whether contiguous rows that do not fill whole lines go as runs of several rows that

@@ -1231,12 +1231,14 @@ BNF_CLONES void BNF_NAME(bnf_bwd_sums_rows)(const T *dy, ptrdiff_t dystride, con
 }
 
 /* The backward sums of bnf_bwd_sums_rows with dx = a * dy (the statistics held fixed)
- * stored as dy is read, in one pass: where the sums read rows one at a time from DRAM
- * (bnf_sums_rowwise, after folding) and dx is streamed, from the intrinsics loops.
+ * stored as dy is read, in one pass (group 1: not short runs read as rows):
+ * - streamed (BNF_STREAM): where the sums read rows one at a time from DRAM
+ *   (bnf_sums_rowwise, after folding), float32, from the intrinsics loops, the rows of
+ *   dx on lines or contiguous rows of whole lines (bwd_sums_dx_shifted);
+ * - in cache: rows of whole lines (after folding), any type and level.
  * Returns 0 without doing anything elsewhere (the caller takes the sums, then dx).  The
- * sums have the bits of bnf_bwd_sums_rows, dx those of bnf_bwd_dx_rows.  Against the
- * sums and then dx of each unit, one thread, float32, 51 MB, in one process: see
- * _unit_at in _core.pyx. */
+ * sums have the bits of bnf_bwd_sums_rows, dx those of bnf_bwd_dx_rows.  Measured: see
+ * the README ("Backward with the statistics held fixed"). */
 BNF_CLONES int BNF_NAME(bnf_bwd_sums_dx_rows)(const T *dy, ptrdiff_t dystride, const T *x,
                                               ptrdiff_t xstride, T *dx, ptrdiff_t dxstride,
                                               ptrdiff_t nrows, ptrdiff_t width,
@@ -1256,8 +1258,18 @@ BNF_CLONES int BNF_NAME(bnf_bwd_sums_dx_rows)(const T *dy, ptrdiff_t dystride, c
     int lines = (uintptr_t)dx % BNF_LINE == 0 && qstride * sizeof(T) % BNF_LINE == 0;
     int shiftable = contiguous && row * sizeof(T) % BNF_LINE == 0 &&
                     (uintptr_t)dx % sizeof(T) == 0;
-    if (BNF_COMPENSATED || BNF_T_HALF || !bnf_fuse_sums_dx || !BNF_DIRECT_NT(3) ||
-        !(flags & BNF_STREAM) || group != 1 || (fold && !contiguous) || !(lines || shiftable) ||
+    if (!bnf_fuse_sums_dx || group != 1 || (fold && !contiguous))
+        return 0;
+    if (!(flags & BNF_STREAM)) {
+        /* in cache, plain stores: rows that are not whole lines keep the two steps, whose
+         * dx puts its stores on lines ((512, 300) measured 1.09x the time in one pass) */
+        if (row * sizeof(T) % BNF_LINE) return 0;
+        fx.q = dx, fx.qstride = dxstride, fx.a = a, fx.nt = 0;
+        BNF_NAME(bwd_sums_rows_any)(dy, dystride, x, xstride, nrows, width, group, mean,
+                                    sum_dy, sum_dy_xmu, sum_xmu, flags, &fx);
+        return 1;
+    }
+    if (BNF_COMPENSATED || BNF_T_HALF || !BNF_DIRECT_NT(3) || !(lines || shiftable) ||
         !bnf_sums_rowwise(row * (ptrdiff_t)sizeof(T), sizeof(T), near))
         return 0;
     fx.q = dx, fx.qstride = dxstride, fx.a = a, fx.nt = 1;

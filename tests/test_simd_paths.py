@@ -321,10 +321,11 @@ def test_rows_in_runs_of_whole_lines(shape, dtype, offset, threads, stream):
     assert_forward_close(first[1][1], ref.batch_norm_train(x, w, b, axis=-1)[0])
 
 
-# Eval-mode backward of rows from DRAM stores dx = scale * dy as its sums read dy, in one
-# pass (bnf_bwd_sums_dx_rows): rows of dx on lines as they are; contiguous rows of whole
-# lines off a line shifted to start on one, the sums' columns rotated to match; others
-# (rows that are not whole lines, float64, float16) the sums and then dx as before.
+# Eval-mode backward of rows stores dx = scale * dy as its sums read dy, in one pass
+# (bnf_bwd_sums_dx_rows). From DRAM, streamed: rows of dx on lines as they are; contiguous
+# rows of whole lines off a line shifted to start on one, the sums' columns rotated to
+# match; others (rows that are not whole lines, float64, float16) the sums and then dx as
+# before. In cache: rows of whole lines, plain stores, every type.
 FUSED_DX_SHAPES = [
     ((70, 256), (70, 256)),     # 1 KB rows: on lines (offset 0) or shifted
     ((203, 64), (203, 64)),     # folded four to a row from DRAM, 3 rows left over
@@ -337,11 +338,14 @@ FUSED_DX_SHAPES = [
 
 
 @pytest.mark.usefixtures("threads_on_small_arrays")
+@pytest.mark.parametrize("dram", [True, False])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("offset", [0, 1, 5])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 @pytest.mark.parametrize("shape,full", FUSED_DX_SHAPES)
-def test_eval_backward_sums_and_dx_in_one_pass(shape, full, dtype, offset, threads):
+def test_eval_backward_sums_and_dx_in_one_pass(shape, full, dtype, offset, threads, dram):
+    """`dram`: the paths of arrays read from DRAM (streamed, rows one at a time); else
+    in cache."""
     x = make_values(shape, dtype, 37, axis=-1, offset=_offset(dtype))
     dy = make_values(shape, dtype, 41, axis=-1)
     w = params(shape[-1], dtype, 3)[0]
@@ -349,8 +353,8 @@ def test_eval_backward_sums_and_dx_in_one_pass(shape, full, dtype, offset, threa
     size = int(np.prod(full))
     runs = {}
     bnfast.set_num_threads(threads)
-    old_stream = _set_stream_bytes(0)
-    old_blocks = _set_reduce_blocks_min(0)     # the paths of arrays read from DRAM
+    old_stream = _set_stream_bytes(0 if dram else 1 << 62)
+    old_blocks = _set_reduce_blocks_min(0 if dram else 1 << 62)
     try:
         for level in sorted({0, SUPPORTED}):
             _set_simd_level(level)
@@ -377,17 +381,18 @@ def test_eval_backward_sums_and_dx_in_one_pass(shape, full, dtype, offset, threa
             ref.assert_grad_close(g, r, dtype, what=f"{what} {key}")
 
 
+@pytest.mark.parametrize("dram", [True, False])
 @pytest.mark.parametrize("offset", [0, 1])
 @pytest.mark.parametrize("shape", [(70, 256), (203, 64)])
-def test_eval_backward_in_one_pass_over_dy(shape, offset):
+def test_eval_backward_in_one_pass_over_dy(shape, offset, dram):
     """out=dy (allowed): the one pass reads each element of dy before it writes dx there."""
     x = make_values(shape, np.float32, 43, axis=-1, offset=1e4)
     dy = make_values(shape, np.float32, 47, axis=-1)
     w = params(shape[-1], np.float32, 3)[0]
     _, mean, invstd = bnfast.batch_norm_train(x, w, axis=-1)
     size = int(np.prod(shape))
-    old_stream = _set_stream_bytes(0)
-    old_blocks = _set_reduce_blocks_min(0)
+    old_stream = _set_stream_bytes(0 if dram else 1 << 62)
+    old_blocks = _set_reduce_blocks_min(0 if dram else 1 << 62)
     try:
         want = bnfast.batch_norm_backward(dy, x, mean, invstd, w, axis=-1, training=False)
         buf, lo = _off_a_line(size, np.float32, offset)
