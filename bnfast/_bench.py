@@ -14,7 +14,9 @@ Every case is one operation on one array, timed beside
 Operations: ``eval`` (inference with running statistics; bnfast rows ``bnfast`` = ``batch_norm(..., out=)``,
 ``bnfast-alloc`` = ``batch_norm(...)``, ``frozen-out`` = ``FrozenBatchNorm(...)(x, out=)``, ``frozen`` =
 ``FrozenBatchNorm(...)(x)``), ``train`` (batch statistics + normalization + running-statistics update),
-``backward`` (train-mode gradient) and ``fwd_bwd`` (train forward then backward).
+``backward`` (train-mode gradient), ``backward_eval`` (the gradient with the running statistics held
+fixed, ``training=False``: a frozen layer fine-tuned through) and ``fwd_bwd`` (train forward then
+backward).
 """
 from __future__ import annotations
 
@@ -37,17 +39,19 @@ EPS = 1e-5
 MOMENTUM = 0.1
 OFFSET = 1000.0          # price-like data: offset with a small spread
 
-OPS = ("eval", "train", "backward", "fwd_bwd")
+OPS = ("eval", "train", "backward", "backward_eval", "fwd_bwd")
 OP_TITLES = {
     "eval": "eval (inference)",
     "train": "train forward",
     "backward": "backward (train mode)",
+    "backward_eval": "backward (eval mode)",
     "fwd_bwd": "forward + backward",
 }
 BNFAST_VARIANTS = {
     "eval": ("bnfast", "bnfast-alloc", "frozen-out", "frozen"),
     "train": ("bnfast",),
     "backward": ("bnfast",),
+    "backward_eval": ("bnfast",),
     "fwd_bwd": ("bnfast",),
 }
 VARIANT_TITLES = {
@@ -284,6 +288,9 @@ def reference(op, d, rows=None):
     if op == "eval":
         rm, rv = d.b(d.running_mean.astype(np.float64)), d.b(d.running_var.astype(np.float64))
         return (x - rm) / np.sqrt(rv + EPS) * w + b
+    if op == "backward_eval":
+        rv = d.b(d.running_var.astype(np.float64))
+        return d.dy[:rows].astype(np.float64) * (w / np.sqrt(rv + EPS))
     mean, invstd = d.b(d.mean64), d.b(d.invstd64)
     xhat = (x - mean) * invstd
     if op == "train":
@@ -417,6 +424,13 @@ def make_bnfast(op, d, variant="bnfast"):
         def fn():
             bnfast.batch_norm_backward(dy, x, mean, invstd, w, training=True, axis=axis, out=dx)
         return fn, (lambda: dx)
+    if op == "backward_eval":
+        rmean, rinvstd = d.running_mean, 1 / np.sqrt(d.running_var.astype(np.float64) + EPS)
+
+        def fn():
+            bnfast.batch_norm_backward(dy, x, rmean, rinvstd, w, training=False, axis=axis,
+                                       out=dx)
+        return fn, (lambda: dx)
     if op == "fwd_bwd":
         def fn():
             _, mean, invstd = bnfast.batch_norm_train(x, w, b, eps=EPS, axis=axis, running_mean=rm,
@@ -465,6 +479,16 @@ def make_numpy(op, d):
         def fn():
             res["dx"] = backward(x - mean, invstd)[0]
         return fn, (lambda: res["dx"])
+    if op == "backward_eval":
+        rm = d.b(d.running_mean)
+        inv = 1 / np.sqrt(d.b(d.running_var) + eps)
+
+        def fn():
+            # dx, and the dweight and dbias the layer needs (as backward's sums)
+            res["dx"] = dy * (w * inv)
+            res["dw"] = (dy * ((x - rm) * inv)).sum(axis=red)
+            res["db"] = dy.sum(axis=red)
+        return fn, (lambda: res["dx"])
     if op == "fwd_bwd":
         def fn():
             _, xc, invstd = forward()
@@ -508,6 +532,15 @@ def make_torch(op, d, threads=1):
     wg, bg = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
     if op == "backward":
         y = F.batch_norm(xg, rm, rv, wg, bg, True, MOMENTUM, EPS)
+
+        def fn():
+            xg.grad = wg.grad = bg.grad = None
+            y.backward(dyt, retain_graph=True)
+        return fn, (lambda: _from_nc(xg.grad, d))
+    if op == "backward_eval":
+        erm = torch.from_numpy(d.running_mean.copy())
+        erv = torch.from_numpy(d.running_var.copy())
+        y = F.batch_norm(xg, erm, erv, wg, bg, False, MOMENTUM, EPS)
 
         def fn():
             xg.grad = wg.grad = bg.grad = None

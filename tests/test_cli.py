@@ -472,6 +472,9 @@ def test_every_bench_implementation_computes_batch_norm(op, case):
         expect = (x64 - rm) / np.sqrt(rv + 1e-5) * w + b
     elif op == "train":
         expect = (x64 - mean) / np.sqrt(var + 1e-5) * w + b
+    elif op == "backward_eval":
+        rv = d.b(d.running_var.astype(np.float64))
+        expect = d.dy.astype(np.float64) * w / np.sqrt(rv + 1e-5)
     else:
         xhat = (x64 - mean) / np.sqrt(var + 1e-5)
         dy = d.dy.astype(np.float64)
