@@ -12,6 +12,7 @@ What it measures: for each array shape and layout, the median time per call of
   eval      bnfast.batch_norm(..., out=) and allocating, FrozenBatchNorm with and without out=
   train     bnfast.batch_norm_train (batch statistics, normalization, running-stats update)
   backward  bnfast.batch_norm_backward (train mode)
+  backward_eval  the same with training=False (the running statistics held fixed)
   fwd_bwd   train forward then backward (full sweep only)
 beside np.copyto(dst, x) on the same array (the memory-bandwidth roofline; with --threads > 1
 a copy split over that many threads), a NumPy one-liner, and PyTorch and ONNX Runtime when

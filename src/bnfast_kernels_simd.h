@@ -1001,8 +1001,10 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const 
         for (; c < width; c++) {
             if (q) {
                 T *o = q + r * qstride + c;       /* dy read before it (out=dy) */
-                T d0 = BNF_SE(dx_fixed_elem)(g0[c], fa[c]), d1 = BNF_SE(dx_fixed_elem)(g1[c], fa[c]),
-                  d2 = BNF_SE(dx_fixed_elem)(g2[c], fa[c]), d3 = BNF_SE(dx_fixed_elem)(g3[c], fa[c]);
+                T d0 = BNF_SE(dx_fixed_elem)(g0[c], fa[c]);
+                T d1 = BNF_SE(dx_fixed_elem)(g1[c], fa[c]);
+                T d2 = BNF_SE(dx_fixed_elem)(g2[c], fa[c]);
+                T d3 = BNF_SE(dx_fixed_elem)(g3[c], fa[c]);
                 BNF_SE(bwd_elem4)(g0[c], g1[c], g2[c], g3[c], p0[c], p1[c], p2[c], p3[c],
                                   mean[c], &sum_dy[c], &sum_dy_xmu[c], &sum_xmu[c],
                                   BNF_LO(sum_dy_lo, c), BNF_LO(sum_dy_xmu_lo, c));
