@@ -1114,18 +1114,20 @@ static inline ptrdiff_t BNF_NAME(bwd_sums_fold)(ptrdiff_t nrows, ptrdiff_t width
 static BNF_CLONES BNF_NOINLINE void BNF_NAME(bwd_sums_rows_grouped)(
     const T *dy, ptrdiff_t dystride, const T *x, ptrdiff_t xstride, ptrdiff_t nrows,
     ptrdiff_t width, ptrdiff_t group, const double *mean, double *sum_dy, double *sum_dy_xmu,
-    double *sum_xmu, int near)
+    double *sum_xmu, int near, const bnf_dx_fixed *fx)
 {
     BNF_ALIGN64 double m[BNF_MAX_WIDTH], s1[BNF_MAX_WIDTH], s2[BNF_MAX_WIDTH],
-        s3[BNF_MAX_WIDTH];
-    double *dst[1] = {m};
-    const double *src[1] = {mean};
+        s3[BNF_MAX_WIDTH], am[BNF_MAX_WIDTH];
+    double *dst[2] = {m, am};
+    const double *src[2] = {mean, fx ? fx->a : NULL};
     ptrdiff_t per = bnf_group_block(BNF_GROUP_COLS, group);
+    bnf_dx_fixed fb;                   /* dx (fx): the block's columns, factors spread */
     for (ptrdiff_t c0 = 0; c0 < width; c0 += per) {
         ptrdiff_t w = width - c0 < per ? width - c0 : per;
-        bnf_spread_factors(dst, src, 1, c0, w, group);
+        bnf_spread_factors(dst, src, fx ? 2 : 1, c0, w, group);
+        if (fx) fb = *fx, fb.q = (T *)fx->q + c0 * group, fb.a = am;
         BNF_NAME(bwd_sums_rows_cols)(dy + c0 * group, dystride, x + c0 * group, xstride,
-                                     nrows, w * group, m, s1, s2, s3, near, NULL);
+                                     nrows, w * group, m, s1, s2, s3, near, fx ? &fb : NULL);
         for (ptrdiff_t c = 0; c < w; c++) {
             double t1 = s1[c * group], t2 = s2[c * group], t3 = s3[c * group];
             double t1lo = 0, t2lo = 0;
@@ -1214,7 +1216,7 @@ static inline BNF_INLINE void BNF_NAME(bwd_sums_rows_any)(
                                        sum_xmu, near, fx);
     else if (group > 1)
         BNF_NAME(bwd_sums_rows_grouped)(dy, dystride, x, xstride, nrows, width, group, mean,
-                                        sum_dy, sum_dy_xmu, sum_xmu, near);
+                                        sum_dy, sum_dy_xmu, sum_xmu, near, fx);
     else
         BNF_NAME(bwd_sums_rows_cols)(dy, dystride, x, xstride, nrows, width, mean, sum_dy,
                                      sum_dy_xmu, sum_xmu, near, fx);
@@ -1231,7 +1233,8 @@ BNF_CLONES void BNF_NAME(bnf_bwd_sums_rows)(const T *dy, ptrdiff_t dystride, con
 }
 
 /* The backward sums of bnf_bwd_sums_rows with dx = a * dy (the statistics held fixed)
- * stored as dy is read, in one pass (group 1: not short runs read as rows):
+ * stored as dy is read, in one pass (short runs read as rows, group > 1: where the row's
+ * channels are one block of columns, its `cols`):
  * - streamed (BNF_STREAM): where the sums read rows one at a time from DRAM
  *   (bnf_sums_rowwise, after folding), float32, from the intrinsics loops, the rows of
  *   dx on lines or contiguous rows of whole lines (bwd_sums_dx_shifted);
@@ -1247,9 +1250,10 @@ BNF_CLONES int BNF_NAME(bnf_bwd_sums_dx_rows)(const T *dy, ptrdiff_t dystride, c
                                               double *sum_dy_xmu, double *sum_xmu, int flags)
 {
     int near = (flags & BNF_FROM_DRAM) != 0;
-    ptrdiff_t fold = BNF_NAME(bwd_sums_fold)(nrows, width, near);
-    int contiguous = dystride == width && xstride == width && dxstride == width;
-    ptrdiff_t row = (fold && contiguous ? fold : 1) * width;
+    ptrdiff_t cols = group > 1 ? width * group : width;      /* elements of a row */
+    ptrdiff_t fold = group == 1 ? BNF_NAME(bwd_sums_fold)(nrows, width, near) : 0;
+    int contiguous = dystride == cols && xstride == cols && dxstride == cols;
+    ptrdiff_t row = (fold && contiguous ? fold : 1) * cols;
     bnf_dx_fixed fx;
     ptrdiff_t qstride = fold && contiguous ? row : dxstride;
     /* every row of dx on a line, or contiguous rows of whole lines (bwd_sums_dx_shifted);
@@ -1258,7 +1262,9 @@ BNF_CLONES int BNF_NAME(bnf_bwd_sums_dx_rows)(const T *dy, ptrdiff_t dystride, c
     int lines = (uintptr_t)dx % BNF_LINE == 0 && qstride * sizeof(T) % BNF_LINE == 0;
     int shiftable = contiguous && row * sizeof(T) % BNF_LINE == 0 &&
                     (uintptr_t)dx % sizeof(T) == 0;
-    if (!bnf_fuse_sums_dx || group != 1 || (fold && !contiguous))
+    /* short runs as rows (group > 1): channels of one block of columns only */
+    if (!bnf_fuse_sums_dx || (fold && !contiguous) ||
+        (group > 1 && width > bnf_group_block(BNF_GROUP_COLS, group)))
         return 0;
     if (!(flags & BNF_STREAM)) {
         /* in cache, plain stores: rows that are not whole lines keep the two steps, whose

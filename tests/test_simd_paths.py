@@ -327,13 +327,17 @@ def test_rows_in_runs_of_whole_lines(shape, dtype, offset, threads, stream):
 # match; others (rows that are not whole lines, float64, float16) the sums and then dx as
 # before. In cache: rows of whole lines, plain stores, every type.
 FUSED_DX_SHAPES = [
-    ((70, 256), (70, 256)),     # 1 KB rows: on lines (offset 0) or shifted
-    ((203, 64), (203, 64)),     # folded four to a row from DRAM, 3 rows left over
-    ((33, 512), (33, 512)),     # the widest channel block
-    ((41, 128), (41, 128)),     # 512-byte rows
-    ((64, 256), (64, 272)),     # dx a column slice: its rows on lines only at offset 0
-    ((40, 300), (40, 300)),     # rows not whole lines: as before
-    ((6, 1500), (6, 1500)),     # wider than a channel block: as before
+    ((70, 256), (70, 256), -1),     # 1 KB rows: on lines (offset 0) or shifted
+    ((203, 64), (203, 64), -1),     # folded four to a row from DRAM, 3 rows left over
+    ((33, 512), (33, 512), -1),     # the widest channel block
+    ((41, 128), (41, 128), -1),     # 512-byte rows
+    ((64, 256), (64, 272), -1),     # dx a column slice: its rows on lines only at offset 0
+    ((40, 300), (40, 300), -1),     # rows not whole lines: as before
+    ((6, 1500), (6, 1500), -1),     # wider than a channel block: as before
+    ((33, 16, 4), (33, 16, 4), 1),  # short runs as rows of 64 columns
+    ((21, 24, 8), (21, 24, 8), 1),  # rows of 192 columns
+    ((17, 200, 3), (17, 200, 3), 1),  # 600 columns: two blocks, as before
+    ((9, 10, 5, 5), (9, 10, 5, 5), 1),  # 250 columns, not whole lines: as before
 ]
 
 
@@ -342,14 +346,14 @@ FUSED_DX_SHAPES = [
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("offset", [0, 1, 5])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
-@pytest.mark.parametrize("shape,full", FUSED_DX_SHAPES)
-def test_eval_backward_sums_and_dx_in_one_pass(shape, full, dtype, offset, threads, dram):
+@pytest.mark.parametrize("shape,full,axis", FUSED_DX_SHAPES)
+def test_eval_backward_sums_and_dx_in_one_pass(shape, full, axis, dtype, offset, threads, dram):
     """`dram`: the paths of arrays read from DRAM (streamed, rows one at a time); else
     in cache."""
-    x = make_values(shape, dtype, 37, axis=-1, offset=_offset(dtype))
-    dy = make_values(shape, dtype, 41, axis=-1)
-    w = params(shape[-1], dtype, 3)[0]
-    _, mean, invstd = bnfast.batch_norm_train(x, w, axis=-1)
+    x = make_values(shape, dtype, 37, axis=axis, offset=_offset(dtype))
+    dy = make_values(shape, dtype, 41, axis=axis)
+    w = params(shape[axis], dtype, 3)[0]
+    _, mean, invstd = bnfast.batch_norm_train(x, w, axis=axis)
     size = int(np.prod(full))
     runs = {}
     bnfast.set_num_threads(threads)
@@ -362,7 +366,7 @@ def test_eval_backward_sums_and_dx_in_one_pass(shape, full, dtype, offset, threa
                 _set_fused_eval_backward(on)
                 buf, lo = _off_a_line(size, dtype, offset)
                 out = buf[lo:lo + size].reshape(full)[..., :shape[-1]]
-                _, dw, db = bnfast.batch_norm_backward(dy, x, mean, invstd, w, axis=-1,
+                _, dw, db = bnfast.batch_norm_backward(dy, x, mean, invstd, w, axis=axis,
                                                        training=False, out=out)
                 outside = np.ones(size + 64, bool)
                 outside[lo:lo + size].reshape(full)[..., :shape[-1]] = False
@@ -374,7 +378,7 @@ def test_eval_backward_sums_and_dx_in_one_pass(shape, full, dtype, offset, threa
         _set_stream_bytes(old_stream)
         _set_reduce_blocks_min(old_blocks)
         bnfast.set_num_threads(None)
-    want = ref.batch_norm_backward(dy, x, mean, invstd, w, axis=-1, training=False)
+    want = ref.batch_norm_backward(dy, x, mean, invstd, w, axis=axis, training=False)
     for key, got in runs.items():
         for g, r, f, what in zip(got, want, runs[0, False], ("dx", "dweight", "dbias")):
             assert g.tobytes() == f.tobytes(), f"{what}: {key} gives other bits"
