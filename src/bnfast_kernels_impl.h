@@ -1238,7 +1238,8 @@ BNF_CLONES void BNF_NAME(bnf_bwd_sums_rows)(const T *dy, ptrdiff_t dystride, con
  * - streamed (BNF_STREAM): where the sums read rows one at a time from DRAM
  *   (bnf_sums_rowwise, after folding), float32, from the intrinsics loops, the rows of
  *   dx on lines or contiguous rows of whole lines (bwd_sums_dx_shifted);
- * - in cache: rows of whole lines (after folding), any type and level.
+ * - in cache (neither streamed nor from DRAM): rows of whole lines (after folding), any
+ *   type and level.
  * Returns 0 without doing anything elsewhere (the caller takes the sums, then dx).  The
  * sums have the bits of bnf_bwd_sums_rows, dx those of bnf_bwd_dx_rows.  Measured: see
  * the README ("Backward with the statistics held fixed"). */
@@ -1266,19 +1267,18 @@ BNF_CLONES int BNF_NAME(bnf_bwd_sums_dx_rows)(const T *dy, ptrdiff_t dystride, c
     if (!bnf_fuse_sums_dx || (fold && !contiguous) ||
         (group > 1 && width > bnf_group_block(BNF_GROUP_COLS, group)))
         return 0;
-    if (!(flags & BNF_STREAM)) {
-        /* in cache, plain stores: rows that are not whole lines keep the two steps, whose
-         * dx puts its stores on lines ((512, 300) measured 1.09x the time in one pass) */
-        if (row * sizeof(T) % BNF_LINE) return 0;
-        fx.q = dx, fx.qstride = dxstride, fx.a = a, fx.nt = 0;
-        BNF_NAME(bwd_sums_rows_any)(dy, dystride, x, xstride, nrows, width, group, mean,
-                                    sum_dy, sum_dy_xmu, sum_xmu, flags, &fx);
-        return 1;
-    }
-    if (BNF_COMPENSATED || BNF_T_HALF || !BNF_DIRECT_NT(3) || !(lines || shiftable) ||
-        !bnf_sums_rowwise(row * (ptrdiff_t)sizeof(T), sizeof(T), near))
+    fx.nt = (flags & BNF_STREAM) != 0;
+    if (!fx.nt) {
+        /* in cache, plain stores.  Not from DRAM (an output allocated by the call, not
+         * streamed: its first touch costs most, and the one pass measured 0.96-1.05x the
+         * time of the two steps); nor rows that are not whole lines: the two steps' dx
+         * puts its stores on lines ((512, 300) measured 1.09x the time in one pass) */
+        if (near || row * sizeof(T) % BNF_LINE) return 0;
+    } else if (BNF_COMPENSATED || BNF_T_HALF || !BNF_DIRECT_NT(3) || !(lines || shiftable) ||
+               !bnf_sums_rowwise(row * (ptrdiff_t)sizeof(T), sizeof(T), near)) {
         return 0;
-    fx.q = dx, fx.qstride = dxstride, fx.a = a, fx.nt = 1;
+    }
+    fx.q = dx, fx.qstride = dxstride, fx.a = a;
     BNF_NAME(bwd_sums_rows_any)(dy, dystride, x, xstride, nrows, width, group, mean, sum_dy,
                                 sum_dy_xmu, sum_xmu, flags, &fx);
     return 1;
