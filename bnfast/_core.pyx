@@ -217,8 +217,8 @@ DEF TRAIN_BLOCK_BYTES = 3 << 17
 DEF REDUCE_BLOCKS_MIN = 1 << 24
 DEF REDUCE_BLOCKS_RUN = 1 << 10
 # An input up to this size (with its output, well within L2) is normalized as in cache:
-# no prefetches, four rows at a time in the rows kernels ((256, 64) eval 8.0 -> 7.0 us);
-# at 1 MiB that measured 5-19% slower than prefetching.
+# no prefetches ((256, 64) eval 8.0 -> 7.0 us); at 1 MiB that measured 5-19% slower than
+# prefetching (Zen 4). Larger ones prefetch where _prefetch_ordered says so.
 DEF CACHED_BYTES = 1 << 18
 # Runs of at most this many elements, with the channels back to back, are read as rows
 # (Job.group).
@@ -296,6 +296,15 @@ cdef Py_ssize_t _reduce_blocks_min = REDUCE_BLOCKS_MIN
 # two threads 0.90-0.92x; channels of 768 KB or more went one a block already. The
 # same bits either way.
 cdef bint _fetch_large = bnf_cpu_amd()
+# Whether the ordered units (normalize, dx) of an input over CACHED_BYTES prefetch it
+# when their output is not streamed: by CPU vendor, AMD yes (Zen 4, above). On the Intel
+# dev VM (2 MiB of L2, a mesh L3) those prefetches cost at every size; without them, one
+# thread, float32, in one process (ABBA): eval into out= (1024-4096, 256), (3136, 512),
+# (64, 7, 7, 512), (20000, 64) 0.83-0.88x the time, allocating 0.82-0.96x, backward
+# 0.93-0.96x; two threads, training 0.90-0.93x, eval 0.84-0.89x; from DRAM (51 MB,
+# allocated output) 0.91-1.00x; NCHW (runs) 0.99-1.01x. Streamed outputs keep them
+# (without, (8192, 256) eval measured 1.1-1.3x the time). The same bits either way.
+cdef bint _prefetch_ordered = bnf_cpu_amd()
 
 
 def _set_simd_level(level):
@@ -315,6 +324,17 @@ def _set_fetch_large(on):
     old = _fetch_large
     if on is not None:
         _fetch_large = bool(on)
+    return old
+
+
+def _set_prefetch_ordered(on):
+    """Whether normalize and dx of an input over CACHED_BYTES prefetch it when their
+    output is not streamed (set by CPU vendor at load: AMD yes). The same bits either
+    way. None leaves it; returns the previous setting (tuning, tests)."""
+    global _prefetch_ordered
+    old = _prefetch_ordered
+    if on is not None:
+        _prefetch_ordered = bool(on)
     return old
 
 
@@ -1025,8 +1045,9 @@ cdef void _ordered_unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
     cdef int flags = BNF_STREAM if j.stream else 0
     cdef char *px
     # an array this small is taken to be in cache (just written, or read again): no
-    # prefetches, and the rows kernels' four-row form
-    if j.outer * j.C * j.inner * isz <= CACHED_BYTES:
+    # prefetches; nor, but on AMD, for an output not streamed (_prefetch_ordered)
+    if j.outer * j.C * j.inner * isz <= CACHED_BYTES or \
+            not (j.stream or _prefetch_ordered):
         flags |= BNF_CACHED
     if kind == K_NORM and _gap_packs_norm(j):      # packed, normalized in place, unpacked
         px = _scratch(j)

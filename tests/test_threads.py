@@ -449,6 +449,49 @@ def test_prefetching_the_next_channel_changes_no_bits(n_threads, shape):
 
 
 @pytest.mark.usefixtures("threads_on_small_arrays")
+@pytest.mark.parametrize("n_threads", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("shape,axis", [((1200, 256), -1), ((900, 300), 1),
+                                        ((6, 64, 30, 30), 1), ((2000, 64, 4), 1),
+                                        ((16, 7, 7, 512), -1)])
+def test_prefetching_ordered_units_changes_no_bits(shape, axis, dtype, n_threads):
+    """Normalize and dx of an input over 256 KB whose output is not streamed prefetch it
+    where _set_prefetch_ordered says so (on AMD by default), else not: rows (flat, not
+    whole lines, channels last), runs and short runs read as rows; eval into out= and
+    allocated, training, both backward forms. The same bits both ways, and right."""
+    x = make_values(shape, dtype, 11, axis=axis, offset=100.0 if dtype == np.float16 else 1e4)
+    dy = make_values(shape, dtype, 12, axis=axis)
+    w, b, rm, rv = params(shape[axis], dtype, 5)
+    assert 1 << 18 < x.nbytes < 1 << 22         # over CACHED_BYTES, not streamed (8 MB)
+
+    def ops():
+        out = np.full_like(x, np.nan)
+        y = bnfast.batch_norm(x, rm, rv, w, b, axis=axis, out=out)
+        ya = bnfast.batch_norm(x, rm, rv, w, b, axis=axis)
+        yt, m, s = bnfast.batch_norm_train(x, w, b, axis=axis)
+        dx, dw, db = bnfast.batch_norm_backward(dy, x, m, s, w, axis=axis)
+        ex = bnfast.batch_norm_backward(dy, x, m, s, w, axis=axis, training=False)
+        return [_bits(a) for a in (y, ya, yt, m, s, dx, dw, db) + tuple(ex)], (y, yt, dx)
+
+    bnfast.set_num_threads(n_threads)
+    old = bnfast._core._set_prefetch_ordered(None)
+    got = {}
+    try:
+        for on in (False, True):
+            bnfast._core._set_prefetch_ordered(on)
+            got[on], res = ops()
+    finally:
+        bnfast._core._set_prefetch_ordered(old)
+        bnfast.set_num_threads(None)
+    assert got[False] == got[True]
+    y, yt, dx = res
+    assert_forward_close(y, ref.batch_norm(x, rm, rv, w, b, axis=axis))
+    ry, rmean, rinvstd = ref.batch_norm_train(x, w, b, axis=axis)
+    assert_forward_close(yt, ry)
+    assert_grad_close(dx, ref.batch_norm_backward(dy, x, rmean, rinvstd, w, axis=axis)[0])
+
+
+@pytest.mark.usefixtures("threads_on_small_arrays")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape,axis", [((3001, 256), 1), ((2003, 300), -1),
                                         ((9, 7, 11, 128), -1), ((20003, 7), 1),
