@@ -449,6 +449,46 @@ def test_prefetching_the_next_channel_changes_no_bits(n_threads, shape):
 
 
 @pytest.mark.usefixtures("threads_on_small_arrays")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,axis", [((300, 1024), 1), ((257, 2048), -1), ((200, 1024), 1),
+                                        ((512, 768), 1), ((100, 1024), 1)])
+def test_wide_rows_of_one_superblock(shape, axis, dtype):
+    """Rows wider than a block (512 channels) and few enough to be one superblock: where a
+    unit's x (and dy) is over 1 MB, training and backward take the statistics (sums) of
+    every unit and then normalize (dx) in memory order; smaller ones ((100, 1024), and
+    (200, 1024) float32 training) each unit whole. Right, the same bits on one and two
+    threads, and those of the two passes the distributed hooks force."""
+    x = make_values(shape, dtype, 13, axis=axis, offset=1e4)
+    dy = make_values(shape, dtype, 14, axis=axis)
+    C = shape[axis]
+    w, b, _, _ = params(C, dtype, 6)
+    n_per = x.size // C
+
+    def ops():
+        y, m, s = bnfast.batch_norm_train(x, w, b, axis=axis)
+        dx, dw, db = bnfast.batch_norm_backward(dy, x, m, s, w, axis=axis)
+        # the hooks take the two passes whatever the shape
+        yh = bnfast._core._train(x, w, b, 1e-5, axis, None, None, 0.1, None, True,
+                                 lambda mom: mom)[0]
+        dxh, dwh, dbh = bnfast._core._backward(dy, x, m, s, w, True, axis, None,
+                                               lambda local: (local, n_per))
+        assert [_bits(a) for a in (y, dx, dw, db)] == [_bits(a) for a in (yh, dxh, dwh, dbh)]
+        return [_bits(a) for a in (y, m, s, dx, dw, db)], (y, dx)
+
+    got = {}
+    try:
+        for n_threads in (1, 2):
+            bnfast.set_num_threads(n_threads)
+            got[n_threads], (y, dx) = ops()
+    finally:
+        bnfast.set_num_threads(None)
+    assert got[1] == got[2]
+    ry, rmean, rinvstd = ref.batch_norm_train(x, w, b, axis=axis)
+    assert_forward_close(y, ry)
+    assert_grad_close(dx, ref.batch_norm_backward(dy, x, rmean, rinvstd, w, axis=axis)[0])
+
+
+@pytest.mark.usefixtures("threads_on_small_arrays")
 @pytest.mark.parametrize("n_threads", [1, 2])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 @pytest.mark.parametrize("shape,axis", [((1200, 256), -1), ((900, 300), 1),
