@@ -1022,11 +1022,12 @@ cdef inline bint _fuses(const Job *j, int narrays) noexcept nogil:
     (K_FWD, K_BWD), where the rows are one superblock; for the rows form only where a
     unit's x (and dy) also fits FUSE_BYTES. Rows of up to SUPER_ELEMS // 512 wider than a
     block are one superblock by their count alone, in units of up to 1 MB of each array
-    (2 MB float64): there the two passes in memory order measured, one thread, in one
-    process (twentieth session, Intel VM), backward (512, 1024) float32 3.75 -> 3.12x a
-    copy, (400, 1024) 3.77 -> 3.03x, (512, 768) 3.58 -> 3.10x, (300, 2048) 3.87 ->
-    3.43x; float64 backward 0.91-0.95x the time, training (400, 1024) 1.95 -> 1.78x,
-    (512, 768) 2.01 -> 1.72x. The same bits."""
+    (2 MB float64), which do not stay in L2: there the two passes in memory order
+    measured, one thread, the two builds alternated (twentieth session, Intel VM),
+    backward float32 (512, 1024) 3.53-3.56 -> 2.99-3.01x a copy, (400, 1024) 3.66-3.72
+    -> 3.07-3.08x, (512, 768) 3.50-3.61 -> 3.00-3.01x, (300, 2048) 3.44-3.50 ->
+    3.23-3.30x, float64 3.29-3.34 -> 2.87-2.91x; training float64 (400, 1024) 1.90-1.96
+    -> 1.67-1.69x, (512, 768) 1.93-1.96 -> 1.71x. The same bits."""
     if j.nsb != 1:
         return False
     return j.group == 0 or j.outer * j.width * j.group * j.isz * narrays <= FUSE_BYTES

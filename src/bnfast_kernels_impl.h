@@ -541,7 +541,7 @@ BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, ptrdiff_t
 #endif
     bnf_pf pf, pf_next, pf_next_far;
     int stream = (flags & BNF_STREAM) && len * (ptrdiff_t)sizeof(T) >= BNF_STREAM_MIN_RUN;
-    int nt = stream && BNF_DIRECT_NT(4), staged = stream && !nt;
+    int nt = stream && BNF_DIRECT_NT(4) && !bnf_nt_aliased(y, x, 0), staged = stream && !nt;
     ptrdiff_t per = len <= BNF_TILE_ELEMS ? BNF_TILE_ELEMS / len : 0, kmax;
     int fetch;
     if (!x_next) k_next = 0;
@@ -662,7 +662,9 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_flat)(const T *x, T *y, ptrdiff
      * BNF_LINES_MIN elements: the first `head` elements, up to a line, are done alone, and
      * the factors are repeated from column `head` on, so that every run starts on a line
      * and loads its factors from one */
-    int nt = stream && BNF_FLAT_NT(width, 4);
+    int nt = stream && BNF_FLAT_NT(width, 4) &&
+             !bnf_rows_aliased(y, x, BNF_FLAT_LINES_LEN(width) * (ptrdiff_t)sizeof(T),
+                               BNF_T_HALF);
     int lines = nt || (!stream && bnf_flat_rows_lines(total, width, sizeof(T)));
     if (lines) len = BNF_FLAT_LINES_LEN(width);
     if (len > BNF_CHUNK) {               /* longer runs: factors on the heap */
@@ -724,7 +726,9 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_block)(const T *x, ptrdiff_t xs
         return;
     }
     int nt = stream && BNF_DIRECT_NT(4) &&
-             bnf_rows_stream_direct(y, ystride, width, sizeof(T));
+             bnf_rows_stream_direct(y, ystride, width, sizeof(T)) &&
+             !bnf_rows_aliased(y, x, xstride * (ptrdiff_t)sizeof(T),
+                               BNF_T_HALF || !bnf_rows_on_lines(y, ystride, width, sizeof(T)));
     if (nt) stream = 0;               /* nothing staged */
     /* rows that all start `lead` elements before a line: those columns of a group of rows
      * alone (plain stores), then the rest from a line (bnf_block_lead) */
@@ -1275,7 +1279,8 @@ BNF_CLONES int BNF_NAME(bnf_bwd_sums_dx_rows)(const T *dy, ptrdiff_t dystride, c
          * puts its stores on lines ((512, 300) measured 1.09x the time in one pass) */
         if (near || row * sizeof(T) % BNF_LINE) return 0;
     } else if (BNF_COMPENSATED || BNF_T_HALF || !BNF_DIRECT_NT(3) || !(lines || shiftable) ||
-               !bnf_sums_rowwise(row * (ptrdiff_t)sizeof(T), sizeof(T), near)) {
+               !bnf_sums_rowwise(row * (ptrdiff_t)sizeof(T), sizeof(T), near) ||
+               bnf_nt_aliased(dx, dy, 0) || bnf_nt_aliased(dx, x, 0)) {
         return 0;
     }
     fx.q = dx, fx.qstride = dxstride, fx.a = a;
@@ -1353,8 +1358,9 @@ BNF_CLONES void BNF_NAME(bnf_bwd_dx_runs)(const T *dy, ptrdiff_t dystride, ptrdi
     T tmp[BNF_CHUNK];
     bnf_pf pfg, pfx;
     int stream = (flags & BNF_STREAM) && len * (ptrdiff_t)sizeof(T) >= BNF_STREAM_MIN_RUN;
-    int nt = stream && BNF_DIRECT_NT(3), staged = stream && !nt;
-    int cached = flags & BNF_CACHED;
+    int nt = stream && BNF_DIRECT_NT(3) && !bnf_nt_aliased(dx, dy, 0) &&
+             !bnf_nt_aliased(dx, x, 0);
+    int staged = stream && !nt, cached = flags & BNF_CACHED;
     if (cached && dy_next) {
         /* this block from cache: fetch the next block's dy and x meanwhile, a small one
          * from its start (BNF_NEXT_FROM_START_BYTES) */
@@ -1414,7 +1420,9 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_flat)(const T *dy, const T *x, T 
     double *m = mbuf, *fa = abuf, *f1 = k1buf, *f2 = k2buf, *heap = NULL;
     ptrdiff_t len = BNF_FLAT_LEN(width), total = nrows * width, head = 0;
     int stream = flags & BNF_STREAM;
-    int nt = stream && BNF_FLAT_NT(width, 3);
+    ptrdiff_t run = BNF_FLAT_LINES_LEN(width) * (ptrdiff_t)sizeof(T);
+    int nt = stream && BNF_FLAT_NT(width, 3) && !bnf_rows_aliased(dx, dy, run, BNF_T_HALF) &&
+             !bnf_rows_aliased(dx, x, run, BNF_T_HALF);
     int lines = nt || (!stream && bnf_flat_rows_lines(total, width, sizeof(T)));
     if (lines) len = BNF_FLAT_LINES_LEN(width);
     if (len > BNF_CHUNK) {               /* as norm_rows_flat */
@@ -1474,8 +1482,11 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_block)(const T *dy, ptrdiff_t dys
     BNF_ALIGN64 double mbuf[BNF_CHUNK], abuf[BNF_CHUNK], k1buf[BNF_CHUNK],
         k2buf[BNF_CHUNK];
     int stream = flags & BNF_STREAM, cached = flags & BNF_CACHED;
+    int single = BNF_T_HALF || !bnf_rows_on_lines(dx, dxstride, width, sizeof(T));
     int nt = stream && BNF_DIRECT_NT(3) &&
-             bnf_rows_stream_direct(dx, dxstride, width, sizeof(T));
+             bnf_rows_stream_direct(dx, dxstride, width, sizeof(T)) &&
+             !bnf_rows_aliased(dx, dy, dystride * (ptrdiff_t)sizeof(T), single) &&
+             !bnf_rows_aliased(dx, x, xstride * (ptrdiff_t)sizeof(T), single);
     if (dystride == width && (!x || xstride == width) && dxstride == width &&
         (bnf_fold_pays(nrows, width) || (stream && BNF_FLAT_NT(width, 3)) ||
          (!stream && 2 * width <= BNF_FLAT_ELEMS &&

@@ -253,6 +253,69 @@ def test_streamed_outputs_off_a_line(shape, axis, dtype, offset):
     assert_forward_close(plain[2][1], y_ref)
 
 
+# Streamed outputs near an input modulo 1 MiB (just ahead of it; or, for rows taken four
+# at a time, a row stride ahead or behind): the loops stage them through L1 instead of
+# streaming from the registers, whose stores would stall the loads that follow
+# (bnf_nt_aliased). Runs (NCHW), flat rows, rows of a column slice (block), short runs as
+# rows, rows of 1000 (off lines: one at a time), and both backward forms.
+ALIAS_SHAPES = [
+    ((4, 8, 16, 16), 1, 32),      # runs of 1 KB in step: 32 bytes ahead
+    ((4, 8, 16, 16), 1, 160),
+    ((300, 256), -1, 32),         # flat rows: four runs at a time, 32 bytes ahead (not staged)
+    ((300, 256), -1, 1024),       # ... a row ahead
+    ((300, 256), -1, -2048),      # ... two rows behind
+    ((300, 250), -1, 1000),       # rows not whole lines
+    ((60, 1000), -1, 48),         # rows of 4 KB one at a time where off a line
+    ((40, 30, 8), 1, 960),        # short runs as rows of 240 columns
+]
+
+
+@pytest.mark.skipif(not LEVELS, reason="the CPU has no AVX2 or AVX-512 loops to compare")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("shape,axis,delta", ALIAS_SHAPES)
+def test_streamed_outputs_near_an_input(shape, axis, delta, dtype):
+    x0 = make_values(shape, dtype, 19, axis=axis, offset=_offset(dtype))
+    dy0 = make_values(shape, dtype, 23, axis=axis)
+    C = shape[axis]
+    w, b, rm, rv = params(C, dtype, 7)
+    size = int(np.prod(shape))
+    isz = np.dtype(dtype).itemsize
+    span = 1 << 20
+    assert size * isz < span
+    # x on a line; dy a whole number of MiB after it; the output `delta` bytes from a
+    # whole number of MiB after both (delta a multiple of the item size)
+    buf = np.full(6 * span // isz, np.nan, dtype)
+    lo = (-buf.ctypes.data % 64) // isz
+    xi, gi, oi = lo + span // isz, lo + 2 * span // isz, lo + (4 * span + delta) // isz
+    x, dy, out = (buf[i:i + size].reshape(shape) for i in (xi, gi, oi))
+    x[...] = x0
+    dy[...] = dy0
+    assert (out.ctypes.data - x.ctypes.data) % span == delta % span
+
+    def run(x, dy, out):
+        res = [bnfast.batch_norm(x, rm, rv, w, b, axis=axis, out=out).copy()]
+        y, mean, invstd = bnfast.batch_norm_train(x, w, b, axis=axis, out=out)
+        res.append(y.copy())
+        for training in (True, False):
+            dx, dw, db = bnfast.batch_norm_backward(dy, x, mean, invstd, w, axis=axis,
+                                                    training=training, out=out)
+            res += [dx.copy(), dw, db]
+        return [a.tobytes() for a in res], res[1]
+
+    old_stream = _set_stream_bytes(0)
+    try:
+        near, y = run(x, dy, out)
+        far, _ = run(x0, dy0, np.empty_like(x0))
+    finally:
+        _set_stream_bytes(old_stream)
+    assert near == far
+    # nothing written outside the output (x and dy as they were)
+    rest = np.concatenate([buf[:xi], buf[xi + size:gi], buf[gi + size:oi], buf[oi + size:]])
+    assert np.isnan(rest).all()
+    assert x.tobytes() == x0.tobytes() and dy.tobytes() == dy0.tobytes()
+    assert_forward_close(y, ref.batch_norm_train(x0, w, b, axis=axis)[0])
+
+
 # Outputs off a line, not streamed (in cache): rows forms put their vectors on lines too
 # (the flat run's first elements alone, a block's first columns of rows lines apart), or
 # half their vector stores were split across two lines. The same bits as without that,
