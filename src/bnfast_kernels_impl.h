@@ -541,7 +541,9 @@ BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, ptrdiff_t
 #endif
     bnf_pf pf, pf_next, pf_next_far;
     int stream = (flags & BNF_STREAM) && len * (ptrdiff_t)sizeof(T) >= BNF_STREAM_MIN_RUN;
-    int nt = stream && BNF_DIRECT_NT(4) && !bnf_nt_aliased(y, x, 0), staged = stream && !nt;
+    /* an output near x (bnf_nt_aliased) staged, streamed or not */
+    int alias = bnf_nt_aliased(y, x, 0);
+    int nt = stream && BNF_DIRECT_NT(4) && !alias, staged = stream ? !nt : alias;
     ptrdiff_t per = len <= BNF_TILE_ELEMS ? BNF_TILE_ELEMS / len : 0, kmax;
     int fetch;
     if (!x_next) k_next = 0;
@@ -561,7 +563,7 @@ BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, ptrdiff_t
         BNF_NAME(pf_block)(&pf, flags & BNF_CACHED ? NULL : x, nruns, xstride, xcs, len, k);
 #if BNF_SIMD_X86 && !BNF_T_HALF
     /* a row of short runs back to back, not streamed (eval): one call, masked tails */
-    if (bnf_simd_level == 4 && nruns == 1 && k > 1 && !stream && !k_next && !fetch &&
+    if (bnf_simd_level == 4 && nruns == 1 && k > 1 && !staged && !k_next && !fetch &&
         xcs == len && ycs == len) {
         BNF_NAME(norm_runs_row_v4)(x, y, k, len, mean, scale, shift, &pf);
         return;
@@ -623,7 +625,8 @@ BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, ptrdiff_t
                             ptrdiff_t n = len - i0 < BNF_CHUNK ? len - i0 : BNF_CHUNK;
                             BNF_DISPATCH4(norm_chunk, p + i0, staged ? tmp : q + i0, n,
                                           mean[c], scale[c], shift[c], &pf, nt);
-                            if (staged) BNF_NAME(bnf_stream)(q + i0, tmp, n);
+                            if (staged)
+                                bnf_stage_out(q + i0, tmp, n * (ptrdiff_t)sizeof(T), stream);
                         }
                     }
                 }
@@ -679,7 +682,11 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_flat)(const T *x, T *y, ptrdiff
     ptrdiff_t chunk = BNF_CHUNK / len * len;
     double *dst[3] = {m, a, b};
     const double *src[3] = {mean, scale, shift};
-    int staged = stream && !nt, cached = flags & BNF_CACHED;
+    /* not streamed, but near x (bnf_rows_aliased): staged all the same */
+    int staged = stream ? !nt
+                        : len <= BNF_CHUNK &&
+                              bnf_rows_aliased(y, x, len * (ptrdiff_t)sizeof(T), BNF_T_HALF);
+    int cached = flags & BNF_CACHED;
     if (lines || (!staged && bnf_flat_lines(y, total, len, sizeof(T)))) {
         head = bnf_nt_lead(y, sizeof(T));
         if (head > total) head = total;
@@ -703,7 +710,7 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_flat)(const T *x, T *y, ptrdiff
         if (rest)
             BNF_DISPATCH4(norm_rows_run, p0 + full * len, 0, q0 + full * len, 0, 1, rest, m, a,
                           b, 0, nt);
-        if (staged) BNF_NAME(bnf_stream)(y + e0, tmp, n);
+        if (staged) bnf_stage_out(y + e0, tmp, n * (ptrdiff_t)sizeof(T), stream);
     }
     if (heap) bnf_free64(heap);
 }
@@ -730,9 +737,15 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_block)(const T *x, ptrdiff_t xs
              !bnf_rows_aliased(y, x, xstride * (ptrdiff_t)sizeof(T),
                                BNF_T_HALF || !bnf_rows_on_lines(y, ystride, width, sizeof(T)));
     if (nt) stream = 0;               /* nothing staged */
+    /* not streamed, but near x (bnf_rows_aliased): staged all the same */
+    int staged = stream || (!(flags & BNF_STREAM) &&
+                            bnf_rows_aliased(y, x, xstride * (ptrdiff_t)sizeof(T),
+                                             BNF_T_HALF ||
+                                                 !bnf_rows_on_lines(y, ystride, width,
+                                                                    sizeof(T))));
     /* rows that all start `lead` elements before a line: those columns of a group of rows
      * alone (plain stores), then the rest from a line (bnf_block_lead) */
-    ptrdiff_t lead = bnf_block_lead(y, ystride, width, sizeof(T), nt, stream);
+    ptrdiff_t lead = bnf_block_lead(y, ystride, width, sizeof(T), nt, staged);
     const T *xh = x;
     T *yh = y;
     const double *mh = mean, *ah = scale, *bh = shift;
@@ -740,17 +753,18 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_block)(const T *x, ptrdiff_t xs
     mean = bnf_aligned(mean + lead, mbuf, width, lead ? 0 : nrows);
     scale = bnf_aligned(scale + lead, abuf, width, lead ? 0 : nrows);
     shift = bnf_aligned(shift + lead, bbuf, width, lead ? 0 : nrows);
-    ptrdiff_t group = stream ? bnf_row_group(width, ystride, &stream, sizeof(T)) : 0;
-    if (!stream) group = lead ? BNF_LEAD_ROWS : nrows;      /* nothing staged */
+    ptrdiff_t group = staged ? bnf_row_group(width, ystride, &staged, sizeof(T)) : 0;
+    if (!staged) group = lead ? BNF_LEAD_ROWS : nrows;      /* nothing staged */
     for (ptrdiff_t r0 = 0; r0 < nrows; r0 += group) {
         ptrdiff_t k = nrows - r0 < group ? nrows - r0 : group;
         if (lead)
             BNF_DISPATCH4(norm_rows_run, xh + r0 * xstride, xstride, yh + r0 * ystride,
                           ystride, k, lead, mh, ah, bh, 0, 0);
-        BNF_DISPATCH4(norm_rows_run, x + r0 * xstride, xstride, stream ? tmp : y + r0 * ystride,
-                      stream ? width : ystride, k, width, mean, scale, shift,
+        BNF_DISPATCH4(norm_rows_run, x + r0 * xstride, xstride, staged ? tmp : y + r0 * ystride,
+                      staged ? width : ystride, k, width, mean, scale, shift,
                       cached ? 0 : nrows - r0, nt);
-        if (stream) BNF_NAME(bnf_stream)(y + r0 * ystride, tmp, k * width);
+        if (staged)
+            bnf_stage_out(y + r0 * ystride, tmp, k * width * (ptrdiff_t)sizeof(T), stream);
     }
 }
 
@@ -1358,9 +1372,10 @@ BNF_CLONES void BNF_NAME(bnf_bwd_dx_runs)(const T *dy, ptrdiff_t dystride, ptrdi
     T tmp[BNF_CHUNK];
     bnf_pf pfg, pfx;
     int stream = (flags & BNF_STREAM) && len * (ptrdiff_t)sizeof(T) >= BNF_STREAM_MIN_RUN;
-    int nt = stream && BNF_DIRECT_NT(3) && !bnf_nt_aliased(dx, dy, 0) &&
-             !bnf_nt_aliased(dx, x, 0);
-    int staged = stream && !nt, cached = flags & BNF_CACHED;
+    /* an output near dy or x (bnf_nt_aliased) staged, streamed or not */
+    int alias = bnf_nt_aliased(dx, dy, 0) || bnf_nt_aliased(dx, x, 0);
+    int nt = stream && BNF_DIRECT_NT(3) && !alias;
+    int staged = stream ? !nt : alias, cached = flags & BNF_CACHED;
     if (cached && dy_next) {
         /* this block from cache: fetch the next block's dy and x meanwhile, a small one
          * from its start (BNF_NEXT_FROM_START_BYTES) */
@@ -1401,7 +1416,8 @@ BNF_CLONES void BNF_NAME(bnf_bwd_dx_runs)(const T *dy, ptrdiff_t dystride, ptrdi
                 if (i1 > len) i1 = len;
                 BNF_DISPATCH(dx_chunk, g + i0, p ? p + i0 : NULL, staged ? tmp : q + i0,
                              i1 - i0, mean[c], a[c], k1[c], k2[c], &pfg, &pfx, nt);
-                if (staged) BNF_NAME(bnf_stream)(q + i0, tmp, i1 - i0);
+                if (staged)
+                    bnf_stage_out(q + i0, tmp, (i1 - i0) * (ptrdiff_t)sizeof(T), stream);
                 i0 = i1;
             }
         }
@@ -1437,7 +1453,12 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_flat)(const T *dy, const T *x, T 
     ptrdiff_t chunk = BNF_CHUNK / len * len;
     double *dst[4] = {fa, m, f1, f2};
     const double *src[4] = {a, mean, k1, k2};
-    int staged = stream && !nt, cached = flags & BNF_CACHED;
+    /* not streamed, but near dy or x (bnf_rows_aliased): staged all the same */
+    int staged = stream ? !nt
+                        : len <= BNF_CHUNK &&
+                              (bnf_rows_aliased(dx, dy, len * (ptrdiff_t)sizeof(T), BNF_T_HALF) ||
+                               bnf_rows_aliased(dx, x, len * (ptrdiff_t)sizeof(T), BNF_T_HALF));
+    int cached = flags & BNF_CACHED;
     /* the first elements alone, as norm_rows_flat */
     if (lines || (!staged && bnf_flat_lines(dx, total, len, sizeof(T)))) {
         head = bnf_nt_lead(dx, sizeof(T));
@@ -1465,7 +1486,7 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_flat)(const T *dy, const T *x, T 
         if (rest)
             BNF_DISPATCH(dx_rows_run, g0 + full * len, 0, p0 ? p0 + full * len : NULL, 0,
                          q0 + full * len, 0, 1, rest, m, fa, f1, f2, 0, nt);
-        if (staged) BNF_NAME(bnf_stream)(dx + e0, tmp, n);
+        if (staged) bnf_stage_out(dx + e0, tmp, n * (ptrdiff_t)sizeof(T), stream);
     }
     if (heap) bnf_free64(heap);
 }
@@ -1497,7 +1518,10 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_block)(const T *dy, ptrdiff_t dys
     }
     if (nt) stream = 0;               /* nothing staged */
     /* as norm_rows_block */
-    ptrdiff_t lead = bnf_block_lead(dx, dxstride, width, sizeof(T), nt, stream);
+    int staged = stream || (!(flags & BNF_STREAM) &&
+                            (bnf_rows_aliased(dx, dy, dystride * (ptrdiff_t)sizeof(T), single) ||
+                             bnf_rows_aliased(dx, x, xstride * (ptrdiff_t)sizeof(T), single)));
+    ptrdiff_t lead = bnf_block_lead(dx, dxstride, width, sizeof(T), nt, staged);
     const T *gh = dy, *xh = x;
     T *qh = dx;
     const double *mh = mean, *ah = a, *f1h = k1, *f2h = k2;
@@ -1509,8 +1533,8 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_block)(const T *dy, ptrdiff_t dys
         k1 = bnf_aligned(k1 + lead, k1buf, width, lead ? 0 : nrows);
         k2 = bnf_aligned(k2 + lead, k2buf, width, lead ? 0 : nrows);
     }
-    ptrdiff_t group = stream ? bnf_row_group(width, dxstride, &stream, sizeof(T)) : 0;
-    if (!stream) group = lead ? BNF_LEAD_ROWS : nrows;      /* nothing staged */
+    ptrdiff_t group = staged ? bnf_row_group(width, dxstride, &staged, sizeof(T)) : 0;
+    if (!staged) group = lead ? BNF_LEAD_ROWS : nrows;      /* nothing staged */
     for (ptrdiff_t r0 = 0; r0 < nrows; r0 += group) {
         ptrdiff_t k = nrows - r0 < group ? nrows - r0 : group;
         if (lead)
@@ -1518,9 +1542,10 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_block)(const T *dy, ptrdiff_t dys
                          xh ? xh + r0 * xstride : NULL, xstride, qh + r0 * dxstride,
                          dxstride, k, lead, mh, ah, f1h, f2h, 0, 0);
         BNF_DISPATCH(dx_rows_run, dy + r0 * dystride, dystride, x ? x + r0 * xstride : NULL,
-                     xstride, stream ? tmp : dx + r0 * dxstride, stream ? width : dxstride, k,
+                     xstride, staged ? tmp : dx + r0 * dxstride, staged ? width : dxstride, k,
                      width, mean, a, k1, k2, cached ? 0 : nrows - r0, nt);
-        if (stream) BNF_NAME(bnf_stream)(dx + r0 * dxstride, tmp, k * width);
+        if (staged)
+            bnf_stage_out(dx + r0 * dxstride, tmp, k * width * (ptrdiff_t)sizeof(T), stream);
     }
 }
 

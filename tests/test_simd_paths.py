@@ -253,15 +253,16 @@ def test_streamed_outputs_off_a_line(shape, axis, dtype, offset):
     assert_forward_close(plain[2][1], y_ref)
 
 
-# Streamed outputs near an input modulo 1 MiB (just ahead of it; or, for rows taken four
-# at a time, a row stride ahead or behind): the loops stage them through L1 instead of
-# streaming from the registers, whose stores would stall the loads that follow
-# (bnf_nt_aliased). Runs (NCHW), flat rows, rows of a column slice (block), short runs as
-# rows, rows of 1000 (off lines: one at a time), and both backward forms.
+# Outputs near an input modulo 1 MiB (just ahead of it; or, for rows taken four at a
+# time, a row stride ahead or behind): the loops stage them through L1 instead of
+# storing from the registers, whose stores would stall the loads that follow
+# (bnf_nt_aliased), then stream them out or copy them plainly. Runs (NCHW), flat rows,
+# rows not whole lines, rows of 1000 (off lines: one at a time), short runs as rows, and
+# both backward forms.
 ALIAS_SHAPES = [
     ((4, 8, 16, 16), 1, 32),      # runs of 1 KB in step: 32 bytes ahead
     ((4, 8, 16, 16), 1, 160),
-    ((300, 256), -1, 32),         # flat rows: four runs at a time, 32 bytes ahead (not staged)
+    ((300, 256), -1, 32),         # flat rows: four at a time, 32 bytes ahead (not staged)
     ((300, 256), -1, 1024),       # ... a row ahead
     ((300, 256), -1, -2048),      # ... two rows behind
     ((300, 250), -1, 1000),       # rows not whole lines
@@ -270,10 +271,10 @@ ALIAS_SHAPES = [
 ]
 
 
-@pytest.mark.skipif(not LEVELS, reason="the CPU has no AVX2 or AVX-512 loops to compare")
+@pytest.mark.parametrize("stream", [True, False])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 @pytest.mark.parametrize("shape,axis,delta", ALIAS_SHAPES)
-def test_streamed_outputs_near_an_input(shape, axis, delta, dtype):
+def test_outputs_near_an_input(shape, axis, delta, dtype, stream):
     x0 = make_values(shape, dtype, 19, axis=axis, offset=_offset(dtype))
     dy0 = make_values(shape, dtype, 23, axis=axis)
     C = shape[axis]
@@ -302,7 +303,7 @@ def test_streamed_outputs_near_an_input(shape, axis, delta, dtype):
             res += [dx.copy(), dw, db]
         return [a.tobytes() for a in res], res[1]
 
-    old_stream = _set_stream_bytes(0)
+    old_stream = _set_stream_bytes(0 if stream else 1 << 62)
     try:
         near, y = run(x, dy, out)
         far, _ = run(x0, dy0, np.empty_like(x0))
