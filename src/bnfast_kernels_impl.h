@@ -563,8 +563,8 @@ BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, ptrdiff_t
         BNF_NAME(pf_block)(&pf, flags & BNF_CACHED ? NULL : x, nruns, xstride, xcs, len, k);
 #if BNF_SIMD_X86 && !BNF_T_HALF
     /* a row of short runs back to back, not streamed (eval): one call, masked tails */
-    if (bnf_simd_level == 4 && nruns == 1 && k > 1 && !staged && !k_next && !fetch &&
-        xcs == len && ycs == len) {
+    if (bnf_simd_level == 4 && nruns == 1 && k > 1 && !stream && !staged && !k_next &&
+        !fetch && xcs == len && ycs == len) {
         BNF_NAME(norm_runs_row_v4)(x, y, k, len, mean, scale, shift, &pf);
         return;
     }
