@@ -52,9 +52,8 @@ __attribute__((constructor)) static void bnf_simd_init(void)
  * through L1 (a chunk computed into a buffer, then streamed out by bnf_stream) the
  * loads do not follow the stores: 4.1-4.6 ms.  So the elementwise loops stage an output
  * near an input, streamed or not (bnf_stage_out): up to BNF_ALIAS_NEAR bytes ahead for
- * runs in step, or near it plus one
- * to three row strides for rows (of placements at random, about 1 in 450 for rows, 1 in
- * 5000 for runs). */
+ * runs in step, or near it plus one to three row strides for rows (of placements at
+ * random, about 1 in 450 for rows, 1 in 5000 for runs). */
 #define BNF_ALIAS_SPAN ((uintptr_t)1 << 20)
 #define BNF_ALIAS_NEAR 192
 static inline int bnf_nt_aliased(const void *q, const void *p, ptrdiff_t stride)
