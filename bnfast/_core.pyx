@@ -44,6 +44,7 @@ cdef extern from "bnfast_kernels.h" nogil:
     enum: BNF_GROUP_COLS
     enum: BNF_STREAM
     enum: BNF_CACHED
+    enum: BNF_STAGE_NEAR
     enum: BNF_FETCH_NEXT
     enum: BNF_FROM_DRAM
     enum: BNF_SPLIT_NEXT
@@ -272,6 +273,12 @@ if hasattr(os, "register_at_fork"):
 # Outputs of at least this many bytes are written with streaming (non-temporal) stores:
 # they bypass the caches, which saves reading each output line before writing it.
 cdef Py_ssize_t _stream_bytes = 1 << 23
+# Outputs not streamed of more than this many bytes (BNF_STAGE_NEAR), where they lie just
+# ahead of an input modulo 1 MiB, are staged through L1 (bnf_nt_aliased): their stores
+# miss the cache and stall the loads that follow. Smaller ones stay in cache and lost
+# nothing so: (512, 256) float32 eval 22.5-22.9 us either way, (64, 256) 3.3 us, which
+# staging made 3.7; (1024, 256) 61 -> 193 us, 50-60 staged (twentieth session, Intel VM).
+cdef Py_ssize_t _stage_near_bytes = 1 << 19
 # Tests: rows in segments always read in place (_segments_pay), however short.
 cdef bint _segments_always = False
 # At most one thread per this many elements (_threads_for_work; tests lower it).
@@ -402,6 +409,15 @@ def _set_reduce_blocks_min(n):
     global _reduce_blocks_min
     old = _reduce_blocks_min
     _reduce_blocks_min = int(n)
+    return old
+
+
+def _set_stage_near_bytes(n):
+    """Set the output size above which an output not streamed is staged where it lies
+    near an input (tests); returns the previous value."""
+    global _stage_near_bytes
+    old = _stage_near_bytes
+    _stage_near_bytes = int(n)
     return old
 
 
@@ -758,6 +774,14 @@ cdef inline Py_ssize_t _at(const Job *j, const Py_ssize_t *ls, Py_ssize_t os,
     return off + q * ls[j.nlev - 1]
 
 
+cdef inline int _out_flags(const Job *j) noexcept nogil:
+    """The output's flags for the kernels: BNF_STREAM, or BNF_STAGE_NEAR for one not
+    streamed larger than _stage_near_bytes."""
+    if j.stream:
+        return BNF_STREAM
+    return BNF_STAGE_NEAR if j.outer * j.C * j.inner * j.isz > _stage_near_bytes else 0
+
+
 cdef inline int _dram_flags(const Job *j) noexcept nogil:
     """The rows reductions read from DRAM when x holds _reduce_blocks_min bytes or more:
     then the statistics prefetch into L2 as well as L1 (BNF_FAR_ROWS_BYTES) and the
@@ -801,7 +825,7 @@ cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
     cdef Py_ssize_t cb = u % j.ncb, sb = u // j.ncb
     cdef Py_ssize_t c0, w, r0, nr, isz = j.isz
     cdef bint rows = j.group > 0
-    cdef int flags = BNF_STREAM if j.stream else 0
+    cdef int flags = _out_flags(j)
     if rows:
         c0 = cb * j.width
         w = j.C - c0 if j.C - c0 < j.width else j.width
@@ -1058,7 +1082,7 @@ cdef void _ordered_unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
     cdef Py_ssize_t c1 = j.C if j.C - c0 < j.cn_len else c0 + j.cn_len
     cdef Py_ssize_t nr = j.outer - r0 if j.outer - r0 < j.rb else j.rb
     cdef Py_ssize_t isz = j.isz, row = (c1 - c0) * j.group
-    cdef int flags = BNF_STREAM if j.stream else 0
+    cdef int flags = _out_flags(j)
     cdef char *px
     # an array this small is taken to be in cache (just written, or read again): no
     # prefetches; nor, but on AMD, for an output not streamed (_prefetch_ordered)
@@ -1140,7 +1164,7 @@ cdef void _pipeline(Job *j, int kind, Py_ssize_t u0, Py_ssize_t u1) noexcept nog
     (64, 256, 28, 28) 1.01-1.05x, float64 (8, 64, 112, 112) 0.89-1.01x."""
     cdef Py_ssize_t u = u0, un, w = 0, wn, c, isz = j.isz
     cdef Py_ssize_t k = _channel_block(j, kind)
-    cdef int flags = BNF_CACHED | (BNF_STREAM if j.stream else 0)
+    cdef int flags = BNF_CACHED | _out_flags(j)
     cdef bint fetch_next, split
     if u0 >= u1:
         return

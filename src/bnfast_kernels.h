@@ -44,6 +44,9 @@ typedef struct {
 
 #define BNF_STREAM 1
 #define BNF_CACHED 2
+/* an output not streamed, too large to stay in cache beside its inputs: where it lies
+ * near an input it is staged all the same (bnf_nt_aliased, bnf_stage_out) */
+#define BNF_STAGE_NEAR 8
 /* bnf_norm_runs: x_next (k_next channels) is only prefetched into L2 as this block is
  * normalized from cache, not summed */
 #define BNF_FETCH_NEXT 4

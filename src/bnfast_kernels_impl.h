@@ -543,7 +543,8 @@ BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, ptrdiff_t
     int stream = (flags & BNF_STREAM) && len * (ptrdiff_t)sizeof(T) >= BNF_STREAM_MIN_RUN;
     /* an output near x (bnf_nt_aliased) staged, streamed or not */
     int alias = bnf_nt_aliased(y, x, 0);
-    int nt = stream && BNF_DIRECT_NT(4) && !alias, staged = stream ? !nt : alias;
+    int nt = stream && BNF_DIRECT_NT(4) && !alias;
+    int staged = stream ? !nt : alias && (flags & BNF_STAGE_NEAR);
     ptrdiff_t per = len <= BNF_TILE_ELEMS ? BNF_TILE_ELEMS / len : 0, kmax;
     int fetch;
     if (!x_next) k_next = 0;
@@ -684,7 +685,7 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_flat)(const T *x, T *y, ptrdiff
     const double *src[3] = {mean, scale, shift};
     /* not streamed, but near x (bnf_rows_aliased): staged all the same */
     int staged = stream ? !nt
-                        : len <= BNF_CHUNK &&
+                        : (flags & BNF_STAGE_NEAR) && len <= BNF_CHUNK &&
                               bnf_rows_aliased(y, x, len * (ptrdiff_t)sizeof(T), BNF_T_HALF);
     int cached = flags & BNF_CACHED;
     if (lines || (!staged && bnf_flat_lines(y, total, len, sizeof(T)))) {
@@ -738,7 +739,7 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_block)(const T *x, ptrdiff_t xs
                                BNF_T_HALF || !bnf_rows_on_lines(y, ystride, width, sizeof(T)));
     if (nt) stream = 0;               /* nothing staged */
     /* not streamed, but near x (bnf_rows_aliased): staged all the same */
-    int staged = stream || (!(flags & BNF_STREAM) &&
+    int staged = stream || ((flags & BNF_STAGE_NEAR) &&
                             bnf_rows_aliased(y, x, xstride * (ptrdiff_t)sizeof(T),
                                              BNF_T_HALF ||
                                                  !bnf_rows_on_lines(y, ystride, width,
@@ -1375,7 +1376,8 @@ BNF_CLONES void BNF_NAME(bnf_bwd_dx_runs)(const T *dy, ptrdiff_t dystride, ptrdi
     /* an output near dy or x (bnf_nt_aliased) staged, streamed or not */
     int alias = bnf_nt_aliased(dx, dy, 0) || bnf_nt_aliased(dx, x, 0);
     int nt = stream && BNF_DIRECT_NT(3) && !alias;
-    int staged = stream ? !nt : alias, cached = flags & BNF_CACHED;
+    int staged = stream ? !nt : alias && (flags & BNF_STAGE_NEAR);
+    int cached = flags & BNF_CACHED;
     if (cached && dy_next) {
         /* this block from cache: fetch the next block's dy and x meanwhile, a small one
          * from its start (BNF_NEXT_FROM_START_BYTES) */
@@ -1455,7 +1457,7 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_flat)(const T *dy, const T *x, T 
     const double *src[4] = {a, mean, k1, k2};
     /* not streamed, but near dy or x (bnf_rows_aliased): staged all the same */
     int staged = stream ? !nt
-                        : len <= BNF_CHUNK &&
+                        : (flags & BNF_STAGE_NEAR) && len <= BNF_CHUNK &&
                               (bnf_rows_aliased(dx, dy, len * (ptrdiff_t)sizeof(T), BNF_T_HALF) ||
                                bnf_rows_aliased(dx, x, len * (ptrdiff_t)sizeof(T), BNF_T_HALF));
     int cached = flags & BNF_CACHED;
@@ -1518,7 +1520,7 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_block)(const T *dy, ptrdiff_t dys
     }
     if (nt) stream = 0;               /* nothing staged */
     /* as norm_rows_block */
-    int staged = stream || (!(flags & BNF_STREAM) &&
+    int staged = stream || ((flags & BNF_STAGE_NEAR) &&
                             (bnf_rows_aliased(dx, dy, dystride * (ptrdiff_t)sizeof(T), single) ||
                              bnf_rows_aliased(dx, x, xstride * (ptrdiff_t)sizeof(T), single)));
     ptrdiff_t lead = bnf_block_lead(dx, dxstride, width, sizeof(T), nt, staged);
