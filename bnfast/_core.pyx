@@ -59,6 +59,8 @@ cdef extern from "bnfast_kernels.h" nogil:
     int bnf_set_simd_level(int level)
     int bnf_set_adds_as_fma(int on)
     int bnf_cpu_amd()
+    long bnf_l1d_bytes()
+    int bnf_set_kernel_alloc_fails(int on)
     int bnf_set_store_lines(int on)
     int bnf_set_masked_tails(int on)
     int bnf_set_fuse_sums_dx(int on)
@@ -312,6 +314,10 @@ cdef bint _fetch_large = bnf_cpu_amd()
 # allocated output) 0.91-1.00x; NCHW (runs) 0.99-1.01x. Streamed outputs keep them
 # (without, (8192, 256) eval measured 1.1-1.3x the time). The same bits either way.
 cdef bint _prefetch_ordered = bnf_cpu_amd()
+# Rows of float32 wider than a block (BNF_MAX_WIDTH) and up to this many columns have
+# their backward sums from DRAM taken whole rows a unit (_full_rows): the sums' state (32
+# bytes a column: three sums and the mean) within two thirds of a core's L1 data cache.
+cdef Py_ssize_t _full_rows_cols = bnf_l1d_bytes() // 48
 
 
 def _set_simd_level(level):
@@ -332,6 +338,23 @@ def _set_fetch_large(on):
     if on is not None:
         _fetch_large = bool(on)
     return old
+
+
+def _set_full_rows_cols(n):
+    """Set the widest rows whose backward sums from DRAM go whole rows a unit
+    (_full_rows; 0: none; None leaves it); returns the previous value (tuning, tests:
+    the same bits)."""
+    global _full_rows_cols
+    old = _full_rows_cols
+    if n is not None:
+        _full_rows_cols = int(n)
+    return old
+
+
+def _set_kernel_alloc_fails(on):
+    """While on, the kernels' own heap buffers fail as when out of memory, so that their
+    fallbacks run (tests: the same bits); returns the previous setting."""
+    return bool(bnf_set_kernel_alloc_fails(-1 if on is None else int(bool(on))))
 
 
 def _set_prefetch_ordered(on):
@@ -1055,6 +1078,23 @@ cdef inline bint _fuses(const Job *j, int narrays) noexcept nogil:
     if j.nsb != 1:
         return False
     return j.group == 0 or j.outer * j.width * j.group * j.isz * narrays <= FUSE_BYTES
+
+
+cdef inline void _full_rows(Job *j) noexcept nogil:
+    """Backward sums of float32 rows from DRAM (read a row at a time: bnf_sums_rowwise)
+    wider than a block, up to _full_rows_cols: whole rows a unit, not a block of 512
+    columns of each row (half a 4 KB row, then the other half 1 MB of each array later).
+    Each column's sums take its rows in the same order: the same bits. Then the rows of
+    dx are contiguous, and the eval-mode backward stores dx as its sums read dy, in one
+    pass (bwd_sums_dx_shifted), where a block's rows off a line declined it. One thread,
+    float32, 51 MB, in one process against blocks (twenty-first session, Intel VM, 48 KB
+    of L1): the sums of (16725, 768) and (12544, 1024) 0.80-0.88 -> 0.68-0.82x a copy,
+    backward 1.70-2.12 -> 1.56-2.07x, eval-mode backward 1.92-2.06 -> 0.95-1.15x. Wider
+    rows (1536-8192 columns, 48-256 KB of state) took 1.46-1.56x the time of blocks."""
+    if j.group == 1 and not j.gap and j.nlev == 0 and j.isz == 4 and j.ncb > 1 and \
+            _dram_flags(j) and j.C <= _full_rows_cols:
+        j.width = j.C
+        j.ncb = 1
 
 
 cdef inline bint _gap_packs_norm(const Job *j) noexcept nogil:
@@ -3070,6 +3110,8 @@ def _backward(dy, x, mean, invstd, weight, bint training, axis, out, sums_hook):
         j.s_dyx = j.s_dy + j.nsb * C
         j.s_xm = j.s_dyx + j.nsb * C
         fused = _fuses(&j, 2)
+        if not fused:
+            _full_rows(&j)
         try:
             if _elems(&j) == 0:
                 memset(j.s_dy, 0, 3 * C * sizeof(double))

@@ -167,6 +167,8 @@ int bnf_set_adds_as_fma(int on)
 #include <math.h>
 #if defined(_WIN32)
 #include <malloc.h>
+#else
+#include <unistd.h>
 #endif
 
 void *bnf_alloc64(size_t bytes)
@@ -178,6 +180,28 @@ void *bnf_alloc64(size_t bytes)
     void *p = NULL;
     return posix_memalign(&p, 64, bytes) == 0 ? p : NULL;
 #endif
+}
+
+/* The kernels' own buffers: bnf_alloc64, or NULL while a test says so. */
+static int bnf_kernel_alloc_fails = 0;
+int bnf_set_kernel_alloc_fails(int on)
+{
+    int old = bnf_kernel_alloc_fails;
+    if (on >= 0) bnf_kernel_alloc_fails = on != 0;
+    return old;
+}
+static inline void *bnf_kernel_alloc64(size_t bytes)
+{
+    return bnf_kernel_alloc_fails ? NULL : bnf_alloc64(bytes);
+}
+
+long bnf_l1d_bytes(void)
+{
+    long v = 0;
+#if defined(_SC_LEVEL1_DCACHE_SIZE)
+    v = sysconf(_SC_LEVEL1_DCACHE_SIZE);
+#endif
+    return v >= 4096 && v <= (1L << 24) ? v : 32768;
 }
 
 void bnf_free64(void *p)

@@ -672,7 +672,7 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_flat)(const T *x, T *y, ptrdiff
     int lines = nt || (!stream && bnf_flat_rows_lines(total, width, sizeof(T)));
     if (lines) len = BNF_FLAT_LINES_LEN(width);
     if (len > BNF_CHUNK) {               /* longer runs: factors on the heap */
-        heap = (double *)bnf_alloc64(3 * (size_t)len * sizeof(double));
+        heap = (double *)bnf_kernel_alloc64(3 * (size_t)len * sizeof(double));
         if (heap) {
             m = heap, a = heap + len, b = heap + 2 * len;
         } else {                        /* out of memory: as before */
@@ -1044,15 +1044,22 @@ static inline void BNF_NAME(rotate_cols)(double *dst, const double *src, ptrdiff
  * "rows" of `width` elements from each line start (a row's last columns and the next
  * row's first h) with the columns' factors and sums rotated to match, then the last
  * row's last columns.  Each column still takes its rows in order: the bits of the rows
- * as they are, every line of dx but the first and last streamed whole. */
-static BNF_NOINLINE void BNF_NAME(bwd_sums_dx_shifted)(const T *dy, const T *x,
+ * as they are, every line of dx but the first and last streamed whole.  Returns 0, having
+ * done nothing, where rows wider than BNF_MAX_WIDTH find no memory for their buffers. */
+static BNF_NOINLINE int BNF_NAME(bwd_sums_dx_shifted)(const T *dy, const T *x,
                                                        ptrdiff_t nrows, ptrdiff_t width,
                                                        const double *mean, double *o1,
                                                        double *o2, double *o3, int near,
                                                        const bnf_dx_fixed *fx)
 {
-    BNF_ALIGN64 double rm[BNF_MAX_WIDTH], ra[BNF_MAX_WIDTH], r1[BNF_MAX_WIDTH],
-        r2[BNF_MAX_WIDTH], r3[BNF_MAX_WIDTH];
+    BNF_ALIGN64 double rbuf[5 * BNF_MAX_WIDTH];
+    double *rm = rbuf, *heap = NULL;
+    if (width > BNF_MAX_WIDTH) {       /* full rows (_full_rows) */
+        heap = (double *)bnf_kernel_alloc64(5 * (size_t)width * sizeof(double));
+        if (!heap) return 0;
+        rm = heap;
+    }
+    double *ra = rm + width, *r1 = ra + width, *r2 = r1 + width, *r3 = r2 + width;
     ptrdiff_t h = BNF_NAME(dx_rows_shift)(fx, width, width, nrows, width);
     ptrdiff_t last = (nrows - 1) * width;
     T *q = (T *)fx->q;
@@ -1074,23 +1081,21 @@ static BNF_NOINLINE void BNF_NAME(bwd_sums_dx_shifted)(const T *dy, const T *x,
     body.q = q + last + h, body.a = fx->a + h;
     BNF_DISPATCH(bwd_sums_rows, dy + last + h, width, x + last + h, width, 1, width - h,
                  mean + h, o1 + h, o2 + h, o3 + h, NULL, NULL, 1, near, &body);
+    if (heap) bnf_free64(heap);
+    return 1;
 }
 
-static inline BNF_INLINE void BNF_NAME(bwd_sums_rows_cols)(const T *dy, ptrdiff_t dystride,
-                                                          const T *x, ptrdiff_t xstride,
-                                                          ptrdiff_t nrows, ptrdiff_t width,
-                                                          const double *mean,
-                                                          double *sum_dy,
-                                                          double *sum_dy_xmu,
-                                                          double *sum_xmu, int near,
-                                                          const bnf_dx_fixed *fx)
+/* bwd_sums_rows_cols with its per-column buffers (width each): mbuf (the mean, aligned),
+ * s1-s3 (the sums, aligned), lo1, lo2 (their low parts, BNF_COMPENSATED). */
+static inline BNF_INLINE void BNF_NAME(bwd_sums_rows_in)(const T *dy, ptrdiff_t dystride,
+                                                        const T *x, ptrdiff_t xstride,
+                                                        ptrdiff_t nrows, ptrdiff_t width,
+                                                        const double *mean, double *sum_dy,
+                                                        double *sum_dy_xmu, double *sum_xmu,
+                                                        int near, const bnf_dx_fixed *fx,
+                                                        double *mbuf, double *s1, double *s2,
+                                                        double *s3, double *lo1, double *lo2)
 {
-    BNF_ALIGN64 double mbuf[BNF_MAX_WIDTH], s1[BNF_MAX_WIDTH], s2[BNF_MAX_WIDTH],
-        s3[BNF_MAX_WIDTH];
-    /* the low parts of the first two sums (BNF_COMPENSATED; the others keep none), added
-     * to them at the end */
-    BNF_ALIGN64 double lo1[BNF_COMPENSATED ? BNF_MAX_WIDTH : 1];
-    BNF_ALIGN64 double lo2[BNF_COMPENSATED ? BNF_MAX_WIDTH : 1];
     double *o1 = sum_dy, *o2 = sum_dy_xmu, *o3 = sum_xmu;
     int local = nrows >= BNF_ALIGN_MIN_ROWS &&
                 (bnf_misaligned(o1) || bnf_misaligned(o2) || bnf_misaligned(o3));
@@ -1103,9 +1108,9 @@ static inline BNF_INLINE void BNF_NAME(bwd_sums_rows_cols)(const T *dy, ptrdiff_
     (void)lo1;
     (void)lo2;
 #endif
-    if (fx && BNF_NAME(dx_rows_shift)(fx, dystride, xstride, nrows, width))
-        BNF_NAME(bwd_sums_dx_shifted)(dy, x, nrows, width, mean, o1, o2, o3, near, fx);
-    else
+    /* dx shifted onto lines where it can be (0 only out of memory, nothing done) */
+    if (!(fx && BNF_NAME(dx_rows_shift)(fx, dystride, xstride, nrows, width) &&
+          BNF_NAME(bwd_sums_dx_shifted)(dy, x, nrows, width, mean, o1, o2, o3, near, fx)))
         BNF_DISPATCH(bwd_sums_rows, dy, dystride, x, xstride, nrows, width, mean, o1, o2, o3,
                      BNF_LO(lo1, 0), BNF_LO(lo2, 0), nrows, near, fx);
 #if BNF_COMPENSATED
@@ -1119,6 +1124,47 @@ static inline BNF_INLINE void BNF_NAME(bwd_sums_rows_cols)(const T *dy, ptrdiff_
         memcpy(sum_dy_xmu, s2, (size_t)width * sizeof(double));
         memcpy(sum_xmu, s3, (size_t)width * sizeof(double));
     }
+}
+
+/* The backward sums of rows of up to BNF_MAX_WIDTH columns, or wider (whole rows,
+ * _full_rows: their buffers on the heap). */
+static inline BNF_INLINE void BNF_NAME(bwd_sums_rows_cols)(const T *dy, ptrdiff_t dystride,
+                                                          const T *x, ptrdiff_t xstride,
+                                                          ptrdiff_t nrows, ptrdiff_t width,
+                                                          const double *mean,
+                                                          double *sum_dy,
+                                                          double *sum_dy_xmu,
+                                                          double *sum_xmu, int near,
+                                                          const bnf_dx_fixed *fx)
+{
+    BNF_ALIGN64 double sbuf[4 * BNF_MAX_WIDTH];
+    /* the low parts of the first two sums (BNF_COMPENSATED; the others keep none), added
+     * to them at the end */
+    BNF_ALIGN64 double lbuf[BNF_COMPENSATED ? 2 * BNF_MAX_WIDTH : 2];
+    double *buf = sbuf, *lo = lbuf, *heap = NULL;
+    ptrdiff_t n = BNF_MAX_WIDTH, step = width;
+    if (width > BNF_MAX_WIDTH) {
+        heap = (double *)bnf_kernel_alloc64((BNF_COMPENSATED ? 6 : 4) * (size_t)width *
+                                            sizeof(double));
+        if (heap) {
+            buf = heap, n = width;
+            if (BNF_COMPENSATED) lo = heap + 4 * n;
+        } else {
+            /* out of memory: in blocks of columns, the same bits (each column's sums are
+             * its own); dx then not shifted (streamed plainly off a line) */
+            step = BNF_MAX_WIDTH;
+        }
+    }
+    for (ptrdiff_t c0 = 0; c0 < width; c0 += step) {
+        ptrdiff_t w = width - c0 < step ? width - c0 : step;
+        bnf_dx_fixed fb;
+        if (fx) fb = *fx, fb.q = (T *)fx->q + c0, fb.a = fx->a + c0;
+        BNF_NAME(bwd_sums_rows_in)(dy + c0, dystride, x + c0, xstride, nrows, w, mean + c0,
+                                   sum_dy + c0, sum_dy_xmu + c0, sum_xmu + c0, near,
+                                   fx ? &fb : NULL, buf, buf + n, buf + 2 * n, buf + 3 * n,
+                                   lo, lo + (BNF_COMPENSATED ? n : 1));
+    }
+    if (heap) bnf_free64(heap);
 }
 
 /* Rows per folded row of the backward sums of contiguous rows (0: not folded). */
@@ -1444,7 +1490,7 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_flat)(const T *dy, const T *x, T 
     int lines = nt || (!stream && bnf_flat_rows_lines(total, width, sizeof(T)));
     if (lines) len = BNF_FLAT_LINES_LEN(width);
     if (len > BNF_CHUNK) {               /* as norm_rows_flat */
-        heap = (double *)bnf_alloc64(4 * (size_t)len * sizeof(double));
+        heap = (double *)bnf_kernel_alloc64(4 * (size_t)len * sizeof(double));
         if (heap) {
             m = heap, fa = heap + len, f1 = heap + 2 * len, f2 = heap + 3 * len;
         } else {

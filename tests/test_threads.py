@@ -488,6 +488,123 @@ def test_wide_rows_of_one_superblock(shape, axis, dtype):
     assert_grad_close(dx, ref.batch_norm_backward(dy, x, rmean, rinvstd, w, axis=axis)[0])
 
 
+def _placed(a, at):
+    """A copy of a in memory that starts on a 64-byte line (at == "line") or 16 bytes
+    into one ("off"); None: a itself."""
+    if at is None:
+        return a
+    buf = np.empty(a.size + 64 // a.itemsize, a.dtype)
+    i = (-buf.ctypes.data % 64 + (16 if at == "off" else 0)) // a.itemsize
+    out = buf[i:i + a.size].reshape(a.shape)
+    out[...] = a
+    return out
+
+
+# Rows wider than a block (512 channels), float32, read from DRAM (here: from any size):
+# the backward sums go whole rows a unit (_full_rows) up to the widest rows whose sums
+# stay in L1, and the eval-mode backward then stores dx as its sums read dy (dx rows on
+# lines, or contiguous and shifted onto them).
+FULL_ROWS_SHAPES = [
+    ((600, 640), 1),            # two blocks before: 512 + 128
+    ((520, 768), 1),            # 512 + 256, rows of 3 KB
+    ((530, 1000), 1),           # rows not whole lines
+    ((40, 14, 1024), -1),       # channels last, rows of 4 KB
+    ((700, 520), 1),            # a block and 8 columns
+]
+
+
+@pytest.mark.usefixtures("threads_on_small_arrays")
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize("out_at", ["line", "off", None])
+@pytest.mark.parametrize("shape,axis", FULL_ROWS_SHAPES)
+def test_full_rows_backward_sums(shape, axis, out_at, stream):
+    """Whole rows give the bits of blocks of columns (each column's sums take its rows in
+    the same order), on one and two threads, in the plain loops (SIMD level 0), with the
+    kernels' heap buffers failing (then blocks again, dx not shifted), for both backward
+    forms, dx on a line, 16 bytes off one or allocated; and match the float64 twin. x and
+    dy are left as they were."""
+    from bnfast import _core
+
+    x = make_values(shape, np.float32, 31, axis=axis, offset=1e4)
+    dy = make_values(shape, np.float32, 32, axis=axis)
+    x0, dy0 = x.copy(), dy.copy()
+    C = shape[axis]
+    w, _, _, _ = params(C, np.float32, 8)
+    _, mean, invstd = bnfast.batch_norm_train(x, axis=axis)
+
+    def run():
+        res = []
+        for training in (True, False):
+            out = None if out_at is None else _placed(np.full(shape, np.nan, np.float32), out_at)
+            dx, dw, db = bnfast.batch_norm_backward(dy, x, mean, invstd, w, axis=axis,
+                                                    training=training, out=out)
+            res.append([_bits(a) for a in (dx, dw, db)])
+        return res, dx
+
+    old = (_core._set_reduce_blocks_min(0), _core._set_stream_bytes(0 if stream else 1 << 62),
+           _core._set_full_rows_cols(None), _core._set_simd_level(None))
+    got = {}
+    try:
+        for n_threads, level in ((1, old[3]), (2, old[3]), (1, 0)):
+            bnfast.set_num_threads(n_threads)
+            _core._set_simd_level(level)
+            for cols, fails in ((0, False), (4096, False), (4096, True)):
+                _core._set_full_rows_cols(cols)
+                _core._set_kernel_alloc_fails(fails)
+                try:
+                    got[n_threads, level, cols, fails], dx = run()
+                finally:
+                    _core._set_kernel_alloc_fails(False)
+    finally:
+        bnfast.set_num_threads(None)
+        _core._set_reduce_blocks_min(old[0])
+        _core._set_stream_bytes(old[1])
+        _core._set_full_rows_cols(old[2])
+        _core._set_simd_level(old[3])
+    first = got[1, old[3], 0, False]
+    assert all(v == first for v in got.values())
+    assert x.tobytes() == x0.tobytes() and dy.tobytes() == dy0.tobytes()
+    rx = ref.batch_norm_backward(dy, x, mean, invstd, w, axis=axis, training=False)
+    assert_grad_close(dx, rx[0])
+
+
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("shape,axis", [((900, 300), 1), ((10, 20, 10, 300), -1)])
+def test_kernel_buffers_out_of_memory(shape, axis, dtype, stream):
+    """Rows of 300 go as flat runs of four rows (1200 elements, whole lines), their
+    factors repeated in a heap buffer; where that buffer cannot be had, as runs of a row:
+    the same bits (eval, training, both backward forms), streamed or not."""
+    from bnfast import _core
+
+    x = make_values(shape, dtype, 33, axis=axis, offset=1e4 if dtype != np.float16 else 1e2)
+    dy = make_values(shape, dtype, 34, axis=axis)
+    C = shape[axis]
+    w, b, rm, rv = params(C, dtype, 9)
+
+    def run():
+        res = [bnfast.batch_norm(x, rm, rv, w, b, axis=axis)]
+        y, mean, invstd = bnfast.batch_norm_train(x, w, b, axis=axis)
+        res += [y, mean, invstd]
+        for training in (True, False):
+            res += bnfast.batch_norm_backward(dy, x, mean, invstd, w, axis=axis,
+                                              training=training)
+        return [_bits(a) for a in res], y
+
+    old = _core._set_stream_bytes(0 if stream else 1 << 62)
+    try:
+        plain, y = run()
+        _core._set_kernel_alloc_fails(True)
+        try:
+            failing, _ = run()
+        finally:
+            _core._set_kernel_alloc_fails(False)
+    finally:
+        _core._set_stream_bytes(old)
+    assert plain == failing
+    assert_forward_close(y, ref.batch_norm_train(x, w, b, axis=axis)[0])
+
+
 @pytest.mark.usefixtures("threads_on_small_arrays")
 @pytest.mark.parametrize("n_threads", [1, 2])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
