@@ -503,13 +503,16 @@ def _placed(a, at):
 # Rows wider than a block (512 channels), float32, read from DRAM (here: from any size):
 # the backward sums go whole rows a unit (_full_rows) up to the widest rows whose sums
 # stay in L1, and the eval-mode backward then stores dx as its sums read dy (dx rows on
-# lines, or contiguous and shifted onto them).
+# lines, or contiguous and shifted onto them). Wider rows go in blocks that begin on
+# dx's lines (_line_blocks).
 FULL_ROWS_SHAPES = [
     ((600, 640), 1),            # two blocks before: 512 + 128
     ((520, 768), 1),            # 512 + 256, rows of 3 KB
     ((530, 1000), 1),           # rows not whole lines
     ((40, 14, 1024), -1),       # channels last, rows of 4 KB
     ((700, 520), 1),            # a block and 8 columns
+    ((300, 1536), 1),           # blocks on dx's lines: 3 or 4 of them
+    ((6, 20, 2056), -1),        # ... the last one 8 columns (or 8 + the shift)
 ]
 
 
@@ -518,11 +521,11 @@ FULL_ROWS_SHAPES = [
 @pytest.mark.parametrize("out_at", ["line", "off", None])
 @pytest.mark.parametrize("shape,axis", FULL_ROWS_SHAPES)
 def test_full_rows_backward_sums(shape, axis, out_at, stream):
-    """Whole rows give the bits of blocks of columns (each column's sums take its rows in
-    the same order), on one and two threads, in the plain loops (SIMD level 0), with the
-    kernels' heap buffers failing (then blocks again, dx not shifted), for both backward
-    forms, dx on a line, 16 bytes off one or allocated; and match the float64 twin. x and
-    dy are left as they were."""
+    """Whole rows, and blocks on dx's lines, give the bits of blocks of 512 columns (each
+    column's sums take its rows in the same order), on one and two threads, in the plain
+    loops (SIMD level 0), with the kernels' heap buffers failing (then blocks again, dx
+    not shifted), for both backward forms, dx on a line, 16 bytes off one or allocated;
+    and match the float64 twin. x and dy are left as they were."""
     from bnfast import _core
 
     x = make_values(shape, np.float32, 31, axis=axis, offset=1e4)
@@ -542,17 +545,20 @@ def test_full_rows_backward_sums(shape, axis, out_at, stream):
         return res, dx
 
     old = (_core._set_reduce_blocks_min(0), _core._set_stream_bytes(0 if stream else 1 << 62),
-           _core._set_full_rows_cols(None), _core._set_simd_level(None))
+           _core._set_full_rows_cols(None), _core._set_simd_level(None),
+           _core._set_line_blocks(None))
     got = {}
     try:
         for n_threads, level in ((1, old[3]), (2, old[3]), (1, 0)):
             bnfast.set_num_threads(n_threads)
             _core._set_simd_level(level)
-            for cols, fails in ((0, False), (4096, False), (4096, True)):
+            for cols, lines, fails in ((0, False, False), (0, True, False),
+                                       (4096, True, False), (4096, True, True)):
                 _core._set_full_rows_cols(cols)
+                _core._set_line_blocks(lines)
                 _core._set_kernel_alloc_fails(fails)
                 try:
-                    got[n_threads, level, cols, fails], dx = run()
+                    got[n_threads, level, cols, lines, fails], dx = run()
                 finally:
                     _core._set_kernel_alloc_fails(False)
     finally:
@@ -561,7 +567,8 @@ def test_full_rows_backward_sums(shape, axis, out_at, stream):
         _core._set_stream_bytes(old[1])
         _core._set_full_rows_cols(old[2])
         _core._set_simd_level(old[3])
-    first = got[1, old[3], 0, False]
+        _core._set_line_blocks(old[4])
+    first = got[1, old[3], 0, False, False]
     assert all(v == first for v in got.values())
     assert x.tobytes() == x0.tobytes() and dy.tobytes() == dy0.tobytes()
     rx = ref.batch_norm_backward(dy, x, mean, invstd, w, axis=axis, training=False)
