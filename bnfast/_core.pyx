@@ -61,6 +61,7 @@ cdef extern from "bnfast_kernels.h" nogil:
     int bnf_cpu_amd()
     long bnf_l1d_bytes()
     int bnf_set_kernel_alloc_fails(int on)
+    int bnf_set_wide_flat(int on)
     int bnf_set_store_lines(int on)
     int bnf_set_masked_tails(int on)
     int bnf_set_fuse_sums_dx(int on)
@@ -361,6 +362,13 @@ def _set_line_blocks(on):
     if on is not None:
         _line_blocks_on = bool(on)
     return old
+
+
+def _set_wide_flat(on):
+    """Whether contiguous rows wider than a chunk with a streamed output are normalized
+    (dx computed) whole rows at a time (on), or in blocks of columns; None leaves it.
+    Returns the previous setting (tuning, tests: the same bits)."""
+    return bool(bnf_set_wide_flat(-1 if on is None else int(bool(on))))
 
 
 def _set_kernel_alloc_fails(on):

@@ -787,6 +787,29 @@ static inline ptrdiff_t bnf_wide_step(ptrdiff_t width, size_t itemsize)
     return step > BNF_WIDE_COLS ? BNF_WIDE_COLS : step;
 }
 
+/* Contiguous rows wider than BNF_CHUNK whose output is streamed (from DRAM) are
+ * normalized (and dx computed) whole, one flat run (norm_rows_flat, their factors
+ * repeated on the heap), up to this many columns: not in blocks of BNF_WIDE_COLS over a
+ * unit's rows, which read each row in pieces 4 KB apart (float32).  Their factors then
+ * come from L2, which from DRAM costs less than the pieces.  One thread, float32, 51 MB,
+ * in one process against the blocks (twenty-first session, Intel VM): eval of (6272,
+ * 2048), (3136, 4096), (1568, 8192) 0.74-0.83 -> 0.61-0.71x a copy, training 1.15-1.26
+ * -> 1.08-1.21x.  In cache the blocks stay (64x4096 above).  The same bits either way
+ * (each element's arithmetic is its own). */
+#define BNF_WIDE_FLAT_MAX 8192
+static int bnf_wide_flat_on = 1;
+int bnf_set_wide_flat(int on)
+{
+    int old = bnf_wide_flat_on;
+    if (on >= 0) bnf_wide_flat_on = on != 0;
+    return old;
+}
+static inline int bnf_wide_flat(ptrdiff_t width, size_t itemsize, int flags)
+{
+    (void)itemsize;
+    return bnf_wide_flat_on && (flags & BNF_STREAM) && width <= BNF_WIDE_FLAT_MAX;
+}
+
 /* Contiguous narrow rows are normalized this many elements (whole rows) per inner loop:
  * 64-wide rows measured 25-30% faster in cache and from DRAM without streaming stores
  * (the same with them); 512 was slower than 256 (the repeated factors crowd L1). */

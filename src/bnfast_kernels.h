@@ -199,6 +199,10 @@ int bnf_set_fuse_sums_dx(int on);
  * do, streamed or in cache (on: 1, off: 0, -1 leaves it): the previous setting (tuning,
  * tests; the same bits either way). */
 int bnf_set_flat_whole_lines(int on);
+/* Whether contiguous rows wider than a chunk, streamed, are normalized (dx computed)
+ * whole rows at a time, one flat run (1), or in blocks of columns (0; -1 leaves it): the
+ * previous setting (tuning, tests: the same bits either way). */
+int bnf_set_wide_flat(int on);
 /* 1 on an AMD CPU (the tuning choices that differ by vendor) */
 int bnf_cpu_amd(void);
 /* The L1 data cache of a core in bytes, as the C library reports it (32 KB where it

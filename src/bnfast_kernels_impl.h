@@ -652,7 +652,7 @@ BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, ptrdiff_t
  * run, normalized BNF_FLAT_ELEMS / width whole rows per inner loop with the factors
  * repeated along it, so the per-row loop costs are paid once per several rows.  Every
  * element gets the same arithmetic as in the row loop: the same bits. */
-static inline BNF_INLINE void BNF_NAME(norm_rows_flat)(const T *x, T *y, ptrdiff_t nrows,
+static inline BNF_INLINE int BNF_NAME(norm_rows_flat)(const T *x, T *y, ptrdiff_t nrows,
                                                       ptrdiff_t width, const double *mean,
                                                       const double *scale,
                                                       const double *shift, int flags)
@@ -675,6 +675,8 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_flat)(const T *x, T *y, ptrdiff
         heap = (double *)bnf_kernel_alloc64(3 * (size_t)len * sizeof(double));
         if (heap) {
             m = heap, a = heap + len, b = heap + 2 * len;
+        } else if (BNF_FLAT_LEN(width) > BNF_CHUNK) {
+            return 0;                   /* whole wide rows: nothing done, the caller's blocks */
         } else {                        /* out of memory: as before */
             nt = lines = 0;
             len = BNF_FLAT_LEN(width);
@@ -714,6 +716,7 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_flat)(const T *x, T *y, ptrdiff
         if (staged) bnf_stage_out(y + e0, tmp, n * (ptrdiff_t)sizeof(T), stream);
     }
     if (heap) bnf_free64(heap);
+    return 1;
 }
 
 /* A block of at most BNF_CHUNK columns (a staged group of rows fits tmp). */
@@ -780,6 +783,11 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_cols)(const T *x, ptrdiff_t xst
                                                       const double *shift, int flags)
 {
     ptrdiff_t step = bnf_wide_step(width, sizeof(T));
+    if (step < width && xstride == width && ystride == width &&
+        bnf_wide_flat(width, sizeof(T), flags) && BNF_FLAT_NT(width, 4) &&
+        !bnf_rows_aliased(y, x, width * (ptrdiff_t)sizeof(T), BNF_T_HALF) &&
+        BNF_NAME(norm_rows_flat)(x, y, nrows, width, mean, scale, shift, flags))
+        return;
     for (ptrdiff_t c0 = 0; c0 < width; c0 += step) {
         ptrdiff_t w = width - c0 < step ? width - c0 : step;
         BNF_NAME(norm_rows_block)(x + c0, xstride, y + c0, ystride, nrows, w, mean + c0,
@@ -1473,7 +1481,7 @@ BNF_CLONES void BNF_NAME(bnf_bwd_dx_runs)(const T *dy, ptrdiff_t dystride, ptrdi
 }
 
 /* dx over contiguous rows as one run, as norm_rows_flat (x == NULL: a * dy). */
-static inline BNF_INLINE void BNF_NAME(dx_rows_flat)(const T *dy, const T *x, T *dx,
+static inline BNF_INLINE int BNF_NAME(dx_rows_flat)(const T *dy, const T *x, T *dx,
                                                     ptrdiff_t nrows, ptrdiff_t width,
                                                     const double *mean, const double *a,
                                                     const double *k1, const double *k2,
@@ -1493,6 +1501,8 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_flat)(const T *dy, const T *x, T 
         heap = (double *)bnf_kernel_alloc64(4 * (size_t)len * sizeof(double));
         if (heap) {
             m = heap, fa = heap + len, f1 = heap + 2 * len, f2 = heap + 3 * len;
+        } else if (BNF_FLAT_LEN(width) > BNF_CHUNK) {
+            return 0;                   /* whole wide rows: nothing done, the caller's blocks */
         } else {
             nt = lines = 0;
             len = BNF_FLAT_LEN(width);
@@ -1537,6 +1547,7 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_flat)(const T *dy, const T *x, T 
         if (staged) bnf_stage_out(dx + e0, tmp, n * (ptrdiff_t)sizeof(T), stream);
     }
     if (heap) bnf_free64(heap);
+    return 1;
 }
 
 /* A block of at most BNF_CHUNK columns (a staged group of rows fits tmp). */
@@ -1607,6 +1618,12 @@ static inline BNF_INLINE void BNF_NAME(bwd_dx_rows_cols)(const T *dy, ptrdiff_t 
                                                         const double *k2, int flags)
 {
     ptrdiff_t step = bnf_wide_step(width, sizeof(T));
+    ptrdiff_t row = width * (ptrdiff_t)sizeof(T);
+    if (step < width && dystride == width && (!x || xstride == width) && dxstride == width &&
+        bnf_wide_flat(width, sizeof(T), flags) && BNF_FLAT_NT(width, 3) &&
+        !bnf_rows_aliased(dx, dy, row, BNF_T_HALF) && !bnf_rows_aliased(dx, x, row, BNF_T_HALF) &&
+        BNF_NAME(dx_rows_flat)(dy, x, dx, nrows, width, mean, a, k1, k2, flags))
+        return;
     for (ptrdiff_t c0 = 0; c0 < width; c0 += step) {
         ptrdiff_t w = width - c0 < step ? width - c0 : step;
         BNF_NAME(dx_rows_block)(dy + c0, dystride, x ? x + c0 : NULL, xstride, dx + c0,

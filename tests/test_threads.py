@@ -575,6 +575,60 @@ def test_full_rows_backward_sums(shape, axis, out_at, stream):
     assert_grad_close(dx, rx[0])
 
 
+@pytest.mark.usefixtures("threads_on_small_arrays")
+@pytest.mark.parametrize("out_at", ["line", "off", None])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,axis", [((40, 2048), 1), ((3, 7, 4096), -1), ((9, 8192), 1),
+                                        ((30, 1040), 1)])
+def test_wide_rows_whole(shape, axis, dtype, out_at):
+    """Contiguous rows wider than a chunk (1024) with a streamed output are normalized
+    and their dx computed whole rows at a time (one flat run, the factors repeated on the
+    heap): the bits of blocks of columns, on one and two threads, in the plain loops,
+    with the heap failing (blocks then), for eval, training and both backward forms; the
+    output on a line, 16 bytes off one or allocated."""
+    from bnfast import _core
+
+    x = make_values(shape, dtype, 35, axis=axis, offset=1e4)
+    dy = make_values(shape, dtype, 36, axis=axis)
+    C = shape[axis]
+    w, b, rm, rv = params(C, dtype, 10)
+
+    def run():
+        res = []
+        out = None if out_at is None else _placed(np.full(shape, np.nan, dtype), out_at)
+        res.append(bnfast.batch_norm(x, rm, rv, w, b, axis=axis, out=out))
+        out = None if out_at is None else _placed(np.full(shape, np.nan, dtype), out_at)
+        y, mean, invstd = bnfast.batch_norm_train(x, w, b, axis=axis, out=out)
+        res += [y, mean, invstd]
+        for training in (True, False):
+            out = None if out_at is None else _placed(np.full(shape, np.nan, dtype), out_at)
+            res += bnfast.batch_norm_backward(dy, x, mean, invstd, w, axis=axis,
+                                              training=training, out=out)
+        return [_bits(a) for a in res], y
+
+    old = (_core._set_stream_bytes(0), _core._set_wide_flat(None), _core._set_simd_level(None))
+    got = {}
+    try:
+        for n_threads, level in ((1, old[2]), (2, old[2]), (1, 0)):
+            bnfast.set_num_threads(n_threads)
+            _core._set_simd_level(level)
+            for whole, fails in ((False, False), (True, False), (True, True)):
+                _core._set_wide_flat(whole)
+                _core._set_kernel_alloc_fails(fails)
+                try:
+                    got[n_threads, level, whole, fails], y = run()
+                finally:
+                    _core._set_kernel_alloc_fails(False)
+    finally:
+        bnfast.set_num_threads(None)
+        _core._set_stream_bytes(old[0])
+        _core._set_wide_flat(old[1])
+        _core._set_simd_level(old[2])
+    first = got[1, old[2], False, False]
+    assert all(v == first for v in got.values())
+    assert_forward_close(y, ref.batch_norm_train(x, w, b, axis=axis)[0])
+
+
 @pytest.mark.parametrize("stream", [True, False])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 @pytest.mark.parametrize("shape,axis", [((900, 300), 1), ((10, 20, 10, 300), -1)])
