@@ -1104,16 +1104,19 @@ cdef inline bint _fuses(const Job *j, int narrays) noexcept nogil:
 
 
 cdef inline void _full_rows(Job *j) noexcept nogil:
-    """Backward sums of float32 rows from DRAM (read a row at a time: bnf_sums_rowwise)
-    wider than a block, up to _full_rows_cols: whole rows a unit, not a block of 512
-    columns of each row (half a 4 KB row, then the other half 1 MB of each array later).
-    Each column's sums take its rows in the same order: the same bits. Then the rows of
-    dx are contiguous, and the eval-mode backward stores dx as its sums read dy, in one
-    pass (bwd_sums_dx_shifted), where a block's rows off a line declined it. One thread,
+    """The reductions (statistics, backward sums) of float32 rows from DRAM wider than a
+    block, up to _full_rows_cols: whole rows a unit, not a block of 512 columns of each
+    row (half a 4 KB row, then the other half 1 MB later). Each column's moments and
+    sums take its rows in the same order (the sums a row at a time from DRAM,
+    bnf_sums_rowwise; the statistics four): the same bits. Then the rows of dx are
+    contiguous, and the eval-mode backward stores dx as its sums read dy, in one pass
+    (bwd_sums_dx_shifted), where a block's rows off a line declined it. One thread,
     float32, 51 MB, in one process against blocks (twenty-first session, Intel VM, 48 KB
-    of L1): the sums of (16725, 768) and (12544, 1024) 0.80-0.88 -> 0.68-0.82x a copy,
-    backward 1.70-2.12 -> 1.56-2.07x, eval-mode backward 1.92-2.06 -> 0.95-1.15x. Wider
-    rows (1536-8192 columns, 48-256 KB of state) took 1.46-1.56x the time of blocks."""
+    of L1): (16725, 768) and (12544, 1024) backward sums 0.80-0.88 -> 0.68-0.82x a copy,
+    backward 1.70-2.12 -> 1.56-2.07x, eval-mode backward 1.92-2.06 -> 0.95-1.15x,
+    `moments` 0.42-0.49 -> 0.39-0.44x, training 0.94-0.97x the time. Wider rows (1536-
+    8192 columns, 48-256 KB of state) took 1.46-1.56x the time of blocks for the sums,
+    0.98-1.02x for the statistics."""
     if j.group == 1 and not j.gap and j.nlev == 0 and j.isz == 4 and j.ncb > 1 and \
             _dram_flags(j) and j.C <= _full_rows_cols:
         j.width = j.C
@@ -2701,6 +2704,7 @@ cdef int _stats(Job *j) except -1:
     order (the statistics pass without the normalization); m2 compensated over the
     units (a (100352, 64) float64 variance 3.4 ulps off plainly, 0.6 so)."""
     memset(j.mom, 0, j.nsb * j.C * sizeof(bnf_moments))
+    _full_rows(j)
     _launch(j, K_STATS)
     if j.nsb > 1:
         bnf_merge_unit_moments(j.mom, j.C, j.nsb)

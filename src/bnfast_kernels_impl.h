@@ -276,18 +276,23 @@ static inline BNF_INLINE void BNF_NAME(group_sums)(const double *s1, const doubl
  * all summed around the channel's shift; a tile's column sums are added into the
  * channel's (group_sums), and the tile is finished per channel, as a tile of runs
  * (tile_runs) is. */
-static inline BNF_INLINE void BNF_NAME(stats_rows_cols)(const T *x, ptrdiff_t nrows,
-                                                       ptrdiff_t stride, ptrdiff_t width,
-                                                       ptrdiff_t group, ptrdiff_t tile_rows,
-                                                       bnf_moments *m, int far)
+/* The per-column buffers of stats_rows_in: nine of n doubles (64-byte aligned where buf
+ * is and n is a multiple of 8), then the low parts' three (n each where BNF_COMPENSATED,
+ * else one). */
+#define BNF_STATS_BUFS(n) ((BNF_COMPENSATED ? 12 : 9) * (n) + (BNF_COMPENSATED ? 0 : 3))
+
+static inline BNF_INLINE void BNF_NAME(stats_rows_in)(const T *x, ptrdiff_t nrows,
+                                                     ptrdiff_t stride, ptrdiff_t width,
+                                                     ptrdiff_t group, ptrdiff_t tile_rows,
+                                                     bnf_moments *m, int far, double *buf,
+                                                     ptrdiff_t n)
 {
-    BNF_ALIGN64 double shift[BNF_MAX_WIDTH], s1[BNF_MAX_WIDTH], s2[BNF_MAX_WIDTH];
-    BNF_ALIGN64 double hi[BNF_MAX_WIDTH], lo[BNF_MAX_WIDTH], m2[BNF_MAX_WIDTH];
-    BNF_ALIGN64 double gshift[BNF_MAX_WIDTH], g1[BNF_MAX_WIDTH], g2[BNF_MAX_WIDTH];
+    double *shift = buf, *s1 = buf + n, *s2 = buf + 2 * n;
+    double *hi = buf + 3 * n, *lo = buf + 4 * n, *m2 = buf + 5 * n;
+    double *gshift = buf + 6 * n, *g1 = buf + 7 * n, *g2 = buf + 8 * n;
     /* the low parts of s2, g2 and m2 (BNF_COMPENSATED; the others keep none) */
-#define BNF_LO_WIDTH (BNF_COMPENSATED ? BNF_MAX_WIDTH : 1)
-    BNF_ALIGN64 double s2lo[BNF_LO_WIDTH], g2lo[BNF_LO_WIDTH], m2lo[BNF_LO_WIDTH];
-#undef BNF_LO_WIDTH
+    ptrdiff_t nlo = BNF_COMPENSATED ? n : 1;
+    double *s2lo = buf + 9 * n, *g2lo = s2lo + nlo, *m2lo = g2lo + nlo;
     double count = 0;                 /* elements merged so far, in every channel */
     ptrdiff_t cols = width * group;
     ptrdiff_t per = tile_rows > 0 ? tile_rows : BNF_TILE_ELEMS / cols;
@@ -377,6 +382,33 @@ static inline BNF_INLINE void BNF_NAME(stats_rows_cols)(const T *x, ptrdiff_t nr
         m[c].m2 = bnf_m2_fix(m2[c], hi[c] + lo[c]);
 #endif
     }
+}
+
+/* Rows of up to BNF_MAX_WIDTH columns, or wider (whole rows, _full_rows: their buffers
+ * on the heap; out of memory, in blocks of columns: each channel's moments are its own,
+ * the same bits). */
+static inline BNF_INLINE void BNF_NAME(stats_rows_cols)(const T *x, ptrdiff_t nrows,
+                                                       ptrdiff_t stride, ptrdiff_t width,
+                                                       ptrdiff_t group, ptrdiff_t tile_rows,
+                                                       bnf_moments *m, int far)
+{
+    BNF_ALIGN64 double sbuf[BNF_STATS_BUFS(BNF_MAX_WIDTH)];
+    double *buf = sbuf, *heap = NULL;
+    ptrdiff_t n = BNF_MAX_WIDTH, step = width;
+    if (width * group > BNF_MAX_WIDTH) {        /* group 1: the caller's blocks are not */
+        ptrdiff_t wide = (width + 7) / 8 * 8;
+        heap = (double *)bnf_kernel_alloc64((size_t)BNF_STATS_BUFS(wide) * sizeof(double));
+        if (heap)
+            buf = heap, n = wide;
+        else
+            step = BNF_MAX_WIDTH;
+    }
+    for (ptrdiff_t c0 = 0; c0 < width; c0 += step) {
+        ptrdiff_t w = width - c0 < step ? width - c0 : step;
+        BNF_NAME(stats_rows_in)(x + c0 * group, nrows, stride, w, group, tile_rows, m + c0,
+                                far, buf, n);
+    }
+    if (heap) bnf_free64(heap);
 }
 
 /* Rows form: per-channel moments of `width` channels over `nrows` rows, `tile_rows` rows
@@ -1665,6 +1697,7 @@ BNF_CLONES void BNF_NAME(bnf_bwd_dx_rows)(const T *dy, ptrdiff_t dystride, const
                                    mean, a, k1, k2, flags);
 }
 
+#undef BNF_STATS_BUFS
 #undef BNF_DISPATCH
 #undef BNF_DISPATCH4
 #undef BNF_NAME

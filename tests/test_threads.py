@@ -522,7 +522,8 @@ FULL_ROWS_SHAPES = [
 @pytest.mark.parametrize("shape,axis", FULL_ROWS_SHAPES)
 def test_full_rows_backward_sums(shape, axis, out_at, stream):
     """Whole rows, and blocks on dx's lines, give the bits of blocks of 512 columns (each
-    column's sums take its rows in the same order), on one and two threads, in the plain
+    column's moments and sums take its rows in the same order; the training and
+    `moments` statistics whole rows too), on one and two threads, in the plain
     loops (SIMD level 0), with the kernels' heap buffers failing (then blocks again, dx
     not shifted), for both backward forms, dx on a line, 16 bytes off one or allocated;
     and match the float64 twin. x and dy are left as they were."""
@@ -536,7 +537,10 @@ def test_full_rows_backward_sums(shape, axis, out_at, stream):
     _, mean, invstd = bnfast.batch_norm_train(x, axis=axis)
 
     def run():
-        res = []
+        out = None if out_at is None else _placed(np.full(shape, np.nan, np.float32), out_at)
+        mom = bnfast.moments(x, axis=axis)
+        res = [[_bits(a) for a in bnfast.batch_norm_train(x, w, axis=axis, out=out)],
+               [_bits(a) for a in (mom.mean, mom.m2)]]
         for training in (True, False):
             out = None if out_at is None else _placed(np.full(shape, np.nan, np.float32), out_at)
             dx, dw, db = bnfast.batch_norm_backward(dy, x, mean, invstd, w, axis=axis,
