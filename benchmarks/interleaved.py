@@ -5,6 +5,7 @@
     python benchmarks/interleaved.py --layouts NCHW7x7,NCL4    # short runs
     python benchmarks/interleaved.py --layouts NCslice         # a column slice (strided rows)
     python benchmarks/interleaved.py --layouts NC300           # rows of 300: not whole lines
+    python benchmarks/interleaved.py --layouts NC1024,NCwide   # rows wider than a block
 
 Each repetition times ``np.copyto`` of the input (with --threads N > 1, the same copy split
 over N threads, as in ``python -m bnfast bench``) and then every operation once, and divides
@@ -56,8 +57,11 @@ LAYOUTS = {
     "NCL4": ((32768, 64, 4), 1),
     # a column slice: the first 256 columns of a 272-wide array (rows not contiguous)
     "NCslice": ((50176, 256), -1, 16),
-    # wide rows: 4096 features (rows wider than a chunk, in blocks of columns)
+    # wide rows: 4096 features (rows wider than a chunk: normalized whole where streamed,
+    # reduced in blocks of 512 columns that begin on the output's lines)
     "NCwide": ((3136, 4096), 1),
+    # 1024 features: rows wider than a block, reduced whole (_full_rows)
+    "NC1024": ((12544, 1024), 1),
     # rows of 300 features, 1200 bytes: not a whole number of lines
     "NC300": ((40000, 300), 1),
 }
