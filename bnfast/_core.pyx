@@ -1124,19 +1124,22 @@ cdef inline void _full_rows(Job *j) noexcept nogil:
 
 
 cdef inline void _line_blocks(Job *j) noexcept nogil:
-    """Blocks of columns of rows that all start at the same place in a line of the output
-    (dx) begin on its lines: the first block is short by col_shift columns. NumPy's
-    large arrays start 16 bytes into a line, so blocks at multiples of 512 columns began
-    and ended mid-line, and the eval-mode backward, which streams dx as its sums read dy,
-    declined them (rows sharing lines would be streamed in part and stored in part). Each
-    column's sums are its own: the same bits. One thread, float32, 51 MB, x, dy and dx
-    16 bytes into a line and apart modulo 1 MiB, in one process against blocks at
-    multiples of 512 (twenty-first session, Intel VM): eval-mode backward of (8362,
-    1536), (6272, 2048), (3136, 4096), (1568, 8192) 1.71-1.96 -> 1.17-1.33x a copy; the
-    training backward (dx in memory order) unchanged."""
+    """Blocks of columns of rows that all start at the same place in a line of a streamed
+    output (dx) begin on its lines: the first block is short by col_shift columns.
+    NumPy's large arrays start 16 bytes into a line, so blocks at multiples of 512
+    columns began and ended mid-line, and the eval-mode backward, which streams dx as its
+    sums read dy, declined them (rows sharing lines would be streamed in part and stored
+    in part). Each column's sums are its own: the same bits. One thread, float32, 51 MB,
+    x, dy and dx 16 bytes into a line and apart modulo 1 MiB, in one process against
+    blocks at multiples of 512 (twenty-first session, Intel VM): eval-mode backward of
+    (8362, 1536), (6272, 2048), (3136, 4096), (1568, 8192) 1.71-1.96 -> 1.17-1.33x a
+    copy; the training backward (dx in memory order) unchanged. Not in cache, where the
+    one pass (plain stores) takes blocks whose rows are whole lines, which the short
+    first block's are not: (512, 768) and (1024, 1024) eval-mode backward 1.05-1.06x
+    the time with it."""
     cdef Py_ssize_t line = 64 // j.isz, lead
-    if _line_blocks_on and j.group == 1 and not j.gap and j.nlev == 0 and j.ncb > 1 and \
-            j.y != NULL and (<size_t>j.y) % j.isz == 0 and (j.y_os * j.isz) % 64 == 0 and \
+    if _line_blocks_on and j.stream and j.group == 1 and not j.gap and j.nlev == 0 and \
+            j.ncb > 1 and j.y != NULL and (<size_t>j.y) % j.isz == 0 and (j.y_os * j.isz) % 64 == 0 and \
             j.width % line == 0:
         lead = ((-<Py_ssize_t>j.y) & 63) // j.isz      # columns before the first line
         j.col_shift = (line - lead) % line
