@@ -316,8 +316,9 @@ cdef bint _fetch_large = bnf_cpu_amd()
 # (without, (8192, 256) eval measured 1.1-1.3x the time). The same bits either way.
 cdef bint _prefetch_ordered = bnf_cpu_amd()
 # Rows of float32 wider than a block (BNF_MAX_WIDTH) and up to this many columns have
-# their backward sums from DRAM taken whole rows a unit (_full_rows): the sums' state (32
-# bytes a column: three sums and the mean) within two thirds of a core's L1 data cache.
+# their reductions from DRAM taken whole rows a unit (_full_rows): the backward sums'
+# state (32 bytes a column: three sums and the mean) within two thirds of a core's L1
+# data cache.
 cdef Py_ssize_t _full_rows_cols = bnf_l1d_bytes() // 48
 # Blocks of columns of the backward begin on the output's lines (_line_blocks).
 cdef bint _line_blocks_on = True
@@ -344,9 +345,9 @@ def _set_fetch_large(on):
 
 
 def _set_full_rows_cols(n):
-    """Set the widest rows whose backward sums from DRAM go whole rows a unit
-    (_full_rows; 0: none; None leaves it); returns the previous value (tuning, tests:
-    the same bits)."""
+    """Set the widest rows whose reductions (statistics, backward sums) from DRAM go
+    whole rows a unit (_full_rows; 0: none; None leaves it); returns the previous value
+    (tuning, tests: the same bits)."""
     global _full_rows_cols
     old = _full_rows_cols
     if n is not None:

@@ -206,11 +206,11 @@ int bnf_set_wide_flat(int on);
 /* 1 on an AMD CPU (the tuning choices that differ by vendor) */
 int bnf_cpu_amd(void);
 /* The L1 data cache of a core in bytes, as the C library reports it (32 KB where it
- * does not): the widest rows whose per-column sums stay in L1 (_full_rows). */
+ * does not): the widest rows whose per-column state stays in L1 (_full_rows). */
 long bnf_l1d_bytes(void);
 /* Tests: while on, the kernels' own heap buffers (factors repeated along a flat run,
- * sums of rows wider than BNF_MAX_WIDTH) fail as when out of memory, so that their
- * fallbacks run (the same bits); the previous setting. */
+ * moments and sums of rows wider than BNF_MAX_WIDTH) fail as when out of memory, so
+ * that their fallbacks run (the same bits); the previous setting. */
 int bnf_set_kernel_alloc_fails(int on);
 
 /* 64-byte-aligned memory for per-channel arrays (the rows kernels read them as 64-byte

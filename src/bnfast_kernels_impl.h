@@ -816,7 +816,7 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_cols)(const T *x, ptrdiff_t xst
 {
     ptrdiff_t step = bnf_wide_step(width, sizeof(T));
     if (step < width && xstride == width && ystride == width &&
-        bnf_wide_flat(width, sizeof(T), flags) && BNF_FLAT_NT(width, 4) &&
+        bnf_wide_flat(width, flags) && BNF_FLAT_NT(width, 4) &&
         !bnf_rows_aliased(y, x, width * (ptrdiff_t)sizeof(T), BNF_T_HALF) &&
         BNF_NAME(norm_rows_flat)(x, y, nrows, width, mean, scale, shift, flags))
         return;
@@ -1093,13 +1093,14 @@ static BNF_NOINLINE int BNF_NAME(bwd_sums_dx_shifted)(const T *dy, const T *x,
                                                        const bnf_dx_fixed *fx)
 {
     BNF_ALIGN64 double rbuf[5 * BNF_MAX_WIDTH];
+    ptrdiff_t n = (width + 7) / 8 * 8;  /* each buffer on a line */
     double *rm = rbuf, *heap = NULL;
     if (width > BNF_MAX_WIDTH) {       /* full rows (_full_rows) */
-        heap = (double *)bnf_kernel_alloc64(5 * (size_t)width * sizeof(double));
+        heap = (double *)bnf_kernel_alloc64(5 * (size_t)n * sizeof(double));
         if (!heap) return 0;
         rm = heap;
     }
-    double *ra = rm + width, *r1 = ra + width, *r2 = r1 + width, *r3 = r2 + width;
+    double *ra = rm + n, *r1 = ra + n, *r2 = r1 + n, *r3 = r2 + n;
     ptrdiff_t h = BNF_NAME(dx_rows_shift)(fx, width, width, nrows, width);
     ptrdiff_t last = (nrows - 1) * width;
     T *q = (T *)fx->q;
@@ -1184,10 +1185,11 @@ static inline BNF_INLINE void BNF_NAME(bwd_sums_rows_cols)(const T *dy, ptrdiff_
     double *buf = sbuf, *lo = lbuf, *heap = NULL;
     ptrdiff_t n = BNF_MAX_WIDTH, step = width;
     if (width > BNF_MAX_WIDTH) {
-        heap = (double *)bnf_kernel_alloc64((BNF_COMPENSATED ? 6 : 4) * (size_t)width *
+        ptrdiff_t wide = (width + 7) / 8 * 8;   /* each buffer on a line */
+        heap = (double *)bnf_kernel_alloc64((BNF_COMPENSATED ? 6 : 4) * (size_t)wide *
                                             sizeof(double));
         if (heap) {
-            buf = heap, n = width;
+            buf = heap, n = wide;
             if (BNF_COMPENSATED) lo = heap + 4 * n;
         } else {
             /* out of memory: in blocks of columns, the same bits (each column's sums are
@@ -1652,7 +1654,7 @@ static inline BNF_INLINE void BNF_NAME(bwd_dx_rows_cols)(const T *dy, ptrdiff_t 
     ptrdiff_t step = bnf_wide_step(width, sizeof(T));
     ptrdiff_t row = width * (ptrdiff_t)sizeof(T);
     if (step < width && dystride == width && (!x || xstride == width) && dxstride == width &&
-        bnf_wide_flat(width, sizeof(T), flags) && BNF_FLAT_NT(width, 3) &&
+        bnf_wide_flat(width, flags) && BNF_FLAT_NT(width, 3) &&
         !bnf_rows_aliased(dx, dy, row, BNF_T_HALF) && !bnf_rows_aliased(dx, x, row, BNF_T_HALF) &&
         BNF_NAME(dx_rows_flat)(dy, x, dx, nrows, width, mean, a, k1, k2, flags))
         return;
