@@ -315,10 +315,10 @@ cdef bint _fetch_large = bnf_cpu_amd()
 # allocated output) 0.91-1.00x; NCHW (runs) 0.99-1.01x. Streamed outputs keep them
 # (without, (8192, 256) eval measured 1.1-1.3x the time). The same bits either way.
 cdef bint _prefetch_ordered = bnf_cpu_amd()
-# Rows of float32 wider than a block (BNF_MAX_WIDTH) and up to this many columns have
-# their reductions from DRAM taken whole rows a unit (_full_rows): the backward sums'
-# state (32 bytes a column: three sums and the mean) within two thirds of a core's L1
-# data cache.
+# Rows of float32 (float64: the backward sums) wider than a block (BNF_MAX_WIDTH) and up
+# to this many columns have their reductions from DRAM taken whole rows a unit
+# (_full_rows): the float32 backward sums' state (32 bytes a column: three sums and the
+# mean), loaded and stored every row, within two thirds of a core's L1 data cache.
 cdef Py_ssize_t _full_rows_cols = bnf_l1d_bytes() // 48
 # Blocks of columns of the backward begin on the output's lines (_line_blocks).
 cdef bint _line_blocks_on = True
@@ -1104,12 +1104,13 @@ cdef inline bint _fuses(const Job *j, int narrays) noexcept nogil:
     return j.group == 0 or j.outer * j.width * j.group * j.isz * narrays <= FUSE_BYTES
 
 
-cdef inline void _full_rows(Job *j) noexcept nogil:
-    """The reductions (statistics, backward sums) of float32 rows from DRAM wider than a
-    block, up to _full_rows_cols: whole rows a unit, not a block of 512 columns of each
-    row (half a 4 KB row, then the other half 1 MB later). Each column's moments and
-    sums take its rows in the same order (the sums a row at a time from DRAM,
-    bnf_sums_rowwise; the statistics four): the same bits. Then the rows of dx are
+cdef inline void _full_rows(Job *j, bint stats) noexcept nogil:
+    """The reductions (statistics: `stats`, backward sums) of float32 rows from DRAM wider
+    than a block, up to _full_rows_cols: whole rows a unit, not a block of 512 columns of
+    each row (half a 4 KB row, then the other half 1 MB later); float64 rows too for the
+    sums. Each column's moments and sums take its rows in the same order (float32 sums a
+    row at a time from DRAM, bnf_sums_rowwise; the statistics and float64 sums four):
+    the same bits. Then the rows of dx are
     contiguous, and the eval-mode backward stores dx as its sums read dy, in one pass
     (bwd_sums_dx_shifted), where a block's rows off a line declined it. One thread,
     float32, 51 MB, in one process against blocks (twenty-first session, Intel VM, 48 KB
@@ -1117,9 +1118,13 @@ cdef inline void _full_rows(Job *j) noexcept nogil:
     backward 1.70-2.12 -> 1.56-2.07x, eval-mode backward 1.92-2.06 -> 0.95-1.15x,
     `moments` 0.42-0.49 -> 0.39-0.44x, training 0.94-0.97x the time. Wider rows (1536-
     8192 columns, 48-256 KB of state) took 1.46-1.56x the time of blocks for the sums,
-    0.98-1.02x for the statistics."""
-    if j.group == 1 and not j.gap and j.nlev == 0 and j.isz == 4 and j.ncb > 1 and \
-            _dram_flags(j) and j.C <= _full_rows_cols:
+    0.98-1.02x for the statistics. float64 (25 MB, four rows a step: the sums' state is
+    loaded and stored once per four rows), (10035, 640), (8362, 768), (6272, 1024): sums
+    1.01-1.06 -> 0.84-0.89x a copy, backward 0.91-0.95x the time, eval-mode backward
+    0.70-0.79x; its statistics 0.97-1.09x: not there."""
+    if j.group == 1 and not j.gap and j.nlev == 0 and j.ncb > 1 and \
+            (j.isz == 4 or (j.isz == 8 and not stats)) and _dram_flags(j) and \
+            j.C <= _full_rows_cols:
         j.width = j.C
         j.ncb = 1
 
@@ -2708,7 +2713,7 @@ cdef int _stats(Job *j) except -1:
     order (the statistics pass without the normalization); m2 compensated over the
     units (a (100352, 64) float64 variance 3.4 ulps off plainly, 0.6 so)."""
     memset(j.mom, 0, j.nsb * j.C * sizeof(bnf_moments))
-    _full_rows(j)
+    _full_rows(j, True)
     _launch(j, K_STATS)
     if j.nsb > 1:
         bnf_merge_unit_moments(j.mom, j.C, j.nsb)
@@ -3162,7 +3167,7 @@ def _backward(dy, x, mean, invstd, weight, bint training, axis, out, sums_hook):
         j.s_xm = j.s_dyx + j.nsb * C
         fused = _fuses(&j, 2)
         if not fused:
-            _full_rows(&j)
+            _full_rows(&j, False)
         _line_blocks(&j)
         try:
             if _elems(&j) == 0:

@@ -517,36 +517,40 @@ FULL_ROWS_SHAPES = [
 
 
 @pytest.mark.usefixtures("threads_on_small_arrays")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("stream", [True, False])
 @pytest.mark.parametrize("out_at", ["line", "off", None])
 @pytest.mark.parametrize("shape,axis", FULL_ROWS_SHAPES)
-def test_full_rows_backward_sums(shape, axis, out_at, stream):
+def test_full_rows_backward_sums(shape, axis, out_at, stream, dtype):
     """Whole rows, and blocks on dx's lines, give the bits of blocks of 512 columns (each
     column's moments and sums take its rows in the same order; the training and
     `moments` statistics whole rows too), on one and two threads, in the plain
     loops (SIMD level 0), with the kernels' heap buffers failing (then blocks again, dx
     not shifted), for both backward forms, dx on a line, 16 bytes off one or allocated;
-    and match the float64 twin. x and dy are left as they were."""
+    and match the float64 twin. float64 too (its backward sums whole rows, four at a
+    time; its statistics in blocks). x and dy are left as they were."""
     from bnfast import _core
 
-    x = make_values(shape, np.float32, 31, axis=axis, offset=1e4)
-    dy = make_values(shape, np.float32, 32, axis=axis)
+    x = make_values(shape, dtype, 31, axis=axis, offset=1e4)
+    dy = make_values(shape, dtype, 32, axis=axis)
     x0, dy0 = x.copy(), dy.copy()
     C = shape[axis]
-    w, _, _, _ = params(C, np.float32, 8)
+    w, _, _, _ = params(C, dtype, 8)
     _, mean, invstd = bnfast.batch_norm_train(x, axis=axis)
+    grads = {}
 
     def run():
-        out = None if out_at is None else _placed(np.full(shape, np.nan, np.float32), out_at)
+        out = None if out_at is None else _placed(np.full(shape, np.nan, dtype), out_at)
         mom = bnfast.moments(x, axis=axis)
         res = [[_bits(a) for a in bnfast.batch_norm_train(x, w, axis=axis, out=out)],
                [_bits(a) for a in (mom.mean, mom.m2)]]
         for training in (True, False):
-            out = None if out_at is None else _placed(np.full(shape, np.nan, np.float32), out_at)
+            out = None if out_at is None else _placed(np.full(shape, np.nan, dtype), out_at)
             dx, dw, db = bnfast.batch_norm_backward(dy, x, mean, invstd, w, axis=axis,
                                                     training=training, out=out)
             res.append([_bits(a) for a in (dx, dw, db)])
-        return res, dx
+            grads[training] = (dx, dw, db)
+        return res
 
     old = (_core._set_reduce_blocks_min(0), _core._set_stream_bytes(0 if stream else 1 << 62),
            _core._set_full_rows_cols(None), _core._set_simd_level(None),
@@ -562,7 +566,7 @@ def test_full_rows_backward_sums(shape, axis, out_at, stream):
                 _core._set_line_blocks(lines)
                 _core._set_kernel_alloc_fails(fails)
                 try:
-                    got[n_threads, level, cols, lines, fails], dx = run()
+                    got[n_threads, level, cols, lines, fails] = run()
                 finally:
                     _core._set_kernel_alloc_fails(False)
     finally:
@@ -575,8 +579,10 @@ def test_full_rows_backward_sums(shape, axis, out_at, stream):
     first = got[1, old[3], 0, False, False]
     assert all(v == first for v in got.values())
     assert x.tobytes() == x0.tobytes() and dy.tobytes() == dy0.tobytes()
-    rx = ref.batch_norm_backward(dy, x, mean, invstd, w, axis=axis, training=False)
-    assert_grad_close(dx, rx[0])
+    for training in (True, False):
+        want = ref.batch_norm_backward(dy, x, mean, invstd, w, axis=axis, training=training)
+        for a, b in zip(grads[training], want):
+            assert_grad_close(a, b)
 
 
 @pytest.mark.usefixtures("threads_on_small_arrays")
