@@ -488,6 +488,38 @@ def test_wide_rows_of_one_superblock(shape, axis, dtype):
     assert_grad_close(dx, ref.batch_norm_backward(dy, x, rmean, rinvstd, w, axis=axis)[0])
 
 
+def _bits_under_settings(run, settings):
+    """run() (its results' bits) on one thread, two threads and in the plain loops (SIMD
+    level 0), under each of `settings`: dicts of _core setters' names to values, with
+    "alloc_fails" making the kernels' heap buffers fail. Asserts they are all the same;
+    returns the first. Every setting is put back."""
+    from bnfast import _core
+
+    names = sorted({k for d in settings for k in d if k != "alloc_fails"})
+    old = {k: getattr(_core, "_set_" + k)(None) for k in names}
+    level = _core._set_simd_level(None)
+    got = []
+    try:
+        for n_threads, lv in ((1, level), (2, level), (1, 0)):
+            bnfast.set_num_threads(n_threads)
+            _core._set_simd_level(lv)
+            for d in settings:
+                for k in names:
+                    getattr(_core, "_set_" + k)(d.get(k, old[k]))
+                _core._set_kernel_alloc_fails(d.get("alloc_fails", False))
+                try:
+                    got.append(run())
+                finally:
+                    _core._set_kernel_alloc_fails(False)
+    finally:
+        bnfast.set_num_threads(None)
+        _core._set_simd_level(level)
+        for k in names:
+            getattr(_core, "_set_" + k)(old[k])
+    assert all(v == got[0] for v in got)
+    return got[0]
+
+
 def _placed(a, at):
     """A copy of a in memory that starts on a 64-byte line (at == "line") or 16 bytes
     into one ("off"); None: a itself."""
@@ -552,32 +584,15 @@ def test_full_rows_backward_sums(shape, axis, out_at, stream, dtype):
             grads[training] = (dx, dw, db)
         return res
 
-    old = (_core._set_reduce_blocks_min(0), _core._set_stream_bytes(0 if stream else 1 << 62),
-           _core._set_full_rows_cols(None), _core._set_simd_level(None),
-           _core._set_line_blocks(None))
-    got = {}
+    old = (_core._set_reduce_blocks_min(0), _core._set_stream_bytes(0 if stream else 1 << 62))
     try:
-        for n_threads, level in ((1, old[3]), (2, old[3]), (1, 0)):
-            bnfast.set_num_threads(n_threads)
-            _core._set_simd_level(level)
-            for cols, lines, fails in ((0, False, False), (0, True, False),
-                                       (4096, True, False), (4096, True, True)):
-                _core._set_full_rows_cols(cols)
-                _core._set_line_blocks(lines)
-                _core._set_kernel_alloc_fails(fails)
-                try:
-                    got[n_threads, level, cols, lines, fails] = run()
-                finally:
-                    _core._set_kernel_alloc_fails(False)
+        _bits_under_settings(run, [
+            dict(full_rows_cols=0, line_blocks=False), dict(full_rows_cols=0, line_blocks=True),
+            dict(full_rows_cols=4096, line_blocks=True),
+            dict(full_rows_cols=4096, line_blocks=True, alloc_fails=True)])
     finally:
-        bnfast.set_num_threads(None)
         _core._set_reduce_blocks_min(old[0])
         _core._set_stream_bytes(old[1])
-        _core._set_full_rows_cols(old[2])
-        _core._set_simd_level(old[3])
-        _core._set_line_blocks(old[4])
-    first = got[1, old[3], 0, False, False]
-    assert all(v == first for v in got.values())
     assert x.tobytes() == x0.tobytes() and dy.tobytes() == dy0.tobytes()
     for training in (True, False):
         want = ref.batch_norm_backward(dy, x, mean, invstd, w, axis=axis, training=training)
@@ -614,29 +629,17 @@ def test_wide_rows_whole(shape, axis, dtype, out_at):
             out = None if out_at is None else _placed(np.full(shape, np.nan, dtype), out_at)
             res += bnfast.batch_norm_backward(dy, x, mean, invstd, w, axis=axis,
                                               training=training, out=out)
-        return [_bits(a) for a in res], y
+        ys.append(y)
+        return [_bits(a) for a in res]
 
-    old = (_core._set_stream_bytes(0), _core._set_wide_flat(None), _core._set_simd_level(None))
-    got = {}
+    ys = []
+    old = _core._set_stream_bytes(0)
     try:
-        for n_threads, level in ((1, old[2]), (2, old[2]), (1, 0)):
-            bnfast.set_num_threads(n_threads)
-            _core._set_simd_level(level)
-            for whole, fails in ((False, False), (True, False), (True, True)):
-                _core._set_wide_flat(whole)
-                _core._set_kernel_alloc_fails(fails)
-                try:
-                    got[n_threads, level, whole, fails], y = run()
-                finally:
-                    _core._set_kernel_alloc_fails(False)
+        _bits_under_settings(run, [dict(wide_flat=False), dict(wide_flat=True),
+                                   dict(wide_flat=True, alloc_fails=True)])
     finally:
-        bnfast.set_num_threads(None)
-        _core._set_stream_bytes(old[0])
-        _core._set_wide_flat(old[1])
-        _core._set_simd_level(old[2])
-    first = got[1, old[2], False, False]
-    assert all(v == first for v in got.values())
-    assert_forward_close(y, ref.batch_norm_train(x, w, b, axis=axis)[0])
+        _core._set_stream_bytes(old)
+    assert_forward_close(ys[0], ref.batch_norm_train(x, w, b, axis=axis)[0])
 
 
 @pytest.mark.parametrize("stream", [True, False])
