@@ -315,7 +315,7 @@ cdef bint _fetch_large = bnf_cpu_amd()
 # allocated output) 0.91-1.00x; NCHW (runs) 0.99-1.01x. Streamed outputs keep them
 # (without, (8192, 256) eval measured 1.1-1.3x the time). The same bits either way.
 cdef bint _prefetch_ordered = bnf_cpu_amd()
-# Rows of float32 (float64: the backward sums) wider than a block (BNF_MAX_WIDTH) and up
+# Rows of float32 (the others: the backward sums) wider than a block (BNF_MAX_WIDTH) and up
 # to this many columns have their reductions from DRAM taken whole rows a unit
 # (_full_rows): the float32 backward sums' state (32 bytes a column: three sums and the
 # mean), loaded and stored every row, within two thirds of a core's L1 data cache.
@@ -1107,10 +1107,10 @@ cdef inline bint _fuses(const Job *j, int narrays) noexcept nogil:
 cdef inline void _full_rows(Job *j, bint stats) noexcept nogil:
     """The reductions (statistics: `stats`, backward sums) of float32 rows from DRAM wider
     than a block, up to _full_rows_cols: whole rows a unit, not a block of 512 columns of
-    each row (half a 4 KB row, then the other half 1 MB later); float64 rows too for the
-    sums. Each column's moments and sums take its rows in the same order (float32 sums a
-    row at a time from DRAM, bnf_sums_rowwise; the statistics and float64 sums four):
-    the same bits. Then the rows of dx are
+    each row (half a 4 KB row, then the other half 1 MB later); float64 and float16 rows
+    too for the sums. Each column's moments and sums take its rows in the same order
+    (float32 sums a row at a time from DRAM, bnf_sums_rowwise; the statistics and the
+    other types' sums four): the same bits. Then the rows of dx are
     contiguous, and the eval-mode backward stores dx as its sums read dy, in one pass
     (bwd_sums_dx_shifted), where a block's rows off a line declined it. One thread,
     float32, 51 MB, in one process against blocks (twenty-first session, Intel VM, 48 KB
@@ -1121,9 +1121,11 @@ cdef inline void _full_rows(Job *j, bint stats) noexcept nogil:
     0.98-1.02x for the statistics. float64 (25 MB, four rows a step: the sums' state is
     loaded and stored once per four rows), (10035, 640), (8362, 768), (6272, 1024): sums
     1.01-1.06 -> 0.84-0.89x a copy, backward 0.91-0.95x the time, eval-mode backward
-    0.70-0.79x; its statistics 0.97-1.09x: not there."""
+    0.70-0.79x; its statistics 0.97-1.09x: not there. float16 (26 MB), the same shapes as
+    float32: sums 0.93-0.96x the time, backward 0.97-0.99x, eval-mode backward
+    0.68-0.78x."""
     if j.group == 1 and not j.gap and j.nlev == 0 and j.ncb > 1 and \
-            (j.isz == 4 or (j.isz == 8 and not stats)) and _dram_flags(j) and \
+            (j.isz == 4 or not stats) and _dram_flags(j) and \
             j.C <= _full_rows_cols:
         j.width = j.C
         j.ncb = 1

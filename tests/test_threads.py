@@ -549,7 +549,7 @@ FULL_ROWS_SHAPES = [
 
 
 @pytest.mark.usefixtures("threads_on_small_arrays")
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 @pytest.mark.parametrize("stream", [True, False])
 @pytest.mark.parametrize("out_at", ["line", "off", None])
 @pytest.mark.parametrize("shape,axis", FULL_ROWS_SHAPES)
@@ -559,11 +559,11 @@ def test_full_rows_backward_sums(shape, axis, out_at, stream, dtype):
     `moments` statistics whole rows too), on one and two threads, in the plain
     loops (SIMD level 0), with the kernels' heap buffers failing (then blocks again, dx
     not shifted), for both backward forms, dx on a line, 16 bytes off one or allocated;
-    and match the float64 twin. float64 too (its backward sums whole rows, four at a
-    time; its statistics in blocks). x and dy are left as they were."""
+    and match the float64 twin. float64 and float16 too (their backward sums whole rows,
+    four at a time; their statistics in blocks). x and dy are left as they were."""
     from bnfast import _core
 
-    x = make_values(shape, dtype, 31, axis=axis, offset=1e4)
+    x = make_values(shape, dtype, 31, axis=axis, offset=1e2 if dtype == np.float16 else 1e4)
     dy = make_values(shape, dtype, 32, axis=axis)
     x0, dy0 = x.copy(), dy.copy()
     C = shape[axis]
