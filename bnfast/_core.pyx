@@ -1110,9 +1110,9 @@ cdef inline void _full_rows(Job *j, bint stats) noexcept nogil:
     each row (half a 4 KB row, then the other half 1 MB later); float64 and float16 rows
     too for the sums. Each column's moments and sums take its rows in the same order
     (float32 sums a row at a time from DRAM, bnf_sums_rowwise; the statistics and the
-    other types' sums four): the same bits. Then the rows of dx are
-    contiguous, and the eval-mode backward stores dx as its sums read dy, in one pass
-    (bwd_sums_dx_shifted), where a block's rows off a line declined it. One thread,
+    other types' sums four): the same bits. Then the rows of dx are contiguous, and the
+    eval-mode backward stores dx as its sums read dy, in one pass (bwd_sums_dx_shifted),
+    where a block's rows off a line declined it. One thread,
     float32, 51 MB, in one process against blocks (twenty-first session, Intel VM, 48 KB
     of L1): (16725, 768) and (12544, 1024) backward sums 0.80-0.88 -> 0.68-0.82x a copy,
     backward 1.70-2.12 -> 1.56-2.07x, eval-mode backward 1.92-2.06 -> 0.95-1.15x,
@@ -1147,8 +1147,8 @@ cdef inline void _line_blocks(Job *j) noexcept nogil:
     the time with it."""
     cdef Py_ssize_t line = 64 // j.isz, lead
     if _line_blocks_on and j.stream and j.group == 1 and not j.gap and j.nlev == 0 and \
-            j.ncb > 1 and j.y != NULL and (<size_t>j.y) % j.isz == 0 and (j.y_os * j.isz) % 64 == 0 and \
-            j.width % line == 0:
+            j.ncb > 1 and j.y != NULL and (<size_t>j.y) % j.isz == 0 and \
+            (j.y_os * j.isz) % 64 == 0 and j.width % line == 0:
         lead = ((-<Py_ssize_t>j.y) & 63) // j.isz      # columns before the first line
         j.col_shift = (line - lead) % line
         j.ncb = _cdiv(j.C + j.col_shift, j.width)
