@@ -88,23 +88,31 @@ def traffic_lib():
     lib.traffic_read.restype = ctypes.c_double
     lib.traffic_read.argtypes = [vp, vp, n]
     lib.traffic_write.restype = None
-    lib.traffic_write.argtypes = [vp, vp, vp, n]
+    lib.traffic_write.argtypes = [vp, vp, vp, n, ctypes.c_int]
     lib.traffic_kind.restype = ctypes.c_char_p
     return lib, None
 
 
+def _stream_bytes():
+    """The output size from which bnfast streams an `out=` (non-temporal stores)."""
+    from bnfast import _core
+    n = _core._set_stream_bytes(0)
+    _core._set_stream_bytes(n)
+    return n
+
+
 def _floor_ops(lib, x, dy, y):
-    """The bare traffic of the passes over x (and dy) into y; {} unless all three are
-    C-contiguous."""
+    """The bare traffic of the passes over x (and dy) into y, its stores streamed where
+    bnfast streams them; {} unless all three are C-contiguous."""
     if lib is None or not all(a.flags.c_contiguous for a in (x, dy, y)):
         return {}
     px, pdy, py, n = x.ctypes.data, dy.ctypes.data, y.ctypes.data, x.size
-    read, write = lib.traffic_read, lib.traffic_write
+    read, write, nt = lib.traffic_read, lib.traffic_write, int(y.nbytes >= _stream_bytes())
     return {
-        "floor 1r+w": lambda: write(px, None, py, n),
-        "floor 2r+w": lambda: (read(px, None, n), write(px, None, py, n)),
-        "floor bwd 2r+w": lambda: write(px, pdy, py, n),
-        "floor bwd 4r+w": lambda: (read(px, pdy, n), write(px, pdy, py, n)),
+        "floor 1r+w": lambda: write(px, None, py, n, nt),
+        "floor 2r+w": lambda: (read(px, None, n), write(px, None, py, n, nt)),
+        "floor bwd 2r+w": lambda: write(px, pdy, py, n, nt),
+        "floor bwd 4r+w": lambda: (read(px, pdy, n), write(px, pdy, py, n, nt)),
     }
 
 

@@ -368,11 +368,13 @@ def test_interleaved_script_floors(capsys, monkeypatch):
     for n in (0, 1, 7, 100, 1031):
         x, dy = rng.standard_normal((2, n + 1)).astype(np.float32)
         x, dy = x[1:], dy[1:]                   # off a 16-byte line: the unaligned head
-        out = np.full(n, np.nan, np.float32)
-        lib.traffic_write(x.ctypes.data, dy.ctypes.data, out.ctypes.data, n)
-        np.testing.assert_array_equal(out, x + dy)
-        lib.traffic_write(x.ctypes.data, None, out.ctypes.data, n)
-        np.testing.assert_array_equal(out, x)
+        for stream in (1, 0):                   # streamed stores, plain ones
+            out = np.full(n, np.nan, np.float32)
+            lib.traffic_write(x.ctypes.data, dy.ctypes.data, out.ctypes.data, n, stream)
+            np.testing.assert_array_equal(out, x + dy)
+            out[:] = np.nan
+            lib.traffic_write(x.ctypes.data, None, out.ctypes.data, n, stream)
+            np.testing.assert_array_equal(out, x)
         ref = np.sum(x, dtype=np.float64) + np.sum(dy, dtype=np.float64)
         assert lib.traffic_read(x.ctypes.data, dy.ctypes.data, n) == pytest.approx(ref, abs=1e-3)
         assert lib.traffic_read(x.ctypes.data, None, n) == pytest.approx(
