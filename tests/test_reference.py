@@ -62,6 +62,24 @@ def _grad_scale(dy, invstd, weight, axis):
                          * np.asarray(invstd, np.float64).reshape(bs)), initial=0.0)
 
 
+def _assert_sums_close(dw, db, dwr, dbr, dy, x, mean, invstd, axis, dtype=None):
+    """dweight and dbias against the reference, relative to the sums' condition: max
+    over channels of sum |dy * xhat| and of sum |dy| (as tests/test_awkward.py). Terms
+    that cancel leave a sum only as exact as float64 additions of the terms: relative to
+    itself alone, a float64 dweight of 0.0021 from terms of total 113 failed with
+    bnfast 6.7e3 ulps from the exact sum and the float64 reference 1.9e4."""
+    ax = normalize_axis(axis, np.ndim(x))
+    red = tuple(i for i in range(np.ndim(x)) if i != ax)
+    bs = [1] * np.ndim(x)
+    bs[ax] = -1
+    absdy = np.abs(np.asarray(dy, np.float64))
+    xhat = np.abs((np.asarray(x, np.float64) - np.reshape(mean, bs)) * np.reshape(invstd, bs))
+    R.assert_grad_close(dw, dwr, dtype, what="dweight", scale=max(
+        np.max(np.abs(dwr), initial=0.0), np.max((absdy * xhat).sum(axis=red), initial=0.0)))
+    R.assert_grad_close(db, dbr, dtype, what="dbias", scale=max(
+        np.max(np.abs(dbr), initial=0.0), np.max(absdy.sum(axis=red), initial=0.0)))
+
+
 # ----------------------------------------------------------------------------------
 # The reference itself
 
@@ -211,8 +229,7 @@ def check_backward(x, axis, seed, training, affine=True, dy_layout="c"):
     assert dw.shape == (C,) and db.shape == (C,)
     scale = _grad_scale(dy, invstd, w, axis)
     R.assert_grad_close(dx, dxr, dtype, scale=scale, what="dx")
-    R.assert_grad_close(dw, dwr, dtype, what="dweight")
-    R.assert_grad_close(db, dbr, dtype, what="dbias")
+    _assert_sums_close(dw, db, dwr, dbr, dy, x, mean, invstd, axis, dtype)
     _assert_unchanged(before, (x, dy, w), ("x", "dy", "weight"))
     return dx, dw, db
 
@@ -277,8 +294,7 @@ def test_backward_with_bnfast_own_statistics():
             dx, dw, db = bnfast.batch_norm_backward(dy, x, mean, invstd, w, axis=axis)
             dxr, dwr, dbr = R.batch_norm_backward(dy, x, mr, sr, w, axis=axis)
             R.assert_grad_close(dx, dxr, scale=_grad_scale(dy, sr, w, axis))
-            R.assert_grad_close(dw, dwr, what="dweight")
-            R.assert_grad_close(db, dbr, what="dbias")
+            _assert_sums_close(dw, db, dwr, dbr, dy, x, mr, sr, axis)
 
 
 # Arrays big enough for several channel blocks, superblocks (split reductions) and
@@ -351,7 +367,7 @@ def test_out_every_layout(shape, axis, dtype):
         r, dw, db = bnfast.batch_norm_backward(dy, x, mr, sr, w, axis=axis, out=out)
         assert r is out, lay
         R.assert_grad_close(out, dxr, scale=_grad_scale(dy, sr, w, axis), what=f"dx out={lay}")
-        R.assert_grad_close(dw, dwr, what="dweight")
+        _assert_sums_close(dw, db, dwr, dbr, dy, x, mr, sr, axis)
 
 
 IN_PLACE_LAYOUTS = ("c", "f", "channels_last", "permuted", "step", "negative",
