@@ -129,6 +129,12 @@ cdef extern from "bnfast_kernels.h" nogil:
                               Py_ssize_t width, Py_ssize_t group, const double *mean,
                               const double *a, double *sum_dy, double *sum_dy_xmu,
                               double *sum_xmu, int flags)
+    bint bnf_bwd_sums_dx_runs(int type, const void *dy, Py_ssize_t dys, Py_ssize_t dycs,
+                              const void *x, Py_ssize_t xs, Py_ssize_t xcs, void *dx,
+                              Py_ssize_t dxs, Py_ssize_t dxcs, Py_ssize_t nruns,
+                              Py_ssize_t length, Py_ssize_t k, const double *mean,
+                              const double *a, double *sum_dy, double *sum_dy_xmu,
+                              double *sum_xmu, int flags)
     void bnf_bwd_dx_runs(int type, const void *dy, Py_ssize_t dys, Py_ssize_t dycs,
                          const void *x, Py_ssize_t xs, Py_ssize_t xcs, void *dx,
                          Py_ssize_t dxs, Py_ssize_t dxcs, Py_ssize_t nruns,
@@ -410,9 +416,10 @@ def _set_masked_tails(on):
 
 
 def _set_fused_eval_backward(on):
-    """Whether eval-mode backward (statistics held fixed) of rows stores dx as its sums
-    read dy, in one pass, rather than the sums and then dx of each unit (the same bits;
-    on by default). None leaves it; returns the previous setting (tuning, tests)."""
+    """Whether eval-mode backward (statistics held fixed) stores dx as its sums read dy,
+    in one pass (rows; runs, each run's dx right after its sums), rather than the sums
+    and then dx of each unit or block (the same bits; on by default). None leaves it;
+    returns the previous setting (tuning, tests)."""
     return bool(bnf_set_fuse_sums_dx(-1 if on is None else (1 if on else 0)))
 
 
@@ -1067,6 +1074,10 @@ cdef inline void _unit_at(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssiz
                 j.type, dy, dy_os, x, x_os, y, y_os, nr, w, j.group, j.hi + c0, j.scale + c0,
                 sdy, sdyx, sxm, flags | _dram_flags(j)):
             return      # dx = scale * dy stored as the sums read dy, one pass
+        if not rows and kind == K_BEVAL and bnf_bwd_sums_dx_runs(
+                j.type, dy, dy_os, 0, x, x_os, 0, y, y_os, 0, nr, j.inner, 1, j.hi + c0,
+                j.scale + c0, sdy, sdyx, sxm, flags):
+            return      # likewise, a run at a time
         if rows:
             bnf_bwd_sums_rows(j.type, dy, dy_os, x, x_os, nr, w, j.group, j.hi + c0,
                               sdy, sdyx, sxm, _dram_flags(j))
@@ -1289,6 +1300,15 @@ cdef void _pipeline(Job *j, int kind, Py_ssize_t u0, Py_ssize_t u1) noexcept nog
         fetch_next = _fetch_next(j)
         while u < u1:
             w = u1 - u if u1 - u < k else k
+            if kind == K_BEVAL and bnf_bwd_sums_dx_runs(
+                    j.type, j.dy + u * j.dy_cs * isz, j.dy_os, j.dy_cs,
+                    j.x + u * j.x_cs * isz, j.x_os, j.x_cs, j.y + u * j.y_cs * isz, j.y_os,
+                    j.y_cs, j.outer, j.inner, w, j.hi + u, j.scale + u, j.s_dy + u,
+                    j.s_dyx + u, j.s_xm + u, _out_flags(j)):
+                u += w          # dx = scale * dy stored as the sums read dy, one pass
+                if j.stream:
+                    bnf_stream_fence()
+                continue
             un = u + w
             wn = u1 - un if u1 - un < k else k
             if not fetch_next:
@@ -1398,11 +1418,13 @@ cdef Py_ssize_t _channel_block(const Job *j, int kind) noexcept nogil:
     if kind == K_FWD and ch <= TRAIN_BLOCK_BYTES:
         k = TRAIN_BLOCK_BYTES // ch
     if kind == K_BEVAL:
-        # the sums read x and dy, dx then dy again from L2: blocks of BWD_SPLIT_BYTES of
-        # each. (64, 256, 28, 28) eval-mode backward took 1.87x a copy in blocks of
-        # CHANNEL_BLOCK_BYTES (7 channels: 2.8 MB of x and dy) and 1.34x in these (one
-        # thread, float32, alternated in one process, Intel Xeon with 2 MiB of L2);
-        # (16, 128, 56, 56) 1.64 -> 1.42x, (32, 256, 28, 28) 1.98 -> 1.88x
+        # two steps (_set_fused_eval_backward off), the sums read x and dy, dx then dy
+        # again from L2: blocks of BWD_SPLIT_BYTES of each. (64, 256, 28, 28) eval-mode
+        # backward took 1.87x a copy in blocks of CHANNEL_BLOCK_BYTES (7 channels: 2.8 MB
+        # of x and dy) and 1.34x in these (one thread, float32, alternated in one
+        # process, Intel Xeon with 2 MiB of L2); (16, 128, 56, 56) 1.64 -> 1.42x,
+        # (32, 256, 28, 28) 1.98 -> 1.88x. In one pass the size measured the same
+        # (blocks of 1.5 and 4 MB 0.97-1.04x the time).
         k = BWD_SPLIT_BYTES // ch
     elif kind == K_BWD and ch <= BWD_SPLIT_BYTES and _fetch_next(j):
         k = 1       # a channel a block: see BWD_SPLIT_BYTES

@@ -192,8 +192,8 @@ int bnf_set_store_lines(int on);
 /* Whether the AVX-512 rows loops end rows with one masked vector (on: 1, off: 0, -1 leaves
  * it): the previous setting (tuning, tests; the same bits either way). */
 int bnf_set_masked_tails(int on);
-/* Whether eval-mode backward of rows stores dx as its sums read dy, in one pass
- * (bnf_bwd_sums_dx_rows; tuning, tests: the same bits either way). */
+/* Whether eval-mode backward stores dx as its sums read dy, in one pass
+ * (bnf_bwd_sums_dx_rows, bnf_bwd_sums_dx_runs; tuning, tests: the same bits either way). */
 int bnf_set_fuse_sums_dx(int on);
 /* Whether contiguous rows that do not fill whole lines go as runs of several rows that
  * do, streamed or in cache (on: 1, off: 0, -1 leaves it): the previous setting (tuning,
@@ -298,6 +298,12 @@ void bnf_bwd_coeffs(ptrdiff_t C, double n, const double *hi, const double *invst
                                  ptrdiff_t nrows, ptrdiff_t width, ptrdiff_t group,       \
                                  const double *mean, const double *a, double *sum_dy,     \
                                  double *sum_dy_xmu, double *sum_xmu, int flags);         \
+    int bnf_bwd_sums_dx_runs_##S(const T *dy, ptrdiff_t dystride, ptrdiff_t dycs,        \
+                                 const T *x, ptrdiff_t xstride, ptrdiff_t xcs, T *dx,     \
+                                 ptrdiff_t dxstride, ptrdiff_t dxcs, ptrdiff_t nruns,     \
+                                 ptrdiff_t len, ptrdiff_t k, const double *mean,          \
+                                 const double *a, double *sum_dy, double *sum_dy_xmu,     \
+                                 double *sum_xmu, int flags);                             \
     void bnf_bwd_dx_runs_##S(const T *dy, ptrdiff_t dystride, ptrdiff_t dycs, const T *x, \
                              ptrdiff_t xstride, ptrdiff_t xcs, T *dx, ptrdiff_t dxstride, \
                              ptrdiff_t dxcs, ptrdiff_t nruns, ptrdiff_t len, ptrdiff_t k, \
@@ -421,6 +427,25 @@ static inline int bnf_bwd_sums_dx_rows(int type, const void *dy, ptrdiff_t dystr
 #define CALL(T, S)                                                                        \
     return bnf_bwd_sums_dx_rows_##S((const T *)dy, dystride, (const T *)x, xstride,      \
                                     (T *)dx, dxstride, nrows, width, group, mean, a,      \
+                                    sum_dy, sum_dy_xmu, sum_xmu, flags)
+    BNF_BY_TYPE(type, CALL)
+#undef CALL
+    return 0;
+}
+
+/* 1 where the sums and dx = a * dy of k channels of runs went in one pass; 0: nothing
+ * done (see bnfast_kernels_impl.h) */
+static inline int bnf_bwd_sums_dx_runs(int type, const void *dy, ptrdiff_t dystride,
+                                       ptrdiff_t dycs, const void *x, ptrdiff_t xstride,
+                                       ptrdiff_t xcs, void *dx, ptrdiff_t dxstride,
+                                       ptrdiff_t dxcs, ptrdiff_t nruns, ptrdiff_t len,
+                                       ptrdiff_t k, const double *mean, const double *a,
+                                       double *sum_dy, double *sum_dy_xmu, double *sum_xmu,
+                                       int flags)
+{
+#define CALL(T, S)                                                                        \
+    return bnf_bwd_sums_dx_runs_##S((const T *)dy, dystride, dycs, (const T *)x, xstride, \
+                                    xcs, (T *)dx, dxstride, dxcs, nruns, len, k, mean, a, \
                                     sum_dy, sum_dy_xmu, sum_xmu, flags)
     BNF_BY_TYPE(type, CALL)
 #undef CALL

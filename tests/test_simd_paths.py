@@ -405,6 +405,10 @@ FUSED_DX_SHAPES = [
     ((21, 24, 8), (21, 24, 8), 1),  # rows of 192 columns
     ((17, 200, 3), (17, 200, 3), 1),  # 600 columns: two blocks, as before
     ((9, 10, 5, 5), (9, 10, 5, 5), 1),  # 250 columns, not whole lines: as before
+    ((5, 12, 200), (5, 12, 200), 1),  # runs (NCHW): dx of each run after its sums
+    ((3, 10, 14, 14), (3, 10, 14, 14), 1),  # runs of 196: masked tails
+    ((4, 6, 130), (4, 6, 144), 1),  # dx's runs not back to back
+    ((3, 4, 2100), (3, 4, 2100), 1),  # runs longer than a chunk
 ]
 
 
@@ -454,22 +458,24 @@ def test_eval_backward_sums_and_dx_in_one_pass(shape, full, axis, dtype, offset,
 
 @pytest.mark.parametrize("dram", [True, False])
 @pytest.mark.parametrize("offset", [0, 1])
-@pytest.mark.parametrize("shape", [(70, 256), (203, 64)])
-def test_eval_backward_in_one_pass_over_dy(shape, offset, dram):
-    """out=dy (allowed): the one pass reads each element of dy before it writes dx there."""
-    x = make_values(shape, np.float32, 43, axis=-1, offset=1e4)
-    dy = make_values(shape, np.float32, 47, axis=-1)
-    w = params(shape[-1], np.float32, 3)[0]
-    _, mean, invstd = bnfast.batch_norm_train(x, w, axis=-1)
+@pytest.mark.parametrize("shape,axis", [((70, 256), -1), ((203, 64), -1),
+                                        ((5, 12, 200), 1)])
+def test_eval_backward_in_one_pass_over_dy(shape, axis, offset, dram):
+    """out=dy (allowed): the one pass reads each element of dy before it writes dx there
+    (rows; and runs, a run's dx after its sums)."""
+    x = make_values(shape, np.float32, 43, axis=axis, offset=1e4)
+    dy = make_values(shape, np.float32, 47, axis=axis)
+    w = params(shape[axis], np.float32, 3)[0]
+    _, mean, invstd = bnfast.batch_norm_train(x, w, axis=axis)
     size = int(np.prod(shape))
     old_stream = _set_stream_bytes(0 if dram else 1 << 62)
     old_blocks = _set_reduce_blocks_min(0 if dram else 1 << 62)
     try:
-        want = bnfast.batch_norm_backward(dy, x, mean, invstd, w, axis=-1, training=False)
+        want = bnfast.batch_norm_backward(dy, x, mean, invstd, w, axis=axis, training=False)
         buf, lo = _off_a_line(size, np.float32, offset)
         g = buf[lo:lo + size].reshape(shape)
         g[...] = dy
-        got = bnfast.batch_norm_backward(g, x, mean, invstd, w, axis=-1, training=False,
+        got = bnfast.batch_norm_backward(g, x, mean, invstd, w, axis=axis, training=False,
                                          out=g)
     finally:
         _set_stream_bytes(old_stream)
