@@ -409,6 +409,7 @@ FUSED_DX_SHAPES = [
     ((3, 10, 14, 14), (3, 10, 14, 14), 1),  # runs of 196: masked tails
     ((4, 6, 130), (4, 6, 144), 1),  # dx's runs not back to back
     ((3, 4, 2100), (3, 4, 2100), 1),  # runs longer than a chunk
+    ((3, 2, 90000), (3, 2, 90000), 1),  # channels in several units (superblocks)
 ]
 
 
@@ -421,6 +422,8 @@ FUSED_DX_SHAPES = [
 def test_eval_backward_sums_and_dx_in_one_pass(shape, full, axis, dtype, offset, threads, dram):
     """`dram`: the paths of arrays read from DRAM (streamed, rows one at a time); else
     in cache."""
+    if dtype == np.float16 and np.prod(shape) > 100000:
+        pytest.skip("dweight and dbias beyond float16's range")
     x = make_values(shape, dtype, 37, axis=axis, offset=_offset(dtype))
     dy = make_values(shape, dtype, 41, axis=axis)
     w = params(shape[axis], dtype, 3)[0]
