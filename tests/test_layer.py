@@ -550,3 +550,41 @@ def test_copies_keep_arrays_shared_with_what_else_is_copied(how):
     new["params"][0] -= 0.5
     np.testing.assert_array_equal(new["bn"].weight, 0.5)
     np.testing.assert_array_equal(bn.weight, 1.0)
+
+
+# ----------------------------------------------------------------------------------
+# hypothesis: FrozenBatchNorm on random shapes, axes, layouts, dtypes, offsets, seeds,
+# against the float64 twin, allocating and into out= of any layout
+
+try:
+    from hypothesis import given, strategies as st
+except ImportError:           # hypothesis is a test extra: the tests above still run
+    given = None
+
+
+if given is not None:
+    from arrays import OUT_LAYOUTS, cases, out_like
+
+    @given(cases(), st.sampled_from(OUT_LAYOUTS), st.booleans(),
+           st.sampled_from([1e-5, 1e-3, 0.5]))
+    def test_hyp_frozen(c, out_layout, affine, eps):
+        x = c.array()
+        dtype = x.dtype.newbyteorder("=")
+        w, b, _, _ = c.params(dtype)
+        if not affine:
+            w = b = None
+        rng = np.random.default_rng(c.seed % 1000)
+        m, v, _ = R.batch_stats(x, c.axis)
+        C = m.shape[0]
+        rm = (m + rng.uniform(-0.5, 0.5, C)).astype(dtype)
+        rv = (np.where(v > 0, v, 1.0) * rng.uniform(0.5, 2.0, C)).astype(dtype)
+        before = x.copy()
+        f = bnfast.FrozenBatchNorm(rm, rv, w, b, eps=eps, axis=c.axis)
+        ref = R.frozen_batch_norm(x, rm, rv, w, b, eps, axis=c.axis)
+        y = f(x)
+        assert y.dtype == dtype and y.shape == x.shape
+        R.assert_forward_close(y, ref, dtype, what="frozen")
+        out = out_like(x, out_layout, seed=c.seed % 1000)
+        assert f(x, out=out) is out
+        R.assert_forward_close(out, ref, dtype, what=f"frozen out={out_layout}")
+        np.testing.assert_array_equal(x, before)      # x untouched

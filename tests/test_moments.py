@@ -541,3 +541,37 @@ def test_moments_of_big_endian_arrays_merge_correctly():
         np.testing.assert_array_equal(got.m2, [2.0 * k, 8.0 * k])
     assert m.mean.dtype == np.float64 and m.mean.dtype.isnative
     assert not m.mean.flags.writeable
+
+
+# -------------------------------------------------------------------------------------
+# hypothesis: random shapes, axes, layouts, dtypes, offsets, seeds (tests/arrays.py)
+
+try:
+    from hypothesis import given, strategies as st
+except ImportError:           # hypothesis is a test extra: the cases above still run
+    given = None
+
+
+if given is not None:
+    from arrays import cases
+
+    @given(cases())
+    def test_hyp_moments(c):
+        x = c.array()
+        _check(moments(x, axis=c.axis), _ref(x, c.axis), what=repr(c))
+
+    @given(cases(), st.lists(st.floats(0, 1), max_size=4))
+    def test_hyp_merge_of_parts(c, cuts):
+        """The moments of parts of x along a non-channel axis (empty parts included),
+        merged in order, against those of the whole."""
+        x = c.array()
+        ax = c.axis % x.ndim
+        along = 0 if ax != 0 else 1
+        n = x.shape[along]
+        at = [0] + sorted(int(f * n) for f in cuts) + [n]
+        parts = [moments(np.take(x, range(a, b), axis=along), axis=c.axis)
+                 for a, b in zip(at[:-1], at[1:])]
+        acc = parts[0]
+        for p in parts[1:]:
+            acc = merge_moments(acc, p)
+        _check(acc, _ref(x, c.axis), what=f"{c!r} cut at {at}")
