@@ -410,7 +410,8 @@ def _set_store_lines(on):
 
 def _set_masked_tails(on):
     """Whether the AVX-512 rows loops end each row (its plain stores, its sums) with one
-    masked vector rather than an element at a time (the same bits; on by default). None
+    masked vector, and streamed runs write their heads and tails by masked vectors within
+    their lines, rather than an element at a time (the same bits; on by default). None
     leaves it; returns the previous setting (tuning, tests)."""
     return bool(bnf_set_masked_tails(-1 if on is None else (1 if on else 0)))
 

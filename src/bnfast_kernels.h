@@ -189,8 +189,9 @@ int bnf_set_adds_as_fma(int on);
 /* Whether plain stores of the rows forms are put on lines (on: 1, off: 0, -1 leaves it):
  * the previous setting (tuning, tests; the same bits either way). */
 int bnf_set_store_lines(int on);
-/* Whether the AVX-512 rows loops end rows with one masked vector (on: 1, off: 0, -1 leaves
- * it): the previous setting (tuning, tests; the same bits either way). */
+/* Whether the AVX-512 rows loops end rows with one masked vector, and streamed runs take
+ * their heads and tails by masked vectors (on: 1, off: 0, -1 leaves it): the previous
+ * setting (tuning, tests; the same bits either way). */
 int bnf_set_masked_tails(int on);
 /* Whether eval-mode backward stores dx as its sums read dy, in one pass
  * (bnf_bwd_sums_dx_rows, bnf_bwd_sums_dx_runs; tuning, tests: the same bits either way). */
