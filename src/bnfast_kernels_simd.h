@@ -173,9 +173,10 @@
 #define BNF_VLDM(k, p) _mm512_maskz_loadu_pd((k), (p))
 #define BNF_VSTM(q, k, v) _mm512_mask_storeu_pd((q), (k), (v))
 #define BNF_TAIL_MASK(n, i) ((__mmask8)((1u << ((n) - (i))) - 1))
-#define BNF_TAIL_ROWS(q, i, n, nt)                                                     \
+/* the tail by whole vectors and then one masked vector where `masked`, else BNF_TAIL */
+#define BNF_TAIL_MASKED(q, i, n, masked)                                               \
     do {                                                                               \
-        if ((nt) || !bnf_masked_tails) {                                               \
+        if (!(masked)) {                                                               \
             BNF_TAIL(q, i, n);                                                         \
             break;                                                                     \
         }                                                                              \
@@ -186,6 +187,7 @@
             i = (n);                                                                   \
         }                                                                              \
     } while (0)
+#define BNF_TAIL_ROWS(q, i, n, nt) BNF_TAIL_MASKED(q, i, n, !(nt) && bnf_masked_tails)
 #else
 #define BNF_TAIL_ROWS(q, i, n, nt) BNF_TAIL(q, i, n)
 #endif
@@ -220,19 +222,7 @@
         }                                                                              \
         i = e_;                                                                        \
     } while (0)
-#define BNF_TAIL_RUN(q, i, n, nt)                                                      \
-    do {                                                                               \
-        if (!(nt) || !bnf_masked_tails) {                                              \
-            BNF_TAIL(q, i, n);                                                         \
-            break;                                                                     \
-        }                                                                              \
-        for (; i + BNF_VW <= (n); i += BNF_VW) BNF_VSTT((q) + i, BNF_V(i));            \
-        if (i < (n)) {                                                                 \
-            __mmask8 k_ = BNF_TAIL_MASK(n, i);                                         \
-            BNF_VSTT_MASK((q) + i, k_, BNF_VM(i, k_));                                 \
-            i = (n);                                                                   \
-        }                                                                              \
-    } while (0)
+#define BNF_TAIL_RUN(q, i, n, nt) BNF_TAIL_MASKED(q, i, n, (nt) && bnf_masked_tails)
 #else
 #define BNF_HEAD_RUN(q, i, n, nt) BNF_HEAD(q, i, n, nt)
 #define BNF_TAIL_RUN(q, i, n, nt) BNF_TAIL(q, i, n)
@@ -1277,6 +1267,7 @@ BNF_SIMD_FN void BNF_SIMD(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x
 #undef BNF_VSTM
 #undef BNF_TAIL_MASK
 #undef BNF_TAIL_ROWS
+#undef BNF_TAIL_MASKED
 #undef BNF_HEAD_RUN
 #undef BNF_TAIL_RUN
 #undef BNF_LINE_ELEMS
