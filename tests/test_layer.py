@@ -565,6 +565,55 @@ except ImportError:           # hypothesis is a test extra: the tests above stil
 if given is not None:
     from arrays import OUT_LAYOUTS, cases, out_like
 
+    @given(cases(training=True), st.sampled_from(LAYER_OPTIONS),
+           st.lists(st.booleans(), min_size=1, max_size=4))
+    def test_hyp_layer(c, opts, modes):
+        """The layer over a few steps (training or not) against BatchNormRef: outputs,
+        dx, the parameter gradients (relative to their sums' condition) and the running
+        statistics, on random shapes, axes, layouts, dtypes and offsets."""
+        opts = dict(opts, axis=c.axis)
+        x = c.array()
+        dtype = x.dtype.newbyteorder("=")
+        bn = bnfast.BatchNorm(c.C, dtype=dtype, **opts)
+        ref = R.BatchNormRef(c.C, dtype=dtype, **opts)
+        if bn.weight is not None:
+            w, b, _, _ = c.params(dtype)
+            bn.weight[...] = w
+            bn.bias[...] = b
+            ref.weight[...] = w
+            ref.bias[...] = b
+        rt = 1e-6 if dtype == np.float32 else 1e-12
+        ax = c.axis % x.ndim
+        red = tuple(i for i in range(x.ndim) if i != ax)
+        bs = [1] * x.ndim
+        bs[ax] = -1
+        for i, training in enumerate(modes):
+            bn.train(training)
+            ref.train(training)
+            y = bn(x)
+            assert y.dtype == dtype and y.shape == x.shape
+            R.assert_forward_close(y, ref(x), what=f"step {i} training={training}: y")
+            dy = make_values(x.shape, dtype, c.seed % 1000 + i, axis=c.axis)
+            dx, dxr = bn.backward(dy), ref.backward(dy)
+            _, mean, invstd, _ = ref._saved
+            wv = np.ones(c.C) if bn.weight is None else np.asarray(bn.weight, np.float64)
+            absdy = np.abs(dy.astype(np.float64))
+            R.assert_grad_close(dx, dxr, scale=np.max(
+                absdy * np.reshape(np.abs(wv * invstd), bs), initial=0.0), what="dx")
+            if bn.affine:
+                xhat = np.abs((x.astype(np.float64) - np.reshape(mean, bs)) *
+                              np.reshape(invstd, bs))
+                R.assert_grad_close(bn.grad_weight, ref.grad_weight, what="grad_weight",
+                                    scale=max(np.max(np.abs(ref.grad_weight)),
+                                              np.max((absdy * xhat).sum(axis=red))))
+                R.assert_grad_close(bn.grad_bias, ref.grad_bias, what="grad_bias",
+                                    scale=max(np.max(np.abs(ref.grad_bias)),
+                                              np.max(absdy.sum(axis=red))))
+            assert bn.num_batches_tracked == ref.num_batches_tracked
+            if bn.track_running_stats:
+                R.assert_vec_close(bn.running_mean, ref.running_mean, rt, "running_mean")
+                R.assert_vec_close(bn.running_var, ref.running_var, rt, "running_var")
+
     @given(cases(), st.sampled_from(OUT_LAYOUTS), st.booleans(),
            st.sampled_from([1e-5, 1e-3, 0.5]))
     def test_hyp_frozen(c, out_layout, affine, eps):
