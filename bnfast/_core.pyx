@@ -326,6 +326,9 @@ cdef bint _prefetch_ordered = bnf_cpu_amd()
 # (_full_rows): the float32 backward sums' state (32 bytes a column: three sums and the
 # mean), loaded and stored every row, within two thirds of a core's L1 data cache.
 cdef Py_ssize_t _full_rows_cols = bnf_l1d_bytes() // 48
+# Training backward of channels of runs whose rows alias in L2 (_rows_alias) goes in two
+# passes in memory order (tuning, tests: _set_alias_two_pass; the same bits)
+cdef bint _alias_two_pass = True
 # Blocks of columns of the backward begin on the output's lines (_line_blocks).
 cdef bint _line_blocks_on = True
 
@@ -347,6 +350,19 @@ def _set_fetch_large(on):
     old = _fetch_large
     if on is not None:
         _fetch_large = bool(on)
+    return old
+
+
+def _set_alias_two_pass(on):
+    """Whether training backward of channels of runs whose rows alias in L2 (a sample
+    stride of a multiple of 128 KB: (64, 256, 16, 16)) takes its sums over the whole
+    array and then dx, two passes in memory order, rather than each channel's sums and
+    then its dx from cache (the same bits; on by default). None leaves it; returns the
+    previous setting (tuning, tests)."""
+    global _alias_two_pass
+    old = _alias_two_pass
+    if on is not None:
+        _alias_two_pass = bool(on)
     return old
 
 
@@ -1098,6 +1114,36 @@ cdef inline void _unit_at(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssiz
     else:
         bnf_bwd_dx_runs(j.type, dy, dy_os, 0, x, x_os, 0, y, y_os, 0, nr, j.inner, 1,
                         j.hi + c0, j.scale + c0, j.k1 + c0, j.k2 + c0, flags, NULL, NULL, 0)
+
+
+cdef inline Py_ssize_t _gcd(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    while b:
+        a, b = b, a % b
+    return a
+
+
+cdef inline Py_ssize_t _l2_places(Py_ssize_t stride) noexcept nogil:
+    """Places in a 128 KB way of L2 that rows `stride` bytes apart take (_rows_alias)."""
+    cdef Py_ssize_t way = 1 << 17
+    stride = (stride if stride >= 0 else -stride) % way
+    return way // _gcd(stride, way)
+
+
+cdef inline bint _rows_alias(const Job *j) noexcept nogil:
+    """Channels of runs (NCHW) from DRAM whose rows, in x or dy, fall on the same L2 sets
+    more than 8 at a time: rows `x_os` bytes apart take 128 KB / gcd(x_os mod 128 KB,
+    128 KB) places in a way of a 2 MiB 16-way (or 1 MiB 8-way) L2, and a fused channel
+    keeps x and dy there between its sums and its dx. (64, 256, 16, 16), rows 256 KB
+    apart, all 64 on the same sets: its backward took 1.03 ns an element, 0.51 with rows
+    1 KB further apart, and 0.78 in two passes over DRAM in memory order; (64, 128, 32,
+    32) 0.79 against 0.58 (one thread, float32, Intel VM, twenty-second session). Rows
+    spread over the sets ((64, 250, 16, 16): 0.50 fused, 0.61 in two passes; (64, 256, 28,
+    28), 8 rows a place: 0.47 and 0.56) stay fused."""
+    if not _alias_two_pass or j.group != 0 or j.nlev != 0 or \
+            j.outer * j.C * j.inner * j.isz < _reduce_blocks_min:
+        return False
+    return j.outer > 8 * _l2_places(j.x_os * j.isz) or \
+        j.outer > 8 * _l2_places(j.dy_os * j.isz)
 
 
 cdef inline bint _fuses(const Job *j, int narrays) noexcept nogil:
@@ -3190,7 +3236,7 @@ def _backward(dy, x, mean, invstd, weight, bint training, axis, out, sums_hook):
             raise MemoryError()
         j.s_dyx = j.s_dy + j.nsb * C
         j.s_xm = j.s_dyx + j.nsb * C
-        fused = _fuses(&j, 2)
+        fused = _fuses(&j, 2) and not (training and _rows_alias(&j))
         if not fused:
             _full_rows(&j, False)
         _line_blocks(&j)

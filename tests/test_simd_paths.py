@@ -530,6 +530,37 @@ def test_pipelined_units_equal_unit_by_unit(shape, axis, dtype, threads, stream)
         assert a.tobytes() == g.tobytes(), f"{name}: the pipelined units give other bits"
 
 
+@pytest.mark.usefixtures("threads_on_small_arrays")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype,shape", [(np.float32, (40, 8, 1024)),
+                                         (np.float64, (40, 8, 1024)),
+                                         (np.float16, (70, 8, 1024))])
+def test_backward_of_rows_aliasing_in_l2(shape, dtype, threads):
+    """Channels whose rows fall on the same L2 sets (rows 32 KB apart, 16 for float16:
+    four or eight places in a 128 KB way, more than 8 rows each) go in two passes in
+    memory order (_rows_alias), with the bits of each channel fused."""
+    from bnfast._core import _set_alias_two_pass
+    x = make_values(shape, dtype, 29, axis=1, offset=_offset(dtype))
+    dy = make_values(shape, dtype, 31, axis=1)
+    w = params(shape[1], dtype, 3)[0]
+    _, mean, invstd = bnfast.batch_norm_train(x, w, axis=1)
+    bnfast.set_num_threads(threads)
+    old_blocks = _set_reduce_blocks_min(0)
+    try:
+        res = {}
+        for on in (False, True):
+            _set_alias_two_pass(on)
+            res[on] = bnfast.batch_norm_backward(dy, x, mean, invstd, w, axis=1)
+    finally:
+        _set_alias_two_pass(True)
+        _set_reduce_blocks_min(old_blocks)
+        bnfast.set_num_threads(None)
+    want = ref.batch_norm_backward(dy, x, mean, invstd, w, axis=1)
+    for name, a, g in zip(["dx", "dweight", "dbias"], res[False], res[True]):
+        assert a.tobytes() == g.tobytes(), f"{name}: two passes give other bits"
+    ref.assert_grad_close(res[True][0], want[0], dtype, what="dx")
+
+
 def fingerprint():
     """A hash of every output of _ops, plain loops, one thread, per (shape, dtype, layout)."""
     out = {}
