@@ -5,6 +5,7 @@
     python benchmarks/interleaved.py --layouts NCHW7x7,NCL4    # short runs
     python benchmarks/interleaved.py --layouts NCslice         # a column slice (strided rows)
     python benchmarks/interleaved.py --layouts NC300           # rows of 300: not whole lines
+    python benchmarks/interleaved.py --layouts NCHW16          # rows aliasing in L2
     python benchmarks/interleaved.py --layouts NC1024,NCwide   # rows wider than a block
 
 Each repetition times ``np.copyto`` of the input (with --threads N > 1, the same copy split
@@ -64,6 +65,8 @@ LAYOUTS = {
     "NC1024": ((12544, 1024), 1),
     # rows of 300 features, 1200 bytes: not a whole number of lines
     "NC300": ((40000, 300), 1),
+    # power-of-two NCHW: samples 256 KB apart, every row of a channel on the same L2 sets
+    "NCHW16": ((64, 256, 16, 16), 1),
 }
 DEFAULT_LAYOUTS = ("NCHW", "NHWC", "NC")
 

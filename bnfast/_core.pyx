@@ -1220,13 +1220,19 @@ cdef inline bint _gap_packs_norm(const Job *j) noexcept nogil:
 
 cdef inline bint _in_memory_order(const Job *j, int kind) noexcept nogil:
     """`kind` runs over blocks of rows in memory order (_ordered_unit), not over the units
-    of the reductions: the normalization, and dx of rows (its factors are known for every
+    of the reductions: the normalization, and dx (its factors are known for every
     channel by then). Rows wider than a unit's channel block (256) are then read and
     written whole, not a 1 KB piece of each row per unit, and contiguous ones are
     streamed out as one run: backward of (12544, 1024) float32 3.44 -> 2.52x a copy,
     (20000, 300) 3.39 -> 2.69x (2 threads 2.14 -> 1.43x); short runs as rows
-    (64, 512, 7, 7) 2.77 -> 2.59x; rows of 64 or 256 channels unchanged."""
-    return kind == K_NORM or (kind == K_BDX and j.group > 0 and not j.gap)
+    (64, 512, 7, 7) 2.77 -> 2.59x; rows of 64 or 256 channels unchanged. Runs (NCHW,
+    dx in two passes: channels aliasing in L2, a hook's exchanged sums, superblocks) go
+    a row of channels a call, as the normalization, not a channel's runs at a time: one
+    thread, float32, against a channel at a time (twenty-second session, Intel VM):
+    (64, 256, 16, 16) 0.70-0.71x the time, (64, 128, 32, 32) 0.93x, float64 (32, 128, 32,
+    32) 0.93-0.96x, with a hook (64, 256, 14, 14) 0.80-0.84x, (64, 256, 28, 28)
+    0.95-0.98x; two threads alike."""
+    return kind == K_NORM or (kind == K_BDX and not j.gap)
 
 
 cdef void _ordered_unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
@@ -1274,6 +1280,13 @@ cdef inline void _ordered_piece(Job *j, int kind, Py_ssize_t r0, Py_ssize_t nr,
     cdef Py_ssize_t isz = j.isz, r
     cdef char *x = _x_at(j, r0, c0)
     cdef char *y = _y_at(j, r0, c0)
+    if kind == K_BDX and not j.group:
+        for r in range(nr):         # runs: a row of channels a call
+            bnf_bwd_dx_runs(j.type, _dy_at(j, r0 + r, c0), 0, j.dy_cs,
+                            x + r * j.x_os * isz, 0, j.x_cs, y + r * j.y_os * isz, 0,
+                            j.y_cs, 1, j.inner, c1 - c0, j.hi + c0, j.scale + c0,
+                            j.k1 + c0, j.k2 + c0, flags, NULL, NULL, 0)
+        return
     if kind == K_BDX:
         bnf_bwd_dx_rows(j.type, _dy_at(j, r0, c0), j.dy_os, x, j.x_os, y, j.y_os, nr,
                         c1 - c0, j.group, j.hi + c0, j.scale + c0, j.k1 + c0, j.k2 + c0,
