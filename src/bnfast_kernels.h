@@ -75,6 +75,9 @@ typedef struct {
 /* Most channels in a block of runs whose sums a call takes (bnf_norm_runs' next block,
  * bnf_bwd_sums_runs): their lanes are on the stack. */
 #define BNF_BLOCK_CHANNELS 32
+/* Bytes of x a block of bnf_train_runs_cached takes (its statistics, then its
+ * normalization from L1). */
+#define BNF_CACHED_RUNS_BYTES (16 * 1024)
 /* Elements per chunk staged in L1 before a streaming store (and the widest block of
  * columns the rows-form normalize and dx take at once). */
 #define BNF_CHUNK 1024
@@ -276,6 +279,20 @@ void bnf_bwd_coeffs(ptrdiff_t C, double n, const double *hi, const double *invst
     void bnf_stats_rows_##S(const T *x, ptrdiff_t nrows, ptrdiff_t stride,                \
                             ptrdiff_t width, ptrdiff_t group, ptrdiff_t tile_rows,        \
                             bnf_moments *m, int flags);                                   \
+    void bnf_bwd_runs_cached_##S(const T *dy, ptrdiff_t dystride, ptrdiff_t dycs,        \
+                                 const T *x, ptrdiff_t xstride, ptrdiff_t xcs, T *dx,     \
+                                 ptrdiff_t dxstride, ptrdiff_t dxcs, ptrdiff_t nruns,     \
+                                 ptrdiff_t len, ptrdiff_t k, int training, double n,      \
+                                 const double *mean, const double *invstd,                \
+                                 const double *scale, double *sum_dy, double *sum_dy_xmu, \
+                                 double *sum_xmu, double *lo, double *k1, double *k2,     \
+                                 int flags);                                              \
+    void bnf_train_runs_cached_##S(const T *x, ptrdiff_t xstride, ptrdiff_t xcs, T *y,   \
+                                   ptrdiff_t ystride, ptrdiff_t ycs, ptrdiff_t nruns,     \
+                                   ptrdiff_t len, ptrdiff_t k, double eps,                \
+                                   const double *weight, double *hi, double *lo,          \
+                                   double *invstd, double *scale, double *shift,          \
+                                   double *var, bnf_moments *m, int flags);               \
     void bnf_norm_runs_##S(const T *x, ptrdiff_t xstride, ptrdiff_t xcs, T *y,           \
                            ptrdiff_t ystride, ptrdiff_t ycs, ptrdiff_t nruns,             \
                            ptrdiff_t len, ptrdiff_t k, const double *mean,                \
@@ -359,6 +376,39 @@ static inline void bnf_stats_rows(int type, const void *x, ptrdiff_t nrows,
 {
 #define CALL(T, S) \
     bnf_stats_rows_##S((const T *)x, nrows, stride, width, group, tile_rows, m, flags)
+    BNF_BY_TYPE(type, CALL)
+#undef CALL
+}
+
+static inline void bnf_bwd_runs_cached(int type, const void *dy, ptrdiff_t dystride,
+                                       ptrdiff_t dycs, const void *x, ptrdiff_t xstride,
+                                       ptrdiff_t xcs, void *dx, ptrdiff_t dxstride,
+                                       ptrdiff_t dxcs, ptrdiff_t nruns, ptrdiff_t len,
+                                       ptrdiff_t k, int training, double n,
+                                       const double *mean, const double *invstd,
+                                       const double *scale, double *sum_dy,
+                                       double *sum_dy_xmu, double *sum_xmu, double *lo,
+                                       double *k1, double *k2, int flags)
+{
+#define CALL(T, S)                                                                          \
+    bnf_bwd_runs_cached_##S((const T *)dy, dystride, dycs, (const T *)x, xstride, xcs,       \
+                            (T *)dx, dxstride, dxcs, nruns, len, k, training, n, mean,       \
+                            invstd, scale, sum_dy, sum_dy_xmu, sum_xmu, lo, k1, k2, flags)
+    BNF_BY_TYPE(type, CALL)
+#undef CALL
+}
+
+static inline void bnf_train_runs_cached(int type, const void *x, ptrdiff_t xstride,
+                                         ptrdiff_t xcs, void *y, ptrdiff_t ystride,
+                                         ptrdiff_t ycs, ptrdiff_t nruns, ptrdiff_t len,
+                                         ptrdiff_t k, double eps, const double *weight,
+                                         double *hi, double *lo, double *invstd,
+                                         double *scale, double *shift, double *var,
+                                         bnf_moments *m, int flags)
+{
+#define CALL(T, S)                                                                         \
+    bnf_train_runs_cached_##S((const T *)x, xstride, xcs, (T *)y, ystride, ycs, nruns, len, \
+                              k, eps, weight, hi, lo, invstd, scale, shift, var, m, flags)
     BNF_BY_TYPE(type, CALL)
 #undef CALL
 }

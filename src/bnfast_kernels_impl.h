@@ -149,14 +149,46 @@ static inline BNF_INLINE void BNF_NAME(tile_runs)(const T *x, ptrdiff_t nruns,
     BNF_NAME(tile_finish)(x, nruns, stride, len, shift, s1, s2, s2lo, t);
 }
 
-BNF_CLONES void BNF_NAME(bnf_stats_runs)(const T *x, ptrdiff_t nruns, ptrdiff_t stride,
-                                         ptrdiff_t len, bnf_moments *m, int flags)
+/* One channel's moments over its runs in tiles (tile_runs) merged in order, from the
+ * first element (bnf_stats_runs; bnf_train_runs_cached without a prefetch cursor). */
+static inline BNF_INLINE void BNF_NAME(stats_runs_tiles)(const T *x, ptrdiff_t nruns,
+                                                        ptrdiff_t stride, ptrdiff_t len,
+                                                        bnf_moments *m, bnf_pf *pf)
 {
     bnf_moments t;
-    bnf_pf pf, pf_far;
     double m2lo = 0;   /* the merges' (bnf_moments_merge_lo) */
     m->n = m->hi = m->lo = m->m2 = 0;
     if (nruns <= 0 || len <= 0) return;
+#define BNF_SHIFT \
+    (m->n > 0 ? bnf_finite_or(m->hi + m->lo, m->hi) : bnf_finite_or(BNF_TO_D(x[0]), 0))
+    if (len <= BNF_TILE_ELEMS) {
+        ptrdiff_t per = BNF_TILE_ELEMS / len;
+        for (ptrdiff_t r0 = 0; r0 < nruns; r0 += per) {
+            ptrdiff_t k = nruns - r0 < per ? nruns - r0 : per;
+            BNF_NAME(tile_runs)(x + r0 * stride, k, stride, len, BNF_SHIFT, &t, pf);
+            bnf_moments_merge_lo(m, &m2lo, &t);
+        }
+    } else {
+        for (ptrdiff_t r = 0; r < nruns; r++) {
+            for (ptrdiff_t i0 = 0; i0 < len; i0 += BNF_TILE_ELEMS) {
+                ptrdiff_t k = len - i0 < BNF_TILE_ELEMS ? len - i0 : BNF_TILE_ELEMS;
+                BNF_NAME(tile_runs)(x + r * stride + i0, 1, stride, k, BNF_SHIFT, &t, pf);
+                bnf_moments_merge_lo(m, &m2lo, &t);
+            }
+        }
+    }
+#undef BNF_SHIFT
+    m->m2 = bnf_fold_lo(m->m2, m2lo);
+}
+
+BNF_CLONES void BNF_NAME(bnf_stats_runs)(const T *x, ptrdiff_t nruns, ptrdiff_t stride,
+                                         ptrdiff_t len, bnf_moments *m, int flags)
+{
+    bnf_pf pf, pf_far;
+    if (nruns <= 0 || len <= 0) {
+        m->n = m->hi = m->lo = m->m2 = 0;
+        return;
+    }
     bnf_pf_init(&pf, x, nruns, stride * (ptrdiff_t)sizeof(T), len * (ptrdiff_t)sizeof(T));
     if (flags & BNF_FROM_DRAM) {
         bnf_pf_init_by(&pf_far, x, nruns, stride * (ptrdiff_t)sizeof(T),
@@ -164,26 +196,7 @@ BNF_CLONES void BNF_NAME(bnf_stats_runs)(const T *x, ptrdiff_t nruns, ptrdiff_t 
         pf_far.far = 1;
         pf.also = &pf_far;
     }
-#define BNF_SHIFT \
-    (m->n > 0 ? bnf_finite_or(m->hi + m->lo, m->hi) : bnf_finite_or(BNF_TO_D(x[0]), 0))
-    if (len <= BNF_TILE_ELEMS) {
-        ptrdiff_t per = BNF_TILE_ELEMS / len;
-        for (ptrdiff_t r0 = 0; r0 < nruns; r0 += per) {
-            ptrdiff_t k = nruns - r0 < per ? nruns - r0 : per;
-            BNF_NAME(tile_runs)(x + r0 * stride, k, stride, len, BNF_SHIFT, &t, &pf);
-            bnf_moments_merge_lo(m, &m2lo, &t);
-        }
-    } else {
-        for (ptrdiff_t r = 0; r < nruns; r++) {
-            for (ptrdiff_t i0 = 0; i0 < len; i0 += BNF_TILE_ELEMS) {
-                ptrdiff_t k = len - i0 < BNF_TILE_ELEMS ? len - i0 : BNF_TILE_ELEMS;
-                BNF_NAME(tile_runs)(x + r * stride + i0, 1, stride, k, BNF_SHIFT, &t, &pf);
-                bnf_moments_merge_lo(m, &m2lo, &t);
-            }
-        }
-    }
-#undef BNF_SHIFT
-    m->m2 = bnf_fold_lo(m->m2, m2lo);
+    BNF_NAME(stats_runs_tiles)(x, nruns, stride, len, m, &pf);
 }
 
 /* Rows form: sums of d = x - shift[c] and d^2 per channel over `k` rows, four rows at
@@ -678,6 +691,36 @@ BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, ptrdiff_t
     }
     for (ptrdiff_t c = 0; c < k_next; c++)
         m_next[c].m2 = bnf_fold_lo(m_next[c].m2, m2lo_next[c]);
+}
+
+/* Training forward of k channels of runs in cache (bnfast._core._cached_runs), in
+ * blocks of about BNF_CACHED_RUNS_BYTES of x: each channel's moments (its tiles, as
+ * bnf_stats_runs: the same bits) into m, the block's factors (bnf_finalize), then the
+ * block normalized from L1 (bnf_norm_runs).  The pipeline of blocks (each block's
+ * normalization beside the next block's statistics, run by run, its lanes stored and
+ * loaded around each run) is for x from DRAM; in cache its per-run costs were the call. */
+BNF_CLONES void BNF_NAME(bnf_train_runs_cached)(const T *x, ptrdiff_t xstride, ptrdiff_t xcs,
+                                                T *y, ptrdiff_t ystride, ptrdiff_t ycs,
+                                                ptrdiff_t nruns, ptrdiff_t len, ptrdiff_t k,
+                                                double eps, const double *weight,
+                                                double *hi, double *lo, double *invstd,
+                                                double *scale, double *shift, double *var,
+                                                bnf_moments *m, int flags)
+{
+    ptrdiff_t ch = nruns * len * (ptrdiff_t)sizeof(T);
+    ptrdiff_t per = ch > 0 ? BNF_CACHED_RUNS_BYTES / ch : BNF_BLOCK_CHANNELS;
+    if (per < 1) per = 1;
+    if (per > BNF_BLOCK_CHANNELS) per = BNF_BLOCK_CHANNELS;
+    for (ptrdiff_t c0 = 0; c0 < k; c0 += per) {
+        ptrdiff_t w = k - c0 < per ? k - c0 : per;
+        for (ptrdiff_t c = c0; c < c0 + w; c++)
+            BNF_NAME(stats_runs_tiles)(x + c * xcs, nruns, xstride, len, m + c, NULL);
+        bnf_finalize(m + c0, w, eps, weight + c0, hi + c0, lo + c0, invstd + c0, scale + c0,
+                     shift + c0, var + c0);
+        BNF_NAME(bnf_norm_runs)(x + c0 * xcs, xstride, xcs, y + c0 * ycs, ystride, ycs, nruns,
+                                len, w, hi + c0, scale + c0, shift + c0, flags | BNF_CACHED,
+                                NULL, 0, NULL);
+    }
 }
 
 /* Contiguous rows (input and output) of at most half BNF_FLAT_ELEMS: the rows are one
@@ -1536,6 +1579,55 @@ BNF_CLONES void BNF_NAME(bnf_bwd_dx_runs)(const T *dy, ptrdiff_t dystride, ptrdi
             BNF_NAME(dx_run)(g, p, q, len, mean[c], a[c], k1[c], k2[c], &pfg, &pfx, nt,
                              staged, stream, tmp);
         }
+    }
+}
+
+/* Backward of k channels of runs in cache (bnfast._core._cached_runs), in blocks of about
+ * BNF_CACHED_RUNS_BYTES of x and dy: each channel's sums over its runs, its lanes in
+ * registers from run to run (bwd_sums_runs: the same bits as bnf_bwd_sums_runs), the
+ * block's dx coefficients (bnf_bwd_coeffs; training) and then its dx from L1
+ * (bnf_bwd_dx_runs; not training: dx = scale * dy).  A block of channels through
+ * bnf_bwd_sums_runs goes a row at a time, each run's lanes loaded and stored around it:
+ * on short runs those cost more than the run's arithmetic. */
+BNF_CLONES void BNF_NAME(bnf_bwd_runs_cached)(const T *dy, ptrdiff_t dystride, ptrdiff_t dycs,
+                                              const T *x, ptrdiff_t xstride, ptrdiff_t xcs,
+                                              T *dx, ptrdiff_t dxstride, ptrdiff_t dxcs,
+                                              ptrdiff_t nruns, ptrdiff_t len, ptrdiff_t k,
+                                              int training, double n, const double *mean,
+                                              const double *invstd, const double *scale,
+                                              double *sum_dy, double *sum_dy_xmu,
+                                              double *sum_xmu, double *lo, double *k1,
+                                              double *k2, int flags)
+{
+    double a1[1][BNF_LANES], a2[1][BNF_LANES], a3[1][BNF_LANES];
+    double a1lo[1][BNF_LANES], a2lo[1][BNF_LANES];   /* BNF_COMPENSATED */
+    ptrdiff_t ch = 2 * nruns * len * (ptrdiff_t)sizeof(T);
+    ptrdiff_t per = ch > 0 ? BNF_CACHED_RUNS_BYTES / ch : BNF_BLOCK_CHANNELS;
+    bnf_pf pf;      /* no prefetch: in cache */
+    BNF_NAME(pf_block)(&pf, NULL, nruns, xstride, xcs, len, 1);
+    if (per < 1) per = 1;
+    if (per > BNF_BLOCK_CHANNELS) per = BNF_BLOCK_CHANNELS;
+    for (ptrdiff_t c0 = 0; c0 < k; c0 += per) {
+        ptrdiff_t w = k - c0 < per ? k - c0 : per;
+        for (ptrdiff_t c = c0; c < c0 + w; c++) {
+            for (int l = 0; l < BNF_LANES; l++) {
+                a1[0][l] = a2[0][l] = a3[0][l] = 0;
+                a1lo[0][l] = a2lo[0][l] = 0;
+            }
+            BNF_DISPATCH(bwd_sums_runs, dy + c * dycs, dystride, x + c * xcs, xstride, nruns,
+                         len, mean[c], a1[0], a2[0], a3[0], BNF_LO(a1lo[0], 0),
+                         BNF_LO(a2lo[0], 0), &pf, &pf);
+            BNF_NAME(bwd_lanes_out)(1, a1, a2, a3, a1lo, a2lo, sum_dy + c, sum_dy_xmu + c,
+                                    sum_xmu + c);
+        }
+        if (training)
+            bnf_bwd_coeffs(w, n, mean + c0, invstd + c0, sum_dy + c0, sum_dy_xmu + c0,
+                           sum_xmu + c0, lo + c0, k1 + c0, k2 + c0);
+        BNF_NAME(bnf_bwd_dx_runs)(dy + c0 * dycs, dystride, dycs,
+                                  training ? x + c0 * xcs : NULL, xstride, xcs,
+                                  dx + c0 * dxcs, dxstride, dxcs, nruns, len, w, mean + c0,
+                                  scale + c0, k1 + c0, k2 + c0, flags | BNF_CACHED, NULL, NULL,
+                                  0);
     }
 }
 

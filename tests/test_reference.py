@@ -265,6 +265,43 @@ def test_train_grid(shape, axis, dtype):
             raise AssertionError(f"[{label}] {e}") from None
 
 
+# Channels of a few runs of 40 to 128 elements, x in cache (_cached_runs: training up to
+# 8 runs a channel, 4 of float16, the backward up to 2)
+CACHED_RUNS_SHAPES = [(1, 64, 7, 7), (2, 24, 10, 10), (8, 16, 7, 7), (1, 3, 128),
+                      (2, 5, 127), (6, 9, 41), (4, 2, 40)]
+
+
+@pytest.mark.usefixtures("threads_on_small_arrays")
+@pytest.mark.parametrize("dtype", DTYPES + [np.float16])
+@pytest.mark.parametrize("shape", CACHED_RUNS_SHAPES)
+def test_channels_of_few_runs_in_cache(shape, dtype):
+    """Training and the backward (training and not) of channels of a few runs in cache, a
+    channel at a time: against the reference, with the same bits on one thread and two."""
+    s = _seed(shape, 1, np.dtype(dtype).name, "cached runs")
+    x = make_values(shape, dtype, s, axis=1, offset=100.0 if dtype == np.float16 else 1e4)
+    C = shape[1]
+    w, b = params(C, dtype, s)[:2]
+    dy = make_values(shape, dtype, s + 1, axis=1)
+    check_train(x, 1, s, running_dtype=np.float32 if dtype == np.float16 else None)
+    check_backward(x, 1, s, True)
+    check_backward(x, 1, s, False)
+    _, mean, invstd = R.batch_norm_train(x, axis=1)
+    got = {}
+    try:
+        for threads in (1, 2):
+            bnfast.set_num_threads(threads)
+            got[threads] = (list(bnfast.batch_norm_train(x, w, b, axis=1)) +
+                            list(bnfast.batch_norm_backward(dy, x, mean, invstd, w, axis=1)) +
+                            list(bnfast.batch_norm_backward(dy, x, mean, invstd, w,
+                                                            training=False, axis=1)))
+    finally:
+        bnfast.set_num_threads(None)
+    names = ["y", "mean", "invstd", "dx", "dweight", "dbias", "dx eval", "dweight eval",
+             "dbias eval"]
+    for name, a, t in zip(names, got[1], got[2]):
+        assert a.tobytes() == t.tobytes(), f"{name}: two threads give other bits"
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,axis", SHAPES_AXES)
