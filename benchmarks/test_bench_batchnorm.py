@@ -17,6 +17,8 @@ PLAN = [(cid, "float32", _bench.OPS) for cid in _bench.TARGET_CASES] + [
     ("64x256x28x28-NCHW", "float64", ("eval", "train")),
     # short runs, read as rows
     ("64x512x7x7-NCHW", "float32", _bench.OPS),
+    # ... at batch 2, in cache: a channel at a time
+    ("2x1024x7x7-NCHW", "float32", _bench.OPS),
     ("32768x64x4-NCL", "float32", _bench.OPS),
     # a column slice of a wider array: rows not contiguous
     ("50176x256-NC-slice", "float32", _bench.OPS),

@@ -107,6 +107,9 @@ CASES = OrderedDict((c.id, c) for c in [
     _case((200704, 64), "NC"),
     # short runs (a ResNet's last stage, sequences of a few steps): read as rows
     _case((64, 512, 7, 7), "NCHW"),
+    # ... the same stage at batch 2, in cache: channels of few short runs, a channel at a
+    # time (bnfast._core._cached_runs)
+    _case((2, 1024, 7, 7), "NCHW"),
     _case((32768, 64, 4), "NCL"),
     # a column slice: the first 256 columns of a 272-wide array, rows 1088 bytes apart
     _case((50176, 256), "NC-slice", pad=16),

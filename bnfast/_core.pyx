@@ -255,11 +255,11 @@ DEF GROUP_MAX_INNER = 128
 DEF EVAL_GROUP_MAX_INNER = 47
 # Channels of runs in cache a channel at a time (_cached_runs): x of at most this many
 # bytes, runs of at least this many elements (and at most GROUP_MAX_INNER), at most this
-# many runs a channel in training (half that of float16) and in the backward.
+# many runs a channel in training and in the backward (half those of float16).
 DEF CACHED_RUNS_BYTES = 1 << 20
 DEF CACHED_RUNS_MIN_INNER = 40
 DEF CACHED_RUNS_OUTER_FWD = 8
-DEF CACHED_RUNS_OUTER_BWD = 2
+DEF CACHED_RUNS_OUTER_BWD = 4
 # Elements per unit when a channel or block is larger than that.
 DEF SUPER_ELEMS = 1 << 18
 # Elements per unit of channels not back to back (Job.gap): packed into scratch, in L2.
@@ -1174,15 +1174,18 @@ cdef inline bint _cached_runs(const Job *j, Py_ssize_t itemsize, int narrays) no
     a run's lanes around it). One thread, float32, two builds alternated (the same bits
     on these shapes): training of (1, 2048, 7, 7) 0.46x the time (PyTorch's took 0.9x
     the old), (2, 1024, 7, 7) 0.59x, (2, 512, 10, 10) 0.43x, (8, 256, 10, 10) 0.68x,
-    (8, 512, 7, 7) 0.92x; backward 0.64x, 0.78x, 0.52x. In one process against the rows
-    form: float64 training 0.54-0.90x, backward 0.73-0.78x, float16 0.65-0.89x; but 16
-    runs 1.03-1.05x, runs of 16-36 elements 1.04-1.37x, float16 training from 8 runs
-    1.13-1.22x, the backward (whose dx goes a call a run) from 4 runs 1.02x, 8 runs 1.19x;
-    longer runs, which the pipeline takes, gained nothing ((1, 64, 56, 56) 1.00-1.06x,
-    (4, 64, 32, 32) 1.10x)."""
-    cdef Py_ssize_t most = (CACHED_RUNS_OUTER_FWD if itemsize > 2 else
-                            CACHED_RUNS_OUTER_FWD // 2) if narrays == 1 else \
-        CACHED_RUNS_OUTER_BWD
+    (8, 512, 7, 7) 0.92x. In one process against the rows form: backward (1, 2048, 7, 7)
+    0.60x (eval mode 0.78x), (2, 1024, 7, 7) 0.71x (0.93x), (4, 512, 7, 7) 0.84x
+    (1.01x), (4, 256, 10, 10) 0.62x (0.69x), (3, 256, 9, 9) 0.63x (0.77x); float64
+    training 0.54-0.90x, backward 0.65-0.88x (0.69-0.96x); float16 backward to 2 runs
+    0.79-0.90x (0.95-1.06x). Not where it measured slower: 16 runs (training
+    1.03-1.05x), runs of 16-36 elements (1.04-1.37x), float16 training from 8 runs
+    (1.13-1.22x), the backward of 8 runs of 7 x 7 (1.04x, eval mode 1.14x) and float16's
+    of 4 (1.02x, 1.14x); longer runs, which the pipeline takes, gained nothing ((1, 64,
+    56, 56) 1.00-1.06x, (4, 64, 32, 32) 1.10x)."""
+    cdef Py_ssize_t most = CACHED_RUNS_OUTER_FWD if narrays == 1 else CACHED_RUNS_OUTER_BWD
+    if itemsize == 2:
+        most //= 2
     return _cached_runs_on and j.nlev == 0 and \
         CACHED_RUNS_MIN_INNER <= j.inner <= GROUP_MAX_INNER and \
         j.x_cs == j.inner and j.y_cs == j.inner and (j.dy == NULL or j.dy_cs == j.inner) and \

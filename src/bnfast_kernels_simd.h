@@ -1154,6 +1154,24 @@ BNF_SIMD_FN void BNF_SIMD(dx_chunk)(const T *g, const T *p, T *q, ptrdiff_t n, d
 #undef BNF_VM
 }
 
+/* dx of k channels of runs of at most BNF_CHUNK elements in cache, not streamed
+ * (bnf_bwd_runs_cached): each run through dx_chunk called here, not dispatched run by
+ * run (dx_run); the same bits. */
+BNF_SIMD_FN void BNF_SIMD(dx_runs_rows)(const T *dy, ptrdiff_t dystride, ptrdiff_t dycs,
+                                        const T *x, ptrdiff_t xstride, ptrdiff_t xcs, T *dx,
+                                        ptrdiff_t dxstride, ptrdiff_t dxcs, ptrdiff_t nruns,
+                                        ptrdiff_t len, ptrdiff_t k, const double *mean,
+                                        const double *a, const double *k1, const double *k2,
+                                        bnf_pf *pf)
+{
+    for (ptrdiff_t r = 0; r < nruns; r++)
+        for (ptrdiff_t c = 0; c < k; c++)
+            BNF_SIMD(dx_chunk)(dy + r * dystride + c * dycs,
+                               x ? x + r * xstride + c * xcs : NULL,
+                               dx + r * dxstride + c * dxcs, len, mean[c], a[c], k1[c], k2[c],
+                               pf, pf, 0);
+}
+
 /* Rows form (dx_rows_run of bnfast_kernels_impl.h): four rows at a time and rows in order
  * as norm_rows_run (streaming from cache on 64-wide rows 0.88-1.00 -> 0.83-0.88x a copy;
  * from DRAM 1.29-1.44 -> 1.12-1.20x, where a copy of x and dy into dx takes 1.03-1.06x).

@@ -266,7 +266,7 @@ def test_train_grid(shape, axis, dtype):
 
 
 # Channels of a few runs of 40 to 128 elements, x in cache (_cached_runs: training up to
-# 8 runs a channel, 4 of float16, the backward up to 2)
+# 8 runs a channel, the backward up to 4, float16 half those)
 CACHED_RUNS_SHAPES = [(1, 64, 7, 7), (2, 24, 10, 10), (8, 16, 7, 7), (1, 3, 128),
                       (2, 5, 127), (6, 9, 41), (4, 2, 40)]
 
