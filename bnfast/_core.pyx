@@ -1207,9 +1207,16 @@ cdef inline bint _rows_alias(const Job *j) noexcept nogil:
     1 KB further apart, and 0.78 in two passes over DRAM in memory order; (64, 128, 32,
     32) 0.79 against 0.58 (one thread, float32, Intel VM, twenty-second session). Rows
     spread over the sets ((64, 250, 16, 16): 0.50 fused, 0.61 in two passes; (64, 256, 28,
-    28), 8 rows a place: 0.47 and 0.56) stay fused."""
+    28), 8 rows a place: 0.47 and 0.56) stay fused. From x of _reduce_blocks_min (16
+    MB), float32 from half that (twenty-third session, one thread, in one process against
+    fused, repeated calls (from L3) / after 400 MB read (from DRAM): (32, 256, 16, 16)
+    0.77x the time / 0.93x, (64, 128, 16, 16) 0.89x / 0.97x, (128, 64, 16, 16) 0.75x /
+    0.77x, (16, 128, 32, 32) 0.85x / 0.92x, (32, 64, 32, 32) 0.77x / 0.99x; two threads
+    0.76-0.78x). Smaller ones measured slower so ((24, 256, 16, 16), 6 MB, 1.12x; (40,
+    128, 16, 16) 1.29x; 4 MB 1.18-1.24x), as did float64 (16, 256, 16, 16) (8 MB, 1.15x)."""
     if not _alias_two_pass or j.group != 0 or j.nlev != 0 or \
-            j.outer * j.C * j.inner * j.isz < _reduce_blocks_min:
+            j.outer * j.C * j.inner * j.isz < \
+            (_reduce_blocks_min // 2 if j.isz == 4 else _reduce_blocks_min):
         return False
     return j.outer > 8 * _l2_places(j.x_os * j.isz) or \
         j.outer > 8 * _l2_places(j.dy_os * j.isz)
