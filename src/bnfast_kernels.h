@@ -75,8 +75,8 @@ typedef struct {
 /* Most channels in a block of runs whose sums a call takes (bnf_norm_runs' next block,
  * bnf_bwd_sums_runs): their lanes are on the stack. */
 #define BNF_BLOCK_CHANNELS 32
-/* Bytes of x a block of bnf_train_runs_cached takes (its statistics, then its
- * normalization from L1). */
+/* Bytes of x (and of dy) a block of bnf_train_runs_cached (bnf_bwd_runs_cached) takes:
+ * its statistics (sums), then its normalization (dx) from L1. */
 #define BNF_CACHED_RUNS_BYTES (16 * 1024)
 /* Elements per chunk staged in L1 before a streaming store (and the widest block of
  * columns the rows-form normalize and dx take at once). */

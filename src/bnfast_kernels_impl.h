@@ -697,8 +697,9 @@ BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, ptrdiff_t
  * blocks of about BNF_CACHED_RUNS_BYTES of x: each channel's moments (its tiles, as
  * bnf_stats_runs: the same bits) into m, the block's factors (bnf_finalize), then the
  * block normalized from L1 (bnf_norm_runs).  The pipeline of blocks (each block's
- * normalization beside the next block's statistics, run by run, its lanes stored and
- * loaded around each run) is for x from DRAM; in cache its per-run costs were the call. */
+ * normalization beside the next block's statistics, run by run, the lanes stored and
+ * loaded around each run) is for x from DRAM; on short runs in cache those loads and
+ * stores cost more than the run's arithmetic. */
 BNF_CLONES void BNF_NAME(bnf_train_runs_cached)(const T *x, ptrdiff_t xstride, ptrdiff_t xcs,
                                                 T *y, ptrdiff_t ystride, ptrdiff_t ycs,
                                                 ptrdiff_t nruns, ptrdiff_t len, ptrdiff_t k,
