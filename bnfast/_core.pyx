@@ -309,11 +309,12 @@ if hasattr(os, "register_at_fork"):
 # they bypass the caches, which saves reading each output line before writing it.
 cdef Py_ssize_t _stream_bytes = 1 << 23
 # Outputs not streamed of more than this many bytes (BNF_STAGE_NEAR), where they lie just
-# ahead of an input modulo 1 MiB, are staged through L1 (bnf_nt_aliased): their stores
-# miss the cache and stall the loads that follow. Smaller ones stay in cache and lost
-# nothing so: (512, 256) float32 eval 22.5-22.9 us either way, (64, 256) 3.3 us, which
-# staging made 3.7; (1024, 256) 61 -> 193 us, 50-60 staged (twentieth session, Intel VM).
-cdef Py_ssize_t _stage_near_bytes = 1 << 19
+# ahead of an input modulo 1 MiB, are staged through L1 (bnf_nt_aliased): the loads that
+# follow their stores wait for them. Any size: the twentieth session measured small ones
+# on 4 KiB pages, where the offsets collide only by chance ((512, 256) float32 eval
+# 22.5-22.9 us either way), but on huge pages they collide at every size ((256, 64) eval
+# 2.6 -> 11.9 us, staged 3.5; (1024, 256) 61 -> 193, staged 50-60; twenty-fourth session).
+cdef Py_ssize_t _stage_near_bytes = 0
 # Tests: rows in segments always read in place (_segments_pay), however short.
 cdef bint _segments_always = False
 # At most one thread per this many elements (_threads_for_work; tests lower it).

@@ -52,17 +52,35 @@ __attribute__((constructor)) static void bnf_simd_init(void)
  * through L1 (a chunk computed into a buffer, then streamed out by bnf_stream) the
  * loads do not follow the stores: 4.1-4.6 ms.  So the elementwise loops stage an output
  * near an input, streamed or not (bnf_stage_out): up to BNF_ALIAS_NEAR bytes ahead for
- * runs in step, or near it plus one to three row strides for rows (of placements at
- * random, about 1 in 450 for rows, 1 in 5000 for runs). */
+ * runs in step, or near it plus one to three row strides for rows, or up to
+ * BNF_ALIAS_SAME_ROW bytes ahead in the same row (of placements at random, about 1 in
+ * 400 for rows, 1 in 5000 for runs).
+ * The addresses that collide are physical: arrays on 4 KiB pages collide only where
+ * their pages happen to, but on huge pages (NumPy asks for them from 4 MiB; the
+ * kernel's THP "always" gives them to any large enough mapping) an offset modulo 1 MiB
+ * is one in memory.  So outputs are staged at any size (twenty-fourth session, one
+ * thread, float32, arrays in one 2 MiB-paged buffer, the output 16-48 bytes ahead of x
+ * or dy: eval of (2049, 64) 17 -> 86-92 us, staged 23; (256, 64) 2.6 -> 11.9, staged
+ * 3.5; (32, 64) 0.8 -> 2.0, staged 0.9; backward of (1024, 64) 25 -> 62, staged 29;
+ * on 4 KiB pages the same offsets cost nothing, and staged 1.00-1.20x the time). */
 #define BNF_ALIAS_SPAN ((uintptr_t)1 << 20)
 #define BNF_ALIAS_NEAR 192
+#define BNF_ALIAS_SAME_ROW 48
+/* q at most BNF_ALIAS_SAME_ROW bytes ahead of p: a row's loads, four stores behind its
+ * own last one in the rows forms, still reach it (16-48 bytes: 2.5-5x the time; 64:
+ * 1.0-1.4x, 128: 1.00-1.07x, where staging cost as much or more) */
+static inline int bnf_row_aliased(const void *q, const void *p)
+{
+    uintptr_t d = ((uintptr_t)q - (uintptr_t)p) & (BNF_ALIAS_SPAN - 1);
+    return p && d && d <= BNF_ALIAS_SAME_ROW;
+}
 static inline int bnf_nt_aliased(const void *q, const void *p, ptrdiff_t stride)
 {
     uintptr_t d = ((uintptr_t)q - (uintptr_t)p) & (BNF_ALIAS_SPAN - 1);
     if (!p) return 0;
     if (!stride) return d != 0 && d <= BNF_ALIAS_NEAR;  /* q just ahead of p, in step */
-    /* four rows at a time: near the rows beside (the same row's stores are four back:
-     * q 32-64 bytes ahead of p measured no slower) */
+    /* four rows at a time: just ahead in the same row, or near the rows beside */
+    if (bnf_row_aliased(q, p)) return 1;
     for (int k = -3; k <= 3; k++) {
         uintptr_t u = (d - (uintptr_t)(k * stride)) & (BNF_ALIAS_SPAN - 1);
         if (k && (u <= BNF_ALIAS_NEAR || u >= BNF_ALIAS_SPAN - BNF_ALIAS_NEAR)) return 1;

@@ -25,7 +25,7 @@ import pytest
 import bnfast
 from arrays import make_values, params, with_layout
 from bnfast._core import (_set_adds_as_fma, _set_flat_whole_lines, _set_fused_eval_backward,
-                          _set_reduce_blocks_min, _set_simd_level, _set_stage_near_bytes,
+                          _set_reduce_blocks_min, _set_simd_level,
                           _set_store_lines, _set_stream_bytes)
 from reference import assert_forward_close
 import reference as ref
@@ -256,13 +256,13 @@ def test_streamed_outputs_off_a_line(shape, axis, dtype, offset):
 # Outputs near an input modulo 1 MiB (just ahead of it; or, for rows taken four at a
 # time, a row stride ahead or behind): the loops stage them through L1 instead of
 # storing from the registers, whose stores would stall the loads that follow
-# (bnf_nt_aliased), then stream them out or (outputs over 512 KB) copy them plainly.
+# (bnf_nt_aliased), then stream them out or copy them plainly.
 # Runs (NCHW), flat rows, rows not whole lines, rows of 1000 (off lines: one at a time),
 # short runs as rows, and both backward forms.
 ALIAS_SHAPES = [
     ((4, 8, 16, 16), 1, 32),      # runs of 1 KB in step: 32 bytes ahead
     ((4, 8, 16, 16), 1, 160),
-    ((300, 256), -1, 32),         # flat rows: four at a time, 32 bytes ahead (not staged)
+    ((300, 256), -1, 32),         # flat rows: four at a time, 32 bytes ahead
     ((300, 256), -1, 1024),       # ... a row ahead
     ((300, 256), -1, -2048),      # ... two rows behind
     ((300, 250), -1, 1000),       # rows not whole lines
@@ -303,15 +303,12 @@ def test_outputs_near_an_input(shape, axis, delta, dtype, stream):
             res += [dx.copy(), dw, db]
         return [a.tobytes() for a in res], res[1]
 
-    # not streamed: staged from 1 byte on here (by default over 512 KB)
     old_stream = _set_stream_bytes(0 if stream else 1 << 62)
-    old_near = _set_stage_near_bytes(0)
     try:
         near, y = run(x, dy, out)
         far, _ = run(x0, dy0, np.empty_like(x0))
     finally:
         _set_stream_bytes(old_stream)
-        _set_stage_near_bytes(old_near)
     assert near == far
     # nothing written outside the output (x and dy as they were)
     rest = np.concatenate([buf[:xi], buf[xi + size:gi], buf[gi + size:oi], buf[oi + size:]])
