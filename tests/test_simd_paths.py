@@ -264,7 +264,8 @@ ALIAS_SHAPES = [
     ((4, 8, 16, 16), 1, 160),
     ((300, 256), -1, 32),         # flat rows: four at a time, 32 bytes ahead
     ((300, 256), -1, 1024),       # ... a row ahead
-    ((300, 256), -1, -2048),      # ... two rows behind
+    ((300, 256), -1, -2048),      # ... two rows behind (not staged)
+    ((300, 256), -1, -992),       # ... 32 bytes ahead of a row behind
     ((300, 250), -1, 1000),       # rows not whole lines
     ((60, 1000), -1, 48),         # rows of 4 KB one at a time where off a line
     ((40, 30, 8), 1, 960),        # short runs as rows of 240 columns
