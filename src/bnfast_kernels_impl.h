@@ -764,7 +764,8 @@ static inline BNF_INLINE int BNF_NAME(norm_rows_flat)(const T *x, T *y, ptrdiff_
     /* not streamed, but near x (bnf_rows_aliased): staged all the same */
     int staged = stream ? !nt
                         : (flags & BNF_STAGE_NEAR) && len <= BNF_CHUNK &&
-                              bnf_rows_aliased(y, x, len * (ptrdiff_t)sizeof(T), BNF_T_HALF);
+                              bnf_rows_aliased_plain(y, x, len * (ptrdiff_t)sizeof(T),
+                                                     BNF_T_HALF);
     int cached = flags & BNF_CACHED;
     if (lines || (!staged && bnf_flat_lines(y, total, len, sizeof(T)))) {
         head = bnf_nt_lead(y, sizeof(T));
@@ -819,10 +820,10 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_block)(const T *x, ptrdiff_t xs
     if (nt) stream = 0;               /* nothing staged */
     /* not streamed, but near x (bnf_rows_aliased): staged all the same */
     int staged = stream || ((flags & BNF_STAGE_NEAR) &&
-                            bnf_rows_aliased(y, x, xstride * (ptrdiff_t)sizeof(T),
-                                             BNF_T_HALF ||
-                                                 !bnf_rows_on_lines(y, ystride, width,
-                                                                    sizeof(T))));
+                            bnf_rows_aliased_plain(y, x, xstride * (ptrdiff_t)sizeof(T),
+                                                   BNF_T_HALF ||
+                                                       !bnf_rows_on_lines(y, ystride, width,
+                                                                          sizeof(T))));
     /* rows that all start `lead` elements before a line: those columns of a group of rows
      * alone (plain stores), then the rest from a line (bnf_block_lead) */
     ptrdiff_t lead = bnf_block_lead(y, ystride, width, sizeof(T), nt, staged);
@@ -1750,8 +1751,10 @@ static inline BNF_INLINE int BNF_NAME(dx_rows_flat)(const T *dy, const T *x, T *
     /* not streamed, but near dy or x (bnf_rows_aliased): staged all the same */
     int staged = stream ? !nt
                         : (flags & BNF_STAGE_NEAR) && len <= BNF_CHUNK &&
-                              (bnf_rows_aliased(dx, dy, len * (ptrdiff_t)sizeof(T), BNF_T_HALF) ||
-                               bnf_rows_aliased(dx, x, len * (ptrdiff_t)sizeof(T), BNF_T_HALF));
+                              (bnf_rows_aliased_plain(dx, dy, len * (ptrdiff_t)sizeof(T),
+                                                      BNF_T_HALF) ||
+                               bnf_rows_aliased_plain(dx, x, len * (ptrdiff_t)sizeof(T),
+                                                      BNF_T_HALF));
     int cached = flags & BNF_CACHED;
     /* the first elements alone, as norm_rows_flat */
     if (lines || (!staged && bnf_flat_lines(dx, total, len, sizeof(T)))) {
@@ -1814,8 +1817,10 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_block)(const T *dy, ptrdiff_t dys
     if (nt) stream = 0;               /* nothing staged */
     /* as norm_rows_block */
     int staged = stream || ((flags & BNF_STAGE_NEAR) &&
-                            (bnf_rows_aliased(dx, dy, dystride * (ptrdiff_t)sizeof(T), single) ||
-                             bnf_rows_aliased(dx, x, xstride * (ptrdiff_t)sizeof(T), single)));
+                            (bnf_rows_aliased_plain(dx, dy, dystride * (ptrdiff_t)sizeof(T),
+                                                    single) ||
+                             bnf_rows_aliased_plain(dx, x, xstride * (ptrdiff_t)sizeof(T),
+                                                    single)));
     ptrdiff_t lead = bnf_block_lead(dx, dxstride, width, sizeof(T), nt, staged);
     const T *gh = dy, *xh = x;
     T *qh = dx;
