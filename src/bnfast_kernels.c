@@ -74,6 +74,20 @@ static inline int bnf_row_aliased(const void *q, const void *p)
     uintptr_t d = ((uintptr_t)q - (uintptr_t)p) & (BNF_ALIAS_SPAN - 1);
     return p && d && d <= BNF_ALIAS_SAME_ROW;
 }
+/* q up to `near` bytes ahead of p or of one of the three rows of p before or after it
+ * (stride: q's and p's, in bytes): rows four at a time, a vector of columns a step,
+ * whose next step's loads reach the stores of this one (bnf_bwd_sums_dx_rows) */
+static inline int bnf_step_aliased(const void *q, const void *p, ptrdiff_t stride,
+                                   uintptr_t near)
+{
+    uintptr_t d = ((uintptr_t)q - (uintptr_t)p) & (BNF_ALIAS_SPAN - 1);
+    if (!p) return 0;
+    for (int k = -3; k <= 3; k++) {
+        uintptr_t u = (d - (uintptr_t)(k * stride)) & (BNF_ALIAS_SPAN - 1);
+        if (u && u <= near) return 1;
+    }
+    return 0;
+}
 static inline int bnf_nt_aliased(const void *q, const void *p, ptrdiff_t stride)
 {
     uintptr_t d = ((uintptr_t)q - (uintptr_t)p) & (BNF_ALIAS_SPAN - 1);

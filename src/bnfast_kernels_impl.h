@@ -1442,10 +1442,13 @@ BNF_CLONES int BNF_NAME(bnf_bwd_sums_dx_rows)(const T *dy, ptrdiff_t dystride, c
          * time of the two steps); nor rows that are not whole lines: the two steps' dx
          * puts its stores on lines ((512, 300) measured 1.09x the time in one pass) */
         if (near || row * sizeof(T) % BNF_LINE) return 0;
-        /* nor dx just ahead of dy or x (bnf_row_aliased), which the two steps stage:
-         * (2049, 64) float32 on huge pages, dx 16-48 bytes ahead of x, 31 -> 54-57 us in
-         * one pass, 42 in two; a row or 64 bytes ahead cost one pass nothing */
-        if ((flags & BNF_STAGE_NEAR) && (bnf_row_aliased(dx, dy) || bnf_row_aliased(dx, x)))
+        /* nor dx just ahead of a row of dy or x near it (bnf_step_aliased), which the
+         * two steps stage: (2049, 64) float32 on huge pages, dx 16-48 bytes ahead of x
+         * or of a row beside, 31 -> 52-57 us in one pass, 42 in two; whole rows or 64
+         * bytes ahead cost one pass nothing */
+        if ((flags & BNF_STAGE_NEAR) &&
+            (bnf_step_aliased(dx, dy, qstride * (ptrdiff_t)sizeof(T), 12 * sizeof(T)) ||
+             bnf_step_aliased(dx, x, qstride * (ptrdiff_t)sizeof(T), 12 * sizeof(T))))
             return 0;
     } else if (BNF_COMPENSATED || BNF_T_HALF || !BNF_DIRECT_NT(3) || !(lines || shiftable) ||
                !bnf_sums_rowwise(row * (ptrdiff_t)sizeof(T), sizeof(T), near) ||
