@@ -267,6 +267,7 @@ ALIAS_SHAPES = [
     ((300, 256), -1, -2048),      # ... two rows behind (not staged)
     ((300, 256), -1, -992),       # ... 32 bytes ahead of a row behind
     ((300, 250), -1, 1000),       # rows not whole lines
+    ((300, 250), -1, 32),         # ... runs of whole lines longer than the L1 buffer
     ((60, 1000), -1, 48),         # rows of 4 KB one at a time where off a line
     ((40, 30, 8), 1, 960),        # short runs as rows of 240 columns
 ]
