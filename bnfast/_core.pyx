@@ -353,6 +353,13 @@ cdef bint _prefetch_ordered = bnf_cpu_amd()
 # (_full_rows): the float32 backward sums' state (32 bytes a column: three sums and the
 # mean), loaded and stored every row, within two thirds of a core's L1 data cache.
 cdef Py_ssize_t _full_rows_cols = bnf_l1d_bytes() // 48
+# ... and the backward sums of such rows in cache too from this many bytes of x (beyond
+# what L2 keeps of x and dy beside each other): one thread, in one process against blocks,
+# Intel VM (2 MiB of L2), float32 (384-1024, 1024), (700, 768), (2048, 640): backward
+# 0.91-0.96x the time, eval-mode backward (then in one pass) 0.80-0.91x; float64 (192-512,
+# 1024), (1024, 768) 0.95-1.00x and 0.82-0.90x; two threads 0.94-1.04x and 0.86-1.00x. At
+# 1 MB of x 0.97-1.03x; their training (the statistics) 0.98-1.17x: not there.
+cdef Py_ssize_t _full_rows_sums_bytes = 3 << 19
 # Training backward of channels of runs whose rows alias in L2 (_rows_alias) goes in two
 # passes in memory order (tuning, tests: _set_alias_two_pass; the same bits)
 cdef bint _alias_two_pass = True
@@ -404,6 +411,16 @@ def _set_alias_two_pass(on):
     old = _alias_two_pass
     if on is not None:
         _alias_two_pass = bool(on)
+    return old
+
+
+def _set_full_rows_sums_bytes(n):
+    """Set the smallest x whose backward sums in cache go whole rows a unit (_full_rows;
+    None leaves it); returns the previous value (tuning, tests: the same bits)."""
+    global _full_rows_sums_bytes
+    old = _full_rows_sums_bytes
+    if n is not None:
+        _full_rows_sums_bytes = int(n)
     return old
 
 
@@ -1258,10 +1275,12 @@ cdef inline void _full_rows(Job *j, bint stats) noexcept nogil:
     1.01-1.06 -> 0.84-0.89x a copy, backward 0.91-0.95x the time, eval-mode backward
     0.70-0.79x; its statistics 0.97-1.09x: not there. float16 (26 MB), the same shapes as
     float32: sums 0.93-0.96x the time, backward 0.97-0.99x, eval-mode backward
-    0.68-0.78x."""
+    0.68-0.78x. The backward sums in cache too from _full_rows_sums_bytes (1.5 MiB) of
+    x."""
     if j.group == 1 and not j.gap and j.nlev == 0 and j.ncb > 1 and \
-            (j.isz == 4 or not stats) and _dram_flags(j) and \
-            j.C <= _full_rows_cols:
+            (j.isz == 4 or not stats) and j.C <= _full_rows_cols and \
+            (_dram_flags(j) or
+             (not stats and j.outer * j.C * j.inner * j.isz >= _full_rows_sums_bytes)):
         j.width = j.C
         j.ncb = 1
 

@@ -532,11 +532,12 @@ def _placed(a, at):
     return out
 
 
-# Rows wider than a block (512 channels), float32, read from DRAM (here: from any size):
-# the backward sums go whole rows a unit (_full_rows) up to the widest rows whose sums
-# stay in L1, and the eval-mode backward then stores dx as its sums read dy (dx rows on
-# lines, or contiguous and shifted onto them). Wider rows go in blocks that begin on
-# dx's lines (_line_blocks).
+# Rows wider than a block (512 channels), float32, read from DRAM (here: from any size),
+# or the backward sums of rows in cache from 1.5 MiB (here: from any size): the backward
+# sums go whole rows a unit (_full_rows) up to the widest rows whose sums stay in L1, and
+# the eval-mode backward then stores dx as its sums read dy (dx rows on lines, or
+# contiguous and shifted onto them). Wider rows go in blocks that begin on dx's lines
+# (_line_blocks).
 FULL_ROWS_SHAPES = [
     ((600, 640), 1),            # two blocks before: 512 + 128
     ((520, 768), 1),            # 512 + 256, rows of 3 KB
@@ -550,10 +551,10 @@ FULL_ROWS_SHAPES = [
 
 @pytest.mark.usefixtures("threads_on_small_arrays")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
-@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize("stream,dram", [(True, True), (False, True), (False, False)])
 @pytest.mark.parametrize("out_at", ["line", "off", None])
 @pytest.mark.parametrize("shape,axis", FULL_ROWS_SHAPES)
-def test_full_rows_backward_sums(shape, axis, out_at, stream, dtype):
+def test_full_rows_backward_sums(shape, axis, out_at, stream, dram, dtype):
     """Whole rows, and blocks on dx's lines, give the bits of blocks of 512 columns (each
     column's moments and sums take its rows in the same order; the training and
     `moments` statistics whole rows too), on one and two threads, in the plain
@@ -585,11 +586,16 @@ def test_full_rows_backward_sums(shape, axis, out_at, stream, dtype):
         return res
 
     old = (_core._set_reduce_blocks_min(0), _core._set_stream_bytes(0 if stream else 1 << 62))
+    if not dram:
+        _core._set_reduce_blocks_min(old[0])
+    # in cache: the backward sums whole rows from any size (by default from 1.5 MiB)
+    sums = {} if dram else dict(full_rows_sums_bytes=0)
     try:
         _bits_under_settings(run, [
-            dict(full_rows_cols=0, line_blocks=False), dict(full_rows_cols=0, line_blocks=True),
-            dict(full_rows_cols=4096, line_blocks=True),
-            dict(full_rows_cols=4096, line_blocks=True, alloc_fails=True)])
+            dict(full_rows_cols=0, line_blocks=False, **sums),
+            dict(full_rows_cols=0, line_blocks=True, **sums),
+            dict(full_rows_cols=4096, line_blocks=True, **sums),
+            dict(full_rows_cols=4096, line_blocks=True, alloc_fails=True, **sums)])
     finally:
         _core._set_reduce_blocks_min(old[0])
         _core._set_stream_bytes(old[1])
