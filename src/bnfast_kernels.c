@@ -52,9 +52,9 @@ __attribute__((constructor)) static void bnf_simd_init(void)
  * through L1 (a chunk computed into a buffer, then streamed out by bnf_stream) the
  * loads do not follow the stores: 4.1-4.6 ms.  So the elementwise loops stage an output
  * near an input, streamed or not (bnf_stage_out): up to BNF_ALIAS_NEAR bytes ahead for
- * runs in step, or near it plus one to three row strides for rows, or up to
- * BNF_ALIAS_SAME_ROW bytes ahead in the same row (of placements at random, about 1 in
- * 450 for rows, 1 in 5000 for runs).
+ * runs in step, or near it plus one to three row strides for rows, or (stored plainly)
+ * up to BNF_ALIAS_SAME_ROW bytes ahead in the same row (of placements at random, about
+ * 1 in 450 for rows, 1 in 5000 for runs).
  * The addresses that collide are physical: arrays on 4 KiB pages collide only where
  * their pages happen to, but on huge pages (NumPy asks for them from 4 MiB; the
  * kernel's THP "always" gives them to any large enough mapping) an offset modulo 1 MiB
