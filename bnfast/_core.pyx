@@ -268,7 +268,8 @@ DEF CACHED_RUNS_OUTER_BWD = 4
 DEF CACHED_RUNS_WORK = 8
 # Elements per unit when a channel or block is larger than that.
 DEF SUPER_ELEMS = 1 << 18
-# Elements per unit of channels not back to back (Job.gap): packed into scratch, in L2.
+# Elements per unit of channels not back to back in x or dy (Job.gap == GAP_INPUTS):
+# packed into scratch, in L2; and per piece of dx computed into scratch (GAP_OUTPUT).
 DEF GAP_ELEMS = 1 << 15
 # ... whose runs are normalized packed when shorter than this (longer ones as runs)
 DEF GAP_NORM_INNER = 32
@@ -819,8 +820,11 @@ ctypedef struct Job:
     Py_ssize_t col_shift           # rows form: blocks of columns start col_shift columns
                                    # before multiples of width (but the first: _line_blocks)
     int cached                     # runs form in cache: a channel at a time (_cached_runs)
-    int gap                        # rows form over channels not back to back (x, y or dy):
-                                   # each unit packed into scratch first (_gap_unit)
+    int gap                        # rows form over channels not back to back: in x or dy
+                                   # (GAP_INPUTS), each unit packed into scratch first
+                                   # (_gap_unit); in the output alone (GAP_OUTPUT), x and
+                                   # dy read in place, the output through scratch
+                                   # (_out_gap_unit)
     Py_ssize_t seg                 # rows in levels of segments (Geo.seg, nlev, lc): read a
     int nlev                       # segment a call (_at, _piece), reductions merged over
     Py_ssize_t lc[MAX_LEVELS]      # the segments of a unit in row order (_seg_unit)
@@ -859,6 +863,8 @@ ctypedef struct Job:
     double *s_xm                   # sum(x - mean)
 
 
+DEF GAP_INPUTS = 1     # Job.gap
+DEF GAP_OUTPUT = 2
 DEF K_STATS = 0        # moments of a unit into mom
 DEF K_NORM = 1         # y = (x - hi) * scale + shift, in memory order
 DEF K_FWD = 2          # fused: moments, finalize the channel(s), normalize
@@ -964,7 +970,7 @@ cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
         w = 1
     r0 = sb * j.sb_len
     nr = j.outer - r0 if j.outer - r0 < j.sb_len else j.sb_len
-    if j.gap:
+    if j.gap == GAP_INPUTS:
         _gap_unit(j, kind, c0, w, r0, nr, sb)
         return
     # a fused unit's second pass reads what its first just read, from L2: no prefetches
@@ -978,6 +984,9 @@ cdef void _unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
             flags |= BNF_FETCH_NEXT     # (AMD only: see _fetch_large)
     if j.nlev:
         _seg_unit(j, kind, c0, w, r0, nr, sb, flags)
+        return
+    if j.gap == GAP_OUTPUT and kind != K_STATS and kind != K_BSUMS:
+        _out_gap_unit(j, kind, c0, w, r0, nr, sb, flags)
         return
     _unit_at(j, kind, c0, w, nr,
              j.x + (r0 * j.x_os + c0 * j.x_cs) * isz if j.x != NULL else NULL, j.x_os,
@@ -1113,6 +1122,28 @@ cdef void _gap_unit(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssize_t r0
             r += n
 
 
+cdef void _out_gap_unit(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssize_t r0,
+                        Py_ssize_t nr, Py_ssize_t sb, int flags) noexcept nogil:
+    """A unit of a job whose output alone has its channels apart (GAP_OUTPUT, an `out=`
+    crop or step): x and dy read where they are, in the units of the contiguous output,
+    so that the statistics and sums have its bits; the output computed into this
+    thread's scratch (rows of w * group elements) and unpacked into y. dx alone (K_BDX,
+    element by element) goes GAP_ELEMS at a time."""
+    cdef Py_ssize_t isz = j.isz, row = w * j.group, run = j.group * isz, r = r0, n, step
+    cdef char *out = _scratch(j)
+    step = nr
+    if kind == K_BDX and step > GAP_ELEMS // row:
+        step = GAP_ELEMS // row if row <= GAP_ELEMS else 1
+    while r < r0 + nr:
+        n = r0 + nr - r if r0 + nr - r < step else step
+        _unit_at(j, kind, c0, w, n, j.x + (r * j.x_os + c0 * j.x_cs) * isz, j.x_os, out, row,
+                 j.dy + (r * j.dy_os + c0 * j.dy_cs) * isz if j.dy != NULL else NULL,
+                 j.dy_os, sb, flags & ~(BNF_STREAM | BNF_STAGE_NEAR))
+        bnf_unpack_runs(j.y + (r * j.y_os + c0 * j.y_cs) * isz, out, n, j.y_os * isz, w,
+                        j.y_cs * isz, run)
+        r += n
+
+
 cdef inline void _unit_at(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssize_t nr,
                           char *x, Py_ssize_t x_os, char *y, Py_ssize_t y_os, char *dy,
                           Py_ssize_t dy_os, Py_ssize_t sb, int flags) noexcept nogil:
@@ -1189,13 +1220,14 @@ cdef inline Py_ssize_t _l2_places(Py_ssize_t stride) noexcept nogil:
 
 
 cdef inline bint _cached_runs(const Job *j, Py_ssize_t itemsize, int narrays) noexcept nogil:
-    """Channels of runs (NCHW) of CACHED_RUNS_MIN_INNER to GROUP_MAX_INNER elements, back
-    to back, few a channel, x of at most CACHED_RUNS_BYTES: a channel's statistics (sums)
-    with its lanes kept in registers from run to run, then its normalization (dx) from
-    L1, all channels in one call (bnf_train_runs_cached, bnf_bwd_runs_cached). The rows
-    form, which these runs took, spreads each channel's state over its columns; with few
-    rows that state costs more than the data (and the pipeline of blocks loads and stores
-    a run's lanes around it). One thread, float32, two builds alternated (the same bits
+    """Channels of runs (NCHW) of CACHED_RUNS_MIN_INNER to GROUP_MAX_INNER elements, few a
+    channel, x of at most CACHED_RUNS_BYTES (back to back or apart: each array's own
+    channel stride, so a stepped view or `out=` has the bits of contiguous data): a
+    channel's statistics (sums) with its lanes kept in registers from run to run, then
+    its normalization (dx) from L1, all channels in one call (bnf_train_runs_cached,
+    bnf_bwd_runs_cached). The rows form, which these runs took, spreads each channel's
+    state over its columns; with few rows that state costs more than the data (and the
+    pipeline of blocks loads and stores a run's lanes around it). One thread, float32, two builds alternated (the same bits
     on these shapes): training of (1, 2048, 7, 7) 0.46x the time (PyTorch's took 0.9x
     the old), (2, 1024, 7, 7) 0.59x, (2, 512, 10, 10) 0.43x, (8, 256, 10, 10) 0.68x,
     (8, 512, 7, 7) 0.92x. In one process against the rows form: backward (1, 2048, 7, 7)
@@ -1212,7 +1244,6 @@ cdef inline bint _cached_runs(const Job *j, Py_ssize_t itemsize, int narrays) no
         most //= 2
     return _cached_runs_on and j.nlev == 0 and \
         CACHED_RUNS_MIN_INNER <= j.inner <= GROUP_MAX_INNER and \
-        j.x_cs == j.inner and j.y_cs == j.inner and (j.dy == NULL or j.dy_cs == j.inner) and \
         j.outer * j.C * j.inner * itemsize <= CACHED_RUNS_BYTES and j.outer <= most
 
 
@@ -1252,6 +1283,11 @@ cdef inline bint _fuses(const Job *j, int narrays) noexcept nogil:
     3.23-3.30x, float64 3.29-3.34 -> 2.87-2.91x; training float64 (400, 1024) 1.90-1.96
     -> 1.67-1.69x, (512, 768) 1.93-1.96 -> 1.71x. The same bits."""
     if j.nsb != 1:
+        return False
+    if narrays == 1 and j.gap == GAP_OUTPUT and not _gap_packs_norm(j):
+        # an output with its channels apart: runs of GAP_NORM_INNER and more are
+        # normalized where they are, not through scratch ((204, 117, 79) float32 into a
+        # crop: training 1.17x the time through scratch)
         return False
     return j.group == 0 or j.outer * j.width * j.group * j.isz * narrays <= FUSE_BYTES
 
@@ -1726,15 +1762,24 @@ cdef int _launch(Job *j, int kind) except -1:
         # more): a unit's rows of x and dy, packed; or a segment's moments or sums
         if kind == K_NORM:
             j.scratch_bytes = j.rb * j.cn_len * j.inner * j.isz
+        elif j.gap == GAP_OUTPUT:
+            # the output of a unit (of dx: GAP_ELEMS at most); the reductions, none
+            j.scratch_bytes = 0 if kind == K_STATS or kind == K_BSUMS else \
+                j.sb_len * j.width * j.group * j.isz
+            if kind == K_BDX and j.sb_len * j.width * j.group > GAP_ELEMS:
+                # pieces of up to GAP_ELEMS (of a narrower last block too), or a row
+                j.scratch_bytes = (GAP_ELEMS if j.width * j.group <= GAP_ELEMS else
+                                   j.width * j.group) * j.isz
         elif j.gap:
             j.scratch_bytes = j.sb_len * j.width * j.group * (1 if kind <= K_FWD else 2) \
                 * j.isz
         else:
             j.scratch_bytes = j.width * (sizeof(bnf_moments) + 2 * sizeof(double))
         j.scratch_bytes = _cdiv(j.scratch_bytes, 64) * 64
-        j.scratch = <char *>_alloc(j.scratch_bytes * nthreads)
-        if j.scratch == NULL:
-            raise MemoryError()
+        if j.scratch_bytes > 0:
+            j.scratch = <char *>_alloc(j.scratch_bytes * nthreads)
+            if j.scratch == NULL:
+                raise MemoryError()
     try:
         if elems < NOGIL_MIN_ELEMS:
             j.threaded = 0
@@ -1785,8 +1830,13 @@ cdef void _plan(Job *j, Py_ssize_t itemsize, int narrays, bint elementwise=False
         # 10-100x a copy); a channel's columns are reduced together. Channels not back
         # to back in x, y or dy (a stepped view): each unit packed into scratch first.
         j.group = j.inner
-        j.gap = not (j.x_cs == j.inner and (j.y == NULL or j.y_cs == j.inner) and
-                     (j.dy == NULL or j.dy_cs == j.inner))
+        if not (j.x_cs == j.inner and (j.dy == NULL or j.dy_cs == j.inner)) or \
+                (j.nlev and j.y != NULL and j.y_cs != j.inner):
+            j.gap = GAP_INPUTS
+        elif j.y != NULL and j.y_cs != j.inner:
+            # the output alone (an out= step or crop): the units, and so the bits of the
+            # statistics, those of a contiguous output
+            j.gap = GAP_OUTPUT
     else:
         j.group = 0
     if j.group:
@@ -1821,7 +1871,7 @@ cdef void _plan(Job *j, Py_ssize_t itemsize, int narrays, bint elementwise=False
         j.sb_len = j.outer
     else:
         j.sb_len = SUPER_ELEMS // per_block
-    if j.gap and j.sb_len > GAP_ELEMS // per_block:
+    if j.gap == GAP_INPUTS and j.sb_len > GAP_ELEMS // per_block:
         j.sb_len = GAP_ELEMS // per_block     # the scratch a unit is packed into
     if j.sb_len < 1:
         j.sb_len = 1

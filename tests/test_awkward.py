@@ -380,6 +380,62 @@ def test_out_layouts(shape, axis, x_layout, out_layout):
             _check_only_view_written(o, lambda: fn(o))
 
 
+# out= layouts that take other routes than a contiguous output: short runs read as rows
+# (NCL, 1x73 runs; (4100, 16, 4): superblocks, dx in pieces; (400, 64, 20): blocks of 25
+# and 14 channels, dx in pieces), channels-last rows, runs of 40-128 in cache
+# (_cached_runs), longer runs.
+SAME_BITS_CASES = [((843, 3, 1, 73), 1), ((60, 117, 9), 1), ((4100, 16, 4), 1),
+                   ((400, 64, 20), 1),
+                   ((30, 5, 6, 40), -1), ((4, 56, 50), 1), ((16, 8, 40), 1), ((6, 5, 300), 1)]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("out_layout", ["channel_step", "step", "crop", "crop_channels_last",
+                                        "f", "negative"])
+@pytest.mark.parametrize("shape,axis", SAME_BITS_CASES)
+def test_same_bits_whatever_out_layout(shape, axis, out_layout, threads):
+    """Where the output goes changes no bit of anything: the statistics, y, dx and the
+    parameter gradients with `out=` in any layout are those of the call without it. (An
+    output with its channels apart used to shrink the units the reductions merge, and to
+    keep channels of short runs in cache from their kernel: mean, invstd and dweight then
+    differed in the last bit.)"""
+    if not applicable(shape, axis, out_layout):
+        pytest.skip("layout not applicable")
+    bnfast.set_num_threads(threads)
+    try:
+        for dtype in (np.float32, np.float64, np.float16):
+            offset = OFFSET.get(np.dtype(dtype), 100.0)       # float16: 100 +- a few
+            x = make_values(shape, dtype, 0, axis=axis, offset=offset)
+            w, b, _, _ = params(shape[axis], np.float64, 0)
+            dy = _dy(x)
+
+            def out():
+                return with_layout(np.full(x.shape, np.nan, x.dtype), out_layout, axis=axis)
+
+            def same(got, want, what):
+                assert got.tobytes() == np.ascontiguousarray(want).tobytes() and \
+                    got.shape == want.shape, (what, np.dtype(dtype).name)
+
+            y0, m0, s0 = bnfast.batch_norm_train(x, w, b, axis=axis)
+            o = out()
+            y1, m1, s1 = bnfast.batch_norm_train(x, w, b, axis=axis, out=o)
+            assert y1 is o
+            same(np.ascontiguousarray(y1), y0, "y")
+            same(m1, m0, "mean")
+            same(s1, s0, "invstd")
+            for training in (True, False):
+                want = bnfast.batch_norm_backward(dy, x, m0, s0, w, axis=axis,
+                                                  training=training)
+                o = out()
+                got = bnfast.batch_norm_backward(dy, x, m0, s0, w, axis=axis,
+                                                 training=training, out=o)
+                assert got[0] is o
+                for g, v, what in zip(got, want, ("dx", "dweight", "dbias")):
+                    same(np.ascontiguousarray(g), v, f"{what}, training={training}")
+    finally:
+        bnfast.set_num_threads(None)
+
+
 def test_out_non_native_byte_order():
     """An out of non-native byte order is computed into correctly or refused clearly."""
     x, w, b, rm, rv = _case((5, 3, 4), 1, np.float32)
