@@ -1828,7 +1828,8 @@ cdef void _plan(Job *j, Py_ssize_t itemsize, int narrays, bint elementwise=False
         # short runs (inner == 1: channels-last rows): a row of C * inner columns, read in
         # memory order by the rows kernels (a call per run of `inner` elements cost
         # 10-100x a copy); a channel's columns are reduced together. Channels not back
-        # to back in x, y or dy (a stepped view): each unit packed into scratch first.
+        # to back in x or dy (a stepped view): each unit packed into scratch first; in
+        # the output alone, x and dy read in place and the output through scratch.
         j.group = j.inner
         if not (j.x_cs == j.inner and (j.dy == NULL or j.dy_cs == j.inner)) or \
                 (j.nlev and j.y != NULL and j.y_cs != j.inner):
