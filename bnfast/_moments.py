@@ -253,13 +253,15 @@ def moments(x, *, axis=1):
     (multithreaded, results independent of the thread count; no temporary of x's size
     unless x needs converting (integers, non-native byte order) or has negative
     or zero strides). The mean is kept as two doubles, whose low
-    part the result keeps for merges. M2 is within 2 float64 ulps of the exact value
-    for x's elements, whatever their offset, also on float64 data on a grid (prices on a
-    tick, integers: compensated sums, README "How it is exact"); data whose level jumps
-    by many spreads inside a channel measured up to 8 (a tile's sum of x - shift is
-    plain); the mean within 1.5 ulps
-    of the standard deviation (absolute), which is a few ulps of the mean unless the data
-    are centred near zero.
+    part the result keeps for merges. For float64 data M2 is within 2 ulps of the exact
+    value, whatever the offset, also on data on a grid (prices on a tick, integers:
+    compensated sums, README "How it is exact"; data whose level jumps by many spreads
+    inside a channel of runs (NCHW) measured up to 8: a tile's sum of x - shift is plain
+    there, channels-last rows compensate it), and the mean within 1.5 ulps of the
+    standard deviation (absolute), which is a few ulps of the mean unless the data are
+    centred near zero. float32 and float16 data are summed in float64 without
+    compensation (each product exact): M2 measured up to 60 float64 ulps off (about
+    1e-14 relative, far below their own precision).
 
     Examples
     --------

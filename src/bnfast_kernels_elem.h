@@ -28,27 +28,41 @@ BNF_ELEM_FN T BNF_ELEM(dx_fixed_elem)(T g, double a)
 /* The reductions' arithmetic, likewise: one element into the shifted sums (d = x - shift:
  * s1 += d, s2 += d^2), four rows of a column paired as (0 + 1) + (2 + 3), and the same for
  * the backward sums (sum dy, sum dy (x - mean), sum (x - mean)).  BNF_COMPENSATED
- * (float64): s2 + *s2lo compensated (bnf_two_sum), the square rounded first; else s2lo
- * is not touched (NULL, BNF_LO). */
+ * (float64): s2 + *s2lo compensated (bnf_two_sum), the square rounded first, and s1 +
+ * *s1lo too where s1lo is given (the rows form: a column's sum is one chain of up to
+ * 4K adds); else s2lo and s1lo are not touched (NULL, BNF_LO). */
 BNF_ELEM_FN void BNF_ELEM(sums_elem)(T x, double shift, double *s1, double *s2,
-                                     double *s2lo)
+                                     double *s2lo, double *s1lo)
 {
     double d = BNF_TO_D(x) - shift;
-    *s1 += d;
 #if BNF_COMPENSATED
+    if (s1lo)
+        bnf_two_sum(s1, s1lo, d);
+    else
+        *s1 += d;
     bnf_two_sum(s2, s2lo, d * d);
 #else
     (void)s2lo;
+    (void)s1lo;
+    *s1 += d;
     *s2 = fma(d, d, *s2);
 #endif
 }
 
 BNF_ELEM_FN void BNF_ELEM(sums_elem4)(T x0, T x1, T x2, T x3, double shift, double *s1,
-                                      double *s2, double *s2lo)
+                                      double *s2, double *s2lo, double *s1lo)
 {
     double d0 = BNF_TO_D(x0) - shift, d1 = BNF_TO_D(x1) - shift;
     double d2 = BNF_TO_D(x2) - shift, d3 = BNF_TO_D(x3) - shift;
+#if BNF_COMPENSATED
+    if (s1lo)
+        bnf_two_sum(s1, s1lo, (d0 + d1) + (d2 + d3));
+    else
+        *s1 += (d0 + d1) + (d2 + d3);
+#else
+    (void)s1lo;
     *s1 += (d0 + d1) + (d2 + d3);
+#endif
 #if BNF_COMPENSATED
     bnf_two_sum(s2, s2lo, fma(d0, d0, d1 * d1) + fma(d2, d2, d3 * d3));
 #else

@@ -83,18 +83,19 @@ static inline BNF_INLINE void BNF_NAME(shifted_sums_runs)(const T *x, ptrdiff_t 
             for (int l = 0; l < BNF_LANES; l++)
                 BNF_NAME(sums_elem4)(p[i + l], p[i + BNF_LANES + l], p[i + 2 * BNF_LANES + l],
                                      p[i + 3 * BNF_LANES + l], shift, &s1[l], &s2[l],
-                                     &s2lo[l]);
+                                     &s2lo[l], (double *)0);
         }
 #endif
         for (; i + BNF_LANES <= len; i += BNF_LANES) {
             if (pf) bnf_pf_advance(pf, BNF_LANES * sizeof(T));
 #pragma omp simd
             for (int l = 0; l < BNF_LANES; l++)
-                BNF_NAME(sums_elem)(p[i + l], shift, &s1[l], &s2[l], BNF_LO(s2lo, l));
+                BNF_NAME(sums_elem)(p[i + l], shift, &s1[l], &s2[l], BNF_LO(s2lo, l),
+                                    (double *)0);
         }
         if (pf) bnf_pf_advance(pf, (len - i) * (ptrdiff_t)sizeof(T));
         for (int l = 0; i < len; i++, l++)
-            BNF_NAME(sums_elem)(p[i], shift, &s1[l], &s2[l], BNF_LO(s2lo, l));
+            BNF_NAME(sums_elem)(p[i], shift, &s1[l], &s2[l], BNF_LO(s2lo, l), (double *)0);
     }
 }
 
@@ -200,8 +201,8 @@ BNF_CLONES void BNF_NAME(bnf_stats_runs)(const T *x, ptrdiff_t nruns, ptrdiff_t 
 }
 
 /* Rows form: sums of d = x - shift[c] and d^2 per channel over `k` rows, four rows at
- * a time so the accumulators are loaded and stored once per four rows (s2lo: the low
- * parts of s2, BNF_COMPENSATED; else NULL).  Rows up to
+ * a time so the accumulators are loaded and stored once per four rows (s2lo and s1lo:
+ * the low parts of s2 and s1, BNF_COMPENSATED; else NULL).  Rows up to
  * pf_rows (counted from base; 0: none) are prefetched, bnf_rows_ahead below.  `far`
  * (from DRAM): the intrinsics loops also prefetch BNF_FAR_ROWS_BYTES ahead into L2;
  * these plain loops do not. */
@@ -209,13 +210,14 @@ static inline BNF_INLINE void BNF_NAME(shifted_sums_rows)(const T *base, ptrdiff
                                                          ptrdiff_t stride, ptrdiff_t width,
                                                          const double *shift, double *s1,
                                                          double *s2, double *s2lo,
-                                                         ptrdiff_t pf_rows, int far)
+                                                         double *s1lo, ptrdiff_t pf_rows,
+                                                         int far)
 {
     ptrdiff_t r, ahead = bnf_rows_ahead(width * (ptrdiff_t)sizeof(T));
     (void)far;
     for (ptrdiff_t c = 0; c < width; c++) {
         s1[c] = s2[c] = 0;
-        if (BNF_COMPENSATED) s2lo[c] = 0;
+        if (BNF_COMPENSATED) s2lo[c] = s1lo[c] = 0;
     }
     for (r = 0; r + 4 <= k; r += 4) {
         const T *p0 = base + r * stride, *p1 = p0 + stride, *p2 = p1 + stride,
@@ -232,14 +234,15 @@ static inline BNF_INLINE void BNF_NAME(shifted_sums_rows)(const T *base, ptrdiff
 #pragma omp simd
             for (ptrdiff_t c = c0; c < c1; c++)
                 BNF_NAME(sums_elem4)(p0[c], p1[c], p2[c], p3[c], shift[c], &s1[c], &s2[c],
-                                     BNF_LO(s2lo, c));
+                                     BNF_LO(s2lo, c), BNF_LO(s1lo, c));
         }
     }
     for (; r < k; r++) {
         const T *p = base + r * stride;
 #pragma omp simd
         for (ptrdiff_t c = 0; c < width; c++)
-            BNF_NAME(sums_elem)(p[c], shift[c], &s1[c], &s2[c], BNF_LO(s2lo, c));
+            BNF_NAME(sums_elem)(p[c], shift[c], &s1[c], &s2[c], BNF_LO(s2lo, c),
+                                BNF_LO(s1lo, c));
     }
 }
 
@@ -292,7 +295,20 @@ static inline BNF_INLINE void BNF_NAME(group_sums)(const double *s1, const doubl
 /* The per-column buffers of stats_rows_in: nine of n doubles (64-byte aligned where buf
  * is and n is a multiple of 8), then the low parts' three (n each where BNF_COMPENSATED,
  * else one). */
-#define BNF_STATS_BUFS(n) ((BNF_COMPENSATED ? 12 : 9) * (n) + (BNF_COMPENSATED ? 0 : 3))
+/* s1 += s1lo, where BNF_COMPENSATED (the rows form's compensated column sums); an
+ * infinite or NaN s1 (a column holding an inf: its low part is NaN) as it is, as the
+ * plain sums leave it */
+static inline BNF_INLINE void BNF_NAME(fold_s1)(double *s1, const double *s1lo, ptrdiff_t n)
+{
+#if BNF_COMPENSATED
+    for (ptrdiff_t c = 0; c < n; c++)
+        if (s1[c] - s1[c] == 0) s1[c] += s1lo[c];
+#else
+    (void)s1, (void)s1lo, (void)n;
+#endif
+}
+
+#define BNF_STATS_BUFS(n) ((BNF_COMPENSATED ? 13 : 9) * (n) + (BNF_COMPENSATED ? 0 : 4))
 
 static inline BNF_INLINE void BNF_NAME(stats_rows_in)(const T *x, ptrdiff_t nrows,
                                                      ptrdiff_t stride, ptrdiff_t width,
@@ -303,9 +319,12 @@ static inline BNF_INLINE void BNF_NAME(stats_rows_in)(const T *x, ptrdiff_t nrow
     double *shift = buf, *s1 = buf + n, *s2 = buf + 2 * n;
     double *hi = buf + 3 * n, *lo = buf + 4 * n, *m2 = buf + 5 * n;
     double *gshift = buf + 6 * n, *g1 = buf + 7 * n, *g2 = buf + 8 * n;
-    /* the low parts of s2, g2 and m2 (BNF_COMPENSATED; the others keep none) */
+    /* the low parts of s2, g2, m2 and s1 (BNF_COMPENSATED; the others keep none): a
+     * column's s1 is a chain of up to a tile's rows / 4 adds, and around a shift a
+     * standard deviation from the mean (the channel's first value) it had put the mean
+     * and m2 of (5000, 2) float64 10-19 ulps off */
     ptrdiff_t nlo = BNF_COMPENSATED ? n : 1;
-    double *s2lo = buf + 9 * n, *g2lo = s2lo + nlo, *m2lo = g2lo + nlo;
+    double *s2lo = buf + 9 * n, *g2lo = s2lo + nlo, *m2lo = g2lo + nlo, *s1lo = m2lo + nlo;
     double count = 0;                 /* elements merged so far, in every channel */
     ptrdiff_t cols = width * group;
     ptrdiff_t per = tile_rows > 0 ? tile_rows : BNF_TILE_ELEMS / cols;
@@ -333,7 +352,8 @@ static inline BNF_INLINE void BNF_NAME(stats_rows_in)(const T *x, ptrdiff_t nrow
             for (ptrdiff_t c = 0; c < width; c++)
                 for (ptrdiff_t i = 0; i < group; i++) shift[c * group + i] = cs[c];
         BNF_DISPATCH(shifted_sums_rows, base, k, stride, cols, shift, s1, s2,
-                     BNF_LO(s2lo, 0), nrows - r0, far);
+                     BNF_LO(s2lo, 0), BNF_LO(s1lo, 0), nrows - r0, far);
+        BNF_NAME(fold_s1)(s1, s1lo, cols);
         if (group > 1) BNF_NAME(group_sums)(s1, s2, s2lo, width, group, g1, g2, g2lo);
 #pragma omp simd reduction(| : redo)
         for (ptrdiff_t c = 0; c < width; c++) redo |= BNF_TILE_REDO(c1[c], c2[c], n);
@@ -348,7 +368,8 @@ static inline BNF_INLINE void BNF_NAME(stats_rows_in)(const T *x, ptrdiff_t nrow
                 for (ptrdiff_t c = 0; c < width; c++)
                     for (ptrdiff_t i = 0; i < group; i++) shift[c * group + i] = cs[c];
             BNF_DISPATCH(shifted_sums_rows, base, k, stride, cols, shift, s1, s2,
-                         BNF_LO(s2lo, 0), 0, 0);
+                         BNF_LO(s2lo, 0), BNF_LO(s1lo, 0), 0, 0);
+            BNF_NAME(fold_s1)(s1, s1lo, cols);
             if (group > 1) BNF_NAME(group_sums)(s1, s2, s2lo, width, group, g1, g2, g2lo);
         }
         /* a tile's m2 (tile_finish's) and, BNF_COMPENSATED, m2 + m2lo compensated */

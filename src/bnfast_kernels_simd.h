@@ -365,7 +365,7 @@ BNF_SIMD_FN inline BNF_INLINE void BNF_SIMD(shifted_sums_runs_body)(
                 if (BNF_COMPENSATED) BNF_VST(s2lo + BNF_VW * v, e[v]);
             }
             for (ptrdiff_t l = i - t; i < len; i++, l++)
-                BNF_SE(sums_elem)(p[i], shift, &s1[l], &s2[l], BNF_LO(s2lo, l));
+                BNF_SE(sums_elem)(p[i], shift, &s1[l], &s2[l], BNF_LO(s2lo, l), (double *)0);
             for (int v = 0; v < BNF_NV; v++) {
                 a[v] = BNF_VLD(s1 + BNF_VW * v);
                 b[v] = BNF_VLD(s2 + BNF_VW * v);
@@ -410,14 +410,14 @@ BNF_SIMD_FN void BNF_SIMD(shifted_sums_runs)(const T *x, ptrdiff_t nruns, ptrdif
 BNF_SIMD_FN void BNF_SIMD(shifted_sums_rows)(const T *base, ptrdiff_t k, ptrdiff_t stride,
                                              ptrdiff_t width, const double *shift,
                                              double *s1, double *s2, double *s2lo,
-                                             ptrdiff_t pf_rows, int far)
+                                             double *s1lo, ptrdiff_t pf_rows, int far)
 {
     ptrdiff_t r, ahead = bnf_rows_ahead(width * (ptrdiff_t)sizeof(T));
     ptrdiff_t further = far ? bnf_rows_ahead_by(width * (ptrdiff_t)sizeof(T),
                                                 BNF_FAR_ROWS_BYTES) : 0;
     for (ptrdiff_t c = 0; c < width; c++) {
         s1[c] = s2[c] = 0;
-        if (BNF_COMPENSATED) s2lo[c] = 0;
+        if (BNF_COMPENSATED) s2lo[c] = s1lo[c] = 0;
     }
     for (r = 0; r + 4 <= k; r += 4) {
         const T *p0 = base + r * stride, *p1 = p0 + stride, *p2 = p1 + stride,
@@ -443,10 +443,11 @@ BNF_SIMD_FN void BNF_SIMD(shifted_sums_rows)(const T *base, ptrdiff_t k, ptrdiff
             BNF_VD t1 = BNF_VADD(BNF_VADD(d0, d1), BNF_VADD(d2, d3));
             BNF_VD t2 = BNF_VADD(BNF_VFMA(d0, d0, BNF_VMUL(d1, d1)),
                                  BNF_VFMA(d2, d2, BNF_VMUL(d3, d3)));
-            BNF_VST(s1 + c, BNF_VADD(BNF_VLD(s1 + c), t1));
 #if BNF_COMPENSATED
+            BNF_VTWO_SUM_AT(s1 + c, s1lo + c, t1);
             BNF_VTWO_SUM_AT(s2 + c, s2lo + c, t2);
 #else
+            BNF_VST(s1 + c, BNF_VADD(BNF_VLD(s1 + c), t1));
             BNF_VST(s2 + c, BNF_VADD(BNF_VLD(s2 + c), t2));
 #endif
         }
@@ -461,24 +462,25 @@ BNF_SIMD_FN void BNF_SIMD(shifted_sums_rows)(const T *base, ptrdiff_t k, ptrdiff
             BNF_VD t1 = BNF_VADD(BNF_VADD(d0, d1), BNF_VADD(d2, d3));
             BNF_VD t2 = BNF_VADD(BNF_VFMA(d0, d0, BNF_VMUL(d1, d1)),
                                  BNF_VFMA(d2, d2, BNF_VMUL(d3, d3)));
-            BNF_VSTM(s1 + c, m, BNF_VADD(BNF_VLDM(m, s1 + c), t1));
+            BNF_VACC_MASK(s1 + c, s1lo + c, m, t1);
             BNF_VACC_MASK(s2 + c, s2lo + c, m, t2);
             c = width;
         }
 #endif
         for (; c < width; c++)
             BNF_SE(sums_elem4)(p0[c], p1[c], p2[c], p3[c], shift[c], &s1[c], &s2[c],
-                               BNF_LO(s2lo, c));
+                               BNF_LO(s2lo, c), BNF_LO(s1lo, c));
     }
     for (; r < k; r++) {
         const T *p = base + r * stride;
         ptrdiff_t c = 0;
         for (; c + BNF_VW <= width; c += BNF_VW) {
             BNF_VD d = BNF_VSUB(BNF_VLDT(p + c), BNF_VLD(shift + c));
-            BNF_VST(s1 + c, BNF_VADD(BNF_VLD(s1 + c), d));
 #if BNF_COMPENSATED
+            BNF_VTWO_SUM_AT(s1 + c, s1lo + c, d);
             BNF_VTWO_SUM_AT(s2 + c, s2lo + c, BNF_VMUL(d, d));
 #else
+            BNF_VST(s1 + c, BNF_VADD(BNF_VLD(s1 + c), d));
             BNF_VST(s2 + c, BNF_VFMA(d, d, BNF_VLD(s2 + c)));
 #endif
         }
@@ -486,17 +488,19 @@ BNF_SIMD_FN void BNF_SIMD(shifted_sums_rows)(const T *base, ptrdiff_t k, ptrdiff
         if (c < width && bnf_masked_tails) {
             __mmask8 m = BNF_TAIL_MASK(width, c);
             BNF_VD d = BNF_VSUB(BNF_VLDT_MASK(m, p + c), BNF_VLDM(m, shift + c));
-            BNF_VSTM(s1 + c, m, BNF_VADD(BNF_VLDM(m, s1 + c), d));
 #if BNF_COMPENSATED
+            BNF_VACC_MASK(s1 + c, s1lo + c, m, d);
             BNF_VACC_MASK(s2 + c, s2lo + c, m, BNF_VMUL(d, d));
 #else
+            BNF_VSTM(s1 + c, m, BNF_VADD(BNF_VLDM(m, s1 + c), d));
             BNF_VSTM(s2 + c, m, BNF_VFMA(d, d, BNF_VLDM(m, s2 + c)));
 #endif
             c = width;
         }
 #endif
         for (; c < width; c++)
-            BNF_SE(sums_elem)(p[c], shift[c], &s1[c], &s2[c], BNF_LO(s2lo, c));
+            BNF_SE(sums_elem)(p[c], shift[c], &s1[c], &s2[c], BNF_LO(s2lo, c),
+                              BNF_LO(s1lo, c));
     }
 }
 
