@@ -75,8 +75,9 @@ class Moments:
         if not (c.shape == mu.shape == m2a.shape):
             raise ValueError(f"Moments: count, mean and m2 must have the same shape, got "
                              f"{c.shape}, {mu.shape}, {m2a.shape}")
-        if np.any(~(c >= 0)) or np.any(c != np.floor(c)):
-            raise ValueError(f"Moments: count must hold non-negative whole numbers, got {c}")
+        if np.any(~(c >= 0)) or np.any(~np.isfinite(c)) or np.any(c != np.floor(c)):
+            raise ValueError(f"Moments: count must hold non-negative whole numbers "
+                             f"(finite), got {c}")
         if np.any(m2a < 0):
             raise ValueError(f"Moments: m2 must be non-negative, got {m2a}")
         empty = c == 0
@@ -475,9 +476,11 @@ class RunningStats:
         Raises
         ------
         ValueError
-            The layer has no running statistics or another channel count, a channel
-            has fewer than 2 values (1 for a biased layer), or a channel's mean or
-            variance is not finite (NaN or inf in its data); the channels are named.
+            The layer has no running statistics or another channel count, its running
+            statistics are read-only, a channel has fewer than 2 values (1 for a biased
+            layer), or a channel's mean or variance is not finite (NaN or inf in its
+            data) or does not fit the layer's dtype (float16); the channels are named.
+            Nothing is written then.
 
         Examples
         --------
@@ -498,12 +501,25 @@ class RunningStats:
             raise ValueError(f"to_batchnorm: the layer has {layer.num_features} channels, "
                              f"these statistics have {self.num_features} channels")
         var = self._checked_var("to_batchnorm", getattr(layer, "unbiased_running_var", True))
+        # checked whole before either is written: a refused call changes nothing
+        new = {}
+        for name, value in (("running_mean", self._m.mean), ("running_var", var)):
+            dst = getattr(layer, name)
+            if not dst.flags.writeable:
+                raise ValueError(f"to_batchnorm: the layer's {name} is read-only")
+            with np.errstate(over="ignore"):
+                new[name] = np.asarray(value).astype(dst.dtype)
+            bad = np.flatnonzero(~np.isfinite(new[name]))
+            if bad.size:
+                raise ValueError(f"to_batchnorm: the {name[8:]} of channels "
+                                 f"{bad[:10].tolist()} does not fit the layer's {dst.dtype} "
+                                 f"(e.g. {np.asarray(value)[bad[0]]!r})")
         # under the layer's lock, as its forward and load_state_dict: a concurrent call
         # must not see the mean written and the variance not yet
         lock = getattr(layer, "_lock", None)
         with lock if lock is not None else contextlib.nullcontext():
-            np.copyto(layer.running_mean, self._m.mean, casting="unsafe")
-            np.copyto(layer.running_var, var, casting="unsafe")
+            np.copyto(layer.running_mean, new["running_mean"])
+            np.copyto(layer.running_var, new["running_var"])
         return layer
 
     def freeze(self, weight=None, bias=None, *, eps=1e-5, unbiased=False):

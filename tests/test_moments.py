@@ -219,6 +219,8 @@ def test_moments_constructor_checks():
         Moments([1.5], [0.0], [0.0])
     with pytest.raises(ValueError, match="non-negative whole"):
         Moments([-1], [0.0], [0.0])
+    with pytest.raises(ValueError, match="non-negative whole"):
+        Moments([np.inf], [1.0], [1.0])         # merged, it turned every mean NaN
     with pytest.raises(ValueError, match="m2 must be non-negative"):
         Moments([3], [0.0], [-1.0])
     with pytest.raises(ValueError, match="1-D"):
@@ -459,6 +461,23 @@ def test_docstring_examples(monkeypatch):
             monkeypatch.setattr(bnfast, name, getattr(M, name), raising=False)
     res = doctest.testmod(M, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert res.attempted > 10 and res.failed == 0
+
+
+def test_to_batchnorm_refused_changes_nothing():
+    """A layer whose running_var is read-only, or statistics out of a float16 layer's
+    range: a ValueError that names the problem, and neither running statistic written
+    (the mean used to be written before the variance failed)."""
+    rs = bnfast.RunningStats(2, axis=-1).update(1e5 + np.array([[1.0, 10.0], [3.0, 30.0]]))
+    bn = bnfast.BatchNorm(2, dtype=np.float64)
+    bn.running_var.flags.writeable = False
+    with pytest.raises(ValueError, match="running_var is read-only"):
+        rs.to_batchnorm(bn)
+    np.testing.assert_array_equal(bn.running_mean, [0.0, 0.0])
+    bn16 = bnfast.BatchNorm(2, dtype=np.float16)
+    with pytest.raises(ValueError, match=r"mean of channels \[0, 1\] does not fit"):
+        rs.to_batchnorm(bn16)
+    np.testing.assert_array_equal(bn16.running_mean, [0.0, 0.0])
+    np.testing.assert_array_equal(bn16.running_var, [1.0, 1.0])
 
 
 def test_to_batchnorm_holds_the_layer_lock():
