@@ -475,6 +475,8 @@ class RunningStats:
 
         Raises
         ------
+        TypeError
+            `layer` is not a batch-norm layer.
         ValueError
             The layer has no running statistics or another channel count, its running
             statistics are read-only, a channel has fewer than 2 values (1 for a biased
@@ -493,8 +495,11 @@ class RunningStats:
         >>> np.round(rs.to_batchnorm(keras_like).running_var, 6)   # biased variance
         array([0.666667])
         """
-        if getattr(layer, "running_mean", None) is None or \
-                getattr(layer, "running_var", None) is None:
+        if not hasattr(layer, "running_mean") or not hasattr(layer, "num_features"):
+            raise TypeError(f"to_batchnorm: layer must be a bnfast.BatchNorm (or a layer "
+                            f"with running_mean, running_var and num_features), got "
+                            f"{type(layer).__name__}")
+        if layer.running_mean is None or getattr(layer, "running_var", None) is None:
             raise ValueError("to_batchnorm: the layer has no running statistics "
                              "(track_running_stats=False)")
         if layer.num_features != self.num_features:

@@ -478,6 +478,8 @@ def test_to_batchnorm_refused_changes_nothing():
         rs.to_batchnorm(bn16)
     np.testing.assert_array_equal(bn16.running_mean, [0.0, 0.0])
     np.testing.assert_array_equal(bn16.running_var, [1.0, 1.0])
+    with pytest.raises(TypeError, match="layer must be a bnfast.BatchNorm.*got int"):
+        rs.to_batchnorm(3)
 
 
 def test_to_batchnorm_holds_the_layer_lock():
