@@ -18,7 +18,7 @@ cimport numpy as cnp
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 from libc.stdint cimport uint16_t
-from libc.math cimport sqrt, NAN
+from libc.math cimport sqrt, NAN, INFINITY
 from cython.parallel cimport prange
 
 from bnfast._openmp_helpers cimport (BNF_GNU_OPENMP, BNF_HAVE_OPENMP, bnf_omp_max_threads,
@@ -2027,8 +2027,8 @@ cdef double _check_eps(object eps) except -1.0:
         e = eps
     except TypeError:
         raise TypeError(f"eps must be a real number, got {eps!r}") from None
-    if not (e > 0.0):
-        raise ValueError(f"eps must be > 0, got {eps!r}")
+    if not (0.0 < e < INFINITY):  # inf would normalize everything to zero: refused
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
     return e
 
 
@@ -2564,9 +2564,11 @@ cdef class FrozenBatchNorm:
         v = _param_vector(var, "var", C)
         w = None if weight is None else _param_vector(weight, "weight", C)
         bb = None if bias is None else _param_vector(bias, "bias", C)
-        bad = np.flatnonzero(v < 0)
+        # NaN too: a frozen layer built from diverged statistics would answer NaN forever
+        bad = np.flatnonzero(~(v >= 0))
         if bad.size:
-            raise ValueError(f"var must be non-negative; channel {bad[0]} has {v[bad[0]]!r}")
+            raise ValueError(f"var must be non-negative (not NaN); channel {bad[0]} has "
+                             f"{v[bad[0]]!r}")
         axis_int = _index(axis, "axis")
         if not -2**31 <= axis_int < 2**31:
             raise ValueError(f"axis {axis} is out of range")

@@ -1,5 +1,6 @@
 """Layers with PyTorch's semantics over the compiled kernels."""
 import copy
+import math
 import threading
 
 import numpy as np
@@ -12,6 +13,8 @@ _STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tra
 
 def _check_num_features(num_features):
     """num_features as an int >= 1, or a TypeError/ValueError naming it."""
+    if isinstance(num_features, (bool, np.bool_)):
+        raise TypeError(f"num_features must be an int, got {num_features!r}")
     try:
         c = int(num_features)
     except (TypeError, ValueError):
@@ -115,8 +118,8 @@ class BatchNorm:
         if dtype.kind != "f":
             raise TypeError(f"dtype must be a float dtype, got {dtype}")
         e = _real(eps, "eps")
-        if not e > 0:
-            raise ValueError(f"eps must be > 0, got {eps!r}")
+        if not 0 < e < math.inf:
+            raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
         if momentum is not None and not 0.0 <= _real(momentum, "momentum") <= 1.0:
             raise ValueError(f"momentum must be in [0, 1] or None, got {momentum!r}")
         if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
@@ -395,7 +398,11 @@ class BatchNorm:
                     if v.size != 1:
                         raise ValueError(f"state_dict['num_batches_tracked'] must be a "
                                          f"scalar, got shape {v.shape}")
-                    new[k] = int(v.reshape(()))
+                    n = v.reshape(()).item()  # a Python int, float or bool
+                    if not (0 <= n < 2**63 and n == round(n)):
+                        raise ValueError(f"state_dict['num_batches_tracked'] must be a "
+                                         f"whole number >= 0, got {n!r}")
+                    new[k] = int(n)
                     continue
                 if v.shape != (self.num_features,):
                     raise ValueError(f"state_dict[{k!r}] must have shape "

@@ -279,7 +279,22 @@ def load(path):
     missing = [k for k in required if k not in data]
     if missing:
         raise ValueError(f"{path!r} is not a bnfast layer file: missing {missing}")
-    version = int(data["format_version"])
+    def whole(key):
+        # an edited file's 1.5 must not silently become 1
+        v = data[key]
+        if v.shape != () or v.dtype.kind not in "iuf" or not np.isfinite(v) or v != int(v):
+            raise ValueError(f"{path!r} is not a bnfast layer file: {key} must be a whole "
+                             f"number, got {v!r}")
+        return int(v)
+
+    def flag(key):
+        v = data[key]
+        if v.shape != () or v.dtype.kind not in "biu" or v not in (0, 1):
+            raise ValueError(f"{path!r} is not a bnfast layer file: {key} must be a "
+                             f"bool, got {v!r}")
+        return bool(v)
+
+    version = whole("format_version")
     if version not in (1, 2):
         raise ValueError(f"unsupported bnfast layer file format version {version} "
                          f"(this bnfast reads versions 1 to {_FORMAT_VERSION})")
@@ -287,22 +302,22 @@ def load(path):
     if cls_name not in _LAYER_CLASSES:
         raise ValueError(f"unknown layer class {cls_name!r} in {path!r}")
     mom = float(data["config.momentum"])
-    track = bool(data["config.track_running_stats"])
+    track = flag("config.track_running_stats")
     layer = _LAYER_CLASSES[cls_name](
-        int(data["config.num_features"]),
+        whole("config.num_features"),
         eps=float(data["config.eps"]),
         momentum=None if math.isnan(mom) else mom,
-        affine=bool(data["config.affine"]),
+        affine=flag("config.affine"),
         # a layer whose flag was turned off after construction kept its statistics
         track_running_stats=track or "state.running_mean" in data,
-        axis=int(data["config.axis"]),
+        axis=whole("config.axis"),
         dtype=np.dtype(str(data["config.dtype"])),
-        unbiased_running_var=bool(data["config.unbiased_running_var"]),
+        unbiased_running_var=flag("config.unbiased_running_var"),
     )
     state = {k[len("state."):]: v for k, v in data.items() if k.startswith("state.")}
     layer.load_state_dict(state, strict=True)
     layer.track_running_stats = track
-    return layer.train(bool(data["config.training"]))
+    return layer.train(flag("config.training"))
 
 
 # ---------------------------------------------------------------------------------------

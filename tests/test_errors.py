@@ -368,7 +368,7 @@ def test_layer_without_tracking_refuses_one_value_in_eval():
 
 
 # ----------------------------------------------------------------------------------
-# eps <= 0 or NaN; momentum outside [0, 1]
+# eps <= 0, infinite or NaN; momentum outside [0, 1]
 
 EPS_ENTRIES = {"batch_norm": _bn_eval, "batch_norm[training]": _bn_train,
                "batch_norm_train": _bnt, "FrozenBatchNorm": _frozen_ctor,
@@ -376,7 +376,8 @@ EPS_ENTRIES = {"batch_norm": _bn_eval, "batch_norm[training]": _bn_train,
 
 
 @pytest.mark.parametrize("entry", EPS_ENTRIES.values(), ids=EPS_ENTRIES.keys())
-@pytest.mark.parametrize("eps", [0.0, -0.0, -1e-5, float("nan"), float("-inf"), np.nan])
+@pytest.mark.parametrize("eps", [0.0, -0.0, -1e-5, float("nan"), float("-inf"), np.nan,
+                                 float("inf"), np.inf])
 def test_eps_not_positive(entry, eps):
     a = valid()
     refused(entry, _with(a, eps=eps), ValueError, r"\beps\b")
@@ -563,6 +564,20 @@ def test_load_state_dict_wrong_shape(key, shape):
         layer.load_state_dict(sd)
     assert_unchanged(state, "load_state_dict refused")
     assert layer.num_batches_tracked == 0
+
+
+@pytest.mark.parametrize("value", [2.9, -4, np.nan, np.inf, -1.0, 2.0**70])
+def test_load_state_dict_num_batches_tracked_must_be_a_whole_count(value):
+    layer = bnfast.BatchNorm(C)
+    sd = {k: np.array(v, copy=True) for k, v in layer.state_dict().items()}
+    sd["running_mean"][:] = 5.0
+    sd["num_batches_tracked"] = np.array(value)
+    state = snapshot(layer.__dict__)
+    with pytest.raises(ValueError, match="num_batches_tracked"):
+        layer.load_state_dict(sd)
+    assert_unchanged(state, "load_state_dict refused")
+    sd["num_batches_tracked"] = np.array(7.0)      # a whole float (torch's .float()) loads
+    assert layer.load_state_dict(sd).num_batches_tracked == 7
 
 
 @pytest.mark.parametrize("key", ["weight", "bias", "running_mean", "running_var",

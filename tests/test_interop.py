@@ -323,6 +323,26 @@ def test_load_refuses_pickles_and_foreign_files(tmp_path):
         bnfast.interop.save_layer(object(), tmp_path / "x.npz")
 
 
+@pytest.mark.parametrize("key,value", [
+    ("config.axis", np.array(1.5)), ("config.num_features", np.array(2.5)),
+    ("config.num_features", np.array(np.nan)), ("format_version", np.array(1.5)),
+    ("config.axis", np.array([1])), ("config.affine", np.array(2)),
+    ("config.training", np.array(0.5)), ("config.track_running_stats", np.array("yes")),
+])
+def test_load_refuses_edited_config_fields(tmp_path, key, value):
+    good = bnfast.BatchNorm(2).save(tmp_path / "good.npz")
+    with np.load(good) as f:
+        d = dict(f)
+    d[key] = value
+    np.savez(tmp_path / "edited.npz", **d)
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        bnfast.load(tmp_path / "edited.npz")
+    d[key] = np.array(2.0) if key == "config.num_features" else None
+    if d[key] is not None:               # a float holding a whole number loads
+        np.savez(tmp_path / "whole.npz", **d)
+        assert bnfast.load(tmp_path / "whole.npz").num_features == 2
+
+
 def test_save_load_from_torch(tmp_path):
     torch = pytest.importorskip("torch")
     tm = torch.nn.BatchNorm1d(4, momentum=None)

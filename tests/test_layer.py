@@ -51,6 +51,9 @@ def test_train_eval_return_self():
     (_ctor_kwargs(num_features=3, eps=0.0), ValueError),
     (_ctor_kwargs(num_features=3, eps=-1e-5), ValueError),
     (_ctor_kwargs(num_features=3, eps=float("nan")), ValueError),
+    (_ctor_kwargs(num_features=3, eps=float("inf")), ValueError),
+    (_ctor_kwargs(num_features=True), TypeError),
+    (_ctor_kwargs(num_features=np.True_), TypeError),
     (_ctor_kwargs(num_features=3, momentum=1.5), ValueError),
     (_ctor_kwargs(num_features=3, momentum=-0.1), ValueError),
     (_ctor_kwargs(num_features=3, dtype=np.int32), TypeError),
@@ -298,6 +301,10 @@ def test_frozen_construction_errors():
         bnfast.FrozenBatchNorm(np.zeros(3), np.ones(3), np.ones(4))
     with pytest.raises(ValueError):
         bnfast.FrozenBatchNorm(np.zeros(3), np.ones(3), eps=0.0)
+    with pytest.raises(ValueError, match="eps must be a finite"):
+        bnfast.FrozenBatchNorm(np.zeros(3), np.ones(3), eps=np.inf)
+    with pytest.raises(ValueError, match="var must be non-negative.*channel 1"):
+        bnfast.FrozenBatchNorm(np.zeros(3), np.array([1.0, np.nan, 1.0]))
     with pytest.raises(ValueError):
         bnfast.FrozenBatchNorm(np.zeros((3, 1)), np.ones(3))
     with pytest.raises(TypeError):
