@@ -315,7 +315,14 @@ cdef Py_ssize_t _stream_bytes = 1 << 23
 # on 4 KiB pages, where the offsets collide only by chance ((512, 256) float32 eval
 # 22.5-22.9 us either way), but on huge pages they collide at every size ((256, 64) eval
 # 2.6 -> 11.9 us, staged 3.5; (1024, 256) 61 -> 193, staged 50-60; twenty-fourth session).
-cdef Py_ssize_t _stage_near_bytes = 0
+# Intel only: on Zen 4 (twenty-sixth session, one thread, float32, x and the output in one
+# 2 MiB-paged buffer, the output 16-1024 bytes ahead modulo 1 MiB, staged against not,
+# alternated in one process) the loads did not wait as long as staging costs: (4096, 64)
+# eval 75-83 us staged, 53-57 plain (56 and 53 with the output far off), training
+# 130-144 against 107-116; (16, 64, 32, 32) eval 218-272 against 184-201 (160 far off),
+# training 345-458 against 291-322; NumPy's own arrays there, (16, 64, 32, 32) backward
+# 521 against 460, (32, 64, 7, 7) 66 against 58.
+cdef Py_ssize_t _stage_near_bytes = (2 ** 62 if sizeof(Py_ssize_t) >= 8 else 2 ** 30) if bnf_cpu_amd() else 0
 # Tests: rows in segments always read in place (_segments_pay), however short.
 cdef bint _segments_always = False
 # At most one thread per this many elements (_threads_for_work; tests lower it).
