@@ -355,7 +355,16 @@ cdef bint _fetch_large = bnf_cpu_amd()
 # 0.93-0.96x; two threads, training 0.90-0.93x, eval 0.84-0.89x; from DRAM (51 MB,
 # allocated output) 0.91-1.00x; NCHW (runs) 0.99-1.01x. Streamed outputs keep them
 # (without, (8192, 256) eval measured 1.1-1.3x the time). The same bits either way.
-cdef bint _prefetch_ordered = bnf_cpu_amd()
+# On Zen 4 (twenty-sixth session, one thread, float32, in one process, with them against
+# without) they pay only on rows under ORDERED_PF_ROW_BYTES: narrower rows, called again
+# on the same arrays, measured 0.96-1.26x the time without, and after 64 MB read
+# elsewhere (x from DRAM) 1.09-1.53x ((4096, 64), (8192, 128), (10000, 96), (20000, 64),
+# (16, 28, 28, 128)); rows of 1 KB and wider 0.69-0.95x without for eval, 0.79-1.01x
+# training, 0.84-1.00x backward, called again ((512-7000, 256), (256-1024, 1024); from
+# DRAM 0.88-1.21x); runs (NCHW) eval 0.82-0.85x, from DRAM 0.73-0.82x. Hence 2 there:
+# rows narrower than that only. 0: never; 1: always.
+cdef int _prefetch_ordered = 2 if bnf_cpu_amd() else 0
+DEF ORDERED_PF_ROW_BYTES = 1024
 # Rows of float32 (the others: the backward sums) wider than a block (BNF_MAX_WIDTH) and up
 # to this many columns have their reductions from DRAM taken whole rows a unit
 # (_full_rows): the float32 backward sums' state (32 bytes a column: three sums and the
@@ -468,13 +477,14 @@ def _set_kernel_alloc_fails(on):
 
 def _set_prefetch_ordered(on):
     """Whether normalize and dx of an input over CACHED_BYTES prefetch it when their
-    output is not streamed (set by CPU vendor at load: AMD yes). The same bits either
-    way. None leaves it; returns the previous setting (tuning, tests)."""
+    output is not streamed: False never, True always, 2 on rows narrower than
+    ORDERED_PF_ROW_BYTES only (set by CPU vendor at load: AMD 2, others False). The same
+    bits either way. None leaves it; returns the previous setting (tuning, tests)."""
     global _prefetch_ordered
     old = _prefetch_ordered
     if on is not None:
-        _prefetch_ordered = bool(on)
-    return old
+        _prefetch_ordered = 2 if (on == 2 and not isinstance(on, bool)) else int(bool(on))
+    return True if old == 1 else False if old == 0 else old
 
 
 def _set_adds_as_fma(on):
@@ -1385,9 +1395,10 @@ cdef void _ordered_unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
     cdef int flags = _out_flags(j)
     cdef char *px
     # an array this small is taken to be in cache (just written, or read again): no
-    # prefetches; nor, but on AMD, for an output not streamed (_prefetch_ordered)
+    # prefetches; nor, for an output not streamed, but where _prefetch_ordered says so
     if j.outer * j.C * j.inner * isz <= CACHED_BYTES or \
-            not (j.stream or _prefetch_ordered):
+            not (j.stream or _prefetch_ordered == 1 or
+                 (_prefetch_ordered == 2 and j.group and row * isz < ORDERED_PF_ROW_BYTES)):
         flags |= BNF_CACHED
     if kind == K_NORM and _gap_packs_norm(j):      # packed, normalized in place, unpacked
         px = _scratch(j)

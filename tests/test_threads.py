@@ -693,9 +693,10 @@ def test_kernel_buffers_out_of_memory(shape, axis, dtype, stream):
                                         ((16, 7, 7, 512), -1)])
 def test_prefetching_ordered_units_changes_no_bits(shape, axis, dtype, n_threads):
     """Normalize and dx of an input over 256 KB whose output is not streamed prefetch it
-    where _set_prefetch_ordered says so (on AMD by default), else not: rows (flat, not
-    whole lines, channels last), runs and short runs read as rows; eval into out= and
-    allocated, training, both backward forms. The same bits both ways, and right."""
+    where _set_prefetch_ordered says so (on AMD, rows under 1 KB by default), else not:
+    rows (flat, not whole lines, channels last), runs and short runs read as rows; eval
+    into out= and allocated, training, both backward forms. The same bits every way, and
+    right."""
     x = make_values(shape, dtype, 11, axis=axis, offset=100.0 if dtype == np.float16 else 1e4)
     dy = make_values(shape, dtype, 12, axis=axis)
     w, b, rm, rv = params(shape[axis], dtype, 5)
@@ -714,13 +715,13 @@ def test_prefetching_ordered_units_changes_no_bits(shape, axis, dtype, n_threads
     old = bnfast._core._set_prefetch_ordered(None)
     got = {}
     try:
-        for on in (False, True):
+        for on in (False, True, 2):
             bnfast._core._set_prefetch_ordered(on)
             got[on], res = ops()
     finally:
         bnfast._core._set_prefetch_ordered(old)
         bnfast.set_num_threads(None)
-    assert got[False] == got[True]
+    assert got[False] == got[True] == got[2]
     y, yt, dx = res
     assert_forward_close(y, ref.batch_norm(x, rm, rv, w, b, axis=axis))
     ry, rmean, rinvstd = ref.batch_norm_train(x, w, b, axis=axis)
