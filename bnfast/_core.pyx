@@ -364,6 +364,13 @@ cdef bint _fetch_large = bnf_cpu_amd()
 # DRAM 0.88-1.21x); runs (NCHW) eval 0.82-0.85x, from DRAM 0.73-0.82x. Hence 2 there:
 # rows narrower than that only. 0: never; 1: always.
 cdef int _prefetch_ordered = 2 if bnf_cpu_amd() else 0
+# Whether eval-mode backward of channels of runs (NCHW) stores each run's dx as its sums
+# read it, in one pass (bnf_bwd_sums_dx_runs), rather than a block's sums and then its
+# dx from cache: by CPU vendor, Intel yes (0.82-0.95x the time there). On Zen 4
+# (twenty-sixth session, one thread, float32, in one process) the one pass took 1.47x the
+# time of the two steps on (64, 256, 28, 28) (9.1 against 6.2 ms) and 1.38x on (16, 128,
+# 56, 56); in cache (8, 256, 28, 28) the same. The same bits either way.
+cdef bint _fused_eval_runs = not bnf_cpu_amd()
 DEF ORDERED_PF_ROW_BYTES = 1024
 # Rows of float32 (the others: the backward sums) wider than a block (BNF_MAX_WIDTH) and up
 # to this many columns have their reductions from DRAM taken whole rows a unit
@@ -485,6 +492,18 @@ def _set_prefetch_ordered(on):
     if on is not None:
         _prefetch_ordered = 2 if (on == 2 and not isinstance(on, bool)) else int(bool(on))
     return True if old == 1 else False if old == 0 else old
+
+
+def _set_fused_eval_runs(on):
+    """Whether eval-mode backward of channels of runs goes in one pass where
+    _set_fused_eval_backward allows it (set by CPU vendor at load: Intel yes, AMD no).
+    The same bits either way. None leaves it; returns the previous setting (tuning,
+    tests)."""
+    global _fused_eval_runs
+    old = _fused_eval_runs
+    if on is not None:
+        _fused_eval_runs = bool(on)
+    return old
 
 
 def _set_adds_as_fma(on):
@@ -1198,7 +1217,7 @@ cdef inline void _unit_at(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssiz
                 j.type, dy, dy_os, x, x_os, y, y_os, nr, w, j.group, j.hi + c0, j.scale + c0,
                 sdy, sdyx, sxm, flags | _dram_flags(j)):
             return      # dx = scale * dy stored as the sums read dy, one pass
-        if not rows and kind == K_BEVAL and bnf_bwd_sums_dx_runs(
+        if not rows and kind == K_BEVAL and _fused_eval_runs and bnf_bwd_sums_dx_runs(
                 j.type, dy, dy_os, 0, x, x_os, 0, y, y_os, 0, nr, j.inner, 1, j.hi + c0,
                 j.scale + c0, sdy, sdyx, sxm, flags):
             return      # likewise, a run at a time
@@ -1510,7 +1529,7 @@ cdef void _pipeline(Job *j, int kind, Py_ssize_t u0, Py_ssize_t u1) noexcept nog
         fetch_next = _fetch_next(j)
         while u < u1:
             w = u1 - u if u1 - u < k else k
-            if kind == K_BEVAL and bnf_bwd_sums_dx_runs(
+            if kind == K_BEVAL and _fused_eval_runs and bnf_bwd_sums_dx_runs(
                     j.type, j.dy + u * j.dy_cs * isz, j.dy_os, j.dy_cs,
                     j.x + u * j.x_cs * isz, j.x_os, j.x_cs, j.y + u * j.y_cs * isz, j.y_os,
                     j.y_cs, j.outer, j.inner, w, j.hi + u, j.scale + u, j.s_dy + u,

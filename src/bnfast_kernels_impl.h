@@ -1713,7 +1713,9 @@ BNF_CLONES void BNF_NAME(bnf_bwd_runs_cached)(const T *dy, ptrdiff_t dystride, p
  * the time, (16, 128, 56, 56) 0.86x, (64, 512, 14, 14) 0.95x, in cache (8, 64, 28, 28)
  * 0.82x; float64 0.85x.  A second cursor 8-32 KB ahead into L2 measured 1.02-1.19x,
  * blocks of 1.5-4 MB 0.97-1.04x, the sums of a block's row in one call (then its dx)
- * 0.97-1.06x.  Returns 0, with nothing done, where bnf_fuse_sums_dx is off. */
+ * 0.97-1.06x.  (Intel; on Zen 4 the two steps measured 0.56-0.98x the time of this from
+ * DRAM, and bnfast._core does not call it there: _fused_eval_runs.)  Returns 0, with
+ * nothing done, where bnf_fuse_sums_dx is off. */
 BNF_CLONES int BNF_NAME(bnf_bwd_sums_dx_runs)(const T *dy, ptrdiff_t dystride,
                                              ptrdiff_t dycs, const T *x, ptrdiff_t xstride,
                                              ptrdiff_t xcs, T *dx, ptrdiff_t dxstride,

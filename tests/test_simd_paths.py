@@ -25,7 +25,7 @@ import pytest
 import bnfast
 from arrays import make_values, params, with_layout
 from bnfast._core import (_set_adds_as_fma, _set_flat_whole_lines, _set_fused_eval_backward,
-                          _set_reduce_blocks_min, _set_simd_level,
+                          _set_fused_eval_runs, _set_reduce_blocks_min, _set_simd_level,
                           _set_stage_near_bytes, _set_store_lines, _set_stream_bytes)
 from reference import assert_forward_close
 import reference as ref
@@ -436,6 +436,7 @@ def test_eval_backward_sums_and_dx_in_one_pass(shape, full, axis, dtype, offset,
     bnfast.set_num_threads(threads)
     old_stream = _set_stream_bytes(0 if dram else 1 << 62)
     old_blocks = _set_reduce_blocks_min(0 if dram else 1 << 62)
+    old_runs = _set_fused_eval_runs(True)      # runs in one pass too (off on AMD)
     try:
         for level in sorted({0, SUPPORTED}):
             _set_simd_level(level)
@@ -452,6 +453,7 @@ def test_eval_backward_sums_and_dx_in_one_pass(shape, full, axis, dtype, offset,
     finally:
         _set_simd_level(SUPPORTED)
         _set_fused_eval_backward(True)
+        _set_fused_eval_runs(old_runs)
         _set_stream_bytes(old_stream)
         _set_reduce_blocks_min(old_blocks)
         bnfast.set_num_threads(None)
