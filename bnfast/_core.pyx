@@ -62,6 +62,7 @@ cdef extern from "bnfast_kernels.h" nogil:
     long bnf_l1d_bytes()
     int bnf_set_kernel_alloc_fails(int on)
     int bnf_set_wide_flat(int on)
+    int bnf_set_grouped_wide(int on)
     int bnf_set_store_lines(int on)
     int bnf_set_masked_tails(int on)
     int bnf_set_fuse_sums_dx(int on)
@@ -371,6 +372,9 @@ cdef int _prefetch_ordered = 2 if bnf_cpu_amd() else 0
 # time of the two steps on (64, 256, 28, 28) (9.1 against 6.2 ms) and 1.38x on (16, 128,
 # 56, 56); in cache (8, 256, 28, 28) the same. The same bits either way.
 cdef bint _fused_eval_runs = not bnf_cpu_amd()
+# Wide rows streamed in groups of rows and column blocks where L1d is under 40 KiB
+# (bnf_grouped_wide in bnfast_kernels.c: Zen 4's 32 KiB yes, the Intel VM's 48 no).
+bnf_set_grouped_wide(1 if bnf_l1d_bytes() < 40960 else 0)
 DEF ORDERED_PF_ROW_BYTES = 1024
 # Rows of float32 (the others: the backward sums) wider than a block (BNF_MAX_WIDTH) and up
 # to this many columns have their reductions from DRAM taken whole rows a unit
@@ -474,6 +478,13 @@ def _set_wide_flat(on):
     (dx computed) whole rows at a time (on), or in blocks of columns; None leaves it.
     Returns the previous setting (tuning, tests: the same bits)."""
     return bool(bnf_set_wide_flat(-1 if on is None else int(bool(on))))
+
+
+def _set_grouped_wide(on):
+    """Whether contiguous rows wider than a chunk with a streamed output are normalized
+    in groups of rows and column blocks (bnf_grouped_wide; by default where L1d is under
+    40 KiB). None leaves it; returns the previous setting (tuning, tests: the same bits)."""
+    return bool(bnf_set_grouped_wide(-1 if on is None else int(bool(on))))
 
 
 def _set_kernel_alloc_fails(on):

@@ -207,6 +207,7 @@ int bnf_set_flat_whole_lines(int on);
  * whole rows at a time, one flat run (1), or in blocks of columns (0; -1 leaves it): the
  * previous setting (tuning, tests: the same bits either way). */
 int bnf_set_wide_flat(int on);
+int bnf_set_grouped_wide(int on);
 /* 1 on an AMD CPU (the tuning choices that differ by vendor) */
 int bnf_cpu_amd(void);
 /* The L1 data cache of a core in bytes, as the C library reports it (32 KB where it

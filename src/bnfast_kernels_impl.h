@@ -890,6 +890,59 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_block)(const T *x, ptrdiff_t xs
  * block's factors (24 bytes a column) then stay in L1 instead of streaming from L2
  * once per row (measured in cache: 64x4096 2.5-2.8 -> 1.8-1.9x a copy, 16x16384
  * 3.2 -> 2.1-2.9x; from DRAM, 3136x4096, 1.5-1.6 -> 1.25-1.45x). */
+/* Contiguous wide rows, streamed, in groups of rows and column blocks (bnf_grouped_wide):
+ * each row's first `lead` columns (before y's first line) and last `tail` ones (after
+ * its last) with plain stores (the two share a line with the next row's and the row
+ * before's), the columns between in blocks that start on lines, streamed, their factors
+ * copied once to buffers that start at column `lead` on a line (read where they lay,
+ * off a line, each load split in two and the blocks took 1.1-1.2x the time of whole
+ * rows).  Every element's arithmetic is its own: the same bits as any other form.
+ * Returns 0, with nothing done, where the buffers cannot be had. */
+static inline BNF_INLINE int BNF_NAME(norm_rows_grouped_wide)(const T *x, T *y,
+                                                             ptrdiff_t nrows, ptrdiff_t width,
+                                                             const double *mean,
+                                                             const double *scale,
+                                                             const double *shift)
+{
+    ptrdiff_t line = 64 / (ptrdiff_t)sizeof(T), row = width * (ptrdiff_t)sizeof(T);
+    ptrdiff_t lead = bnf_nt_lead(y, sizeof(T)), tail = (width - lead) % line;
+    ptrdiff_t mid = width - lead - tail;
+    ptrdiff_t group = BNF_WIDE_GROUP_BYTES / row > 1 ? BNF_WIDE_GROUP_BYTES / row : 1;
+    ptrdiff_t nblocks = (mid + BNF_WIDE_BLOCK_COLS - 1) / BNF_WIDE_BLOCK_COLS;
+    ptrdiff_t done = 0;
+    double *heap = (double *)bnf_kernel_alloc64(3 * (size_t)mid * sizeof(double));
+    if (!heap) return 0;
+    double *m = heap, *a = heap + mid, *b = heap + 2 * mid;
+    memcpy(m, mean + lead, (size_t)mid * sizeof(double));
+    memcpy(a, scale + lead, (size_t)mid * sizeof(double));
+    memcpy(b, shift + lead, (size_t)mid * sizeof(double));
+    bnf_pf_share(x, (nrows < group ? nrows : group) * row, BNF_WIDE_GROUP_BYTES, &done);
+    for (ptrdiff_t r0 = 0; r0 < nrows; r0 += group) {
+        ptrdiff_t k = nrows - r0 < group ? nrows - r0 : group;
+        ptrdiff_t next = nrows - r0 - k < group ? nrows - r0 - k : group;
+        const T *xg = x + r0 * width, *xn = xg + k * width;
+        T *yg = y + r0 * width;
+        ptrdiff_t share = (next * row / nblocks + BNF_LINE - 1) / BNF_LINE * BNF_LINE;
+        done = 0;
+        /* the kernel itself, not norm_rows_block: its checks cost as much as a block */
+        if (lead)
+            BNF_DISPATCH4(norm_rows_run, xg, width, yg, width, k, lead, mean, scale, shift, 0,
+                          0);
+        for (ptrdiff_t c0 = 0; c0 < mid; c0 += BNF_WIDE_BLOCK_COLS) {
+            ptrdiff_t w = mid - c0 < BNF_WIDE_BLOCK_COLS ? mid - c0 : BNF_WIDE_BLOCK_COLS;
+            bnf_pf_share(xn, next * row, share, &done);
+            BNF_DISPATCH4(norm_rows_run, xg + lead + c0, width, yg + lead + c0, width, k, w,
+                          m + c0, a + c0, b + c0, 0, 2);     /* rows one at a time */
+        }
+        if (tail)
+            BNF_DISPATCH4(norm_rows_run, xg + width - tail, width, yg + width - tail, width, k,
+                          tail, mean + width - tail, scale + width - tail,
+                          shift + width - tail, 0, 0);
+    }
+    bnf_free64(heap);
+    return 1;
+}
+
 static inline BNF_INLINE void BNF_NAME(norm_rows_cols)(const T *x, ptrdiff_t xstride, T *y,
                                                       ptrdiff_t ystride, ptrdiff_t nrows,
                                                       ptrdiff_t width, const double *mean,
@@ -897,6 +950,11 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_cols)(const T *x, ptrdiff_t xst
                                                       const double *shift, int flags)
 {
     ptrdiff_t step = bnf_wide_step(width, sizeof(T));
+    if (xstride == width && ystride == width && bnf_grouped_wide(width, sizeof(T), flags) &&
+        BNF_DIRECT_NT(4) && width * (ptrdiff_t)sizeof(T) % 64 == 0 &&
+        !bnf_rows_aliased(y, x, width * (ptrdiff_t)sizeof(T), BNF_T_HALF) &&
+        BNF_NAME(norm_rows_grouped_wide)(x, y, nrows, width, mean, scale, shift))
+        return;
     if (step < width && xstride == width && ystride == width &&
         bnf_wide_flat(width, flags) && BNF_FLAT_NT(width, 4) &&
         !bnf_rows_aliased(y, x, width * (ptrdiff_t)sizeof(T), BNF_T_HALF) &&

@@ -25,7 +25,8 @@ import pytest
 import bnfast
 from arrays import make_values, params, with_layout
 from bnfast._core import (_set_adds_as_fma, _set_flat_whole_lines, _set_fused_eval_backward,
-                          _set_fused_eval_runs, _set_reduce_blocks_min, _set_simd_level,
+                          _set_fused_eval_runs, _set_grouped_wide, _set_reduce_blocks_min,
+                          _set_simd_level,
                           _set_stage_near_bytes, _set_store_lines, _set_stream_bytes)
 from reference import assert_forward_close
 import reference as ref
@@ -596,3 +597,48 @@ def test_same_bits_as_another_build():
     assert set(mine) == set(other)
     differ = [k for k in mine if mine[k] != other[k]]
     assert not differ, f"{len(differ)} of {len(mine)} cases differ from the other build: {differ[:5]}"
+
+
+# Contiguous rows wider than a chunk, streamed: in groups of rows and column blocks where
+# L1d is small (_set_grouped_wide, on by default under 40 KiB: Zen 4), whole rows
+# elsewhere. Outputs 0-48 bytes past a line (each row's plain-stored lead and tail
+# columns), rows not whole lines (not grouped), x off a line; eval and training. The
+# same bits both ways, nothing written outside the output, and right.
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("width", [1056, 2048, 2080, 4096, 1100])
+@pytest.mark.parametrize("offset", [0, 3, 4, 12])
+def test_grouped_wide_rows(width, offset, dtype):
+    if dtype == np.float64 and width > 4096:
+        pytest.skip("rows over half a group")
+    rows = 37
+    xbuf = np.empty(rows * width + 64, dtype)
+    xlo = (-xbuf.ctypes.data % 64) // xbuf.itemsize + 1      # x off a line too
+    x = xbuf[xlo:xlo + rows * width].reshape(rows, width)
+    x[...] = make_values((rows, width), dtype, 29, axis=-1, offset=_offset(dtype))
+    w, b, rm, rv = params(width, dtype, 5)
+    old_stream = _set_stream_bytes(0)
+    old = _set_grouped_wide(None)
+    got = {}
+    try:
+        for on in (False, True):
+            _set_grouped_wide(on)
+            res = []
+            for op in ("eval", "train"):
+                buf, lo = _off_a_line(rows * width, dtype, offset)
+                out = buf[lo:lo + rows * width].reshape(rows, width)
+                if op == "eval":
+                    bnfast.batch_norm(x, rm, rv, w, b, axis=-1, out=out)
+                else:
+                    bnfast.batch_norm_train(x, w, b, axis=-1, out=out)
+                outside = np.ones(buf.size, bool)
+                outside[lo:lo + rows * width] = False
+                assert np.isnan(buf[outside]).all(), f"{op}: written outside the output"
+                res.append(out.copy())
+            got[on] = res
+    finally:
+        _set_grouped_wide(old)
+        _set_stream_bytes(old_stream)
+    for a, g in zip(got[False], got[True]):
+        assert a.tobytes() == g.tobytes(), "grouped wide rows give other bits"
+    assert_forward_close(got[True][0], ref.batch_norm(x, rm, rv, w, b, axis=-1))
+    assert_forward_close(got[True][1], ref.batch_norm_train(x, w, b, axis=-1)[0])
