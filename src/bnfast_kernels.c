@@ -836,9 +836,9 @@ static inline ptrdiff_t bnf_wide_step(ptrdiff_t width, size_t itemsize)
 /* Contiguous rows wider than BNF_CHUNK whose output is streamed (from DRAM), on a CPU
  * whose L1d is under 40 KiB (bnf_grouped_wide, set at import), go in groups of rows of
  * about BNF_WIDE_GROUP_BYTES, each group in column blocks of BNF_WIDE_BLOCK_COLS whose
- * factors (24 bytes a column: 3 KB) stay in L1 from row to row of the group, the next
- * group prefetched into L2 a block's share at a time (every column block of a row then reads L2, and
- * DRAM sees the rows in order).  The whole-row run below repeats factors of 48-192 KB
+ * factors (24 bytes a column: 3 KB; dx 32) stay in L1 from row to row of the group,
+ * the next group prefetched into L2 a block's share at a time (every column block of a
+ * row then reads L2, and DRAM sees the rows in order).  The whole-row run below repeats factors of 48-192 KB
  * for 2048-8192 columns, which stream from L2 once per row beside x: on Zen 4 (32 KiB
  * L1d) a C harness of that eval over 51 MB float32 took 6.7-7.7 ms for 2048-8192
  * columns against 2.7-3.5 for 256, and this form 2.8-3.4 (groups of 64 KB, blocks of

@@ -1956,6 +1956,66 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_block)(const T *dy, ptrdiff_t dys
 
 /* Wide rows go one block of BNF_WIDE_COLS columns at a time over all the rows, as in
  * bnf_norm_rows. */
+/* dx of contiguous wide rows, streamed, as norm_rows_grouped_wide: groups of rows in
+ * column blocks, a row at a time, the blocks' factors (32 bytes a column) in L1, the
+ * next group's dy and x prefetched into L2.  The same bits as any other form.  Returns
+ * 0, with nothing done, where the factors' buffers cannot be had. */
+static inline BNF_INLINE int BNF_NAME(bwd_dx_rows_grouped_wide)(const T *dy, const T *x, T *dx,
+                                                               ptrdiff_t nrows,
+                                                               ptrdiff_t width,
+                                                               const double *mean,
+                                                               const double *a,
+                                                               const double *k1,
+                                                               const double *k2)
+{
+    ptrdiff_t line = 64 / (ptrdiff_t)sizeof(T), row = width * (ptrdiff_t)sizeof(T);
+    ptrdiff_t lead = bnf_nt_lead(dx, sizeof(T)), tail = (width - lead) % line;
+    ptrdiff_t mid = width - lead - tail, narr = x ? 2 : 1;
+    /* a group of about BNF_WIDE_GROUP_BYTES of dy and x together */
+    ptrdiff_t group = BNF_WIDE_GROUP_BYTES / (narr * row) > 1
+                          ? BNF_WIDE_GROUP_BYTES / (narr * row) : 1;
+    ptrdiff_t nblocks = (mid + BNF_WIDE_BLOCK_COLS - 1) / BNF_WIDE_BLOCK_COLS;
+    ptrdiff_t done_g = 0, done_x = 0;
+    double *heap = (double *)bnf_kernel_alloc64((x ? 4 : 1) * (size_t)mid * sizeof(double));
+    if (!heap) return 0;
+    double *fa = heap, *fm = x ? heap + mid : NULL, *f1 = x ? heap + 2 * mid : NULL,
+           *f2 = x ? heap + 3 * mid : NULL;
+    memcpy(fa, a + lead, (size_t)mid * sizeof(double));
+    if (x) {
+        memcpy(fm, mean + lead, (size_t)mid * sizeof(double));
+        memcpy(f1, k1 + lead, (size_t)mid * sizeof(double));
+        memcpy(f2, k2 + lead, (size_t)mid * sizeof(double));
+    }
+    bnf_pf_share(dy, (nrows < group ? nrows : group) * row, BNF_WIDE_GROUP_BYTES, &done_g);
+    if (x) bnf_pf_share(x, (nrows < group ? nrows : group) * row, BNF_WIDE_GROUP_BYTES, &done_x);
+    for (ptrdiff_t r0 = 0; r0 < nrows; r0 += group) {
+        ptrdiff_t k = nrows - r0 < group ? nrows - r0 : group;
+        ptrdiff_t next = nrows - r0 - k < group ? nrows - r0 - k : group;
+        const T *gg = dy + r0 * width, *xg = x ? x + r0 * width : NULL;
+        T *qg = dx + r0 * width;
+        ptrdiff_t share = (next * row / nblocks + BNF_LINE - 1) / BNF_LINE * BNF_LINE;
+        done_g = done_x = 0;
+        if (lead)
+            BNF_DISPATCH(dx_rows_run, gg, width, xg, width, qg, width, k, lead, mean, a, k1,
+                         k2, 0, 0);
+        for (ptrdiff_t c0 = 0; c0 < mid; c0 += BNF_WIDE_BLOCK_COLS) {
+            ptrdiff_t w = mid - c0 < BNF_WIDE_BLOCK_COLS ? mid - c0 : BNF_WIDE_BLOCK_COLS;
+            bnf_pf_share(gg + k * width, next * row, share, &done_g);
+            if (x) bnf_pf_share(xg + k * width, next * row, share, &done_x);
+            BNF_DISPATCH(dx_rows_run, gg + lead + c0, width, xg ? xg + lead + c0 : NULL, width,
+                         qg + lead + c0, width, k, w, x ? fm + c0 : NULL, fa + c0,
+                         x ? f1 + c0 : NULL, x ? f2 + c0 : NULL, 0, 2);
+        }
+        if (tail)
+            BNF_DISPATCH(dx_rows_run, gg + width - tail, width, xg ? xg + width - tail : NULL,
+                         width, qg + width - tail, width, k, tail,
+                         x ? mean + width - tail : NULL, a + width - tail,
+                         x ? k1 + width - tail : NULL, x ? k2 + width - tail : NULL, 0, 0);
+    }
+    bnf_free64(heap);
+    return 1;
+}
+
 static inline BNF_INLINE void BNF_NAME(bwd_dx_rows_cols)(const T *dy, ptrdiff_t dystride,
                                                         const T *x, ptrdiff_t xstride, T *dx,
                                                         ptrdiff_t dxstride, ptrdiff_t nrows,
@@ -1965,6 +2025,12 @@ static inline BNF_INLINE void BNF_NAME(bwd_dx_rows_cols)(const T *dy, ptrdiff_t 
 {
     ptrdiff_t step = bnf_wide_step(width, sizeof(T));
     ptrdiff_t row = width * (ptrdiff_t)sizeof(T);
+    if (dystride == width && (!x || xstride == width) && dxstride == width &&
+        bnf_grouped_wide(width, sizeof(T), flags) && BNF_DIRECT_NT(3) && row % 64 == 0 &&
+        (!x || 4 * row <= BNF_WIDE_GROUP_BYTES) &&      /* two rows of dy and x a group */
+        !bnf_rows_aliased(dx, dy, row, BNF_T_HALF) && !bnf_rows_aliased(dx, x, row, BNF_T_HALF) &&
+        BNF_NAME(bwd_dx_rows_grouped_wide)(dy, x, dx, nrows, width, mean, a, k1, k2))
+        return;
     if (step < width && dystride == width && (!x || xstride == width) && dxstride == width &&
         bnf_wide_flat(width, flags) && BNF_FLAT_NT(width, 3) &&
         !bnf_rows_aliased(dx, dy, row, BNF_T_HALF) && !bnf_rows_aliased(dx, x, row, BNF_T_HALF) &&

@@ -1193,7 +1193,9 @@ BNF_SIMD_FN void BNF_SIMD(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x
                                        int nt)
 {
     ptrdiff_t r = 0, ahead = bnf_rows_ahead(n * (ptrdiff_t)sizeof(T));
-    int quads = !nt || (!BNF_NT_HEAD(q) && qstride * (ptrdiff_t)sizeof(T) % BNF_NT_ALIGN == 0);
+    /* nt == 2: streamed, rows one at a time (bwd_dx_rows_grouped_wide) */
+    int quads = nt != 2 &&
+                (!nt || (!BNF_NT_HEAD(q) && qstride * (ptrdiff_t)sizeof(T) % BNF_NT_ALIGN == 0));
     const T *gr, *p;
     T *o;
 #define BNF_V(j)                                                                           \

@@ -602,20 +602,23 @@ def test_same_bits_as_another_build():
 # Contiguous rows wider than a chunk, streamed: in groups of rows and column blocks where
 # L1d is small (_set_grouped_wide, on by default under 40 KiB: Zen 4), whole rows
 # elsewhere. Outputs 0-48 bytes past a line (each row's plain-stored lead and tail
-# columns), rows not whole lines (not grouped), x off a line; eval and training. The
-# same bits both ways, nothing written outside the output, and right.
+# columns), rows not whole lines (not grouped), x off a line; eval, training and both
+# backward forms (dx). The same bits both ways, nothing written outside the output, and
+# right.
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 @pytest.mark.parametrize("width", [1056, 2048, 2080, 4096, 1100])
 @pytest.mark.parametrize("offset", [0, 3, 4, 12])
 def test_grouped_wide_rows(width, offset, dtype):
     if dtype == np.float64 and width > 4096:
         pytest.skip("rows over half a group")
-    rows = 37
+    rows = 300         # more than a superblock: the backward's dx a pass of its own
     xbuf = np.empty(rows * width + 64, dtype)
     xlo = (-xbuf.ctypes.data % 64) // xbuf.itemsize + 1      # x off a line too
     x = xbuf[xlo:xlo + rows * width].reshape(rows, width)
     x[...] = make_values((rows, width), dtype, 29, axis=-1, offset=_offset(dtype))
+    dy = make_values((rows, width), dtype, 31, axis=-1)
     w, b, rm, rv = params(width, dtype, 5)
+    _, mean, invstd = bnfast.batch_norm_train(x, w, b, axis=-1)
     old_stream = _set_stream_bytes(0)
     old = _set_grouped_wide(None)
     got = {}
@@ -623,13 +626,16 @@ def test_grouped_wide_rows(width, offset, dtype):
         for on in (False, True):
             _set_grouped_wide(on)
             res = []
-            for op in ("eval", "train"):
+            for op in ("eval", "train", "backward", "backward eval"):
                 buf, lo = _off_a_line(rows * width, dtype, offset)
                 out = buf[lo:lo + rows * width].reshape(rows, width)
                 if op == "eval":
                     bnfast.batch_norm(x, rm, rv, w, b, axis=-1, out=out)
-                else:
+                elif op == "train":
                     bnfast.batch_norm_train(x, w, b, axis=-1, out=out)
+                else:
+                    bnfast.batch_norm_backward(dy, x, mean, invstd, w, axis=-1, out=out,
+                                               training=op == "backward")
                 outside = np.ones(buf.size, bool)
                 outside[lo:lo + rows * width] = False
                 assert np.isnan(buf[outside]).all(), f"{op}: written outside the output"
@@ -642,3 +648,8 @@ def test_grouped_wide_rows(width, offset, dtype):
         assert a.tobytes() == g.tobytes(), "grouped wide rows give other bits"
     assert_forward_close(got[True][0], ref.batch_norm(x, rm, rv, w, b, axis=-1))
     assert_forward_close(got[True][1], ref.batch_norm_train(x, w, b, axis=-1)[0])
+    for got_dx, training in ((got[True][2], True), (got[True][3], False)):
+        want = ref.batch_norm_backward(dy, x, mean, invstd, w, axis=-1, training=training)[0]
+        scale = np.abs(want).max()
+        assert np.abs(got_dx.astype(np.float64) - want).max() <= 1e-2 * scale if \
+            dtype == np.float16 else np.allclose(got_dx, want, rtol=1e-5, atol=1e-6 * scale)
