@@ -323,7 +323,8 @@ cdef Py_ssize_t _stream_bytes = 1 << 23
 # 130-144 against 107-116; (16, 64, 32, 32) eval 218-272 against 184-201 (160 far off),
 # training 345-458 against 291-322; NumPy's own arrays there, (16, 64, 32, 32) backward
 # 521 against 460, (32, 64, 7, 7) 66 against 58.
-cdef Py_ssize_t _stage_near_bytes = (2 ** 62 if sizeof(Py_ssize_t) >= 8 else 2 ** 30) if bnf_cpu_amd() else 0
+cdef Py_ssize_t _stage_near_bytes = \
+    (2 ** 62 if sizeof(Py_ssize_t) >= 8 else 2 ** 30) if bnf_cpu_amd() else 0
 # Tests: rows in segments always read in place (_segments_pay), however short.
 cdef bint _segments_always = False
 # At most one thread per this many elements (_threads_for_work; tests lower it).

@@ -836,21 +836,22 @@ static inline ptrdiff_t bnf_wide_step(ptrdiff_t width, size_t itemsize)
 /* Contiguous rows wider than BNF_CHUNK whose output is streamed (from DRAM), on a CPU
  * whose L1d is under 40 KiB (bnf_grouped_wide, set at import), go in groups of rows of
  * about BNF_WIDE_GROUP_BYTES, each group in column blocks of BNF_WIDE_BLOCK_COLS whose
- * factors (24 bytes a column: 3 KB; dx 32) stay in L1 from row to row of the group,
- * the next group prefetched into L2 a block's share at a time (every column block of a
- * row then reads L2, and DRAM sees the rows in order).  The whole-row run below repeats factors of 48-192 KB
- * for 2048-8192 columns, which stream from L2 once per row beside x: on Zen 4 (32 KiB
- * L1d) a C harness of that eval over 51 MB float32 took 6.7-7.7 ms for 2048-8192
- * columns against 2.7-3.5 for 256, and this form 2.8-3.4 (groups of 64 KB, blocks of
- * 128, a row at a time; blocks of 256 3.3-4.3, groups of 128-256 KB 3.0-5.3, four rows
- * a step 4.9-5.4; 1024 columns 3.9-4.1 against a whole-row run's 3.6-5.9: not there).
- * In bnfast, one thread, alternated in one process: eval of (6272, 2048) 5.4 -> 4.2 ms,
- * (3136, 4096) 5.2-5.4 -> 3.7-3.9, (1568, 8192) 5.9 -> 4.7, (8370, 1536) 4.8 -> 4.0;
- * in cache (streamed) 0.40 -> 0.24-0.27 ns an element.  Rows of more than half a group
- * (12288 and 16384 columns: a row a group) measured 1.07-1.23x the time: not there; nor
- * where the output lies near x (bnf_rows_aliased: staged as before).  The Intel VM (48
- * KiB L1d) measured the whole rows faster than column blocks over a unit (below) and
- * keeps them. */
+ * factors (24 bytes a column: 3 KB; dx 32) stay in L1 from row to row of the group, the
+ * next group prefetched into L2 a block's share at a time (every column block of a row
+ * then reads L2, and DRAM sees the rows in order).  The whole-row run below repeats
+ * factors of 48-192 KB for 2048-8192 columns, which stream from L2 once per row beside
+ * x: on Zen 4 (32 KiB L1d) a C harness of that eval over 51 MB float32 took 6.7-7.7 ms
+ * for 2048-8192 columns against 2.7-3.5 for 256, and this form 2.8-3.4 (groups of 64 KB,
+ * blocks of 128, a row at a time; blocks of 256 3.3-4.3, groups of 128-256 KB 3.0-5.3,
+ * four rows a step 4.9-5.4; 1024 columns 3.9-4.1 against a whole-row run's 3.6-5.9: not
+ * there).  In bnfast, one thread, alternated in one process: eval of (6272, 2048) 5.4 ->
+ * 4.2 ms, (3136, 4096) 5.2-5.4 -> 3.7-3.9, (1568, 8192) 5.9 -> 4.7, (8370, 1536) 4.8 ->
+ * 4.0; in cache (streamed) 0.40 -> 0.24-0.27 ns an element; dx (where two rows of dy and
+ * x fit a group) (6272, 2048) 16.7 -> 15.0 ms, (3136, 4096) 17.3 -> 14.9.  Rows of more
+ * than half a group (12288 and 16384 columns: a row a group) measured 1.07-1.23x the
+ * time: not there; nor where the output lies near x (bnf_rows_aliased: staged as
+ * before).  The Intel VM (48 KiB L1d) measured the whole rows faster than column blocks
+ * over a unit (below) and keeps them. */
 #define BNF_WIDE_GROUP_BYTES 65536
 #define BNF_WIDE_BLOCK_COLS 128
 static int bnf_grouped_wide_on = 0;    /* set at import by L1d size: bnfast._core */

@@ -886,10 +886,6 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_block)(const T *x, ptrdiff_t xs
     }
 }
 
-/* Wide rows go one block of BNF_WIDE_COLS columns at a time over all the rows: the
- * block's factors (24 bytes a column) then stay in L1 instead of streaming from L2
- * once per row (measured in cache: 64x4096 2.5-2.8 -> 1.8-1.9x a copy, 16x16384
- * 3.2 -> 2.1-2.9x; from DRAM, 3136x4096, 1.5-1.6 -> 1.25-1.45x). */
 /* Contiguous wide rows, streamed, in groups of rows and column blocks (bnf_grouped_wide):
  * each row's first `lead` columns (before y's first line) and last `tail` ones (after
  * its last) with plain stores (the two share a line with the next row's and the row
@@ -943,6 +939,10 @@ static inline BNF_INLINE int BNF_NAME(norm_rows_grouped_wide)(const T *x, T *y,
     return 1;
 }
 
+/* Wide rows go one block of BNF_WIDE_COLS columns at a time over all the rows: the
+ * block's factors (24 bytes a column) then stay in L1 instead of streaming from L2
+ * once per row (measured in cache: 64x4096 2.5-2.8 -> 1.8-1.9x a copy, 16x16384
+ * 3.2 -> 2.1-2.9x; from DRAM, 3136x4096, 1.5-1.6 -> 1.25-1.45x). */
 static inline BNF_INLINE void BNF_NAME(norm_rows_cols)(const T *x, ptrdiff_t xstride, T *y,
                                                       ptrdiff_t ystride, ptrdiff_t nrows,
                                                       ptrdiff_t width, const double *mean,
@@ -1954,8 +1954,6 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_block)(const T *dy, ptrdiff_t dys
     }
 }
 
-/* Wide rows go one block of BNF_WIDE_COLS columns at a time over all the rows, as in
- * bnf_norm_rows. */
 /* dx of contiguous wide rows, streamed, as norm_rows_grouped_wide: groups of rows in
  * column blocks, a row at a time, the blocks' factors (32 bytes a column) in L1, the
  * next group's dy and x prefetched into L2.  The same bits as any other form.  Returns
@@ -1987,7 +1985,8 @@ static inline BNF_INLINE int BNF_NAME(bwd_dx_rows_grouped_wide)(const T *dy, con
         memcpy(f2, k2 + lead, (size_t)mid * sizeof(double));
     }
     bnf_pf_share(dy, (nrows < group ? nrows : group) * row, BNF_WIDE_GROUP_BYTES, &done_g);
-    if (x) bnf_pf_share(x, (nrows < group ? nrows : group) * row, BNF_WIDE_GROUP_BYTES, &done_x);
+    if (x)
+        bnf_pf_share(x, (nrows < group ? nrows : group) * row, BNF_WIDE_GROUP_BYTES, &done_x);
     for (ptrdiff_t r0 = 0; r0 < nrows; r0 += group) {
         ptrdiff_t k = nrows - r0 < group ? nrows - r0 : group;
         ptrdiff_t next = nrows - r0 - k < group ? nrows - r0 - k : group;
@@ -2016,6 +2015,8 @@ static inline BNF_INLINE int BNF_NAME(bwd_dx_rows_grouped_wide)(const T *dy, con
     return 1;
 }
 
+/* Wide rows go one block of BNF_WIDE_COLS columns at a time over all the rows, as in
+ * bnf_norm_rows. */
 static inline BNF_INLINE void BNF_NAME(bwd_dx_rows_cols)(const T *dy, ptrdiff_t dystride,
                                                         const T *x, ptrdiff_t xstride, T *dx,
                                                         ptrdiff_t dxstride, ptrdiff_t nrows,
@@ -2028,7 +2029,8 @@ static inline BNF_INLINE void BNF_NAME(bwd_dx_rows_cols)(const T *dy, ptrdiff_t 
     if (dystride == width && (!x || xstride == width) && dxstride == width &&
         bnf_grouped_wide(width, sizeof(T), flags) && BNF_DIRECT_NT(3) && row % 64 == 0 &&
         (!x || 4 * row <= BNF_WIDE_GROUP_BYTES) &&      /* two rows of dy and x a group */
-        !bnf_rows_aliased(dx, dy, row, BNF_T_HALF) && !bnf_rows_aliased(dx, x, row, BNF_T_HALF) &&
+        !bnf_rows_aliased(dx, dy, row, BNF_T_HALF) &&
+        !bnf_rows_aliased(dx, x, row, BNF_T_HALF) &&
         BNF_NAME(bwd_dx_rows_grouped_wide)(dy, x, dx, nrows, width, mean, a, k1, k2))
         return;
     if (step < width && dystride == width && (!x || xstride == width) && dxstride == width &&
