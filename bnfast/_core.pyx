@@ -47,6 +47,9 @@ cdef extern from "bnfast_kernels.h" nogil:
     enum: BNF_STAGE_NEAR
     enum: BNF_FETCH_NEXT
     enum: BNF_FROM_DRAM
+    enum: BNF_WIDE_QUADS
+    enum: BNF_ROWS_WIDE
+    enum: BNF_ROWWISE_MIN_BYTES
     enum: BNF_SPLIT_NEXT
     enum: BNF_BLOCK_CHANNELS
     enum: BNF_TILE_ELEMS
@@ -389,6 +392,12 @@ cdef Py_ssize_t _full_rows_cols = bnf_l1d_bytes() // 48
 # 1024), (1024, 768) 0.95-1.00x and 0.82-0.90x; two threads 0.94-1.04x and 0.86-1.00x. At
 # 1 MB of x 0.97-1.03x; their training (the statistics) 0.98-1.17x: not there.
 cdef Py_ssize_t _full_rows_sums_bytes = 3 << 19
+# The training backward sums of float32 and float16 rows from DRAM four rows at a time,
+# whole rows a unit (_full_rows, BNF_WIDE_QUADS): by CPU vendor. Zen 4 measured them at
+# 0.6-0.85x the time of a row at a time in blocks of 512 columns (twenty-seventh
+# session; the seventh had measured a row at a time faster there). The Intel VM keeps a
+# row at a time: not measured again.
+cdef bint _wide_quads = bnf_cpu_amd()
 # Training backward of channels of runs whose rows alias in L2 (_rows_alias) goes in two
 # passes in memory order (tuning, tests: _set_alias_two_pass; the same bits)
 cdef bint _alias_two_pass = True
@@ -486,6 +495,18 @@ def _set_grouped_wide(on):
     in groups of rows and column blocks (bnf_grouped_wide; by default where L1d is under
     40 KiB). None leaves it; returns the previous setting (tuning, tests: the same bits)."""
     return bool(bnf_set_grouped_wide(-1 if on is None else int(bool(on))))
+
+
+def _set_wide_quads(on):
+    """Whether the training backward sums of float32 and float16 rows from DRAM go four
+    rows at a time, whole rows a unit (_wide_quads; by default on AMD). None leaves it;
+    returns the previous setting (tuning, tests: other bits, the same for any thread
+    count)."""
+    global _wide_quads
+    old = _wide_quads
+    if on is not None:
+        _wide_quads = bool(on)
+    return old
 
 
 def _set_kernel_alloc_fails(on):
@@ -868,6 +889,8 @@ ctypedef struct Job:
     Py_ssize_t col_shift           # rows form: blocks of columns start col_shift columns
                                    # before multiples of width (but the first: _line_blocks)
     int cached                     # runs form in cache: a channel at a time (_cached_runs)
+    int wide_quads                 # rows backward sums from DRAM four rows at a time,
+                                   # whole rows a unit (_full_rows, BNF_WIDE_QUADS)
     int gap                        # rows form over channels not back to back: in x or dy
                                    # (GAP_INPUTS), each unit packed into scratch first
                                    # (_gap_unit); in the output alone (GAP_OUTPUT), x and
@@ -970,7 +993,15 @@ cdef inline int _dram_flags(const Job *j) noexcept nogil:
     then the statistics prefetch into L2 as well as L1 (BNF_FAR_ROWS_BYTES) and the
     backward sums into L1 as well as L2 (BNF_NEAR_ROWS_BYTES). In cache those
     prefetches cost 4-13%."""
-    return BNF_FROM_DRAM if j.outer * j.C * j.inner * j.isz >= _reduce_blocks_min else 0
+    if j.outer * j.C * j.inner * j.isz < _reduce_blocks_min:
+        return 0
+    if j.wide_quads:
+        return BNF_FROM_DRAM | BNF_WIDE_QUADS
+    # the backward sums of a block of columns of rows of 512 bytes or more go a row at a
+    # time however narrow the block (the thread count can change its width)
+    if j.group > 0 and j.C * j.group * j.isz >= BNF_ROWWISE_MIN_BYTES:
+        return BNF_FROM_DRAM | BNF_ROWS_WIDE
+    return BNF_FROM_DRAM
 
 
 cdef inline Py_ssize_t _piece(const Job *j, Py_ssize_t r, Py_ssize_t r1) noexcept nogil:
@@ -1340,7 +1371,7 @@ cdef inline bint _fuses(const Job *j, int narrays) noexcept nogil:
     return j.group == 0 or j.outer * j.width * j.group * j.isz * narrays <= FUSE_BYTES
 
 
-cdef inline void _full_rows(Job *j, bint stats) noexcept nogil:
+cdef inline void _full_rows(Job *j, bint stats, bint quads) noexcept nogil:
     """The reductions (statistics: `stats`, backward sums) of float32 rows from DRAM wider
     than a block, up to _full_rows_cols: whole rows a unit, not a block of 512 columns of
     each row (half a 4 KB row, then the other half 1 MB later); float64 and float16 rows
@@ -1360,13 +1391,21 @@ cdef inline void _full_rows(Job *j, bint stats) noexcept nogil:
     0.70-0.79x; its statistics 0.97-1.09x: not there. float16 (26 MB), the same shapes as
     float32: sums 0.93-0.96x the time, backward 0.97-0.99x, eval-mode backward
     0.68-0.78x. The backward sums in cache too from _full_rows_sums_bytes (1.5 MiB) of
-    x."""
+    x. `quads` (the training backward sums) with _wide_quads (AMD): float32 and float16
+    rows from DRAM of any width whole rows a unit, summed four rows at a time
+    (BNF_WIDE_QUADS; bnfast_kernels.c has the numbers), where blocks of 512 columns a
+    row at a time took up to 1.8x the time on Zen 4."""
     if j.group == 1 and not j.gap and j.nlev == 0 and j.ncb > 1 and \
             (j.isz == 4 or not stats) and j.C <= _full_rows_cols and \
             (_dram_flags(j) or
              (not stats and j.outer * j.C * j.inner * j.isz >= _full_rows_sums_bytes)):
         j.width = j.C
         j.ncb = 1
+    if j.group == 1 and not j.gap and j.nlev == 0 and quads and _wide_quads and \
+            j.isz != 8 and _dram_flags(j):
+        j.width = j.C
+        j.ncb = 1
+        j.wide_quads = 1
 
 
 cdef inline void _line_blocks(Job *j) noexcept nogil:
@@ -3028,7 +3067,7 @@ cdef int _stats(Job *j) except -1:
     order (the statistics pass without the normalization); m2 compensated over the
     units (a (100352, 64) float64 variance 3.4 ulps off plainly, 0.6 so)."""
     memset(j.mom, 0, j.nsb * j.C * sizeof(bnf_moments))
-    _full_rows(j, True)
+    _full_rows(j, True, False)
     _launch(j, K_STATS)
     if j.nsb > 1:
         bnf_merge_unit_moments(j.mom, j.C, j.nsb)
@@ -3482,7 +3521,7 @@ def _backward(dy, x, mean, invstd, weight, bint training, axis, out, sums_hook):
         j.s_xm = j.s_dyx + j.nsb * C
         fused = _fuses(&j, 2) and not (training and _rows_alias(&j))
         if not fused:
-            _full_rows(&j, False)
+            _full_rows(&j, False, training)
         _line_blocks(&j)
         try:
             if _elems(&j) == 0:

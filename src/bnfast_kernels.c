@@ -597,12 +597,40 @@ static inline BNF_INLINE void bnf_pf_next_run_end(const void *x_next, ptrdiff_t 
  * 4 KB ahead 0.93-0.95x, 16 KB 0.93-0.96x, with 16 KB into L2 as well 0.98-0.99x.  In
  * cache four rows at a time stay: the accumulators are loaded and stored once per four
  * rows.  The sums then add in another order than from cache: other bits for an x of
- * BNF_FROM_DRAM's size, the same for any thread count. */
-#define BNF_ROWWISE_MIN_BYTES 512
+ * BNF_FROM_DRAM's size, the same for any thread count.
+ * On AMD (twenty-seventh session, Zen 4) four rows at a time measured faster again, and
+ * most where rows were wider than a block: bnfast._core then makes each unit whole rows
+ * and sets BNF_WIDE_QUADS (_wide_quads, float32 and float16; float64's compensated state,
+ * 48 bytes a column, took 1.1-1.2x the time whole).  One thread, float32, 51 MB, in one
+ * process against a row at a time: the sums of (200704, 64) 1.39-1.45 -> 0.98-1.06x a
+ * copy, (50176, 256) 1.37-1.42 -> 0.81-1.09x, (16725, 768) 2.4-3.2 -> 1.06-1.26x, (12544,
+ * 1024) 2.1-3.1 -> 1.8-2.1x, (3136, 4096) 2.0-3.4 -> 1.7-1.9x; the backward 0.82-0.84x,
+ * 0.60-0.85x, 0.57-0.66x, 0.77-0.99x, 0.71-0.98x the time (1536-16384 columns
+ * 0.65-0.88x); two threads 0.94x, 0.97x, -, 0.87x, 0.96x.  float16 wide rows 0.86-0.88x
+ * (the sums), narrow ones the same. */
 #define BNF_ROWWISE_AHEAD_BYTES 8192
-static inline int bnf_sums_rowwise(ptrdiff_t row_bytes, size_t elem_size, int from_dram)
+/* How the backward sums of rows read them (`near`, from a call's flags): 0 in cache;
+ * from DRAM, BNF_NEAR_BY_WIDTH a row at a time where the rows are BNF_ROWWISE_MIN_BYTES
+ * or more (whole rows: a call's rows narrower than that are whole, or folded to such),
+ * BNF_NEAR_ROWWISE a row at a time however narrow (a block of columns of wider rows,
+ * BNF_ROWS_WIDE: whatever its width, which the thread count can change; a block's own
+ * width decided it before, and (7, 5, 3, 600) float32 summed its last 88 columns in
+ * another order on three threads than on one), BNF_NEAR_QUADS four rows at a time
+ * (BNF_WIDE_QUADS). */
+#define BNF_NEAR_BY_WIDTH 1
+#define BNF_NEAR_ROWWISE 2
+#define BNF_NEAR_QUADS 3
+static inline int bnf_sums_near(int flags)
 {
-    return from_dram && elem_size >= 4 && row_bytes >= BNF_ROWWISE_MIN_BYTES;
+    if (!(flags & BNF_FROM_DRAM)) return 0;
+    if (flags & BNF_WIDE_QUADS) return BNF_NEAR_QUADS;
+    return (flags & BNF_ROWS_WIDE) ? BNF_NEAR_ROWWISE : BNF_NEAR_BY_WIDTH;
+}
+static inline int bnf_sums_rowwise(ptrdiff_t row_bytes, size_t elem_size, int near)
+{
+    return elem_size >= 4 &&
+           (near == BNF_NEAR_ROWWISE ||
+            (near == BNF_NEAR_BY_WIDTH && row_bytes >= BNF_ROWWISE_MIN_BYTES));
 }
 
 /* Contiguous rows narrower than that, from DRAM, are folded BNF_FOLD_COLS / width to a

@@ -57,6 +57,15 @@ typedef struct {
 /* bnf_bwd_dx_runs: only dy_next is prefetched, x_next was by the block's sums
  * (bnf_bwd_sums_runs given x_next) */
 #define BNF_SPLIT_NEXT 32
+/* bnf_bwd_sums_rows (and bnf_bwd_sums_dx_rows) from DRAM: the rows summed four at a time
+ * however wide (whole wide rows a unit: bnfast._core's _full_rows) */
+#define BNF_WIDE_QUADS 64
+/* ... or a row at a time: the call's columns are part of rows of BNF_ROWWISE_MIN_BYTES or
+ * more (short runs read as rows: all the channels' runs), however few they are */
+#define BNF_ROWS_WIDE 128
+/* From DRAM the backward sums of rows of this many bytes or more go a row at a time
+ * (bnf_sums_rowwise in bnfast_kernels.c) */
+#define BNF_ROWWISE_MIN_BYTES 512
 
 /* Widest channel block the rows-form kernels accept (stack scratch is sized by it), and
  * the width of the blocks the reductions over wider rows take.  512, not 256: rows of

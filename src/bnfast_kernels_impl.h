@@ -1472,7 +1472,7 @@ static inline BNF_INLINE void BNF_NAME(bwd_sums_rows_any)(
     ptrdiff_t width, ptrdiff_t group, const double *mean, double *sum_dy, double *sum_dy_xmu,
     double *sum_xmu, int flags, const bnf_dx_fixed *fx)
 {
-    int near = (flags & BNF_FROM_DRAM) != 0;
+    int near = bnf_sums_near(flags);
     ptrdiff_t fold = BNF_NAME(bwd_sums_fold)(nrows, width, near);
     if (group == 1 && dystride == width && xstride == width && fold)
         BNF_NAME(bwd_sums_rows_folded)(dy, x, nrows, width, fold, mean, sum_dy, sum_dy_xmu,
@@ -1513,7 +1513,7 @@ BNF_CLONES int BNF_NAME(bnf_bwd_sums_dx_rows)(const T *dy, ptrdiff_t dystride, c
                                               const double *a, double *sum_dy,
                                               double *sum_dy_xmu, double *sum_xmu, int flags)
 {
-    int near = (flags & BNF_FROM_DRAM) != 0;
+    int near = bnf_sums_near(flags);
     ptrdiff_t cols = group > 1 ? width * group : width;      /* elements of a row */
     ptrdiff_t fold = group == 1 ? BNF_NAME(bwd_sums_fold)(nrows, width, near) : 0;
     int contiguous = dystride == cols && xstride == cols && dxstride == cols;

@@ -27,7 +27,8 @@ from arrays import make_values, params, with_layout
 from bnfast._core import (_set_adds_as_fma, _set_flat_whole_lines, _set_fused_eval_backward,
                           _set_fused_eval_runs, _set_grouped_wide, _set_reduce_blocks_min,
                           _set_simd_level,
-                          _set_stage_near_bytes, _set_store_lines, _set_stream_bytes)
+                          _set_stage_near_bytes, _set_store_lines, _set_stream_bytes,
+                          _set_wide_quads)
 from reference import assert_forward_close
 import reference as ref
 
@@ -131,7 +132,7 @@ def _ops(x, axis, dtype):
 
 
 @pytest.mark.skipif(not LEVELS, reason="the CPU has no AVX2 or AVX-512 loops to compare")
-@pytest.mark.parametrize("dram", [False, True])
+@pytest.mark.parametrize("dram", ["no", "a row at a time", "four rows"])
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.usefixtures("threads_on_small_arrays")
 @pytest.mark.parametrize("threads", [1, 2])
@@ -140,12 +141,14 @@ def _ops(x, axis, dtype):
 @pytest.mark.parametrize("shape,axis", SHAPES)
 def test_v4_loops_equal_plain_loops(shape, axis, dtype, layout, threads, stream, dram):
     """`dram`: the paths for arrays read from DRAM (BNF_FROM_DRAM and the blocks of
-    _reduce_blocks_min, lowered to 0), where wide rows' backward sums go a row at a time."""
+    _reduce_blocks_min, lowered to 0), where the training backward sums of rows go a row
+    at a time, or four rows at a time over whole rows (_wide_quads, by CPU vendor)."""
     x = with_layout(make_values(shape, dtype, 11, axis=axis, offset=_offset(dtype)), layout,
                     axis=axis)
     bnfast.set_num_threads(threads)
     old_stream = _set_stream_bytes(0 if stream else 1 << 62)
-    old_blocks = _set_reduce_blocks_min(0 if dram else 1 << 62)
+    old_blocks = _set_reduce_blocks_min(1 << 62 if dram == "no" else 0)
+    old_quads = _set_wide_quads(dram == "four rows")
     try:
         _set_simd_level(0)
         plain = _ops(x, axis, dtype)
@@ -160,6 +163,7 @@ def test_v4_loops_equal_plain_loops(shape, axis, dtype, layout, threads, stream,
         _set_adds_as_fma(ADDS_AS_FMA)
         _set_stream_bytes(old_stream)
         _set_reduce_blocks_min(old_blocks)
+        _set_wide_quads(old_quads)
         bnfast.set_num_threads(None)
     for (level, fma_adds), res in simd.items():
         for (name, a), (_, g) in zip(plain, res):

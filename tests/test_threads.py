@@ -416,7 +416,8 @@ def test_prefetching_the_next_channel_changes_no_bits(n_threads, shape):
     statistics beside; rows (wide, and narrow ones folded) take their statistics with
     prefetches into both L1 and L2 (BNF_FROM_DRAM). Prefetches and blocks only: the bits
     of the same calls without them, and right. (From DRAM the backward sums of rows go a
-    row at a time, in another order: test_rows_from_dram_sum_a_row_at_a_time.)"""
+    row at a time or four over whole rows, in another order:
+    test_rows_from_dram_sum_in_their_own_order.)"""
     x = make_values(shape, np.float32, 6, axis=1, offset=1e4)
     dy = make_values(shape, np.float32, 7, axis=1)
     w, b, _, _ = params(shape[1], np.float64, 2)
@@ -730,16 +731,21 @@ def test_prefetching_ordered_units_changes_no_bits(shape, axis, dtype, n_threads
 
 
 @pytest.mark.usefixtures("threads_on_small_arrays")
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("quads", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 @pytest.mark.parametrize("shape,axis", [((3001, 256), 1), ((2003, 300), -1),
                                         ((9, 7, 11, 128), -1), ((20003, 7), 1),
                                         ((500, 64, 4), 1), ((5001, 64), 1), ((3001, 100), -1),
-                                        ((2001, 33), 1)])
-def test_rows_from_dram_sum_a_row_at_a_time(dtype, shape, axis):
-    """From DRAM (lowered here) the backward sums of rows of 512 bytes or more (wide
-    rows; narrower ones folded to such; short runs read as rows) go a row at a time in
-    memory order, not four (float32; float64's compensated sums keep four): another order of the additions than in cache, the same
-    bits for any thread count (and for the sums exchanged over processes), and right."""
+                                        ((2001, 33), 1), ((1031, 1040), -1), ((301, 2048), 1),
+                                        ((7, 5, 3, 600), -1)])
+def test_rows_from_dram_sum_in_their_own_order(dtype, shape, axis, quads):
+    """From DRAM (lowered here) the training backward sums of rows of 512 bytes or more
+    (wide rows; narrower ones folded to such; short runs read as rows) go a row at a time
+    in memory order (float32; float64's compensated sums and float16 keep four); with
+    `quads` (_wide_quads: on AMD) float32 and float16 rows go four at a time, whole rows a
+    unit however wide (blocks of columns only where threads outnumber the units): another
+    order of the additions than in cache, the same bits for any thread count (and for the
+    sums exchanged over processes), and right."""
     x = make_values(shape, dtype, 8, axis=axis, offset=1e4)
     dy = make_values(shape, dtype, 9, axis=axis)
     C = shape[axis]
@@ -751,21 +757,27 @@ def test_rows_from_dram_sum_a_row_at_a_time(dtype, shape, axis):
 
     def ops():
         dx, dw, db = bnfast.batch_norm_backward(dy, x, mean, invstd, w, axis=axis)
-        dxh, dwh, dbh = bnfast._core._backward(dy, x, mean, invstd, w, True, axis, None,
-                                               lambda local: (local, n_per))
-        return [_bits(a) for a in (dx, dw, db, dxh, dwh, dbh)], (dx, dw, db)
+        sums = []                        # the float64 sums themselves: their every bit
 
-    old = bnfast._core._set_reduce_blocks_min(0)
+        def hook(local):
+            sums.append(local.copy())
+            return local, n_per
+
+        dxh, dwh, dbh = bnfast._core._backward(dy, x, mean, invstd, w, True, axis, None, hook)
+        return [_bits(a) for a in (dx, dw, db, dxh, dwh, dbh, sums[0])], (dx, dw, db)
+
+    old = bnfast._core._set_reduce_blocks_min(0), bnfast._core._set_wide_quads(quads)
     try:
         runs = {}
         for n in (1, 2, 3):
             bnfast.set_num_threads(n)
             runs[n] = ops()
     finally:
-        bnfast._core._set_reduce_blocks_min(old)
+        bnfast._core._set_reduce_blocks_min(old[0])
+        bnfast._core._set_wide_quads(old[1])
         bnfast.set_num_threads(None)
     bits = runs[1][0]
-    assert bits[:3] == bits[3:], "the sums exchanged (hook) give other bits"
+    assert bits[:3] == bits[3:6], "the sums exchanged (hook) give other bits"
     assert runs[2][0] == bits and runs[3][0] == bits
     dx, dw, db = runs[1][1]
     dx_ref, dw_ref, db_ref = ref.batch_norm_backward(dy, x, mean, invstd, w, axis=axis)
