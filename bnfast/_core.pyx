@@ -66,6 +66,7 @@ cdef extern from "bnfast_kernels.h" nogil:
     int bnf_set_kernel_alloc_fails(int on)
     int bnf_set_wide_flat(int on)
     int bnf_set_grouped_wide(int on)
+    Py_ssize_t bnf_set_l1_rows_max(Py_ssize_t n)
     int bnf_set_store_lines(int on)
     int bnf_set_masked_tails(int on)
     int bnf_set_fuse_sums_dx(int on)
@@ -392,12 +393,16 @@ cdef Py_ssize_t _full_rows_cols = bnf_l1d_bytes() // 48
 # 1024), (1024, 768) 0.95-1.00x and 0.82-0.90x; two threads 0.94-1.04x and 0.86-1.00x. At
 # 1 MB of x 0.97-1.03x; their training (the statistics) 0.98-1.17x: not there.
 cdef Py_ssize_t _full_rows_sums_bytes = 3 << 19
-# The training backward sums of float32 and float16 rows from DRAM four rows at a time,
-# whole rows a unit (_full_rows, BNF_WIDE_QUADS): by CPU vendor. Zen 4 measured them at
-# 0.6-0.85x the time of a row at a time in blocks of 512 columns (twenty-seventh
-# session; the seventh had measured a row at a time faster there). The Intel VM keeps a
-# row at a time: not measured again.
-cdef bint _wide_quads = bnf_cpu_amd()
+# The reductions of rows from DRAM whole rows a unit however wide (_full_rows): the
+# statistics of float32, the training backward sums of float32 and float16 four rows at a
+# time (BNF_WIDE_QUADS); and the rows' L1 prefetch only for rows of up to 2 KB
+# (bnf_l1_rows_max): by CPU vendor. Zen 4 (twenty-seventh session) measured the sums at
+# 0.6-0.85x the time of a row at a time in blocks of 512 columns (the seventh session had
+# measured a row at a time faster there), `moments` of (12544, 1024) - (3136, 4096)
+# 0.64-0.70x a copy against 0.75-1.00x in blocks. The Intel VM keeps blocks, a row at a
+# time and its L1 prefetches: not measured again.
+cdef bint _whole_rows = bnf_cpu_amd()
+bnf_set_l1_rows_max(2048 if _whole_rows else -1)
 # Training backward of channels of runs whose rows alias in L2 (_rows_alias) goes in two
 # passes in memory order (tuning, tests: _set_alias_two_pass; the same bits)
 cdef bint _alias_two_pass = True
@@ -497,16 +502,23 @@ def _set_grouped_wide(on):
     return bool(bnf_set_grouped_wide(-1 if on is None else int(bool(on))))
 
 
-def _set_wide_quads(on):
-    """Whether the training backward sums of float32 and float16 rows from DRAM go four
-    rows at a time, whole rows a unit (_wide_quads; by default on AMD). None leaves it;
-    returns the previous setting (tuning, tests: other bits, the same for any thread
-    count)."""
-    global _wide_quads
-    old = _wide_quads
+def _set_whole_rows(on):
+    """Whether the reductions of rows from DRAM go whole rows a unit however wide: the
+    statistics of float32 (the same bits), the training backward sums of float32 and
+    float16 four rows at a time (other bits, the same for any thread count) (_whole_rows;
+    by default on AMD). None leaves it; returns the previous setting (tuning, tests)."""
+    global _whole_rows
+    old = _whole_rows
     if on is not None:
-        _wide_quads = bool(on)
+        _whole_rows = bool(on)
     return old
+
+
+def _set_l1_rows_max(n):
+    """Set the widest rows (bytes) whose reductions prefetch rows ahead into L1
+    (bnf_l1_rows_max; None leaves it); returns the previous value (tuning, tests: the
+    same bits)."""
+    return bnf_set_l1_rows_max(-1 if n is None else int(n))
 
 
 def _set_kernel_alloc_fails(on):
@@ -1391,21 +1403,21 @@ cdef inline void _full_rows(Job *j, bint stats, bint quads) noexcept nogil:
     0.70-0.79x; its statistics 0.97-1.09x: not there. float16 (26 MB), the same shapes as
     float32: sums 0.93-0.96x the time, backward 0.97-0.99x, eval-mode backward
     0.68-0.78x. The backward sums in cache too from _full_rows_sums_bytes (1.5 MiB) of
-    x. `quads` (the training backward sums) with _wide_quads (AMD): float32 and float16
-    rows from DRAM of any width whole rows a unit, summed four rows at a time
-    (BNF_WIDE_QUADS; bnfast_kernels.c has the numbers), where blocks of 512 columns a
-    row at a time took up to 1.8x the time on Zen 4."""
+    x. With _whole_rows (AMD) rows from DRAM of any width go whole rows a unit: float32
+    statistics, and (`quads`, the training backward sums) float32 and float16 summed four
+    rows at a time (BNF_WIDE_QUADS; bnfast_kernels.c has the numbers), where blocks of
+    512 columns (a row at a time) took up to 1.8x the time on Zen 4."""
     if j.group == 1 and not j.gap and j.nlev == 0 and j.ncb > 1 and \
             (j.isz == 4 or not stats) and j.C <= _full_rows_cols and \
             (_dram_flags(j) or
              (not stats and j.outer * j.C * j.inner * j.isz >= _full_rows_sums_bytes)):
         j.width = j.C
         j.ncb = 1
-    if j.group == 1 and not j.gap and j.nlev == 0 and quads and _wide_quads and \
-            j.isz != 8 and _dram_flags(j):
+    if j.group == 1 and not j.gap and j.nlev == 0 and _whole_rows and \
+            ((stats and j.isz == 4) or (quads and j.isz != 8)) and _dram_flags(j):
         j.width = j.C
         j.ncb = 1
-        j.wide_quads = 1
+        j.wide_quads = quads
 
 
 cdef inline void _line_blocks(Job *j) noexcept nogil:

@@ -415,6 +415,7 @@ BNF_SIMD_FN void BNF_SIMD(shifted_sums_rows)(const T *base, ptrdiff_t k, ptrdiff
     ptrdiff_t r, ahead = bnf_rows_ahead(width * (ptrdiff_t)sizeof(T));
     ptrdiff_t further = far ? bnf_rows_ahead_by(width * (ptrdiff_t)sizeof(T),
                                                 BNF_FAR_ROWS_BYTES) : 0;
+    int l1 = width * (ptrdiff_t)sizeof(T) <= bnf_l1_rows_max;   /* into L1 too */
     for (ptrdiff_t c = 0; c < width; c++) {
         s1[c] = s2[c] = 0;
         if (BNF_COMPENSATED) s2lo[c] = s1lo[c] = 0;
@@ -425,12 +426,13 @@ BNF_SIMD_FN void BNF_SIMD(shifted_sums_rows)(const T *base, ptrdiff_t k, ptrdiff
         int pf = r + ahead + 4 <= pf_rows;
         ptrdiff_t c = 0;
         if (pf) {
-            BNF_PF_ENDS(pa, stride, (const T *)NULL, 0, width, 4, 0);
+            if (l1) BNF_PF_ENDS(pa, stride, (const T *)NULL, 0, width, 4, 0);
             if (further) BNF_PF_ENDS(pf2, stride, (const T *)NULL, 0, width, 4, 1);
         }
         for (; c + BNF_VW <= width; c += BNF_VW) {
             if (pf)
                 BNF_FOR_LINES(l, c, BNF_VW) {
+                    if (l1)
                     bnf_pf_quad(pa, stride * (ptrdiff_t)sizeof(T), width * (ptrdiff_t)sizeof(T),
                                 l * (ptrdiff_t)sizeof(T), 0);
                     if (further)
@@ -955,7 +957,8 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const 
     int qnt = fx && fx->nt;
     ptrdiff_t r = 0, ahead = bnf_rows_ahead_by(width * (ptrdiff_t)sizeof(T),
                                                         BNF_FAR_ROWS_BYTES);
-    ptrdiff_t nearby = near ? bnf_rows_ahead_by(width * (ptrdiff_t)sizeof(T),
+    ptrdiff_t nearby = near && width * (ptrdiff_t)sizeof(T) <= bnf_l1_rows_max
+                           ? bnf_rows_ahead_by(width * (ptrdiff_t)sizeof(T),
                                                 BNF_NEAR_ROWS_BYTES) : 0;
     /* BNF_COMPENSATED (float64) keeps four rows at a time from DRAM too: a row at a time,
      * two more accumulators loaded and stored a row, (200704, 64) and (64, 28, 28, 256)

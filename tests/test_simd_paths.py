@@ -28,7 +28,7 @@ from bnfast._core import (_set_adds_as_fma, _set_flat_whole_lines, _set_fused_ev
                           _set_fused_eval_runs, _set_grouped_wide, _set_reduce_blocks_min,
                           _set_simd_level,
                           _set_stage_near_bytes, _set_store_lines, _set_stream_bytes,
-                          _set_wide_quads)
+                          _set_whole_rows)
 from reference import assert_forward_close
 import reference as ref
 
@@ -142,13 +142,13 @@ def _ops(x, axis, dtype):
 def test_v4_loops_equal_plain_loops(shape, axis, dtype, layout, threads, stream, dram):
     """`dram`: the paths for arrays read from DRAM (BNF_FROM_DRAM and the blocks of
     _reduce_blocks_min, lowered to 0), where the training backward sums of rows go a row
-    at a time, or four rows at a time over whole rows (_wide_quads, by CPU vendor)."""
+    at a time, or four rows at a time over whole rows (_whole_rows, by CPU vendor)."""
     x = with_layout(make_values(shape, dtype, 11, axis=axis, offset=_offset(dtype)), layout,
                     axis=axis)
     bnfast.set_num_threads(threads)
     old_stream = _set_stream_bytes(0 if stream else 1 << 62)
     old_blocks = _set_reduce_blocks_min(1 << 62 if dram == "no" else 0)
-    old_quads = _set_wide_quads(dram == "four rows")
+    old_quads = _set_whole_rows(dram == "four rows")
     try:
         _set_simd_level(0)
         plain = _ops(x, axis, dtype)
@@ -163,7 +163,7 @@ def test_v4_loops_equal_plain_loops(shape, axis, dtype, layout, threads, stream,
         _set_adds_as_fma(ADDS_AS_FMA)
         _set_stream_bytes(old_stream)
         _set_reduce_blocks_min(old_blocks)
-        _set_wide_quads(old_quads)
+        _set_whole_rows(old_quads)
         bnfast.set_num_threads(None)
     for (level, fma_adds), res in simd.items():
         for (name, a), (_, g) in zip(plain, res):

@@ -742,7 +742,7 @@ def test_rows_from_dram_sum_in_their_own_order(dtype, shape, axis, quads):
     """From DRAM (lowered here) the training backward sums of rows of 512 bytes or more
     (wide rows; narrower ones folded to such; short runs read as rows) go a row at a time
     in memory order (float32; float64's compensated sums and float16 keep four); with
-    `quads` (_wide_quads: on AMD) float32 and float16 rows go four at a time, whole rows a
+    `quads` (_whole_rows: on AMD) float32 and float16 rows go four at a time, whole rows a
     unit however wide (blocks of columns only where threads outnumber the units): another
     order of the additions than in cache, the same bits for any thread count (and for the
     sums exchanged over processes), and right."""
@@ -766,7 +766,7 @@ def test_rows_from_dram_sum_in_their_own_order(dtype, shape, axis, quads):
         dxh, dwh, dbh = bnfast._core._backward(dy, x, mean, invstd, w, True, axis, None, hook)
         return [_bits(a) for a in (dx, dw, db, dxh, dwh, dbh, sums[0])], (dx, dw, db)
 
-    old = bnfast._core._set_reduce_blocks_min(0), bnfast._core._set_wide_quads(quads)
+    old = bnfast._core._set_reduce_blocks_min(0), bnfast._core._set_whole_rows(quads)
     try:
         runs = {}
         for n in (1, 2, 3):
@@ -774,7 +774,7 @@ def test_rows_from_dram_sum_in_their_own_order(dtype, shape, axis, quads):
             runs[n] = ops()
     finally:
         bnfast._core._set_reduce_blocks_min(old[0])
-        bnfast._core._set_wide_quads(old[1])
+        bnfast._core._set_whole_rows(old[1])
         bnfast.set_num_threads(None)
     bits = runs[1][0]
     assert bits[:3] == bits[3:6], "the sums exchanged (hook) give other bits"
@@ -787,6 +787,51 @@ def test_rows_from_dram_sum_in_their_own_order(dtype, shape, axis, quads):
     assert_grad_close(dx, dx_ref, what="dx")
     assert_grad_close(dw, dw_ref, scale=np.max((absdy * xhat).sum(axis=red)), what="dweight")
     assert_grad_close(db, db_ref, scale=np.max(absdy.sum(axis=red)), what="dbias")
+
+
+@pytest.mark.usefixtures("threads_on_small_arrays")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,axis", [((1031, 1040), -1), ((301, 2048), 1),
+                                        ((7, 5, 3, 600), -1), ((2003, 300), -1)])
+def test_whole_rows_statistics_change_no_bits(dtype, shape, axis):
+    """From DRAM (lowered here) the statistics of rows wider than a block go whole rows a
+    unit on AMD (_whole_rows), blocks of 512 columns elsewhere, and rows of more than 2 KB
+    prefetch nothing ahead into L1 there (_set_l1_rows_max): each column's tiles are
+    fixed by the shape, so the same bits every way and for any thread count, and right."""
+    x = make_values(shape, dtype, 10, axis=axis, offset=1e4)
+    dy = make_values(shape, dtype, 11, axis=axis)
+    w, b, _, _ = params(shape[axis], np.float64, 3)
+
+    def ops():
+        y, m, s = bnfast.batch_norm_train(x, w, b, axis=axis)
+        mo = bnfast.moments(x, axis=axis)
+        dx = bnfast.batch_norm_backward(dy, x, m, s, w, axis=axis)[0]
+        return [_bits(a) for a in (y, m, s, mo.mean, mo.var, dx)], (y, dx)
+
+    old = (bnfast._core._set_reduce_blocks_min(0), bnfast._core._set_whole_rows(None),
+           bnfast._core._set_l1_rows_max(None))
+    runs = {}
+    try:
+        for whole in (False, True):
+            bnfast._core._set_whole_rows(whole)
+            for l1 in (0, 1 << 40):
+                bnfast._core._set_l1_rows_max(l1)
+                for n in (1, 2, 3):
+                    bnfast.set_num_threads(n)
+                    runs[whole, l1, n] = ops()
+    finally:
+        bnfast._core._set_reduce_blocks_min(old[0])
+        bnfast._core._set_whole_rows(old[1])
+        bnfast._core._set_l1_rows_max(old[2])
+        bnfast.set_num_threads(None)
+    for key, (bits, _) in runs.items():
+        assert bits[:5] == runs[False, 0, 1][0][:5], key
+        # dx: the backward sums' order is the setting's own (float32)
+        assert bits[5] == runs[key[0], 0, 1][0][5], key
+    y, dx = runs[True, 0, 1][1]
+    assert_forward_close(y, ref.batch_norm_train(x, w, b, axis=axis)[0])
+    ry, rmean, rinvstd = ref.batch_norm_train(x, w, b, axis=axis)
+    assert_grad_close(dx, ref.batch_norm_backward(dy, x, rmean, rinvstd, w, axis=axis)[0])
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork on this platform")
