@@ -834,6 +834,52 @@ def test_whole_rows_statistics_change_no_bits(dtype, shape, axis):
     assert_grad_close(dx, ref.batch_norm_backward(dy, x, rmean, rinvstd, w, axis=axis)[0])
 
 
+@pytest.mark.usefixtures("threads_on_small_arrays")
+@pytest.mark.parametrize("dram", [False, True])
+@pytest.mark.parametrize("layout", ["c", "channels_last", "step"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,axis", [((4, 80, 28, 28), 1), ((2, 5, 300, 256), 1),
+                                        ((64, 3, 28, 28), 1), ((9, 7, 11, 128), -1),
+                                        ((3001, 256), 1), ((2003, 300), -1), ((20003, 7), 1),
+                                        ((500, 64, 4), 1), ((1031, 1040), -1),
+                                        ((301, 2048), 1), ((7, 5, 3, 600), -1)])
+def test_float64_sums_are_the_same_for_any_thread_count(shape, axis, dtype, layout, dram):
+    """The float64 moments (`moments`) and backward sums (what a sums hook is handed,
+    the distributed path's exchange) bit for bit on one, two and three threads: the
+    float32 outputs round away most differences of order, these do not (a block's own
+    width, which threads change, once decided the order of the sums of its columns).
+    In cache and from DRAM (lowered here)."""
+    x = with_layout(make_values(shape, dtype, 12, axis=axis, offset=1e4), layout, axis=axis)
+    dy = with_layout(make_values(shape, dtype, 13, axis=axis), layout, axis=axis)
+    C = shape[axis]
+    red = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+    mean = x.astype(np.float64).mean(axis=red)
+    invstd = 1 / np.sqrt(x.astype(np.float64).var(axis=red) + 1e-5)
+    n_per = x.size // C
+
+    def ops():
+        sums = []
+
+        def hook(local):
+            sums.append(local.copy())
+            return local, n_per
+
+        bnfast._core._backward(dy, x, mean, invstd, None, True, axis, None, hook)
+        mo = bnfast.moments(x, axis=axis)
+        return [_bits(a) for a in (sums[0], np.asarray(mo.mean), np.asarray(mo.m2))]
+
+    old = bnfast._core._set_reduce_blocks_min(0 if dram else 1 << 62)
+    try:
+        runs = {}
+        for n in (1, 2, 3):
+            bnfast.set_num_threads(n)
+            runs[n] = ops()
+    finally:
+        bnfast._core._set_reduce_blocks_min(old)
+        bnfast.set_num_threads(None)
+    assert runs[2] == runs[1] and runs[3] == runs[1]
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork on this platform")
 def test_a_child_forked_after_threads_runs_serially():
     """GNU OpenMP's thread pool does not survive fork: a child forked after a threaded
