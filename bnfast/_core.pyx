@@ -402,6 +402,16 @@ cdef Py_ssize_t _full_rows_sums_bytes = 3 << 19
 # 0.64-0.70x a copy against 0.75-1.00x in blocks. The Intel VM keeps blocks, a row at a
 # time and its L1 prefetches: not measured again.
 cdef bint _whole_rows = bnf_cpu_amd()
+# ... and the eval-mode backward's sums of rows over this many bytes, then its dx: not the
+# one pass that stores dx as the sums read dy (bnf_bwd_sums_dx_rows), which needs a row at
+# a time. Zen 4, one thread, float32, 51 MB, in one process against the one pass:
+# (42816, 300) 1.98 -> 1.57x a copy, (33450, 384) 1.85 -> 1.61x, (25690, 500) 1.96 ->
+# 1.61x, (25088, 512) 2.97-5.46 -> 1.70-1.86x, (16725, 768) 3.08-4.61 -> 1.67-1.77x,
+# (12544, 1024) 2.61-5.00 -> 1.96-2.30x, (3136, 4096) 2.24-4.65 -> 2.03-2.14x; two threads
+# (12544, 1024) 2.46 -> 1.57x. Narrower rows keep the one pass: (50176, 256) 1.55-1.63
+# against 1.57-1.68x, (200704, 64) 1.62-1.63 against 1.50-1.88 (two threads 0.96-0.97
+# against 1.02-1.13).
+DEF BEVAL_WHOLE_ROW_BYTES = 1024
 bnf_set_l1_rows_max(2048 if _whole_rows else -1)
 # Training backward of channels of runs whose rows alias in L2 (_rows_alias) goes in two
 # passes in memory order (tuning, tests: _set_alias_two_pass; the same bits)
@@ -3533,7 +3543,8 @@ def _backward(dy, x, mean, invstd, weight, bint training, axis, out, sums_hook):
         j.s_xm = j.s_dyx + j.nsb * C
         fused = _fuses(&j, 2) and not (training and _rows_alias(&j))
         if not fused:
-            _full_rows(&j, False, training)
+            # eval-mode backward too (its sums, then dx) where rows exceed 1 KB
+            _full_rows(&j, False, training or j.C * j.isz > BEVAL_WHOLE_ROW_BYTES)
         _line_blocks(&j)
         try:
             if _elems(&j) == 0:

@@ -743,9 +743,10 @@ def test_rows_from_dram_sum_in_their_own_order(dtype, shape, axis, quads):
     (wide rows; narrower ones folded to such; short runs read as rows) go a row at a time
     in memory order (float32; float64's compensated sums and float16 keep four); with
     `quads` (_whole_rows: on AMD) float32 and float16 rows go four at a time, whole rows a
-    unit however wide (blocks of columns only where threads outnumber the units): another
-    order of the additions than in cache, the same bits for any thread count (and for the
-    sums exchanged over processes), and right."""
+    unit however wide (blocks of columns only where threads outnumber the units; the
+    eval-mode backward's sums too where rows exceed 1 KB): another order of the additions
+    than in cache, the same bits for any thread count (and for the sums exchanged over
+    processes), and right."""
     x = make_values(shape, dtype, 8, axis=axis, offset=1e4)
     dy = make_values(shape, dtype, 9, axis=axis)
     C = shape[axis]
@@ -764,7 +765,10 @@ def test_rows_from_dram_sum_in_their_own_order(dtype, shape, axis, quads):
             return local, n_per
 
         dxh, dwh, dbh = bnfast._core._backward(dy, x, mean, invstd, w, True, axis, None, hook)
-        return [_bits(a) for a in (dx, dw, db, dxh, dwh, dbh, sums[0])], (dx, dw, db)
+        # eval mode: its sums four rows at a time too where rows exceed 1 KB (quads)
+        ev = bnfast.batch_norm_backward(dy, x, mean, invstd, w, training=False, axis=axis)
+        return [_bits(a) for a in (dx, dw, db, dxh, dwh, dbh, sums[0]) + ev], (dx, dw, db,
+                                                                             ev[0])
 
     old = bnfast._core._set_reduce_blocks_min(0), bnfast._core._set_whole_rows(quads)
     try:
@@ -778,8 +782,11 @@ def test_rows_from_dram_sum_in_their_own_order(dtype, shape, axis, quads):
         bnfast.set_num_threads(None)
     bits = runs[1][0]
     assert bits[:3] == bits[3:6], "the sums exchanged (hook) give other bits"
+
     assert runs[2][0] == bits and runs[3][0] == bits
-    dx, dw, db = runs[1][1]
+    dx, dw, db, dx_eval = runs[1][1]
+    assert_grad_close(dx_eval, ref.batch_norm_backward(dy, x, mean, invstd, w, training=False,
+                                                       axis=axis)[0], what="eval-mode dx")
     dx_ref, dw_ref, db_ref = ref.batch_norm_backward(dy, x, mean, invstd, w, axis=axis)
     absdy = np.abs(dy.astype(np.float64))
     xhat = np.abs((x.astype(np.float64) - np.expand_dims(mean, red)) *
