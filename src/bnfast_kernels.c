@@ -586,15 +586,16 @@ static inline BNF_INLINE void bnf_pf_next_run_end(const void *x_next, ptrdiff_t 
  * (100352, 128) 0.86x; (200704, 64) 0.96-1.02x.  From L3 (x and dy of 6-13 MB each)
  * the same prefetches cost the sums 7-13%: hence the flag. */
 #define BNF_NEAR_ROWS_BYTES 2048
-/* The rows reductions (statistics, backward sums four rows at a time) prefetch rows ahead
- * into L1 only where the rows are at most this many bytes (set at import by CPU vendor:
- * bnfast._core).  Four rows ahead, rounded up, of wider rows is 16-64 KB of each stream,
- * more than L1 holds, and rows of a multiple of 4 KB land in the sets of the rows being
- * read: on Zen 4 (twenty-seventh session, one thread, float32, 51 MB, in one process)
- * without it the backward sums of (12544, 1024) took 1.29-1.34x a copy against 1.92,
- * (3136, 4096) 1.20-1.26 against 1.91; (16725, 768) 1.05-1.10 against 1.07 and (50176,
- * 256) 1.51-1.55 against 1.55 (kept there); whole rows' statistics, below, 0.64-0.70x
- * against 1.07-1.23x.  The prefetches into L2 stay.  Prefetches only: the same bits. */
+/* The rows reductions from DRAM (statistics, backward sums four rows at a time) prefetch
+ * rows ahead into L1 only where the rows are at most this many bytes (set at import by
+ * CPU vendor: bnfast._core).  Four rows ahead, rounded up, of wider rows is 16-64 KB of
+ * each stream, more than L1 holds, and rows of a multiple of 4 KB land in the sets of the
+ * rows being read: on Zen 4 (twenty-seventh session, one thread, float32, 51 MB, in one
+ * process) without it the backward sums of (12544, 1024) took 1.29-1.34x a copy against
+ * 1.92, (3136, 4096) 1.20-1.26 against 1.91; (16725, 768) 1.05-1.10 against 1.07 and
+ * (50176, 256) 1.51-1.55 against 1.55 (kept there); whole rows' statistics, below,
+ * 0.64-0.70x against 1.07-1.23x.  The prefetches into L2 stay.  Prefetches only: the
+ * same bits. */
 static ptrdiff_t bnf_l1_rows_max = (ptrdiff_t)1 << 40;
 ptrdiff_t bnf_set_l1_rows_max(ptrdiff_t n)
 {
@@ -616,7 +617,7 @@ ptrdiff_t bnf_set_l1_rows_max(ptrdiff_t n)
  * BNF_FROM_DRAM's size, the same for any thread count.
  * On AMD (twenty-seventh session, Zen 4) four rows at a time measured faster again, and
  * most where rows were wider than a block: bnfast._core then makes each unit whole rows
- * and sets BNF_WIDE_QUADS (_wide_quads, float32 and float16; float64's compensated state,
+ * and sets BNF_WIDE_QUADS (_whole_rows, float32 and float16; float64's compensated state,
  * 48 bytes a column, took 1.1-1.2x the time whole).  One thread, float32, 51 MB, in one
  * process against a row at a time: the sums of (200704, 64) 1.39-1.45 -> 0.98-1.06x a
  * copy, (50176, 256) 1.37-1.42 -> 0.81-1.09x, (16725, 768) 2.4-3.2 -> 1.06-1.26x, (12544,

@@ -415,7 +415,8 @@ BNF_SIMD_FN void BNF_SIMD(shifted_sums_rows)(const T *base, ptrdiff_t k, ptrdiff
     ptrdiff_t r, ahead = bnf_rows_ahead(width * (ptrdiff_t)sizeof(T));
     ptrdiff_t further = far ? bnf_rows_ahead_by(width * (ptrdiff_t)sizeof(T),
                                                 BNF_FAR_ROWS_BYTES) : 0;
-    int l1 = width * (ptrdiff_t)sizeof(T) <= bnf_l1_rows_max;   /* into L1 too */
+    /* into L1 too: in cache, or rows of up to bnf_l1_rows_max bytes */
+    int l1 = !far || width * (ptrdiff_t)sizeof(T) <= bnf_l1_rows_max;
     for (ptrdiff_t c = 0; c < width; c++) {
         s1[c] = s2[c] = 0;
         if (BNF_COMPENSATED) s2lo[c] = s1lo[c] = 0;
@@ -433,8 +434,8 @@ BNF_SIMD_FN void BNF_SIMD(shifted_sums_rows)(const T *base, ptrdiff_t k, ptrdiff
             if (pf)
                 BNF_FOR_LINES(l, c, BNF_VW) {
                     if (l1)
-                    bnf_pf_quad(pa, stride * (ptrdiff_t)sizeof(T), width * (ptrdiff_t)sizeof(T),
-                                l * (ptrdiff_t)sizeof(T), 0);
+                        bnf_pf_quad(pa, stride * (ptrdiff_t)sizeof(T),
+                                    width * (ptrdiff_t)sizeof(T), l * (ptrdiff_t)sizeof(T), 0);
                     if (further)
                         bnf_pf_quad(pf2, stride * (ptrdiff_t)sizeof(T),
                                     width * (ptrdiff_t)sizeof(T), l * (ptrdiff_t)sizeof(T), 1);
@@ -958,8 +959,8 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const 
     ptrdiff_t r = 0, ahead = bnf_rows_ahead_by(width * (ptrdiff_t)sizeof(T),
                                                         BNF_FAR_ROWS_BYTES);
     ptrdiff_t nearby = near && width * (ptrdiff_t)sizeof(T) <= bnf_l1_rows_max
-                           ? bnf_rows_ahead_by(width * (ptrdiff_t)sizeof(T),
-                                                BNF_NEAR_ROWS_BYTES) : 0;
+                           ? bnf_rows_ahead_by(width * (ptrdiff_t)sizeof(T), BNF_NEAR_ROWS_BYTES)
+                           : 0;
     /* BNF_COMPENSATED (float64) keeps four rows at a time from DRAM too: a row at a time,
      * two more accumulators loaded and stored a row, (200704, 64) and (64, 28, 28, 256)
      * backward took 1.08-1.13x the time of the plain sums, four rows 1.01-1.04x */
