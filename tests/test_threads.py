@@ -85,6 +85,18 @@ def _bits(a):
     return a.dtype.str, a.shape, np.ascontiguousarray(a).tobytes()
 
 
+def _on_threads(ops, counts=(1, 2, 3)):
+    """ops() on each thread count in turn, the default put back after: {count: result}."""
+    runs = {}
+    try:
+        for n in counts:
+            bnfast.set_num_threads(n)
+            runs[n] = ops()
+    finally:
+        bnfast.set_num_threads(None)
+    return runs
+
+
 def _all_ops(x, axis, w, b, rm, rv, dy):
     """Every kernel path on x; returns a list of (name, bits)."""
     res = []
@@ -772,14 +784,10 @@ def test_rows_from_dram_sum_in_their_own_order(dtype, shape, axis, quads):
 
     old = bnfast._core._set_reduce_blocks_min(0), bnfast._core._set_whole_rows(quads)
     try:
-        runs = {}
-        for n in (1, 2, 3):
-            bnfast.set_num_threads(n)
-            runs[n] = ops()
+        runs = _on_threads(ops)
     finally:
         bnfast._core._set_reduce_blocks_min(old[0])
         bnfast._core._set_whole_rows(old[1])
-        bnfast.set_num_threads(None)
     bits = runs[1][0]
     assert bits[:3] == bits[3:6], "the sums exchanged (hook) give other bits"
 
@@ -823,14 +831,12 @@ def test_whole_rows_statistics_change_no_bits(dtype, shape, axis):
             bnfast._core._set_whole_rows(whole)
             for l1 in (0, 1 << 40):
                 bnfast._core._set_l1_rows_max(l1)
-                for n in (1, 2, 3):
-                    bnfast.set_num_threads(n)
-                    runs[whole, l1, n] = ops()
+                for n, res in _on_threads(ops).items():
+                    runs[whole, l1, n] = res
     finally:
         bnfast._core._set_reduce_blocks_min(old[0])
         bnfast._core._set_whole_rows(old[1])
         bnfast._core._set_l1_rows_max(old[2])
-        bnfast.set_num_threads(None)
     for key, (bits, _) in runs.items():
         assert bits[:5] == runs[False, 0, 1][0][:5], key
         # dx: the backward sums' order is the setting's own (float32)
@@ -877,13 +883,9 @@ def test_float64_sums_are_the_same_for_any_thread_count(shape, axis, dtype, layo
 
     old = bnfast._core._set_reduce_blocks_min(0 if dram else 1 << 62)
     try:
-        runs = {}
-        for n in (1, 2, 3):
-            bnfast.set_num_threads(n)
-            runs[n] = ops()
+        runs = _on_threads(ops)
     finally:
         bnfast._core._set_reduce_blocks_min(old)
-        bnfast.set_num_threads(None)
     assert runs[2] == runs[1] and runs[3] == runs[1]
 
 
