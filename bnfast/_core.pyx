@@ -67,6 +67,7 @@ cdef extern from "bnfast_kernels.h" nogil:
     int bnf_set_wide_flat(int on)
     int bnf_set_grouped_wide(int on)
     Py_ssize_t bnf_set_l1_rows_max(Py_ssize_t n)
+    Py_ssize_t bnf_set_dx_l1_rows_max(Py_ssize_t n)
     int bnf_set_store_lines(int on)
     int bnf_set_masked_tails(int on)
     int bnf_set_fuse_sums_dx(int on)
@@ -413,6 +414,10 @@ cdef bint _whole_rows = bnf_cpu_amd()
 # against 1.02-1.13).
 DEF BEVAL_WHOLE_ROW_BYTES = 1024
 bnf_set_l1_rows_max(2048 if _whole_rows else -1)
+# dx of rows from DRAM prefetches rows ahead into L2, not L1, on AMD (bnf_rows_ahead_pf:
+# Zen 4's 32 KiB L1d; backward 0.80-0.92x the time there, twenty-eighth session). The
+# Intel VM (48 KiB) keeps L1: not measured.
+bnf_set_dx_l1_rows_max(0 if bnf_cpu_amd() else -1)
 # Training backward of channels of runs whose rows alias in L2 (_rows_alias) goes in two
 # passes in memory order (tuning, tests: _set_alias_two_pass; the same bits)
 cdef bint _alias_two_pass = True
@@ -525,10 +530,17 @@ def _set_whole_rows(on):
 
 
 def _set_l1_rows_max(n):
-    """Set the widest rows (bytes) whose reductions prefetch rows ahead into L1
-    (bnf_l1_rows_max; None leaves it); returns the previous value (tuning, tests: the
-    same bits)."""
+    """Set the widest rows (bytes) whose reductions and normalize prefetch rows ahead
+    into L1 (bnf_l1_rows_max; None leaves it); returns the previous value (tuning, tests:
+    the same bits)."""
     return bnf_set_l1_rows_max(-1 if n is None else int(n))
+
+
+def _set_dx_l1_rows_max(n):
+    """Set the widest rows (bytes) whose dx prefetches rows ahead into L1, not L2
+    (bnf_dx_l1_rows_max; None leaves it); returns the previous value (tuning, tests: the
+    same bits)."""
+    return bnf_set_dx_l1_rows_max(-1 if n is None else int(n))
 
 
 def _set_kernel_alloc_fails(on):

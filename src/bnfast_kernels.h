@@ -218,6 +218,7 @@ int bnf_set_flat_whole_lines(int on);
 int bnf_set_wide_flat(int on);
 int bnf_set_grouped_wide(int on);
 ptrdiff_t bnf_set_l1_rows_max(ptrdiff_t n);
+ptrdiff_t bnf_set_dx_l1_rows_max(ptrdiff_t n);
 /* 1 on an AMD CPU (the tuning choices that differ by vendor) */
 int bnf_cpu_amd(void);
 /* The L1 data cache of a core in bytes, as the C library reports it (32 KB where it

@@ -528,19 +528,21 @@ static inline BNF_INLINE void BNF_NAME(norm_chunk)(const T *p, T *q, ptrdiff_t n
 
 /* Rows form, k rows of n columns: q = (x - m) * a + b with per-column factors, rows
  * xstride and qstride elements apart; rows up to pf_rows (from x; 0: none) are
- * prefetched bnf_rows_ahead rows ahead. */
+ * prefetched rows ahead (bnf_rows_ahead_pf: into L1, or into L2 for wide rows). */
 static inline BNF_INLINE void BNF_NAME(norm_rows_run)(const T *x, ptrdiff_t xstride, T *q,
                                                      ptrdiff_t qstride, ptrdiff_t k,
                                                      ptrdiff_t n, const double *m,
                                                      const double *a, const double *b,
                                                      ptrdiff_t pf_rows, int nt)
 {
-    ptrdiff_t ahead = bnf_rows_ahead(n * (ptrdiff_t)sizeof(T));
+    int far;
+    ptrdiff_t ahead = bnf_rows_ahead_pf(n * (ptrdiff_t)sizeof(T), bnf_l1_rows_max, &far);
     (void)nt;
     for (ptrdiff_t r = 0; r < k; r++) {
         const T *p = x + r * xstride;
         T *o = q + r * qstride;
-        if (r + ahead < pf_rows) bnf_pf_row(p + ahead * xstride, n * (ptrdiff_t)sizeof(T));
+        if (r + ahead < pf_rows)
+            bnf_pf_row(p + ahead * xstride, n * (ptrdiff_t)sizeof(T), far);
 #pragma omp simd
         for (ptrdiff_t c = 0; c < n; c++) o[c] = BNF_NAME(norm_elem)(p[c], m[c], a[c], b[c]);
     }
@@ -1596,21 +1598,22 @@ static inline BNF_INLINE void BNF_NAME(dx_runs_rows)(const T *dy, ptrdiff_t dyst
 }
 
 /* Rows form, k rows of n columns: dx = a * ((dy - k1) - (x - m) * k2) with per-column
- * factors (x == NULL: a * dy), prefetching as norm_rows_run. */
+ * factors (x == NULL: a * dy), prefetching as norm_rows_run (bnf_dx_l1_rows_max). */
 static inline BNF_INLINE void BNF_NAME(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x,
                                                    ptrdiff_t xstride, T *q, ptrdiff_t qstride,
                                                    ptrdiff_t k, ptrdiff_t n, const double *m,
                                                    const double *a, const double *k1,
                                                    const double *k2, ptrdiff_t pf_rows, int nt)
 {
-    ptrdiff_t ahead = bnf_rows_ahead(n * (ptrdiff_t)sizeof(T));
+    int far;
+    ptrdiff_t ahead = bnf_rows_ahead_pf(n * (ptrdiff_t)sizeof(T), bnf_dx_l1_rows_max, &far);
     (void)nt;
     for (ptrdiff_t r = 0; r < k; r++) {
         const T *gr = g + r * gstride;
         T *o = q + r * qstride;
         if (r + ahead < pf_rows) {
-            bnf_pf_row(gr + ahead * gstride, n * (ptrdiff_t)sizeof(T));
-            if (x) bnf_pf_row(x + (r + ahead) * xstride, n * (ptrdiff_t)sizeof(T));
+            bnf_pf_row(gr + ahead * gstride, n * (ptrdiff_t)sizeof(T), far);
+            if (x) bnf_pf_row(x + (r + ahead) * xstride, n * (ptrdiff_t)sizeof(T), far);
         }
         if (!x) {
 #pragma omp simd

@@ -625,7 +625,9 @@ BNF_SIMD_FN void BNF_SIMD(norm_rows_run)(const T *x, ptrdiff_t xstride, T *q,
                                          const double *m, const double *a, const double *b,
                                          ptrdiff_t pf_rows, int nt)
 {
-    ptrdiff_t r = 0, ahead = bnf_rows_ahead(n * (ptrdiff_t)sizeof(T));
+    int far;
+    ptrdiff_t r = 0,
+              ahead = bnf_rows_ahead_pf(n * (ptrdiff_t)sizeof(T), bnf_l1_rows_max, &far);
     int on_lines = !BNF_NT_HEAD(q) && qstride * (ptrdiff_t)sizeof(T) % BNF_NT_ALIGN == 0;
     /* nt == 2: streamed, rows one at a time (norm_rows_grouped_wide: four rows 16 KB
      * apart a step measured 1.2-1.6x the time on Zen 4) */
@@ -648,12 +650,12 @@ BNF_SIMD_FN void BNF_SIMD(norm_rows_run)(const T *x, ptrdiff_t xstride, T *q,
         int pf = r + ahead + 4 <= pf_rows;
         T *o0 = q + r * qstride;
         ptrdiff_t c = 0;
-        if (pf) BNF_PF_ENDS(pa, xstride, (const T *)NULL, 0, n, 4, 0);
+        if (pf) BNF_PF_ENDS(pa, xstride, (const T *)NULL, 0, n, 4, far);
         for (; c + 2 * BNF_VW <= n; c += 2 * BNF_VW) {
             if (pf)
                 BNF_FOR_LINES(l, c, 2 * BNF_VW)
                     bnf_pf_quad(pa, xstride * (ptrdiff_t)sizeof(T), n * (ptrdiff_t)sizeof(T),
-                                l * (ptrdiff_t)sizeof(T), 0);
+                                l * (ptrdiff_t)sizeof(T), far);
             BNF_VD m0 = BNF_VLD(m + c), m1 = BNF_VLD(m + c + BNF_VW);
             BNF_VD a0 = BNF_VLD(a + c), a1 = BNF_VLD(a + c + BNF_VW);
             BNF_VD b0 = BNF_VLD(b + c), b1 = BNF_VLD(b + c + BNF_VW);
@@ -676,10 +678,10 @@ BNF_SIMD_FN void BNF_SIMD(norm_rows_run)(const T *x, ptrdiff_t xstride, T *q,
         ptrdiff_t c = 0;
         p = x + r * xstride;
         o = q + r * qstride;
-        if (pf) BNF_PF_ENDS(pa, xstride, (const T *)NULL, 0, n, 1, 0);
+        if (pf) BNF_PF_ENDS(pa, xstride, (const T *)NULL, 0, n, 1, far);
         BNF_HEAD(o, c, n, nt);
         for (; c + 2 * BNF_VW <= n; c += 2 * BNF_VW) {
-            if (pf) BNF_FOR_LINES(l, c, 2 * BNF_VW) BNF_PREFETCH(pa + l);
+            if (pf) BNF_FOR_LINES(l, c, 2 * BNF_VW) BNF_PF_HINT(pa + l, far);
             BNF_VST2(o + c, BNF_V(c), BNF_V(c + BNF_VW), nt);
         }
         BNF_TAIL_ROWS(o, c, n, nt);
@@ -1196,7 +1198,9 @@ BNF_SIMD_FN void BNF_SIMD(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x
                                        const double *k1, const double *k2, ptrdiff_t pf_rows,
                                        int nt)
 {
-    ptrdiff_t r = 0, ahead = bnf_rows_ahead(n * (ptrdiff_t)sizeof(T));
+    int far;
+    ptrdiff_t r = 0,
+              ahead = bnf_rows_ahead_pf(n * (ptrdiff_t)sizeof(T), bnf_dx_l1_rows_max, &far);
     /* nt == 2: streamed, rows one at a time (bwd_dx_rows_grouped_wide) */
     int quads = nt != 2 &&
                 (!nt || (!BNF_NT_HEAD(q) && qstride * (ptrdiff_t)sizeof(T) % BNF_NT_ALIGN == 0));
@@ -1225,15 +1229,15 @@ BNF_SIMD_FN void BNF_SIMD(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x
         int pf = r + ahead + 4 <= pf_rows;
         T *o0 = q + r * qstride;
         ptrdiff_t c = 0;
-        if (pf) BNF_PF_ENDS(ga, gstride, pa, xstride, n, 4, 0);
+        if (pf) BNF_PF_ENDS(ga, gstride, pa, xstride, n, 4, far);
         for (; c + 2 * BNF_VW <= n; c += 2 * BNF_VW) {
             if (pf)
                 BNF_FOR_LINES(l, c, 2 * BNF_VW) {
                     bnf_pf_quad(ga, gstride * (ptrdiff_t)sizeof(T), n * (ptrdiff_t)sizeof(T),
-                                l * (ptrdiff_t)sizeof(T), 0);
+                                l * (ptrdiff_t)sizeof(T), far);
                     if (pa)
                         bnf_pf_quad(pa, xstride * (ptrdiff_t)sizeof(T),
-                                    n * (ptrdiff_t)sizeof(T), l * (ptrdiff_t)sizeof(T), 0);
+                                    n * (ptrdiff_t)sizeof(T), l * (ptrdiff_t)sizeof(T), far);
                 }
             BNF_VD a0 = BNF_VLD(a + c), a1 = BNF_VLD(a + c + BNF_VW);
             if (p0) {
@@ -1269,13 +1273,13 @@ BNF_SIMD_FN void BNF_SIMD(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x
         gr = g + r * gstride;
         p = x ? x + r * xstride : NULL;
         o = q + r * qstride;
-        if (pf) BNF_PF_ENDS(ga, gstride, pa, xstride, n, 1, 0);
+        if (pf) BNF_PF_ENDS(ga, gstride, pa, xstride, n, 1, far);
         BNF_HEAD(o, c, n, nt);
         for (; c + 2 * BNF_VW <= n; c += 2 * BNF_VW) {
             if (pf)
                 BNF_FOR_LINES(l, c, 2 * BNF_VW) {
-                    BNF_PREFETCH(ga + l);
-                    if (pa) BNF_PREFETCH(pa + l);
+                    BNF_PF_HINT(ga + l, far);
+                    if (pa) BNF_PF_HINT(pa + l, far);
                 }
             BNF_VST2(o + c, BNF_V(c), BNF_V(c + BNF_VW), nt);
         }

@@ -811,7 +811,8 @@ def test_rows_from_dram_sum_in_their_own_order(dtype, shape, axis, quads):
 def test_whole_rows_statistics_change_no_bits(dtype, shape, axis):
     """From DRAM (lowered here) the statistics of rows wider than a block go whole rows a
     unit on AMD (_whole_rows), blocks of 512 columns elsewhere, and rows of more than 2 KB
-    prefetch nothing ahead into L1 there (_set_l1_rows_max): each column's tiles are
+    prefetch nothing ahead into L1 there (_set_l1_rows_max; normalize and dx prefetch
+    into L2 instead, dx at any width: _set_dx_l1_rows_max): each column's tiles are
     fixed by the shape, so the same bits every way and for any thread count, and right."""
     x = make_values(shape, dtype, 10, axis=axis, offset=1e4)
     dy = make_values(shape, dtype, 11, axis=axis)
@@ -824,19 +825,21 @@ def test_whole_rows_statistics_change_no_bits(dtype, shape, axis):
         return [_bits(a) for a in (y, m, s, mo.mean, mo.var, dx)], (y, dx)
 
     old = (bnfast._core._set_reduce_blocks_min(0), bnfast._core._set_whole_rows(None),
-           bnfast._core._set_l1_rows_max(None))
+           bnfast._core._set_l1_rows_max(None), bnfast._core._set_dx_l1_rows_max(None))
     runs = {}
     try:
         for whole in (False, True):
             bnfast._core._set_whole_rows(whole)
             for l1 in (0, 1 << 40):
                 bnfast._core._set_l1_rows_max(l1)
+                bnfast._core._set_dx_l1_rows_max(l1)
                 for n, res in _on_threads(ops).items():
                     runs[whole, l1, n] = res
     finally:
         bnfast._core._set_reduce_blocks_min(old[0])
         bnfast._core._set_whole_rows(old[1])
         bnfast._core._set_l1_rows_max(old[2])
+        bnfast._core._set_dx_l1_rows_max(old[3])
     for key, (bits, _) in runs.items():
         assert bits[:5] == runs[False, 0, 1][0][:5], key
         # dx: the backward sums' order is the setting's own (float32)
