@@ -415,7 +415,7 @@ cdef bint _whole_rows = bnf_cpu_amd()
 DEF BEVAL_WHOLE_ROW_BYTES = 1024
 bnf_set_l1_rows_max(2048 if _whole_rows else -1)
 # dx of rows from DRAM prefetches rows ahead into L2, not L1, on AMD (bnf_rows_ahead_pf:
-# Zen 4's 32 KiB L1d; backward 0.80-0.92x the time there, twenty-eighth session). The
+# Zen 4's 32 KiB L1d; backward 0.75-0.96x the time there, twenty-eighth session). The
 # Intel VM (48 KiB) keeps L1: not measured.
 bnf_set_dx_l1_rows_max(0 if bnf_cpu_amd() else -1)
 # Training backward of channels of runs whose rows alias in L2 (_rows_alias) goes in two

@@ -711,7 +711,7 @@ static inline BNF_INLINE void bnf_pf_row(const void *p, ptrdiff_t bytes, int far
  * dx, with two streams and 32 KB of factors at 1024 columns, crowds L1 at every width.
  * One thread, float32, 51 MB, in one process, alternated call by call, into L2 (8 KB
  * ahead) against into L1 (twenty-eighth session): eval of (12544, 1024) 1.48-1.54 ->
- * 1.05-1.15x a copy, (16725, 768) 1.03-1.13 -> 0.65-0.70x; training 0.76-0.85x the time
+ * 1.05-1.15x a copy, (16725, 768) 1.03-1.13 -> 0.65-0.70x; training 0.66-0.82x the time
  * at those widths; backward (12544, 1024) 3.6-4.1 -> 3.3-3.7x, (16725, 768) 2.8-3.1 ->
  * 2.1-2.3x, (25088, 512) 2.70 -> 2.21x, (50176, 256) 2.36-2.59 -> 2.06-2.36x, (200704,
  * 64) 2.41-2.55 -> 2.15-2.36x; float64 (12544, 512) eval 1.24 -> 0.82x, backward 3.21 ->
