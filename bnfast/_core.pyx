@@ -44,6 +44,9 @@ cdef extern from "bnfast_kernels.h" nogil:
     enum: BNF_GROUP_COLS
     enum: BNF_STREAM
     enum: BNF_CACHED
+    enum: BNF_L1_REDUCE
+    enum: BNF_L1_NORM
+    enum: BNF_L1_DX
     enum: BNF_STAGE_NEAR
     enum: BNF_FETCH_NEXT
     enum: BNF_FROM_DRAM
@@ -66,8 +69,7 @@ cdef extern from "bnfast_kernels.h" nogil:
     int bnf_set_kernel_alloc_fails(int on)
     int bnf_set_wide_flat(int on)
     int bnf_set_grouped_wide(int on)
-    Py_ssize_t bnf_set_l1_rows_max(Py_ssize_t n)
-    Py_ssize_t bnf_set_dx_l1_rows_max(Py_ssize_t n)
+    Py_ssize_t bnf_set_l1_rows_max(int kind, Py_ssize_t n)
     int bnf_set_store_lines(int on)
     int bnf_set_masked_tails(int on)
     int bnf_set_fuse_sums_dx(int on)
@@ -413,11 +415,13 @@ cdef bint _whole_rows = bnf_cpu_amd()
 # against 1.57-1.68x, (200704, 64) 1.62-1.63 against 1.50-1.88 (two threads 0.96-0.97
 # against 1.02-1.13).
 DEF BEVAL_WHOLE_ROW_BYTES = 1024
-bnf_set_l1_rows_max(2048 if _whole_rows else -1)
-# dx of rows from DRAM prefetches rows ahead into L2, not L1, on AMD (bnf_rows_ahead_pf:
-# Zen 4's 32 KiB L1d; backward 0.75-0.96x the time there, twenty-eighth session). The
-# Intel VM (48 KiB) keeps L1: not measured.
-bnf_set_dx_l1_rows_max(0 if bnf_cpu_amd() else -1)
+bnf_set_l1_rows_max(BNF_L1_REDUCE, 2048 if _whole_rows else -1)
+# The normalize of rows over 1 KB and dx of any rows from DRAM prefetch rows ahead into
+# L2, not L1, on AMD (bnf_rows_ahead_pf: Zen 4's 32 KiB L1d; eval of 768-1024 columns
+# 0.56-0.83x the time, backward 0.75-0.96x there, twenty-eighth session). The Intel VM
+# (48 KiB) keeps L1: not measured.
+bnf_set_l1_rows_max(BNF_L1_NORM, 1024 if bnf_cpu_amd() else -1)
+bnf_set_l1_rows_max(BNF_L1_DX, 0 if bnf_cpu_amd() else -1)
 # Training backward of channels of runs whose rows alias in L2 (_rows_alias) goes in two
 # passes in memory order (tuning, tests: _set_alias_two_pass; the same bits)
 cdef bint _alias_two_pass = True
@@ -529,18 +533,15 @@ def _set_whole_rows(on):
     return old
 
 
-def _set_l1_rows_max(n):
-    """Set the widest rows (bytes) whose reductions and normalize prefetch rows ahead
-    into L1 (bnf_l1_rows_max; None leaves it); returns the previous value (tuning, tests:
+def _set_l1_rows_max(n, kind="reduce"):
+    """Set the widest rows (bytes) that a kind of rows loop from DRAM ("reduce": the
+    statistics and backward sums; "normalize"; "dx") prefetches rows ahead into L1, not
+    L2 only (bnf_l1_rows_max; None leaves it); returns the previous value (tuning, tests:
     the same bits)."""
-    return bnf_set_l1_rows_max(-1 if n is None else int(n))
-
-
-def _set_dx_l1_rows_max(n):
-    """Set the widest rows (bytes) whose dx prefetches rows ahead into L1, not L2
-    (bnf_dx_l1_rows_max; None leaves it); returns the previous value (tuning, tests: the
-    same bits)."""
-    return bnf_set_dx_l1_rows_max(-1 if n is None else int(n))
+    kinds = {"reduce": BNF_L1_REDUCE, "normalize": BNF_L1_NORM, "dx": BNF_L1_DX}
+    if kind not in kinds:
+        raise ValueError(f"kind must be one of {sorted(kinds)}, got {kind!r}")
+    return bnf_set_l1_rows_max(kinds[kind], -1 if n is None else int(n))
 
 
 def _set_kernel_alloc_fails(on):

@@ -594,23 +594,17 @@ static inline BNF_INLINE void bnf_pf_next_run_end(const void *x_next, ptrdiff_t 
  * process) without it the backward sums of (12544, 1024) took 1.29-1.34x a copy against
  * 1.92, (3136, 4096) 1.20-1.26 against 1.91; (16725, 768) 1.05-1.10 against 1.07 and
  * (50176, 256) 1.51-1.55 against 1.55 (kept there); whole rows' statistics, below,
- * 0.64-0.70x against 1.07-1.23x.  The prefetches into L2 stay.  Normalize of such rows
- * prefetches into L2 instead (bnf_rows_ahead_pf, below).  Prefetches only: the same
- * bits. */
-static ptrdiff_t bnf_l1_rows_max = (ptrdiff_t)1 << 40;
-ptrdiff_t bnf_set_l1_rows_max(ptrdiff_t n)
+ * 0.64-0.70x against 1.07-1.23x.  The prefetches into L2 stay.  Prefetches only: the
+ * same bits.  One limit for each kind of loop (BNF_L1_REDUCE; the normalize and dx rows
+ * loops, BNF_L1_NORM and BNF_L1_DX, prefetch into L2 instead: bnf_rows_ahead_pf). */
+static ptrdiff_t bnf_l1_rows_max[BNF_L1_KINDS] = {(ptrdiff_t)1 << 40, (ptrdiff_t)1 << 40,
+                                                 (ptrdiff_t)1 << 40};
+ptrdiff_t bnf_set_l1_rows_max(int kind, ptrdiff_t n)
 {
-    ptrdiff_t old = bnf_l1_rows_max;
-    if (n >= 0) bnf_l1_rows_max = n;
-    return old;
-}
-/* ... and dx of rows from DRAM of more than this many bytes prefetch into L2, not L1
- * (bnf_rows_ahead_pf; set at import by CPU vendor: 0 on AMD). */
-static ptrdiff_t bnf_dx_l1_rows_max = (ptrdiff_t)1 << 40;
-ptrdiff_t bnf_set_dx_l1_rows_max(ptrdiff_t n)
-{
-    ptrdiff_t old = bnf_dx_l1_rows_max;
-    if (n >= 0) bnf_dx_l1_rows_max = n;
+    ptrdiff_t old;
+    if (kind < 0 || kind >= BNF_L1_KINDS) return -1;
+    old = bnf_l1_rows_max[kind];
+    if (n >= 0) bnf_l1_rows_max[kind] = n;
     return old;
 }
 
@@ -704,26 +698,29 @@ static inline BNF_INLINE void bnf_pf_row(const void *p, ptrdiff_t bytes, int far
 
 /* The elementwise rows loops from DRAM (normalize: norm_rows_run; dx: dx_rows_run)
  * prefetch rows ahead as they go: BNF_PREFETCH_BYTES of them into L1, or, for rows of
- * more than `l1_max` bytes (bnf_l1_rows_max for normalize, bnf_dx_l1_rows_max for dx),
- * BNF_PREFETCH_FAR_ROWS_BYTES into L2 (*far set).  On Zen 4 (32 KiB L1d) four rows ahead
- * into L1 of 4 KB rows is 16 KB of each stream beside the four rows being read (4 KB
- * apart: the same sets) and the factors (24 bytes a column, dx 32), more than L1 holds;
- * dx, with two streams and 32 KB of factors at 1024 columns, crowds L1 at every width.
- * One thread, float32, 51 MB, in one process, alternated call by call, into L2 (8 KB
- * ahead) against into L1 (twenty-eighth session): eval of (12544, 1024) 1.48-1.54 ->
- * 1.05-1.15x a copy, (16725, 768) 1.03-1.13 -> 0.65-0.70x; training 0.66-0.82x the time
- * at those widths; backward (12544, 1024) 3.6-4.1 -> 3.3-3.7x, (16725, 768) 2.8-3.1 ->
- * 2.1-2.3x, (25088, 512) 2.70 -> 2.21x, (50176, 256) 2.36-2.59 -> 2.06-2.36x, (200704,
- * 64) 2.41-2.55 -> 2.15-2.36x; float64 (12544, 512) eval 1.24 -> 0.82x, backward 3.21 ->
- * 2.40x, (100352, 64) backward 3.09 -> 2.55x; two threads backward 0.89-0.95x the time.
+ * more than bnf_l1_rows_max[kind] bytes (kind BNF_L1_NORM or BNF_L1_DX; on AMD 1 KB for
+ * normalize, 0 for dx), BNF_PREFETCH_FAR_ROWS_BYTES into L2 (*far set).  On Zen 4 (32 KiB
+ * L1d) four rows ahead into L1 of 4 KB rows is 16 KB of each stream beside the four rows
+ * being read (4 KB apart: the same sets) and the factors (24 bytes a column, dx 32), more
+ * than L1 holds; dx, with two streams and 32 KB of factors at 1024 columns, crowds L1 at
+ * every width.  One thread, float32, 51 MB, in one process, alternated call by call, into
+ * L2 (8 KB ahead) against into L1 (twenty-eighth session): eval of (12544, 1024)
+ * 1.48-1.54 -> 1.05-1.15x a copy, (16725, 768) 1.03-1.13 -> 0.65-0.70x; training
+ * 0.66-0.82x the time at those widths; backward (12544, 1024) 3.6-4.1 -> 3.3-3.7x,
+ * (16725, 768) 2.8-3.1 -> 2.1-2.3x, (25088, 512) 2.70 -> 2.21x, (50176, 256) 2.36-2.59 ->
+ * 2.06-2.36x, (200704, 64) 2.41-2.55 -> 2.15-2.36x; float64 (12544, 512) eval 1.24 ->
+ * 0.82x, backward 3.21 -> 2.40x, (100352, 64) backward 3.09 -> 2.55x; two threads
+ * backward 0.87-0.95x the time.  Normalize of rows over 1 KB into L2 against over 2 KB,
+ * three runs: (25088, 512) eval 0.80-1.06 -> 0.68-0.92x, training 1.37-1.56 ->
+ * 1.28-1.42x; (33450, 384) eval 0.60-0.67 -> 0.58-0.62x; (42816, 300) the same.
  * Normalize of rows of 1 KB or less measured slower into L2 ((50176, 256) eval 0.64 ->
- * 0.87x): into L1 there, as before.  4 and 16 KB ahead into L2 measured no better than
- * 8.  float16 (bound by its conversions) measured the same either way.  Prefetches only:
- * the same bits. */
+ * 0.87x): into L1 there, as before.  4 and 16 KB ahead into L2 measured no better than 8.
+ * float16 (bound by its conversions) measured the same either way.  Prefetches only: the
+ * same bits. */
 #define BNF_PREFETCH_FAR_ROWS_BYTES 8192
-static inline ptrdiff_t bnf_rows_ahead_pf(ptrdiff_t row_bytes, ptrdiff_t l1_max, int *far)
+static inline ptrdiff_t bnf_rows_ahead_pf(ptrdiff_t row_bytes, int kind, int *far)
 {
-    *far = row_bytes > l1_max;
+    *far = row_bytes > bnf_l1_rows_max[kind];
     return bnf_rows_ahead_by(row_bytes,
                              *far ? BNF_PREFETCH_FAR_ROWS_BYTES : BNF_PREFETCH_BYTES);
 }

@@ -217,8 +217,13 @@ int bnf_set_flat_whole_lines(int on);
  * previous setting (tuning, tests: the same bits either way). */
 int bnf_set_wide_flat(int on);
 int bnf_set_grouped_wide(int on);
-ptrdiff_t bnf_set_l1_rows_max(ptrdiff_t n);
-ptrdiff_t bnf_set_dx_l1_rows_max(ptrdiff_t n);
+/* The widest rows (bytes) that a kind of rows loop from DRAM prefetches rows ahead into
+ * L1 (wider: into L2 only): the reductions, the normalize, dx. */
+#define BNF_L1_REDUCE 0
+#define BNF_L1_NORM 1
+#define BNF_L1_DX 2
+#define BNF_L1_KINDS 3
+ptrdiff_t bnf_set_l1_rows_max(int kind, ptrdiff_t n);
 /* 1 on an AMD CPU (the tuning choices that differ by vendor) */
 int bnf_cpu_amd(void);
 /* The L1 data cache of a core in bytes, as the C library reports it (32 KB where it

@@ -536,7 +536,7 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_run)(const T *x, ptrdiff_t xstr
                                                      ptrdiff_t pf_rows, int nt)
 {
     int far;
-    ptrdiff_t ahead = bnf_rows_ahead_pf(n * (ptrdiff_t)sizeof(T), bnf_l1_rows_max, &far);
+    ptrdiff_t ahead = bnf_rows_ahead_pf(n * (ptrdiff_t)sizeof(T), BNF_L1_NORM, &far);
     (void)nt;
     for (ptrdiff_t r = 0; r < k; r++) {
         const T *p = x + r * xstride;
@@ -1598,7 +1598,7 @@ static inline BNF_INLINE void BNF_NAME(dx_runs_rows)(const T *dy, ptrdiff_t dyst
 }
 
 /* Rows form, k rows of n columns: dx = a * ((dy - k1) - (x - m) * k2) with per-column
- * factors (x == NULL: a * dy), prefetching as norm_rows_run (bnf_dx_l1_rows_max). */
+ * factors (x == NULL: a * dy), prefetching as norm_rows_run (BNF_L1_DX). */
 static inline BNF_INLINE void BNF_NAME(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x,
                                                    ptrdiff_t xstride, T *q, ptrdiff_t qstride,
                                                    ptrdiff_t k, ptrdiff_t n, const double *m,
@@ -1606,7 +1606,7 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_run)(const T *g, ptrdiff_t gstrid
                                                    const double *k2, ptrdiff_t pf_rows, int nt)
 {
     int far;
-    ptrdiff_t ahead = bnf_rows_ahead_pf(n * (ptrdiff_t)sizeof(T), bnf_dx_l1_rows_max, &far);
+    ptrdiff_t ahead = bnf_rows_ahead_pf(n * (ptrdiff_t)sizeof(T), BNF_L1_DX, &far);
     (void)nt;
     for (ptrdiff_t r = 0; r < k; r++) {
         const T *gr = g + r * gstride;

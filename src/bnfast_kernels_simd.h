@@ -415,8 +415,8 @@ BNF_SIMD_FN void BNF_SIMD(shifted_sums_rows)(const T *base, ptrdiff_t k, ptrdiff
     ptrdiff_t r, ahead = bnf_rows_ahead(width * (ptrdiff_t)sizeof(T));
     ptrdiff_t further = far ? bnf_rows_ahead_by(width * (ptrdiff_t)sizeof(T),
                                                 BNF_FAR_ROWS_BYTES) : 0;
-    /* into L1 too: in cache, or rows of up to bnf_l1_rows_max bytes */
-    int l1 = !far || width * (ptrdiff_t)sizeof(T) <= bnf_l1_rows_max;
+    /* into L1 too: in cache, or rows of up to bnf_l1_rows_max[BNF_L1_REDUCE] */
+    int l1 = !far || width * (ptrdiff_t)sizeof(T) <= bnf_l1_rows_max[BNF_L1_REDUCE];
     for (ptrdiff_t c = 0; c < width; c++) {
         s1[c] = s2[c] = 0;
         if (BNF_COMPENSATED) s2lo[c] = s1lo[c] = 0;
@@ -627,7 +627,7 @@ BNF_SIMD_FN void BNF_SIMD(norm_rows_run)(const T *x, ptrdiff_t xstride, T *q,
 {
     int far;
     ptrdiff_t r = 0,
-              ahead = bnf_rows_ahead_pf(n * (ptrdiff_t)sizeof(T), bnf_l1_rows_max, &far);
+              ahead = bnf_rows_ahead_pf(n * (ptrdiff_t)sizeof(T), BNF_L1_NORM, &far);
     int on_lines = !BNF_NT_HEAD(q) && qstride * (ptrdiff_t)sizeof(T) % BNF_NT_ALIGN == 0;
     /* nt == 2: streamed, rows one at a time (norm_rows_grouped_wide: four rows 16 KB
      * apart a step measured 1.2-1.6x the time on Zen 4) */
@@ -960,9 +960,10 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const 
     int qnt = fx && fx->nt;
     ptrdiff_t r = 0, ahead = bnf_rows_ahead_by(width * (ptrdiff_t)sizeof(T),
                                                         BNF_FAR_ROWS_BYTES);
-    ptrdiff_t nearby = near && width * (ptrdiff_t)sizeof(T) <= bnf_l1_rows_max
-                           ? bnf_rows_ahead_by(width * (ptrdiff_t)sizeof(T), BNF_NEAR_ROWS_BYTES)
-                           : 0;
+    ptrdiff_t nearby =
+        near && width * (ptrdiff_t)sizeof(T) <= bnf_l1_rows_max[BNF_L1_REDUCE]
+            ? bnf_rows_ahead_by(width * (ptrdiff_t)sizeof(T), BNF_NEAR_ROWS_BYTES)
+            : 0;
     /* BNF_COMPENSATED (float64) keeps four rows at a time from DRAM too: a row at a time,
      * two more accumulators loaded and stored a row, (200704, 64) and (64, 28, 28, 256)
      * backward took 1.08-1.13x the time of the plain sums, four rows 1.01-1.04x */
@@ -1200,7 +1201,7 @@ BNF_SIMD_FN void BNF_SIMD(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x
 {
     int far;
     ptrdiff_t r = 0,
-              ahead = bnf_rows_ahead_pf(n * (ptrdiff_t)sizeof(T), bnf_dx_l1_rows_max, &far);
+              ahead = bnf_rows_ahead_pf(n * (ptrdiff_t)sizeof(T), BNF_L1_DX, &far);
     /* nt == 2: streamed, rows one at a time (bwd_dx_rows_grouped_wide) */
     int quads = nt != 2 &&
                 (!nt || (!BNF_NT_HEAD(q) && qstride * (ptrdiff_t)sizeof(T) % BNF_NT_ALIGN == 0));

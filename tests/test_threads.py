@@ -804,6 +804,26 @@ def test_rows_from_dram_sum_in_their_own_order(dtype, shape, axis, quads):
     assert_grad_close(db, db_ref, scale=np.max(absdy.sum(axis=red)), what="dbias")
 
 
+L1_KINDS = ("reduce", "normalize", "dx")
+
+
+def test_l1_rows_max_kinds():
+    """_set_l1_rows_max sets each kind's limit alone, returns the one it replaces, and
+    names the kinds it takes."""
+    old = {k: bnfast._core._set_l1_rows_max(None, k) for k in L1_KINDS}
+    try:
+        for i, k in enumerate(L1_KINDS):
+            bnfast._core._set_l1_rows_max(1000 + i, k)
+        assert [bnfast._core._set_l1_rows_max(None, k) for k in L1_KINDS] == \
+            [1000, 1001, 1002]
+        assert bnfast._core._set_l1_rows_max(None) == 1000      # "reduce" by default
+    finally:
+        for k, n in old.items():
+            bnfast._core._set_l1_rows_max(n, k)
+    with pytest.raises(ValueError, match="kind"):
+        bnfast._core._set_l1_rows_max(None, "sums")
+
+
 @pytest.mark.usefixtures("threads_on_small_arrays")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape,axis", [((1031, 1040), -1), ((301, 2048), 1),
@@ -811,9 +831,9 @@ def test_rows_from_dram_sum_in_their_own_order(dtype, shape, axis, quads):
 def test_whole_rows_statistics_change_no_bits(dtype, shape, axis):
     """From DRAM (lowered here) the statistics of rows wider than a block go whole rows a
     unit on AMD (_whole_rows), blocks of 512 columns elsewhere, and rows of more than 2 KB
-    prefetch nothing ahead into L1 there (_set_l1_rows_max; normalize and dx prefetch
-    into L2 instead, dx at any width: _set_dx_l1_rows_max): each column's tiles are
-    fixed by the shape, so the same bits every way and for any thread count, and right."""
+    prefetch nothing ahead into L1 there (_set_l1_rows_max; the normalize of rows over
+    1 KB and dx of any rows prefetch into L2 instead): each column's tiles are fixed by
+    the shape, so the same bits every way and for any thread count, and right."""
     x = make_values(shape, dtype, 10, axis=axis, offset=1e4)
     dy = make_values(shape, dtype, 11, axis=axis)
     w, b, _, _ = params(shape[axis], np.float64, 3)
@@ -825,21 +845,21 @@ def test_whole_rows_statistics_change_no_bits(dtype, shape, axis):
         return [_bits(a) for a in (y, m, s, mo.mean, mo.var, dx)], (y, dx)
 
     old = (bnfast._core._set_reduce_blocks_min(0), bnfast._core._set_whole_rows(None),
-           bnfast._core._set_l1_rows_max(None), bnfast._core._set_dx_l1_rows_max(None))
+           {k: bnfast._core._set_l1_rows_max(None, k) for k in L1_KINDS})
     runs = {}
     try:
         for whole in (False, True):
             bnfast._core._set_whole_rows(whole)
             for l1 in (0, 1 << 40):
-                bnfast._core._set_l1_rows_max(l1)
-                bnfast._core._set_dx_l1_rows_max(l1)
+                for k in L1_KINDS:
+                    bnfast._core._set_l1_rows_max(l1, k)
                 for n, res in _on_threads(ops).items():
                     runs[whole, l1, n] = res
     finally:
         bnfast._core._set_reduce_blocks_min(old[0])
         bnfast._core._set_whole_rows(old[1])
-        bnfast._core._set_l1_rows_max(old[2])
-        bnfast._core._set_dx_l1_rows_max(old[3])
+        for k, n in old[2].items():
+            bnfast._core._set_l1_rows_max(n, k)
     for key, (bits, _) in runs.items():
         assert bits[:5] == runs[False, 0, 1][0][:5], key
         # dx: the backward sums' order is the setting's own (float32)
