@@ -25,8 +25,8 @@ import pytest
 import bnfast
 from arrays import make_values, params, with_layout
 from bnfast._core import (_set_adds_as_fma, _set_flat_whole_lines, _set_fused_eval_backward,
-                          _set_fused_eval_runs, _set_grouped_wide, _set_reduce_blocks_min,
-                          _set_simd_level,
+                          _set_fused_eval_runs, _set_grouped_wide, _set_l1_rows_max,
+                          _set_reduce_blocks_min, _set_simd_level,
                           _set_stage_near_bytes, _set_store_lines, _set_stream_bytes,
                           _set_whole_rows)
 from reference import assert_forward_close
@@ -442,29 +442,34 @@ def test_eval_backward_sums_and_dx_in_one_pass(shape, full, axis, dtype, offset,
     old_stream = _set_stream_bytes(0 if dram else 1 << 62)
     old_blocks = _set_reduce_blocks_min(0 if dram else 1 << 62)
     old_runs = _set_fused_eval_runs(True)      # runs in one pass too (off on AMD)
+    old_l1 = _set_l1_rows_max(None, "dx")
     try:
         for level in sorted({0, SUPPORTED}):
             _set_simd_level(level)
-            for on in (False, True):
+            # the one pass's rows ahead into L1 (1 << 40) or L2 (0, as dx's on AMD)
+            for on, l1 in ((False, old_l1), (True, 0), (True, 1 << 40)):
                 _set_fused_eval_backward(on)
+                _set_l1_rows_max(l1, "dx")
                 buf, lo = _off_a_line(size, dtype, offset)
                 out = buf[lo:lo + size].reshape(full)[..., :shape[-1]]
                 _, dw, db = bnfast.batch_norm_backward(dy, x, mean, invstd, w, axis=axis,
                                                        training=False, out=out)
                 outside = np.ones(size + 64, bool)
                 outside[lo:lo + size].reshape(full)[..., :shape[-1]] = False
-                assert np.isnan(buf[outside]).all(), f"{(level, on)}: written outside dx"
-                runs[level, on] = (out.copy(), dw, db)
+                assert np.isnan(buf[outside]).all(), f"{(level, on, l1)}: written outside dx"
+                runs[level, on, l1] = (out.copy(), dw, db)
     finally:
         _set_simd_level(SUPPORTED)
         _set_fused_eval_backward(True)
+        _set_l1_rows_max(old_l1, "dx")
         _set_fused_eval_runs(old_runs)
         _set_stream_bytes(old_stream)
         _set_reduce_blocks_min(old_blocks)
         bnfast.set_num_threads(None)
     want = ref.batch_norm_backward(dy, x, mean, invstd, w, axis=axis, training=False)
     for key, got in runs.items():
-        for g, r, f, what in zip(got, want, runs[0, False], ("dx", "dweight", "dbias")):
+        for g, r, f, what in zip(got, want, runs[0, False, old_l1],
+                                 ("dx", "dweight", "dbias")):
             assert g.tobytes() == f.tobytes(), f"{what}: {key} gives other bits"
             ref.assert_grad_close(g, r, dtype, what=f"{what} {key}")
 
