@@ -974,8 +974,8 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const 
                                                    BNF_ROWWISE_AHEAD_BYTES) : 0;
     /* storing dx as it goes (the eval-mode backward's one pass), the rows ahead go into
      * L2 as dx's own (bnf_rows_ahead_pf, BNF_L1_DX): on Zen 4, one thread, float32, 51
-     * MB, in one process, against L1, two runs: (200704, 64) 1.47-1.66 -> 1.32-1.48x a
-     * copy, (50176, 256) 1.54-1.56 -> 1.34-1.41x (16 KB ahead the same as 8) */
+     * MB, in one process, against L1, four runs: (200704, 64) 1.47-1.66 -> 1.33-1.48x a
+     * copy, (50176, 256) 1.47-1.56 -> 1.34-1.41x (16 KB ahead the same as 8) */
     const int far1 = q && width * (ptrdiff_t)sizeof(T) > bnf_l1_rows_max[BNF_L1_DX];
     for (; r + 4 <= quads_end; r += 4) {
         const T *g0 = dy + r * dystride, *g1 = g0 + dystride, *g2 = g1 + dystride,
