@@ -107,8 +107,11 @@ extensions = [
         sources=["bnfast/_core.pyx", "src/bnfast_kernels.c"],
         include_dirs=["src", np.get_include()],
         depends=["src/bnfast_kernels.h", "src/bnfast_kernels_impl.h",
-                 "src/bnfast_kernels_simd.h", "src/bnfast_kernels_elem.h"],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
+                 "src/bnfast_kernels_simd.h", "src/bnfast_kernels_elem.h",
+                 "src/bnfast_outcache.h"],
+        # NumPy 1.22's C API (memory handlers: src/bnfast_outcache.h); bnfast needs 1.23
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION"),
+                       ("NPY_TARGET_VERSION", "NPY_1_22_API_VERSION")],
     )
 ]
 

@@ -14,7 +14,9 @@ from bnfast._core import (
     batch_norm_backward,
     batch_norm_train,
     get_num_threads,
+    get_output_cache,
     set_num_threads,
+    set_output_cache,
 )
 from bnfast._layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 
@@ -80,6 +82,8 @@ __all__ = [
     "batch_norm_train",
     "get_num_threads",
     "set_num_threads",
+    "get_output_cache",
+    "set_output_cache",
     # the names of _LAZY, spelled out: mypy cannot read `*_LAZY` (tests/test_typing.py keeps
     # the two in step)
     "from_torch",

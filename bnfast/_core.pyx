@@ -37,6 +37,16 @@ cdef extern from "numpy/arrayobject.h":
     object PyArray_NewLikeArray(cnp.ndarray prototype, cnp.NPY_ORDER order, void *descr,
                                 int subok)
 
+cdef extern from "bnfast_outcache.h":
+    int bnf_outcache_init() except -1
+    size_t bnf_outcache_set_max(size_t max_bytes)
+    size_t bnf_outcache_held_bytes()
+    size_t bnf_outcache_get_max()
+    object bnf_outcache_new_like(cnp.ndarray x, int *recycled)
+    size_t BNF_OUTCACHE_MIN
+
+bnf_outcache_init()
+
 cdef extern from "bnfast_kernels.h" nogil:
     ctypedef struct bnf_moments:
         double n, hi, lo, m2
@@ -659,6 +669,52 @@ def _set_stream_bytes(n):
     old = _stream_bytes
     _stream_bytes = int(n)
     return old
+
+
+def set_output_cache(max_bytes):
+    """Set how many bytes of freed outputs bnfast keeps for its next calls (process-wide);
+    returns the previous limit.
+
+    An output that bnfast allocates (no ``out=``) of 4 MiB or more is fresh memory, whose
+    pages the kernel faults in on first write: on a 51 MB float32 array that costs about
+    as much as the batch norm itself. When such an array is freed, bnfast keeps its
+    memory (up to ``max_bytes`` in all, the 8 most recent blocks) and hands it to the next
+    output of the same size, as a training loop asks every step. The default keeps up to
+    256 MiB; ``0`` keeps nothing and releases what is held. Passing ``out=`` avoids the
+    question altogether.
+
+    Parameters
+    ----------
+    max_bytes : int
+        A non-negative byte count.
+
+    Examples
+    --------
+    >>> import bnfast
+    >>> old = bnfast.set_output_cache(0)        # release, and keep nothing from now on
+    >>> bnfast.get_output_cache()["held_bytes"]
+    0
+    >>> _ = bnfast.set_output_cache(old)
+    """
+    k = _index(max_bytes, "set_output_cache: max_bytes")
+    if k < 0:
+        raise ValueError(f"set_output_cache: max_bytes must be a non-negative int, "
+                         f"got {max_bytes!r}")
+    return int(bnf_outcache_set_max(<size_t>min(k, <object>(<size_t>-1))))
+
+
+def get_output_cache():
+    """The freed-output cache's limit and what it holds now, in bytes:
+    ``{"max_bytes": ..., "held_bytes": ...}`` (see :func:`set_output_cache`).
+
+    Examples
+    --------
+    >>> import bnfast
+    >>> sorted(bnfast.get_output_cache())
+    ['held_bytes', 'max_bytes']
+    """
+    return {"max_bytes": int(bnf_outcache_get_max()),
+            "held_bytes": int(bnf_outcache_held_bytes())}
 
 
 def set_num_threads(n):
@@ -2281,6 +2337,7 @@ cdef class _Layout:
     cdef int nord, nabove
     cdef Groups groups
     cdef Geo gx
+    cdef int recycled               # output() handed out a freed output's memory again
 
     cdef cnp.ndarray fit_input(self, cnp.ndarray x, int axis, bint elementwise=False):
         """x itself when the kernels can read it, else its copy; elementwise: the call
@@ -2313,15 +2370,17 @@ cdef class _Layout:
         cdef cnp.ndarray b
         if self.fits(a, g):
             return a
-        b = PyArray_NewLikeArray(x, cnp.NPY_KEEPORDER, NULL, 0)
+        cdef int recycled
+        b = bnf_outcache_new_like(x, &recycled)
         _copy_tiled(b, a)
         self.fits(b, g)
         return b
 
     cdef cnp.ndarray output(self, object out, cnp.ndarray x, tuple inputs, Geo *g):
         """The array to write: `out` itself when it fits and does not partially overlap
-        an input, else a fresh array in x's layout."""
+        an input, else a new array in x's layout."""
         cdef cnp.ndarray o
+        self.recycled = 0
         if out is not None:
             o = out
             if self.fits(o, g):
@@ -2330,7 +2389,7 @@ cdef class _Layout:
                         break
                 else:
                     return o
-        o = PyArray_NewLikeArray(x, cnp.NPY_KEEPORDER, NULL, 0)
+        o = bnf_outcache_new_like(x, &self.recycled)
         self.fits(o, g)
         return o
 
@@ -2517,11 +2576,13 @@ cdef inline Py_ssize_t _elems(const Job *j) noexcept:
     return j.outer * j.C * j.inner
 
 
-cdef inline int _streams(const Job *j, object out, cnp.ndarray y, Py_ssize_t itemsize):
-    """Streaming stores for a large output the caller handed over. Not for one allocated
-    here: its pages are zeroed in cache by the first touch, and streaming then evicts
-    them (measured 1.45x slower on a 51 MB eval)."""
-    return y is out and _elems(j) * itemsize >= _stream_bytes
+cdef inline int _streams(const Job *j, _Layout lay, object out, cnp.ndarray y,
+                         Py_ssize_t itemsize):
+    """Streaming stores for a large output the caller handed over, or one whose memory
+    a freed output held (src/bnfast_outcache.h). Not for fresh memory: its pages are
+    zeroed in cache by the first touch, and streaming then evicts them (measured 1.45x
+    slower on a 51 MB eval)."""
+    return (y is out or lay.recycled) and _elems(j) * itemsize >= _stream_bytes
 
 
 cdef extern from "Python.h":
@@ -2625,7 +2686,7 @@ cdef object _normalize(object x, object out, int axis_in, Py_ssize_t C_expected,
     j.shift = <double *>shift
     if _elems(&j) > 0:
         _plan(&j, cnp.PyArray_ITEMSIZE(a), 1, True)
-        j.stream = _streams(&j, out, y, cnp.PyArray_ITEMSIZE(a))
+        j.stream = _streams(&j, lay, out, y, cnp.PyArray_ITEMSIZE(a))
         _launch(&j, K_NORM)
     return _finish(out, y, result_dtype)
 
@@ -3062,7 +3123,7 @@ def _train(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
         j.x = <char *>cnp.PyArray_DATA(a)
         _set_y(&j, y, &gy)
         _plan(&j, cnp.PyArray_ITEMSIZE(a), 1, False, moments_hook is None)
-        j.stream = _streams(&j, out, y, cnp.PyArray_ITEMSIZE(a))
+        j.stream = _streams(&j, lay, out, y, cnp.PyArray_ITEMSIZE(a))
         j.mom = <bnf_moments *>_malloc(j.nsb * C * sizeof(bnf_moments) + 1)
         if j.mom == NULL:
             raise MemoryError()
@@ -3547,7 +3608,7 @@ def _backward(dy, x, mean, invstd, weight, bint training, axis, out, sums_hook):
         _set_dy(&j, g, &gg)
         _set_y(&j, dx, &gy)
         _plan(&j, cnp.PyArray_ITEMSIZE(a), 2, False, sums_hook is None)
-        j.stream = _streams(&j, out, dx, cnp.PyArray_ITEMSIZE(a))
+        j.stream = _streams(&j, lay, out, dx, cnp.PyArray_ITEMSIZE(a))
         j.n_total = <double>j.outer * <double>j.inner
         j.s_dy = <double *>_malloc(3 * j.nsb * C * sizeof(double) + 1)
         if j.s_dy == NULL:

@@ -306,3 +306,177 @@ def test_segments_read_in_place(layout, op):
     if op != "moments":
         peak = _peak_during(lambda: fn(None))
         assert peak <= 1.05 * out.nbytes, f"{op} on {layout}: peak {peak / out.nbytes:.2f}x"
+
+
+# ----------------------------------------------------------------------------------
+# The cache of freed outputs (bnfast.set_output_cache, src/bnfast_outcache.h)
+
+CACHE_MIN = 4 << 20                     # outputs from this size carry the cache's handler
+
+
+@pytest.fixture
+def output_cache():
+    """The cache at its default (256 MiB), emptied before and after the test."""
+    old = bnfast.set_output_cache(0)
+    bnfast.set_output_cache(256 << 20)
+    try:
+        yield
+    finally:
+        bnfast.set_output_cache(0)
+        bnfast.set_output_cache(old)
+
+
+def _held():
+    return bnfast.get_output_cache()["held_bytes"]
+
+
+CACHE_LAYOUTS = {"NCHW": ((16, 64, 32, 32), 1), "NHWC": ((16, 32, 32, 64), -1),
+                 "NC": ((2048, 600), 1), "NC-fortran": ((600, 2048), 0)}
+
+
+def _cache_arrays(layout, dtype):
+    shape, axis = CACHE_LAYOUTS[layout]
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal(shape) * 0.01 + 1e4).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    if layout == "NC-fortran":
+        x, dy = np.asfortranarray(x), np.asfortranarray(dy)
+    return x, dy, axis
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", CACHE_LAYOUTS)
+@pytest.mark.parametrize("op", ["eval", "train", "backward", "backward-eval"])
+def test_output_cache_reuses_a_freed_output_with_the_same_bits(output_cache, layout, op,
+                                                               dtype):
+    """An output freed is handed to the next call of its size (no fresh pages), and the
+    results are the bits of a call with out= (which streams its stores) and of a call
+    with the cache off (fresh memory, plain stores)."""
+    x, dy, axis = _cache_arrays(layout, dtype)
+    C = x.shape[axis]
+    rng = np.random.default_rng(3)
+    m = 1e4 + rng.standard_normal(C) * 0.01
+    s = rng.uniform(50, 150, C)
+    w, b = rng.uniform(0.5, 2, C), rng.standard_normal(C)
+    fn = {"eval": lambda **k: bnfast.batch_norm(x, m, s, w, b, axis=axis, **k),
+          "train": lambda **k: bnfast.batch_norm_train(x, w, b, axis=axis, **k)[0],
+          "backward": lambda **k: bnfast.batch_norm_backward(dy, x, m, s, w, axis=axis,
+                                                             **k)[0],
+          "backward-eval": lambda **k: bnfast.batch_norm_backward(
+              dy, x, m, s, w, axis=axis, training=False, **k)[0]}[op]
+    assert x.nbytes >= CACHE_MIN
+    out = np.empty_like(x)
+    want = fn(out=out).copy()
+    bnfast.set_output_cache(0)
+    fresh = fn()
+    assert _held() == 0
+    bnfast.set_output_cache(256 << 20)
+    y = fn()
+    assert y.flags.owndata and y.base is None
+    assert y.flags.c_contiguous == x.flags.c_contiguous
+    assert y.flags.f_contiguous == x.flags.f_contiguous
+    address = y.ctypes.data
+    first = y.copy()
+    del y
+    assert _held() == x.nbytes
+    y = fn()
+    assert y.ctypes.data == address, "the freed output was not handed out again"
+    assert _held() == 0
+    for got in (fresh, first, y):
+        np.testing.assert_array_equal(np.ascontiguousarray(got).view(np.uint8),
+                                      np.ascontiguousarray(want).view(np.uint8))
+
+
+def test_output_cache_keeps_within_its_limits(output_cache):
+    x = np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32) + 1e4
+    m, s = np.full(1024, 1e4), np.ones(1024)
+    nbytes = x.nbytes
+    ys = [bnfast.batch_norm(x, m, s, axis=1) for _ in range(10)]
+    assert _held() == 0
+    del ys
+    assert _held() == 8 * nbytes                    # the 8 most recent blocks
+    bnfast.set_output_cache(3 * nbytes)             # lowering the limit releases blocks
+    assert _held() == 3 * nbytes
+    assert bnfast.get_output_cache()["max_bytes"] == 3 * nbytes
+    bnfast.set_output_cache(nbytes - 1)             # an output larger than the limit
+    assert _held() == 0
+    y = bnfast.batch_norm(x, m, s, axis=1)
+    del y
+    assert _held() == 0
+    bnfast.set_output_cache(256 << 20)
+    small = bnfast.batch_norm(x[:100], m, s, axis=1)        # under 4 MiB: never kept
+    assert small.nbytes < CACHE_MIN
+    del small
+    assert _held() == 0
+    bnfast.set_output_cache(0)
+    assert bnfast.get_output_cache() == {"max_bytes": 0, "held_bytes": 0}
+
+
+def test_output_cache_arrays_behave_as_numpy_s(output_cache):
+    """A view keeps the memory (it returns to the cache with its last array), resize
+    reallocates, pickling copies, and another size is fresh memory."""
+    import pickle
+
+    x = np.random.default_rng(0).standard_normal((2048, 1024)).astype(np.float32)
+    m, s = np.zeros(1024), np.ones(1024)
+    want = bnfast.batch_norm(x, m, s, axis=1, out=np.empty_like(x))
+    y = bnfast.batch_norm(x, m, s, axis=1)
+    view = y[10:20]
+    del y
+    assert _held() == 0
+    np.testing.assert_array_equal(view, want[10:20])
+    del view
+    assert _held() == x.nbytes
+    y = bnfast.batch_norm(x, m, s, axis=1)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(y)), want)
+    want = y[:3].copy()
+    y.resize((3, 1024), refcheck=False)
+    np.testing.assert_array_equal(y, want)
+    y.resize((4096, 1024), refcheck=False)
+    assert y.shape == (4096, 1024)
+    del y
+    assert _held() in (0, 2 * x.nbytes)             # realloc may or may not have moved
+    bnfast.set_output_cache(0)
+    bnfast.set_output_cache(256 << 20)
+    y = bnfast.batch_norm(x[:1500], m, s, axis=1)   # another size: fresh
+    del y
+    assert _held() == 1500 * 1024 * 4
+
+
+def test_output_cache_from_many_threads(output_cache):
+    """Threads allocating and freeing outputs at once get correct results, and the cache
+    keeps its accounts."""
+    import threading
+
+    x = np.random.default_rng(0).standard_normal((1024, 2048)).astype(np.float32) + 1e4
+    m, s = np.full(2048, 1e4), np.ones(2048)
+    want = bnfast.batch_norm(x, m, s, axis=1)
+    errors = []
+
+    def work():
+        try:
+            for _ in range(20):
+                y = bnfast.batch_norm(x, m, s, axis=1)
+                if not np.array_equal(y, want):
+                    errors.append("wrong result")
+                del y
+        except Exception as e:                      # pragma: no cover - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert _held() % x.nbytes == 0 and _held() <= 8 * x.nbytes
+
+
+def test_output_cache_bad_arguments():
+    with pytest.raises(ValueError, match="set_output_cache: max_bytes"):
+        bnfast.set_output_cache(-1)
+    for bad in (1.5, "256", None):
+        with pytest.raises(TypeError, match="set_output_cache: max_bytes"):
+            bnfast.set_output_cache(bad)
+    old = bnfast.set_output_cache(np.int64(1 << 20))
+    assert bnfast.set_output_cache(old) == 1 << 20
