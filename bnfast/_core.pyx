@@ -43,7 +43,6 @@ cdef extern from "bnfast_outcache.h":
     size_t bnf_outcache_held_bytes()
     size_t bnf_outcache_get_max()
     object bnf_outcache_new_like(cnp.ndarray x, int *recycled)
-    size_t BNF_OUTCACHE_MIN
 
 bnf_outcache_init()
 
@@ -2371,7 +2370,7 @@ cdef class _Layout:
         if self.fits(a, g):
             return a
         cdef int recycled
-        b = bnf_outcache_new_like(x, &recycled)
+        b = bnf_outcache_new_like(x, &recycled)      # a copy: plain stores either way
         _copy_tiled(b, a)
         self.fits(b, g)
         return b
