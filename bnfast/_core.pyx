@@ -2093,6 +2093,20 @@ cdef int _refuse_masked(object a, str name) except -1:
     return 0
 
 
+def _tensor_to_numpy(t):
+    """A torch tensor (any device, autograd or not) as a NumPy array. The float dtypes
+    NumPy lacks (bfloat16, the float8 kinds) come back as float32, which holds each of
+    their values exactly; `Tensor.numpy()` refuses them. Every torch argument, parameter
+    and state_dict value goes through here."""
+    t = t.detach().cpu()
+    try:
+        return t.numpy()
+    except TypeError:
+        if t.is_floating_point():
+            return t.float().numpy()
+        raise
+
+
 def _check_not_masked(a, name):
     """The Python modules' form of _refuse_masked (layers' dy, moments, folding,
     load_state_dict): they convert with np.asarray, which drops a mask. Returns a."""
@@ -2169,7 +2183,7 @@ cdef int _load_param(object p, Py_ssize_t C, str name, double *dst, double defau
                 bnf_widen_f16(src, st, dst, C)
             return 0
     if hasattr(p, "detach") and hasattr(p, "cpu"):       # a torch tensor
-        p = p.detach().cpu().numpy()
+        p = _tensor_to_numpy(p)
     _refuse_masked(p, name)
     try:
         arr = np.asarray(p)
@@ -2860,7 +2874,7 @@ cdef object _param_vector(object p, str name, Py_ssize_t C):
     if p is None:
         raise ValueError(f"{name} is required")
     if hasattr(p, "detach") and hasattr(p, "cpu"):       # a torch tensor
-        p = p.detach().cpu().numpy()
+        p = _tensor_to_numpy(p)
     _refuse_masked(p, name)
     try:
         a = np.asarray(p)

@@ -2,12 +2,14 @@
 import copy
 import math
 import threading
+from collections.abc import Mapping
 
 import numpy as np
 
-from bnfast._core import (FrozenBatchNorm, _check_not_masked, _eval_invstd, _train,
-                          batch_norm, batch_norm_backward)
+from bnfast._core import (FrozenBatchNorm, _check_not_masked, _eval_invstd, _tensor_to_numpy,
+                          _train, batch_norm, batch_norm_backward)
 
+_NBT_MAX = 2**63 - 1   # num_batches_tracked's largest value (int64)
 _STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
@@ -19,6 +21,8 @@ def _check_num_features(num_features):
         c = int(num_features)
     except (TypeError, ValueError):
         raise TypeError(f"num_features must be an int, got {num_features!r}") from None
+    except OverflowError:   # int(inf)
+        raise ValueError(f"num_features must be an int >= 1, got {num_features!r}") from None
     if c != num_features or c < 1:
         raise ValueError(f"num_features must be an int >= 1, got {num_features!r}")
     return c
@@ -44,10 +48,7 @@ def _real(v, name):
 def _to_numpy(v):
     _check_not_masked(v, "a state_dict value")
     if hasattr(v, "detach") and hasattr(v, "cpu"):  # a torch tensor
-        v = v.detach().cpu()
-        if v.is_floating_point():  # bfloat16, float8 have no numpy dtype: float64 holds them
-            v = v.double()
-        v = v.numpy()
+        v = _tensor_to_numpy(v)
     return np.asarray(v)
 
 
@@ -249,8 +250,11 @@ class BatchNorm:
         moments_hook: see bnfast._core._train (statistics of a batch over processes)."""
         update = self.training and self.track_running_stats
         factor = 0.0
+        counted = self.num_batches_tracked
         if update:
-            self.num_batches_tracked += 1
+            # an int64, as torch's (and state_dict's); it stops at the largest, where
+            # torch's wraps around to negative counts
+            self.num_batches_tracked = min(counted + 1, _NBT_MAX)
             factor = (1.0 / self.num_batches_tracked if self.momentum is None
                       else self.momentum)
         try:
@@ -260,7 +264,7 @@ class BatchNorm:
                           factor, out, self.unbiased_running_var, moments_hook)
         except BaseException:
             if update:
-                self.num_batches_tracked -= 1
+                self.num_batches_tracked = counted
             raise
 
     def backward(self, dy, *, out=None):
@@ -371,6 +375,9 @@ class BatchNorm:
         >>> bn.running_mean is rm                    # written in place
         True
         """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError("state_dict must be a mapping of names to arrays (as "
+                            f"state_dict() returns), got {type(state_dict).__name__}")
         # under the lock: a concurrent forward must not read half-written statistics
         with self._lock:
             expected = list(self.state_dict())
@@ -399,7 +406,7 @@ class BatchNorm:
                         raise ValueError(f"state_dict['num_batches_tracked'] must be a "
                                          f"scalar, got shape {v.shape}")
                     n = v.reshape(()).item()  # a Python int, float or bool
-                    if not (0 <= n < 2**63 and n == round(n)):
+                    if not (0 <= n <= _NBT_MAX and n == round(n)):
                         raise ValueError(f"state_dict['num_batches_tracked'] must be a "
                                          f"whole number >= 0, got {n!r}")
                     new[k] = int(n)

@@ -162,6 +162,9 @@ class SyncBatchNorm(BatchNorm):
         >>> sbn.running_mean, sbn.num_batches_tracked, sbn.training
         (array([0.2, 2. ]), 1, True)
         """
+        if not isinstance(layer, BatchNorm):
+            raise TypeError("layer must be a bnfast.BatchNorm (convert a torch module with "
+                            f"bnfast.from_torch first), got {type(layer).__name__}")
         # built with statistics wherever the layer has them: a layer whose
         # track_running_stats was turned off after construction keeps them (eval uses them)
         with layer._lock:   # one state: not half of a concurrent load or training step

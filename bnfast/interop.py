@@ -21,7 +21,7 @@ import sys
 
 import numpy as np
 
-from bnfast._core import FrozenBatchNorm, _check_not_masked
+from bnfast._core import FrozenBatchNorm, _check_not_masked, _tensor_to_numpy
 from bnfast._layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = [
@@ -43,9 +43,7 @@ _FORMAT_VERSION = 2
 
 def _tensor_to_float64(t):
     """A torch tensor (any device, any float dtype, bfloat16 included) as float64 numpy."""
-    import torch
-
-    return t.detach().to(device="cpu", dtype=torch.float64).numpy().copy()
+    return np.array(_tensor_to_numpy(t), dtype=np.float64)
 
 
 def _layer_dtype(dt):
@@ -132,6 +130,8 @@ def from_torch(module):
     has_stats = module.running_mean is not None and module.running_var is not None
     if module.track_running_stats and not has_stats:
         raise ValueError("the torch module tracks running statistics but has none")
+    if module.affine and (module.weight is None or module.bias is None):
+        raise ValueError("the torch module is affine but its weight or bias is None")
     layer = cls(int(module.num_features), eps=float(module.eps), momentum=momentum,
                 affine=bool(module.affine), track_running_stats=has_stats,
                 axis=1, dtype=dtype)
@@ -268,9 +268,16 @@ def load(path):
     (1, True, True)
     """
     try:
-        with np.load(path, allow_pickle=False) as f:
-            data = {k: f[k] for k in f.files}
+        f = np.load(path, allow_pickle=False)
     except ValueError as e:  # object arrays need pickle
+        raise ValueError(f"{path!r} is not a bnfast layer file: {e}") from None
+    if not isinstance(f, np.lib.npyio.NpzFile):    # a .npy file: one array
+        raise ValueError(f"{path!r} is not a bnfast layer file: it holds one array, not "
+                         "an .npz archive of a layer's configuration and state")
+    try:
+        with f:
+            data = {k: f[k] for k in f.files}
+    except ValueError as e:
         raise ValueError(f"{path!r} is not a bnfast layer file: {e}") from None
     required = ["format_version", "config.class", "config.num_features", "config.eps",
                 "config.momentum", "config.affine", "config.track_running_stats",
@@ -287,6 +294,13 @@ def load(path):
                              f"number, got {v!r}")
         return int(v)
 
+    def real(key):
+        v = data[key]
+        if v.shape != () or v.dtype.kind not in "iuf":
+            raise ValueError(f"{path!r} is not a bnfast layer file: {key} must be a "
+                             f"number, got {v!r}")
+        return float(v)
+
     def flag(key):
         v = data[key]
         if v.shape != () or v.dtype.kind not in "biu" or v not in (0, 1):
@@ -301,17 +315,22 @@ def load(path):
     cls_name = str(data["config.class"])
     if cls_name not in _LAYER_CLASSES:
         raise ValueError(f"unknown layer class {cls_name!r} in {path!r}")
-    mom = float(data["config.momentum"])
+    mom = real("config.momentum")
+    try:
+        dtype = np.dtype(str(data["config.dtype"]))
+    except TypeError:
+        raise ValueError(f"{path!r} is not a bnfast layer file: config.dtype "
+                         f"{str(data['config.dtype'])!r} is not a NumPy dtype") from None
     track = flag("config.track_running_stats")
     layer = _LAYER_CLASSES[cls_name](
         whole("config.num_features"),
-        eps=float(data["config.eps"]),
+        eps=real("config.eps"),
         momentum=None if math.isnan(mom) else mom,
         affine=flag("config.affine"),
         # a layer whose flag was turned off after construction kept its statistics
         track_running_stats=track or "state.running_mean" in data,
         axis=whole("config.axis"),
-        dtype=np.dtype(str(data["config.dtype"])),
+        dtype=dtype,
         unbiased_running_var=flag("config.unbiased_running_var"),
     )
     state = {k[len("state."):]: v for k, v in data.items() if k.startswith("state.")}
@@ -414,6 +433,11 @@ def _onnx_walk(graph, scope, found, opset, training_nodes):
             if kind == "value":
                 arr = numpy_helper.to_array(val) if not isinstance(val, np.ndarray) else val
                 arr = np.asarray(arr)
+                if arr.dtype.kind == "V" and arr.dtype.name.startswith(
+                        ("bfloat16", "float8", "float4")):
+                    # ml_dtypes' floats (BatchNormalization allows bfloat16 from opset
+                    # 14): float32 holds each value exactly
+                    arr = arr.astype(np.float32)
                 if arr.dtype.kind not in "fiu":
                     raise ValueError(f"BatchNormalization node {key!r}: parameter {pname} "
                                      f"({inp!r}) has non-numeric dtype {arr.dtype}")
@@ -541,7 +565,7 @@ def _keras_to_numpy(v):
     if hasattr(v, "numpy"):
         v = v.numpy()
     elif hasattr(v, "detach"):
-        v = v.detach().cpu().numpy()
+        v = _tensor_to_numpy(v)
     return np.asarray(v)
 
 
@@ -679,8 +703,8 @@ def _fold_factors(bn):
 
 
 def _as_array(a, name):
-    if hasattr(a, "detach") and hasattr(a, "cpu"):
-        a = a.detach().cpu().numpy()
+    if hasattr(a, "detach") and hasattr(a, "cpu"):   # a torch tensor
+        a = _tensor_to_numpy(a)
     a = np.asarray(_check_not_masked(a, name))
     if a.dtype.kind not in "fiu":
         raise TypeError(f"{name} must be a real numeric array, got dtype {a.dtype}")

@@ -345,6 +345,14 @@ def test_state_dict_freeze_repr_and_from_batchnorm():
     assert isinstance(s, bnfast.BatchNorm)
 
 
+def test_from_batchnorm_refuses_what_is_not_a_layer():
+    with pytest.raises(TypeError, match="layer must be a bnfast.BatchNorm.*dict"):
+        SyncBatchNorm.from_batchnorm({"weight": np.ones(3)}, comm=OneRank())
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="from_torch"):
+        SyncBatchNorm.from_batchnorm(torch.nn.BatchNorm1d(3), comm=OneRank())
+
+
 def test_from_batchnorm_keeps_statistics_no_longer_tracked():
     # track_running_stats turned off after construction (torch keeps the buffers and
     # uses them in eval): the SyncBatchNorm keeps them, eval uses them, training leaves

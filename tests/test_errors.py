@@ -278,6 +278,20 @@ def test_frozen_construction_bad_dtype(param, dtype):
             rf"\b{param}\b")
 
 
+@pytest.mark.parametrize("make", [bnfast.BatchNorm, bnfast.BatchNorm2d,
+                                  lambda c: bnfast.RunningStats(c)])
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf")])
+def test_num_features_infinite(make, bad):
+    with pytest.raises(ValueError, match="num_features"):
+        make(bad)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), "3", None])
+def test_moments_empty_num_features_not_an_int(bad):
+    with pytest.raises((TypeError, ValueError), match="num_features"):
+        bnfast.Moments.empty(bad)
+
+
 @pytest.mark.parametrize("dtype", [np.int32, np.complex64, np.bool_])
 def test_layer_non_float_dtype(dtype):
     with pytest.raises(TypeError, match=r"\bdtype\b"):

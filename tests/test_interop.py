@@ -943,3 +943,99 @@ def test_from_onnx_constants_as_value_floats():
     assert layer(x).tobytes() == ref(x).tobytes()
     y = _ort_session(_opset15_model(g)).run(None, {"x": x})[0]
     np.testing.assert_allclose(layer(x), y, rtol=1e-5, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------
+# bfloat16 (and float8) parameters: no NumPy dtype, widened to float32 exactly
+# ---------------------------------------------------------------------------------------
+def _bf16_calls(torch, as_param):
+    """(name, call) pairs taking per-channel parameters or weights through as_param."""
+    rng = np.random.default_rng(30)
+    x = (rng.normal(size=(6, 3)) + 1e3).astype(np.float32)
+    mean, var = [1e3, 1e3 + 1, 1e3 - 1], [0.5, 2.0, 3.0]
+    w, b = [1.5, -0.25, 2.0], [0.125, 1.0, -3.0]
+    fz = bnfast.FrozenBatchNorm(np.array(mean), np.array(var))
+    lin = rng.normal(size=(3, 4))
+    conv = rng.normal(size=(3, 2, 3, 3))
+    rs = bnfast.RunningStats(3, axis=-1).update(x)
+    return [
+        ("FrozenBatchNorm", lambda: bnfast.FrozenBatchNorm(
+            as_param(mean), as_param(var), as_param(w), as_param(b))(x)),
+        ("batch_norm", lambda: bnfast.batch_norm(
+            x, as_param(mean), as_param(var), as_param(w), as_param(b), training=False)),
+        ("batch_norm_train", lambda: bnfast.batch_norm_train(x, as_param(w), as_param(b))[0]),
+        ("fold_linear", lambda: bnfast.fold_linear(as_param(lin), as_param(b), fz)),
+        ("fold_conv", lambda: bnfast.fold_conv(as_param(conv), None, fz)),
+        ("RunningStats.freeze", lambda: rs.freeze(weight=as_param(w), bias=as_param(b))(x)),
+    ]
+
+
+@pytest.mark.parametrize("tdtype", ["bfloat16", "float8_e4m3fn"])
+def test_torch_bfloat16_parameters_accepted(tdtype):
+    """A bfloat16 model's tensors work wherever float16 ones do, as their values widened
+    to float32 (Tensor.numpy() refuses them: 'Got unsupported ScalarType BFloat16')."""
+    torch = pytest.importorskip("torch")
+    tdt = getattr(torch, tdtype, None)
+    if tdt is None:
+        pytest.skip(f"this torch has no {tdtype}")
+
+    def low(v):
+        return torch.tensor(np.asarray(v, np.float64)).to(tdt)
+
+    def widened(v):          # the same values, as NumPy holds them
+        return low(v).float().numpy()
+
+    for (name, got), (_, want) in zip(_bf16_calls(torch, low), _bf16_calls(torch, widened)):
+        g, w = got(), want()
+        for a, b in zip(g if isinstance(g, tuple) else (g,), w if isinstance(w, tuple) else (w,)):
+            np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def test_from_onnx_bfloat16_parameters():
+    """BatchNormalization's T, T1 and T2 include bfloat16 (opsets 14, 15)."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import helper
+
+    vals = {"s": [2.0, 1.5, -0.5], "b": [0.5, 0.0, 1.0], "m": [1.0, 128.0, -3.0],
+            "v": [4.0, 0.25, 1.0]}
+    inits = [helper.make_tensor(k, onnx.TensorProto.BFLOAT16, [3], v) for k, v in vals.items()]
+    node = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"],
+                            name="bn0", epsilon=1e-3)
+    vi = helper.make_tensor_value_info
+    g = helper.make_graph([node], "g", [vi("x", onnx.TensorProto.BFLOAT16, [None, 3])],
+                          [vi("y", onnx.TensorProto.BFLOAT16, [None, 3])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 15)])
+    onnx.checker.check_model(m, full_check=True)
+    fz = bnfast.from_onnx(m)["bn0"]
+    np.testing.assert_array_equal(fz.weight, vals["s"])
+    np.testing.assert_array_equal(fz.bias, vals["b"])
+    np.testing.assert_array_equal(fz.mean, vals["m"])
+    np.testing.assert_array_equal(fz.var, vals["v"])
+
+
+def test_load_refuses_a_npy_file(tmp_path):
+    np.save(tmp_path / "p.npy", np.ones(3))
+    with pytest.raises(ValueError, match="not a bnfast layer file.*one array"):
+        bnfast.load(tmp_path / "p.npy")
+
+
+@pytest.mark.parametrize("key,value", [
+    ("config.eps", np.array([1e-5, 1e-5])), ("config.eps", np.array("small")),
+    ("config.momentum", np.array([0.1])), ("config.dtype", np.array("foo")),
+])
+def test_load_refuses_edited_numbers_and_dtype(tmp_path, key, value):
+    good = bnfast.BatchNorm(2).save(tmp_path / "good.npz")
+    with np.load(good) as f:
+        d = dict(f)
+    d[key] = value
+    np.savez(tmp_path / "edited.npz", **d)
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        bnfast.load(tmp_path / "edited.npz")
+
+
+def test_from_torch_affine_without_weight():
+    torch = pytest.importorskip("torch")
+    tm = torch.nn.BatchNorm1d(3)
+    tm.weight = None
+    with pytest.raises(ValueError, match="weight or bias is None"):
+        bnfast.from_torch(tm)

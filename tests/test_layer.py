@@ -162,6 +162,32 @@ def test_num_batches_tracked_counts_training_calls_only():
     assert bn2.num_batches_tracked == 0
 
 
+def test_num_batches_tracked_stays_an_int64():
+    """The counter is torch's int64: at its largest it stops (torch's wraps negative), so
+    state_dict() and save() keep working; a larger loaded count is refused."""
+    bn = bnfast.BatchNorm(2, dtype=np.float64, momentum=None)
+    x = make_values((5, 2), np.float64, 0)
+    top = 2**63 - 1
+    bn.load_state_dict({"num_batches_tracked": top}, strict=False)
+    before = bn.running_mean.copy()
+    bn(x)
+    assert bn.num_batches_tracked == top
+    assert int(bn.state_dict()["num_batches_tracked"]) == top
+    # factor 1 / (2**63 - 1): the running mean moves by ~1e-19 of the batch mean
+    np.testing.assert_allclose(bn.running_mean, before, atol=1e-15)
+    for bad in (2**63, float(2**63), -1):
+        with pytest.raises(ValueError, match="num_batches_tracked"):
+            bn.load_state_dict({"num_batches_tracked": bad}, strict=False)
+    assert bn.num_batches_tracked == top
+
+
+@pytest.mark.parametrize("bad", [None, [("weight", np.ones(2))], "weight"])
+def test_load_state_dict_needs_a_mapping(bad):
+    bn = bnfast.BatchNorm(2)
+    with pytest.raises(TypeError, match="state_dict must be a mapping"):
+        bn.load_state_dict(bad)
+
+
 def test_momentum_none_is_cumulative_average():
     bn = bnfast.BatchNorm(3, momentum=None, dtype=np.float64, axis=-1)
     xs = [make_values((10, 3), np.float64, s, axis=-1, offset=0.0) for s in range(4)]
