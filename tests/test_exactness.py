@@ -307,6 +307,33 @@ def test_float64_narrow_rows_mean_and_m2_to_an_ulp(shape):
                 (seed, c, float(err) / np.spacing(sd))
 
 
+@pytest.mark.parametrize("layout", ["rows", "runs"])
+def test_float64_m2_of_small_batches(layout):
+    """M2 of a few float64 values: within 2.5 ulps away from zero (x - shift exact, the
+    shift a channel's first value), within 6 around zero, where x - shift rounds (the
+    moments docstring: up to 5 measured; NumPy's two-pass sum 5.9 on such data). The
+    first batch is a case found at 3.19 ulps by both layouts."""
+    from fractions import Fraction
+    rng = np.random.default_rng(7)
+    batches = [(np.array([1.2340673218418965, 1.2322763016473515, -2.1040574101848653,
+                          -0.10849975545731615])[:, None], 0.0)]
+    for i in range(150):
+        off = (0.0, 1e5, 1e2)[i % 3]
+        batches.append((rng.standard_normal((int(rng.integers(2, 41)),
+                                             int(rng.integers(1, 5)))) + off, off))
+    worst = {0.0: 0.0, 1e2: 0.0, 1e5: 0.0}
+    for x, off in batches:
+        got = (bnfast.moments(x, axis=-1) if layout == "rows" else
+               bnfast.moments(np.ascontiguousarray(x.T)[None], axis=1)).m2
+        for c in range(x.shape[1]):
+            col = [Fraction(v) for v in x[:, c].tolist()]
+            mean = sum(col) / len(col)
+            m2 = sum((v - mean) ** 2 for v in col)
+            err = float(abs(Fraction(float(got[c])) - m2) / Fraction(np.spacing(float(m2))))
+            worst[off] = max(worst[off], err)
+    assert worst[0.0] <= 6 and worst[1e2] <= 2.5 and worst[1e5] <= 2.5, worst
+
+
 def _as_ints(v):
     """float64 values v as Python integers at their smallest binary exponent: (ints, e)."""
     mant, exp = np.frexp(np.asarray(v, np.float64).ravel())
