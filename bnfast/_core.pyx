@@ -3525,7 +3525,9 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, axis
     Parameters
     ----------
     dy : array_like
-        Gradient of the loss with respect to the output; shape of x.
+        Gradient of the loss with respect to the output; shape of x. A dy of a wider
+        dtype than x's is not rounded to x's: the gradient is computed in dy's dtype
+        (x widened, exactly) and rounded to x's at the end.
     x : array_like
         The forward input.
     mean, invstd : array_like of shape (C,)
@@ -3588,13 +3590,18 @@ def _backward(dy, x, mean, invstd, weight, bint training, axis, out, sums_hook):
         raise ValueError(f"dy must have the shape of x {(<object>a).shape}, got "
                          f"{(<object>g).shape}")
     if cnp.PyArray_TYPE(g) != cnp.PyArray_TYPE(a):
-        if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT16:
-            # float16 x with a wider dy: computed in float32 (dy is not rounded to
-            # float16), the result still float16
-            a = _half_to_float(a)
+        if cnp.PyArray_ITEMSIZE(g) > cnp.PyArray_ITEMSIZE(a):
+            # x narrower than dy: computed in dy's type, x widened (exactly) and dy not
+            # rounded to x's (a float64 dy's sums would lose its last bits), the results
+            # in x's dtype
             if result_dtype is None:
-                result_dtype = np.dtype(np.float16)
-        if cnp.PyArray_TYPE(g) != cnp.PyArray_TYPE(a):
+                result_dtype = a.dtype
+            if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT16 and \
+                    cnp.PyArray_TYPE(g) == cnp.NPY_FLOAT32:
+                a = _half_to_float(a)
+            else:
+                a = a.astype(g.dtype)
+        else:   # dy narrower: widened, exactly
             g = g.astype(a.dtype)
     axis_i = _norm_axis(axis, nd)
     C = cnp.PyArray_DIMS(a)[axis_i]

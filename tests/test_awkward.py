@@ -596,21 +596,38 @@ def test_float16_kernels(shape, axis, stream):
         _set_stream_bytes(old)
 
 
-@pytest.mark.parametrize("dy_dtype", [np.float32, np.float64])
-def test_float16_x_with_wider_dy(dy_dtype):
-    """dy is not rounded to float16: the gradient is computed as for float32 data."""
-    x = make_values((50, 6, 9), np.float16, 3, offset=100.0)
-    dy = _dy(x).astype(np.float32).astype(dy_dtype) * np.float32(1 + 2 ** -13)
+@pytest.mark.parametrize("x_dtype,dy_dtype", [(np.float16, np.float32),
+                                              (np.float16, np.float64),
+                                              (np.float32, np.float64)])
+@pytest.mark.parametrize("training", [True, False])
+def test_x_narrower_than_dy(x_dtype, dy_dtype, training):
+    """dy is not rounded to x's dtype: the gradient is computed in dy's, x widened (exact),
+    and the results rounded to x's dtype; with out= too."""
+    x = make_values((50, 6, 9), x_dtype, 3, offset=100.0)
+    dy = _dy(x).astype(dy_dtype) * dy_dtype(1 + 2 ** -13)   # bits x's dtype lacks
     w = params(6)[0]
     _, m, s = bnfast.batch_norm_train(x, w)
-    dx, dw, db = bnfast.batch_norm_backward(dy, x, m, s, w)
-    assert dx.dtype == dw.dtype == db.dtype == np.float16
-    dx32, dw32, db32 = bnfast.batch_norm_backward(dy.astype(np.float32), x.astype(np.float32),
-                                                  m, s, w)
-    assert dx.tobytes() == dx32.astype(np.float16).tobytes()
-    assert dw.tobytes() == dw32.astype(np.float16).tobytes()
-    dx_ref = ref.batch_norm_backward(dy, x, m, s, w)[0]
-    assert_grad_close(dx, dx_ref, dtype=np.float16)
+    dx, dw, db = bnfast.batch_norm_backward(dy, x, m, s, w, training=training)
+    assert dx.dtype == dw.dtype == db.dtype == x_dtype
+    wide = bnfast.batch_norm_backward(dy, x.astype(dy_dtype), m, s, w, training=training)
+    for got, want in zip((dx, dw, db), wide):
+        assert got.tobytes() == want.astype(x_dtype).tobytes()
+    out = np.full_like(x, np.nan)
+    assert bnfast.batch_norm_backward(dy, x, m, s, w, training=training, out=out)[0] is out
+    assert out.tobytes() == dx.tobytes()
+    dx_ref = ref.batch_norm_backward(dy, x, m, s, w, training=training)[0]
+    assert_grad_close(dx, dx_ref, dtype=x_dtype)
+
+
+def test_float64_dy_sums_not_rounded_to_float32():
+    """A float32 x with a float64 dy: sum(dy) = 1.75 exactly, which float32 holds; with dy
+    rounded to float32 first it came out 0.75 (1e8 + 1 is not a float32)."""
+    x = np.array([[0.0], [1.0], [2.0], [3.0]], np.float32)
+    dy = np.array([[1e8 + 1], [-1e8], [0.5], [0.25]])
+    dx, dw, db = bnfast.batch_norm_backward(dy, x, np.array([1.5]), np.array([1.0]),
+                                            training=False)
+    assert db.dtype == np.float32 and db[0] == 1.75
+    assert dw[0] == np.float32((1e8 + 1) * -1.5 + 1e8 * 0.5 + 0.5 * 0.5 + 0.25 * 1.5)
 
 
 def test_float16_frozen_rows():
