@@ -309,19 +309,32 @@ DEF NOGIL_MIN_ELEMS = 4096
 cdef int _num_threads = 0      # 0: follow OpenMP (OMP_NUM_THREADS, threadpoolctl)
 # GNU OpenMP's thread pool does not survive fork(): a child's first parallel region
 # waits forever on the parent's threads. So a child forked after a parallel region ran
-# here (multiprocessing's default start method on Linux) runs every call serially.
+# here (multiprocessing's default start method on Linux) runs every call serially; and
+# so does a child forked while the parent had other threads at all: another library's
+# OpenMP team (PyTorch's) in the same libgomp hung it just as well, and its threads
+# cannot be told from others.
 cdef int _teams_started = 0
 cdef bint _serial_after_fork = False
+cdef bint _threads_at_fork = False
+
+
+def _before_fork():
+    global _threads_at_fork
+    if BNF_GNU_OPENMP:
+        try:
+            _threads_at_fork = len(os.listdir("/proc/self/task")) > 1
+        except OSError:         # no /proc: only this module's own teams are known
+            _threads_at_fork = False
 
 
 def _after_fork_in_child():
     global _serial_after_fork
-    if _teams_started and BNF_GNU_OPENMP:     # LLVM's and Intel's runtimes survive fork
-        _serial_after_fork = True
+    if BNF_GNU_OPENMP and (_teams_started or _threads_at_fork):
+        _serial_after_fork = True     # LLVM's and Intel's runtimes survive fork
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
 
 # Outputs of at least this many bytes are written with streaming (non-temporal) stores:
 # they bypass the caches, which saves reading each output line before writing it.
@@ -749,8 +762,9 @@ def get_num_threads():
 
     The count set by :func:`set_num_threads`, else OpenMP's (``OMP_NUM_THREADS``,
     ``threadpoolctl`` limits); 1 when built without OpenMP, and in a process forked
-    after bnfast ran threads (GNU OpenMP's threads do not survive ``fork``: use the
-    ``spawn`` or ``forkserver`` start method for threaded children). Calls on small
+    while its parent had other threads, such as bnfast's or another library's OpenMP
+    threads (GNU OpenMP's threads do not survive ``fork``: use the ``spawn`` or
+    ``forkserver`` start method for threaded children). Calls on small
     inputs use fewer threads (none below a work threshold).
 
     Parameters

@@ -948,6 +948,65 @@ def test_a_child_forked_after_threads_runs_serially():
         bnfast.set_num_threads(None)
 
 
+FORK_AFTER_OTHER_TEAM = r"""
+import ctypes, hashlib, json, os, signal, sys
+import numpy as np
+import bnfast
+# another library's OpenMP team in the libgomp bnfast uses (PyTorch's did this); bnfast
+# itself has run no threads
+gomp = ctypes.CDLL(sys.argv[1])
+body = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(lambda data: None)
+gomp.GOMP_parallel.argtypes = [type(body), ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+gomp.GOMP_parallel(body, None, 2, 0)
+bnfast.set_num_threads(2)
+x = np.random.default_rng(0).standard_normal((4096, 256)).astype(np.float32)
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    out = {}
+    try:
+        signal.alarm(20)                 # a hang ends the child, not the test
+        y = bnfast.batch_norm_train(x, axis=-1)[0]
+        out = {"sha": hashlib.sha256(y.tobytes()).hexdigest(),
+               "threads": bnfast.get_num_threads()}
+    finally:
+        os.write(w, json.dumps(out).encode())
+        os._exit(0)
+os.close(w)
+_, status = os.waitpid(pid, 0)
+child = json.loads(os.read(r, 4096) or b"{}")
+y = bnfast.batch_norm_train(x, axis=-1)[0]
+print(json.dumps({"exit": os.waitstatus_to_exitcode(status), "child": child,
+                  "sha": hashlib.sha256(y.tobytes()).hexdigest(),
+                  "threads": bnfast.get_num_threads()}))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork on this platform")
+def test_a_child_forked_after_another_librarys_threads_runs_serially():
+    """A parent whose other OpenMP user (PyTorch) had run a team in the same libgomp,
+    bnfast none: the child's first threaded bnfast call waited forever on the parent's
+    threads (the guard counted only bnfast's own teams). Now a child forked while its
+    parent had other threads runs serially, with the parent's bits."""
+    if not HAVE_OPENMP or not sys.platform.startswith("linux"):
+        pytest.skip("GNU OpenMP on Linux only")
+    lib = _linked_openmp_runtime()
+    if lib is None or "libgomp" not in os.path.basename(lib):
+        pytest.skip(f"not linked against GNU OpenMP ({lib})")
+    e = dict(os.environ)
+    e.pop("OMP_NUM_THREADS", None)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(bnfast.__file__)))
+    e["PYTHONPATH"] = root + os.pathsep + e.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", FORK_AFTER_OTHER_TEAM, lib],
+                       capture_output=True, text=True, env=e, timeout=120,
+                       cwd=tempfile.gettempdir())
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["exit"] == 0, "the forked child hung (SIGALRM) or crashed"
+    assert got["child"] == {"sha": got["sha"], "threads": 1}
+    assert got["threads"] == 2
+
+
 def test_threads_on_small_arrays_fixture_starts_threads(threads_on_small_arrays):
     """The premise of the tests that use the fixture: with it, an array far below the
     usual threshold (2 * 65536 elements) gets more than one thread."""
