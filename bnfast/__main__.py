@@ -79,6 +79,7 @@ def build_parser():
     b.add_argument("--plot", metavar="FILE.png",
                    help="also draw throughput (GB/s) against array size, with the copy roofline "
                         "and the peers (needs matplotlib)")
+    b.set_defaults(subparser=b)     # bench's own errors show bench's usage
     return p
 
 
@@ -100,6 +101,8 @@ def _bench(args, parser):
             parser.error("--ops fwd_bwd: the --quick sweep does not time fwd_bwd (the full "
                          "sweep does: leave out --quick)")
     plot_path = None
+    if args.plot is not None and not args.plot.strip():
+        parser.error("--plot: no file name given")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -113,10 +116,22 @@ def _bench(args, parser):
             parser.error(f"--plot {args.plot}: {e}")
     peers = () if args.no_peers else _bench.PEERS
     import bnfast
-    threads = args.threads or bnfast.get_num_threads()
 
     def progress(msg):
         print(msg, file=sys.stderr, flush=True)
+
+    threads = args.threads or bnfast.get_num_threads()
+    if args.threads:
+        # fewer where bnfast cannot run more: every column then uses what bnfast does,
+        # so that its ratios compare like with like
+        bnfast.set_num_threads(args.threads)     # the sweep sets it again
+        usable = bnfast.get_num_threads()
+        if usable < args.threads:
+            why = ("built without OpenMP" if not _config.config_info()["OpenMP"].startswith(
+                "enabled") else "a process forked while its parent had threads")
+            progress(f"--threads {args.threads}: bnfast runs {usable} thread(s) here ({why}); "
+                     f"timing everything with {usable}")
+            threads = usable
 
     missing = [p for p in peers if not _bench.peer_installed(p)]
     if missing:
@@ -157,7 +172,7 @@ def main(argv=None):
         show_config()
         return 0
     if args.command == "bench":
-        return _bench(args, parser)
+        return _bench(args, args.subparser)
     parser.print_help()
     return 2
 

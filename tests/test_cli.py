@@ -202,7 +202,32 @@ def test_bench_help_and_bad_arguments():
         assert r.returncode == 2 and "--budget" in r.stderr
     r = _run("bench", "--ops", "eval,nope", timeout=120)
     assert r.returncode == 2 and "nope" in r.stderr
+    assert "usage: python -m bnfast bench" in r.stderr      # bench's usage, not the top's
+    r = _run("bench", "--plot", "", timeout=120)            # not silently no plot
+    assert r.returncode == 2 and "--plot: no file name given" in r.stderr, r.stderr
     assert _run(timeout=120).returncode == 2          # no command: usage
+
+
+def test_bench_threads_beyond_what_bnfast_runs(monkeypatch, capsys):
+    """--threads N where bnfast runs fewer (built without OpenMP, or a forked child):
+    the title, the thr column and the copy use what bnfast does, and it is said."""
+    import bnfast
+    from bnfast.__main__ import main
+    seen = {}
+
+    def sweep(mode, threads, **kw):
+        seen["threads"] = threads
+        return [_res("eval", "copy", 1e-6), _res("eval", "bnfast", 2e-6)]
+
+    monkeypatch.setattr(_bench, "run_sweep", sweep)
+    monkeypatch.setattr(bnfast, "get_num_threads", lambda: 1)
+    try:
+        assert main(["bench", "--tiny", "--no-peers", "--threads", "4"]) == 0
+    finally:
+        bnfast.set_num_threads(None)
+    out, err = capsys.readouterr()
+    assert seen["threads"] == 1 and ", 1 thread(s)," in out
+    assert "--threads 4: bnfast runs 1 thread(s) here" in err
 
 
 def test_bench_ops_without_an_operation_or_fwd_bwd_in_quick_mode_are_refused():
