@@ -80,7 +80,11 @@ def config_info():
     else:
         omp_s = "disabled (built without OpenMP: kernels run serially)"
     runtimes = _openmp_runtimes()
-    if runtimes is None:
+    if not omp:     # another library's runtime is not bnfast's
+        rt = "none (built without OpenMP)"
+        if runtimes:
+            rt += "; loaded by other libraries: " + "; ".join(runtimes)
+    elif runtimes is None:
         rt = "unknown (pip install threadpoolctl to see it)"
     elif runtimes:
         rt = "; ".join(runtimes)

@@ -109,6 +109,19 @@ def test_show_config_names_the_openmp_runtime_with_threadpoolctl():
     assert re.search(r"gomp|iomp|omp", rt), rt
 
 
+def test_show_config_without_openmp_names_no_runtime_of_its_own(monkeypatch):
+    """A build without OpenMP is linked against no runtime: one another library loaded
+    (PyTorch's libgomp) is named as theirs, not as bnfast's."""
+    from bnfast import _config
+    build = dict(bnfast._core._build_info(), openmp=False, openmp_version=0)
+    monkeypatch.setattr(bnfast._core, "_build_info", lambda: build)
+    monkeypatch.setattr(_config, "_openmp_runtimes", lambda: ["libgomp (x/libgomp.so.1)"])
+    rt = config_info()["OpenMP runtime"]
+    assert rt.startswith("none (built without OpenMP); loaded by other libraries: libgomp"), rt
+    monkeypatch.setattr(_config, "_openmp_runtimes", lambda: None)
+    assert config_info()["OpenMP runtime"] == "none (built without OpenMP)"
+
+
 # ------------------------------------------------------------------------------------- bench
 
 def _parse_markdown(text):
