@@ -127,8 +127,8 @@ def _bench(args, parser):
         bnfast.set_num_threads(args.threads)     # the sweep sets it again
         usable = bnfast.get_num_threads()
         if usable < args.threads:
-            why = ("built without OpenMP" if not _config.config_info()["OpenMP"].startswith(
-                "enabled") else "a process forked while its parent had threads")
+            why = ("built without OpenMP" if not bnfast._core._build_info()["openmp"]
+                   else "a process forked while its parent had threads")
             progress(f"--threads {args.threads}: bnfast runs {usable} thread(s) here ({why}); "
                      f"timing everything with {usable}")
             threads = usable
