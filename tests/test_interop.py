@@ -328,6 +328,8 @@ def test_load_refuses_pickles_and_foreign_files(tmp_path):
     ("config.num_features", np.array(np.nan)), ("format_version", np.array(1.5)),
     ("config.axis", np.array([1])), ("config.affine", np.array(2)),
     ("config.training", np.array(0.5)), ("config.track_running_stats", np.array("yes")),
+    ("config.eps", np.array([1e-5, 1e-5])), ("config.eps", np.array("small")),
+    ("config.momentum", np.array([0.1])), ("config.dtype", np.array("foo")),
 ])
 def test_load_refuses_edited_config_fields(tmp_path, key, value):
     good = bnfast.BatchNorm(2).save(tmp_path / "good.npz")
@@ -1017,20 +1019,6 @@ def test_load_refuses_a_npy_file(tmp_path):
     np.save(tmp_path / "p.npy", np.ones(3))
     with pytest.raises(ValueError, match="not a bnfast layer file.*one array"):
         bnfast.load(tmp_path / "p.npy")
-
-
-@pytest.mark.parametrize("key,value", [
-    ("config.eps", np.array([1e-5, 1e-5])), ("config.eps", np.array("small")),
-    ("config.momentum", np.array([0.1])), ("config.dtype", np.array("foo")),
-])
-def test_load_refuses_edited_numbers_and_dtype(tmp_path, key, value):
-    good = bnfast.BatchNorm(2).save(tmp_path / "good.npz")
-    with np.load(good) as f:
-        d = dict(f)
-    d[key] = value
-    np.savez(tmp_path / "edited.npz", **d)
-    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        bnfast.load(tmp_path / "edited.npz")
 
 
 def test_from_torch_affine_without_weight():
