@@ -254,7 +254,7 @@ class BatchNorm:
         if update:
             # an int64, as torch's (and state_dict's); it stops at the largest, where
             # torch's wraps around to negative counts
-            self.num_batches_tracked = min(counted + 1, _NBT_MAX)
+            self.num_batches_tracked = counted + 1 if counted < _NBT_MAX else counted
             factor = (1.0 / self.num_batches_tracked if self.momentum is None
                       else self.momentum)
         try:
