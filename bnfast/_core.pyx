@@ -3003,6 +3003,37 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
             _free(buf)
 
 
+cdef int _check_running_apart(object rm, object rv) except -1:
+    """running_mean and running_var, both updated in place, must not share memory (the
+    same array given twice made the variance's update overwrite the mean's). A bounds
+    test on the raw arrays (both are ndarrays by now: _check_running), np.shares_memory
+    only where the bounds meet (interleaved views do not share)."""
+    cdef cnp.ndarray a, b
+    cdef char *alo
+    cdef char *ahi
+    cdef char *blo
+    cdef char *bhi
+    if rm is None or rv is None:
+        return 0
+    a = <cnp.ndarray>rm
+    b = <cnp.ndarray>rv
+    if cnp.PyArray_SIZE(a) == 0:
+        return 0
+    alo = <char *>cnp.PyArray_DATA(a)
+    ahi = alo + (cnp.PyArray_DIMS(a)[0] - 1) * cnp.PyArray_STRIDES(a)[0]
+    if ahi < alo:
+        alo, ahi = ahi, alo
+    blo = <char *>cnp.PyArray_DATA(b)
+    bhi = blo + (cnp.PyArray_DIMS(b)[0] - 1) * cnp.PyArray_STRIDES(b)[0]
+    if bhi < blo:
+        blo, bhi = bhi, blo
+    if alo < bhi + cnp.PyArray_ITEMSIZE(b) and blo < ahi + cnp.PyArray_ITEMSIZE(a) and \
+            np.shares_memory(a, b):
+        raise ValueError("running_mean and running_var share memory, and each is updated "
+                         "in place: pass two separate arrays")
+    return 0
+
+
 cdef int _check_running(object r, Py_ssize_t C, str name, bint nonneg=False) except -1:
     """A running statistic updated in place: a writable float ndarray of shape (C,);
     `nonneg`: no negative entry (a variance). Native float32/float64 arrays are checked
@@ -3063,7 +3094,8 @@ def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_mea
     eps : float > 0
     axis : int, default 1
     running_mean, running_var : ndarray of shape (C,), optional
-        Updated in place when given (biased batch mean, unbiased batch variance).
+        Updated in place when given (biased batch mean, unbiased batch variance); two
+        arrays that do not share memory (ValueError otherwise).
     momentum : float in [0, 1]
     out : ndarray, optional
 
@@ -3131,6 +3163,7 @@ def _train(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
                          f"size {(<object>a).shape}")
     _check_running(running_mean, C, "running_mean")
     _check_running(running_var, C, "running_var", True)
+    _check_running_apart(running_mean, running_var)
     if out is not None:
         _check_out(out, a, result_dtype if result_dtype is not None else a.dtype, "out")
     buf = _alloc_channels(C, 9)

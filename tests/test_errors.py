@@ -360,6 +360,39 @@ TRAIN_ENTRIES = {"batch_norm[training]": _bn_train, "batch_norm_train": _bnt,
                  "BatchNorm[train]": _layer_train}
 
 
+@pytest.mark.parametrize("how", ["same", "shifted", "reversed"])
+def test_running_stats_sharing_memory_refused(how):
+    """running_mean and running_var are both updated in place: given the same memory,
+    the variance's update overwrote the mean's, silently. Refused, nothing changed."""
+    x = np.random.default_rng(5).standard_normal((16, C)) + 3.0
+    r = np.ones(C + 1)
+    rm, rv = {"same": (r[:C], r[:C]), "shifted": (r[:C], r[1:]),
+              "reversed": (r[:C], r[C - 1::-1])}[how]
+    before = r.copy()
+    with pytest.raises(ValueError, match="running_mean and running_var share memory"):
+        bnfast.batch_norm_train(x, running_mean=rm, running_var=rv)
+    np.testing.assert_array_equal(r, before)
+    bn = bnfast.BatchNorm(C, dtype=np.float64)
+    bn.running_var = bn.running_mean                 # by hand, as a user might
+    with pytest.raises(ValueError, match="share memory"):
+        bn(x)
+    assert bn.num_batches_tracked == 0
+
+
+def test_running_stats_interleaved_views_are_apart():
+    """Views whose bounds meet but whose elements do not (every other element) are two
+    arrays: accepted, each updated as alone."""
+    x = np.random.default_rng(6).standard_normal((16, C)) + 3.0
+    r = np.zeros(2 * C)
+    rm, rv = r[0::2], r[1::2]
+    rv[:] = 1.0
+    want_m, want_v = np.zeros(C), np.ones(C)
+    bnfast.batch_norm_train(x, running_mean=rm, running_var=rv)
+    bnfast.batch_norm_train(x, running_mean=want_m, running_var=want_v)
+    np.testing.assert_array_equal(rm, want_m)
+    np.testing.assert_array_equal(rv, want_v)
+
+
 @pytest.mark.parametrize("entry", TRAIN_ENTRIES.values(), ids=TRAIN_ENTRIES.keys())
 @pytest.mark.parametrize("shape", [(1, C), (1, C, 1), (1, C, 1, 1), (1, C, 1, 1, 1)])
 def test_training_one_value_per_channel(entry, shape):
