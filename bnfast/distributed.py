@@ -10,6 +10,10 @@ statistics are those of the batch concatenated over every rank of an MPI communi
 * backward: one ``Allreduce`` (sum) of 3*C + 2 float64 (sum dy, sum dy*(x - mean),
   sum (x - mean), the count and a status flag).
 
+After a rank fails (bad input), the others raise a RuntimeError naming it: the forward's
+flags are in its allgather; the backward then makes one more ``Allgather`` of a flag per
+rank (on that path only).
+
 Both run the compiled kernels of :class:`bnfast.BatchNorm` with the collective between
 the statistics pass and the normalization (or dx) pass.
 
@@ -103,7 +107,7 @@ class SyncBatchNorm(BatchNorm):
     Training forward costs the local statistics pass (plus a pass for the low part of
     the mean on float64 data), one allgather of 4*C + 1 float64 per rank and the
     normalization pass; backward a float64 pass for the local sums, one allreduce of
-    2*C + 1 float64 and a float64 pass for dx. All local passes are over this rank's
+    3*C + 2 float64 and a float64 pass for dx. All local passes are over this rank's
     shard only; the result equals a single :class:`bnfast.BatchNorm` on the
     concatenated batch to float rounding.
 
@@ -254,7 +258,7 @@ class SyncBatchNorm(BatchNorm):
     def backward(self, dy, *, out=None):
         """Gradient with respect to this rank's last input.
 
-        After a training forward this is collective (one allreduce of 3*C + 1 float64):
+        After a training forward this is collective (one allreduce of 3*C + 2 float64):
         dx is the gradient of the global normalization, and ``grad_weight`` /
         ``grad_bias`` are this rank's contributions (sum them over ranks).
 
@@ -300,9 +304,17 @@ class SyncBatchNorm(BatchNorm):
             recv = np.empty_like(send)
             comm.Allreduce(send, recv)
             if recv[-1] != 0:
-                raise RuntimeError("SyncBatchNorm backward failed on another rank (see the "
-                                   "error raised there)")
+                bad = np.flatnonzero(failed_ranks(0.0))
+                raise RuntimeError(f"SyncBatchNorm backward failed on rank(s) {bad.tolist()} "
+                                   f"(see the error raised there)")
             return recv[:3 * C].reshape(3, C), recv[3 * C]
+
+        def failed_ranks(flag):
+            # only after a failure (every rank saw it in the allreduce): one allgather of
+            # a flag per rank, so that the others can name the ranks that failed
+            recv = np.empty((comm.Get_size(), 1))
+            comm.Allgather(np.array([flag]), recv)
+            return recv[:, 0]
 
         x, mean, invstd, _ = saved
         try:
@@ -317,6 +329,7 @@ class SyncBatchNorm(BatchNorm):
                 send = np.zeros(3 * C + 2)
                 send[-1] = 1.0
                 comm.Allreduce(send, np.empty_like(send))
+                failed_ranks(1.0)
             raise
         if self.affine:
             self.grad_weight = dw.astype(self.dtype, copy=False)

@@ -282,6 +282,27 @@ def test_bad_out_on_one_rank_raises_on_all_ranks():
     assert run_ranks(3, fn) == ["RuntimeError", "TypeError", "RuntimeError"]
 
 
+def test_bad_dy_on_one_rank_is_named_on_the_others():
+    def fn(comm):
+        bn = SyncBatchNorm(2, axis=-1, comm=comm)
+        x = (np.ones((3, 2)) * np.arange(3)[:, None]).astype(np.float32)
+        bn(x)
+        dy = np.ones((4, 2) if comm.Get_rank() == 2 else (3, 2), np.float32)
+        try:
+            bn.backward(dy)
+        except (ValueError, RuntimeError) as e:
+            res = f"{type(e).__name__}: {e}"
+        # the ranks still step together afterwards
+        bn(x)
+        bn.backward(np.ones((3, 2), np.float32))
+        return res
+
+    res = run_ranks(3, fn)
+    assert res[2].startswith("ValueError: dy must have the shape"), res
+    for r in (0, 1):
+        assert res[r].startswith("RuntimeError: SyncBatchNorm backward failed on rank(s) [2]"), res
+
+
 def test_empty_rank_gets_empty_output_and_zero_grads():
     def fn(comm):
         r = comm.Get_rank()
