@@ -68,7 +68,7 @@ else:  # a module __getattr__ would make every attribute of bnfast "Any" to mypy
 
 
 def __dir__():
-    return sorted(list(globals()) + list(_LAZY) + ["distributed"])
+    return sorted(set(globals()) | set(_LAZY) | {"distributed"})   # a loaded name once
 
 
 __all__ = [

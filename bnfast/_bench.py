@@ -29,6 +29,7 @@ import statistics
 import sys
 import time
 from collections import OrderedDict
+from typing import Any
 from dataclasses import dataclass
 
 import numpy as np
@@ -193,7 +194,7 @@ def set_threads(n):
 # --------------------------------------------------------------------------------------------
 # Data
 
-_DATA = OrderedDict()
+_DATA: "OrderedDict[tuple[str, str], Data]" = OrderedDict()
 _DATA_KEEP = 3
 
 
@@ -353,7 +354,7 @@ def check(op, d, got, name):
 # Implementations: each builder returns (fn, result) where fn() runs one call and result()
 # gives the array to check after fn() ran.
 
-_POOLS = {}
+_POOLS: dict[int, Any] = {}
 
 
 def _pool(n):
@@ -566,7 +567,7 @@ def _from_nc(t, d):
     return np.moveaxis(a, 1, ax)
 
 
-_ORT_MODELS = {}
+_ORT_MODELS: dict[tuple[Any, ...], Any] = {}
 
 
 def _onnx_model(shape, dtype, axis):

@@ -232,6 +232,7 @@ def test_all_names_resolve():
     for name in bnfast.__all__:
         assert getattr(bnfast, name) is not None, name
         assert name in dir(bnfast), name
+    assert len(set(dir(bnfast))) == len(dir(bnfast)), "a loaded lazy name listed twice"
 
 
 def test_version_is_the_packaged_version():

@@ -293,6 +293,35 @@ def test_stubs_match_the_compiled_module(tmp_path):
     assert proc.returncode == 0, f"stubtest:\n{proc.stdout}\n{proc.stderr}"
 
 
+def test_stub_holds_every_core_name_the_package_uses():
+    """The package's own modules import private helpers from bnfast._core; a name missing
+    from the stub makes `mypy -p bnfast` fail (attr-defined), which stubtest does not see
+    (it checks private runtime names only where the stub has them)."""
+    stub = ast.parse((PKG / "_core.pyi").read_text())
+    defined = set()
+    for node in stub.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for t in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                if isinstance(t, ast.Name):
+                    defined.add(t.id)
+    used = {}
+    for path in sorted(PKG.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module in ("bnfast._core", "_core"):
+                names = [a.name for a in node.names]
+            elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                  and node.value.id == "_core"):
+                names = [node.attr]
+            for n in names:
+                used.setdefault(n, path.name)
+    assert len(used) > 10, used     # the scan found the imports
+    missing = {n: f for n, f in used.items() if n not in defined and n != "__file__"}
+    assert not missing, f"used from bnfast._core but not in _core.pyi: {missing}"
+
+
 def _package_parent():
     return Path(importlib.util.find_spec("bnfast").origin).resolve().parent.parent
 
