@@ -3003,34 +3003,17 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
             _free(buf)
 
 
-cdef int _check_running_apart(object rm, object rv) except -1:
-    """running_mean and running_var, both updated in place, must not share memory (the
-    same array given twice made the variance's update overwrite the mean's). A bounds
-    test on the raw arrays (both are ndarrays by now: _check_running), np.shares_memory
-    only where the bounds meet (interleaved views do not share)."""
-    cdef cnp.ndarray a, b
-    cdef char *alo
-    cdef char *ahi
-    cdef char *blo
-    cdef char *bhi
-    if rm is None or rv is None:
+cdef int _check_apart(object a, str aname, object b, str bname) except -1:
+    """a and b (ndarrays or None) must not share memory where one is written after the
+    other (running_mean and running_var are each updated in place; y is written before
+    them): the same array given twice made one write overwrite the other, silently. A
+    bounds test on the raw arrays, np.shares_memory only where the bounds meet
+    (interleaved views do not share)."""
+    if a is None or b is None:
         return 0
-    a = <cnp.ndarray>rm
-    b = <cnp.ndarray>rv
-    if cnp.PyArray_SIZE(a) == 0:
-        return 0
-    alo = <char *>cnp.PyArray_DATA(a)
-    ahi = alo + (cnp.PyArray_DIMS(a)[0] - 1) * cnp.PyArray_STRIDES(a)[0]
-    if ahi < alo:
-        alo, ahi = ahi, alo
-    blo = <char *>cnp.PyArray_DATA(b)
-    bhi = blo + (cnp.PyArray_DIMS(b)[0] - 1) * cnp.PyArray_STRIDES(b)[0]
-    if bhi < blo:
-        blo, bhi = bhi, blo
-    if alo < bhi + cnp.PyArray_ITEMSIZE(b) and blo < ahi + cnp.PyArray_ITEMSIZE(a) and \
-            np.shares_memory(a, b):
-        raise ValueError("running_mean and running_var share memory, and each is updated "
-                         "in place: pass two separate arrays")
+    if _may_overlap(<cnp.ndarray>a, <cnp.ndarray>b) and np.shares_memory(a, b):
+        raise ValueError(f"{aname} and {bname} share memory, and each is written in "
+                         f"place: pass separate arrays")
     return 0
 
 
@@ -3163,9 +3146,11 @@ def _train(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
                          f"size {(<object>a).shape}")
     _check_running(running_mean, C, "running_mean")
     _check_running(running_var, C, "running_var", True)
-    _check_running_apart(running_mean, running_var)
+    _check_apart(running_mean, "running_mean", running_var, "running_var")
     if out is not None:
         _check_out(out, a, result_dtype if result_dtype is not None else a.dtype, "out")
+        _check_apart(out, "out", running_mean, "running_mean")
+        _check_apart(out, "out", running_var, "running_var")
     buf = _alloc_channels(C, 9)
     try:
         memset(&j, 0, sizeof(Job))

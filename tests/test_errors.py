@@ -379,6 +379,40 @@ def test_running_stats_sharing_memory_refused(how):
     assert bn.num_batches_tracked == 0
 
 
+@pytest.mark.parametrize("entry", ["batch_norm[training]", "batch_norm_train"])
+@pytest.mark.parametrize("which", ["running_mean", "running_var"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_out_sharing_memory_with_running_stats_refused(entry, which, dtype):
+    """y is written before the running statistics are updated in place: with either
+    inside out, the update overwrote part of the returned y, silently. Refused, nothing
+    written."""
+    a = valid(dtype, shape=(6, C))
+    buf = np.full(6 * C, 2.0, dtype)
+    a["out"] = buf.reshape(6, C)
+    a[which] = buf[C:2 * C]                          # out[1]
+    a["running_mean" if which == "running_var" else "running_var"] = np.ones(C, dtype)
+    before = buf.copy()
+    with pytest.raises(ValueError, match=f"out and {which} share memory"):
+        TRAIN_ENTRIES[entry](a)
+    np.testing.assert_array_equal(buf, before)
+    layer = bnfast.BatchNorm(C, dtype=dtype)
+    setattr(layer, which, buf[:C])                   # by hand, as a user might
+    with pytest.raises(ValueError, match="share memory"):
+        layer(a["x"], out=a["out"])
+    assert layer.num_batches_tracked == 0
+    np.testing.assert_array_equal(buf, before)
+    # beside each other, they are apart
+    out, r = buf[:5 * C].reshape(5, C), buf[5 * C:]
+    a = valid(dtype, shape=(5, C))
+    a["out"], a[which] = out, r
+    want = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in a.items()}
+    want["out"] = np.empty_like(out)
+    TRAIN_ENTRIES[entry](a)
+    TRAIN_ENTRIES[entry](want)
+    np.testing.assert_array_equal(out, want["out"])
+    np.testing.assert_array_equal(r, want[which])
+
+
 def test_running_stats_interleaved_views_are_apart():
     """Views whose bounds meet but whose elements do not (every other element) are two
     arrays: accepted, each updated as alone."""
