@@ -2350,6 +2350,28 @@ cdef inline bint _segments_pay(const Geo *g, Py_ssize_t itemsize,
     return (together or runs) and call_bytes >= SEG_BYTES and g.seg >= SEG_ROWS
 
 
+cdef cnp.ndarray _copy_in_own_order(cnp.ndarray x):
+    """x copied in its own axis order: a C-order copy of an F-ordered array would be a
+    transpose, and an `out` in x's order would then need another. Broadcast axes (stride
+    0) go outermost: NumPy's order 'K' puts them innermost, so a (1, C) row broadcast to
+    (N, C) came out F-ordered and a C-ordered out or dy took a second full-size copy."""
+    cdef int i, nd = cnp.PyArray_NDIM(x)
+    for i in range(nd):
+        if cnp.PyArray_STRIDES(x)[i] == 0 and cnp.PyArray_DIMS(x)[i] > 1:
+            break
+    else:
+        return PyArray_NewCopy(x, cnp.NPY_KEEPORDER)
+    shape, strides = (<object>x).shape, (<object>x).strides
+    broadcast = [i for i in range(nd) if strides[i] == 0 and shape[i] > 1]
+    # the rest outermost first by |stride| (stable: ties keep their order, as order 'K')
+    rest = sorted((i for i in range(nd) if i not in broadcast),
+                  key=lambda i: -abs(strides[i]))
+    perm = broadcast + rest
+    c = np.empty([shape[i] for i in perm], dtype=x.dtype).transpose(np.argsort(perm))
+    np.copyto(c, x)
+    return c
+
+
 cdef class _Layout:
     """The (outer, C, inner) views of the arrays of one call, in the same axis order.
 
@@ -2376,9 +2398,7 @@ cdef class _Layout:
                      &self.gx) and (self.gx.nlev == 0 or
                                     _segments_pay(&self.gx, x.itemsize, elementwise)):
             return x
-        # copied in its own axis order: a C-order copy of an F-ordered array would be a
-        # transpose, and an `out` in x's order would then need another
-        x = PyArray_NewCopy(x, cnp.NPY_KEEPORDER)
+        x = _copy_in_own_order(x)
         self.nord = _order_axes(x, axis, self.order)
         self.nabove = _split_outer(x, axis, self.order, self.nord)
         _geometry(x, axis, self.order, self.nord, self.nabove, &self.groups, True, &self.gx)

@@ -252,24 +252,34 @@ COPIED = {
     "NCHW width stepped": (lambda a: a.reshape(32, 16, 32, 64)[..., ::2], 1),
     "NHWC channels stepped": (lambda a: a.reshape(32, 16, 32, 64)[..., ::2], -1),
     "F reversed": (lambda a: np.asfortranarray(a.reshape(-1, 32))[::-1], 1),
+    # a row broadcast over the batch (stride 0), with out and dy C-ordered, as a user's:
+    # NumPy's order 'K' put the broadcast axis innermost (an F-ordered copy), and the
+    # C-ordered out and dy then took a full-size copy each
+    "(N, C) broadcast": (lambda a: np.broadcast_to(a[:32], (1 << 15, 32)), 1),
+    "NCHW batch broadcast": (lambda a: np.broadcast_to(a[:1 << 15].reshape(1, 16, 32, 64),
+                                                       (32, 16, 32, 64)), 1),
 }
 
 
-@pytest.mark.parametrize("op", ["train", "eval", "backward"])
+@pytest.mark.parametrize("op", ["train", "eval", "backward", "moments"])
 @pytest.mark.parametrize("layout", COPIED)
 def test_copied_input_is_copied_once(layout, op):
     rng = np.random.default_rng(2)
     make, axis = COPIED[layout]
     x = make(rng.standard_normal(1 << 20, dtype=np.float32) + 1000.0)
     assert not x.flags.c_contiguous and not x.flags.f_contiguous
-    out = np.empty_like(x)                      # contiguous, in x's axis order
-    dy = np.ones_like(x)
+    if 0 in x.strides:
+        out, dy = np.empty(x.shape, x.dtype), np.ones(x.shape, x.dtype)
+    else:
+        out = np.empty_like(x)                  # contiguous, in x's axis order
+        dy = np.ones_like(x)
     C = x.shape[axis]
     m, s = np.full(C, 1000.0), np.ones(C)
     fn = {"train": lambda: bnfast.batch_norm_train(x, axis=axis, out=out),
           "eval": lambda: bnfast.batch_norm(x, m, s, axis=axis, out=out),
           "backward": lambda: bnfast.batch_norm_backward(dy, x, m, s, axis=axis,
-                                                         out=out)}[op]
+                                                         out=out),
+          "moments": lambda: bnfast.moments(x, axis=axis)}[op]
     fn()
     peak = _peak_during(fn)
     assert peak <= 1.05 * out.nbytes, f"{op} on {layout}: peak {peak / out.nbytes:.2f}x"
