@@ -308,6 +308,26 @@ def test_float64_narrow_rows_mean_and_m2_to_an_ulp(shape):
 
 
 @pytest.mark.parametrize("layout", ["rows", "runs"])
+def test_float64_mean_of_prices_is_its_rounding(layout):
+    """The moments docstring's bound on the mean: half an ulp of the mean (its own
+    rounding: on prices that alone is millions of ulps of the standard deviation) plus
+    1.5 ulps of the standard deviation. Data on a tick at 1e7, exact in binary."""
+    from fractions import Fraction
+    k = np.rint(np.random.default_rng(3).standard_normal((4095, 4)) * 100).astype(np.int64)
+    x = 1e7 + k / 128.0
+    m = (bnfast.moments(x, axis=-1) if layout == "rows" else
+         bnfast.moments(np.ascontiguousarray(x.T)[None], axis=1))
+    for c in range(4):
+        mean = Fraction(10**7) + Fraction(int(k[:, c].sum()), 128 * 4095)
+        sd = float(np.sqrt(float(sum((Fraction(int(v), 128) - (mean - 10**7)) ** 2
+                                     for v in k[:, c])) / 4095))
+        err = abs(Fraction(float(m.mean[c])) - mean)
+        bound = Fraction(float(np.spacing(float(mean)))) / 2 + \
+            Fraction(1.5) * Fraction(float(np.spacing(sd)))
+        assert err <= bound, (c, float(err), float(bound))
+
+
+@pytest.mark.parametrize("layout", ["rows", "runs"])
 def test_float64_m2_of_small_batches(layout):
     """M2 of a few float64 values: within 2.5 ulps away from zero (x - shift exact, the
     shift a channel's first value), within 6 around zero, where x - shift rounds (the
