@@ -2128,6 +2128,20 @@ def _check_not_masked(a, name):
     return a
 
 
+def _as_array(a, name):
+    """np.asarray(a) for the Python modules' array arguments (layers' x and dy, moments'
+    x and chunks): a masked array that hides values refused, and what NumPy cannot
+    convert (a torch tensor that needs grad, a ragged list) a TypeError naming the
+    argument, as the kernels' entry points give."""
+    if isinstance(a, np.ndarray):
+        _refuse_masked(a, name)
+        return a
+    try:
+        return np.asarray(a)
+    except Exception as e:
+        raise TypeError(f"{name} must be an array-like of real numbers: {e}") from None
+
+
 cdef tuple _as_input(object x, str name):
     """(x as an aligned native float16/32/64 array, dtype of the result or None for
     x's own): integers and bools are computed in float64."""
@@ -2225,6 +2239,18 @@ cdef object _index(object v, str name):
         return operator.index(v)
     except TypeError:
         raise TypeError(f"{name} must be an int, got {v!r}") from None
+
+
+cdef int _check_bool(object v, str name) except -1:
+    """A flag: bool or NumPy's bool only, as torch's batch_norm takes it (a string such as
+    "False" read by truth value trained, and updated the running statistics)."""
+    if v is True:
+        return 1
+    if v is False:
+        return 0
+    if isinstance(v, np.bool_):
+        return 1 if v else 0
+    raise TypeError(f"{name} must be a bool, got {type(v).__name__} {v!r}")
 
 
 cdef double _check_eps(object eps) except -1.0:
@@ -2979,7 +3005,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     array([[-1., -1.],
            [ 1.,  1.]])
     """
-    if training:
+    if _check_bool(training, "training"):
         return batch_norm_train(x, weight, bias, eps=eps, axis=axis,
                                 running_mean=running_mean, running_var=running_var,
                                 momentum=momentum, out=out)[0]
@@ -3278,20 +3304,35 @@ cdef tuple _new_vecs(Py_ssize_t C, double **data, int k):
     return tuple(out)
 
 
-def _eval_invstd(var, double eps):
+def _eval_invstd(var, eps):
     """1 / sqrt(var + eps) per channel, in double, as a float64 array (the layer's
     backward in eval mode: in NumPy, with the conversion of var, ~1.5 us of a 3.7 us
-    call on (32, 64))."""
+    call on (32, 64)). eps and var are checked as the forward checks them (an eps or a
+    variance set wrong by hand gave a NaN gradient where the forward raised)."""
+    cdef double e = _check_eps(eps)
     cdef cnp.ndarray v = np.asarray(var)
+    cdef Py_ssize_t c, C, st
+    cdef const char *p
+    cdef double *o[1]
+    cdef tuple out
     if cnp.PyArray_TYPE(v) != cnp.NPY_FLOAT32 or not cnp.PyArray_ISNOTSWAPPED(v) or \
             not cnp.PyArray_ISALIGNED(v) or cnp.PyArray_NDIM(v) != 1:
-        return 1.0 / np.sqrt(np.asarray(v, np.float64) + eps)
-    cdef Py_ssize_t c, C = cnp.PyArray_DIMS(v)[0], st = cnp.PyArray_STRIDES(v)[0]
-    cdef const char *p = <const char *>cnp.PyArray_DATA(v)
-    cdef double *o[1]
-    cdef tuple out = _new_vecs(C, o, 1)
+        v = np.asarray(v, np.float64)
+        bad = np.flatnonzero(v < 0)           # as the forward: NaN passes
+        if bad.size:
+            raise ValueError(f"running_var must be non-negative; channel {bad[0]} has "
+                             f"{v.ravel()[bad[0]]!r}")
+        return 1.0 / np.sqrt(v + e)
+    C = cnp.PyArray_DIMS(v)[0]
+    st = cnp.PyArray_STRIDES(v)[0]
+    p = <const char *>cnp.PyArray_DATA(v)
+    out = _new_vecs(C, o, 1)
+    cdef double d
     for c in range(C):
-        o[0][c] = 1.0 / sqrt(<double>(<const float *>(p + c * st))[0] + eps)
+        d = (<const float *>(p + c * st))[0]
+        if d < 0.0:                     # as the forward (bnf_eval_scale): NaN passes
+            raise ValueError(f"running_var must be non-negative; channel {c} has {d!r}")
+        o[0][c] = 1.0 / sqrt(d + e)
     return out[0]
 
 
@@ -3608,7 +3649,8 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, axis
     >>> dx.ravel(), dw, db
     (array([0., 0.]), array([0.]), array([2.]))
     """
-    return _backward(dy, x, mean, invstd, weight, training, axis, out, None)
+    return _backward(dy, x, mean, invstd, weight, _check_bool(training, "training"), axis,
+                     out, None)
 
 
 def _backward(dy, x, mean, invstd, weight, bint training, axis, out, sums_hook):

@@ -6,8 +6,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from bnfast._core import (FrozenBatchNorm, _check_not_masked, _eval_invstd, _tensor_to_numpy,
-                          _train, batch_norm, batch_norm_backward)
+from bnfast._core import (FrozenBatchNorm, _as_array, _check_not_masked, _eval_invstd,
+                          _tensor_to_numpy, _train, batch_norm, batch_norm_backward)
 
 _NBT_MAX = 2**63 - 1   # num_batches_tracked's largest value (int64)
 _STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -164,6 +164,9 @@ class BatchNorm:
         >>> bn.training, bn.train().training
         (False, True)
         """
+        if not isinstance(mode, (bool, np.bool_)):   # torch's check and error
+            raise ValueError(f"training mode is expected to be boolean, got "
+                             f"{type(mode).__name__} {mode!r}")
         self.training = bool(mode)
         return self
 
@@ -183,8 +186,7 @@ class BatchNorm:
 
     # -- forward / backward -----------------------------------------------------------
     def _check_input(self, x):
-        if not isinstance(x, np.ndarray):
-            x = np.asarray(x)
+        x = _as_array(x, "x")
         if self._input_ndims is not None and x.ndim not in self._input_ndims:
             want = " or ".join(f"{d}D" for d in self._input_ndims)
             raise ValueError(f"expected {want} input (got {x.ndim}D input)")
@@ -305,7 +307,7 @@ class BatchNorm:
         if mean is None:                  # eval mode: the running statistics
             mean = self.running_mean
             invstd = _eval_invstd(self.running_var, self.eps)
-        dy_arr = np.asarray(_check_not_masked(dy, "dy"))
+        dy_arr = _as_array(dy, "dy")
         if dy_arr.shape != x.shape:
             raise ValueError(f"dy must have the shape of the last input {x.shape}, "
                              f"got {dy_arr.shape}")

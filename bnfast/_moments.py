@@ -11,7 +11,7 @@ import contextlib
 
 import numpy as np
 
-from bnfast._core import _check_not_masked
+from bnfast._core import _as_array
 from bnfast._core import (_frozen_f64, _merge_moment_arrays, _merge_packed_rows,
                           _moments_parts)
 
@@ -63,7 +63,7 @@ class Moments:
     def __init__(self, count, mean, m2):
         arrs = []
         for name, v in (("count", count), ("mean", mean), ("m2", m2)):
-            a = np.asarray(v)
+            a = _as_array(v, name)
             if a.dtype.kind not in "fiub":
                 raise TypeError(f"Moments: {name} must be real numbers, got dtype {a.dtype}")
             a = np.array(a, dtype=np.float64, copy=True)
@@ -281,7 +281,7 @@ def moments(x, *, axis=1):
     >>> np.round(m.mean - 1e6, 12), np.round(np.sqrt(m.var), 12)
     (array([0.01, 1.  ]), array([0.01, 1.  ]))
     """
-    x = np.asarray(_check_not_masked(x, "x"))
+    x = _as_array(x, "x")
     _check_dtype(x)
     ax = _channel_axis(x, axis)
     return _kernel_moments(x, ax)
@@ -433,7 +433,7 @@ class RunningStats:
                 raise ValueError(f"RunningStats({self.num_features}) got Moments with "
                                  f"{m.num_features} channels")
         else:
-            x = np.asarray(_check_not_masked(chunk, "chunk"))
+            x = _as_array(chunk, "chunk")
             _check_dtype(x, "chunk")
             ax = _channel_axis(x, self.axis)
             if x.shape[ax] != self.num_features:

@@ -23,7 +23,7 @@ mpi4py is imported only when a layer needs its default communicator
 """
 import numpy as np
 
-from bnfast._core import _backward, _check_not_masked
+from bnfast._core import _as_array, _backward
 from bnfast._layers import BatchNorm, _input_for_backward
 from bnfast._moments import _merge_packed
 
@@ -318,7 +318,7 @@ class SyncBatchNorm(BatchNorm):
 
         x, mean, invstd, _ = saved
         try:
-            dy_arr = np.asarray(_check_not_masked(dy, "dy"))
+            dy_arr = _as_array(dy, "dy")
             if dy_arr.shape != x.shape:
                 raise ValueError(f"dy must have the shape of the last input {x.shape}, "
                                  f"got {dy_arr.shape}")

@@ -796,6 +796,80 @@ def test_eval_conversion_error_names_x():
         bnfast.batch_norm(object(), rm, rv)
 
 
+def test_layer_conversion_errors_name_the_argument():
+    """The layers converted x and dy with a bare np.asarray: a ragged list or a torch
+    tensor that needs grad raised NumPy's or torch's own error (a RuntimeError), where
+    the functional API names the argument in a TypeError."""
+    layer = bnfast.BatchNorm(2, axis=-1)
+    with pytest.raises(TypeError, match=r"^x must be an array-like"):
+        layer([[1.0, 2.0], [1.0]])
+    layer(np.ones((3, 2)) * np.arange(3)[:, None])
+    with pytest.raises(TypeError, match=r"^dy must be an array-like"):
+        layer.backward([[1.0, 2.0], [1.0], [2.0, 3.0]])
+    with pytest.raises(TypeError, match=r"^x must be an array-like"):
+        bnfast.moments([[1.0, 2.0], [1.0]])
+    torch = pytest.importorskip("torch")
+    t = torch.ones((3, 2), requires_grad=True)
+    for call in (lambda: bnfast.batch_norm_train(t), lambda: layer(t)):
+        with pytest.raises(TypeError, match=r"^x must be an array-like"):
+            call()
+
+
+@pytest.mark.parametrize("bad", ["False", "", 1, 0, None, [False]])
+def test_training_flag_must_be_a_bool(bad):
+    """training was read by truth value: training="False" trained and updated the
+    running statistics; in the backward it gave the training-mode gradient. torch's
+    batch_norm takes only a bool (here NumPy's bool too)."""
+    a = valid()
+    rm = a["running_mean"].copy()
+    with pytest.raises(TypeError, match=r"training must be a bool"):
+        bnfast.batch_norm(a["x"], a["running_mean"], a["running_var"], training=bad)
+    np.testing.assert_array_equal(a["running_mean"], rm)
+    with pytest.raises(TypeError, match=r"training must be a bool"):
+        bnfast.batch_norm_backward(a["dy"], a["x"], a["mean"], a["invstd"], training=bad)
+    with pytest.raises(ValueError, match=r"training mode is expected to be boolean"):
+        bnfast.BatchNorm(C).train(bad)
+    for ok in (np.True_, np.False_):
+        want = bnfast.batch_norm(a["x"], rm.copy(), a["running_var"].copy(), training=bool(ok))
+        got = bnfast.batch_norm(a["x"], rm.copy(), a["running_var"].copy(), training=ok)
+        np.testing.assert_array_equal(got, want)
+        assert bnfast.BatchNorm(C).train(ok).training is bool(ok)
+
+
+@pytest.mark.parametrize("eps", [-5.0, 0.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_layer_eval_backward_checks_eps_and_running_var(eps, dtype):
+    """The forward refuses an eps (or a negative running variance) set by hand; the
+    eval-mode backward took it and returned a NaN gradient."""
+    x = valid(dtype)["x"]
+    layer = bnfast.BatchNorm(C, dtype=dtype).eval()
+    layer(x)
+    layer.eps = eps
+    with pytest.raises(ValueError, match=r"\beps\b"):
+        layer(x)
+    with pytest.raises(ValueError, match=r"\beps\b"):
+        layer.backward(np.ones_like(x))
+    layer.eps = 1e-5
+    layer.running_var[1] = -1.0
+    with pytest.raises(ValueError, match=r"running_var must be non-negative; channel 1"):
+        layer(x)
+    with pytest.raises(ValueError, match=r"running_var must be non-negative; channel 1"):
+        layer.backward(np.ones_like(x))
+
+
+def test_moments_of_masked_arrays_refused():
+    """Moments(count, mean, m2) took the values under a mask, silently; moments() and
+    every other entry point refuse a masked array that hides values."""
+    for arg in range(3):
+        parts = [np.array([2.0, 2.0]), np.array([1.0, 99.0]), np.array([0.5, 0.5])]
+        parts[arg] = _masked(parts[arg], where=(1,))
+        with pytest.raises(TypeError, match=rf"\b{('count', 'mean', 'm2')[arg]}\b.*masked"):
+            bnfast.Moments(*parts)
+    m = bnfast.Moments(*(np.ma.masked_array(p, mask=False) for p in
+                         (np.array([2.0]), np.array([1.0]), np.array([0.5]))))
+    assert m.mean.tolist() == [1.0]
+
+
 @pytest.mark.parametrize("missing", ["mean", "invstd"])
 @pytest.mark.parametrize("training", [True, False])
 def test_backward_statistics_required(missing, training):
