@@ -29,8 +29,8 @@ import statistics
 import sys
 import time
 from collections import OrderedDict
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 

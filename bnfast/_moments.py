@@ -265,11 +265,11 @@ def moments(x, *, axis=1):
     is plain there, channels-last rows compensate it). On data centred near zero the
     shift (a channel's first value) is subtracted with a rounding, and M2 of batches of
     a few values measured up to 5 ulps (NumPy's two-pass sum 5.9 on the same data; from
-    about 1000 values 1.5). The mean is within half an ulp of itself (its
-    rounding) plus 1.5 ulps of the standard deviation (absolute), which is a few ulps of
-    the mean unless the data are centred near zero. float32 and float16 data are summed in float64 without
-    compensation (each product exact): M2 measured up to 60 float64 ulps off (about
-    1e-14 relative, far below their own precision).
+    about 1000 values 1.5). The mean is within half an ulp of itself (its rounding)
+    plus 1.5 ulps of the standard deviation (absolute), which is a few ulps of the mean
+    unless the data are centred near zero. float32 and float16 data are summed in
+    float64 without compensation (each product exact): M2 measured up to 60 float64 ulps
+    off (about 1e-14 relative, far below their own precision).
 
     Examples
     --------
