@@ -32,6 +32,9 @@ import numpy as np
 
 cnp.import_array()
 
+cdef extern from "Python.h":
+    const Py_ssize_t PY_SSIZE_T_MAX
+
 cdef extern from "numpy/arrayobject.h":
     object PyArray_NewCopy(cnp.ndarray a, cnp.NPY_ORDER order)
     object PyArray_NewLikeArray(cnp.ndarray prototype, cnp.NPY_ORDER order, void *descr,
@@ -2699,10 +2702,22 @@ cdef inline void _mfree(void *p) noexcept nogil:
     free(_untraced(p))
 
 
+cdef size_t _bytes_for(Py_ssize_t n, Py_ssize_t k, size_t size) except 0:
+    """n * k items of `size` bytes (+ 1: never 0), or MemoryError where that passes what
+    can be addressed (a channel count from a broadcast or empty x: 2**59 + 1 channels
+    times 32 bytes wrapped to 32 bytes, and the parameters were written past them)."""
+    cdef size_t limit = (<size_t>PY_SSIZE_T_MAX - 1) // size
+    if n < 0 or k < 0 or (k > 0 and <size_t>n > limit // <size_t>k):
+        raise MemoryError(f"{n} x {k} items of {size} bytes are more than can be "
+                          f"addressed")
+    return <size_t>n * <size_t>k * size + 1
+
+
 cdef double *_alloc_channels(Py_ssize_t C, int count) except NULL:
     """count arrays of C doubles, 64-byte aligned (so each is when C is a multiple of 8,
     as the rows kernels want them); free with _free."""
-    cdef double *p = <double *>_alloc((C if C > 0 else 1) * count * sizeof(double))
+    cdef double *p = <double *>_alloc(_bytes_for(C if C > 0 else 1, count,
+                                                 sizeof(double)))
     if p == NULL:
         raise MemoryError()
     return p
@@ -3215,7 +3230,7 @@ def _train(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
         _set_y(&j, y, &gy)
         _plan(&j, cnp.PyArray_ITEMSIZE(a), 1, False, moments_hook is None)
         j.stream = _streams(&j, lay, out, y, cnp.PyArray_ITEMSIZE(a))
-        j.mom = <bnf_moments *>_malloc(j.nsb * C * sizeof(bnf_moments) + 1)
+        j.mom = <bnf_moments *>_malloc(_bytes_for(C, j.nsb, sizeof(bnf_moments)))
         if j.mom == NULL:
             raise MemoryError()
         try:
@@ -3282,7 +3297,7 @@ def _moments(x, axis):
     _set_type(&j, a)
     j.x = <char *>cnp.PyArray_DATA(a)
     _plan(&j, cnp.PyArray_ITEMSIZE(a), 1)
-    j.mom = <bnf_moments *>_malloc(j.nsb * C * sizeof(bnf_moments) + 1)
+    j.mom = <bnf_moments *>_malloc(_bytes_for(C, j.nsb, sizeof(bnf_moments)))
     if j.mom == NULL:
         raise MemoryError()
     try:
@@ -3386,10 +3401,11 @@ cdef inline double *_vec(cnp.ndarray a, Py_ssize_t C, str name) except NULL:
     return <double *>cnp.PyArray_DATA(a)
 
 
-def _merge_moment_arrays(cnp.ndarray na_, cnp.ndarray am_, cnp.ndarray alo_,
-                         cnp.ndarray am2_, cnp.ndarray am2lo_, cnp.ndarray nb_,
-                         cnp.ndarray bm_, cnp.ndarray blo_, cnp.ndarray bm2_,
-                         cnp.ndarray bm2lo_):
+def _merge_moment_arrays(cnp.ndarray na_ not None, cnp.ndarray am_ not None,
+                         cnp.ndarray alo_ not None, cnp.ndarray am2_ not None,
+                         cnp.ndarray am2lo_ not None, cnp.ndarray nb_ not None,
+                         cnp.ndarray bm_ not None, cnp.ndarray blo_ not None,
+                         cnp.ndarray bm2_ not None, cnp.ndarray bm2lo_ not None):
     """merge_moments of parts a and b given as their float64 (C,) arrays (count, mean,
     mean_lo, m2, m2_lo); returns the union's (count, mean, m2, mean_lo, m2_lo), fresh.
     Chan's update based on the larger part (ties: the smaller mean), so that it is
@@ -3399,7 +3415,8 @@ def _merge_moment_arrays(cnp.ndarray na_, cnp.ndarray am_, cnp.ndarray alo_,
     and -inf meet; Chan's update made inf - inf of it), and m2 NaN, as np.var gives. The
     loop in C: in NumPy a merge of 64 channels cost ~30 us, a RunningStats update of one
     row ~38 us."""
-    cdef Py_ssize_t c, C = cnp.PyArray_DIMS(na_)[0]
+    # (a 0-d count has no first dimension: _vec refuses it)
+    cdef Py_ssize_t c, C = cnp.PyArray_DIMS(na_)[0] if cnp.PyArray_NDIM(na_) == 1 else -1
     cdef const double *na = _vec(na_, C, "count")
     cdef const double *am = _vec(am_, C, "mean")
     cdef const double *alo = _vec(alo_, C, "mean_lo")
@@ -3724,7 +3741,7 @@ def _backward(dy, x, mean, invstd, weight, bint training, axis, out, sums_hook):
         _plan(&j, cnp.PyArray_ITEMSIZE(a), 2, False, sums_hook is None)
         j.stream = _streams(&j, lay, out, dx, cnp.PyArray_ITEMSIZE(a))
         j.n_total = <double>j.outer * <double>j.inner
-        j.s_dy = <double *>_malloc(3 * j.nsb * C * sizeof(double) + 1)
+        j.s_dy = <double *>_malloc(_bytes_for(C, 3 * j.nsb, sizeof(double)))
         if j.s_dy == NULL:
             raise MemoryError()
         j.s_dyx = j.s_dy + j.nsb * C

@@ -870,6 +870,22 @@ def test_moments_of_masked_arrays_refused():
     assert m.mean.tolist() == [1.0]
 
 
+@pytest.mark.parametrize("op", ["train", "eval", "backward", "backward-empty"])
+def test_channel_counts_past_the_address_space_are_a_memory_error(op):
+    """A broadcast (or empty) x can claim 2**58 channels in a few bytes; their
+    per-channel buffers (C x 4-9 doubles) wrapped around size_t to a few bytes, and the
+    parameters were written past them (a segfault; ASan: heap-buffer-overflow)."""
+    C = {"train": 256204778801521551, "eval": 2**59 + 1}.get(op, 2**58 + 1)
+    x = (np.empty((0, C), np.float16) if op == "backward-empty" else
+         np.broadcast_to(np.float16(1), (2, C)))
+    m, s = np.broadcast_to(np.zeros(1), (C,)), np.broadcast_to(np.ones(1), (C,))
+    call = {"train": lambda: bnfast.batch_norm_train(x, axis=1),
+            "eval": lambda: bnfast.batch_norm(x, m, s, axis=1)}.get(
+        op, lambda: bnfast.batch_norm_backward(x, x, m, s, axis=1))
+    with pytest.raises(MemoryError, match="more than can be addressed"):
+        call()
+
+
 @pytest.mark.parametrize("missing", ["mean", "invstd"])
 @pytest.mark.parametrize("training", [True, False])
 def test_backward_statistics_required(missing, training):

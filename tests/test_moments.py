@@ -544,6 +544,12 @@ def test_merges_in_c_equal_their_numpy_twins_bitwise():
         got = _core._merge_packed_rows(rows[:, :4 * C])
         assert same(got[:4], R.merge_packed_rows(rows[:, :4 * C])), trial
         assert not got[4].any()
+    # a 0-d or missing first array: an error, not a read of its (absent) first dimension
+    a = _random_parts(rng, 3, 0.3)
+    with pytest.raises(ValueError, match="count"):
+        _core._merge_moment_arrays(np.array(2.0), *a[1:], *a)
+    with pytest.raises(TypeError):
+        _core._merge_moment_arrays(None, *a[1:], *a)
 
 
 def test_moments_of_big_endian_arrays_merge_correctly():
