@@ -18,7 +18,8 @@ cimport numpy as cnp
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 from libc.stdint cimport uint16_t
-from libc.math cimport sqrt, NAN, INFINITY
+from libc.float cimport DBL_EPSILON
+from libc.math cimport fabs, sqrt, NAN, INFINITY
 from cython.parallel cimport prange
 
 from bnfast._openmp_helpers cimport (BNF_GNU_OPENMP, BNF_HAVE_OPENMP, bnf_omp_max_threads,
@@ -3670,12 +3671,38 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, axis
                      out, None)
 
 
-def _backward(dy, x, mean, invstd, weight, bint training, axis, out, sums_hook):
+cdef int _check_x_unchanged(Job *j, Py_ssize_t C) except -1:
+    """A layer's backward in training mode: x must be the input its forward normalized.
+    The layer keeps a reference (NumPy arrays have no version counter, where torch's
+    autograd raises on an input changed in place), and the backward's sums hold
+    sum(x - mean) per channel, which for the forward's x and its own mean is rounding
+    alone: at most n * (ulp(mean) / 2 + a few ulps of the spread). More than n times a
+    millionth of the standard deviation (1 / invstd) means x's mean moved: a new batch
+    written into the same array, an in-place update. (Only what moves a channel's mean
+    is seen; a permutation of x is not.) NaN and infinite channels are not checked."""
+    cdef Py_ssize_t c
+    cdef double n = j.n_total, s, tol
+    for c in range(C):
+        s = fabs(j.s_xm[c])
+        tol = n * (4.0 * DBL_EPSILON * fabs(j.hi[c]) + 1e-6 / j.invstd[c])
+        if s > tol and s == s and tol == tol:
+            raise RuntimeError(
+                f"x was changed in place after the forward: channel {c}'s mean moved by "
+                f"{s / n * j.invstd[c]:.3g} standard deviations. The layer keeps its "
+                f"input for backward without a copy; call backward before changing x, or "
+                f"pass the forward a copy")
+    return 0
+
+
+def _backward(dy, x, mean, invstd, weight, bint training, axis, out, sums_hook,
+              bint saved_mean=False):
     """batch_norm_backward; with training and `sums_hook`, the batch spans several
     processes: sums_hook(local) gets the local per-channel sums as a (3, C) float64
     array [sum(dy), sum(dy * (x - mean)), sum(x - mean)] and returns (global sums of the
     same shape, global elements per channel). dweight and dbias stay this process's
-    contribution."""
+    contribution. saved_mean (training): mean is the batch mean a layer's forward
+    computed from this very x, so sum(x - mean) is rounding alone; a RuntimeError where
+    it is not (x changed in place since: _check_x_unchanged)."""
     cdef object result_dtype, rd_dy
     cdef cnp.ndarray a, g
     if mean is None or invstd is None:
@@ -3759,10 +3786,14 @@ def _backward(dy, x, mean, invstd, weight, bint training, axis, out, sums_hook):
                 _sum_units(&j)
             elif fused and sums_hook is None:
                 _launch(&j, K_BWD)
+                if saved_mean:      # (dx is written by now: out holds no result after it)
+                    _check_x_unchanged(&j, C)
             else:
                 _launch(&j, K_BSUMS)
                 _sum_units(&j)
             if training and sums_hook is not None:
+                # (saved_mean: the global sums checked below; a rank's own sum(x - mean)
+                # is not zero, the sum over ranks is)
                 local = np.empty((3, C), np.float64)
                 _copy_out(<double *>cnp.PyArray_DATA(local), j.s_dy, C)
                 _copy_out(<double *>cnp.PyArray_DATA(local) + C, j.s_dyx, C)
@@ -3775,6 +3806,8 @@ def _backward(dy, x, mean, invstd, weight, bint training, axis, out, sums_hook):
                 _copy_in(j.s_dy, total, 0, C)
                 _copy_in(j.s_dyx, total, C, C)
                 _copy_in(j.s_xm, total, 2 * C, C)
+                if saved_mean:
+                    _check_x_unchanged(&j, C)
                 _bwd_coeffs(&j, 0, C)
                 if _elems(&j) > 0:
                     j.reverse = 1
@@ -3786,6 +3819,8 @@ def _backward(dy, x, mean, invstd, weight, bint training, axis, out, sums_hook):
                     j.s_dy[c] = lp[c]
                     j.s_dyx[c] = lp[C + c] - j.lo[c] * lp[c]
             elif training and not fused:
+                if saved_mean:
+                    _check_x_unchanged(&j, C)
                 _bwd_coeffs(&j, 0, C)
                 j.reverse = 1
                 _launch(&j, K_BDX)

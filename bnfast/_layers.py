@@ -6,8 +6,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from bnfast._core import (FrozenBatchNorm, _as_array, _check_not_masked, _eval_invstd,
-                          _tensor_to_numpy, _train, batch_norm, batch_norm_backward)
+from bnfast._core import (FrozenBatchNorm, _as_array, _backward, _check_not_masked,
+                          _eval_invstd, _tensor_to_numpy, _train, batch_norm)
 
 _NBT_MAX = 2**63 - 1   # num_batches_tracked's largest value (int64)
 _STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -95,6 +95,11 @@ class BatchNorm:
     its running statistics: calls on one layer are serialized by a lock, so sharing one
     training layer between threads is safe but gives an order-dependent result. For
     concurrent inference, share a :meth:`freeze`-d layer, which is immutable.
+
+    The input is held without a copy: in training, :meth:`backward` raises a
+    RuntimeError when a channel's mean of x moved since the forward (x changed in place;
+    README "Bad and awkward input"). It uses the forward's weight, axis, eps and running
+    arrays, also where the attributes were reassigned in between.
 
     Examples
     --------
@@ -240,10 +245,11 @@ class BatchNorm:
             if not use_batch:
                 y = batch_norm(x, self.running_mean, self.running_var, self.weight,
                                self.bias, False, 0.1, self.eps, axis=self.axis, out=out)
-                mean = invstd = None         # the running statistics: read by backward
+                # the running statistics this forward used: invstd computed by backward
+                mean, invstd = self.running_mean, (self.running_var, self.eps)
             else:
                 y, mean, invstd = self._batch_forward(x, out)
-            self._saved = (saved_x, mean, invstd, use_batch)
+            self._saved = (saved_x, mean, invstd, use_batch, self.weight, self.axis)
             return y
 
     def _batch_forward(self, x, out, moments_hook=None):
@@ -303,16 +309,17 @@ class BatchNorm:
         under it)."""
         if self._saved is None:
             raise ValueError("backward called before any forward call")
-        x, mean, invstd, use_batch = self._saved
-        if mean is None:                  # eval mode: the running statistics
-            mean = self.running_mean
-            invstd = _eval_invstd(self.running_var, self.eps)
+        # the forward's weight, axis and statistics (eval: its running arrays and eps),
+        # not the layer's now: reassigned in between, as torch's autograd keeps them
+        x, mean, invstd, use_batch, weight, axis = self._saved
+        if not use_batch:
+            invstd = _eval_invstd(*invstd)
         dy_arr = _as_array(dy, "dy")
         if dy_arr.shape != x.shape:
             raise ValueError(f"dy must have the shape of the last input {x.shape}, "
                              f"got {dy_arr.shape}")
-        dx, dw, db = batch_norm_backward(dy_arr, x, mean, invstd, self.weight,
-                                         training=use_batch, axis=self.axis, out=out)
+        dx, dw, db = _backward(dy_arr, x, mean, invstd, weight, use_batch, axis, out, None,
+                               use_batch)
         if self.affine:
             self.grad_weight = dw.astype(self.dtype, copy=False)
             self.grad_bias = db.astype(self.dtype, copy=False)
@@ -419,6 +426,8 @@ class BatchNorm:
                 if k == "running_var" and np.any(v < 0):
                     raise ValueError("state_dict['running_var'] must be non-negative")
                 dest = getattr(self, k)  # the array the value is copied into
+                if not isinstance(dest, np.ndarray):
+                    dest = None          # None, a list or a tensor set by hand: replaced
                 if dest is not None and dest.shape != v.shape:
                     raise ValueError(f"cannot load state_dict[{k!r}]: the layer's {k} has "
                                      f"shape {dest.shape}, expected {v.shape}")
@@ -431,7 +440,7 @@ class BatchNorm:
                     self.num_batches_tracked = v
                     continue
                 dest = getattr(self, k)
-                if dest is None:  # nothing to write into (set to None by hand)
+                if not isinstance(dest, np.ndarray):  # nothing to write into (by hand)
                     setattr(self, k, np.array(v, dtype=self.dtype))
                 else:
                     np.copyto(dest, v, casting="unsafe")
@@ -512,6 +521,12 @@ class BatchNorm:
         return new
 
     def __setstate__(self, d):
+        saved = d.get("_saved")
+        if saved is not None and len(saved) == 4:   # a pickle from before the forward's
+            x, mean, invstd, mode = saved            # weight and axis were kept
+            if mean is None:
+                mean, invstd = d["running_mean"], (d["running_var"], d["eps"])
+            d = dict(d, _saved=(x, mean, invstd, mode, d["weight"], d["axis"]))
         self.__dict__.update(d)
         self._lock = threading.Lock()
 

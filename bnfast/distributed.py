@@ -251,7 +251,7 @@ class SyncBatchNorm(BatchNorm):
                     send[-1] = 1.0
                     comm.Allgather(send, np.empty((comm.Get_size(), 4 * C + 1)))
                 raise
-            self._saved = (saved_x, mean, invstd, _Sync(None))
+            self._saved = (saved_x, mean, invstd, _Sync(None), self.weight, self.axis)
             return y
 
     # -- backward -----------------------------------------------------------------------
@@ -316,14 +316,14 @@ class SyncBatchNorm(BatchNorm):
             comm.Allgather(np.array([flag]), recv)
             return recv[:, 0]
 
-        x, mean, invstd, _ = saved
+        x, mean, invstd, _, weight, axis = saved      # the forward's (BatchNorm.backward)
         try:
             dy_arr = _as_array(dy, "dy")
             if dy_arr.shape != x.shape:
                 raise ValueError(f"dy must have the shape of the last input {x.shape}, "
                                  f"got {dy_arr.shape}")
-            dx, dw, db = _backward(dy_arr, x, mean, invstd, self.weight, True,
-                                   self.axis, out, exchange)
+            dx, dw, db = _backward(dy_arr, x, mean, invstd, weight, True, axis, out,
+                                   exchange, True)
         except Exception:
             if not called:
                 send = np.zeros(3 * C + 2)

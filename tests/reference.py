@@ -344,15 +344,15 @@ class BatchNormRef:
         b = _vec(self.bias, C, 0.0)
         bs = _bshape(x, ax)
         y = xc * (invstd * w).reshape(bs) + b.reshape(bs)
-        self._saved = (x, mean, invstd, use_batch)
+        self._saved = (x, mean, invstd, use_batch, self.weight, self.axis)
         return y
 
     def backward(self, dy):
         if self._saved is None:
             raise ValueError("backward called before any forward call")
-        x, mean, invstd, use_batch = self._saved
-        dx, dw, db = batch_norm_backward(dy, x, mean, invstd, self.weight,
-                                         training=use_batch, axis=self.axis)
+        x, mean, invstd, use_batch, weight, axis = self._saved   # the forward's
+        dx, dw, db = batch_norm_backward(dy, x, mean, invstd, weight, training=use_batch,
+                                         axis=axis)
         if self.affine:
             self.grad_weight, self.grad_bias = dw, db
         return dx

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import bnfast
+from bnfast._core import _eval_invstd
 from _reliability_helpers import assert_unchanged, snapshot
 
 C = 3
@@ -840,15 +841,19 @@ def test_training_flag_must_be_a_bool(bad):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_layer_eval_backward_checks_eps_and_running_var(eps, dtype):
     """The forward refuses an eps (or a negative running variance) set by hand; the
-    eval-mode backward took it and returned a NaN gradient."""
+    eval-mode backward read the layer's eps then and returned a NaN gradient. It now
+    takes the last forward's eps, and checks a running variance changed in place."""
     x = valid(dtype)["x"]
     layer = bnfast.BatchNorm(C, dtype=dtype).eval()
     layer(x)
+    dx = layer.backward(np.ones_like(x))
     layer.eps = eps
     with pytest.raises(ValueError, match=r"\beps\b"):
         layer(x)
+    np.testing.assert_array_equal(layer.backward(np.ones_like(x)), dx)
+    assert np.isfinite(layer.grad_weight).all()
     with pytest.raises(ValueError, match=r"\beps\b"):
-        layer.backward(np.ones_like(x))
+        _eval_invstd(layer.running_var, eps)
     layer.eps = 1e-5
     layer.running_var[1] = -1.0
     with pytest.raises(ValueError, match=r"running_var must be non-negative; channel 1"):

@@ -272,6 +272,105 @@ def test_backward_uses_last_forward():
     R.assert_grad_close(bn.backward(dy * 2), ref.backward(dy * 2))
 
 
+def _sync_layer(C, dtype):
+    from bnfast.distributed import SingleProcessComm, SyncBatchNorm
+    return SyncBatchNorm(C, dtype=dtype, comm=SingleProcessComm())
+
+
+LAYER_KINDS = {"BatchNorm": lambda C, dtype: bnfast.BatchNorm(C, dtype=dtype),
+               "SyncBatchNorm": _sync_layer}
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+@pytest.mark.parametrize("shape,dtype,offset", [
+    ((8, 3), np.float64, 0.0),                    # a small call
+    ((16, 4, 30, 30), np.float32, 1e5),           # runs, prices (fused sums and dx)
+    ((3000, 32), np.float32, 1e4),                # rows
+    ((64, 8, 64, 64), np.float32, 50.0),          # 8 MB: channels over L2 (sums, then dx)
+])
+def test_input_changed_in_place_before_backward_is_refused(kind, shape, dtype, offset):
+    """The layer keeps a reference to its input (no copy), and NumPy arrays have no
+    version counter: a new batch written into the same array, or an in-place update of
+    it, between forward and backward gave a gradient of no forward at all (dx off by
+    79 in a reported case), where torch's autograd raises. The backward's sum(x - mean)
+    is rounding alone for the forward's x: a moved channel mean is refused."""
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(shape) * 0.01 + offset).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    bn = LAYER_KINDS[kind](shape[1], dtype)
+    bn(x)
+    dx = bn.backward(dy)                           # the forward's own x: accepted
+    np.testing.assert_array_equal(bn.backward(dy), dx)
+    edits = {"new batch": lambda a: np.copyto(a, (rng.standard_normal(shape) * 0.01
+                                                  + offset).astype(dtype)),
+             "scaled": lambda a: np.multiply(a, 2, out=a),
+             "one element": lambda a: a.flat.__setitem__(a.size // 2, a.flat[a.size // 2]
+                                                          + dtype(1.0))}
+    for what, edit in edits.items():
+        bn(x)
+        edit(x)
+        with pytest.raises(RuntimeError, match=r"x was changed in place after the forward"):
+            bn.backward(dy)
+        bn(x)                                      # a forward of the new x: fine again
+        bn.backward(dy)
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_backward_uses_the_forwards_weight_and_statistics(kind):
+    """backward read the layer's weight (and in eval its running statistics' eps) as they
+    were at backward: one reassigned between forward and backward gave the gradient of
+    another forward. torch's autograd keeps the forward's."""
+    rng = np.random.default_rng(2)
+    x, dy = rng.standard_normal((8, 3)), rng.standard_normal((8, 3))
+    w0 = np.array([1.0, 2.0, 3.0])
+    bn = LAYER_KINDS[kind](3, np.float64)
+    bn.weight[:] = w0
+    y, m, s = bnfast.batch_norm_train(x, w0, axis=1)
+    want = bnfast.batch_norm_backward(dy, x, m, s, w0, training=True, axis=1)
+    for change in (lambda: setattr(bn, "weight", np.full(3, 5.0)),
+                   lambda: setattr(bn, "weight", None), lambda: setattr(bn, "axis", -1)):
+        bn.weight, bn.axis = w0.copy(), 1
+        bn(x)
+        change()
+        dx = bn.backward(dy)
+        np.testing.assert_array_equal(dx, want[0])
+        np.testing.assert_array_equal(bn.grad_weight, want[1])
+    if kind == "SyncBatchNorm":
+        return                                     # (its eval forward is BatchNorm's)
+    bn = bnfast.BatchNorm(3, dtype=np.float64).eval()
+    bn.weight[:] = w0
+    bn.running_var[:] = [2.0, 3.0, 0.5]
+    rm, rv = bn.running_mean, bn.running_var
+    want = bnfast.batch_norm_backward(dy, x, rm, 1.0 / np.sqrt(rv + 1e-5), w0,
+                                      training=False, axis=1)
+    for change in (lambda: setattr(bn, "eps", 0.5),
+                   lambda: setattr(bn, "running_var", np.ones(3)),
+                   lambda: setattr(bn, "running_mean", np.ones(3))):
+        bn.eps, bn.running_mean, bn.running_var = 1e-5, rm, rv
+        bn(x)
+        change()
+        np.testing.assert_array_equal(bn.backward(dy), want[0])
+        np.testing.assert_array_equal(bn.grad_weight, want[1])
+
+
+def test_load_state_dict_replaces_a_parameter_set_by_hand_as_a_list_or_tensor():
+    """A weight assigned as a list (or a torch tensor), which forward and backward take,
+    made load_state_dict fail with AttributeError ('list' has no 'shape')."""
+    values = [[1.0, 2.0, 3.0]]
+    torch = None
+    try:
+        import torch
+        values.append(torch.ones(3, dtype=torch.float64))
+    except ImportError:
+        pass
+    for v in values:
+        bn = bnfast.BatchNorm(3, dtype=np.float64)
+        bn.weight = v
+        bn.load_state_dict({"weight": [2.0, 2.0, 2.0]}, strict=False)
+        assert isinstance(bn.weight, np.ndarray) and bn.weight.dtype == np.float64
+        np.testing.assert_array_equal(bn.weight, [2.0, 2.0, 2.0])
+
+
 # ----------------------------------------------------------------------------------
 # freeze, FrozenBatchNorm
 
@@ -628,7 +727,7 @@ if given is not None:
             R.assert_forward_close(y, ref(x), what=f"step {i} training={training}: y")
             dy = make_values(x.shape, dtype, c.seed % 1000 + i, axis=c.axis)
             dx, dxr = bn.backward(dy), ref.backward(dy)
-            _, mean, invstd, _ = ref._saved
+            _, mean, invstd = ref._saved[:3]
             wv = np.ones(c.C) if bn.weight is None else np.asarray(bn.weight, np.float64)
             absdy = np.abs(dy.astype(np.float64))
             R.assert_grad_close(dx, dxr, scale=np.max(
