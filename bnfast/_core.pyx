@@ -3563,6 +3563,14 @@ cdef Py_ssize_t _exchange_moments(bnf_moments *mom, Py_ssize_t C, object hook) e
     if C > 0 and not mom[0].n > 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got "
                          f"{mom[0].n:.0f} over the whole batch")
+    # every channel counts the same values, a whole number that a Py_ssize_t holds (a
+    # hook's NaN or 1e300 cast to it was undefined behaviour)
+    for c in range(C):
+        if not (mom[c].n == mom[0].n and mom[c].n <= 9007199254740992.0 and
+                mom[c].n == <double>(<long long>mom[c].n)):
+            raise ValueError(f"moments_hook returned count {mom[c].n!r} for channel {c}: "
+                             f"expected one whole count for every channel, got "
+                             f"{mom[0].n!r} for channel 0")
     return <Py_ssize_t>mom[0].n
 
 

@@ -303,6 +303,24 @@ def test_bad_dy_on_one_rank_is_named_on_the_others():
         assert res[r].startswith("RuntimeError: SyncBatchNorm backward failed on rank(s) [2]"), res
 
 
+@pytest.mark.parametrize("count", [float("nan"), 1e300, 7.5, "uneven"])
+def test_moments_hook_counts_are_checked(count):
+    """A communicator that returns a count no Py_ssize_t holds (NaN, 1e300: the cast was
+    undefined behaviour), a fraction, or different counts per channel is refused."""
+    x = np.random.default_rng(0).standard_normal((6, 3))
+
+    def hook(local):
+        g = np.array(local, dtype=np.float64)
+        if count == "uneven":
+            g[1, 0] = 12.0
+        else:
+            g[1:, 0] = count
+        return g
+
+    with pytest.raises(ValueError, match="moments_hook returned count"):
+        bnfast._core._train(x, None, None, 1e-5, 1, None, None, 0.1, None, True, hook)
+
+
 def test_empty_rank_gets_empty_output_and_zero_grads():
     def fn(comm):
         r = comm.Get_rank()
