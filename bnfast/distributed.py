@@ -341,3 +341,10 @@ class SyncBatchNorm(BatchNorm):
         d = super().__getstate__()
         d["_comm"] = None
         return d
+
+    def __deepcopy__(self, memo):
+        # a communicator is a handle to the group, not the layer's data: the copy shares
+        # it (deep-copying one with a lock inside raised "cannot pickle '_thread.lock'")
+        if self._comm is not None:
+            memo.setdefault(id(self._comm), self._comm)
+        return super().__deepcopy__(memo)

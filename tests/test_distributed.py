@@ -321,6 +321,21 @@ def test_moments_hook_counts_are_checked(count):
         bnfast._core._train(x, None, None, 1e-5, 1, None, None, 0.1, None, True, hook)
 
 
+def test_deepcopy_shares_the_communicator():
+    """deepcopy copied the communicator too: one holding a lock (a threaded or mpi4py
+    one) raised TypeError; the copy is a layer of the same group."""
+    import copy
+
+    def fn(comm):
+        bn = SyncBatchNorm(2, axis=-1, comm=comm)
+        bn2 = copy.deepcopy(bn)
+        assert bn2.comm is comm and bn2.weight is not bn.weight
+        x = np.arange(6.0).reshape(3, 2) + comm.Get_rank()
+        return bn2(x).tolist() == bn(x).tolist()
+
+    assert run_ranks(2, fn) == [True, True]
+
+
 def test_empty_rank_gets_empty_output_and_zero_grads():
     def fn(comm):
         r = comm.Get_rank()
