@@ -2383,8 +2383,9 @@ cdef inline bint _segments_pay(const Geo *g, Py_ssize_t itemsize,
 cdef cnp.ndarray _copy_in_own_order(cnp.ndarray x):
     """x copied in its own axis order: a C-order copy of an F-ordered array would be a
     transpose, and an `out` in x's order would then need another. Broadcast axes (stride
-    0) go outermost: NumPy's order 'K' puts them innermost, so a (1, C) row broadcast to
-    (N, C) came out F-ordered and a C-ordered out or dy took a second full-size copy."""
+    0) take their place in C order where the other axes are in C order, else go
+    outermost: NumPy's order 'K' puts them innermost, so a (1, C) row broadcast to (N, C)
+    came out F-ordered and a C-ordered out or dy took a second full-size copy."""
     cdef int i, nd = cnp.PyArray_NDIM(x)
     for i in range(nd):
         if cnp.PyArray_STRIDES(x)[i] == 0 and cnp.PyArray_DIMS(x)[i] > 1:
@@ -2396,7 +2397,10 @@ cdef cnp.ndarray _copy_in_own_order(cnp.ndarray x):
     # the rest outermost first by |stride| (stable: ties keep their order, as order 'K')
     rest = sorted((i for i in range(nd) if i not in broadcast),
                   key=lambda i: -abs(strides[i]))
-    perm = broadcast + rest
+    if rest == sorted(rest):
+        perm = list(range(nd))      # the rest in C order: all of it (a C-ordered out fits)
+    else:
+        perm = broadcast + rest
     c = np.empty([shape[i] for i in perm], dtype=x.dtype).transpose(np.argsort(perm))
     np.copyto(c, x)
     return c

@@ -258,6 +258,9 @@ COPIED = {
     "(N, C) broadcast": (lambda a: np.broadcast_to(a[:32], (1 << 15, 32)), 1),
     "NCHW batch broadcast": (lambda a: np.broadcast_to(a[:1 << 15].reshape(1, 16, 32, 64),
                                                        (32, 16, 32, 64)), 1),
+    # ... and over the channels (a middle axis): copied in C order too
+    "NCHW channel broadcast": (lambda a: np.broadcast_to(a[:1 << 16].reshape(32, 1, 32, 64),
+                                                         (32, 16, 32, 64)), 1),
 }
 
 
