@@ -481,6 +481,27 @@ def test_pickle_and_copy(kw):
         b2(np.zeros((2, 3), np.float32))
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_unpickles_a_layer_saved_mid_step_by_the_earlier_format(training):
+    """Before the forward's weight and axis were kept, a layer between forward and
+    backward pickled a 4-item _saved (eval: None for the statistics, read at backward);
+    such a pickle loads and its backward gives the gradient it gave then."""
+    x = make_values((5, 3, 2), np.float64, 7)
+    dy = make_values((5, 3, 2), np.float64, 8)
+    bn = _trained().train(training)
+    bn(x)
+    want = bn.backward(dy)
+    state = bn.__getstate__()
+    saved = state["_saved"]
+    state["_saved"] = (saved[0], saved[1] if training else None,
+                       saved[2] if training else None, saved[3])
+    old = type(bn).__new__(type(bn))
+    old.__setstate__(state)
+    loaded = pickle.loads(pickle.dumps(old))
+    np.testing.assert_array_equal(loaded.backward(dy), want)
+    np.testing.assert_array_equal(loaded.grad_weight, bn.grad_weight)
+
+
 def test_pickle_frozen():
     f = bnfast.FrozenBatchNorm([1.0, 2.0], [0.5, 2.0], [1.0, -1.0], [0.0, 3.0], eps=1e-3,
                                axis=-1)
