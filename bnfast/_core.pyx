@@ -2116,6 +2116,10 @@ def _tensor_to_numpy(t):
     NumPy lacks (bfloat16, the float8 kinds) come back as float32, which holds each of
     their values exactly; `Tensor.numpy()` refuses them. Every torch argument, parameter
     and state_dict value goes through here."""
+    if getattr(t, "is_meta", False):    # .cpu() raised torch's NotImplementedError
+        raise ValueError("a torch tensor on the 'meta' device holds no values: materialize "
+                         "the module first (module.to_empty(device='cpu'), then load its "
+                         "state)")
     t = t.detach().cpu()
     try:
         return t.numpy()
@@ -2257,6 +2261,12 @@ cdef int _check_bool(object v, str name) except -1:
     if isinstance(v, np.bool_):
         return 1 if v else 0
     raise TypeError(f"{name} must be a bool, got {type(v).__name__} {v!r}")
+
+
+def _check_flag(v, name):
+    """_check_bool for the Python modules' flags (folding's transpose, RunningStats'
+    unbiased): True or False, else a TypeError naming the argument."""
+    return _check_bool(v, name) == 1
 
 
 cdef double _check_eps(object eps) except -1.0:

@@ -239,8 +239,12 @@ class BatchNorm:
         with self._lock:
             # torch: eval uses the running statistics whenever the layer has them, also
             # when track_running_stats was turned off after construction
-            use_batch = self.training or (self.running_mean is None
-                                          and self.running_var is None)
+            # `training` read once: train()/eval() take no lock, and a flag flipped by
+            # another thread between two reads gave a batch-statistics forward that did
+            # not update the running statistics
+            training = self.training
+            use_batch = training or (self.running_mean is None
+                                     and self.running_var is None)
             saved_x = _input_for_backward(x, out)
             if not use_batch:
                 y = batch_norm(x, self.running_mean, self.running_var, self.weight,
@@ -248,15 +252,16 @@ class BatchNorm:
                 # the running statistics this forward used: invstd computed by backward
                 mean, invstd = self.running_mean, (self.running_var, self.eps)
             else:
-                y, mean, invstd = self._batch_forward(x, out)
+                y, mean, invstd = self._batch_forward(x, out, training)
             self._saved = (saved_x, mean, invstd, use_batch, self.weight, self.axis)
             return y
 
-    def _batch_forward(self, x, out, moments_hook=None):
-        """Normalize with batch statistics, updating the running ones in training when
-        tracked (num_batches_tracked is restored if the call fails); (y, mean, invstd).
-        moments_hook: see bnfast._core._train (statistics of a batch over processes)."""
-        update = self.training and self.track_running_stats
+    def _batch_forward(self, x, out, training, moments_hook=None):
+        """Normalize with batch statistics, updating the running ones when `training`
+        (the layer's flag, read once by the caller) and tracked (num_batches_tracked is
+        restored if the call fails); (y, mean, invstd). moments_hook: see
+        bnfast._core._train (statistics of a batch over processes)."""
+        update = training and self.track_running_stats
         factor = 0.0
         counted = self.num_batches_tracked
         if update:

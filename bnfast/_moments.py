@@ -11,9 +11,8 @@ import contextlib
 
 import numpy as np
 
-from bnfast._core import _as_array
-from bnfast._core import (_frozen_f64, _merge_moment_arrays, _merge_packed_rows,
-                          _moments_parts)
+from bnfast._core import (_as_array, _check_flag, _frozen_f64, _merge_moment_arrays,
+                          _merge_packed_rows, _moments_parts)
 
 __all__ = ["Moments", "moments", "merge_moments", "RunningStats"]
 
@@ -109,6 +108,8 @@ class Moments:
         >>> bnfast.Moments.empty(2).count
         array([0., 0.])
         """
+        if isinstance(num_features, (bool, np.bool_)):
+            raise TypeError(f"num_features must be an int, got {num_features!r}")
         try:
             c = int(num_features)
         except (TypeError, ValueError, OverflowError):
@@ -509,6 +510,12 @@ class RunningStats:
         if layer.running_mean is None or getattr(layer, "running_var", None) is None:
             raise ValueError("to_batchnorm: the layer has no running statistics "
                              "(track_running_stats=False)")
+        for name in ("running_mean", "running_var"):   # (a torch module's are tensors)
+            if not isinstance(getattr(layer, name), np.ndarray):
+                raise TypeError(f"to_batchnorm: layer must be a bnfast.BatchNorm (or a "
+                                f"layer whose running statistics are NumPy arrays); its "
+                                f"{name} is a {type(getattr(layer, name)).__name__} (for "
+                                f"a torch module: bnfast.from_torch(module) first)")
         if layer.num_features != self.num_features:
             raise ValueError(f"to_batchnorm: the layer has {layer.num_features} channels, "
                              f"these statistics have {self.num_features} channels")
@@ -559,6 +566,8 @@ class RunningStats:
             A channel has too few values for the variance (0, or 1 with ``unbiased``),
             or its mean or variance is not finite (NaN or inf in its data); the
             channels are named. As :meth:`to_batchnorm`.
+        TypeError
+            ``unbiased`` is not a bool (a string "False" would read as true).
 
         Examples
         --------
@@ -570,7 +579,7 @@ class RunningStats:
         array([[0., 2.]])
         """
         from bnfast._core import FrozenBatchNorm
-        var = self._checked_var("freeze", unbiased)
+        var = self._checked_var("freeze", _check_flag(unbiased, "unbiased"))
         return FrozenBatchNorm(self._m.mean, var, weight, bias, eps, axis=self.axis)
 
     def _checked_var(self, what, unbiased):

@@ -244,7 +244,7 @@ class SyncBatchNorm(BatchNorm):
             try:
                 x = self._check_input(x)
                 saved_x = _input_for_backward(x, out)
-                y, mean, invstd = self._batch_forward(x, out, exchange)
+                y, mean, invstd = self._batch_forward(x, out, True, exchange)  # (read above)
             except Exception:
                 if not called:               # tell the other ranks, which are waiting
                     send = np.zeros(4 * C + 1)

@@ -18,10 +18,12 @@ Conventions (see the README's conventions table):
 import math
 import os
 import sys
+import zipfile
+import zlib
 
 import numpy as np
 
-from bnfast._core import FrozenBatchNorm, _check_not_masked, _tensor_to_numpy
+from bnfast._core import FrozenBatchNorm, _check_flag, _check_not_masked, _tensor_to_numpy
 from bnfast._layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = [
@@ -267,9 +269,13 @@ def load(path):
     >>> bn2.num_batches_tracked, bn2.training, np.array_equal(bn2.running_mean, bn.running_mean)
     (1, True, True)
     """
+    # what a truncated, empty or corrupted file raises (an interrupted save): the zip
+    # reader's BadZipFile (also a bad CRC), EOFError, zlib.error; object arrays need
+    # pickle (ValueError)
+    unreadable = (ValueError, EOFError, zipfile.BadZipFile, zlib.error)
     try:
         f = np.load(path, allow_pickle=False)
-    except ValueError as e:  # object arrays need pickle
+    except unreadable as e:
         raise ValueError(f"{path!r} is not a bnfast layer file: {e}") from None
     if not isinstance(f, np.lib.npyio.NpzFile):    # a .npy file: one array
         raise ValueError(f"{path!r} is not a bnfast layer file: it holds one array, not "
@@ -277,7 +283,7 @@ def load(path):
     try:
         with f:
             data = {k: f[k] for k in f.files}
-    except ValueError as e:
+    except unreadable as e:
         raise ValueError(f"{path!r} is not a bnfast layer file: {e}") from None
     required = ["format_version", "config.class", "config.num_features", "config.eps",
                 "config.momentum", "config.affine", "config.track_running_stats",
@@ -322,18 +328,35 @@ def load(path):
         raise ValueError(f"{path!r} is not a bnfast layer file: config.dtype "
                          f"{str(data['config.dtype'])!r} is not a NumPy dtype") from None
     track = flag("config.track_running_stats")
-    layer = _LAYER_CLASSES[cls_name](
-        whole("config.num_features"),
-        eps=real("config.eps"),
-        momentum=None if math.isnan(mom) else mom,
-        affine=flag("config.affine"),
-        # a layer whose flag was turned off after construction kept its statistics
-        track_running_stats=track or "state.running_mean" in data,
-        axis=whole("config.axis"),
-        dtype=dtype,
-        unbiased_running_var=flag("config.unbiased_running_var"),
-    )
+    num_features = whole("config.num_features")
     state = {k[len("state."):]: v for k, v in data.items() if k.startswith("state.")}
+    # the per-channel arrays checked against num_features before the layer allocates
+    # them (an edited count of 2**40 would allocate first)
+    affine = flag("config.affine")
+    needed = (["weight", "bias"] if affine else []) + (
+        ["running_mean", "running_var", "num_batches_tracked"] if track else [])
+    missing = [f"state.{k}" for k in needed if k not in state]
+    if missing:
+        raise ValueError(f"{path!r} is not a bnfast layer file: missing {missing}")
+    for k, v in state.items():
+        if k != "num_batches_tracked" and v.shape != (num_features,):
+            raise ValueError(f"{path!r} is not a bnfast layer file: state.{k} has shape "
+                             f"{v.shape}, config.num_features is {num_features}")
+    try:
+        layer = _LAYER_CLASSES[cls_name](
+            num_features,
+            eps=real("config.eps"),
+            momentum=None if math.isnan(mom) else mom,
+            affine=affine,
+            # a layer whose flag was turned off after construction kept its statistics
+            track_running_stats=track or "state.running_mean" in data,
+            axis=whole("config.axis"),
+            dtype=dtype,
+            unbiased_running_var=flag("config.unbiased_running_var"),
+        )
+    except (TypeError, ValueError) as e:   # e.g. config.dtype int64: not a float dtype
+        raise ValueError(f"{path!r} is not a bnfast layer file: its config is refused: "
+                         f"{e}") from None
     layer.load_state_dict(state, strict=True)
     layer.track_running_stats = track
     return layer.train(flag("config.training"))
@@ -463,7 +486,10 @@ def _onnx_walk(graph, scope, found, opset, training_nodes):
         # ONNX stores epsilon as float32: take the shortest decimal that rounds to it
         # (1e-5, not 9.99999974737875e-06), which is what the exporter was given.
         eps = float(str(np.float32(attrs.get("epsilon", 1e-5))))
-        found[key] = FrozenBatchNorm(mean, var, scale, bias, eps, axis=1)
+        try:
+            found[key] = FrozenBatchNorm(mean, var, scale, bias, eps, axis=1)
+        except (TypeError, ValueError) as e:   # eps <= 0, a negative var: name the node
+            raise type(e)(f"BatchNormalization node {key!r}: {e}") from None
 
 
 def from_onnx(model_or_path, *, training_nodes="error"):
@@ -474,7 +500,10 @@ def from_onnx(model_or_path, *, training_nodes="error"):
     separate element types for scale/B and mean/var). Parameters may be initializers
     (also when they are listed among the graph inputs, as IR version < 4 models do),
     ``Constant`` nodes (``value``, ``value_float(s)``, ``value_int(s)``) or
-    ``Identity`` of those; nodes inside ``If``/``Loop``/``Scan`` bodies are included.
+    ``Identity`` of those; nodes inside ``If``/``Loop``/``Scan`` bodies are included,
+    and those inside model-local functions (``torch.onnx.export``'s
+    ``export_modules_as_functions``) after inlining them (``onnx.inliner``; keyed by
+    the inlined node's name).
     The channel axis is 1 (ONNX tensors are N x C x D1 x ...), so the frozen layers
     take inputs exactly as ONNX Runtime does.
 
@@ -506,7 +535,9 @@ def from_onnx(model_or_path, *, training_nodes="error"):
         ``onnx`` is not installed (``pip install 'bnfast[onnx]'``).
     ValueError
         A parameter is a runtime graph input or computed by another node; parameters
-        are not 1-D of one length; a training-mode node with ``training_nodes="error"``.
+        are not 1-D of one length; a training-mode node with ``training_nodes="error"``;
+        an ``epsilon`` or ``var`` that :class:`FrozenBatchNorm` refuses (the node is
+        named).
     NotImplementedError
         A legacy node with ``spatial=0`` (per-element statistics).
     TypeError
@@ -547,6 +578,16 @@ def from_onnx(model_or_path, *, training_nodes="error"):
     else:
         raise TypeError("from_onnx expects an onnx.ModelProto, a path, bytes or a binary "
                         f"file, got {type(model_or_path).__name__}")
+    if len(model.functions):
+        # model-local functions (torch.onnx.export's export_modules_as_functions) may
+        # hold BatchNormalization nodes, which a walk of the graph alone skipped
+        try:
+            from onnx.inliner import inline_local_functions
+        except ImportError:
+            raise ValueError("the model defines model-local functions, which may hold "
+                             "BatchNormalization nodes: inlining them needs onnx >= 1.16"
+                             ) from None
+        model = inline_local_functions(model)
     opset = None
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx"):
@@ -696,6 +737,11 @@ def _fold_factors(bn):
                         "from_keras or from_onnx first)")
     mean = np.asarray(mean, np.float64)
     var = np.asarray(var, np.float64)
+    # as eval and freeze() refuse them: folded weights would answer NaN for good
+    bad = np.flatnonzero(~(var >= 0))
+    if bad.size:
+        raise ValueError(f"folding needs a non-negative running_var (not NaN); channel "
+                         f"{bad[0]} has {var[bad[0]]!r}")
     w = np.ones_like(mean) if w is None else np.asarray(w, np.float64)
     b = np.zeros_like(mean) if b is None else np.asarray(b, np.float64)
     scale = w / np.sqrt(var + float(eps))
@@ -717,8 +763,9 @@ def _out_dtype(a):
 
 def _fold(weight, bias, bn, channel_dim, what):
     w = _as_array(weight, "weight")
-    if w.ndim < 2:
-        raise ValueError(f"{what} weight must have at least 2 dimensions, got shape {w.shape}")
+    if w.ndim < 2 or (what == "linear" and w.ndim != 2):
+        raise ValueError(f"{what} weight must have {'2' if what == 'linear' else 'at least 2'} "
+                         f"dimensions, got shape {w.shape}")
     mean, scale, shift = _fold_factors(bn)
     c = w.shape[channel_dim]
     if c != mean.shape[0]:
@@ -775,7 +822,8 @@ def fold_linear(weight, bias, bn):
     Raises
     ------
     ValueError
-        Channel count mismatch, a BatchNorm in training mode or without running stats.
+        Channel count mismatch, a weight that is not 2-D, a BatchNorm in training mode
+        or without running stats, a negative or NaN running variance.
     TypeError
         ``bn`` is not a bnfast layer; non-numeric arrays.
 
@@ -834,9 +882,9 @@ def fold_conv(weight, bias, bn, *, transpose=False):
     ------
     ValueError
         Channel count mismatch, a weight of fewer than 2 dimensions, a BatchNorm in
-        training mode or without running statistics.
+        training mode or without running statistics, a negative or NaN running variance.
     TypeError
-        ``bn`` is not a bnfast layer; non-numeric arrays.
+        ``bn`` is not a bnfast layer; non-numeric arrays; ``transpose`` not a bool.
 
     Examples
     --------
@@ -847,4 +895,5 @@ def fold_conv(weight, bias, bn, *, transpose=False):
     >>> wf[:, 0, 0, 0], bf
     (array([0.5 , 0.25], dtype=float32), array([-0.5, -0.5], dtype=float32))
     """
-    return _fold(weight, bias, bn, 1 if transpose else 0, "convolution")
+    return _fold(weight, bias, bn, 1 if _check_flag(transpose, "transpose") else 0,
+                 "convolution")

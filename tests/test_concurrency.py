@@ -373,3 +373,28 @@ def test_ticker_detects_a_call_that_holds_the_gil():
     """The detector itself can fail: a C call that keeps the GIL (bytes repetition) is
     never stamped in its middle."""
     assert not _ticker_sees_middle(lambda: b"x" * 300_000_000, attempts=2)
+
+
+def test_forward_reads_the_training_flag_once():
+    # train()/eval() take no lock: a flag flipped between two reads of it gave a
+    # batch-statistics forward that did not update the running statistics. A flag
+    # that reads True, then False, stands in for the other thread.
+    class Flipping(bnfast.BatchNorm):
+        reads = 0
+
+        @property
+        def training(self):
+            self.reads += 1
+            return self.reads % 2 == 1
+
+        @training.setter
+        def training(self, mode):
+            pass
+
+    x = (np.random.default_rng(0).standard_normal((16, 8)) * 5 + 3).astype(np.float32)
+    layer = Flipping(8, axis=-1)
+    layer.reads = 0
+    y = layer(x)
+    np.testing.assert_array_equal(y, bnfast.batch_norm_train(x, axis=-1)[0])
+    assert layer.num_batches_tracked == 1          # the batch forward updated them
+    assert not np.array_equal(layer.running_mean, np.zeros(8, np.float32))

@@ -1027,3 +1027,105 @@ def test_from_torch_affine_without_weight():
     tm.weight = None
     with pytest.raises(ValueError, match="weight or bias is None"):
         bnfast.from_torch(tm)
+
+
+def test_fold_refuses_statistics_eval_refuses_and_non_bool_transpose():
+    # folding bakes the statistics in for good: a negative or NaN running_var, which
+    # eval and freeze() refuse, gave NaN weights; transpose="False" read as true
+    bn = bnfast.BatchNorm(2, axis=-1, dtype=np.float64).eval()
+    for bad in (-0.5, np.nan):
+        bn.running_var[0] = bad
+        with pytest.raises(ValueError, match="running_var"):
+            bnfast.fold_linear(np.eye(2), None, bn)
+        with pytest.raises(ValueError, match="running_var"):
+            bnfast.fold_conv(np.ones((2, 2, 3)), None, bn)
+    frozen = bnfast.FrozenBatchNorm(np.zeros(4), np.array([1.0, 4.0, 9.0, 16.0]))
+    w = np.arange(48.0).reshape(4, 4, 3)
+    with pytest.raises(TypeError, match="transpose"):
+        bnfast.fold_conv(w, None, frozen, transpose="False")
+    assert np.array_equal(bnfast.fold_conv(w, None, frozen, transpose=np.False_)[0],
+                          bnfast.fold_conv(w, None, frozen)[0])
+    with pytest.raises(ValueError, match="2 dimensions"):   # a Linear weight is (out, in)
+        bnfast.fold_linear(np.ones((4, 2, 5)), None, frozen)
+
+
+def test_load_refuses_truncated_corrupt_and_empty_files_with_value_error(tmp_path):
+    # an interrupted save: the zip reader's BadZipFile, EOFError escaped `except
+    # ValueError`
+    data = open(bnfast.BatchNorm(3).save(tmp_path / "good.npz"), "rb").read()
+    cases = {"half": data[:len(data) // 2], "empty": b"",
+             "crc": data[:120] + bytes([data[120] ^ 0xFF]) + data[121:]}
+    for name, content in cases.items():
+        p = tmp_path / f"{name}.npz"
+        p.write_bytes(content)
+        with pytest.raises(ValueError, match="not a bnfast layer file"):
+            bnfast.load(p)
+
+
+def test_load_refuses_a_non_float_dtype_and_checks_shapes_before_allocating(tmp_path):
+    good = bnfast.BatchNorm(2).save(tmp_path / "good.npz")
+    with np.load(good) as f:
+        d = dict(f)
+    d["config.dtype"] = np.array("int64")
+    np.savez(tmp_path / "int.npz", **d)
+    with pytest.raises(ValueError, match="config is refused.*float"):
+        bnfast.load(tmp_path / "int.npz")
+    d["config.dtype"] = np.array("float32")
+    d["config.num_features"] = np.array(2**60)     # would allocate before the check
+    np.savez(tmp_path / "huge.npz", **d)
+    with pytest.raises(ValueError, match="num_features is 1152921504606846976"):
+        bnfast.load(tmp_path / "huge.npz")
+    d["config.num_features"] = np.array(2)
+    del d["state.weight"]
+    np.savez(tmp_path / "noweight.npz", **d)
+    with pytest.raises(ValueError, match="state.weight"):
+        bnfast.load(tmp_path / "noweight.npz")
+
+
+def _onnx_bn_in_function(c, eps=1e-5):
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    vals = dict(s=rng.uniform(.5, 2, c), b=rng.uniform(-1, 1, c), m=rng.uniform(-1, 1, c),
+                v=rng.uniform(.5, 2, c))
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in vals.items()]
+    fn = helper.make_function(
+        "local", "MyBN", ["X", "S", "B", "M", "V"], ["Y"],
+        [helper.make_node("BatchNormalization", ["X", "S", "B", "M", "V"], ["Y"],
+                          name="inner_bn", epsilon=eps)],
+        opset_imports=[helper.make_opsetid("", 15)])
+    call = helper.make_node("MyBN", ["x", "s", "b", "m", "v"], ["y"], domain="local",
+                            name="call")
+    g = helper.make_graph([call], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                      [None, c])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, c])],
+                          inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 15),
+                                               helper.make_opsetid("local", 1)],
+                             functions=[fn])
+
+
+def test_from_onnx_reads_batch_norms_inside_model_local_functions():
+    # torch.onnx.export(..., export_modules_as_functions=...) puts them there; the
+    # walk of the graph alone returned {} without a word
+    ort = pytest.importorskip("onnxruntime")
+    model = _onnx_bn_in_function(3)
+    layers = bnfast.from_onnx(model)
+    assert len(layers) == 1
+    x = np.random.default_rng(1).standard_normal((4, 3)).astype(np.float32)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(next(iter(layers.values()))(x), sess.run(None, {"x": x})[0],
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_from_onnx_names_the_node_whose_parameters_are_refused():
+    pytest.importorskip("onnx")
+    with pytest.raises(ValueError, match="BatchNormalization node .*eps"):
+        bnfast.from_onnx(_onnx_bn_in_function(3, eps=0.0))
+
+
+def test_from_torch_meta_module_is_a_value_error():
+    torch = pytest.importorskip("torch")
+    with torch.device("meta"):
+        m = torch.nn.BatchNorm1d(3)
+    with pytest.raises(ValueError, match="meta"):
+        bnfast.from_torch(m)

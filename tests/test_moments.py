@@ -602,3 +602,17 @@ if given is not None:
         for p in parts[1:]:
             acc = merge_moments(acc, p)
         _check(acc, _ref(x, c.axis), what=f"{c!r} cut at {at}")
+
+
+def test_flags_and_layers_of_another_kind_are_type_errors():
+    rs = bnfast.RunningStats(2, axis=-1).update(np.array([[1.0, 2.0], [3.0, 5.0]]))
+    # a string "False" read by truth value gave the unbiased variance
+    with pytest.raises(TypeError, match="unbiased"):
+        rs.freeze(unbiased="False")
+    assert np.array_equal(rs.freeze(unbiased=np.False_).var, rs.freeze().var)
+    # a torch module passed the duck-typing check, then raised AttributeError
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="from_torch"):
+        rs.to_batchnorm(torch.nn.BatchNorm1d(2))
+    with pytest.raises(TypeError, match="num_features"):
+        bnfast.Moments.empty(True)
