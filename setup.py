@@ -37,8 +37,37 @@ def _openmp_candidates(compiler_type):
     return [(["-fopenmp"], ["-fopenmp"])]
 
 
+def _env_flag(name):
+    """A BNFAST_* switch: set unless empty, 0, false, no or off."""
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+# What the compiled core depends on beyond its sources: a rebuild in the same tree
+# with any of these changed recompiles (setuptools compares only file times, and had
+# installed the serial or -ffast-math build's stale .so again while saying "serial").
+_CONFIG_ENV = ("CC", "CFLAGS", "CPPFLAGS", "LDFLAGS", "BNFAST_DISABLE_OPENMP",
+               "BNFAST_EXTRA_CFLAGS", "BNFAST_EXTRA_LDFLAGS")
+
+
 class BuildExt(build_ext):
     """build_ext that adds OpenMP when the compiler has it, and optimisation flags."""
+
+    def run(self):
+        config = repr([(k, os.environ.get(k)) for k in _CONFIG_ENV] + [sys.version])
+        stamp = os.path.join(self.build_temp, "bnfast-build-config")
+        try:
+            with open(stamp) as f:
+                same = f.read() == config
+        except OSError:
+            same = False
+        if not same:
+            self.force = True
+            if os.path.exists(stamp):   # a build that fails half way is redone whole
+                os.remove(stamp)
+        super().run()
+        os.makedirs(self.build_temp, exist_ok=True)
+        with open(stamp, "w") as f:
+            f.write(config)
 
     def _try_openmp(self, cflags, ldflags):
         with tempfile.TemporaryDirectory() as tmp:
@@ -80,7 +109,7 @@ class BuildExt(build_ext):
             if self._has_flag("-fno-tree-loop-distribute-patterns"):
                 base.append("-fno-tree-loop-distribute-patterns")
         omp_c, omp_l = [], []
-        if os.environ.get("BNFAST_DISABLE_OPENMP"):
+        if _env_flag("BNFAST_DISABLE_OPENMP"):
             print("bnfast: OpenMP disabled by BNFAST_DISABLE_OPENMP; building serial kernels")
         else:
             for cflags, ldflags in _openmp_candidates(ctype):

@@ -32,6 +32,7 @@ channels last). A kernel cannot beat the floor of the passes it needs.
 frozen layer fine-tuned through), one pass over x and dy: its floor is ``floor bwd 2r+w``.
 """
 import argparse
+import importlib.machinery
 import ctypes
 import os
 import shutil
@@ -44,7 +45,10 @@ from types import SimpleNamespace
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if any(os.path.exists(os.path.join(_CHECKOUT, "bnfast", "_core" + suffix))
+       for suffix in importlib.machinery.EXTENSION_SUFFIXES):   # built in place: that one
+    sys.path.insert(0, _CHECKOUT)
 
 import bnfast  # noqa: E402
 from bnfast import _bench, _config  # noqa: E402

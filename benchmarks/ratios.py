@@ -9,11 +9,15 @@ bnfast/copy = bnfast median / np.copyto median in the same group (1.00 = the mem
 Peer/bnfast = how many times longer the peer takes.
 """
 import argparse
+import importlib.machinery
 import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if any(os.path.exists(os.path.join(_CHECKOUT, "bnfast", "_core" + suffix))
+       for suffix in importlib.machinery.EXTENSION_SUFFIXES):   # built in place: that one
+    sys.path.insert(0, _CHECKOUT)
 
 from bnfast._bench import format_table, legend, results_from_pytest  # noqa: E402
 

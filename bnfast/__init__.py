@@ -8,16 +8,27 @@ Interop: :func:`from_torch`, :func:`from_onnx`, :func:`from_keras`, :func:`fold_
 """
 from typing import TYPE_CHECKING
 
-from bnfast._core import (
-    FrozenBatchNorm,
-    batch_norm,
-    batch_norm_backward,
-    batch_norm_train,
-    get_num_threads,
-    get_output_cache,
-    set_num_threads,
-    set_output_cache,
-)
+try:
+    from bnfast._core import (
+        FrozenBatchNorm,
+        batch_norm,
+        batch_norm_backward,
+        batch_norm_train,
+        get_num_threads,
+        get_output_cache,
+        set_num_threads,
+        set_output_cache,
+    )
+except ModuleNotFoundError as _e:   # `python -m bnfast` in a checkout imports its source
+    if _e.name != "bnfast._core":
+        raise
+    import os as _os
+
+    raise ImportError(
+        f"bnfast's compiled core is missing from {_os.path.dirname(__file__)}: that is a "
+        "source tree (Python imports the current directory first), not the installed "
+        "package. Run from another directory, or build in place: python setup.py "
+        "build_ext --inplace") from None
 from bnfast._layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __version__ = "0.1.0"

@@ -30,6 +30,13 @@
 #ifndef BNFAST_KERNELS_H
 #define BNFAST_KERNELS_H
 
+/* -ffast-math (from a user's CFLAGS) breaks what the kernels promise: NaN and inf
+ * handling (finite-math-only), the exact sums (reassociation), and at link time it sets
+ * flush-to-zero process-wide.  Refused rather than built wrong. */
+#if defined(__FAST_MATH__) || (defined(__FINITE_MATH_ONLY__) && __FINITE_MATH_ONLY__)
+#error "bnfast must not be built with -ffast-math or -ffinite-math-only (check CFLAGS and BNFAST_EXTRA_CFLAGS): they break its NaN/inf handling and exact sums"
+#endif
+
 #include <stddef.h>
 #include <stdint.h>
 

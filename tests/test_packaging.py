@@ -52,7 +52,7 @@ def _tree(pattern):
 
 
 def test_sdist_has_the_build_sources(sdist_files):
-    need = {"setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "bnfast/_core.pyx",
+    need = {"setup.py", "pyproject.toml", "README.md", "LICENSE", "MANIFEST.in", "bnfast/_core.pyx",
             "bnfast/_openmp_helpers.pxd", "bnfast/_core.pyi", "bnfast/py.typed"}
     need |= _tree("bnfast/*.py") | _tree("bnfast/*.pxd") | _tree("src/*.c") | _tree("src/*.h")
     assert _tree("src/*.h"), "no headers in src/"
@@ -74,3 +74,33 @@ def test_sdist_has_no_build_outputs(sdist_files):
     generated = sorted(f for f in sdist_files
                        if f == "bnfast/_core.c" or f.endswith((".so", ".pyd", ".pyc")))
     assert not generated, generated
+
+
+def test_source_tree_without_a_compiled_core_says_so(tmp_path):
+    # `pip install . && python -m bnfast ...` run in the checkout imports the source
+    # tree (the current directory first), which has no compiled core: a bare
+    # ModuleNotFoundError named no way out
+    src = tmp_path / "bnfast"
+    src.mkdir()
+    for f in (ROOT / "bnfast").glob("*.py"):
+        shutil.copy(f, src)
+    r = subprocess.run([sys.executable, "-c", "import bnfast"], cwd=tmp_path,
+                       capture_output=True, text=True,
+                       env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert r.returncode != 0
+    assert "compiled core is missing" in r.stderr and "build_ext --inplace" in r.stderr
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+@pytest.mark.parametrize("flag", ["-ffast-math", "-ffinite-math-only"])
+def test_fast_math_builds_are_refused(tmp_path, flag):
+    # a user's CFLAGS=-ffast-math built silently and broke NaN/inf handling and the
+    # exact sums (55 tests failed)
+    c = tmp_path / "t.c"
+    c.write_text('#include "bnfast_kernels.h"\nint main(void) { return 0; }\n')
+    ok = subprocess.run(["gcc", "-fsyntax-only", f"-I{ROOT / 'src'}", str(c)],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    bad = subprocess.run(["gcc", "-fsyntax-only", flag, f"-I{ROOT / 'src'}", str(c)],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "must not be built with -ffast-math" in bad.stderr
