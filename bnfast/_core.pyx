@@ -768,7 +768,8 @@ def get_num_threads():
     ``threadpoolctl`` limits); 1 when built without OpenMP, and in a process forked
     while its parent had other threads, such as bnfast's or another library's OpenMP
     threads (GNU OpenMP's threads do not survive ``fork``: use the ``spawn`` or
-    ``forkserver`` start method for threaded children). Calls on small
+    ``forkserver`` start method for threaded children), where bnfast was imported
+    before the fork (README "Threads"). Calls on small
     inputs use fewer threads (none below a work threshold).
 
     Parameters
@@ -2147,9 +2148,13 @@ def _as_array(a, name):
         _refuse_masked(a, name)
         return a
     try:
-        return np.asarray(a)
+        a = np.asarray(a)
     except Exception as e:
         raise TypeError(f"{name} must be an array-like of real numbers: {e}") from None
+    if a.dtype == object:   # NumPy < 1.24 made a ragged list one, with a warning only
+        raise TypeError(f"{name} must be an array-like of real numbers, got one NumPy "
+                        f"reads as an object array (a ragged or mixed list?)")
+    return a
 
 
 cdef tuple _as_input(object x, str name):
@@ -3668,7 +3673,12 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, axis
         The forward input.
     mean, invstd : array_like of shape (C,)
         From :func:`batch_norm_train` (training), or the running mean and
-        ``1 / sqrt(running_var + eps)`` (``training=False``).
+        ``1 / sqrt(running_var + eps)`` (``training=False``). In training a ``mean``
+        within about 4 ulps of x's batch mean (|Σ(x − mean)| / n ≤ 8.9e-16 |mean|) is
+        taken as that batch mean, the part a double cannot hold recovered from the
+        sums (the mean :func:`batch_norm_train` returns is such a rounding); any other
+        mean (a float32 one from elsewhere) is used as given, as
+        ``torch.ops.aten.native_batch_norm_backward`` does.
     weight : array_like of shape (C,), optional
     training : bool, default True
         True: the full gradient through the batch statistics. False: the statistics

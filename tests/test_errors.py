@@ -809,6 +809,12 @@ def test_layer_conversion_errors_name_the_argument():
         layer.backward([[1.0, 2.0], [1.0], [2.0, 3.0]])
     with pytest.raises(TypeError, match=r"^x must be an array-like"):
         bnfast.moments([[1.0, 2.0], [1.0]])
+    # what NumPy converts to an object array without an error (and NumPy < 1.24 made of
+    # a ragged list, with a warning only: "x must have at least 2 dimensions")
+    for call in (lambda: layer([[1.0, 2.0], [None, 3.0]]),
+                 lambda: bnfast.moments([[1.0, 2.0], [None, 3.0]])):
+        with pytest.raises(TypeError, match=r"^x must be an array-like.*object array"):
+            call()
     torch = pytest.importorskip("torch")
     t = torch.ones((3, 2), requires_grad=True)
     for call in (lambda: bnfast.batch_norm_train(t), lambda: layer(t)):
