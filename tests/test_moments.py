@@ -215,12 +215,15 @@ def test_moments_constructor_checks():
     assert np.isnan(m.mean[1]) and m.m2[1] == 0.0 and m.num_features == 2
     with pytest.raises(ValueError, match="same shape"):
         Moments([1, 2], [0.0], [0.0, 0.0])
-    with pytest.raises(ValueError, match="non-negative whole"):
+    with pytest.raises(ValueError, match="whole numbers from 0 to"):
         Moments([1.5], [0.0], [0.0])
-    with pytest.raises(ValueError, match="non-negative whole"):
+    with pytest.raises(ValueError, match="whole numbers from 0 to"):
         Moments([-1], [0.0], [0.0])
-    with pytest.raises(ValueError, match="non-negative whole"):
+    with pytest.raises(ValueError, match="whole numbers from 0 to"):
         Moments([np.inf], [1.0], [1.0])         # merged, it turned every mean NaN
+    with pytest.raises(ValueError, match="whole numbers from 0 to 2"):
+        Moments([1e300], [1.0], [0.0])          # merged with itself: m2 NaN
+    assert Moments([2.0**53], [1.0], [0.0]).count[0] == 2.0**53
     with pytest.raises(ValueError, match="m2 must be non-negative"):
         Moments([3], [0.0], [-1.0])
     with pytest.raises(ValueError, match="1-D"):
