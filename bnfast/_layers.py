@@ -335,7 +335,8 @@ class BatchNorm:
         """Parameters and buffers under PyTorch's key names (numpy arrays).
 
         The arrays are the layer's own (not copies); :meth:`load_state_dict` writes
-        into them. Without ``affine`` there is no ``weight``/``bias``; without running
+        into them. ``num_batches_tracked`` is a 0-d array of the count (a Python int on
+        the layer): writing into it does not change the layer. Without ``affine`` there is no ``weight``/``bias``; without running
         statistics (``track_running_stats=False`` at construction) no
         ``running_mean``/``running_var``/``num_batches_tracked``.
 

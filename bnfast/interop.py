@@ -386,7 +386,23 @@ def _onnx_constant_value(node):
             return np.array(a.i, np.int64)
         if a.name == "value_ints":
             return np.array(a.ints, np.int64)
+        if a.name == "sparse_value":
+            return _onnx_sparse_to_array(a.sparse_tensor)
     return None
+
+
+def _onnx_sparse_to_array(sparse):
+    """A SparseTensorProto as a dense array (indices linear, or one row per value)."""
+    from onnx import numpy_helper
+
+    values = numpy_helper.to_array(sparse.values)
+    indices = numpy_helper.to_array(sparse.indices)
+    dense = np.zeros(tuple(sparse.dims), values.dtype)
+    if indices.ndim == 1:
+        dense.reshape(-1)[indices] = values
+    else:
+        dense[tuple(indices.T)] = values
+    return dense
 
 
 def _onnx_walk(graph, scope, found, opset, training_nodes):
@@ -398,6 +414,8 @@ def _onnx_walk(graph, scope, found, opset, training_nodes):
         scope[inp.name] = ("input", None)
     for init in graph.initializer:  # an initializer also listed as an input is a default
         scope[init.name] = ("value", init)
+    for sparse in graph.sparse_initializer:
+        scope[sparse.values.name] = ("value", _onnx_sparse_to_array(sparse))
     for node in graph.node:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             val = _onnx_constant_value(node)
@@ -499,7 +517,8 @@ def from_onnx(model_or_path, *, training_nodes="error"):
     ``consumed_inputs`` (opsets 1-8), opset 9, and opsets 14/15 (``training_mode``;
     separate element types for scale/B and mean/var). Parameters may be initializers
     (also when they are listed among the graph inputs, as IR version < 4 models do),
-    ``Constant`` nodes (``value``, ``value_float(s)``, ``value_int(s)``) or
+    sparse initializers, ``Constant`` nodes (``value``, ``value_float(s)``,
+    ``value_int(s)``, ``sparse_value``) or
     ``Identity`` of those; nodes inside ``If``/``Loop``/``Scan`` bodies are included,
     and those inside model-local functions (``torch.onnx.export``'s
     ``export_modules_as_functions``) after inlining them (``onnx.inliner``; keyed by

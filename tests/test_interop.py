@@ -1129,3 +1129,31 @@ def test_from_torch_meta_module_is_a_value_error():
         m = torch.nn.BatchNorm1d(3)
     with pytest.raises(ValueError, match="meta"):
         bnfast.from_torch(m)
+
+
+def test_from_onnx_sparse_initializers_and_constants():
+    # a sparse parameter was "not defined in the graph", a sparse Constant "computed at
+    # run time by node 'Constant'"
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+    c = 4
+    scale, var = np.array([0, 2, 0, 3], np.float32), np.array([1, 4, 9, 16], np.float32)
+    sp_scale = helper.make_sparse_tensor(
+        numpy_helper.from_array(scale[[1, 3]], "s"), numpy_helper.from_array(
+            np.array([1, 3], np.int64), "s_idx"), [c])
+    sp_var = helper.make_sparse_tensor(numpy_helper.from_array(var, "vv"),
+                                       numpy_helper.from_array(
+                                           np.array([[0], [1], [2], [3]], np.int64), "v_idx"),
+                                       [c])
+    const = helper.make_node("Constant", [], ["v"], sparse_value=sp_var)
+    bn = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], name="bn")
+    inits = [numpy_helper.from_array(np.full(c, 0.5, np.float32), "b"),
+             numpy_helper.from_array(np.zeros(c, np.float32), "m")]
+    g = helper.make_graph([const, bn], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, c])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, c])],
+                          inits, sparse_initializer=[sp_scale])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 15)])
+    frozen = bnfast.from_onnx(model)["bn"]
+    np.testing.assert_array_equal(frozen.weight, scale)
+    np.testing.assert_array_equal(frozen.var, var)
