@@ -25,10 +25,11 @@ except ModuleNotFoundError as _e:   # `python -m bnfast` in a checkout imports i
     import os as _os
 
     raise ImportError(
-        f"bnfast's compiled core is missing from {_os.path.dirname(__file__)}: that is a "
-        "source tree (Python imports the current directory first), not the installed "
-        "package. Run from another directory, or build in place: python setup.py "
-        "build_ext --inplace") from None
+        f"bnfast's compiled core (bnfast._core) is missing from "
+        f"{_os.path.dirname(__file__)}. A source tree (Python imports the current "
+        "directory first) has none: run from another directory, or build in place "
+        "(python setup.py build_ext --inplace). An installed bnfast built for another "
+        "Python: reinstall it for this one.") from None
 from bnfast._layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __version__ = "0.1.0"

@@ -2151,7 +2151,7 @@ def _as_array(a, name):
         a = np.asarray(a)
     except Exception as e:
         raise TypeError(f"{name} must be an array-like of real numbers: {e}") from None
-    if a.dtype == object:   # NumPy < 1.24 made a ragged list one, with a warning only
+    if cnp.PyArray_TYPE(a) == cnp.NPY_OBJECT:   # NumPy < 1.24 made a ragged list one
         raise TypeError(f"{name} must be an array-like of real numbers, got one NumPy "
                         f"reads as an object array (a ragged or mixed list?)")
     return a

@@ -272,9 +272,9 @@ def moments(x, *, axis=1):
     distance of the channel's first value from the mean (absolute), which is a few ulps
     of the mean unless the data are centred near zero. float32 and float16 data are
     summed in float64 without compensation (each product exact): M2 measured up to 72
-    float64 ulps off (about 1e-14 relative), and within about 1e-10 relative where a
-    channel's first value lies far out (3000 standard deviations: 3e-12), far below
-    their own precision.
+    float64 ulps off (about 1e-14 relative), and within a few 1e-10 relative where a
+    channel's first value lies far out (3000-3500 standard deviations: up to 8e-12 for
+    float32, 1.3e-10 for float16), far below their own precision.
 
     Examples
     --------
@@ -369,8 +369,8 @@ class RunningStats:
 
     Feeding the chunks of a dataset (a memory-mapped file, a generator of batches) one
     at a time gives the statistics of the whole dataset to float64 rounding, whatever
-    the chunk sizes (float64 data; float32 and float16 data within the ~1e-10 relative
-    of :func:`moments`); empty chunks are allowed.
+    the chunk sizes (float64 data; float32 and float16 data within the few 1e-10
+    relative of :func:`moments`); empty chunks are allowed.
 
     Parameters
     ----------

@@ -272,7 +272,9 @@ def load(path):
     # what a truncated, empty or corrupted file raises (an interrupted save): the zip
     # reader's BadZipFile (also a bad CRC), EOFError, zlib.error; object arrays need
     # pickle (ValueError)
-    unreadable = (ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+    # (NotImplementedError: an unknown compression method; RuntimeError: "encrypted")
+    unreadable = (ValueError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError,
+                  RuntimeError)
     try:
         f = np.load(path, allow_pickle=False)
     except unreadable as e:
@@ -597,15 +599,14 @@ def from_onnx(model_or_path, *, training_nodes="error"):
     else:
         raise TypeError("from_onnx expects an onnx.ModelProto, a path, bytes or a binary "
                         f"file, got {type(model_or_path).__name__}")
-    if len(model.functions):
-        # model-local functions (torch.onnx.export's export_modules_as_functions) may
+    if any(n.op_type == "BatchNormalization" for f in model.functions for n in f.node):
+        # model-local functions (torch.onnx.export's export_modules_as_functions) that
         # hold BatchNormalization nodes, which a walk of the graph alone skipped
         try:
             from onnx.inliner import inline_local_functions
         except ImportError:
-            raise ValueError("the model defines model-local functions, which may hold "
-                             "BatchNormalization nodes: inlining them needs onnx >= 1.16"
-                             ) from None
+            raise ValueError("the model's local functions hold BatchNormalization "
+                             "nodes: inlining them needs onnx >= 1.16") from None
         model = inline_local_functions(model)
     opset = None
     for imp in model.opset_import:

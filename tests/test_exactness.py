@@ -309,9 +309,11 @@ def test_float64_narrow_rows_mean_and_m2_to_an_ulp(shape):
 
 @pytest.mark.parametrize("layout", ["rows", "runs"])
 def test_float64_mean_of_prices_is_its_rounding(layout):
-    """The moments docstring's bound on the mean: half an ulp of the mean (its own
-    rounding: on prices that alone is millions of ulps of the standard deviation) plus
-    1.5 ulps of the standard deviation. Data on a tick at 1e7, exact in binary."""
+    """The moments docstring's bound on the mean, on prices: half an ulp of the mean (its
+    own rounding: that alone is millions of ulps of the standard deviation) plus 1.5
+    ulps of the standard deviation (nothing was measured beyond the half ulp; the
+    general bound, a few ulps of the larger of the standard deviation and the first
+    value's distance, below). Data on a tick at 1e7, exact in binary."""
     from fractions import Fraction
     k = np.rint(np.random.default_rng(3).standard_normal((4095, 4)) * 100).astype(np.int64)
     x = 1e7 + k / 128.0

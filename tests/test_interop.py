@@ -1053,8 +1053,13 @@ def test_load_refuses_truncated_corrupt_and_empty_files_with_value_error(tmp_pat
     # an interrupted save: the zip reader's BadZipFile, EOFError escaped `except
     # ValueError`
     data = open(bnfast.BatchNorm(3).save(tmp_path / "good.npz"), "rb").read()
+    central = data.find(b"PK\x01\x02")             # the first central directory entry
+    method, flags = bytearray(data), bytearray(data)
+    method[central + 10] = 99                         # an unknown compression method
+    flags[central + 8] |= 1                           # "encrypted"
     cases = {"half": data[:len(data) // 2], "empty": b"",
-             "crc": data[:120] + bytes([data[120] ^ 0xFF]) + data[121:]}
+             "crc": data[:120] + bytes([data[120] ^ 0xFF]) + data[121:],
+             "method": bytes(method), "encrypted": bytes(flags)}
     for name, content in cases.items():
         p = tmp_path / f"{name}.npz"
         p.write_bytes(content)
