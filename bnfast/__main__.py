@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -128,14 +129,19 @@ def _bench(args, parser):
         usable = bnfast.get_num_threads()
         if usable < args.threads:
             why = ("built without OpenMP" if not bnfast._core._build_info()["openmp"]
+                   else "OMP_THREAD_LIMIT" if os.environ.get("OMP_THREAD_LIMIT")
                    else "a process forked while its parent had threads")
             progress(f"--threads {args.threads}: bnfast runs {usable} thread(s) here ({why}); "
                      f"timing everything with {usable}")
             threads = usable
 
     missing = [p for p in peers if not _bench.peer_installed(p)]
+    broken = [p for p in missing if p in _bench.PEER_BROKEN]
+    missing = [p for p in missing if p not in broken]
     if missing:
         progress(f"not installed, skipped: {', '.join(missing)}. {_bench.install_hint(missing)}")
+    for p in broken:
+        progress(f"installed but failing to import, skipped: {p} ({_bench.PEER_BROKEN[p]})")
     t0 = time.perf_counter()
     results = _bench.run_sweep(mode, threads=threads, dtype=args.dtype, ops=ops, peers=peers,
                                progress=progress, budget=args.budget)

@@ -145,11 +145,24 @@ class Unavailable(Exception):
     """A peer that is not installed (or cannot run this case)."""
 
 
+# A peer installed but failing to import (built for another NumPy, a missing shared
+# library): skipped as one not installed, with the error
+PEER_BROKEN: "dict[str, str]" = {}
+
+
 def peer_installed(name):
     if name in (COPY, "numpy") or name in BNFAST_VARIANTS["eval"]:
         return True
     mods = {"torch": ("torch",), "onnxruntime": ("onnx", "onnxruntime")}[name]
-    return all(importlib.util.find_spec(m) is not None for m in mods)
+    if not all(importlib.util.find_spec(m) is not None for m in mods):
+        return False
+    if name not in PEER_BROKEN:
+        try:
+            for m in mods:
+                importlib.import_module(m)
+        except Exception as e:
+            PEER_BROKEN[name] = f"{type(e).__name__}: {e}"
+    return name not in PEER_BROKEN
 
 
 def peer_version(name):
@@ -176,6 +189,8 @@ def install_hint(names):
 
 def _import_peer(name):
     if not peer_installed(name):
+        if name in PEER_BROKEN:
+            raise Unavailable(f"{name} is installed but fails to import ({PEER_BROKEN[name]})")
         raise Unavailable(f"{name} is not installed ({PEER_INSTALL[name]})")
     if name == "torch":
         return importlib.import_module("torch")
@@ -901,6 +916,7 @@ def plot_path(path):
         fmt = matplotlib.rcParams["savefig.format"]
         path = path.rstrip(".") + "." + fmt
     types = FigureCanvasBase.get_supported_filetypes()
+    types.pop("pgf", None)     # needs a TeX install: it failed after the whole sweep
     if fmt not in types:
         raise ValueError(f"matplotlib cannot write {ext!r} files (choose one of "
                          f"{', '.join('.' + t for t in sorted(types))})")

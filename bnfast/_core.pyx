@@ -23,7 +23,8 @@ from libc.math cimport fabs, sqrt, NAN, INFINITY
 from cython.parallel cimport prange
 
 from bnfast._openmp_helpers cimport (BNF_GNU_OPENMP, BNF_HAVE_OPENMP, bnf_omp_max_threads,
-                                     bnf_omp_thread_num, bnf_omp_version)
+                                     bnf_omp_thread_limit, bnf_omp_thread_num,
+                                     bnf_omp_version)
 
 import itertools
 import operator
@@ -765,7 +766,8 @@ def get_num_threads():
     """Number of threads the next bnfast call may use, computed now as a call would.
 
     The count set by :func:`set_num_threads`, else OpenMP's (``OMP_NUM_THREADS``,
-    ``threadpoolctl`` limits); 1 when built without OpenMP, and in a process forked
+    ``threadpoolctl`` limits), either capped by ``OMP_THREAD_LIMIT``; 1 when built
+    without OpenMP, and in a process forked
     while its parent had other threads, such as bnfast's or another library's OpenMP
     threads (GNU OpenMP's threads do not survive ``fork``: use the ``spawn`` or
     ``forkserver`` start method for threaded children), where bnfast was imported
@@ -788,10 +790,12 @@ def get_num_threads():
 
 
 cdef inline int _max_threads() noexcept nogil:
+    cdef int limit
     if not BNF_HAVE_OPENMP or _serial_after_fork:
         return 1
     if _num_threads > 0:
-        return _num_threads
+        limit = bnf_omp_thread_limit()   # OMP_THREAD_LIMIT caps set_num_threads too
+        return _num_threads if _num_threads < limit else limit
     return bnf_omp_max_threads()
 
 
@@ -2652,6 +2656,20 @@ cdef bint _float_into_half(cnp.ndarray dst, cnp.ndarray src) except -1:
     return True
 
 
+cdef object _direct_out(object out, cnp.ndarray a, object result_dtype):
+    """`out` where the kernels may write into it: when the result has the type they
+    compute in (x's own, or the float64 that integers are computed in), else None (a
+    temporary that _finish converts into out). An integer x with a float64 out had
+    taken a full-size temporary beside the conversion."""
+    if result_dtype is None:
+        return out
+    if isinstance(out, np.ndarray) and result_dtype == a.dtype and \
+            cnp.PyArray_TYPE(<cnp.ndarray>out) == cnp.PyArray_TYPE(a) and \
+            (<cnp.ndarray>out).dtype.isnative:
+        return out
+    return None
+
+
 cdef object _finish(object out, cnp.ndarray y, object result_dtype):
     """Deliver y: into the caller's `out` (copy when y is a temporary) or converted to
     the result dtype (float16 inputs)."""
@@ -2785,7 +2803,7 @@ cdef object _normalize(object x, object out, int axis_in, Py_ssize_t C_expected,
         _check_out(out, a, result_dtype if result_dtype is not None else a.dtype, "out")
     lay = _Layout()
     a = lay.fit_input(a, axis, True)
-    y = lay.output(out if result_dtype is None else None, a, (a,), &gy)
+    y = lay.output(_direct_out(out, a, result_dtype), a, (a,), &gy)
     memset(&j, 0, sizeof(Job))
     _set_geo(&j, &lay.gx)
     _set_type(&j, a)
@@ -3244,7 +3262,7 @@ def _train(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
         j.shift = bias_buf
         lay = _Layout()
         a = lay.fit_input(a, axis_i)
-        y = lay.output(out if result_dtype is None else None, a, (a,), &gy)
+        y = lay.output(_direct_out(out, a, result_dtype), a, (a,), &gy)
         _set_geo(&j, &lay.gx)
         _set_type(&j, a)
         j.eps = e
@@ -3794,7 +3812,7 @@ def _backward(dy, x, mean, invstd, weight, bint training, axis, out, sums_hook,
         lay = _Layout()
         a = lay.fit_input(a, axis_i)
         g = lay.fit_other_input(g, a, &gg)
-        dx = lay.output(out if result_dtype is None else None, a, (a, g), &gy)
+        dx = lay.output(_direct_out(out, a, result_dtype), a, (a, g), &gy)
         _set_geo(&j, &lay.gx)
         _set_type(&j, a)
         j.x = <char *>cnp.PyArray_DATA(a)

@@ -31,7 +31,7 @@ def _check_num_features(num_features):
 def _input_for_backward(x, out):
     """x, or a copy of it when `out` may overwrite it (in place): backward needs it."""
     if out is not None and np.may_share_memory(out, x):
-        return x.copy()
+        return x.copy(order="K")    # (C order had made dy and dx of an F-ordered x copies)
     return x
 
 

@@ -257,8 +257,9 @@ def moments(x, *, axis=1):
     -----
     One read of x by the compiled statistics pass of :func:`bnfast.batch_norm_train`
     (multithreaded, results independent of the thread count; no temporary of x's size
-    unless x needs converting (integers, non-native byte order) or has negative
-    or zero strides). The mean is kept as two doubles, whose low
+    unless x needs converting (integers, non-native byte order), has negative or zero
+    strides, or has no strided view the kernels read in place (stepped channels-last,
+    short segments: README "Memory")). The mean is kept as two doubles, whose low
     part the result keeps for merges. For float64 data M2 is within about 2 ulps of the
     exact value on data away from zero, whatever the offset (batches of 2-40 values at
     offsets 1e2-1e5 measured up to 2.2), also on data on a grid (prices on a tick,

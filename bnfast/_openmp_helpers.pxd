@@ -12,13 +12,19 @@ cdef extern from *:
     #else
     #define BNF_GNU_OPENMP 0
     #endif
-    static int bnf_omp_max_threads(void) { return omp_get_max_threads(); }
+    /* what a parallel region would get: the nthreads-var capped by OMP_THREAD_LIMIT */
+    static int bnf_omp_max_threads(void) {
+        int n = omp_get_max_threads(), lim = omp_get_thread_limit();
+        return n < lim ? n : lim;
+    }
+    static int bnf_omp_thread_limit(void) { return omp_get_thread_limit(); }
     static int bnf_omp_version(void) { return _OPENMP; }
     static int bnf_omp_thread_num(void) { return omp_get_thread_num(); }
     #else
     #define BNF_HAVE_OPENMP 0
     #define BNF_GNU_OPENMP 0
     static int bnf_omp_max_threads(void) { return 1; }
+    static int bnf_omp_thread_limit(void) { return 1; }
     static int bnf_omp_version(void) { return 0; }
     static int bnf_omp_thread_num(void) { return 0; }
     #endif
@@ -26,5 +32,6 @@ cdef extern from *:
     bint BNF_HAVE_OPENMP
     bint BNF_GNU_OPENMP
     int bnf_omp_max_threads() noexcept nogil
+    int bnf_omp_thread_limit() noexcept nogil
     int bnf_omp_version() noexcept nogil
     int bnf_omp_thread_num() noexcept nogil

@@ -279,6 +279,7 @@ def test_bench_plot_path_is_checked_before_timing(tmp_path):
         pytest.skip("matplotlib is not installed")
     for bad, why in ((tmp_path / "missing" / "x.png", "does not exist"),
                      (tmp_path / "x.nope", "'.nope'"),
+                     (tmp_path / "x.pgf", "'.pgf'"),   # needs TeX: it failed after the sweep
                      (tmp_path, "folder")):
         r = _run("bench", "--tiny", "--no-peers", "--plot", str(bad), timeout=120)
         assert r.returncode == 2, (bad, r.stderr[-2000:])
@@ -566,3 +567,31 @@ def test_parallel_copy_roofline_copies():
         assert np.array_equal(d.out, d.x)
         assert d.out[0, 0] == d.out[-1, -1] == -threads
     _bench.clear_data()
+
+
+def test_bench_skips_a_peer_that_fails_to_import(tmp_path):
+    # installed but broken (built for another NumPy, a missing library): it crashed the
+    # bench with a traceback before anything was timed
+    broken = tmp_path / "onnxruntime"
+    broken.mkdir()
+    (broken / "__init__.py").write_text('raise ImportError("simulated")\n')
+    r = _run("bench", "--tiny", "--ops", "eval", "--threads", "1", "--budget", "0.001",
+             path_first=[str(tmp_path)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "installed but failing to import, skipped: onnxruntime" in r.stderr
+    assert "simulated" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_thread_limit_caps_the_reported_count():
+    # OMP_THREAD_LIMIT=1: bnfast ran one thread while get_num_threads(), `info` and the
+    # bench's title said 2
+    if not bnfast._core._build_info()["openmp"]:
+        pytest.skip("built without OpenMP")
+    code = ("import bnfast; a = bnfast.get_num_threads(); bnfast.set_num_threads(3); "
+            "print(a, bnfast.get_num_threads())")
+    env = dict(os.environ, OMP_THREAD_LIMIT="1", OMP_NUM_THREADS="4")
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(bnfast.__file__)))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       cwd=tempfile.gettempdir(), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["1", "1"]

@@ -493,3 +493,35 @@ def test_output_cache_bad_arguments():
             bnfast.set_output_cache(bad)
     old = bnfast.set_output_cache(np.int64(1 << 20))
     assert bnfast.set_output_cache(old) == 1 << 20
+
+
+@pytest.mark.parametrize("op", ["train", "eval", "backward"])
+def test_integer_input_writes_into_a_float64_out(op):
+    # integers are computed in float64: beside the conversion (1x) the call took a
+    # full-size temporary and copied it into `out` (2x), left in the output cache
+    x = (np.arange(16 * 64 * 1024) % 7).reshape(16, 64, 1024)
+    out, dy = np.empty(x.shape), np.ones(x.shape)
+    m, s = np.full(64, 3.0), np.ones(64)
+    fn = {"train": lambda: bnfast.batch_norm_train(x, out=out),
+          "eval": lambda: bnfast.batch_norm(x, m, s, out=out),
+          "backward": lambda: bnfast.batch_norm_backward(dy, x, m, s, out=out)}[op]
+    want = {"train": lambda: bnfast.batch_norm_train(x.astype(np.float64))[0],
+            "eval": lambda: bnfast.batch_norm(x.astype(np.float64), m, s),
+            "backward": lambda: bnfast.batch_norm_backward(dy, x.astype(np.float64), m,
+                                                           s)[0]}[op]()
+    fn()
+    assert np.array_equal(out, want)
+    peak = _peak_during(fn)
+    assert peak <= 1.05 * out.nbytes, f"{op}: peak {peak / out.nbytes:.2f}x"
+
+
+def test_layer_in_place_keeps_x_in_its_own_layout():
+    # out=x: the layer keeps a copy for backward; in C order it made an F-ordered x's
+    # dy and dx copies too (peak 2x)
+    x = np.asfortranarray(np.random.default_rng(4).standard_normal((8192, 64)) + 5)
+    dy, dx = np.asfortranarray(np.ones_like(x)), np.empty_like(x, order="F")
+    bn = bnfast.BatchNorm(64, axis=-1, dtype=np.float64)
+    bn(x, out=x)
+    assert bn._saved[0].flags.f_contiguous
+    peak = _peak_during(lambda: bn.backward(dy, out=dx))
+    assert peak <= 0.05 * dx.nbytes, f"backward peak {peak / dx.nbytes:.2f}x"
