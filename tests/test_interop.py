@@ -298,6 +298,20 @@ def test_save_format_version_2_only_for_statistics_no_longer_tracked(tmp_path):
         bnfast.load(tmp_path / "c.npz")
 
 
+def _saved_layer_arrays(tmp_path):
+    """The arrays of a saved BatchNorm(2), to edit into foreign files."""
+    with np.load(bnfast.BatchNorm(2).save(tmp_path / "good.npz")) as f:
+        return dict(f)
+
+
+def _load_refused(tmp_path, arrays, match):
+    """A file of `arrays` is refused by load with a ValueError matching `match`."""
+    path = tmp_path / "edited.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(ValueError, match=match):
+        bnfast.load(path)
+
+
 def test_load_refuses_pickles_and_foreign_files(tmp_path):
     p = tmp_path / "evil.npz"
     np.savez(p, **{"config.class": np.array([object()], dtype=object)})
@@ -307,18 +321,12 @@ def test_load_refuses_pickles_and_foreign_files(tmp_path):
     np.savez(p2, a=np.zeros(3))
     with pytest.raises(ValueError, match="missing"):
         bnfast.load(p2)
-    good = bnfast.BatchNorm(2).save(tmp_path / "good.npz")
-    with np.load(good) as f:
-        d = dict(f)
+    d = _saved_layer_arrays(tmp_path)
     d["config.class"] = np.array("os.system")
-    np.savez(tmp_path / "bad.npz", **d)
-    with pytest.raises(ValueError, match="unknown layer class"):
-        bnfast.load(tmp_path / "bad.npz")
+    _load_refused(tmp_path, d, "unknown layer class")
     d["config.class"] = np.array("BatchNorm")
     d["state.running_var"] = np.ones(5, np.float32)
-    np.savez(tmp_path / "bad2.npz", **d)
-    with pytest.raises(ValueError, match="running_var"):
-        bnfast.load(tmp_path / "bad2.npz")
+    _load_refused(tmp_path, d, "running_var")
     with pytest.raises(TypeError):
         bnfast.interop.save_layer(object(), tmp_path / "x.npz")
 
@@ -332,9 +340,7 @@ def test_load_refuses_pickles_and_foreign_files(tmp_path):
     ("config.momentum", np.array([0.1])), ("config.dtype", np.array("foo")),
 ])
 def test_load_refuses_edited_config_fields(tmp_path, key, value):
-    good = bnfast.BatchNorm(2).save(tmp_path / "good.npz")
-    with np.load(good) as f:
-        d = dict(f)
+    d = _saved_layer_arrays(tmp_path)
     d[key] = value
     np.savez(tmp_path / "edited.npz", **d)
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
@@ -1068,23 +1074,15 @@ def test_load_refuses_truncated_corrupt_and_empty_files_with_value_error(tmp_pat
 
 
 def test_load_refuses_a_non_float_dtype_and_checks_shapes_before_allocating(tmp_path):
-    good = bnfast.BatchNorm(2).save(tmp_path / "good.npz")
-    with np.load(good) as f:
-        d = dict(f)
+    d = _saved_layer_arrays(tmp_path)
     d["config.dtype"] = np.array("int64")
-    np.savez(tmp_path / "int.npz", **d)
-    with pytest.raises(ValueError, match="config is refused.*float"):
-        bnfast.load(tmp_path / "int.npz")
+    _load_refused(tmp_path, d, "config is refused.*float")
     d["config.dtype"] = np.array("float32")
     d["config.num_features"] = np.array(2**60)     # would allocate before the check
-    np.savez(tmp_path / "huge.npz", **d)
-    with pytest.raises(ValueError, match="num_features is 1152921504606846976"):
-        bnfast.load(tmp_path / "huge.npz")
+    _load_refused(tmp_path, d, "num_features is 1152921504606846976")
     d["config.num_features"] = np.array(2)
     del d["state.weight"]
-    np.savez(tmp_path / "noweight.npz", **d)
-    with pytest.raises(ValueError, match="state.weight"):
-        bnfast.load(tmp_path / "noweight.npz")
+    _load_refused(tmp_path, d, "state.weight")
 
 
 def _onnx_bn_in_function(c, eps=1e-5):
