@@ -336,8 +336,9 @@ class BatchNorm:
 
         The arrays are the layer's own (not copies); :meth:`load_state_dict` writes
         into them. ``num_batches_tracked`` is a 0-d array of the count (a Python int on
-        the layer): writing into it does not change the layer. Without ``affine`` there is no ``weight``/``bias``; without running
-        statistics (``track_running_stats=False`` at construction) no
+        the layer): writing into it does not change the layer. Without ``affine`` there
+        is no ``weight``/``bias``; without running statistics
+        (``track_running_stats=False`` at construction) no
         ``running_mean``/``running_var``/``num_batches_tracked``.
 
         Examples
