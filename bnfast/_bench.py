@@ -915,8 +915,11 @@ def plot_path(path):
     if not fmt:
         fmt = matplotlib.rcParams["savefig.format"]
         path = path.rstrip(".") + "." + fmt
-    types = FigureCanvasBase.get_supported_filetypes()
-    types.pop("pgf", None)     # needs a TeX install: it failed after the whole sweep
+    types = dict(FigureCanvasBase.get_supported_filetypes())   # (a copy: matplotlib's own)
+    if fmt == "pgf":           # needs a TeX install: it failed after the whole sweep
+        types.pop("pgf", None)
+        raise ValueError(f"'.pgf' needs a TeX installation to write (choose one of "
+                         f"{', '.join('.' + t for t in sorted(types))})")
     if fmt not in types:
         raise ValueError(f"matplotlib cannot write {ext!r} files (choose one of "
                          f"{', '.join('.' + t for t in sorted(types))})")

@@ -801,8 +801,11 @@ cdef inline int _max_threads() noexcept nogil:
 
 cdef inline int _threads_for_work(Py_ssize_t elems) noexcept nogil:
     """Threads the settings allow, at most one per PAR_MIN_ELEMS elements."""
-    cdef Py_ssize_t t = _max_threads()
-    cdef Py_ssize_t by_work = elems // _par_min_elems
+    cdef Py_ssize_t t, by_work
+    if elems < 2 * _par_min_elems:     # one thread whatever the settings: no OpenMP call
+        return 1
+    t = _max_threads()
+    by_work = elems // _par_min_elems
     if t > by_work:
         t = by_work
     return <int>t if t > 1 else 1
