@@ -84,9 +84,12 @@ def test_source_tree_without_a_compiled_core_says_so(tmp_path):
     src.mkdir()
     for f in (ROOT / "bnfast").glob("*.py"):
         shutil.copy(f, src)
+    # the source tree first on the path, as the current directory is (PYTHONSAFEPATH,
+    # which the sanitizer job sets, would leave the current directory out)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
+    env["PYTHONPATH"] = str(tmp_path)
     r = subprocess.run([sys.executable, "-c", "import bnfast"], cwd=tmp_path,
-                       capture_output=True, text=True,
-                       env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+                       capture_output=True, text=True, env=env)
     assert r.returncode != 0
     assert "compiled core (bnfast._core) is missing" in r.stderr
     assert "build_ext --inplace" in r.stderr
