@@ -122,6 +122,10 @@ class BuildExt(build_ext):
                     "kernels (correct, single-threaded)",
                     file=sys.stderr,
                 )
+        if not omp_c and ctype != "msvc" and self._has_flag("-fopenmp-simd"):
+            # the `#pragma omp simd` hints without the runtime (gcc, clang): otherwise
+            # ignored, with a warning each
+            base.append("-fopenmp-simd")
         extra_c = os.environ.get("BNFAST_EXTRA_CFLAGS", "").split()
         extra_l = os.environ.get("BNFAST_EXTRA_LDFLAGS", "").split()
         for ext in self.extensions:
