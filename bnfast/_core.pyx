@@ -341,6 +341,27 @@ def _after_fork_in_child():
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
 
+
+def _forked_by_multiprocessing():
+    """This process is a child that multiprocessing forked (its 'fork' start method),
+    so bnfast is imported after the fork, which the handler above cannot see: a parent
+    with another library's OpenMP team (PyTorch's) left this libgomp waiting on threads
+    that are gone, and the first parallel region hung (a DataLoader-style worker that
+    imports bnfast lazily). Such a child runs serially, as one forked after the import."""
+    import sys
+    mp = sys.modules.get("multiprocessing")
+    if mp is None:
+        return False
+    try:
+        return (mp.parent_process() is not None
+                and mp.get_start_method(allow_none=True) == "fork")
+    except Exception:
+        return False
+
+
+if BNF_GNU_OPENMP and _forked_by_multiprocessing():
+    _serial_after_fork = True
+
 # Outputs of at least this many bytes are written with streaming (non-temporal) stores:
 # they bypass the caches, which saves reading each output line before writing it.
 cdef Py_ssize_t _stream_bytes = 1 << 23
@@ -771,7 +792,8 @@ def get_num_threads():
     while its parent had other threads, such as bnfast's or another library's OpenMP
     threads (GNU OpenMP's threads do not survive ``fork``: use the ``spawn`` or
     ``forkserver`` start method for threaded children), where bnfast was imported
-    before the fork (README "Threads"). Calls on small
+    before the fork or the child is one that ``multiprocessing`` forked (README
+    "Threads"). Calls on small
     inputs use fewer threads (none below a work threshold).
 
     Parameters

@@ -1007,6 +1007,61 @@ def test_a_child_forked_after_another_librarys_threads_runs_serially():
     assert got["threads"] == 2
 
 
+MP_FORK_THEN_IMPORT = r"""
+import ctypes, hashlib, json, multiprocessing, signal, sys
+import numpy as np
+# another library's OpenMP team (PyTorch's), and bnfast not imported before the fork:
+# a DataLoader-style worker that imports it lazily
+gomp = ctypes.CDLL(sys.argv[1])
+body = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(lambda data: None)
+gomp.GOMP_parallel.argtypes = [type(body), ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+gomp.GOMP_parallel(body, None, 2, 0)
+x = np.random.default_rng(0).standard_normal((4096, 256)).astype(np.float32)
+
+def child(q):
+    signal.alarm(20)                     # a hang ends the child, not the test
+    import bnfast
+    bnfast.set_num_threads(2)
+    y = bnfast.batch_norm_train(x, axis=-1)[0]
+    q.put({"sha": hashlib.sha256(y.tobytes()).hexdigest(),
+           "threads": bnfast.get_num_threads()})
+
+ctx = multiprocessing.get_context("fork")
+q = ctx.Queue()
+p = ctx.Process(target=child, args=(q,))
+p.start()
+p.join(60)
+got = q.get(timeout=1) if p.exitcode == 0 else {}
+import bnfast
+y = bnfast.batch_norm_train(x, axis=-1)[0]
+print(json.dumps({"exit": p.exitcode, "child": got,
+                  "sha": hashlib.sha256(y.tobytes()).hexdigest()}))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork on this platform")
+def test_a_multiprocessing_fork_child_importing_bnfast_late_runs_serially():
+    """bnfast imported only in a child that multiprocessing forked from a parent with
+    another library's OpenMP team: the fork handler never ran, and the child's first
+    threaded call hung. Such a child now runs serially, with the parent's bits."""
+    if not HAVE_OPENMP or not sys.platform.startswith("linux"):
+        pytest.skip("GNU OpenMP on Linux only")
+    lib = _linked_openmp_runtime()
+    if lib is None or "libgomp" not in os.path.basename(lib):
+        pytest.skip(f"not linked against GNU OpenMP ({lib})")
+    e = dict(os.environ)
+    e.pop("OMP_NUM_THREADS", None)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(bnfast.__file__)))
+    e["PYTHONPATH"] = root + os.pathsep + e.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", MP_FORK_THEN_IMPORT, lib],
+                       capture_output=True, text=True, env=e, timeout=120,
+                       cwd=tempfile.gettempdir())
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["exit"] == 0, "the forked child hung (SIGALRM) or crashed"
+    assert got["child"] == {"sha": got["sha"], "threads": 1}
+
+
 def test_threads_on_small_arrays_fixture_starts_threads(threads_on_small_arrays):
     """The premise of the tests that use the fixture: with it, an array far below the
     usual threshold (2 * 65536 elements) gets more than one thread."""
