@@ -948,6 +948,24 @@ def test_a_child_forked_after_threads_runs_serially():
         bnfast.set_num_threads(None)
 
 
+def _run_with_another_team(script):
+    """Run `script` (argv[1]: the libgomp bnfast links) in a fresh interpreter; the JSON
+    of its last line. Skips without GNU OpenMP on Linux."""
+    if not HAVE_OPENMP or not sys.platform.startswith("linux"):
+        pytest.skip("GNU OpenMP on Linux only")
+    lib = _linked_openmp_runtime()
+    if lib is None or "libgomp" not in os.path.basename(lib):
+        pytest.skip(f"not linked against GNU OpenMP ({lib})")
+    e = dict(os.environ)
+    e.pop("OMP_NUM_THREADS", None)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(bnfast.__file__)))
+    e["PYTHONPATH"] = root + os.pathsep + e.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", script, lib], capture_output=True, text=True,
+                       env=e, timeout=120, cwd=tempfile.gettempdir())
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 FORK_AFTER_OTHER_TEAM = r"""
 import ctypes, hashlib, json, os, signal, sys
 import numpy as np
@@ -988,20 +1006,7 @@ def test_a_child_forked_after_another_librarys_threads_runs_serially():
     bnfast none: the child's first threaded bnfast call waited forever on the parent's
     threads (the guard counted only bnfast's own teams). Now a child forked while its
     parent had other threads runs serially, with the parent's bits."""
-    if not HAVE_OPENMP or not sys.platform.startswith("linux"):
-        pytest.skip("GNU OpenMP on Linux only")
-    lib = _linked_openmp_runtime()
-    if lib is None or "libgomp" not in os.path.basename(lib):
-        pytest.skip(f"not linked against GNU OpenMP ({lib})")
-    e = dict(os.environ)
-    e.pop("OMP_NUM_THREADS", None)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(bnfast.__file__)))
-    e["PYTHONPATH"] = root + os.pathsep + e.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", FORK_AFTER_OTHER_TEAM, lib],
-                       capture_output=True, text=True, env=e, timeout=120,
-                       cwd=tempfile.gettempdir())
-    assert r.returncode == 0, r.stderr
-    got = json.loads(r.stdout.strip().splitlines()[-1])
+    got = _run_with_another_team(FORK_AFTER_OTHER_TEAM)
     assert got["exit"] == 0, "the forked child hung (SIGALRM) or crashed"
     assert got["child"] == {"sha": got["sha"], "threads": 1}
     assert got["threads"] == 2
@@ -1044,20 +1049,7 @@ def test_a_multiprocessing_fork_child_importing_bnfast_late_runs_serially():
     """bnfast imported only in a child that multiprocessing forked from a parent with
     another library's OpenMP team: the fork handler never ran, and the child's first
     threaded call hung. Such a child now runs serially, with the parent's bits."""
-    if not HAVE_OPENMP or not sys.platform.startswith("linux"):
-        pytest.skip("GNU OpenMP on Linux only")
-    lib = _linked_openmp_runtime()
-    if lib is None or "libgomp" not in os.path.basename(lib):
-        pytest.skip(f"not linked against GNU OpenMP ({lib})")
-    e = dict(os.environ)
-    e.pop("OMP_NUM_THREADS", None)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(bnfast.__file__)))
-    e["PYTHONPATH"] = root + os.pathsep + e.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", MP_FORK_THEN_IMPORT, lib],
-                       capture_output=True, text=True, env=e, timeout=120,
-                       cwd=tempfile.gettempdir())
-    assert r.returncode == 0, r.stderr
-    got = json.loads(r.stdout.strip().splitlines()[-1])
+    got = _run_with_another_team(MP_FORK_THEN_IMPORT)
     assert got["exit"] == 0, "the forked child hung (SIGALRM) or crashed"
     assert got["child"] == {"sha": got["sha"], "threads": 1}
 
