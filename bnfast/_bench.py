@@ -916,8 +916,8 @@ def plot_path(path):
         fmt = matplotlib.rcParams["savefig.format"]
         path = path.rstrip(".") + "." + fmt
     types = dict(FigureCanvasBase.get_supported_filetypes())   # (a copy: matplotlib's own)
-    if fmt == "pgf":           # needs a TeX install: it failed after the whole sweep
-        types.pop("pgf", None)
+    types.pop("pgf", None)     # needs a TeX install: it failed after the whole sweep
+    if fmt == "pgf":
         raise ValueError(f"'.pgf' needs a TeX installation to write (choose one of "
                          f"{', '.join('.' + t for t in sorted(types))})")
     if fmt not in types:

@@ -14,6 +14,7 @@ axes are ordered by stride and merged.  Two kernel forms cover every layout:
 Units and their merge order depend only on the shape, never on the thread count, so
 results are bitwise identical for any number of threads.
 """
+cimport cython
 cimport numpy as cnp
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
@@ -55,7 +56,6 @@ cdef extern from "bnfast_kernels.h" nogil:
     ctypedef struct bnf_moments:
         double n, hi, lo, m2
     enum: BNF_MAX_WIDTH
-    void bnf_prefetch_span(const void *p, ptrdiff_t bytes)
     enum: BNF_GROUP_COLS
     enum: BNF_STREAM
     enum: BNF_CACHED
@@ -381,26 +381,6 @@ cdef Py_ssize_t _stream_bytes = 1 << 23
 # 521 against 460, (32, 64, 7, 7) 66 against 58.
 cdef Py_ssize_t _stage_near_bytes = \
     (2 ** 62 if sizeof(Py_ssize_t) >= 8 else 2 ** 30) if bnf_cpu_amd() else 0
-# Bytes of the next segment's x (and dy) prefetched into L2 before a segment of rows is
-# normalized (dx computed) in memory order: at most this many, the segment's span. The
-# kernel's own prefetches stop at the end of its call, so each segment's first rows came
-# from DRAM unprefetched. Zen 4, one thread, float32, 51 MB, rows of 64-256 channels in
-# segments of 14-32 KB (an NHWC crop or padded interior, an (N, T, C) window), x or out
-# in segments, against none, alternated: eval 0.83-0.99x the time, training 0.91-1.00x,
-# backward 0.93-0.98x; 64 KB measured no better (0.96-1.11x of 16 KB).
-# (Tuning: _set_seg_prefetch; prefetches only, the same bits.)
-cdef Py_ssize_t _seg_prefetch = 16384
-
-
-def _set_seg_prefetch(n):
-    """Bytes of the next segment of rows prefetched before a segment is normalized (dx
-    computed) in memory order, 0 for none; returns the previous setting (tuning)."""
-    global _seg_prefetch
-    old = _seg_prefetch
-    _seg_prefetch = int(n)
-    return old
-
-
 # Tests: rows in segments always read in place (_segments_pay), however short.
 cdef bint _segments_always = False
 # At most one thread per this many elements (_threads_for_work; tests lower it).
@@ -1616,11 +1596,11 @@ cdef inline bint _in_memory_order(const Job *j, int kind) noexcept nogil:
 cdef void _ordered_unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
     """Normalize (or, K_BDX of rows, compute dx of) rows [r0, r0 + rb) of channels
     [c0, c0 + cn_len), in memory order."""
-    cdef Py_ssize_t r0 = (u // j.ncn) * j.rb, r, n
+    cdef Py_ssize_t r0 = (u // j.ncn) * j.rb, r, n, c
     cdef Py_ssize_t c0 = (u % j.ncn) * j.cn_len
     cdef Py_ssize_t c1 = j.C if j.C - c0 < j.cn_len else c0 + j.cn_len
     cdef Py_ssize_t nr = j.outer - r0 if j.outer - r0 < j.rb else j.rb
-    cdef Py_ssize_t isz = j.isz, row = (c1 - c0) * j.group, span
+    cdef Py_ssize_t isz = j.isz, row = (c1 - c0) * j.group
     cdef int flags = _out_flags(j)
     cdef char *px
     # an array this small is taken to be in cache (just written, or read again): no
@@ -1646,21 +1626,35 @@ cdef void _ordered_unit(Job *j, int kind, Py_ssize_t u) noexcept nogil:
                             c1 - c0, j.y_cs * isz, j.group * isz)
             r += n
         return
+    if j.nlev and not j.group:
+        # runs in segments (a crop of NCHW): memory order is a channel's runs of one
+        # sample, then the next channel's, not a row of channels (in memory order only
+        # without segments, where a row is a sample)
+        for c in range(c0, c1):
+            r = r0
+            while r < r0 + nr:
+                n = _piece(j, r, r0 + nr)
+                _ordered_runs(j, kind, r, n, c, flags)
+                r += n
+        return
     r = r0
     while r < r0 + nr:                  # a segment's rows at a time
         n = _piece(j, r, r0 + nr)
-        if _seg_prefetch and j.nlev and not (flags & BNF_CACHED) and r + n < r0 + nr:
-            # the next segment's rows, which the kernel's prefetches (within its call) do
-            # not reach before it starts
-            span = _piece(j, r + n, r0 + nr) * j.x_os * isz
-            bnf_prefetch_span(_x_at(j, r + n, c0),
-                              span if span < _seg_prefetch else _seg_prefetch)
-            if kind == K_BDX:
-                span = _piece(j, r + n, r0 + nr) * j.dy_os * isz
-                bnf_prefetch_span(_dy_at(j, r + n, c0),
-                                  span if span < _seg_prefetch else _seg_prefetch)
         _ordered_piece(j, kind, r, n, c0, c1, flags)
         r += n
+
+
+cdef inline void _ordered_runs(Job *j, int kind, Py_ssize_t r, Py_ssize_t n, Py_ssize_t c,
+                               int flags) noexcept nogil:
+    """Rows [r, r + n) of one segment, channel c alone (runs form)."""
+    if kind == K_BDX:
+        bnf_bwd_dx_runs(j.type, _dy_at(j, r, c), j.dy_os, 0,
+                        _x_at(j, r, c) if j.x != NULL else NULL, j.x_os, 0, _y_at(j, r, c),
+                        j.y_os, 0, n, j.inner, 1, j.hi + c, j.scale + c, j.k1 + c,
+                        j.k2 + c, flags, NULL, NULL, 0)
+    else:
+        bnf_norm_runs(j.type, _x_at(j, r, c), j.x_os, 0, _y_at(j, r, c), j.y_os, 0, n,
+                      j.inner, 1, j.hi + c, j.scale + c, j.shift + c, flags, NULL, 0, NULL)
 
 
 cdef inline void _ordered_piece(Job *j, int kind, Py_ssize_t r0, Py_ssize_t nr,
@@ -2377,9 +2371,15 @@ cdef object _check_out(object out, cnp.ndarray like, object dtype, str name):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
     if out.shape != (<object>like).shape:
         raise ValueError(f"{name} must have shape {(<object>like).shape}, got {out.shape}")
-    if out.dtype != dtype:
+    if out.dtype != dtype and not (out.dtype.newbyteorder("=") == dtype):
         raise TypeError(f"{name} must have dtype {dtype}, got {out.dtype}")
-    raise ValueError(f"{name} is read-only")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    # the result dtype in the other byte order (out=x of a big-endian x): written
+    # through a temporary (_direct_out), converted on the copy into out
+    if not type(out) is np.ndarray:
+        _refuse_masked(out, name)
+    return out
 
 
 cdef void _extent(cnp.ndarray a, char **lo, char **hi) noexcept:
@@ -2453,7 +2453,11 @@ cdef inline bint _segments_pay(const Geo *g, Py_ssize_t itemsize,
     if _segments_always:
         return True
     if elementwise:
-        return call_bytes >= SEG_ELEMENTWISE_BYTES and g.seg >= SEG_ELEMENTWISE_ROWS
+        # short runs of channels apart (a crop of NCHW 28 x 28) would be packed, 112
+        # bytes a copy: evaluation 4.3x a copy of the view against 1.7x for copying x
+        # first (one thread, float32, 51 MB; 14 x 14 3.3x against 3.1x)
+        return (together or runs) and call_bytes >= SEG_ELEMENTWISE_BYTES and \
+            g.seg >= SEG_ELEMENTWISE_ROWS
     return (together or runs) and call_bytes >= SEG_BYTES and g.seg >= SEG_ROWS
 
 
@@ -2463,12 +2467,18 @@ cdef cnp.ndarray _copy_in_own_order(cnp.ndarray x):
     0) take their place in C order where the other axes are in C order, else go
     outermost: NumPy's order 'K' puts them innermost, so a (1, C) row broadcast to (N, C)
     came out F-ordered and a C-ordered out or dy took a second full-size copy."""
-    cdef int i, nd = cnp.PyArray_NDIM(x)
+    cdef int i, nd = cnp.PyArray_NDIM(x), recycled
+    cdef cnp.ndarray c
     for i in range(nd):
         if cnp.PyArray_STRIDES(x)[i] == 0 and cnp.PyArray_DIMS(x)[i] > 1:
             break
     else:
-        return PyArray_NewCopy(x, cnp.NPY_KEEPORDER)
+        # memory a freed output or copy held, when there is (bnf_outcache_new_like): a
+        # fresh 51 MB copy's pages were faulted in and zeroed on every call, which took
+        # about the time of the copy itself
+        c = bnf_outcache_new_like(x, &recycled)
+        np.copyto(c, x)
+        return c
     shape, strides = (<object>x).shape, (<object>x).strides
     broadcast = [i for i in range(nd) if strides[i] == 0 and shape[i] > 1]
     # the rest outermost first by |stride| (stable: ties keep their order, as order 'K')
@@ -2546,8 +2556,13 @@ cdef class _Layout:
         return o
 
     cdef bint takes(self, cnp.ndarray o, tuple inputs, Geo *g):
-        """o fits this layout and does not partially overlap an input."""
+        """o fits this layout and does not partially overlap an input. Not an o with its
+        channels apart where x's rows in segments have them together: _plan then packs
+        the units (GAP_INPUTS, the only form with both), and their smaller units had
+        changed the last bit of the statistics and sums against the call without out."""
         if not self.fits(o, g):
+            return False
+        if self.gx.nlev and self.gx.cs == self.gx.inner and g.cs != g.inner:
             return False
         for a in inputs:
             if not _same_view(o, a) and _may_overlap(o, a):
@@ -2581,11 +2596,12 @@ cdef _Layout _joint_layout(object out, _Layout lay, cnp.ndarray x, cnp.ndarray d
     j.nabove = _split_outer(o, j.axis, j.order, j.nord)
     if not _geometry(o, j.axis, j.order, j.nord, j.nabove, &j.groups, True, &j.gx):
         return None
-    if j.gx.nlev and not (j.gx.cs == j.gx.inner and j.gx.inner <= EVAL_GROUP_MAX_INNER and
-                          _segments_pay(&j.gx, cnp.PyArray_ITEMSIZE(x), True)):
+    if not (j.gx.cs == j.gx.inner and j.gx.inner <= EVAL_GROUP_MAX_INNER) or \
+            (j.gx.nlev and not _segments_pay(&j.gx, cnp.PyArray_ITEMSIZE(x), True)):
         # only rows whose channels lie together (channels last, (N, T, C) windows): runs
         # of NCHW (a padded interior) went a row of channels a call, out of memory
-        # order, 1.4-2.4x the time of the temporary (one thread, float32, 51 MB)
+        # order, 1.4-2.4x the time of the temporary (one thread, float32, 51 MB); with
+        # one sample (rows evenly spaced, no segments) 1.2-1.3x (backward)
         return None
     if not j.fits(x, gx) or (dy is not None and not j.fits(dy, gd)):
         return None
@@ -2779,6 +2795,8 @@ cdef object _direct_out(object out, cnp.ndarray a, object result_dtype):
     compute in (x's own, or the float64 that integers are computed in), else None (a
     temporary that _finish converts into out). An integer x with a float64 out had
     taken a full-size temporary beside the conversion."""
+    if out is not None and not cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>out):
+        return None         # the other byte order: converted into on the copy (_finish)
     if result_dtype is None:
         return out
     if isinstance(out, np.ndarray) and result_dtype == a.dtype and \
@@ -2942,8 +2960,12 @@ cdef object _normalize(object x, object out, int axis_in, Py_ssize_t C_expected,
     return _finish(out, y, result_dtype)
 
 
+@cython.embedsignature(False)
 cdef class FrozenBatchNorm:
-    """Immutable inference-mode batch normalization: the low-latency path.
+    """FrozenBatchNorm(mean, var, weight=None, bias=None, eps=1e-05, *, axis=1)
+--
+
+    Immutable inference-mode batch normalization: the low-latency path.
 
     ``y = (x - mean) / sqrt(var + eps) * weight + bias`` per channel, computed as
     ``(x - mean) * scale + bias`` in double precision with ``scale`` precomputed at
@@ -3368,6 +3390,10 @@ def _train(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
     if C > 0 and n_per <= 1 and moments_hook is None:
         raise ValueError(f"Expected more than 1 value per channel when training, got input "
                          f"size {(<object>a).shape}")
+    if (running_mean is None) != (running_var is None):
+        # one of them alone was updated (PyTorch's check and message)
+        raise ValueError("running_mean and running_var must either both be None or "
+                         "neither be None")
     _check_running(running_mean, C, "running_mean")
     _check_running(running_var, C, "running_var", True)
     _check_apart(running_mean, "running_mean", running_var, "running_var")

@@ -6,26 +6,40 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from bnfast._core import (FrozenBatchNorm, _as_array, _backward, _check_not_masked,
-                          _eval_invstd, _tensor_to_numpy, _train, batch_norm)
+from bnfast._core import (FrozenBatchNorm, _as_array, _backward, _check_flag,
+                          _check_not_masked, _eval_invstd, _tensor_to_numpy, _train,
+                          batch_norm)
 
 _NBT_MAX = 2**63 - 1   # num_batches_tracked's largest value (int64)
 _STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
 def _check_num_features(num_features):
-    """num_features as an int >= 1, or a TypeError/ValueError naming it."""
-    if isinstance(num_features, (bool, np.bool_)):
-        raise TypeError(f"num_features must be an int, got {num_features!r}")
-    try:
-        c = int(num_features)
-    except (TypeError, ValueError):
-        raise TypeError(f"num_features must be an int, got {num_features!r}") from None
-    except OverflowError:   # int(inf)
-        raise ValueError(f"num_features must be an int >= 1, got {num_features!r}") from None
-    if c != num_features or c < 1:
+    """num_features as an int >= 1, or a TypeError/ValueError naming it (a float or a
+    string is a TypeError, as in torch: 2.0 and "3" had been taken)."""
+    if isinstance(num_features, (bool, np.bool_)) or \
+            not isinstance(num_features, (int, np.integer)):
+        raise TypeError(f"num_features must be an int, got {type(num_features).__name__} "
+                        f"{num_features!r}")
+    if num_features < 1:
         raise ValueError(f"num_features must be an int >= 1, got {num_features!r}")
-    return c
+    return int(num_features)
+
+
+def _layer_dtype(dtype):
+    """The layer's float dtype: None is the default (float32, as torch's None), a torch
+    dtype is taken by name; else a TypeError naming `dtype`."""
+    if dtype is None:
+        return np.dtype(np.float32)
+    if type(dtype).__module__ == "torch" and type(dtype).__name__ == "dtype":
+        dtype = str(dtype).replace("torch.", "")
+    try:
+        d = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be a NumPy float dtype, got {dtype!r}") from None
+    if d.kind != "f":
+        raise TypeError(f"dtype must be a float dtype, got {d}")
+    return d
 
 
 def _input_for_backward(x, out):
@@ -83,7 +97,8 @@ class BatchNorm:
     Attributes
     ----------
     weight, bias, running_mean, running_var : ndarray of shape (C,) or None
-    num_batches_tracked : int
+    num_batches_tracked : int or None
+        Training calls counted (None without running statistics, as torch's).
     training : bool
         True at construction, like torch; see :meth:`train` and :meth:`eval`.
     grad_weight, grad_bias : ndarray or None
@@ -120,9 +135,11 @@ class BatchNorm:
                  track_running_stats=True, *, axis=1, dtype=np.float32,
                  unbiased_running_var=True):
         c = _check_num_features(num_features)
-        dtype = np.dtype(dtype)
-        if dtype.kind != "f":
-            raise TypeError(f"dtype must be a float dtype, got {dtype}")
+        dtype = _layer_dtype(dtype)
+        # flags are bools (a string "False" was read as true)
+        affine = _check_flag(affine, "affine")
+        track_running_stats = _check_flag(track_running_stats, "track_running_stats")
+        unbiased_running_var = _check_flag(unbiased_running_var, "unbiased_running_var")
         e = _real(eps, "eps")
         if not 0 < e < math.inf:
             raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
@@ -146,7 +163,8 @@ class BatchNorm:
         else:
             self.running_mean = None
             self.running_var = None
-        self.num_batches_tracked = 0
+        # torch's: None without running statistics
+        self.num_batches_tracked = 0 if self.track_running_stats else None
         self.training = True
         self.grad_weight = None
         self.grad_bias = None
@@ -188,6 +206,44 @@ class BatchNorm:
         array([[0.999995, 1.99999 ]])
         """
         return self.train(False)
+
+    def reset_running_stats(self):
+        """Running mean 0, running variance 1 and ``num_batches_tracked`` 0, written in
+        place (as torch's); nothing without running statistics. Returns None.
+
+        Examples
+        --------
+        >>> import numpy as np, bnfast
+        >>> bn = bnfast.BatchNorm(2, axis=-1, dtype=np.float64)
+        >>> _ = bn(np.array([[1.0, 2.0], [3.0, 6.0]]))
+        >>> bn.reset_running_stats()
+        >>> bn.running_mean, bn.running_var, bn.num_batches_tracked
+        (array([0., 0.]), array([1., 1.]), 0)
+        """
+        with self._lock:
+            if self.track_running_stats:
+                self.running_mean[...] = 0
+                self.running_var[...] = 1
+                self.num_batches_tracked = 0
+
+    def reset_parameters(self):
+        """:meth:`reset_running_stats`, and ``weight`` 1 and ``bias`` 0 (affine), in
+        place, as torch's. Returns None.
+
+        Examples
+        --------
+        >>> import numpy as np, bnfast
+        >>> bn = bnfast.BatchNorm(2, dtype=np.float64)
+        >>> bn.weight[:] = 3.0
+        >>> bn.reset_parameters()
+        >>> bn.weight, bn.num_batches_tracked
+        (array([1., 1.]), 0)
+        """
+        self.reset_running_stats()
+        with self._lock:
+            if self.affine:
+                self.weight[...] = 1
+                self.bias[...] = 0
 
     # -- forward / backward -----------------------------------------------------------
     def _check_input(self, x):
@@ -262,14 +318,18 @@ class BatchNorm:
         restored if the call fails); (y, mean, invstd). moments_hook: see
         bnfast._core._train (statistics of a batch over processes)."""
         update = training and self.track_running_stats
-        factor = 0.0
+        factor = 0.0 if self.momentum is None else self.momentum
         counted = self.num_batches_tracked
-        if update:
+        if update and counted is not None:
+            if isinstance(counted, (bool, np.bool_)) or \
+                    not isinstance(counted, (int, np.integer)) or counted < 0:
+                raise TypeError(f"num_batches_tracked must be an int >= 0 or None, got "
+                                f"{type(counted).__name__} {counted!r}")
             # an int64, as torch's (and state_dict's); it stops at the largest, where
             # torch's wraps around to negative counts
-            self.num_batches_tracked = counted + 1 if counted < _NBT_MAX else counted
-            factor = (1.0 / self.num_batches_tracked if self.momentum is None
-                      else self.momentum)
+            self.num_batches_tracked = int(counted) + 1 if counted < _NBT_MAX else int(counted)
+            if self.momentum is None:
+                factor = 1.0 / self.num_batches_tracked
         try:
             return _train(x, self.weight, self.bias, self.eps, self.axis,
                           self.running_mean if update else None,
@@ -354,7 +414,9 @@ class BatchNorm:
         if self.running_mean is not None:  # torch: the buffers, whatever the flag
             d["running_mean"] = self.running_mean
             d["running_var"] = self.running_var
-            d["num_batches_tracked"] = np.array(self.num_batches_tracked, dtype=np.int64)
+            if self.num_batches_tracked is not None:
+                d["num_batches_tracked"] = np.array(self.num_batches_tracked,
+                                                    dtype=np.int64)
         return d
 
     def load_state_dict(self, state_dict, strict=True):
@@ -391,6 +453,7 @@ class BatchNorm:
         >>> bn.running_mean is rm                    # written in place
         True
         """
+        strict = _check_flag(strict, "strict")
         if not isinstance(state_dict, Mapping):
             raise TypeError("state_dict must be a mapping of names to arrays (as "
                             f"state_dict() returns), got {type(state_dict).__name__}")

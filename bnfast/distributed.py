@@ -57,6 +57,18 @@ class SingleProcessComm:
         np.copyto(recvbuf, sendbuf)
 
 
+def _check_comm(comm):
+    """comm, when a training call is about to use it: an object with the buffer-based
+    calls SyncBatchNorm makes; else a TypeError naming it (an int had been taken, and
+    the first training call raised an AttributeError). Not checked before: a layer used
+    only in eval may hold a stand-in that must not be called."""
+    if not all(callable(getattr(comm, m, None)) for m in
+               ("Get_size", "Allgather", "Allreduce")):
+        raise TypeError(f"comm must be an mpi4py communicator (Get_size, Allgather, "
+                        f"Allreduce) or None, got {type(comm).__name__}")
+    return comm
+
+
 class _Sync:
     """Marks a saved forward as synchronized; holds the global count per channel."""
     __slots__ = ("count",)
@@ -221,7 +233,7 @@ class SyncBatchNorm(BatchNorm):
         """
         if not self.training:
             return super().__call__(x, out=out)
-        comm = self.comm
+        comm = _check_comm(self.comm)
         C = self.num_features
         called = []
 
@@ -290,7 +302,7 @@ class SyncBatchNorm(BatchNorm):
 
     def _sync_backward(self, dy, out, saved):
         """backward after a synchronized training forward; the caller holds the lock."""
-        comm = self.comm
+        comm = _check_comm(self.comm)
         C = self.num_features
         called = []
 

@@ -231,12 +231,6 @@ int bnf_set_grouped_wide(int on);
 #define BNF_L1_DX 2
 #define BNF_L1_KINDS 3
 ptrdiff_t bnf_set_l1_rows_max(int kind, ptrdiff_t n);
-/* The first `bytes` of a span (the next segment of rows in its own place) into L2. */
-static inline void bnf_prefetch_span(const void *p, ptrdiff_t bytes)
-{
-    const char *c = (const char *)p;
-    for (ptrdiff_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 2);
-}
 /* 1 on an AMD CPU (the tuning choices that differ by vendor) */
 int bnf_cpu_amd(void);
 /* The L1 data cache of a core in bytes, as the C library reports it (32 KB where it

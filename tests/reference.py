@@ -304,7 +304,7 @@ class BatchNormRef:
         self.bias = np.zeros(C, dtype) if affine else None
         self.running_mean = np.zeros(C, dtype) if track_running_stats else None
         self.running_var = np.ones(C, dtype) if track_running_stats else None
-        self.num_batches_tracked = 0
+        self.num_batches_tracked = 0 if track_running_stats else None
         self.training = True
         self.grad_weight = None
         self.grad_bias = None

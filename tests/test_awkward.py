@@ -436,17 +436,32 @@ def test_same_bits_whatever_out_layout(shape, axis, out_layout, threads):
         bnfast.set_num_threads(None)
 
 
-def test_out_non_native_byte_order():
-    """An out of non-native byte order is computed into correctly or refused clearly."""
-    x, w, b, rm, rv = _case((5, 3, 4), 1, np.float32)
-    o = np.full(x.shape, np.nan, ">f4")
-    try:
-        y = bnfast.batch_norm(x, rm, rv, w, b, axis=1, out=o)
-    except TypeError as e:
-        assert "out" in str(e)
-    else:
-        assert y is o
-        assert_forward_close(o.astype(np.float32), ref.batch_norm(x, rm, rv, w, b, axis=1))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_out_non_native_byte_order(dtype):
+    """An out of x's dtype in the other byte order is computed into (through a
+    temporary), with the bits of the call without it: out=x of a big-endian x too (it
+    was refused: "out must have dtype float32, got >f4")."""
+    x = make_values((5, 3, 4), dtype, 0, axis=1,
+                    offset=OFFSET.get(np.dtype(dtype), 100.0))     # float16: 100 +- a few
+    w, b, rm, rv = params(3, np.float64, 0)
+    swapped = np.dtype(dtype).newbyteorder("S")
+    dy = _dy(x)
+    frozen = bnfast.FrozenBatchNorm(rm, rv, w, b, axis=1)
+    calls = {
+        "eval": lambda a, o: bnfast.batch_norm(a, rm, rv, w, b, axis=1, out=o),
+        "frozen": lambda a, o: frozen(a, out=o),
+        "train": lambda a, o: bnfast.batch_norm_train(a, w, b, axis=1, out=o)[0],
+        "backward": lambda a, o: bnfast.batch_norm_backward(dy, a, rm, 1 / np.sqrt(rv + 1e-5),
+                                                            w, axis=1, out=o)[0],
+    }
+    for name, f in calls.items():
+        want = f(x, None)
+        o = np.full(x.shape, np.nan, swapped)
+        assert f(x, o) is o, name
+        assert o.astype(dtype).tobytes() == want.tobytes(), name
+        xb = x.astype(swapped)                      # in place, big-endian x
+        assert f(xb, xb) is xb, name
+        assert xb.astype(dtype).tobytes() == want.tobytes(), name
 
 
 # ----------------------------------------------------------------------------------
@@ -1334,3 +1349,29 @@ def test_layouts_apart_at_scale():
     assert_grad_close(dx, want[0])
     e = bnfast.batch_norm(x, rm, rv, w, b, axis=1, out=np.empty((n, C), np.float32))
     assert_forward_close(e, ref.batch_norm(x, rm, rv, w, b, axis=1))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_same_bits_window_input_and_out_with_channels_apart(threads):
+    """x a window (rows in segments, channels together) and out with its channels apart:
+    the statistics, y, dx and the parameter gradients are those of the call without out
+    (such an out had made the units packed, and smaller: mean, invstd, dweight and dbias
+    differed in the last bit)."""
+    N, T, C, k = 16, 32, 8, 35
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((N, T + 8, C, k)) + 1e3)[:, 8:]
+    dy = rng.standard_normal((N, T, C, k))
+    m, s = np.full(C, 1e3), np.ones(C)
+    bnfast.set_num_threads(threads)
+    try:
+        for call in (lambda o: bnfast.batch_norm_train(x, axis=2, out=o),
+                     lambda o: bnfast.batch_norm_backward(dy, x, m, s, axis=2, out=o),
+                     lambda o: bnfast.batch_norm_backward(dy, x, m, s, axis=2, out=o,
+                                                          training=False)):
+            o = np.full((N, T, C, k + 1), np.nan)[..., :k]
+            got, want = call(o), call(None)
+            assert got[0] is o
+            for g, v in zip(got, want):
+                assert g.tobytes() == np.ascontiguousarray(v).tobytes()
+    finally:
+        bnfast.set_num_threads(None)

@@ -283,7 +283,7 @@ def test_frozen_construction_bad_dtype(param, dtype):
                                   lambda c: bnfast.RunningStats(c)])
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf")])
 def test_num_features_infinite(make, bad):
-    with pytest.raises(ValueError, match="num_features"):
+    with pytest.raises(TypeError, match="num_features"):   # a float, as torch
         make(bad)
 
 
@@ -953,3 +953,64 @@ def test_masked_refused_by_the_python_entry_points():
     np.testing.assert_array_equal(bn.bias, 0.0)
     with pytest.raises(TypeError, match=r"\bweight\b.*masked"):
         bnfast.fold_linear(_masked(np.ones((C, 2))), np.zeros(C), bn.eval())
+
+
+@pytest.mark.parametrize("given", ["running_mean", "running_var"])
+def test_training_with_one_running_stat_refused(given):
+    """Training with one running statistic and not the other is refused, as PyTorch
+    refuses it (it updated the one given and nothing else)."""
+    x = np.random.default_rng(0).standard_normal((6, 3)).astype(np.float32)
+    stats = {given: np.zeros(3, np.float32) if given == "running_mean" else
+             np.ones(3, np.float32)}
+    before = stats[given].copy()
+    for call in (lambda: bnfast.batch_norm(x, stats.get("running_mean"),
+                                           stats.get("running_var"), training=True),
+                 lambda: bnfast.batch_norm_train(x, **stats)):
+        with pytest.raises(ValueError, match="both be None or neither"):
+            call()
+        np.testing.assert_array_equal(stats[given], before)
+
+
+def test_sync_batchnorm_comm_checked_when_used():
+    """A comm without the calls SyncBatchNorm makes is a TypeError naming it at the
+    first training call (an AttributeError on 'int' before); eval never uses it."""
+    from bnfast.distributed import SyncBatchNorm
+    x = np.random.default_rng(0).standard_normal((6, 3)).astype(np.float32)
+    bn = SyncBatchNorm(3, axis=-1, comm=5)
+    with pytest.raises(TypeError, match="comm"):
+        bn(x)
+    assert bn.num_batches_tracked == 0
+    bn.eval()(x)                                # local: the comm is not needed
+
+
+@pytest.mark.parametrize("bad", [-1, None, "a", 1.5, True])
+def test_num_batches_tracked_set_by_hand_checked(bad):
+    """A num_batches_tracked set by hand to something that is not a count is a
+    TypeError naming it at the next training call (a ZeroDivisionError before), and
+    the running statistics are left as they were."""
+    bn = bnfast.BatchNorm(3, axis=-1, momentum=None, dtype=np.float64)
+    bn.num_batches_tracked = bad
+    x = np.random.default_rng(0).standard_normal((6, 3))
+    if bad is None:
+        # None, as torch's without tracking: counts nothing, updates with factor 0
+        bn(x)
+        np.testing.assert_array_equal(bn.running_mean, 0.0)
+        assert bn.num_batches_tracked is None
+        return
+    with pytest.raises(TypeError, match="num_batches_tracked"):
+        bn(x)
+    np.testing.assert_array_equal(bn.running_mean, 0.0)
+
+
+def test_layer_flags_and_dtype_checked():
+    with pytest.raises(TypeError, match="strict"):
+        bnfast.BatchNorm(3).load_state_dict({}, strict="False")
+    assert bnfast.BatchNorm(3, dtype=None).dtype == np.float32     # torch's None
+    torch = pytest.importorskip("torch")
+    assert bnfast.BatchNorm(3, dtype=torch.float64).dtype == np.float64
+
+
+def test_frozen_batchnorm_signature():
+    import inspect
+    sig = inspect.signature(bnfast.FrozenBatchNorm)
+    assert str(sig) == "(mean, var, weight=None, bias=None, eps=1e-05, *, axis=1)"

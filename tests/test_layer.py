@@ -32,7 +32,7 @@ def test_defaults():
     bn = bnfast.BatchNorm(3, affine=False, track_running_stats=False, dtype=np.float64)
     assert bn.weight is None and bn.bias is None
     assert bn.running_mean is None and bn.running_var is None
-    assert bn.num_batches_tracked == 0
+    assert bn.num_batches_tracked is None       # torch's, without running statistics
 
 
 def test_train_eval_return_self():
@@ -46,8 +46,13 @@ def test_train_eval_return_self():
 @pytest.mark.parametrize("kwargs,exc", [
     (_ctor_kwargs(num_features=0), ValueError),
     (_ctor_kwargs(num_features=-2), ValueError),
-    (_ctor_kwargs(num_features=2.5), ValueError),
-    (_ctor_kwargs(num_features="3"), (TypeError, ValueError)),
+    (_ctor_kwargs(num_features=2.5), TypeError),
+    (_ctor_kwargs(num_features=2.0), TypeError),          # a float, as torch (was taken)
+    (_ctor_kwargs(num_features="3"), TypeError),
+    (_ctor_kwargs(num_features=3, affine="False"), TypeError),   # read as true before
+    (_ctor_kwargs(num_features=3, track_running_stats="False"), TypeError),
+    (_ctor_kwargs(num_features=3, unbiased_running_var="False"), TypeError),
+    (_ctor_kwargs(num_features=3, dtype="no such dtype"), TypeError),
     (_ctor_kwargs(num_features=3, eps=0.0), ValueError),
     (_ctor_kwargs(num_features=3, eps=-1e-5), ValueError),
     (_ctor_kwargs(num_features=3, eps=float("nan")), ValueError),
@@ -159,7 +164,7 @@ def test_num_batches_tracked_counts_training_calls_only():
     assert bn.num_batches_tracked == 3
     bn2 = bnfast.BatchNorm(2, track_running_stats=False)
     bn2(x.astype(np.float32))
-    assert bn2.num_batches_tracked == 0
+    assert bn2.num_batches_tracked is None
 
 
 def test_num_batches_tracked_stays_an_int64():
@@ -790,3 +795,30 @@ if given is not None:
         assert f(x, out=out) is out
         R.assert_forward_close(out, ref, dtype, what=f"frozen out={out_layout}")
         np.testing.assert_array_equal(x, before)      # x untouched
+
+
+def test_reset_running_stats_and_parameters_in_place():
+    """torch's reset_running_stats and reset_parameters: the arrays written in place
+    (references such as an optimizer's see them), nothing without the statistics."""
+    bn = bnfast.BatchNorm(3, axis=-1, dtype=np.float64)
+    x = make_values((6, 3), np.float64, 0)
+    bn(x)
+    bn.weight[:] = 2.0
+    bn.bias[:] = 3.0
+    arrays = [bn.running_mean, bn.running_var, bn.weight, bn.bias]
+    bn.reset_running_stats()
+    assert bn.num_batches_tracked == 0
+    np.testing.assert_array_equal(bn.running_mean, 0.0)
+    np.testing.assert_array_equal(bn.running_var, 1.0)
+    np.testing.assert_array_equal(bn.weight, 2.0)          # parameters kept
+    bn(x)
+    bn.reset_parameters()
+    np.testing.assert_array_equal(bn.weight, 1.0)
+    np.testing.assert_array_equal(bn.bias, 0.0)
+    np.testing.assert_array_equal(bn.running_mean, 0.0)
+    assert bn.num_batches_tracked == 0
+    assert all(a is b for a, b in zip(arrays, [bn.running_mean, bn.running_var, bn.weight,
+                                               bn.bias]))
+    plain = bnfast.BatchNorm(3, affine=False, track_running_stats=False)
+    plain.reset_parameters()
+    assert plain.running_mean is None and plain.num_batches_tracked is None

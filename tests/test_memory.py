@@ -593,3 +593,37 @@ def test_layer_in_place_keeps_x_in_its_own_layout():
     assert bn._saved[0].flags.f_contiguous
     peak = _peak_during(lambda: bn.backward(dy, out=dx))
     assert peak <= 0.05 * dx.nbytes, f"backward peak {peak / dx.nbytes:.2f}x"
+
+
+def test_input_copy_comes_from_the_output_cache(output_cache):
+    """An input the kernels cannot read in place (here a crop of NCHW with short runs)
+    is copied into memory from the cache of freed outputs: after one call the cache
+    holds that copy's block, and the next call takes that block again rather than
+    adding one. It had been fresh memory every call, its pages faulted in."""
+    rng = np.random.default_rng(8)
+    x = (rng.standard_normal((16, 64, 34, 34)) + 1e3).astype(np.float32)[..., 1:-1, 1:-1]
+    out = np.empty(x.shape, np.float32)
+    assert x.nbytes >= CACHE_MIN
+    bnfast.batch_norm_train(x, axis=1, out=out)
+    held = _held()
+    assert held >= x.nbytes                     # the copy's block, kept when freed
+    bnfast.batch_norm_train(x, axis=1, out=out)
+    assert _held() == held                      # reused, handed back again
+
+
+@pytest.mark.parametrize("W", [40, 130])
+def test_nchw_crop_elementwise_same_bits_as_contiguous(W):
+    """The normalization and dx with the statistics fixed of an NCHW crop read in place
+    (a channel's runs at a time) have the bits of the same values contiguous."""
+    rng = np.random.default_rng(9)
+    full = (rng.standard_normal((3, 5, W + 2, W + 2)) + 1e3).astype(np.float32)
+    x = full[..., 1:-1, 1:-1]
+    xc = np.ascontiguousarray(x)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    m, v = np.full(5, 1e3), rng.uniform(0.5, 2, 5)
+    for a, b in ((bnfast.batch_norm(x, m, v, axis=1), bnfast.batch_norm(xc, m, v, axis=1)),
+                 (bnfast.batch_norm_backward(dy, x, m, 1 / np.sqrt(v), axis=1,
+                                             training=False)[0],
+                  bnfast.batch_norm_backward(dy, xc, m, 1 / np.sqrt(v), axis=1,
+                                             training=False)[0])):
+        assert a.tobytes() == b.tobytes()

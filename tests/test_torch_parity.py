@@ -162,6 +162,7 @@ def _compare_state(tm, bm, what):
         assert bm.num_batches_tracked == int(tm.num_batches_tracked), what
     else:
         assert bm.running_mean is None and bm.running_var is None
+        assert bm.num_batches_tracked is None and tm.num_batches_tracked is None
         assert tm.running_mean is None
     assert bm.training == tm.training
 
