@@ -3423,7 +3423,7 @@ def _train(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
         else:
             # out in rows of its own: the statistics planned as for an output in x's
             # layout (their units, so their bits, those of a call without out), then
-            # the normalization in out's rows (_normalize_joint)
+            # the normalization in out's rows (_launch_joint)
             y = o
             j.y, j.y_os, j.y_cs = j.x, j.x_os, j.x_cs
             memcpy(j.y_ls, j.x_ls, sizeof(j.y_ls))

@@ -221,7 +221,7 @@ class BatchNorm:
         (array([0., 0.]), array([1., 1.]), 0)
         """
         with self._lock:
-            if self.track_running_stats:
+            if self.track_running_stats and self.running_mean is not None:
                 self.running_mean[...] = 0
                 self.running_var[...] = 1
                 self.num_batches_tracked = 0
