@@ -1,6 +1,7 @@
 """Layers with PyTorch's semantics over the compiled kernels."""
 import copy
 import math
+import operator
 import threading
 from collections.abc import Mapping
 
@@ -24,6 +25,21 @@ def _check_num_features(num_features):
     if num_features < 1:
         raise ValueError(f"num_features must be an int >= 1, got {num_features!r}")
     return int(num_features)
+
+
+def _count(n):
+    """num_batches_tracked set by hand, as an int: a TypeError for what is not an
+    integer (a float, a string, a bool), a ValueError for one below 0 or past int64."""
+    if isinstance(n, (bool, np.bool_)):
+        raise TypeError(f"num_batches_tracked must be an int >= 0 or None, got {n!r}")
+    try:
+        c = operator.index(n)
+    except TypeError:
+        raise TypeError(f"num_batches_tracked must be an int >= 0 or None, got "
+                        f"{type(n).__name__} {n!r}") from None
+    if not 0 <= c <= _NBT_MAX:
+        raise ValueError(f"num_batches_tracked must be an int >= 0 or None, got {c}")
+    return c
 
 
 def _layer_dtype(dtype):
@@ -114,7 +130,9 @@ class BatchNorm:
     The input is held without a copy: in training, :meth:`backward` raises a
     RuntimeError when a channel's mean of x moved since the forward (x changed in place;
     README "Bad and awkward input"). It uses the forward's weight, axis, eps and running
-    arrays, also where the attributes were reassigned in between.
+    arrays, also where the attributes were reassigned in between; after
+    :meth:`reset_parameters` or :meth:`reset_running_stats` wrote into arrays it needs
+    (the weight; an eval forward's running statistics) it raises a RuntimeError.
 
     Examples
     --------
@@ -221,10 +239,24 @@ class BatchNorm:
         (array([0., 0.]), array([1., 1.]), 0)
         """
         with self._lock:
-            if self.track_running_stats and self.running_mean is not None:
-                self.running_mean[...] = 0
-                self.running_var[...] = 1
-                self.num_batches_tracked = 0
+            self._reset_stats("reset_running_stats")
+
+    def _reset_stats(self, what):
+        # (the caller holds the lock)
+        if self.track_running_stats and self.running_mean is not None:
+            s = self._saved
+            if s is not None and not s[3] and s[1] is self.running_mean:
+                self._drop_saved(what)          # an eval forward's statistics
+            self.running_mean[...] = 0
+            self.running_var[...] = 1
+            self.num_batches_tracked = 0
+
+    def _drop_saved(self, what):
+        """The last forward's arrays were just changed in place: its backward would be
+        computed from the new values (torch raises there, its in-place check)."""
+        self._saved = None
+        self._no_backward = (f"{what}() changed, after the last forward, arrays its "
+                             f"backward needs; call the forward again")
 
     def reset_parameters(self):
         """:meth:`reset_running_stats`, and ``weight`` 1 and ``bias`` 0 (affine), in
@@ -239,9 +271,11 @@ class BatchNorm:
         >>> bn.weight, bn.num_batches_tracked
         (array([1., 1.]), 0)
         """
-        self.reset_running_stats()
-        with self._lock:
+        with self._lock:             # one step: no forward sees half of it
+            self._reset_stats("reset_parameters")
             if self.affine:
+                if self._saved is not None and self._saved[4] is self.weight:
+                    self._drop_saved("reset_parameters")
                 self.weight[...] = 1
                 self.bias[...] = 0
 
@@ -321,13 +355,10 @@ class BatchNorm:
         factor = 0.0 if self.momentum is None else self.momentum
         counted = self.num_batches_tracked
         if update and counted is not None:
-            if isinstance(counted, (bool, np.bool_)) or \
-                    not isinstance(counted, (int, np.integer)) or counted < 0:
-                raise TypeError(f"num_batches_tracked must be an int >= 0 or None, got "
-                                f"{type(counted).__name__} {counted!r}")
+            counted = _count(counted)
             # an int64, as torch's (and state_dict's); it stops at the largest, where
             # torch's wraps around to negative counts
-            self.num_batches_tracked = int(counted) + 1 if counted < _NBT_MAX else int(counted)
+            self.num_batches_tracked = counted + 1 if counted < _NBT_MAX else counted
             if self.momentum is None:
                 factor = 1.0 / self.num_batches_tracked
         try:
@@ -373,6 +404,8 @@ class BatchNorm:
         """backward's body; the caller holds the lock (SyncBatchNorm chooses its path
         under it)."""
         if self._saved is None:
+            if self.__dict__.get("_no_backward"):
+                raise RuntimeError(self._no_backward)
             raise ValueError("backward called before any forward call")
         # the forward's weight, axis and statistics (eval: its running arrays and eps),
         # not the layer's now: reassigned in between, as torch's autograd keeps them
@@ -414,9 +447,10 @@ class BatchNorm:
         if self.running_mean is not None:  # torch: the buffers, whatever the flag
             d["running_mean"] = self.running_mean
             d["running_var"] = self.running_var
-            if self.num_batches_tracked is not None:
-                d["num_batches_tracked"] = np.array(self.num_batches_tracked,
-                                                    dtype=np.int64)
+            # 0 for a count set to None by hand (save, load and from_batchnorm need it)
+            nbt = self.num_batches_tracked
+            d["num_batches_tracked"] = np.array(0 if nbt is None else _count(nbt),
+                                                dtype=np.int64)
         return d
 
     def load_state_dict(self, state_dict, strict=True):

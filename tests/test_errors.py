@@ -983,23 +983,61 @@ def test_sync_batchnorm_comm_checked_when_used():
     bn.eval()(x)                                # local: the comm is not needed
 
 
-@pytest.mark.parametrize("bad", [-1, None, "a", 1.5, True])
-def test_num_batches_tracked_set_by_hand_checked(bad):
-    """A num_batches_tracked set by hand to something that is not a count is a
-    TypeError naming it at the next training call (a ZeroDivisionError before), and
-    the running statistics are left as they were."""
+@pytest.mark.parametrize("bad,exc", [(-1, ValueError), (2**63, ValueError),
+                                     ("a", TypeError), (1.5, TypeError), (True, TypeError)])
+def test_num_batches_tracked_set_by_hand_checked(bad, exc):
+    """A num_batches_tracked set by hand to something that is not a count is an error
+    naming it at the next training call (a ZeroDivisionError before), and the running
+    statistics are left as they were."""
     bn = bnfast.BatchNorm(3, axis=-1, momentum=None, dtype=np.float64)
     bn.num_batches_tracked = bad
     x = np.random.default_rng(0).standard_normal((6, 3))
-    if bad is None:
-        # None, as torch's without tracking: counts nothing, updates with factor 0
-        bn(x)
-        np.testing.assert_array_equal(bn.running_mean, 0.0)
-        assert bn.num_batches_tracked is None
-        return
-    with pytest.raises(TypeError, match="num_batches_tracked"):
+    with pytest.raises(exc, match="num_batches_tracked"):
         bn(x)
     np.testing.assert_array_equal(bn.running_mean, 0.0)
+    with pytest.raises(exc, match="num_batches_tracked"):
+        bn.state_dict()
+
+
+def test_num_batches_tracked_none_or_an_integer_array(tmp_path):
+    """None (torch's, without tracking): counts nothing, the running statistics
+    updated with factor 0 (momentum None); save, load and from_batchnorm still work
+    (the count saved as 0). A 0-d integer array counts as its value."""
+    from bnfast.distributed import SingleProcessComm, SyncBatchNorm
+    x = np.random.default_rng(0).standard_normal((6, 3))
+    bn = bnfast.BatchNorm(3, axis=-1, momentum=None, dtype=np.float64)
+    bn.num_batches_tracked = None
+    bn(x)
+    np.testing.assert_array_equal(bn.running_mean, 0.0)
+    assert bn.num_batches_tracked is None
+    assert bnfast.load(bn.save(tmp_path / "b")).num_batches_tracked == 0
+    assert SyncBatchNorm.from_batchnorm(bn, comm=SingleProcessComm()).num_batches_tracked == 0
+    bn.num_batches_tracked = np.array(3)
+    bn(x)
+    assert bn.num_batches_tracked == 4 and type(bn.num_batches_tracked) is int
+
+
+@pytest.mark.parametrize("reset,training", [("reset_parameters", True),
+                                            ("reset_parameters", False),
+                                            ("reset_running_stats", False)])
+def test_backward_after_a_reset_refused(reset, training):
+    """A reset between a forward and its backward changes, in place, arrays the
+    backward needs (the weight; in eval the running statistics): a RuntimeError, as
+    torch's in-place check, not gradients of other values. A reset of the running
+    statistics after a training forward leaves its backward alone."""
+    bn = bnfast.BatchNorm(3, axis=-1, dtype=np.float64)
+    bn.weight[:] = [2.0, 3.0, 4.0]
+    bn.train(training)
+    x = np.random.default_rng(0).standard_normal((6, 3))
+    bn(x)
+    getattr(bn, reset)()
+    with pytest.raises(RuntimeError, match=reset):
+        bn.backward(np.ones_like(x))
+    bn(x)
+    bn.backward(np.ones_like(x))                # a new forward: fine
+    bn.train()(x)
+    bn.reset_running_stats()
+    bn.backward(np.ones_like(x))
 
 
 def test_layer_flags_and_dtype_checked():
