@@ -289,7 +289,9 @@ def test_copied_input_is_copied_once(layout, op):
 
 
 # Rows in segments (a crop of NHWC or NCHW, a window of (N, T, C)) are read where they
-# are: no copy of x, whether `out` is given or allocated.
+# are: no copy of x, whether `out` is given or allocated. Not for the backward of rows
+# whose segments are under SEG_BWD_ROWS_BYTES (128 KB; these are 8 KB): x is copied once,
+# which measured faster (a call per segment for the sums and for dx).
 SEGMENTS = {
     "NHWC crop": (lambda a: a.reshape(18, 34, 34, 64)[1:-1, 1:-1, 1:-1], -1),
     "NTC window": (lambda a: a[:520 * 40 * 64].reshape(520, 40, 64)[:, 8:], -1),
@@ -315,10 +317,13 @@ def test_segments_read_in_place(layout, op):
           "moments": lambda o: bnfast.moments(x, axis=axis)}[op]
     fn(out)
     peak = _peak_during(lambda: fn(out))
-    assert peak <= 0.05 * out.nbytes, f"{op} on {layout}: {peak / out.nbytes:.1%} of the output"
+    copied = op == "backward" and layout != "NCHW crop"
+    assert peak <= (1.05 if copied else 0.05) * out.nbytes, \
+        f"{op} on {layout}: {peak / out.nbytes:.1%} of the output"
     if op != "moments":
         peak = _peak_during(lambda: fn(None))
-        assert peak <= 1.05 * out.nbytes, f"{op} on {layout}: peak {peak / out.nbytes:.2f}x"
+        assert peak <= (2.05 if copied else 1.05) * out.nbytes, \
+            f"{op} on {layout}: peak {peak / out.nbytes:.2f}x"
 
 
 # An `out` whose rows lie apart in segments where x's do not (the interior of a padded
