@@ -39,7 +39,6 @@ cdef extern from "Python.h":
     const Py_ssize_t PY_SSIZE_T_MAX
 
 cdef extern from "numpy/arrayobject.h":
-    object PyArray_NewCopy(cnp.ndarray a, cnp.NPY_ORDER order)
     object PyArray_NewLikeArray(cnp.ndarray prototype, cnp.NPY_ORDER order, void *descr,
                                 int subok)
 
@@ -2621,14 +2620,17 @@ cdef _Layout _joint_layout(object out, _Layout lay, cnp.ndarray x, cnp.ndarray d
 
 
 cdef int _launch_joint(Job *j, int kind, cnp.ndarray x, Geo *gx, cnp.ndarray dy, Geo *gd,
-                       cnp.ndarray y, Geo *gy) except -1:
+                       cnp.ndarray y, Geo *gy, double *hi=NULL, double *shift=NULL) except -1:
     """The element-by-element pass `kind` (K_NORM, or K_BDX) of job j over the arrays in
-    the layout of _joint_layout: the same per-channel factors, its own plan (element by
-    element, the bits do not depend on it)."""
+    the layout of _joint_layout: the same per-channel factors (hi and shift in their
+    place where given), its own plan (element by element, the bits do not depend on
+    it)."""
     cdef Job k
     memset(&k, 0, sizeof(Job))
     k.type, k.isz, k.reverse = j.type, j.isz, j.reverse
-    k.hi, k.lo, k.scale, k.shift = j.hi, j.lo, j.scale, j.shift
+    k.hi = hi if hi != NULL else j.hi
+    k.shift = shift if shift != NULL else j.shift
+    k.lo, k.scale = j.lo, j.scale
     k.k1, k.k2 = j.k1, j.k2
     _set_geo(&k, gx)
     k.x = <char *>cnp.PyArray_DATA(x)
@@ -3939,7 +3941,7 @@ def _backward(dy, x, mean, invstd, weight, bint training, axis, out, sums_hook,
     g, rd_dy = _as_input(dy, "dy")
     cdef int nd = cnp.PyArray_NDIM(a), axis_i
     cdef Py_ssize_t C, c, sb
-    cdef Job j, k
+    cdef Job j
     cdef Geo gy, gg, gxj, gdj
     cdef _Layout lay, joint
     cdef cnp.ndarray dx, dw, dbias
@@ -4023,9 +4025,7 @@ def _backward(dy, x, mean, invstd, weight, bint training, axis, out, sums_hook,
                 # + (-0.0): the same bits (k1 holds zeros here; k2 is free)
                 for c in range(C):
                     j.k2[c] = -0.0
-                k = j
-                k.hi, k.shift = j.k1, j.k2
-                _launch_joint(&k, K_NORM, g, &gdj, None, NULL, dx, &gy)
+                _launch_joint(&j, K_NORM, g, &gdj, None, NULL, dx, &gy, j.k1, j.k2)
             elif not training:
                 _launch(&j, K_BEVAL)
                 _sum_units(&j)
