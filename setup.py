@@ -11,9 +11,16 @@ import tempfile
 import textwrap
 
 import numpy as np
+import setuptools
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+
+# pyproject.toml's `license` is an SPDX string (PEP 639), which older setuptools reject with
+# a schema error that does not say why; pip's isolated builds fetch a new enough one
+if tuple(int(p) for p in setuptools.__version__.split(".")[:2] if p.isdigit()) < (77, 0):
+    sys.exit(f"bnfast needs setuptools >= 77.0.3 to build (this is {setuptools.__version__}): "
+             "pip install -U 'setuptools>=77.0.3'")
 
 OMP_TEST = textwrap.dedent(
     """

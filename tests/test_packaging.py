@@ -27,7 +27,8 @@ _IGNORE = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycac
 
 
 @pytest.fixture(scope="module")
-def sdist_files(tmp_path_factory):
+def sdist(tmp_path_factory):
+    """The sdist made from a copy of the tree: its files, its PKG-INFO and setup.py's log."""
     if not (ROOT / "setup.py").is_file() or not (ROOT / "bnfast" / "_core.pyx").is_file():
         pytest.skip("not run from a source tree (no setup.py / bnfast/_core.pyx beside tests/)")
     for mod in ("setuptools", "Cython", "numpy"):
@@ -42,7 +43,22 @@ def sdist_files(tmp_path_factory):
     (archive,) = dist.glob("*.tar.gz")
     with tarfile.open(archive) as tf:
         # paths inside the archive's top folder (bnfast-VERSION/)
-        return {m.name.split("/", 1)[1] for m in tf.getmembers() if m.isfile()}
+        members = {m.name.split("/", 1)[1]: m for m in tf.getmembers() if m.isfile()}
+        pkg_info = tf.extractfile(members["PKG-INFO"]).read().decode()
+    return {"files": set(members), "pkg_info": pkg_info, "log": proc.stdout + proc.stderr}
+
+
+@pytest.fixture(scope="module")
+def sdist_files(sdist):
+    return sdist["files"]
+
+
+def test_license_is_an_spdx_expression(sdist):
+    # PEP 639: setuptools deprecated the `license = {text = ...}` table, builds that use
+    # it stop being supported after 2027-02-18
+    assert "License-Expression: BSD-3-Clause" in sdist["pkg_info"], sdist["pkg_info"][:800]
+    assert "License-File: LICENSE" in sdist["pkg_info"]
+    assert "project.license" not in sdist["log"], sdist["log"]
 
 
 def _tree(pattern):
