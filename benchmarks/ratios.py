@@ -5,6 +5,9 @@
     python benchmarks/ratios.py run.json --threads 1 --dtype float32
     python benchmarks/ratios.py .benchmarks/*/0001_*.json --targets-only
 
+Several files are merged where their benchmark groups do not overlap (say, a run per
+layout); files that repeat a group (runs of the same cases) are reported one by one.
+
 bnfast/copy = bnfast median / np.copyto median in the same group (1.00 = the memory-bandwidth roofline);
 Peer/bnfast = how many times longer the peer takes.
 """
@@ -95,18 +98,30 @@ def main(argv=None):
     p.add_argument("--dtype", help="only this dtype (float32, float64)")
     p.add_argument("--targets-only", action="store_true", help="print only the targets table")
     a = p.parse_args(argv)
-    results = []
+    runs = []
     for path in a.json:
         with open(path) as f:
-            results += results_from_pytest(json.load(f).get("benchmarks", []))
-    sel = [r for r in results if (a.threads is None or r["threads"] == a.threads)
-           and (a.dtype is None or r["dtype"] == a.dtype)]
-    if not a.targets_only:
-        print(format_table(sel, markdown=True))
-        print()
-        print(legend(markdown=True))
-        print()
-    print(format_targets(targets(results)))
+            runs.append((path, results_from_pytest(json.load(f).get("benchmarks", []))))
+    # A ratio is only meaningful within one run (a group's bnfast and its copy measured
+    # together): files that share a group are reported one by one, not merged, where a
+    # later file's times would silently replace an earlier one's
+    groups = [{(r["op"], r["case"], r["dtype"], r["threads"]) for r in res} for _, res in runs]
+    shared = len(groups) > 1 and sum(len(g) for g in groups) > len(set().union(*groups))
+    if shared:
+        print(f"{len(runs)} runs share benchmark groups: each is reported on its own", file=sys.stderr)
+    else:
+        runs = [(None, [r for _, res in runs for r in res])]
+    for i, (path, results) in enumerate(runs):
+        if path is not None:
+            print(f"{'' if i == 0 else chr(10)}## {path}{chr(10)}")
+        sel = [r for r in results if (a.threads is None or r["threads"] == a.threads)
+               and (a.dtype is None or r["dtype"] == a.dtype)]
+        if not a.targets_only:
+            print(format_table(sel, markdown=True))
+            print()
+            print(legend(markdown=True))
+            print()
+        print(format_targets(targets(results)))
     return 0
 
 

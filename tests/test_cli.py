@@ -366,6 +366,30 @@ def test_ratios_script_reads_pytest_benchmark_json(tmp_path, capsys):
     assert tgt[("PyTorch eval / FrozenBatchNorm alloc (1t)", "1x64")][2] == pytest.approx(4.5)
     assert "| FrozenBatchNorm out= / copy (1t) | 1x64 | 0.80 | <= 1.0 | yes |" in out
 
+    # two runs of the same group: each on its own, never one run's bnfast over the other's copy
+    slow = json.loads(path.read_text())
+    for b in slow["benchmarks"]:
+        if b["name"] == "frozen-out":
+            b["stats"]["median"] = 3e-6
+    path2 = tmp_path / "run2.json"
+    path2.write_text(json.dumps(slow))
+    assert ratios.main([str(path), str(path2), "--targets-only"]) == 0
+    captured = capsys.readouterr()
+    assert "share benchmark groups" in captured.err
+    assert f"## {path}" in captured.out and f"## {path2}" in captured.out
+    assert "| FrozenBatchNorm out= / copy (1t) | 1x64 | 0.80 | <= 1.0 | yes |" in captured.out
+    assert "| FrozenBatchNorm out= / copy (1t) | 1x64 | 3.00 | <= 1.0 | **no** |" in captured.out
+    # runs of disjoint groups are merged, as one run
+    other = json.loads(path.read_text())
+    for b in other["benchmarks"]:
+        b["extra_info"]["dtype"] = "float64"
+    path3 = tmp_path / "run3.json"
+    path3.write_text(json.dumps(other))
+    assert ratios.main([str(path), str(path3), "--targets-only"]) == 0
+    captured = capsys.readouterr()
+    assert "##" not in captured.out and captured.err == ""
+    assert captured.out.count("| FrozenBatchNorm out= / copy (1t) | 1x64 | 0.80 |") == 1
+
 
 def test_interleaved_script(capsys, monkeypatch):
     spec = importlib.util.spec_from_file_location("bnfast_bench_interleaved",
