@@ -120,6 +120,30 @@ def test_reference_backward_matches_finite_differences():
         np.testing.assert_allclose(db, num_db, rtol=1e-6, atol=1e-7)
 
 
+def test_reference_sums_of_long_strided_channels_are_exact():
+    """The reference's channel sums on long channels that lie apart in memory (the
+    columns of an (N, C) array): exact integers, so the exact statistics are known. NumPy
+    adds along a strided axis in one running loop; the reference must not (it had dbias
+    144 ulps and the variance 1e-14 off here)."""
+    import math
+    rng = np.random.default_rng(0)
+    ints = rng.integers(0, 2**20, size=(200_000, 3)) + 2**40
+    x = ints.astype(np.float64)
+    n = x.shape[0]
+    mean, var, _ = R.batch_stats(x, axis=1)
+    for c in range(3):
+        col = [int(v) for v in ints[:, c]]
+        s, s2 = sum(col), sum(v * v for v in col)
+        assert abs(mean[c] - s / n) <= np.spacing(s / n)
+        exact_var = (s2 * n - s * s) / (n * n)         # Python's int division rounds once
+        assert abs(var[c] - exact_var) <= 4e-16 * exact_var
+    dy = rng.standard_normal(x.shape) * 1e6 + 1e9
+    _, dw, db = R.batch_norm_backward(dy, x, mean, np.ones(3), training=False)
+    for c in range(3):
+        exact = math.fsum(dy[:, c])
+        assert abs(db[c] - exact) <= 2 * np.spacing(exact)
+
+
 def test_reference_matches_torch():
     """Validate the reference once against PyTorch (float64): forward train/eval,
     running updates and autograd gradients."""
