@@ -3792,6 +3792,15 @@ cdef Py_ssize_t _exchange_moments(bnf_moments *mom, Py_ssize_t C, object hook) e
 _F16 = np.dtype(np.float16)
 
 
+cdef cnp.ndarray _params_from(const double *src, Py_ssize_t C, object dtype):
+    """A new (C,) array of a parameter dtype holding src, rounded once (float16 as
+    _vector_from; longdouble from the doubles)."""
+    cdef int type_num = (<cnp.dtype>dtype).type_num
+    if type_num in (cnp.NPY_FLOAT16, cnp.NPY_FLOAT32, cnp.NPY_FLOAT64):
+        return _vector_from(src, C, type_num, None)
+    return _vector_from(src, C, cnp.NPY_FLOAT64, dtype)
+
+
 cdef cnp.ndarray _vector_from(const double *src, Py_ssize_t C, int type_num,
                               object result_dtype):
     """A new (C,) array of type_num (float16/32/64) holding src, rounded once (float16:
@@ -3923,14 +3932,17 @@ cdef int _check_x_unchanged(Job *j, Py_ssize_t C) except -1:
 
 
 def _backward(dy, x, mean, invstd, weight, bint training, axis, out, sums_hook,
-              bint saved_mean=False):
+              bint saved_mean=False, param_dtype=None):
     """batch_norm_backward; with training and `sums_hook`, the batch spans several
     processes: sums_hook(local) gets the local per-channel sums as a (3, C) float64
     array [sum(dy), sum(dy * (x - mean)), sum(x - mean)] and returns (global sums of the
     same shape, global elements per channel). dweight and dbias stay this process's
     contribution. saved_mean (training): mean is the batch mean a layer's forward
     computed from this very x, so sum(x - mean) is rounding alone; a RuntimeError where
-    it is not (x changed in place since: _check_x_unchanged)."""
+    it is not (x changed in place since: _check_x_unchanged). param_dtype (a layer's
+    parameter dtype): dweight and dbias rounded once from the sums to it, not to x's
+    dtype first (a float16 x's dbias overflows past 65504 where float32 parameters hold
+    it, as torch's mixed-precision gradients do)."""
     cdef object result_dtype, rd_dy
     cdef cnp.ndarray a, g
     if mean is None or invstd is None:
@@ -4085,8 +4097,12 @@ def _backward(dy, x, mean, invstd, weight, bint training, axis, out, sums_hook,
                     _launch_joint(&j, K_BDX, a, &gxj, g, &gdj, dx, &gy)
             for c in range(C):
                 j.s_dyx[c] *= j.invstd[c]          # dweight = sum(dy * xhat)
-            dw = _vector_from(j.s_dyx, C, cnp.PyArray_TYPE(a), result_dtype)
-            dbias = _vector_from(j.s_dy, C, cnp.PyArray_TYPE(a), result_dtype)
+            if param_dtype is None:
+                dw = _vector_from(j.s_dyx, C, cnp.PyArray_TYPE(a), result_dtype)
+                dbias = _vector_from(j.s_dy, C, cnp.PyArray_TYPE(a), result_dtype)
+            else:
+                dw = _params_from(j.s_dyx, C, param_dtype)
+                dbias = _params_from(j.s_dy, C, param_dtype)
         finally:
             _mfree(j.s_dy)
         return _finish(out, dx, result_dtype), dw, dbias

@@ -118,7 +118,8 @@ class BatchNorm:
     training : bool
         True at construction, like torch; see :meth:`train` and :meth:`eval`.
     grad_weight, grad_bias : ndarray or None
-        Set by :meth:`backward`.
+        Set by :meth:`backward`, in the layer's dtype (rounded once from the sums,
+        whatever x's dtype).
 
     Notes
     -----
@@ -416,11 +417,12 @@ class BatchNorm:
         if dy_arr.shape != x.shape:
             raise ValueError(f"dy must have the shape of the last input {x.shape}, "
                              f"got {dy_arr.shape}")
+        # the parameter gradients rounded once to the layer's dtype from the sums
         dx, dw, db = _backward(dy_arr, x, mean, invstd, weight, use_batch, axis, out, None,
-                               use_batch)
+                               use_batch, self.dtype)
         if self.affine:
-            self.grad_weight = dw.astype(self.dtype, copy=False)
-            self.grad_bias = db.astype(self.dtype, copy=False)
+            self.grad_weight = dw
+            self.grad_bias = db
         return dx
 
     # -- state ------------------------------------------------------------------------

@@ -335,7 +335,7 @@ class SyncBatchNorm(BatchNorm):
                 raise ValueError(f"dy must have the shape of the last input {x.shape}, "
                                  f"got {dy_arr.shape}")
             dx, dw, db = _backward(dy_arr, x, mean, invstd, weight, True, axis, out,
-                                   exchange, True)
+                                   exchange, True, self.dtype)
         except Exception:
             if not called:
                 send = np.zeros(3 * C + 2)
@@ -344,8 +344,8 @@ class SyncBatchNorm(BatchNorm):
                 failed_ranks(1.0)
             raise
         if self.affine:
-            self.grad_weight = dw.astype(self.dtype, copy=False)
-            self.grad_bias = db.astype(self.dtype, copy=False)
+            self.grad_weight = dw
+            self.grad_bias = db
         return dx
 
     # -- pickling -----------------------------------------------------------------------

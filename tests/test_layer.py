@@ -213,6 +213,33 @@ def test_input_dtype_kept_with_other_layer_dtype():
     assert bn.eval()(x).dtype == np.float32
 
 
+@pytest.mark.parametrize("x_dtype, layer_dtype, training", [
+    (np.float16, np.float32, True), (np.float16, np.float32, False),
+    (np.float32, np.float64, True), (np.float16, np.float64, False)])
+def test_parameter_gradients_rounded_once_to_the_layer_dtype(x_dtype, layer_dtype, training):
+    # grad_weight and grad_bias come from the double sums rounded to the layer's dtype,
+    # as torch's mixed-precision gradients: rounded to x's float16 first, a dbias past
+    # 65504 was inf, and the others kept x's precision only
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((16384, 3, 2, 2)) * 2 + 5).astype(x_dtype)
+    dy = (rng.standard_normal(x.shape) + 1.5).astype(x_dtype)
+    bn = bnfast.BatchNorm2d(3, dtype=layer_dtype)
+    bn.train(training)
+    bn(x)
+    bn.backward(dy)
+    assert bn.grad_bias.dtype == bn.grad_weight.dtype == layer_dtype
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    if training:
+        mean, invstd = R.batch_stats(x64)[0], 1 / np.sqrt(R.batch_stats(x64)[1] + 1e-5)
+    else:
+        mean, invstd = np.zeros(3), np.full(3, 1 / np.sqrt(1 + 1e-5))
+    _, dw, db = R.batch_norm_backward(dy64, x64, mean, invstd, training=training)
+    assert np.all(np.abs(db) > 65504)                   # past float16's range
+    tol = 4 * np.finfo(layer_dtype).eps
+    np.testing.assert_allclose(bn.grad_bias, db, rtol=tol)
+    np.testing.assert_allclose(bn.grad_weight, dw, rtol=tol, atol=tol * np.abs(dy64).sum(axis=(0, 2, 3)).max())
+
+
 def test_awkward_input_layouts():
     bn = bnfast.BatchNorm(3, dtype=np.float64)
     ref = R.BatchNormRef(3, dtype=np.float64)
