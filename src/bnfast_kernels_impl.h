@@ -1090,6 +1090,28 @@ static inline BNF_INLINE void BNF_NAME(bwd_lanes_out)(ptrdiff_t k,
     }
 }
 
+/* The plain form of bwd_sums_channels (bnfast_kernels_simd.h): k channels of runs, each
+ * on its own, their sums stored to sum_dy[c], sum_dy_xmu[c] and sum_xmu[c]. */
+static inline BNF_INLINE void BNF_NAME(bwd_sums_channels)(
+    const T *dy, ptrdiff_t dystride, ptrdiff_t dycs, const T *x, ptrdiff_t xstride,
+    ptrdiff_t xcs, ptrdiff_t nruns, ptrdiff_t len, ptrdiff_t k, const double *mean,
+    double *sum_dy, double *sum_dy_xmu, double *sum_xmu, bnf_pf *pf)
+{
+    double a1[1][BNF_LANES], a2[1][BNF_LANES], a3[1][BNF_LANES];
+    double a1lo[1][BNF_LANES], a2lo[1][BNF_LANES];   /* BNF_COMPENSATED */
+    for (ptrdiff_t c = 0; c < k; c++) {
+        for (int l = 0; l < BNF_LANES; l++) {
+            a1[0][l] = a2[0][l] = a3[0][l] = 0;
+            a1lo[0][l] = a2lo[0][l] = 0;
+        }
+        BNF_NAME(bwd_sums_runs)(dy + c * dycs, dystride, x + c * xcs, xstride, nruns, len,
+                                mean[c], a1[0], a2[0], a3[0], BNF_LO(a1lo[0], 0),
+                                BNF_LO(a2lo[0], 0), pf, pf);
+        BNF_NAME(bwd_lanes_out)(1, a1, a2, a3, a1lo, a2lo, sum_dy + c, sum_dy_xmu + c,
+                                sum_xmu + c);
+    }
+}
+
 /* Backward sums over k (<= BNF_BLOCK_CHANNELS) channels of runs, strides and order as
  * bnf_norm_runs: sum(dy), sum(dy * (x - mean[c])) and sum(x - mean[c]) of each channel
  * c; the last recovers the part of the batch mean that a double `mean` cannot hold.
@@ -1727,8 +1749,6 @@ BNF_CLONES void BNF_NAME(bnf_bwd_runs_cached)(const T *dy, ptrdiff_t dystride, p
                                               double *sum_xmu, double *lo, double *k1,
                                               double *k2, int flags)
 {
-    double a1[1][BNF_LANES], a2[1][BNF_LANES], a3[1][BNF_LANES];
-    double a1lo[1][BNF_LANES], a2lo[1][BNF_LANES];   /* BNF_COMPENSATED */
     ptrdiff_t ch = 2 * nruns * len * (ptrdiff_t)sizeof(T);
     ptrdiff_t per = ch > 0 ? BNF_CACHED_RUNS_BYTES / ch : BNF_BLOCK_CHANNELS;
     bnf_pf pf;      /* no prefetch: in cache */
@@ -1737,17 +1757,9 @@ BNF_CLONES void BNF_NAME(bnf_bwd_runs_cached)(const T *dy, ptrdiff_t dystride, p
     if (per > BNF_BLOCK_CHANNELS) per = BNF_BLOCK_CHANNELS;
     for (ptrdiff_t c0 = 0; c0 < k; c0 += per) {
         ptrdiff_t w = k - c0 < per ? k - c0 : per;
-        for (ptrdiff_t c = c0; c < c0 + w; c++) {
-            for (int l = 0; l < BNF_LANES; l++) {
-                a1[0][l] = a2[0][l] = a3[0][l] = 0;
-                a1lo[0][l] = a2lo[0][l] = 0;
-            }
-            BNF_DISPATCH(bwd_sums_runs, dy + c * dycs, dystride, x + c * xcs, xstride, nruns,
-                         len, mean[c], a1[0], a2[0], a3[0], BNF_LO(a1lo[0], 0),
-                         BNF_LO(a2lo[0], 0), &pf, &pf);
-            BNF_NAME(bwd_lanes_out)(1, a1, a2, a3, a1lo, a2lo, sum_dy + c, sum_dy_xmu + c,
-                                    sum_xmu + c);
-        }
+        BNF_DISPATCH(bwd_sums_channels, dy + c0 * dycs, dystride, dycs, x + c0 * xcs, xstride,
+                     xcs, nruns, len, w, mean + c0, sum_dy + c0, sum_dy_xmu + c0,
+                     sum_xmu + c0, &pf);
         if (training)
             bnf_bwd_coeffs(w, n, mean + c0, invstd + c0, sum_dy + c0, sum_dy_xmu + c0,
                            sum_xmu + c0, lo + c0, k1 + c0, k2 + c0);

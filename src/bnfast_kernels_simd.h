@@ -882,6 +882,48 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_runs)(const T *dy, ptrdiff_t dystride, const 
                                  a2lo, pfg, pfx, 0);
 }
 
+/* The backward sums of k channels of runs, each channel on its own (bnf_bwd_runs_cached):
+ * its lanes set, summed (bwd_sums_runs' body, inlined) and folded (bwd_lanes_out's sums)
+ * here, the sums stored to sum_dy[c], sum_dy_xmu[c] and sum_xmu[c].  The same bits as
+ * those two; one call a block, where a call and its dispatch a channel, and the lanes
+ * handed through memory, were most of a channel of a few 7 x 7 runs. */
+BNF_SIMD_FN void BNF_SIMD(bwd_sums_channels)(const T *dy, ptrdiff_t dystride, ptrdiff_t dycs,
+                                             const T *x, ptrdiff_t xstride, ptrdiff_t xcs,
+                                             ptrdiff_t nruns, ptrdiff_t len, ptrdiff_t k,
+                                             const double *mean, double *sum_dy,
+                                             double *sum_dy_xmu, double *sum_xmu, bnf_pf *pf)
+{
+    for (ptrdiff_t c = 0; c < k; c++) {
+        BNF_ALIGN64 double a1[BNF_LANES] = {0}, a2[BNF_LANES] = {0}, a3[BNF_LANES] = {0};
+        BNF_ALIGN64 double a1lo[BNF_LANES] = {0}, a2lo[BNF_LANES] = {0};
+#if BNF_MASKED
+        if (len % BNF_VW)
+            BNF_SIMD(bwd_sums_runs_body)(dy + c * dycs, dystride, x + c * xcs, xstride, nruns,
+                                         len, mean[c], a1, a2, a3, BNF_LO(a1lo, 0),
+                                         BNF_LO(a2lo, 0), pf, pf, 1);
+        else
+#endif
+            BNF_SIMD(bwd_sums_runs_body)(dy + c * dycs, dystride, x + c * xcs, xstride, nruns,
+                                         len, mean[c], a1, a2, a3, BNF_LO(a1lo, 0),
+                                         BNF_LO(a2lo, 0), pf, pf, 0);
+#if BNF_COMPENSATED
+        {
+            double hi, lo;
+            bnf_sum_lanes_lo(a1, a1lo, &hi, &lo);
+            sum_dy[c] = bnf_fold_lo(hi, lo);
+            bnf_sum_lanes_lo(a2, a2lo, &hi, &lo);
+            sum_dy_xmu[c] = bnf_fold_lo(hi, lo);
+        }
+#else
+        (void)a1lo;
+        (void)a2lo;
+        sum_dy[c] = bnf_sum_lanes(a1);
+        sum_dy_xmu[c] = bnf_sum_lanes(a2);
+#endif
+        sum_xmu[c] = bnf_sum_lanes(a3);
+    }
+}
+
 /* k channels of runs a row of them at a time (bnf_bwd_sums_runs), channel c's lanes at
  * a1 + c * BNF_LANES ..: the loops here, each run through the inlined body, not a call
  * (and its dispatch) a run. */
