@@ -455,6 +455,13 @@ class BatchNorm:
                                                 dtype=np.int64)
         return d
 
+    def _state_keys(self):
+        """The keys of :meth:`state_dict`, in its order."""
+        keys = ["weight", "bias"] if self.affine else []
+        if self.running_mean is not None:
+            keys += ["running_mean", "running_var", "num_batches_tracked"]
+        return keys
+
     def load_state_dict(self, state_dict, strict=True):
         """Load a mapping with PyTorch's key names (numpy arrays, torch tensors, lists).
 
@@ -495,7 +502,8 @@ class BatchNorm:
                             f"state_dict() returns), got {type(state_dict).__name__}")
         # under the lock: a concurrent forward must not read half-written statistics
         with self._lock:
-            expected = list(self.state_dict())
+            # the keys alone: state_dict() checks a count set by hand, which this may repair
+            expected = self._state_keys()
             if strict:
                 unexpected = [k for k in state_dict if k not in expected]
                 if unexpected:

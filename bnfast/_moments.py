@@ -201,12 +201,12 @@ class Moments:
 # -------------------------------------------------------------------------------------
 # One array
 
-def _channel_axis(x, axis):
+def _channel_axis(x, axis, name="x"):
     if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
         raise TypeError(f"axis must be an int, got {axis!r}")
     if x.ndim < 2:
-        raise ValueError(f"x must have at least 2 dimensions (samples, channels, ...), got "
-                         f"shape {x.shape}; use x[:, None] for a single series")
+        raise ValueError(f"{name} must have at least 2 dimensions (samples, channels, ...), "
+                         f"got shape {x.shape}; use {name}[:, None] for a single series")
     ax = int(axis) + x.ndim if axis < 0 else int(axis)
     if not 0 <= ax < x.ndim:
         raise ValueError(f"axis {axis} is out of range for a {x.ndim}-D input")
@@ -442,7 +442,7 @@ class RunningStats:
         else:
             x = _as_array(chunk, "chunk")
             _check_dtype(x, "chunk")
-            ax = _channel_axis(x, self.axis)
+            ax = _channel_axis(x, self.axis, "chunk")
             if x.shape[ax] != self.num_features:
                 raise ValueError(f"RunningStats({self.num_features}) got a chunk with "
                                  f"{x.shape[ax]} channels on axis {self.axis} "

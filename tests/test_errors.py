@@ -997,6 +997,16 @@ def test_num_batches_tracked_set_by_hand_checked(bad, exc):
     np.testing.assert_array_equal(bn.running_mean, 0.0)
     with pytest.raises(exc, match="num_batches_tracked"):
         bn.state_dict()
+    # a good state repairs it (the load had checked the bad count and refused itself)
+    good = bnfast.BatchNorm(3, axis=-1, dtype=np.float64)
+    good(x)
+    assert bn.load_state_dict(good.state_dict()) is bn
+    assert bn.num_batches_tracked == 1 and type(bn.num_batches_tracked) is int
+    assert int(bn.state_dict()["num_batches_tracked"]) == 1
+    bn.num_batches_tracked = bad
+    bn.load_state_dict({"weight": [2.0] * 3}, strict=False)     # the count not given: kept
+    assert bn.num_batches_tracked is bad or bn.num_batches_tracked == bad
+    np.testing.assert_array_equal(bn.weight, 2.0)
 
 
 def test_num_batches_tracked_none_or_an_integer_array(tmp_path):
