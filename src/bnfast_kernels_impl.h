@@ -1075,11 +1075,10 @@ static inline BNF_INLINE void BNF_NAME(bwd_lanes_out)(ptrdiff_t k,
 {
     for (ptrdiff_t c = 0; c < k; c++) {
 #if BNF_COMPENSATED
-        double hi, lo;
-        bnf_sum_lanes_lo(a1[c], a1lo[c], &hi, &lo);
+        double hi, lo, hi2, lo2;
+        bnf_sum_lanes_lo2(a1[c], a1lo[c], a2[c], a2lo[c], &hi, &lo, &hi2, &lo2);
         sum_dy[c] = bnf_fold_lo(hi, lo);
-        bnf_sum_lanes_lo(a2[c], a2lo[c], &hi, &lo);
-        sum_dy_xmu[c] = bnf_fold_lo(hi, lo);
+        sum_dy_xmu[c] = bnf_fold_lo(hi2, lo2);
 #else
         (void)a1lo;
         (void)a2lo;

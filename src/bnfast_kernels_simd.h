@@ -908,11 +908,10 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_channels)(const T *dy, ptrdiff_t dystride, pt
                                          BNF_LO(a2lo, 0), pf, pf, 0);
 #if BNF_COMPENSATED
         {
-            double hi, lo;
-            bnf_sum_lanes_lo(a1, a1lo, &hi, &lo);
+            double hi, lo, hi2, lo2;
+            bnf_sum_lanes_lo2(a1, a1lo, a2, a2lo, &hi, &lo, &hi2, &lo2);
             sum_dy[c] = bnf_fold_lo(hi, lo);
-            bnf_sum_lanes_lo(a2, a2lo, &hi, &lo);
-            sum_dy_xmu[c] = bnf_fold_lo(hi, lo);
+            sum_dy_xmu[c] = bnf_fold_lo(hi2, lo2);
         }
 #else
         (void)a1lo;
