@@ -105,6 +105,24 @@ static inline BNF_INLINE void BNF_NAME(shifted_sums_runs)(const T *x, ptrdiff_t 
  * more than one bit; for float data more than 20 of the 53 bits, which leaves the
  * variance ~1e-10 exact, far below a float's resolution.  The result is as exact as two
  * passes would make it. */
+/* A tile's moments from its folded sums around `shift` (tile_finish, once it has taken
+ * them again where needed). */
+static inline BNF_INLINE void BNF_NAME(tile_moments)(double n, double shift, double sd,
+                                                    double sdd, double sdd_lo,
+                                                    bnf_moments *t)
+{
+    t->n = n;
+    t->hi = shift;
+    t->lo = sd / n;
+#if BNF_COMPENSATED
+    t->m2 = bnf_tile_m2_lo(sdd, sdd_lo, sd, n, t->lo, 1 / n);
+#else
+    (void)sdd_lo;
+    t->m2 = sdd - sd * t->lo;
+#endif
+    t->m2 = t->m2 < 0 ? 0 : bnf_m2_fix(t->m2, t->lo);
+}
+
 static inline BNF_INLINE void BNF_NAME(tile_finish)(const T *x, ptrdiff_t nruns,
                                                    ptrdiff_t stride, ptrdiff_t len,
                                                    double shift, double *s1, double *s2,
@@ -128,16 +146,7 @@ static inline BNF_INLINE void BNF_NAME(tile_finish)(const T *x, ptrdiff_t nruns,
         BNF_SUM_S2();
     }
 #undef BNF_SUM_S2
-    t->n = n;
-    t->hi = shift;
-    t->lo = sd / n;
-#if BNF_COMPENSATED
-    t->m2 = bnf_tile_m2_lo(sdd, sdd_lo, sd, n, t->lo, 1 / n);
-#else
-    (void)sdd_lo;
-    t->m2 = sdd - sd * t->lo;
-#endif
-    t->m2 = t->m2 < 0 ? 0 : bnf_m2_fix(t->m2, t->lo);
+    BNF_NAME(tile_moments)(n, shift, sd, sdd, sdd_lo, t);
 }
 
 /* Moments of a tile of `nruns` runs at x: the first pass, then tile_finish. */
@@ -731,6 +740,29 @@ BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, ptrdiff_t
  * normalization beside the next block's statistics, run by run, the lanes stored and
  * loaded around each run) is for x from DRAM; on short runs in cache those loads and
  * stores cost more than the run's arithmetic. */
+/* The plain form of tile_sums_channels (bnfast_kernels_simd.h). */
+static inline BNF_INLINE void BNF_NAME(tile_sums_channels)(const T *x, ptrdiff_t xstride,
+                                                          ptrdiff_t xcs, ptrdiff_t nruns,
+                                                          ptrdiff_t len, ptrdiff_t k,
+                                                          double *shift, double *sd,
+                                                          double *sdd, double *sdd_lo,
+                                                          bnf_pf *pf)
+{
+    for (ptrdiff_t c = 0; c < k; c++) {
+        double s1[BNF_LANES] = {0}, s2[BNF_LANES] = {0}, s2lo[BNF_LANES] = {0};
+        const T *p = x + c * xcs;
+        shift[c] = bnf_finite_or(BNF_TO_D(p[0]), 0);
+        BNF_NAME(shifted_sums_runs)(p, nruns, xstride, len, shift[c], s1, s2, s2lo, pf);
+        sd[c] = bnf_sum_lanes(s1);
+#if BNF_COMPENSATED
+        bnf_sum_lanes_lo(s2, s2lo, &sdd[c], &sdd_lo[c]);
+#else
+        sdd[c] = bnf_sum_lanes(s2);
+        sdd_lo[c] = 0;
+#endif
+    }
+}
+
 BNF_CLONES void BNF_NAME(bnf_train_runs_cached)(const T *x, ptrdiff_t xstride, ptrdiff_t xcs,
                                                 T *y, ptrdiff_t ystride, ptrdiff_t ycs,
                                                 ptrdiff_t nruns, ptrdiff_t len, ptrdiff_t k,
@@ -743,10 +775,36 @@ BNF_CLONES void BNF_NAME(bnf_train_runs_cached)(const T *x, ptrdiff_t xstride, p
     ptrdiff_t per = ch > 0 ? BNF_CACHED_RUNS_BYTES / ch : BNF_BLOCK_CHANNELS;
     if (per < 1) per = 1;
     if (per > BNF_BLOCK_CHANNELS) per = BNF_BLOCK_CHANNELS;
+    /* channels of one tile each: their first pass in one call a block (tile_sums_channels;
+     * one a channel, a dispatched call with its lanes in memory, was most of a channel of
+     * a few 7 x 7 runs), then stats_runs_tiles' arithmetic; a tile that needs its second
+     * pass, and longer channels, go through stats_runs_tiles */
+    int one_tile = nruns > 0 && len > 0 && len <= BNF_TILE_ELEMS &&
+                   nruns <= BNF_TILE_ELEMS / len;
+    double t_shift[BNF_BLOCK_CHANNELS], sd[BNF_BLOCK_CHANNELS], sdd[BNF_BLOCK_CHANNELS];
+    double sdd_lo[BNF_BLOCK_CHANNELS];
+    bnf_pf pf;      /* no prefetch: in cache */
+    BNF_NAME(pf_block)(&pf, NULL, nruns, xstride, xcs, len, 1);
     for (ptrdiff_t c0 = 0; c0 < k; c0 += per) {
         ptrdiff_t w = k - c0 < per ? k - c0 : per;
-        for (ptrdiff_t c = c0; c < c0 + w; c++)
-            BNF_NAME(stats_runs_tiles)(x + c * xcs, nruns, xstride, len, m + c, NULL);
+        if (one_tile) {
+            double n = (double)nruns * (double)len;
+            BNF_DISPATCH(tile_sums_channels, x + c0 * xcs, xstride, xcs, nruns, len, w,
+                         t_shift, sd, sdd, sdd_lo, &pf);
+            for (ptrdiff_t c = 0; c < w; c++) {
+                if (BNF_TILE_REDO(sd[c], sdd[c], n)) {
+                    BNF_NAME(stats_runs_tiles)(x + (c0 + c) * xcs, nruns, xstride, len,
+                                               m + c0 + c, NULL);
+                } else {
+                    bnf_moments *mc = m + c0 + c;
+                    BNF_NAME(tile_moments)(n, t_shift[c], sd[c], sdd[c], sdd_lo[c], mc);
+                    mc->m2 = bnf_fold_lo(mc->m2, 0);    /* as stats_runs_tiles */
+                }
+            }
+        } else {
+            for (ptrdiff_t c = c0; c < c0 + w; c++)
+                BNF_NAME(stats_runs_tiles)(x + c * xcs, nruns, xstride, len, m + c, NULL);
+        }
         bnf_finalize(m + c0, w, eps, weight + c0, hi + c0, lo + c0, invstd + c0, scale + c0,
                      shift + c0, var + c0);
         BNF_NAME(bnf_norm_runs)(x + c0 * xcs, xstride, xcs, y + c0 * ycs, ystride, ycs, nruns,

@@ -389,6 +389,32 @@ BNF_SIMD_FN void BNF_SIMD(shifted_sums_runs)(const T *x, ptrdiff_t nruns, ptrdif
     BNF_SIMD(shifted_sums_runs_body)(x, nruns, stride, len, shift, s1, s2, s2lo, pf);
 }
 
+/* The first pass of k channels of runs each one tile (bnf_train_runs_cached), each around
+ * its first element (stats_runs_tiles' shift for its first tile): its lanes set, summed
+ * (shifted_sums_runs' body, inlined) and folded here into sd[c] = sum(x - shift[c]) and
+ * sdd[c] (+ sdd_lo[c], BNF_COMPENSATED) = sum((x - shift[c])^2), as tile_finish folds
+ * them.  The same bits; one call a block, as bwd_sums_channels. */
+BNF_SIMD_FN void BNF_SIMD(tile_sums_channels)(const T *x, ptrdiff_t xstride, ptrdiff_t xcs,
+                                              ptrdiff_t nruns, ptrdiff_t len, ptrdiff_t k,
+                                              double *shift, double *sd, double *sdd,
+                                              double *sdd_lo, bnf_pf *pf)
+{
+    for (ptrdiff_t c = 0; c < k; c++) {
+        BNF_ALIGN64 double s1[BNF_LANES] = {0}, s2[BNF_LANES] = {0}, s2lo[BNF_LANES] = {0};
+        const T *p = x + c * xcs;
+        shift[c] = bnf_finite_or(BNF_TO_D(p[0]), 0);
+        BNF_SIMD(shifted_sums_runs_body)(p, nruns, xstride, len, shift[c], s1, s2, s2lo, pf);
+        sd[c] = bnf_sum_lanes(s1);
+#if BNF_COMPENSATED
+        bnf_sum_lanes_lo(s2, s2lo, &sdd[c], &sdd_lo[c]);
+#else
+        (void)s2lo;
+        sdd[c] = bnf_sum_lanes(s2);
+        sdd_lo[c] = 0;
+#endif
+    }
+}
+
 /* One line of columns: the prefetch step of the rows loops. */
 #define BNF_LINE_COLS (BNF_LINE / (ptrdiff_t)sizeof(T))
 /* The lines that start in columns [c, c + span) of a row (counted from its first
