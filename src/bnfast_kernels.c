@@ -1128,7 +1128,8 @@ static inline BNF_INLINE double bnf_sum_lanes(const double *acc)
     memcpy(&l2, acc + 16, sizeof l2);
     memcpy(&l3, acc + 24, sizeof l3);
     bnf_v8d u = (l0 + l2) + (l1 + l3);
-    bnf_v4d v = __builtin_shufflevector(u, u, 0, 1, 2, 3) + __builtin_shufflevector(u, u, 4, 5, 6, 7);
+    bnf_v4d v = __builtin_shufflevector(u, u, 0, 1, 2, 3) +
+                __builtin_shufflevector(u, u, 4, 5, 6, 7);
     bnf_v2d w = __builtin_shufflevector(v, v, 0, 1) + __builtin_shufflevector(v, v, 2, 3);
     return w[0] + w[1];
 #else

@@ -99,12 +99,6 @@ static inline BNF_INLINE void BNF_NAME(shifted_sums_runs)(const T *x, ptrdiff_t 
     }
 }
 
-/* Moments of one cache-resident tile from the lanes s1, s2 of a first pass around
- * `shift` (the mean so far), with a second pass around the tile's own mean only when the
- * first loses too much to cancellation (sd^2 / n > BNF_REDO_RATIO * sdd): for double data
- * more than one bit; for float data more than 20 of the 53 bits, which leaves the
- * variance ~1e-10 exact, far below a float's resolution.  The result is as exact as two
- * passes would make it. */
 /* A tile's moments from its folded sums around `shift` (tile_finish, once it has taken
  * them again where needed). */
 static inline BNF_INLINE void BNF_NAME(tile_moments)(double n, double shift, double sd,
@@ -123,6 +117,12 @@ static inline BNF_INLINE void BNF_NAME(tile_moments)(double n, double shift, dou
     t->m2 = t->m2 < 0 ? 0 : bnf_m2_fix(t->m2, t->lo);
 }
 
+/* Moments of one cache-resident tile from the lanes s1, s2 of a first pass around
+ * `shift` (the mean so far), with a second pass around the tile's own mean only when the
+ * first loses too much to cancellation (sd^2 / n > BNF_REDO_RATIO * sdd): for double data
+ * more than one bit; for float data more than 20 of the 53 bits, which leaves the
+ * variance ~1e-10 exact, far below a float's resolution.  The result is as exact as two
+ * passes would make it. */
 static inline BNF_INLINE void BNF_NAME(tile_finish)(const T *x, ptrdiff_t nruns,
                                                    ptrdiff_t stride, ptrdiff_t len,
                                                    double shift, double *s1, double *s2,
@@ -733,13 +733,6 @@ BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, ptrdiff_t
         m_next[c].m2 = bnf_fold_lo(m_next[c].m2, m2lo_next[c]);
 }
 
-/* Training forward of k channels of runs in cache (bnfast._core._cached_runs), in
- * blocks of about BNF_CACHED_RUNS_BYTES of x: each channel's moments (its tiles, as
- * bnf_stats_runs: the same bits) into m, the block's factors (bnf_finalize), then the
- * block normalized from L1 (bnf_norm_runs).  The pipeline of blocks (each block's
- * normalization beside the next block's statistics, run by run, the lanes stored and
- * loaded around each run) is for x from DRAM; on short runs in cache those loads and
- * stores cost more than the run's arithmetic. */
 /* The plain form of tile_sums_channels (bnfast_kernels_simd.h). */
 static inline BNF_INLINE void BNF_NAME(tile_sums_channels)(const T *x, ptrdiff_t xstride,
                                                           ptrdiff_t xcs, ptrdiff_t nruns,
@@ -763,6 +756,13 @@ static inline BNF_INLINE void BNF_NAME(tile_sums_channels)(const T *x, ptrdiff_t
     }
 }
 
+/* Training forward of k channels of runs in cache (bnfast._core._cached_runs), in
+ * blocks of about BNF_CACHED_RUNS_BYTES of x: each channel's moments (its tiles, as
+ * bnf_stats_runs: the same bits) into m, the block's factors (bnf_finalize), then the
+ * block normalized from L1 (bnf_norm_runs).  The pipeline of blocks (each block's
+ * normalization beside the next block's statistics, run by run, the lanes stored and
+ * loaded around each run) is for x from DRAM; on short runs in cache those loads and
+ * stores cost more than the run's arithmetic. */
 BNF_CLONES void BNF_NAME(bnf_train_runs_cached)(const T *x, ptrdiff_t xstride, ptrdiff_t xcs,
                                                 T *y, ptrdiff_t ystride, ptrdiff_t ycs,
                                                 ptrdiff_t nruns, ptrdiff_t len, ptrdiff_t k,
