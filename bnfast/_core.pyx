@@ -276,10 +276,13 @@ DEF GROUP_MAX_INNER = 128
 # -> 1.73x; (64, 512, 7, 7) and (8, 512, 7, 7) unchanged; runs of 25-40 were slower so.
 DEF EVAL_GROUP_MAX_INNER = 47
 # Channels of runs in cache a channel at a time (_cached_runs): x of at most this many
-# bytes, runs of at least this many elements (and at most GROUP_MAX_INNER), at most this
+# bytes (training; the backward's), runs of at least this many elements (and at most
+# GROUP_MAX_INNER in training, CACHED_RUNS_BWD_MAX_INNER in the backward), at most this
 # many runs a channel in training and in the backward (half those of float16).
 DEF CACHED_RUNS_BYTES = 1 << 20
+DEF CACHED_RUNS_BWD_BYTES = 1 << 22
 DEF CACHED_RUNS_MIN_INNER = 40
+DEF CACHED_RUNS_BWD_MAX_INNER = 256
 DEF CACHED_RUNS_OUTER_FWD = 8
 DEF CACHED_RUNS_OUTER_BWD = 4
 # ... whose elements count this many times in the threads' work (_launch): a short run's
@@ -1462,13 +1465,22 @@ cdef inline bint _cached_runs(const Job *j, Py_ssize_t itemsize, int narrays) no
     1.03-1.05x), runs of 16-36 elements (1.04-1.37x), float16 training from 8 runs
     (1.13-1.22x), the backward of 8 runs of 7 x 7 (1.04x, eval mode 1.14x) and float16's
     of 4 (1.02x, 1.14x); longer runs, which the pipeline takes, gained nothing ((1, 64,
-    56, 56) 1.00-1.06x, (4, 64, 32, 32) 1.10x)."""
+    56, 56) 1.00-1.06x, (4, 64, 32, 32) 1.10x). Since a block's channels take their sums
+    in one call, lanes in registers (thirty-fourth session), the backward takes runs of up
+    to 256 elements and x of up to 4 MB this way (the same bits as the runs pipeline on
+    these shapes): against it, float32 (2, 1000, 14, 14) 0.76x the time, (4, 256, 14, 14)
+    0.91x; float64 (2, 1000, 14, 14) 0.82x, (4, 256, 14, 14) 0.85x, (4, 128, 16, 16)
+    0.86x; float16 (2, 1000, 14, 14) 0.88x. Training there measured 1.00-1.03x in
+    float32 and keeps the limits above; 8 runs of 7 x 7 in the backward: float32 0.86x,
+    float64 1.34x, so 4 still."""
     cdef Py_ssize_t most = CACHED_RUNS_OUTER_FWD if narrays == 1 else CACHED_RUNS_OUTER_BWD
+    cdef Py_ssize_t longest = GROUP_MAX_INNER if narrays == 1 else CACHED_RUNS_BWD_MAX_INNER
+    cdef Py_ssize_t most_bytes = CACHED_RUNS_BYTES if narrays == 1 else CACHED_RUNS_BWD_BYTES
     if itemsize == 2:
         most //= 2
     return _cached_runs_on and j.nlev == 0 and \
-        CACHED_RUNS_MIN_INNER <= j.inner <= GROUP_MAX_INNER and \
-        j.outer * j.C * j.inner * itemsize <= CACHED_RUNS_BYTES and j.outer <= most
+        CACHED_RUNS_MIN_INNER <= j.inner <= longest and \
+        j.outer * j.C * j.inner * itemsize <= most_bytes and j.outer <= most
 
 
 cdef inline bint _rows_alias(const Job *j) noexcept nogil:

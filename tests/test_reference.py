@@ -290,9 +290,11 @@ def test_train_grid(shape, axis, dtype):
 
 
 # Channels of a few runs of 40 to 128 elements, x in cache (_cached_runs: training up to
-# 8 runs a channel, the backward up to 4, float16 half those)
+# 8 runs a channel, the backward up to 4, float16 half those); the backward also takes
+# runs of up to 256 and x of up to 4 MB (the last three)
 CACHED_RUNS_SHAPES = [(1, 64, 7, 7), (2, 24, 10, 10), (8, 16, 7, 7), (1, 3, 128),
-                      (2, 5, 127), (6, 9, 41), (4, 2, 40)]
+                      (2, 5, 127), (6, 9, 41), (4, 2, 40), (2, 40, 14, 14), (3, 7, 256),
+                      (2, 700, 14, 14)]
 
 
 @pytest.mark.usefixtures("threads_on_small_arrays")
