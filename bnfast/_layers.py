@@ -442,13 +442,8 @@ class BatchNorm:
         >>> sorted(bnfast.BatchNorm(3).state_dict())
         ['bias', 'num_batches_tracked', 'running_mean', 'running_var', 'weight']
         """
-        d = {}
-        if self.affine:
-            d["weight"] = self.weight
-            d["bias"] = self.bias
-        if self.running_mean is not None:  # torch: the buffers, whatever the flag
-            d["running_mean"] = self.running_mean
-            d["running_var"] = self.running_var
+        d = {k: getattr(self, k) for k in self._state_keys() if k != "num_batches_tracked"}
+        if "running_mean" in d:
             # 0 for a count set to None by hand (save, load and from_batchnorm need it)
             nbt = self.num_batches_tracked
             d["num_batches_tracked"] = np.array(0 if nbt is None else _count(nbt),
@@ -456,9 +451,10 @@ class BatchNorm:
         return d
 
     def _state_keys(self):
-        """The keys of :meth:`state_dict`, in its order."""
+        """The keys of :meth:`state_dict`, in its order (load_state_dict lists them without
+        checking a count set by hand)."""
         keys = ["weight", "bias"] if self.affine else []
-        if self.running_mean is not None:
+        if self.running_mean is not None:  # torch: the buffers, whatever the flag
             keys += ["running_mean", "running_var", "num_batches_tracked"]
         return keys
 
