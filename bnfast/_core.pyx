@@ -78,6 +78,7 @@ cdef extern from "bnfast_kernels.h" nogil:
     const char *bnf_fma_kind()
     int bnf_set_simd_level(int level)
     int bnf_set_adds_as_fma(int on)
+    int bnf_set_norm_v3(int on)
     int bnf_cpu_amd()
     long bnf_l1d_bytes()
     int bnf_set_kernel_alloc_fails(int on)
@@ -637,6 +638,13 @@ def _set_adds_as_fma(on):
     same bits; set by CPU vendor at load: AMD yes). None leaves it; returns the previous
     setting (tuning, tests)."""
     return bool(bnf_set_adds_as_fma(-1 if on is None else (1 if on else 0)))
+
+
+def _set_norm_v3(on):
+    """Whether AVX2 (level 3) normalizes float32 and float64 by its intrinsics loops, not
+    gcc's vectorized plain loop (the same bits; set by CPU vendor at load: AMD yes). None
+    leaves it; returns the previous setting (tuning, tests)."""
+    return bool(bnf_set_norm_v3(-1 if on is None else (1 if on else 0)))
 
 
 def _set_store_lines(on):

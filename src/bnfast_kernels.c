@@ -21,6 +21,12 @@ static int bnf_simd_supported = 0, bnf_simd_level = 0;
  * (Zen 4) the adds share their pipes with the conversions, on Intel they have pipes of
  * their own and the multiply-adds a longer latency.  The same bits either way. */
 static int bnf_adds_as_fma = 0;
+/* Whether AVX2 (level 3) normalizes float and double by its intrinsics loops (half a
+ * vector of floats loaded per vector of doubles), not by gcc's vectorized plain loop
+ * (a vector of floats loaded and split, the results joined by an insert): by CPU vendor,
+ * AMD yes (Zen 3: 0.78-0.96x the time, see norm_chunk_body), Intel no (its AVX2 clone
+ * measured 7-10% slower that way).  The same bits either way. */
+static int bnf_norm_v3 = 0;
 __attribute__((constructor)) static void bnf_simd_init(void)
 {
     __builtin_cpu_init();
@@ -29,6 +35,7 @@ __attribute__((constructor)) static void bnf_simd_init(void)
                                                                : 0;
     bnf_simd_level = bnf_simd_supported;
     bnf_adds_as_fma = __builtin_cpu_is("amd");
+    bnf_norm_v3 = __builtin_cpu_is("amd");
 }
 /* Whether the intrinsics loops of level `min` or above run now: they stream a large
  * output straight from the registers (BNF_VST2), where the plain loops compute a chunk
@@ -175,6 +182,18 @@ int bnf_cpu_amd(void)
 #endif
 }
 
+int bnf_set_norm_v3(int on)
+{
+#if BNF_SIMD_X86
+    int old = bnf_norm_v3;
+    if (on >= 0) bnf_norm_v3 = on != 0;
+    return old;
+#else
+    (void)on;
+    return 0;
+#endif
+}
+
 int bnf_set_adds_as_fma(int on)
 {
 #if BNF_SIMD_X86
@@ -262,16 +281,23 @@ void bnf_free64(void *p)
 typedef void (*bnf_stream_fn)(char *dst, const char *src, ptrdiff_t bytes);
 
 #if BNF_HAVE_STREAM
-/* Head and tail (up to the vector alignment of dst) by memcpy; elements stay whole
- * because dst and src are offset by a multiple of the element size. */
+/* Head and tail (up to dst's first line and from its last whole line) by memcpy; whole
+ * lines streamed between, never part of one: a line streamed in part and then stored to
+ * plainly (by the tail, or the next chunk's head) waits for the streamed part to reach
+ * DRAM and reads it back.  On a Zen 3 EPYC, float32 (192, 128, 128) eval into an out=
+ * 48 bytes past a line, staged, took 6x the time of one on a line when the vectors of
+ * 32 and 16 bytes streamed from their own alignment (each run's last line streamed in
+ * its first half, the tail stored in its second).  Elements stay whole because dst and
+ * src are offset by a multiple of the element size. */
 #define BNF_STREAM_BODY(ALIGN, LOADU, STREAM)                                         \
     {                                                                                 \
-        ptrdiff_t head = (ptrdiff_t)(-(uintptr_t)dst & (ALIGN - 1));                  \
+        ptrdiff_t head = (ptrdiff_t)(-(uintptr_t)dst & 63);                           \
         if (head > bytes) head = bytes;                                               \
         memcpy(dst, src, (size_t)head);                                               \
         ptrdiff_t i = head;                                                           \
-        for (; i + ALIGN <= bytes; i += ALIGN)                                        \
-            STREAM((float *)(dst + i), LOADU((const float *)(src + i)));              \
+        for (; i + 64 <= bytes; i += 64)                                              \
+            for (int v_ = 0; v_ < 64; v_ += ALIGN)                                    \
+                STREAM((float *)(dst + i + v_), LOADU((const float *)(src + i + v_))); \
         memcpy(dst + i, src + i, (size_t)(bytes - i));                                \
     }
 

@@ -205,6 +205,10 @@ int bnf_set_simd_level(int level);
 /* Whether the intrinsics backward sums of runs add by multiply-adds (on: 1, off: 0, -1
  * leaves it): the previous setting.  Set by CPU vendor at load (tuning, tests). */
 int bnf_set_adds_as_fma(int on);
+/* Whether AVX2 (level 3) normalizes float and double by its intrinsics loops (on: 1, off:
+ * 0, -1 leaves it): the previous setting.  Set by CPU vendor at load (tuning, tests; the
+ * same bits either way). */
+int bnf_set_norm_v3(int on);
 /* Whether plain stores of the rows forms are put on lines (on: 1, off: 0, -1 leaves it):
  * the previous setting (tuning, tests; the same bits either way). */
 int bnf_set_store_lines(int on);

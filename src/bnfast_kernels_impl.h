@@ -28,8 +28,9 @@
 
 /* The intrinsics loops (bnfast_kernels_simd.h) and the dispatch between them and the
  * plain loops below: BNF_DISPATCH(name, args) calls name_v4, name_v3 or name;
- * BNF_DISPATCH4 (normalize, which has no AVX2 form for float and double) name_v4 or
- * name.  float16 has an AVX2 normalize: its plain loop converts element by element. */
+ * BNF_DISPATCH4 (normalize) the same, but name_v3 for float and double only where
+ * bnf_norm_v3 (by CPU vendor), else the plain loop.  float16 always takes its AVX2
+ * normalize: its plain loop converts element by element. */
 #if BNF_SIMD_X86
 #define BNF_ISA_LEVEL 4
 #include "bnfast_kernels_simd.h"
@@ -43,13 +44,20 @@
                            : BNF_NAME(n)(__VA_ARGS__))
 #if BNF_T_HALF
 #define BNF_DISPATCH4 BNF_DISPATCH
+#define BNF_NORM_NT BNF_DIRECT_NT(4)
 #else
-#define BNF_DISPATCH4(n, ...) \
-    (bnf_simd_level == 4 ? BNF_NAME(n##_v4)(__VA_ARGS__) : BNF_NAME(n)(__VA_ARGS__))
+#define BNF_DISPATCH4(n, ...)                                                           \
+    (bnf_simd_level == 4                  ? BNF_NAME(n##_v4)(__VA_ARGS__)                 \
+     : bnf_simd_level == 3 && bnf_norm_v3 ? BNF_NAME(n##_v3)(__VA_ARGS__)                 \
+                                          : BNF_NAME(n)(__VA_ARGS__))
+/* whether the normalize runs an intrinsics loop that streams from the registers (the
+ * plain loop computes a chunk into L1 for bnf_stream to copy out) */
+#define BNF_NORM_NT (BNF_DIRECT_NT(4) || (bnf_simd_level == 3 && bnf_norm_v3))
 #endif
 #else
 #define BNF_DISPATCH(n, ...) BNF_NAME(n)(__VA_ARGS__)
 #define BNF_DISPATCH4(n, ...) BNF_NAME(n)(__VA_ARGS__)
+#define BNF_NORM_NT 0
 #endif
 
 /* A tile's sums around a shift are taken again around the tile's own mean where the
@@ -620,7 +628,7 @@ BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, ptrdiff_t
     int stream = (flags & BNF_STREAM) && len * (ptrdiff_t)sizeof(T) >= BNF_STREAM_MIN_RUN;
     /* an output near x (bnf_nt_aliased) staged, streamed or not */
     int alias = bnf_nt_aliased(y, x, 0);
-    int nt = stream && BNF_DIRECT_NT(4) && !alias;
+    int nt = stream && BNF_NORM_NT && !alias;
     int staged = stream ? !nt : alias && (flags & BNF_STAGE_NEAR);
     ptrdiff_t per = len <= BNF_TILE_ELEMS ? BNF_TILE_ELEMS / len : 0, kmax;
     int fetch;
@@ -683,6 +691,10 @@ BNF_CLONES void BNF_NAME(bnf_norm_runs)(const T *x, ptrdiff_t xstride, ptrdiff_t
 #if BNF_SIMD_X86 && BNF_T_FLOAT
         if (bnf_simd_level == 4 && !staged)
             BNF_NAME(norm_runs_rows_v4)(x, xstride, xcs, y, ystride, ycs, t0, t1, nruns, len,
+                                        k, mean, scale, shift, x_next, k_next, tile_shift,
+                                        s1[0], s2[0], &pf, &pf_next, nt);
+        else if (bnf_simd_level == 3 && bnf_norm_v3 && !staged)
+            BNF_NAME(norm_runs_rows_v3)(x, xstride, xcs, y, ystride, ycs, t0, t1, nruns, len,
                                         k, mean, scale, shift, x_next, k_next, tile_shift,
                                         s1[0], s2[0], &pf, &pf_next, nt);
         else
@@ -831,7 +843,7 @@ static inline BNF_INLINE int BNF_NAME(norm_rows_flat)(const T *x, T *y, ptrdiff_
      * BNF_LINES_MIN elements: the first `head` elements, up to a line, are done alone, and
      * the factors are repeated from column `head` on, so that every run starts on a line
      * and loads its factors from one */
-    int nt = stream && BNF_FLAT_NT(width, 4) &&
+    int nt = stream && BNF_NORM_NT && BNF_FLAT_LINES_LEN(width) > 0 &&
              !bnf_rows_aliased(y, x, BNF_FLAT_LINES_LEN(width) * (ptrdiff_t)sizeof(T),
                                BNF_T_HALF);
     int lines = nt || (!stream && bnf_flat_rows_lines(total, width, sizeof(T)));
@@ -905,12 +917,12 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_block)(const T *x, ptrdiff_t xs
     int stream = flags & BNF_STREAM, cached = flags & BNF_CACHED;
     if (xstride == width && ystride == width &&
         ((2 * width <= BNF_FLAT_ELEMS && nrows * width >= BNF_FLAT_MIN) ||
-         (stream && BNF_FLAT_NT(width, 4)) ||
+         (stream && BNF_NORM_NT && BNF_FLAT_LINES_LEN(width) > 0) ||
          (!stream && bnf_flat_rows_lines(nrows * width, width, sizeof(T))))) {
         BNF_NAME(norm_rows_flat)(x, y, nrows, width, mean, scale, shift, flags);
         return;
     }
-    int nt = stream && BNF_DIRECT_NT(4) &&
+    int nt = stream && BNF_NORM_NT &&
              bnf_rows_stream_direct(y, ystride, width, sizeof(T)) &&
              !bnf_rows_aliased(y, x, xstride * (ptrdiff_t)sizeof(T),
                                BNF_T_HALF || !bnf_rows_on_lines(y, ystride, width, sizeof(T)));
@@ -1011,12 +1023,12 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_cols)(const T *x, ptrdiff_t xst
 {
     ptrdiff_t step = bnf_wide_step(width, sizeof(T));
     if (xstride == width && ystride == width && bnf_grouped_wide(width, sizeof(T), flags) &&
-        BNF_DIRECT_NT(4) && width * (ptrdiff_t)sizeof(T) % 64 == 0 &&
+        BNF_NORM_NT && width * (ptrdiff_t)sizeof(T) % 64 == 0 &&
         !bnf_rows_aliased(y, x, width * (ptrdiff_t)sizeof(T), BNF_T_HALF) &&
         BNF_NAME(norm_rows_grouped_wide)(x, y, nrows, width, mean, scale, shift))
         return;
     if (step < width && xstride == width && ystride == width &&
-        bnf_wide_flat(width, flags) && BNF_FLAT_NT(width, 4) &&
+        bnf_wide_flat(width, flags) && BNF_NORM_NT && BNF_FLAT_LINES_LEN(width) > 0 &&
         !bnf_rows_aliased(y, x, width * (ptrdiff_t)sizeof(T), BNF_T_HALF) &&
         BNF_NAME(norm_rows_flat)(x, y, nrows, width, mean, scale, shift, flags))
         return;
@@ -2154,6 +2166,7 @@ BNF_CLONES void BNF_NAME(bnf_bwd_dx_rows)(const T *dy, ptrdiff_t dystride, const
 #undef BNF_STATS_BUFS
 #undef BNF_DISPATCH
 #undef BNF_DISPATCH4
+#undef BNF_NORM_NT
 #undef BNF_NAME
 #undef BNF_CAT
 #undef BNF_CAT2

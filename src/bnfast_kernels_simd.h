@@ -66,11 +66,10 @@
 #define BNF_VFNMA _mm256_fnmadd_pd
 #define BNF_VLD _mm256_loadu_pd
 #define BNF_VST _mm256_storeu_pd
-#define BNF_NT_ALIGN 32
-#if BNF_T_HALF
-/* 4 halves (8 bytes) a vector of doubles; streamed from a line on (BNF_NT_END) */
-#undef BNF_NT_ALIGN
+/* streamed from a line on, whole lines only (BNF_NT_END) */
 #define BNF_NT_ALIGN 64
+#if BNF_T_HALF
+/* 4 halves (8 bytes) a vector of doubles */
 #define BNF_VLDT(p) _mm256_cvtps_pd(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(p))))
 #define BNF_HCVT(v) _mm_cvtps_ph(_mm256_cvtpd_ps(v), _MM_FROUND_TO_NEAREST_INT)
 #define BNF_VSTT(q, v) _mm_storel_epi64((__m128i *)(q), BNF_HCVT(v))
@@ -146,12 +145,16 @@
 #define BNF_PAIRS(q, i, end, nt)                                                       \
     for (ptrdiff_t e_ = BNF_NT_END(q, end, nt); i + 2 * BNF_VW <= e_; i += 2 * BNF_VW)  \
     BNF_VST2((q) + i, BNF_V(i), BNF_V(i + BNF_VW), nt)
-/* float16's pairs of vectors are half a line: streamed, they stop at the last whole line
- * before `end` (q[0 .. end) with q + i on a line), so that no line is streamed in part
- * and stored plainly in part (its other half by the next run's head).  A 64x256x28x28
- * float16 eval into out= took 2.0-2.3x a copy before this and the F16C heads, 1.5x
- * after. */
-#if BNF_T_HALF
+/* Pairs of vectors shorter than a line (float16; float32 at level 3): streamed, they stop
+ * at the last whole line before `end` (q[0 .. end) with q + i on a line), so that no line
+ * is streamed in part and stored plainly in part (its other half by the tail, or by the
+ * next run's head).  A line streamed and then stored to plainly waits for the streamed
+ * half to reach DRAM and reads it back: a 64x256x28x28 float16 eval into out= took
+ * 2.0-2.3x a copy before this and the F16C heads, 1.5x after; on a Zen 3 EPYC (AVX2),
+ * float32 (192, 128, 128) eval into an out= 48 bytes past a line took 6x the time of one
+ * on a line, each run's last line streamed in its first half (pairs of 32 bytes from a
+ * 32-byte boundary, as level 3 streamed before) and stored plainly in its second. */
+#if BNF_T_HALF || (BNF_ISA_LEVEL == 3 && BNF_T_FLOAT)
 #define BNF_NT_END(q, end, nt) \
     ((nt) ? (end) - (ptrdiff_t)(((uintptr_t)((q) + (end)) & 63) / sizeof(T)) : (end))
 #else
@@ -557,10 +560,15 @@ BNF_SIMD_FN void BNF_SIMD(norm_runs_row)(const T *x, T *y, ptrdiff_t k, ptrdiff_
 }
 #endif
 
-/* Normalize: AVX-512 only for float and double.  The AVX2 form measured 7-10% slower
- * than gcc's vectorized plain loop on a 51 MB eval (and no faster in cache), so level 3
- * runs the plain loop; float16's plain loop converts an element at a time. */
-#if BNF_ISA_LEVEL == 4 || BNF_T_HALF
+/* Normalize.  At level 3, float and double run these only where bnf_norm_v3 (by CPU
+ * vendor: AMD): on an Intel Xeon (AVX-512, its AVX2 clone timed) this form measured 7-10%
+ * slower than gcc's vectorized plain loop on a 51 MB eval and no faster in cache; on a
+ * Zen 3 EPYC (AVX2 only), against that loop, one thread, float32, in one process: eval of
+ * (64, 256, 28, 28) 0.78x the time, training 0.80x; (64, 28, 28, 256) and (200704, 64)
+ * 0.94-0.96x; in cache, (64, 64, 16, 16) eval 0.59x, (4096, 64) 0.79x.  gcc's loop loads
+ * a vector of floats, splits it and joins the results by an insert, on the pipes the
+ * conversions need.  float16's plain loop converts an element at a time: it always runs
+ * these. */
 BNF_SIMD_FN inline BNF_INLINE void BNF_SIMD(norm_chunk_body)(const T *p, T *q, ptrdiff_t n,
                                                             double mean, double scale,
                                                             double shift, bnf_pf *pf, int nt)
@@ -587,9 +595,8 @@ BNF_SIMD_FN void BNF_SIMD(norm_chunk)(const T *p, T *q, ptrdiff_t n, double mean
 {
     BNF_SIMD(norm_chunk_body)(p, q, n, mean, scale, shift, pf, nt);
 }
-#endif
 
-#if BNF_ISA_LEVEL == 4 && BNF_T_FLOAT
+#if BNF_T_FLOAT
 /* Rows r0 .. r1 - 1 of bnf_norm_runs, not staged (float32: its loop in
  * bnfast_kernels_impl.h has the numbers): the loops here, each run through the inlined
  * bodies, not a call (and its dispatch) a run. */
@@ -630,7 +637,6 @@ BNF_SIMD_FN void BNF_SIMD(norm_runs_rows)(const T *x, ptrdiff_t xstride, ptrdiff
     }
 }
 #endif
-#if BNF_ISA_LEVEL == 4 || BNF_T_HALF
 
 /* Rows form (norm_rows_run of bnfast_kernels_impl.h): four rows at a time, the factors of
  * a pair of vectors loaded once for the four, and the four rows `ahead` below prefetched
@@ -677,7 +683,8 @@ BNF_SIMD_FN void BNF_SIMD(norm_rows_run)(const T *x, ptrdiff_t xstride, T *q,
         T *o0 = q + r * qstride;
         ptrdiff_t c = 0;
         if (pf) BNF_PF_ENDS(pa, xstride, (const T *)NULL, 0, n, 4, far);
-        for (; c + 2 * BNF_VW <= n; c += 2 * BNF_VW) {
+        /* streamed, the rows are on lines: whole lines of each (BNF_NT_END) */
+        for (ptrdiff_t ce = BNF_NT_END(o0, n, nt); c + 2 * BNF_VW <= ce; c += 2 * BNF_VW) {
             if (pf)
                 BNF_FOR_LINES(l, c, 2 * BNF_VW)
                     bnf_pf_quad(pa, xstride * (ptrdiff_t)sizeof(T), n * (ptrdiff_t)sizeof(T),
@@ -706,7 +713,7 @@ BNF_SIMD_FN void BNF_SIMD(norm_rows_run)(const T *x, ptrdiff_t xstride, T *q,
         o = q + r * qstride;
         if (pf) BNF_PF_ENDS(pa, xstride, (const T *)NULL, 0, n, 1, far);
         BNF_HEAD(o, c, n, nt);
-        for (; c + 2 * BNF_VW <= n; c += 2 * BNF_VW) {
+        for (ptrdiff_t ce = BNF_NT_END(o, n, nt); c + 2 * BNF_VW <= ce; c += 2 * BNF_VW) {
             if (pf) BNF_FOR_LINES(l, c, 2 * BNF_VW) BNF_PF_HINT(pa + l, far);
             BNF_VST2(o + c, BNF_V(c), BNF_V(c + BNF_VW), nt);
         }
@@ -718,7 +725,6 @@ BNF_SIMD_FN void BNF_SIMD(norm_rows_run)(const T *x, ptrdiff_t xstride, T *q,
 #undef BNF_VF
 }
 
-#endif
 
 /* masked (AVX-512, float and double; runs that end in a partial vector): the tail as
  * whole vectors and one masked vector, the lanes kept in registers (as
@@ -1303,7 +1309,8 @@ BNF_SIMD_FN void BNF_SIMD(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x
         T *o0 = q + r * qstride;
         ptrdiff_t c = 0;
         if (pf) BNF_PF_ENDS(ga, gstride, pa, xstride, n, 4, far);
-        for (; c + 2 * BNF_VW <= n; c += 2 * BNF_VW) {
+        /* streamed, the rows are on lines: whole lines of each (BNF_NT_END) */
+        for (ptrdiff_t ce = BNF_NT_END(o0, n, nt); c + 2 * BNF_VW <= ce; c += 2 * BNF_VW) {
             if (pf)
                 BNF_FOR_LINES(l, c, 2 * BNF_VW) {
                     bnf_pf_quad(ga, gstride * (ptrdiff_t)sizeof(T), n * (ptrdiff_t)sizeof(T),
@@ -1348,7 +1355,7 @@ BNF_SIMD_FN void BNF_SIMD(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x
         o = q + r * qstride;
         if (pf) BNF_PF_ENDS(ga, gstride, pa, xstride, n, 1, far);
         BNF_HEAD(o, c, n, nt);
-        for (; c + 2 * BNF_VW <= n; c += 2 * BNF_VW) {
+        for (ptrdiff_t ce = BNF_NT_END(o, n, nt); c + 2 * BNF_VW <= ce; c += 2 * BNF_VW) {
             if (pf)
                 BNF_FOR_LINES(l, c, 2 * BNF_VW) {
                     BNF_PF_HINT(ga + l, far);

@@ -26,7 +26,7 @@ import bnfast
 from arrays import make_values, params, with_layout
 from bnfast._core import (_set_adds_as_fma, _set_flat_whole_lines, _set_fused_eval_backward,
                           _set_fused_eval_runs, _set_grouped_wide, _set_l1_rows_max,
-                          _set_reduce_blocks_min, _set_simd_level,
+                          _set_norm_v3, _set_reduce_blocks_min, _set_simd_level,
                           _set_stage_near_bytes, _set_store_lines, _set_stream_bytes,
                           _set_whole_rows)
 from reference import assert_forward_close
@@ -35,6 +35,7 @@ import reference as ref
 SUPPORTED = _set_simd_level(None)          # the default: the highest the CPU has
 LEVELS = [lv for lv in (3, 4) if lv <= SUPPORTED]
 ADDS_AS_FMA = _set_adds_as_fma(None)        # the default: by CPU vendor
+NORM_V3 = _set_norm_v3(None)                # the default: by CPU vendor
 
 SHAPES = [
     ((7, 3, 45), 1),          # runs of 45: one 32-lane block and a tail
@@ -155,20 +156,25 @@ def test_v4_loops_equal_plain_loops(shape, axis, dtype, layout, threads, stream,
         simd = {}
         for level in LEVELS:
             _set_simd_level(level)
-            for fma_adds in (False, True):     # the backward sums' adds, either way
-                _set_adds_as_fma(fma_adds)
-                simd[level, fma_adds] = _ops(x, axis, dtype)
+            # the backward sums' adds, and AVX2's normalize of float and double (its
+            # intrinsics or the plain loop), each either way
+            for by_vendor in (False, True):
+                _set_adds_as_fma(by_vendor)
+                _set_norm_v3(by_vendor)
+                simd[level, by_vendor] = _ops(x, axis, dtype)
     finally:
         _set_simd_level(SUPPORTED)
         _set_adds_as_fma(ADDS_AS_FMA)
+        _set_norm_v3(NORM_V3)
         _set_stream_bytes(old_stream)
         _set_reduce_blocks_min(old_blocks)
         _set_whole_rows(old_quads)
         bnfast.set_num_threads(None)
-    for (level, fma_adds), res in simd.items():
+    for (level, by_vendor), res in simd.items():
         for (name, a), (_, g) in zip(plain, res):
             assert a.tobytes() == g.tobytes(), \
-                f"{name}: level {level} loops (adds as FMA: {fma_adds}) give other bits"
+                f"{name}: level {level} loops (adds as FMA, AVX2 normalize: {by_vendor}) " \
+                "give other bits"
     # and both are right (the comparison above is not of two wrong answers)
     w, b = params(x.shape[axis], dtype, 3)[:2]
     assert_forward_close(plain[0][1], ref.batch_norm_train(x, w, b, axis=axis)[0])
@@ -246,13 +252,17 @@ def test_streamed_outputs_off_a_line(shape, axis, dtype, offset):
         simd = {}
         for level in LEVELS:
             _set_simd_level(level)
-            simd[level] = run()
+            for norm_v3 in ((False, True) if level == 3 else (NORM_V3,)):
+                _set_norm_v3(norm_v3)     # AVX2's normalize: its intrinsics or the plain loop
+                simd[level, norm_v3] = run()
     finally:
         _set_simd_level(SUPPORTED)
         _set_stream_bytes(old_stream)
-    for level, res in simd.items():
+        _set_norm_v3(NORM_V3)
+    for (level, norm_v3), res in simd.items():
         for (name, a), (_, g) in zip(plain, res):
-            assert a.tobytes() == g.tobytes(), f"{name}: level {level} loops give other bits"
+            assert a.tobytes() == g.tobytes(), \
+                f"{name}: level {level} loops (AVX2 normalize: {norm_v3}) give other bits"
     assert plain[0][1].tobytes() == plain[1][1].tobytes()       # in place: the same
     y_ref = ref.batch_norm_train(x, w, b, axis=axis)[0]
     assert_forward_close(plain[2][1], y_ref)
