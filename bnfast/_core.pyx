@@ -2358,7 +2358,9 @@ cdef double _check_eps(object eps) except -1.0:
     cdef double e
     try:
         e = eps
-    except TypeError:
+    except OverflowError:       # an int beyond a double's range
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}") from None
+    except (TypeError, ValueError):     # ValueError: a tensor of several elements
         raise TypeError(f"eps must be a real number, got {eps!r}") from None
     if not (0.0 < e < INFINITY):  # inf would normalize everything to zero: refused
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
@@ -2369,7 +2371,9 @@ cdef double _check_momentum(object momentum) except -1.0:
     cdef double m
     try:
         m = momentum
-    except TypeError:
+    except OverflowError:       # an int beyond a double's range
+        raise ValueError(f"momentum must be in [0, 1], got {momentum!r}") from None
+    except (TypeError, ValueError):     # ValueError: a tensor of several elements
         raise TypeError(f"momentum must be a real number in [0, 1], got {momentum!r}") from None
     if not (0.0 <= m <= 1.0):
         raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
@@ -3059,6 +3063,9 @@ cdef class FrozenBatchNorm:
         if bad.size:
             raise ValueError(f"var must be non-negative (not NaN); channel {bad[0]} has "
                              f"{v[bad[0]]!r}")
+        bad = np.flatnonzero(~np.isfinite(m))      # as RunningStats.freeze: NaN or inf
+        if bad.size:
+            raise ValueError(f"mean must be finite; channel {bad[0]} has {m[bad[0]]!r}")
         axis_int = _index(axis, "axis")
         if not -2**31 <= axis_int < 2**31:
             raise ValueError(f"axis {axis} is out of range")
@@ -3179,9 +3186,9 @@ cdef object _param_vector(object p, str name, Py_ssize_t C):
         raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
     if C >= 0 and a.shape[0] != C:
         raise ValueError(f"{name} must have shape ({C},), got {a.shape}")
-    a = np.array(a, dtype=np.float64, copy=True)
-    a.flags.writeable = False
-    return a.view()     # a view's flag cannot be set back to writable (its owner's can)
+    # over an immutable bytes object: neither it nor a view of it can be set back to
+    # writable (an array owning its data can, and through a view's .base so could its)
+    return np.frombuffer(np.asarray(a, dtype=np.float64).tobytes(), dtype=np.float64)
 
 
 def _rebuild_frozen(mean, var, weight, bias, eps, axis):

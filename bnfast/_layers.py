@@ -71,6 +71,8 @@ def _real(v, name):
         raise TypeError(f"{name} must be a real number, got {v!r}")
     try:
         return float(v)
+    except OverflowError:       # an int beyond a double's range: the callers refuse it
+        return math.inf if v > 0 else -math.inf
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a real number, got {v!r}") from None
 
@@ -342,6 +344,16 @@ class BatchNorm:
                                self.bias, False, 0.1, self.eps, axis=self.axis, out=out)
                 # the running statistics this forward used: invstd computed by backward
                 mean, invstd = self.running_mean, (self.running_var, self.eps)
+            elif not training and x.size == 0:
+                # an empty batch in eval without running statistics: nothing to normalize,
+                # returned empty (as torch's); the statistics of a batch of nothing are
+                # not needed (backward: an empty dx, zero parameter gradients). Training
+                # refuses it: it would update the running statistics from nothing
+                c = self.num_features
+                mean, invstd = np.zeros(c), (np.ones(c), self.eps)
+                use_batch = False
+                y = batch_norm(x, mean, invstd[0], self.weight, self.bias, False, 0.1,
+                               self.eps, axis=self.axis, out=out)
             else:
                 y, mean, invstd = self._batch_forward(x, out, training)
             self._saved = (saved_x, mean, invstd, use_batch, self.weight, self.axis)

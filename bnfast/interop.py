@@ -762,6 +762,10 @@ def _fold_factors(bn):
     if bad.size:
         raise ValueError(f"folding needs a non-negative running_var (not NaN); channel "
                          f"{bad[0]} has {var[bad[0]]!r}")
+    bad = np.flatnonzero(~np.isfinite(mean))
+    if bad.size:
+        raise ValueError(f"folding needs a finite running_mean; channel {bad[0]} has "
+                         f"{mean[bad[0]]!r}")
     w = np.ones_like(mean) if w is None else np.asarray(w, np.float64)
     b = np.zeros_like(mean) if b is None else np.asarray(b, np.float64)
     scale = w / np.sqrt(var + float(eps))

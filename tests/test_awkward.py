@@ -696,6 +696,17 @@ def test_empty_batch_eval(shape, axis):
         np.testing.assert_array_equal(db, 0)
         assert layer.backward(x).shape == shape
         np.testing.assert_array_equal(layer.grad_bias, 0)
+        # eval without running statistics normalizes by the batch's (as torch's): an
+        # empty batch comes back empty too, not refused as in training
+        layer = bnfast.BatchNorm(C, axis=axis, track_running_stats=False,
+                                 dtype=dtype).eval()
+        y = layer(x)
+        assert y.shape == shape and y.dtype == dtype
+        assert layer.backward(x).shape == shape
+        np.testing.assert_array_equal(layer.grad_weight, 0)
+        np.testing.assert_array_equal(layer.grad_bias, 0)
+        with pytest.raises(ValueError, match="empty batch"):
+            layer.train()(x)
 
 
 @pytest.mark.parametrize("shape,axis", [((4, 0), 1), ((4, 0), -1), ((3, 0, 5), 1),

@@ -466,7 +466,14 @@ def test_eps_not_positive(entry, eps):
 
 
 @pytest.mark.parametrize("entry", EPS_ENTRIES.values(), ids=EPS_ENTRIES.keys())
-@pytest.mark.parametrize("eps", ["1e-5", None, [1e-5]])
+def test_eps_an_int_beyond_a_double(entry):
+    # float(10**400) overflows: an OverflowError had not named eps
+    a = valid()
+    refused(entry, _with(a, eps=10**400), ValueError, r"\beps\b")
+
+
+@pytest.mark.parametrize("entry", EPS_ENTRIES.values(), ids=EPS_ENTRIES.keys())
+@pytest.mark.parametrize("eps", ["1e-5", None, [1e-5], np.array([1e-5, 1e-5])])
 def test_eps_not_a_number(entry, eps):
     a = valid()
     refused(entry, _with(a, eps=eps), TypeError, r"\beps\b")
@@ -481,6 +488,23 @@ MOM_ENTRIES = {"batch_norm": _bn_eval, "batch_norm[training]": _bn_train,
 def test_momentum_out_of_range(entry, momentum):
     a = valid()
     refused(entry, _with(a, momentum=momentum), ValueError, r"\bmomentum\b")
+
+
+@pytest.mark.parametrize("entry", MOM_ENTRIES.values(), ids=MOM_ENTRIES.keys())
+@pytest.mark.parametrize("momentum", [10**400, -10**400])
+def test_momentum_an_int_beyond_a_double(entry, momentum):
+    a = valid()
+    refused(entry, _with(a, momentum=momentum), ValueError, r"\bmomentum\b")
+
+
+def test_eps_and_momentum_tensors_of_several_elements():
+    # torch's own ValueError ("only one element tensors ...") had not named the argument
+    torch = pytest.importorskip("torch")
+    for entry in EPS_ENTRIES.values():
+        refused(entry, _with(valid(), eps=torch.full((2,), 1e-5)), TypeError, r"\beps\b")
+    for entry in MOM_ENTRIES.values():
+        refused(entry, _with(valid(), momentum=torch.full((2,), 0.1)), TypeError,
+                r"\bmomentum\b")
 
 
 @pytest.mark.parametrize("entry", [_bn_train, _bnt], ids=["batch_norm[training]",
@@ -919,6 +943,30 @@ def test_frozen_init_runs_once_and_its_arrays_stay_read_only():
     for name in ("weight", "bias"):
         with pytest.raises(ValueError):
             getattr(g, name).flags.writeable = True
+    # nor through the array that owns the data (a view's .base had been settable)
+    for obj, name in ((f, "mean"), (f, "var"), (g, "weight"), (g, "bias")):
+        a = getattr(obj, name)
+        while isinstance(a, np.ndarray):
+            with pytest.raises(ValueError):
+                a.flags.writeable = True
+            a = a.base
+    np.testing.assert_array_equal(f.mean, np.zeros(C))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_frozen_and_fold_refuse_a_mean_not_finite(bad):
+    # as a NaN variance: a frozen or folded layer from diverged statistics would answer
+    # NaN for good (RunningStats.freeze refused it already)
+    mean = np.zeros(C)
+    mean[1] = bad
+    with pytest.raises(ValueError, match=r"\bmean\b.*finite.*channel 1"):
+        bnfast.FrozenBatchNorm(mean, np.ones(C))
+    layer = bnfast.BatchNorm(C, axis=-1, dtype=np.float64).eval()
+    layer.running_mean[1] = bad
+    with pytest.raises(ValueError, match=r"\bmean\b.*finite.*channel 1"):
+        layer.freeze()
+    with pytest.raises(ValueError, match=r"running_mean.*channel 1"):
+        bnfast.fold_linear(np.eye(C), None, layer)
 
 
 @pytest.mark.parametrize("n", [2**31, 10**20])
