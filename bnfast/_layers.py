@@ -72,7 +72,10 @@ def _real(v, name):
     try:
         return float(v)
     except OverflowError:       # an int beyond a double's range: the callers refuse it
-        return math.inf if v > 0 else -math.inf
+        try:
+            return math.inf if v > 0 else -math.inf
+        except TypeError:
+            raise TypeError(f"{name} must be a real number, got {v!r}") from None
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a real number, got {v!r}") from None
 
