@@ -349,7 +349,8 @@ def _segmented_out_ops(x, dy, axis):
     m, v = np.asarray(x.mean(axis=tuple(i for i in range(x.ndim) if i != axis % x.ndim),
                              dtype=np.float64)), rng.uniform(0.5, 2, C)
     s = 1.0 / np.sqrt(v + 1e-5)
-    frozen = bnfast.FrozenBatchNorm(m, v, w, b, axis=axis)
+    # a frozen layer refuses a mean that is not finite (x's inf channel): 0 there
+    frozen = bnfast.FrozenBatchNorm(np.where(np.isfinite(m), m, 0.0), v, w, b, axis=axis)
     return {
         "train": lambda o: bnfast.batch_norm_train(x, w, b, axis=axis, out=o),
         "eval": lambda o: bnfast.batch_norm(x, m, v, w, b, axis=axis, out=o),
