@@ -1068,9 +1068,10 @@ static inline BNF_INLINE int bnf_flat_rows_lines(ptrdiff_t total, ptrdiff_t widt
     return len > bnf_flat_len(width, itemsize) && total >= BNF_FLAT_LINES_RUNS * len;
 }
 /* Contiguous rows of any width up to a chunk are streamed as one such run straight from
- * the registers of level `level` when the runs fill whole lines, however far the output
- * is from one (the factors are rotated to match, bnf_repeat_factors). */
-#define BNF_FLAT_NT(width, level) (BNF_DIRECT_NT(level) && BNF_FLAT_LINES_LEN(width) > 0)
+ * the registers (where `direct`: the loops that run stream so, BNF_DIRECT_NT or
+ * BNF_NORM_NT) when the runs fill whole lines, however far the output is from one (the
+ * factors are rotated to match, bnf_repeat_factors). */
+#define BNF_FLAT_NT(width, direct) ((direct) && BNF_FLAT_LINES_LEN(width) > 0)
 
 /* dst[k][e] = src[k][(e + head) % width] for e < len (a multiple of width): per-channel
  * factors repeated along a flat run of whole rows that starts `head` elements into one. */

@@ -843,7 +843,7 @@ static inline BNF_INLINE int BNF_NAME(norm_rows_flat)(const T *x, T *y, ptrdiff_
      * BNF_LINES_MIN elements: the first `head` elements, up to a line, are done alone, and
      * the factors are repeated from column `head` on, so that every run starts on a line
      * and loads its factors from one */
-    int nt = stream && BNF_NORM_NT && BNF_FLAT_LINES_LEN(width) > 0 &&
+    int nt = stream && BNF_FLAT_NT(width, BNF_NORM_NT) &&
              !bnf_rows_aliased(y, x, BNF_FLAT_LINES_LEN(width) * (ptrdiff_t)sizeof(T),
                                BNF_T_HALF);
     int lines = nt || (!stream && bnf_flat_rows_lines(total, width, sizeof(T)));
@@ -917,7 +917,7 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_block)(const T *x, ptrdiff_t xs
     int stream = flags & BNF_STREAM, cached = flags & BNF_CACHED;
     if (xstride == width && ystride == width &&
         ((2 * width <= BNF_FLAT_ELEMS && nrows * width >= BNF_FLAT_MIN) ||
-         (stream && BNF_NORM_NT && BNF_FLAT_LINES_LEN(width) > 0) ||
+         (stream && BNF_FLAT_NT(width, BNF_NORM_NT)) ||
          (!stream && bnf_flat_rows_lines(nrows * width, width, sizeof(T))))) {
         BNF_NAME(norm_rows_flat)(x, y, nrows, width, mean, scale, shift, flags);
         return;
@@ -1028,7 +1028,7 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_cols)(const T *x, ptrdiff_t xst
         BNF_NAME(norm_rows_grouped_wide)(x, y, nrows, width, mean, scale, shift))
         return;
     if (step < width && xstride == width && ystride == width &&
-        bnf_wide_flat(width, flags) && BNF_NORM_NT && BNF_FLAT_LINES_LEN(width) > 0 &&
+        bnf_wide_flat(width, flags) && BNF_FLAT_NT(width, BNF_NORM_NT) &&
         !bnf_rows_aliased(y, x, width * (ptrdiff_t)sizeof(T), BNF_T_HALF) &&
         BNF_NAME(norm_rows_flat)(x, y, nrows, width, mean, scale, shift, flags))
         return;
@@ -1914,8 +1914,8 @@ static inline BNF_INLINE int BNF_NAME(dx_rows_flat)(const T *dy, const T *x, T *
     ptrdiff_t len = BNF_FLAT_LEN(width), total = nrows * width, head = 0;
     int stream = flags & BNF_STREAM;
     ptrdiff_t run = BNF_FLAT_LINES_LEN(width) * (ptrdiff_t)sizeof(T);
-    int nt = stream && BNF_FLAT_NT(width, 3) && !bnf_rows_aliased(dx, dy, run, BNF_T_HALF) &&
-             !bnf_rows_aliased(dx, x, run, BNF_T_HALF);
+    int nt = stream && BNF_FLAT_NT(width, BNF_DIRECT_NT(3)) &&
+             !bnf_rows_aliased(dx, dy, run, BNF_T_HALF) && !bnf_rows_aliased(dx, x, run, BNF_T_HALF);
     int lines = nt || (!stream && bnf_flat_rows_lines(total, width, sizeof(T)));
     if (lines && !nt && BNF_FLAT_LINES_LEN(width) > BNF_CHUNK && len <= BNF_CHUNK &&
         (flags & BNF_STAGE_NEAR) &&               /* as norm_rows_flat */
@@ -1996,7 +1996,7 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_block)(const T *dy, ptrdiff_t dys
              !bnf_rows_aliased(dx, dy, dystride * (ptrdiff_t)sizeof(T), single) &&
              !bnf_rows_aliased(dx, x, xstride * (ptrdiff_t)sizeof(T), single);
     if (dystride == width && (!x || xstride == width) && dxstride == width &&
-        (bnf_fold_pays(nrows, width) || (stream && BNF_FLAT_NT(width, 3)) ||
+        (bnf_fold_pays(nrows, width) || (stream && BNF_FLAT_NT(width, BNF_DIRECT_NT(3))) ||
          (!stream && 2 * width <= BNF_FLAT_ELEMS &&
           bnf_flat_lines(dx, nrows * width, BNF_FLAT_LEN(width), sizeof(T))) ||
          (!stream && bnf_flat_rows_lines(nrows * width, width, sizeof(T))))) {
@@ -2118,7 +2118,7 @@ static inline BNF_INLINE void BNF_NAME(bwd_dx_rows_cols)(const T *dy, ptrdiff_t 
         BNF_NAME(bwd_dx_rows_grouped_wide)(dy, x, dx, nrows, width, mean, a, k1, k2))
         return;
     if (step < width && dystride == width && (!x || xstride == width) && dxstride == width &&
-        bnf_wide_flat(width, flags) && BNF_FLAT_NT(width, 3) &&
+        bnf_wide_flat(width, flags) && BNF_FLAT_NT(width, BNF_DIRECT_NT(3)) &&
         !bnf_rows_aliased(dx, dy, row, BNF_T_HALF) && !bnf_rows_aliased(dx, x, row, BNF_T_HALF) &&
         BNF_NAME(dx_rows_flat)(dy, x, dx, nrows, width, mean, a, k1, k2, flags))
         return;
