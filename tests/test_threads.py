@@ -579,6 +579,10 @@ def test_full_rows_backward_sums(shape, axis, out_at, stream, dram, dtype):
     not shifted), for both backward forms, dx on a line, 16 bytes off one or allocated;
     and match the float64 twin. float64 and float16 too (their backward sums whole rows,
     four at a time; their statistics in blocks). x and dy are left as they were."""
+    if UNDER_SANITIZER and dtype != np.float32:
+        # 189 cases took 184 s of the sanitizer job's ~1000 (Zen 3); its float64 and
+        # float16 rows loops run there in test_simd_paths and test_awkward
+        pytest.skip("float32 only under the sanitizer")
     from bnfast import _core
 
     x = make_values(shape, dtype, 31, axis=axis, offset=1e2 if dtype == np.float16 else 1e4)
