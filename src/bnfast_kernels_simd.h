@@ -553,9 +553,12 @@ BNF_SIMD_FN void BNF_SIMD(shifted_sums_rows)(const T *base, ptrdiff_t k, ptrdiff
             if (l1) BNF_PF_ENDS(pa, stride, (const T *)NULL, 0, width, 4, 0);
             if (further) BNF_PF_ENDS(pf2, stride, (const T *)NULL, 0, width, 4, 1);
         }
-        for (; c + BNF_VW <= width; c += BNF_VW) {
+        /* a chunk's prefetches, then its columns by a loop without branches (as the
+         * backward sums) */
+        for (ptrdiff_t c0 = 0; c0 + BNF_VW <= width; c0 += BNF_PF_COLS) {
+            ptrdiff_t c1 = width - c0 < BNF_PF_COLS ? width : c0 + BNF_PF_COLS;
             if (pf)
-                BNF_FOR_LINES(l, c, BNF_VW) {
+                BNF_FOR_LINES(l, c0, c1 - c0) {
                     if (l1)
                         bnf_pf_quad(pa, stride * (ptrdiff_t)sizeof(T),
                                     width * (ptrdiff_t)sizeof(T), l * (ptrdiff_t)sizeof(T), 0);
@@ -563,19 +566,21 @@ BNF_SIMD_FN void BNF_SIMD(shifted_sums_rows)(const T *base, ptrdiff_t k, ptrdiff
                         bnf_pf_quad(pf2, stride * (ptrdiff_t)sizeof(T),
                                     width * (ptrdiff_t)sizeof(T), l * (ptrdiff_t)sizeof(T), 1);
                 }
-            BNF_VD sh = BNF_VLD(shift + c);
-            BNF_VD d0 = BNF_VSUB(BNF_VLDT(p0 + c), sh), d1 = BNF_VSUB(BNF_VLDT(p1 + c), sh);
-            BNF_VD d2 = BNF_VSUB(BNF_VLDT(p2 + c), sh), d3 = BNF_VSUB(BNF_VLDT(p3 + c), sh);
-            BNF_VD t1 = BNF_VADD(BNF_VADD(d0, d1), BNF_VADD(d2, d3));
-            BNF_VD t2 = BNF_VADD(BNF_VFMA(d0, d0, BNF_VMUL(d1, d1)),
-                                 BNF_VFMA(d2, d2, BNF_VMUL(d3, d3)));
+            for (c = c0; c + BNF_VW <= c1; c += BNF_VW) {
+                BNF_VD sh = BNF_VLD(shift + c);
+                BNF_VD d0 = BNF_VSUB(BNF_VLDT(p0 + c), sh), d1 = BNF_VSUB(BNF_VLDT(p1 + c), sh);
+                BNF_VD d2 = BNF_VSUB(BNF_VLDT(p2 + c), sh), d3 = BNF_VSUB(BNF_VLDT(p3 + c), sh);
+                BNF_VD t1 = BNF_VADD(BNF_VADD(d0, d1), BNF_VADD(d2, d3));
+                BNF_VD t2 = BNF_VADD(BNF_VFMA(d0, d0, BNF_VMUL(d1, d1)),
+                                     BNF_VFMA(d2, d2, BNF_VMUL(d3, d3)));
 #if BNF_COMPENSATED
-            BNF_VTWO_SUM_AT(s1 + c, s1lo + c, t1);
-            BNF_VTWO_SUM_AT(s2 + c, s2lo + c, t2);
+                BNF_VTWO_SUM_AT(s1 + c, s1lo + c, t1);
+                BNF_VTWO_SUM_AT(s2 + c, s2lo + c, t2);
 #else
-            BNF_VST(s1 + c, BNF_VADD(BNF_VLD(s1 + c), t1));
-            BNF_VST(s2 + c, BNF_VADD(BNF_VLD(s2 + c), t2));
+                BNF_VST(s1 + c, BNF_VADD(BNF_VLD(s1 + c), t1));
+                BNF_VST(s2 + c, BNF_VADD(BNF_VLD(s2 + c), t2));
 #endif
+            }
         }
 #if BNF_MASKED
         if (c < width && bnf_masked_tails) {
@@ -768,6 +773,18 @@ BNF_SIMD_FN void BNF_SIMD(norm_rows_run)(const T *x, ptrdiff_t xstride, T *q,
     BNF_VFMA(BNF_VSUB(BNF_VLDT(p + (j)), BNF_VLD(m + (j))), BNF_VLD(a + (j)), BNF_VLD(b + (j)))
 #define BNF_S(j) BNF_SE(norm_elem)(p[j], m[j], a[j], b[j])
 #define BNF_VF(j, vm, va, vb) BNF_VFMA(BNF_VSUB(BNF_VLDT(p + (j)), vm), va, vb)
+/* two vectors of columns from c of the four rows from p0, stored at o0 */
+#define BNF_NORM_QUAD(c, stream)                                                          \
+    do {                                                                                  \
+        BNF_VD m0 = BNF_VLD(m + (c)), m1 = BNF_VLD(m + (c) + BNF_VW);                     \
+        BNF_VD a0 = BNF_VLD(a + (c)), a1 = BNF_VLD(a + (c) + BNF_VW);                     \
+        BNF_VD b0 = BNF_VLD(b + (c)), b1 = BNF_VLD(b + (c) + BNF_VW);                     \
+        for (int i = 0; i < 4; i++) {                                                     \
+            p = p0 + i * xstride;                                                         \
+            BNF_VST2(o0 + i * qstride + (c), BNF_VF((c), m0, a0, b0),                     \
+                     BNF_VF((c) + BNF_VW, m1, a1, b1), stream);                           \
+        }                                                                                 \
+    } while (0)
 #define BNF_VM(j, k)                                                                   \
     BNF_VFMA(BNF_VSUB(BNF_VLDT_MASK(k, p + (j)), BNF_VLDM(k, m + (j))), BNF_VLDM(k, a + (j)), \
              BNF_VLDM(k, b + (j)))
@@ -777,20 +794,19 @@ BNF_SIMD_FN void BNF_SIMD(norm_rows_run)(const T *x, ptrdiff_t xstride, T *q,
         T *o0 = q + r * qstride;
         ptrdiff_t c = 0;
         if (pf) BNF_PF_ENDS(pa, xstride, (const T *)NULL, 0, n, 4, far);
-        /* streamed, the rows are on lines: whole lines of each (BNF_NT_END) */
-        for (ptrdiff_t ce = BNF_NT_END(o0, n, nt); c + 2 * BNF_VW <= ce; c += 2 * BNF_VW) {
+        /* streamed, the rows are on lines: whole lines of each (BNF_NT_END).  A chunk's
+         * prefetches, then its columns by a loop whose stores are known (as dx) */
+        ptrdiff_t ce = BNF_NT_END(o0, n, nt);
+        for (ptrdiff_t c0 = 0; c0 + 2 * BNF_VW <= ce; c0 += BNF_PF_COLS) {
+            ptrdiff_t c1 = ce - c0 < BNF_PF_COLS ? ce : c0 + BNF_PF_COLS;
             if (pf)
-                BNF_FOR_LINES(l, c, 2 * BNF_VW)
+                BNF_FOR_LINES(l, c0, c1 - c0)
                     bnf_pf_quad(pa, xstride * (ptrdiff_t)sizeof(T), n * (ptrdiff_t)sizeof(T),
                                 l * (ptrdiff_t)sizeof(T), far);
-            BNF_VD m0 = BNF_VLD(m + c), m1 = BNF_VLD(m + c + BNF_VW);
-            BNF_VD a0 = BNF_VLD(a + c), a1 = BNF_VLD(a + c + BNF_VW);
-            BNF_VD b0 = BNF_VLD(b + c), b1 = BNF_VLD(b + c + BNF_VW);
-            for (int i = 0; i < 4; i++) {
-                p = p0 + i * xstride;
-                BNF_VST2(o0 + i * qstride + c, BNF_VF(c, m0, a0, b0),
-                         BNF_VF(c + BNF_VW, m1, a1, b1), nt);
-            }
+            if (nt)
+                for (c = c0; c + 2 * BNF_VW <= c1; c += 2 * BNF_VW) BNF_NORM_QUAD(c, 1);
+            else
+                for (c = c0; c + 2 * BNF_VW <= c1; c += 2 * BNF_VW) BNF_NORM_QUAD(c, 0);
         }
         for (int i = 0; i < 4; i++) {
             ptrdiff_t cc = c;
@@ -817,6 +833,7 @@ BNF_SIMD_FN void BNF_SIMD(norm_rows_run)(const T *x, ptrdiff_t xstride, T *q,
 #undef BNF_S
 #undef BNF_VM
 #undef BNF_VF
+#undef BNF_NORM_QUAD
 }
 
 
@@ -1137,6 +1154,29 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_block)(const T *dy, ptrdiff_t dystride, ptrdi
         BNF_VST(sum_xmu + (c), BNF_VADD(BNF_VLD(sum_xmu + (c)), d));                  \
     } while (0)
 #endif
+/* One vector of columns from c of the four rows g0-g3 (dy) and p0-p3 (x) added to the
+ * sums; leaves a0-a3, the vectors of dy. */
+#if BNF_COMPENSATED
+#define BNF_SUMS_QUAD_ACC(c, t1, t2)                                                    \
+    BNF_VTWO_SUM_AT(sum_dy + (c), sum_dy_lo + (c), t1);                                  \
+    BNF_VTWO_SUM_AT(sum_dy_xmu + (c), sum_dy_xmu_lo + (c), t2)
+#else
+#define BNF_SUMS_QUAD_ACC(c, t1, t2)                                                    \
+    BNF_VST(sum_dy + (c), BNF_VADD(BNF_VLD(sum_dy + (c)), t1));                          \
+    BNF_VST(sum_dy_xmu + (c), BNF_VADD(BNF_VLD(sum_dy_xmu + (c)), t2))
+#endif
+#define BNF_SUMS_QUAD(c)                                                                 \
+    BNF_VD m = BNF_VLD(mean + (c));                                                      \
+    BNF_VD a0 = BNF_VLDT(g0 + (c)), a1 = BNF_VLDT(g1 + (c)), a2 = BNF_VLDT(g2 + (c)),      \
+           a3 = BNF_VLDT(g3 + (c));                                                      \
+    BNF_VD d0 = BNF_VSUB(BNF_VLDT(p0 + (c)), m), d1 = BNF_VSUB(BNF_VLDT(p1 + (c)), m),     \
+           d2 = BNF_VSUB(BNF_VLDT(p2 + (c)), m), d3 = BNF_VSUB(BNF_VLDT(p3 + (c)), m);     \
+    BNF_VD t1 = BNF_VADD(BNF_VADD(a0, a1), BNF_VADD(a2, a3));                            \
+    BNF_VD t2 = BNF_VADD(BNF_VFMA(a0, d0, BNF_VMUL(a1, d1)),                             \
+                         BNF_VFMA(a2, d2, BNF_VMUL(a3, d3)));                            \
+    BNF_VD t3 = BNF_VADD(BNF_VADD(d0, d1), BNF_VADD(d2, d3));                            \
+    BNF_SUMS_QUAD_ACC(c, t1, t2);                                                        \
+    BNF_VST(sum_xmu + (c), BNF_VADD(BNF_VLD(sum_xmu + (c)), t3))
 BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const T *x,
                                          ptrdiff_t xstride, ptrdiff_t nrows, ptrdiff_t width,
                                          const double *mean, double *sum_dy,
@@ -1181,9 +1221,13 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const 
             BNF_PF_ENDS(ga, dystride, pa, xstride, width, 4, 1);
             if (nearby) BNF_PF_ENDS(gn, dystride, pn, xstride, width, 4, 0);
         }
-        for (; c + BNF_VW <= width; c += BNF_VW) {
+        /* a chunk's prefetches, then its columns by a loop without branches (with them
+         * in it, gcc kept the eight row pointers on the stack and the loop ran at about
+         * half the speed of a plain C loop of the same arithmetic in cache) */
+        for (ptrdiff_t c0 = 0; c0 + BNF_VW <= width; c0 += BNF_PF_COLS) {
+            ptrdiff_t c1 = width - c0 < BNF_PF_COLS ? width : c0 + BNF_PF_COLS;
             if (pf)
-                BNF_FOR_LINES(l, c, BNF_VW) {
+                BNF_FOR_LINES(l, c0, c1 - c0) {
                     bnf_pf_quad(ga, dystride * (ptrdiff_t)sizeof(T),
                                 width * (ptrdiff_t)sizeof(T), l * (ptrdiff_t)sizeof(T), 1);
                     bnf_pf_quad(pa, xstride * (ptrdiff_t)sizeof(T),
@@ -1195,31 +1239,21 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const 
                                     width * (ptrdiff_t)sizeof(T), l * (ptrdiff_t)sizeof(T), 0);
                     }
                 }
-            BNF_VD m = BNF_VLD(mean + c);
-            BNF_VD a0 = BNF_VLDT(g0 + c), a1 = BNF_VLDT(g1 + c), a2 = BNF_VLDT(g2 + c),
-                   a3 = BNF_VLDT(g3 + c);
-            BNF_VD d0 = BNF_VSUB(BNF_VLDT(p0 + c), m), d1 = BNF_VSUB(BNF_VLDT(p1 + c), m),
-                   d2 = BNF_VSUB(BNF_VLDT(p2 + c), m), d3 = BNF_VSUB(BNF_VLDT(p3 + c), m);
-            BNF_VD t1 = BNF_VADD(BNF_VADD(a0, a1), BNF_VADD(a2, a3));
-            BNF_VD t2 = BNF_VADD(BNF_VFMA(a0, d0, BNF_VMUL(a1, d1)),
-                                 BNF_VFMA(a2, d2, BNF_VMUL(a3, d3)));
-            BNF_VD t3 = BNF_VADD(BNF_VADD(d0, d1), BNF_VADD(d2, d3));
-#if BNF_COMPENSATED
-            BNF_VTWO_SUM_AT(sum_dy + c, sum_dy_lo + c, t1);
-            BNF_VTWO_SUM_AT(sum_dy_xmu + c, sum_dy_xmu_lo + c, t2);
-#else
-            BNF_VST(sum_dy + c, BNF_VADD(BNF_VLD(sum_dy + c), t1));
-            BNF_VST(sum_dy_xmu + c, BNF_VADD(BNF_VLD(sum_dy_xmu + c), t2));
-#endif
-            BNF_VST(sum_xmu + c, BNF_VADD(BNF_VLD(sum_xmu + c), t3));
-            if (q) {
-                BNF_VD va = BNF_VLD(fa + c);
-                T *o = q + r * qstride + c;
-                BNF_VSTT(o, BNF_VMUL(a0, va));
-                BNF_VSTT(o + qstride, BNF_VMUL(a1, va));
-                BNF_VSTT(o + 2 * qstride, BNF_VMUL(a2, va));
-                BNF_VSTT(o + 3 * qstride, BNF_VMUL(a3, va));
-            }
+            if (q)
+                for (c = c0; c + BNF_VW <= c1; c += BNF_VW) {
+                    BNF_SUMS_QUAD(c);
+                    BNF_VD va = BNF_VLD(fa + c);
+                    T *o = q + r * qstride + c;
+                    BNF_VSTT(o, BNF_VMUL(a0, va));
+                    BNF_VSTT(o + qstride, BNF_VMUL(a1, va));
+                    BNF_VSTT(o + 2 * qstride, BNF_VMUL(a2, va));
+                    BNF_VSTT(o + 3 * qstride, BNF_VMUL(a3, va));
+                }
+            else
+                for (c = c0; c + BNF_VW <= c1; c += BNF_VW) {
+                    BNF_SUMS_QUAD(c);
+                    (void)a0, (void)a1, (void)a2, (void)a3;
+                }
         }
 #if BNF_MASKED
         if (c < width && bnf_masked_tails) {
@@ -1333,6 +1367,8 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const 
         }
     }
 #undef BNF_ROW_SUMS
+#undef BNF_SUMS_QUAD
+#undef BNF_SUMS_QUAD_ACC
 }
 
 BNF_SIMD_FN void BNF_SIMD(dx_chunk)(const T *g, const T *p, T *q, ptrdiff_t n, double mean,
@@ -1421,6 +1457,29 @@ BNF_SIMD_FN void BNF_SIMD(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x
 #define BNF_VF(j, va, v1, vm, v2)                                                  \
     BNF_VMUL(va,                                                                   \
              BNF_VFNMA(BNF_VSUB(BNF_VLDT(p + (j)), vm), v2, BNF_VSUB(BNF_VLDT(gr + (j)), v1)))
+/* two vectors of columns from c of the four rows from g0 (and p0), stored at o0 */
+#define BNF_DX_QUAD(c, stream)                                                             \
+    do {                                                                                   \
+        BNF_VD a0 = BNF_VLD(a + (c)), a1 = BNF_VLD(a + (c) + BNF_VW);                      \
+        BNF_VD f0 = BNF_VLD(k1 + (c)), f1 = BNF_VLD(k1 + (c) + BNF_VW);                    \
+        BNF_VD m0 = BNF_VLD(m + (c)), m1 = BNF_VLD(m + (c) + BNF_VW);                      \
+        BNF_VD h0 = BNF_VLD(k2 + (c)), h1 = BNF_VLD(k2 + (c) + BNF_VW);                    \
+        for (int i = 0; i < 4; i++) {                                                      \
+            gr = g0 + i * gstride;                                                         \
+            p = p0 + i * xstride;                                                          \
+            BNF_VST2(o0 + i * qstride + (c), BNF_VF((c), a0, f0, m0, h0),                  \
+                     BNF_VF((c) + BNF_VW, a1, f1, m1, h1), stream);                        \
+        }                                                                                  \
+    } while (0)
+#define BNF_DX_FIXED_QUAD(c, stream)                                                       \
+    do {                                                                                   \
+        BNF_VD a0 = BNF_VLD(a + (c)), a1 = BNF_VLD(a + (c) + BNF_VW);                      \
+        for (int i = 0; i < 4; i++) {                                                      \
+            gr = g0 + i * gstride;                                                         \
+            BNF_VST2(o0 + i * qstride + (c), BNF_VMUL(BNF_VLDT(gr + (c)), a0),             \
+                     BNF_VMUL(BNF_VLDT(gr + (c) + BNF_VW), a1), stream);                   \
+        }                                                                                  \
+    } while (0)
     for (; quads && r + 4 <= k; r += 4) {
         const T *g0 = g + r * gstride, *p0 = x ? x + r * xstride : NULL;
         const T *ga = g0 + ahead * gstride, *pa = p0 ? p0 + ahead * xstride : NULL;
@@ -1428,34 +1487,27 @@ BNF_SIMD_FN void BNF_SIMD(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x
         T *o0 = q + r * qstride;
         ptrdiff_t c = 0;
         if (pf) BNF_PF_ENDS(ga, gstride, pa, xstride, n, 4, far);
-        /* streamed, the rows are on lines: whole lines of each (BNF_NT_END) */
-        for (ptrdiff_t ce = BNF_NT_END(o0, n, nt); c + 2 * BNF_VW <= ce; c += 2 * BNF_VW) {
+        /* streamed, the rows are on lines: whole lines of each (BNF_NT_END).  A chunk's
+         * prefetches, then its columns by a loop whose stores are known (as the sums) */
+        ptrdiff_t ce = BNF_NT_END(o0, n, nt);
+        for (ptrdiff_t c0 = 0; c0 + 2 * BNF_VW <= ce; c0 += BNF_PF_COLS) {
+            ptrdiff_t c1 = ce - c0 < BNF_PF_COLS ? ce : c0 + BNF_PF_COLS;
             if (pf)
-                BNF_FOR_LINES(l, c, 2 * BNF_VW) {
+                BNF_FOR_LINES(l, c0, c1 - c0) {
                     bnf_pf_quad(ga, gstride * (ptrdiff_t)sizeof(T), n * (ptrdiff_t)sizeof(T),
                                 l * (ptrdiff_t)sizeof(T), far);
                     if (pa)
                         bnf_pf_quad(pa, xstride * (ptrdiff_t)sizeof(T),
                                     n * (ptrdiff_t)sizeof(T), l * (ptrdiff_t)sizeof(T), far);
                 }
-            BNF_VD a0 = BNF_VLD(a + c), a1 = BNF_VLD(a + c + BNF_VW);
-            if (p0) {
-                BNF_VD f0 = BNF_VLD(k1 + c), f1 = BNF_VLD(k1 + c + BNF_VW);
-                BNF_VD m0 = BNF_VLD(m + c), m1 = BNF_VLD(m + c + BNF_VW);
-                BNF_VD h0 = BNF_VLD(k2 + c), h1 = BNF_VLD(k2 + c + BNF_VW);
-                for (int i = 0; i < 4; i++) {
-                    gr = g0 + i * gstride;
-                    p = p0 + i * xstride;
-                    BNF_VST2(o0 + i * qstride + c, BNF_VF(c, a0, f0, m0, h0),
-                             BNF_VF(c + BNF_VW, a1, f1, m1, h1), nt);
-                }
-            } else {
-                for (int i = 0; i < 4; i++) {
-                    gr = g0 + i * gstride;
-                    BNF_VST2(o0 + i * qstride + c, BNF_VMUL(BNF_VLDT(gr + c), a0),
-                             BNF_VMUL(BNF_VLDT(gr + c + BNF_VW), a1), nt);
-                }
-            }
+            if (p0 && nt)
+                for (c = c0; c + 2 * BNF_VW <= c1; c += 2 * BNF_VW) BNF_DX_QUAD(c, 1);
+            else if (p0)
+                for (c = c0; c + 2 * BNF_VW <= c1; c += 2 * BNF_VW) BNF_DX_QUAD(c, 0);
+            else if (nt)
+                for (c = c0; c + 2 * BNF_VW <= c1; c += 2 * BNF_VW) BNF_DX_FIXED_QUAD(c, 1);
+            else
+                for (c = c0; c + 2 * BNF_VW <= c1; c += 2 * BNF_VW) BNF_DX_FIXED_QUAD(c, 0);
         }
         for (int i = 0; i < 4; i++) {
             ptrdiff_t cc = c;
@@ -1488,6 +1540,8 @@ BNF_SIMD_FN void BNF_SIMD(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x
 #undef BNF_S
 #undef BNF_VM
 #undef BNF_VF
+#undef BNF_DX_QUAD
+#undef BNF_DX_FIXED_QUAD
 }
 
 #undef BNF_NV
