@@ -145,6 +145,17 @@
 #define BNF_PAIRS(q, i, end, nt)                                                       \
     for (ptrdiff_t e_ = BNF_NT_END(q, end, nt); i + 2 * BNF_VW <= e_; i += 2 * BNF_VW)  \
     BNF_VST2((q) + i, BNF_V(i), BNF_V(i + BNF_VW), nt)
+/* BNF_PAIRS over q[i .. n) in blocks of BNF_PF_BLOCK elements, `advance` (an expression
+ * of the block b0 .. b1: the prefetch cursors) run once a block; `nt` a constant in the
+ * runs loops, so that their pairs do not test it */
+#define BNF_RUN_BLOCKS(q, i, n, nt, advance)                                       \
+    do {                                                                           \
+        for (ptrdiff_t b0 = 0; b0 < (n); b0 += BNF_PF_BLOCK) {                     \
+            ptrdiff_t b1 = (n) - b0 < BNF_PF_BLOCK ? (n) : b0 + BNF_PF_BLOCK;     \
+            (void)(advance);                                                       \
+            BNF_PAIRS(q, i, b1, nt);                                               \
+        }                                                                          \
+    } while (0)
 /* Pairs of vectors shorter than a line (float16; float32 at level 3): streamed, they stop
  * at the last whole line before `end` (q[0 .. end) with q + i on a line), so that no line
  * is streamed in part and stored plainly in part (its other half by the tail, or by the
@@ -678,11 +689,11 @@ BNF_SIMD_FN inline BNF_INLINE void BNF_SIMD(norm_chunk_body)(const T *p, T *q, p
 #define BNF_S(j) BNF_SE(norm_elem)(p[j], mean, scale, shift)
 #define BNF_VM(j, k) BNF_VFMA(BNF_VSUB(BNF_VLDT_MASK(k, p + (j)), vm), va, vb)
     BNF_HEAD_RUN(q, i, n, nt);
-    for (ptrdiff_t b0 = 0; b0 < n; b0 += BNF_PF_BLOCK) {
-        ptrdiff_t b1 = n - b0 < BNF_PF_BLOCK ? n : b0 + BNF_PF_BLOCK;
-        bnf_pf_advance(pf, (b1 - b0) * (ptrdiff_t)sizeof(T));
-        BNF_PAIRS(q, i, b1, nt);
-    }
+    /* the stores known in each loop (nt tested per pair of vectors before) */
+    if (nt)
+        BNF_RUN_BLOCKS(q, i, n, 1, bnf_pf_advance(pf, (b1 - b0) * (ptrdiff_t)sizeof(T)));
+    else
+        BNF_RUN_BLOCKS(q, i, n, 0, bnf_pf_advance(pf, (b1 - b0) * (ptrdiff_t)sizeof(T)));
     BNF_TAIL_RUN(q, i, n, nt);
 #undef BNF_V
 #undef BNF_S
@@ -837,6 +848,71 @@ BNF_SIMD_FN void BNF_SIMD(norm_rows_run)(const T *x, ptrdiff_t xstride, T *q,
 }
 
 
+#if BNF_ISA_LEVEL == 3 && !BNF_COMPENSATED
+/* AVX2, sums without low parts: the 32 lanes of the three sums are 24 vectors, and AVX2
+ * has 16 registers: gcc kept them on the stack, loaded and stored at every step (perf:
+ * most of (16, 64, 14, 14) backward's sums).  So each run goes twice, half the lanes at
+ * a time (12 registers), the second time from L1: each lane gets the same additions in
+ * the same order (the bits of the body below).  Lanes h * BNF_NV / 2 vectors on, of the
+ * run at g and p; the run's cursors advance in half 0. */
+BNF_SIMD_FN inline BNF_INLINE void BNF_SIMD(bwd_sums_run_half)(
+    const T *g, const T *p, ptrdiff_t len, BNF_VD vm, double mean, double *a1, double *a2,
+    double *a3, bnf_pf *pfg, bnf_pf *pfx, const int h)
+{
+    enum { HV = BNF_NV / 2 };
+    const ptrdiff_t lane0 = (ptrdiff_t)h * HV * BNF_VW;     /* the half's first lane */
+    BNF_VD s1[HV], s2[HV], s3[HV], one = BNF_VSET1(1.0);
+    const int fma_adds = bnf_adds_as_fma;
+#define BNF_ACC(s, v) (fma_adds ? BNF_VFMA((v), one, (s)) : BNF_VADD((s), (v)))
+    for (int v = 0; v < HV; v++) {
+        s1[v] = BNF_VLD(a1 + lane0 + BNF_VW * v);
+        s2[v] = BNF_VLD(a2 + lane0 + BNF_VW * v);
+        s3[v] = BNF_VLD(a3 + lane0 + BNF_VW * v);
+    }
+    ptrdiff_t i = 0;
+    for (ptrdiff_t b1; i + BNF_LANES <= len;) {
+        b1 = BNF_SUMS_BLOCK_END(i, len);
+        if (h == 0) {
+            bnf_pf_advance(pfg, (b1 - i) * (ptrdiff_t)sizeof(T));
+            bnf_pf_advance(pfx, (b1 - i) * (ptrdiff_t)sizeof(T));
+        }
+        for (; i < b1; i += BNF_LANES)
+            for (int v = 0; v < HV; v++) {
+                BNF_VD gi = BNF_VLDT(g + i + lane0 + BNF_VW * v);
+                BNF_VD d = BNF_VSUB(BNF_VLDT(p + i + lane0 + BNF_VW * v), vm);
+                s1[v] = BNF_ACC(s1[v], gi);
+                s2[v] = BNF_VFMA(gi, d, s2[v]);
+                s3[v] = BNF_ACC(s3[v], d);
+            }
+    }
+    if (h == 0) {
+        bnf_pf_advance(pfg, (len - i) * (ptrdiff_t)sizeof(T));
+        bnf_pf_advance(pfx, (len - i) * (ptrdiff_t)sizeof(T));
+    }
+    /* the tail's whole vectors into the first lanes, then the rest a lane at a time */
+    ptrdiff_t t = i;
+    for (int v = 0; v < HV; v++) {
+        ptrdiff_t o = t + lane0 + BNF_VW * v;
+        if (o + BNF_VW <= len) {
+            BNF_VD gi = BNF_VLDT(g + o), d = BNF_VSUB(BNF_VLDT(p + o), vm);
+            s1[v] = BNF_ACC(s1[v], gi);
+            s2[v] = BNF_VFMA(gi, d, s2[v]);
+            s3[v] = BNF_ACC(s3[v], d);
+        }
+    }
+    for (int v = 0; v < HV; v++) {
+        BNF_VST(a1 + lane0 + BNF_VW * v, s1[v]);
+        BNF_VST(a2 + lane0 + BNF_VW * v, s2[v]);
+        BNF_VST(a3 + lane0 + BNF_VW * v, s3[v]);
+    }
+    i = t + (len - t) / BNF_VW * BNF_VW;
+    for (ptrdiff_t l = i - t; i < len; i++, l++)
+        if (l >= lane0 && l < lane0 + HV * BNF_VW)
+            BNF_SE(bwd_elem)(g[i], p[i], mean, &a1[l], &a2[l], &a3[l], NULL, NULL);
+#undef BNF_ACC
+}
+#endif
+
 /* masked (AVX-512, float and double; runs that end in a partial vector): the tail as
  * whole vectors and one masked vector, the lanes kept in registers (as
  * shifted_sums_runs); else the tail's whole vectors, then the rest through the scalar
@@ -846,6 +922,18 @@ BNF_SIMD_FN inline BNF_INLINE void BNF_SIMD(bwd_sums_runs_body)(
     ptrdiff_t len, double mean, double *a1, double *a2, double *a3, double *a1lo,
     double *a2lo, bnf_pf *pfg, bnf_pf *pfx, const int masked)
 {
+#if BNF_ISA_LEVEL == 3 && !BNF_COMPENSATED
+    (void)a1lo;
+    (void)a2lo;
+    (void)masked;
+    for (ptrdiff_t r = 0; r < nruns; r++) {
+        const T *g = dy + r * dystride, *p = x + r * xstride;
+        BNF_VD vm = BNF_VSET1(mean);
+        BNF_SIMD(bwd_sums_run_half)(g, p, len, vm, mean, a1, a2, a3, pfg, pfx, 0);
+        BNF_SIMD(bwd_sums_run_half)(g, p, len, vm, mean, a1, a2, a3, pfg, pfx, 1);
+    }
+    return;
+#endif
     /* sum dy and sum (x - mean) by fused multiply-adds with 1 (exact: the bits of the
      * adds) where bnf_adds_as_fma: on Zen 4 the adds share their pipes with the
      * conversions, the multiply-adds do not (these sums took 0.80x the time in a C
@@ -1377,24 +1465,38 @@ BNF_SIMD_FN void BNF_SIMD(dx_chunk)(const T *g, const T *p, T *q, ptrdiff_t n, d
 {
     BNF_VD vm = BNF_VSET1(mean), va = BNF_VSET1(a), v1 = BNF_VSET1(k1), v2 = BNF_VSET1(k2);
     ptrdiff_t i = 0;
+    /* with_x: p given; a constant of its own in each loop below (shadowing this one), so
+     * that none of them tests it (nor nt) per pair of vectors, as they did */
+    const int with_x = p != NULL;
 #define BNF_V(j)                                                                           \
-    (p ? BNF_VMUL(va, BNF_VFNMA(BNF_VSUB(BNF_VLDT(p + (j)), vm), v2,                      \
-                                BNF_VSUB(BNF_VLDT(g + (j)), v1)))                         \
-       : BNF_VMUL(BNF_VLDT(g + (j)), va))
+    (with_x ? BNF_VMUL(va, BNF_VFNMA(BNF_VSUB(BNF_VLDT(p + (j)), vm), v2,                 \
+                                     BNF_VSUB(BNF_VLDT(g + (j)), v1)))                    \
+            : BNF_VMUL(BNF_VLDT(g + (j)), va))
 #define BNF_S(j) \
-    (p ? BNF_SE(dx_elem)(g[j], p[j], mean, a, k1, k2) : BNF_SE(dx_fixed_elem)(g[j], a))
+    (with_x ? BNF_SE(dx_elem)(g[j], p[j], mean, a, k1, k2) : BNF_SE(dx_fixed_elem)(g[j], a))
 #define BNF_VM(j, k)                                                                     \
-    (p ? BNF_VMUL(va, BNF_VFNMA(BNF_VSUB(BNF_VLDT_MASK(k, p + (j)), vm), v2,            \
-                                BNF_VSUB(BNF_VLDT_MASK(k, g + (j)), v1)))               \
-       : BNF_VMUL(BNF_VLDT_MASK(k, g + (j)), va))
+    (with_x ? BNF_VMUL(va, BNF_VFNMA(BNF_VSUB(BNF_VLDT_MASK(k, p + (j)), vm), v2,       \
+                                     BNF_VSUB(BNF_VLDT_MASK(k, g + (j)), v1)))          \
+            : BNF_VMUL(BNF_VLDT_MASK(k, g + (j)), va))
+#define BNF_DX_ADVANCE                                           \
+    (bnf_pf_advance(pfg, (b1 - b0) * (ptrdiff_t)sizeof(T)),     \
+     bnf_pf_advance(pfx, (b1 - b0) * (ptrdiff_t)sizeof(T)))
     BNF_HEAD_RUN(q, i, n, nt);
-    for (ptrdiff_t b0 = 0; b0 < n; b0 += BNF_PF_BLOCK) {
-        ptrdiff_t b1 = n - b0 < BNF_PF_BLOCK ? n : b0 + BNF_PF_BLOCK;
-        bnf_pf_advance(pfg, (b1 - b0) * (ptrdiff_t)sizeof(T));
-        bnf_pf_advance(pfx, (b1 - b0) * (ptrdiff_t)sizeof(T));
-        BNF_PAIRS(q, i, b1, nt);
+    if (with_x && nt) {
+        const int with_x = 1;
+        BNF_RUN_BLOCKS(q, i, n, 1, BNF_DX_ADVANCE);
+    } else if (with_x) {
+        const int with_x = 1;
+        BNF_RUN_BLOCKS(q, i, n, 0, BNF_DX_ADVANCE);
+    } else if (nt) {
+        const int with_x = 0;
+        BNF_RUN_BLOCKS(q, i, n, 1, BNF_DX_ADVANCE);
+    } else {
+        const int with_x = 0;
+        BNF_RUN_BLOCKS(q, i, n, 0, BNF_DX_ADVANCE);
     }
     BNF_TAIL_RUN(q, i, n, nt);
+#undef BNF_DX_ADVANCE
 #undef BNF_V
 #undef BNF_S
 #undef BNF_VM
@@ -1592,4 +1694,5 @@ BNF_SIMD_FN void BNF_SIMD(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x
 #undef BNF_HEAD
 #undef BNF_TAIL
 #undef BNF_PAIRS
+#undef BNF_RUN_BLOCKS
 #undef BNF_NT_END
