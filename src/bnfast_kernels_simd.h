@@ -147,8 +147,9 @@
     BNF_VST2((q) + i, BNF_V(i), BNF_V(i + BNF_VW), nt)
 /* BNF_PAIRS over q[i .. n) in blocks of BNF_PF_BLOCK elements, `advance` (an expression
  * of the block b0 .. b1: the prefetch cursors) run once a block.  dx gives `nt` as a
- * constant, so that its pairs do not test it; the normalize's runs measured no faster
- * that way on Zen 3 (a NCHW eval from DRAM 1.02-1.05x the time), and keep the test. */
+ * constant, so that its pairs do not test it; the normalize's runs, unswitched so,
+ * measured no faster on Zen 3 ((64, 256, 28, 28) from DRAM 0.99-1.03x the time) and keep
+ * the test. */
 #define BNF_RUN_BLOCKS(q, i, n, nt, advance)                                       \
     do {                                                                           \
         for (ptrdiff_t b0 = 0; b0 < (n); b0 += BNF_PF_BLOCK) {                     \
