@@ -88,6 +88,7 @@ cdef extern from "bnfast_kernels.h" nogil:
     int bnf_set_store_lines(int on)
     int bnf_set_masked_tails(int on)
     int bnf_set_fuse_sums_dx(int on)
+    Py_ssize_t bnf_set_dx_in_order_bytes(Py_ssize_t n)
     int bnf_set_flat_whole_lines(int on)
     void *bnf_alloc64(size_t bytes)
     void bnf_free64(void *p)
@@ -667,6 +668,13 @@ def _set_fused_eval_backward(on):
     and then dx of each unit or block (the same bits; on by default). None leaves it;
     returns the previous setting (tuning, tests)."""
     return bool(bnf_set_fuse_sums_dx(-1 if on is None else (1 if on else 0)))
+
+
+def _set_dx_in_order_bytes(n):
+    """Set the narrowest rows (bytes) whose streamed dx goes a row at a time in memory
+    order rather than four rows at a time (the same bits either way). None leaves it;
+    returns the previous value (tuning, tests)."""
+    return bnf_set_dx_in_order_bytes(-1 if n is None else int(n))
 
 
 def _set_flat_whole_lines(on):

@@ -24,7 +24,8 @@ import pytest
 
 import bnfast
 from arrays import make_values, params, with_layout
-from bnfast._core import (_set_adds_as_fma, _set_flat_whole_lines, _set_fused_eval_backward,
+from bnfast._core import (_set_adds_as_fma, _set_dx_in_order_bytes, _set_flat_whole_lines,
+                          _set_fused_eval_backward,
                           _set_fused_eval_runs, _set_grouped_wide, _set_l1_rows_max,
                           _set_norm_v3, _set_reduce_blocks_min, _set_simd_level,
                           _set_stage_near_bytes, _set_store_lines, _set_stream_bytes,
@@ -36,6 +37,7 @@ SUPPORTED = _set_simd_level(None)          # the default: the highest the CPU ha
 LEVELS = [lv for lv in (3, 4) if lv <= SUPPORTED]
 ADDS_AS_FMA = _set_adds_as_fma(None)        # the default: by CPU vendor
 NORM_V3 = _set_norm_v3(None)                # the default: by CPU vendor
+DX_IN_ORDER = _set_dx_in_order_bytes(None)  # the default: rows of 512 bytes
 
 SHAPES = [
     ((7, 3, 45), 1),          # runs of 45: one 32-lane block and a tail
@@ -404,6 +406,56 @@ def test_rows_in_runs_of_whole_lines(shape, dtype, offset, threads, stream):
         bnfast.set_num_threads(None)
     w, b = params(shape[-1], dtype, 3)[:2]
     assert_forward_close(first[1][1], ref.batch_norm_train(x, w, b, axis=-1)[0])
+
+
+# Streamed dx of rows of 512 bytes or more goes a row at a time in memory order, not four
+# rows at a time (_set_dx_in_order_bytes; off: never, below: every row): the same bits
+# either way, as the plain loops', and nothing written outside dx, wherever it starts.
+DX_IN_ORDER_SHAPES = [
+    ((70, 256), -1, None),       # rows of 1 KB (float64 2 KB, float16 512 bytes)
+    ((41, 128), -1, None),       # 512 bytes: at the limit (float16 below it)
+    ((33, 512), -1, None),       # the widest channel block
+    ((20, 1024), -1, 1040),      # dx cropped from rows of 1040: lines apart
+    ((21, 300), -1, None),       # rows not whole lines
+    ((6, 1500), -1, None),       # rows wider than a chunk
+    ((9, 7, 3, 160), -1, None),  # channels last, 5 rows left over after the fours
+]
+
+
+def _dx_in_order(on):
+    _set_dx_in_order_bytes(DX_IN_ORDER if on else 1 << 62)
+
+
+@pytest.mark.usefixtures("threads_on_small_arrays")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("offset", [0, 1, 5])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("shape,axis,row", DX_IN_ORDER_SHAPES)
+def test_streamed_dx_rows_in_order(shape, axis, row, dtype, offset, threads):
+    x = make_values(shape, dtype, 43, axis=axis, offset=_offset(dtype))
+    dy = make_values(shape, dtype, 47, axis=axis)
+    full = shape if row is None else shape[:-1] + (row,)
+    bnfast.set_num_threads(threads)
+    old_stream = _set_stream_bytes(0)
+    old_blocks = _set_reduce_blocks_min(0)
+    try:
+        first = _same_bits_either_way(_dx_in_order, x, dy, axis, full, offset)
+        _set_dx_in_order_bytes(0)               # every row in order, however narrow
+        every = _outputs_off_a_line(x, dy, axis, full, offset)
+    finally:
+        _set_dx_in_order_bytes(DX_IN_ORDER)
+        _set_stream_bytes(old_stream)
+        _set_reduce_blocks_min(old_blocks)
+        bnfast.set_num_threads(None)
+    for (name, a), (_, g) in zip(first, every):
+        assert a.tobytes() == g.tobytes(), f"{name}: every row in order gives other bits"
+    # and right (the statistics _outputs_off_a_line's backward took)
+    w, b = params(shape[axis], dtype, 3)[:2]
+    _, mean, invstd = bnfast.batch_norm_train(x, w, b, axis=axis)
+    assert_forward_close(first[1][1], ref.batch_norm_train(x, w, b, axis=axis)[0])
+    for name, training in (("dx", True), ("dx fixed", False)):
+        want = ref.batch_norm_backward(dy, x, mean, invstd, w, axis=axis, training=training)
+        ref.assert_grad_close(dict(first)[name], want[0], dtype, what=name)
 
 
 # Eval-mode backward of rows stores dx = scale * dy as its sums read dy, in one pass
