@@ -88,7 +88,7 @@ cdef extern from "bnfast_kernels.h" nogil:
     int bnf_set_store_lines(int on)
     int bnf_set_masked_tails(int on)
     int bnf_set_fuse_sums_dx(int on)
-    Py_ssize_t bnf_set_dx_in_order_bytes(Py_ssize_t n)
+    Py_ssize_t bnf_set_dx_in_order_bytes(Py_ssize_t n, int from_dram)
     int bnf_set_flat_whole_lines(int on)
     void *bnf_alloc64(size_t bytes)
     void bnf_free64(void *p)
@@ -670,11 +670,12 @@ def _set_fused_eval_backward(on):
     return bool(bnf_set_fuse_sums_dx(-1 if on is None else (1 if on else 0)))
 
 
-def _set_dx_in_order_bytes(n):
+def _set_dx_in_order_bytes(n, dram=True):
     """Set the narrowest rows (bytes) whose streamed dx goes a row at a time in memory
-    order rather than four rows at a time (the same bits either way). None leaves it;
+    order rather than four rows at a time, for x from DRAM (`dram`: x of
+    _reduce_blocks_min bytes or more) or not (the same bits either way). None leaves it;
     returns the previous value (tuning, tests)."""
-    return bnf_set_dx_in_order_bytes(-1 if n is None else int(n))
+    return bnf_set_dx_in_order_bytes(-1 if n is None else int(n), 1 if dram else 0)
 
 
 def _set_flat_whole_lines(on):
@@ -1168,6 +1169,15 @@ cdef inline int _dram_flags(const Job *j) noexcept nogil:
     return BNF_FROM_DRAM
 
 
+cdef inline int _dx_flags(const Job *j, int flags) noexcept nogil:
+    """The output's flags for the rows dx kernel, with BNF_FROM_DRAM where x holds
+    _reduce_blocks_min bytes or more (its streamed rows a row at a time from narrower
+    rows: bnf_dx_in_order_bytes)."""
+    if j.outer * j.C * j.inner * j.isz < _reduce_blocks_min:
+        return flags
+    return flags | BNF_FROM_DRAM
+
+
 cdef inline Py_ssize_t _piece(const Job *j, Py_ssize_t r, Py_ssize_t r1) noexcept nogil:
     """Rows from r, before r1, that lie in r's segment (evenly spaced)."""
     cdef Py_ssize_t n
@@ -1321,7 +1331,7 @@ cdef void _seg_unit(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssize_t r0
             bnf_bwd_dx_rows(j.type, _dy_at(j, r, c0), j.dy_os,
                             _x_at(j, r, c0) if use_x else NULL, j.x_os, _y_at(j, r, c0),
                             j.y_os, n, w, j.group, j.hi + c0, j.scale + c0, j.k1 + c0,
-                            j.k2 + c0, flags)
+                            j.k2 + c0, _dx_flags(j, flags))
         else:
             bnf_bwd_dx_runs(j.type, _dy_at(j, r, c0), j.dy_os, 0,
                             _x_at(j, r, c0) if use_x else NULL, j.x_os, 0, _y_at(j, r, c0),
@@ -1443,7 +1453,7 @@ cdef inline void _unit_at(Job *j, int kind, Py_ssize_t c0, Py_ssize_t w, Py_ssiz
     # K_BDX, K_BWD, K_BEVAL
     if rows:
         bnf_bwd_dx_rows(j.type, dy, dy_os, x, x_os, y, y_os, nr, w, j.group,
-                        j.hi + c0, j.scale + c0, j.k1 + c0, j.k2 + c0, flags)
+                        j.hi + c0, j.scale + c0, j.k1 + c0, j.k2 + c0, _dx_flags(j, flags))
     else:
         bnf_bwd_dx_runs(j.type, dy, dy_os, 0, x, x_os, 0, y, y_os, 0, nr, j.inner, 1,
                         j.hi + c0, j.scale + c0, j.k1 + c0, j.k2 + c0, flags, NULL, NULL, 0)
@@ -1707,7 +1717,7 @@ cdef inline void _ordered_piece(Job *j, int kind, Py_ssize_t r0, Py_ssize_t nr,
     if kind == K_BDX:
         bnf_bwd_dx_rows(j.type, _dy_at(j, r0, c0), j.dy_os, x, j.x_os, y, j.y_os, nr,
                         c1 - c0, j.group, j.hi + c0, j.scale + c0, j.k1 + c0, j.k2 + c0,
-                        flags)
+                        _dx_flags(j, flags))
         return
     if j.group and not j.gap:
         bnf_norm_rows(j.type, x, j.x_os, y, j.y_os, nr, c1 - c0, j.group, j.hi + c0,

@@ -173,18 +173,27 @@ int bnf_set_fuse_sums_dx(int on)
     return old;
 }
 
-/* Streamed dx (bnf_bwd_dx_rows, from DRAM) of rows of this many bytes or more goes a row at
- * a time in memory order, not four rows at a time (three streams, not twelve a row
- * apart). Zen 3, one thread, float32, 51 MB: in a C harness of the two loops, rows of 1
- * KB took 0.50 ns an element in order against 0.71-0.87 four at a time (a streamed copy
- * of dy + x 0.40), rows of 256 bytes 0.50-0.52 either way; Zen 4 (earlier) measured
- * the two the same from DRAM.  The same bits (elementwise). */
-static ptrdiff_t bnf_dx_in_order_bytes = BNF_ROWWISE_MIN_BYTES;
-ptrdiff_t bnf_set_dx_in_order_bytes(ptrdiff_t n)
+/* Streamed dx of rows of bnf_dx_in_order_bytes or more goes a row at a time in memory
+ * order, not four rows at a time (three streams, not twelve a row apart): [1] from DRAM
+ * (BNF_FROM_DRAM in the dx flags), [0] else (from L3, or from cache as the second pass of
+ * a fused unit).  Zen 3, one thread, float32: in a C harness over 51 MB, dx of 1 KB rows
+ * took 0.50 ns an element in order against 0.71-0.87 four at a time (a streamed x + dy,
+ * its floor, 0.40; rows of 256 bytes 0.50-0.52 either way); in bnfast, from L3 ((8192,
+ * 256), 8 MB), the backward 1.15x the time in order, (4096, 512) 0.79x, (3072, 1024)
+ * 0.19x (four rows 4 KB apart: 16x a copy).  Zen 4 (earlier) measured the two the same
+ * from DRAM.  The same bits (elementwise). */
+static ptrdiff_t bnf_dx_in_order_bytes[2] = {2048, BNF_ROWWISE_MIN_BYTES};
+ptrdiff_t bnf_set_dx_in_order_bytes(ptrdiff_t n, int from_dram)
 {
-    ptrdiff_t old = bnf_dx_in_order_bytes;
-    if (n >= 0) bnf_dx_in_order_bytes = n;
+    ptrdiff_t old = bnf_dx_in_order_bytes[from_dram != 0];
+    if (n >= 0) bnf_dx_in_order_bytes[from_dram != 0] = n;
     return old;
+}
+/* dx_rows_run's nt for a streamed dx (nt) of rows of row_bytes: 2, a row at a time, where
+ * bnf_dx_in_order_bytes says so */
+static inline int bnf_dx_nt(int nt, ptrdiff_t row_bytes, int flags)
+{
+    return nt && row_bytes >= bnf_dx_in_order_bytes[(flags & BNF_FROM_DRAM) != 0] ? 2 : nt;
 }
 
 int bnf_cpu_amd(void)

@@ -219,9 +219,10 @@ int bnf_set_masked_tails(int on);
 /* Whether eval-mode backward stores dx as its sums read dy, in one pass
  * (bnf_bwd_sums_dx_rows, bnf_bwd_sums_dx_runs; tuning, tests: the same bits either way). */
 int bnf_set_fuse_sums_dx(int on);
-/* Streamed dx of rows of at least n bytes a row at a time, not four (-1 leaves it): the
- * previous value (tuning, tests; the same bits either way). */
-ptrdiff_t bnf_set_dx_in_order_bytes(ptrdiff_t n);
+/* Streamed dx of rows of at least n bytes a row at a time, not four, from DRAM (the dx
+ * flags' BNF_FROM_DRAM) or not (-1 leaves it): the previous value (tuning, tests; the
+ * same bits either way). */
+ptrdiff_t bnf_set_dx_in_order_bytes(ptrdiff_t n, int from_dram);
 /* Whether contiguous rows that do not fill whole lines go as runs of several rows that
  * do, streamed or in cache (on: 1, off: 0, -1 leaves it): the previous setting (tuning,
  * tests; the same bits either way). */

@@ -1968,7 +1968,7 @@ static inline BNF_INLINE int BNF_NAME(dx_rows_flat)(const T *dy, const T *x, T *
         ptrdiff_t full = n / len, rest = n - full * len;
         ptrdiff_t pf_rows = cached ? 0 : (total - e0) / len;
         BNF_DISPATCH(dx_rows_run, g0, len, p0, len, q0, len, full, len, m, fa, f1, f2, pf_rows,
-                     nt);
+                     bnf_dx_nt(nt, len * (ptrdiff_t)sizeof(T), flags));
         if (rest)
             BNF_DISPATCH(dx_rows_run, g0 + full * len, 0, p0 ? p0 + full * len : NULL, 0,
                          q0 + full * len, 0, 1, rest, m, fa, f1, f2, 0, nt);
@@ -2032,7 +2032,8 @@ static inline BNF_INLINE void BNF_NAME(dx_rows_block)(const T *dy, ptrdiff_t dys
                          dxstride, k, lead, mh, ah, f1h, f2h, 0, 0);
         BNF_DISPATCH(dx_rows_run, dy + r0 * dystride, dystride, x ? x + r0 * xstride : NULL,
                      xstride, staged ? tmp : dx + r0 * dxstride, staged ? width : dxstride, k,
-                     width, mean, a, k1, k2, cached ? 0 : nrows - r0, nt);
+                     width, mean, a, k1, k2, cached ? 0 : nrows - r0,
+                     bnf_dx_nt(nt, width * (ptrdiff_t)sizeof(T), flags));
         if (staged)
             bnf_stage_out(dx + r0 * dxstride, tmp, k * width * (ptrdiff_t)sizeof(T), stream);
     }

@@ -1561,10 +1561,9 @@ BNF_SIMD_FN void BNF_SIMD(dx_rows_run)(const T *g, ptrdiff_t gstride, const T *x
     int far;
     ptrdiff_t r = 0,
               ahead = bnf_rows_ahead_pf(n * (ptrdiff_t)sizeof(T), BNF_L1_DX, &far);
-    /* nt == 2: streamed, rows one at a time (bwd_dx_rows_grouped_wide) */
+    /* nt == 2: streamed, rows one at a time (bwd_dx_rows_grouped_wide, bnf_dx_nt) */
     int quads = nt != 2 &&
-                (!nt || (!BNF_NT_HEAD(q) && qstride * (ptrdiff_t)sizeof(T) % BNF_NT_ALIGN == 0 &&
-                         n * (ptrdiff_t)sizeof(T) < bnf_dx_in_order_bytes));
+                (!nt || (!BNF_NT_HEAD(q) && qstride * (ptrdiff_t)sizeof(T) % BNF_NT_ALIGN == 0));
     const T *gr, *p;
     T *o;
 #define BNF_V(j)                                                                           \

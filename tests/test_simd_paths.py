@@ -37,7 +37,8 @@ SUPPORTED = _set_simd_level(None)          # the default: the highest the CPU ha
 LEVELS = [lv for lv in (3, 4) if lv <= SUPPORTED]
 ADDS_AS_FMA = _set_adds_as_fma(None)        # the default: by CPU vendor
 NORM_V3 = _set_norm_v3(None)                # the default: by CPU vendor
-DX_IN_ORDER = _set_dx_in_order_bytes(None)  # the default: rows of 512 bytes
+# the defaults: from DRAM rows of 512 bytes, else 2 KB
+DX_IN_ORDER = {dram: _set_dx_in_order_bytes(None, dram) for dram in (False, True)}
 
 SHAPES = [
     ((7, 3, 45), 1),          # runs of 45: one 32-lane block and a tail
@@ -408,9 +409,10 @@ def test_rows_in_runs_of_whole_lines(shape, dtype, offset, threads, stream):
     assert_forward_close(first[1][1], ref.batch_norm_train(x, w, b, axis=-1)[0])
 
 
-# Streamed dx of rows of 512 bytes or more goes a row at a time in memory order, not four
-# rows at a time (_set_dx_in_order_bytes; off: never, below: every row): the same bits
-# either way, as the plain loops', and nothing written outside dx, wherever it starts.
+# Streamed dx of rows of 512 bytes or more (x from DRAM; else 2 KB) goes a row at a time in
+# memory order, not four rows at a time (_set_dx_in_order_bytes; off: never; 0: every
+# row): the same bits every way, as the plain loops', and nothing written outside dx,
+# wherever it starts.
 DX_IN_ORDER_SHAPES = [
     ((70, 256), -1, None),       # rows of 1 KB (float64 2 KB, float16 512 bytes)
     ((41, 128), -1, None),       # 512 bytes: at the limit (float16 below it)
@@ -422,28 +424,31 @@ DX_IN_ORDER_SHAPES = [
 ]
 
 
-def _dx_in_order(on):
-    _set_dx_in_order_bytes(DX_IN_ORDER if on else 1 << 62)
+def _dx_in_order(on, limit=None):
+    for dram in (False, True):
+        _set_dx_in_order_bytes(DX_IN_ORDER[dram] if on else 1 << 62 if limit is None
+                               else limit, dram)
 
 
 @pytest.mark.usefixtures("threads_on_small_arrays")
+@pytest.mark.parametrize("dram", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("offset", [0, 1, 5])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 @pytest.mark.parametrize("shape,axis,row", DX_IN_ORDER_SHAPES)
-def test_streamed_dx_rows_in_order(shape, axis, row, dtype, offset, threads):
+def test_streamed_dx_rows_in_order(shape, axis, row, dtype, offset, threads, dram):
     x = make_values(shape, dtype, 43, axis=axis, offset=_offset(dtype))
     dy = make_values(shape, dtype, 47, axis=axis)
     full = shape if row is None else shape[:-1] + (row,)
     bnfast.set_num_threads(threads)
     old_stream = _set_stream_bytes(0)
-    old_blocks = _set_reduce_blocks_min(0)
+    old_blocks = _set_reduce_blocks_min(0 if dram else 1 << 62)
     try:
         first = _same_bits_either_way(_dx_in_order, x, dy, axis, full, offset)
-        _set_dx_in_order_bytes(0)               # every row in order, however narrow
+        _dx_in_order(False, 0)                  # every row in order, however narrow
         every = _outputs_off_a_line(x, dy, axis, full, offset)
     finally:
-        _set_dx_in_order_bytes(DX_IN_ORDER)
+        _dx_in_order(True)
         _set_stream_bytes(old_stream)
         _set_reduce_blocks_min(old_blocks)
         bnfast.set_num_threads(None)
