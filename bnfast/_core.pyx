@@ -89,6 +89,7 @@ cdef extern from "bnfast_kernels.h" nogil:
     int bnf_set_masked_tails(int on)
     int bnf_set_fuse_sums_dx(int on)
     Py_ssize_t bnf_set_dx_in_order_bytes(Py_ssize_t n, int from_dram)
+    Py_ssize_t bnf_set_norm_in_order_bytes(Py_ssize_t n)
     int bnf_set_flat_whole_lines(int on)
     void *bnf_alloc64(size_t bytes)
     void bnf_free64(void *p)
@@ -676,6 +677,13 @@ def _set_dx_in_order_bytes(n, dram=True):
     _reduce_blocks_min bytes or more) or not (the same bits either way). None leaves it;
     returns the previous value (tuning, tests)."""
     return bnf_set_dx_in_order_bytes(-1 if n is None else int(n), 1 if dram else 0)
+
+
+def _set_norm_in_order_bytes(n):
+    """Set the bytes (n) whose multiples apart rows are whose streamed normalize goes a row
+    at a time in memory order rather than four rows at a time (0: every row; the same
+    bits either way). None leaves it; returns the previous value (tuning, tests)."""
+    return bnf_set_norm_in_order_bytes(-1 if n is None else int(n))
 
 
 def _set_flat_whole_lines(on):

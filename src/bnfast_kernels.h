@@ -223,6 +223,9 @@ int bnf_set_fuse_sums_dx(int on);
  * flags' BNF_FROM_DRAM) or not (-1 leaves it): the previous value (tuning, tests; the
  * same bits either way). */
 ptrdiff_t bnf_set_dx_in_order_bytes(ptrdiff_t n, int from_dram);
+/* ... and the streamed normalize of rows a multiple of n bytes apart (0: all; -1 leaves
+ * it). */
+ptrdiff_t bnf_set_norm_in_order_bytes(ptrdiff_t n);
 /* Whether contiguous rows that do not fill whole lines go as runs of several rows that
  * do, streamed or in cache (on: 1, off: 0, -1 leaves it): the previous setting (tuning,
  * tests; the same bits either way). */

@@ -895,7 +895,8 @@ static inline BNF_INLINE int BNF_NAME(norm_rows_flat)(const T *x, T *y, ptrdiff_
         ptrdiff_t full = n / len, rest = n - full * len;
         ptrdiff_t pf_rows = cached ? 0 : (total - e0) / len;
         /* runs of len elements are rows of the repeated factors */
-        BNF_DISPATCH4(norm_rows_run, p0, len, q0, len, full, len, m, a, b, pf_rows, nt);
+        BNF_DISPATCH4(norm_rows_run, p0, len, q0, len, full, len, m, a, b, pf_rows,
+                      bnf_norm_nt(nt, len * (ptrdiff_t)sizeof(T)));
         if (rest)
             BNF_DISPATCH4(norm_rows_run, p0 + full * len, 0, q0 + full * len, 0, 1, rest, m, a,
                           b, 0, nt);
@@ -952,7 +953,8 @@ static inline BNF_INLINE void BNF_NAME(norm_rows_block)(const T *x, ptrdiff_t xs
                           ystride, k, lead, mh, ah, bh, 0, 0);
         BNF_DISPATCH4(norm_rows_run, x + r0 * xstride, xstride, staged ? tmp : y + r0 * ystride,
                       staged ? width : ystride, k, width, mean, scale, shift,
-                      cached ? 0 : nrows - r0, nt);
+                      cached ? 0 : nrows - r0,
+                      bnf_norm_nt(nt, xstride * (ptrdiff_t)sizeof(T)));
         if (staged)
             bnf_stage_out(y + r0 * ystride, tmp, k * width * (ptrdiff_t)sizeof(T), stream);
     }

@@ -832,9 +832,17 @@ BNF_SIMD_FN void BNF_SIMD(norm_rows_run)(const T *x, ptrdiff_t xstride, T *q,
         o = q + r * qstride;
         if (pf) BNF_PF_ENDS(pa, xstride, (const T *)NULL, 0, n, 1, far);
         BNF_HEAD(o, c, n, nt);
-        for (ptrdiff_t ce = BNF_NT_END(o, n, nt); c + 2 * BNF_VW <= ce; c += 2 * BNF_VW) {
-            if (pf) BNF_FOR_LINES(l, c, 2 * BNF_VW) BNF_PF_HINT(pa + l, far);
-            BNF_VST2(o + c, BNF_V(c), BNF_V(c + BNF_VW), nt);
+        /* a chunk's prefetches, then its columns by a loop without branches (as dx's) */
+        const ptrdiff_t ce = BNF_NT_END(o, n, nt);
+        while (c + 2 * BNF_VW <= ce) {
+            ptrdiff_t c1 = ce - c < BNF_PF_COLS ? ce : c + BNF_PF_COLS;
+            if (pf) BNF_FOR_LINES(l, c, c1 - c) BNF_PF_HINT(pa + l, far);
+            if (nt)
+                for (; c + 2 * BNF_VW <= c1; c += 2 * BNF_VW)
+                    BNF_VST2(o + c, BNF_V(c), BNF_V(c + BNF_VW), 1);
+            else
+                for (; c + 2 * BNF_VW <= c1; c += 2 * BNF_VW)
+                    BNF_VST2(o + c, BNF_V(c), BNF_V(c + BNF_VW), 0);
         }
         BNF_TAIL_ROWS(o, c, n, nt);
     }

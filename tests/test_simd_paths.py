@@ -25,7 +25,7 @@ import pytest
 import bnfast
 from arrays import make_values, params, with_layout
 from bnfast._core import (_set_adds_as_fma, _set_dx_in_order_bytes, _set_flat_whole_lines,
-                          _set_fused_eval_backward,
+                          _set_fused_eval_backward, _set_norm_in_order_bytes,
                           _set_fused_eval_runs, _set_grouped_wide, _set_l1_rows_max,
                           _set_norm_v3, _set_reduce_blocks_min, _set_simd_level,
                           _set_stage_near_bytes, _set_store_lines, _set_stream_bytes,
@@ -39,6 +39,7 @@ ADDS_AS_FMA = _set_adds_as_fma(None)        # the default: by CPU vendor
 NORM_V3 = _set_norm_v3(None)                # the default: by CPU vendor
 # the defaults: from DRAM rows of 512 bytes, else 2 KB
 DX_IN_ORDER = {dram: _set_dx_in_order_bytes(None, dram) for dram in (False, True)}
+NORM_IN_ORDER = _set_norm_in_order_bytes(None)    # the default: rows 2 KB, 4 KB, ... apart
 
 SHAPES = [
     ((7, 3, 45), 1),          # runs of 45: one 32-lane block and a tail
@@ -409,15 +410,17 @@ def test_rows_in_runs_of_whole_lines(shape, dtype, offset, threads, stream):
     assert_forward_close(first[1][1], ref.batch_norm_train(x, w, b, axis=-1)[0])
 
 
-# Streamed dx of rows of 512 bytes or more (x from DRAM; else 2 KB) goes a row at a time in
-# memory order, not four rows at a time (_set_dx_in_order_bytes; off: never; 0: every
-# row): the same bits every way, as the plain loops', and nothing written outside dx,
+# Streamed dx of rows of 512 bytes or more (x from DRAM; else 2 KB), and the streamed
+# normalize of rows a multiple of 2 KB apart, go a row at a time in memory order, not
+# four rows at a time (_set_dx_in_order_bytes, _set_norm_in_order_bytes; off: never; 0: every row): the
+# same bits every way, as the plain loops', and nothing written outside the output,
 # wherever it starts.
-DX_IN_ORDER_SHAPES = [
+IN_ORDER_SHAPES = [
     ((70, 256), -1, None),       # rows of 1 KB (float64 2 KB, float16 512 bytes)
     ((41, 128), -1, None),       # 512 bytes: at the limit (float16 below it)
-    ((33, 512), -1, None),       # the widest channel block
-    ((20, 1024), -1, 1040),      # dx cropped from rows of 1040: lines apart
+    ((33, 512), -1, None),       # the widest channel block (2 KB: the normalize's limit)
+    ((20, 1024), -1, 1040),      # the output cropped from rows of 1040: lines apart
+    ((14, 1024), -1, None),      # rows of 4 KB (float16 2 KB)
     ((21, 300), -1, None),       # rows not whole lines
     ((6, 1500), -1, None),       # rows wider than a chunk
     ((9, 7, 3, 160), -1, None),  # channels last, 5 rows left over after the fours
@@ -430,13 +433,19 @@ def _dx_in_order(on, limit=None):
                                else limit, dram)
 
 
+def _norm_in_order(on, limit=None):
+    _set_norm_in_order_bytes(NORM_IN_ORDER if on else 1 << 62 if limit is None else limit)
+
+
 @pytest.mark.usefixtures("threads_on_small_arrays")
+@pytest.mark.parametrize("kind", ["dx", "normalize"])
 @pytest.mark.parametrize("dram", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("offset", [0, 1, 5])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
-@pytest.mark.parametrize("shape,axis,row", DX_IN_ORDER_SHAPES)
-def test_streamed_dx_rows_in_order(shape, axis, row, dtype, offset, threads, dram):
+@pytest.mark.parametrize("shape,axis,row", IN_ORDER_SHAPES)
+def test_streamed_rows_in_order(shape, axis, row, dtype, offset, threads, dram, kind):
+    switch = {"dx": _dx_in_order, "normalize": _norm_in_order}[kind]
     x = make_values(shape, dtype, 43, axis=axis, offset=_offset(dtype))
     dy = make_values(shape, dtype, 47, axis=axis)
     full = shape if row is None else shape[:-1] + (row,)
@@ -444,11 +453,11 @@ def test_streamed_dx_rows_in_order(shape, axis, row, dtype, offset, threads, dra
     old_stream = _set_stream_bytes(0)
     old_blocks = _set_reduce_blocks_min(0 if dram else 1 << 62)
     try:
-        first = _same_bits_either_way(_dx_in_order, x, dy, axis, full, offset)
-        _dx_in_order(False, 0)                  # every row in order, however narrow
+        first = _same_bits_either_way(switch, x, dy, axis, full, offset)
+        switch(False, 0)                        # every row in order, however narrow
         every = _outputs_off_a_line(x, dy, axis, full, offset)
     finally:
-        _dx_in_order(True)
+        switch(True)
         _set_stream_bytes(old_stream)
         _set_reduce_blocks_min(old_blocks)
         bnfast.set_num_threads(None)
