@@ -680,9 +680,9 @@ def _set_dx_in_order_bytes(n, dram=True):
 
 
 def _set_norm_in_order_bytes(n):
-    """Set the bytes (n) whose multiples apart rows are whose streamed normalize goes a row
-    at a time in memory order rather than four rows at a time (0: every row; the same
-    bits either way). None leaves it; returns the previous value (tuning, tests)."""
+    """Set n: the streamed normalize of rows a multiple of n bytes apart goes a row at a
+    time in memory order rather than four rows at a time (0: every row; the same bits
+    either way). None leaves it; returns the previous value (tuning, tests)."""
     return bnf_set_norm_in_order_bytes(-1 if n is None else int(n))
 
 
