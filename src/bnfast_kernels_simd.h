@@ -863,12 +863,11 @@ BNF_SIMD_FN void BNF_SIMD(norm_rows_run)(const T *x, ptrdiff_t xstride, T *q,
  * run at g and p; the run's cursors advance in half 0. */
 BNF_SIMD_FN inline BNF_INLINE void BNF_SIMD(bwd_sums_run_half)(
     const T *g, const T *p, ptrdiff_t len, BNF_VD vm, double mean, double *a1, double *a2,
-    double *a3, bnf_pf *pfg, bnf_pf *pfx, const int h)
+    double *a3, bnf_pf *pfg, bnf_pf *pfx, const int h, const int fma_adds)
 {
     enum { HV = BNF_NV / 2 };
     const ptrdiff_t lane0 = (ptrdiff_t)h * HV * BNF_VW;     /* the half's first lane */
     BNF_VD s1[HV], s2[HV], s3[HV], one = BNF_VSET1(1.0);
-    const int fma_adds = bnf_adds_as_fma;
 #define BNF_ACC(s, v) (fma_adds ? BNF_VFMA((v), one, (s)) : BNF_VADD((s), (v)))
     for (int v = 0; v < HV; v++) {
         s1[v] = BNF_VLD(a1 + lane0 + BNF_VW * v);
@@ -923,10 +922,10 @@ BNF_SIMD_FN inline BNF_INLINE void BNF_SIMD(bwd_sums_run_half)(
  * whole vectors and one masked vector, the lanes kept in registers (as
  * shifted_sums_runs); else the tail's whole vectors, then the rest through the scalar
  * loop, the lanes stored and reloaded around it.  The same lanes and bits either way. */
-BNF_SIMD_FN inline BNF_INLINE void BNF_SIMD(bwd_sums_runs_body)(
+BNF_SIMD_FN inline BNF_INLINE void BNF_SIMD(bwd_sums_runs_adds)(
     const T *dy, ptrdiff_t dystride, const T *x, ptrdiff_t xstride, ptrdiff_t nruns,
     ptrdiff_t len, double mean, double *a1, double *a2, double *a3, double *a1lo,
-    double *a2lo, bnf_pf *pfg, bnf_pf *pfx, const int masked)
+    double *a2lo, bnf_pf *pfg, bnf_pf *pfx, const int masked, const int fma_adds)
 {
 #if BNF_ISA_LEVEL == 3 && !BNF_COMPENSATED
     (void)a1lo;
@@ -935,8 +934,8 @@ BNF_SIMD_FN inline BNF_INLINE void BNF_SIMD(bwd_sums_runs_body)(
     for (ptrdiff_t r = 0; r < nruns; r++) {
         const T *g = dy + r * dystride, *p = x + r * xstride;
         BNF_VD vm = BNF_VSET1(mean);
-        BNF_SIMD(bwd_sums_run_half)(g, p, len, vm, mean, a1, a2, a3, pfg, pfx, 0);
-        BNF_SIMD(bwd_sums_run_half)(g, p, len, vm, mean, a1, a2, a3, pfg, pfx, 1);
+        BNF_SIMD(bwd_sums_run_half)(g, p, len, vm, mean, a1, a2, a3, pfg, pfx, 0, fma_adds);
+        BNF_SIMD(bwd_sums_run_half)(g, p, len, vm, mean, a1, a2, a3, pfg, pfx, 1, fma_adds);
     }
     return;
 #endif
@@ -947,7 +946,6 @@ BNF_SIMD_FN inline BNF_INLINE void BNF_SIMD(bwd_sums_runs_body)(
      * 28) backward took 1.04x the time that way, in-cache ones 1.00-1.01x */
     BNF_VD s1[BNF_NV], s2[BNF_NV], s3[BNF_NV], vm = BNF_VSET1(mean), one = BNF_VSET1(1.0);
     BNF_VD e1[BNF_NV], e2[BNF_NV];   /* the low parts of s1, s2 (BNF_COMPENSATED) */
-    const int fma_adds = bnf_adds_as_fma;
 #define BNF_ACC(s, v) (fma_adds ? BNF_VFMA((v), one, (s)) : BNF_VADD((s), (v)))
     /* s1 and s2 updated by g and d: s1 += g, s2 += g d (compensated: bnf_two_sum, the
      * product rounded first) */
@@ -1084,6 +1082,22 @@ BNF_SIMD_FN inline BNF_INLINE void BNF_SIMD(bwd_sums_runs_body)(
     (void)e2;
 #undef BNF_ACC
 #undef BNF_BWD_ACC
+}
+
+/* bwd_sums_runs_adds with bnf_adds_as_fma taken once a call, not tested at every vector:
+ * a constant, the adds' form is compiled into each of the two loops.  Tested in the
+ * loop, gcc kept it there (and AVX2 spilled sums to the stack around it). */
+BNF_SIMD_FN inline BNF_INLINE void BNF_SIMD(bwd_sums_runs_body)(
+    const T *dy, ptrdiff_t dystride, const T *x, ptrdiff_t xstride, ptrdiff_t nruns,
+    ptrdiff_t len, double mean, double *a1, double *a2, double *a3, double *a1lo,
+    double *a2lo, bnf_pf *pfg, bnf_pf *pfx, const int masked)
+{
+    if (bnf_adds_as_fma)
+        BNF_SIMD(bwd_sums_runs_adds)(dy, dystride, x, xstride, nruns, len, mean, a1, a2, a3,
+                                     a1lo, a2lo, pfg, pfx, masked, 1);
+    else
+        BNF_SIMD(bwd_sums_runs_adds)(dy, dystride, x, xstride, nruns, len, mean, a1, a2, a3,
+                                     a1lo, a2lo, pfg, pfx, masked, 0);
 }
 
 #if BNF_MASKED
