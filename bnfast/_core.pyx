@@ -466,6 +466,21 @@ cdef Py_ssize_t _full_rows_sums_bytes = 3 << 19
 # 0.64-0.70x a copy against 0.75-1.00x in blocks. The Intel VM keeps blocks, a row at a
 # time and its L1 prefetches: not measured again.
 cdef bint _whole_rows = bnf_cpu_amd()
+# ... of which float32 rows of at least this many bytes four rows at a time, narrower ones
+# a row at a time (folded from under 512 bytes; eval-mode: in the one pass that stores dx
+# as its sums read dy): 0 (all four at a time) where the CPU has AVX-512 (Zen 4, above),
+# 3 KB where it has not. Zen 3 (AVX2), one thread, float32, 51 MB, toggled in one process
+# (31-41 repetitions, 2-4 runs), backward: (200704, 64) 0.89-0.92x the time (two threads
+# 0.78x), (131072, 100) 0.86-0.89x, (42816, 300) 0.85-0.88x, (64, 28, 28, 256)
+# 0.88-0.94x (0.99x on a loaded host; two threads 0.94x), (100352, 128) 0.91-0.93x,
+# (33450, 384) 0.92-0.96x, (25088, 512) 0.93-1.04x, (20070, 640) 0.96-0.97x; but (16725,
+# 768) 1.01-1.09x and (12544, 1024) 1.12-1.15x: four rows there. Eval-mode
+# backward: (42816, 300) 0.89x, (25088, 512) 0.78x, (20070, 640) 0.82x, (12544, 1024)
+# 1.08x. In a C harness over 51 MB there, rows of 1 KB took 0.53-0.59 ns an element a
+# row at a time against 0.75-0.98 four at a time with any prefetch (x and dy read with
+# one add, 0.36-0.45); 3 KB 0.66-0.76 against 0.68, 4 KB 0.70-0.81 against 0.59-0.73.
+# Other bits than four rows (the order of the additions), the same for any thread count.
+cdef Py_ssize_t _quads_min_bytes = 0 if bnf_set_simd_level(-1) >= 4 else 3072
 # ... and the eval-mode backward's sums of rows over this many bytes, then its dx: not the
 # one pass that stores dx as the sums read dy (bnf_bwd_sums_dx_rows), which needs a row at
 # a time. Zen 4, one thread, float32, 51 MB, in one process against the one pass:
@@ -474,7 +489,8 @@ cdef bint _whole_rows = bnf_cpu_amd()
 # (12544, 1024) 2.61-5.00 -> 1.96-2.30x, (3136, 4096) 2.24-4.65 -> 2.03-2.14x; two threads
 # (12544, 1024) 2.46 -> 1.57x. Narrower rows keep the one pass: (50176, 256) 1.55-1.63
 # against 1.57-1.68x, (200704, 64) 1.62-1.63 against 1.50-1.88 (two threads 0.96-0.97
-# against 1.02-1.13).
+# against 1.02-1.13). Where float32 rows under _quads_min_bytes sum a row at a time (Zen
+# 3), they take the one pass at any width: (25088, 512) 0.78x the time there.
 DEF BEVAL_WHOLE_ROW_BYTES = 1024
 bnf_set_l1_rows_max(BNF_L1_REDUCE, 2048 if _whole_rows else -1)
 # The normalize of rows over 1 KB and dx of any rows from DRAM prefetch rows ahead into
@@ -591,6 +607,18 @@ def _set_whole_rows(on):
     old = _whole_rows
     if on is not None:
         _whole_rows = bool(on)
+    return old
+
+
+def _set_quads_min_bytes(n):
+    """Set the narrowest float32 rows (bytes) whose backward sums from DRAM go four rows
+    at a time under _whole_rows (_quads_min_bytes: 0 where the CPU has AVX-512, 3 KB
+    where not); narrower ones a row at a time (other bits, the same for any thread count).
+    None leaves it; returns the previous value (tuning, tests)."""
+    global _quads_min_bytes
+    old = _quads_min_bytes
+    if n is not None:
+        _quads_min_bytes = max(0, int(n))
     return old
 
 
@@ -1585,7 +1613,8 @@ cdef inline void _full_rows(Job *j, bint stats, bint quads) noexcept nogil:
     x. With _whole_rows (AMD) rows from DRAM of any width go whole rows a unit: float32
     statistics, and (`quads`, the training backward sums) float32 and float16 summed four
     rows at a time (BNF_WIDE_QUADS; bnfast_kernels.c has the numbers), where blocks of
-    512 columns (a row at a time) took up to 1.8x the time on Zen 4."""
+    512 columns (a row at a time) took up to 1.8x the time on Zen 4; float32 rows under
+    _quads_min_bytes (without AVX-512: Zen 3) a row at a time, whole rows still."""
     if j.group == 1 and not j.gap and j.nlev == 0 and j.ncb > 1 and \
             (j.isz == 4 or not stats) and j.C <= _full_rows_cols and \
             (_dram_flags(j) or
@@ -1596,7 +1625,7 @@ cdef inline void _full_rows(Job *j, bint stats, bint quads) noexcept nogil:
             ((stats and j.isz == 4) or (quads and j.isz != 8)) and _dram_flags(j):
         j.width = j.C
         j.ncb = 1
-        j.wide_quads = quads
+        j.wide_quads = quads and (j.isz != 4 or j.C * j.isz >= _quads_min_bytes)
 
 
 cdef inline void _line_blocks(Job *j) noexcept nogil:

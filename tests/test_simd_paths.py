@@ -29,7 +29,7 @@ from bnfast._core import (_set_adds_as_fma, _set_dx_in_order_bytes, _set_flat_wh
                           _set_fused_eval_runs, _set_grouped_wide, _set_l1_rows_max,
                           _set_norm_v3, _set_reduce_blocks_min, _set_simd_level,
                           _set_stage_near_bytes, _set_store_lines, _set_stream_bytes,
-                          _set_whole_rows)
+                          _set_whole_rows, _set_quads_min_bytes)
 from reference import assert_forward_close
 import reference as ref
 
@@ -154,6 +154,7 @@ def test_v4_loops_equal_plain_loops(shape, axis, dtype, layout, threads, stream,
     old_stream = _set_stream_bytes(0 if stream else 1 << 62)
     old_blocks = _set_reduce_blocks_min(1 << 62 if dram == "no" else 0)
     old_quads = _set_whole_rows(dram == "four rows")
+    old_quads_min = _set_quads_min_bytes(0)      # four rows however narrow
     try:
         _set_simd_level(0)
         plain = _ops(x, axis, dtype)
@@ -173,6 +174,7 @@ def test_v4_loops_equal_plain_loops(shape, axis, dtype, layout, threads, stream,
         _set_stream_bytes(old_stream)
         _set_reduce_blocks_min(old_blocks)
         _set_whole_rows(old_quads)
+        _set_quads_min_bytes(old_quads_min)
         bnfast.set_num_threads(None)
     for (level, by_vendor), res in simd.items():
         for (name, a), (_, g) in zip(plain, res):
