@@ -66,6 +66,7 @@ cdef extern from "bnfast_kernels.h" nogil:
     enum: BNF_FROM_DRAM
     enum: BNF_WIDE_QUADS
     enum: BNF_ROWS_WIDE
+    enum: BNF_SPACED_QUADS
     enum: BNF_ROWWISE_MIN_BYTES
     enum: BNF_SPLIT_NEXT
     enum: BNF_BLOCK_CHANNELS
@@ -469,18 +470,33 @@ cdef bint _whole_rows = bnf_cpu_amd()
 # ... of which float32 rows of at least this many bytes four rows at a time, narrower ones
 # a row at a time (folded from under 512 bytes; eval-mode: in the one pass that stores dx
 # as its sums read dy): 0 (all four at a time) where the CPU has AVX-512 (Zen 4, above),
-# 3 KB where it has not. Zen 3 (AVX2), one thread, float32, 51 MB, toggled in one process
-# (31-41 repetitions, 2-4 runs), backward: (200704, 64) 0.89-0.92x the time (two threads
+# 3 KB where it has not, where (_spaced_quads) the four rows lie a quarter of a unit apart
+# and the training backward's sums take them so at any width. Zen 3 (AVX2), one thread,
+# float32, 51 MB, toggled in one process (21-41 repetitions, 2-4 runs), a row at a time
+# against four adjacent rows, backward: (200704, 64) 0.89-0.92x the time (two threads
 # 0.78x), (131072, 100) 0.86-0.89x, (42816, 300) 0.85-0.88x, (64, 28, 28, 256)
 # 0.88-0.94x (0.99x on a loaded host; two threads 0.94x), (100352, 128) 0.91-0.93x,
 # (33450, 384) 0.92-0.96x, (25088, 512) 0.93-1.04x, (20070, 640) 0.96-0.97x; but (16725,
-# 768) 1.01-1.09x and (12544, 1024) 1.12-1.15x: four rows there. Eval-mode
-# backward: (42816, 300) 0.89x, (25088, 512) 0.78x, (20070, 640) 0.82x, (12544, 1024)
-# 1.08x. In a C harness over 51 MB there, rows of 1 KB took 0.53-0.59 ns an element a
-# row at a time against 0.75-0.98 four at a time with any prefetch (x and dy read with
-# one add, 0.36-0.45); 3 KB 0.66-0.76 against 0.68, 4 KB 0.70-0.81 against 0.59-0.73.
-# Other bits than four rows (the order of the additions), the same for any thread count.
+# 768) 1.01-1.09x and (12544, 1024) 1.12-1.15x. Eval-mode backward: (42816, 300) 0.89x,
+# (25088, 512) 0.78x, (20070, 640) 0.82x, (12544, 1024) 1.08x. In a C harness over 51 MB
+# there, rows of 1 KB took 0.53-0.59 ns an element a row at a time against 0.75-0.98 four
+# adjacent rows at a time with any prefetch (x and dy read with one add, 0.36-0.45).
+# Four rows a quarter of a unit apart (BNF_SPACED_QUADS: eight streams each in memory
+# order, no prefetches: the CPU's own follow them), in the harness with 2 MiB pages: 1 KB
+# rows 0.40-0.42 against 0.43-0.46 a row at a time and 0.35-0.37 read with one add; 2 KB
+# 0.44 against 0.53 and 0.65-0.81 adjacent, 4 KB 0.43 against 0.64-0.74 and 0.60. In
+# bnfast, training backward, against a row at a time / four adjacent rows: (200704, 64)
+# 0.86x / 0.83x, (64, 28, 28, 256) 0.89x / 0.88x, (131072, 100) 0.86x / 0.81x, (25088,
+# 512) 0.93x / 0.87x; two threads (200704, 64) 0.92x / 0.93x, (64, 28, 28, 256) 0.92x /
+# 0.89x; against four adjacent rows (16725, 768) 0.87-0.91x, (12544, 1024) 0.83-0.88x,
+# (3136, 4096) 0.93x, and against the default before (a row at a time under 3 KB)
+# (401408, 32) 0.86x, (100352, 128) 0.72x. Eval-mode backward of rows of 3 KB and more
+# against four adjacent rows: (16725, 768) 0.88x, (12544, 1024) 0.92x, (3136, 4096) 0.87x.
+# Each order gives other bits than the others, the same for any thread count (a unit's
+# rows, which the spacing follows, are fixed by the shape). Zen 4 keeps four adjacent rows
+# (measured faster than a row at a time there; spaced rows not measured there).
 cdef Py_ssize_t _quads_min_bytes = 0 if bnf_set_simd_level(-1) >= 4 else 3072
+cdef bint _spaced_quads = bnf_cpu_amd() and bnf_set_simd_level(-1) < 4
 # ... and the eval-mode backward's sums of rows over this many bytes, then its dx: not the
 # one pass that stores dx as the sums read dy (bnf_bwd_sums_dx_rows), which needs a row at
 # a time. Zen 4, one thread, float32, 51 MB, in one process against the one pass:
@@ -613,12 +629,25 @@ def _set_whole_rows(on):
 def _set_quads_min_bytes(n):
     """Set the narrowest float32 rows (bytes) whose backward sums from DRAM go four rows
     at a time under _whole_rows (_quads_min_bytes: 0 where the CPU has AVX-512, 3 KB
-    where not); narrower ones a row at a time (other bits, the same for any thread count).
-    None leaves it; returns the previous value (tuning, tests)."""
+    where not); narrower ones a row at a time, but the training backward's where
+    _spaced_quads (other bits, the same for any thread count). None leaves it; returns
+    the previous value (tuning, tests)."""
     global _quads_min_bytes
     old = _quads_min_bytes
     if n is not None:
         _quads_min_bytes = max(0, int(n))
+    return old
+
+
+def _set_spaced_quads(on):
+    """Whether the training backward sums of float32 rows under _quads_min_bytes go four
+    rows a quarter of a unit apart (BNF_SPACED_QUADS) rather than a row at a time (other
+    bits, the same for any thread count). None leaves it; returns the previous setting
+    (tuning, tests)."""
+    global _spaced_quads
+    old = _spaced_quads
+    if on is not None:
+        _spaced_quads = bool(on)
     return old
 
 
@@ -1092,6 +1121,8 @@ ctypedef struct Job:
     int cached                     # runs form in cache: a channel at a time (_cached_runs)
     int wide_quads                 # rows backward sums from DRAM four rows at a time,
                                    # whole rows a unit (_full_rows, BNF_WIDE_QUADS)
+    int spaced_quads               # ... four rows a quarter of a unit apart
+                                   # (BNF_SPACED_QUADS)
     int gap                        # rows form over channels not back to back: in x or dy
                                    # (GAP_INPUTS), each unit packed into scratch first
                                    # (_gap_unit); in the output alone (GAP_OUTPUT), x and
@@ -1196,6 +1227,8 @@ cdef inline int _dram_flags(const Job *j) noexcept nogil:
     prefetches cost 4-13%."""
     if j.outer * j.C * j.inner * j.isz < _reduce_blocks_min:
         return 0
+    if j.spaced_quads:
+        return BNF_FROM_DRAM | BNF_SPACED_QUADS
     if j.wide_quads:
         return BNF_FROM_DRAM | BNF_WIDE_QUADS
     # the backward sums of a block of columns of rows of 512 bytes or more go a row at a
@@ -1590,7 +1623,7 @@ cdef inline bint _fuses(const Job *j, int narrays) noexcept nogil:
     return j.group == 0 or j.outer * j.width * j.group * j.isz * narrays <= FUSE_BYTES
 
 
-cdef inline void _full_rows(Job *j, bint stats, bint quads) noexcept nogil:
+cdef inline void _full_rows(Job *j, bint stats, int quads) noexcept nogil:
     """The reductions (statistics: `stats`, backward sums) of float32 rows from DRAM wider
     than a block, up to _full_rows_cols: whole rows a unit, not a block of 512 columns of
     each row (half a 4 KB row, then the other half 1 MB later); float64 and float16 rows
@@ -1613,8 +1646,9 @@ cdef inline void _full_rows(Job *j, bint stats, bint quads) noexcept nogil:
     x. With _whole_rows (AMD) rows from DRAM of any width go whole rows a unit: float32
     statistics, and (`quads`, the training backward sums) float32 and float16 summed four
     rows at a time (BNF_WIDE_QUADS; bnfast_kernels.c has the numbers), where blocks of
-    512 columns (a row at a time) took up to 1.8x the time on Zen 4; float32 rows under
-    _quads_min_bytes (without AVX-512: Zen 3) a row at a time, whole rows still."""
+    512 columns (a row at a time) took up to 1.8x the time on Zen 4; without AVX-512 (Zen
+    3) float32 rows four a quarter of a unit apart (_spaced_quads), but the eval-mode
+    backward's under _quads_min_bytes a row at a time, whole rows still."""
     if j.group == 1 and not j.gap and j.nlev == 0 and j.ncb > 1 and \
             (j.isz == 4 or not stats) and j.C <= _full_rows_cols and \
             (_dram_flags(j) or
@@ -1625,7 +1659,11 @@ cdef inline void _full_rows(Job *j, bint stats, bint quads) noexcept nogil:
             ((stats and j.isz == 4) or (quads and j.isz != 8)) and _dram_flags(j):
         j.width = j.C
         j.ncb = 1
-        j.wide_quads = quads and (j.isz != 4 or j.C * j.isz >= _quads_min_bytes)
+        if quads and _spaced_quads and j.isz == 4 and \
+                (quads == 2 or j.C * j.isz >= _quads_min_bytes):
+            j.spaced_quads = True
+        else:
+            j.wide_quads = quads and (j.isz != 4 or j.C * j.isz >= _quads_min_bytes)
 
 
 cdef inline void _line_blocks(Job *j) noexcept nogil:
@@ -4107,7 +4145,7 @@ def _backward(dy, x, mean, invstd, weight, bint training, axis, out, sums_hook,
         fused = _fuses(&j, 2) and not (training and _rows_alias(&j))
         if not fused:
             # eval-mode backward too (its sums, then dx) where rows exceed 1 KB
-            _full_rows(&j, False, training or j.C * j.isz > BEVAL_WHOLE_ROW_BYTES)
+            _full_rows(&j, False, 2 if training else j.C * j.isz > BEVAL_WHOLE_ROW_BYTES)
         _line_blocks(&j)
         try:
             if _elems(&j) == 0:

@@ -712,11 +712,24 @@ ptrdiff_t bnf_set_l1_rows_max(int kind, ptrdiff_t n)
 #define BNF_NEAR_BY_WIDTH 1
 #define BNF_NEAR_ROWWISE 2
 #define BNF_NEAR_QUADS 3
+#define BNF_NEAR_SPACED 4
 static inline int bnf_sums_near(int flags)
 {
     if (!(flags & BNF_FROM_DRAM)) return 0;
+    if (flags & BNF_SPACED_QUADS) return BNF_NEAR_SPACED;
     if (flags & BNF_WIDE_QUADS) return BNF_NEAR_QUADS;
     return (flags & BNF_ROWS_WIDE) ? BNF_NEAR_ROWWISE : BNF_NEAR_BY_WIDTH;
+}
+/* BNF_NEAR_SPACED (BNF_SPACED_QUADS): the backward sums of a call's rows (not storing dx,
+ * not compensated) four at a time, quad i the rows i, i + sp, i + 2 sp and i + 3 sp for
+ * sp = nrows / 4 (then the rows left over one at a time), with no prefetches: eight
+ * streams each read in memory order, which the CPU's own prefetchers follow, where four
+ * rows a row apart (BNF_NEAR_QUADS) cross a 4 KB page in short runs. Returns sp, or 0
+ * (four adjacent rows at a time, or a row at a time: bnf_sums_rowwise). The rows of a
+ * call are fixed by the shape (a unit's), so its bits are the same for any thread count. */
+static inline ptrdiff_t bnf_sums_spacing(ptrdiff_t nrows, int near, int with_q, int compensated)
+{
+    return near == BNF_NEAR_SPACED && !with_q && !compensated ? nrows / 4 : 0;
 }
 static inline int bnf_sums_rowwise(ptrdiff_t row_bytes, size_t elem_size, int near)
 {

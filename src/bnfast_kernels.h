@@ -70,6 +70,10 @@ typedef struct {
 /* ... or a row at a time: the call's columns are part of rows of BNF_ROWWISE_MIN_BYTES or
  * more (short runs read as rows: all the channels' runs), however few they are */
 #define BNF_ROWS_WIDE 128
+/* ... or four rows a quarter of the call's rows apart (bnf_sums_spacing in
+ * bnfast_kernels.c; float32 training backward sums from DRAM on Zen 3: bnfast._core's
+ * _spaced_quads) */
+#define BNF_SPACED_QUADS 256
 /* From DRAM the backward sums of rows of this many bytes or more go a row at a time
  * (bnf_sums_rowwise in bnfast_kernels.c) */
 #define BNF_ROWWISE_MIN_BYTES 512

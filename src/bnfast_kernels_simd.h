@@ -1386,13 +1386,17 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const 
      * MB, in one process, against L1, four runs: (200704, 64) 1.47-1.66 -> 1.33-1.48x a
      * copy, (50176, 256) 1.47-1.56 -> 1.34-1.41x (16 KB ahead the same as 8) */
     const int far1 = q && width * (ptrdiff_t)sizeof(T) > bnf_l1_rows_max[BNF_L1_DX];
-    for (; r + 4 <= quads_end; r += 4) {
-        const T *g0 = dy + r * dystride, *g1 = g0 + dystride, *g2 = g1 + dystride,
-                *g3 = g2 + dystride, *ga = g0 + ahead * dystride,
-                *gn = g0 + nearby * dystride;
-        const T *p0 = x + r * xstride, *p1 = p0 + xstride, *p2 = p1 + xstride,
-                *p3 = p2 + xstride, *pa = p0 + ahead * xstride, *pn = p0 + nearby * xstride;
-        int pf = r + ahead + 4 <= pf_rows;
+    /* spaced (bnf_sums_spacing): quad i the rows i + k sp, k = 0-3 */
+    const ptrdiff_t sp = bnf_sums_spacing(nrows, near, q != NULL, BNF_COMPENSATED);
+    const ptrdiff_t gq = sp ? sp * dystride : dystride, xq = sp ? sp * xstride : xstride;
+    const ptrdiff_t nquads = sp ? sp : quads_end / 4;
+    for (ptrdiff_t iq = 0; iq < nquads; iq++) {
+        r = sp ? iq : 4 * iq;
+        const T *g0 = dy + r * dystride, *g1 = g0 + gq, *g2 = g1 + gq, *g3 = g2 + gq,
+                *ga = g0 + ahead * dystride, *gn = g0 + nearby * dystride;
+        const T *p0 = x + r * xstride, *p1 = p0 + xq, *p2 = p1 + xq, *p3 = p2 + xq,
+                *pa = p0 + ahead * xstride, *pn = p0 + nearby * xstride;
+        int pf = !sp && r + ahead + 4 <= pf_rows;
         ptrdiff_t c = 0;
         if (pf) {
             BNF_PF_ENDS(ga, dystride, pa, xstride, width, 4, 1);
@@ -1478,6 +1482,7 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const 
                               BNF_LO(sum_dy_lo, c), BNF_LO(sum_dy_xmu_lo, c));
         }
     }
+    r = 4 * nquads;
     /* the rows left over, or all of them (rowwise: prefetching): the lines that start in
      * columns [c, c + span) of the rows ahead */
 #define BNF_ROW_PF(c, span)                                                              \

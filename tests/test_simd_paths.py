@@ -29,7 +29,7 @@ from bnfast._core import (_set_adds_as_fma, _set_dx_in_order_bytes, _set_flat_wh
                           _set_fused_eval_runs, _set_grouped_wide, _set_l1_rows_max,
                           _set_norm_v3, _set_reduce_blocks_min, _set_simd_level,
                           _set_stage_near_bytes, _set_store_lines, _set_stream_bytes,
-                          _set_whole_rows, _set_quads_min_bytes)
+                          _set_whole_rows, _set_quads_min_bytes, _set_spaced_quads)
 from reference import assert_forward_close
 import reference as ref
 
@@ -137,7 +137,7 @@ def _ops(x, axis, dtype):
 
 
 @pytest.mark.skipif(not LEVELS, reason="the CPU has no AVX2 or AVX-512 loops to compare")
-@pytest.mark.parametrize("dram", ["no", "a row at a time", "four rows"])
+@pytest.mark.parametrize("dram", ["no", "a row at a time", "four rows", "spaced"])
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.usefixtures("threads_on_small_arrays")
 @pytest.mark.parametrize("threads", [1, 2])
@@ -153,8 +153,9 @@ def test_v4_loops_equal_plain_loops(shape, axis, dtype, layout, threads, stream,
     bnfast.set_num_threads(threads)
     old_stream = _set_stream_bytes(0 if stream else 1 << 62)
     old_blocks = _set_reduce_blocks_min(1 << 62 if dram == "no" else 0)
-    old_quads = _set_whole_rows(dram == "four rows")
+    old_quads = _set_whole_rows(dram in ("four rows", "spaced"))
     old_quads_min = _set_quads_min_bytes(0)      # four rows however narrow
+    old_spaced = _set_spaced_quads(dram == "spaced")
     try:
         _set_simd_level(0)
         plain = _ops(x, axis, dtype)
@@ -175,6 +176,7 @@ def test_v4_loops_equal_plain_loops(shape, axis, dtype, layout, threads, stream,
         _set_reduce_blocks_min(old_blocks)
         _set_whole_rows(old_quads)
         _set_quads_min_bytes(old_quads_min)
+        _set_spaced_quads(old_spaced)
         bnfast.set_num_threads(None)
     for (level, by_vendor), res in simd.items():
         for (name, a), (_, g) in zip(plain, res):

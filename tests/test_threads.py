@@ -751,7 +751,7 @@ def test_prefetching_ordered_units_changes_no_bits(shape, axis, dtype, n_threads
 
 
 @pytest.mark.usefixtures("threads_on_small_arrays")
-@pytest.mark.parametrize("quads", [False, True, 3072])
+@pytest.mark.parametrize("quads", [False, True, 3072, "spaced"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 @pytest.mark.parametrize("shape,axis", [((3001, 256), 1), ((2003, 300), -1),
                                         ((9, 7, 11, 128), -1), ((20003, 7), 1),
@@ -765,10 +765,10 @@ def test_rows_from_dram_sum_in_their_own_order(dtype, shape, axis, quads):
     `quads` (_whole_rows: on AMD) float32 and float16 rows go four at a time, whole rows a
     unit however wide (blocks of columns only where threads outnumber the units; the
     eval-mode backward's sums too where rows exceed 1 KB), with `quads` a number of bytes
-    (_quads_min_bytes: the default where the CPU has no AVX-512) float32 rows only from
-    that width, narrower ones a row at a time: another order of the additions than in
-    cache, the same bits for any thread count (and for the sums exchanged over
-    processes), and right."""
+    (_quads_min_bytes) float32 rows only from that width, narrower ones a row at a time;
+    "spaced" (_spaced_quads: the default on AMD without AVX-512) float32 rows four a
+    quarter of a unit apart: another order of the additions than in cache, the same bits
+    for any thread count (and for the sums exchanged over processes), and right."""
     x = make_values(shape, dtype, 8, axis=axis, offset=1e4)
     dy = make_values(shape, dtype, 9, axis=axis)
     C = shape[axis]
@@ -793,13 +793,15 @@ def test_rows_from_dram_sum_in_their_own_order(dtype, shape, axis, quads):
                                                                              ev[0])
 
     old = (bnfast._core._set_reduce_blocks_min(0), bnfast._core._set_whole_rows(bool(quads)),
-           bnfast._core._set_quads_min_bytes(0 if quads is True else quads))
+           bnfast._core._set_quads_min_bytes(quads if type(quads) is int else 0),
+           bnfast._core._set_spaced_quads(quads == "spaced"))
     try:
         runs = _on_threads(ops)
     finally:
         bnfast._core._set_reduce_blocks_min(old[0])
         bnfast._core._set_whole_rows(old[1])
         bnfast._core._set_quads_min_bytes(old[2])
+        bnfast._core._set_spaced_quads(old[3])
     bits = runs[1][0]
     assert bits[:3] == bits[3:6], "the sums exchanged (hook) give other bits"
 
