@@ -1263,15 +1263,26 @@ static inline BNF_INLINE void BNF_NAME(bwd_sums_rows)(const T *dy, ptrdiff_t dys
                                   bnf_sums_rowwise(width * (ptrdiff_t)sizeof(T), sizeof(T),
                                                    near)
                               ? 0 : nrows;
-    /* spaced (bnf_sums_spacing, as the intrinsics loop): quad i the rows i + k sp */
+    /* spaced (bnf_sums_spacing, as the intrinsics loops): quad i the rows i + j sp */
     const ptrdiff_t sp = bnf_sums_spacing(nrows, near, q != NULL, BNF_COMPENSATED);
-    const ptrdiff_t gq = sp ? sp * dystride : dystride, xq = sp ? sp * xstride : xstride;
-    const ptrdiff_t nquads = sp ? sp : quads_end / 4;
-    for (ptrdiff_t iq = 0; iq < nquads; iq++) {
-        r = sp ? iq : 4 * iq;
-        const T *g0 = dy + r * dystride, *g1 = g0 + gq, *g2 = g1 + gq, *g3 = g2 + gq;
-        const T *p0 = x + r * xstride, *p1 = p0 + xq, *p2 = p1 + xq, *p3 = p2 + xq;
-        int pf = !sp && r + ahead + 4 <= pf_rows;
+    for (ptrdiff_t i = 0; i < sp; i++) {
+        const T *g0 = dy + i * dystride, *g1 = g0 + sp * dystride, *g2 = g1 + sp * dystride,
+                *g3 = g2 + sp * dystride;
+        const T *p0 = x + i * xstride, *p1 = p0 + sp * xstride, *p2 = p1 + sp * xstride,
+                *p3 = p2 + sp * xstride;
+#pragma omp simd
+        for (ptrdiff_t c = 0; c < width; c++)
+            BNF_NAME(bwd_elem4)(g0[c], g1[c], g2[c], g3[c], p0[c], p1[c], p2[c], p3[c],
+                                mean[c], &sum_dy[c], &sum_dy_xmu[c], &sum_xmu[c],
+                                BNF_LO(sum_dy_lo, c), BNF_LO(sum_dy_xmu_lo, c));
+    }
+    if (sp) r = 4 * sp, quads_end = 0;
+    for (; r + 4 <= quads_end; r += 4) {
+        const T *g0 = dy + r * dystride, *g1 = g0 + dystride, *g2 = g1 + dystride,
+                *g3 = g2 + dystride;
+        const T *p0 = x + r * xstride, *p1 = p0 + xstride, *p2 = p1 + xstride,
+                *p3 = p2 + xstride;
+        int pf = r + ahead + 4 <= pf_rows;
         if (pf) {
             bnf_pf_row_ends(g0 + ahead * dystride, dystride * (ptrdiff_t)sizeof(T),
                             width * (ptrdiff_t)sizeof(T), 4, 1);
@@ -1296,7 +1307,6 @@ static inline BNF_INLINE void BNF_NAME(bwd_sums_rows)(const T *dy, ptrdiff_t dys
             BNF_NAME(dx_fixed_row)(dy + (r + i) * dystride, q + (r + i) * fx->qstride, width,
                                    fx->a);
     }
-    r = 4 * nquads;
     for (; r < nrows; r++) {
         const T *g = dy + r * dystride;
         const T *p = x + r * xstride;

@@ -1354,6 +1354,54 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_block)(const T *dy, ptrdiff_t dystride, ptrdi
     BNF_VD t3 = BNF_VADD(BNF_VADD(d0, d1), BNF_VADD(d2, d3));                            \
     BNF_SUMS_QUAD_ACC(c, t1, t2);                                                        \
     BNF_VST(sum_xmu + (c), BNF_VADD(BNF_VLD(sum_xmu + (c)), t3))
+/* ... the columns from c under mask k (BNF_MASKED) */
+#define BNF_SUMS_QUAD_MASKED(c, k)                                                        \
+    BNF_VD m = BNF_VLDM(k, mean + (c));                                                  \
+    BNF_VD a0 = BNF_VLDT_MASK(k, g0 + (c)), a1 = BNF_VLDT_MASK(k, g1 + (c)),              \
+           a2 = BNF_VLDT_MASK(k, g2 + (c)), a3 = BNF_VLDT_MASK(k, g3 + (c));              \
+    BNF_VD d0 = BNF_VSUB(BNF_VLDT_MASK(k, p0 + (c)), m),                                 \
+           d1 = BNF_VSUB(BNF_VLDT_MASK(k, p1 + (c)), m),                                 \
+           d2 = BNF_VSUB(BNF_VLDT_MASK(k, p2 + (c)), m),                                 \
+           d3 = BNF_VSUB(BNF_VLDT_MASK(k, p3 + (c)), m);                                 \
+    BNF_VD t1 = BNF_VADD(BNF_VADD(a0, a1), BNF_VADD(a2, a3));                            \
+    BNF_VD t2 = BNF_VADD(BNF_VFMA(a0, d0, BNF_VMUL(a1, d1)),                             \
+                         BNF_VFMA(a2, d2, BNF_VMUL(a3, d3)));                            \
+    BNF_VD t3 = BNF_VADD(BNF_VADD(d0, d1), BNF_VADD(d2, d3));                            \
+    BNF_VACC_MASK(sum_dy + (c), sum_dy_lo + (c), k, t1);                                 \
+    BNF_VACC_MASK(sum_dy_xmu + (c), sum_dy_xmu_lo + (c), k, t2);                         \
+    BNF_VSTM(sum_xmu + (c), k, BNF_VADD(BNF_VLDM(k, sum_xmu + (c)), t3))
+/* The backward sums of 4 sp rows four at a time, quad i the rows i + j sp (j = 0-3):
+ * bnf_sums_spacing.  No prefetches, no dx stored; the bits of four rows at a time in
+ * that order (bwd_sums_rows below; a loop of its own, not a stride in that one's quads,
+ * which made gcc spill its dx-storing loop: (256, 1024) eval-mode backward in cache
+ * 1.12-1.34x the time). */
+BNF_SIMD_FN BNF_NOINLINE void BNF_SIMD(bwd_sums_quads_spaced)(
+    const T *dy, ptrdiff_t dystride, const T *x, ptrdiff_t xstride, ptrdiff_t sp,
+    ptrdiff_t width, const double *mean, double *sum_dy, double *sum_dy_xmu, double *sum_xmu,
+    double *sum_dy_lo, double *sum_dy_xmu_lo)
+{
+    const ptrdiff_t gq = sp * dystride, xq = sp * xstride;
+    for (ptrdiff_t i = 0; i < sp; i++) {
+        const T *g0 = dy + i * dystride, *g1 = g0 + gq, *g2 = g1 + gq, *g3 = g2 + gq;
+        const T *p0 = x + i * xstride, *p1 = p0 + xq, *p2 = p1 + xq, *p3 = p2 + xq;
+        ptrdiff_t c = 0;
+        for (; c + BNF_VW <= width; c += BNF_VW) {
+            BNF_SUMS_QUAD(c);
+            (void)a0, (void)a1, (void)a2, (void)a3;
+        }
+#if BNF_MASKED
+        if (c < width && bnf_masked_tails) {
+            __mmask8 k = BNF_TAIL_MASK(width, c);
+            BNF_SUMS_QUAD_MASKED(c, k);
+            c = width;
+        }
+#endif
+        for (; c < width; c++)
+            BNF_SE(bwd_elem4)(g0[c], g1[c], g2[c], g3[c], p0[c], p1[c], p2[c], p3[c],
+                              mean[c], &sum_dy[c], &sum_dy_xmu[c], &sum_xmu[c],
+                              BNF_LO(sum_dy_lo, c), BNF_LO(sum_dy_xmu_lo, c));
+    }
+}
 BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const T *x,
                                          ptrdiff_t xstride, ptrdiff_t nrows, ptrdiff_t width,
                                          const double *mean, double *sum_dy,
@@ -1386,17 +1434,20 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const 
      * MB, in one process, against L1, four runs: (200704, 64) 1.47-1.66 -> 1.33-1.48x a
      * copy, (50176, 256) 1.47-1.56 -> 1.34-1.41x (16 KB ahead the same as 8) */
     const int far1 = q && width * (ptrdiff_t)sizeof(T) > bnf_l1_rows_max[BNF_L1_DX];
-    /* spaced (bnf_sums_spacing): quad i the rows i + k sp, k = 0-3 */
     const ptrdiff_t sp = bnf_sums_spacing(nrows, near, q != NULL, BNF_COMPENSATED);
-    const ptrdiff_t gq = sp ? sp * dystride : dystride, xq = sp ? sp * xstride : xstride;
-    const ptrdiff_t nquads = sp ? sp : quads_end / 4;
-    for (ptrdiff_t iq = 0; iq < nquads; iq++) {
-        r = sp ? iq : 4 * iq;
-        const T *g0 = dy + r * dystride, *g1 = g0 + gq, *g2 = g1 + gq, *g3 = g2 + gq,
-                *ga = g0 + ahead * dystride, *gn = g0 + nearby * dystride;
-        const T *p0 = x + r * xstride, *p1 = p0 + xq, *p2 = p1 + xq, *p3 = p2 + xq,
-                *pa = p0 + ahead * xstride, *pn = p0 + nearby * xstride;
-        int pf = !sp && r + ahead + 4 <= pf_rows;
+    if (sp) {
+        BNF_SIMD(bwd_sums_quads_spaced)(dy, dystride, x, xstride, sp, width, mean, sum_dy,
+                                        sum_dy_xmu, sum_xmu, sum_dy_lo, sum_dy_xmu_lo);
+        r = 4 * sp;
+        quads_end = 0;
+    }
+    for (; r + 4 <= quads_end; r += 4) {
+        const T *g0 = dy + r * dystride, *g1 = g0 + dystride, *g2 = g1 + dystride,
+                *g3 = g2 + dystride, *ga = g0 + ahead * dystride,
+                *gn = g0 + nearby * dystride;
+        const T *p0 = x + r * xstride, *p1 = p0 + xstride, *p2 = p1 + xstride,
+                *p3 = p2 + xstride, *pa = p0 + ahead * xstride, *pn = p0 + nearby * xstride;
+        int pf = r + ahead + 4 <= pf_rows;
         ptrdiff_t c = 0;
         if (pf) {
             BNF_PF_ENDS(ga, dystride, pa, xstride, width, 4, 1);
@@ -1439,20 +1490,7 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const 
 #if BNF_MASKED
         if (c < width && bnf_masked_tails) {
             __mmask8 k = BNF_TAIL_MASK(width, c);
-            BNF_VD m = BNF_VLDM(k, mean + c);
-            BNF_VD a0 = BNF_VLDT_MASK(k, g0 + c), a1 = BNF_VLDT_MASK(k, g1 + c),
-                   a2 = BNF_VLDT_MASK(k, g2 + c), a3 = BNF_VLDT_MASK(k, g3 + c);
-            BNF_VD d0 = BNF_VSUB(BNF_VLDT_MASK(k, p0 + c), m),
-                   d1 = BNF_VSUB(BNF_VLDT_MASK(k, p1 + c), m),
-                   d2 = BNF_VSUB(BNF_VLDT_MASK(k, p2 + c), m),
-                   d3 = BNF_VSUB(BNF_VLDT_MASK(k, p3 + c), m);
-            BNF_VD t1 = BNF_VADD(BNF_VADD(a0, a1), BNF_VADD(a2, a3));
-            BNF_VD t2 = BNF_VADD(BNF_VFMA(a0, d0, BNF_VMUL(a1, d1)),
-                                 BNF_VFMA(a2, d2, BNF_VMUL(a3, d3)));
-            BNF_VD t3 = BNF_VADD(BNF_VADD(d0, d1), BNF_VADD(d2, d3));
-            BNF_VACC_MASK(sum_dy + c, sum_dy_lo + c, k, t1);
-            BNF_VACC_MASK(sum_dy_xmu + c, sum_dy_xmu_lo + c, k, t2);
-            BNF_VSTM(sum_xmu + c, k, BNF_VADD(BNF_VLDM(k, sum_xmu + c), t3));
+            BNF_SUMS_QUAD_MASKED(c, k);
             if (q) {
                 BNF_VD va = BNF_VLDM(k, fa + c);
                 T *o = q + r * qstride + c;
@@ -1482,7 +1520,6 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const 
                               BNF_LO(sum_dy_lo, c), BNF_LO(sum_dy_xmu_lo, c));
         }
     }
-    r = 4 * nquads;
     /* the rows left over, or all of them (rowwise: prefetching): the lines that start in
      * columns [c, c + span) of the rows ahead */
 #define BNF_ROW_PF(c, span)                                                              \
@@ -1577,6 +1614,7 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_rows)(const T *dy, ptrdiff_t dystride, const 
 #undef BNF_ROW_SUMS
 #undef BNF_SUMS_QUAD
 #undef BNF_SUMS_QUAD_ACC
+#undef BNF_SUMS_QUAD_MASKED
 }
 
 BNF_SIMD_FN void BNF_SIMD(dx_chunk)(const T *g, const T *p, T *q, ptrdiff_t n, double mean,
