@@ -78,6 +78,7 @@ cdef extern from "bnfast_kernels.h" nogil:
     const char *bnf_simd_isa()
     const char *bnf_fma_kind()
     int bnf_set_simd_level(int level)
+    int bnf_set_stats_spaced(int on)
     int bnf_set_adds_as_fma(int on)
     int bnf_set_norm_v3(int on)
     int bnf_cpu_amd()
@@ -637,6 +638,13 @@ def _set_quads_min_bytes(n):
     if n is not None:
         _quads_min_bytes = max(0, int(n))
     return old
+
+
+def _set_stats_spaced(on):
+    """Whether the statistics of rows take a tile's quads from rows a quarter of the tile
+    apart (bnf_stats_spacing; tiles of 16 rows or more), not four adjacent rows (other
+    bits, the same every way). None leaves it; returns the previous setting (tuning)."""
+    return bool(bnf_set_stats_spaced(-1 if on is None else int(bool(on))))
 
 
 def _set_spaced_quads(on):

@@ -246,6 +246,7 @@ int bnf_set_grouped_wide(int on);
 #define BNF_L1_DX 2
 #define BNF_L1_KINDS 3
 ptrdiff_t bnf_set_l1_rows_max(int kind, ptrdiff_t n);
+int bnf_set_stats_spaced(int on);
 /* 1 on an AMD CPU (the tuning choices that differ by vendor) */
 int bnf_cpu_amd(void);
 /* The L1 data cache of a core in bytes, as the C library reports it (32 KB where it

@@ -219,7 +219,8 @@ BNF_CLONES void BNF_NAME(bnf_stats_runs)(const T *x, ptrdiff_t nruns, ptrdiff_t 
 
 /* Rows form: sums of d = x - shift[c] and d^2 per channel over `k` rows, four rows at
  * a time so the accumulators are loaded and stored once per four rows (s2lo and s1lo:
- * the low parts of s2 and s1, BNF_COMPENSATED; else NULL).  Rows up to
+ * the low parts of s2 and s1, BNF_COMPENSATED; else NULL): rows a quarter of the k apart
+ * (bnf_stats_spacing), or, in tiles of fewer rows, four adjacent rows, whose rows up to
  * pf_rows (counted from base; 0: none) are prefetched, bnf_rows_ahead below.  `far`
  * (from DRAM): the intrinsics loops also prefetch BNF_FAR_ROWS_BYTES ahead into L2;
  * these plain loops do not. */
@@ -236,10 +237,12 @@ static inline BNF_INLINE void BNF_NAME(shifted_sums_rows)(const T *base, ptrdiff
         s1[c] = s2[c] = 0;
         if (BNF_COMPENSATED) s2lo[c] = s1lo[c] = 0;
     }
-    for (r = 0; r + 4 <= k; r += 4) {
-        const T *p0 = base + r * stride, *p1 = p0 + stride, *p2 = p1 + stride,
-                *p3 = p2 + stride;
-        int pf = r + ahead + 4 <= pf_rows;
+    const ptrdiff_t sp = bnf_stats_spacing(k), sq = sp ? sp * stride : stride;
+    const ptrdiff_t nq = sp ? sp : k / 4;
+    for (ptrdiff_t iq = 0; iq < nq; iq++) {
+        r = sp ? iq : 4 * iq;
+        const T *p0 = base + r * stride, *p1 = p0 + sq, *p2 = p1 + sq, *p3 = p2 + sq;
+        int pf = !sp && r + ahead + 4 <= pf_rows;
         if (pf)
             bnf_pf_row_ends(p0 + ahead * stride, stride * (ptrdiff_t)sizeof(T),
                             width * (ptrdiff_t)sizeof(T), 4, 0);
@@ -254,6 +257,7 @@ static inline BNF_INLINE void BNF_NAME(shifted_sums_rows)(const T *base, ptrdiff
                                      BNF_LO(s2lo, c), BNF_LO(s1lo, c));
         }
     }
+    r = 4 * nq;
     for (; r < k; r++) {
         const T *p = base + r * stride;
 #pragma omp simd

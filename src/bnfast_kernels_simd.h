@@ -626,10 +626,14 @@ BNF_SIMD_FN void BNF_SIMD(shifted_sums_rows)(const T *base, ptrdiff_t k, ptrdiff
         s1[c] = s2[c] = 0;
         if (BNF_COMPENSATED) s2lo[c] = s1lo[c] = 0;
     }
-    for (r = 0; r + 4 <= k; r += 4) {
-        const T *p0 = base + r * stride, *p1 = p0 + stride, *p2 = p1 + stride,
-                *p3 = p2 + stride, *pa = p0 + ahead * stride, *pf2 = p0 + further * stride;
-        int pf = r + ahead + 4 <= pf_rows;
+    /* quad iq: the rows iq + j sp (bnf_stats_spacing, no prefetches), or 4 iq + j */
+    const ptrdiff_t sp = bnf_stats_spacing(k), sq = sp ? sp * stride : stride;
+    const ptrdiff_t nq = sp ? sp : k / 4;
+    for (ptrdiff_t iq = 0; iq < nq; iq++) {
+        r = sp ? iq : 4 * iq;
+        const T *p0 = base + r * stride, *p1 = p0 + sq, *p2 = p1 + sq, *p3 = p2 + sq,
+                *pa = p0 + ahead * stride, *pf2 = p0 + further * stride;
+        int pf = !sp && r + ahead + 4 <= pf_rows;
         ptrdiff_t c = 0;
         if (pf) {
             if (l1) BNF_PF_ENDS(pa, stride, (const T *)NULL, 0, width, 4, 0);
@@ -684,6 +688,7 @@ BNF_SIMD_FN void BNF_SIMD(shifted_sums_rows)(const T *base, ptrdiff_t k, ptrdiff
             BNF_SE(sums_elem4)(p0[c], p1[c], p2[c], p3[c], shift[c], &s1[c], &s2[c],
                                BNF_LO(s2lo, c), BNF_LO(s1lo, c));
     }
+    r = 4 * nq;
     for (; r < k; r++) {
         const T *p = base + r * stride;
         ptrdiff_t c = 0;
