@@ -1376,10 +1376,9 @@ BNF_SIMD_FN void BNF_SIMD(bwd_sums_block)(const T *dy, ptrdiff_t dystride, ptrdi
     BNF_VACC_MASK(sum_dy_xmu + (c), sum_dy_xmu_lo + (c), k, t2);                         \
     BNF_VSTM(sum_xmu + (c), k, BNF_VADD(BNF_VLDM(k, sum_xmu + (c)), t3))
 /* The backward sums of 4 sp rows four at a time, quad i the rows i + j sp (j = 0-3):
- * bnf_sums_spacing.  No prefetches, no dx stored; the bits of four rows at a time in
- * that order (bwd_sums_rows below; a loop of its own, not a stride in that one's quads,
- * which made gcc spill its dx-storing loop: (256, 1024) eval-mode backward in cache
- * 1.12-1.34x the time). */
+ * bnf_sums_spacing.  No prefetches, no dx stored; the arithmetic of bwd_sums_rows' four
+ * rows (below) in that order, in a loop of its own so that the four-row loop, which also
+ * stores dx in cache, stays as it was. */
 BNF_SIMD_FN BNF_NOINLINE void BNF_SIMD(bwd_sums_quads_spaced)(
     const T *dy, ptrdiff_t dystride, const T *x, ptrdiff_t xstride, ptrdiff_t sp,
     ptrdiff_t width, const double *mean, double *sum_dy, double *sum_dy_xmu, double *sum_xmu,
