@@ -648,10 +648,12 @@ def _set_stats_spaced(on):
 
 
 def _set_spaced_quads(on):
-    """Whether the training backward sums of float32 rows under _quads_min_bytes go four
-    rows a quarter of a unit apart (BNF_SPACED_QUADS) rather than a row at a time (other
-    bits, the same for any thread count). None leaves it; returns the previous setting
-    (tuning, tests)."""
+    """Whether the backward sums of float32 whole rows from DRAM (_whole_rows) go four
+    rows a quarter of a unit apart (BNF_SPACED_QUADS): the training backward's at any
+    width, the eval-mode backward's from _quads_min_bytes; else four adjacent rows from
+    there and a row at a time below (_spaced_quads: by default on AMD without AVX-512).
+    Other bits either way, the same for any thread count. None leaves it; returns the
+    previous setting (tuning, tests)."""
     global _spaced_quads
     old = _spaced_quads
     if on is not None:
